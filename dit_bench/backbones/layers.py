@@ -1,0 +1,225 @@
+"""Shared backbone primitives: the few pieces every transformer backbone here reuses.
+
+References
+- [DiT] W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", ICCV 2023,
+  arXiv:2212.09748; code: facebookresearch/DiT `models.py` (modulate, TimestepEmbedder,
+  LabelEmbedder, get_2d_sincos_pos_embed). Section 3.2 (adaLN), Appendix (embedders).
+- [ViT] A. Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021: patch embedding as a
+  strided convolution.
+- [MAE] K. He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022: the 2-D
+  sin-cos position table (`get_2d_sincos_pos_embed`) that DiT copies.
+- [Transformer] A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017: sinusoidal
+  embedding (Sec. 3.5) and scaled dot-product attention, Eq. (1): softmax(Q K^T / sqrt(d)) V.
+- [CFG] J. Ho, T. Salimans, "Classifier-Free Diffusion Guidance", 2022: the null class.
+
+Every module here also reports its forward multiply-accumulates analytically (`macs`), so a
+backbone's `flops()` is the sum of its parts. Convention (shared by the whole package): one
+multiply-add = 1 MAC, counting matrix products only (linear layers, convolutions, the two
+attention matmuls); elementwise work (norms, activations, softmax, modulation, residual adds)
+and table lookups are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Functional helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive-norm modulation x * (1 + scale) + shift, per sample, broadcast over tokens.
+
+    `1 + scale` (not `scale`) so a zero-initialised modulation leaves x unchanged [DiT Sec. 3.2].
+    x: (B, T, D); shift, scale: (B, D).
+    """
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, T, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, DiT's layout: [cos | sin].
+
+    freq_i = max_period ** (-i / half), i = 0..half-1; out = [cos(t * freq), sin(t * freq)]
+    [Transformer Sec. 3.5; DiT `TimestepEmbedder.timestep_embedding`]. Computed in at least
+    float32 because t runs up to 1000: in bf16/fp16 the phase t * freq would be mostly rounding.
+    t: (B,) -> (B, dim).
+    """
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=work, device=t.device) / half
+    )  # (half,)
+    args = t.to(work)[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
+    if dim % 2:  # odd width: pad one zero column, as DiT does
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
+    return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table for a square grid of patches, token order row-major.
+
+    Exactly MAE's / DiT's `get_2d_sincos_pos_embed`: the first dim/2 channels encode the column
+    (x) coordinate, the last dim/2 the row (y) coordinate (DiT builds `meshgrid(w, h)` and its
+    "emb_h" half therefore holds x); each half is [sin | cos] with omega_k = 10000 ** (-k / (dim/4)).
+    Computed in float64 as the numpy original, returned as float32. -> (grid_size**2, dim).
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)  # (G,)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each, row-major tokens
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega[None]  # (G*G, D/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (G*G, D/2)
+
+    return torch.cat([one_axis(xs), one_axis(ys)], dim=1).float()  # (G*G, D)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of patch embedding's token layout: (B, T, p*p*C) -> (B, C, H, W), square grid.
+
+    Channel order inside a token is (p_row, p_col, C), as DiT's `unpatchify`.
+    """
+    b, t, _ = x.shape
+    g = math.isqrt(t)
+    p = patch_size
+    x = x.reshape(b, g, g, p, p, channels)  # (B, h, w, p, q, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
+    return x.reshape(b, channels, g * p, g * p)  # (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, as a Conv2d with kernel = stride = p [ViT].
+
+    Named `proj` like timm's PatchEmbed so DiT checkpoints map key for key.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, T, D), tokens row-major
+
+    def macs(self) -> int:
+        c_in, k = self.proj.in_channels, self.patch_size
+        return self.num_patches * (c_in * k * k) * self.proj.out_channels
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timestep -> vector: 256 sinusoidal frequencies, then Linear-SiLU-Linear [DiT]."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, 256)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+    def macs(self) -> int:
+        d = self.mlp[2].out_features
+        return self.frequency_embedding_size * d + d * d
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. The table always has num_classes + 1 rows: row num_classes is the
+    null class of classifier-free guidance [CFG].
+
+    Unlike DiT's LabelEmbedder there is no label dropout in here: the training module replaces
+    labels by the null class, so the backbone stays a deterministic function of its inputs.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if labels is None:  # unconditional call: every sample gets the null class
+            labels = torch.full(
+                (batch,),
+                self.num_classes,
+                dtype=torch.long,
+                device=self.embedding_table.weight.device,
+            )
+        return self.embedding_table(labels)  # (B, D)
+
+    def macs(self) -> int:
+        return 0  # a table lookup, no multiply-adds
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer pieces
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused qkv projection with bias, output projection.
+
+    softmax(Q K^T / sqrt(d_head)) V [Transformer Eq. 1] through
+    `F.scaled_dot_product_attention`, which picks a fused kernel where one exists. Submodule
+    names `qkv` and `proj` follow timm's Attention, which DiT uses.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, t, 3, h, d // h)  # (B, T, 3, H, d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d_head)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d_head)
+        x = x.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        return self.proj(x)  # (B, T, D)
+
+    def macs(self, tokens: int) -> int:
+        d = self.proj.in_features
+        projections = tokens * d * 3 * d + tokens * d * d  # qkv and output projection
+        matmuls = 2 * tokens * tokens * d  # Q K^T and attn @ V, summed over heads
+        return projections + matmuls
+
+
+class Mlp(nn.Module):
+    """Token-wise MLP fc1 -> GELU(tanh) -> fc2, the ViT/DiT block MLP (names as timm's Mlp)."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.fc1 = nn.Linear(hidden_size, inner)
+        self.act = nn.GELU(approximate="tanh")  # DiT uses the tanh approximation
+        self.fc2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (B, T, D)
+
+    def macs(self, tokens: int) -> int:
+        return tokens * 2 * self.fc1.in_features * self.fc1.out_features

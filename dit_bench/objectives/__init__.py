@@ -1,0 +1,19 @@
+"""Training objectives: pure math (noising, targets, per-sample losses, samplers), no Lightning.
+
+A new objective is one file plus one line in OBJECTIVES.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dit_bench.objectives.ddpm import DDPM
+
+OBJECTIVES: dict[str, type] = {"ddpm": DDPM}
+
+
+def build_objective(name: str, **kwargs: Any):
+    """The objective registered as `name`, built with `kwargs`; unknown names raise."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)

@@ -1,0 +1,158 @@
+"""Callbacks and loggers of a training run: CSV metrics, sample grids, progress, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, then rename: a kill -9 mid-save never leaves a torn last.ckpt."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        # Our checkpoints hold tensors, numbers and plain containers only.
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class CSVMetrics(Logger):
+    """metrics.csv in the run directory: one row per logged step, one column per metric.
+
+    On resume the rows after the checkpoint's step are dropped first, so an interrupted and
+    resumed run ends with the same file as an uninterrupted one.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            with self.path.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._write()
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        return self
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the resolved config is written to config.yaml by the run
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **{k: _number(v) for k, v in metrics.items() if k != "epoch"}}
+        if self.rows and str(self.rows[-1]["step"]) == str(step):
+            self.rows[-1].update(row)  # train and val metrics of the same step share a row
+        else:
+            self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        columns = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def _number(v) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimiser steps (the training stream has no epochs)."""
+
+    @property
+    def total_train_batches(self):
+        return self.trainer.max_steps
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.set_description("train")
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = trainer.global_step
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(n, bar.total):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+
+class SampleGrid(L.Callback):
+    """Every `every` steps (and at the end), a grid of EMA samples: one row per class."""
+
+    def __init__(self, out_dir: Path, every: int, sample_fn):
+        self.out_dir, self.every, self.sample_fn = Path(out_dir), every, sample_fn
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step < trainer.max_steps:
+            self._save(pl_module, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(pl_module, trainer.global_step)
+
+    @rank_zero_only
+    def _save(self, pl_module, step: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.sample_fn(pl_module, self.out_dir / f"step-{step:07d}.png")
+
+
+class StepMetrics(L.Callback):
+    """Train loss every `log_every` steps and val loss every `val_every` steps (and at the end),
+    logged at the number of optimiser steps done.
+
+    It runs in on_train_batch_end, before Lightning's checkpoint callbacks (which always run
+    last), so a checkpoint at step k comes after every metric of step k: resuming from it
+    neither loses nor repeats a row.
+    """
+
+    def __init__(self, log_every: int, val_every: int):
+        self.log_every, self.val_every = log_every, val_every
+        self._val_loader = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.log_every == 0:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            metrics = {"train/loss": pl_module.pop_train_loss(), "lr": lr}
+            trainer.logger.log_metrics(metrics, step=step)
+        if step % self.val_every == 0 or step == trainer.max_steps:
+            self.validate(trainer, pl_module)
+
+    def validate(self, trainer, pl_module) -> dict[str, float]:
+        if self._val_loader is None:
+            self._val_loader = trainer.datamodule.fixed_val_loader()
+        metrics = pl_module.validation_metrics(self._val_loader)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module.last_val = {**metrics, "step": trainer.global_step}
+        return metrics

@@ -1,0 +1,169 @@
+"""DiffusionModule: joins a backbone and an objective for Lightning.
+
+No diffusion math lives here (the objective owns time sampling, noising, targets and the
+per-sample loss); this module averages, drops labels for guidance, keeps the EMA and steps the
+optimiser.
+
+Randomness in a training step comes from a generator seeded by (seed, global step), never from
+the global RNG: a resumed run draws exactly the noise, times and label drops of an
+uninterrupted one, whatever happened before the restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from dit_bench.backbones import Cond, build_backbone
+from dit_bench.data import DataInfo
+from dit_bench.objectives import build_objective
+
+VAL_NOISE_SEED = 10_000  # fixed across runs, so the val losses of two runs are paired
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def build_net(cfg, info: DataInfo) -> nn.Module:
+    b = cfg.backbone
+    return build_backbone(
+        b.name,
+        image_size=info.image_size,
+        in_channels=info.channels,
+        num_classes=info.num_classes,
+        conditioning=b.conditioning,
+        learn_sigma=b.learn_sigma,
+        depth=b.depth,
+        hidden_size=b.hidden_size,
+        num_heads=b.num_heads,
+        patch_size=b.patch_size,
+    )
+
+
+def build_objective_from(cfg):
+    kwargs = cfg.objective.model_dump()
+    return build_objective(kwargs.pop("name"), **kwargs)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    net_params = [p.detach() for p in net.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, cfg, info: DataInfo):
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+        self.net = build_net(cfg, info)
+        # EMA of the weights (DiT samples from the EMA model); a submodule, so it is checkpointed.
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.objective = build_objective_from(cfg)
+        self.train_seconds = 0.0  # accumulated over resumes, for img/s in the summary
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_count = 0
+        self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
+
+    # -- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+        )
+        if not o.warmup_steps:
+            return opt
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / o.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+    def ema_decay(self, step: int) -> float:
+        # Short runs would sample from weights that are still mostly the init with a plain
+        # 0.9999 decay; warm the decay up as (1 + step) / (10 + step) (as in many DDPM codes).
+        return min(self.cfg.optim.ema_decay, (1 + step) / (10 + step))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, C, H, W), (B,)
+        g = step_generator(self.cfg.seed, self.global_step, x.device)
+        # Label dropout for classifier-free guidance: the null class is index num_classes.
+        drop = torch.rand(y.shape, generator=g, device=x.device) < self.cfg.train.label_dropout
+        y = torch.where(drop, torch.full_like(y, self.info.num_classes), y)
+        loss = self.objective.loss(self.net, x, Cond(labels=y), generator=g)["loss"].mean()
+        # Summed on the device and read once per log window: no host sync in the step.
+        self._loss_sum = self._loss_sum + loss.detach().double()
+        self._loss_count += 1
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The EMA moves with the weights, inside the step, so every checkpoint holds a matched
+        # (weights, EMA) pair whatever order the callbacks run in.
+        ema_update(self.ema, self.net, self.ema_decay(self.global_step))
+
+    def pop_train_loss(self) -> float:
+        """Mean training loss since the last call (one host sync per log window)."""
+        mean = (self._loss_sum / max(self._loss_count, 1)).item()
+        if not math.isfinite(mean):
+            raise FloatingPointError(
+                f"non-finite training loss before step {self.global_step}; "
+                "lower optim.lr or enable optim.grad_clip"
+            )
+        self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
+        return mean
+
+    # -- validation: fixed images, fixed noise, fixed time grid ---------------------------
+    def eval_net(self) -> nn.Module:
+        return self.ema if self.cfg.eval.use_ema else self.net
+
+    @torch.no_grad()
+    def validation_metrics(self, loader) -> dict[str, float]:
+        """Val loss per noise level and its mean, on the fixed validation images."""
+        sums, count = None, 0
+        for batch_idx, (x, y) in enumerate(loader):
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.objective.val_loss(
+                self.eval_net(),
+                x,
+                Cond(labels=y),
+                seed=VAL_NOISE_SEED + batch_idx,
+                levels=self.cfg.eval.val_levels,
+            )
+            per_level = out["per_level"].double() * x.shape[0]  # (L,), weighted by batch size
+            sums = per_level if sums is None else sums + per_level
+            count += x.shape[0]
+        per_level = (sums / count).tolist()
+        metrics = {"val/loss": sum(per_level) / len(per_level)}
+        metrics.update({f"val/loss_l{i}": v for i, v in enumerate(per_level)})
+        return metrics
+
+    # -- bookkeeping carried through checkpoints -------------------------------------------
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
+        checkpoint["config_hash"] = self.cfg.hash
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if checkpoint.get("config_hash") not in (None, self.cfg.hash):
+            raise ValueError(
+                f"checkpoint was written by config {checkpoint['config_hash']}, "
+                f"not {self.cfg.hash}: refusing to resume a different experiment"
+            )
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        total, count = checkpoint.get("loss_window", (0.0, 0))
+        self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
+        self._loss_count = count
+
+
+def images_seen(cfg) -> int:
+    return cfg.train.steps * cfg.train.batch_size
+
+
+def training_flops(forward_flops_per_image: int, n_images: int) -> int:
+    """3 x forward FLOPs per image (forward + backward), as DiT and the scaling-law papers."""
+    return 3 * forward_flops_per_image * n_images

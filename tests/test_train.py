@@ -1,0 +1,154 @@
+"""End-to-end training behaviour: determinism, exact resume, run directories, summary."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dit_bench.config import build_config
+from dit_bench.train.run import find_run_dir, train
+
+TINY = [
+    "experiment=tiny",
+    "data.name=digits",
+    "backbone.name=dit-xs/4",
+    "train.steps=12",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.val_every=4",
+    "train.checkpoint_every=4",
+    "train.threads=1",
+    "optim.lr=1e-3",
+    "optim.ema_decay=0.9",
+    "eval.val_images=16",
+    "eval.samples_per_class=1",
+    "eval.sample_steps=4",
+]
+
+
+def tiny(*extra: str):
+    return build_config(None, TINY + list(extra))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+class InterruptAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_run_writes_everything(tmp_path):
+    cfg = tiny()
+    run = train(cfg, tmp_path, progress=False)
+    assert run.parent == tmp_path / "tiny" and run.name.endswith(cfg.hash)
+    assert (run / "config.yaml").read_text() == cfg.to_yaml()
+    s = json.loads((run / "summary.json").read_text())
+    for key in (
+        "val_loss",
+        "params",
+        "macs",
+        "train_flops",
+        "img_per_s",
+        "device",
+        "versions",
+        "seed",
+        "config_hash",
+        "git_commit",
+        "train_seconds",
+    ):
+        assert key in s, key
+    assert s["train_flops"] == 3 * s["flops"] * 12 * 8
+    rows = read_csv(run / "metrics.csv")
+    assert [r["step"] for r in rows if r.get("val/loss")] == ["4", "8", "12"]
+    assert (run / "samples" / "step-0000012.png").exists()
+    # A rerun of the same config does not train again.
+    assert train(cfg, tmp_path, progress=False) == run
+
+
+def test_same_seed_same_numbers_other_seed_differs(tmp_path):
+    a = json.loads((train(tiny(), tmp_path / "a", progress=False) / "summary.json").read_text())
+    b = json.loads((train(tiny(), tmp_path / "b", progress=False) / "summary.json").read_text())
+    c = json.loads(
+        (train(tiny("seed=1"), tmp_path / "c", progress=False) / "summary.json").read_text()
+    )
+    assert a["val_loss"] == b["val_loss"]
+    assert a["val_loss"] != c["val_loss"]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    cfg = tiny()
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callbacks=[InterruptAt(6)])
+    cut = find_run_dir(tmp_path / "cut", cfg)
+    assert not (cut / "summary.json").exists()
+    resumed = train(cfg, tmp_path / "cut", progress=False)
+    assert resumed == cut
+    assert read_csv(ref / "metrics.csv") == read_csv(resumed / "metrics.csv")
+    s_ref, s_res = (json.loads((r / "summary.json").read_text()) for r in (ref, resumed))
+    assert s_ref["val_loss"] == s_res["val_loss"]
+    a, b = final_state(ref), final_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_kill_9_then_rerun_resumes(tmp_path):
+    """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
+    args = [sys.executable, "-m", "dit_bench.cli", "train", "--no-progress", "--out"]
+    sets = [a for s in TINY + ["train.steps=40"] for a in ("--set", s)]
+    cfg = tiny("train.steps=40")
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        args + [str(out)] + sets,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        run = find_run_dir(out, cfg)
+        if run and (run / "checkpoints" / "last.ckpt").exists():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = find_run_dir(out, cfg)
+    assert not (run / "summary.json").exists(), "killed too late to test resume"
+    assert train(cfg, out, progress=False) == run
+    assert read_csv(ref / "metrics.csv") == read_csv(run / "metrics.csv")
+    a, b = final_state(ref), final_state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, callbacks=[InterruptAt(5)])
+    run = find_run_dir(tmp_path, cfg)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["config_hash"] = "0123456789"
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match="refusing to resume"):
+        train(cfg, tmp_path, progress=False)
