@@ -30,6 +30,8 @@ def cmd_train(args) -> int:
 
     cfg = _config(args)
     run = train(cfg, args.out, progress=not args.no_progress)
+    if not (run / "summary.json").exists():
+        return 0  # a non-zero rank of a multi-process run: rank 0 reports
     summary = json.loads((run / "summary.json").read_text())
     grids = sorted((run / "samples").glob("*.png"))
     print(f"run directory: {run}")
@@ -51,7 +53,7 @@ def cmd_show_config(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from dit_bench.train.run import load_module, sample_images, save_grid
+    from dit_bench.train.run import load_module, sample_images, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
     e = module.cfg.eval
@@ -72,39 +74,76 @@ def cmd_sample(args) -> int:
         seed=args.seed,
         use_ema=not args.no_ema,
     )
+    images = to_images(module.cfg, images)
+    if images is None:
+        raise SystemExit("dit-bench: latent samples need data.vae (a local VAE folder) to decode")
     save_grid(images, Path(args.output), ncol=args.ncol or info.num_classes)
     print(f"wrote {len(images)} samples to {args.output}")
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
+
+    request = EvalRequest(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        num_samples=args.num_samples,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        use_ema=args.ema,
+        features=args.features,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        inception_path=args.inception,
+        anchors=not args.no_anchors,
+    )
+    record = evaluate_run(args.run_dir, request, output=args.output, progress=not args.quiet)
+    p = record["protocol"]
+    print(
+        f"{record['run']}: {p['num_samples']} samples, {p['sampler']} {p['steps']} steps, "
+        f"cfg {p['cfg_scale']}, {p['weights']} weights, step {p['checkpoint']['global_step']}; "
+        f"features {p['feature_net']['name']} (sha256 {p['feature_net']['sha256'][:12]}), "
+        f"reference {p['reference']['id']} (n={p['reference']['n']})"
+    )
+    for name, value in {**record["metrics"], **record["anchors"]}.items():
+        print(f"  {name:<48} {value:.6g}")
+    print(f"wrote {args.output or Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
 def cmd_info(args) -> int:
-    from dit_bench.backbones import PRESETS, build_backbone, resolve_preset
+    import torch
+
+    from dit_bench.backbones import PRESETS, build_backbone
 
     if args.list or not args.preset:
         names = list(PRESETS)
+    elif args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; `dit-bench info --list` lists them")
     else:
         names = [args.preset]
     rows = []
     for name in names:
-        spec = resolve_preset(name)
-        import torch
-
-        with torch.device("meta"):
+        spec = PRESETS[name]
+        with torch.device("meta"):  # shapes and counts only: no memory, no init cost
             net = build_backbone(
                 name,
                 image_size=args.image_size,
                 in_channels=args.channels,
                 num_classes=args.num_classes,
+                conditioning=args.conditioning,
                 learn_sigma=args.learn_sigma,
             )
         f = net.flops(batch=1)
-        tokens = (args.image_size // spec["patch_size"]) ** 2
         rows.append(
             {
                 "preset": name,
-                **{k: v for k, v in spec.items() if k != "family"},
                 "family": spec["family"],
-                "tokens": tokens,
+                "conditioning": net.conditioning,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
+                "tokens": net.num_tokens,
                 "params": net.num_params(),
                 "trainable_params": net.num_params(trainable_only=True),
                 "gmacs": f["macs"] / 1e9,
@@ -116,16 +155,19 @@ def cmd_info(args) -> int:
         return 0
     print(
         f"input {args.image_size}x{args.image_size}x{args.channels}, {args.num_classes} classes, "
-        f"learn_sigma={args.learn_sigma}; MACs: one multiply-add = 1 (DiT's 'Gflops'), forward"
+        f"learn_sigma={args.learn_sigma}; MACs: one multiply-add = 1 (DiT's 'Gflops'), forward; "
+        "tokens: attention sequence length (U-Net: input pixels)"
     )
     print(
-        f"{'preset':<12} {'depth':>5} {'width':>6} {'heads':>5} {'patch':>5} {'tokens':>6} "
-        f"{'params':>13} {'GMACs':>9} {'GFLOPs':>9}"
+        f"{'preset':<13} {'conditioning':<12} {'depth':>5} {'width':>6} {'heads':>5} "
+        f"{'patch':>5} {'tokens':>6} {'params':>13} {'GMACs':>9} {'GFLOPs':>9}"
     )
     for r in rows:
+        heads = r.get("num_heads", "-")
+        patch = r.get("patch_size", "-")
         print(
-            f"{r['preset']:<12} {r['depth']:>5} {r['hidden_size']:>6} {r['num_heads']:>5} "
-            f"{r['patch_size']:>5} {r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.2f} "
+            f"{r['preset']:<13} {r['conditioning']:<12} {r['depth']:>5} {r['hidden_size']:>6} "
+            f"{heads:>5} {patch:>5} {r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.2f} "
             f"{r['gflops']:>9.2f}"
         )
     return 0
@@ -173,8 +215,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     sp.set_defaults(func=cmd_sample)
 
+    sp = sub.add_parser(
+        "eval",
+        help="FD/FID, KID, precision/recall, IS of a trained run, with the protocol (eval.json)",
+    )
+    sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
+    sp.add_argument(
+        "--metrics", default="fd,kid,pr,is", help="comma-separated: fd,kid,pr,is (default: all)"
+    )
+    sp.add_argument(
+        "--num-samples", type=int, help="samples to generate (default: the held-out set's size)"
+    )
+    sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
+    sp.add_argument("--steps", type=int, help="sampling steps (default: eval.sample_steps)")
+    sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
+    sp.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample the EMA weights (default: eval.use_ema)",
+    )
+    sp.add_argument(
+        "--features",
+        help="inception | mnist-net | digits-net | shapes-net (default: the data set's own "
+        "small net; inception for folder and latents data)",
+    )
+    sp.add_argument(
+        "--inception",
+        metavar="PATH",
+        help="clean-fid's inception-2015-12-05.pt (default: $DIT_BENCH_INCEPTION, "
+        "/tmp/inception-2015-12-05.pt, $DIT_BENCH_CACHE/inception-2015-12-05.pt)",
+    )
+    sp.add_argument(
+        "--batch-size", type=int, default=250, help="sampling batch (does not change results)"
+    )
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sample i is seeded with (seed * 1000003 + i) mod 2**32",
+    )
+    sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
+    sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
+    sp.add_argument("-o", "--output", help="JSON to write (default: RUN_DIR/eval.json)")
+    sp.add_argument("--quiet", action="store_true", help="no progress messages")
+    sp.set_defaults(func=cmd_eval)
+
     sp = sub.add_parser("info", help="params, MACs and tokens of backbone presets")
-    sp.add_argument("preset", nargs="?", help="e.g. dit-xl/2 (default: all)")
+    sp.add_argument("preset", nargs="?", help="e.g. dit-xl/2, mmdit-d4/2, unet-s (default: all)")
+    sp.add_argument(
+        "--conditioning",
+        help="scheme, e.g. cross_attn for DiT (default: each family's own; see --list)",
+    )
     sp.add_argument("--list", action="store_true", help="every preset")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--image-size", type=int, default=32, help="input side (default 32)")

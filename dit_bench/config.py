@@ -16,10 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -31,9 +39,10 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    name: Literal["mnist", "digits", "shapes", "folder"] = "mnist"
+    name: Literal["mnist", "digits", "shapes", "folder", "latents"] = "mnist"
     image_size: int | None = Field(None, gt=0, description="None: the data set's native size")
-    root: str | None = Field(None, description="image folder (data.name=folder)")
+    root: str | None = Field(None, description="image folder (folder) or shard folder (latents)")
+    vae: str | None = Field(None, description="local diffusers VAE folder to decode latents")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, description="fixed train/val split, independent of the run seed")
     num_samples: int = Field(20000, gt=0, description="size of the procedural `shapes` set")
@@ -41,15 +50,24 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _folder_needs_root(self) -> DataConfig:
+    def _needs_root(self) -> DataConfig:
         if self.name == "folder" and (self.root is None or self.image_size is None):
             raise ValueError("data.name=folder needs data.root and data.image_size")
+        if self.name == "latents" and self.root is None:
+            raise ValueError("data.name=latents needs data.root (an encode-latents folder)")
         return self
 
 
 class BackboneConfig(_Strict):
     name: str = Field("dit-ti/4", description="a preset from `dit-bench info --list`")
-    conditioning: Literal["adaln_zero", "adaln", "cross_attn", "in_context"] = "adaln_zero"
+    conditioning: Literal[
+        "adaln_zero", "adaln", "cross_attn", "in_context", "joint_attn", "adagn"
+    ] = Field(
+        "adaln_zero",
+        description="conditioning scheme; allowed per family: dit adaln_zero|adaln|cross_attn|"
+        "in_context, mmdit joint_attn, unet adagn, uvit in_context. Left out: the family's own "
+        "(the first listed), written into the resolved config",
+    )
     learn_sigma: bool = False
     # Optional overrides of the preset, the axes of a size sweep; None keeps the preset's value.
     depth: int | None = Field(None, gt=0)
@@ -57,12 +75,77 @@ class BackboneConfig(_Strict):
     num_heads: int | None = Field(None, gt=0)
     patch_size: int | None = Field(None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_default_conditioning(cls, data: Any) -> Any:
+        # A U-Net or U-ViT preset named without a scheme gets its family's own, recorded
+        # explicitly, so `--set backbone.name=unet-xs` alone is a valid config.
+        if isinstance(data, dict) and "conditioning" not in data:
+            from dit_bench.backbones import default_conditioning
+
+            native = default_conditioning(data.get("name", "dit-ti/4"))
+            if native is not None:
+                data = {**data, "conditioning": native}
+        return data
+
 
 class DDPMConfig(_Strict):
+    """DDPM (Ho et al. 2020; iDDPM; DiT). backbone.learn_sigma adds the hybrid VLB loss."""
+
     name: Literal["ddpm"] = "ddpm"
-    schedule: Literal["linear", "cosine"] = "linear"
-    prediction: Literal["eps", "v"] = "eps"
+    schedule: Literal["linear", "cosine"] = Field("linear", description="DiT: linear")
+    prediction: Literal["eps", "v"] = Field("eps", description="eps, or v (Salimans & Ho 2022)")
     num_timesteps: int = Field(1000, gt=1)
+
+
+class FlowConfig(_Strict):
+    """Rectified flow as SD3: x_t = (1 - t) x0 + t noise, velocity target noise - x0."""
+
+    name: Literal["flow"] = "flow"
+    prediction: Literal["velocity", "x0"] = Field("velocity", description="the net's target")
+    density: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal", description="training time density (SD3 §3.1)"
+    )
+    logit_mean: float = Field(0.0, description="m of density=logit_normal (SD3: 0)")
+    logit_std: float = Field(1.0, gt=0, description="s of density=logit_normal (SD3: 1)")
+    mode_scale: float = Field(
+        1.29, ge=-1.0, le=2.0 / (3.141592653589793 - 2.0), description="s of density=mode"
+    )
+    shift: float = Field(
+        1.0, gt=0, description="SD3 time shift t' = a t / (1 + (a - 1) t), training and sampling"
+    )
+
+    @model_validator(mode="after")
+    def _density_params(self) -> FlowConfig:
+        # a parameter of another density would be silently ignored: refuse it
+        unused = {
+            "logit_mean": (self.logit_mean != 0.0, "logit_normal"),
+            "logit_std": (self.logit_std != 1.0, "logit_normal"),
+            "mode_scale": (self.mode_scale != 1.29, "mode"),
+        }
+        for key, (changed, density) in unused.items():
+            if changed and self.density != density:
+                raise ValueError(
+                    f"objective.{key} applies to objective.density={density} only "
+                    f"(density is {self.density!r})"
+                )
+        return self
+
+
+def _objective_tag(v: Any) -> str | None:
+    # `name` may be left out: the default objective is ddpm
+    return v.get("name", "ddpm") if isinstance(v, dict) else getattr(v, "name", None)
+
+
+OBJECTIVE_CONFIGS = {"ddpm": DDPMConfig, "flow": FlowConfig}
+ObjectiveConfig = Annotated[
+    Annotated[DDPMConfig, Tag("ddpm")] | Annotated[FlowConfig, Tag("flow")],
+    Discriminator(
+        _objective_tag,
+        custom_error_type="objective_name",
+        custom_error_message="objective.name must be one of 'ddpm', 'flow'",
+    ),
+]
 
 
 class OptimConfig(_Strict):
@@ -80,6 +163,11 @@ class TrainConfig(_Strict):
     label_dropout: float = Field(0.1, ge=0, lt=1, description="classifier-free guidance dropout")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    # Scale-out (Lightning strategies). batch_size is the GLOBAL batch, split across ranks, and
+    # every random draw is per sample: the numbers do not depend on how many devices ran them.
+    devices: int = Field(1, gt=0, description="devices per node")
+    num_nodes: int = Field(1, gt=0)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     log_every: int = Field(25, gt=0)
     val_every: int = Field(500, gt=0)
     sample_every: int = Field(0, ge=0, description="sample grid every N steps; 0: only at the end")
@@ -90,12 +178,56 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     val_images: int = Field(256, gt=0, description="fixed validation images for val loss")
-    val_levels: int = Field(10, gt=1, description="fixed noise levels of the val-loss grid")
-    sampler: Literal["ddpm"] = "ddpm"
+    val_levels: int | None = Field(
+        None,
+        gt=1,
+        description="noise levels of the val-loss grid; None: the objective's own "
+        "(ddpm 10 steps 0..999, flow SD3's 8 levels t = k/8 without t = 1)",
+    )
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "euler_maruyama"] = "ddpm"
     sample_steps: int = Field(50, gt=0)
+    eta: float = Field(0.0, ge=0, le=1, description="sampler=ddim: 0 deterministic, 1 ancestral")
+    sde_scale: float = Field(
+        1.0, ge=0, description="sampler=euler_maruyama: diffusion w(t) = sde_scale * t (SiT)"
+    )
     cfg_scale: float = Field(1.5, ge=0)
+    cfg_interval: tuple[float, float] | None = Field(
+        None, description="guide only for net timesteps in [lo, hi] (0..1000); null: always"
+    )
+    cfg_channels: int | None = Field(
+        None, gt=0, description="guide the first k channels only (DiT's code: 3); null: all"
+    )
+    clip_x0: bool = Field(False, description="clamp the predicted x0 to [-1, 1] while sampling")
     samples_per_class: int = Field(8, gt=0)
     use_ema: bool = True
+    fd_every: int = Field(
+        0,
+        ge=0,
+        description="in-training FD of samples vs the held-out split every N steps (and at the "
+        "end), logged beside the val loss as val/FD-<features>; 0: never",
+    )
+    fd_samples: int = Field(
+        256, gt=1, description="samples per in-training FD (class-balanced, one seed per sample)"
+    )
+    fd_features: Literal["mnist-net", "digits-net", "shapes-net", "inception"] | None = Field(
+        None,
+        description="feature net of the in-training FD; null: the data set's own small net "
+        "(inception for folder data)",
+    )
+
+    @model_validator(mode="after")
+    def _sampler_options(self) -> EvalConfig:
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise ValueError(f"eval.eta applies to eval.sampler=ddim only (got {self.sampler})")
+        if self.sde_scale != 1.0 and self.sampler != "euler_maruyama":
+            raise ValueError(
+                f"eval.sde_scale applies to eval.sampler=euler_maruyama only (got {self.sampler})"
+            )
+        if self.cfg_interval is not None:
+            lo, hi = self.cfg_interval
+            if not 0 <= lo <= hi <= 1000:
+                raise ValueError("eval.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1000")
+        return self
 
 
 class ExperimentConfig(_Strict):
@@ -103,7 +235,7 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
-    objective: DDPMConfig = DDPMConfig()
+    objective: ObjectiveConfig = DDPMConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -111,38 +243,34 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         # Imported here: the config module must stay importable without building any model.
-        from dit_bench.backbones import CONDITIONINGS, resolve_preset
+        from dit_bench.backbones import (
+            CONDITIONINGS,
+            OVERRIDE_KEYS,
+            PRESETS,
+            geometry_errors,
+            resolve_preset,
+        )
         from dit_bench.data import data_info
 
         b = self.backbone
+        overrides = {k: getattr(b, k, None) for k in OVERRIDE_KEYS}  # the ones config has
         try:
-            spec = resolve_preset(
-                b.name,
-                depth=b.depth,
-                hidden_size=b.hidden_size,
-                num_heads=b.num_heads,
-                patch_size=b.patch_size,
-            )
-        except ValueError as e:
-            raise ValueError(f"backbone.name: {e}") from None
-        allowed = CONDITIONINGS.get(spec["family"], ())
+            spec = resolve_preset(b.name, **overrides)
+        except ValueError as e:  # unknown name, or an override the family does not have
+            key = "backbone.name: " if b.name not in PRESETS else "backbone."
+            raise ValueError(f"{key}{e}") from None
+        allowed = CONDITIONINGS[spec["family"]]
         if b.conditioning not in allowed:
             raise ValueError(
                 f"backbone.conditioning={b.conditioning!r} is not implemented for "
                 f"{spec['family']!r}; allowed: {', '.join(allowed)}"
             )
-        if spec["hidden_size"] % spec["num_heads"]:
-            raise ValueError(
-                f"backbone.num_heads={spec['num_heads']} does not divide "
-                f"backbone.hidden_size={spec['hidden_size']}"
-            )
+        # Geometry is the family's business (patches and heads for transformers, downsampling
+        # and GroupNorm widths for the U-Net); its messages name the backbone.* keys.
         image_size = self.data.image_size or data_info(self.data).image_size
-        if image_size % spec["patch_size"]:
-            raise ValueError(
-                f"backbone.patch_size={spec['patch_size']} does not divide the image size "
-                f"{image_size} (data.image_size); use a patch size in "
-                f"{[p for p in (1, 2, 4, 8, 16) if image_size % p == 0]}"
-            )
+        errors = geometry_errors(spec, image_size, prefix="backbone.")
+        if errors:
+            raise ValueError("; ".join(errors))
         return self
 
     # -- derived values (properties, so the recorded config is exactly what ran) -------------
@@ -154,22 +282,43 @@ class ExperimentConfig(_Strict):
 
     @property
     def hash(self) -> str:
-        """Short content hash of the resolved config: names the run directory."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Short content hash of the resolved config: names the run directory.
+
+        Keys that only say how a run executes (devices, strategy, threads, loader workers) are
+        left out: they do not change its numbers, so a run resumes across them.
+        """
+        d = self.to_dict()
+        for section, key in EXECUTION_KEYS:
+            d[section].pop(key)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+EXECUTION_KEYS = (
+    ("train", "devices"),
+    ("train", "num_nodes"),
+    ("train", "strategy"),
+    ("train", "threads"),
+    ("data", "num_workers"),
+)
 
 
 # -- loading ----------------------------------------------------------------------------------
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        loc = e["loc"]
+        if loc[:1] == ("objective",) and len(loc) > 1 and loc[1] in OBJECTIVE_CONFIGS:
+            loc = loc[:1] + loc[2:]  # drop the union tag: objective.flow.shift -> objective.shift
+        key = ".".join(str(p) for p in loc) or "<config>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            parent = e["loc"][:-1]
+            parent = loc[:-1]
             model = ExperimentConfig
             for p in parent:
                 model = model.model_fields[p].annotation
+                if p == "objective":
+                    model = OBJECTIVE_CONFIGS[e["loc"][1]]
             allowed = ", ".join(model.model_fields)
             msg = f"unknown key; allowed keys here: {allowed}"
         elif e["type"] == "literal_error":

@@ -245,7 +245,7 @@ def test_vb_gradient_does_not_reach_mean_channels():
 
 
 def test_bad_arguments_name_allowed_values():
-    assert OBJECTIVES == {"ddpm": DDPM}
+    assert OBJECTIVES["ddpm"] is DDPM
     assert isinstance(build_objective("ddpm", prediction="v"), DDPM)
     with pytest.raises(ValueError, match="ddpm"):
         build_objective("flowz")

@@ -215,12 +215,12 @@ def test_preset_ladder():
         for s, (d, w, h) in sizes.items()
         for p in (2, 4, 8)
     }
-    assert PRESETS == want
-    assert set(BACKBONES) == set(CONDITIONINGS) == {"dit"}
-    assert CONDITIONINGS["dit"] == ("adaln_zero",)
+    assert {k: v for k, v in PRESETS.items() if v["family"] == "dit"} == want
+    assert set(BACKBONES) == set(CONDITIONINGS) == {"dit", "mmdit", "unet", "uvit"}
+    assert CONDITIONINGS["dit"] == ("adaln_zero", "adaln", "cross_attn", "in_context")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(k for k, v in PRESETS.items() if v["family"] == "dit"))
 def test_every_preset_output_shape(name):
     big = PRESETS[name]["hidden_size"] > 192
     with torch.device("meta" if big else "cpu"):
@@ -245,10 +245,10 @@ def test_resolve_preset_overrides_and_errors():
 def test_build_backbone_errors_name_the_allowed_values():
     kw = dict(image_size=16, in_channels=3, num_classes=10)
     with pytest.raises(ValueError, match="known presets"):
-        build_backbone("unet-s", **kw)
+        build_backbone("unet-q", **kw)
     with pytest.raises(ValueError, match="adaln_zero"):
-        build_backbone("dit-xs/2", conditioning="cross_attn", **kw)
-    with pytest.raises(ValueError, match="patch_size=3 must divide image_size=16"):
+        build_backbone("dit-xs/2", conditioning="joint_attn", **kw)
+    with pytest.raises(ValueError, match="patch_size=3 must divide the image size 16"):
         build_backbone("dit-xs/2", patch_size=3, **kw)
     with pytest.raises(ValueError, match="num_heads=5 must divide hidden_size=128"):
         build_backbone("dit-xs/2", num_heads=5, **kw)

@@ -3,11 +3,20 @@
 Every backbone is an `nn.Module` with
     forward(x (B, C, H, W) float, timesteps (B,) float on the 0..1000 scale, cond: Cond)
         -> (B, C_out, H, W), C_out = 2C when learn_sigma (eps first, then variance values),
-attributes `in_channels`, `out_channels`, `num_classes`, `image_size`, `learn_sigma`, and
-methods `num_params(trainable_only=False)` and `flops(batch=1) -> {"macs", "flops"}`.
+attributes `in_channels`, `out_channels`, `num_classes`, `image_size`, `learn_sigma`,
+`conditioning` and `num_tokens` (the sequence length its attention sees; the U-Net reports its
+input pixels), and methods `num_params(trainable_only=False)` and
+`flops(batch=1) -> {"macs", "flops"}` (analytic, one multiply-add = 1 MAC, flops = 2 macs).
 
-A preset is a plain dict (a config, not a module), so it serialises and lands in result tables.
-A new family is one file plus one line in `BACKBONES` and one in `CONDITIONINGS`.
+Families (one file each; references in each file's docstring):
+    dit    DiT, Peebles & Xie 2023: adaln_zero | adaln | cross_attn | in_context
+    mmdit  SD3's MMDiT, Esser et al. 2024: joint_attn (two streams, joint attention)
+    unet   ADM U-Net, Dhariwal & Nichol 2021: adagn (scale-shift GroupNorm)
+    uvit   U-ViT, Bao et al. 2023: in_context (time, class and patches as tokens, long skips)
+
+A preset is a plain dict (a config, not a module) with a `family` key, so it serialises and
+lands in result tables. A new family is one file plus one line in each of `BACKBONES`,
+`CONDITIONINGS`, `GEOMETRY` and the `PRESETS` merge.
 """
 
 from __future__ import annotations
@@ -34,82 +43,86 @@ class Cond:
     pooled: torch.Tensor | None = None
 
 
-from dit_bench.backbones import dit  # noqa: E402  (dit.py type-checks against Cond above)
-
-# ---------------------------------------------------------------------------------------------
-# Presets: DiT Table 1 sizes x patch sizes, plus small CPU sizes that train in minutes.
-# ---------------------------------------------------------------------------------------------
-
-_DIT_SIZES = {  # name: (depth, hidden_size, num_heads)
-    "xs": (4, 128, 4),  # CPU: minutes on 2 cores
-    "ti": (6, 192, 3),  # CPU: DeiT-Ti width
-    "s": (12, 384, 6),  # DiT Table 1
-    "b": (12, 768, 12),
-    "l": (24, 1024, 16),
-    "xl": (28, 1152, 16),
-}
-PRESETS: dict[str, dict] = {
-    f"dit-{size}/{patch}": dict(
-        family="dit", depth=depth, hidden_size=width, num_heads=heads, patch_size=patch
-    )
-    for size, (depth, width, heads) in _DIT_SIZES.items()
-    for patch in (2, 4, 8)
-}
+# The family modules type-check against Cond above, hence the late import.
+from dit_bench.backbones import dit, mmdit, unet, uvit  # noqa: E402
 
 # family -> builder(*, image_size, in_channels, num_classes, conditioning, learn_sigma,
-#                   depth, hidden_size, num_heads, patch_size) -> nn.Module
+#                   **the preset's keys) -> nn.Module
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "dit": dit.build_dit,
+    "mmdit": mmdit.build_mmdit,
+    "unet": unet.build_unet,
+    "uvit": uvit.build_uvit,
 }
-# family -> conditioning schemes it implements now (the first is the default).
+# family -> conditioning schemes it implements (the first is the family's default).
 CONDITIONINGS: dict[str, tuple[str, ...]] = {
     "dit": dit.CONDITIONINGS,
+    "mmdit": mmdit.CONDITIONINGS,
+    "unet": unet.CONDITIONINGS,
+    "uvit": uvit.CONDITIONINGS,
 }
+# family -> geometry_errors(spec, image_size, prefix="") -> list of messages naming the key.
+GEOMETRY: dict[str, Callable[..., list[str]]] = {
+    "dit": dit.geometry_errors,
+    "mmdit": mmdit.geometry_errors,
+    "unet": unet.geometry_errors,
+    "uvit": uvit.geometry_errors,
+}
+PRESETS: dict[str, dict] = {**dit.PRESETS, **mmdit.PRESETS, **unet.PRESETS, **uvit.PRESETS}
 
-_SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+# Size overrides a config may set; each applies to the presets that have the key.
+OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size", "qk_norm")
 
 
-def resolve_preset(
-    name: str,
-    *,
-    depth: int | None = None,
-    hidden_size: int | None = None,
-    num_heads: int | None = None,
-    patch_size: int | None = None,
-) -> dict:
+def resolve_preset(name: str, **overrides) -> dict:
     """The preset `name` with overrides applied (None keeps the preset's value). Builds nothing.
 
-    Raises ValueError on an unknown name (listing the known ones) or a non-positive override.
-    Divisibility (patch | image, heads | width) is checked by `check_geometry`.
+    Overrides: depth, hidden_size, num_heads, patch_size (positive ints) and qk_norm (bool), each
+    only where the preset has that key (a U-Net has no patch size). Raises ValueError on an
+    unknown name (listing the known ones), an unknown or inapplicable key, or a bad value; every
+    message starts with the offending key. Geometry (patch | image, heads | width, ...) is
+    checked by `check_geometry`.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; known presets: {sorted(PRESETS)}")
     out = dict(PRESETS[name])
-    overrides = dict(
-        depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size
-    )
     for key, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"{key} is not a preset override; allowed: {list(OVERRIDE_KEYS)}")
+        if key not in out:
+            applies = [k for k in OVERRIDE_KEYS if k in out]
+            raise ValueError(
+                f"{key}={value!r} does not apply to {out['family']!r} presets; "
+                f"overrides that apply to {name}: {applies}"
+            )
+        if isinstance(out[key], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         out[key] = value
     return out
 
 
+def geometry_errors(preset: dict, image_size: int, prefix: str = "") -> list[str]:
+    """Why the resolved preset cannot run on image_size x image_size inputs; [] if it can."""
+    return GEOMETRY[preset["family"]](preset, image_size, prefix)
+
+
 def check_geometry(preset: dict, image_size: int) -> None:
     """Raise ValueError if the resolved preset cannot run on `image_size` x `image_size` inputs."""
-    p, width, heads = preset["patch_size"], preset["hidden_size"], preset["num_heads"]
-    if image_size % p:
-        raise ValueError(
-            f"patch_size={p} must divide image_size={image_size}; "
-            f"allowed patch sizes: {[q for q in range(1, image_size + 1) if image_size % q == 0]}"
-        )
-    if width % heads:
-        raise ValueError(
-            f"num_heads={heads} must divide hidden_size={width}; "
-            f"allowed: {[h for h in range(1, width + 1) if width % h == 0]}"
-        )
+    errors = geometry_errors(preset, image_size)
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def default_conditioning(name: str) -> str | None:
+    """The native conditioning scheme of preset `name`'s family (None for an unknown name)."""
+    if name not in PRESETS:
+        return None
+    return CONDITIONINGS[PRESETS[name]["family"]][0]
 
 
 def build_backbone(
@@ -118,24 +131,25 @@ def build_backbone(
     image_size: int,
     in_channels: int,
     num_classes: int,
-    conditioning: str = "adaln_zero",
+    conditioning: str | None = None,
     learn_sigma: bool = False,
-    depth: int | None = None,
-    hidden_size: int | None = None,
-    num_heads: int | None = None,
-    patch_size: int | None = None,
+    **overrides,
 ) -> nn.Module:
-    """Build the preset `name` (with size overrides) for the given input geometry and classes."""
-    preset = resolve_preset(
-        name, depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size
-    )
+    """Build the preset `name` (with size overrides) for the given input geometry and classes.
+
+    conditioning: one of `CONDITIONINGS[family]`; None takes the family's own (the first).
+    overrides: depth, hidden_size, num_heads, patch_size, qk_norm, see `resolve_preset`.
+    """
+    preset = resolve_preset(name, **overrides)
     family = preset.pop("family")
+    if conditioning is None:
+        conditioning = CONDITIONINGS[family][0]
     if conditioning not in CONDITIONINGS[family]:
         raise ValueError(
             f"conditioning={conditioning!r} is not available for {family!r} backbones; "
             f"allowed: {list(CONDITIONINGS[family])}"
         )
-    check_geometry(preset, image_size)
+    check_geometry(dict(preset, family=family), image_size)
     return BACKBONES[family](
         image_size=image_size,
         in_channels=in_channels,
@@ -149,9 +163,13 @@ def build_backbone(
 __all__ = [
     "BACKBONES",
     "CONDITIONINGS",
+    "GEOMETRY",
+    "OVERRIDE_KEYS",
     "PRESETS",
     "Cond",
     "build_backbone",
     "check_geometry",
+    "default_conditioning",
+    "geometry_errors",
     "resolve_preset",
 ]

@@ -10,9 +10,14 @@ References
 - [IDDPM] A. Nichol, P. Dhariwal, ICML 2021: learned variance; with `learn_sigma` the output
   has 2*C channels, eps first, then the variance interpolation values v.
 
-Layout: the conditioning schemes -> blocks -> final layer -> model -> builder. The conditioning
-scheme is one string (`conditioning=`) that selects the block class from `BLOCKS`; a new scheme
-(adaln, cross_attn, in_context) is one block class plus one line in `BLOCKS`.
+Layout: blocks (one class per conditioning scheme) -> final layer -> model -> presets -> builder.
+The conditioning scheme is one string (`conditioning=`) that selects the block class from
+`BLOCKS`; each block class says how the conditioning enters (`condition`), how many extra tokens
+it adds and whether the final LayerNorm is adaptive. The four schemes of [DiT] Sec. 3.2, Fig. 3:
+- adaln_zero: scale/shift/gate regressed from t + y, the regression zero-initialised;
+- adaln:      scale/shift regressed from t + y, no gates, ordinary (xavier) init;
+- cross_attn: [t, y] as a length-2 sequence; a cross-attention layer after self-attention;
+- in_context: t and y as two extra tokens of a plain ViT; removed before the final layer.
 
 Shapes: B batch, C channels, H = W image side, p patch, G = H / p, T = G * G tokens, D width.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dit_bench.backbones.layers import (
@@ -53,6 +59,9 @@ class AdaLNZeroBlock(nn.Module):
     Zero gates make each residual branch vanish at init, so the block is the identity.
     """
 
+    extra_tokens = 0  # tokens the scheme adds to the sequence
+    adaptive_final = True  # final LayerNorm modulated by c as well
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         # No affine parameters: scale and shift come from the conditioning instead.
@@ -61,6 +70,11 @@ class AdaLNZeroBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    @staticmethod
+    def condition(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple:
+        """(tokens, t_emb, y_emb) -> (tokens, what every block receives): c = t + y, (B, D)."""
+        return h, t + y
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         mods = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
@@ -81,9 +95,149 @@ class AdaLNZeroBlock(nn.Module):
         return self.attn.macs(tokens) + self.mlp.macs(tokens) + d * 6 * d
 
 
+class AdaLNBlock(nn.Module):
+    """DiT block with plain adaLN [DiT Sec. 3.2 "Adaptive layer norm (adaLN) block"].
+
+    Per-sample (shift, scale) for each LayerNorm regressed from c = t_emb + y_emb, no gates:
+        x = x + Attn(modulate(LN(x), shift_msa, scale_msa))
+        x = x + MLP(modulate(LN(x), shift_mlp, scale_mlp))
+    The regression keeps the ordinary xavier init: zero-initialising it is what adaLN-Zero adds.
+    """
+
+    extra_tokens = 0
+    adaptive_final = True  # "the final layer norm (adaptive if using adaLN)" [DiT Sec. 3.2]
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size))
+
+    @staticmethod
+    def condition(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple:
+        return h, t + y  # c = t + y, (B, D)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, T, D)
+        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
+
+    def zero_init(self) -> None:
+        pass  # no zero init: that is the difference from adaLN-Zero
+
+    def macs(self, tokens: int) -> int:
+        d = self.adaLN_modulation[-1].in_features
+        return self.attn.macs(tokens) + self.mlp.macs(tokens) + d * 4 * d
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens (queries) to a conditioning sequence (keys, values).
+
+    softmax(Q K^T / sqrt(d_head)) V with Q = x W_q, [K V] = ctx W_kv [Transformer Eq. 1].
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h, s = self.num_heads, ctx.shape[1]
+        q = self.q(x).reshape(b, t, h, d // h).transpose(1, 2)  # (B, H, T, d_head)
+        k, v = self.kv(ctx).reshape(b, s, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d_head)
+        return self.proj(x.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+    def macs(self, tokens: int, context: int) -> int:
+        d = self.proj.in_features
+        projections = tokens * d * d + context * d * 2 * d + tokens * d * d  # q, kv, out
+        return projections + 2 * tokens * context * d  # Q K^T and attn @ V
+
+
+class CrossAttnBlock(nn.Module):
+    """DiT block with cross-attention [DiT Sec. 3.2 "Cross-attention block"].
+
+    The embeddings of t and y form a length-2 sequence separate from the image tokens; a
+    multi-head cross-attention layer follows self-attention (as the original Transformer
+    decoder). Standard pre-LN ViT blocks otherwise, so LayerNorms keep their affine parameters:
+        x = x + Attn(LN(x)); x = x + CrossAttn(LN(x), [t, y]); x = x + MLP(LN(x))
+    The paper reports the largest overhead of the four, roughly 15% more Gflops (2 T D^2 extra
+    per block for the query and output projections).
+    """
+
+    extra_tokens = 0
+    adaptive_final = False  # no adaLN anywhere: the final LayerNorm is a plain one
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+
+    @staticmethod
+    def condition(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple:
+        return h, torch.stack([t, y], dim=1)  # c = [t, y]: (B, 2, D)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, T, D)
+        x = x + self.cross_attn(self.norm_cross(x), c)  # (B, T, D)
+        return x + self.mlp(self.norm2(x))  # (B, T, D)
+
+    def zero_init(self) -> None:
+        pass
+
+    def macs(self, tokens: int) -> int:
+        return self.attn.macs(tokens) + self.cross_attn.macs(tokens, 2) + self.mlp.macs(tokens)
+
+
+class InContextBlock(nn.Module):
+    """DiT block for in-context conditioning [DiT Sec. 3.2 "In-context conditioning"].
+
+    t and y are two extra tokens of the sequence, treated like image tokens, so the block is a
+    plain pre-LN ViT block: x = x + Attn(LN(x)); x = x + MLP(LN(x)). The model removes the two
+    tokens after the last block.
+    """
+
+    extra_tokens = 2
+    adaptive_final = False
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+
+    @staticmethod
+    def condition(h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple:
+        # [t, y, patches]: (B, 2 + T, D); no conditioning vector left for the blocks.
+        return torch.cat([t[:, None], y[:, None], h], dim=1), None
+
+    def forward(self, x: torch.Tensor, c: None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, 2 + T, D)
+        return x + self.mlp(self.norm2(x))  # (B, 2 + T, D)
+
+    def zero_init(self) -> None:
+        pass
+
+    def macs(self, tokens: int) -> int:
+        return self.attn.macs(tokens) + self.mlp.macs(tokens)
+
+
 # conditioning name -> block class. The registry in `dit_bench.backbones` reads its keys.
 BLOCKS: dict[str, type[nn.Module]] = {
     "adaln_zero": AdaLNZeroBlock,
+    "adaln": AdaLNBlock,
+    "cross_attn": CrossAttnBlock,
+    "in_context": InContextBlock,
 }
 CONDITIONINGS: tuple[str, ...] = tuple(BLOCKS)
 
@@ -94,28 +248,43 @@ CONDITIONINGS: tuple[str, ...] = tuple(BLOCKS)
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm then a linear map from each token to its p*p*C_out pixels."""
+    """LayerNorm then a linear map from each token to its p*p*C_out pixels [DiT Sec. 3.2].
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    "We apply the final layer norm (adaptive if using adaLN) and linearly decode each token":
+    with `adaptive` the norm has no affine parameters and is modulated by c (adaln_zero, adaln);
+    without it (cross_attn, in_context, whose blocks never see a conditioning vector) it is an
+    ordinary affine LayerNorm, the end of a standard ViT.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaptive = adaptive
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)
+            )
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
-        x = modulate(self.norm_final(x), shift, scale)  # (B, T, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm_final(x)  # (B, T, D)
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+            x = modulate(x, shift, scale)  # (B, T, D)
         return self.linear(x)  # (B, T, p*p*C_out)
 
-    def zero_init(self) -> None:
-        # Zero output layer: the network predicts exactly 0 at init [DiT Sec. 3.2].
-        for layer in (self.adaLN_modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    def zero_init(self, modulation: bool = True) -> None:
+        # Zero output layer, for every scheme as DiT's `initialize_weights`: the network
+        # predicts exactly 0 at init. The final modulation is zeroed only for adaLN-Zero.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if self.adaptive and modulation:
+            nn.init.zeros_(self.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def macs(self, tokens: int) -> int:
         d = self.linear.in_features
-        return tokens * d * self.linear.out_features + d * 2 * d
+        return tokens * d * self.linear.out_features + (2 * d * d if self.adaptive else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +332,11 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         block = BLOCKS[conditioning]
+        self.block_class = block
         self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(
+            hidden_size, patch_size, self.out_channels, adaptive=block.adaptive_final
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -192,17 +364,26 @@ class DiT(nn.Module):
         # Conditioning-specific zero init (adaLN-Zero), then the zero output layer.
         for block in self.blocks:
             block.zero_init()
-        self.final_layer.zero_init()
+        self.final_layer.zero_init(modulation=conditioning_zero_init(self.conditioning))
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length the blocks see: patches plus the scheme's extra tokens."""
+        return self.x_embedder.num_patches + self.block_class.extra_tokens
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         b = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(timesteps)  # (B, D)
         y = self.y_embedder(cond.labels, b)  # (B, D)
-        c = t + y  # (B, D): the single conditioning vector of adaLN
+        # The scheme decides how (t, y) enter: c = t + y (adaLN), c = [t, y] (cross-attention),
+        # or two extra tokens in h (in-context, c = None).
+        h, c = self.block_class.condition(h, t, y)  # (B, T + extra, D), c
         for block in self.blocks:
-            h = block(h, c)  # (B, T, D)
-        h = self.final_layer(h, c)  # (B, T, p*p*C_out)
+            h = block(h, c)  # (B, T + extra, D)
+        h = h[:, self.block_class.extra_tokens :]  # (B, T, D): conditioning tokens removed
+        fin_c = c if self.final_layer.adaptive else None
+        h = self.final_layer(h, fin_c)  # (B, T, p*p*C_out)
         return unpatchify(h, self.patch_size, self.out_channels)  # (B, C_out, H, W)
 
     def num_params(self, trainable_only: bool = False) -> int:
@@ -223,15 +404,20 @@ class DiT(nn.Module):
         the same two matmuls; torch 2.14 has no rule for the fused CPU kernel, so on CPU it
         only sees attention under `sdpa_kernel(SDPBackend.MATH)`).
         """
-        tokens = self.x_embedder.num_patches
+        patches = self.x_embedder.num_patches
         macs = (
             self.x_embedder.macs()
             + self.t_embedder.macs()
             + self.y_embedder.macs()
-            + sum(block.macs(tokens) for block in self.blocks)
-            + self.final_layer.macs(tokens)
+            + sum(block.macs(self.num_tokens) for block in self.blocks)
+            + self.final_layer.macs(patches)  # conditioning tokens are gone by then
         )
         return {"macs": batch * macs, "flops": 2 * batch * macs}
+
+
+def conditioning_zero_init(conditioning: str) -> bool:
+    """Whether the scheme zero-initialises its modulation (only adaLN-Zero does)."""
+    return conditioning == "adaln_zero"
 
 
 def _check_dit_args(
@@ -241,12 +427,55 @@ def _check_dit_args(
         raise ValueError(
             f"conditioning={conditioning!r} is not implemented for DiT; allowed: {list(BLOCKS)}"
         )
-    if image_size % patch_size:
-        raise ValueError(f"patch_size={patch_size} must divide image_size={image_size}")
-    if hidden_size % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
-    if hidden_size % 4:
-        raise ValueError(f"hidden_size={hidden_size} must be a multiple of 4 (2-D sin-cos table)")
+    spec = dict(patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads)
+    errors = geometry_errors(spec, image_size)
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
+    """Why the resolved preset `spec` cannot run on image_size x image_size inputs (empty: it can).
+
+    `prefix` goes before each key ("backbone." in config errors), so the message names the key.
+    Shared by the ViT-like families (DiT, MMDiT, U-ViT).
+    """
+    errors = []
+    p, width, heads = spec["patch_size"], spec["hidden_size"], spec["num_heads"]
+    if image_size % p:
+        allowed = [q for q in range(1, image_size + 1) if image_size % q == 0]
+        errors.append(
+            f"{prefix}patch_size={p} must divide the image size {image_size}; "
+            f"allowed patch sizes: {allowed}"
+        )
+    if width % heads:
+        allowed = [h for h in range(1, width + 1) if width % h == 0]
+        errors.append(
+            f"{prefix}num_heads={heads} must divide {prefix}hidden_size={width}; allowed: {allowed}"
+        )
+    elif width % 4:
+        errors.append(f"{prefix}hidden_size={width} must be a multiple of 4 (2-D sin-cos table)")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: DiT Table 1 sizes x patch sizes, plus small CPU sizes that train in minutes
+# ---------------------------------------------------------------------------------------------
+
+_SIZES = {  # name: (depth, hidden_size, num_heads)
+    "xs": (4, 128, 4),  # CPU: minutes on 2 cores
+    "ti": (6, 192, 3),  # CPU: DeiT-Ti width
+    "s": (12, 384, 6),  # DiT Table 1
+    "b": (12, 768, 12),
+    "l": (24, 1024, 16),
+    "xl": (28, 1152, 16),
+}
+PRESETS: dict[str, dict] = {
+    f"dit-{size}/{patch}": dict(
+        family="dit", depth=depth, hidden_size=width, num_heads=heads, patch_size=patch
+    )
+    for size, (depth, width, heads) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ is a pure function of i (no random augmentation here), so a step-indexed sampler
 - `shapes`: procedural shapes at any resolution (see `shapes.py`).
 - `folder`: `root/<class name>/<images>`, classes in sorted order (torchvision's ImageFolder
   convention), each image resized so its shorter side is `image_size`, then center-cropped.
+- `latents`: VAE latents encoded once by `dit-bench encode-latents` (see `latents.py`); items
+  are scaled latents, not images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from dit_bench.data.latents import LatentShards, read_manifest
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
 
-DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder")
+DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
 NATIVE_SIZE = {"mnist": 32, "digits": 8, "shapes": 32}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -50,24 +53,44 @@ def data_info(cfg: Any) -> DataInfo:
     if name == "folder":
         classes = _class_folders(cfg.root)
         return DataInfo(3, _folder_size(cfg), len(classes), classes)
+    if name == "latents":
+        m = read_manifest(_latent_root(cfg))
+        channels, side = m["latent_shape"][0], m["latent_shape"][-1]
+        if cfg.image_size not in (None, side):
+            raise DataError(
+                f"data.image_size={cfg.image_size}: the latents in {cfg.root} are {side}x{side} "
+                "(leave data.image_size unset)"
+            )
+        return DataInfo(channels, side, len(m["class_names"]), tuple(m["class_names"]))
     size = cfg.image_size or NATIVE_SIZE[name]
     if name == "shapes":
         return DataInfo(3, size, len(SHAPE_CLASSES), SHAPE_CLASSES)
     return DataInfo(1, size, 10, DIGIT_NAMES)
 
 
-def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
-    """(train, val): a fixed split of one data set, seeded by `cfg.split_seed` only."""
+def full_dataset(cfg: Any) -> Dataset:
+    """Every item of the data set, before the train/val split."""
     name = _check_name(cfg.name)
     if name == "mnist":
-        full = _mnist(cfg.image_size or NATIVE_SIZE["mnist"])
-    elif name == "digits":
-        full = _digits(cfg.image_size or NATIVE_SIZE["digits"])
-    elif name == "shapes":
-        full = ShapesDataset(cfg.num_samples, cfg.image_size or NATIVE_SIZE["shapes"])
-    else:
-        full = ImageFolder(cfg.root, _folder_size(cfg))
-    train, val = split_indices(len(full), cfg.val_fraction, cfg.split_seed)
+        return _mnist(cfg.image_size or NATIVE_SIZE["mnist"])
+    if name == "digits":
+        return _digits(cfg.image_size or NATIVE_SIZE["digits"])
+    if name == "shapes":
+        return ShapesDataset(cfg.num_samples, cfg.image_size or NATIVE_SIZE["shapes"])
+    if name == "latents":
+        return LatentShards(_latent_root(cfg))
+    return ImageFolder(cfg.root, _folder_size(cfg))
+
+
+def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
+    """(train, val): a fixed split of one data set, seeded by `cfg.split_seed` only."""
+    full = full_dataset(cfg)
+    n_sources = full.manifest["num_images"] if isinstance(full, LatentShards) else len(full)
+    train, val = split_indices(n_sources, cfg.val_fraction, cfg.split_seed)
+    if isinstance(full, LatentShards) and full.manifest["flip"]:
+        # Item n + i is the flipped copy of image i: it trains with its original, so no
+        # validation image leaks into training through its mirror image.
+        train = [j for i in train for j in (i, i + n_sources)]
     if cfg.max_samples is not None:
         train = train[: cfg.max_samples]
     return Subset(full, train), Subset(full, val)
@@ -147,6 +170,12 @@ def _digits(size: int) -> TensorImages:
 # --------------------------------------------------------------------------------------------
 # Image folders.
 # --------------------------------------------------------------------------------------------
+
+
+def _latent_root(cfg: Any) -> str:
+    if cfg.root is None:
+        raise DataError("data.root: required for data.name=latents (an encode-latents folder)")
+    return cfg.root
 
 
 def _folder_size(cfg: Any) -> int:

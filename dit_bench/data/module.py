@@ -42,18 +42,35 @@ class StepBatches(IterableDataset):
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, start_step: int, total_steps: int
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size={batch_size} is the global batch and must split evenly over "
+                f"{world_size} processes (devices x nodes)"
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         cache: dict = {}
         n = len(self.dataset)
+        local = self.batch_size // self.world_size
         for step in range(self.start_step + wid, self.total_steps, nw):
             idx = batch_indices(step, self.batch_size, n, self.seed, cache)
+            # This rank's contiguous slice of the global batch (the module draws its noise for
+            # the same global sample indices).
+            idx = idx[self.rank * local : (self.rank + 1) * local]
             yield collate([self.dataset[i] for i in idx])
 
 
@@ -75,13 +92,15 @@ class DiffusionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Lightning restores the checkpoint before it asks for the loader, so global_step is
         # the resume point here.
-        start = self.trainer.global_step if self.trainer is not None else 0
+        trainer = self.trainer
         stream = StepBatches(
             self.train_set,
             self.cfg.train.batch_size,
             self.cfg.seed,
-            start_step=start,
+            start_step=trainer.global_step if trainer is not None else 0,
             total_steps=self.cfg.train.steps,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
         )
         workers = self.cfg.data.num_workers
         return DataLoader(

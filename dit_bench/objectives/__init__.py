@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from dit_bench.objectives.ddpm import DDPM
+from dit_bench.objectives.flow import Flow
 
-OBJECTIVES: dict[str, type] = {"ddpm": DDPM}
+OBJECTIVES: dict[str, type] = {"ddpm": DDPM, "flow": Flow}
 
 
 def build_objective(name: str, **kwargs: Any):

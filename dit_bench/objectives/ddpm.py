@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dit_bench.sampling import get_sampler, guided, respace, respaced_betas
+from dit_bench.sampling import GeneratorArg, draw_slice, respace, respaced_betas, split_output
+from dit_bench.sampling import sample as run_sampler
 
 PREDICTIONS = ("eps", "v")
 
@@ -129,6 +130,16 @@ class DDPMChain:
             self._cache[key] = coef
         return coef[i.to(like.device)].view(-1, *([1] * (like.dim() - 1)))
 
+    @property
+    def alphas(self) -> Tensor:
+        """(N,) float64 alpha of x_t = alpha x0 + sigma eps: the sampler interface (sampling.py)."""
+        return self.sqrt_alphas_cumprod
+
+    @property
+    def sigmas(self) -> Tensor:
+        """(N,) float64 sigma of x_t = alpha x0 + sigma eps."""
+        return self.sqrt_one_minus_alphas_cumprod
+
     @classmethod
     def respaced(cls, alphas_cumprod: Tensor, steps: int) -> DDPMChain:
         """The chain on `respace(T, steps)` of a T-step schedule (steps = T: the full chain)."""
@@ -196,18 +207,6 @@ class DDPMChain:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, i)
         return mean, log_var, x0
-
-
-def split_output(out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
-    """(prediction, learned-variance values or None) from a C- or 2C-channel net output."""
-    if out.shape[1] == channels:
-        return out, None
-    if out.shape[1] == 2 * channels:
-        return out[:, :channels], out[:, channels:]
-    raise ValueError(
-        f"net output has {out.shape[1]} channels; expected {channels} (fixed variance) "
-        f"or {2 * channels} (learned sigma)"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +289,13 @@ class DDPM:
     # -- training ----------------------------------------------------------------------------
 
     def loss(
-        self, net: Callable, x0: Tensor, cond: Any, *, generator: torch.Generator | None = None
+        self,
+        net: Callable,
+        x0: Tensor,
+        cond: Any,
+        *,
+        generator: torch.Generator | None = None,
+        batch_slice: tuple[int, int] | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample training loss at t ~ U{0..T-1}.
 
@@ -298,12 +303,24 @@ class DDPM:
         (randn like x0). Returns {"loss": (B,), "t": (B,)}; with a 2C-channel (learned sigma)
         net also "mse" (L_simple) and "vb" (L_t in bits/dim, computed with the mean prediction
         detached so it only trains the variance), loss = mse + lambda * T * vb.
+        `batch_slice=(start, total)`: x0 is rows start.. of a global batch of `total` split over
+        processes; the draws are made for the whole global batch and sliced (see `draw_slice`).
         """
         chain, channels = self.chain, x0.shape[1]
-        t = torch.randint(
-            0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
+        t = draw_slice(
+            lambda n: torch.randint(
+                0, self.num_timesteps, (n,), device=x0.device, generator=generator
+            ),
+            x0.shape[0],
+            batch_slice,
         )
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = draw_slice(
+            lambda n: torch.randn(
+                (n, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype
+            ),
+            x0.shape[0],
+            batch_slice,
+        )
         x_t = chain.q_sample(x0, noise, t)
         out = net(x_t, t.to(torch.float32), cond)
         pred, var_values = split_output(out, channels)
@@ -365,21 +382,30 @@ class DDPM:
         steps: int = 250,
         cfg_scale: float = 1.0,
         uncond: Any = None,
-        generator: torch.Generator | None = None,
+        generator: GeneratorArg = None,
         clip_x0: bool = False,
         progress: bool = False,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_channels: int | None = None,
+        **options: Any,
     ) -> Tensor:
-        """Samples from x_T = `noise` with `sampler` on the chain respaced to `steps` steps;
-        cfg_scale != 1 applies classifier-free guidance against `uncond` (see sampling.guided)."""
-        sample_fn = get_sampler(sampler)
-        chain = DDPMChain.respaced(self.alphas_cumprod, steps)
-        denoise = guided(net, cond, uncond, cfg_scale)
-        return sample_fn(
-            denoise,
+        """Samples from x_T = `noise` with `sampler` (any of sampling.SAMPLERS) on the chain
+        respaced to `steps` steps; cfg_scale != 1 applies classifier-free guidance against
+        `uncond` (see sampling.guided); `options`: the sampler's own (eta, sde_scale).
+        `generator`: one torch.Generator or one per sample (sampling.randn)."""
+        return run_sampler(
+            net,
             noise,
-            chain,
+            cond,
+            DDPMChain.respaced(self.alphas_cumprod, steps),
             prediction=self.prediction,
+            sampler=sampler,
+            cfg_scale=cfg_scale,
+            uncond=uncond,
+            cfg_interval=cfg_interval,
+            cfg_channels=cfg_channels,
             generator=generator,
             clip_x0=clip_x0,
             progress=progress,
+            **options,
         )

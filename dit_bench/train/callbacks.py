@@ -39,11 +39,17 @@ class CSVMetrics(Logger):
     def __init__(self, path: Path, resume_step: int | None = None):
         super().__init__()
         self.path = Path(path)
-        self.rows: list[dict] = []
-        if resume_step is not None and self.path.exists():
-            with self.path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self._write()
+        self.resume_step = resume_step
+        self.rows: list[dict] | None = None  # read on first use, by rank 0 only
+
+    def _load(self) -> list[dict]:
+        if self.rows is None:
+            self.rows = []
+            if self.resume_step is not None and self.path.exists():
+                with self.path.open(newline="") as f:
+                    rows = csv.DictReader(f)
+                    self.rows = [r for r in rows if int(r["step"]) <= self.resume_step]
+        return self.rows
 
     @property
     def name(self) -> str:
@@ -64,11 +70,12 @@ class CSVMetrics(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        rows = self._load()
         row = {"step": step, **{k: _number(v) for k, v in metrics.items() if k != "epoch"}}
-        if self.rows and str(self.rows[-1]["step"]) == str(step):
-            self.rows[-1].update(row)  # train and val metrics of the same step share a row
+        if rows and str(rows[-1]["step"]) == str(step):
+            rows[-1].update(row)  # train and val metrics of the same step share a row
         else:
-            self.rows.append(row)
+            rows.append(row)
         self._write()
 
     def _write(self) -> None:
@@ -156,3 +163,58 @@ class StepMetrics(L.Callback):
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
         pl_module.last_val = {**metrics, "step": trainer.global_step}
         return metrics
+
+
+class FrechetDistanceMetric(L.Callback):
+    """Every `every` steps (and at the end), a cheap FD of `num_samples` samples against the
+    held-out split, logged as `val/FD-<net>` beside the val loss (`val/FID` with Inception).
+
+    The samples use the run's eval sampler settings and fixed per-sample seeds, so successive
+    values differ only by the weights. Reference features are cached (dit_bench.metrics); the
+    metrics package, and clean-fid with it, is imported only when this callback is enabled.
+    """
+
+    SEED = 4321  # one seed for every step and run: values along a run are comparable
+
+    def __init__(self, cfg, every: int, num_samples: int, features: str | None = None):
+        if cfg.data.name == "latents":
+            raise ValueError("eval.fd_every: in-training FD of latents runs is not supported yet")
+        self.cfg, self.every, self.num_samples = cfg, every, num_samples
+        self.features = features
+        self._net = self._ref = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            self.measure(trainer, pl_module)
+
+    @rank_zero_only
+    def measure(self, trainer, pl_module) -> float:
+        from dit_bench.data import load_datasets
+        from dit_bench.metrics import distances
+        from dit_bench.metrics.evaluate import generate
+        from dit_bench.metrics.features import default_features, load_feature_net
+        from dit_bench.metrics.reference import dataset_tensors, reference_stats
+
+        e = self.cfg.eval
+        if self._net is None:
+            name = self.features or default_features(self.cfg.data.name)
+            self._net = load_feature_net(name, device=pl_module.device)
+            images, _ = dataset_tensors(load_datasets(self.cfg.data)[1])
+            self._ref = reference_stats(images, self._net)
+        images = generate(
+            pl_module,
+            range(self.num_samples),
+            seed=self.SEED,
+            sampler=e.sampler,
+            steps=e.sample_steps,
+            cfg_scale=e.cfg_scale,
+            use_ema=e.use_ema,
+            batch_size=self.cfg.train.batch_size,
+        )
+        feats, _ = self._net.features(images)
+        fd = distances.frechet_distance(
+            *distances.gaussian_stats(feats), self._ref.mu, self._ref.sigma
+        )
+        trainer.logger.log_metrics({f"val/{self._net.metric_prefix}": fd}, step=trainer.global_step)
+        return fd

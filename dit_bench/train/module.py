@@ -21,6 +21,7 @@ from torch import nn
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.data import DataInfo
 from dit_bench.objectives import build_objective
+from dit_bench.sampling import draw_slice
 
 VAL_NOISE_SEED = 10_000  # fixed across runs, so the val losses of two runs are paired
 
@@ -46,8 +47,13 @@ def build_net(cfg, info: DataInfo) -> nn.Module:
 
 
 def build_objective_from(cfg):
+    """The objective of `cfg.objective` (its fields are the objective's keyword arguments)."""
     kwargs = cfg.objective.model_dump()
-    return build_objective(kwargs.pop("name"), **kwargs)
+    name = kwargs.pop("name")
+    if name == "flow" and cfg.backbone.learn_sigma:
+        # caught here, before any training step: flow matching has no variance to learn
+        raise ValueError("objective.name=flow needs backbone.learn_sigma=false")
+    return build_objective(name, **kwargs)
 
 
 @torch.no_grad()
@@ -88,12 +94,16 @@ class DiffusionModule(L.LightningModule):
         return min(self.cfg.optim.ema_decay, (1 + step) / (10 + step))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch  # (B, C, H, W), (B,)
+        x, y = batch  # this rank's rows of the global batch: (B, C, H, W), (B,)
         g = step_generator(self.cfg.seed, self.global_step, x.device)
+        # Draws are made for the whole global batch and sliced (DataModule slices the data the
+        # same way): the numbers do not depend on the number of processes.
+        rows = (self.global_rank * x.shape[0], x.shape[0] * self.trainer.world_size)
         # Label dropout for classifier-free guidance: the null class is index num_classes.
-        drop = torch.rand(y.shape, generator=g, device=x.device) < self.cfg.train.label_dropout
-        y = torch.where(drop, torch.full_like(y, self.info.num_classes), y)
-        loss = self.objective.loss(self.net, x, Cond(labels=y), generator=g)["loss"].mean()
+        u = draw_slice(lambda n: torch.rand(n, generator=g, device=x.device), len(y), rows)
+        y = torch.where(u < self.cfg.train.label_dropout, self.info.num_classes, y)
+        out = self.objective.loss(self.net, x, Cond(labels=y), generator=g, batch_slice=rows)
+        loss = out["loss"].mean()
         # Summed on the device and read once per log window: no host sync in the step.
         self._loss_sum = self._loss_sum + loss.detach().double()
         self._loss_count += 1
@@ -107,8 +117,10 @@ class DiffusionModule(L.LightningModule):
         ema_update(self.ema, self.net, self.ema_decay(self.global_step))
 
     def pop_train_loss(self) -> float:
-        """Mean training loss since the last call (one host sync per log window)."""
-        mean = (self._loss_sum / max(self._loss_count, 1)).item()
+        """Mean training loss since the last call, over all ranks (one sync per log window)."""
+        local = self._loss_sum / max(self._loss_count, 1)
+        # Equal rows per rank, so the mean over ranks is the global-batch mean.
+        mean = self.trainer.strategy.reduce(local.to(self.device), reduce_op="mean").item()
         if not math.isfinite(mean):
             raise FloatingPointError(
                 f"non-finite training loss before step {self.global_step}; "
@@ -127,12 +139,9 @@ class DiffusionModule(L.LightningModule):
         sums, count = None, 0
         for batch_idx, (x, y) in enumerate(loader):
             x, y = x.to(self.device), y.to(self.device)
+            levels = {"levels": self.cfg.eval.val_levels} if self.cfg.eval.val_levels else {}
             out = self.objective.val_loss(
-                self.eval_net(),
-                x,
-                Cond(labels=y),
-                seed=VAL_NOISE_SEED + batch_idx,
-                levels=self.cfg.eval.val_levels,
+                self.eval_net(), x, Cond(labels=y), seed=VAL_NOISE_SEED + batch_idx, **levels
             )
             per_level = out["per_level"].double() * x.shape[0]  # (L,), weighted by batch size
             sums = per_level if sums is None else sums + per_level

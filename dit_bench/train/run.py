@@ -7,11 +7,16 @@ never collide; a rerun of the same config finds the directory by its hash and re
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
 import platform
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +31,7 @@ from dit_bench.backbones import Cond
 from dit_bench.config import ExperimentConfig, build_config
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
+from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
     CSVMetrics,
@@ -36,6 +42,16 @@ from dit_bench.train.callbacks import (
 from dit_bench.train.module import DiffusionModule, images_seen, training_flops
 
 GRID_SEED = 1234  # same noise at every step and in every run: grids are comparable
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising and warnings that do not apply to this module's design."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
+    # The EMA copy is kept in eval mode on purpose; the LeafSpec note is Lightning's own.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 # -- run directories ---------------------------------------------------------------------------
@@ -49,6 +65,25 @@ def new_run_dir(out: Path, cfg: ExperimentConfig) -> Path:
     run = Path(out) / cfg.experiment / f"{stamp}-{cfg.hash}"
     run.mkdir(parents=True, exist_ok=False)
     (run / "config.yaml").write_text(cfg.to_yaml())
+    return run
+
+
+def _launch_rank() -> int:
+    """This process's global rank as set by torchrun, SLURM or Lightning's launcher (else 0)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def _wait_for_run_dir(out: Path, cfg: ExperimentConfig, timeout: float = 120.0) -> Path:
+    # Ranks > 0 of an externally launched job (torchrun, srun) use the directory rank 0 makes;
+    # `out` must be on a file system every node sees.
+    deadline = time.time() + timeout
+    while (run := find_run_dir(out, cfg)) is None:
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {_launch_rank()}: rank 0 made no run directory under {out}")
+        time.sleep(0.5)
     return run
 
 
@@ -83,16 +118,45 @@ def sample_images(
     cfg_scale: float,
     seed: int,
     use_ema: bool = True,
+    seeds: Sequence[int] | None = None,
+    **options,
 ) -> torch.Tensor:
-    """Images in [-1, 1], (N, C, H, W), for the given class labels."""
+    """Samples (N, C, H, W) for the given class labels: images in [-1, 1], or latents.
+
+    `seeds`: one seed per sample (then `seed` is unused): sample i's starting noise and every
+    later draw come from its own generator, so it does not depend on the batch it is in.
+    `options` override the run's eval settings: eta, sde_scale, cfg_interval, cfg_channels,
+    clip_x0 (eta / sde_scale are passed only to the sampler that takes them).
+    """
     info = module.info
+    e = module.cfg.eval
+    settings = {
+        "eta": e.eta,
+        "sde_scale": e.sde_scale,
+        "cfg_interval": e.cfg_interval,
+        "cfg_channels": e.cfg_channels,
+        "clip_x0": e.clip_x0,
+    }
+    unknown = set(options) - set(settings)
+    if unknown:
+        raise TypeError(f"sample_images got unknown options {sorted(unknown)}")
+    settings.update(options)
+    own = sampler_options(sampler)  # e.g. eval.eta is ignored when sampling with --sampler ddpm
+    for key in ("eta", "sde_scale"):
+        if key not in own:
+            settings.pop(key)
     net = module.ema if use_ema else module.net
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
+    if seeds is None:
+        g = torch.Generator(device=device).manual_seed(seed)
+    else:
+        if len(seeds) != len(labels):
+            raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+        g = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     shape = (len(labels), info.channels, info.image_size, info.image_size)
-    noise = torch.randn(shape, generator=g, device=device)
+    noise = randn(shape, g, device=device)
     labels = labels.to(device)
     x = module.objective.sample(
         net,
@@ -103,9 +167,31 @@ def sample_images(
         cfg_scale=cfg_scale,
         uncond=Cond(labels=torch.full_like(labels, info.num_classes)),
         generator=g,
+        **settings,
     )
     net.train(was_training)
-    return x.clamp(-1, 1)
+    # latents are not bounded (DiT samples them unclipped); images are clamped to [-1, 1]
+    return x if module.cfg.data.name == "latents" else x.clamp(-1, 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vae(path: str):
+    from dit_bench.data.latents import load_vae
+
+    return load_vae(path)
+
+
+def to_images(cfg: ExperimentConfig, x: torch.Tensor) -> torch.Tensor | None:
+    """Samples as images in [-1, 1]: pixel samples as they are, latent samples decoded with
+    data.vae; None for latents when the run names no VAE (nothing to look at)."""
+    if cfg.data.name != "latents":
+        return x
+    if not cfg.data.vae:
+        return None
+    from dit_bench.data.latents import decode_latents, read_manifest
+
+    scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
+    return decode_latents(_load_vae(cfg.data.vae), x, scale)
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
@@ -139,7 +225,9 @@ def grid_sampler(cfg: ExperimentConfig):
             seed=GRID_SEED,
             use_ema=e.use_ema,
         )
-        save_grid(images, path, ncol=e.samples_per_class)
+        images = to_images(cfg, images)
+        if images is not None:  # latents without data.vae: nothing to look at
+            save_grid(images, path, ncol=e.samples_per_class)
 
     return sample_fn
 
@@ -237,13 +325,15 @@ def train(
     if run is not None and (run / "summary.json").exists():
         print(f"[dit-bench] already finished: {run}", file=sys.stderr)
         return run
-    run = run or new_run_dir(out, cfg)
+    if run is None:
+        run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
     last = run / "checkpoints" / "last.ckpt"
     resume_step = None
     if last.exists():
         resume_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
         print(f"[dit-bench] resuming {run} from step {resume_step}", file=sys.stderr)
 
+    _quiet_lightning()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # weight init
@@ -255,32 +345,23 @@ def train(
     metrics = StepMetrics(t.log_every, t.val_every)
     callbacks = [
         *callbacks,
-        ModelCheckpoint(
-            dirpath=run / "checkpoints",
-            every_n_train_steps=t.checkpoint_every,
-            save_last=True,
-            save_top_k=0,
-            save_on_train_epoch_end=False,
-        ),
+        *_checkpointing(run / "checkpoints", t.checkpoint_every, t.keep_every),
         metrics,
         SampleGrid(run / "samples", t.sample_every, grid_sampler(cfg)),
         _Timer(),
     ]
-    if t.keep_every:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=run / "checkpoints",
-                filename="{step:07d}",
-                every_n_train_steps=t.keep_every,
-                save_top_k=-1,
-                save_on_train_epoch_end=False,
-            )
-        )
+    if cfg.eval.fd_every:  # after StepMetrics: the FD lands in the val-loss row of its step
+        from dit_bench.train.callbacks import FrechetDistanceMetric
+
+        e = cfg.eval
+        callbacks.append(FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features))
     if progress:
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(t.strategy, module),
         precision=t.precision,
         max_steps=t.steps,
         max_epochs=-1,
@@ -307,5 +388,42 @@ def train(
         raise KeyboardInterrupt
     if module.last_val.get("step") != t.steps:  # killed after the last checkpoint
         metrics.validate(trainer, module)
-    write_summary(run, cfg, module)
+    if trainer.is_global_zero:
+        write_summary(run, cfg, module)
     return run
+
+
+def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[ModelCheckpoint]:
+    """last.ckpt every `last_every` steps (the resume point), and `step=N.ckpt` files kept every
+    `keep_every` steps (0: none). One callback when the two coincide: Lightning refuses two
+    checkpoint callbacks with the same schedule."""
+
+    def make(every: int, keep: bool, last: bool) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            dirpath=folder,
+            filename="{step:07d}",
+            every_n_train_steps=every,
+            save_last=last,
+            save_top_k=-1 if keep else 0,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,  # the run owns its folder: overwrite, never last-v1
+        )
+
+    if keep_every == last_every:
+        return [make(last_every, keep=True, last=True)]
+    return [make(last_every, keep=False, last=True)] + (
+        [make(keep_every, keep=True, last=False)] if keep_every else []
+    )
+
+
+def _strategy(name: str, module: DiffusionModule):
+    if name != "fsdp":
+        return name
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    # Shard at the granularity of the backbone's transformer/res blocks; the frozen EMA copy
+    # and positional tables need use_orig_params (mixed requires_grad in one unit).
+    blocks = {
+        type(b) for m in module.net.modules() if isinstance(m, torch.nn.ModuleList) for b in m
+    }
+    return FSDPStrategy(auto_wrap_policy=blocks or None, use_orig_params=True)

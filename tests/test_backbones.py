@@ -1,0 +1,421 @@
+"""The contract every backbone keeps, run over every registered family and conditioning scheme.
+
+Tiny configs on the CPU; every preset is also built on the meta device (shapes and counts only).
+Paper numbers checked here: ADM-256 (554M params, 1120 Gflops), U-ViT (S 44M ... H 501M,
+H/2 133 Gflops), DiT Fig. 5 (XL/2 cross-attention 137.6, in-context 119.4, adaLN 118.6 Gflops).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit_bench.backbones import (
+    BACKBONES,
+    CONDITIONINGS,
+    GEOMETRY,
+    PRESETS,
+    Cond,
+    build_backbone,
+    resolve_preset,
+)
+
+# family -> tiny explicit sizes (8x8 inputs, 3 channels, 5 classes)
+TINY = {
+    "dit": dict(depth=2, hidden_size=32, num_heads=4, patch_size=2),
+    "mmdit": dict(depth=2, hidden_size=32, num_heads=4, patch_size=2),
+    "unet": dict(
+        depth=1, hidden_size=32, channel_mult=(1, 2), attention_ds=(1, 2), head_channels=16
+    ),
+    "uvit": dict(depth=3, hidden_size=32, num_heads=4, patch_size=2, conv=True),
+}
+CASES = [(f, c, {}) for f in BACKBONES for c in CONDITIONINGS[f]]
+CASES.append(("mmdit", "joint_attn", {"qk_norm": True}))
+IDS = [f"{f}-{c}" + ("-qk" if kw else "") for f, c, kw in CASES]
+# Families whose design zero-initialises the output layer (DiT for every scheme, as its code).
+ZERO_AT_INIT = {"dit", "mmdit", "unet"}
+SIZE, C, N_CLASSES = 8, 3, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(family, conditioning, extra=None, learn_sigma=True, seed=0):
+    torch.manual_seed(seed)
+    kw = TINY[family] | (extra or {})
+    return BACKBONES[family](
+        image_size=SIZE,
+        in_channels=C,
+        num_classes=N_CLASSES,
+        conditioning=conditioning,
+        learn_sigma=learn_sigma,
+        **kw,
+    )
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Every weight random (the zero-initialised ones too), so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, C, SIZE, SIZE, generator=g)
+    t = torch.rand(b, generator=g) * 1000
+    y = torch.tensor([0, 4, N_CLASSES])[:b]  # the last one is the null class
+    return x, t, Cond(labels=y)
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request):
+    return request.param
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_output_shape_and_attributes(case, learn_sigma):
+    family, cond, extra = case
+    net = tiny(family, cond, extra, learn_sigma=learn_sigma)
+    out = net(*inputs())
+    c_out = 2 * C if learn_sigma else C
+    assert out.shape == (3, c_out, SIZE, SIZE)
+    assert (net.in_channels, net.out_channels, net.num_classes, net.image_size) == (
+        C,
+        c_out,
+        N_CLASSES,
+        SIZE,
+    )
+    assert net.learn_sigma is learn_sigma and net.conditioning == cond
+    assert net.num_tokens > 0
+    assert 0 < net.num_params(trainable_only=True) <= net.num_params()
+
+
+def test_deterministic_under_a_seed(case):
+    a, b = tiny(*case, seed=7), tiny(*case, seed=7)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    randomise(a)
+    args = inputs()
+    torch.testing.assert_close(a(*args), a(*args), rtol=0, atol=0)
+    a.train()  # no dropout or label dropout inside a backbone
+    out_train = a(*args)
+    a.eval()
+    torch.testing.assert_close(a(*args), out_train, rtol=0, atol=0)
+
+
+def test_every_trainable_parameter_gets_a_gradient(case):
+    # With the zero-inits most gradients are exactly zero at init (a zero gate blocks its
+    # branch), so randomise every weight first: this checks that each parameter is wired in.
+    net = tiny(*case)
+    randomise(net)
+    net(*inputs()).square().mean().backward()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_training_from_the_real_init_reaches_every_parameter(case):
+    # ... and from the real init, a few optimiser steps move every trainable parameter: the
+    # zero-initialised layers open up first, then the branches behind them (in a 2-block MMDiT
+    # the first block's context stream sits behind three zero layers: its own gate, the next
+    # block's image gate and the final linear).
+    net = tiny(*case)
+    before = {k: p.detach().clone() for k, p in net.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, t, cond = inputs()
+    target = torch.randn_like(net(x, t, cond))
+    for _ in range(5):
+        opt.zero_grad()
+        (net(x, t, cond) - target).square().mean().backward()
+        opt.step()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_zero_output_at_init_where_the_design_zero_inits(case):
+    family = case[0]
+    out = tiny(*case)(*inputs())
+    if family in ZERO_AT_INIT:
+        assert torch.count_nonzero(out) == 0
+    else:  # U-ViT initialises everything trunc-normal: no zero output layer
+        assert out.abs().max() > 0
+
+
+def test_state_dict_round_trip(case):
+    src = tiny(*case, seed=1)
+    randomise(src, seed=3)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst = tiny(*case, seed=2)
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    args = inputs()
+    torch.testing.assert_close(dst(*args), src(*args), rtol=0, atol=0)
+
+
+def test_null_label_and_unconditional(case):
+    net = tiny(*case)
+    randomise(net)
+    x, t, _ = inputs()
+    null = torch.full((3,), N_CLASSES)
+    out_null = net(x, t, Cond(labels=null))
+    assert torch.isfinite(out_null).all()
+    torch.testing.assert_close(net(x, t, Cond()), out_null)  # no labels = the null class
+    real = net(x, t, Cond(labels=torch.zeros(3, dtype=torch.long)))
+    assert not torch.allclose(real, out_null)
+
+
+def test_analytic_macs_equal_flop_counter(case):
+    # FlopCounterMode counts 2 x MACs of matmuls, convolutions and SDPA. torch 2.14's fused CPU
+    # SDPA kernel has no counting rule, so force the math backend (two counted bmm's).
+    net = tiny(*case)
+    randomise(net)
+    b = 2
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(*inputs(b))
+    assert counter.get_total_flops() == net.flops(batch=b)["flops"]
+    assert net.flops(batch=b)["macs"] * 2 == net.flops(batch=b)["flops"]
+
+
+def test_forward_in_float64(case):
+    net = tiny(*case).double()
+    randomise(net)
+    x, t, cond = inputs()
+    out = net(x.double(), t.double(), cond)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(case):
+    net = tiny(*case)
+    randomise(net)
+    args = inputs()
+    compiled = torch.compile(net)
+    torch.testing.assert_close(compiled(*args), net(*args), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_one_config():
+    """One compile on the default scheme (about a minute of Inductor on 2 CPU cores)."""
+    net = tiny("dit", "adaln_zero")
+    randomise(net)
+    args = inputs()
+    torch.testing.assert_close(torch.compile(net)(*args), net(*args), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and presets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_is_consistent():
+    assert set(BACKBONES) == set(CONDITIONINGS) == set(GEOMETRY) == {"dit", "mmdit", "unet", "uvit"}
+    assert {p["family"] for p in PRESETS.values()} == set(BACKBONES)
+    for name, preset in PRESETS.items():
+        assert isinstance(preset, dict) and preset["family"] in BACKBONES, name
+
+
+def _natural_input(name):
+    if name == "unet-adm256":
+        return 256, 3
+    if name == "unet-adm64":
+        return 64, 3
+    return 32, 4
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_counts(name):
+    size, ch = _natural_input(name)
+    family = PRESETS[name]["family"]
+    for conditioning in CONDITIONINGS[family]:
+        with torch.device("meta"):
+            net = build_backbone(
+                name,
+                image_size=size,
+                in_channels=ch,
+                num_classes=1000,
+                conditioning=conditioning,
+                learn_sigma=True,
+            )
+            out = net(torch.zeros(2, ch, size, size), torch.zeros(2), Cond())
+        assert out.shape == (2, 2 * ch, size, size)
+        f = net.flops()
+        assert f["macs"] > 0 and f["flops"] == 2 * f["macs"]
+        assert net.flops(batch=3)["macs"] == 3 * f["macs"]
+
+
+def meta(name, learn_sigma=True, **kw):
+    size, ch = _natural_input(name)
+    with torch.device("meta"):
+        return build_backbone(
+            name, image_size=size, in_channels=ch, num_classes=1000, learn_sigma=learn_sigma, **kw
+        )
+
+
+def test_adm_imagenet_presets_match_the_paper():
+    # ADM ImageNet 256 (class-conditional, learned sigma): 554M parameters [ADM], 1120 Gflops
+    # [DiT Table 4]; ImageNet 64: 296M. Our label table has one more row (the null class).
+    adm256 = meta("unet-adm256")
+    assert adm256.num_params() == pytest.approx(554e6, rel=2e-3)
+    assert adm256.flops()["macs"] / 1e9 == pytest.approx(1120, rel=2e-3)
+    assert meta("unet-adm64").num_params() == pytest.approx(296e6, rel=2e-3)
+
+
+def test_uvit_presets_match_the_paper():
+    # U-ViT Table 1 / 2: S 44M, M 131M, L 287M, H 501M; U-ViT-H/2 on 32x32x4 latents 133 Gflops.
+    # (U-ViT's latent models predict eps only: learn_sigma off.)
+    want = {"s": 44e6, "m": 131e6, "l": 287e6, "h": 501e6}
+    for size, params in want.items():
+        net = meta(f"uvit-{size}/2", learn_sigma=False)
+        # S is the paper's CIFAR-10 model (no label table): 2% slack for our 1000-class one
+        assert net.num_params() == pytest.approx(params, rel=2e-2), size
+    h2 = meta("uvit-h/2", learn_sigma=False)
+    assert h2.flops()["macs"] / 1e9 == pytest.approx(133, abs=0.5)
+
+
+def test_dit_conditioning_schemes_match_figure_5():
+    # DiT Fig. 5 (XL/2): adaLN-Zero 118.6, adaLN 118.6, cross-attention 137.6, in-context 119.4.
+    want = {"adaln_zero": 118.6, "adaln": 118.6, "cross_attn": 137.6, "in_context": 119.4}
+    got = {c: meta("dit-xl/2", conditioning=c).flops()["macs"] / 1e9 for c in want}
+    for c in want:
+        assert got[c] == pytest.approx(want[c], abs=0.1), c
+    assert got["cross_attn"] / got["adaln_zero"] == pytest.approx(1.16, abs=0.01)  # ~15% more
+
+
+def test_mmdit_presets_follow_the_sd3_rule():
+    for name, p in PRESETS.items():
+        if p["family"] == "mmdit":
+            assert p["hidden_size"] == 64 * p["depth"] and p["num_heads"] == p["depth"], name
+    assert {"mmdit-d4/2", "mmdit-d6/2", "mmdit-d24/2"} <= set(PRESETS)
+    # SD3-medium-like d24 at 32x32x4: about 2B parameters.
+    assert meta("mmdit-d24/2").num_params() == pytest.approx(2.03e9, rel=1e-2)
+
+
+def test_overrides_apply_only_where_the_preset_has_the_key():
+    assert resolve_preset("unet-s", depth=3)["depth"] == 3
+    assert resolve_preset("mmdit-d4/2", qk_norm=True)["qk_norm"] is True
+    with pytest.raises(ValueError, match=r"patch_size=2 does not apply to 'unet' presets"):
+        resolve_preset("unet-s", patch_size=2)
+    with pytest.raises(ValueError, match="qk_norm=True does not apply to 'dit'"):
+        resolve_preset("dit-s/2", qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm must be true or false"):
+        resolve_preset("mmdit-d4/2", qk_norm=1)
+    net = build_backbone("mmdit-d2/4", image_size=8, in_channels=3, num_classes=2, qk_norm=True)
+    assert net.blocks[0].qk_norm
+
+
+def test_geometry_errors_name_the_key():
+    kw = dict(in_channels=3, num_classes=10)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        build_backbone("unet-xs", image_size=6, **kw)
+    with pytest.raises(ValueError, match="hidden_size=48 must be a multiple of 32"):
+        build_backbone("unet-xs", image_size=8, hidden_size=48, **kw)
+    with pytest.raises(ValueError, match="depth=6 must be odd"):
+        build_backbone("uvit-xs/2", image_size=8, depth=6, **kw)
+    with pytest.raises(ValueError, match="num_heads=3 must divide hidden_size=128"):
+        build_backbone("mmdit-d2/2", image_size=8, num_heads=3, **kw)
+    with pytest.raises(ValueError, match="allowed: \\['adagn'\\]"):
+        build_backbone("unet-xs", image_size=8, conditioning="adaln_zero", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT schemes against explicit formulas
+# ---------------------------------------------------------------------------------------------
+
+
+def _ln(z, weight=None, bias=None):
+    mu = z.mean(-1, keepdim=True)
+    out = (z - mu) / torch.sqrt(((z - mu) ** 2).mean(-1, keepdim=True) + 1e-6)
+    return out if weight is None else out * weight + bias
+
+
+def _attend(q, k, v, heads):
+    """Multi-head softmax(Q K^T / sqrt(d)) V with a loop over heads."""
+    dh = q.shape[-1] // heads
+    outs = []
+    for h in range(heads):
+        sl = slice(h * dh, (h + 1) * dh)
+        s = q[..., sl] @ k[..., sl].transpose(1, 2) / dh**0.5
+        outs.append(torch.softmax(s, dim=-1) @ v[..., sl])
+    return torch.cat(outs, -1)
+
+
+def test_cross_attention_block_equals_explicit_reference():
+    from dit_bench.backbones.dit import CrossAttnBlock
+
+    torch.manual_seed(0)
+    blk = CrossAttnBlock(24, 3).double()
+    randomise(blk)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    t, y = torch.randn(2, 24, dtype=torch.float64), torch.randn(2, 24, dtype=torch.float64)
+    _, c = CrossAttnBlock.condition(x, t, y)
+    assert c.shape == (2, 2, 24)
+
+    def lin(layer, z):
+        return z @ layer.weight.T + layer.bias
+
+    def self_attn(z):
+        q, k, v = lin(blk.attn.qkv, z).split(24, -1)
+        return lin(blk.attn.proj, _attend(q, k, v, 3))
+
+    def cross(z):
+        q = lin(blk.cross_attn.q, z)
+        k, v = lin(blk.cross_attn.kv, c).split(24, -1)
+        return lin(blk.cross_attn.proj, _attend(q, k, v, 3))
+
+    h = x + self_attn(_ln(x, blk.norm1.weight, blk.norm1.bias))
+    h = h + cross(_ln(h, blk.norm_cross.weight, blk.norm_cross.bias))
+    m = _ln(h, blk.norm2.weight, blk.norm2.bias)
+    h = h + lin(blk.mlp.fc2, torch.nn.functional.gelu(lin(blk.mlp.fc1, m), approximate="tanh"))
+    torch.testing.assert_close(blk(x, c), h, rtol=0, atol=1e-12)
+
+
+def test_adaln_block_equals_explicit_modulation():
+    from dit_bench.backbones.dit import AdaLNBlock
+
+    torch.manual_seed(0)
+    blk = AdaLNBlock(16, 2).double()
+    randomise(blk)
+    x, c = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    w, b = blk.adaLN_modulation[1].weight, blk.adaLN_modulation[1].bias
+    want = []
+    for i in range(2):  # per sample, explicit: gamma, beta regressed from c; no gates
+        mods = (c[i] * torch.sigmoid(c[i])) @ w.T + b
+        shift1, scale1, shift2, scale2 = mods.split(16)
+        h = x[i : i + 1]
+        h = h + blk.attn(_ln(h) * (1 + scale1) + shift1)
+        h = h + blk.mlp(_ln(h) * (1 + scale2) + shift2)
+        want.append(h)
+    torch.testing.assert_close(blk(x, c), torch.cat(want), rtol=0, atol=1e-12)
+
+
+def test_in_context_tokens_are_removed_before_the_final_layer():
+    net = tiny("dit", "in_context")
+    randomise(net)
+    assert net.num_tokens == net.x_embedder.num_patches + 2
+    assert not net.final_layer.adaptive and net.final_layer.norm_final.elementwise_affine
+    seen = {}
+
+    def record(module, args):
+        seen["shape"] = args[0].shape
+
+    net.final_layer.register_forward_pre_hook(record)
+    net(*inputs())
+    assert seen["shape"] == (3, net.x_embedder.num_patches, 32)
+    # adaLN-style schemes keep the adaptive final norm
+    assert tiny("dit", "adaln").final_layer.adaptive

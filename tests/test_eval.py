@@ -1,0 +1,218 @@
+"""`dit-bench eval`: per-sample seeds, clear errors, and an end-to-end evaluation of a tiny run."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dit_bench.cli import main
+from dit_bench.config import build_config
+from dit_bench.data import data_info
+from dit_bench.metrics.evaluate import (
+    EvalRequest,
+    NoCheckpointError,
+    evaluate_run,
+    generate,
+    sample_seed,
+)
+from dit_bench.metrics.features import INCEPTION_ENV, FeatureWeightsError
+from dit_bench.train.module import DiffusionModule
+
+TINY = [
+    "experiment=tiny-eval",
+    "data.name=digits",
+    "backbone.name=dit-xs/4",
+    "train.steps=12",
+    "train.batch_size=8",
+    "train.log_every=4",
+    "train.val_every=6",
+    "train.checkpoint_every=6",
+    "train.threads=1",
+    "optim.lr=1e-3",
+    "optim.ema_decay=0.9",
+    "eval.val_images=16",
+    "eval.samples_per_class=1",
+    "eval.sample_steps=4",
+]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+class ToyDenoiser(torch.nn.Module):
+    """eps_hat ~ x_t (data near 0), perturbed by a conv and a label embedding: samples stay in
+    range (an untrained DiT predicts eps = 0 and every sample saturates at +-1)."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.emb = torch.nn.Parameter(torch.randn(num_classes + 1, channels, generator=g))
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+
+    def forward(self, x, t, cond):
+        shift = self.emb[cond.labels][:, :, None, None]  # (B, C, 1, 1)
+        return x * (1 + 0.2 * torch.tanh(self.conv(x))) + 0.1 * shift * (
+            t[:, None, None, None] / 1000
+        )
+
+
+def tiny_module(*extra):
+    cfg = build_config(None, TINY + list(extra))
+    info = data_info(cfg.data)
+    module = DiffusionModule(cfg, info).eval()
+    module.ema = ToyDenoiser(info.channels, info.num_classes)
+    return module
+
+
+def test_sample_seed_is_distinct_per_seed_and_index():
+    assert sample_seed(0, 5) == 5 and sample_seed(1, 0) == 1_000_003
+    assert len({sample_seed(s, i) for s in range(3) for i in range(100)}) == 300
+    assert all(sample_seed(2**30, i) < 2**32 for i in range(10))  # torch keeps 32 bits only
+    with pytest.raises(ValueError):
+        sample_seed(0, -1)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_maruyama"])  # both draw noise every step
+def test_samples_do_not_depend_on_batch_size_or_split(sampler):
+    module = tiny_module()
+    kw = dict(seed=3, sampler=sampler, steps=4, cfg_scale=1.5, use_ema=True)
+    whole = generate(module, range(10), batch_size=10, **kw)
+    small = generate(module, range(10), batch_size=3, **kw)
+    split = torch.cat([generate(module, range(0, 4), batch_size=4, **kw),
+                       generate(module, range(4, 10), batch_size=6, **kw)])  # fmt: skip
+    alone = generate(module, [7], batch_size=1, **kw)
+    # Same noise for every sample; only float summation order may differ between batch shapes.
+    torch.testing.assert_close(small, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], whole[7], atol=1e-5, rtol=0)
+    other_seed = generate(module, range(10), batch_size=10, **{**kw, "seed": 4})
+    assert (other_seed - whole).abs().max() > 0.1
+
+
+def _run_dir(tmp_path, with_checkpoint: bool):
+    cfg = build_config(None, TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    if with_checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"not read before the feature net")
+    return run
+
+
+def test_eval_of_a_run_without_checkpoints_says_so(tmp_path, cache, capsys):
+    run = _run_dir(tmp_path, with_checkpoint=False)
+    with pytest.raises(NoCheckpointError, match="has no checkpoints"):
+        evaluate_run(run, EvalRequest())
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoints" in err and "train it first" in err
+
+
+def test_eval_with_missing_inception_file_fails_fast_with_one_error(tmp_path, cache, capsys):
+    run = _run_dir(tmp_path, with_checkpoint=True)
+    missing = tmp_path / "inception-2015-12-05.pt"
+    with pytest.raises(FeatureWeightsError, match="inception-2015-12-05.pt"):
+        evaluate_run(run, EvalRequest(features="inception", inception_path=str(missing)))
+    assert main(["eval", str(run), "--features", "inception", "--inception", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("dit-bench:") == 1 and str(missing) in err and "never downloads" in err
+
+
+def test_bad_metric_name_is_an_error():
+    with pytest.raises(ValueError, match="choose from fd, kid, pr, is"):
+        EvalRequest(metrics=("fid",))
+
+
+def test_train_with_fd_callback_then_eval(tmp_path, cache):
+    from dit_bench.train.run import train
+
+    cfg = build_config(None, TINY + ["eval.fd_every=6", "eval.fd_samples=20"])
+    run = train(cfg, tmp_path / "runs", progress=False)
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    fd_rows = {int(r["step"]): r for r in rows if r.get("val/FD-digits-net")}
+    assert set(fd_rows) == {6, 12}
+    assert all(r["val/loss"] for r in fd_rows.values())  # beside the val loss, same row
+    assert all(float(r["val/FD-digits-net"]) > 0 for r in fd_rows.values())
+
+    record = evaluate_run(run, EvalRequest(num_samples=30, steps=4, batch_size=16), progress=False)
+    on_disk = json.loads((run / "eval.json").read_text())
+    assert on_disk["metrics"] == record["metrics"]
+    m = record["metrics"]
+    for key in ("FD-digits-net", "KID-digits-net", "precision-digits-net", "recall-digits-net",
+                "IS-digits-net", "adherence-digits-net"):  # fmt: skip
+        assert key in m and m[key] == m[key]  # present, not NaN
+    assert not any(k.startswith("FID") for k in m)
+    p = record["protocol"]
+    assert p["num_samples"] == 30 and p["steps"] == 4 and p["sampler"] == "ddpm"
+    assert p["weights"] == "ema" and p["checkpoint"]["global_step"] == 12
+    assert len(p["feature_net"]["sha256"]) == 64 and p["reference"]["n"] == 180
+    assert {"torch", "clean-fid", "torchmetrics"} <= set(record["versions"])
+    anchors = record["anchors"]
+    real = next(v for k, v in anchors.items() if "real(train" in k)
+    noise = next(v for k, v in anchors.items() if "noise" in k)
+    assert real < m["FD-digits-net"] < noise  # an untrained-ish model sits between the anchors
+    # batch size is not part of the result
+    again = evaluate_run(
+        run, EvalRequest(num_samples=30, steps=4, batch_size=7), output=tmp_path / "e2.json",
+        progress=False,
+    )  # fmt: skip
+    assert again["metrics"]["FD-digits-net"] == pytest.approx(m["FD-digits-net"], rel=1e-4)
+
+
+def test_eval_of_folder_and_latents_runs(tmp_path, cache):
+    """Image folders and VAE latents: reference statistics keyed by content, images decoded."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from dit_bench.data.latents import encode_latents
+    from dit_bench.train.run import train
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            arr = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
+            arr[..., c] = 255
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    folder = ["data.name=folder", f"data.root={root}", "data.image_size=32"]
+    folder += ["data.val_fraction=0.2"]
+    encode_latents(
+        tmp_path / "vae", build_config(None, folder).data, tmp_path / "lat", progress=False
+    )
+    latents = ["data.name=latents", f"data.root={tmp_path / 'lat'}", f"data.vae={tmp_path / 'vae'}"]
+    latents += ["data.val_fraction=0.2"]
+    common = ["backbone.name=dit-xs/2", "train.steps=2", "train.batch_size=4", "train.val_every=2"]
+    common += ["train.log_every=1", "eval.val_images=4", "eval.samples_per_class=1"]
+    common += ["eval.sample_steps=2", "train.threads=1"]
+    request = EvalRequest(num_samples=6, steps=2, features="digits-net", metrics=("fd", "kid"))
+    ids = []
+    for data in (folder, latents):
+        cfg = build_config(None, data + common)
+        run = train(cfg, tmp_path / "runs", progress=False)
+        record = evaluate_run(run, request, progress=False)
+        assert record["protocol"]["reference"]["n"] == 4
+        assert record["metrics"]["FD-digits-net"] >= 0
+        assert "adherence-digits-net" not in record["metrics"]  # digit classes != cat/dog
+        ids.append(record["protocol"]["reference"]["id"])
+    assert ids[0] != ids[1]  # latents are hashed as latents

@@ -1,0 +1,146 @@
+"""Feature networks, the cache, reference statistics, and the FD through clean-fid / torchmetrics.
+
+Uses digits-net (8x8 inputs: trains in seconds) in a temporary cache folder.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_bench.config import DataConfig
+from dit_bench.data import load_datasets
+from dit_bench.metrics import engines
+from dit_bench.metrics.distances import fd_from_features, frechet_distance, gaussian_stats
+from dit_bench.metrics.features import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    FeatureWeightsError,
+    default_features,
+    find_inception,
+    load_feature_net,
+    small_net_path,
+)
+from dit_bench.metrics.reference import dataset_tensors, reference_stats
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("DIT_BENCH_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def net(cache):
+    return load_feature_net("digits-net", progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    _, val = load_datasets(DataConfig(name="digits"))
+    return dataset_tensors(val)
+
+
+def test_small_net_is_cached_accurate_and_named_fd(net, cache):
+    path = small_net_path("digits-net")
+    assert path.is_file() and path.parent == cache / "features"
+    assert net.info["accuracy"] > 0.9
+    assert net.metric_prefix == "FD-digits-net" and "FID" not in net.metric_prefix
+    mtime = path.stat().st_mtime_ns
+    again = load_feature_net("digits-net", progress=False)  # from the cache, not retrained
+    assert again.sha256 == net.sha256 and path.stat().st_mtime_ns == mtime
+
+
+def test_missing_small_net_is_retrained_identically(net):
+    path = small_net_path("digits-net")
+    path.unlink()
+    again = load_feature_net("digits-net", progress=False)
+    assert path.is_file()
+    assert again.sha256 == net.sha256  # deterministic recipe: same weights, bit for bit
+
+
+def test_fd_with_itself_zero_and_monotone_under_blur_and_noise(net, digits):
+    x, _ = digits
+    ref, _ = net.features(x)
+    assert fd_from_features(ref, ref) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g)
+    noised = [
+        fd_from_features(ref, net.features((x + s * noise).clamp(-1, 1))[0])
+        for s in (0.1, 0.3, 0.6, 1.0)
+    ]
+    assert all(a < b for a, b in zip(noised, noised[1:], strict=False)), noised
+
+    def blur(img, sigma):
+        r = torch.arange(-3, 4, dtype=torch.float32)
+        k = torch.exp(-(r**2) / (2 * sigma**2))
+        k = (k / k.sum()).view(1, 1, 1, -1)
+        img = F.conv2d(F.pad(img, (3, 3, 0, 0), mode="replicate"), k)
+        return F.conv2d(F.pad(img, (0, 0, 3, 3), mode="replicate"), k.transpose(-1, -2))
+
+    blurred = [fd_from_features(ref, net.features(blur(x, s))[0]) for s in (0.3, 0.6, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(blurred, blurred[1:], strict=False)), blurred
+
+
+def test_reference_stats_cached_by_content(net, digits, cache):
+    x, _ = digits
+    a = reference_stats(x, net)
+    b = reference_stats(x.clone(), net)  # same content, another tensor: cache hit
+    assert a.id == b.id and not a.meta["cached"] and b.meta["cached"]
+    assert (cache / "refstats" / f"{a.id}.npz").is_file()
+    np.testing.assert_allclose(b.mu, a.mu)
+    c = reference_stats(x[:-1], net)  # other content: other id
+    assert c.id != a.id
+
+
+# clean-fid's own sqrtm warns on the rank-deficient covariance of ReLU features; it still agrees
+@pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:The `disp` argument")
+def test_clean_fid_torchmetrics_and_ours_agree(net, digits, tmp_path):
+    x, _ = digits
+    g = torch.Generator().manual_seed(1)
+    fake = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    ours = fd_from_features(net.features(x)[0], net.features(fake)[0])
+    tm = engines.fd_torchmetrics(x, fake, net)
+    a, b = engines.save_pngs(x, tmp_path / "real"), engines.save_pngs(fake, tmp_path / "fake")
+    cf = engines.fd_folders(a, b, net)
+    assert ours > 1.0
+    assert tm == pytest.approx(ours, rel=1e-3)
+    assert cf == pytest.approx(ours, rel=1e-3)
+    # folder vs cached statistics (clean-fid reads the folder, the reference comes from memory)
+    ref = reference_stats(x, net)
+    assert engines.fd_folder_stats(b, ref, net) == pytest.approx(ours, rel=1e-3)
+    assert (
+        frechet_distance(*gaussian_stats(engines.folder_features(a, net)), ref.mu, ref.sigma) < 1e-3
+    )
+
+
+def test_missing_inception_is_one_clear_error(tmp_path, monkeypatch, cache):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    if (__import__("pathlib").Path("/tmp") / INCEPTION_FILE).exists():
+        pytest.skip("an Inception file is installed at clean-fid's location on this machine")
+    with pytest.raises(FeatureWeightsError) as err:
+        load_feature_net("inception")
+    msg = str(err.value)
+    assert INCEPTION_FILE in msg and str(cache / INCEPTION_FILE) in msg
+    assert "--inception" in msg and INCEPTION_ENV in msg and "never downloads" in msg
+    with pytest.raises(FeatureWeightsError, match="nowhere.pt"):
+        find_inception(tmp_path / "nowhere.pt")
+
+
+def test_feature_names():
+    assert default_features("mnist") == "mnist-net"
+    assert default_features("digits") == "digits-net"
+    assert default_features("shapes") == "shapes-net"
+    assert default_features("folder") == "inception"
+    with pytest.raises(ValueError, match="known: inception, mnist-net"):
+        load_feature_net("mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist-net", "shapes-net"])
+def test_bigger_small_nets_classify_held_out_data(name, cache):
+    net = load_feature_net(name, progress=False)  # trains it (about 30 s each on a CPU)
+    assert net.info["accuracy"] > 0.95
+    assert net.metric_prefix == f"FD-{name}"

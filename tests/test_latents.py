@@ -1,0 +1,152 @@
+"""Latent data sets: encode a folder with a tiny random VAE, train on the shards, decode."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from dit_bench.data import DataError, data_info, load_datasets
+from dit_bench.data.latents import LatentShards, decode_latents, encode_latents, load_vae
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: side / 8, as SD's VAE
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir()
+        for i in range(10):
+            arr = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
+            arr[..., c] = 255  # a class-dependent colour
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+def folder_cfg(root):
+    return SimpleNamespace(name="folder", root=str(root), image_size=32, val_fraction=0.2,
+                           split_seed=0, num_samples=0, max_samples=None)
+
+
+def latent_cfg(root, **kw):
+    return SimpleNamespace(**{**vars(folder_cfg(root)), "name": "latents", "image_size": None,
+                              **kw})
+
+
+def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
+    out = tmp_path / "lat"
+    m = encode_latents(vae_dir, folder_cfg(image_folder), out, flip=True, shard_size=8,
+                       batch_size=4, progress=False)
+    assert m["num_images"] == 20 and m["num_items"] == 40 and len(m["shards"]) == 5
+    assert m["latent_shape"] == [4, 4, 4]
+    info = data_info(latent_cfg(out))
+    assert (info.channels, info.image_size, info.num_classes) == (4, 4, 2)
+    ds = LatentShards(out)
+    z, y = ds[3]
+    # The stored latent is the scaled posterior mean of that very image.
+    from dit_bench.data.datasets import full_dataset
+
+    img, label = full_dataset(folder_cfg(image_folder))[3]
+    vae = load_vae(vae_dir)
+    want = vae.encode(img[None]).latent_dist.mean[0] * m["scaling_factor"]
+    assert y == label and torch.allclose(z, want, atol=1e-5)
+    # Item n + i is the mirror image of item i.
+    zf, _ = ds[20 + 3]
+    wantf = vae.encode(img[None].flip(-1)).latent_dist.mean[0] * m["scaling_factor"]
+    assert torch.allclose(zf, wantf, atol=1e-5)
+    train, val = load_datasets(latent_cfg(out))
+    assert len(val) == 4 and len(train) == 32
+    val_sources = {i % 20 for i in val.indices}
+    assert not val_sources & {i % 20 for i in train.indices}, "a val image leaks via its flip"
+    images = decode_latents(vae, torch.stack([z, zf]), m["scaling_factor"])
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+
+
+def test_corrupt_or_missing_shards_are_named(vae_dir, image_folder, tmp_path):
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ds = LatentShards(out)
+    ds[0]  # shard 0 is fine
+    with pytest.raises(DataError, match="shard-00001.safetensors is corrupt"):
+        ds[8]
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-00001.safetensors is missing"):
+        LatentShards(out)[8]
+    with pytest.raises(DataError, match="no manifest.json"):
+        LatentShards(tmp_path)
+
+
+def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_path):
+    ref = tmp_path / "ref"
+    encode_latents(vae_dir, folder_cfg(image_folder), ref, shard_size=4, progress=False)
+    out = tmp_path / "cut"
+    code = (
+        "import sys, types\n"
+        "from dit_bench.data import latents\n"
+        "cfg = types.SimpleNamespace(name='folder', root=sys.argv[2], image_size=32)\n"
+        "latents.encode_latents(sys.argv[1], cfg, sys.argv[3], shard_size=4)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(vae_dir), str(image_folder),
+                             str(out)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # kill it as soon as it reports its second shard
+        if "shard-00001" in line:
+            proc.kill()
+            break
+    proc.wait()
+    partial = json.loads((out / "manifest.json").read_text())
+    assert 2 <= len(partial["shards"]) < 5
+    with pytest.raises(DataError, match="rerun encode-latents"):
+        LatentShards(out)
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=4, progress=False)
+    a, b = LatentShards(ref), LatentShards(out)
+    assert len(a) == len(b) == 20
+    for i in range(20):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    with pytest.raises(DataError, match="different source or settings"):
+        encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+
+
+def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
+    from dit_bench.config import build_config
+    from dit_bench.train.run import train
+
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    cfg = build_config(None, [
+        "data.name=latents", f"data.root={out}", f"data.vae={vae_dir}", "data.val_fraction=0.2",
+        "backbone.name=dit-xs/2", "train.steps=3", "train.batch_size=4", "train.log_every=1",
+        "train.val_every=3", "eval.val_images=4", "eval.samples_per_class=2",
+        "eval.sample_steps=3",
+    ])
+    run = train(cfg, tmp_path / "runs", progress=False)
+    grid = Image.open(run / "samples" / "step-0000003.png")
+    assert grid.mode == "RGB" and grid.size[0] > 2 * 32  # decoded 32x32 images, 2 per row
+    assert json.loads((run / "summary.json").read_text())["val_loss"] > 0
