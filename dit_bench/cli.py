@@ -113,6 +113,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_encode_latents(args) -> int:
+    from dit_bench.config import DataConfig
+    from dit_bench.data.latents import encode_latents
+
+    name, _, root = args.data.partition(":")
+    source = DataConfig(name=name, root=root or None, image_size=args.image_size)
+    manifest = encode_latents(
+        args.vae,
+        source,
+        args.out,
+        flip=args.flip,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(
+        f"{manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
+        f"{len(manifest['shards'])} shards at {args.out}; train with "
+        f"--set data.name=latents --set data.root={args.out} --set data.vae={args.vae}"
+    )
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -171,6 +194,12 @@ def cmd_info(args) -> int:
             f"{r['gflops']:>9.2f}"
         )
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="JSON to write (default: RUN_DIR/eval.json)")
     sp.add_argument("--quiet", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser(
+        "encode-latents",
+        help="encode a data set once with a local VAE into latent shards (resumable)",
+        description="Encode images with a diffusers AutoencoderKL saved on disk (no download) "
+        "into safetensors shards plus a manifest; rerun the same command to resume.",
+    )
+    sp.add_argument("--vae", required=True, help="folder of a diffusers AutoencoderKL")
+    sp.add_argument("--data", required=True, help="NAME[:ROOT], e.g. folder:/data/imagenet")
+    sp.add_argument("--image-size", type=int, required=True, help="pixel side, e.g. 256")
+    sp.add_argument("--out", required=True, help="shard folder to write")
+    sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
+    sp.add_argument("--shard-size", type=int, default=4096, help="latents per shard")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    sp.set_defaults(func=cmd_encode_latents)
 
     sp = sub.add_parser("info", help="params, MACs and tokens of backbone presets")
     sp.add_argument("preset", nargs="?", help="e.g. dit-xl/2, mmdit-d4/2, unet-s (default: all)")

@@ -74,6 +74,7 @@ class BackboneConfig(_Strict):
     hidden_size: int | None = Field(None, gt=0)
     num_heads: int | None = Field(None, gt=0)
     patch_size: int | None = Field(None, gt=0)
+    qk_norm: bool | None = Field(None, description="MMDiT: RMSNorm on queries and keys (SD3)")
 
     @model_validator(mode="before")
     @classmethod

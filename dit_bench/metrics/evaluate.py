@@ -162,15 +162,17 @@ class EvalRequest:
             raise ValueError("--batch-size must be positive")
 
 
-def _reference_images(cfg) -> tuple[Tensor, Tensor, Tensor, str | None, object]:
-    """(val images, val labels, train images, latents hash or None, vae or None) in [-1, 1]."""
+def _reference_images(cfg):
+    """(val images, val labels, train set, latents hash or None, decode or None).
+
+    Images in [-1, 1]; `decode` turns latents into images (a `latents` run's VAE, data.vae).
+    """
     from dit_bench.data import load_datasets
 
     train, val = load_datasets(cfg.data)
     xv, yv = dataset_tensors(val)
-    xt, _ = dataset_tensors(train)
     if cfg.data.name != "latents":
-        return xv, yv, xt, None, None
+        return xv, yv, train, None, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
     from dit_bench.data.latents import decode_latents, load_vae, read_manifest
 
@@ -183,7 +185,13 @@ def _reference_images(cfg) -> tuple[Tensor, Tensor, Tensor, str | None, object]:
     def decode(z: Tensor) -> Tensor:
         return torch.cat([decode_latents(vae, z[i : i + 32], scale) for i in range(0, len(z), 32)])
 
-    return decode(xv), yv, decode(xt[: len(xv)]), latent_hash, (vae, scale, decode)
+    return decode(xv), yv, train, latent_hash, decode
+
+
+def kid_subset_size(n_fake: int, n_real: int) -> int:
+    """Subsets of 1000 (Binkowski et al.), at most half of the smaller set: subsets as large as
+    the set would all be the same set, and the std over subsets would read 0."""
+    return max(2, min(KID_SUBSET_SIZE, n_fake // 2, n_real // 2))
 
 
 def score(
@@ -201,10 +209,10 @@ def score(
     if "fd" in metrics:
         out[net.metric_prefix] = D.frechet_distance(*D.gaussian_stats(gen_feats), ref.mu, ref.sigma)
     if "kid" in metrics:
+        m = kid_subset_size(len(gen_feats), ref.n)
         mean, std = D.kid(
-            ref.features, gen_feats, num_subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
-            seed=KID_SEED,
-        )  # fmt: skip
+            ref.features, gen_feats, num_subsets=KID_SUBSETS, subset_size=m, seed=KID_SEED
+        )
         out[f"KID{s}"], out[f"KID{s}_std"] = mean, std
     if "pr" in metrics:
         out[f"precision{s}"], out[f"recall{s}"] = D.precision_recall(
@@ -252,7 +260,7 @@ def evaluate_run(
     cfg_scale = e.cfg_scale if request.cfg_scale is None else request.cfg_scale
     use_ema = e.use_ema if request.use_ema is None else request.use_ema
 
-    ref_x, ref_y, train_x, latent_hash, vae = _reference_images(cfg)
+    ref_x, ref_y, train_set, latent_hash, decode = _reference_images(cfg)
     ref = reference_stats(
         ref_x,
         net,
@@ -281,8 +289,8 @@ def evaluate_run(
         progress=progress,
     )
     sample_seconds = time.perf_counter() - t_sample
-    if vae is not None:
-        images = vae[2](images)
+    if decode is not None:
+        images = decode(images)
     labels = eval_labels(n, module.info.num_classes)
     gen_feats, gen_logits = net.features(images, batch_size=request.batch_size)
     metrics = score(
@@ -292,8 +300,11 @@ def evaluate_run(
     anchors = {}
     if request.anchors and "fd" in request.metrics:
         g = torch.Generator().manual_seed(ANCHOR_SEED)
-        pick = torch.randperm(len(train_x), generator=g)[: min(n, len(train_x))]
-        real_f, _ = net.features(train_x[pick], batch_size=request.batch_size)
+        pick = torch.randperm(len(train_set), generator=g)[: min(n, len(train_set))]
+        real_x = torch.stack([train_set[i][0] for i in pick.tolist()])  # only these are read
+        real_f, _ = net.features(
+            decode(real_x) if decode else real_x, batch_size=request.batch_size
+        )
         noise = torch.rand((n, *ref_x.shape[1:]), generator=g) * 2 - 1
         noise_f, _ = net.features(noise, batch_size=request.batch_size)
         fd = net.metric_prefix
@@ -345,7 +356,7 @@ def evaluate_run(
                 "content_sha256": ref.meta["content_sha256"],
                 "cached": ref.meta.get("cached", False),
             },
-            "kid": {"subsets": KID_SUBSETS, "subset_size": min(KID_SUBSET_SIZE, n, ref.n)},
+            "kid": {"subsets": KID_SUBSETS, "subset_size": kid_subset_size(n, ref.n)},
             "precision_recall": {"k": PR_K},
             "inception_score": {"splits": IS_SPLITS},
             "batch_size": request.batch_size,

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from dit_bench.backbones import Cond, build_backbone
+from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
 from dit_bench.data import DataInfo
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
@@ -39,10 +39,7 @@ def build_net(cfg, info: DataInfo) -> nn.Module:
         num_classes=info.num_classes,
         conditioning=b.conditioning,
         learn_sigma=b.learn_sigma,
-        depth=b.depth,
-        hidden_size=b.hidden_size,
-        num_heads=b.num_heads,
-        patch_size=b.patch_size,
+        **{k: getattr(b, k) for k in OVERRIDE_KEYS},
     )
 
 

@@ -27,7 +27,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
-from dit_bench.backbones import Cond
+from dit_bench.backbones import OVERRIDE_KEYS, Cond, resolve_preset
 from dit_bench.config import ExperimentConfig, build_config
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
@@ -276,12 +276,18 @@ class _Timer(Callback):
 
 def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> dict:
     fwd = module.net.flops(batch=1)
+    b = cfg.backbone
+    overrides = {k: getattr(b, k) for k in OVERRIDE_KEYS if getattr(b, k) is not None}
+    spec = resolve_preset(b.name, **overrides)
     n_img = images_seen(cfg)
     summary = {
         "experiment": cfg.experiment,
         "config_hash": cfg.hash,
         "seed": cfg.seed,
         "backbone": cfg.backbone.name,
+        "family": spec["family"],
+        "backbone_spec": spec,
+        "tokens": getattr(module.net, "num_tokens", None),
         "conditioning": cfg.backbone.conditioning,
         "objective": cfg.objective.name,
         "data": cfg.data.name,

@@ -1,0 +1,91 @@
+"""One tidy table of runs: a row per run directory, read from summary.json and config.yaml.
+
+Columns: experiment, variant, seed, backbone, conditioning, objective, depth, width, heads,
+patch, tokens, params, macs, flops, train_flops, steps, batch_size, val_loss, fd, ... (whatever
+the summaries hold), plus `run_dir`. `curves` gives the long table of metrics.csv rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
+    """Every finished run (a folder with summary.json) at or below the given paths."""
+    found: set[Path] = set()
+    for src in sources:
+        src = Path(src)
+        if not src.exists():
+            raise FileNotFoundError(f"{src} does not exist")
+        if (src / "summary.json").is_file():
+            found.add(src)
+        found.update(p.parent for p in src.rglob("summary.json"))
+    return sorted(found)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_row(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    labels = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else {}
+    row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    spec = summary.get("backbone_spec", {})
+    row.update(
+        {
+            "variant": labels.get("variant", cfg["experiment"]),
+            **{k: v for k, v in labels.items() if k != "variant"},
+            "depth": spec.get("depth"),
+            "width": spec.get("hidden_size"),
+            "heads": spec.get("num_heads"),
+            "patch": spec.get("patch_size"),
+            "run_dir": str(run),
+        }
+    )
+    row.update({f"cfg.{k}": v for k, v in _flatten(cfg).items()})
+    return row
+
+
+def collect(sources: Iterable[str | Path]) -> pd.DataFrame:
+    """The results table of every finished run under `sources` (one row per run)."""
+    runs = run_dirs(sources)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (summary.json) under {list(map(str, sources))}")
+    return pd.DataFrame([run_row(r) for r in runs])
+
+
+def curves(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table of every run's metrics.csv: run_dir, step, metric, value (+ images/FLOPs)."""
+    frames = []
+    for row in table.itertuples():
+        m = pd.read_csv(Path(row.run_dir) / "metrics.csv")
+        long = m.melt(id_vars="step", var_name="metric", value_name="value").dropna()
+        long["run_dir"] = row.run_dir
+        long["images"] = long["step"] * row.batch_size
+        long["train_flops"] = 3 * row.flops * long["images"]
+        frames.append(long)
+    out = pd.concat(frames, ignore_index=True)
+    keys = [c for c in ("run_dir", "experiment", "variant", "seed") if c in table]
+    return out.merge(table[keys], on="run_dir")
+
+
+def save_table(df: pd.DataFrame, path_stem: str | Path) -> None:
+    """`<stem>.csv` and `<stem>.parquet`, beside each report."""
+    path_stem = Path(path_stem)
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path_stem.with_suffix(".csv"), index=False)
+    df.to_parquet(path_stem.with_suffix(".parquet"), index=False)
