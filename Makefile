@@ -10,7 +10,7 @@ RUNS ?= runs
 PY := $(VENV)/bin/python
 PIN := "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench gpu-check clean postgres postgres-start postgres-stop
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,46 @@ test: lint
 test-slow: install
 	$(VENV)/bin/pytest -m slow -q
 
+# CPU, float32, DiT-S/2 on 16x16x4, batch 32: ours eager and compiled against diffusers' DiT.
+BENCH_ARGS ?= --backbones dit-s/2 --image-size 16 --channels 4 --batch 32 --against diffusers --compile --no-sample
 bench: install
-	$(VENV)/bin/python benchmarks/train_step.py
+	$(VENV)/bin/dit-bench bench $(BENCH_ARGS)
+
+# On a GPU machine (no venv, no internet: its own python3 with torch): one script, a few
+# minutes, writes reports/gpu/<date>-<device>.md (+ .json; also under $$OUT when set).
+GPU_PYTHON ?= python3
+GPU_BUDGET ?= 420
+gpu-check:
+	$(GPU_PYTHON) -m dit_bench.gpu_check --budget $(GPU_BUDGET)
+
+# PostgreSQL for the distributed-sweep test (tests/test_postgres.py starts its own throwaway
+# server on 127.0.0.1 from these binaries). `postgres` installs the server (Debian: apt) when no
+# initdb/pg_ctl is found, and the psycopg driver (SQLAlchemy's default) into the venv; `postgres-start` runs a cluster
+# in $(PGDIR) for manual use (URL in $(PGDIR)/url; initdb refuses root, so root runs it as the
+# `postgres` user), `postgres-stop` stops it.
+PGDIR ?= /tmp/dit-bench-pg
+PGPORT ?= 54329
+PGBIN = $(shell dirname "$$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
+PGAS = $(if $(filter 0,$(shell id -u)),runuser -u postgres --,)
+
+postgres: install
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing PostgreSQL (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
+	$(PY) -m pip install --quiet "psycopg[binary]>=3.1"
+
+postgres-start: postgres
+	rm -rf $(PGDIR) && mkdir -p $(PGDIR)
+	$(if $(PGAS),chown postgres $(PGDIR),)
+	$(PGAS) $(PGBIN)/initdb -D $(PGDIR)/data -U postgres --auth=trust >/dev/null
+	$(PGAS) $(PGBIN)/pg_ctl -D $(PGDIR)/data -l $(PGDIR)/log -w start \
+		-o "-c listen_addresses=127.0.0.1 -p $(PGPORT) -k $(PGDIR)"
+	echo "postgresql://postgres@127.0.0.1:$(PGPORT)/postgres" > $(PGDIR)/url
+	@echo "PostgreSQL up: $$(cat $(PGDIR)/url)"
+
+postgres-stop:
+	$(PGAS) $(PGBIN)/pg_ctl -D $(PGDIR)/data -m fast stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -196,6 +196,105 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from dit_bench.ablate import describe, load_ablation, parse_seeds, run_ablation
+
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    ab = load_ablation(args.file, args.profile, seeds=seeds, overrides=args.set or [])
+    if args.dry_run:
+        print(describe(ab, args.out))
+        return 0
+    import shlex
+
+    # the command in canonical form, recorded for the report
+    words = ["dit-bench", "ablate", args.file, "--profile", args.profile]
+    words += ["--seeds", args.seeds] if args.seeds else []
+    words += ["--jobs", str(args.jobs)] if args.jobs != 1 else []
+    words += ["--out", args.out] if args.out != "runs" else []
+    for item in args.set or []:
+        words += ["--set", item]
+    command = shlex.join(words)
+    root = run_ablation(
+        ab, args.out, jobs=args.jobs, progress=not args.no_progress, command=command
+    )
+    print(f"results: {root / 'results.csv'} (and .parquet), {len(ab.runs)} runs under {root}")
+    print(f"report:  dit-bench report ablation {root} -o reports/{ab.experiment}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from dit_bench.sweep import default_storage, load_sweep, redact, run_sweep, summarize
+
+    sweep = load_sweep(args.file, args.profile, args.set or [])
+    if args.dry_run:
+        sweep.validate()
+        print(sweep.describe())
+        print(f"storage: {redact(args.storage or default_storage(sweep, args.out))}")
+        return 0
+    study = run_sweep(
+        sweep,
+        args.out,
+        storage=args.storage,
+        workers=args.workers,
+        n_trials=args.n_trials,
+        progress=not args.no_progress,
+    )
+    print(summarize(study))
+    root = Path(args.out) / sweep.experiment
+    print(f"runs:    {root}")
+    print(f"report:  dit-bench report scaling {root} -o reports/{sweep.experiment}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    if args.kind == "ablation":
+        from dit_bench.report.ablation import main as report_main
+    else:
+        from dit_bench.report.scaling import main as report_main
+    return report_main(args.source, args.output) or 0
+
+
+def cmd_bench(args) -> int:
+    from dit_bench.bench import BenchConfig, format_table, parse_backbones, run_bench, to_csv
+
+    cfg = BenchConfig(
+        backbones=parse_backbones(args.backbones),
+        image_size=args.image_size,
+        channels=args.channels,
+        batch=args.batch,
+        num_classes=args.num_classes,
+        precision=args.precision,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        eager=not args.compiled_only,
+        against=args.against,
+        fused=args.fused,
+        tf32=args.tf32,
+        channels_last=args.channels_last,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        sample=args.sample,
+        sample_batch=args.sample_batch,
+        device=args.device,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    result = run_bench(cfg, progress=None if args.quiet else progress)
+    if args.csv:
+        Path(args.csv).write_text(to_csv(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -324,6 +423,111 @@ def build_parser() -> argparse.ArgumentParser:
         help="2x output channels, as DiT (default: on)",
     )
     sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser(
+        "ablate",
+        help="run an ablation file: variants x seeds, resumable; one results table",
+        description="Expand ABLATION.yaml (variants x seeds) into runs and train them; finished "
+        "runs are skipped and interrupted ones resume, so stop it anywhere and run it again.",
+    )
+    sp.add_argument("file", help="ablation file, e.g. ablations/conditioning.yaml")
+    sp.add_argument("--profile", default="cpu", help="profile of the file (default: cpu)")
+    sp.add_argument("--seeds", help="seeds to run, e.g. 0,1,2 or 0-4 (default: the file's)")
+    sp.add_argument("--jobs", type=int, default=1, help="runs trained at once (processes)")
+    sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
+    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key of every run, e.g. --set train.steps=50 (repeatable)",
+    )
+    sp.set_defaults(func=cmd_ablate)
+
+    sp = sub.add_parser(
+        "sweep",
+        help="run a scaling sweep file through Optuna (resumable, many workers)",
+        description="Run SWEEP.yaml's trials (grid points or sampled) as training runs in one "
+        "Optuna study: an SQLite file next to the runs by default, a PostgreSQL URL for workers "
+        "on many machines. Stop it anywhere and run it again: finished trials stay, killed ones "
+        "re-run and resume.",
+    )
+    sp.add_argument("file", help="sweep file, e.g. sweeps/shapes-scaling.yaml")
+    sp.add_argument("--profile", default="cpu", help="profile of the file (default: cpu)")
+    sp.add_argument(
+        "--storage",
+        help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
+        "(default: sqlite:///OUT/<name>-<profile>/study.db)",
+    )
+    sp.add_argument("--workers", type=int, help="local worker processes (default: the file's)")
+    sp.add_argument("--n-trials", type=int, help="trials in the study (grid: the first N points)")
+    sp.add_argument("--dry-run", action="store_true", help="list the space and trials; no training")
+    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--no-progress", action="store_true", help="no per-trial progress bar")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one key of the base config of every trial (repeatable)",
+    )
+    sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("report", help="report.md, figures and tables from finished runs")
+    sp.add_argument("kind", choices=["ablation", "scaling"], help="which report")
+    sp.add_argument("source", help="runs folder, e.g. runs/conditioning-cpu")
+    sp.add_argument("-o", "--output", required=True, help="report folder, e.g. reports/NAME")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser(
+        "bench",
+        help="time the training step and sampling: img/s, TFLOP/s, MFU, peak memory",
+        description="Training step (forward, DDPM loss, backward, AdamW) and sampling of "
+        "backbone presets: warm-up, synchronised timing, medians over repeats; MFU against a "
+        "matrix product measured in the same run and the datasheet peak of known GPUs.",
+    )
+    sp.add_argument(
+        "--backbones", default="dit-s/2", help="comma-separated presets (default: dit-s/2)"
+    )
+    sp.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
+    sp.add_argument("--channels", type=int, default=4, help="input channels (default 4)")
+    sp.add_argument("--batch", type=int, default=64, help="training batch (default 64)")
+    sp.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument("--compile", action="store_true", help="also time the compiled backbone")
+    sp.add_argument("--compiled-only", action="store_true", help="with --compile: skip eager")
+    sp.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    sp.add_argument(
+        "--against", choices=["diffusers"], help="also time diffusers' DiT (same function)"
+    )
+    sp.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused AdamW (default: on CUDA only)",
+    )
+    sp.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 matmuls on GPU (default: on)",
+    )
+    sp.add_argument("--channels-last", action="store_true", help="channels-last (U-Net)")
+    sp.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
+    sp.add_argument("--repeats", type=int, default=10, help="timed steps (default 10)")
+    sp.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time 250-step DDPM and 50-step guided Euler sampling (default: on)",
+    )
+    sp.add_argument("--sample-batch", type=int, default=16, help="sampling batch (default 16)")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    sp.add_argument("--csv", metavar="PATH", help="also write one CSV row per implementation")
+    sp.add_argument("--quiet", action="store_true", help="no progress messages")
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

@@ -156,6 +156,11 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm; null disables")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
+    fused: bool | None = Field(
+        None,
+        description="fused AdamW (one kernel updates every parameter); null: on when training "
+        "on CUDA. Same update as the unfused loop up to float rounding",
+    )
 
 
 class TrainConfig(_Strict):
@@ -175,6 +180,21 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(250, gt=0, description="last.ckpt refresh (resume point)")
     keep_every: int = Field(0, ge=0, description="also keep step-N checkpoints; 0: never")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; None: torch default")
+    # Fast paths: each computes what the plain path computes, up to float rounding (tested in
+    # tests/test_fast_paths.py); they say how a run executes, so they are left out of the hash.
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone (not the LightningModule; the EMA copy stays "
+        "eager); identical blocks are compiled once each (regional compilation)",
+    )
+    channels_last: bool = Field(
+        False, description="channels-last memory format for the backbone and its inputs (U-Net)"
+    )
+    tf32: bool = Field(
+        True,
+        description="on GPU, float32 matmuls and convolutions in TF32 (Ampere+ tensor cores); "
+        "no effect on the CPU or on bf16 matmuls",
+    )
 
 
 class EvalConfig(_Strict):
@@ -285,8 +305,8 @@ class ExperimentConfig(_Strict):
     def hash(self) -> str:
         """Short content hash of the resolved config: names the run directory.
 
-        Keys that only say how a run executes (devices, strategy, threads, loader workers) are
-        left out: they do not change its numbers, so a run resumes across them.
+        Keys that only say how a run executes (devices, strategy, threads, loader workers,
+        the fast paths) are left out: they do not change its numbers, so a run resumes across them.
         """
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
@@ -300,6 +320,10 @@ EXECUTION_KEYS = (
     ("train", "num_nodes"),
     ("train", "strategy"),
     ("train", "threads"),
+    ("train", "compile"),
+    ("train", "channels_last"),
+    ("train", "tf32"),
+    ("optim", "fused"),
     ("data", "num_workers"),
 )
 

@@ -168,6 +168,7 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
     assert again["metrics"]["FD-digits-net"] == pytest.approx(m["FD-digits-net"], rel=1e-4)
 
 
+@pytest.mark.slow  # two short trainings and a VAE (about 15 s)
 def test_eval_of_folder_and_latents_runs(tmp_path, cache):
     """Image folders and VAE latents: reference statistics keyed by content, images decoded."""
     from diffusers import AutoencoderKL

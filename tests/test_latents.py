@@ -48,19 +48,34 @@ def image_folder(tmp_path_factory):
 
 
 def folder_cfg(root):
-    return SimpleNamespace(name="folder", root=str(root), image_size=32, val_fraction=0.2,
-                           split_seed=0, num_samples=0, max_samples=None)
+    return SimpleNamespace(
+        name="folder",
+        root=str(root),
+        image_size=32,
+        val_fraction=0.2,
+        split_seed=0,
+        num_samples=0,
+        max_samples=None,
+    )
 
 
 def latent_cfg(root, **kw):
-    return SimpleNamespace(**{**vars(folder_cfg(root)), "name": "latents", "image_size": None,
-                              **kw})
+    return SimpleNamespace(
+        **{**vars(folder_cfg(root)), "name": "latents", "image_size": None, **kw}
+    )
 
 
 def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     out = tmp_path / "lat"
-    m = encode_latents(vae_dir, folder_cfg(image_folder), out, flip=True, shard_size=8,
-                       batch_size=4, progress=False)
+    m = encode_latents(
+        vae_dir,
+        folder_cfg(image_folder),
+        out,
+        flip=True,
+        shard_size=8,
+        batch_size=4,
+        progress=False,
+    )
     assert m["num_images"] == 20 and m["num_items"] == 40 and len(m["shards"]) == 5
     assert m["latent_shape"] == [4, 4, 4]
     info = data_info(latent_cfg(out))
@@ -114,8 +129,11 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
         "cfg = types.SimpleNamespace(name='folder', root=sys.argv[2], image_size=32)\n"
         "latents.encode_latents(sys.argv[1], cfg, sys.argv[3], shard_size=4)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(vae_dir), str(image_folder),
-                             str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(vae_dir), str(image_folder), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:  # kill it as soon as it reports its second shard
         if "shard-00001" in line:
             proc.kill()
@@ -140,12 +158,23 @@ def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
 
     out = tmp_path / "lat"
     encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
-    cfg = build_config(None, [
-        "data.name=latents", f"data.root={out}", f"data.vae={vae_dir}", "data.val_fraction=0.2",
-        "backbone.name=dit-xs/2", "train.steps=3", "train.batch_size=4", "train.log_every=1",
-        "train.val_every=3", "eval.val_images=4", "eval.samples_per_class=2",
-        "eval.sample_steps=3",
-    ])
+    cfg = build_config(
+        None,
+        [
+            "data.name=latents",
+            f"data.root={out}",
+            f"data.vae={vae_dir}",
+            "data.val_fraction=0.2",
+            "backbone.name=dit-xs/2",
+            "train.steps=3",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.val_every=3",
+            "eval.val_images=4",
+            "eval.samples_per_class=2",
+            "eval.sample_steps=3",
+        ],
+    )
     run = train(cfg, tmp_path / "runs", progress=False)
     grid = Image.open(run / "samples" / "step-0000003.png")
     assert grid.mode == "RGB" and grid.size[0] > 2 * 32  # decoded 32x32 images, 2 per row

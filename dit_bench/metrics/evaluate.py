@@ -240,6 +240,7 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict:
     """Evaluate a run directory; writes and returns the eval record (see module docstring)."""
+    from dit_bench.data import data_info
     from dit_bench.train.run import git_commit, load_module, load_run_config
 
     t0 = time.perf_counter()
@@ -271,7 +272,7 @@ def evaluate_run(
     n = request.num_samples or ref.n
     # The net classifies this data set's classes: then label adherence is meaningful.
     same_classes = net.class_names is not None and tuple(net.class_names) == tuple(
-        load_module_info(cfg).class_names
+        data_info(cfg.data).class_names
     )
 
     module = load_module(run_dir, request.checkpoint).to(device)
@@ -377,12 +378,6 @@ def evaluate_run(
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out)
     return record
-
-
-def load_module_info(cfg):
-    from dit_bench.data import data_info
-
-    return data_info(cfg.data)
 
 
 __all__ = [

@@ -178,7 +178,10 @@ def train_small_net(name: str, *, seed: int = 0, log=None) -> tuple[dict, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        net = _fit(spec, x, y, seed, log)
+        # fork_rng: training it from inside a training run (the in-training FD callback) must
+        # not move that run's global random state
+        with torch.random.fork_rng(devices=[]):
+            net = _fit(spec, x, y, seed, log)
         with torch.no_grad():
             acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -218,3 +219,54 @@ class FrechetDistanceMetric(L.Callback):
         )
         trainer.logger.log_metrics({f"val/{self._net.metric_prefix}": fd}, step=trainer.global_step)
         return fd
+
+
+class ValAtSteps(L.Callback):
+    """Val loss (StepMetrics' protocol) also at the given optimiser steps, e.g. the steps where a
+    constant-lr run crosses a sweep's compute budgets; `on_val(step, metrics)` sees each value
+    (a sweep reports it to its pruner, which may raise to stop the run).
+
+    A step StepMetrics validates anyway (every `val_every`, the last) is read back from it
+    rather than computed twice. Also keeps `step_seconds` (the training steps alone: this
+    callback comes before the run's own, so its batch hooks bracket just the step) and
+    `val_seconds` (the validations it asked for), which a sweep uses to measure its overhead.
+    """
+
+    def __init__(self, steps, on_val=None):
+        self.steps = {int(s) for s in steps}
+        self.on_val = on_val
+        self.step_seconds = self.val_seconds = 0.0
+        self._pending: int | None = None
+        self._t = self._metrics = None
+
+    def _step_metrics(self, trainer) -> StepMetrics:
+        if self._metrics is None:
+            self._metrics = next(c for c in trainer.callbacks if isinstance(c, StepMetrics))
+        return self._metrics
+
+    def _flush(self, pl_module) -> None:
+        step, self._pending = self._pending, None
+        if step is not None and pl_module.last_val.get("step") == step and self.on_val:
+            self.on_val(step, {k: v for k, v in pl_module.last_val.items() if k != "step"})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush(pl_module)
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_seconds += time.perf_counter() - self._t
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        sm = self._step_metrics(trainer)
+        if step % sm.val_every == 0 or step == trainer.max_steps:
+            self._pending = step  # StepMetrics validates right after this hook
+            return
+        t = time.perf_counter()
+        metrics = sm.validate(trainer, pl_module)
+        self.val_seconds += time.perf_counter() - t
+        if self.on_val:
+            self.on_val(step, metrics)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush(pl_module)

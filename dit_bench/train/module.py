@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
+from dit_bench.bench import compile_backbone, fused_adamw_default
 from dit_bench.data import DataInfo
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
@@ -66,8 +67,14 @@ class DiffusionModule(L.LightningModule):
         self.cfg = cfg
         self.info = info
         self.net = build_net(cfg, info)
+        if cfg.train.channels_last:  # before the EMA copy: both keep one layout
+            self.net = self.net.to(memory_format=torch.channels_last)
         # EMA of the weights (DiT samples from the EMA model); a submodule, so it is checkpointed.
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        if cfg.train.compile:
+            # The backbone only, after the EMA copy (which stays eager: it samples and validates
+            # rarely); in place, so parameter names and checkpoints are those of the eager net.
+            compile_backbone(self.net)
         self.objective = build_objective_from(cfg)
         self.train_seconds = 0.0  # accumulated over resumes, for img/s in the summary
         self._loss_sum = torch.zeros((), dtype=torch.float64)
@@ -77,8 +84,13 @@ class DiffusionModule(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.cfg.optim
+        device = next(self.net.parameters()).device  # Lightning has moved the module by now
         opt = torch.optim.AdamW(
-            self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+            self.net.parameters(),
+            lr=o.lr,
+            betas=o.betas,
+            weight_decay=o.weight_decay,
+            fused=fused_adamw_default(device) if o.fused is None else o.fused,
         )
         if not o.warmup_steps:
             return opt
@@ -92,6 +104,8 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # this rank's rows of the global batch: (B, C, H, W), (B,)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         g = step_generator(self.cfg.seed, self.global_step, x.device)
         # Draws are made for the whole global batch and sliced (DataModule slices the data the
         # same way): the numbers do not depend on the number of processes.

@@ -7,6 +7,7 @@ never collide; a rerun of the same config finds the directory by its hash and re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, resolve_preset
+from dit_bench.bench import allow_tf32
 from dit_bench.config import ExperimentConfig, build_config
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
@@ -383,8 +385,11 @@ def train(
         enable_model_summary=False,
         default_root_dir=run,
     )
+    # TF32 for float32 matmuls on GPU: set around the fit, never at import time.
+    tf32 = allow_tf32(True) if on_gpu and t.tf32 else contextlib.nullcontext()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+        with tf32:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1); callers (ablations, tests) need to know.
         if trainer.interrupted:

@@ -1,0 +1,519 @@
+"""Ablation files -> runs -> one results table.
+
+An ablation file (`ablations/*.yaml`) is data, not code:
+
+```yaml
+name: conditioning                  # runs go to <out>/<name>-<profile>/
+description: DiT Figure 5 ...
+base: {...}                         # an experiment config, the schema of `dit-bench train` files
+base_variant: adaln_zero            # what every other variant is compared with (default: first)
+variants:                           # name -> dotted keys overriding the base (one level)
+  adaln_zero: {}
+  adaln: {backbone.conditioning: adaln}
+seeds: [0, 1, 2]
+metrics: [val_loss]                 # final metrics the report compares (summary.json keys or
+                                    # metrics.csv columns, `/` written `_`); lower is better
+reference:                          # optional: a published ranking the report checks against
+  source: DiT Fig. 5 (FID-50K, XL/2, 400K steps)
+  ranking: [adaln_zero, adaln, cross_attn, in_context]     # best first
+profiles:                           # how big: cpu (minutes here) and gpu (paper scale)
+  cpu:
+    description: ...
+    set: {train.steps: 600}         # dotted keys applied to the base
+    variants: {mmdit: {backbone.depth: 4}}   # per-variant keys of this profile only
+    seeds: [0, 1, 2]                # optional, replaces the file's seeds
+```
+
+A run's config is, in order: base, profile `set`, the variant's keys (the profile's own keys for
+that variant last), `--set` items from the command line, `seed`; `experiment` is
+`<name>-<profile>`. There is no inheritance beyond that one level.
+
+Running reuses `train()`: runs are named by config hash, so a finished run is skipped and an
+interrupted one resumes exactly; the ablation adds only `labels.json` (variant, seed, ablation)
+in each run directory, `ablation.json` (the plan) and `results.{csv,parquet}` (one row per run)
+in `<out>/<name>-<profile>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
+
+FILE_KEYS = {
+    "name",
+    "description",
+    "base",
+    "base_variant",
+    "variants",
+    "seeds",
+    "metrics",
+    "reference",
+}
+FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
+PROFILE_KEYS = {"description", "set", "variants", "seeds"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    index: int  # 1-based position in the plan
+    variant: str
+    seed: int
+    cfg: ExperimentConfig
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        return {"variant": self.variant, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    profile: str
+    description: str
+    profile_description: str
+    base_variant: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    metrics: tuple[str, ...]
+    runs: tuple[PlannedRun, ...]
+    source: str = ""
+    overrides: tuple[str, ...] = field(default=())
+    reference: dict[str, Any] | None = None
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.name}-{self.profile}"
+
+    def plan_record(self) -> dict[str, Any]:
+        """What `ablation.json` holds: the report reads variant order, base and metrics here."""
+        return {
+            "name": self.name,
+            "profile": self.profile,
+            "experiment": self.experiment,
+            "description": self.description,
+            "profile_description": self.profile_description,
+            "base_variant": self.base_variant,
+            "variants": list(self.variants),
+            "seeds": list(self.seeds),
+            "metrics": list(self.metrics),
+            "source": self.source,
+            "overrides": list(self.overrides),
+            "reference": self.reference,
+            "runs": [
+                {"variant": r.variant, "seed": r.seed, "config_hash": r.cfg.hash} for r in self.runs
+            ],
+        }
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _err(source: str, msg: str) -> ConfigError:
+    return ConfigError(f"{source}: {msg}")
+
+
+def _dotted(raw: Any, where: str, source: str) -> dict[str, Any]:
+    """A variant / profile `set` block: a mapping of dotted keys (one level) to values."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _err(source, f"{where} must be a mapping of dotted keys to values, got {raw!r}")
+    for key in raw:
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            raise _err(source, f"{where}: bad key {key!r} (expected e.g. backbone.conditioning)")
+    return dict(raw)
+
+
+def _seeds(raw: Any, where: str, source: str) -> tuple[int, ...]:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = [raw]
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in raw)
+    ):
+        raise _err(source, f"{where} must be a non-empty list of integers, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        raise _err(source, f"{where} has repeated seeds: {raw}")
+    return tuple(raw)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2` (or `0-4`) -> (0, 1, 2)."""
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            lo, hi = text.split("-", 1)
+            return tuple(range(int(lo), int(hi) + 1))
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected e.g. 0,1,2 or 0-4") from None
+
+
+def _override_items(keys: dict[str, Any]) -> list[str]:
+    # values go through JSON, which YAML parses back exactly (parse_override uses safe_load)
+    return [f"{k}={json.dumps(v)}" for k, v in keys.items()]
+
+
+def load_ablation(
+    path: str | Path,
+    profile: str = "cpu",
+    *,
+    seeds: Sequence[int] | None = None,
+    overrides: Sequence[str] = (),
+) -> Ablation:
+    """Read, expand and validate an ablation file: every run's config is built (and so checked)
+    here, before anything trains. Errors name the file, the variant and the key."""
+    source = str(path)
+    raw = read_yaml(path)
+    unknown = set(raw) - FILE_KEYS - FILE_KEYS_REQUIRED
+    if unknown:
+        allowed = ", ".join(sorted(FILE_KEYS | FILE_KEYS_REQUIRED))
+        raise _err(source, f"unknown keys {sorted(unknown)}; allowed: {allowed}")
+    missing = FILE_KEYS_REQUIRED - set(raw)
+    if missing:
+        raise _err(source, f"missing keys {sorted(missing)}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise _err(source, f"name must be letters, digits, - or _, got {name!r}")
+    base = raw["base"] or {}
+    if not isinstance(base, dict):
+        raise _err(source, "base must be a mapping (an experiment config)")
+    if "experiment" in base or "seed" in base:
+        raise _err(source, "base: leave out `experiment` and `seed` (the ablation sets them)")
+    variants_raw = raw["variants"]
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        raise _err(source, "variants must be a non-empty mapping name -> dotted overrides")
+    variants = {str(v): _dotted(keys, f"variants.{v}", source) for v, keys in variants_raw.items()}
+    base_variant = raw.get("base_variant", next(iter(variants)))
+    if base_variant not in variants:
+        raise _err(source, f"base_variant {base_variant!r} is not a variant: {list(variants)}")
+    metrics = raw.get("metrics", ["val_loss"])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise _err(source, f"metrics must be a list of summary keys, got {metrics!r}")
+
+    profiles = raw["profiles"]
+    if not isinstance(profiles, dict) or profile not in profiles:
+        known = list(profiles) if isinstance(profiles, dict) else []
+        raise _err(source, f"no profile {profile!r}; profiles: {known}")
+    prof = profiles[profile] or {}
+    bad = set(prof) - PROFILE_KEYS
+    if bad:
+        raise _err(
+            source,
+            f"profiles.{profile}: unknown keys {sorted(bad)}; allowed {sorted(PROFILE_KEYS)}",
+        )
+    prof_set = _dotted(prof.get("set"), f"profiles.{profile}.set", source)
+    prof_variants = prof.get("variants") or {}
+    if not isinstance(prof_variants, dict) or set(prof_variants) - set(variants):
+        raise _err(
+            source,
+            f"profiles.{profile}.variants must map existing variants ({list(variants)}) "
+            f"to dotted overrides",
+        )
+    if seeds is None:
+        seeds = prof.get("seeds", raw.get("seeds", [0]))
+    seeds = _seeds(list(seeds) if not isinstance(seeds, int) else seeds, "seeds", source)
+
+    experiment = f"{name}-{profile}"
+    runs: list[PlannedRun] = []
+    first_seed_hash: dict[str, str] = {}
+    for variant, keys in variants.items():
+        keys = {
+            **keys,
+            **_dotted(prof_variants.get(variant), f"profiles.{profile}.variants.{variant}", source),
+        }
+        items = [
+            *_override_items(prof_set),
+            *_override_items(keys),
+            *overrides,
+            f"experiment={experiment}",
+        ]
+        for seed in seeds:
+            try:
+                cfg = build_config(base, [*items, f"seed={seed}"])
+            except ConfigError as e:
+                raise _err(source, f"variant {variant!r} (profile {profile}): {e}") from None
+            runs.append(PlannedRun(len(runs) + 1, variant, seed, cfg))
+        h = runs[-1].cfg.model_copy(update={"seed": 0}).hash
+        for other, oh in first_seed_hash.items():
+            if oh == h:
+                raise _err(
+                    source,
+                    f"variants {other!r} and {variant!r} resolve to the same config "
+                    f"(profile {profile}); they would share their runs",
+                )
+        first_seed_hash[variant] = h
+    reference = raw.get("reference")
+    if reference is not None:
+        ranking = reference.get("ranking") if isinstance(reference, dict) else None
+        if not isinstance(ranking, list) or set(ranking) - set(variants):
+            raise _err(
+                source, f"reference.ranking must list variants (best first), got {ranking!r}"
+            )
+    return Ablation(
+        reference=reference,
+        name=name,
+        profile=profile,
+        description=str(raw.get("description", "")).strip(),
+        profile_description=str(prof.get("description", "")).strip(),
+        base_variant=base_variant,
+        variants=tuple(variants),
+        seeds=seeds,
+        metrics=tuple(metrics),
+        runs=tuple(runs),
+        source=source,
+        overrides=tuple(overrides),
+    )
+
+
+def profiles_of(path: str | Path) -> list[str]:
+    raw = read_yaml(path)
+    return list(raw.get("profiles") or {})
+
+
+# -- inspecting a plan --------------------------------------------------------------------------
+def run_status(out: str | Path, cfg: ExperimentConfig) -> tuple[str, Path | None]:
+    """'done' (summary.json), 'partial' (a run directory without it) or 'new'."""
+    from dit_bench.train.run import find_run_dir
+
+    run = find_run_dir(Path(out), cfg)
+    if run is None:
+        return "new", None
+    return ("done" if (run / "summary.json").exists() else "partial"), run
+
+
+def cost(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Params, forward MACs, tokens and training FLOPs of one run, without building weights."""
+    import torch
+
+    from dit_bench.backbones import OVERRIDE_KEYS, build_backbone
+    from dit_bench.data import data_info
+
+    info = data_info(cfg.data)
+    b = cfg.backbone
+    with torch.device("meta"):  # shapes and counts only
+        net = build_backbone(
+            b.name,
+            image_size=info.image_size,
+            in_channels=info.channels,
+            num_classes=info.num_classes,
+            conditioning=b.conditioning,
+            learn_sigma=b.learn_sigma,
+            **{k: getattr(b, k) for k in OVERRIDE_KEYS if getattr(b, k) is not None},
+        )
+    f = net.flops(batch=1)
+    images = cfg.train.steps * cfg.train.batch_size
+    return {
+        "params": net.num_params(),
+        "macs": f["macs"],
+        "tokens": net.num_tokens,
+        "images": images,
+        "train_flops": 3 * f["flops"] * images,
+    }
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def describe(ab: Ablation, out: str | Path) -> str:
+    """The dry-run listing: one line per run with its size, compute and status."""
+    lines = [
+        f"ablation {ab.name!r}, profile {ab.profile}: {len(ab.variants)} variants x "
+        f"{len(ab.seeds)} seeds = {len(ab.runs)} runs -> {Path(out) / ab.experiment}",
+    ]
+    if ab.profile_description:
+        lines.append(f"  {ab.profile_description.splitlines()[0]}")
+    w = max(16, *(len(v) for v in ab.variants))
+    lines.append(
+        f"{'#':>3}  {'variant':<{w}} {'seed':>4}  {'backbone':<12} {'conditioning':<12} "
+        f"{'objective':<17} {'params':>13} {'MACs':>8} {'steps':>6} {'batch':>5} "
+        f"{'train FLOPs':>11}  {'hash':<10} status"
+    )
+    total = 0
+    costs: dict[str, dict] = {}
+    for r in ab.runs:
+        c = costs.setdefault(r.variant, cost(r.cfg))
+        total += c["train_flops"]
+        status, _ = run_status(out, r.cfg)
+        o = r.cfg.objective
+        obj = f"{o.name}-{getattr(o, 'prediction', '')}"
+        if o.name == "flow":
+            obj = f"flow-{o.density}"
+        lines.append(
+            f"{r.index:>3}  {r.variant:<{w}} {r.seed:>4}  {r.cfg.backbone.name:<12} "
+            f"{r.cfg.backbone.conditioning:<12} {obj:<17} {c['params']:>13,} "
+            f"{_si(c['macs']):>8} {r.cfg.train.steps:>6} {r.cfg.train.batch_size:>5} "
+            f"{_si(c['train_flops']):>11}  {r.cfg.hash:<10} {status}"
+        )
+    todo = sum(
+        costs[r.variant]["train_flops"] for r in ab.runs if run_status(out, r.cfg)[0] != "done"
+    )
+    lines.append(
+        f"estimated training compute: {_si(total)}FLOPs in all (3 x forward FLOPs x images), "
+        f"{_si(todo)}FLOPs still to run; MACs: forward, one multiply-add = 1"
+    )
+    return "\n".join(lines)
+
+
+# -- running ------------------------------------------------------------------------------------
+def write_labels(run_dir: Path, ab: Ablation, r: PlannedRun) -> None:
+    labels = {**r.labels, "ablation": ab.name, "profile": ab.profile}
+    tmp = run_dir / "labels.json.tmp"
+    tmp.write_text(json.dumps(labels, indent=2) + "\n")
+    tmp.replace(run_dir / "labels.json")
+
+
+def _train_one(cfg: ExperimentConfig, out: str, progress: bool, callbacks=()) -> str:
+    from dit_bench.train.run import train
+
+    return str(train(cfg, out, progress=progress, callbacks=list(callbacks)))
+
+
+def _worker(cfg_dict: dict, out: str) -> str:
+    # in a fresh (spawned) process: rebuild the config from plain data, train without a bar
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    return _train_one(build_config(cfg_dict), out, progress=False)
+
+
+def _log(msg: str) -> None:
+    print(f"[ablate] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(summary_path: Path) -> str:
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return ""
+    secs = s.get("train_seconds") or 0
+    return f"val_loss {s.get('val_loss', float('nan')):.5f}, {secs:.0f}s"
+
+
+def run_ablation(
+    ab: Ablation,
+    out: str | Path = "runs",
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    command: str | None = None,
+) -> Path:
+    """Train every run of the plan that is not finished; returns `<out>/<experiment>/`.
+
+    Finished runs are skipped, interrupted ones resume (train() does both, by config hash).
+    `jobs` > 1 trains that many runs at once in separate processes (no per-run bars then).
+    `callbacks` go to each run's Trainer (in-process only, jobs=1). `command` (the command line
+    that ran it) is recorded in ablation.json for the report.
+    """
+    out = Path(out)
+    root = out / ab.experiment
+    root.mkdir(parents=True, exist_ok=True)
+    record = {**ab.plan_record(), **({"command": command} if command else {})}
+    (root / "ablation.json").write_text(json.dumps(record, indent=2) + "\n")
+    n = len(ab.runs)
+    todo = []
+    for r in ab.runs:
+        status, run_dir = run_status(out, r.cfg)
+        if status == "done":
+            write_labels(run_dir, ab, r)
+            _log(f"run {r.index}/{n} {r.variant} seed {r.seed}: already finished ({run_dir.name})")
+        else:
+            todo.append(r)
+    t0 = time.time()
+    done = n - len(todo)
+
+    def finished(r: PlannedRun, run_dir: Path) -> None:
+        nonlocal done
+        done += 1
+        write_labels(run_dir, ab, r)
+        elapsed = time.time() - t0
+        _log(
+            f"run {r.index}/{n} {r.variant} seed {r.seed} done ({_short(run_dir / 'summary.json')})"
+            f"; {done}/{n} finished, {elapsed / 60:.1f} min this session"
+        )
+
+    if jobs <= 1 or len(todo) <= 1:
+        for r in todo:
+            status, _ = run_status(out, r.cfg)
+            verb = "resuming" if status == "partial" else "starting"
+            _log(f"run {r.index}/{n} ({done}/{n} finished): {verb} {r.variant} seed {r.seed}")
+            run_dir = Path(_train_one(r.cfg, str(out), progress, callbacks))
+            finished(r, run_dir)
+    else:
+        _run_parallel(ab, todo, out, jobs, finished)
+    write_results(ab, out)
+    return root
+
+
+def _run_parallel(ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    n = len(ab.runs)
+    # spawn: a clean interpreter per worker (forking a process that holds torch threads is not)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {}
+        queue = list(todo)
+        try:
+            while queue or pending:
+                while queue and len(pending) < jobs:
+                    r = queue.pop(0)
+                    _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed} (in a worker)")
+                    pending[pool.submit(_worker, r.cfg.to_dict(), str(out))] = r
+                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    r = pending.pop(fut)
+                    finished(r, Path(fut.result()))
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()  # a killed worker resumes from its last checkpoint next time
+            raise
+
+
+def results_table(ab: Ablation, out: str | Path):
+    """One row per finished run of the plan (results.collect's columns + variant/seed/...)."""
+    import pandas as pd
+
+    from dit_bench.report.results import run_row
+
+    rows = []
+    for r in ab.runs:
+        status, run_dir = run_status(out, r.cfg)
+        if status == "done":
+            row = run_row(run_dir)
+            row.update({**r.labels, "ablation": ab.name, "profile": ab.profile})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(ab: Ablation, out: str | Path) -> Path | None:
+    from dit_bench.report.results import save_table
+
+    table = results_table(ab, out)
+    if table.empty:
+        return None
+    stem = Path(out) / ab.experiment / "results"
+    save_table(table, stem)
+    return stem
+
+
+def dump_plan(ab: Ablation) -> str:
+    """The resolved configs of a plan, as YAML (for inspection)."""
+    return yaml.safe_dump(
+        [{"variant": r.variant, "seed": r.seed, "config": r.cfg.to_dict()} for r in ab.runs],
+        sort_keys=False,
+    )

@@ -1,0 +1,691 @@
+"""Throughput, memory and MFU of backbones: the training step and sampling, timed honestly.
+
+What is timed
+- The training step the harness repeats millions of times: zero_grad, forward under the
+  configured precision, the objective's per-sample loss (DDPM, learned sigma: eps MSE + the
+  VLB term, exactly `DDPM.loss`), backward, AdamW. Inputs, timesteps and labels are fixed;
+  the objective draws its noise from a per-implementation generator.
+- Sampling: 250-step DDPM ancestral sampling (no guidance) and 50-step Euler with
+  classifier-free guidance (the guided net sees the doubled batch), img/s of one full run.
+
+How
+- Warm-up steps first (the first compiled step includes compilation: reported as
+  `first_step_s`), then `repeats` timed steps; every timed region ends with a CUDA
+  synchronisation. Implementations are timed in alternation, their order rotated every repeat,
+  so machine noise (other jobs on a shared CPU) hits all of them alike. Medians are reported,
+  with the interquartile range.
+- Achieved FLOP/s = 3 x analytic forward FLOPs (`net.flops()`, matrix products only) x images
+  / median step time; forward + backward = 3 x forward, as DiT and the scaling-law papers count.
+- MFU against two peaks: the large square matrix product measured in the same process on the
+  same device and dtype (what this machine really delivers), and on known GPUs the datasheet
+  dense peak (H100 SXM / H200 bf16: 989 TFLOP/s, A100: 312).
+- Memory: on CUDA, per implementation, its parameters, gradients and optimiser state plus the
+  peak transient allocation of one step (`torch.cuda.max_memory_allocated`); on the CPU the
+  process's peak resident set size (one number for the process).
+
+`--against diffusers` adds diffusers' `DiTTransformer2DModel` configured to compute the same
+function (see `make_diffusers_dit`), timed in the same process, interleaved with ours.
+
+Fast paths (each tested equal to the plain path in tests/test_fast_paths.py and
+tests/test_cuda_fast_paths.py): `compile_backbone` (torch.compile of the backbone only), bf16
+autocast (float32 master weights), fused AdamW, TF32 matmuls on GPU, channels-last for
+convolutional backbones, SDPA (flash / memory-efficient kernels on GPU, always on).
+
+This module imports torch and dit_bench's backbones and objectives only (no pydantic, no
+Lightning): the GPU check (`dit_bench.gpu_check`) uses it on machines that have only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from dit_bench.backbones import Cond, build_backbone, resolve_preset
+from dit_bench.objectives import build_objective
+
+# Dense (no sparsity) datasheet peaks in TFLOP/s, by a substring of the CUDA device name; the
+# first match wins, so the PCIe H100 comes before the SXM one ("NVIDIA H100 80GB HBM3").
+DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+PRECISIONS = ("fp32", "bf16")
+SAMPLING = (  # (sampler, steps, guidance scale): DiT's 250-step DDPM; a 50-step guided ODE
+    ("ddpm", 250, 1.0),
+    ("euler", 50, 4.0),
+)
+REFERENCES = ("diffusers",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _identical_stack(blocks: nn.ModuleList) -> bool:
+    """Every member the same class with the same parameter shapes: one compiled graph fits all."""
+    sigs = {(type(b), tuple((n, tuple(p.shape)) for n, p in b.named_parameters())) for b in blocks}
+    return len(blocks) > 0 and len(sigs) == 1
+
+
+def compile_backbone(net: nn.Module, mode: str | None = None) -> nn.Module:
+    """torch.compile a backbone in place and return it; state_dict keys do not change.
+
+    Transformers are stacks of identical blocks: each block is compiled on its own ("regional
+    compilation", PyTorch's recipe for cutting cold-start time), so Dynamo/Inductor compile one
+    block graph and every block reuses it: compile time no longer grows with depth, and the
+    step time is that of a whole-model compile up to the small embedders and final layer. A
+    backbone whose block lists are not identical stacks (the U-Net: blocks of changing widths;
+    MMDiT: a different last block) is compiled whole. `mode`: torch.compile's mode (None: the
+    default; "max-autotune-no-cudagraphs" tunes matmuls, much slower to compile).
+    """
+    lists = [m for m in net.children() if isinstance(m, nn.ModuleList)]
+    if lists and all(_identical_stack(m) for m in lists):
+        for blocks in lists:
+            for block in blocks:
+                block.compile(mode=mode)
+    else:
+        net.compile(mode=mode)
+    return net
+
+
+def fused_adamw_default(device: torch.device | str) -> bool:
+    """Fused AdamW (one kernel for every parameter's update) where it pays: on CUDA."""
+    return torch.device(device).type == "cuda"
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (float32 master weights, matmuls in bf16) or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def allow_tf32(enabled: bool = True) -> Iterator[None]:
+    """TF32 matmuls and convolutions on Ampere+ GPUs for the duration (restored afterwards).
+
+    Set here, around the work, never at import time: a library must not change global state.
+    """
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, peaks
+# ---------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_key(precision: str, device: torch.device, tf32: bool) -> str:
+    """Which datasheet column a run's matmuls use: bf16, tf32 (fp32 with TF32 on GPU) or fp32."""
+    if precision == "bf16":
+        return "bf16"
+    return "tf32" if device.type == "cuda" and tf32 else "fp32"
+
+
+def datasheet_peak(name: str, key: str) -> float | None:
+    """Dense datasheet peak in FLOP/s of a known GPU, or None."""
+    for sub, peaks in DATASHEET_TFLOPS.items():
+        if sub in name:
+            return peaks[key] * 1e12
+    return None
+
+
+def matmul_peak(
+    device: torch.device, precision: str, n: int | None = None, seconds: float = 1.0
+) -> dict:
+    """Measured peak: FLOP/s of an n x n x n matrix product in the run's dtype, median of runs.
+
+    n defaults to 8192 on CUDA (large enough to saturate an H100) and 1024 on the CPU. Random
+    operands (zeros run faster on some GPUs). Timed for about `seconds` after a warm-up.
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 1024)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    sync(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / med}
+
+
+def peak_memory_rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: ours (eager, compiled) and the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Impl:
+    """One thing to time: a module, the callable the objective calls, and a label."""
+
+    label: str  # e.g. "dit-bench", "dit-bench+compile", "diffusers"
+    impl: str  # "dit-bench" or a reference name
+    compiled: bool
+    net: nn.Module
+    call: Callable  # (x, timesteps, cond) -> output, as every backbone
+
+
+def make_ours(name: str, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool):
+    net = build_backbone(
+        name,
+        image_size=image_size,
+        in_channels=channels,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+    )
+    return net
+
+
+def make_diffusers_dit(name: str, *, image_size: int, channels: int, num_classes: int):
+    """diffusers' DiTTransformer2DModel computing DiT's function (DiT adaLN-Zero, learned sigma).
+
+    Its constructor covers heads, width, depth, patch, out_channels = 2C and norm_eps = 1e-6
+    (DiT's; diffusers defaults to 1e-5). Two things it has no config flag for, set on the
+    instances: the timestep sinusoid's `downscale_freq_shift` is hard-coded to 1 in
+    `CombinedTimestepLabelEmbeddings` (exponent / (half - 1)); DiT uses 0 (exponent / half); and
+    its label embedder drops labels at random in training mode (class_dropout_prob 0.1), which
+    the harness does outside the backbone: set to 0. diffusers keeps one timestep/label
+    embedder per block (weights copied from one in converted checkpoints): 28 small extra
+    MLPs at XL, counted in its parameters but not in the FLOPs (less than 0.1%).
+    """
+    from diffusers import DiTTransformer2DModel
+
+    spec = resolve_preset(name)
+    if spec["family"] != "dit":
+        raise ValueError(f"--against diffusers needs a DiT preset (dit-*), got {name!r}")
+    net = DiTTransformer2DModel(
+        num_attention_heads=spec["num_heads"],
+        attention_head_dim=spec["hidden_size"] // spec["num_heads"],
+        in_channels=channels,
+        out_channels=2 * channels,
+        num_layers=spec["depth"],
+        sample_size=image_size,
+        patch_size=spec["patch_size"],
+        num_embeds_ada_norm=num_classes,
+        norm_eps=1e-6,
+    )
+    for block in net.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return net
+
+
+def _ours_call(net: nn.Module) -> Callable:
+    return net  # the backbone interface already is (x, timesteps, cond)
+
+
+def _diffusers_call(net: nn.Module) -> Callable:
+    def call(x, timesteps, cond):
+        return net(x, timestep=timesteps, class_labels=cond.labels).sample
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to time. Every field has a flag of the same name in `dit-bench bench`."""
+
+    backbones: tuple[str, ...] = ("dit-s/2",)
+    image_size: int = 32
+    channels: int = 4
+    batch: int = 64
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    precision: str = "fp32"  # fp32 | bf16 (autocast, float32 master weights)
+    compile: bool = False  # also time the compiled backbone (beside the eager one)
+    compile_mode: str | None = None
+    eager: bool = True  # time the eager backbone (False with compile: compiled only)
+    against: str | None = None  # "diffusers"
+    fused: bool | None = None  # fused AdamW; None: on CUDA
+    tf32: bool = True  # GPU only
+    channels_last: bool = False  # convolutional backbones
+    warmup: int = 3
+    repeats: int = 10
+    sample: bool = True
+    sample_batch: int = 16
+    sampling: tuple[tuple[str, int, float], ...] = SAMPLING
+    device: str = "auto"
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class Row:
+    backbone: str
+    impl: str
+    label: str
+    compiled: bool
+    precision: str
+    batch: int
+    input: str
+    tokens: int | None
+    params: int
+    fwd_gflops_per_img: float
+    median_s: float
+    iqr_s: float
+    img_per_s: float
+    tflops: float
+    mfu_measured: float | None
+    mfu_datasheet: float | None
+    first_step_s: float
+    peak_mem_gb: float | None
+    vs_reference: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _state_bytes(net: nn.Module, opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for p in net.parameters():
+        total += p.numel() * p.element_size()
+        if p.grad is not None:
+            total += p.grad.numel() * p.grad.element_size()
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def _step_fn(impl: Impl, cfg: BenchConfig, device: torch.device, inputs: tuple):
+    """The training step of `impl` (closure) and its optimiser."""
+    x0, labels = inputs
+    objective = build_objective("ddpm")
+    fused = fused_adamw_default(device) if cfg.fused is None else cfg.fused
+    opt = torch.optim.AdamW(impl.net.parameters(), lr=1e-4, fused=fused)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    cond = Cond(labels=labels)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, cfg.precision):
+            loss = objective.loss(impl.call, x0, cond, generator=g)["loss"].mean()
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def _log(progress: Callable[[str], None] | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]:
+    """Ours eager and/or compiled (same initial weights), then the reference if asked."""
+    impls = []
+    kinds = ([False] if cfg.eager or not cfg.compile else []) + ([True] if cfg.compile else [])
+    for compiled in kinds:
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):  # initialise on the device: seconds, not a minute, at XL
+            net = make_ours(
+                name,
+                image_size=cfg.image_size,
+                channels=cfg.channels,
+                num_classes=cfg.num_classes,
+                learn_sigma=cfg.learn_sigma,
+            )
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if compiled:
+            compile_backbone(net, cfg.compile_mode)
+        label = "dit-bench+compile" if compiled else "dit-bench"
+        impls.append(Impl(label, "dit-bench", compiled, net.train(), _ours_call(net)))
+    if cfg.against == "diffusers":
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            ref = make_diffusers_dit(
+                name, image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes
+            )
+        impls.append(Impl("diffusers", "diffusers", False, ref.train(), _diffusers_call(ref)))
+    elif cfg.against is not None:
+        raise ValueError(f"--against must be one of {list(REFERENCES)}, got {cfg.against!r}")
+    return impls
+
+
+def bench_training(
+    name: str,
+    cfg: BenchConfig,
+    *,
+    peak: float | None = None,
+    sheet: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Time the training step of backbone `name` for every implementation, interleaved."""
+    device = cfg.resolved_device()
+    impls = build_impls(name, cfg, device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch, cfg.channels, cfg.image_size, cfg.image_size)
+    x0 = torch.randn(shape, generator=g).to(device)
+    if cfg.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
+    steps = {i.label: _step_fn(i, cfg, device, (x0, labels)) for i in impls}
+
+    first: dict[str, float] = {}
+    for i in impls:  # warm-up, one implementation at a time (compilation happens here)
+        step, _ = steps[i.label]
+        _log(progress, f"  {name} {i.label}: warm-up ({cfg.warmup} steps)")
+        for k in range(cfg.warmup):
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if k == 0:
+                first[i.label] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {i.label: [] for i in impls}
+    _log(progress, f"  {name}: timing {cfg.repeats} repeats of {len(impls)} implementations")
+    for r in range(cfg.repeats):
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate: no fixed position
+        for i in order:
+            step, _ = steps[i.label]
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[i.label].append(time.perf_counter() - t0)
+
+    mem: dict[str, float | None] = {}
+    for i in impls:
+        step, opt = steps[i.label]
+        if device.type == "cuda":
+            sync(device)
+            before = torch.cuda.memory_allocated(device)
+            own = _state_bytes(i.net, opt)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            sync(device)
+            transient = torch.cuda.max_memory_allocated(device) - before
+            mem[i.label] = (own + transient) / 2**30
+        else:
+            mem[i.label] = None
+
+    ours = impls[0].net
+    fwd = ours.flops(batch=1)["flops"]
+    rows = []
+    for i in impls:
+        ts = times[i.label]
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
+        achieved = 3 * fwd * cfg.batch / med
+        rows.append(
+            Row(
+                backbone=name,
+                impl=i.impl,
+                label=i.label,
+                compiled=i.compiled,
+                precision=cfg.precision,
+                batch=cfg.batch,
+                input=f"{cfg.channels}x{cfg.image_size}x{cfg.image_size}",
+                tokens=getattr(ours, "num_tokens", None),
+                params=sum(p.numel() for p in i.net.parameters()),
+                fwd_gflops_per_img=fwd / 1e9,
+                median_s=med,
+                iqr_s=q[2] - q[0],
+                img_per_s=cfg.batch / med,
+                tflops=achieved / 1e12,
+                mfu_measured=achieved / peak if peak else None,
+                mfu_datasheet=achieved / sheet if sheet else None,
+                first_step_s=first.get(i.label, float("nan")),
+                peak_mem_gb=mem[i.label] if device.type == "cuda" else peak_memory_rss_gb(),
+            )
+        )
+    ref = next((r for r in rows if r.impl != "dit-bench"), None)
+    if ref is not None:
+        for r in rows:
+            r.vs_reference = ref.median_s / r.median_s  # throughput ratio
+    del impls, steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def bench_sampling(
+    name: str, cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
+) -> list[dict]:
+    """img/s of one full run of each sampler in `cfg.sampling` (eager backbone, after a short
+    warm-up run), with the run's precision."""
+    device = cfg.resolved_device()
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        net = make_ours(
+            name,
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+            num_classes=cfg.num_classes,
+            learn_sigma=cfg.learn_sigma,
+        )
+    net.eval()
+    objective = build_objective("ddpm")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    b = cfg.sample_batch
+    noise = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+    labels = torch.arange(b, device=device) % cfg.num_classes
+    uncond = Cond(labels=torch.full_like(labels, cfg.num_classes))
+    fwd = net.flops(batch=1)["flops"]
+    rows = []
+    for sampler, steps, scale in cfg.sampling:
+
+        def run(n_steps: int, sampler=sampler, scale=scale) -> None:
+            with autocast(device, cfg.precision):
+                objective.sample(
+                    net,
+                    noise,
+                    Cond(labels=labels),
+                    sampler=sampler,
+                    steps=n_steps,
+                    cfg_scale=scale,
+                    uncond=uncond,
+                    generator=g,
+                )
+            sync(device)
+
+        _log(progress, f"  {name}: sampling {sampler} {steps} steps, guidance {scale}, batch {b}")
+        run(2)  # warm-up: kernels, allocator
+        t0 = time.perf_counter()
+        run(steps)
+        seconds = time.perf_counter() - t0
+        evals = steps * b * (2 if scale != 1.0 else 1)  # guidance doubles the batch
+        rows.append(
+            {
+                "backbone": name,
+                "sampler": sampler,
+                "steps": steps,
+                "cfg_scale": scale,
+                "batch": b,
+                "precision": cfg.precision,
+                "seconds": seconds,
+                "img_per_s": b / seconds,
+                "tflops": fwd * evals / seconds / 1e12,
+            }
+        )
+    return rows
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Everything `dit-bench bench` reports, as one JSON-ready dict."""
+    device = cfg.resolved_device()
+    for name in cfg.backbones:  # fail before any timing on an unknown name
+        resolve_preset(name)
+    name_dev = device_name(device)
+    key = peak_key(cfg.precision, device, cfg.tf32)
+    with allow_tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext():
+        _log(progress, f"matmul peak on {name_dev} ({key})")
+        mm = matmul_peak(device, cfg.precision)
+        sheet = datasheet_peak(name_dev, key) if device.type == "cuda" else None
+        rows: list[Row] = []
+        sampling: list[dict] = []
+        for name in cfg.backbones:
+            rows += bench_training(
+                name, cfg, peak=mm["flops_per_s"], sheet=sheet, progress=progress
+            )
+            if cfg.sample:
+                sampling += bench_sampling(name, cfg, progress=progress)
+    return {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "device": name_dev,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+        "matmul_peak": {**mm, "tflops": mm["flops_per_s"] / 1e12},
+        "peak_key": key,
+        "datasheet_tflops": sheet / 1e12 if sheet else None,
+        "rows": [asdict(r) for r in rows],
+        "sampling": sampling,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: a table for people, JSON / CSV for reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    mm = result["matmul_peak"]
+    load = result.get("load_avg")
+    lines = [
+        f"training step (forward, DDPM loss, backward, AdamW), {c['precision']}, batch "
+        f"{c['batch']}, input {c['channels']}x{c['image_size']}x{c['image_size']}, median of "
+        f"{c['repeats']} after {c['warmup']} warm-up",
+        f"device {result['device']}, torch {result['torch']}"
+        + (f", load average {load[0]:.1f} on {result['cpu_count']} CPUs" if load else ""),
+        f"measured matmul peak ({mm['n']}^3 {mm['dtype']}): {mm['tflops']:.3f} TFLOP/s"
+        + (
+            f"; datasheet {result['peak_key']} peak {result['datasheet_tflops']:.0f} TFLOP/s"
+            if result["datasheet_tflops"]
+            else ""
+        ),
+        "",
+        f"{'backbone':<10} {'impl':<18} {'ms/step':>9} {'iqr ms':>8} {'img/s':>9} "
+        f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU sheet':>9} {'mem GB':>7} {'1st s':>7} {'vs ref':>7}",
+    ]
+    for r in result["rows"]:
+        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        ratio = "-" if r["vs_reference"] is None else f"{r['vs_reference']:.3f}x"
+        lines.append(
+            f"{r['backbone']:<10} {r['label']:<18} {r['median_s'] * 1e3:>9.1f} "
+            f"{r['iqr_s'] * 1e3:>8.1f} {r['img_per_s']:>9.1f} {r['tflops']:>8.3f} "
+            f"{_pct(r['mfu_measured']):>8} {_pct(r['mfu_datasheet']):>9} {mem:>7} "
+            f"{r['first_step_s']:>7.1f} {ratio:>7}"
+        )
+    if result["device_type"] == "cpu":
+        lines.append("mem GB: peak resident set size of the process (CPU)")
+    if result["sampling"]:
+        lines += ["", f"{'backbone':<10} {'sampler':<8} {'steps':>5} {'cfg':>4} {'img/s':>9}"]
+        for s in result["sampling"]:
+            lines.append(
+                f"{s['backbone']:<10} {s['sampler']:<8} {s['steps']:>5} {s['cfg_scale']:>4.1f} "
+                f"{s['img_per_s']:>9.2f}"
+            )
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = (
+    "backbone",
+    "label",
+    "impl",
+    "compiled",
+    "precision",
+    "batch",
+    "input",
+    "tokens",
+    "params",
+    "fwd_gflops_per_img",
+    "median_s",
+    "iqr_s",
+    "img_per_s",
+    "tflops",
+    "mfu_measured",
+    "mfu_datasheet",
+    "peak_mem_gb",
+    "first_step_s",
+    "vs_reference",
+)
+
+
+def to_csv(result: dict) -> str:
+    """One row per (backbone, implementation), plus the device and peaks as columns."""
+    buf = io.StringIO()
+    cols = [*CSV_COLUMNS, "device", "matmul_peak_tflops", "datasheet_tflops"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in result["rows"]:
+        w.writerow(
+            {
+                **r,
+                "device": result["device"],
+                "matmul_peak_tflops": result["matmul_peak"]["tflops"],
+                "datasheet_tflops": result["datasheet_tflops"],
+            }
+        )
+    return buf.getvalue()
+
+
+def parse_backbones(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(s.strip() for s in items if s.strip())
+    if not names:
+        raise ValueError("--backbones: give at least one preset, e.g. dit-s/2")
+    return names

@@ -1,0 +1,627 @@
+"""The GPU check: one script, a few minutes on one GPU, one report to commit.
+
+    python -m dit_bench.gpu_check                 # make gpu-check; writes reports/gpu/<date>-<device>.md
+    python -m dit_bench.gpu_check --smoke         # tiny presets on whatever device (tests run this on CPU)
+
+Sections, each guarded (an error is recorded in the report and the next section runs) and
+each given a time cap inside a global budget (a section that would start with too little time
+left is skipped, and one that overruns is interrupted by an alarm):
+1. environment: device, torch, CUDA, the packages seen;
+2. the measured matmul peak (8192^3 bf16);
+3. training-step benchmark of DiT-XL/2 and DiT-B/2 on 32x32x4 latents, batch 64, bf16, eager
+   and compiled (`dit_bench.bench`): img/s, TFLOP/s, MFU against the measured and datasheet
+   peaks, compile time, peak memory;
+4. the CUDA-marked tests (tests/test_cuda_fast_paths.py: every fast path equals the plain
+   path), through pytest when it is installed, else as plain functions;
+5. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
+   the objective, the data set and AdamW): the loss must fall;
+6. sampling img/s: 250-step DDPM and 50-step Euler with guidance.
+The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
+short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
+device tool returns only what is under $OUT), there too.
+
+Imports: torch, numpy, PIL and dit_bench's backbones, objectives, sampling and data.shapes.
+Not pydantic (so not `dit_bench.config` nor the Lightning training path, whose config is a
+pydantic model), not Lightning, diffusers, optuna, clean-fid, mlxtend or scikit-learn: the GPU
+machines have torch but not those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dit_bench import bench
+from dit_bench.backbones import Cond, build_backbone
+from dit_bench.objectives import build_objective
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA_TESTS = "tests/test_cuda_fast_paths.py"
+TARGET_MFU = 0.45  # issue 8: DiT-XL/2, 32x32x4, batch 64, bf16, compiled, of the datasheet peak
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def alarm(seconds: float):
+    """Raise SectionTimeout in the main thread after `seconds` (no-op where SIGALRM is absent)."""
+    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SectionTimeout(f"section cut off after its {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: the full check and the smoke version (tiny presets, CPU-friendly)
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(smoke: bool) -> dict:
+    if smoke:
+        return {
+            "bench": [
+                (
+                    "dit-xs/4",
+                    bench.BenchConfig(
+                        backbones=("dit-xs/4",),
+                        image_size=8,
+                        batch=2,
+                        num_classes=10,
+                        precision="fp32",
+                        compile=False,
+                        warmup=1,
+                        repeats=2,
+                        sample=False,
+                    ),
+                ),
+            ],
+            "matmul_n": 128,
+            "sample": (
+                "dit-xs/4",
+                dict(
+                    image_size=8,
+                    sample_batch=2,
+                    num_classes=10,
+                    sampling=(("ddpm", 4, 1.0), ("euler", 3, 4.0)),
+                ),
+            ),
+            "train": dict(
+                backbone="dit-xs/4", image_size=8, batch=8, steps=30, lr=1e-3, num_samples=64
+            ),
+        }
+    full = dict(
+        image_size=32,
+        channels=4,
+        batch=64,
+        precision="bf16",
+        compile=True,
+        warmup=3,
+        repeats=10,
+        sample=False,
+    )
+    return {
+        "bench": [
+            ("dit-xl/2", bench.BenchConfig(backbones=("dit-xl/2",), **full)),
+            ("dit-b/2", bench.BenchConfig(backbones=("dit-b/2",), **full)),
+        ],
+        "matmul_n": 8192,
+        "sample": ("dit-xl/2", dict(image_size=32, sample_batch=32, precision="bf16")),
+        "train": dict(
+            backbone="dit-s/4", image_size=64, batch=64, steps=300, lr=3e-4, num_samples=2048
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections: each takes the shared context and returns a JSON-ready dict
+# ---------------------------------------------------------------------------------------------
+
+
+def section_environment(ctx: dict) -> dict:
+    dev = ctx["device"]
+    out = {
+        "device": bench.device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+    }
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        out.update(
+            capability=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            memory_gb=round(p.total_memory / 2**30, 1),
+        )
+    have = {}
+    for pkg in ("lightning", "pytest", "numpy", "PIL", "pydantic", "diffusers", "triton"):
+        have[pkg] = importlib.util.find_spec(pkg) is not None
+    out["packages_present"] = have
+    return out
+
+
+def section_matmul(ctx: dict) -> dict:
+    dev = ctx["device"]
+    out = {}
+    for precision in ("bf16", "fp32"):
+        with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+            mm = bench.matmul_peak(dev, precision, n=ctx["plan"]["matmul_n"])
+        key = bench.peak_key(precision, dev, tf32=True)
+        sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+        out[precision] = {
+            **mm,
+            "tflops": mm["flops_per_s"] / 1e12,
+            "peak_key": key,
+            "datasheet_tflops": sheet / 1e12 if sheet else None,
+        }
+        log(f"matmul {key}: {mm['flops_per_s'] / 1e12:.1f} TFLOP/s (n={mm['n']})")
+    ctx["matmul"] = out
+    return out
+
+
+def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
+    dev = ctx["device"]
+    cfg = replace(cfg, device=str(dev))
+    precision_peak = ctx.get("matmul", {}).get(cfg.precision)
+    key = bench.peak_key(cfg.precision, dev, cfg.tf32)
+    peak = precision_peak["flops_per_s"] if precision_peak else None
+    if peak is None:  # matmul section failed or was skipped: measure here
+        peak = bench.matmul_peak(dev, cfg.precision, n=ctx["plan"]["matmul_n"])["flops_per_s"]
+    sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+    rows = []
+    with bench.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
+        for name in cfg.backbones:
+            rows += bench.bench_training(name, cfg, peak=peak, sheet=sheet, progress=log)
+    eager = {r.backbone: r for r in rows if not r.compiled}
+    out = []
+    for r in rows:
+        d = vars(r).copy()
+        base = eager.get(r.backbone)
+        if r.compiled and base is not None:
+            d["speedup_vs_eager"] = base.median_s / r.median_s
+            # the first compiled step = compilation + one step
+            d["compile_s_est"] = r.first_step_s - base.median_s
+        out.append(d)
+        log(
+            f"{r.backbone} {r.label}: {r.img_per_s:.1f} img/s, {r.tflops:.1f} TFLOP/s, "
+            f"MFU {_f(r.mfu_measured and 100 * r.mfu_measured)}% measured / "
+            f"{_f(r.mfu_datasheet and 100 * r.mfu_datasheet)}% datasheet, "
+            f"first step {r.first_step_s:.1f} s"
+        )
+    return {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
+        "peak_key": key,
+        "matmul_peak_tflops": peak / 1e12,
+        "datasheet_tflops": sheet / 1e12 if sheet else None,
+        "rows": out,
+    }
+
+
+def section_cuda_tests(ctx: dict) -> dict:
+    path = REPO / CUDA_TESTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    timeout = max(10.0, ctx["section_left"]() - 5)
+    if importlib.util.find_spec("pytest") is not None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "cuda",
+            "-o",
+            "addopts=-ra",
+            str(path),
+        ]
+        log("running " + " ".join(cmd[1:]))
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        summary = next(
+            (ln for ln in reversed(tail.splitlines()) if re.search(r"passed|failed|skipped", ln)),
+            "",
+        )
+        log(f"pytest exit {proc.returncode}: {summary.strip()}")
+        return {
+            "runner": "pytest",
+            "returncode": proc.returncode,
+            "summary": summary.strip(),
+            "ok": proc.returncode in (0, 5),
+            "output_tail": tail,
+        }
+    # No pytest: import the file and call its test functions (they take no arguments).
+    spec = importlib.util.spec_from_file_location("cuda_fast_path_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = {}
+    for name in sorted(n for n in dir(mod) if n.startswith("test_")):
+        try:
+            getattr(mod, name)()
+            results[name] = "passed"
+        except Exception as e:  # noqa: BLE001 - recorded in the report
+            results[name] = f"failed: {type(e).__name__}: {e}"[:500]
+        log(f"{name}: {results[name]}")
+    ok = all(v == "passed" for v in results.values())
+    return {"runner": "plain functions (no pytest)", "results": results, "ok": ok}
+
+
+def section_train(ctx: dict) -> dict:
+    """A small DiT on `shapes`: plain loop (objective + data + AdamW, bf16 autocast on GPU)."""
+    from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
+
+    p = ctx["plan"]["train"]
+    dev = ctx["device"]
+    precision = "bf16" if dev.type == "cuda" else "fp32"
+    t0 = time.perf_counter()
+    ds = ShapesDataset(p["num_samples"], p["image_size"])
+    images = torch.stack([ds[i][0] for i in range(len(ds))]).to(dev)  # (N, 3, S, S) in [-1, 1]
+    labels = torch.tensor([ds[i][1] for i in range(len(ds))], device=dev)
+    render_s = time.perf_counter() - t0
+    log(f"rendered {len(ds)} shapes at {p['image_size']}px in {render_s:.1f} s")
+    n_classes = len(SHAPE_CLASSES)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        net = build_backbone(
+            p["backbone"], image_size=p["image_size"], in_channels=3, num_classes=n_classes
+        )
+    objective = build_objective("ddpm")
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=p["lr"], fused=bench.fused_adamw_default(dev), weight_decay=0.0
+    )
+    g = torch.Generator(device=dev).manual_seed(0)
+    losses = []
+    t1 = time.perf_counter()
+    with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+        for _ in range(p["steps"]):
+            idx = torch.randint(0, len(ds), (p["batch"],), device=dev, generator=g)
+            x, y = images[idx], labels[idx]
+            drop = torch.rand(p["batch"], device=dev, generator=g) < 0.1  # guidance dropout
+            y = torch.where(drop, n_classes, y)
+            opt.zero_grad(set_to_none=True)
+            with bench.autocast(dev, precision):
+                loss = objective.loss(net, x, Cond(labels=y), generator=g)["loss"].mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.detach())  # no host sync inside the loop
+        curve = torch.stack(losses).float().cpu()
+    seconds = time.perf_counter() - t1
+    k = max(1, len(curve) // 10)
+    first, last = curve[:k].mean().item(), curve[-k:].mean().item()
+    ok = bool(torch.isfinite(curve).all()) and last < 0.5 * first
+    log(
+        f"train {p['backbone']}: loss {first:.4f} -> {last:.4f} in {p['steps']} steps, "
+        f"{seconds:.1f} s ({'falls' if ok else 'DOES NOT FALL ENOUGH'})"
+    )
+    every = max(1, len(curve) // 20)
+    return {
+        **p,
+        "precision": precision,
+        "tokens": net.num_tokens,
+        "params": net.num_params(),
+        "loss_first": first,
+        "loss_last": last,
+        "ok": ok,
+        "criterion": f"mean loss of the last {k} steps < 0.5 x that of the first {k}",
+        "seconds": seconds,
+        "img_per_s": p["steps"] * p["batch"] / seconds,
+        "render_s": render_s,
+        "curve": [round(v, 5) for v in curve[::every].tolist()],
+    }
+
+
+def section_sampling(ctx: dict) -> dict:
+    name, kw = ctx["plan"]["sample"]
+    dev = ctx["device"]
+    cfg = bench.BenchConfig(backbones=(name,), device=str(dev), **kw)
+    with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+        rows = bench.bench_sampling(name, cfg, progress=log)
+    for r in rows:
+        log(
+            f"{name} {r['sampler']} {r['steps']} steps cfg {r['cfg_scale']}: "
+            f"{r['img_per_s']:.2f} img/s"
+        )
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "device"
+
+
+def _f(v, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def render_markdown(report: dict) -> str:
+    s = report["sections"]
+    env = s.get("environment", {}).get("result", {})
+    lines = [
+        f"# GPU check: {env.get('device', '?')}, {report['started']}",
+        "",
+        f"`{report['command']}`: torch {env.get('torch', '?')}, CUDA {env.get('cuda', '-')}, "
+        f"{report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget"
+        + (" (smoke: tiny presets, not a measurement)" if report["smoke"] else "")
+        + ".",
+        "",
+    ]
+    head = report.get("headline")
+    if head:
+        lines += ["## Headline", "", head, ""]
+    mm = s.get("matmul", {}).get("result")
+    if mm:
+        lines += [
+            "## Measured matmul peak",
+            "",
+            "| dtype | n | TFLOP/s | datasheet |",
+            "|---|---|---|---|",
+        ]
+        for v in mm.values():
+            lines.append(
+                f"| {v['peak_key']} | {v['n']} | {v['tflops']:.1f} | "
+                f"{_f(v['datasheet_tflops'], '{:.0f}')} |"
+            )
+        lines.append("")
+    bench_rows = [
+        row
+        for name, sec in s.items()
+        if name.startswith("bench ") and sec.get("result")
+        for row in sec["result"]["rows"]
+    ]
+    if bench_rows:
+        lines += [
+            "## Training step (forward, DDPM loss with learned sigma, backward, AdamW)",
+            "",
+            "FLOPs = 3 x analytic forward FLOPs; MFU against the matmul peak measured above and "
+            "against the datasheet dense peak.",
+            "",
+            "| backbone | impl | precision | batch | input | ms/step | img/s | TFLOP/s | "
+            "MFU measured | MFU datasheet | peak mem GB | first step s | vs eager |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in bench_rows:
+            lines.append(
+                f"| {r['backbone']} | {r['label']} | {r['precision']} | {r['batch']} | "
+                f"{r['input']} | {1e3 * r['median_s']:.1f} | {r['img_per_s']:.1f} | "
+                f"{r['tflops']:.1f} | {_f(r['mfu_measured'] and 100 * r['mfu_measured'])}% | "
+                f"{_f(r['mfu_datasheet'] and 100 * r['mfu_datasheet'])}% | "
+                f"{_f(r['peak_mem_gb'], '{:.2f}')} | {r['first_step_s']:.1f} | "
+                f"{_f(r.get('speedup_vs_eager'), '{:.2f}x')} |"
+            )
+        lines.append("")
+    tr = s.get("train", {}).get("result")
+    if tr:
+        lines += [
+            "## Training a small DiT on shapes",
+            "",
+            f"{tr['backbone']} ({tr['params']:,} parameters, {tr['tokens']} tokens) on "
+            f"`shapes` at {tr['image_size']}x{tr['image_size']}, batch {tr['batch']}, "
+            f"{tr['steps']} steps, lr {tr['lr']}, {tr['precision']}: loss {tr['loss_first']:.4f}"
+            f" -> {tr['loss_last']:.4f} ({'falls' if tr['ok'] else 'DOES NOT FALL ENOUGH'}; "
+            f"{tr['criterion']}), {tr['img_per_s']:.0f} img/s.",
+            "",
+            f"Loss curve (every {max(1, tr['steps'] // 20)} steps): {tr['curve']}",
+            "",
+        ]
+    sp = s.get("sampling", {}).get("result")
+    if sp:
+        lines += [
+            "## Sampling",
+            "",
+            "| backbone | sampler | steps | guidance | batch | precision | img/s | TFLOP/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sp["rows"]:
+            lines.append(
+                f"| {r['backbone']} | {r['sampler']} | {r['steps']} | {r['cfg_scale']} | "
+                f"{r['batch']} | {r['precision']} | {r['img_per_s']:.2f} | {r['tflops']:.1f} |"
+            )
+        lines.append("")
+    ct = s.get("cuda tests", {}).get("result")
+    if ct:
+        lines += ["## CUDA-marked tests", "", f"Runner: {ct['runner']}; ok: {ct['ok']}."]
+        if "summary" in ct:
+            lines += ["", f"`{ct['summary']}`", "", "```", ct["output_tail"][-2500:], "```"]
+        else:
+            lines += [""] + [f"- {k}: {v}" for k, v in ct["results"].items()]
+        lines.append("")
+    lines += ["## Sections", "", "| section | status | seconds |", "|---|---|---|"]
+    for name, sec in s.items():
+        lines.append(f"| {name} | {sec['status']} | {sec.get('seconds', 0):.1f} |")
+    errors = [(n, sec) for n, sec in s.items() if sec.get("error")]
+    if errors:
+        lines += ["", "## Errors", ""]
+        for name, sec in errors:
+            lines += [f"### {name}", "", "```", sec["error"][-3000:], "```", ""]
+    if env:
+        lines += ["", "## Environment", "", "```", json.dumps(env, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def headline(report: dict) -> str | None:
+    for sec_name, sec in report["sections"].items():
+        if not sec_name.startswith("bench dit-xl/2") or not sec.get("result"):
+            continue
+        for r in sec["result"]["rows"]:
+            if r["compiled"]:
+                mfu = r["mfu_datasheet"]
+                verdict = (
+                    ""
+                    if mfu is None
+                    else f" Target >= {100 * TARGET_MFU:.0f}% of the datasheet peak: "
+                    + ("met." if mfu >= TARGET_MFU else "NOT met.")
+                )
+                return (
+                    f"DiT-XL/2, {r['input']} latents, batch {r['batch']}, {r['precision']}, "
+                    f"compiled: **{r['img_per_s']:.0f} img/s, {r['tflops']:.0f} TFLOP/s, MFU "
+                    f"{_f(r['mfu_measured'] and 100 * r['mfu_measured'])}% of the measured "
+                    f"matmul peak ({sec['result']['matmul_peak_tflops']:.0f} TFLOP/s), "
+                    f"{_f(mfu and 100 * mfu)}% of the datasheet peak "
+                    f"({_f(sec['result']['datasheet_tflops'], '{:.0f}')} TFLOP/s)**." + verdict
+                )
+    return None
+
+
+def write_report(report: dict, out_dirs: list[Path]) -> list[Path]:
+    report["elapsed_s"] = time.perf_counter() - report["_t0"]
+    report["headline"] = headline(report)
+    md = render_markdown(report)
+    data = {k: v for k, v in report.items() if not k.startswith("_")}
+    written = []
+    for folder in out_dirs:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = folder / report["stem"]
+            stem.with_suffix(".md").write_text(md)
+            stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+            written.append(stem.with_suffix(".md"))
+        except OSError as e:
+            log(f"could not write the report to {folder}: {e}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dit_bench.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny presets (runs on a CPU)")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds in all (default 420)")
+    ap.add_argument("--out", default=str(REPO / "reports" / "gpu"), help="report folder")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (smoke runs on a CPU)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = bench.BenchConfig(device=args.device).resolved_device()
+    name = bench.device_name(device)
+    started = datetime.now(timezone.utc)
+    out_dirs = [Path(args.out)]
+    if os.environ.get("OUT"):
+        out_dirs.append(Path(os.environ["OUT"]) / "reports" / "gpu")
+    if device.type != "cuda" and not args.smoke:
+        log("no CUDA device: this is not a GPU measurement (use --smoke for a CPU dry run)")
+    report = {
+        "_t0": t0,
+        "stem": f"{started:%Y-%m-%d}-{_slug(name)}" + ("-smoke" if args.smoke else ""),
+        "started": started.isoformat(timespec="seconds"),
+        "command": "python -m dit_bench.gpu_check " + " ".join(argv or sys.argv[1:]),
+        "smoke": args.smoke,
+        "budget_s": args.budget,
+        "sections": {},
+    }
+    ctx: dict = {"device": device, "plan": plan(args.smoke)}
+    # (name, function, cap in seconds, least time worth starting with); caps fit a 420 s budget
+    scale = 1.0 if not args.smoke else 0.5
+    sections = [
+        ("environment", section_environment, 30, 1),
+        ("matmul", section_matmul, 30, 5),
+    ]
+    for key, cfg in ctx["plan"]["bench"]:
+        cap = 170 if key == "dit-xl/2" else 90
+        sections.append((f"bench {key}", lambda c, cfg=cfg: section_bench(c, cfg), cap, 30))
+    sections += [
+        ("cuda tests", section_cuda_tests, 80, 20),
+        ("train", section_train, 50, 10),
+        ("sampling", section_sampling, 60, 10),
+    ]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")
+    for sec_name, fn, cap, least in sections:
+        left = deadline - time.perf_counter()
+        rec: dict = {}
+        report["sections"][sec_name] = rec
+        if sec_name in skip or sec_name.split()[0] in skip:
+            rec["status"] = "skipped (--skip)"
+            continue
+        if left < least * scale:
+            rec["status"] = f"skipped: {left:.0f} s left of the budget"
+            log(f"{sec_name}: {rec['status']}")
+            continue
+        limit = min(cap, left)
+        end = time.perf_counter() + limit
+        ctx["section_left"] = lambda end=end: end - time.perf_counter()
+        log(f"{sec_name}: start (cap {limit:.0f} s)")
+        s0 = time.perf_counter()
+        try:
+            with alarm(limit):
+                rec["result"] = fn(ctx)
+            rec["status"] = "ok"
+        except BaseException as e:  # noqa: BLE001 - record and go on (Ctrl-C still stops)
+            if isinstance(e, KeyboardInterrupt):
+                rec["status"] = "interrupted"
+                rec["seconds"] = time.perf_counter() - s0
+                write_report(report, out_dirs)
+                raise
+            rec["status"] = f"error: {type(e).__name__}"
+            rec["error"] = traceback.format_exc()
+            log(f"{sec_name}: {type(e).__name__}: {e}")
+        finally:
+            rec["seconds"] = time.perf_counter() - s0
+            if device.type == "cuda":
+                with contextlib.suppress(Exception):
+                    torch.cuda.empty_cache()
+        written = write_report(report, out_dirs)
+        log(f"{sec_name}: {rec['status']} in {rec['seconds']:.1f} s")
+    written = write_report(report, out_dirs)
+    if report.get("headline"):
+        log(report["headline"].replace("**", ""))
+    for path in written:
+        log(f"wrote {path} (+ .json)")
+    failed = [n for n, sec in report["sections"].items() if sec["status"].startswith("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

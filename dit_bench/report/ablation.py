@@ -1,0 +1,485 @@
+"""`dit-bench report ablation SOURCE -o reports/NAME`: report.md, seaborn figures and tables.
+
+SOURCE is the folder `dit-bench ablate` wrote (`<out>/<name>-<profile>/`, with `ablation.json`:
+variant order, base variant, metrics, reference ranking) or any folder of runs whose
+`labels.json` name a variant (then the first variant in name order is the base).
+
+Out: `report.md`; figures `curves_<metric>.png` (metric against training steps and training
+FLOPs, mean over seeds with a 95% t band), `final_<metric>.png` (per-variant mean, CI and every
+seed), `paired_<metric>.png` (variant - base per seed-pair, with CI); `samples/<variant>.png`
+(the final grid of each variant's first seed) and `samples.png` (all of them side by side);
+tables as CSV and Parquet: `runs` (one row per run), `final` (per-variant CIs), `paired`
+(comparisons against the base), `cost` (params, MACs, throughput), `curves` (long table).
+An optional `notes.md` in the report folder is kept and included as the closing discussion.
+
+Reads tables only: no model is built or imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dit_bench.report.results import collect, curves, save_table
+from dit_bench.report.stats import LEVEL, compare_to_base, mean_ci, summarize
+
+NOTES = "notes.md"
+
+
+# -- reading ------------------------------------------------------------------------------------
+def load_plan(source: Path, table: pd.DataFrame) -> dict:
+    """ablation.json of SOURCE, or a plan inferred from the runs' labels."""
+    path = source / "ablation.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+    else:
+        variants = sorted(table["variant"].unique())
+        plan = {"name": source.name, "variants": variants, "base_variant": variants[0]}
+    plan.setdefault("metrics", ["val_loss"])
+    plan.setdefault("variants", sorted(table["variant"].unique()))
+    plan.setdefault("base_variant", plan["variants"][0])
+    return plan
+
+
+def metric_key(name: str) -> str:
+    """summary.json and metrics.csv spell metrics differently (val_loss vs val/loss)."""
+    return name.replace("/", "_")
+
+
+def final_values(table: pd.DataFrame, long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """`table` with one column per metric: the summary's value, else the run's last logged one
+    (e.g. the in-training FD, which lives in metrics.csv only). All-missing metrics are dropped."""
+    out = table.copy()
+    long = long.assign(key=long["metric"].map(metric_key))
+    last = long.sort_values("step").groupby(["run_dir", "key"])["value"].last()
+    for m in metrics:
+        m = metric_key(m)
+        from_curves = out["run_dir"].map(lambda r, m=m: last.get((r, m), np.nan))
+        out[m] = out[m].fillna(from_curves) if m in out else from_curves
+        if out[m].isna().all():
+            out = out.drop(columns=m)
+    return out
+
+
+# -- figures ------------------------------------------------------------------------------------
+def _t_band(values) -> tuple[float, float]:
+    ci = mean_ci(values, LEVEL)
+    if math.isnan(ci.lo):
+        return ci.mean, ci.mean
+    return ci.lo, ci.hi
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
+    plt, sns = _plt()
+    data = long[long["key"] == metric]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, x, label in (
+        (axes[0], "step", "training steps"),
+        (axes[1], "train_flops", "training FLOPs (3 x forward x images)"),
+    ):
+        sns.lineplot(
+            data=data,
+            x=x,
+            y="value",
+            hue="variant",
+            hue_order=order,
+            errorbar=_t_band,
+            marker="o",
+            markersize=4,
+            ax=ax,
+        )
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        if x == "train_flops":
+            ax.set_xscale("log")
+        if ax is axes[1]:
+            ax.get_legend().remove()
+    if data["value"].min() > 0 and data["value"].max() / data["value"].min() > 20:
+        axes[0].set_yscale("log")
+    axes[0].legend(title="variant", fontsize=8)
+    fig.suptitle(f"{metric}: mean over seeds, {int(LEVEL * 100)}% t band")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
+    sns.stripplot(
+        data=runs, y="variant", x=metric, order=order, color="0.55", size=5, jitter=0.1, ax=ax
+    )
+    s = summarize(runs, metric).set_index("variant").reindex(order)
+    y = np.arange(len(order))
+    ax.errorbar(
+        s["mean"],
+        y,
+        xerr=[s["mean"] - s["lo"], s["hi"] - s["mean"]],
+        fmt="o",
+        color="C3",
+        capsize=4,
+        label=f"mean, {int(LEVEL * 100)}% t CI",
+    )
+    ax.set_title(f"final {metric} per variant (grey: seeds)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
+    plt, _ = _plt()
+    p = paired[paired["metric"] == metric]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(p) + 1.5))
+    y = np.arange(len(p))
+    colors = ["C3" if d else "0.5" for d in p["distinguishable"]]
+    for i, row in enumerate(p.itertuples()):
+        ax.errorbar(
+            row.diff,
+            i,
+            xerr=[[row.diff - row.diff_lo], [row.diff_hi - row.diff]],
+            fmt="o",
+            color=colors[i],
+            capsize=4,
+        )
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(y, p["variant"])
+    ax.invert_yaxis()
+    base = p["base"].iloc[0] if len(p) else ""
+    ax.set_xlabel(f"{metric}: variant - {base} (paired over seeds)")
+    ax.set_title(f"paired difference, {int(LEVEL * 100)}% CI (red: p < {1 - LEVEL:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, str]:
+    """Copy each variant's final grid (its first seed) to samples/<variant>.png; tile them."""
+    from PIL import Image
+
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    found: dict[str, str] = {}
+    for v in order:
+        rows = runs[runs["variant"] == v].sort_values("seed")
+        for row in rows.itertuples():
+            grids = sorted((Path(row.run_dir) / "samples").glob("*.png"))
+            if grids:
+                dest = out / "samples" / f"{v}.png"
+                shutil.copyfile(grids[-1], dest)
+                found[v] = f"samples/{v}.png"
+                break
+    if found:
+        plt, _ = _plt()
+        fig, axes = plt.subplots(1, len(found), figsize=(2.6 * len(found), 3.2), squeeze=False)
+        for ax, (v, rel) in zip(axes[0], found.items(), strict=True):
+            img = np.asarray(Image.open(out / rel))
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_title(v, fontsize=10)
+            ax.axis("off")
+        fig.suptitle("final sample grids (one row per class; first seed of each variant)")
+        fig.tight_layout()
+        fig.savefig(out / "samples.png", dpi=120)
+        plt.close(fig)
+    return found
+
+
+# -- tables -------------------------------------------------------------------------------------
+def cost_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    cols = {
+        "backbone": "first",
+        "conditioning": "first",
+        "params": "first",
+        "macs": "first",
+        "tokens": "first",
+        "train_flops": "first",
+        "img_per_s": "mean",
+        "train_seconds": "mean",
+    }
+    cols = {k: v for k, v in cols.items() if k in runs}
+    t = runs.groupby("variant").agg(cols).reindex(order).reset_index()
+    t["seeds"] = runs.groupby("variant").size().reindex(order).to_numpy()
+    return t
+
+
+def kendall_agreement(found: list[str], reference: list[str]) -> tuple[float, list[tuple]]:
+    """Kendall's tau between two rankings of the same items and the pairs they disagree on."""
+    items = [v for v in reference if v in found]
+    pos = {v: found.index(v) for v in items}
+    concordant = discordant = 0
+    flips = []
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:  # reference says a before b
+            if pos[a] < pos[b]:
+                concordant += 1
+            else:
+                discordant += 1
+                flips.append((a, b))
+    total = concordant + discordant
+    return ((concordant - discordant) / total if total else math.nan), flips
+
+
+def _fmt(x, spec=".4g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- the report ---------------------------------------------------------------------------------
+def build_report(source: str | Path, out: str | Path) -> Path:
+    source, out = Path(source), Path(out)
+    table = collect([source])
+    if "variant" not in table:
+        raise ValueError(f"{source}: runs carry no variant labels (labels.json)")
+    plan = load_plan(source, table)
+    order = [v for v in plan["variants"] if v in set(table["variant"])]
+    order += sorted(set(table["variant"]) - set(order))
+    base = plan["base_variant"]
+    long = curves(table)
+    long["key"] = long["metric"].map(metric_key)
+    metrics = [metric_key(m) for m in plan["metrics"]]
+    runs = final_values(table, long, metrics)
+    metrics = [m for m in metrics if m in runs]
+    missing = [metric_key(m) for m in plan["metrics"] if metric_key(m) not in metrics]
+    out.mkdir(parents=True, exist_ok=True)
+
+    final = pd.concat([summarize(runs, m) for m in metrics], ignore_index=True)
+    final["variant"] = pd.Categorical(final["variant"], order, ordered=True)
+    final = final.sort_values(["metric", "variant"]).reset_index(drop=True)
+    final["variant"] = final["variant"].astype(str)
+    paired = pd.concat([compare_to_base(runs, m, base) for m in metrics], ignore_index=True)
+    cost = cost_table(runs, order)
+    keep = [c for c in runs.columns if not c.startswith("cfg.")]
+    save_table(runs[keep], out / "runs")
+    save_table(final, out / "final")
+    save_table(paired, out / "paired")
+    save_table(cost, out / "cost")
+    save_table(long.drop(columns="key"), out / "curves")
+
+    figures = {}
+    for m in metrics:
+        plot_curves(long, m, order, out / f"curves_{m}.png")
+        plot_final(runs, m, order, out / f"final_{m}.png")
+        if len(paired[paired["metric"] == m]):
+            plot_paired(paired, m, out / f"paired_{m}.png")
+        figures[m] = m
+    grids = sample_grids(runs, order, out)
+
+    # -- report.md ---------------------------------------------------------------------------
+    primary = metrics[0]
+    fin = final[final["metric"] == primary].set_index("variant")
+    ranking = fin.sort_values("mean").index.tolist()
+    seeds = sorted(runs["seed"].unique().tolist())
+    title = plan.get("experiment", plan.get("name", source.name))
+    md = [f"# Ablation report: {title}", ""]
+    if plan.get("description"):
+        md += [plan["description"], ""]
+    if plan.get("profile_description"):
+        md += [f"**Profile `{plan.get('profile')}`.** {plan['profile_description']}", ""]
+    cmd = plan.get("command") or (
+        f"dit-bench ablate {plan.get('source', '?')} --profile {plan.get('profile', '?')}"
+        + "".join(f" --set {o}" for o in plan.get("overrides", []))
+    )
+    md += [
+        "Made with:",
+        "",
+        "```bash",
+        cmd,
+        f"dit-bench report ablation {source} -o {out}",
+        "```",
+        "",
+        f"{len(runs)} finished runs: {len(order)} variants x seeds {seeds}; base variant "
+        f"**{base}**. Lower is better for every metric. Intervals are two-sided "
+        f"{int(LEVEL * 100)}% t intervals over seeds (n - 1 degrees of freedom); comparisons are "
+        "paired by seed (same validation images and noise, same data order), paired t-test, "
+        f"alpha = {1 - LEVEL:.2f} per comparison, without a multiple-comparison correction "
+        f"({len(order) - 1} comparisons per metric: expect about one false call in "
+        f"{round(1 / (1 - LEVEL))} comparisons of truly equal variants).",
+        "",
+    ]
+    if missing:
+        md += [f"Not evaluated in these runs (no values): {', '.join(missing)}.", ""]
+
+    md += [f"## Ranking by final {primary}", ""]
+    rows = []
+    for i, v in enumerate(ranking, 1):
+        r = fin.loc[v]
+        c = cost.set_index("variant").loc[v]
+        rows.append(
+            [
+                str(i),
+                f"**{v}**" if v == base else v,
+                _fmt(r["mean"], ".5f"),
+                f"[{_fmt(r['lo'], '.5f')}, {_fmt(r['hi'], '.5f')}]",
+                str(int(r["n"])),
+                f"{int(c['params']):,}",
+                _si(c["macs"]),
+            ]
+        )
+    md += [
+        _md_table(
+            [
+                "rank",
+                "variant",
+                f"{primary} mean",
+                f"{int(LEVEL * 100)}% CI",
+                "seeds",
+                "params",
+                "MACs",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    ref = plan.get("reference")
+    if ref and ref.get("ranking"):
+        tau, flips = kendall_agreement(ranking, ref["ranking"])
+        found = " < ".join(v for v in ranking if v in ref["ranking"])
+        md += [
+            f"Reference ranking ({ref.get('source', 'reference')}): "
+            f"{' < '.join(ref['ranking'])}. Found here (by {primary}): {found}. "
+            f"Kendall tau = {tau:+.2f}"
+            + (
+                "; swapped pairs: " + ", ".join(f"{a}/{b}" for a, b in flips) + "."
+                if flips
+                else " (same order)."
+            ),
+            "",
+        ]
+
+    for m in metrics:
+        md += [f"## {m}", ""]
+        md += [f"![{m} curves](curves_{m}.png)", "", f"![final {m}](final_{m}.png)", ""]
+        f = final[final["metric"] == m]
+        md += [
+            _md_table(
+                ["variant", "mean", "std", f"{int(LEVEL * 100)}% CI", "n"],
+                [
+                    [
+                        r.variant,
+                        _fmt(r.mean, ".5g"),
+                        _fmt(r.std, ".2g"),
+                        f"[{_fmt(r.lo, '.5g')}, {_fmt(r.hi, '.5g')}]",
+                        str(r.n),
+                    ]
+                    for r in f.itertuples()
+                ],
+            ),
+            "",
+        ]
+        p = paired[paired["metric"] == m]
+        if len(p):
+            md += [f"### Paired against {base}", "", f"![paired {m}](paired_{m}.png)", ""]
+            md += [
+                _md_table(
+                    [
+                        "variant",
+                        "mean diff",
+                        "relative",
+                        f"{int(LEVEL * 100)}% CI",
+                        "p (paired t)",
+                        "pairs",
+                        "distinguishable",
+                    ],
+                    [
+                        [
+                            r.variant,
+                            _fmt(r.diff, "+.3g"),
+                            _fmt(r.relative, "+.1%"),
+                            f"[{_fmt(r.diff_lo, '+.3g')}, {_fmt(r.diff_hi, '+.3g')}]",
+                            _fmt(r.p_value, ".2g"),
+                            str(r.n_pairs),
+                            "yes" if r.distinguishable else "no",
+                        ]
+                        for r in p.itertuples()
+                    ],
+                ),
+                "",
+            ]
+            md += [f"- {r.verdict}" for r in p.itertuples()] + [""]
+
+    md += ["## Cost", ""]
+    md += [
+        _md_table(
+            [
+                "variant",
+                "backbone",
+                "conditioning",
+                "params",
+                "MACs (fwd)",
+                "tokens",
+                "train FLOPs",
+                "img/s",
+                "train s",
+            ],
+            [
+                [
+                    r.variant,
+                    str(r.backbone),
+                    str(r.conditioning),
+                    f"{int(r.params):,}",
+                    _si(r.macs),
+                    _fmt(r.tokens, ".0f"),
+                    _si(r.train_flops),
+                    _fmt(r.img_per_s, ".0f"),
+                    _fmt(r.train_seconds, ".0f"),
+                ]
+                for r in cost.itertuples()
+            ],
+        ),
+        "",
+        "MACs: forward pass, one multiply-add = 1 (the DiT paper's 'Gflops'); training FLOPs = "
+        "3 x forward FLOPs x images seen. Throughput is the mean over seeds of images per "
+        "second of training steps on the recorded device "
+        f"({runs['device'].iloc[0] if 'device' in runs else '?'}); on a shared machine it is "
+        "only indicative.",
+        "",
+    ]
+    if grids:
+        md += ["## Samples", "", "![sample grids](samples.png)", ""]
+        md += [" · ".join(f"[{v}]({rel})" for v, rel in grids.items()), ""]
+    md += [
+        "## Tables",
+        "",
+        "`runs`, `final`, `paired`, `cost`, `curves` as `.csv` and `.parquet` in this folder.",
+        "",
+    ]
+    notes = out / NOTES
+    if notes.is_file():
+        md += ["## Discussion", "", notes.read_text().strip(), ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out / "report.md"
+
+
+def main(source: str | Path, out: str | Path) -> int:
+    path = build_report(source, out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,705 @@
+"""`dit-bench report scaling STUDY_OR_RUNS -o reports/NAME`: scaling laws from a sweep.
+
+Input: a sweep's runs folder (each run has `trial.json`, written by `dit_bench.sweep`), or its
+Optuna study (a `study.db` file, `sqlite:///...` or `postgresql://...` URL; the trials' user
+attributes hold the same records). Output in the report folder: `report.md`, seaborn figures
+(PNG), the tables as CSV and Parquet (`runs`, `points`, `curves`, `fits`, `isoflop`).
+
+Compute convention: training FLOPs C = 3 x forward FLOPs x images seen, forward FLOPs = 2 x
+forward MACs (one multiply-add = 1 MAC, DiT's "Gflops" are MACs). N = parameters (the frozen
+position table included), D = training tokens seen (images x tokens per image). A run's point at a
+budget is its val loss at the first step where C >= the budget; fits use that step's actual C.
+
+Pure functions of DataFrames: nothing here imports torch or a model (fits in `fits.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dit_bench.report import fits
+from dit_bench.report.results import save_table
+
+N_BOOT = 200
+COMPUTE_CONVENTION = (
+    "training FLOPs C = 3 x forward FLOPs x images seen; forward FLOPs = 2 x forward MACs "
+    "(one multiply-add = 1 MAC; DiT's 'Gflops' are forward MACs). N = parameters; D = training "
+    "tokens seen = images x tokens per image."
+)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _records_from_runs(folder: Path) -> list[dict]:
+    recs = []
+    for path in sorted(folder.rglob("trial.json")):
+        rec = json.loads(path.read_text())
+        rec["run_dir"] = str(path.parent)
+        recs.append(rec)
+    return recs
+
+
+def _records_from_study(url: str) -> list[dict]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = optuna.get_all_study_names(storage=url)
+    recs = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=url)
+        for t in study.get_trials(deepcopy=False):
+            if "curve" not in t.user_attrs:
+                continue
+            recs.append(
+                {
+                    **t.user_attrs,
+                    "study": name,
+                    "trial": t.number,
+                    "trial_params": t.params,
+                    "state": t.state.name,
+                }
+            )
+    return recs
+
+
+def load_records(source: str | Path) -> list[dict]:
+    """Trial records of a runs folder, a study file or a storage URL."""
+    s = str(source)
+    if "://" in s:
+        recs = _records_from_study(s)
+    elif Path(s).is_file():
+        recs = _records_from_study(f"sqlite:///{Path(s).resolve()}")
+    elif Path(s).is_dir():
+        recs = _records_from_runs(Path(s))
+    else:
+        raise FileNotFoundError(f"{source} is neither a runs folder, a study file nor a URL")
+    if not recs:
+        raise FileNotFoundError(f"no sweep trials (trial.json / trial records) in {source}")
+    # one record per run: the last attempt of a re-run trial describes the finished run
+    by_run: dict[str, dict] = {}
+    for r in recs:
+        key = r.get("config_hash") or r.get("run_dir")
+        if key not in by_run or r.get("state") == "COMPLETE":
+            by_run[key] = r
+    return list(by_run.values())
+
+
+def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, points, curves): one row per run; per run and budget; per run and val step."""
+    runs, points, curves = [], [], []
+    for r in records:
+        labels = r.get("trial_params") or dict(
+            kv.split("=", 1) for kv in (r.get("point") or "").split(",") if "=" in kv
+        )
+        size = labels.get("size") or f"d{r['depth']}-w{r['width']}"
+        run = r["config_hash"]
+        timing = r.get("timing") or {}
+        base = {
+            "run": run,
+            "size": size,
+            "patch": r.get("patch"),
+            "image_size": r.get("image_size"),
+            "params": r["params"],
+        }
+        runs.append(
+            {
+                **base,
+                "point": r.get("point"),
+                "trial": r.get("trial"),
+                "state": r.get("state"),
+                "depth": r.get("depth"),
+                "width": r.get("width"),
+                "heads": r.get("heads"),
+                "tokens": r.get("tokens"),
+                "macs": r.get("macs"),
+                "flops": r.get("flops"),
+                "batch_size": r.get("batch_size"),
+                "steps": r.get("steps"),
+                "images": r.get("images"),
+                "train_flops": r.get("train_flops"),
+                "val_loss": r.get("val_loss"),
+                **{f"time_{k}": v for k, v in timing.items()},
+                "run_dir": r.get("run_dir"),
+            }
+        )
+        fwd, batch, tokens = r["flops"], r["batch_size"], r.get("tokens") or 1
+        for budget, step, loss in zip(
+            r["budgets"], r["budget_steps"], r["val_at_budget"], strict=True
+        ):
+            if loss is None:
+                continue
+            images = step * batch
+            points.append(
+                {
+                    **base,
+                    "macs": r.get("macs"),
+                    "tokens": tokens,
+                    "budget": float(budget),
+                    "step": step,
+                    "images": images,
+                    "tokens_seen": images * tokens,
+                    "train_flops": 3.0 * fwd * images,
+                    "val_loss": float(loss),
+                }
+            )
+        for c in r.get("curve") or []:
+            curves.append({**base, **c})
+    runs_df = pd.DataFrame(runs)
+    return runs_df, pd.DataFrame(points), pd.DataFrame(curves)
+
+
+# -- the fits ---------------------------------------------------------------------------------------
+def _envelope_fit(points: pd.DataFrame, name: str) -> fits.Fit:
+    env = fits.envelope(points)
+    return fits.fit_power_law(env["train_flops"], env["val_loss"], name=name)
+
+
+def _isoflop_points(points: pd.DataFrame) -> pd.DataFrame:
+    # per (budget, size): the best patch (the compute-optimal token count for that size)
+    idx = points.groupby(["budget", "size"])["val_loss"].idxmin()
+    return points.loc[idx]
+
+
+def _chinchilla(points: pd.DataFrame, name: str, warm: fits.Fit | None = None) -> fits.Fit:
+    starts = None
+    if warm is not None and hasattr(warm, "_raw"):
+        raw = warm._raw
+        starts = [
+            raw,
+            raw + np.array([0.5, 0.5, 0.0, 0.1, 0.1]),
+            raw - np.array([0.5, 0.5, 0.1, 0.1, 0.1]),
+        ]
+    return fits.fit_chinchilla(
+        points["params"], points["tokens_seen"], points["val_loss"], name=name, starts=starts
+    )
+
+
+def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Every fit of the report, with bootstrap CIs (over runs) and held-out checks."""
+    out: dict = {"fits": [], "isoflop": {}, "heldout": []}
+    cmax = points["budget"].max()
+    inner = points[points["budget"] < cmax]
+
+    def add(fit, refit):
+        if fit.status == "insufficient data":
+            out["fits"].append(fit)
+            return fit
+        ci, ok = fits.bootstrap(points_for[fit.name], refit, n_boot=n_boot, seed=seed)
+        fit = fits.with_ci(fit, ci, ok)
+        out["fits"].append(fit)
+        return fit
+
+    points_for: dict[str, pd.DataFrame] = {}
+    # L(C), overall and per patch
+    groups = [("all", points)] + [(f"patch {p}", g) for p, g in points.groupby("patch")]
+    for label, g in groups:
+        name = f"L(C) {label}"
+        points_for[name] = g
+        fit = add(_envelope_fit(g, name), lambda d, n=name: _envelope_fit(d, n))
+        if label == "all":
+            held = _envelope_fit(g[g["budget"] < cmax], name + " without the largest budget")
+            env = fits.envelope(g)
+            last = env[env["budget"] == cmax]
+            if held.ok and len(last):
+                pred = float(held.predict(last["train_flops"].iloc[0]))
+                act = float(last["val_loss"].iloc[0])
+                out["heldout"].append(
+                    {
+                        "fit": name,
+                        "budget": cmax,
+                        "predicted": pred,
+                        "actual": act,
+                        "rel_error": pred / act - 1,
+                    }
+                )
+            else:
+                out["heldout"].append({"fit": name, "budget": cmax, "note": held.status})
+            out["envelope_fit"] = fit
+    # L(N, D)
+    name = "L(N, D) all"
+    points_for[name] = points
+    full = _chinchilla(points, name)
+    add(full, lambda d: _chinchilla(d, name, warm=full))
+    out["chinchilla"] = full
+    held = _chinchilla(inner, name + " without the largest budget", warm=full)
+    last = points[points["budget"] == cmax]
+    if held.ok and len(last):
+        pred = held.predict(last["params"], last["tokens_seen"])
+        err = pred / last["val_loss"].to_numpy() - 1
+        out["heldout"].append(
+            {
+                "fit": name,
+                "budget": cmax,
+                "predicted": float(np.mean(pred)),
+                "actual": float(last["val_loss"].mean()),
+                "rel_error": float(np.mean(np.abs(err))),
+                "note": f"mean |relative error| over {len(last)} runs",
+            }
+        )
+        out["chinchilla_heldout"] = held
+    else:
+        out["heldout"].append({"fit": name, "budget": cmax, "note": held.status})
+    # IsoFLOP: overall (best patch per size) and per patch
+    iso_groups = [("all", _isoflop_points(points))] + [
+        (f"patch {p}", g) for p, g in points.groupby("patch")
+    ]
+    for label, g in iso_groups:
+        name = f"N*(C) {label}"
+        iso = fits.fit_isoflop(g, name=name)
+        out["isoflop"][label] = iso
+        points_for[name] = g
+        add(iso.fit, lambda d, n=name: fits.fit_isoflop(d, name=n).fit)
+        if label == "all":
+            h = fits.fit_isoflop(g[g["budget"] < cmax], name=name + " held out")
+            v = iso.vertices[iso.vertices["budget"] == cmax]
+            if h.fit.ok and len(v) and bool(v["valid"].iloc[0]):
+                pred, act = float(h.fit.predict(cmax)), float(v["n_opt"].iloc[0])
+                out["heldout"].append(
+                    {
+                        "fit": name,
+                        "budget": cmax,
+                        "predicted": pred,
+                        "actual": act,
+                        "rel_error": pred / act - 1,
+                        "note": "N* from the parabola at that budget",
+                    }
+                )
+            else:
+                why = h.fit.status if not h.fit.ok else "no interior minimum at the largest budget"
+                out["heldout"].append({"fit": name, "budget": cmax, "note": why})
+    return out
+
+
+def fits_table(fit_list: list[fits.Fit]) -> pd.DataFrame:
+    rows = []
+    for f in fit_list:
+        if not f.params:
+            rows.append(
+                {
+                    "fit": f.name,
+                    "formula": f.formula,
+                    "param": None,
+                    "value": None,
+                    "ci_low": None,
+                    "ci_high": None,
+                    "status": f.status,
+                    "detail": f.detail,
+                    "n_points": f.n_points,
+                }
+            )
+        for k, v in f.params.items():
+            lo, hi = f.ci.get(k, (math.nan, math.nan))
+            rows.append(
+                {
+                    "fit": f.name,
+                    "formula": f.formula,
+                    "param": k,
+                    "value": v,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "status": f.status,
+                    "detail": f.detail,
+                    "n_points": f.n_points,
+                    "cond": f.cond,
+                    "starts_at_best": f"{f.starts_at_best}/{f.starts}",
+                    "bootstrap_ok": f.boot_ok,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def _size_order(runs: pd.DataFrame) -> list[str]:
+    return list(runs.groupby("size")["params"].mean().sort_values().index)
+
+
+def figures(runs, points, curves, result, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    order = _size_order(runs)
+    patches = sorted(points["patch"].unique())
+    made = []
+
+    # 1. loss vs training FLOPs, coloured by size, styled by patch (DiT Figs. 6, 8)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sns.lineplot(
+        data=curves,
+        x="train_flops",
+        y="val_loss",
+        hue="size",
+        hue_order=order,
+        style="patch",
+        style_order=patches,
+        units="run",
+        estimator=None,
+        ax=ax,
+        palette="viridis",
+        alpha=0.35,
+        legend=False,
+    )
+    sns.scatterplot(
+        data=points,
+        x="train_flops",
+        y="val_loss",
+        hue="size",
+        hue_order=order,
+        style="patch",
+        style_order=patches,
+        palette="viridis",
+        s=45,
+        ax=ax,
+    )
+    f = result.get("envelope_fit")
+    if f is not None and f.ok:
+        c = np.geomspace(points["train_flops"].min(), points["train_flops"].max(), 100)
+        ax.plot(
+            c, f.predict(c), "k--", lw=1.5, label=f"envelope fit: E + A C^-{f.params['alpha']:.3f}"
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training FLOPs C (3 x forward x images)",
+        ylabel="val loss",
+        title="Loss vs training compute (colour: size, marker: patch)",
+    )
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_flops.png", dpi=130)
+    plt.close(fig)
+    made.append("loss_vs_flops.png")
+
+    # 2. loss vs forward MACs per image, at each budget (DiT Fig. 8 style)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    last = points.loc[points.groupby("run")["budget"].idxmax()]
+    sns.scatterplot(
+        data=last,
+        x="macs",
+        y="val_loss",
+        hue="size",
+        hue_order=order,
+        style="patch",
+        style_order=patches,
+        palette="viridis",
+        s=70,
+        ax=axes[0],
+    )
+    axes[0].set(
+        xscale="log",
+        xlabel="forward MACs per image",
+        ylabel="val loss at its last budget",
+        title="Final loss vs model compute",
+    )
+    sns.lineplot(
+        data=points,
+        x="macs",
+        y="val_loss",
+        hue="budget",
+        palette="rocket_r",
+        hue_norm=matplotlib.colors.LogNorm(),
+        marker="o",
+        estimator=None,
+        units="budget",
+        sort=True,
+        ax=axes[1],
+        legend="brief",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="forward MACs per image",
+        ylabel="val loss",
+        title="Loss vs forward MACs at each budget",
+    )
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_macs.png", dpi=130)
+    plt.close(fig)
+    made.append("loss_vs_macs.png")
+
+    # 3. IsoFLOP profiles and the frontier N*(C)
+    iso = result["isoflop"]["all"]
+    g = _isoflop_points(points)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    pal = sns.color_palette("rocket_r", n_colors=g["budget"].nunique())
+    for color, (budget, gb) in zip(pal, g.groupby("budget"), strict=True):
+        axes[0].scatter(gb["params"], gb["val_loss"], color=color, label=f"{budget:.2g}")
+        v = iso.vertices[iso.vertices["budget"] == budget].iloc[0]
+        if np.isfinite(v["c2"]):
+            ln = np.linspace(np.log10(gb["params"].min()), np.log10(gb["params"].max()), 50)
+            axes[0].plot(10**ln, v["c2"] * ln**2 + v["c1"] * ln + v["c0"], color=color, lw=1)
+        if v["valid"]:
+            axes[0].axvline(v["n_opt"], color=color, ls=":", lw=0.8)
+    axes[0].set(
+        xscale="log",
+        xlabel="parameters N",
+        ylabel="val loss (best patch per size)",
+        title="IsoFLOP profiles (parabola in log N)",
+    )
+    axes[0].legend(title="budget C", fontsize=7)
+    ok = iso.vertices[iso.vertices["valid"]]
+    axes[1].scatter(ok["budget"], ok["n_opt"], color="k", label="parabola minimum")
+    if iso.fit.ok:
+        cc = np.geomspace(points["budget"].min(), points["budget"].max(), 50)
+        axes[1].plot(cc, iso.fit.predict(cc), "k--", label=f"N* = k C^{iso.fit.params['a']:.3f}")
+    if len(ok):
+        axes[1].set(xscale="log", yscale="log")
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].text(0.5, 0.5, "no budget with an interior minimum", ha="center",
+                     transform=axes[1].transAxes)  # fmt: skip
+    axes[1].set(xlabel="training FLOPs C", ylabel="N*(C)", title="Compute-optimal size")
+    fig.tight_layout()
+    fig.savefig(out / "isoflop.png", dpi=130)
+    plt.close(fig)
+    made.append("isoflop.png")
+
+    # 4. predicted vs actual: L(N, D) in-sample and held out; the envelope fit
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ch, held = result.get("chinchilla"), result.get("chinchilla_heldout")
+    cmax = points["budget"].max()
+    if ch is not None and ch.predict is not None:
+        pp = points.assign(
+            predicted=ch.predict(points["params"], points["tokens_seen"]), fit="all budgets"
+        )
+        parts = [pp]
+        if held is not None:
+            hp = points.assign(
+                predicted=held.predict(points["params"], points["tokens_seen"]),
+                fit=np.where(
+                    points["budget"] == cmax, "held out (largest budget)", "fit without it"
+                ),
+            )
+            parts.append(hp)
+        sns.scatterplot(
+            data=pd.concat(parts),
+            x="val_loss",
+            y="predicted",
+            hue="fit",
+            style="patch",
+            ax=axes[0],
+            s=35,
+        )
+        lo, hi = points["val_loss"].min() * 0.95, points["val_loss"].max() * 1.05
+        axes[0].plot([lo, hi], [lo, hi], "k:", lw=1)
+        axes[0].set(
+            xscale="log",
+            yscale="log",
+            title=f"{ch.formula} [{ch.status}]",
+            xlabel="actual val loss",
+            ylabel="predicted",
+        )
+    env = fits.envelope(points)
+    f = result.get("envelope_fit")
+    axes[1].scatter(env["train_flops"], env["val_loss"], color="k", label="envelope (best run)")
+    if f is not None and f.predict is not None:
+        cc = np.geomspace(env["train_flops"].min(), env["train_flops"].max(), 100)
+        axes[1].plot(cc, f.predict(cc), "k--", label=f"fit [{f.status}]")
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="training FLOPs C",
+        ylabel="val loss",
+        title="Loss-compute envelope: fit vs actual",
+    )
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "predicted_vs_actual.png", dpi=130)
+    plt.close(fig)
+    made.append("predicted_vs_actual.png")
+    return made
+
+
+# -- report.md ----------------------------------------------------------------------------------------
+def _num(v, fmt=".4g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, fmt)
+
+
+def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
+    lines = [
+        "| fit | parameter | value | 95% CI (bootstrap over runs) | status | check |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in fit_list:
+        check = (
+            (
+                f"cond {f.cond:.2g}, {f.starts_at_best}/{f.starts} starts at best, "
+                f"{_num(100 * f.boot_ok, '.0f')}% bootstrap refits ok"
+            )
+            if f.params
+            else f.detail
+        )
+        if not f.ok:
+            lines.append(f"| {f.name} | - | **{f.status}** | - | {f.status} | {f.detail} |")
+            continue
+        for k, v in f.params.items():
+            lo, hi = f.ci.get(k, (math.nan, math.nan))
+            lines.append(
+                f"| {f.name} | {k} | {_num(v)} | [{_num(lo)}, {_num(hi)}] | ok | {check} |"
+            )
+    return lines
+
+
+def overhead_summary(runs: pd.DataFrame) -> dict:
+    t = runs.dropna(subset=["time_wall_s"]) if "time_wall_s" in runs else runs.iloc[0:0]
+    if t.empty:
+        return {}
+    over = t["time_overhead_s"]
+    fixed = t["time_overhead_excl_val_s"]
+    return {
+        "trials": len(t),
+        "wall_median_s": float(t["time_wall_s"].median()),
+        "train_steps_median_s": float(t["time_train_steps_s"].median()),
+        "overhead_median_s": float(over.median()),
+        "overhead_max_s": float(over.max()),
+        "overhead_excl_val_median_s": float(fixed.median()),
+        "budget_val_median_s": float(t["time_budget_val_s"].median()),
+        "overhead_fraction_median": float((over / t["time_wall_s"]).median()),
+        "worker_start_s": [float(v) for v in t.get("time_worker_start_s", pd.Series()).dropna()],
+    }
+
+
+def write_report(source, runs, points, result, figs, out: Path) -> str:
+    ft = result["fits"]
+    env, ch = result.get("envelope_fit"), result.get("chinchilla")
+    iso = result["isoflop"]["all"].fit
+    o = overhead_summary(runs)
+    lines = [
+        "# Scaling-law report",
+        "",
+        f"Source: `{source}` ({len(runs)} runs, {len(points)} (run, budget) points, "
+        f"budgets {', '.join(f'{b:.3g}' for b in sorted(points['budget'].unique()))} FLOPs).",
+        "",
+        f"Compute convention: {COMPUTE_CONVENTION}",
+        "",
+        "## Headline",
+        "",
+    ]
+
+    def q(f, k):
+        if f is None or not f.ok:
+            return f"not reported ({f.status if f else 'missing'})"
+        lo, hi = f.ci.get(k, (math.nan, math.nan))
+        return f"{f.params[k]:.3f} [95% CI {_num(lo, '.3f')}, {_num(hi, '.3f')}]"
+
+    lines += [
+        f"- Loss-compute envelope L(C) = E + A C^-alpha: alpha = {q(env, 'alpha')}.",
+        f"- L(N, D) = E + A/N^a + B/D^b: a = {q(ch, 'a')}, b = {q(ch, 'b')}, E = {q(ch, 'E')}.",
+        f"- Compute-optimal size N*(C) ~ C^a (IsoFLOP, best patch per size): a = {q(iso, 'a')}.",
+        "",
+        "## Fitted constants",
+        "",
+        *_fit_rows(ft),
+        "",
+        "Status `ok` means: the optimiser converged, the starts that reach the best loss agree on "
+        "the parameters, no parameter sits on its bound, and the Jacobian of the residuals in "
+        f"relative parameters has condition number below {fits.COND_LIMIT:.0e}. Any other status "
+        "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
+        f"resampled with replacement ({N_BOOT} resamples; only ok refits count).",
+        "",
+        "## Held-out check (fit without the largest budget, predict it)",
+        "",
+        "| fit | budget | predicted | actual | error | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for h in result["heldout"]:
+        lines.append(
+            f"| {h['fit']} | {h['budget']:.3g} | {_num(h.get('predicted'))} | "
+            f"{_num(h.get('actual'))} | {_num(100 * h['rel_error'], '+.1f') + '%' if 'rel_error' in h else '-'} | "
+            f"{h.get('note', '')} |"
+        )
+    vert = result["isoflop"]["all"].vertices
+    lines += [
+        "",
+        "## IsoFLOP minima (best patch per size)",
+        "",
+        "| budget | sizes | c2 | N* | valid | why not |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in vert.itertuples():
+        lines.append(
+            f"| {v.budget:.3g} | {v.n_points} | {_num(v.c2)} | {_num(v.n_opt, '.3g')} | "
+            f"{v.valid} | {v.why} |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| size | patch | tokens | params | fwd MACs | steps | final val loss | state |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs.sort_values(["params", "patch"]).itertuples():
+        lines.append(
+            f"| {r.size} | {r.patch} | {r.tokens} | {r.params:,} | {r.macs:,} | {r.steps} | "
+            f"{_num(r.val_loss, '.4f')} | {r.state} |"
+        )
+    if o:
+        frac60 = o["overhead_median_s"] / 60
+        lines += [
+            "",
+            "## Harness overhead per trial",
+            "",
+            "Measured on every trial: wall time from claiming the trial to telling its result, minus "
+            "the training steps themselves (forward, backward, optimiser step; timed by the sweep's "
+            "`ValAtSteps` callback). The overhead includes config and model set-up, data set "
+            "rendering, the val-loss evaluations at the budgets, checkpoints, the final sample grid, "
+            "summary and study writes.",
+            "",
+            f"- trials measured: {o['trials']}; median wall {o['wall_median_s']:.1f} s, of which "
+            f"training steps {o['train_steps_median_s']:.1f} s",
+            f"- overhead per trial: median {o['overhead_median_s']:.2f} s (max "
+            f"{o['overhead_max_s']:.2f} s), of which val-loss evaluations at budgets "
+            f"{o['budget_val_median_s']:.2f} s; without them {o['overhead_excl_val_median_s']:.2f} s",
+            f"- as a share of a trial: median {100 * o['overhead_fraction_median']:.1f}%; of a "
+            f"60-second CPU trial: {100 * frac60:.1f}% (target <= 10%)",
+            "- worker process start (imports, storage) before its first trial, once per worker: "
+            + ", ".join(f"{v:.1f} s" for v in o["worker_start_s"]),
+        ]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
+    lines += [
+        "",
+        "## Data",
+        "",
+        "`runs`, `points` (one row per run and budget), `curves` (every val-loss row), "
+        "`fits` and `isoflop` as `.csv` and `.parquet` in this folder.",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, points, curves = tables(load_records(source))
+    if points.empty:
+        raise ValueError(f"{source}: no val loss at any budget yet")
+    result = fit_all(points, n_boot=n_boot)
+    save_table(runs, out / "runs")
+    save_table(points, out / "points")
+    save_table(curves, out / "curves")
+    save_table(fits_table(result["fits"]), out / "fits")
+    iso = pd.concat(
+        [v.vertices.assign(group=k) for k, v in result["isoflop"].items()], ignore_index=True
+    )
+    save_table(iso, out / "isoflop")
+    figs = figures(runs, points, curves, result, out)
+    write_report(source, runs, points, result, figs, out)
+    return out
+
+
+def main(source: str, out: str) -> int:
+    path = build_report(source, out)
+    print(f"wrote {path / 'report.md'}", file=sys.stderr)
+    return 0

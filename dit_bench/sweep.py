@@ -1,0 +1,919 @@
+"""Scaling-law sweeps: a sweep file -> an Optuna study -> one training run per trial.
+
+A sweep file (`sweeps/*.yaml`) declares the search space as data:
+
+```yaml
+name: shapes-scaling                 # study name; runs go to <out>/<name>-<profile>/
+description: ...
+base: {...}                          # an experiment config, the schema of `dit-bench train` files
+space:                               # Optuna parameters, in this order
+  size:                              # a bundle: each labelled choice sets several keys
+    choices:
+      S: {backbone.depth: 2, backbone.hidden_size: 64, backbone.num_heads: 2}
+      M: {backbone.depth: 4, backbone.hidden_size: 96, backbone.num_heads: 3}
+  backbone.patch_size: {choices: [2, 4, 8]}      # a plain categorical on one config key
+  optim.lr: {low: 1.0e-4, high: 1.0e-3, log: true}   # a range (TPE / random samplers only)
+budgets: [1.0e11, 3.0e11, 1.0e12]    # compute budgets, training FLOPs (3 x forward x images)
+max_steps: null                      # optional cap on a run's steps (it reports what it crosses)
+budget_mode: envelope                # envelope: one constant-lr run per point, val loss logged
+                                     #   at every budget it crosses (trains to the largest);
+                                     # per_budget: one run per (point, budget) (decaying lr)
+sampler: grid                        # grid (every point once) | tpe | random
+pruner: {name: none}                 # none | median | hyperband, at equal compute (budget index)
+n_trials: null                       # grid: all points; tpe/random: required
+heartbeat: {interval: 10, grace: 60, max_retry: 3}
+profiles:                            # how big: cpu (minutes here) and gpu (paper scale)
+  cpu:
+    description: ...
+    set: {train.threads: 1}          # dotted keys applied to the base
+    budgets: [...]                   # any top-level key above except name/base/profiles:
+    space: {...}                     #   replaces the file's value (no deep merge)
+```
+
+A trial's config is: base, the profile's `set`, `--set` items, the trial's parameters, then
+`train.steps` from the budgets (`ceil(C / (3 * forward FLOPs * batch))` for the largest) and
+`experiment = <name>-<profile>`. Runs are named by config hash, so a re-run trial resumes its
+run directory.
+
+Concurrency. The study lives in an RDB storage: a SQLite file next to the runs by default, a
+PostgreSQL URL for many machines. Two guarantees are enforced by one primitive, an INSERT into a
+`dit_bench_claims` table with a (study, key) primary key, which is atomic in both databases
+(Optuna's own pop of a waiting trial is a read-then-write, which SQLite does not serialise):
+grid points are enqueued once each (`point:<key>`) and every waiting trial is started by one
+worker (`run:<trial id>`). A worker keeps a heartbeat on its running trial; a killed worker's
+trial goes stale, is failed by the next worker that looks (`fail_stale_trials`) and is enqueued
+again with the same parameters (`retry:<trial number>`, at most `heartbeat.max_retry` times),
+and the re-run resumes the run directory from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dit_bench.config import ConfigError, ExperimentConfig, apply_overrides, build_config, read_yaml
+
+Scalar = bool | int | float | str
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# -- the sweep file schema ----------------------------------------------------------------------
+class Choices(_Strict):
+    """A categorical parameter: plain values of one config key, or labelled bundles of keys."""
+
+    choices: list[Scalar] | dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @property
+    def labels(self) -> list[Scalar]:
+        return list(self.choices) if isinstance(self.choices, dict) else list(self.choices)
+
+
+class Range(_Strict):
+    """A numeric parameter for TPE / random sampling: float or int in [low, high]."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    type: Literal["float", "int"] = "float"
+
+    @field_validator("high")
+    @classmethod
+    def _ordered(cls, high: float, info) -> float:
+        if "low" in info.data and high <= info.data["low"]:
+            raise ValueError(f"high={high} must exceed low={info.data['low']}")
+        return high
+
+
+class Pruner(_Strict):
+    name: Literal["none", "median", "hyperband"] = "none"
+    n_startup_trials: int = Field(4, ge=0, description="median: trials before pruning starts")
+    n_warmup_steps: int = Field(1, ge=0, description="median: budgets before pruning starts")
+    reduction_factor: int = Field(3, ge=2, description="hyperband")
+
+
+class Heartbeat(_Strict):
+    interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
+    grace: int = Field(60, gt=0, description="seconds without one before the trial is failed")
+    max_retry: int = Field(3, ge=0, description="re-runs of a trial whose worker died")
+
+
+class SweepSpec(_Strict):
+    """A sweep file with its profile applied: everything a worker needs."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    profile: str
+    description: str = ""
+    profile_description: str = ""
+    base: dict[str, Any]
+    space: dict[str, Choices | Range] = Field(min_length=1)
+    budgets: list[float] = Field(min_length=1)
+    budget_mode: Literal["envelope", "per_budget"] = "envelope"
+    sampler: Literal["grid", "tpe", "random"] = "grid"
+    seed: int = 0
+    pruner: Pruner = Pruner()
+    max_steps: int | None = Field(
+        None, gt=0, description="cap on a run's steps: it reports the budgets it crosses by then"
+    )
+    n_trials: int | None = Field(None, gt=0)
+    workers: int = Field(1, gt=0)
+    heartbeat: Heartbeat = Heartbeat()
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        if any(b <= 0 for b in v) or len(set(v)) != len(v):
+            raise ValueError("budgets must be distinct positive training-FLOP levels")
+        return sorted(float(b) for b in v)
+
+
+FILE_KEYS = set(SweepSpec.model_fields) - {"profile", "profile_description"} | {"profiles"}
+PROFILE_KEYS = {"description", "set"} | (FILE_KEYS - {"name", "base", "profiles", "description"})
+
+
+# -- the resolved sweep -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrialPlan:
+    """What one trial trains: its config and the steps at which it crosses each budget."""
+
+    params: dict[str, Scalar]
+    cfg: ExperimentConfig
+    forward_flops: int  # per image (2 x MACs)
+    macs: int
+    num_params: int
+    tokens: int | None
+    budgets: list[float]  # the budgets this run reports (per_budget: its own one)
+    budget_steps: list[int]  # optimiser step at which each budget is crossed
+
+    @property
+    def point(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.params.items())
+
+
+@dataclass(frozen=True)
+class Sweep:
+    spec: SweepSpec
+    source: str = ""
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.spec.name}-{self.spec.profile}"
+
+    @property
+    def study_name(self) -> str:
+        return self.experiment
+
+    # -- the search space ---------------------------------------------------------------------
+    def grid_space(self) -> dict[str, list[Scalar]]:
+        """Optuna parameter -> its choices (grid axes; budget is one in per_budget mode)."""
+        out = {k: v.labels for k, v in self.spec.space.items() if isinstance(v, Choices)}
+        if self.spec.budget_mode == "per_budget":
+            out["budget"] = list(self.spec.budgets)
+        return out
+
+    def points(self) -> list[dict[str, Scalar]]:
+        """Every grid point in file order (the Cartesian product of the categorical axes)."""
+        space = self.grid_space()
+        return [
+            dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())
+        ]
+
+    def overrides_of(self, params: dict[str, Scalar]) -> dict[str, Any]:
+        """Dotted config keys set by a trial's parameters (bundles expanded)."""
+        out: dict[str, Any] = {}
+        for key, entry in self.spec.space.items():
+            value = params[key]
+            if isinstance(entry, Choices) and isinstance(entry.choices, dict):
+                out.update(entry.choices[value])
+            else:
+                out[key] = int(value) if isinstance(entry, Range) and entry.type == "int" else value
+        return out
+
+    def base_raw(self) -> dict[str, Any]:
+        return apply_overrides(self.spec.base, list(self.overrides))
+
+    def plan(self, params: dict[str, Scalar]) -> TrialPlan:
+        """The config of a trial (validated), its size and its budget steps. Builds no weights."""
+        import torch
+
+        from dit_bench.data import data_info
+        from dit_bench.train.module import build_net
+
+        sets = [f"{k}={json.dumps(v)}" for k, v in self.overrides_of(params).items()]
+        sets.append(f"experiment={self.experiment}")
+        raw = apply_overrides(self.base_raw(), sets)
+        cfg = build_config(raw)
+        with torch.device("meta"):  # shapes and counts only
+            net = build_net(cfg, data_info(cfg.data))
+        f = net.flops(batch=1)
+        per_step = 3 * f["flops"] * cfg.train.batch_size  # training FLOPs of one step
+        budgets = [float(params["budget"])] if "budget" in params else list(self.spec.budgets)
+        steps = [max(1, math.ceil(b / per_step)) for b in budgets]
+        if self.spec.max_steps:  # budgets beyond the cap are not reached by this run
+            budgets = [b for b, s in zip(budgets, steps, strict=True) if s <= self.spec.max_steps]
+            steps = [s for s in steps if s <= self.spec.max_steps]
+        if not steps:
+            raise ConfigError(
+                f"trial {params}: max_steps={self.spec.max_steps} reaches no budget "
+                f"(one step is {per_step:.3g} training FLOPs)"
+            )
+        cfg = build_config(apply_overrides(raw, [f"train.steps={max(steps)}"]))
+        return TrialPlan(
+            params=dict(params),
+            cfg=cfg,
+            forward_flops=f["flops"],
+            macs=f["macs"],
+            num_params=net.num_params(),
+            tokens=getattr(net, "num_tokens", None),
+            budgets=budgets,
+            budget_steps=steps,
+        )
+
+    def describe(self) -> str:
+        """The search space, sampler, budgets and every grid point with its size and compute."""
+        s = self.spec
+        lines = [
+            f"sweep {s.name} (profile {s.profile}): {self.source}",
+            f"  study {self.study_name}; sampler {s.sampler}, pruner {s.pruner.name}, "
+            f"budget_mode {s.budget_mode}, workers {s.workers}",
+            "  budgets (training FLOPs = 3 x forward FLOPs x images): "
+            + ", ".join(f"{b:.3g}" for b in s.budgets),
+            "  space:",
+        ]
+        for key, entry in s.space.items():
+            if isinstance(entry, Choices) and isinstance(entry.choices, dict):
+                desc = "; ".join(
+                    f"{lab}: " + " ".join(f"{k}={v}" for k, v in ov.items())
+                    for lab, ov in entry.choices.items()
+                )
+            elif isinstance(entry, Choices):
+                desc = ", ".join(map(str, entry.choices))
+            else:
+                desc = f"{entry.type} [{entry.low}, {entry.high}]" + (" log" if entry.log else "")
+            lines.append(f"    {key}: {desc}")
+        if s.sampler == "grid":
+            pts = self.points()[: s.n_trials]
+            lines.append(f"  {len(pts)} trials (grid points):")
+            total = 0.0
+            for i, p in enumerate(pts):
+                plan = self.plan(p)
+                total += 3 * plan.forward_flops * plan.cfg.train.steps * plan.cfg.train.batch_size
+                lines.append(
+                    f"    {i:3d} {plan.point:<48} params {plan.num_params:>10,} "
+                    f"tokens {plan.tokens!s:>4} MACs {plan.macs:>12,} steps "
+                    f"{plan.cfg.train.steps:>6} hash {plan.cfg.hash}"
+                )
+            lines.append(f"  total training compute {total:.3g} FLOPs")
+        else:
+            lines.append(f"  {s.n_trials} trials sampled by {s.sampler}")
+        return "\n".join(lines)
+
+    def validate(self) -> None:
+        """Every grid point (or each range's corners) builds a valid config; raises ConfigError."""
+        s = self.spec
+        if s.sampler == "grid":
+            ranges = [k for k, v in s.space.items() if isinstance(v, Range)]
+            if ranges:
+                raise ConfigError(
+                    f"{self.source}: sampler grid needs choices only; ranges {ranges}"
+                )
+            params_list = self.points()
+        else:
+            if s.n_trials is None:
+                raise ConfigError(f"{self.source}: sampler {s.sampler} needs n_trials")
+            corners = {
+                k: (v.labels if isinstance(v, Choices) else [v.low, v.high])
+                for k, v in s.space.items()
+            }
+            params_list = [
+                dict(zip(corners, c, strict=True)) for c in itertools.product(*corners.values())
+            ]
+            if s.budget_mode == "per_budget":
+                params_list = [{**p, "budget": b} for p in params_list for b in s.budgets]
+        if s.pruner.name != "none" and s.budget_mode == "per_budget":
+            raise ConfigError(
+                f"{self.source}: pruner needs budget_mode envelope (a value per budget)"
+            )
+        if s.pruner.name == "hyperband" and len(s.budgets) < 2:
+            raise ConfigError(f"{self.source}: pruner hyperband needs at least 2 budgets")
+        for key, entry in s.space.items():
+            if isinstance(entry, Choices) and isinstance(entry.choices, dict):
+                for label, ov in entry.choices.items():
+                    if not isinstance(ov, dict) or not ov:
+                        raise ConfigError(f"{self.source}: space.{key}.{label} must set some keys")
+        for p in params_list:
+            try:
+                self.plan(p)
+            except ConfigError as e:
+                raise ConfigError(f"{self.source}: trial {p}: {e}") from None
+
+
+def _err(source: str, msg: str) -> ConfigError:
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_sweep(
+    path: str | Path | dict, profile: str = "cpu", overrides: Sequence[str] = ()
+) -> Sweep:
+    """A sweep file with `profile` applied and `overrides` (`key=value`) on its base config."""
+    raw = dict(path) if isinstance(path, dict) else read_yaml(path)
+    source = "<dict>" if isinstance(path, dict) else str(path)
+    unknown = set(raw) - FILE_KEYS
+    if unknown:
+        raise _err(source, f"unknown keys {sorted(unknown)}; allowed {sorted(FILE_KEYS)}")
+    profiles = raw.pop("profiles", None) or {}
+    if profiles and profile not in profiles:
+        raise _err(source, f"no profile {profile!r}; profiles: {list(profiles)}")
+    prof = dict(profiles.get(profile) or {})
+    bad = set(prof) - PROFILE_KEYS
+    if bad:
+        raise _err(
+            source,
+            f"profiles.{profile}: unknown keys {sorted(bad)}; allowed {sorted(PROFILE_KEYS)}",
+        )
+    sets = prof.pop("set", None) or {}
+    if not isinstance(sets, dict):
+        raise _err(source, f"profiles.{profile}.set must be a mapping of dotted keys to values")
+    spec_raw = {**raw, **{k: v for k, v in prof.items() if k != "description"}}
+    spec_raw["profile"] = profile
+    spec_raw["profile_description"] = prof.get("description", "")
+    spec_raw["base"] = apply_overrides(
+        raw.get("base") or {}, [f"{k}={json.dumps(v)}" for k, v in sets.items()]
+    )
+    try:
+        spec = SweepSpec.model_validate(spec_raw)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(map(str, x['loc'])) or '<file>'}: {x['msg'].removeprefix('Value error, ')}"
+            for x in e.errors()
+        ]
+        raise _err(source, "invalid sweep:\n" + "\n".join(lines)) from None
+    sweep = Sweep(spec, source, tuple(overrides))
+    build_config(sweep.base_raw())  # the base itself, with a message naming the bad key
+    return sweep
+
+
+# -- storage and claims -------------------------------------------------------------------------
+def default_storage(sweep: Sweep, out: str | Path) -> str:
+    """`sqlite:///<out>/<name>-<profile>/study.db`: the study file next to the sweep's runs."""
+    folder = Path(out).resolve() / sweep.experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'study.db'}"
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password (it is written into run directories)."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def make_storage(url: str, heartbeat: Heartbeat):
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 120}}  # wait for a writer instead of failing
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=heartbeat.interval,
+        grace_period=heartbeat.grace,
+    )
+
+
+class Claims:
+    """Atomic once-only claims in the study's database: INSERT into a table whose primary key is
+    (study, key); the second INSERT of a key fails with an IntegrityError in SQLite and
+    PostgreSQL alike, whatever the interleaving."""
+
+    def __init__(self, storage, study_id: int, owner: str):
+        import sqlalchemy as sa
+
+        self.sa, self.study_id, self.owner = sa, study_id, owner
+        self.engine = storage.engine
+        meta = sa.MetaData()
+        self.table = sa.Table(
+            "dit_bench_claims",
+            meta,
+            sa.Column("study_id", sa.Integer, primary_key=True),
+            sa.Column("key", sa.String(512), primary_key=True),
+            sa.Column("owner", sa.String(255)),
+            sa.Column("created", sa.Float),
+        )
+        for _ in range(10):  # two workers creating the table at once: one wins, the other retries
+            try:
+                meta.create_all(self.engine, checkfirst=True)
+                break
+            except sa.exc.SQLAlchemyError:
+                time.sleep(0.2)
+
+    def claim(self, key: str) -> bool:
+        sa = self.sa
+        row = {"study_id": self.study_id, "key": key, "owner": self.owner, "created": time.time()}
+        for attempt in range(60):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(self.table.insert().values(**row))
+                return True
+            except sa.exc.IntegrityError:
+                return False
+            except sa.exc.OperationalError:  # SQLite busy beyond its timeout: try again
+                time.sleep(0.5 + 0.1 * attempt)
+        raise RuntimeError(f"could not claim {key!r}: database stays locked")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        t = self.table
+        q = self.sa.select(t.c.key).where(t.c.study_id == self.study_id)
+        with self.engine.connect() as conn:
+            return [k for (k,) in conn.execute(q) if k.startswith(prefix)]
+
+
+def make_sampler(spec: SweepSpec, grid: dict[str, list[Scalar]]):
+    import optuna
+
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(grid, seed=spec.seed)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+def make_pruner(spec: SweepSpec):
+    import optuna
+
+    p = spec.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=len(spec.budgets), reduction_factor=p.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(sweep: Sweep, storage_url: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(storage_url, sweep.spec.heartbeat)
+    kwargs = dict(
+        study_name=sweep.study_name,
+        storage=storage,
+        sampler=make_sampler(sweep.spec, sweep.grid_space()),
+        pruner=make_pruner(sweep.spec),
+        direction="minimize",
+    )
+    for _ in range(10):  # concurrent creation: the loser loads the winner's study
+        try:
+            study = optuna.create_study(load_if_exists=True, **kwargs)
+            break
+        except optuna.exceptions.DuplicatedStudyError:
+            time.sleep(0.2)
+    else:
+        study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
+    if "sweep" not in study.user_attrs:
+        study.set_user_attr(
+            "sweep",
+            {
+                "source": sweep.source,
+                "profile": sweep.spec.profile,
+                "spec": sweep.spec.model_dump(mode="json"),
+                "overrides": list(sweep.overrides),
+            },
+        )
+    return study, storage
+
+
+# -- the objective: trial -> config -> run -> number ---------------------------------------------
+def suggest(trial, sweep: Sweep) -> dict[str, Scalar]:
+    """The trial's parameters (fixed ones of an enqueued grid point are returned as they are)."""
+    out: dict[str, Scalar] = {}
+    for key, entry in sweep.spec.space.items():
+        if isinstance(entry, Choices):
+            out[key] = trial.suggest_categorical(key, entry.labels)
+        elif entry.type == "int":
+            out[key] = trial.suggest_int(
+                key, int(entry.low), int(entry.high), step=int(entry.step or 1), log=entry.log
+            )
+        else:
+            out[key] = trial.suggest_float(
+                key, entry.low, entry.high, step=entry.step, log=entry.log
+            )
+    if sweep.spec.budget_mode == "per_budget":
+        out["budget"] = trial.suggest_categorical("budget", list(sweep.spec.budgets))
+    return out
+
+
+def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
+    """Every val-loss row of the run's metrics.csv with its images and training FLOPs."""
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    rows = []
+    batch = plan.cfg.train.batch_size
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("val/loss") not in (None, ""):
+                step = int(r["step"])
+                rows.append(
+                    {
+                        "step": step,
+                        "images": step * batch,
+                        "train_flops": 3.0 * plan.forward_flops * step * batch,
+                        "val_loss": float(r["val/loss"]),
+                    }
+                )
+    return rows
+
+
+def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
+    """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
+    by_step = {r["step"]: r["val_loss"] for r in curve}
+    spec = plan.cfg.backbone
+    batch = plan.cfg.train.batch_size
+    return {
+        "point": plan.point,
+        "experiment": plan.cfg.experiment,
+        "config_hash": plan.cfg.hash,
+        "backbone": spec.name,
+        "depth": spec.depth,
+        "width": spec.hidden_size,
+        "heads": spec.num_heads,
+        "patch": spec.patch_size,
+        "image_size": plan.cfg.data.image_size,
+        "params": plan.num_params,
+        "macs": plan.macs,
+        "flops": plan.forward_flops,
+        "tokens": plan.tokens,
+        "batch_size": batch,
+        "steps": plan.cfg.train.steps,
+        "images": plan.cfg.train.steps * batch,
+        "train_flops": 3 * plan.forward_flops * plan.cfg.train.steps * batch,
+        "budgets": plan.budgets,
+        "budget_steps": plan.budget_steps,
+        "val_at_budget": [by_step.get(s) for s in plan.budget_steps],
+        "curve": curve,
+        "val_loss": curve[-1]["val_loss"]
+        if curve and curve[-1]["step"] == plan.cfg.train.steps
+        else None,
+    }
+
+
+class _Heartbeat:
+    """Records the running trial's heartbeat every `interval` seconds from a daemon thread."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:  # a lost beat is retried at the next interval
+                print(f"[sweep] heartbeat failed: {e}", file=sys.stderr)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Worker:
+    """One worker process's loop over the study: claim a waiting trial (or make one), run it,
+    tell the result; until no trial is waiting or running."""
+
+    sweep: Sweep
+    storage_url: str
+    out: Path
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    progress: bool = False
+    poll: float = 2.0
+    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, n_trials: int | None = None) -> int:
+        """Run trials until the study is done; returns the number this worker finished."""
+        import optuna
+
+        self.study, rdb = open_study(self.sweep, self.storage_url)
+        self.storage = self.study._storage  # Optuna's (cached) view of `rdb`: keep one view
+        self.claims = Claims(rdb, self.study._study_id, self.name)
+        n_trials = n_trials or self.sweep.spec.n_trials
+        self._enqueue_grid(n_trials)
+        done = 0
+        while True:
+            with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+            self._retry_failed()
+            trial = self._pop_waiting() or self._new_trial(n_trials)
+            if trial is None:
+                states = {t.state for t in self.study.get_trials(deepcopy=False)}
+                active = {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
+                if states & active:  # others are running (or died: wait for them to go stale)
+                    time.sleep(self.poll)
+                    continue
+                return done
+            self._run(trial)
+            done += 1
+
+    # -- which trial next -------------------------------------------------------------------
+    def _enqueue_grid(self, n_trials: int | None) -> None:
+        if self.sweep.spec.sampler != "grid":
+            return
+        for params in self.sweep.points()[:n_trials]:
+            key = "point:" + json.dumps(params, sort_keys=True)
+            if self.claims.claim(key):
+                self.study.enqueue_trial(params, user_attrs={"attempt": 1})
+
+    def _retry_failed(self) -> None:
+        """Enqueue again, once, each trial that failed because its worker died or was stopped
+        (not one whose training raised an error: that would fail again)."""
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            attempt = t.user_attrs.get("attempt", 1)
+            if "error" in t.user_attrs or attempt > self.sweep.spec.heartbeat.max_retry:
+                continue
+            if self.claims.claim(f"retry:{t.number}"):
+                params = t.system_attrs.get("fixed_params", t.params)
+                self.study.enqueue_trial(
+                    params, user_attrs={"attempt": attempt + 1, "retry_of": t.number}
+                )
+                self.log(f"[sweep {self.name}] trial {t.number} failed (worker lost); re-queued")
+
+    def _pop_waiting(self):
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            if not self.claims.claim(f"run:{t._trial_id}"):
+                continue
+            try:
+                if self.storage.set_trial_state_values(
+                    t._trial_id, state=optuna.trial.TrialState.RUNNING
+                ):
+                    return optuna.Trial(self.study, t._trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    def _new_trial(self, n_trials: int | None):
+        """tpe/random: a new trial while fewer than n_trials slots are taken (slot = claim)."""
+        import optuna
+
+        if self.sweep.spec.sampler == "grid":
+            return None
+        taken = len(self.claims.keys("slot:"))
+        for k in range(taken, n_trials or 0):
+            if self.claims.claim(f"slot:{k}"):
+                trial_id = self.storage.create_new_trial(self.study._study_id)
+                trial = optuna.Trial(self.study, trial_id)
+                trial.set_user_attr("attempt", 1)
+                return trial
+        return None
+
+    # -- one trial ------------------------------------------------------------------------
+    def _run(self, trial) -> None:
+        import optuna
+
+        from dit_bench.train.callbacks import ValAtSteps
+        from dit_bench.train.run import find_run_dir, train
+
+        t0 = time.perf_counter()
+        state, value = optuna.trial.TrialState.FAIL, None
+        with _Heartbeat(self.storage, trial._trial_id, self.sweep.spec.heartbeat.interval):
+            plan = self.sweep.plan(suggest(trial, self.sweep))
+            threads = plan.cfg.train.threads
+            if threads is None and not _has_cuda():
+                workers = int(os.environ.get("DIT_BENCH_SWEEP_WORKERS", "1"))
+                threads = max(1, (os.cpu_count() or 1) // workers)
+                plan = _with_threads(plan, threads)
+            trial.set_user_attr("worker", self.name)
+            trial.set_user_attr("config_hash", plan.cfg.hash)
+            trial.set_user_attr("config", plan.cfg.to_dict())
+            reported: set[int] = set()
+            index = {s: i for i, s in enumerate(plan.budget_steps)}
+
+            def on_val(step: int, metrics: dict[str, float]) -> None:
+                if step in index and index[step] not in reported:
+                    trial.report(metrics["val/loss"], step=index[step])
+                    reported.add(index[step])
+                    if step < plan.cfg.train.steps and trial.should_prune():
+                        raise optuna.TrialPruned(
+                            f"pruned at budget {plan.budgets[index[step]]:.3g}"
+                        )
+
+            tracker = ValAtSteps(plan.budget_steps, on_val=on_val)
+            self.log(
+                f"[sweep {self.name}] trial {trial.number} {plan.point}: params "
+                f"{plan.num_params:,}, {plan.cfg.train.steps} steps"
+            )
+            setup_s = time.perf_counter() - t0
+            error = None
+            try:
+                run = train(plan.cfg, self.out, progress=self.progress, callbacks=[tracker])
+                state = optuna.trial.TrialState.COMPLETE
+            except optuna.TrialPruned:
+                state = optuna.trial.TrialState.PRUNED
+            except KeyboardInterrupt:
+                trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            except Exception as e:  # the trial fails; the sweep goes on
+                error = f"{type(e).__name__}: {e}"
+            run = find_run_dir(self.out, plan.cfg)
+            record = trial_record(plan, read_curve(run, plan) if run else [])
+            for i, v in enumerate(record["val_at_budget"]):
+                if v is not None and i not in reported:
+                    trial.report(v, step=i)  # values of a resumed run's earlier budgets
+            value = record["val_loss"]
+            if state == optuna.trial.TrialState.COMPLETE and value is None:
+                state, error = optuna.trial.TrialState.FAIL, "no final val loss"
+            wall = time.perf_counter() - t0
+            timing = {
+                "wall_s": wall,
+                "setup_s": setup_s,
+                "train_steps_s": tracker.step_seconds,
+                "budget_val_s": tracker.val_seconds,
+                "overhead_s": wall - tracker.step_seconds,
+                "overhead_excl_val_s": wall - tracker.step_seconds - tracker.val_seconds,
+                "worker_start_s": self.started_to_first(t0),
+            }
+            record.update(run_dir=str(run) if run else None, timing=timing)
+            if error:
+                record["error"] = error
+            for k, v in record.items():
+                trial.set_user_attr(k, v)
+            if run is not None:
+                _write_json(
+                    run / "trial.json",
+                    {
+                        "study": self.study.study_name,
+                        "storage": redact(self.storage_url),
+                        "trial": trial.number,
+                        "trial_params": plan.params,
+                        "state": state.name,
+                        **record,
+                    },
+                )
+                _write_json(
+                    run / "labels.json",
+                    {"variant": plan.point, "sweep": self.sweep.spec.name, "trial": trial.number},
+                )
+        if state == optuna.trial.TrialState.COMPLETE:
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=state)
+        msg = f"val loss {value:.5f}" if value is not None else (error or state.name.lower())
+        self.log(
+            f"[sweep {self.name}] trial {trial.number} {state.name.lower()}: {msg} ({wall:.1f} s)"
+        )
+
+    def started_to_first(self, t0: float) -> float | None:
+        """Process start to this worker's first trial (imports, storage), once per worker."""
+        if getattr(self, "_first_done", False):
+            return None
+        self._first_done = True
+        return t0 - self.started
+
+
+def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
+    # train.threads is an execution key: it does not change the config hash
+    cfg = build_config(apply_overrides(plan.cfg.to_dict(), [f"train.threads={threads}"]))
+    return TrialPlan(**{**plan.__dict__, "cfg": cfg})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# -- launching workers ----------------------------------------------------------------------------
+def _worker_main(spec, source, overrides, storage_url, out, n_trials, gpu, workers) -> None:
+    started = time.perf_counter()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.environ["DIT_BENCH_SWEEP_WORKERS"] = str(workers)
+    sweep = Sweep(SweepSpec.model_validate(spec), source, tuple(overrides))
+    Worker(sweep, storage_url, Path(out), started=started).run(n_trials)
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path = "runs",
+    *,
+    storage: str | None = None,
+    workers: int | None = None,
+    n_trials: int | None = None,
+    progress: bool = True,
+):
+    """Run the sweep to completion with `workers` local processes; returns the study.
+
+    One worker runs in this process; more are spawned (one per GPU when there are GPUs).
+    Stop it anywhere and run the same command again: finished trials stay, killed ones re-run
+    and resume their run directories.
+    """
+    import multiprocessing as mp
+
+    import optuna
+
+    sweep.validate()
+    out = Path(out)
+    storage = storage or default_storage(sweep, out)
+    workers = workers or sweep.spec.workers
+    os.environ["DIT_BENCH_SWEEP_WORKERS"] = str(workers)
+    open_study(sweep, storage)  # created once here, before workers race to create it
+    if workers == 1:
+        Worker(sweep, storage, out, progress=progress).run(n_trials)
+    else:
+        gpus = _gpu_count()
+        ctx = mp.get_context("spawn")
+        procs = []
+        for i in range(workers):
+            args = (
+                sweep.spec.model_dump(mode="json"),
+                sweep.source,
+                list(sweep.overrides),
+                storage,
+                str(out),
+                n_trials,
+                i % gpus if gpus else None,
+                workers,
+            )
+            procs.append(ctx.Process(target=_worker_main, args=args, name=f"sweep-worker-{i}"))
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.join(timeout=30)
+            raise
+        bad = [p.exitcode for p in procs if p.exitcode]
+        if bad:
+            raise RuntimeError(f"sweep workers exited with codes {bad}")
+    return optuna.load_study(
+        study_name=sweep.study_name, storage=make_storage(storage, sweep.spec.heartbeat)
+    )
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def summarize(study) -> str:
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    lines = [
+        f"study {study.study_name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    ]
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in sorted(done, key=lambda t: t.value)[:5]:
+        lines.append(f"  trial {t.number:3d} {t.user_attrs.get('point', t.params)}: {t.value:.5f}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Ablation files: every shipped one validates; expansion; stop-anywhere-and-rerun (tiny runs)."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+
+from dit_bench.ablate import describe, load_ablation, parse_seeds, profiles_of, run_ablation
+from dit_bench.cli import main
+from dit_bench.config import ConfigError
+from dit_bench.train.run import find_run_dir
+
+ABLATIONS = sorted((Path(__file__).parent.parent / "ablations").glob("*.yaml"))
+
+
+def fake_latents(root: Path, classes: int = 1000, side: int = 32) -> Path:
+    manifest = {
+        "format": "dit-bench-latents/1",
+        "num_items": 0,
+        "num_images": 0,
+        "shard_size": 1,
+        "latent_shape": [4, side, side],
+        "class_names": [str(i) for i in range(classes)],
+        "shards": [],
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+# -- shipped files ------------------------------------------------------------------------------
+def test_the_issue_s_ablations_are_shipped():
+    names = {p.stem for p in ABLATIONS}
+    assert {"conditioning", "objectives", "backbones"} <= names
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.name)
+def test_shipped_ablation_validates_in_every_profile(path, tmp_path):
+    profiles = profiles_of(path)
+    assert {"cpu", "gpu"} <= set(profiles)
+    for profile in profiles:
+        ab = load_ablation(path, profile)  # builds (validates) every variant x seed config
+        assert len(ab.runs) == len(ab.variants) * len(ab.seeds) and len(ab.seeds) >= 3
+        assert ab.base_variant in ab.variants
+        assert len({r.cfg.hash for r in ab.runs}) == len(ab.runs)  # no two runs collide
+        assert {r.cfg.experiment for r in ab.runs} == {f"{ab.name}-{profile}"}
+        # the dry run sizes every run (gpu profiles name a latent folder: give it a manifest)
+        root = fake_latents(tmp_path) if profile == "gpu" else None
+        if root is not None:
+            ab = load_ablation(path, profile, overrides=[f"data.root={root}"])
+        text = describe(ab, tmp_path / "runs")
+        assert text.count(" new") == len(ab.runs)
+
+
+def test_conditioning_ablation_is_dit_figure_5_plus_matched_families():
+    path = next(p for p in ABLATIONS if p.stem == "conditioning")
+    ab = load_ablation(path, "cpu")
+    by = {r.variant: r.cfg for r in ab.runs}
+    assert [by[v].backbone.conditioning for v in ("adaln_zero", "adaln", "cross_attn")] == [
+        "adaln_zero",
+        "adaln",
+        "cross_attn",
+    ]
+    assert by["in_context"].backbone.conditioning == "in_context"
+    assert by["mmdit"].backbone.name.startswith("mmdit") and by["uvit"].backbone.name.startswith(
+        "uvit"
+    )
+    from dit_bench.ablate import cost
+
+    macs = {v: cost(c)["macs"] for v, c in by.items()}
+    for v in ("mmdit", "uvit"):  # matched MACs: within 10% of the base
+        assert abs(macs[v] / macs["adaln_zero"] - 1) < 0.1, (v, macs)
+    gpu = load_ablation(path, "gpu")
+    assert gpu.runs[0].cfg.backbone.name == "dit-xl/2" and gpu.runs[0].cfg.train.steps == 400_000
+
+
+# -- expansion rules ----------------------------------------------------------------------------
+TINY_BASE = {
+    "data": {"name": "digits"},
+    "backbone": {"name": "dit-xs/4", "conditioning": "adaln_zero"},
+    "optim": {"lr": 1e-3, "ema_decay": 0.9},
+    "train": {
+        "steps": 6,
+        "batch_size": 8,
+        "log_every": 2,
+        "val_every": 3,
+        "checkpoint_every": 2,
+        "threads": 1,
+    },
+    "eval": {"val_images": 16, "samples_per_class": 1, "sample_steps": 2},
+}
+
+
+def write_ablation(tmp_path: Path, **changes) -> Path:
+    raw = {
+        "name": "tiny",
+        "base": TINY_BASE,
+        "variants": {"adaln_zero": {}, "adaln": {"backbone.conditioning": "adaln"}},
+        "seeds": [0, 1],
+        "metrics": ["val_loss"],
+        "profiles": {"cpu": {"set": {"train.steps": 6}}, "gpu": {"set": {"train.steps": 9}}},
+        **changes,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_override_order_base_profile_variant_cli_seed(tmp_path):
+    path = write_ablation(
+        tmp_path,
+        profiles={
+            "cpu": {
+                "set": {"train.steps": 7, "optim.lr": 2e-3},
+                "variants": {"adaln": {"train.steps": 8}},
+            }
+        },
+    )
+    ab = load_ablation(path, "cpu", seeds=[3], overrides=["optim.lr=5e-4"])
+    steps = {r.variant: r.cfg.train.steps for r in ab.runs}
+    assert steps == {"adaln_zero": 7, "adaln": 8}
+    assert {r.cfg.optim.lr for r in ab.runs} == {5e-4}
+    assert [r.seed for r in ab.runs] == [3, 3] and ab.runs[0].cfg.seed == 3
+    assert parse_seeds("0,1,2") == (0, 1, 2) and parse_seeds("2-4") == (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"variants": {"a": {"backbone.conditioning": "film"}}}, ["variant 'a'", "conditioning"]),
+        ({"variants": {"a": {"train.stepz": 3}}}, ["variant 'a'", "stepz", "unknown key"]),
+        ({"variants": {"a": {}, "b": {"train.steps": 6}}}, ["'a' and 'b'", "same config"]),
+        ({"base_variant": "zzz"}, ["base_variant"]),
+        ({"seeds": [0, 0]}, ["repeated"]),
+        ({"colour": 1}, ["unknown keys", "colour"]),
+    ],
+)
+def test_bad_ablation_files_are_refused_naming_the_problem(tmp_path, changes, words):
+    path = write_ablation(tmp_path, **changes)
+    with pytest.raises(ConfigError) as e:
+        load_ablation(path, "cpu")
+    for w in words:
+        assert w in str(e.value)
+    with pytest.raises(ConfigError, match="no profile 'tpu'"):
+        load_ablation(write_ablation(tmp_path), "tpu")
+
+
+# -- stop anywhere, run again -------------------------------------------------------------------
+class InterruptRun(L.Callback):
+    """Ctrl-C at `step` of the `nth` run that starts training (as Lightning sees a Ctrl-C)."""
+
+    def __init__(self, nth: int, step: int):
+        self.nth, self.step, self.starts = nth, step, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.starts += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.starts == self.nth and trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _snapshot(out: Path) -> dict[str, tuple]:
+    return {
+        str(p.parent): (p.stat().st_mtime_ns, p.read_text())
+        for p in sorted(out.rglob("summary.json"))
+    }
+
+
+def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path, capsys):
+    path = write_ablation(tmp_path)
+    out = tmp_path / "runs"
+    ab = load_ablation(path, "cpu")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the middle of the 3rd of 4 runs
+        run_ablation(ab, out, progress=False, callbacks=[InterruptRun(nth=3, step=4)])
+    finished = _snapshot(out)
+    assert len(finished) == 2
+    partial = find_run_dir(out, ab.runs[2].cfg)
+    assert (partial / "checkpoints" / "last.ckpt").exists()
+    assert not (partial / "summary.json").exists()
+    assert "4 new" not in describe(ab, out) and describe(ab, out).count(" partial") == 1
+
+    # run the same command again (the CLI), then once more: nothing lost, redone or duplicated
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("already finished") == 2 and "resuming" in err
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress"]) == 0
+    after = _snapshot(out)
+    assert len(after) == 4
+    assert {k: after[k] for k in finished} == finished  # finished runs untouched
+    run_dirs = [p for p in (out / "tiny-cpu").iterdir() if p.is_dir()]
+    assert len(run_dirs) == 4  # one directory per (variant, seed), no duplicates
+    assert sorted(d.name.split("-")[-1] for d in run_dirs) == sorted(r.cfg.hash for r in ab.runs)
+    resumed = json.loads((partial / "summary.json").read_text())
+    assert resumed["steps"] == 6
+    metrics = (partial / "metrics.csv").read_text().splitlines()
+    steps = [int(line.split(",")[0]) for line in metrics[1:]]
+    assert steps == sorted(set(steps))  # no step logged twice across the interruption
+
+    import pandas as pd
+
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")
+    assert len(table) == 4 and not table.duplicated(["variant", "seed"]).any()
+    assert set(table["variant"]) == {"adaln_zero", "adaln"}
+    plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())
+    assert plan["base_variant"] == "adaln_zero" and len(plan["runs"]) == 4
+    labels = json.loads((partial / "labels.json").read_text())
+    assert labels["variant"] == ab.runs[2].variant and labels["seed"] == ab.runs[2].seed
+
+
+def test_dry_run_trains_nothing(tmp_path, capsys):
+    path = write_ablation(tmp_path)
+    out = tmp_path / "runs"
+    assert main(["ablate", str(path), "--dry-run", "--out", str(out), "--seeds", "0,1,2"]) == 0
+    text = capsys.readouterr().out
+    assert "6 runs" in text and text.count(" new") == 6 and "estimated training compute" in text
+    assert "params" in text and "MACs" in text
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_parallel_jobs_train_every_run_once(tmp_path):
+    path = write_ablation(tmp_path)
+    out = tmp_path / "runs"
+    ab = load_ablation(path, "cpu")
+    run_ablation(ab, out, jobs=2, progress=False)
+    assert len(_snapshot(out)) == 4
+    assert len([p for p in (out / "tiny-cpu").iterdir() if p.is_dir()]) == 4

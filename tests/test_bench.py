@@ -1,0 +1,204 @@
+"""`dit-bench bench`: what it reports, the reference it compares with, and the GPU check's dry
+run on the CPU with the packages a GPU machine lacks blocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_bench import bench
+from dit_bench.backbones import Cond, build_backbone
+
+TINY = dict(image_size=8, channels=2, batch=2, num_classes=10, warmup=1, repeats=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_bench_reports_throughput_mfu_memory_and_sampling():
+    cfg = bench.BenchConfig(
+        backbones=("dit-xs/4",),
+        sample_batch=2,
+        sampling=(("ddpm", 3, 1.0), ("euler", 2, 4.0)),
+        device="cpu",
+        **TINY,
+    )
+    result = bench.run_bench(cfg)
+    json.dumps(result)  # JSON-ready
+    (row,) = result["rows"]
+    net = build_backbone("dit-xs/4", image_size=8, in_channels=2, num_classes=10, learn_sigma=True)
+    flops = net.flops(batch=1)["flops"]
+    assert row["fwd_gflops_per_img"] == pytest.approx(flops / 1e9)
+    # training = 3 x forward FLOPs, per image, per second
+    assert row["tflops"] == pytest.approx(3 * flops * 2 / row["median_s"] / 1e12)
+    assert row["img_per_s"] == pytest.approx(2 / row["median_s"])
+    assert row["mfu_measured"] == pytest.approx(
+        row["tflops"] / result["matmul_peak"]["tflops"], rel=1e-6
+    )
+    assert row["mfu_datasheet"] is None and result["datasheet_tflops"] is None  # CPU
+    assert row["peak_mem_gb"] > 0  # process RSS on the CPU
+    assert [s["sampler"] for s in result["sampling"]] == ["ddpm", "euler"]
+    assert all(s["img_per_s"] > 0 for s in result["sampling"])
+    table = bench.format_table(result)
+    assert "dit-xs/4" in table and "MFU" in table and "euler" in table
+    csv_text = bench.to_csv(result)
+    assert csv_text.splitlines()[0].startswith("backbone,label,impl")
+    assert len(csv_text.splitlines()) == 2
+
+
+def test_unet_channels_last():
+    cfg = bench.BenchConfig(
+        backbones=("unet-xs",),
+        channels_last=True,
+        sample=False,
+        device="cpu",
+        **{**TINY, "image_size": 16, "repeats": 1},
+    )
+    (row,) = bench.run_bench(cfg)["rows"]
+    assert row["backbone"] == "unet-xs" and row["median_s"] > 0
+
+
+def test_cli_bench_json(capsys, tmp_path):
+    from dit_bench.cli import main
+
+    args = ["bench", "--backbones", "dit-xs/4", "--image-size", "8", "--channels", "2"]
+    args += ["--batch", "2", "--num-classes", "10", "--warmup", "1", "--repeats", "1"]
+    args += [
+        "--no-sample",
+        "--json",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--csv",
+        str(tmp_path / "b.csv"),
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"][0]["backbone"] == "dit-xs/4"
+    assert (tmp_path / "b.csv").read_text().count("\n") == 2
+    assert main(["bench", "--backbones", "dit-q/2", "--device", "cpu"]) == 2  # unknown preset
+
+
+def test_datasheet_peaks():
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
+    assert bench.datasheet_peak("NVIDIA H200", "bf16") == pytest.approx(989.4e12)
+    assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert bench.datasheet_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert bench.peak_key("fp32", torch.device("cuda"), tf32=True) == "tf32"
+    assert bench.peak_key("fp32", torch.device("cpu"), tf32=True) == "fp32"
+
+
+# -- the reference: diffusers' DiT computes our function ------------------------------------------
+
+
+def _ours_to_diffusers(ours: dict, ref: dict, depth: int) -> dict:
+    """Our DiT state dict in diffusers' DiTTransformer2DModel names (its embedders are per
+    block: every block gets a copy of ours)."""
+    out = dict(ref)
+    put = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_modulation.1"}
+    put["proj_out_2"] = "final_layer.linear"
+    for i in range(depth):
+        b, d = f"blocks.{i}", f"transformer_blocks.{i}"
+        emb = f"{d}.norm1.emb"
+        put |= {
+            f"{emb}.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            f"{emb}.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            f"{d}.norm1.linear": f"{b}.adaLN_modulation.1",
+            f"{d}.attn1.to_out.0": f"{b}.attn.proj",
+            f"{d}.ff.net.0.proj": f"{b}.mlp.fc1",
+            f"{d}.ff.net.2": f"{b}.mlp.fc2",
+        }
+        out[f"{emb}.class_embedder.embedding_table.weight"] = ours[
+            "y_embedder.embedding_table.weight"
+        ]
+        for kind in ("weight", "bias"):
+            q, k, v = ours[f"{b}.attn.qkv.{kind}"].chunk(3, dim=0)
+            out |= {f"{d}.attn1.to_q.{kind}": q, f"{d}.attn1.to_k.{kind}": k}
+            out[f"{d}.attn1.to_v.{kind}"] = v
+    for theirs, mine in put.items():
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.{kind}"] = ours[f"{mine}.{kind}"]
+    return out
+
+
+def test_diffusers_reference_computes_the_same_function():
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ours = build_backbone("dit-xs/2", image_size=8, in_channels=4, num_classes=10, learn_sigma=True)
+    with torch.no_grad():  # leave the zero init: every path must carry signal
+        for p in ours.parameters():
+            if p.requires_grad:  # not the fixed position table
+                p.add_(0.05 * torch.randn_like(p))
+    ref = bench.make_diffusers_dit("dit-xs/2", image_size=8, channels=4, num_classes=10)
+    torch.testing.assert_close(ref.pos_embed.pos_embed, ours.pos_embed)  # same 2-D sin-cos
+    ref.load_state_dict(_ours_to_diffusers(ours.state_dict(), ref.state_dict(), depth=4))
+    call = bench._diffusers_call(ref)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0.0, 417.0, 999.0])
+    cond = Cond(labels=torch.tensor([0, 7, 10]))  # 10: the null class
+    for train in (False, True):  # training mode too: its label dropout is off
+        ours.train(train), ref.train(train)
+        out, expect = call(x, t, cond), ours(x, t, cond)
+        assert out.shape == (3, 8, 8, 8)
+        torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-4)
+    # diffusers' own timestep sinusoid (downscale_freq_shift=1) is a different function
+    for block in ref.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 1
+    assert (call(x, t, cond) - ours(x, t, cond)).abs().max() > 1e-3
+
+
+def test_against_diffusers_interleaved():
+    pytest.importorskip("diffusers")
+    cfg = bench.BenchConfig(
+        backbones=("dit-xs/4",), against="diffusers", sample=False, device="cpu", **TINY
+    )
+    rows = bench.run_bench(cfg)["rows"]
+    assert [r["impl"] for r in rows] == ["dit-bench", "diffusers"]
+    assert rows[1]["vs_reference"] == pytest.approx(1.0)
+    assert rows[0]["params"] < rows[1]["params"]  # diffusers: one embedder per block
+    with pytest.raises(ValueError, match="DiT preset"):
+        bench.make_diffusers_dit("unet-xs", image_size=8, channels=4, num_classes=10)
+
+
+# -- the GPU check, dry run on the CPU -------------------------------------------------------------
+
+BLOCKED = (
+    "pydantic",
+    "diffusers",
+    "optuna",
+    "optuna_integration",
+    "cleanfid",
+    "mlxtend",
+    "sklearn",
+)
+
+
+def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
+    """`python -m dit_bench.gpu_check --smoke` on the CPU, with every package the GPU machines
+    lack made unimportable (PYTHONPATH shadows them, also in the pytest it starts): every
+    section runs and the report is written, also under $OUT."""
+    block = tmp_path / "block"
+    block.mkdir()
+    for name in BLOCKED:
+        (block / f"{name}.py").write_text(f"raise ImportError('{name} is blocked')\n")
+    env = {**os.environ, "PYTHONPATH": str(block), "OUT": str(tmp_path / "out")}
+    cmd = [sys.executable, "-m", "dit_bench.gpu_check", "--smoke", "--device", "cpu"]
+    cmd += ["--out", str(tmp_path / "reports"), "--threads", "1", "--budget", "240"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (md,) = (tmp_path / "reports").glob("*-smoke.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    statuses = {name: sec["status"] for name, sec in data["sections"].items()}
+    assert statuses == dict.fromkeys(
+        ["environment", "matmul", "bench dit-xs/4", "cuda tests", "train", "sampling"], "ok"
+    ), statuses
+    assert data["sections"]["cuda tests"]["result"]["ok"]  # collected (and skipped: no CUDA)
+    text = md.read_text()
+    assert "## Training step" in text and "## Sampling" in text and "## Training a small" in text
+    assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()

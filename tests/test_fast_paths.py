@@ -1,0 +1,208 @@
+"""Each fast path computes what the plain path computes, on the CPU (GPU versions:
+tests/test_cuda_fast_paths.py): SDPA's fused kernel against the math kernel, fused AdamW
+against the loop, channels-last U-Net, bf16 autocast, torch.compile of the backbone (slow),
+and the training module applying them from the config (EMA eager, checkpoints unchanged)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dit_bench.backbones import Cond, build_backbone
+from dit_bench.bench import compile_backbone, fused_adamw_default
+
+
+def _net(name: str, size: int = 8, channels: int = 2, learn_sigma: bool = True):
+    """Every weight perturbed: at init DiT predicts exactly 0, which any path would match."""
+    torch.manual_seed(0)
+    net = build_backbone(
+        name, image_size=size, in_channels=channels, num_classes=10, learn_sigma=learn_sigma
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def _inputs(batch: int = 3, size: int = 8, channels: int = 2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    y = torch.randint(0, 11, (batch,), generator=g)  # 10 is the null class
+    return x, t, Cond(labels=y)
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+@pytest.mark.parametrize("name", ["dit-xs/2", "mmdit-d2/2", "uvit-xs/2"])
+def test_sdpa_default_kernel_matches_math(name):
+    net = _net(name)
+    x, t, cond = _inputs()
+    out = net(x, t, cond)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = net(x, t, cond)
+    assert out.abs().max() > 1e-3  # not the trivial zero output
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_adamw_matches_unfused():
+    a = _net("dit-xs/4")
+    b = copy.deepcopy(a)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.01, fused=False)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    x, t, cond = _inputs()
+    for _ in range(4):
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            net(x, t, cond).square().mean().backward()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            if pa.grad is not None:
+                pb.grad.copy_(pa.grad)  # identical gradients: only the update rule differs
+        opt_a.step()
+        opt_b.step()
+    start = _net("dit-xs/4")
+    pairs = zip(a.parameters(), start.parameters(), strict=True)
+    moved = max((p - p0).abs().max() for p, p0 in pairs)
+    assert moved > 1e-4  # the updates did something
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_default_is_cuda_only():
+    assert fused_adamw_default("cuda") and not fused_adamw_default("cpu")
+
+
+def test_channels_last_unet_matches():
+    net = _net("unet-xs", size=16, channels=3)
+    x, t, cond = _inputs(size=16, channels=3)
+    ref = net(x, t, cond)
+    ref.square().mean().backward()
+    fast = _net("unet-xs", size=16, channels=3).to(memory_format=torch.channels_last)
+    out = fast(x.contiguous(memory_format=torch.channels_last), t, cond)
+    out.square().mean().backward()
+    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for p, q in zip(net.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_bf16_autocast_close_to_fp32():
+    net = _net("dit-xs/2")
+    x, t, cond = _inputs()
+    ref = net(x, t, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, cond)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2  # bf16 keeps 8 mantissa bits: about 0.4% per rounding
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights
+
+
+def test_compile_backbone_is_regional_for_identical_blocks():
+    dit = compile_backbone(_net("dit-xs/2"))
+    assert all(_compiled(b) for b in dit.blocks) and not _compiled(dit)
+    unet = compile_backbone(_net("unet-xs", size=16, channels=3))  # widths change: whole net
+    assert _compiled(unet)
+    mmdit = compile_backbone(_net("mmdit-d2/2"))  # the last block differs: whole net
+    assert _compiled(mmdit)
+    assert list(dit.state_dict()) == list(_net("dit-xs/2").state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dit-xs/2", "unet-xs"])
+def test_compiled_backbone_matches_eager(name):
+    size, channels = (16, 3) if name == "unet-xs" else (8, 2)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = _net(name, size=size, channels=channels)
+    fast = compile_backbone(copy.deepcopy(net))
+    x, t, cond = _inputs(size=size, channels=channels)
+    ref, out = net(x, t, cond), fast(x, t, cond)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    # one graph: DiT's identical blocks share one (regional), the U-Net is compiled whole
+    assert counters["stats"]["unique_graphs"] == 1
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    for p, q in zip(net.parameters(), fast.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3)
+
+
+# -- the training module applies the fast paths from the config --------------------------------
+
+
+def _module(*overrides):
+    from dit_bench.config import build_config
+    from dit_bench.data import data_info
+    from dit_bench.train.module import DiffusionModule
+
+    cfg = build_config(
+        None,
+        [
+            "data.name=shapes",
+            "data.image_size=16",
+            "backbone.name=dit-xs/4",
+            "train.steps=2",
+            *overrides,
+        ],
+    )
+    torch.manual_seed(0)
+    return cfg, DiffusionModule(cfg, data_info(cfg.data))
+
+
+def test_module_compiles_backbone_only_and_keeps_checkpoint_keys():
+    cfg, fast = _module("train.compile=true", "optim.fused=true")
+    plain_cfg, plain = _module()
+    assert all(_compiled(b) for b in fast.net.blocks)
+    assert not any(_compiled(m) for m in fast.ema.modules())  # the EMA copy stays eager
+    assert not _compiled(fast)  # not the LightningModule
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    for k, v in plain.state_dict().items():  # same init: the compile wrapper changes nothing
+        torch.testing.assert_close(fast.state_dict()[k], v)
+    opt = fast.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    assert opt.defaults["fused"] is True
+    plain_opt = plain.configure_optimizers()
+    plain_opt = plain_opt["optimizer"] if isinstance(plain_opt, dict) else plain_opt
+    assert not plain_opt.defaults["fused"]  # null: on CUDA only
+    # execution keys: a run resumes across them
+    assert cfg.hash == plain_cfg.hash
+
+
+def test_module_channels_last():
+    _, m = _module("backbone.name=unet-xs", "train.channels_last=true")
+    conv = m.net.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert m.ema.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16)
+    y = torch.tensor([1, 2])
+    out = m.net(x.contiguous(memory_format=torch.channels_last), torch.ones(2), Cond(labels=y))
+    assert out.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_training_run_with_compile_and_fused(tmp_path):
+    """The Lightning run with the backbone compiled and fused AdamW: trains, checkpoints with
+    the eager parameter names, and lands near the plain run's loss."""
+    import json
+
+    from dit_bench.config import build_config
+    from dit_bench.train.run import train
+
+    base = ["data.name=shapes", "data.image_size=8", "data.num_samples=64", "eval.val_images=8"]
+    base += ["backbone.name=dit-xs/4", "train.steps=4", "train.batch_size=8", "train.log_every=2"]
+    base += ["train.val_every=4", "eval.samples_per_class=1", "eval.sample_steps=2"]
+    runs = {}
+    for name, extra in (("plain", []), ("fast", ["train.compile=true", "optim.fused=true"])):
+        cfg = build_config(None, [*base, *extra])
+        runs[name] = train(cfg, tmp_path / name, progress=False)
+    summaries = {k: json.loads((v / "summary.json").read_text()) for k, v in runs.items()}
+    assert summaries["fast"]["val_loss"] == pytest.approx(summaries["plain"]["val_loss"], rel=1e-3)
+    state = torch.load(runs["fast"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in state["state_dict"])

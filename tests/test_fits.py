@@ -1,0 +1,117 @@
+"""Scaling-law fitters: exact on noise-free laws, within their CIs on noisy ones, and an
+unidentified fit is reported as such instead of as a number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dit_bench.report import fits
+
+LAW = {"E": 0.25, "A": 40.0, "a": 0.4, "B": 300.0, "b": 0.3}
+
+
+def chinchilla_law(n, d, p=LAW):
+    return p["E"] + p["A"] / n ** p["a"] + p["B"] / d ** p["b"]
+
+
+def grid(n_sizes=5, n_data=6):
+    n = np.repeat(np.geomspace(1e4, 1e6, n_sizes), n_data)
+    d = np.tile(np.geomspace(1e5, 1e8, n_data), n_sizes)
+    return n, d
+
+
+def test_power_law_exact_from_noise_free_data():
+    c = np.geomspace(1e10, 1e13, 8)
+    f = fits.fit_power_law(c, 0.3 + 5.0 * c**-0.2)
+    assert f.ok, f.detail
+    assert f.params["alpha"] == pytest.approx(0.2, rel=1e-6)
+    assert f.params["E"] == pytest.approx(0.3, rel=1e-6)
+    assert f.params["A"] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_chinchilla_exact_from_noise_free_data():
+    n, d = grid()
+    f = fits.fit_chinchilla(n, d, chinchilla_law(n, d))
+    assert f.ok, f.detail
+    for k, v in LAW.items():
+        assert f.params[k] == pytest.approx(v, rel=1e-5), k
+    assert f.starts_at_best > 1  # the multi-start L-BFGS agrees
+
+
+def test_isoflop_exact_from_parabolas():
+    # losses exactly parabolic in log10 N with vertex N* = 1e3 * C^0.5
+    rows = []
+    for c in np.geomspace(1e8, 1e12, 5):
+        v = np.log10(1e3 * c**0.5)
+        for ln in v + np.linspace(-1, 1, 5):
+            rows.append({"budget": c, "params": 10**ln, "val_loss": 1 + 0.3 * (ln - v) ** 2})
+    iso = fits.fit_isoflop(pd.DataFrame(rows))
+    assert iso.fit.ok and iso.vertices["valid"].all()
+    assert iso.fit.params["a"] == pytest.approx(0.5, abs=1e-9)
+    assert iso.fit.params["k"] == pytest.approx(1e3, rel=1e-6)
+
+
+def _noisy_points(seed: int, sigma: float = 0.01) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n, d = grid(6, 6)
+    loss = chinchilla_law(n, d) * np.exp(rng.normal(0, sigma, len(n)))
+    # a "run" is one size (its points share a run, as a constant-lr run over budgets)
+    return pd.DataFrame(
+        {"run": [f"r{int(x)}" for x in n], "params": n, "tokens_seen": d, "val_loss": loss}
+    )
+
+
+def test_chinchilla_recovers_exponents_within_bootstrap_ci():
+    pts = _noisy_points(0)
+    full = fits.fit_chinchilla(pts["params"], pts["tokens_seen"], pts["val_loss"])
+    assert full.ok, full.detail
+
+    def refit(d):
+        raw = full._raw
+        return fits.fit_chinchilla(
+            d["params"], d["tokens_seen"], d["val_loss"], starts=[raw, raw + 0.1]
+        )
+
+    ci, ok = fits.bootstrap(pts, refit, n_boot=40, seed=1)
+    assert ok > 0.8
+    for k in ("a", "b"):
+        lo, hi = ci[k]
+        assert lo <= LAW[k] <= hi, (k, lo, hi, full.params[k])
+
+
+def test_power_law_recovers_alpha_within_bootstrap_ci():
+    rng = np.random.default_rng(3)
+    c = np.repeat(np.geomspace(1e10, 1e13, 8), 4)
+    pts = pd.DataFrame(
+        {"run": np.tile([f"r{i}" for i in range(4)], 8), "budget": c, "train_flops": c}
+    )
+    pts["val_loss"] = (0.3 + 5.0 * c**-0.2) * np.exp(rng.normal(0, 0.005, len(c)))
+    fit = fits.fit_power_law(pts["train_flops"], pts["val_loss"])
+    ci, ok = fits.bootstrap(
+        pts, lambda d: fits.fit_power_law(d["train_flops"], d["val_loss"]), n_boot=100
+    )
+    assert fit.ok and ok > 0.8
+    assert ci["alpha"][0] <= 0.2 <= ci["alpha"][1]
+
+
+def test_badly_conditioned_fit_is_reported_not_printed():
+    n, d = grid()
+    # every point at (almost) one model size: A / N^a cannot be told from E
+    n1 = np.full_like(n, 1e5) * (1 + 1e-9 * np.arange(len(n)))
+    f = fits.fit_chinchilla(n1, d, chinchilla_law(n1, d))
+    assert f.status == "ill-conditioned", f
+    assert f.value("a") is None  # never quoted
+    # a pure power law with no floor, sampled where E is not identified from A C^-alpha
+    c = np.geomspace(1e10, 1.1e10, 6)
+    g = fits.fit_power_law(c, 2.0 * (c / 1e10) ** -0.3 + 0.5)
+    assert g.status != "ok" and g.value("alpha") is None
+
+
+def test_too_little_data_is_insufficient():
+    assert fits.fit_power_law([1, 2, 3], [3, 2, 1]).status == "insufficient data"
+    n = np.full(10, 1e5)
+    assert fits.fit_chinchilla(n, np.geomspace(1, 10, 10), np.ones(10)).status == (
+        "insufficient data"
+    )

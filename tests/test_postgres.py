@@ -1,0 +1,106 @@
+"""Two sweep workers share one study in a real PostgreSQL server on loopback: every grid point
+completes exactly once.
+
+The server is a throwaway cluster started here from the PostgreSQL binaries (`make postgres`
+installs them; `.ci/run` does so before the tests), or the one at $DIT_BENCH_POSTGRES_URL. The
+test skips, with the reason, only when no PostgreSQL or driver is found and $CI is not set; in CI
+it must run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_sweep import check_study, cli, write_tiny
+
+
+def _missing(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason} (run `make postgres` first)")
+    pytest.skip(f"{reason}; `make postgres` installs it")
+
+
+def _pg_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    hits = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(hits[-1]).parent if hits else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if os.environ.get("DIT_BENCH_POSTGRES_URL"):
+        yield os.environ["DIT_BENCH_POSTGRES_URL"]
+        return
+    try:
+        import psycopg  # noqa: F401  (SQLAlchemy's driver for postgresql:// URLs)
+    except ImportError:
+        _missing("the psycopg driver is not installed")
+    pg = _pg_bin()
+    if pg is None:
+        _missing("no PostgreSQL server binaries (initdb, pg_ctl) found")
+    # initdb refuses to run as root: run the server as the `postgres` user then
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="dit-bench-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+    subprocess.run(
+        [*as_user, str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off"
+    subprocess.run(
+        [
+            *as_user,
+            str(pg / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "log"),
+            "-w",
+            "-o",
+            opts,
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_user, str(pg / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgres_study(tmp_path, postgres_url):
+    name = f"tiny{int(time.time() * 1000) % 10**8}"  # a fresh study on a reused server
+    path = write_tiny(tmp_path / "tiny.yaml", name=name)
+    out = tmp_path / "runs"
+    # two separate `dit-bench sweep` commands, as on two machines, started together
+    procs = [
+        cli("sweep", str(path), "--out", str(out), "--storage", postgres_url, "--no-progress")
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    check_study(postgres_url, f"{name}-cpu", 4)

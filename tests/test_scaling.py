@@ -1,0 +1,89 @@
+"""`dit-bench report scaling` on a synthetic sweep folder (trial records of a known law): the
+report, figures and tables appear, the fitted exponent is the law's, and report/ never imports
+torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dit_bench.report import scaling
+
+LAW = {"E": 0.3, "A": 30.0, "a": 0.35, "B": 200.0, "b": 0.3}
+BUDGETS = [1e10, 2e10, 4e10, 8e10, 1.6e11, 3.2e11]
+
+
+def fake_sweep(folder, noise=0.0, seed=0):
+    """Run folders with trial.json as `dit_bench.sweep` writes them, losses from LAW."""
+    rng = np.random.default_rng(seed)
+    for i, (size, n) in enumerate({"S": 2e5, "M": 6e5, "L": 1.3e6, "XL": 2.5e6}.items()):
+        for patch, tokens in ((2, 64), (4, 16)):
+            flops = int(2 * n * tokens)  # forward FLOPs per image ~ 2 N tokens
+            batch = 32
+            steps = [int(np.ceil(b / (3 * flops * batch))) for b in BUDGETS]
+            vals = []
+            for s in steps:
+                d = s * batch * tokens
+                loss = LAW["E"] + LAW["A"] / n ** LAW["a"] + LAW["B"] / d ** LAW["b"]
+                vals.append(float(loss * np.exp(rng.normal(0, noise))))
+            h = f"{i}{patch}abcdefgh"[:10]
+            run = folder / f"20260101T000000Z-{h}"
+            run.mkdir(parents=True)
+            curve = [
+                {
+                    "step": s,
+                    "images": s * batch,
+                    "train_flops": 3.0 * flops * s * batch,
+                    "val_loss": v,
+                }
+                for s, v in zip(steps, vals, strict=True)
+            ]
+            rec = {
+                "trial": len(list(folder.iterdir())), "trial_params": {"size": size,
+                "backbone.patch_size": patch}, "state": "COMPLETE",
+                "point": f"size={size},backbone.patch_size={patch}", "config_hash": h,
+                "depth": 2, "width": 64, "heads": 2, "patch": patch, "image_size": 16,
+                "params": int(n), "macs": flops // 2, "flops": flops, "tokens": tokens,
+                "batch_size": batch, "steps": max(steps), "images": max(steps) * batch,
+                "train_flops": 3 * flops * max(steps) * batch, "budgets": BUDGETS,
+                "budget_steps": steps, "val_at_budget": vals, "curve": curve,
+                "val_loss": vals[-1],
+                "timing": {"wall_s": 60.0, "train_steps_s": 57.0, "budget_val_s": 1.0,
+                           "overhead_s": 3.0, "overhead_excl_val_s": 2.0, "setup_s": 0.5,
+                           "worker_start_s": 5.0 if i == 0 else None},
+            }  # fmt: skip
+            (run / "trial.json").write_text(json.dumps(rec))
+
+
+def test_report_from_a_runs_folder(tmp_path):
+    fake_sweep(tmp_path / "runs")
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    for name in ("report.md", "loss_vs_flops.png", "loss_vs_macs.png", "isoflop.png",
+                 "predicted_vs_actual.png", "points.csv", "points.parquet", "fits.csv",
+                 "runs.parquet", "curves.csv"):  # fmt: skip
+        assert (out / name).is_file(), name
+    f = pd.read_csv(out / "fits.csv")
+    ch = f[f["fit"] == "L(N, D) all"].set_index("param")
+    assert (ch["status"] == "ok").all()
+    assert ch.loc["a", "value"] == pytest.approx(LAW["a"], rel=1e-4)  # noise-free: exact
+    assert ch.loc["b", "value"] == pytest.approx(LAW["b"], rel=1e-4)
+    text = (out / "report.md").read_text()
+    assert "Compute convention" in text and "Held-out check" in text and "overhead" in text
+    pts = pd.read_parquet(out / "points.parquet")
+    assert len(pts) == 8 * len(BUDGETS)
+    assert np.allclose(pts["train_flops"], 3 * pts["images"] * pts["tokens"] * 0 + 3 * pts["images"]
+                       * pts["macs"] * 2)  # fmt: skip
+
+
+def test_report_modules_do_not_import_torch():
+    code = (
+        "import sys, dit_bench.report.scaling, dit_bench.report.fits; "
+        "bad = [m for m in ('torch', 'lightning', 'dit_bench.backbones') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

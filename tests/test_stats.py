@@ -1,0 +1,98 @@
+"""Paired statistics of ablations on known cases (dit_bench.report.stats)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from dit_bench.report.stats import compare_to_base, mean_ci, paired_compare, summarize, verdict
+
+
+def test_mean_ci_matches_the_t_formula():
+    x = [1.0, 2.0, 4.0]
+    ci = mean_ci(x)
+    half = stats.t.ppf(0.975, 2) * np.std(x, ddof=1) / math.sqrt(3)
+    assert ci.mean == pytest.approx(7 / 3)
+    assert (ci.lo, ci.hi) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert math.isnan(mean_ci([1.0]).lo) and mean_ci([]).n == 0
+
+
+def test_identical_variants_are_not_distinguishable():
+    base = [0.101, 0.097, 0.104]
+    c = paired_compare(base, base)
+    assert c.diff == 0 and c.p_value == 1.0 and not c.distinguishable
+    assert "not distinguishable from seed noise" in verdict(c, "b", "a", "val_loss")
+
+
+def test_same_distribution_is_not_distinguishable_most_of_the_time():
+    # seed noise shared by both (the pairing), plus independent noise: no true difference
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(400):
+        seed_effect = rng.normal(0, 1.0, 3)
+        a = 5 + seed_effect + rng.normal(0, 0.1, 3)
+        b = 5 + seed_effect + rng.normal(0, 0.1, 3)
+        hits += paired_compare(b, a).distinguishable
+    assert hits / 400 < 0.09  # nominal false-positive rate 0.05
+
+
+def test_planted_large_difference_is_detected_despite_seed_noise():
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 1.0, 3)  # large seed noise, common to both
+    base = 5 + seed_effect + rng.normal(0, 0.01, 3)
+    variant = base + 0.5 + rng.normal(0, 0.01, 3)
+    c = paired_compare(variant, base)
+    assert c.distinguishable and c.p_value < 0.01 and c.lo > 0
+    assert c.diff == pytest.approx(0.5, abs=0.05)
+    assert stats.ttest_rel(variant, base).pvalue == pytest.approx(c.p_value)
+    text = verdict(c, "adaln", "adaln_zero", "val_loss")
+    assert text.startswith("adaln is distinguishable from seed noise") and "higher (worse)" in text
+    # unpaired, the seed noise would hide it: why pairing matters
+    assert stats.ttest_ind(variant, base).pvalue > 0.05
+
+
+def test_constant_shift_without_noise_is_distinguishable():
+    c = paired_compare([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+    assert c.diff == 1.0 and c.p_value == 0.0 and c.distinguishable
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_ci_covers_the_true_mean_at_its_nominal_rate(n):
+    rng = np.random.default_rng(n)
+    trials, true_mean = 4000, 0.3
+    covered = 0
+    for _ in range(trials):
+        ci = mean_ci(rng.normal(true_mean, 2.0, n))
+        covered += ci.lo <= true_mean <= ci.hi
+    # binomial sd at p = 0.95, 4000 trials: 0.0034; allow ~4 sd
+    assert covered / trials == pytest.approx(0.95, abs=0.014)
+
+
+def test_paired_ci_covers_the_true_difference_at_its_nominal_rate():
+    rng = np.random.default_rng(7)
+    trials, covered = 3000, 0
+    for _ in range(trials):
+        seed_effect = rng.normal(0, 1.0, 3)
+        base = seed_effect + rng.normal(0, 0.2, 3)
+        variant = seed_effect + 0.1 + rng.normal(0, 0.2, 3)
+        c = paired_compare(variant, base)
+        covered += c.lo <= 0.1 <= c.hi
+    assert covered / trials == pytest.approx(0.95, abs=0.016)
+
+
+def test_tables_pair_by_seed_not_by_row_order():
+    t = pd.DataFrame(
+        {
+            "variant": ["a", "a", "a", "b", "b", "b"],
+            "seed": [0, 1, 2, 2, 0, 1],  # b's rows in another order
+            "val_loss": [1.0, 2.0, 3.0, 3.5, 1.5, 2.5],
+        }
+    )
+    p = compare_to_base(t, "val_loss", "a")
+    assert list(p["variant"]) == ["b"]
+    row = p.iloc[0]
+    assert row["diff"] == pytest.approx(0.5) and row["p_value"] == 0.0 and row["distinguishable"]
+    s = summarize(t, "val_loss").set_index("variant")
+    assert s.loc["a", "mean"] == pytest.approx(2.0) and s.loc["b", "n"] == 3

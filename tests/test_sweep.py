@@ -1,0 +1,219 @@
+"""Sweeps: shipped files validate without training; concurrent workers never duplicate a grid
+point; a worker killed mid-trial leaves its trial failed and the trial re-runs on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from dit_bench.config import ConfigError
+from dit_bench.sweep import Claims, load_sweep, make_storage, open_study, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+# Four grid points of a one-block DiT on 8x8 shapes: a trial trains in about a second.
+TINY = {
+    "name": "tiny",
+    "base": {
+        "data": {"name": "shapes", "image_size": 8, "num_samples": 128},
+        "backbone": {"name": "dit-xs/4"},
+        "objective": {"name": "flow"},
+        "train": {
+            "batch_size": 8,
+            "log_every": 5,
+            "val_every": 100000,
+            "checkpoint_every": 2,
+            "threads": 1,
+        },
+        "eval": {
+            "val_images": 8,
+            "use_ema": False,
+            "sampler": "euler",
+            "sample_steps": 1,
+            "samples_per_class": 1,
+        },
+    },
+    "space": {
+        "size": {
+            "choices": {
+                "a": {"backbone.depth": 1, "backbone.hidden_size": 16, "backbone.num_heads": 1},
+                "b": {"backbone.depth": 1, "backbone.hidden_size": 32, "backbone.num_heads": 2},
+            }
+        },
+        "backbone.patch_size": {"choices": [2, 4]},
+    },
+    "budgets": [2.0e6, 8.0e6, 3.2e7],
+    "heartbeat": {"interval": 1, "grace": 3, "max_retry": 2},
+}
+
+
+def write_tiny(path: Path, **changes) -> Path:
+    spec = json.loads(json.dumps(TINY))
+    spec.update(changes)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def check_study(storage: str, name: str, n_points: int) -> list:
+    """All points complete, each exactly once; returns the complete trials."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = [t.user_attrs["point"] for t in done]
+    assert len(done) == n_points, [
+        (t.number, t.state, t.user_attrs.get("error")) for t in study.trials
+    ]
+    assert len(set(points)) == n_points, f"duplicated grid points: {points}"
+    for t in done:  # every trial records its sizes, compute and curve
+        a = t.user_attrs
+        for key in ("params", "macs", "flops", "tokens", "train_flops", "curve", "val_loss"):
+            assert a[key] is not None, key
+        assert a["val_loss"] == t.value
+        assert len(t.intermediate_values) == len(a["budget_steps"])  # a value per budget
+        assert (Path(a["run_dir"]) / "trial.json").is_file()
+    return done
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dit_bench.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+# -- shipped files: listed and validated, no training ---------------------------------------------
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_shipped_sweep_files_validate(path):
+    raw = yaml.safe_load(path.read_text())
+    assert raw.get("profiles"), f"{path.name}: needs cpu and gpu profiles"
+    assert {"cpu", "gpu"} <= set(raw["profiles"])
+    for profile in raw["profiles"]:
+        sweep = load_sweep(path, profile)
+        if profile == "gpu":  # latents on disk are not here: check the space, not the data
+            assert sweep.spec.space and sweep.spec.budgets
+            continue
+        sweep.validate()  # every grid point builds a valid config (meta device: no weights)
+        text = sweep.describe()
+        assert "grid points" in text or "sampled" in text
+        if sweep.spec.sampler == "grid":
+            assert len(sweep.points()) >= 12, "the cpu profile is a real sweep of >= 12 trials"
+
+
+def test_sweep_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_sweep(write_tiny(tmp_path / "a.yaml", bogus=1))
+    with pytest.raises(ConfigError, match="budgets"):
+        load_sweep(write_tiny(tmp_path / "b.yaml", budgets=[-1.0]))
+    bad = json.loads(json.dumps(TINY["space"]))
+    bad["backbone.patch_size"]["choices"] = [3]  # does not divide 8
+    with pytest.raises(ConfigError, match="patch"):
+        load_sweep(write_tiny(tmp_path / "c.yaml", space=bad)).validate()
+    rng = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-3, "log": True}}
+    with pytest.raises(ConfigError, match="grid needs choices"):
+        load_sweep(write_tiny(tmp_path / "d.yaml", space=rng)).validate()
+
+
+def test_budget_steps_follow_the_compute_convention(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    plan = sweep.plan({"size": "b", "backbone.patch_size": 2})
+    per_step = 3 * plan.forward_flops * plan.cfg.train.batch_size
+    assert plan.forward_flops == 2 * plan.macs
+    for budget, step in zip(plan.budgets, plan.budget_steps, strict=True):
+        assert (step - 1) * per_step < budget <= step * per_step or step == 1
+    assert plan.cfg.train.steps == max(plan.budget_steps)
+    assert plan.cfg.experiment == "tiny-cpu"
+
+
+def test_claims_are_exclusive_under_concurrency(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    study, rdb = open_study(sweep, url)
+    wins = []
+
+    def grab(i):
+        claims = Claims(make_storage(url, sweep.spec.heartbeat), study._study_id, f"w{i}")
+        wins.append(sum(claims.claim(f"k{j}") for j in range(20)))
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(wins) == 20  # every key claimed exactly once
+
+
+@pytest.mark.slow  # two worker processes: ~20 s idle, minutes on a busy 2-core machine
+def test_two_sqlite_workers_run_every_point_once(tmp_path):
+    path = write_tiny(tmp_path / "tiny.yaml")
+    out = tmp_path / "runs"
+    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", "--no-progress")
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log
+    storage = f"sqlite:///{(out / 'tiny-cpu' / 'study.db').resolve()}"
+    check_study(storage, "tiny-cpu", 4)
+    assert len(list((out / "tiny-cpu").glob("*/summary.json"))) == 4
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_fails_and_reruns_on_resume(tmp_path):
+    # long enough trials that the kill lands mid-training, after a checkpoint
+    path = write_tiny(tmp_path / "tiny.yaml", budgets=[2.0e6, 2.0e8])
+    out = tmp_path / "runs"
+    proc = cli(
+        "sweep",
+        str(path),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+        start_new_session=True,
+    )
+    exp = out / "tiny-cpu"
+    deadline = time.time() + 180
+    while not list(exp.glob("*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies mid-trial: no tell, no summary
+    proc.wait()
+    killed_run = next(exp.glob("*/checkpoints/last.ckpt")).parents[1]
+    assert not (killed_run / "summary.json").exists()
+
+    storage = f"sqlite:///{(exp / 'study.db').resolve()}"
+    sweep = load_sweep(path)
+    run_sweep(sweep, out, storage=storage, workers=1, progress=False)
+
+    study = optuna.load_study(study_name="tiny-cpu", storage=storage)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and "error" not in failed[0].user_attrs
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == failed[0].params
+    check_study(storage, "tiny-cpu", 4)
+    assert (killed_run / "summary.json").exists()  # the re-run resumed the same run directory
+    assert len(list(exp.glob("*/config.yaml"))) == 4
+
+
+def test_dry_run_lists_the_space(tmp_path, capsys):
+    from dit_bench.cli import main
+
+    path = write_tiny(tmp_path / "tiny.yaml")
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
