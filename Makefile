@@ -51,7 +51,7 @@ gpu-check:
 
 # PostgreSQL for the distributed-sweep test (tests/test_postgres.py starts its own throwaway
 # server on 127.0.0.1 from these binaries). `postgres` installs the server (Debian: apt) when no
-# initdb/pg_ctl is found, and the psycopg driver (SQLAlchemy's default) into the venv; `postgres-start` runs a cluster
+# initdb/pg_ctl is found (the psycopg driver comes with the package); `postgres-start` runs a cluster
 # in $(PGDIR) for manual use (URL in $(PGDIR)/url; initdb refuses root, so root runs it as the
 # `postgres` user), `postgres-stop` stops it.
 PGDIR ?= /tmp/dit-bench-pg
@@ -64,7 +64,6 @@ postgres: install
 		echo "installing PostgreSQL (apt)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	fi
-	$(PY) -m pip install --quiet "psycopg[binary]>=3.1"
 
 postgres-start: postgres
 	rm -rf $(PGDIR) && mkdir -p $(PGDIR)

@@ -395,6 +395,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# The default experiment (`dit-bench train` with no file, `make demo`): a class-conditional
+# DiT-XS/2 (adaLN-Zero) on the real mnist digits at 16x16, about 6 minutes on a 2-core CPU.
+# Flow matching with Euler sampling, because at this budget it draws clean digits where DDPM
+# (eps, same net and steps) still draws noisy ones (measured: see the README's demo section).
+DEFAULT_EXPERIMENT: dict[str, Any] = {
+    "experiment": "mnist-demo",
+    "data": {"name": "mnist", "image_size": 16},
+    "backbone": {"name": "dit-xs/2", "conditioning": "adaln_zero"},
+    "objective": {"name": "flow", "density": "logit_normal"},
+    "optim": {"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999},
+    "train": {"steps": 2000, "batch_size": 64, "val_every": 500},
+    "eval": {"sampler": "euler", "sample_steps": 50, "cfg_scale": 3.0, "samples_per_class": 8},
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """The default experiment (a small DiT on mnist) when `path` is None."""
-    return build_config(read_yaml(path) if path else {}, overrides)
+    """The config file at `path` (unset keys keep the defaults of the config types), or the
+    default experiment `DEFAULT_EXPERIMENT` when `path` is None."""
+    return build_config(read_yaml(path) if path else DEFAULT_EXPERIMENT, overrides)

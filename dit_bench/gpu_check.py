@@ -217,8 +217,8 @@ def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
         out.append(d)
         log(
             f"{r.backbone} {r.label}: {r.img_per_s:.1f} img/s, {r.tflops:.1f} TFLOP/s, "
-            f"MFU {_f(r.mfu_measured and 100 * r.mfu_measured)}% measured / "
-            f"{_f(r.mfu_datasheet and 100 * r.mfu_datasheet)}% datasheet, "
+            f"MFU {_pct(r.mfu_measured)} measured / "
+            f"{_pct(r.mfu_datasheet)} datasheet, "
             f"first step {r.first_step_s:.1f} s"
         )
     return {
@@ -374,6 +374,10 @@ def _f(v, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def render_markdown(report: dict) -> str:
     s = report["sections"]
     env = s.get("environment", {}).get("result", {})
@@ -424,8 +428,8 @@ def render_markdown(report: dict) -> str:
             lines.append(
                 f"| {r['backbone']} | {r['label']} | {r['precision']} | {r['batch']} | "
                 f"{r['input']} | {1e3 * r['median_s']:.1f} | {r['img_per_s']:.1f} | "
-                f"{r['tflops']:.1f} | {_f(r['mfu_measured'] and 100 * r['mfu_measured'])}% | "
-                f"{_f(r['mfu_datasheet'] and 100 * r['mfu_datasheet'])}% | "
+                f"{r['tflops']:.1f} | {_pct(r['mfu_measured'])} | "
+                f"{_pct(r['mfu_datasheet'])} | "
                 f"{_f(r['peak_mem_gb'], '{:.2f}')} | {r['first_step_s']:.1f} | "
                 f"{_f(r.get('speedup_vs_eager'), '{:.2f}x')} |"
             )
@@ -495,9 +499,9 @@ def headline(report: dict) -> str | None:
                 return (
                     f"DiT-XL/2, {r['input']} latents, batch {r['batch']}, {r['precision']}, "
                     f"compiled: **{r['img_per_s']:.0f} img/s, {r['tflops']:.0f} TFLOP/s, MFU "
-                    f"{_f(r['mfu_measured'] and 100 * r['mfu_measured'])}% of the measured "
+                    f"{_pct(r['mfu_measured'])} of the measured "
                     f"matmul peak ({sec['result']['matmul_peak_tflops']:.0f} TFLOP/s), "
-                    f"{_f(mfu and 100 * mfu)}% of the datasheet peak "
+                    f"{_pct(mfu)} of the datasheet peak "
                     f"({_f(sec['result']['datasheet_tflops'], '{:.0f}')} TFLOP/s)**." + verdict
                 )
     return None

@@ -394,12 +394,20 @@ def make_storage(url: str, heartbeat: Heartbeat):
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # wait for a writer instead of failing
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=heartbeat.interval,
-        grace_period=heartbeat.grace,
-    )
+    for attempt in range(8):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace,
+            )
+        except Exception as e:
+            # Workers that start together on a fresh database race to create Optuna's tables
+            # (PostgreSQL: duplicate pg_type rows); the loser retries and finds them made.
+            if attempt == 7 or "import" in str(e).lower():
+                raise
+            time.sleep(0.5 + 0.5 * attempt)
 
 
 class Claims:
@@ -766,9 +774,11 @@ class Worker:
                 "wall_s": wall,
                 "setup_s": setup_s,
                 "train_steps_s": tracker.step_seconds,
+                "train_loop_s": tracker.loop_seconds,
                 "budget_val_s": tracker.val_seconds,
                 "overhead_s": wall - tracker.step_seconds,
                 "overhead_excl_val_s": wall - tracker.step_seconds - tracker.val_seconds,
+                "harness_s": wall - tracker.loop_seconds - tracker.val_seconds,
                 "worker_start_s": self.started_to_first(t0),
             }
             record.update(run_dir=str(run) if run else None, timing=timing)

@@ -156,7 +156,11 @@ def test_diffusers_reference_computes_the_same_function():
 def test_against_diffusers_interleaved():
     pytest.importorskip("diffusers")
     cfg = bench.BenchConfig(
-        backbones=("dit-xs/4",), against="diffusers", sample=False, device="cpu", **TINY
+        backbones=("dit-xs/4",),
+        against="diffusers",
+        sample=False,
+        device="cpu",
+        **{**TINY, "repeats": 1},
     )
     rows = bench.run_bench(cfg)["rows"]
     assert [r["impl"] for r in rows] == ["dit-bench", "diffusers"]

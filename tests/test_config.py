@@ -13,11 +13,13 @@ def error(overrides: list[str], raw: dict | None = None) -> str:
 
 
 def test_default_is_a_small_dit_on_mnist():
-    cfg = load_config()
+    cfg = load_config()  # `dit-bench train` with no file, `make demo`
     assert cfg.data.name == "mnist"
     assert cfg.backbone.name.startswith("dit-")
     assert cfg.backbone.conditioning == "adaln_zero"
-    assert cfg.objective.name == "ddpm"
+    assert cfg.objective.name == "flow" and cfg.eval.sampler == "euler"
+    # A config file starts from the config types' defaults, not from the demo.
+    assert build_config({}).objective.name == "ddpm"
 
 
 def test_keys_later_issues_rely_on_exist():

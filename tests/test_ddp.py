@@ -36,8 +36,11 @@ DDP = ["train.devices=2", "train.strategy=ddp"]
 
 def cli_train(out: Path, extra: list[str]) -> None:
     sets = [a for s in SETTINGS + extra for a in ("--set", s)]
+    empty = out.parent / "empty.yaml"  # a config file: the types' defaults, as build_config
+    empty.write_text("{}\n")
+    cmd = [sys.executable, "-m", "dit_bench.cli", "train", str(empty), "--no-progress"]
     subprocess.run(
-        [sys.executable, "-m", "dit_bench.cli", "train", "--no-progress", "--out", str(out), *sets],
+        [*cmd, "--out", str(out), *sets],
         check=True,
         capture_output=True,
         timeout=600,

@@ -61,7 +61,7 @@ TINY = {
 def write_tiny(path: Path, **changes) -> Path:
     spec = json.loads(json.dumps(TINY))
     spec.update(changes)
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -158,7 +158,6 @@ def test_claims_are_exclusive_under_concurrency(tmp_path):
     assert sum(wins) == 20  # every key claimed exactly once
 
 
-@pytest.mark.slow  # two worker processes: ~20 s idle, minutes on a busy 2-core machine
 def test_two_sqlite_workers_run_every_point_once(tmp_path):
     path = write_tiny(tmp_path / "tiny.yaml")
     out = tmp_path / "runs"
@@ -170,7 +169,7 @@ def test_two_sqlite_workers_run_every_point_once(tmp_path):
     assert len(list((out / "tiny-cpu").glob("*/summary.json"))) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a worker process, a kill, a grace period and a resume: ~15-60 s
 def test_killed_worker_trial_fails_and_reruns_on_resume(tmp_path):
     # long enough trials that the kill lands mid-training, after a checkpoint
     path = write_tiny(tmp_path / "tiny.yaml", budgets=[2.0e6, 2.0e8])
@@ -217,3 +216,15 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
+
+
+def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
+    space = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    path = write_tiny(tmp_path / "t.yaml", space=space, sampler="tpe", n_trials=3,
+                      pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0})  # fmt: skip
+    study = run_sweep(load_sweep(path), tmp_path / "runs", workers=1, progress=False)
+    states = [t.state for t in study.trials]
+    assert len(states) == 3 and all(
+        s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states
+    )
+    assert all("optim.lr" in t.params for t in study.trials)

@@ -114,7 +114,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 
 def test_kill_9_then_rerun_resumes(tmp_path):
     """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
-    args = [sys.executable, "-m", "dit_bench.cli", "train", "--no-progress", "--out"]
+    empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()
+    empty.write_text("{}\n")
+    args = [sys.executable, "-m", "dit_bench.cli", "train", str(empty), "--no-progress", "--out"]
     sets = [a for s in TINY + ["train.steps=40"] for a in ("--set", s)]
     cfg = tiny("train.steps=40")
     ref = train(cfg, tmp_path / "ref", progress=False)

@@ -136,6 +136,9 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         capsize=4,
         label=f"mean, {int(LEVEL * 100)}% t CI",
     )
+    vals = runs[metric].dropna()
+    if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
+        ax.set_xscale("log")  # one runaway variant would flatten the others
     ax.set_title(f"final {metric} per variant (grey: seeds)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -267,6 +270,11 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     long["key"] = long["metric"].map(metric_key)
     metrics = [metric_key(m) for m in plan["metrics"]]
     runs = final_values(table, long, metrics)
+    rank = {v: i for i, v in enumerate(order)}
+    runs = runs.sort_values(
+        ["variant", "seed"], key=lambda c: c.map(rank) if c.name == "variant" else c
+    )
+    runs = runs.reset_index(drop=True)
     metrics = [m for m in metrics if m in runs]
     missing = [metric_key(m) for m in plan["metrics"] if metric_key(m) not in metrics]
     out.mkdir(parents=True, exist_ok=True)

@@ -217,7 +217,9 @@ class FrechetDistanceMetric(L.Callback):
         fd = distances.frechet_distance(
             *distances.gaussian_stats(feats), self._ref.mu, self._ref.sigma
         )
-        trainer.logger.log_metrics({f"val/{self._net.metric_prefix}": fd}, step=trainer.global_step)
+        key = f"val/{self._net.metric_prefix}"
+        trainer.logger.log_metrics({key: fd}, step=trainer.global_step)
+        pl_module.last_fd = {key: fd}  # the final value lands in summary.json
         return fd
 
 
@@ -228,16 +230,19 @@ class ValAtSteps(L.Callback):
 
     A step StepMetrics validates anyway (every `val_every`, the last) is read back from it
     rather than computed twice. Also keeps `step_seconds` (the training steps alone: this
-    callback comes before the run's own, so its batch hooks bracket just the step) and
-    `val_seconds` (the validations it asked for), which a sweep uses to measure its overhead.
+    callback comes before the run's own, so its batch hooks bracket just forward, backward and
+    optimiser step), `loop_seconds` (the step loop: steps plus data loading, Lightning's
+    per-step work, train-loss logging and periodic checkpoints, without the validations this
+    callback runs) and `val_seconds` (those validations); a sweep measures its overhead with them.
     """
 
     def __init__(self, steps, on_val=None):
         self.steps = {int(s) for s in steps}
         self.on_val = on_val
-        self.step_seconds = self.val_seconds = 0.0
+        self.step_seconds = self.val_seconds = self.loop_seconds = 0.0
         self._pending: int | None = None
-        self._t = self._metrics = None
+        self._t = self._metrics = self._end = None
+        self._val_since_end = 0.0
 
     def _step_metrics(self, trainer) -> StepMetrics:
         if self._metrics is None:
@@ -249,12 +254,20 @@ class ValAtSteps(L.Callback):
         if step is not None and pl_module.last_val.get("step") == step and self.on_val:
             self.on_val(step, {k: v for k, v in pl_module.last_val.items() if k != "step"})
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._end = time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._flush(pl_module)
         self._t = time.perf_counter()
+        if self._end is not None:  # since the last step: data, hooks, logging, checkpoints
+            self.loop_seconds += self._t - self._end - self._val_since_end
+        self._val_since_end = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.step_seconds += time.perf_counter() - self._t
+        self._end = time.perf_counter()
+        self.step_seconds += self._end - self._t
+        self.loop_seconds += self._end - self._t
         step = trainer.global_step
         if step not in self.steps:
             return
@@ -265,6 +278,7 @@ class ValAtSteps(L.Callback):
         t = time.perf_counter()
         metrics = sm.validate(trainer, pl_module)
         self.val_seconds += time.perf_counter() - t
+        self._val_since_end += time.perf_counter() - t
         if self.on_val:
             self.on_val(step, metrics)
 

@@ -80,6 +80,7 @@ class DiffusionModule(L.LightningModule):
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
+        self.last_fd: dict[str, float] = {}  # latest in-training FD (eval.fd_every)
 
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):

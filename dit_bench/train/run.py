@@ -297,6 +297,7 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         "batch_size": cfg.train.batch_size,
         "images_seen": n_img,
         **{k.replace("/", "_"): v for k, v in module.last_val.items() if k != "step"},
+        **{k.replace("/", "_"): v for k, v in module.last_fd.items()},
         "params": module.net.num_params(),
         "trainable_params": module.net.num_params(trainable_only=True),
         "macs": fwd["macs"],
