@@ -293,21 +293,11 @@ def cost(cfg: ExperimentConfig) -> dict[str, Any]:
     """Params, forward MACs, tokens and training FLOPs of one run, without building weights."""
     import torch
 
-    from dit_bench.backbones import OVERRIDE_KEYS, build_backbone
     from dit_bench.data import data_info
+    from dit_bench.train.module import build_net
 
-    info = data_info(cfg.data)
-    b = cfg.backbone
     with torch.device("meta"):  # shapes and counts only
-        net = build_backbone(
-            b.name,
-            image_size=info.image_size,
-            in_channels=info.channels,
-            num_classes=info.num_classes,
-            conditioning=b.conditioning,
-            learn_sigma=b.learn_sigma,
-            **{k: getattr(b, k) for k in OVERRIDE_KEYS if getattr(b, k) is not None},
-        )
+        net = build_net(cfg, data_info(cfg.data))
     f = net.flops(batch=1)
     images = cfg.train.steps * cfg.train.batch_size
     return {

@@ -15,20 +15,6 @@ from dit_bench.train.run import find_run_dir
 ABLATIONS = sorted((Path(__file__).parent.parent / "ablations").glob("*.yaml"))
 
 
-def fake_latents(root: Path, classes: int = 1000, side: int = 32) -> Path:
-    manifest = {
-        "format": "dit-bench-latents/1",
-        "num_items": 0,
-        "num_images": 0,
-        "shard_size": 1,
-        "latent_shape": [4, side, side],
-        "class_names": [str(i) for i in range(classes)],
-        "shards": [],
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
 # -- shipped files ------------------------------------------------------------------------------
 def test_the_issue_s_ablations_are_shipped():
     names = {p.stem for p in ABLATIONS}
@@ -36,7 +22,7 @@ def test_the_issue_s_ablations_are_shipped():
 
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.name)
-def test_shipped_ablation_validates_in_every_profile(path, tmp_path):
+def test_shipped_ablation_validates_in_every_profile(path, tmp_path, latents_root):
     profiles = profiles_of(path)
     assert {"cpu", "gpu"} <= set(profiles)
     for profile in profiles:
@@ -46,7 +32,7 @@ def test_shipped_ablation_validates_in_every_profile(path, tmp_path):
         assert len({r.cfg.hash for r in ab.runs}) == len(ab.runs)  # no two runs collide
         assert {r.cfg.experiment for r in ab.runs} == {f"{ab.name}-{profile}"}
         # the dry run sizes every run (gpu profiles name a latent folder: give it a manifest)
-        root = fake_latents(tmp_path) if profile == "gpu" else None
+        root = latents_root if profile == "gpu" else None
         if root is not None:
             ab = load_ablation(path, profile, overrides=[f"data.root={root}"])
         text = describe(ab, tmp_path / "runs")

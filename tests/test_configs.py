@@ -1,6 +1,5 @@
 """Every shipped experiment config under configs/ loads and validates (no training)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,30 +9,16 @@ from dit_bench.config import load_config
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
-def fake_latents(root: Path, classes: int = 1000, side: int = 32) -> Path:
-    manifest = {
-        "format": "dit-bench-latents/1",
-        "num_items": 0,
-        "num_images": 0,
-        "shard_size": 1,
-        "latent_shape": [4, side, side],
-        "class_names": [str(i) for i in range(classes)],
-        "shards": [],
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_config_validates(path, tmp_path):
-    cfg = load_config(path, [f"data.root={fake_latents(tmp_path)}"])
+def test_shipped_config_validates(path, latents_root):
+    cfg = load_config(path, [f"data.root={latents_root}"])
     assert cfg.experiment
 
 
-def test_dit_b4_imagenet_is_the_paper_setting(tmp_path):
+def test_dit_b4_imagenet_is_the_paper_setting(latents_root):
     cfg = load_config(
         Path(__file__).parent.parent / "configs" / "dit-b4-imagenet256.yaml",
-        [f"data.root={fake_latents(tmp_path)}"],
+        [f"data.root={latents_root}"],
     )
     assert (cfg.backbone.name, cfg.train.batch_size, cfg.train.steps) == ("dit-b/4", 256, 400_000)
     assert (cfg.optim.lr, cfg.optim.ema_decay, cfg.optim.weight_decay) == (1e-4, 0.9999, 0.0)

@@ -46,13 +46,13 @@ class Cond:
 # The family modules type-check against Cond above, hence the late import.
 from dit_bench.backbones import dit, mmdit, unet, uvit  # noqa: E402
 
-# family -> builder(*, image_size, in_channels, num_classes, conditioning, learn_sigma,
-#                   **the preset's keys) -> nn.Module
+# family -> model class, built as cls(*, image_size, in_channels, num_classes, conditioning,
+#                                     learn_sigma, **the preset's keys)
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "dit": dit.build_dit,
-    "mmdit": mmdit.build_mmdit,
-    "unet": unet.build_unet,
-    "uvit": uvit.build_uvit,
+    "dit": dit.DiT,
+    "mmdit": mmdit.MMDiT,
+    "unet": unet.UNet,
+    "uvit": uvit.UViT,
 }
 # family -> conditioning schemes it implements (the first is the family's default).
 CONDITIONINGS: dict[str, tuple[str, ...]] = {

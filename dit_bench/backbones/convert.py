@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from dit_bench.backbones.dit import DiT, build_dit
+from dit_bench.backbones.dit import DiT
 from dit_bench.backbones.mmdit import MMDiT
 
 # DiT Table 1: the paper's head count for each of its widths. Other widths need num_heads.
@@ -90,7 +90,7 @@ def dit_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int | N
 
     # Build on the meta device (no init cost for XL), then take the checkpoint's tensors.
     with torch.device("meta"):
-        model = build_dit(
+        model = DiT(
             image_size=grid * patch_size,
             in_channels=in_channels,
             num_classes=num_classes,

@@ -476,34 +476,3 @@ PRESETS: dict[str, dict] = {
     for size, (depth, width, heads) in _SIZES.items()
     for patch in (2, 4, 8)
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Builder (registered in dit_bench.backbones.BACKBONES)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_dit(
-    *,
-    image_size: int,
-    in_channels: int,
-    num_classes: int,
-    depth: int,
-    hidden_size: int,
-    num_heads: int,
-    patch_size: int,
-    conditioning: str = "adaln_zero",
-    learn_sigma: bool = False,
-) -> DiT:
-    """Build a DiT from explicit sizes (presets are resolved in `dit_bench.backbones`)."""
-    return DiT(
-        image_size=image_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        depth=depth,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        patch_size=patch_size,
-        conditioning=conditioning,
-        learn_sigma=learn_sigma,
-    )

@@ -316,31 +316,3 @@ PRESETS: dict[str, dict] = {
     for depth in (2, 4, 6, 8, 12, 16, 24, 38)  # d2-d6: CPU; d24 ~ SD3-medium; d38: SD3 8B
     for patch in (2, 4)
 }
-
-
-def build_mmdit(
-    *,
-    image_size: int,
-    in_channels: int,
-    num_classes: int,
-    depth: int,
-    hidden_size: int,
-    num_heads: int,
-    patch_size: int,
-    conditioning: str = "joint_attn",
-    learn_sigma: bool = False,
-    qk_norm: bool = False,
-) -> MMDiT:
-    """Build an MMDiT from explicit sizes (presets are resolved in `dit_bench.backbones`)."""
-    return MMDiT(
-        image_size=image_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        depth=depth,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        patch_size=patch_size,
-        conditioning=conditioning,
-        learn_sigma=learn_sigma,
-        qk_norm=qk_norm,
-    )

@@ -202,6 +202,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"conditioning={conditioning!r} for the U-Net; allowed: {CONDITIONINGS}"
             )
+        channel_mult, attention_ds = tuple(channel_mult), tuple(attention_ds)  # YAML gives lists
         spec = dict(hidden_size=hidden_size, channel_mult=channel_mult, head_channels=head_channels)
         errors = geometry_errors(dict(spec, attention_ds=attention_ds), image_size)
         if errors:
@@ -350,31 +351,3 @@ PRESETS: dict[str, dict] = {
         attention_ds=(8, 16, 32), head_channels=64,
     ),
 }  # fmt: skip
-
-
-def build_unet(
-    *,
-    image_size: int,
-    in_channels: int,
-    num_classes: int,
-    depth: int,
-    hidden_size: int,
-    channel_mult: tuple[int, ...],
-    attention_ds: tuple[int, ...],
-    head_channels: int,
-    conditioning: str = "adagn",
-    learn_sigma: bool = False,
-) -> UNet:
-    """Build an ADM U-Net from explicit sizes (presets are resolved in `dit_bench.backbones`)."""
-    return UNet(
-        image_size=image_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        depth=depth,
-        hidden_size=hidden_size,
-        channel_mult=tuple(channel_mult),
-        attention_ds=tuple(attention_ds),
-        head_channels=head_channels,
-        conditioning=conditioning,
-        learn_sigma=learn_sigma,
-    )

@@ -230,31 +230,3 @@ PRESETS: dict[str, dict] = {
     for size, (depth, width, heads, conv) in _SIZES.items()
     for patch in (2, 4)
 }
-
-
-def build_uvit(
-    *,
-    image_size: int,
-    in_channels: int,
-    num_classes: int,
-    depth: int,
-    hidden_size: int,
-    num_heads: int,
-    patch_size: int,
-    conv: bool = True,
-    conditioning: str = "in_context",
-    learn_sigma: bool = False,
-) -> UViT:
-    """Build a U-ViT from explicit sizes (presets are resolved in `dit_bench.backbones`)."""
-    return UViT(
-        image_size=image_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        depth=depth,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        patch_size=patch_size,
-        conv=conv,
-        conditioning=conditioning,
-        learn_sigma=learn_sigma,
-    )
