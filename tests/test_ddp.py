@@ -72,7 +72,6 @@ def restart_from_step_4(src: Path, out: Path) -> None:
     shutil.copy(dst / "checkpoints" / "step=0000004.ckpt", dst / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     cfg = build_config(None, SETTINGS)
     one = train(cfg, tmp_path / "one", progress=False)

@@ -128,6 +128,16 @@ class DiffusionModule(L.LightningModule):
         # (weights, EMA) pair whatever order the callbacks run in.
         ema_update(self.ema, self.net, self.ema_decay(self.global_step))
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning's FSDP precision plugin refuses norm clipping; FSDP clips its own (sharded)
+        # gradients with the global norm, which is the same rule.
+        if gradient_clip_val and hasattr(self.trainer.model, "clip_grad_norm_"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def pop_train_loss(self) -> float:
         """Mean training loss since the last call, over all ranks (one sync per log window)."""
         local = self._loss_sum / max(self._loss_count, 1)
