@@ -12,7 +12,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   dit-bench train                                  # the default: a small DiT on mnist
-  dit-bench train --set data.name=digits --set train.steps=300
+  dit-bench train --set data.name=digits --set data.image_size=null --set train.steps=300
   dit-bench show-config my.yaml --set optim.lr=3e-4
   dit-bench sample runs/default/<run> -o grid.png --cfg 2.0
   dit-bench info dit-xl/2
@@ -304,7 +304,8 @@ def _cuda() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dit-bench",
-        description="Train, sample and compare diffusion backbones (DiT, ...) under DDPM.",
+        description="Train, sample, evaluate and compare diffusion backbones (DiT, MMDiT, U-Net, "
+        "U-ViT) under DDPM and flow matching; ablations and scaling sweeps.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
