@@ -40,14 +40,7 @@ IDS = [f"{f}-{c}" + ("-qk" if kw else "") for f, c, kw in CASES]
 ZERO_AT_INIT = {"dit", "mmdit", "unet"}
 SIZE, C, N_CLASSES = 8, 3, 5
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family, conditioning, extra=None, learn_sigma=True, seed=0):

@@ -16,14 +16,7 @@ from dit_bench.backbones import Cond
 from dit_bench.backbones.convert import mmdit_from_diffusers
 from dit_bench.backbones.mmdit import MMDiT, MMDiTBlock
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:

@@ -36,6 +36,8 @@ OBJECTIVES = {
     "flow-velocity-shift3": dict(name="flow", shift=3.0),
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make(key: str):
     kw = dict(OBJECTIVES[key])
@@ -67,15 +69,6 @@ def exact_net(obj):
         return (A * MU + cov / d * (x.double() - a * MU)).to(x.dtype)
 
     return net
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # many small elementwise steps: OpenMP barriers cost more than a second thread saves
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- moments

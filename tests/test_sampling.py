@@ -105,16 +105,6 @@ def _chain_moments(chain: DDPMChain, *, learned: bool) -> tuple[float, float]:
     return float(m), math.sqrt(float(var))
 
 
-@pytest.fixture
-def one_thread():
-    # hundreds of small elementwise steps: on busy shared cores OpenMP barriers cost far more
-    # than the second thread saves (measured 1 s vs 12 s for 250 steps)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("steps", [250, 50])
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed_small", "learned_exact"])
 def test_ancestral_sampling_recovers_gaussian_data(steps, learned, one_thread):
