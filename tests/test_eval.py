@@ -169,39 +169,15 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
 
 
 @pytest.mark.slow  # two short trainings and a VAE (about 15 s)
-def test_eval_of_folder_and_latents_runs(tmp_path, cache):
+def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder):
     """Image folders and VAE latents: reference statistics keyed by content, images decoded."""
-    from diffusers import AutoencoderKL
-    from PIL import Image
-
     from dit_bench.data.latents import encode_latents
     from dit_bench.train.run import train
 
-    g = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
-    for c, name in enumerate(["cat", "dog"]):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            arr = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
-            arr[..., c] = 255
-            Image.fromarray(arr).save(root / name / f"{i}.png")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    vae.save_pretrained(tmp_path / "vae")
-    folder = ["data.name=folder", f"data.root={root}", "data.image_size=32"]
+    folder = ["data.name=folder", f"data.root={image_folder}", "data.image_size=32"]
     folder += ["data.val_fraction=0.2"]
-    encode_latents(
-        tmp_path / "vae", build_config(None, folder).data, tmp_path / "lat", progress=False
-    )
-    latents = ["data.name=latents", f"data.root={tmp_path / 'lat'}", f"data.vae={tmp_path / 'vae'}"]
+    encode_latents(vae_dir, build_config(None, folder).data, tmp_path / "lat", progress=False)
+    latents = ["data.name=latents", f"data.root={tmp_path / 'lat'}", f"data.vae={vae_dir}"]
     latents += ["data.val_fraction=0.2"]
     common = ["backbone.name=dit-xs/2", "train.steps=2", "train.batch_size=4", "train.val_every=2"]
     common += ["train.log_every=1", "eval.val_images=4", "eval.samples_per_class=1"]

@@ -13,40 +13,6 @@ from dit_bench.data import DataError, data_info, load_datasets
 from dit_bench.data.latents import LatentShards, decode_latents, encode_latents, load_vae
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: side / 8, as SD's VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    for c, name in enumerate(["cat", "dog"]):
-        (root / name).mkdir()
-        for i in range(10):
-            arr = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
-            arr[..., c] = 255  # a class-dependent colour
-            Image.fromarray(arr).save(root / name / f"{i}.png")
-    return root
-
-
 def folder_cfg(root):
     return SimpleNamespace(
         name="folder",
