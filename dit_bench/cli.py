@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fused AdamW (default: on CUDA only)",
+        help="fused AdamW for every implementation (default: ours fused on CUDA and CPU, the reference torch's default AdamW)",
     )
     sp.add_argument(
         "--tf32",

@@ -159,7 +159,7 @@ class OptimConfig(_Strict):
     fused: bool | None = Field(
         None,
         description="fused AdamW (one kernel updates every parameter); null: on when training "
-        "on CUDA. Same update as the unfused loop up to float rounding",
+        "on CUDA or the CPU. Same update as the unfused loop up to float rounding",
     )
 
 

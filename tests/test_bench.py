@@ -3,6 +3,7 @@ run on the CPU with the packages a GPU machine lacks blocked."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -165,6 +166,10 @@ def test_against_diffusers_interleaved():
     rows = bench.run_bench(cfg)["rows"]
     assert [r["impl"] for r in rows] == ["dit-bench", "diffusers"]
     assert rows[1]["vs_reference"] == pytest.approx(1.0)
+    # ours with fused AdamW as the harness trains; the reference with torch's default
+    assert [r["adamw"] for r in rows] == ["fused", "unfused"]
+    same = bench.run_bench(dataclasses.replace(cfg, fused=True))["rows"]  # --fused: for both
+    assert [r["adamw"] for r in same] == ["fused", "fused"]
     assert rows[0]["params"] < rows[1]["params"]  # diffusers: one embedder per block
     with pytest.raises(ValueError, match="DiT preset"):
         bench.make_diffusers_dit("unet-xs", image_size=8, channels=4, num_classes=10)

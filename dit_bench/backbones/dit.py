@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dit_bench.backbones.layers import (
@@ -36,6 +35,7 @@ from dit_bench.backbones.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
     modulate,
     sincos_pos_embed_2d,
     unpatchify,
@@ -150,7 +150,7 @@ class CrossAttention(nn.Module):
         h, s = self.num_heads, ctx.shape[1]
         q = self.q(x).reshape(b, t, h, d // h).transpose(1, 2)  # (B, H, T, d_head)
         k, v = self.kv(ctx).reshape(b, s, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d_head)
+        x = attention(q, k, v)  # (B, H, T, d_head)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
     def macs(self, tokens: int, context: int) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dit_bench.backbones.dit import FinalLayer, geometry_errors
@@ -39,6 +38,7 @@ from dit_bench.backbones.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
     modulate,
     sincos_pos_embed_2d,
     unpatchify,
@@ -134,7 +134,7 @@ class MMDiTBlock(nn.Module):
         keys = torch.cat([k, ck], dim=2)  # (B, Hd, T + S, d_head): image tokens first
         values = torch.cat([v, cv], dim=2)
         queries = q if self.context_pre_only else torch.cat([q, cq], dim=2)
-        o = F.scaled_dot_product_attention(queries, keys, values)  # (B, Hd, T [+ S], d_head)
+        o = attention(queries, keys, values)  # (B, Hd, T [+ S], d_head)
         o = o.transpose(1, 2).reshape(b, -1, d)  # (B, T [+ S], D)
 
         x = x + gate_msa.unsqueeze(1) * self.proj(o[:, :t])  # (B, T, D)

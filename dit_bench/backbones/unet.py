@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit_bench.backbones.layers import LabelEmbedder, timestep_embedding
+from dit_bench.backbones.layers import LabelEmbedder, attention, timestep_embedding
 
 if TYPE_CHECKING:
     from dit_bench.backbones import Cond
@@ -129,7 +129,7 @@ class AttentionBlock(nn.Module):
         t = qkv.shape[-1]
         qkv = qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, t)  # (B, Hd, 3 ch, T)
         q, k, v = qkv.transpose(2, 3).chunk(3, dim=-1)  # (B, Hd, T, ch) each
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, Hd, T, ch)
+        a = attention(q, k, v)  # (B, Hd, T, ch)
         a = a.transpose(2, 3).reshape(b, c, t)  # (B, C, T)
         return (h + self.proj_out(a)).reshape(b, c, *spatial)
 

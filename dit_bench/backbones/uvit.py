@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dit_bench.backbones.dit import geometry_errors as _vit_geometry_errors
@@ -29,6 +28,7 @@ from dit_bench.backbones.layers import (
     LabelEmbedder,
     Mlp,
     PatchEmbed,
+    attention,
     timestep_embedding,
     unpatchify,
 )
@@ -41,7 +41,7 @@ CONDITIONINGS: tuple[str, ...] = ("in_context",)
 
 class UViTAttention(nn.Module):
     """Multi-head self-attention as U-ViT's: fused qkv without bias (qkv_bias=False), softmax
-    attention via SDPA, output projection with bias."""
+    attention (`layers.attention`), output projection with bias."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -53,7 +53,7 @@ class UViTAttention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, Hd, T, d_head) each
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, Hd, T, d_head)
+        x = attention(q, k, v)  # (B, Hd, T, d_head)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
     def macs(self, tokens: int) -> int:
