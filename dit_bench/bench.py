@@ -111,8 +111,9 @@ def fused_adamw_default(device: torch.device | str) -> bool:
     """Fused AdamW (one kernel for every parameter's update) where torch has it: CUDA and CPU.
 
     It pays on both: on the CPU it makes one pass over parameters, gradients and moments where
-    the multi-tensor (foreach) loop makes several; DiT-S/2's 32.9M parameters update in 22 ms
-    fused against 103 ms foreach (2-core CPU, float32), 7% of its training step there.
+    the loops make several; DiT-S/2's 32.9M parameters update in 22 ms fused against 90 ms for
+    torch's CPU default (a loop over parameters) and 103 ms multi-tensor (2-core CPU, float32):
+    7% of its training step there.
     """
     return torch.device(device).type in ("cuda", "cpu")
 

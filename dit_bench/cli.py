@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fused AdamW for every implementation (default: ours fused on CUDA and CPU, the reference torch's default AdamW)",
+        help="fused AdamW for every implementation (default: ours fused on CUDA and the CPU, "
+        "the reference torch's default AdamW)",
     )
     sp.add_argument(
         "--tf32",

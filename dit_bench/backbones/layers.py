@@ -222,11 +222,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, flash on CPU),
     except in float32 code compiled for the CPU with both sequences at most
-    SHORT_ATTENTION_TOKENS long: there `ShortAttention`. Measured on a 2-core CPU (compiled
-    forward + backward, 6 heads of 64): at 64 tokens 6.4 ms against 7.1 ms, and 1032 against
-    1060 ms for the whole DiT-S/2 training step (16x16x4, batch 32); at 256 tokens no gain,
-    at 1024 the flash kernel is twice as fast. Equal up to float rounding
-    (tests/test_fast_paths.py).
+    SHORT_ATTENTION_TOKENS long: there `ShortAttention`. Measured on a 2-core CPU: the compiled
+    DiT-S/2 training step (64 tokens, 6 heads of 64, batch 32) takes 940 ms with it against
+    964 ms (reports/bench-cpu/ab_cpu_rewrites.py); compiled attention alone, forward +
+    backward, gains 10% at 128 tokens, nothing at 256, and at 1024 the flash kernel is twice
+    as fast. Equal up to float rounding (tests/test_fast_paths.py).
     """
     short = max(q.shape[-2], k.shape[-2]) <= SHORT_ATTENTION_TOKENS
     if torch.compiler.is_compiling() and q.device.type == "cpu" and short:
@@ -299,9 +299,9 @@ class TanhGELU(nn.Module):
     Compiled for the CPU it runs as `GELUTanhAsSigmoid`: one exp instead of a tanh (Inductor's
     vectorised CPU tanh is slow), none in the backward. Eager keeps `F.gelu` (one ATen kernel,
     where the sigmoid form would run several), and so does the GPU, where both forms are
-    memory-bound. Equal up to float rounding (tests/test_fast_paths.py). Measured: the compiled
-    DiT-S/2 training step (16x16x4, batch 32, float32, 2-core CPU) takes 1010 ms this way
-    against 1104 ms with `F.gelu`, interleaved medians of 14.
+    memory-bound. Equal up to float rounding (tests/test_fast_paths.py). Measured
+    (reports/bench-cpu/ab_cpu_rewrites.py): the compiled DiT-S/2 training step (16x16x4,
+    batch 32, float32, 2-core CPU) takes 964 ms this way against 1051 ms with `F.gelu`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
