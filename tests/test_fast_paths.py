@@ -254,3 +254,41 @@ def test_training_run_with_compile_and_fused(tmp_path):
     assert summaries["fast"]["val_loss"] == pytest.approx(summaries["plain"]["val_loss"], rel=1e-3)
     state = torch.load(runs["fast"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any("_orig_mod" in k for k in state["state_dict"])
+
+
+def _traced_ops(fn, *args) -> str:
+    """The FX graph (with any autograd.Function subgraphs) that torch.compile traces for fn:
+    Dynamo only, no Inductor, so it is cheap."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return "\n".join(m.print_readable(print_output=False) for m in graphs)
+
+
+def test_compiled_cpu_code_takes_the_rewrites_eager_code_does_not():
+    from dit_bench.backbones.layers import SHORT_ATTENTION_TOKENS, TanhGELU, attention
+
+    short = [torch.randn(2, 3, 16, 8) for _ in range(3)]
+    long = [torch.randn(1, 1, SHORT_ATTENTION_TOKENS + 1, 8) for _ in range(3)]
+    assert "scaled_dot_product_attention" not in _traced_ops(attention, *short)
+    assert "bmm" in _traced_ops(attention, *short)
+    assert "scaled_dot_product_attention" in _traced_ops(attention, *long)
+    bf16 = [t.bfloat16() for t in short]  # under bf16 autocast: the fused kernel
+    assert "scaled_dot_product_attention" in _traced_ops(attention, *bf16)
+    x = torch.randn(4, 8)
+    assert "sigmoid" in _traced_ops(TanhGELU(), x) and "gelu" not in _traced_ops(TanhGELU(), x)
+    # eager: the ATen kernels, exactly
+    torch.testing.assert_close(
+        attention(*short), torch.nn.functional.scaled_dot_product_attention(*short), atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        TanhGELU()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=0, rtol=0
+    )
