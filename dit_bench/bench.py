@@ -47,6 +47,7 @@ import io
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -355,7 +356,18 @@ def _state_bytes(net: nn.Module, opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _step_fn(impl: Impl, cfg: BenchConfig, device: torch.device, inputs: tuple):
+def bench_inputs(cfg: BenchConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch every timed step sees: (x0 (B, C, H, W), labels (B,)), from cfg.seed."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch, cfg.channels, cfg.image_size, cfg.image_size)
+    x0 = torch.randn(shape, generator=g).to(device)
+    if cfg.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
+    return x0, labels
+
+
+def step_fn(impl: Impl, cfg: BenchConfig, device: torch.device, inputs: tuple):
     """The training step of `impl` (closure) and its optimiser."""
     x0, labels = inputs
     objective = build_objective("ddpm")
@@ -425,13 +437,8 @@ def bench_training(
     """Time the training step of backbone `name` for every implementation, interleaved."""
     device = cfg.resolved_device()
     impls = build_impls(name, cfg, device)
-    g = torch.Generator().manual_seed(cfg.seed)
-    shape = (cfg.batch, cfg.channels, cfg.image_size, cfg.image_size)
-    x0 = torch.randn(shape, generator=g).to(device)
-    if cfg.channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
-    steps = {i.label: _step_fn(i, cfg, device, (x0, labels)) for i in impls}
+    inputs = bench_inputs(cfg, device)
+    steps = {i.label: step_fn(i, cfg, device, inputs) for i in impls}
 
     first: dict[str, float] = {}
     for i in impls:  # warm-up, one implementation at a time (compilation happens here)
@@ -509,6 +516,70 @@ def bench_training(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+# Kernel (CUDA) or op (CPU) names -> what they do; the first pattern that matches names the group.
+KERNEL_GROUPS: tuple[tuple[str, str], ...] = (
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|wgmma|cublas|aten::(mm|addmm|bmm|baddbmm)$"),
+    ("optimizer", r"adam|foreach"),
+    ("fused elementwise (compiled)", r"^triton_|cpp_fused|CompiledFxGraph"),
+)
+
+
+def kernel_group(name: str) -> str:
+    """The `KERNEL_GROUPS` group of a profiler event name ("other" when none matches)."""
+    for group, pattern in KERNEL_GROUPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return group
+    return "other"
+
+
+def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3) -> dict:
+    """Where a (warmed-up) training step's time goes, from torch.profiler over `steps` steps.
+
+    CUDA: device time per kernel; CPU: self time per op (what the host spends). Returns the
+    total per step, the time per `KERNEL_GROUPS` group, and the 15 costliest kernels, each in
+    ms per step and as a share of the total. The total is the kernels' busy time, not wall time:
+    on a GPU, wall time minus it is what the GPU waited for the host.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    kernels = []  # (name, ms per step, calls per step)
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            kernels.append((e.key, us / steps / 1e3, e.count / steps))
+    total = sum(ms for _, ms, _ in kernels) or float("nan")
+    groups: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+    top = sorted(kernels, key=lambda k: -k[1])[:15]
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,  # profiled: a little slower than the timed steps
+        "busy_ms_per_step": total,
+        "timed": "device time per kernel" if cuda else "CPU self time per op",
+        "groups": {
+            g: {"ms": ms, "share": ms / total}
+            for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            {"name": n[:160], "group": kernel_group(n), "ms": ms, "share": ms / total, "calls": c}
+            for n, ms, c in top
+        ],
+    }
 
 
 @torch.no_grad()

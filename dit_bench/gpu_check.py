@@ -11,11 +11,13 @@ left is skipped, and one that overruns is interrupted by an alarm):
 3. training-step benchmark of DiT-XL/2 and DiT-B/2 on 32x32x4 latents, batch 64, bf16, eager
    and compiled (`dit_bench.bench`): img/s, TFLOP/s, MFU against the measured and datasheet
    peaks, compile time, peak memory;
-4. the CUDA-marked tests (tests/test_cuda_fast_paths.py: every fast path equals the plain
+4. where the compiled DiT-XL/2 step's time goes (`bench.profile_step`): GPU time by kernel
+   group (matmul, attention, fused elementwise, optimiser, other) and the costliest kernels;
+5. the CUDA-marked tests (tests/test_cuda_fast_paths.py: every fast path equals the plain
    path), through pytest when it is installed, else as plain functions;
-5. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
+6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
    the objective, the data set and AdamW): the loss must fall;
-6. sampling img/s: 250-step DDPM and 50-step Euler with guidance.
+7. sampling img/s: 250-step DDPM and 50-step Euler with guidance.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -107,6 +109,12 @@ def plan(smoke: bool) -> dict:
                 ),
             ],
             "matmul_n": 128,
+            "profile": (
+                "dit-xs/4",
+                bench.BenchConfig(
+                    image_size=8, batch=2, num_classes=10, precision="fp32", warmup=1
+                ),
+            ),
             "sample": (
                 "dit-xs/4",
                 dict(
@@ -136,6 +144,7 @@ def plan(smoke: bool) -> dict:
             ("dit-b/2", bench.BenchConfig(backbones=("dit-b/2",), **full)),
         ],
         "matmul_n": 8192,
+        "profile": ("dit-xl/2", bench.BenchConfig(**{**full, "eager": False})),
         "sample": ("dit-xl/2", dict(image_size=32, sample_batch=32, precision="bf16")),
         "train": dict(
             backbone="dit-s/4", image_size=64, batch=64, steps=300, lr=3e-4, num_samples=2048
@@ -228,6 +237,22 @@ def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
         "datasheet_tflops": sheet / 1e12 if sheet else None,
         "rows": out,
     }
+
+
+def section_profile(ctx: dict) -> dict:
+    """The step `section_bench` timed, profiled: where its time goes (compiled if planned so)."""
+    name, cfg = ctx["plan"]["profile"]
+    dev = ctx["device"]
+    cfg = replace(cfg, backbones=(name,), device=str(dev))
+    impl = bench.build_impls(name, cfg, dev)[-1]
+    step, _ = bench.step_fn(impl, cfg, dev, bench.bench_inputs(cfg, dev))
+    with bench.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
+        for _ in range(cfg.warmup):  # compiles (from the cache the bench section filled)
+            step()
+        out = bench.profile_step(step, dev)
+    shares = ", ".join(f"{g} {_pct(v['share'])}" for g, v in out["groups"].items())
+    log(f"{name} {impl.label}: {out['busy_ms_per_step']:.1f} ms busy per step: {shares}")
+    return {"backbone": name, "label": impl.label, "precision": cfg.precision, **out}
 
 
 def section_cuda_tests(ctx: dict) -> dict:
@@ -434,6 +459,28 @@ def render_markdown(report: dict) -> str:
                 f"{_f(r.get('speedup_vs_eager'), '{:.2f}x')} |"
             )
         lines.append("")
+    pr = s.get("profile", {}).get("result")
+    if pr:
+        lines += [
+            f"## Where the {pr['backbone']} step's time goes ({pr['label']}, {pr['precision']})",
+            "",
+            f"torch.profiler over {pr['steps']} steps, {pr['timed']}: "
+            f"{pr['busy_ms_per_step']:.1f} ms busy per step of {pr['wall_ms_per_step']:.1f} ms "
+            "wall (profiled).",
+            "",
+            "| group | ms/step | share |",
+            "|---|---|---|",
+        ]
+        for g, v in pr["groups"].items():
+            lines.append(f"| {g} | {v['ms']:.2f} | {_pct(v['share'])} |")
+        lines += ["", "| kernel | group | ms/step | share | calls/step |", "|---|---|---|---|---|"]
+        for k in pr["top"]:
+            name = k["name"].replace("|", "/")
+            lines.append(
+                f"| `{name[:90]}` | {k['group']} | {k['ms']:.2f} | {_pct(k['share'])} | "
+                f"{k['calls']:.0f} |"
+            )
+        lines.append("")
     tr = s.get("train", {}).get("result")
     if tr:
         lines += [
@@ -566,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         "sections": {},
     }
     ctx: dict = {"device": device, "plan": plan(args.smoke)}
-    # (name, function, cap in seconds, least time worth starting with); caps fit a 420 s budget
+    # (name, function, cap in seconds, least time worth starting with). The budget bounds the
+    # whole run: a section starts only with `least` seconds left and stops at min(cap, left);
+    # on the H200 the whole check took 96 s of its 420 (reports/gpu/).
     scale = 1.0 if not args.smoke else 0.5
     sections = [
         ("environment", section_environment, 30, 1),
@@ -576,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = 170 if key == "dit-xl/2" else 90
         sections.append((f"bench {key}", lambda c, cfg=cfg: section_bench(c, cfg), cap, 30))
     sections += [
+        ("profile", section_profile, 60, 20),
         ("cuda tests", section_cuda_tests, 80, 20),
         ("train", section_train, 50, 10),
         ("sampling", section_sampling, 60, 10),

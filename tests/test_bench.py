@@ -175,6 +175,26 @@ def test_against_diffusers_interleaved():
         bench.make_diffusers_dit("unet-xs", image_size=8, channels=4, num_classes=10)
 
 
+def test_kernel_groups_name_cuda_kernels_and_cpu_ops():
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "aten::addmm": "matmul",
+        "aten::bmm": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72, 128>>": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "triton_per_fused__softmax_3": "attention",
+        "triton_poi_fused_add_mul_native_layer_norm_7": "fused elementwise (compiled)",
+        "## Call CompiledFxGraph fh7uwx ##": "fused elementwise (compiled)",
+        "void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": (
+            "optimizer"
+        ),
+        "aten::_fused_adamw_": "optimizer",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    assert {n: bench.kernel_group(n) for n in names} == names
+
+
 # -- the GPU check, dry run on the CPU -------------------------------------------------------------
 
 BLOCKED = (
@@ -205,9 +225,14 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     data = json.loads(md.with_suffix(".json").read_text())
     statuses = {name: sec["status"] for name, sec in data["sections"].items()}
     assert statuses == dict.fromkeys(
-        ["environment", "matmul", "bench dit-xs/4", "cuda tests", "train", "sampling"], "ok"
+        ["environment", "matmul", "bench dit-xs/4", "profile", "cuda tests", "train", "sampling"],
+        "ok",
     ), statuses
+    prof = data["sections"]["profile"]["result"]
+    assert prof["groups"]["matmul"]["ms"] > 0
+    assert sum(g["share"] for g in prof["groups"].values()) == pytest.approx(1.0)
     assert data["sections"]["cuda tests"]["result"]["ok"]  # collected (and skipped: no CUDA)
     text = md.read_text()
     assert "## Training step" in text and "## Sampling" in text and "## Training a small" in text
+    assert "## Where the dit-xs/4 step's time goes" in text
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()

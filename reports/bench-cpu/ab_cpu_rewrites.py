@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import dit_bench.backbones.layers as layers
-from dit_bench.bench import BenchConfig, _step_fn, build_impls
+from dit_bench.bench import BenchConfig, bench_inputs, build_impls, step_fn
 
 VARIANTS = ("plain", "gelu", "gelu+attn")
 state = {"variant": "gelu+attn"}
@@ -48,14 +48,12 @@ def main() -> None:
     layers.TanhGELU.forward = gelu_forward
     cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=True, eager=False)
     device = torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(32, 4, 16, 16, generator=g)
-    labels = torch.randint(0, 1000, (32,), generator=g)
+    inputs = bench_inputs(cfg, device)
     steps = {}
     for v in VARIANTS:
         select(v)
         impl = build_impls("dit-s/2", cfg, device)[0]
-        steps[v], _ = _step_fn(impl, cfg, device, (x0, labels))
+        steps[v], _ = step_fn(impl, cfg, device, inputs)
         for _ in range(3):  # compile and warm up
             steps[v]()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
