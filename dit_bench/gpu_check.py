@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx: dict = {"device": device, "plan": plan(args.smoke)}
     # (name, function, cap in seconds, least time worth starting with). The budget bounds the
     # whole run: a section starts only with `least` seconds left and stops at min(cap, left);
-    # on the H200 the whole check took 96 s of its 420 (reports/gpu/).
+    # on an H200 the whole check took 89 s of a 400 s budget (reports/gpu/).
     scale = 1.0 if not args.smoke else 0.5
     sections = [
         ("environment", section_environment, 30, 1),
