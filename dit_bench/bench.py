@@ -223,15 +223,18 @@ class Impl:
     call: Callable  # (x, timesteps, cond) -> output, as every backbone
 
 
-def make_ours(name: str, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool):
-    net = build_backbone(
-        name,
-        image_size=image_size,
-        in_channels=channels,
-        num_classes=num_classes,
-        learn_sigma=learn_sigma,
-    )
-    return net
+def make_ours(name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    """Our backbone `name` for the benchmark's input, seeded by cfg.seed and initialised on the
+    device (seconds, not a minute, at XL)."""
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        return build_backbone(
+            name,
+            image_size=cfg.image_size,
+            in_channels=cfg.channels,
+            num_classes=cfg.num_classes,
+            learn_sigma=cfg.learn_sigma,
+        )
 
 
 def make_diffusers_dit(name: str, *, image_size: int, channels: int, num_classes: int):
@@ -399,15 +402,7 @@ def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]
     impls = []
     kinds = ([False] if cfg.eager or not cfg.compile else []) + ([True] if cfg.compile else [])
     for compiled in kinds:
-        torch.manual_seed(cfg.seed)
-        with torch.device(device):  # initialise on the device: seconds, not a minute, at XL
-            net = make_ours(
-                name,
-                image_size=cfg.image_size,
-                channels=cfg.channels,
-                num_classes=cfg.num_classes,
-                learn_sigma=cfg.learn_sigma,
-            )
+        net = make_ours(name, cfg, device)  # same seed: same initial weights
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if compiled:
@@ -564,7 +559,8 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
     total = sum(ms for _, ms, _ in kernels) or float("nan")
     groups: dict[str, float] = {}
     for name, ms, _ in kernels:
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + ms
+        g = kernel_group(name)
+        groups[g] = groups.get(g, 0.0) + ms
     top = sorted(kernels, key=lambda k: -k[1])[:15]
     return {
         "steps": steps,
@@ -589,16 +585,7 @@ def bench_sampling(
     """img/s of one full run of each sampler in `cfg.sampling` (eager backbone, after a short
     warm-up run), with the run's precision."""
     device = cfg.resolved_device()
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        net = make_ours(
-            name,
-            image_size=cfg.image_size,
-            channels=cfg.channels,
-            num_classes=cfg.num_classes,
-            learn_sigma=cfg.learn_sigma,
-        )
-    net.eval()
+    net = make_ours(name, cfg, device).eval()
     objective = build_objective("ddpm")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     b = cfg.sample_batch

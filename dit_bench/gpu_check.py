@@ -91,30 +91,21 @@ def alarm(seconds: float):
 
 def plan(smoke: bool) -> dict:
     if smoke:
+        tiny = bench.BenchConfig(
+            backbones=("dit-xs/4",),
+            image_size=8,
+            batch=2,
+            num_classes=10,
+            precision="fp32",
+            compile=False,
+            warmup=1,
+            repeats=2,
+            sample=False,
+        )
         return {
-            "bench": [
-                (
-                    "dit-xs/4",
-                    bench.BenchConfig(
-                        backbones=("dit-xs/4",),
-                        image_size=8,
-                        batch=2,
-                        num_classes=10,
-                        precision="fp32",
-                        compile=False,
-                        warmup=1,
-                        repeats=2,
-                        sample=False,
-                    ),
-                ),
-            ],
+            "bench": [("dit-xs/4", tiny)],
             "matmul_n": 128,
-            "profile": (
-                "dit-xs/4",
-                bench.BenchConfig(
-                    image_size=8, batch=2, num_classes=10, precision="fp32", warmup=1
-                ),
-            ),
+            "profile": ("dit-xs/4", tiny),
             "sample": (
                 "dit-xs/4",
                 dict(

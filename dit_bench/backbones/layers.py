@@ -182,6 +182,12 @@ class LabelEmbedder(nn.Module):
 SHORT_ATTENTION_TOKENS = 128
 
 
+def _compiling_for_cpu(x: torch.Tensor) -> bool:
+    """Whether torch.compile is tracing this code for the CPU: where `attention` and
+    `TanhGELU` take their rewrites (the GPU and eager code keep the ATen kernels)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 class ShortAttention(torch.autograd.Function):
     """softmax(Q K^T / sqrt(d)) V [Transformer Eq. 1] by batched matrix products, keeping the
     probabilities P for the backward:
@@ -229,9 +235,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     as fast. Equal up to float rounding (tests/test_fast_paths.py).
     """
     short = max(q.shape[-2], k.shape[-2]) <= SHORT_ATTENTION_TOKENS
-    if torch.compiler.is_compiling() and q.device.type == "cpu" and short:
-        if q.dtype == torch.float32:  # bf16 autocast keeps the fused kernel
-            return ShortAttention.apply(q, k, v)
+    # float32 only: under bf16 autocast the fused kernel stays
+    if _compiling_for_cpu(q) and short and q.dtype == torch.float32:
+        return ShortAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -305,7 +311,7 @@ class TanhGELU(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu":
+        if _compiling_for_cpu(x):
             return GELUTanhAsSigmoid.apply(x)
         return F.gelu(x, approximate="tanh")
 
