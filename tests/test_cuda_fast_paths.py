@@ -2,7 +2,8 @@
 
 Flash and memory-efficient SDPA against the math kernel, bf16 autocast against float32 (with
 float32 master weights), fused AdamW against the per-parameter loop, channels-last U-Net,
-torch.compile'd DiT, and a training step with no host-device synchronisation.
+torch.compile'd DiT, a training step with no host-device synchronisation, and the profile
+accounting (each kernel counted once).
 
 Every test is marked `cuda` and skipped without a CUDA device. No fixtures and no parameters:
 where pytest is missing (a bare GPU machine), `dit_bench.gpu_check` calls these as plain
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_bench.backbones import Cond, build_backbone
-from dit_bench.bench import allow_tf32, compile_backbone
+from dit_bench.bench import allow_tf32, compile_backbone, profile_step
 from dit_bench.objectives import build_objective
 
 try:
@@ -173,3 +174,30 @@ def test_training_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(losses)).all()
+
+
+def test_profile_counts_each_kernel_once():
+    """`profile_step`'s busy time is the kernels' time, not also the record_function ranges
+    that span them (they show on the GPU timeline too): a step of 8 large matrix products
+    inside a named range reports about the time those products take alone."""
+    a = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+
+    def step():
+        with torch.profiler.record_function("step#range"):
+            for _ in range(8):
+                torch.mm(a, a, out=out)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    alone_ms = start.elapsed_time(end)
+    prof = profile_step(step, torch.device(DEV))
+    assert not any("range" in k["name"] for k in prof["top"])
+    assert prof["groups"]["matmul"]["share"] > 0.95
+    assert 0.7 * alone_ms < prof["busy_ms_per_step"] < 1.3 * alone_ms
