@@ -292,3 +292,21 @@ def test_compiled_cpu_code_takes_the_rewrites_eager_code_does_not():
     torch.testing.assert_close(
         TanhGELU()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=0, rtol=0
     )
+
+
+def test_split_heads_same_views_and_gradient_as_permute_unbind():
+    """`split_heads` (unbind the chunks, then move the heads forward) gives the very views the
+    permute form gives, and the same gradient: only the backward's memory traffic differs."""
+    from dit_bench.backbones.layers import split_heads
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3 * 12, requires_grad=True)
+    ours = split_heads(x, 3, 4)
+    ref = x.reshape(2, 5, 3, 4, 3).permute(2, 0, 3, 1, 4).unbind(0)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.shape == b.shape == (2, 4, 5, 3)
+        assert a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+    w = torch.randn(3, 2, 4, 5, 3)
+    (g_ours,) = torch.autograd.grad(sum((o * w[i]).sum() for i, o in enumerate(ours)), x)
+    (g_ref,) = torch.autograd.grad(sum((o * w[i]).sum() for i, o in enumerate(ref)), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=0)

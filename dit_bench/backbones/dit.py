@@ -38,6 +38,7 @@ from dit_bench.backbones.layers import (
     attention,
     modulate,
     sincos_pos_embed_2d,
+    split_heads,
     unpatchify,
 )
 
@@ -147,9 +148,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        h, s = self.num_heads, ctx.shape[1]
+        h = self.num_heads
         q = self.q(x).reshape(b, t, h, d // h).transpose(1, 2)  # (B, H, T, d_head)
-        k, v = self.kv(ctx).reshape(b, s, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = split_heads(self.kv(ctx), 2, h)  # each (B, H, S, d_head)
         x = attention(q, k, v)  # (B, H, T, d_head)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 

@@ -41,6 +41,7 @@ from dit_bench.backbones.layers import (
     attention,
     modulate,
     sincos_pos_embed_2d,
+    split_heads,
     unpatchify,
 )
 
@@ -106,11 +107,6 @@ class MMDiTBlock(nn.Module):
             if not context_pre_only:
                 self.context_q_norm = nn.RMSNorm(head, eps=1e-6)
 
-    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        b, s, _ = x.shape
-        x = x.reshape(b, s, n, self.num_heads, -1)  # (B, S, n, Hd, d_head)
-        return x.permute(2, 0, 3, 1, 4).unbind(0)  # n x (B, Hd, S, d_head)
-
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,15 +114,17 @@ class MMDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             y
         ).chunk(6, dim=1)  # 6 x (B, D)
-        q, k, v = self._heads(self.qkv(modulate(self.norm1(x), shift_msa, scale_msa)), 3)
+        hd = self.num_heads
+        x_in = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        q, k, v = split_heads(self.qkv(x_in), 3, hd)  # (B, Hd, T, d_head) each
         if self.context_pre_only:
             c_shift, c_scale = self.context_adaLN_modulation(y).chunk(2, dim=1)  # 2 x (B, D)
             c_in = modulate(self.context_norm1(ctx), c_shift, c_scale)  # (B, S, D)
-            ck, cv = self._heads(self.context_kv(c_in), 2)  # (B, Hd, S, d_head) each
+            ck, cv = split_heads(self.context_kv(c_in), 2, hd)  # (B, Hd, S, d_head) each
         else:
             c_mods = self.context_adaLN_modulation(y).chunk(6, dim=1)  # 6 x (B, D)
             c_in = modulate(self.context_norm1(ctx), c_mods[0], c_mods[1])  # (B, S, D)
-            cq, ck, cv = self._heads(self.context_qkv(c_in), 3)  # (B, Hd, S, d_head) each
+            cq, ck, cv = split_heads(self.context_qkv(c_in), 3, hd)  # (B, Hd, S, d_head) each
         if self.qk_norm:
             q, k, ck = self.q_norm(q), self.k_norm(k), self.context_k_norm(ck)
             if not self.context_pre_only:

@@ -29,6 +29,7 @@ from dit_bench.backbones.layers import (
     Mlp,
     PatchEmbed,
     attention,
+    split_heads,
     timestep_embedding,
     unpatchify,
 )
@@ -51,8 +52,7 @@ class UViTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, Hd, T, d_head) each
+        q, k, v = split_heads(self.qkv(x), 3, self.num_heads)  # (B, Hd, T, d_head) each
         x = attention(q, k, v)  # (B, Hd, T, d_head)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
