@@ -14,14 +14,11 @@ The rewrites are switched off by patching `layers` for this process only.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import torch
 import torch.nn.functional as F
+from ab import interleaved_medians, print_medians
 
 import dit_bench.backbones.layers as layers
-from dit_bench.bench import BenchConfig, bench_inputs, build_impls, step_fn
 
 VARIANTS = ("plain", "gelu", "gelu+attn")
 state = {"variant": "gelu+attn"}
@@ -46,27 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     layers.TanhGELU.forward = gelu_forward
-    cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=True, eager=False)
-    device = torch.device("cpu")
-    inputs = bench_inputs(cfg, device)
-    steps = {}
-    for v in VARIANTS:
-        select(v)
-        impl = build_impls("dit-s/2", cfg, device)[0]
-        steps[v], _ = step_fn(impl, cfg, device, inputs)
-        for _ in range(3):  # compile and warm up
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(args.repeats):
-        for v in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
-            select(v)
-            t0 = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t0)
-    for v in VARIANTS:
-        print(
-            f"{v:<10} {statistics.median(times[v]) * 1e3:8.1f} ms/step (median of {args.repeats})"
-        )
+    print_medians(interleaved_medians(VARIANTS, select, args.repeats), args.repeats)
 
 
 if __name__ == "__main__":

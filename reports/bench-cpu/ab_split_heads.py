@@ -13,13 +13,11 @@ DiT-S/2 on 16x16x4, batch 32, float32, compiled, both variants in one process, i
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from ab import interleaved_medians, print_medians
 
 import dit_bench.backbones.layers as layers
-from dit_bench.bench import BenchConfig, bench_inputs, build_impls, step_fn
 
 VARIANTS = ("permute", "unbind")
 state = {"variant": "unbind"}
@@ -33,30 +31,16 @@ def split_heads(x: torch.Tensor, n: int, num_heads: int) -> tuple[torch.Tensor, 
     return x.reshape(b, s, n, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def select(variant: str) -> None:
+    state["variant"] = variant  # Dynamo guards on it: one graph per variant
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
-    layers.split_heads = split_heads  # Dynamo guards on `state`: one graph per variant
-    cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=True, eager=False)
-    device = torch.device("cpu")
-    inputs = bench_inputs(cfg, device)
-    steps = {}
-    for v in VARIANTS:
-        state["variant"] = v
-        impl = build_impls("dit-s/2", cfg, device)[0]
-        steps[v], _ = step_fn(impl, cfg, device, inputs)
-        for _ in range(3):  # compile and warm up
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(args.repeats):
-        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            state["variant"] = v
-            t0 = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t0)
-    for v in VARIANTS:
-        print(f"{v:<8} {statistics.median(times[v]) * 1e3:8.1f} ms/step (median of {args.repeats})")
+    layers.split_heads = split_heads
+    print_medians(interleaved_medians(VARIANTS, select, args.repeats), args.repeats)
 
 
 if __name__ == "__main__":
