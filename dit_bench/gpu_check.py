@@ -12,7 +12,9 @@ left is skipped, and one that overruns is interrupted by an alarm):
    and compiled (`dit_bench.bench`): img/s, TFLOP/s, MFU against the measured and datasheet
    peaks, compile time, peak memory;
 4. where the compiled DiT-XL/2 step's time goes (`bench.profile_step`): GPU time by kernel
-   group (matmul, attention, fused elementwise, optimiser, other) and the costliest kernels;
+   group (matmul, attention, fused elementwise, optimiser, other) and the costliest kernels,
+   and the budget against the target (`step_budget`): the TFLOP/s the linear layers and
+   attention reach, and how long everything else may take for the step to reach 45% MFU;
 5. the CUDA-marked tests (tests/test_cuda_fast_paths.py: every fast path equals the plain
    path), through pytest when it is installed, else as plain functions;
 6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
@@ -208,6 +210,7 @@ def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
     eager = {r.backbone: r for r in rows if not r.compiled}
     out = []
     for r in rows:
+        ctx.setdefault("timed_s", {})[(r.backbone, r.label)] = r.median_s  # for the profile
         d = vars(r).copy()
         base = eager.get(r.backbone)
         if r.compiled and base is not None:
@@ -243,7 +246,53 @@ def section_profile(ctx: dict) -> dict:
         out = bench.profile_step(step, dev)
     shares = ", ".join(f"{g} {_pct(v['share'])}" for g, v in out["groups"].items())
     log(f"{name} {impl.label}: {out['busy_ms_per_step']:.1f} ms busy per step: {shares}")
-    return {"backbone": name, "label": impl.label, "precision": cfg.precision, **out}
+    key = bench.peak_key(cfg.precision, dev, cfg.tf32)
+    sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+    timed = ctx.get("timed_s", {}).get((name, impl.label))
+    budget = step_budget(impl.net, cfg.batch, out, timed_s=timed, sheet=sheet)
+    return {"backbone": name, "label": impl.label, "precision": cfg.precision, **out, **budget}
+
+
+def _attention_flops(net: torch.nn.Module) -> int | None:
+    """Forward FLOPs of a DiT's attention matmuls per image (Q K^T and attn @ V: 4 T^2 D a
+    block), as `flops()` counts them; None for other backbones."""
+    try:
+        d = net.blocks[0].attn.proj.in_features
+        return 4 * net.num_tokens**2 * d * len(net.blocks)
+    except AttributeError:
+        return None
+
+
+def step_budget(
+    net: torch.nn.Module, batch: int, prof: dict, timed_s: float | None, sheet: float | None
+) -> dict:
+    """The profiled step against the target: the rates its matrix products and attention
+    reach (3 x forward FLOPs, as the benchmark counts), the time of the parts already at a
+    hardware rate (matmul + attention + optimiser), and how long everything else (elementwise
+    kernels, other, the GPU waiting) may take for the step to reach TARGET_MFU of `sheet`."""
+    attn = _attention_flops(net)
+    if attn is None:
+        return {}
+    step_flops = 3 * net.flops(batch=1)["flops"] * batch
+    attn_flops = 3 * attn * batch
+    ms = {g: v["ms"] for g, v in prof["groups"].items()}
+    at_rate = ms.get("matmul", 0.0) + ms.get("attention", 0.0) + ms.get("optimizer", 0.0)
+    wall = 1e3 * timed_s if timed_s else prof["busy_ms_per_step"]
+    out = {
+        "linear_tflop": (step_flops - attn_flops) / 1e12,
+        "attention_tflop": attn_flops / 1e12,
+        "matmul_tflops": (step_flops - attn_flops) / ms["matmul"] / 1e9
+        if ms.get("matmul")
+        else None,
+        "attention_tflops": attn_flops / ms["attention"] / 1e9 if ms.get("attention") else None,
+        "at_rate_ms": at_rate,
+        "timed_ms": 1e3 * timed_s if timed_s else None,
+        "rest_ms": wall - at_rate,  # elementwise, other and (with a timed step) GPU idle
+    }
+    if sheet:
+        out["target_step_ms"] = step_flops / (TARGET_MFU * sheet) * 1e3
+        out["rest_budget_ms"] = out["target_step_ms"] - at_rate
+    return out
 
 
 def section_cuda_tests(ctx: dict) -> dict:
@@ -464,6 +513,8 @@ def render_markdown(report: dict) -> str:
         ]
         for g, v in pr["groups"].items():
             lines.append(f"| {g} | {v['ms']:.2f} | {_pct(v['share'])} |")
+        if pr.get("at_rate_ms") is not None:
+            lines += ["", budget_text(pr)]
         lines += ["", "| kernel | group | ms/step | share | calls/step |", "|---|---|---|---|---|"]
         for k in pr["top"]:
             name = k["name"].replace("|", "/")
@@ -519,6 +570,25 @@ def render_markdown(report: dict) -> str:
     if env:
         lines += ["", "## Environment", "", "```", json.dumps(env, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def budget_text(pr: dict) -> str:
+    step = f"{pr['timed_ms']:.1f} ms timed step" if pr.get("timed_ms") else "busy time"
+    waiting = ", the GPU waiting" if pr.get("timed_ms") and pr["timed"].startswith("device") else ""
+    text = (
+        f"Linear layers {pr['linear_tflop']:.3g} TFLOP a step at "
+        f"{_f(pr['matmul_tflops'], '{:.3g}')} TFLOP/s, attention {pr['attention_tflop']:.3g} "
+        f"TFLOP at {_f(pr['attention_tflops'], '{:.3g}')} TFLOP/s; matmul + attention + "
+        f"optimiser take {pr['at_rate_ms']:.1f} ms, the rest of the {step} (elementwise "
+        f"kernels, other{waiting}) {pr['rest_ms']:.1f} ms."
+    )
+    if pr.get("target_step_ms") is not None:
+        text += (
+            f" At {100 * TARGET_MFU:.0f}% of the datasheet peak the step takes "
+            f"{pr['target_step_ms']:.1f} ms: with matmul, attention and optimiser as they are, "
+            f"the rest may take {pr['rest_budget_ms']:.1f} ms."
+        )
+    return text
 
 
 def headline(report: dict) -> str | None:

@@ -235,4 +235,41 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     text = md.read_text()
     assert "## Training step" in text and "## Sampling" in text and "## Training a small" in text
     assert "## Where the dit-xs/4 step's time goes" in text
+    assert "matmul + attention + optimiser take" in text  # the budget line (no target on CPU)
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
+
+
+def test_step_budget_against_counted_flops():
+    """The profile's budget: attention FLOPs as torch's FLOP counter sees the math kernel's
+    batched matmuls, the linear layers' rate and the time left at the target, by hand."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dit_bench import gpu_check
+
+    net = build_backbone("dit-xs/2", image_size=8, in_channels=4, num_classes=10)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3) * 999, torch.randint(0, 10, (3,))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(x, t, Cond(labels=y))
+    bmm = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
+    assert gpu_check._attention_flops(net) * 3 == bmm
+
+    prof = {
+        "busy_ms_per_step": 9.0,
+        "groups": {
+            "matmul": {"ms": 4.0},
+            "attention": {"ms": 1.0},
+            "optimizer": {"ms": 0.5},
+            "fused elementwise (compiled)": {"ms": 3.5},
+        },
+    }
+    b = gpu_check.step_budget(net, 64, prof, timed_s=0.010, sheet=1e12)
+    step = 3 * net.flops(batch=64)["flops"]
+    attn = 3 * 64 * gpu_check._attention_flops(net)
+    assert b["matmul_tflops"] == pytest.approx((step - attn) / 4e-3 / 1e12)
+    assert b["attention_tflops"] == pytest.approx(attn / 1e-3 / 1e12)
+    assert b["at_rate_ms"] == pytest.approx(5.5) and b["rest_ms"] == pytest.approx(4.5)
+    assert b["target_step_ms"] == pytest.approx(step / (gpu_check.TARGET_MFU * 1e12) * 1e3)
+    assert b["rest_budget_ms"] == pytest.approx(b["target_step_ms"] - 5.5)
+    unet = build_backbone("unet-xs", image_size=8, in_channels=4, num_classes=10)
+    assert gpu_check.step_budget(unet, 2, prof, None, None) == {}  # not a DiT: no budget
