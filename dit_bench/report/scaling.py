@@ -328,6 +328,10 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     sns.set_theme(style="whitegrid", context="notebook")
     order = _size_order(runs)
     patches = sorted(points["patch"].unique())
+    # one encoding for every figure: a size keeps its colour and a patch its marker throughout
+    by_size_patch = dict(
+        hue="size", hue_order=order, style="patch", style_order=patches, palette="viridis"
+    )
     made = []
 
     # 1. loss vs training FLOPs, coloured by size, styled by patch (DiT Figs. 6, 8)
@@ -336,14 +340,10 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         data=curves,
         x="train_flops",
         y="val_loss",
-        hue="size",
-        hue_order=order,
-        style="patch",
-        style_order=patches,
+        **by_size_patch,
         units="run",
         estimator=None,
         ax=ax,
-        palette="viridis",
         alpha=0.35,
         legend=False,
     )
@@ -351,11 +351,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         data=points,
         x="train_flops",
         y="val_loss",
-        hue="size",
-        hue_order=order,
-        style="patch",
-        style_order=patches,
-        palette="viridis",
+        **by_size_patch,
         s=45,
         ax=ax,
     )
@@ -385,11 +381,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         data=last,
         x="macs",
         y="val_loss",
-        hue="size",
-        hue_order=order,
-        style="patch",
-        style_order=patches,
-        palette="viridis",
+        **by_size_patch,
         s=70,
         ax=axes[0],
     )
