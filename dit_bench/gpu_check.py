@@ -277,7 +277,7 @@ def step_budget(
     attn_flops = 3 * attn * batch
     ms = {g: v["ms"] for g, v in prof["groups"].items()}
     at_rate = ms.get("matmul", 0.0) + ms.get("attention", 0.0) + ms.get("optimizer", 0.0)
-    wall = 1e3 * timed_s if timed_s else prof["busy_ms_per_step"]
+    timed_ms = 1e3 * timed_s if timed_s else None
     out = {
         "linear_tflop": (step_flops - attn_flops) / 1e12,
         "attention_tflop": attn_flops / 1e12,
@@ -286,8 +286,9 @@ def step_budget(
         else None,
         "attention_tflops": attn_flops / ms["attention"] / 1e9 if ms.get("attention") else None,
         "at_rate_ms": at_rate,
-        "timed_ms": 1e3 * timed_s if timed_s else None,
-        "rest_ms": wall - at_rate,  # elementwise, other and (with a timed step) GPU idle
+        "timed_ms": timed_ms,
+        # elementwise, other and (with a timed step) GPU idle
+        "rest_ms": (timed_ms or prof["busy_ms_per_step"]) - at_rate,
     }
     if sheet:
         out["target_step_ms"] = step_flops / (TARGET_MFU * sheet) * 1e3
