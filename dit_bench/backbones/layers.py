@@ -118,7 +118,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, T, D), tokens row-major
+        # Contiguous, not the transposed view: elementwise ops keep their first operand's
+        # layout, so `tokens + pos_embed` and every residual add after it would carry the
+        # stream token-minor through all blocks, each LayerNorm and linear then copying or
+        # transposing it (3.6% of the DiT-S/2 CPU step, eager and compiled alike).
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, T, D), tokens row-major
 
     def macs(self) -> int:
         c_in, k = self.proj.in_channels, self.patch_size
