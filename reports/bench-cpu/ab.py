@@ -1,7 +1,7 @@
-"""The A/B loop the scripts beside this file share: variants of the compiled DiT-S/2 training
-step (16x16x4, batch 32, float32, as `dit-bench bench` times it: DDPM loss with learned sigma,
-backward, fused AdamW), each built and compiled once, then timed interleaved in one process,
-the order rotated every repeat."""
+"""The A/B loop the scripts beside this file share: variants of the DiT-S/2 training step
+(16x16x4, batch 32, float32, as `dit-bench bench` times it: DDPM loss with learned sigma,
+backward, fused AdamW), compiled unless told otherwise, each built (and compiled) once, then
+timed interleaved in one process, the order rotated every repeat."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from dit_bench.bench import BenchConfig, bench_inputs, build_impls, step_fn
 
 
 def interleaved_medians(
-    variants: Sequence[str], select: Callable[[str], None], repeats: int
+    variants: Sequence[str], select: Callable[[str], None], repeats: int, compile: bool = True
 ) -> dict[str, float]:
     """Median seconds per step of each variant; `select(v)` switches the process to variant v
     (Dynamo must guard on what it changes, so each variant keeps its own compiled graphs)."""
-    cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=True, eager=False)
+    cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=compile, eager=not compile)
     device = torch.device("cpu")
     inputs = bench_inputs(cfg, device)
     steps = {}
