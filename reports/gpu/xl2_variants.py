@@ -10,6 +10,9 @@ variant (one model on the GPU at a time; Dynamo reset between variants), 3 warm-
   cudnn           + cuDNN's fused attention instead of flash (SDPA backend flags)
   coordesc        + Inductor's coordinate-descent tuning of its generated kernels
   whole           the whole backbone compiled as one graph (fusion across block boundaries)
+  transposed      regional, with the token stream as it was before the patch embedding
+                  made it contiguous: the convolution output's transposed view, which every
+                  residual add then keeps (the CPU A/B: reports/bench-cpu/ab_token_layout.py)
   max-autotune    regional, mode="max-autotune-no-cudagraphs" (Triton GEMM templates tuned
                   against cuBLAS, epilogues fused into them); not in the default list: on an
                   H100 its autotuning ran past 3 minutes and cuBLAS beat every Triton
@@ -36,10 +39,16 @@ from pathlib import Path
 import torch
 
 from dit_bench import bench
+from dit_bench.backbones import layers
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("regional", "cudnn", "coordesc", "max-autotune", "whole")
-DEFAULT = ("regional", "cudnn", "coordesc", "whole")
+VARIANTS = ("regional", "cudnn", "coordesc", "max-autotune", "whole", "transposed")
+# cudnn, coordesc and whole were measured on an H100 and dropped (JSONs beside this file)
+DEFAULT = ("regional", "transposed")
+
+
+def transposed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D), token axis fastest
 
 
 def back_to_back_peak(n: int = 8192, reps: int = 20) -> float:
@@ -71,7 +80,10 @@ def run_variant(variant: str, cfg: bench.BenchConfig, repeats: int) -> dict:
         torch.backends.cuda.cudnn_sdp_enabled(),
     )
     coordesc = inductor_config.coordinate_descent_tuning
+    patch_embed = layers.PatchEmbed.forward
     try:
+        if variant == "transposed":
+            layers.PatchEmbed.forward = transposed_tokens
         if variant == "cudnn":
             torch.backends.cuda.enable_flash_sdp(False)
             torch.backends.cuda.enable_mem_efficient_sdp(False)
@@ -117,6 +129,7 @@ def run_variant(variant: str, cfg: bench.BenchConfig, repeats: int) -> dict:
         torch.backends.cuda.enable_mem_efficient_sdp(sdp[1])
         torch.backends.cuda.enable_cudnn_sdp(sdp[2])
         inductor_config.coordinate_descent_tuning = coordesc
+        layers.PatchEmbed.forward = patch_embed
         gc.collect()
         torch.cuda.empty_cache()
 
