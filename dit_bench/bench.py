@@ -407,11 +407,16 @@ def _log(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
+def compiled_kinds(cfg: BenchConfig) -> list[bool]:
+    """Which of our backbones to time: eager (False) unless compiled-only, compiled (True) if
+    asked."""
+    return ([False] if cfg.eager or not cfg.compile else []) + ([True] if cfg.compile else [])
+
+
 def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]:
     """Ours eager and/or compiled (same initial weights), then the reference if asked."""
     impls = []
-    kinds = ([False] if cfg.eager or not cfg.compile else []) + ([True] if cfg.compile else [])
-    for compiled in kinds:
+    for compiled in compiled_kinds(cfg):
         net = make_ours(name, cfg, device)  # same seed: same initial weights
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -596,53 +601,69 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
 def bench_sampling(
     name: str, cfg: BenchConfig, *, progress: Callable[[str], None] | None = None
 ) -> list[dict]:
-    """img/s of one full run of each sampler in `cfg.sampling` (eager backbone, after a short
-    warm-up run), with the run's precision."""
+    """img/s of one full run of each sampler in `cfg.sampling`, with the run's precision, for
+    our backbone eager and/or compiled as for training (`compiled_kinds`). A short run of each
+    sampler goes first (kernels, allocator; the compiled backbone compiles there: `warmup_s`).
+    Guidance doubles the batch the backbone sees, so a compiled backbone compiles for both
+    batch sizes."""
     device = cfg.resolved_device()
-    net = make_ours(name, cfg, device).eval()
     objective = build_objective("ddpm")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
     b = cfg.sample_batch
     noise = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     labels = torch.arange(b, device=device) % cfg.num_classes
     uncond = Cond(labels=torch.full_like(labels, cfg.num_classes))
-    fwd = net.flops(batch=1)["flops"]
     rows = []
-    for sampler, steps, scale in cfg.sampling:
+    for compiled in compiled_kinds(cfg):
+        net = make_ours(name, cfg, device).eval()  # same seed: same weights for both kinds
+        if compiled:
+            compile_backbone(net, cfg.compile_mode)
+        label = "dit-bench+compile" if compiled else "dit-bench"
+        fwd = net.flops(batch=1)["flops"]
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        for sampler, steps, scale in cfg.sampling:
 
-        def run(n_steps: int, sampler=sampler, scale=scale) -> None:
-            with autocast(device, cfg.precision):
-                objective.sample(
-                    net,
-                    noise,
-                    Cond(labels=labels),
-                    sampler=sampler,
-                    steps=n_steps,
-                    cfg_scale=scale,
-                    uncond=uncond,
-                    generator=g,
-                )
-            sync(device)
+            def run(n_steps: int, net=net, g=g, sampler=sampler, scale=scale) -> None:
+                with autocast(device, cfg.precision):
+                    objective.sample(
+                        net,
+                        noise,
+                        Cond(labels=labels),
+                        sampler=sampler,
+                        steps=n_steps,
+                        cfg_scale=scale,
+                        uncond=uncond,
+                        generator=g,
+                    )
+                sync(device)
 
-        _log(progress, f"  {name}: sampling {sampler} {steps} steps, guidance {scale}, batch {b}")
-        run(2)  # warm-up: kernels, allocator
-        t0 = time.perf_counter()
-        run(steps)
-        seconds = time.perf_counter() - t0
-        evals = steps * b * (2 if scale != 1.0 else 1)  # guidance doubles the batch
-        rows.append(
-            {
-                "backbone": name,
-                "sampler": sampler,
-                "steps": steps,
-                "cfg_scale": scale,
-                "batch": b,
-                "precision": cfg.precision,
-                "seconds": seconds,
-                "img_per_s": b / seconds,
-                "tflops": fwd * evals / seconds / 1e12,
-            }
-        )
+            _log(
+                progress,
+                f"  {name} {label}: sampling {sampler} {steps} steps, guidance {scale}, batch {b}",
+            )
+            t0 = time.perf_counter()
+            run(2)
+            warmup = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run(steps)
+            seconds = time.perf_counter() - t0
+            evals = steps * b * (2 if scale != 1.0 else 1)  # guidance doubles the batch
+            rows.append(
+                {
+                    "backbone": name,
+                    "label": label,
+                    "compiled": compiled,
+                    "sampler": sampler,
+                    "steps": steps,
+                    "cfg_scale": scale,
+                    "batch": b,
+                    "precision": cfg.precision,
+                    "seconds": seconds,
+                    "warmup_s": warmup,
+                    "img_per_s": b / seconds,
+                    "tflops": fwd * evals / seconds / 1e12,
+                }
+            )
+        del net
     return rows
 
 
@@ -723,11 +744,17 @@ def format_table(result: dict) -> str:
     if result["device_type"] == "cpu":
         lines.append("mem GB: peak resident set size of the process (CPU)")
     if result["sampling"]:
-        lines += ["", f"{'backbone':<10} {'sampler':<8} {'steps':>5} {'cfg':>4} {'img/s':>9}"]
+        lines += [
+            "",
+            f"sampling, batch {c['sample_batch']} (guidance doubles what the backbone sees)",
+            f"{'backbone':<10} {'impl':<18} {'sampler':<8} {'steps':>5} {'cfg':>4} {'img/s':>9} "
+            f"{'TFLOP/s':>8} {'warm-up s':>9}",
+        ]
         for s in result["sampling"]:
             lines.append(
-                f"{s['backbone']:<10} {s['sampler']:<8} {s['steps']:>5} {s['cfg_scale']:>4.1f} "
-                f"{s['img_per_s']:>9.2f}"
+                f"{s['backbone']:<10} {s['label']:<18} {s['sampler']:<8} {s['steps']:>5} "
+                f"{s['cfg_scale']:>4.1f} {s['img_per_s']:>9.2f} {s['tflops']:>8.3f} "
+                f"{s['warmup_s']:>9.1f}"
             )
     return "\n".join(lines)
 

@@ -56,6 +56,10 @@ def cmd_sample(args) -> int:
     from dit_bench.train.run import load_module, sample_images, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
+    if args.compile:
+        from dit_bench.bench import compile_backbone
+
+        compile_backbone(module.net if args.no_ema else module.ema)
     e = module.cfg.eval
     info = module.info
     if args.labels:
@@ -99,7 +103,9 @@ def cmd_eval(args) -> int:
         inception_path=args.inception,
         anchors=not args.no_anchors,
     )
-    record = evaluate_run(args.run_dir, request, output=args.output, progress=not args.quiet)
+    record = evaluate_run(
+        args.run_dir, request, output=args.output, progress=not args.quiet, compile=args.compile
+    )
     p = record["protocol"]
     print(
         f"{record['run']}: {p['num_samples']} samples, {p['sampler']} {p['steps']} steps, "
@@ -301,6 +307,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def add_compile_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the sampled backbone (in place, as train.compile; the first "
+        "sampling steps compile): pays off over many steps and samples; same samples up to "
+        "float rounding",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dit-bench",
@@ -342,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ncol", type=int, help="images per row (default: number of classes)")
     sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
+    add_compile_flag(sp)
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser(
@@ -386,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
+    add_compile_flag(sp)
     sp.add_argument("-o", "--output", help="JSON to write (default: RUN_DIR/eval.json)")
     sp.add_argument("--quiet", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_eval)

@@ -19,7 +19,7 @@ left is skipped, and one that overruns is interrupted by an alarm):
    path), through pytest when it is installed, else as plain functions;
 6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
    the objective, the data set and AdamW): the loss must fall;
-7. sampling img/s: 250-step DDPM and 50-step Euler with guidance.
+7. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -138,7 +139,10 @@ def plan(smoke: bool) -> dict:
         ],
         "matmul_n": 8192,
         "profile": ("dit-xl/2", bench.BenchConfig(**{**full, "eager": False})),
-        "sample": ("dit-xl/2", dict(image_size=32, sample_batch=32, precision="bf16")),
+        "sample": (
+            "dit-xl/2",
+            dict(image_size=32, sample_batch=32, precision="bf16", compile=True),
+        ),
         "train": dict(
             backbone="dit-s/4", image_size=64, batch=64, steps=300, lr=3e-4, num_samples=2048
         ),
@@ -414,17 +418,27 @@ def section_train(ctx: dict) -> dict:
 
 
 def section_sampling(ctx: dict) -> dict:
+    """Eager, then (if the plan compiles) compiled: a compiled run cut off by the section's
+    alarm still leaves the eager rows in the report."""
     name, kw = ctx["plan"]["sample"]
     dev = ctx["device"]
-    cfg = bench.BenchConfig(backbones=(name,), device=str(dev), **kw)
+    cfg = bench.BenchConfig(backbones=(name,), device=str(dev), **{**kw, "compile": False})
+    result: dict = {}
     with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
         rows = bench.bench_sampling(name, cfg, progress=log)
+        if kw.get("compile"):
+            try:
+                rows += bench.bench_sampling(
+                    name, dataclasses.replace(cfg, compile=True, eager=False), progress=log
+                )
+            except SectionTimeout as e:
+                result["compiled"] = str(e)
     for r in rows:
         log(
-            f"{name} {r['sampler']} {r['steps']} steps cfg {r['cfg_scale']}: "
+            f"{name} {r['label']} {r['sampler']} {r['steps']} steps cfg {r['cfg_scale']}: "
             f"{r['img_per_s']:.2f} img/s"
         )
-    return {"rows": rows}
+    return {"rows": rows, **result}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,14 +557,18 @@ def render_markdown(report: dict) -> str:
         lines += [
             "## Sampling",
             "",
-            "| backbone | sampler | steps | guidance | batch | precision | img/s | TFLOP/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| backbone | impl | sampler | steps | guidance | batch | precision | img/s | TFLOP/s "
+            "| warm-up s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sp["rows"]:
             lines.append(
-                f"| {r['backbone']} | {r['sampler']} | {r['steps']} | {r['cfg_scale']} | "
-                f"{r['batch']} | {r['precision']} | {r['img_per_s']:.2f} | {r['tflops']:.1f} |"
+                f"| {r['backbone']} | {r['label']} | {r['sampler']} | {r['steps']} | "
+                f"{r['cfg_scale']} | {r['batch']} | {r['precision']} | {r['img_per_s']:.2f} | "
+                f"{r['tflops']:.1f} | {r['warmup_s']:.1f} |"
             )
+        if "compiled" in sp:
+            lines.append(f"\nCompiled sampling: {sp['compiled']}.")
         lines.append("")
     ct = s.get("cuda tests", {}).get("result")
     if ct:
@@ -690,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", section_profile, 60, 20),
         ("cuda tests", section_cuda_tests, 80, 20),
         ("train", section_train, 50, 10),
-        ("sampling", section_sampling, 60, 10),
+        ("sampling", section_sampling, 120, 10),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")

@@ -43,12 +43,39 @@ def test_run_bench_reports_throughput_mfu_memory_and_sampling():
     assert row["mfu_datasheet"] is None and result["datasheet_tflops"] is None  # CPU
     assert row["peak_mem_gb"] > 0  # process RSS on the CPU
     assert [s["sampler"] for s in result["sampling"]] == ["ddpm", "euler"]
-    assert all(s["img_per_s"] > 0 for s in result["sampling"])
+    assert {s["label"] for s in result["sampling"]} == {"dit-bench"}  # eager only
+    for s, evals in zip(result["sampling"], [3 * 2, 2 * 2 * 2], strict=True):  # guidance: 2x
+        assert s["img_per_s"] == pytest.approx(2 / s["seconds"])
+        assert s["tflops"] == pytest.approx(flops * evals / s["seconds"] / 1e12)
+        assert s["warmup_s"] > 0
     table = bench.format_table(result)
     assert "dit-xs/4" in table and "MFU" in table and "euler" in table
     csv_text = bench.to_csv(result)
     assert csv_text.splitlines()[0].startswith("backbone,label,impl")
     assert len(csv_text.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_sampling_times_the_compiled_backbone_beside_the_eager_one():
+    cfg = bench.BenchConfig(
+        backbones=("dit-xs/4",),
+        compile=True,
+        sample_batch=2,
+        sampling=(("ddpm", 3, 1.0), ("euler", 2, 4.0)),
+        device="cpu",
+        **TINY,
+    )
+    rows = bench.bench_sampling("dit-xs/4", cfg)
+    got = [(r["label"], r["compiled"], r["sampler"]) for r in rows]
+    assert got == [
+        ("dit-bench", False, "ddpm"),
+        ("dit-bench", False, "euler"),
+        ("dit-bench+compile", True, "ddpm"),
+        ("dit-bench+compile", True, "euler"),
+    ]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    only = bench.bench_sampling("dit-xs/4", dataclasses.replace(cfg, eager=False))
+    assert [r["label"] for r in only] == ["dit-bench+compile"] * 2
 
 
 def test_unet_channels_last():
@@ -273,3 +300,28 @@ def test_step_budget_against_counted_flops():
     assert b["rest_budget_ms"] == pytest.approx(b["target_step_ms"] - 5.5)
     unet = build_backbone("unet-xs", image_size=8, in_channels=4, num_classes=10)
     assert gpu_check.step_budget(unet, 2, prof, None, None) == {}  # not a DiT: no budget
+
+
+def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(monkeypatch):
+    """The sampling section times eager, then compiled; the section's alarm cutting the
+    compiled run off leaves the eager rows and says why in the report."""
+    from dit_bench import gpu_check
+
+    timed = bench.bench_sampling
+
+    def compiled_overruns(name, cfg, **kw):
+        if cfg.compile:
+            raise gpu_check.SectionTimeout("section cut off after its 120 s")
+        return timed(name, cfg, **kw)
+
+    monkeypatch.setattr(bench, "bench_sampling", compiled_overruns)
+    kw = dict(image_size=8, sample_batch=2, num_classes=10, sampling=(("ddpm", 2, 1.0),))
+    ctx = {"device": torch.device("cpu"), "plan": {"sample": ("dit-xs/4", {**kw, "compile": True})}}
+    result = gpu_check.section_sampling(ctx)
+    assert [r["label"] for r in result["rows"]] == ["dit-bench"]
+    assert result["compiled"] == "section cut off after its 120 s"
+    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
+    report["sections"] = {"sampling": {"status": "ok", "result": result}}
+    text = gpu_check.render_markdown(report)
+    assert "| dit-xs/4 | dit-bench | ddpm | 2 |" in text
+    assert "Compiled sampling: section cut off after its 120 s." in text

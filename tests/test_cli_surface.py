@@ -21,6 +21,7 @@ SURFACE = {
         "--ncol",
         "--no-ema",
         "--checkpoint",
+        "--compile",
     },
     "eval": None,  # checked for presence only below (many metric options)
     "encode-latents": {
@@ -69,7 +70,7 @@ def test_core_options_are_frozen():
 
 def test_design_flags_exist():
     subs = subcommands()
-    assert {"--metrics", "--features", "--num-samples"} <= options(subs["eval"])
+    assert {"--metrics", "--features", "--num-samples", "--compile"} <= options(subs["eval"])
     assert {"--profile", "--seeds", "--jobs", "--dry-run", "--set"} <= options(subs["ablate"])
     assert {"--profile", "--storage", "--workers", "--n-trials", "--set"} <= options(subs["sweep"])
     assert {"--json", "--list"} <= options(subs["info"])

@@ -168,6 +168,23 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
     assert again["metrics"]["FD-digits-net"] == pytest.approx(m["FD-digits-net"], rel=1e-4)
 
 
+@pytest.mark.slow  # compiles the backbone
+def test_eval_with_a_compiled_backbone_scores_the_same_samples(tmp_path, cache):
+    from dit_bench.train.run import train
+
+    run = train(build_config(None, TINY), tmp_path / "runs", progress=False)
+    request = EvalRequest(num_samples=30, steps=4, batch_size=16, metrics=("fd",))
+    eager = evaluate_run(run, request, output=tmp_path / "eager.json", progress=False)
+    compiled = evaluate_run(
+        run, request, output=tmp_path / "compiled.json", progress=False, compile=True
+    )
+    for record in (eager, compiled):  # the second eval reads the reference stats from cache
+        assert record["protocol"]["reference"].pop("cached") is (record is compiled)
+    assert compiled["protocol"] == eager["protocol"]  # how it ran is not what it measured
+    fd = eager["metrics"]["FD-digits-net"]
+    assert compiled["metrics"]["FD-digits-net"] == pytest.approx(fd, rel=1e-3)
+
+
 @pytest.mark.slow  # two short trainings and a VAE (about 15 s)
 def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder):
     """Image folders and VAE latents: reference statistics keyed by content, images decoded."""

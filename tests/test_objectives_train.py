@@ -111,3 +111,43 @@ def test_tiny_training_lowers_validation_loss(key, tmp_path):
     run = train(build_config(None, sets + OBJECTIVES[key]), tmp_path, progress=False)
     losses = _val_losses(run)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    sets = TINY + ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4"]
+    return train(build_config(None, sets), tmp_path_factory.mktemp("runs"), progress=False)
+
+
+def _grid(path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.int16))
+
+
+def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys):
+    from dit_bench.cli import main
+
+    out = tmp_path / "grid.png"
+    args = ["sample", str(tiny_run), "--n", "4", "--labels", "1,2", "--steps", "3", "--ncol", "2"]
+    assert main([*args, "-o", str(out)]) == 0
+    assert "wrote 4 samples" in capsys.readouterr().out
+    again = tmp_path / "again.png"
+    assert main([*args, "-o", str(again)]) == 0
+    assert torch.equal(_grid(out), _grid(again))  # seeded
+    assert main([*args, "--seed", "1", "-o", str(again)]) == 0
+    assert not torch.equal(_grid(out), _grid(again))
+    with pytest.raises(SystemExit, match=r"--labels: values must be in 0\.\.10"):
+        main(["sample", str(tiny_run), "--labels", "99", "-o", str(again)])
+
+
+@pytest.mark.slow
+def test_cli_sample_compiled_draws_the_eager_samples(tiny_run, tmp_path):
+    from dit_bench.cli import main
+
+    args = ["sample", str(tiny_run), "--n", "4", "--steps", "3", "--sampler", "euler"]
+    assert main([*args, "-o", str(tmp_path / "eager.png")]) == 0
+    assert main([*args, "--compile", "-o", str(tmp_path / "compiled.png")]) == 0
+    diff = (_grid(tmp_path / "eager.png") - _grid(tmp_path / "compiled.png")).abs()
+    assert diff.max() <= 1  # up to float rounding: one 8-bit level

@@ -238,8 +238,13 @@ def evaluate_run(
     output: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict:
-    """Evaluate a run directory; writes and returns the eval record (see module docstring)."""
+    """Evaluate a run directory; writes and returns the eval record (see module docstring).
+
+    `compile`: torch.compile the sampled backbone first. How the samples are computed, not
+    what they are (up to float rounding), so it is not part of the request or protocol;
+    `sample_seconds` then includes the compile."""
     from dit_bench.data import data_info
     from dit_bench.train.run import git_commit, load_module, load_run_config
 
@@ -276,6 +281,10 @@ def evaluate_run(
     )
 
     module = load_module(run_dir, request.checkpoint).to(device)
+    if compile:
+        from dit_bench.bench import compile_backbone
+
+        compile_backbone(module.ema if use_ema else module.net)
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
     t_sample = time.perf_counter()
     images = generate(
