@@ -87,7 +87,9 @@ def _identical_stack(blocks: nn.ModuleList) -> bool:
     return len(blocks) > 0 and len(sigs) == 1
 
 
-def compile_backbone(net: nn.Module, mode: str | None = None) -> nn.Module:
+def compile_backbone(
+    net: nn.Module, mode: str | None = None, backend: str | Callable = "inductor"
+) -> nn.Module:
     """torch.compile a backbone in place and return it; state_dict keys do not change.
 
     Transformers are stacks of identical blocks: each block is compiled on its own ("regional
@@ -96,15 +98,23 @@ def compile_backbone(net: nn.Module, mode: str | None = None) -> nn.Module:
     step time is that of a whole-model compile up to the small embedders and final layer. A
     backbone whose block lists are not identical stacks (the U-Net: blocks of changing widths;
     MMDiT: a different last block) is compiled whole. `mode`: torch.compile's mode (None: the
-    default; "max-autotune-no-cudagraphs" tunes matmuls, much slower to compile).
+    default; "max-autotune-no-cudagraphs" tunes matmuls, much slower to compile); `backend`:
+    torch.compile's backend.
+
+    Starts from a clean compiler state (`torch.compiler.reset()`): Dynamo compiles a shape it
+    has seen change as a dynamic one, so the second model of another width in one process (the
+    benchmark's next backbone, a sweep's next trial) would get shape-generic kernels, not the
+    static ones the same model gets alone. Code compiled earlier in the process recompiles on
+    its next call.
     """
+    torch.compiler.reset()
     lists = [m for m in net.children() if isinstance(m, nn.ModuleList)]
     if lists and all(_identical_stack(m) for m in lists):
         for blocks in lists:
             for block in blocks:
-                block.compile(mode=mode)
+                block.compile(mode=mode, backend=backend)
     else:
-        net.compile(mode=mode)
+        net.compile(mode=mode, backend=backend)
     return net
 
 
