@@ -614,8 +614,9 @@ def bench_sampling(
     """img/s of one full run of each sampler in `cfg.sampling`, with the run's precision, for
     our backbone eager and/or compiled as for training (`compiled_kinds`). A short run of each
     sampler goes first (kernels, allocator; the compiled backbone compiles there: `warmup_s`).
-    Guidance doubles the batch the backbone sees, so a compiled backbone compiles for both
-    batch sizes."""
+    Guidance doubles the batch the backbone sees: the compiled backbone is compiled afresh for
+    each sampler, so each gets static shapes (not the dynamic batch a second shape would get),
+    as a user sampling one way does."""
     device = cfg.resolved_device()
     objective = build_objective("ddpm")
     b = cfg.sample_batch
@@ -625,12 +626,12 @@ def bench_sampling(
     rows = []
     for compiled in compiled_kinds(cfg):
         net = make_ours(name, cfg, device).eval()  # same seed: same weights for both kinds
-        if compiled:
-            compile_backbone(net, cfg.compile_mode)
         label = "dit-bench+compile" if compiled else "dit-bench"
         fwd = net.flops(batch=1)["flops"]
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         for sampler, steps, scale in cfg.sampling:
+            if compiled:
+                compile_backbone(net, cfg.compile_mode)
 
             def run(n_steps: int, net=net, g=g, sampler=sampler, scale=scale) -> None:
                 with autocast(device, cfg.precision):
