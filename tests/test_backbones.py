@@ -126,7 +126,7 @@ def test_every_trainable_parameter_gets_a_gradient(case):
 )
 def test_token_stream_enters_every_block_contiguous(case):
     # A token-minor (transposed) stream survives every residual add (elementwise ops keep their
-    # first operand's layout) and makes each LayerNorm and linear copy it: 2-4% of a CPU step.
+    # first operand's layout) and makes each LayerNorm and linear copy it: 2-6% of a CPU step.
     net = tiny(*case)
     seen = []
 

@@ -121,7 +121,7 @@ class PatchEmbed(nn.Module):
         # Contiguous, not the transposed view: elementwise ops keep their first operand's
         # layout, so `tokens + pos_embed` and every residual add after it would carry the
         # stream token-minor through all blocks, each LayerNorm and linear then copying or
-        # transposing it (2-4% of the DiT-S/2 CPU step, eager and compiled alike:
+        # transposing it (2-6% of the DiT-S/2 CPU step, eager and compiled alike:
         # reports/bench-cpu/ab_token_layout.py).
         return x.flatten(2).transpose(1, 2).contiguous()  # (B, T, D), tokens row-major
 

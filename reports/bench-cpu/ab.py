@@ -18,7 +18,12 @@ def interleaved_medians(
     variants: Sequence[str], select: Callable[[str], None], repeats: int, compile: bool = True
 ) -> dict[str, float]:
     """Median seconds per step of each variant; `select(v)` switches the process to variant v
-    (Dynamo must guard on what it changes, so each variant keeps its own compiled graphs)."""
+    (Dynamo must guard on what it changes, so each variant keeps its own compiled graphs).
+
+    Every variant's graph is compiled static: Dynamo would compile the second variant of a
+    block as a recompile and make whatever differs from the first (a size, a stride) dynamic.
+    All variants are built before any is compiled (`compile_backbone` resets the compiler)."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
     cfg = BenchConfig(image_size=16, channels=4, batch=32, compile=compile, eager=not compile)
     device = torch.device("cpu")
     inputs = bench_inputs(cfg, device)
@@ -27,6 +32,8 @@ def interleaved_medians(
         select(v)
         impl = build_impls("dit-s/2", cfg, device)[0]
         steps[v], _ = step_fn(impl, cfg, device, inputs)
+    for v in variants:
+        select(v)
         for _ in range(3):  # compile and warm up
             steps[v]()
     times: dict[str, list[float]] = {v: [] for v in variants}
