@@ -81,10 +81,22 @@ REFERENCES = ("diffusers",)
 # ---------------------------------------------------------------------------------------------
 
 
-def _identical_stack(blocks: nn.ModuleList) -> bool:
-    """Every member the same class with the same parameter shapes: one compiled graph fits all."""
-    sigs = {(type(b), tuple((n, tuple(p.shape)) for n, p in b.named_parameters())) for b in blocks}
-    return len(blocks) > 0 and len(sigs) == 1
+def _signature(block: nn.Module) -> tuple:
+    return (type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()))
+
+
+def regional_blocks(net: nn.Module) -> list[nn.Module] | None:
+    """The blocks `compile_backbone` compiles one by one, or None to compile the net whole.
+
+    The blocks: every member of the net's block lists, and any other child of a block class
+    (U-ViT's middle block), when they need at most two graphs between them (MMDiT's last
+    block and U-ViT's skip blocks differ from the rest). Blocks of many shapes (the U-Net's
+    changing widths) would need a graph each: the net is compiled whole.
+    """
+    blocks = [b for m in net.children() if isinstance(m, nn.ModuleList) for b in m]
+    kinds = {type(b) for b in blocks}
+    blocks += [m for m in net.children() if type(m) in kinds]
+    return blocks if blocks and len({_signature(b) for b in blocks}) <= 2 else None
 
 
 def compile_backbone(
@@ -93,12 +105,12 @@ def compile_backbone(
     """torch.compile a backbone in place and return it; state_dict keys do not change.
 
     Transformers are stacks of identical blocks: each block is compiled on its own ("regional
-    compilation", PyTorch's recipe for cutting cold-start time), so Dynamo/Inductor compile one
-    block graph and every block reuses it: compile time no longer grows with depth, and the
-    step time is that of a whole-model compile up to the small embedders and final layer. A
-    backbone whose block lists are not identical stacks (the U-Net: blocks of changing widths;
-    MMDiT: a different last block) is compiled whole. `mode`: torch.compile's mode (None: the
-    default; "max-autotune-no-cudagraphs" tunes matmuls, much slower to compile); `backend`:
+    compilation", PyTorch's recipe for cutting cold-start time; `regional_blocks`), so
+    Dynamo/Inductor compile one block graph (two where the last or the skip blocks differ)
+    and every block reuses it: compile time no longer grows with depth, and the step time is
+    that of a whole-model compile up to the small embedders and final layer. Other backbones
+    (the U-Net) are compiled whole. `mode`: torch.compile's mode (None: the default;
+    "max-autotune-no-cudagraphs" tunes matmuls, much slower to compile); `backend`:
     torch.compile's backend.
 
     Starts from a clean compiler state (`torch.compiler.reset()`): Dynamo compiles a shape it
@@ -108,13 +120,9 @@ def compile_backbone(
     its next call.
     """
     torch.compiler.reset()
-    lists = [m for m in net.children() if isinstance(m, nn.ModuleList)]
-    if lists and all(_identical_stack(m) for m in lists):
-        for blocks in lists:
-            for block in blocks:
-                block.compile(mode=mode, backend=backend)
-    else:
-        net.compile(mode=mode, backend=backend)
+    blocks = regional_blocks(net)
+    for module in blocks if blocks is not None else [net]:
+        module.compile(mode=mode, backend=backend)
     return net
 
 

@@ -185,7 +185,8 @@ class TrainConfig(_Strict):
     compile: bool = Field(
         False,
         description="torch.compile the backbone (not the LightningModule; the EMA copy stays "
-        "eager); identical blocks are compiled once each (regional compilation)",
+        "eager); transformer blocks are compiled one by one, identical ones sharing a graph "
+        "(regional compilation; the U-Net is compiled whole)",
     )
     channels_last: bool = Field(
         False, description="channels-last memory format for the backbone and its inputs (U-Net)"

@@ -148,13 +148,16 @@ def test_bf16_autocast_close_to_fp32():
     assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights
 
 
-def test_compile_backbone_is_regional_for_identical_blocks():
+def test_compile_backbone_is_regional_for_block_stacks():
     dit = compile_backbone(_net("dit-xs/2"))
     assert all(_compiled(b) for b in dit.blocks) and not _compiled(dit)
     unet = compile_backbone(_net("unet-xs", size=16, channels=3))  # widths change: whole net
     assert _compiled(unet)
-    mmdit = compile_backbone(_net("mmdit-d2/2"))  # the last block differs: whole net
-    assert _compiled(mmdit)
+    mmdit = compile_backbone(_net("mmdit-d2/2"))  # the last block differs: two block graphs
+    assert all(_compiled(b) for b in mmdit.blocks) and not _compiled(mmdit)
+    uvit = compile_backbone(_net("uvit-xs/2"))  # skip blocks differ; the middle block too
+    blocks = [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]
+    assert all(_compiled(b) for b in blocks) and not _compiled(uvit)
     assert list(dit.state_dict()) == list(_net("dit-xs/2").state_dict())
 
 
@@ -173,6 +176,10 @@ def test_compile_backbone_compiles_each_new_model_for_its_own_shapes():
     for name in ("dit-xs/2", "dit-s/2", "dit-xs/2"):
         compile_backbone(_net(name), backend=backend)(x, t, cond)
     assert seen == [False, False, False]  # one block graph per model, every one static
+    for name in ("mmdit-d2/2", "uvit-xs/2"):  # a second block graph: the last, the skip blocks
+        seen.clear()
+        compile_backbone(_net(name), backend=backend)(x, t, cond)
+        assert seen == [False, False], name  # not a dynamic recompile of the first
     torch.compiler.reset()
 
 
