@@ -802,13 +802,34 @@ CSV_COLUMNS = (
 )
 
 
-def to_csv(result: dict) -> str:
-    """One row per (backbone, implementation), plus the device and peaks as columns."""
+SAMPLING_CSV_COLUMNS = (
+    "backbone",
+    "label",
+    "compiled",
+    "sampler",
+    "steps",
+    "cfg_scale",
+    "batch",
+    "precision",
+    "seconds",
+    "warmup_s",
+    "img_per_s",
+    "tflops",
+)
+
+
+def to_csv(result: dict, sampling: bool = False) -> str:
+    """One row per (backbone, implementation), or with `sampling` per (backbone,
+    implementation, sampler), plus the device and peaks as columns."""
     buf = io.StringIO()
-    cols = [*CSV_COLUMNS, "device", "matmul_peak_tflops", "datasheet_tflops"]
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    cols = [*(SAMPLING_CSV_COLUMNS if sampling else CSV_COLUMNS)]
+    w = csv.DictWriter(
+        buf,
+        fieldnames=[*cols, "device", "matmul_peak_tflops", "datasheet_tflops"],
+        extrasaction="ignore",
+    )
     w.writeheader()
-    for r in result["rows"]:
+    for r in result["sampling" if sampling else "rows"]:
         w.writerow(
             {
                 **r,

@@ -293,7 +293,12 @@ def cmd_bench(args) -> int:
 
     result = run_bench(cfg, progress=None if args.quiet else progress)
     if args.csv:
-        Path(args.csv).write_text(to_csv(result))
+        path = Path(args.csv)
+        path.write_text(to_csv(result))
+        if result["sampling"]:
+            path.with_name(f"{path.stem}-sampling{path.suffix}").write_text(
+                to_csv(result, sampling=True)
+            )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -545,7 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     sp.add_argument("--threads", type=int, help="torch CPU threads")
     sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    sp.add_argument("--csv", metavar="PATH", help="also write one CSV row per implementation")
+    sp.add_argument(
+        "--csv",
+        metavar="PATH",
+        help="also write one CSV row per implementation (and, when sampling, one per "
+        "implementation and sampler to PATH's stem + '-sampling')",
+    )
     sp.add_argument("--quiet", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_bench)
     return p

@@ -53,6 +53,9 @@ def test_run_bench_reports_throughput_mfu_memory_and_sampling():
     csv_text = bench.to_csv(result)
     assert csv_text.splitlines()[0].startswith("backbone,label,impl")
     assert len(csv_text.splitlines()) == 2
+    sampling_csv = bench.to_csv(result, sampling=True).splitlines()
+    assert sampling_csv[0].startswith("backbone,label,compiled,sampler,steps,cfg_scale")
+    assert [line.split(",")[3] for line in sampling_csv[1:]] == ["ddpm", "euler"]
 
 
 @pytest.mark.slow
@@ -108,6 +111,11 @@ def test_cli_bench_json(capsys, tmp_path):
     result = json.loads(capsys.readouterr().out)
     assert result["rows"][0]["backbone"] == "dit-xs/4"
     assert (tmp_path / "b.csv").read_text().count("\n") == 2
+    assert not (tmp_path / "b-sampling.csv").exists()  # --no-sample
+    with_sampling = [a for a in args if a != "--no-sample"] + ["--sample-batch", "1"]
+    assert main(with_sampling) == 0
+    lines = (tmp_path / "b-sampling.csv").read_text().splitlines()
+    assert [line.split(",")[3] for line in lines[1:]] == ["ddpm", "euler"]
     assert main(["bench", "--backbones", "dit-q/2", "--device", "cpu"]) == 2  # unknown preset
 
 
