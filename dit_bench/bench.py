@@ -822,7 +822,7 @@ def to_csv(result: dict, sampling: bool = False) -> str:
     """One row per (backbone, implementation), or with `sampling` per (backbone,
     implementation, sampler), plus the device and peaks as columns."""
     buf = io.StringIO()
-    cols = [*(SAMPLING_CSV_COLUMNS if sampling else CSV_COLUMNS)]
+    cols = SAMPLING_CSV_COLUMNS if sampling else CSV_COLUMNS
     w = csv.DictWriter(
         buf,
         fieldnames=[*cols, "device", "matmul_peak_tflops", "datasheet_tflops"],

@@ -59,7 +59,7 @@ def cmd_sample(args) -> int:
     if args.compile:
         from dit_bench.bench import compile_backbone
 
-        compile_backbone(module.net if args.no_ema else module.ema)
+        compile_backbone(module.eval_net(use_ema=not args.no_ema))
     e = module.cfg.eval
     info = module.info
     if args.labels:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -429,7 +428,7 @@ def section_sampling(ctx: dict) -> dict:
         if kw.get("compile"):
             try:
                 rows += bench.bench_sampling(
-                    name, dataclasses.replace(cfg, compile=True, eager=False), progress=log
+                    name, replace(cfg, compile=True, eager=False), progress=log
                 )
             except SectionTimeout as e:
                 result["compiled"] = str(e)

@@ -42,6 +42,16 @@ def _compiled(module: torch.nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
+def _recorder(graphs: list):
+    """A torch.compile backend that keeps each FX graph Dynamo hands it and runs it as is."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
 @pytest.mark.parametrize("name", ["dit-xs/2", "mmdit-d2/2", "uvit-xs/2"])
 def test_sdpa_default_kernel_matches_math(name):
     net = _net(name)
@@ -164,22 +174,21 @@ def test_compile_backbone_is_regional_for_block_stacks():
 def test_compile_backbone_compiles_each_new_model_for_its_own_shapes():
     # Dynamo compiles a shape it has seen change as a dynamic one: without the reset in
     # compile_backbone the second width would get symbolic sizes, not its own static ones.
-    seen = []
+    graphs = []
 
-    def backend(gm, example_inputs):
+    def dynamic(gm) -> bool:
         values = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
         sizes = [s for v in values if isinstance(v, torch.Tensor) for s in v.shape]
-        seen.append(any(isinstance(s, torch.SymInt) for s in sizes))
-        return gm.forward
+        return any(isinstance(s, torch.SymInt) for s in sizes)
 
     x, t, cond = _inputs()
     for name in ("dit-xs/2", "dit-s/2", "dit-xs/2"):
-        compile_backbone(_net(name), backend=backend)(x, t, cond)
-    assert seen == [False, False, False]  # one block graph per model, every one static
+        compile_backbone(_net(name), backend=_recorder(graphs))(x, t, cond)
+    assert [dynamic(g) for g in graphs] == [False] * 3  # one block graph per model, static
     for name in ("mmdit-d2/2", "uvit-xs/2"):  # a second block graph: the last, the skip blocks
-        seen.clear()
-        compile_backbone(_net(name), backend=backend)(x, t, cond)
-        assert seen == [False, False], name  # not a dynamic recompile of the first
+        graphs.clear()
+        compile_backbone(_net(name), backend=_recorder(graphs))(x, t, cond)
+        assert [dynamic(g) for g in graphs] == [False] * 2, name  # no dynamic recompile
     torch.compiler.reset()
 
 
@@ -287,13 +296,8 @@ def _traced_ops(fn, *args) -> str:
     import torch._dynamo
 
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch.compile(fn, backend=_recorder(graphs), fullgraph=True)(*args)
     torch._dynamo.reset()
     return "\n".join(m.print_readable(print_output=False) for m in graphs)
 

@@ -284,7 +284,7 @@ def evaluate_run(
     if compile:
         from dit_bench.bench import compile_backbone
 
-        compile_backbone(module.ema if use_ema else module.net)
+        compile_backbone(module.eval_net(use_ema))
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
     t_sample = time.perf_counter()
     images = generate(

@@ -152,8 +152,9 @@ class DiffusionModule(L.LightningModule):
         return mean
 
     # -- validation: fixed images, fixed noise, fixed time grid ---------------------------
-    def eval_net(self) -> nn.Module:
-        return self.ema if self.cfg.eval.use_ema else self.net
+    def eval_net(self, use_ema: bool | None = None) -> nn.Module:
+        """The EMA copy or the trained net (None: as the run's `eval.use_ema`)."""
+        return self.ema if (self.cfg.eval.use_ema if use_ema is None else use_ema) else self.net
 
     @torch.no_grad()
     def validation_metrics(self, loader) -> dict[str, float]:

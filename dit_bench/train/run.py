@@ -147,7 +147,7 @@ def sample_images(
     for key in ("eta", "sde_scale"):
         if key not in own:
             settings.pop(key)
-    net = module.ema if use_ema else module.net
+    net = module.eval_net(use_ema)
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
