@@ -398,8 +398,15 @@ def bench_inputs(cfg: BenchConfig, device: torch.device) -> tuple[torch.Tensor, 
     return x0, labels
 
 
-def step_fn(impl: Impl, cfg: BenchConfig, device: torch.device, inputs: tuple):
-    """The training step of `impl` (closure) and its optimiser."""
+def step_fn(
+    impl: Impl,
+    cfg: BenchConfig,
+    device: torch.device,
+    inputs: tuple,
+    losses: list[torch.Tensor] | None = None,
+):
+    """The training step of `impl` (closure) and its optimiser. With `losses`, each step
+    appends its (detached, on-device: no sync) loss there."""
     x0, labels = inputs
     objective = build_objective("ddpm")
     if cfg.fused is not None:
@@ -416,6 +423,8 @@ def step_fn(impl: Impl, cfg: BenchConfig, device: torch.device, inputs: tuple):
             loss = objective.loss(impl.call, x0, cond, generator=g)["loss"].mean()
         loss.backward()
         opt.step()
+        if losses is not None:
+            losses.append(loss.detach())
 
     return step, opt
 
@@ -567,8 +576,8 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
     """Where a (warmed-up) training step's time goes, from torch.profiler over `steps` steps.
 
     CUDA: device time per kernel; CPU: self time per op (what the host spends). Returns the
-    total per step, the time per `KERNEL_GROUPS` group, and the 15 costliest kernels, each in
-    ms per step and as a share of the total. The total is the kernels' busy time, not wall time:
+    total per step, the time per `KERNEL_GROUPS` group, the 15 costliest kernels and each
+    group's 8 costliest, each in ms per step and as a share of the total. The total is the kernels' busy time, not wall time:
     on a GPU, wall time minus it is what the GPU waited for the host.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -598,7 +607,22 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
     for name, ms, _ in kernels:
         g = kernel_group(name)
         groups[g] = groups.get(g, 0.0) + ms
-    top = sorted(kernels, key=lambda k: -k[1])[:15]
+    ranked = sorted(kernels, key=lambda k: -k[1])
+
+    def entry(name: str, ms: float, calls: float) -> dict:
+        return {
+            "name": name[:160],
+            "group": kernel_group(name),
+            "ms": ms,
+            "share": ms / total,
+            "calls": calls,
+        }
+
+    by_group: dict[str, list[dict]] = {}
+    for k in ranked:
+        members = by_group.setdefault(kernel_group(k[0]), [])
+        if len(members) < 8:
+            members.append(entry(*k))
     return {
         "steps": steps,
         "wall_ms_per_step": wall_ms,  # profiled: a little slower than the timed steps
@@ -608,10 +632,8 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
             g: {"ms": ms, "share": ms / total}
             for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])
         },
-        "top": [
-            {"name": n[:160], "group": kernel_group(n), "ms": ms, "share": ms / total, "calls": c}
-            for n, ms, c in top
-        ],
+        "top": [entry(*k) for k in ranked[:15]],
+        "by_group": by_group,  # each group's 8 costliest: what "other" and the long tails are
     }
 
 

@@ -19,7 +19,9 @@ left is skipped, and one that overruns is interrupted by an alarm):
    path), through pytest when it is installed, else as plain functions;
 6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
    the objective, the data set and AdamW): the loss must fall;
-7. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled.
+7. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
+8. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: a bf16
+   residual stream, CUDA graphs, flash attention), the shipped one first, in the time left.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from dit_bench import bench
+from dit_bench import bench, step_variants
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.objectives import build_objective
 
@@ -59,8 +61,9 @@ CUDA_TESTS = "tests/test_cuda_fast_paths.py"
 TARGET_MFU = 0.45  # issue 8: DiT-XL/2, 32x32x4, batch 64, bf16, compiled, of the datasheet peak
 
 
-class SectionTimeout(Exception):
-    pass
+class SectionTimeout(BaseException):
+    """The section's alarm. A BaseException, as KeyboardInterrupt: code that records an
+    Exception and goes on (a failing test, a failing step variant) must not swallow it."""
 
 
 def log(msg: str) -> None:
@@ -120,6 +123,13 @@ def plan(smoke: bool) -> dict:
             "train": dict(
                 backbone="dit-xs/4", image_size=8, batch=8, steps=30, lr=1e-3, num_samples=64
             ),
+            # Dynamo's eager backend: the variants' code paths without Inductor's compile time
+            "variants": (
+                "dit-xs/4",
+                replace(tiny, precision="bf16"),
+                ("regional", "bf16-stream"),
+                "eager",
+            ),
         }
     full = dict(
         image_size=32,
@@ -144,6 +154,12 @@ def plan(smoke: bool) -> dict:
         ),
         "train": dict(
             backbone="dit-s/4", image_size=64, batch=64, steps=300, lr=3e-4, num_samples=2048
+        ),
+        "variants": (
+            "dit-xl/2",
+            bench.BenchConfig(backbones=("dit-xl/2",), **full),
+            step_variants.GPU_CHECK_VARIANTS,
+            "inductor",
         ),
     }
 
@@ -440,6 +456,28 @@ def section_sampling(ctx: dict) -> dict:
     return {"rows": rows, **result}
 
 
+def section_variants(ctx: dict) -> dict:
+    """Candidate settings for the compiled step (`step_variants`), the shipped one first, in
+    the time left: a variant cut off by the alarm leaves the rows before it."""
+    name, cfg, variants, backend = ctx["plan"]["variants"]
+    dev = ctx["device"]
+    result: dict = {"backbone": name, "precision": cfg.precision, "batch": cfg.batch, "rows": []}
+    try:
+        with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+            step_variants.run_variants(
+                variants,
+                name,
+                replace(cfg, device=str(dev)),
+                dev,
+                rows=result["rows"],
+                progress=log,
+                backend=backend,
+            )
+    except SectionTimeout as e:
+        result["cut_off"] = str(e)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -530,12 +568,12 @@ def render_markdown(report: dict) -> str:
         if pr.get("at_rate_ms") is not None:
             lines += ["", budget_text(pr)]
         lines += ["", "| kernel | group | ms/step | share | calls/step |", "|---|---|---|---|---|"]
-        for k in pr["top"]:
-            name = k["name"].replace("|", "/")
-            lines.append(
-                f"| `{name[:90]}` | {k['group']} | {k['ms']:.2f} | {_pct(k['share'])} | "
-                f"{k['calls']:.0f} |"
-            )
+        shown = {k["name"] for k in pr["top"]}
+        rest = [k for ks in pr.get("by_group", {}).values() for k in ks if k["name"] not in shown]
+        lines += [_kernel_row(k) for k in pr["top"]]
+        if rest:
+            lines.append("| *each group's costliest beyond those* | | | | |")
+            lines += [_kernel_row(k) for k in rest]
         lines.append("")
     tr = s.get("train", {}).get("result")
     if tr:
@@ -569,6 +607,32 @@ def render_markdown(report: dict) -> str:
         if "compiled" in sp:
             lines.append(f"\nCompiled sampling: {sp['compiled']}.")
         lines.append("")
+    va = s.get("variants", {}).get("result")
+    if va:
+        lines += [
+            f"## Candidate settings for the compiled {va['backbone']} step",
+            "",
+            f"`dit_bench.step_variants`, {va['precision']}, batch {va['batch']}, one process, "
+            "each built and compiled afresh; the losses (same seed, batch and noise) compare "
+            "the numerics: the first step's and the last of the timed ones.",
+            "",
+            "| variant | ms/step | img/s | TFLOP/s | MFU datasheet | vs first | first step s | "
+            "peak mem GB | loss first | loss last |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in va["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['error'][:120]} | | | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {r['tflops']:.1f} | "
+                f"{_pct(r['mfu_datasheet'])} | {_f(r['vs_first'], '{:.3f}x')} | "
+                f"{r['first_step_s']:.1f} | {_f(r['peak_mem_gb'], '{:.2f}')} | "
+                f"{r['loss_first']:.5f} | {r['loss_last']:.5f} |"
+            )
+        if "cut_off" in va:
+            lines.append(f"\nThe section was {va['cut_off']}.")
+        lines.append("")
     ct = s.get("cuda tests", {}).get("result")
     if ct:
         lines += ["## CUDA-marked tests", "", f"Runner: {ct['runner']}; ok: {ct['ok']}."]
@@ -588,6 +652,11 @@ def render_markdown(report: dict) -> str:
     if env:
         lines += ["", "## Environment", "", "```", json.dumps(env, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _kernel_row(k: dict) -> str:
+    name = k["name"].replace("|", "/")[:90]
+    return f"| `{name}` | {k['group']} | {k['ms']:.2f} | {_pct(k['share'])} | {k['calls']:.0f} |"
 
 
 def budget_text(pr: dict) -> str:
@@ -708,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         ("cuda tests", section_cuda_tests, 80, 20),
         ("train", section_train, 50, 10),
         ("sampling", section_sampling, 120, 10),
+        ("variants", section_variants, 150, 40),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")

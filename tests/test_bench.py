@@ -260,16 +260,35 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     data = json.loads(md.with_suffix(".json").read_text())
     statuses = {name: sec["status"] for name, sec in data["sections"].items()}
     assert statuses == dict.fromkeys(
-        ["environment", "matmul", "bench dit-xs/4", "profile", "cuda tests", "train", "sampling"],
+        [
+            "environment",
+            "matmul",
+            "bench dit-xs/4",
+            "profile",
+            "cuda tests",
+            "train",
+            "sampling",
+            "variants",
+        ],
         "ok",
     ), statuses
     prof = data["sections"]["profile"]["result"]
     assert prof["groups"]["matmul"]["ms"] > 0
     assert sum(g["share"] for g in prof["groups"].values()) == pytest.approx(1.0)
+    assert set(prof["by_group"]) == set(prof["groups"])
+    for g, ks in prof["by_group"].items():  # each group's costliest, costliest first
+        assert [k["group"] for k in ks] == [g] * len(ks) and 1 <= len(ks) <= 8
+        assert [k["ms"] for k in ks] == sorted((k["ms"] for k in ks), reverse=True)
+        assert sum(k["ms"] for k in ks) <= prof["groups"][g]["ms"] * (1 + 1e-9)
     assert data["sections"]["cuda tests"]["result"]["ok"]  # collected (and skipped: no CUDA)
     text = md.read_text()
     assert "## Training step" in text and "## Sampling" in text and "## Training a small" in text
     assert "## Where the dit-xs/4 step's time goes" in text
+    assert [r["variant"] for r in data["sections"]["variants"]["result"]["rows"]] == [
+        "regional",
+        "bf16-stream",
+    ]
+    assert "## Candidate settings for the compiled dit-xs/4 step" in text
     assert "matmul + attention + optimiser take" in text  # the budget line (no target on CPU)
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
 

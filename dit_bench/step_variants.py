@@ -1,0 +1,355 @@
+"""Candidate settings for the compiled training step, timed side by side in one process.
+
+    python -m dit_bench.step_variants [--backbone dit-xl/2] [--variants regional,bf16-stream]
+
+The step `make gpu-check` times (default DiT-XL/2, 32x32x4, batch 64, bf16 autocast with float32
+master weights, DDPM loss with learned sigma, backward, fused AdamW), built afresh for each
+variant (one model on the device at a time, the compiler reset between variants), `warmup`
+steps (the first compiles), then the median of `repeats` steps (CUDA events on a GPU). A variant
+is the shipped setting plus tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
+  regional      no tweak: the shipped step, each identical block compiled once (compile_backbone)
+  bf16-stream   the residual stream between the blocks kept in the autocast dtype. Under autocast
+                the stream is float32 (the patch embedding plus the float32 position table, then
+                every `x + gate * h`), so every LayerNorm, modulate and residual add of a block
+                reads and writes it in float32: on an H100 those memory-bound kernels took 30%
+                of the step. Casting each block's input halves those bytes (each block then adds
+                in bf16, as a step whose parameters are all bf16 does). Not a shipped path: a
+                numerics change, worth shipping only if it is fast and trains as well
+  cudagraphs    compile_backbone(mode="reduce-overhead"): each block graph replayed as a CUDA
+                graph (no launch overhead; the profile saw about 5 ms a step with the GPU idle)
+  compiled-loss the learned-sigma loss's variational-bound term (`DDPM.vb_bits_per_dim`)
+                compiled: eager, it is about 190 of the step's 456 top-level ops (DiT-XS/4 on
+                the CPU), tiny elementwise kernels launched one by one while the GPU has
+                little else queued
+  flash         SDPA's flash kernel instead of cuDNN's (torch 2.11 picks cuDNN on an H100, where
+                at DiT-XL's 256 tokens and heads of 72 it reached 170 TFLOP/s)
+  cudnn         SDPA restricted to cuDNN's fused attention (flash and memory-efficient off)
+  transposed    the token stream as it was before the patch embedding made it contiguous: the
+                convolution output's transposed view, which every residual add then keeps
+  coordesc      Inductor's coordinate-descent tuning of its generated kernels
+  whole         the whole backbone compiled as one graph (fusion across block boundaries)
+  max-autotune  mode="max-autotune-no-cudagraphs": Triton GEMM templates tuned against cuBLAS,
+                epilogues fused into them (minutes of tuning on an H100)
+Measured on an H100 and dropped (reports/gpu/xl2_variants-*.json, the README's Performance
+section): cudnn (already the default), coordesc (slower), whole (same step, 54 s of compile),
+max-autotune (cuBLAS won every shape).
+`gpu_check` runs `GPU_CHECK_VARIANTS` in its last section with the budget left; this command
+prints one line per variant and writes `step-variants-<time>.json` to --out (and under $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dit_bench import bench
+from dit_bench.backbones import layers
+from dit_bench.objectives.ddpm import DDPM
+
+REPO = Path(__file__).resolve().parents[1]
+TWEAKS = (
+    "bf16-stream",
+    "cudagraphs",
+    "compiled-loss",
+    "flash",
+    "cudnn",
+    "transposed",
+    "coordesc",
+    "whole",
+    "max-autotune",
+)
+CUDA_ONLY = {"cudagraphs", "flash", "cudnn"}
+# The shipped step first (the others' "vs first"); the last ones are cut off first when short
+GPU_CHECK_VARIANTS = (
+    "regional",
+    "bf16-stream",
+    "cudagraphs",
+    "compiled-loss",
+    "bf16-stream+cudagraphs+compiled-loss",
+    "flash",
+    "transposed",
+)
+
+
+def parse_variant(variant: str) -> frozenset[str]:
+    """ "regional" -> no tweak; "a+b" -> {a, b}, each one of TWEAKS."""
+    parts = [p.strip() for p in variant.split("+") if p.strip()]
+    if variant.strip() == "regional":
+        return frozenset()
+    bad = [p for p in parts if p not in TWEAKS]
+    if bad or not parts:
+        raise ValueError(
+            f"unknown variant {variant!r}: 'regional' or tweaks joined by '+', of {list(TWEAKS)}"
+        )
+    if {"whole", "max-autotune"} <= set(parts) or {"flash", "cudnn"} <= set(parts):
+        raise ValueError(f"variant {variant!r} combines tweaks that exclude each other")
+    return frozenset(parts)
+
+
+def _transposed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D), token axis fastest
+
+
+def _stream_in_autocast_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    x, *rest = args
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        x = x.to(torch.get_autocast_dtype(kind))  # (B, T, D), a no-op after the first block
+    return (x, *rest)
+
+
+@contextlib.contextmanager
+def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iterator[None]:
+    """The process-wide switches the variant flips (and a clean compiler), restored on exit."""
+    import torch._inductor.config as inductor_config
+
+    tweaks = parse_variant(variant)
+    torch.compiler.reset()
+    vb_bits_per_dim = DDPM.vb_bits_per_dim
+
+    sdp = (
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.cudnn_sdp_enabled(),
+    )
+    coordesc = inductor_config.coordinate_descent_tuning
+    patch_embed = layers.PatchEmbed.forward
+    try:
+        if "transposed" in tweaks:
+            layers.PatchEmbed.forward = _transposed_tokens
+        if "cudnn" in tweaks:
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        if "flash" in tweaks:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch.backends.cuda.enable_flash_sdp(True)
+        if "coordesc" in tweaks:
+            inductor_config.coordinate_descent_tuning = True
+        if "compiled-loss" in tweaks:
+            DDPM.vb_bits_per_dim = torch.compile(vb_bits_per_dim, backend=backend)
+        yield
+    finally:
+        torch.backends.cuda.enable_flash_sdp(sdp[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(sdp[1])
+        torch.backends.cuda.enable_cudnn_sdp(sdp[2])
+        inductor_config.coordinate_descent_tuning = coordesc
+        layers.PatchEmbed.forward = patch_embed
+        DDPM.vb_bits_per_dim = vb_bits_per_dim
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    def timed(step: Callable[[], None]) -> float:
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return timed
+
+
+def build_variant(
+    variant: str,
+    name: str,
+    cfg: bench.BenchConfig,
+    device: torch.device,
+    *,
+    backend: str | Callable = "inductor",
+) -> tuple[torch.nn.Module, Callable[[], None], list[torch.Tensor]]:
+    """Backbone `name` with the variant's module tweaks, compiled, and its training step:
+    (net, step, losses), each step appending its loss to `losses`. Call it, and the step,
+    inside `variant_settings(variant, backend)`. `backend` is torch.compile's (tests pass a cheap one)."""
+    tweaks = parse_variant(variant)
+    if device.type != "cuda" and tweaks & CUDA_ONLY:
+        raise ValueError(f"{sorted(tweaks & CUDA_ONLY)} need a CUDA device")
+    net = bench.make_ours(name, cfg, device)
+    if "bf16-stream" in tweaks:
+        for block in net.blocks:
+            block.register_forward_pre_hook(_stream_in_autocast_dtype)
+    if "whole" in tweaks:
+        net.compile(backend=backend)
+    else:
+        modes = {"cudagraphs": "reduce-overhead", "max-autotune": "max-autotune-no-cudagraphs"}
+        mode = next((modes[t] for t in sorted(tweaks) if t in modes), None)
+        bench.compile_backbone(net, mode, backend=backend)
+    impl = bench.Impl(variant, "dit-bench", True, net.train(), net)
+    losses: list[torch.Tensor] = []
+    plain, _ = bench.step_fn(impl, cfg, device, bench.bench_inputs(cfg, device), losses)
+    if "cudagraphs" not in tweaks:
+        return net, plain, losses
+
+    def step() -> None:
+        # a new iteration of the graph tree: the last step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        plain()
+
+    return net, step, losses
+
+
+def run_variant(
+    variant: str,
+    name: str,
+    cfg: bench.BenchConfig,
+    device: torch.device,
+    *,
+    backend: str | Callable = "inductor",
+) -> dict:
+    """Build the variant (`build_variant`), time `cfg.warmup` + `cfg.repeats` steps.
+
+    Returns {variant, ms, min_ms, img_per_s, tflops, first_step_s, loss_first, loss_last,
+    peak_mem_gb (CUDA max allocated; None elsewhere)}: same
+    seed, same batch and noise in every variant, so the losses compare the numerics too (the
+    first step's is that of the initialised net; the last, after warmup + repeats AdamW steps).
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with variant_settings(variant, backend):
+        net, step, losses = build_variant(variant, name, cfg, device, backend=backend)
+        timed = _timer(device)
+        t0 = time.perf_counter()
+        step()
+        bench.sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(max(0, cfg.warmup - 1)):
+            step()
+        times = [timed(step) for _ in range(cfg.repeats)]
+        fwd = net.flops(batch=1)["flops"]
+        med = statistics.median(times)
+        loss_first, loss_last = losses[0].item(), losses[-1].item()
+        del step, net, losses
+    peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "variant": variant,
+        "ms": med * 1e3,
+        "min_ms": min(times) * 1e3,
+        "img_per_s": cfg.batch / med,
+        "tflops": 3 * fwd * cfg.batch / med / 1e12,
+        "first_step_s": first,
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "peak_mem_gb": peak_gb,
+    }
+
+
+def run_variants(
+    variants: tuple[str, ...],
+    name: str,
+    cfg: bench.BenchConfig,
+    device: torch.device,
+    *,
+    rows: list[dict],
+    deadline: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    backend: str | Callable = "inductor",
+) -> list[dict]:
+    """Each variant in turn, appended to `rows` as it finishes (a caller cut off keeps the rows
+    before); a failing variant is recorded as {variant, error} and the next one runs. The MFU
+    is against the datasheet peak (None off known GPUs); `vs_first` against the first variant."""
+    key = bench.peak_key(cfg.precision, device, cfg.tf32)
+    sheet = bench.datasheet_peak(bench.device_name(device), key)
+    for variant in variants:
+        if deadline is not None and time.perf_counter() > deadline:
+            rows.append({"variant": variant, "error": "skipped: budget spent"})
+            continue
+        try:
+            row = run_variant(variant, name, cfg, device, backend=backend)
+            row["mfu_datasheet"] = row["tflops"] * 1e12 / sheet if sheet else None
+            base = rows[0] if rows and "ms" in rows[0] else None
+            row["vs_first"] = base["ms"] / row["ms"] if base else None
+        except Exception as e:  # noqa: BLE001 - record it and go on to the next variant
+            row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append(row)
+        if progress:
+            progress(json.dumps(row))
+    return rows
+
+
+def xl2_config(**overrides) -> bench.BenchConfig:
+    """gpu-check's DiT-XL/2 step: 32x32x4 latents, batch 64, bf16, compiled."""
+    base = bench.BenchConfig(
+        backbones=("dit-xl/2",), image_size=32, channels=4, batch=64, precision="bf16"
+    )
+    return replace(base, **overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m dit_bench.step_variants",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--backbone", default="dit-xl/2")
+    ap.add_argument("--variants", default=",".join(GPU_CHECK_VARIANTS))
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds; no variant starts after")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=str(REPO / "reports" / "gpu"))
+    args = ap.parse_args(argv)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    try:
+        for v in variants:
+            parse_variant(v)  # fail before building anything
+    except ValueError as e:
+        ap.error(str(e))
+    deadline = time.perf_counter() + args.budget
+    cfg = xl2_config(backbones=(args.backbone,), repeats=args.repeats)
+    device = cfg.resolved_device()
+    sheet = bench.datasheet_peak(
+        bench.device_name(device), bench.peak_key(cfg.precision, device, cfg.tf32)
+    )
+    result: dict = {
+        "device": bench.device_name(device),
+        "torch": torch.__version__,
+        "backbone": args.backbone,
+        "config": {"image_size": cfg.image_size, "channels": cfg.channels, "batch": cfg.batch},
+        "precision": cfg.precision,
+        "peak_tflops": bench.matmul_peak(device, cfg.precision)["flops_per_s"] / 1e12,
+        "datasheet_tflops": sheet / 1e12 if sheet else None,
+        "variants": [],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"}), flush=True)
+    stem = f"step-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    outs = [Path(args.out) / stem]
+    if os.environ.get("OUT"):
+        outs.append(Path(os.environ["OUT"]) / stem)
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+        for path in outs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+
+    with bench.allow_tf32(True) if device.type == "cuda" else contextlib.nullcontext():
+        run_variants(
+            variants,
+            args.backbone,
+            cfg,
+            device,
+            rows=result["variants"],
+            deadline=deadline,
+            progress=progress,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""`dit_bench.step_variants`: the candidate settings gpu-check times for the compiled step.
+
+Run on the CPU with Dynamo's eager backend (the variants' code paths without Inductor's
+compile time); the CUDA-only tweaks are refused here, and recorded as such.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dit_bench import bench, gpu_check, step_variants
+
+TINY = bench.BenchConfig(
+    backbones=("dit-xs/4",),
+    image_size=8,
+    batch=4,
+    num_classes=10,
+    precision="bf16",
+    warmup=1,
+    repeats=3,
+    device="cpu",
+)
+CPU = torch.device("cpu")
+
+
+def test_parse_variant():
+    assert step_variants.parse_variant("regional") == frozenset()
+    assert step_variants.parse_variant("bf16-stream+cudagraphs") == {"bf16-stream", "cudagraphs"}
+    with pytest.raises(ValueError, match="unknown variant 'bf16'.*'bf16-stream'"):
+        step_variants.parse_variant("bf16")
+    with pytest.raises(ValueError, match="exclude each other"):
+        step_variants.parse_variant("flash+cudnn")
+    for v in step_variants.GPU_CHECK_VARIANTS:
+        step_variants.parse_variant(v)
+
+
+def _block_input_dtypes(variant: str) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    with step_variants.variant_settings(variant):
+        net, step, _ = step_variants.build_variant(variant, "dit-xs/4", TINY, CPU, backend="eager")
+        for block in net.blocks:  # after the variant's own hook: sees what the block gets
+            block.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        step()
+    return seen
+
+
+def test_bf16_stream_feeds_every_block_the_autocast_dtype():
+    """Under bf16 autocast the shipped stream is float32 between blocks (patch embedding plus
+    the float32 position table, float32 residual adds); the variant makes it bf16 throughout."""
+    depth = len(bench.make_ours("dit-xs/4", TINY, CPU).blocks)
+    assert _block_input_dtypes("regional") == [torch.float32] * depth
+    assert _block_input_dtypes("bf16-stream") == [torch.bfloat16] * depth
+
+
+def test_compiled_loss_is_compiled_inside_the_variant_only():
+    from dit_bench.objectives.ddpm import DDPM
+
+    plain = DDPM.vb_bits_per_dim
+    with step_variants.variant_settings("compiled-loss", backend="eager"):
+        assert DDPM.vb_bits_per_dim is not plain
+    with step_variants.variant_settings("bf16-stream"):
+        assert DDPM.vb_bits_per_dim is plain
+    assert DDPM.vb_bits_per_dim is plain
+
+
+def test_run_variants_rows_losses_errors_and_budget():
+    rows: list[dict] = []
+    variants = ("regional", "bf16-stream", "compiled-loss", "cudagraphs")
+    step_variants.run_variants(variants, "dit-xs/4", TINY, CPU, rows=rows, backend="eager")
+    base, stream, loss_compiled, cuda_only = rows
+    # the same ops, traced: the same numbers
+    assert (loss_compiled["loss_first"], loss_compiled["loss_last"]) == (
+        base["loss_first"],
+        base["loss_last"],
+    )
+    assert base["ms"] > 0 and base["vs_first"] is None and base["mfu_datasheet"] is None
+    assert stream["vs_first"] == pytest.approx(base["ms"] / stream["ms"])
+    # Same seed, batch and noise: the initialised nets (adaLN-Zero: identity blocks) agree...
+    assert stream["loss_first"] == base["loss_first"]
+    # ...and four AdamW steps later the bf16 stream is a rounding away, not another function.
+    assert stream["loss_last"] == pytest.approx(base["loss_last"], rel=2e-2)
+    assert stream["loss_last"] != base["loss_last"]
+    assert base["loss_last"] != base["loss_first"]
+    assert cuda_only == {
+        "variant": "cudagraphs",
+        "error": "ValueError: ['cudagraphs'] need a CUDA device",
+    }
+    late: list[dict] = []
+    step_variants.run_variants(
+        ("regional",), "dit-xs/4", TINY, CPU, rows=late, deadline=time.perf_counter() - 1
+    )
+    assert late == [{"variant": "regional", "error": "skipped: budget spent"}]
+
+
+def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch):
+    """The section's alarm (a BaseException: run_variants records Exceptions and goes on) stops
+    the section at the variant it interrupts; the rows before stay, the report says why."""
+    timed = step_variants.run_variant
+
+    def second_overruns(variant, *a, **kw):
+        if variant != "regional":
+            raise gpu_check.SectionTimeout("section cut off after its 150 s")
+        return timed(variant, *a, **kw)
+
+    monkeypatch.setattr(step_variants, "run_variant", second_overruns)
+    plan = ("dit-xs/4", TINY, ("regional", "bf16-stream", "transposed"), "eager")
+    result = gpu_check.section_variants({"device": CPU, "plan": {"variants": plan}})
+    assert [r["variant"] for r in result["rows"]] == ["regional"]
+    assert result["cut_off"] == "section cut off after its 150 s"
+    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
+    report["sections"] = {"variants": {"status": "ok", "result": result}}
+    text = gpu_check.render_markdown(report)
+    assert "## Candidate settings for the compiled dit-xs/4 step" in text
+    assert "| regional | " in text and "The section was section cut off after its 150 s." in text
