@@ -631,7 +631,7 @@ def render_markdown(report: dict) -> str:
                 f"{r['loss_first']:.5f} | {r['loss_last']:.5f} |"
             )
         if "cut_off" in va:
-            lines.append(f"\nThe section was {va['cut_off']}.")
+            lines.append(f"\nLater variants not timed: {va['cut_off']}.")
         lines.append("")
     ct = s.get("cuda tests", {}).get("result")
     if ct:

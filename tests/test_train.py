@@ -84,6 +84,35 @@ def test_run_writes_everything(tmp_path):
     assert train(cfg, tmp_path, progress=False) == run
 
 
+def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
+    """img/s counts the training loop: every wait for a batch (a slow loader lowers it) but not
+    the validations, sample grids and checkpoints run between steps."""
+    from dit_bench.data import module as data_module
+    from dit_bench.train.module import DiffusionModule
+
+    collate, validate = data_module.collate, DiffusionModule.validation_metrics
+
+    def slow_collate(items):
+        time.sleep(0.05)
+        return collate(items)
+
+    def slow_validation(self, loader):
+        time.sleep(0.5)
+        return validate(self, loader)
+
+    monkeypatch.setattr(data_module, "collate", slow_collate)
+    monkeypatch.setattr(DiffusionModule, "validation_metrics", slow_validation)
+    t0 = time.perf_counter()
+    s = json.loads((train(tiny(), tmp_path, progress=False) / "summary.json").read_text())
+    wall = time.perf_counter() - t0
+    # Lightning fetches one batch ahead: batches 0 and 1 come before step 0 (set-up, not
+    # counted), then each of steps 1..10 waits for one of batches 2..11, 50 ms each at least
+    assert s["data_seconds"] >= 10 * 0.05
+    # the three validations (steps 4, 8, 12) slept 1.5 s between steps: none of it counts
+    assert s["train_seconds"] - s["data_seconds"] < 1.0 < wall - s["train_seconds"]
+    assert s["img_per_s"] == pytest.approx(12 * 8 / s["train_seconds"])
+
+
 def test_same_seed_same_numbers_other_seed_differs(tmp_path):
     a = json.loads((train(tiny(), tmp_path / "a", progress=False) / "summary.json").read_text())
     b = json.loads((train(tiny(), tmp_path / "b", progress=False) / "summary.json").read_text())

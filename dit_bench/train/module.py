@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import lightning as L
 import torch
@@ -76,7 +77,10 @@ class DiffusionModule(L.LightningModule):
             # rarely); in place, so parameter names and checkpoints are those of the eager net.
             compile_backbone(self.net)
         self.objective = build_objective_from(cfg)
-        self.train_seconds = 0.0  # accumulated over resumes, for img/s in the summary
+        # The training loop's time, accumulated over resumes (run._Timer), for img/s in the
+        # summary; data_seconds is the part spent waiting for batches.
+        self.train_seconds = self.data_seconds = 0.0
+        self.batch_done_at: float | None = None  # when the last batch's hooks had all run
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
@@ -121,6 +125,11 @@ class DiffusionModule(L.LightningModule):
         self._loss_count += 1
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Lightning calls this after every callback's batch-end hook (validation, checkpoints):
+        # from here to the next batch's start, the loop waits for data.
+        self.batch_done_at = time.perf_counter()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -177,6 +186,7 @@ class DiffusionModule(L.LightningModule):
     # -- bookkeeping carried through checkpoints -------------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["data_seconds"] = self.data_seconds
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
 
@@ -187,6 +197,7 @@ class DiffusionModule(L.LightningModule):
                 f"not {self.cfg.hash}: refusing to resume a different experiment"
             )
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        self.data_seconds = checkpoint.get("data_seconds", 0.0)
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count

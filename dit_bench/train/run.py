@@ -267,10 +267,21 @@ def device_name(module: DiffusionModule) -> str:
 
 
 class _Timer(Callback):
-    """Adds the wall time of the training steps (not set-up) to module.train_seconds."""
+    """The training loop's time, for the summary's img/s: module.train_seconds gains each step
+    (forward, backward, optimiser, EMA) and each wait for the next batch (also in
+    module.data_seconds); not validation, sample grids, FD or checkpoints.
+
+    First in the callback list, so its batch-end hook runs before the ones that evaluate and
+    save; the wait for data runs from the module's own batch-end hook (Lightning calls it after
+    every callback's) to the next batch's start. Set-up and the first batch are not counted.
+    """
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
+        if pl_module.batch_done_at is not None:
+            waited = self._t - pl_module.batch_done_at
+            pl_module.data_seconds += waited
+            pl_module.train_seconds += waited
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pl_module.train_seconds += time.perf_counter() - self._t
@@ -303,7 +314,8 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         "macs": fwd["macs"],
         "flops": fwd["flops"],
         "train_flops": training_flops(fwd["flops"], n_img),
-        "train_seconds": module.train_seconds,
+        "train_seconds": module.train_seconds,  # steps and data, not evaluation (_Timer)
+        "data_seconds": module.data_seconds,
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
         "device": device_name(module),
         "versions": package_versions(),
@@ -353,11 +365,11 @@ def train(
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     metrics = StepMetrics(t.log_every, t.val_every)
     callbacks = [
+        _Timer(),  # first: see its docstring
         *callbacks,
         *_checkpointing(run / "checkpoints", t.checkpoint_every, t.keep_every),
         metrics,
         SampleGrid(run / "samples", t.sample_every, grid_sampler(cfg)),
-        _Timer(),
     ]
     if cfg.eval.fd_every:  # after StepMetrics: the FD lands in the val-loss row of its step
         from dit_bench.train.callbacks import FrechetDistanceMetric
