@@ -577,8 +577,9 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
 
     CUDA: device time per kernel; CPU: self time per op (what the host spends). Returns the
     total per step, the time per `KERNEL_GROUPS` group, the 15 costliest kernels and each
-    group's 8 costliest, each in ms per step and as a share of the total. The total is the kernels' busy time, not wall time:
-    on a GPU, wall time minus it is what the GPU waited for the host.
+    group's 8 costliest, each in ms per step and as a share of the total. The total is the
+    kernels' busy time, not wall time: on a GPU, wall time minus it is what the GPU waited for
+    the host.
     """
     from torch.profiler import ProfilerActivity, profile
 

@@ -47,7 +47,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,7 +81,7 @@ GPU_CHECK_VARIANTS = (
 
 
 def parse_variant(variant: str) -> frozenset[str]:
-    """ "regional" -> no tweak; "a+b" -> {a, b}, each one of TWEAKS."""
+    """A variant's tweaks: none for "regional", {a, b} for "a+b" (each one of TWEAKS)."""
     parts = [p.strip() for p in variant.split("+") if p.strip()]
     if variant.strip() == "regional":
         return frozenset()
@@ -116,7 +115,6 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
     tweaks = parse_variant(variant)
     torch.compiler.reset()
     vb_bits_per_dim = DDPM.vb_bits_per_dim
-
     sdp = (
         torch.backends.cuda.flash_sdp_enabled(),
         torch.backends.cuda.mem_efficient_sdp_enabled(),
@@ -175,7 +173,8 @@ def build_variant(
 ) -> tuple[torch.nn.Module, Callable[[], None], list[torch.Tensor]]:
     """Backbone `name` with the variant's module tweaks, compiled, and its training step:
     (net, step, losses), each step appending its loss to `losses`. Call it, and the step,
-    inside `variant_settings(variant, backend)`. `backend` is torch.compile's (tests pass a cheap one)."""
+    inside `variant_settings(variant, backend)`. `backend`: torch.compile's (tests pass a
+    cheap one)."""
     tweaks = parse_variant(variant)
     if device.type != "cuda" and tweaks & CUDA_ONLY:
         raise ValueError(f"{sorted(tweaks & CUDA_ONLY)} need a CUDA device")
@@ -214,9 +213,9 @@ def run_variant(
     """Build the variant (`build_variant`), time `cfg.warmup` + `cfg.repeats` steps.
 
     Returns {variant, ms, min_ms, img_per_s, tflops, first_step_s, loss_first, loss_last,
-    peak_mem_gb (CUDA max allocated; None elsewhere)}: same
-    seed, same batch and noise in every variant, so the losses compare the numerics too (the
-    first step's is that of the initialised net; the last, after warmup + repeats AdamW steps).
+    peak_mem_gb (CUDA max allocated; None elsewhere)}. Same seed, batch and noise in every
+    variant, so the losses compare the numerics too (the first step's is that of the
+    initialised net; the last, after warmup + repeats AdamW steps).
     """
     cuda = device.type == "cuda"
     if cuda:
@@ -234,11 +233,7 @@ def run_variant(
         fwd = net.flops(batch=1)["flops"]
         med = statistics.median(times)
         loss_first, loss_last = losses[0].item(), losses[-1].item()
-        del step, net, losses
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return {
         "variant": variant,
         "ms": med * 1e3,
@@ -279,18 +274,15 @@ def run_variants(
             row["vs_first"] = base["ms"] / row["ms"] if base else None
         except Exception as e:  # noqa: BLE001 - record it and go on to the next variant
             row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        # the variant's net and optimiser are garbage now (also after an error, whose
+        # traceback held them): free them before the next one is built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(row)
         if progress:
             progress(json.dumps(row))
     return rows
-
-
-def xl2_config(**overrides) -> bench.BenchConfig:
-    """gpu-check's DiT-XL/2 step: 32x32x4 latents, batch 64, bf16, compiled."""
-    base = bench.BenchConfig(
-        backbones=("dit-xl/2",), image_size=32, channels=4, batch=64, precision="bf16"
-    )
-    return replace(base, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         ap.error(str(e))
     deadline = time.perf_counter() + args.budget
-    cfg = xl2_config(backbones=(args.backbone,), repeats=args.repeats)
+    cfg = bench.BenchConfig(  # gpu-check's step: 32x32x4 latents, batch 64, bf16
+        backbones=(args.backbone,),
+        image_size=32,
+        channels=4,
+        batch=64,
+        precision="bf16",
+        repeats=args.repeats,
+    )
     device = cfg.resolved_device()
     sheet = bench.datasheet_peak(
         bench.device_name(device), bench.peak_key(cfg.precision, device, cfg.tf32)
