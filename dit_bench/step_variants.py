@@ -5,8 +5,9 @@
 The step `make gpu-check` times (default DiT-XL/2, 32x32x4, batch 64, bf16 autocast with float32
 master weights, DDPM loss with learned sigma, backward, fused AdamW), built afresh for each
 variant (one model on the device at a time, the compiler reset between variants), `warmup`
-steps (the first compiles), then the median of `repeats` steps (CUDA events on a GPU). A variant
-is the shipped setting plus tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
+steps (the first compiles), then the median of `repeats` steps (each between two
+synchronisations, as `dit-bench bench` times them). A variant is the shipped setting plus
+tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   regional      no tweak: the shipped step, each identical block compiled once (compile_backbone)
   bf16-stream   the residual stream between the blocks kept in the autocast dtype. Under autocast
                 the stream is float32 (the patch embedding plus the float32 position table, then
@@ -146,23 +147,6 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
         DDPM.vb_bits_per_dim = vb_bits_per_dim
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    def timed(step: Callable[[], None]) -> float:
-        if device.type != "cuda":
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    return timed
-
-
 def build_variant(
     variant: str,
     name: str,
@@ -222,14 +206,14 @@ def run_variant(
         torch.cuda.reset_peak_memory_stats(device)
     with variant_settings(variant, backend):
         net, step, losses = build_variant(variant, name, cfg, device, backend=backend)
-        timed = _timer(device)
-        t0 = time.perf_counter()
-        step()
-        bench.sync(device)
-        first = time.perf_counter() - t0
-        for _ in range(max(0, cfg.warmup - 1)):
+        times = []  # synchronised wall time of each step, as `bench` times its rows
+        for _ in range(max(1, cfg.warmup) + cfg.repeats):
+            bench.sync(device)
+            t0 = time.perf_counter()
             step()
-        times = [timed(step) for _ in range(cfg.repeats)]
+            bench.sync(device)
+            times.append(time.perf_counter() - t0)
+        first, times = times[0], times[max(1, cfg.warmup) :]
         fwd = net.flops(batch=1)["flops"]
         med = statistics.median(times)
         loss_first, loss_last = losses[0].item(), losses[-1].item()

@@ -231,9 +231,10 @@ class ValAtSteps(L.Callback):
     A step StepMetrics validates anyway (every `val_every`, the last) is read back from it
     rather than computed twice. Also keeps `step_seconds` (the training steps alone: this
     callback comes before the run's own but its timer, so its batch hooks bracket just forward,
-    backward and optimiser step), `loop_seconds` (the step loop: steps plus data loading, Lightning's
-    per-step work, train-loss logging and periodic checkpoints, without the validations this
-    callback runs) and `val_seconds` (those validations); a sweep measures its overhead with them.
+    backward and optimiser step), `loop_seconds` (the step loop: steps plus data loading,
+    Lightning's per-step work, train-loss logging and periodic checkpoints, without the
+    validations this callback runs) and `val_seconds` (those validations); a sweep measures its
+    overhead with them.
     """
 
     def __init__(self, steps, on_val=None):
