@@ -169,6 +169,12 @@ class TrainConfig(_Strict):
     label_dropout: float = Field(0.1, ge=0, lt=1, description="classifier-free guidance dropout")
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    bf16_stream: bool = Field(
+        False,
+        description="with precision=bf16-mixed, transformers only: the residual stream kept in "
+        "bf16 between blocks (Megatron-LM's default) instead of float32, halving the bytes of "
+        "every LayerNorm, modulate and residual kernel; the adds round to bf16 (hashed)",
+    )
     # Scale-out (Lightning strategies). batch_size is the GLOBAL batch, split across ranks, and
     # every random draw is per sample: the numbers do not depend on how many devices ran them.
     devices: int = Field(1, gt=0, description="devices per node")
@@ -196,6 +202,14 @@ class TrainConfig(_Strict):
         description="on GPU, float32 matmuls and convolutions in TF32 (Ampere+ tensor cores); "
         "no effect on the CPU or on bf16 matmuls",
     )
+
+    @model_validator(mode="after")
+    def _stream(self) -> TrainConfig:
+        if self.bf16_stream and self.precision != "bf16-mixed":
+            raise ValueError(
+                f"train.bf16_stream needs train.precision=bf16-mixed (got {self.precision!r})"
+            )
+        return self
 
 
 class EvalConfig(_Strict):
@@ -293,6 +307,11 @@ class ExperimentConfig(_Strict):
         errors = geometry_errors(spec, image_size, prefix="backbone.")
         if errors:
             raise ValueError("; ".join(errors))
+        if self.train.bf16_stream and spec["family"] == "unet":
+            raise ValueError(
+                "train.bf16_stream applies to transformers (dit, mmdit, uvit); "
+                f"backbone.name={b.name!r} is a U-Net"
+            )
         return self
 
     # -- derived values (properties, so the recorded config is exactly what ran) -------------
@@ -312,6 +331,9 @@ class ExperimentConfig(_Strict):
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
             d[section].pop(key)
+        for section, key, default in LATER_KEYS:
+            if d[section][key] == default:
+                d[section].pop(key)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -327,6 +349,9 @@ EXECUTION_KEYS = (
     ("optim", "fused"),
     ("data", "num_workers"),
 )
+# Keys that change the numbers, added after runs were made without them: hashed only when set
+# away from their default, so those runs keep their directories (and resume).
+LATER_KEYS = (("train", "bf16_stream", False),)
 
 
 # -- loading ----------------------------------------------------------------------------------

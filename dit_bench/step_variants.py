@@ -9,13 +9,11 @@ steps (the first compiles), then the median of `repeats` steps (each between two
 synchronisations, as `dit-bench bench` times them). A variant is the shipped setting plus
 tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   regional      no tweak: the shipped step, each identical block compiled once (compile_backbone)
-  bf16-stream   the residual stream between the blocks kept in the autocast dtype. Under autocast
-                the stream is float32 (the patch embedding plus the float32 position table, then
-                every `x + gate * h`), so every LayerNorm, modulate and residual add of a block
-                reads and writes it in float32: on an H100 those memory-bound kernels took 30%
-                of the step. Casting each block's input halves those bytes (each block then adds
-                in bf16, as a step whose parameters are all bf16 does). Not a shipped path: a
-                numerics change, worth shipping only if it is fast and trains as well
+  bf16-stream   the residual stream between the blocks kept in the autocast dtype
+                (`bench.bf16_stream`, shipped as `train.bf16_stream`, off by default: it
+                changes the numbers). Under autocast the stream is float32, so every
+                LayerNorm, modulate and residual add of a block reads and writes it in
+                float32: on an H100 those memory-bound kernels took 30% of the step
   cudagraphs    compile_backbone(mode="reduce-overhead"): each block graph replayed as a CUDA
                 graph (no launch overhead; the profile saw about 5 ms a step with the GPU idle)
   compiled-loss the learned-sigma loss's variational-bound term (`DDPM.vb_bits_per_dim`)
@@ -100,14 +98,6 @@ def _transposed_tokens(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D), token axis fastest
 
 
-def _stream_in_autocast_dtype(module: torch.nn.Module, args: tuple) -> tuple:
-    x, *rest = args
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        x = x.to(torch.get_autocast_dtype(kind))  # (B, T, D), a no-op after the first block
-    return (x, *rest)
-
-
 @contextlib.contextmanager
 def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iterator[None]:
     """The process-wide switches the variant flips (and a clean compiler), restored on exit."""
@@ -164,8 +154,7 @@ def build_variant(
         raise ValueError(f"{sorted(tweaks & CUDA_ONLY)} need a CUDA device")
     net = bench.make_ours(name, cfg, device)
     if "bf16-stream" in tweaks:
-        for block in net.blocks:
-            block.register_forward_pre_hook(_stream_in_autocast_dtype)
+        bench.bf16_stream(net)
     if "whole" in tweaks:
         net.compile(backend=backend)
     else:

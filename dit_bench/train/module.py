@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
-from dit_bench.bench import compile_backbone, fused_adamw_default
+from dit_bench.bench import bf16_stream, compile_backbone, fused_adamw_default
 from dit_bench.data import DataInfo
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
@@ -70,6 +70,8 @@ class DiffusionModule(L.LightningModule):
         self.net = build_net(cfg, info)
         if cfg.train.channels_last:  # before the EMA copy: both keep one layout
             self.net = self.net.to(memory_format=torch.channels_last)
+        if cfg.train.bf16_stream:  # before the EMA copy: it samples and validates the same way
+            bf16_stream(self.net)
         # EMA of the weights (DiT samples from the EMA model); a submodule, so it is checkpointed.
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         if cfg.train.compile:
@@ -140,12 +142,21 @@ class DiffusionModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
+        if not gradient_clip_val:
+            return
         # Lightning's FSDP precision plugin refuses norm clipping; FSDP clips its own (sharded)
         # gradients with the global norm, which is the same rule.
-        if gradient_clip_val and hasattr(self.trainer.model, "clip_grad_norm_"):
+        if hasattr(self.trainer.model, "clip_grad_norm_"):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales its
+        # gradients in its own step (fused AdamW, the default), even under bf16-mixed, which has
+        # no scaler. Clipped here instead: with a scaler (16-mixed), unscaled first; the scaler's
+        # step then sees them unscaled and passes no scale to the fused kernel.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)
 
     def pop_train_loss(self) -> float:
         """Mean training loss since the last call, over all ranks (one sync per log window)."""
