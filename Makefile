@@ -44,10 +44,17 @@ bench: install
 
 # On a GPU machine (no venv, no internet: its own python3 with torch): one script, a few
 # minutes, writes reports/gpu/<date>-<device>.md (+ .json; also under $$OUT when set).
+# Packages it lacks (pydantic, for the check's `dit-bench train` section) may travel as wheels in
+# $(GPU_WHEELS) (README, Performance): installed into a throwaway folder, not its python.
 GPU_PYTHON ?= python3
 GPU_BUDGET ?= 420
+GPU_WHEELS ?= .whl
+GPU_SITE ?= /tmp/dit-bench-site
 gpu-check:
-	$(GPU_PYTHON) -m dit_bench.gpu_check --budget $(GPU_BUDGET)
+	if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q --no-index \
+	  --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m dit_bench.gpu_check \
+	  --budget $(GPU_BUDGET)
 
 # PostgreSQL for the distributed-sweep test (tests/test_postgres.py starts its own throwaway
 # server on 127.0.0.1 from these binaries). `postgres` installs the server (Debian: apt) when no

@@ -389,10 +389,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+# Sections whose `name` picks a type with its own keys (objective: ddpm or flow).
+UNION_SECTIONS = ("objective",)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`raw` with each `key=value` set. `objective.name=ddpm` on a flow objective switches
+    objectives: the section starts afresh from the new one's defaults (flow's `density` is
+    not a DDPM key), and the other objective.* keys given apply on top, in any order."""
     out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
-    for item in overrides:
-        path, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    for _, path, value in parsed:
+        if len(path) == 2 and path[0] in UNION_SECTIONS and path[1] == "name":
+            section = out.get(path[0])
+            if not isinstance(section, dict) or section.get("name") != value:
+                out[path[0]] = {"name": value}
+    for item, path, value in parsed:
         node = out
         for p in path[:-1]:
             child = node.setdefault(p, {})

@@ -19,8 +19,12 @@ left is skipped, and one that overruns is interrupted by an alarm):
    path), through pytest when it is installed, else as plain functions;
 6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
    the objective, the data set and AdamW): the loss must fall;
-7. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
-8. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: a bf16
+7. the harness's own training path on the same data (`dit-bench train`: Lightning, bf16-mixed,
+   the compiled backbone, fused AdamW with gradient clipping, EMA, validation, checkpoints, a
+   sample grid), when pydantic and Lightning import: skipped where they do not (the GPU
+   machines have no pydantic: carry it as a wheel, README "Performance");
+8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
+9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: a bf16
    residual stream, CUDA graphs, a compiled loss, flash attention), the shipped one first, in
    the time left.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
@@ -29,8 +33,8 @@ device tool returns only what is under $OUT), there too.
 
 Imports: torch, numpy, PIL and dit_bench's backbones, objectives, sampling and data.shapes.
 Not pydantic (so not `dit_bench.config` nor the Lightning training path, whose config is a
-pydantic model), not Lightning, diffusers, optuna, clean-fid, mlxtend or scikit-learn: the GPU
-machines have torch but not those.
+pydantic model: section 7 imports them only when they are there), not Lightning, diffusers,
+optuna, clean-fid, mlxtend or scikit-learn: the GPU machines have torch but not those.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -60,6 +65,10 @@ from dit_bench.objectives import build_objective
 REPO = Path(__file__).resolve().parents[1]
 CUDA_TESTS = "tests/test_cuda_fast_paths.py"
 TARGET_MFU = 0.45  # issue 8: DiT-XL/2, 32x32x4, batch 64, bf16, compiled, of the datasheet peak
+
+
+class SectionSkipped(Exception):
+    """A section that cannot run on this machine (a missing package): reported, not an error."""
 
 
 class SectionTimeout(BaseException):
@@ -95,6 +104,21 @@ def alarm(seconds: float):
 # ---------------------------------------------------------------------------------------------
 
 
+# `dit-bench train --set ...` for the harness section: the settings of the shipped GPU profiles
+# (bf16-mixed, fused AdamW, clipping at 1.0, EMA), one validation and sample grid at the end
+HARNESS = (
+    "experiment=gpu-check",
+    "data.name=shapes",
+    "objective.name=ddpm",
+    "train.precision=bf16-mixed",
+    "train.val_every=1000000",
+    "train.checkpoint_every=100",
+    "eval.samples_per_class=1",
+    "eval.sampler=ddim",
+    "eval.sample_steps=10",
+)
+
+
 def plan(smoke: bool) -> dict:
     if smoke:
         tiny = bench.BenchConfig(
@@ -124,6 +148,17 @@ def plan(smoke: bool) -> dict:
             "train": dict(
                 backbone="dit-xs/4", image_size=8, batch=8, steps=30, lr=1e-3, num_samples=64
             ),
+            "harness": [
+                *HARNESS,
+                "data.image_size=16",
+                "data.num_samples=256",
+                "backbone.name=dit-xs/4",
+                "train.steps=20",
+                "train.batch_size=16",
+                "train.log_every=5",
+                "optim.lr=1e-3",
+                "eval.val_images=32",
+            ],
             # Dynamo's eager backend: the variants' code paths without Inductor's compile time
             "variants": (
                 "dit-xs/4",
@@ -156,6 +191,18 @@ def plan(smoke: bool) -> dict:
         "train": dict(
             backbone="dit-s/4", image_size=64, batch=64, steps=300, lr=3e-4, num_samples=2048
         ),
+        "harness": [
+            *HARNESS,
+            "data.image_size=64",
+            "data.num_samples=4096",
+            "backbone.name=dit-s/4",
+            "train.steps=200",
+            "train.batch_size=64",
+            "train.log_every=20",
+            "train.compile=true",
+            "optim.lr=3e-4",
+            "eval.val_images=256",
+        ],
         "variants": (
             "dit-xl/2",
             bench.BenchConfig(backbones=("dit-xl/2",), **full),
@@ -433,6 +480,60 @@ def section_train(ctx: dict) -> dict:
     }
 
 
+def section_harness(ctx: dict) -> dict:
+    """`dit-bench train` itself, in a child process and a temporary folder: the loss must fall
+    and the run finish. The plain loop above checks the model on the GPU; this, what users run
+    (it would have caught the bf16-mixed gradient-clipping failure, which only a Lightning run
+    shows). A child process, because Lightning's Trainer leaves process-wide settings behind
+    (deterministic algorithms, cuDNN benchmarking off) that would change the timings after it."""
+    try:
+        import lightning  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError as e:
+        raise SectionSkipped(
+            f"{e} (carry pydantic as a wheel: README, Performance, 'make gpu-check')"
+        ) from None
+    import csv
+    import tempfile
+
+    sets = list(ctx["plan"]["harness"])
+    cmd = [sys.executable, "-m", "dit_bench.cli", "train", "--no-progress"]
+    cmd += [a for kv in sets for a in ("--set", kv)]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-harness-") as tmp:
+        # the section's alarm interrupts run(), which then kills the child
+        proc = subprocess.run(
+            [*cmd, "--out", tmp], cwd=REPO, capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"dit-bench train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        (run,) = {p.parent for p in Path(tmp).glob("*/*/summary.json")}
+        summary = json.loads((run / "summary.json").read_text())
+        with (run / "metrics.csv").open(newline="") as f:
+            curve = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        grid = sorted((run / "samples").glob("*.png"))
+    if len(curve) < 2:
+        raise RuntimeError(f"metrics.csv: {len(curve)} train/loss rows")
+    finite = all(map(math.isfinite, [*curve, summary["val_loss"]]))
+    ok = finite and curve[-1] < curve[0] and bool(grid)
+    log(
+        f"harness {summary['backbone']}: train loss {curve[0]:.4f} -> {curve[-1]:.4f}, val loss "
+        f"{summary['val_loss']:.4f}, {summary['img_per_s']:.0f} img/s ({'ok' if ok else 'FAILED'})"
+    )
+    return {
+        "command": " ".join(["dit-bench", *cmd[3:]]),
+        "backbone": summary["backbone"],
+        "steps": summary["steps"],
+        "batch": summary["batch_size"],
+        "train_loss_first": curve[0],
+        "train_loss_last": curve[-1],
+        "val_loss": summary["val_loss"],
+        "img_per_s": summary["img_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "device": summary["device"],
+        "ok": ok,
+    }
+
+
 def section_sampling(ctx: dict) -> dict:
     """Eager, then (if the plan compiles) compiled: a compiled run cut off by the section's
     alarm still leaves the eager rows in the report."""
@@ -588,6 +689,19 @@ def render_markdown(report: dict) -> str:
             f"{tr['criterion']}), {tr['img_per_s']:.0f} img/s.",
             "",
             f"Loss curve (every {max(1, tr['steps'] // 20)} steps): {tr['curve']}",
+            "",
+        ]
+    hs = s.get("harness", {}).get("result")
+    if hs:
+        lines += [
+            "## The harness's training path (`dit-bench train`)",
+            "",
+            f"{hs['backbone']} on `shapes`, {hs['steps']} steps of {hs['batch']} "
+            f"({hs['device']}): train loss {hs['train_loss_first']:.4f} -> "
+            f"{hs['train_loss_last']:.4f}, val loss {hs['val_loss']:.4f}, "
+            f"{hs['img_per_s']:.0f} img/s; ok: {hs['ok']}.",
+            "",
+            f"`{hs['command']}`",
             "",
         ]
     sp = s.get("sampling", {}).get("result")
@@ -777,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", section_profile, 60, 20),
         ("cuda tests", section_cuda_tests, 80, 20),
         ("train", section_train, 50, 10),
+        ("harness", section_harness, 120, 30),
         ("sampling", section_sampling, 120, 10),
         ("variants", section_variants, 150, 40),
     ]
@@ -802,6 +917,9 @@ def main(argv: list[str] | None = None) -> int:
             with alarm(limit):
                 rec["result"] = fn(ctx)
             rec["status"] = "ok"
+        except SectionSkipped as e:
+            rec["status"] = f"skipped: {e}"
+            log(f"{sec_name}: {rec['status']}")
         except BaseException as e:  # noqa: BLE001 - record and go on (Ctrl-C still stops)
             if isinstance(e, KeyboardInterrupt):
                 rec["status"] = "interrupted"

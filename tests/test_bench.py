@@ -259,6 +259,9 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     (md,) = (tmp_path / "reports").glob("*-smoke.md")
     data = json.loads(md.with_suffix(".json").read_text())
     statuses = {name: sec["status"] for name, sec in data["sections"].items()}
+    # the harness's training path needs pydantic: skipped, saying why, not an error
+    harness = statuses.pop("harness")
+    assert harness.startswith("skipped: pydantic is blocked") and "wheel" in harness
     assert statuses == dict.fromkeys(
         [
             "environment",
@@ -291,6 +294,31 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     assert "## Candidate settings for the compiled dit-xs/4 step" in text
     assert "matmul + attention + optimiser take" in text  # the budget line (no target on CPU)
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
+
+
+def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings():
+    """Where pydantic and Lightning import, the GPU check also runs `dit-bench train` itself:
+    bf16-mixed with fused AdamW and clipping (the failure a plain loop cannot show), EMA,
+    validation, a sample grid. The full plan's settings validate here, before any GPU time."""
+    from dit_bench import gpu_check
+    from dit_bench.config import build_config
+
+    full = build_config(None, gpu_check.plan(False)["harness"])
+    assert (full.train.precision, full.train.compile, full.optim.grad_clip) == (
+        "bf16-mixed",
+        True,
+        1.0,
+    )
+    assert full.optim.fused is None and full.backbone.name == "dit-s/4"
+
+    ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
+    result = gpu_check.section_harness(ctx)
+    assert result["ok"] and "--set train.precision=bf16-mixed" in result["command"]
+    assert result["train_loss_last"] < result["train_loss_first"]
+    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
+    report["sections"] = {"harness": {"status": "ok", "result": result}}
+    text = gpu_check.render_markdown(report)
+    assert "## The harness's training path" in text and "ok: True" in text
 
 
 def test_step_budget_against_counted_flops():

@@ -121,3 +121,18 @@ def test_yaml_file(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+def test_set_objective_name_switches_objectives():
+    """The README's `--set objective.name=ddpm --set eval.sampler=ddpm` on the default (flow)
+    experiment: the flow-only `density` must not follow into DDPM's section. The new
+    objective starts from its defaults; other objective.* keys apply whatever their order."""
+    cfg = load_config(None, ["objective.name=ddpm", "eval.sampler=ddpm"])
+    assert cfg.objective == build_config(None, []).objective  # DDPM's defaults
+    v = load_config(None, ["objective.prediction=v", "objective.name=ddpm"])
+    assert (v.objective.name, v.objective.prediction) == ("ddpm", "v")
+    # the same name again is no switch: the file's keys stay
+    flow = load_config(None, ["objective.name=flow"])
+    assert flow.objective == load_config().objective and flow.objective.density == "logit_normal"
+    with pytest.raises(ConfigError, match="objective.density"):  # a flow key on DDPM still fails
+        load_config(None, ["objective.name=ddpm", "objective.density=uniform"])
