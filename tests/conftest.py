@@ -25,6 +25,19 @@ def latents_root(tmp_path):
 
 
 @pytest.fixture
+def render_gpu_section():
+    """`render(name, result)`: the GPU check's Markdown report holding that one section."""
+    from dit_bench import gpu_check
+
+    def render(name: str, result: dict) -> str:
+        report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0}
+        report |= {"smoke": True, "sections": {name: {"status": "ok", "result": result}}}
+        return gpu_check.render_markdown(report)
+
+    return render
+
+
+@pytest.fixture
 def one_thread():
     """Run a test on one torch thread, then restore the count. Tiny models and samplers take
     hundreds of small elementwise steps: on shared cores OpenMP barriers cost far more than a

@@ -296,7 +296,7 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
 
 
-def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings():
+def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(render_gpu_section):
     """Where pydantic and Lightning import, the GPU check also runs `dit-bench train` itself:
     bf16-mixed with fused AdamW and clipping (the failure a plain loop cannot show), EMA,
     validation, a sample grid. The full plan's settings validate here, before any GPU time."""
@@ -315,9 +315,7 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings():
     result = gpu_check.section_harness(ctx)
     assert result["ok"] and "--set train.precision=bf16-mixed" in result["command"]
     assert result["train_loss_last"] < result["train_loss_first"]
-    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
-    report["sections"] = {"harness": {"status": "ok", "result": result}}
-    text = gpu_check.render_markdown(report)
+    text = render_gpu_section("harness", result)
     assert "## The harness's training path" in text and "ok: True" in text
 
 
@@ -357,7 +355,9 @@ def test_step_budget_against_counted_flops():
     assert gpu_check.step_budget(unet, 2, prof, None, None) == {}  # not a DiT: no budget
 
 
-def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(monkeypatch):
+def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(
+    monkeypatch, render_gpu_section
+):
     """The sampling section times eager, then compiled; the section's alarm cutting the
     compiled run off leaves the eager rows and says why in the report."""
     from dit_bench import gpu_check
@@ -375,8 +375,6 @@ def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(m
     result = gpu_check.section_sampling(ctx)
     assert [r["label"] for r in result["rows"]] == ["dit-bench"]
     assert result["compiled"] == "section cut off after its 120 s"
-    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
-    report["sections"] = {"sampling": {"status": "ok", "result": result}}
-    text = gpu_check.render_markdown(report)
+    text = render_gpu_section("sampling", result)
     assert "| dit-xs/4 | dit-bench | ddpm | 2 |" in text
     assert "Compiled sampling: section cut off after its 120 s." in text

@@ -95,7 +95,7 @@ def test_run_variants_rows_losses_errors_and_budget():
     assert late == [{"variant": "regional", "error": "skipped: budget spent"}]
 
 
-def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch):
+def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch, render_gpu_section):
     """The section's alarm (a BaseException: run_variants records Exceptions and goes on) stops
     the section at the variant it interrupts; the rows before stay, the report says why."""
     timed = step_variants.run_variant
@@ -110,9 +110,7 @@ def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch):
     result = gpu_check.section_variants({"device": CPU, "plan": {"variants": plan}})
     assert [r["variant"] for r in result["rows"]] == ["regional"]
     assert result["cut_off"] == "section cut off after its 150 s"
-    report = {"started": "-", "command": "-", "elapsed_s": 1.0, "budget_s": 1.0, "smoke": True}
-    report["sections"] = {"variants": {"status": "ok", "result": result}}
-    text = gpu_check.render_markdown(report)
+    text = render_gpu_section("variants", result)
     assert "## Candidate settings for the compiled dit-xs/4 step" in text
     assert (
         "| regional | " in text
