@@ -290,14 +290,16 @@ def run_status(out: str | Path, cfg: ExperimentConfig) -> tuple[str, Path | None
 
 
 def cost(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Params, forward MACs, tokens and training FLOPs of one run, without building weights."""
+    """Params, forward MACs, tokens and training FLOPs of one run, without building weights
+    (nor needing its latents: `note` says what was assumed in their place)."""
     import torch
 
-    from dit_bench.data import data_info
+    from dit_bench.data import planned_data_info
     from dit_bench.train.module import build_net
 
+    info, note = planned_data_info(cfg.data)
     with torch.device("meta"):  # shapes and counts only
-        net = build_net(cfg, data_info(cfg.data))
+        net = build_net(cfg, info)
     f = net.flops(batch=1)
     images = cfg.train.steps * cfg.train.batch_size
     return {
@@ -306,6 +308,7 @@ def cost(cfg: ExperimentConfig) -> dict[str, Any]:
         "tokens": net.num_tokens,
         "images": images,
         "train_flops": 3 * f["flops"] * images,
+        "note": note,
     }
 
 
@@ -349,6 +352,7 @@ def describe(ab: Ablation, out: str | Path) -> str:
     todo = sum(
         costs[r.variant]["train_flops"] for r in ab.runs if run_status(out, r.cfg)[0] != "done"
     )
+    lines += sorted({f"note: {c['note']}" for c in costs.values() if c["note"]})
     lines.append(
         f"estimated training compute: {_si(total)}FLOPs in all (3 x forward FLOPs x images), "
         f"{_si(todo)}FLOPs still to run; MACs: forward, one multiply-add = 1"

@@ -382,10 +382,22 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not (self.eager or self.compile):
+            raise ValueError("--compiled-only needs --compile: nothing would be timed")
+
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: torch {torch.__version__} sees no GPU")
+        return device
 
 
 @dataclass

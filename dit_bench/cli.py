@@ -56,19 +56,27 @@ def cmd_sample(args) -> int:
     from dit_bench.train.run import load_module, sample_images, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
+    e = module.cfg.eval
+    info = module.info
+    if args.labels:
+        try:
+            labels = torch.tensor([int(v) for v in args.labels.split(",")])
+        except ValueError:
+            raise ValueError(
+                f"--labels {args.labels!r}: expected class indices, e.g. 0,3,7"
+            ) from None
+        if labels.min() < 0 or labels.max() > info.num_classes:
+            raise ValueError(f"--labels: values must be in 0..{info.num_classes} (null class)")
+        labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
+    else:
+        labels = torch.arange(args.n) % info.num_classes
+    if module.cfg.data.name == "latents" and not module.cfg.data.vae:
+        raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the long part
     if args.compile:
         from dit_bench.bench import compile_backbone
 
         compile_backbone(module.eval_net(use_ema=not args.no_ema))
-    e = module.cfg.eval
-    info = module.info
-    if args.labels:
-        labels = torch.tensor([int(v) for v in args.labels.split(",")])
-        if labels.min() < 0 or labels.max() > info.num_classes:
-            raise SystemExit(f"--labels: values must be in 0..{info.num_classes} (null class)")
-        labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
-    else:
-        labels = torch.arange(args.n) % info.num_classes
     images = sample_images(
         module,
         labels,
@@ -79,8 +87,6 @@ def cmd_sample(args) -> int:
         use_ema=not args.no_ema,
     )
     images = to_images(module.cfg, images)
-    if images is None:
-        raise SystemExit("dit-bench: latent samples need data.vae (a local VAE folder) to decode")
     save_grid(images, Path(args.output), ncol=args.ncol or info.num_classes)
     print(f"wrote {len(images)} samples to {args.output}")
     return 0
@@ -233,7 +239,7 @@ def cmd_sweep(args) -> int:
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
     if args.dry_run:
-        sweep.validate()
+        sweep.validate(dry_run=True)
         print(sweep.describe())
         print(f"storage: {redact(args.storage or default_storage(sweep, args.out))}")
         return 0
@@ -322,6 +328,17 @@ def add_compile_flag(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def positive(text: str) -> int:
+    """argparse type of counts and sizes: a zero or negative one is refused at parse time."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dit-bench",
@@ -354,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="sample a grid of images from a trained run")
     sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
     sp.add_argument("-o", "--output", default="grid.png", help="PNG to write")
-    sp.add_argument("--n", type=int, default=64, help="number of samples")
+    sp.add_argument("--n", type=positive, default=64, help="number of samples")
     sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
-    sp.add_argument("--steps", type=int, help="sampling steps (default: eval.sample_steps)")
+    sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
     sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--ncol", type=int, help="images per row (default: number of classes)")
+    sp.add_argument("--ncol", type=positive, help="images per row (default: number of classes)")
     sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     add_compile_flag(sp)
@@ -375,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", default="fd,kid,pr,is", help="comma-separated: fd,kid,pr,is (default: all)"
     )
     sp.add_argument(
-        "--num-samples", type=int, help="samples to generate (default: the held-out set's size)"
+        "--num-samples",
+        type=positive,
+        help="samples to generate (default: the held-out set's size)",
     )
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
-    sp.add_argument("--steps", type=int, help="sampling steps (default: eval.sample_steps)")
+    sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
     sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
     sp.add_argument(
         "--ema",
@@ -398,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/tmp/inception-2015-12-05.pt, $DIT_BENCH_CACHE/inception-2015-12-05.pt)",
     )
     sp.add_argument(
-        "--batch-size", type=int, default=250, help="sampling batch (does not change results)"
+        "--batch-size", type=positive, default=250, help="sampling batch (does not change results)"
     )
     sp.add_argument(
         "--seed",
@@ -421,11 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--vae", required=True, help="folder of a diffusers AutoencoderKL")
     sp.add_argument("--data", required=True, help="NAME[:ROOT], e.g. folder:/data/imagenet")
-    sp.add_argument("--image-size", type=int, required=True, help="pixel side, e.g. 256")
+    sp.add_argument("--image-size", type=positive, required=True, help="pixel side, e.g. 256")
     sp.add_argument("--out", required=True, help="shard folder to write")
     sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
-    sp.add_argument("--shard-size", type=int, default=4096, help="latents per shard")
-    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--shard-size", type=positive, default=4096, help="latents per shard")
+    sp.add_argument("--batch-size", type=positive, default=32)
     sp.add_argument("--device", default="cuda" if _cuda() else "cpu")
     sp.set_defaults(func=cmd_encode_latents)
 
@@ -437,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--list", action="store_true", help="every preset")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
-    sp.add_argument("--channels", type=int, default=4, help="input channels (default 4)")
-    sp.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    sp.add_argument("--image-size", type=positive, default=32, help="input side (default 32)")
+    sp.add_argument("--channels", type=positive, default=4, help="input channels (default 4)")
+    sp.add_argument("--num-classes", type=positive, default=1000, help="classes (default 1000)")
     sp.add_argument(
         "--learn-sigma",
         action=argparse.BooleanOptionalAction,
@@ -457,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="ablation file, e.g. ablations/conditioning.yaml")
     sp.add_argument("--profile", default="cpu", help="profile of the file (default: cpu)")
     sp.add_argument("--seeds", help="seeds to run, e.g. 0,1,2 or 0-4 (default: the file's)")
-    sp.add_argument("--jobs", type=int, default=1, help="runs trained at once (processes)")
+    sp.add_argument("--jobs", type=positive, default=1, help="runs trained at once (processes)")
     sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
     sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
     sp.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
@@ -484,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
         "(default: sqlite:///OUT/<name>-<profile>/study.db)",
     )
-    sp.add_argument("--workers", type=int, help="local worker processes (default: the file's)")
-    sp.add_argument("--n-trials", type=int, help="trials in the study (grid: the first N points)")
+    sp.add_argument("--workers", type=positive, help="local worker processes (default: the file's)")
+    sp.add_argument(
+        "--n-trials", type=positive, help="trials in the study (grid: the first N points)"
+    )
     sp.add_argument("--dry-run", action="store_true", help="list the space and trials; no training")
     sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
     sp.add_argument("--no-progress", action="store_true", help="no per-trial progress bar")
@@ -513,10 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--backbones", default="dit-s/2", help="comma-separated presets (default: dit-s/2)"
     )
-    sp.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
-    sp.add_argument("--channels", type=int, default=4, help="input channels (default 4)")
-    sp.add_argument("--batch", type=int, default=64, help="training batch (default 64)")
-    sp.add_argument("--num-classes", type=int, default=1000, help="classes (default 1000)")
+    sp.add_argument("--image-size", type=positive, default=32, help="input side (default 32)")
+    sp.add_argument("--channels", type=positive, default=4, help="input channels (default 4)")
+    sp.add_argument("--batch", type=positive, default=64, help="training batch (default 64)")
+    sp.add_argument("--num-classes", type=positive, default=1000, help="classes (default 1000)")
     sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     sp.add_argument("--compile", action="store_true", help="also time the compiled backbone")
     sp.add_argument("--compiled-only", action="store_true", help="with --compile: skip eager")
@@ -539,16 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--channels-last", action="store_true", help="channels-last (U-Net)")
     sp.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
-    sp.add_argument("--repeats", type=int, default=10, help="timed steps (default 10)")
+    sp.add_argument("--repeats", type=positive, default=10, help="timed steps (default 10)")
     sp.add_argument(
         "--sample",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time 250-step DDPM and 50-step guided Euler sampling (default: on)",
     )
-    sp.add_argument("--sample-batch", type=int, default=16, help="sampling batch (default 16)")
+    sp.add_argument("--sample-batch", type=positive, default=16, help="sampling batch (default 16)")
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--threads", type=positive, help="torch CPU threads")
     sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
     sp.add_argument(
         "--csv",

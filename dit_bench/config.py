@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,6 +27,8 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -34,8 +37,24 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names each bad key and what is allowed."""
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    args = get_args(annotation)
+    return set().union(*map(_leaf_types, args)) if args else {annotation}
+
+
 class _Strict(BaseModel):
+    # Lax mode: YAML's `1.0e+5` may set an int field. But lax mode also reads `true` as 1,
+    # so a boolean given for a number is refused below.
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        values = value if isinstance(value, list | tuple) else [value]
+        if bool not in leaves and leaves & {int, float} and any(type(v) is bool for v in values):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
 
 
 class DataConfig(_Strict):
@@ -48,6 +67,12 @@ class DataConfig(_Strict):
     num_samples: int = Field(20000, gt=0, description="size of the procedural `shapes` set")
     max_samples: int | None = Field(None, gt=0, description="cap on the training set size")
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("root", "vae")
+    @classmethod
+    def _home(cls, path: str | None) -> str | None:
+        # `--set data.root=~/x` reaches us unexpanded: the shell expands ~ only at a word's start
+        return None if path is None else os.path.expanduser(path)
 
     @model_validator(mode="after")
     def _needs_root(self) -> DataConfig:
@@ -97,6 +122,17 @@ class DDPMConfig(_Strict):
     schedule: Literal["linear", "cosine"] = Field("linear", description="DiT: linear")
     prediction: Literal["eps", "v"] = Field("eps", description="eps, or v (Salimans & Ho 2022)")
     num_timesteps: int = Field(1000, gt=1)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> DDPMConfig:
+        # improved-diffusion scales the linear betas by 1000 / T: beta_T = 20 / T reaches 1 at
+        # T = 20 and alpha_bar hits 0 (every loss NaN); the cosine schedule clips at 0.999
+        if self.schedule == "linear" and self.num_timesteps <= 20:
+            raise ValueError(
+                f"objective.num_timesteps={self.num_timesteps}: the linear schedule needs more "
+                "than 20 (its last beta, 0.02 * 1000 / T, must stay below 1); or schedule: cosine"
+            )
+        return self
 
 
 class FlowConfig(_Strict):
@@ -152,7 +188,10 @@ ObjectiveConfig = Annotated[
 class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm; null disables")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
@@ -268,7 +307,7 @@ class EvalConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy's and Lightning's seed range")
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     objective: ObjectiveConfig = DDPMConfig()
@@ -307,6 +346,31 @@ class ExperimentConfig(_Strict):
         errors = geometry_errors(spec, image_size, prefix="backbone.")
         if errors:
             raise ValueError("; ".join(errors))
+        if self.backbone.learn_sigma and self.objective.name == "flow":
+            raise ValueError(
+                "backbone.learn_sigma=true needs objective.name=ddpm (flow matching has no "
+                "variance to learn)"
+            )
+        steps = getattr(self.objective, "num_timesteps", None)
+        for key in ("sample_steps", "val_levels"):
+            value = getattr(self.eval, key)
+            if steps is not None and value is not None and value > steps:
+                raise ValueError(
+                    f"eval.{key}={value}: DDPM has objective.num_timesteps={steps} steps"
+                )
+        ranks = self.train.devices * self.train.num_nodes
+        if self.train.batch_size % ranks:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is the global batch: it must split "
+                f"evenly over train.devices x train.num_nodes = {ranks} processes"
+            )
+        if self.eval.cfg_channels is not None:
+            channels = data_info(self.data).channels
+            if self.eval.cfg_channels > channels:
+                raise ValueError(
+                    f"eval.cfg_channels={self.eval.cfg_channels}: the data has {channels} "
+                    "channel(s)"
+                )
         if self.train.bf16_stream and spec["family"] == "unet":
             raise ValueError(
                 "train.bf16_stream applies to transformers (dit, mmdit, uvit); "
@@ -361,7 +425,7 @@ def _format_errors(err: ValidationError) -> str:
         loc = e["loc"]
         if loc[:1] == ("objective",) and len(loc) > 1 and loc[1] in OBJECTIVE_CONFIGS:
             loc = loc[:1] + loc[2:]  # drop the union tag: objective.flow.shift -> objective.shift
-        key = ".".join(str(p) for p in loc) or "<config>"
+        key = ".".join(str(p) for p in loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
@@ -374,7 +438,9 @@ def _format_errors(err: ValidationError) -> str:
             msg = f"unknown key; allowed keys here: {allowed}"
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; {msg}"
-        lines.append(f"  {key}: {msg}")
+        # a check across keys names them in its message (loc: the section, or nothing)
+        named = not key or msg.startswith(f"{key}.")
+        lines.append(f"  {msg}" if named else f"  {key}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -386,7 +452,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: bad key {key!r}")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+    return key.split("."), value
 
 
 # Sections whose `name` picks a type with its own keys (objective: ddpm or flow).
@@ -396,14 +466,25 @@ UNION_SECTIONS = ("objective",)
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`raw` with each `key=value` set. `objective.name=ddpm` on a flow objective switches
     objectives: the section starts afresh from the new one's defaults (flow's `density` is
-    not a DDPM key), and the other objective.* keys given apply on top, in any order."""
+    not a DDPM key), and the other objective.* keys given apply on top, in any order.
+    `backbone.name=unet-xs` on a DiT config switches families: a conditioning scheme the new
+    family lacks gives way to its own, unless `backbone.conditioning` is given too."""
     out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     parsed = [(item, *parse_override(item)) for item in overrides]
+    given = {tuple(path) for _, path, _ in parsed}
     for _, path, value in parsed:
         if len(path) == 2 and path[0] in UNION_SECTIONS and path[1] == "name":
             section = out.get(path[0])
             if not isinstance(section, dict) or section.get("name") != value:
                 out[path[0]] = {"name": value}
+        if path == ["backbone", "name"] and ("backbone", "conditioning") not in given:
+            section = out.get("backbone")
+            if isinstance(section, dict) and "conditioning" in section:
+                from dit_bench.backbones import CONDITIONINGS, PRESETS
+
+                family = PRESETS.get(value, {}).get("family") if isinstance(value, str) else None
+                if family and section["conditioning"] not in CONDITIONINGS[family]:
+                    del section["conditioning"]  # BackboneConfig fills in the family's own
     for item, path, value in parsed:
         node = out
         for p in path[:-1]:
@@ -427,7 +508,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config sections")
     return data

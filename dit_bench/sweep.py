@@ -209,19 +209,24 @@ class Sweep:
     def base_raw(self) -> dict[str, Any]:
         return apply_overrides(self.spec.base, list(self.overrides))
 
-    def plan(self, params: dict[str, Scalar]) -> TrialPlan:
-        """The config of a trial (validated), its size and its budget steps. Builds no weights."""
+    def plan(self, params: dict[str, Scalar], *, dry_run: bool = False) -> TrialPlan:
+        """The config of a trial (validated), its size and its budget steps. Builds no weights.
+        `dry_run`: latents not encoded yet are sized as `planned_data_info` assumes."""
         import torch
 
-        from dit_bench.data import data_info
+        from dit_bench.data import data_info, planned_data_info
         from dit_bench.train.module import build_net
 
         sets = [f"{k}={json.dumps(v)}" for k, v in self.overrides_of(params).items()]
         sets.append(f"experiment={self.experiment}")
         raw = apply_overrides(self.base_raw(), sets)
-        cfg = build_config(raw)
+        try:
+            cfg = build_config(raw)
+        except ConfigError as e:
+            raise ConfigError(f"trial {params}: {e}") from None
+        info = planned_data_info(cfg.data)[0] if dry_run else data_info(cfg.data)
         with torch.device("meta"):  # shapes and counts only
-            net = build_net(cfg, data_info(cfg.data))
+            net = build_net(cfg, info)
         f = net.flops(batch=1)
         per_step = 3 * f["flops"] * cfg.train.batch_size  # training FLOPs of one step
         budgets = [float(params["budget"])] if "budget" in params else list(self.spec.budgets)
@@ -273,7 +278,7 @@ class Sweep:
             lines.append(f"  {len(pts)} trials (grid points):")
             total = 0.0
             for i, p in enumerate(pts):
-                plan = self.plan(p)
+                plan = self.plan(p, dry_run=True)
                 total += 3 * plan.forward_flops * plan.cfg.train.steps * plan.cfg.train.batch_size
                 lines.append(
                     f"    {i:3d} {plan.point:<48} params {plan.num_params:>10,} "
@@ -281,12 +286,18 @@ class Sweep:
                     f"{plan.cfg.train.steps:>6} hash {plan.cfg.hash}"
                 )
             lines.append(f"  total training compute {total:.3g} FLOPs")
+            if pts:
+                from dit_bench.data import planned_data_info
+
+                note = planned_data_info(plan.cfg.data)[1]
+                lines += [f"  note: {note}"] if note else []
         else:
             lines.append(f"  {s.n_trials} trials sampled by {s.sampler}")
         return "\n".join(lines)
 
-    def validate(self) -> None:
-        """Every grid point (or each range's corners) builds a valid config; raises ConfigError."""
+    def validate(self, *, dry_run: bool = False) -> None:
+        """Every grid point (or each range's corners) builds a valid config; raises ConfigError.
+        `dry_run`: as `plan`'s."""
         s = self.spec
         if s.sampler == "grid":
             ranges = [k for k, v in s.space.items() if isinstance(v, Range)]
@@ -320,9 +331,9 @@ class Sweep:
                         raise ConfigError(f"{self.source}: space.{key}.{label} must set some keys")
         for p in params_list:
             try:
-                self.plan(p)
-            except ConfigError as e:
-                raise ConfigError(f"{self.source}: trial {p}: {e}") from None
+                self.plan(p, dry_run=dry_run)
+            except ConfigError as e:  # its message names the trial
+                raise ConfigError(f"{self.source}: {e}") from None
 
 
 def _err(source: str, msg: str) -> ConfigError:

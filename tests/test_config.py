@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from dit_bench.config import ConfigError, ExperimentConfig, build_config, load_config
+from dit_bench.config import ConfigError, DataConfig, ExperimentConfig, build_config, load_config
 
 
 def error(overrides: list[str], raw: dict | None = None) -> str:
@@ -136,3 +136,64 @@ def test_set_objective_name_switches_objectives():
     assert flow.objective == load_config().objective and flow.objective.density == "logit_normal"
     with pytest.raises(ConfigError, match="objective.density"):  # a flow key on DDPM still fails
         load_config(None, ["objective.name=ddpm", "objective.density=uniform"])
+
+
+def test_set_backbone_name_switches_families():
+    # the demo names adaln_zero: a family without it takes its own scheme, as the README says
+    assert load_config(None, ["backbone.name=unet-xs"]).backbone.conditioning == "adagn"
+    assert load_config(None, ["backbone.name=mmdit-d2/4"]).backbone.conditioning == "joint_attn"
+    assert load_config(None, ["backbone.name=uvit-xs/4"]).backbone.conditioning == "in_context"
+    raw = {"backbone": {"name": "dit-xs/4", "conditioning": "in_context"}}
+    for name in ("dit-ti/4", "uvit-xs/4"):  # a scheme the new family has is kept
+        assert build_config(raw, [f"backbone.name={name}"]).backbone.conditioning == "in_context"
+    # a scheme given with the name is the user's: refused where the family lacks it
+    assert "allowed: adagn" in error(["backbone.name=unet-xs", "backbone.conditioning=adaln"])
+    # in a file it stays an error: only --set switches
+    raw = {"backbone": {"name": "unet-xs", "conditioning": "adaln_zero"}}
+    assert "not implemented for 'unet'" in error([], raw)
+
+
+def test_booleans_are_not_numbers():
+    assert (
+        error(["train.steps=true"]) == "invalid config:\n  train.steps: expected a number, got True"
+    )
+    assert "optim.lr: expected a number" in error(["optim.lr=false"])
+    assert "optim.betas: expected a number" in error(["optim.betas=[true, 0.9]"])
+    assert build_config(None, ["train.steps=1.0e+3"]).train.steps == 1000  # YAML floats still do
+
+
+def test_values_that_would_fail_mid_run_are_refused_up_front():
+    ddpm = ["objective.name=ddpm"]
+    assert "needs more than 20" in error([*ddpm, "objective.num_timesteps=20"])  # alpha_bar = 0
+    assert "eval.sample_steps=101: DDPM has objective.num_timesteps=100" in error(
+        [*ddpm, "objective.num_timesteps=100", "eval.sample_steps=101"]
+    )
+    assert "eval.val_levels=200" in error(
+        [*ddpm, "objective.num_timesteps=100", "eval.val_levels=200"]
+    )
+    assert "optim.betas.0" in error(["optim.betas=[1.5, 0.999]"])
+    assert "seed" in error(["seed=-1"]) and "seed" in error([f"seed={2**32}"])
+    assert "over train.devices x train.num_nodes = 3" in error(
+        ["train.devices=3", "train.batch_size=8"]
+    )
+    assert "eval.cfg_channels=3: the data has 1 channel" in error(["eval.cfg_channels=3"])
+    msg = error(["backbone.learn_sigma=true"], {"objective": {"name": "flow"}})
+    assert msg == (
+        "invalid config:\n  backbone.learn_sigma=true needs objective.name=ddpm "
+        "(flow matching has no variance to learn)"
+    )  # a check across sections: no "<config>:" label
+
+
+def test_yaml_errors_name_the_file_or_the_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 10\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    assert "--set 'train.steps=[1': the value is not valid YAML" in error(["train.steps=[1"])
+
+
+def test_data_paths_expand_the_home_folder(monkeypatch, tmp_path):
+    # `--set data.root=~/x`: the shell leaves a ~ after `=` alone
+    monkeypatch.setenv("HOME", str(tmp_path))
+    d = DataConfig(name="shapes", root="~/x", vae="~/vae")
+    assert (d.root, d.vae) == (str(tmp_path / "x"), str(tmp_path / "vae"))

@@ -131,6 +131,14 @@ def test_bad_metric_name_is_an_error():
         EvalRequest(metrics=("fid",))
 
 
+def test_too_few_samples_for_a_metric_is_an_error_before_sampling():
+    with pytest.raises(ValueError, match="--metrics is needs at least 10 samples"):
+        EvalRequest(num_samples=9)
+    with pytest.raises(ValueError, match="--metrics pr needs at least 4 samples"):
+        EvalRequest(num_samples=3, metrics=("fd", "pr"))
+    EvalRequest(num_samples=3, metrics=("fd", "kid"))  # FD and KID take any n >= 2
+
+
 def test_train_with_fd_callback_then_eval(tmp_path, cache):
     from dit_bench.train.run import train
 

@@ -114,3 +114,5 @@ def test_inception_score_bounds():
     confident = np.full((n, c), -1e4)
     confident[np.arange(n), np.arange(n) % c] = 0.0  # sure, and balanced over classes
     assert inception_score(confident)[0] == pytest.approx(c, rel=1e-6)
+    with pytest.raises(ValueError, match="needs at least 10 samples, got 9"):
+        inception_score(confident[:9])  # an empty split would make it NaN

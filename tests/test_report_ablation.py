@@ -122,3 +122,15 @@ def test_kendall_agreement():
     assert kendall_agreement(["a", "b", "c"], ["a", "b", "c"]) == (1.0, [])
     tau, flips = kendall_agreement(["b", "a", "c"], ["a", "b", "c"])
     assert flips == [("a", "b")] and tau == 1 / 3
+
+
+def test_report_of_an_interrupted_ablation_where_only_the_base_finished(tmp_path):
+    source = make_source(tmp_path)
+    for run in source.iterdir():
+        if run.is_dir() and "adaln_zero" not in run.name:
+            (run / "summary.json").unlink()  # the other variants never finished
+    out = tmp_path / "r"
+    assert main(["report", "ablation", str(source), "-o", str(out)]) == 0
+    assert pd.read_csv(out / "paired.csv").empty
+    md = (out / "report.md").read_text()
+    assert "adaln_zero" in md and not (out / "paired_val_loss.png").exists()

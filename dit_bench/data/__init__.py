@@ -6,6 +6,7 @@ from dit_bench.data.datasets import (
     DataInfo,
     data_info,
     load_datasets,
+    planned_data_info,
 )
 
-__all__ = ["DATASETS", "DataError", "DataInfo", "data_info", "load_datasets"]
+__all__ = ["DATASETS", "DataError", "DataInfo", "data_info", "load_datasets", "planned_data_info"]

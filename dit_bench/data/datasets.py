@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from dit_bench.data.latents import LatentShards, read_manifest
+from dit_bench.data.latents import MANIFEST, LatentShards, read_manifest
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
 
 DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
@@ -66,6 +66,22 @@ def data_info(cfg: Any) -> DataInfo:
     if name == "shapes":
         return DataInfo(3, size, len(SHAPE_CLASSES), SHAPE_CLASSES)
     return DataInfo(1, size, 10, DIGIT_NAMES)
+
+
+def planned_data_info(cfg: Any) -> tuple[DataInfo, str | None]:
+    """`data_info`, or, for latents not encoded yet (a gpu profile's dry run on a laptop), what
+    `encode-latents` makes of ImageNet with an SD VAE at data.image_size: 4 channels, 1000
+    classes. The second item says so (None when the data was read)."""
+    if cfg.name != "latents" or cfg.root is None or cfg.image_size is None:
+        return data_info(cfg), None
+    if os.path.isfile(os.path.join(cfg.root, MANIFEST)):
+        return data_info(cfg), None
+    size = cfg.image_size
+    note = (
+        f"data.root {cfg.root} has no latents yet: sizes assume SD-VAE latents "
+        f"(4 x {size} x {size}) of 1000 classes"
+    )
+    return DataInfo(4, size, 1000, tuple(str(k) for k in range(1000))), note
 
 
 def full_dataset(cfg: Any) -> Dataset:

@@ -128,6 +128,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int = 3) -> tuple
 def inception_score(logits: np.ndarray, *, splits: int = 10) -> tuple[float, float]:
     """IS from classifier logits (N, classes): (mean, std) over `splits` consecutive splits."""
     z = np.asarray(logits, np.float64)
+    if len(z) < splits:
+        raise ValueError(f"IS with {splits} splits needs at least {splits} samples, got {len(z)}")
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log p(y|x), stable
     scores = []

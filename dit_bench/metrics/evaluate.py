@@ -158,6 +158,14 @@ class EvalRequest:
             )
         if self.num_samples is not None and self.num_samples < 2:
             raise ValueError("--num-samples must be at least 2")
+        # checked before any sampling: precision/recall's k-NN radii and IS's splits
+        need = {"pr": PR_K + 1, "is": IS_SPLITS}
+        for m in self.metrics:
+            if self.num_samples is not None and self.num_samples < need.get(m, 2):
+                raise ValueError(
+                    f"--num-samples {self.num_samples}: --metrics {m} needs at least "
+                    f"{need[m]} samples"
+                )
         if self.batch_size < 1:
             raise ValueError("--batch-size must be positive")
 

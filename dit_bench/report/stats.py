@@ -178,4 +178,7 @@ def compare_to_base(
                 "verdict": verdict(c, name, base, metric),
             }
         )
-    return pd.DataFrame(rows)
+    # the columns even without rows (only the base has finished): callers select on "metric"
+    columns = [by, "base", "metric", "n_pairs", "diff", "diff_lo", "diff_hi", "relative", "t"]
+    columns += ["p_value", "distinguishable", "verdict"]
+    return pd.DataFrame(rows, columns=columns)

@@ -346,6 +346,21 @@ def train(
     if run is not None and (run / "summary.json").exists():
         print(f"[dit-bench] already finished: {run}", file=sys.stderr)
         return run
+    t = cfg.train
+    accelerator = t.accelerator
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.accelerator=gpu: torch {torch.__version__} sees no CUDA device "
+            "(train.accelerator=auto uses one when there is one)"
+        )
+    _quiet_lightning()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # weight init
+    # The data and the module first: what refuses to run (a missing data folder, a bad
+    # manifest) does so before a run directory exists, so no empty run is left behind.
+    datamodule = DiffusionDataModule(cfg)
+    module = DiffusionModule(cfg, datamodule.info)
     if run is None:
         run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
     last = run / "checkpoints" / "last.ckpt"
@@ -354,14 +369,6 @@ def train(
         resume_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
         print(f"[dit-bench] resuming {run} from step {resume_step}", file=sys.stderr)
 
-    _quiet_lightning()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # weight init
-    datamodule = DiffusionDataModule(cfg)
-    module = DiffusionModule(cfg, datamodule.info)
-    t = cfg.train
-    accelerator = t.accelerator
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     metrics = StepMetrics(t.log_every, t.val_every)
     callbacks = [
