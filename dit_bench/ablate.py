@@ -37,6 +37,7 @@ in `<out>/<name>-<profile>/`.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -46,7 +47,14 @@ from typing import Any
 
 import yaml
 
-from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
+from dit_bench.config import (
+    UNION_SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    parse_override,
+    read_yaml,
+)
 
 FILE_KEYS = {
     "name",
@@ -59,6 +67,8 @@ FILE_KEYS = {
     "reference",
 }
 FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+")
 PROFILE_KEYS = {"description", "set", "variants", "seeds"}
 
 
@@ -125,9 +135,17 @@ def _dotted(raw: Any, where: str, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise _err(source, f"{where} must be a mapping of dotted keys to values, got {raw!r}")
-    for key in raw:
+    for key, value in raw.items():
         if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
             raise _err(source, f"{where}: bad key {key!r} (expected e.g. backbone.conditioning)")
+        if isinstance(value, dict) and key not in UNION_SECTIONS:
+            # it would replace the whole section, the base's keys in it too (only a section
+            # whose name picks its keys, the objective, is meant to be replaced whole)
+            raise _err(
+                source,
+                f"{where}: {key} is given a mapping, which would drop the base's other {key} "
+                f"keys; use one dotted key per value (e.g. {key}.{next(iter(value), 'name')}: ...)",
+            )
     return dict(raw)
 
 
@@ -190,19 +208,34 @@ def load_ablation(
     variants_raw = raw["variants"]
     if not isinstance(variants_raw, dict) or not variants_raw:
         raise _err(source, "variants must be a non-empty mapping name -> dotted overrides")
-    variants = {str(v): _dotted(keys, f"variants.{v}", source) for v, keys in variants_raw.items()}
+    for v in variants_raw:  # a variant names folders and files of the report
+        if not isinstance(v, str) or not NAME.fullmatch(v):
+            raise _err(source, f"variant name {v!r}: use letters, digits, '.', '-' or '_'")
+    variants = {v: _dotted(keys, f"variants.{v}", source) for v, keys in variants_raw.items()}
     base_variant = raw.get("base_variant", next(iter(variants)))
     if base_variant not in variants:
         raise _err(source, f"base_variant {base_variant!r} is not a variant: {list(variants)}")
     metrics = raw.get("metrics", ["val_loss"])
-    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-        raise _err(source, f"metrics must be a list of summary keys, got {metrics!r}")
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise _err(source, f"metrics must be a non-empty list of metric names, got {metrics!r}")
+    for m in metrics:
+        if not METRIC.fullmatch(m):
+            raise _err(
+                source,
+                f"metrics: unknown {m!r}; a metric is val_loss, val_loss_l<k> (one noise "
+                "level), train_loss or val_FD-<features> (with eval.fd_every)",
+            )
+    for item in overrides:
+        if parse_override(item)[0][0] in ("seed", "experiment"):
+            raise _err(source, f"--set {item}: the ablation sets seed and experiment (--seeds)")
 
     profiles = raw["profiles"]
     if not isinstance(profiles, dict) or profile not in profiles:
         known = list(profiles) if isinstance(profiles, dict) else []
         raise _err(source, f"no profile {profile!r}; profiles: {known}")
     prof = profiles[profile] or {}
+    if not isinstance(prof, dict):
+        raise _err(source, f"profiles.{profile} must be a mapping, got {prof!r}")
     bad = set(prof) - PROFILE_KEYS
     if bad:
         raise _err(
@@ -479,18 +512,28 @@ def _run_parallel(ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, fi
 
 
 def results_table(ab: Ablation, out: str | Path):
-    """One row per finished run of the plan (results.collect's columns + variant/seed/...)."""
+    """One row per finished run of the ablation (results.collect's columns + variant/seed/...):
+    the plan's, and those of the same variants an earlier call trained with other `--seeds`,
+    as the report sees them."""
     import pandas as pd
 
     from dit_bench.report.results import run_row
+    from dit_bench.train.run import load_run_config
 
+    def unseeded(cfg: ExperimentConfig) -> str:
+        return cfg.model_copy(update={"seed": 0}).hash
+
+    variant_of = {unseeded(r.cfg): r.variant for r in ab.runs}
+    order = {v: i for i, v in enumerate(ab.variants)}
     rows = []
-    for r in ab.runs:
-        status, run_dir = run_status(out, r.cfg)
-        if status == "done":
+    for summary in sorted((Path(out) / ab.experiment).glob("*/summary.json")):
+        run_dir = summary.parent
+        variant = variant_of.get(unseeded(load_run_config(run_dir)))
+        if variant is not None:
             row = run_row(run_dir)
-            row.update({**r.labels, "ablation": ab.name, "profile": ab.profile})
+            row.update({"variant": variant, "ablation": ab.name, "profile": ab.profile})
             rows.append(row)
+    rows.sort(key=lambda row: (order[row["variant"]], row["seed"]))
     return pd.DataFrame(rows)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def cmd_sample(args) -> int:
         labels = torch.arange(args.n) % info.num_classes
     if module.cfg.data.name == "latents" and not module.cfg.data.vae:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
+    from PIL import Image
+
+    Image.init()
+    if Path(args.output).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"-o {args.output}: not an image file name (e.g. grid.png)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the long part
     if args.compile:
         from dit_bench.bench import compile_backbone
@@ -109,6 +115,8 @@ def cmd_eval(args) -> int:
         inception_path=args.inception,
         anchors=not args.no_anchors,
     )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the sampling
     record = evaluate_run(
         args.run_dir, request, output=args.output, progress=not args.quiet, compile=args.compile
     )
@@ -126,11 +134,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_encode_latents(args) -> int:
-    from dit_bench.config import DataConfig
+    from pydantic import ValidationError
+
+    from dit_bench.config import ConfigError, DataConfig
     from dit_bench.data.latents import encode_latents
 
     name, _, root = args.data.partition(":")
-    source = DataConfig(name=name, root=root or None, image_size=args.image_size)
+    try:
+        source = DataConfig(name=name, root=root or None, image_size=args.image_size)
+    except ValidationError as e:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise ConfigError(f"--data {args.data}: {problems}") from None
     manifest = encode_latents(
         args.vae,
         source,
@@ -151,10 +165,17 @@ def cmd_encode_latents(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from dit_bench.backbones import PRESETS, build_backbone
+    from dit_bench.backbones import CONDITIONINGS, PRESETS, build_backbone
 
     if args.list or not args.preset:
-        names = list(PRESETS)
+        # with --conditioning: the presets of the families that have the scheme
+        names = [
+            n
+            for n, spec in PRESETS.items()
+            if args.conditioning in (None, *CONDITIONINGS[spec["family"]])
+        ]
+        if not names:
+            raise ValueError(f"--conditioning {args.conditioning!r}: no family has it")
     elif args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; `dit-bench info --list` lists them")
     else:
@@ -328,15 +349,24 @@ def add_compile_flag(sp: argparse.ArgumentParser) -> None:
     )
 
 
-def positive(text: str) -> int:
-    """argparse type of counts and sizes: a zero or negative one is refused at parse time."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _at_least(kind: type, low: float, what: str):
+    """An argparse type: a `kind` number >= `low`, else an error at parse time."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive = _at_least(int, 1, "a positive integer")  # counts and sizes
+non_negative = _at_least(int, 0, "an integer >= 0")
+guidance = _at_least(float, 0.0, "a guidance scale >= 0 (1: no guidance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
     sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
-    sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
+    sp.add_argument("--cfg", type=guidance, help="guidance scale (default: eval.cfg_scale)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--ncol", type=positive, help="images per row (default: number of classes)")
     sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
@@ -398,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
     sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
-    sp.add_argument("--cfg", type=float, help="guidance scale (default: eval.cfg_scale)")
+    sp.add_argument("--cfg", type=guidance, help="guidance scale (default: eval.cfg_scale)")
     sp.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,
@@ -541,7 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     sp.add_argument("--compile", action="store_true", help="also time the compiled backbone")
     sp.add_argument("--compiled-only", action="store_true", help="with --compile: skip eager")
-    sp.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    sp.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (default: torch's)",
+    )
     sp.add_argument(
         "--against", choices=["diffusers"], help="also time diffusers' DiT (same function)"
     )
@@ -559,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF32 matmuls on GPU (default: on)",
     )
     sp.add_argument("--channels-last", action="store_true", help="channels-last (U-Net)")
-    sp.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
+    sp.add_argument("--warmup", type=non_negative, default=3, help="warm-up steps (default 3)")
     sp.add_argument("--repeats", type=positive, default=10, help="timed steps (default 10)")
     sp.add_argument(
         "--sample",
@@ -594,7 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndit-bench: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
+    except (OSError, ValueError) as e:  # a missing or unreadable file, a bad value: named
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
 

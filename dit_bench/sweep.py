@@ -64,7 +64,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dit_bench.config import ConfigError, ExperimentConfig, apply_overrides, build_config, read_yaml
+from dit_bench.config import (
+    UNION_SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    build_config,
+    parse_override,
+    read_yaml,
+)
 
 Scalar = bool | int | float | str
 
@@ -78,6 +86,20 @@ class Choices(_Strict):
     """A categorical parameter: plain values of one config key, or labelled bundles of keys."""
 
     choices: list[Scalar] | dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[Scalar] | dict[str, dict[str, Any]]):
+        if isinstance(choices, list) and len(set(choices)) != len(choices):
+            raise ValueError(f"repeated choices {choices}: their trials would be one run")
+        for label, bundle in choices.items() if isinstance(choices, dict) else ():
+            for key, value in bundle.items():
+                if isinstance(value, dict) and key not in UNION_SECTIONS:  # as in ablations
+                    raise ValueError(
+                        f"{label}: {key} is given a mapping, which would drop the base's other "
+                        f"{key} keys; use dotted keys"
+                    )
+        return choices
 
     @property
     def labels(self) -> list[Scalar]:
@@ -114,6 +136,13 @@ class Heartbeat(_Strict):
     max_retry: int = Field(3, ge=0, description="re-runs of a trial whose worker died")
 
 
+# Keys every trial gets from the sweep itself: a space or --set over them would be overwritten.
+SET_BY_SWEEP = {
+    "train.steps": "the largest budget's steps, or max_steps",
+    "experiment": "<name>-<profile>",
+}
+
+
 class SweepSpec(_Strict):
     """A sweep file with its profile applied: everything a worker needs."""
 
@@ -134,6 +163,18 @@ class SweepSpec(_Strict):
     n_trials: int | None = Field(None, gt=0)
     workers: int = Field(1, gt=0)
     heartbeat: Heartbeat = Heartbeat()
+
+    @field_validator("space")
+    @classmethod
+    def _not_set_by_the_sweep(cls, space: dict[str, Choices | Range]):
+        for key, entry in space.items():
+            keys = [key]
+            if isinstance(entry, Choices) and isinstance(entry.choices, dict):
+                keys += [k for bundle in entry.choices.values() for k in bundle]
+            for k in keys:
+                if k in SET_BY_SWEEP:
+                    raise ValueError(f"{key}: {k} is set by the sweep ({SET_BY_SWEEP[k]})")
+        return space
 
     @field_validator("budgets")
     @classmethod
@@ -352,7 +393,10 @@ def load_sweep(
     profiles = raw.pop("profiles", None) or {}
     if profiles and profile not in profiles:
         raise _err(source, f"no profile {profile!r}; profiles: {list(profiles)}")
-    prof = dict(profiles.get(profile) or {})
+    prof = profiles.get(profile) or {}
+    if not isinstance(prof, dict):
+        raise _err(source, f"profiles.{profile} must be a mapping, got {prof!r}")
+    prof = dict(prof)
     bad = set(prof) - PROFILE_KEYS
     if bad:
         raise _err(
@@ -376,6 +420,16 @@ def load_sweep(
             for x in e.errors()
         ]
         raise _err(source, "invalid sweep:\n" + "\n".join(lines)) from None
+    base = spec.base
+    given = {"experiment"} & set(base) | {"train.steps"} & {
+        f"train.{k}" for k in base.get("train", {})
+    }
+    for key in sorted(given):
+        raise _err(source, f"base: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
+    for item in overrides:
+        key = ".".join(parse_override(item)[0])
+        if key in SET_BY_SWEEP:
+            raise _err(source, f"--set {item}: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
     sweep = Sweep(spec, source, tuple(overrides))
     build_config(sweep.base_raw())  # the base itself, with a message naming the bad key
     return sweep
@@ -400,11 +454,15 @@ def redact(url: str) -> str:
 
 def make_storage(url: str, heartbeat: Heartbeat):
     import optuna
+    import sqlalchemy
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # wait for a writer instead of failing
+        folder = Path(url.split(":///", 1)[-1]).parent
+        if not folder.is_dir():
+            raise ValueError(f"storage {url}: no folder {folder} for the study file")
     for attempt in range(8):
         try:
             return optuna.storages.RDBStorage(
@@ -415,9 +473,13 @@ def make_storage(url: str, heartbeat: Heartbeat):
             )
         except Exception as e:
             # Workers that start together on a fresh database race to create Optuna's tables
-            # (PostgreSQL: duplicate pg_type rows); the loser retries and finds them made.
-            if attempt == 7 or "import" in str(e).lower():
-                raise
+            # (PostgreSQL: duplicate pg_type rows); the loser retries and finds them made. A
+            # bad URL or a missing driver does not get better.
+            final = isinstance(e, sqlalchemy.exc.ArgumentError) or "import" in str(e).lower()
+            if attempt == 7 or final:
+                raise ValueError(
+                    f"storage {redact(url)}: {type(e).__name__}: {str(e).splitlines()[0]}"
+                ) from e
             time.sleep(0.5 + 0.5 * attempt)
 
 
@@ -651,7 +713,7 @@ class Worker:
         self.claims = Claims(rdb, self.study._study_id, self.name)
         n_trials = n_trials or self.sweep.spec.n_trials
         self._enqueue_grid(n_trials)
-        done = 0
+        done, waiting = 0, False
         while True:
             with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -659,14 +721,23 @@ class Worker:
             self._retry_failed()
             trial = self._pop_waiting() or self._new_trial(n_trials)
             if trial is None:
-                states = {t.state for t in self.study.get_trials(deepcopy=False)}
+                trials = self.study.get_trials(deepcopy=False)
+                states = {t.state for t in trials}
                 active = {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
                 if states & active:  # others are running (or died: wait for them to go stale)
+                    if not waiting:
+                        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+                        self.log(
+                            f"[sweep {self.name}] waiting for {running} running trial(s) of other "
+                            "workers (a dead worker's trial is re-queued after "
+                            f"{self.sweep.spec.heartbeat.grace} s without a heartbeat)"
+                        )
+                        waiting = True
                     time.sleep(self.poll)
                     continue
                 return done
             self._run(trial)
-            done += 1
+            done, waiting = done + 1, False
 
     # -- which trial next -------------------------------------------------------------------
     def _enqueue_grid(self, n_trials: int | None) -> None:

@@ -32,6 +32,9 @@ def test_shipped_ablation_validates_in_every_profile(path, tmp_path, latents_roo
         assert len({r.cfg.hash for r in ab.runs}) == len(ab.runs)  # no two runs collide
         assert {r.cfg.experiment for r in ab.runs} == {f"{ab.name}-{profile}"}
         # the dry run sizes every run (gpu profiles name a latent folder: give it a manifest)
+        text = describe(ab, tmp_path / "runs")  # gpu: sized as SD-VAE latents, and says so
+        assert text.count(" new") == len(ab.runs)
+        assert ("has no latents yet" in text) == (ab.runs[0].cfg.data.name == "latents")
         root = latents_root if profile == "gpu" else None
         if root is not None:
             ab = load_ablation(path, profile, overrides=[f"data.root={root}"])
@@ -120,6 +123,12 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
         ({"base_variant": "zzz"}, ["base_variant"]),
         ({"seeds": [0, 0]}, ["repeated"]),
         ({"colour": 1}, ["unknown keys", "colour"]),
+        # a mapping would replace the base's whole backbone section (its name too)
+        ({"variants": {"a": {"backbone": {"conditioning": "adaln"}}}}, ["backbone.conditioning"]),
+        ({"variants": {"a/b": {}}}, ["variant name 'a/b'"]),
+        ({"metrics": []}, ["non-empty list"]),
+        ({"metrics": ["val_los"]}, ["unknown 'val_los'"]),
+        ({"profiles": {"cpu": 5}}, ["profiles.cpu must be a mapping"]),
     ],
 )
 def test_bad_ablation_files_are_refused_naming_the_problem(tmp_path, changes, words):
@@ -130,6 +139,15 @@ def test_bad_ablation_files_are_refused_naming_the_problem(tmp_path, changes, wo
         assert w in str(e.value)
     with pytest.raises(ConfigError, match="no profile 'tpu'"):
         load_ablation(write_ablation(tmp_path), "tpu")
+    with pytest.raises(ConfigError, match="the ablation sets seed and experiment"):
+        load_ablation(write_ablation(tmp_path), "cpu", overrides=["seed=5"])
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(write_ablation(tmp_path).read_text() + "seeds: [4]\n")
+    with pytest.raises(ConfigError, match="twice.yaml: not valid YAML: key 'seeds' given twice"):
+        load_ablation(path, "cpu")
 
 
 # -- stop anywhere, run again -------------------------------------------------------------------
@@ -193,6 +211,13 @@ def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path
     assert plan["base_variant"] == "adaln_zero" and len(plan["runs"]) == 4
     labels = json.loads((partial / "labels.json").read_text())
     assert labels["variant"] == ab.runs[2].variant and labels["seed"] == ab.runs[2].seed
+    # a call for one seed keeps every finished run of the ablation in results.csv (the report's
+    # view), but not the runs of another --set (another experiment in the same folder)
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress", "--seeds", "1"]) == 0
+    assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 4
+    lr = ["--set", "optim.lr=2e-3", "--seeds", "0"]
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress", *lr]) == 0
+    assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 2
 
 
 def test_dry_run_trains_nothing(tmp_path, capsys):

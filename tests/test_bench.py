@@ -378,3 +378,13 @@ def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(
     text = render_gpu_section("sampling", result)
     assert "| dit-xs/4 | dit-bench | ddpm | 2 |" in text
     assert "Compiled sampling: section cut off after its 120 s." in text
+
+
+def test_bench_settings_that_would_time_nothing_or_crash_are_refused():
+    with pytest.raises(ValueError, match="--compiled-only needs --compile"):
+        bench.BenchConfig(eager=False)
+    with pytest.raises(ValueError, match="--device 'tpu': expected auto, cpu, cuda or cuda:N"):
+        bench.BenchConfig(device="tpu").resolved_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: .* sees no GPU"):
+            bench.BenchConfig(device="cuda").resolved_device()

@@ -105,11 +105,12 @@ def test_shipped_sweep_files_validate(path):
     assert {"cpu", "gpu"} <= set(raw["profiles"])
     for profile in raw["profiles"]:
         sweep = load_sweep(path, profile)
-        if profile == "gpu":  # latents on disk are not here: check the space, not the data
-            assert sweep.spec.space and sweep.spec.budgets
-            continue
-        sweep.validate()  # every grid point builds a valid config (meta device: no weights)
+        # every grid point builds a valid config (meta device: no weights); the gpu profile's
+        # latents are not here: its dry run sizes them as SD-VAE latents and says so
+        dry = profile == "gpu"
+        sweep.validate(dry_run=dry)
         text = sweep.describe()
+        assert ("has no latents yet" in text) == dry
         assert "grid points" in text or "sampled" in text
         if sweep.spec.sampler == "grid":
             assert len(sweep.points()) >= 12, "the cpu profile is a real sweep of >= 12 trials"
@@ -127,6 +128,22 @@ def test_sweep_errors_name_the_key(tmp_path):
     rng = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-3, "log": True}}
     with pytest.raises(ConfigError, match="grid needs choices"):
         load_sweep(write_tiny(tmp_path / "d.yaml", space=rng)).validate()
+    twice = {**TINY["space"], "backbone.patch_size": {"choices": [4, 4]}}
+    with pytest.raises(ConfigError, match="repeated choices"):
+        load_sweep(write_tiny(tmp_path / "e.yaml", space=twice))
+    steps = {**TINY["space"], "train.steps": {"choices": [10, 20]}}  # the budgets set it
+    with pytest.raises(ConfigError, match="train.steps is set by the sweep"):
+        load_sweep(write_tiny(tmp_path / "f.yaml", space=steps))
+    nested = json.loads(json.dumps(TINY["space"]))
+    nested["size"]["choices"]["a"] = {"backbone": {"depth": 1}}  # would drop backbone.name
+    with pytest.raises(ConfigError, match="a: backbone is given a mapping"):
+        load_sweep(write_tiny(tmp_path / "g.yaml", space=nested))
+    with pytest.raises(ConfigError, match="--set experiment=x: experiment is set by the sweep"):
+        load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
+    # one error, one "trial" prefix
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write_tiny(tmp_path / "i.yaml", max_steps=1)).validate()
+    assert str(e.value).count("trial {") == 1 and "reaches no budget" in str(e.value)
 
 
 def test_budget_steps_follow_the_compute_convention(tmp_path):

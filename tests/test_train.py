@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dit_bench.config import build_config
-from dit_bench.train.run import find_run_dir, train
+from dit_bench.train.run import find_run_dir, load_module, train
 
 TINY = [
     "experiment=tiny",
@@ -183,3 +183,40 @@ def test_resume_refuses_a_different_config(tmp_path):
     torch.save(ckpt, run / "checkpoints" / "last.ckpt")
     with pytest.raises(ValueError, match="refusing to resume"):
         train(cfg, tmp_path, progress=False)
+
+
+def test_a_refused_run_leaves_no_run_directory(tmp_path):
+    cfg = tiny("data.name=folder", f"data.root={tmp_path / 'missing'}", "data.image_size=8")
+    with pytest.raises(ValueError, match="missing"):
+        train(cfg, tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()  # the next, fixed command starts clean
+
+
+def test_broken_run_files_are_errors_naming_the_file(tmp_path):
+    cfg = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, callbacks=[InterruptAt(5)])
+    run = find_run_dir(tmp_path, cfg)
+    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    text, good = config.read_text(), last.read_bytes()
+    # a hand-edited config.yaml: resuming would ignore it, sample and eval would read it
+    config.write_text(text.replace("lr: 0.001", "lr: 0.5"))
+    with pytest.raises(ValueError, match=r"config.yaml \(hash \w+\) is not the config of this run"):
+        train(cfg, tmp_path, progress=False)
+    config.write_text(text.replace("name: dit-xs/4", "name: dit-xs/2"))
+    with pytest.raises(ValueError, match="last.ckpt does not fit .*config.yaml"):
+        load_module(run)
+    # a config.yaml lost in a crash is written again; a truncated checkpoint is named
+    config.unlink()
+    last.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="last.ckpt is not a readable checkpoint.*delete it"):
+        train(cfg, tmp_path, progress=False)
+    assert config.read_text() == text
+    with pytest.raises(ValueError, match="last.ckpt is not a readable checkpoint"):
+        load_module(run)
+    torch.save({"weights": torch.zeros(1)}, run / "checkpoints" / "other.ckpt")
+    with pytest.raises(ValueError, match="other.ckpt is not a dit-bench checkpoint"):
+        load_module(run, "other.ckpt")
+    last.write_bytes(good)
+    assert train(cfg, tmp_path, progress=False) == run  # and it finishes
+    assert load_module(run).checkpoint_step == 12

@@ -204,7 +204,8 @@ def _class_folders(root: str | None) -> tuple[str, ...]:
     if root is None:
         raise DataError("data.root: required for data.name=folder")
     if not os.path.isdir(root):
-        raise DataError(f"data.root: folder {root!r} does not exist")
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"data.root: folder {root!r} {what}")
     # Hidden folders (.ipynb_checkpoints, .cache) are tooling, not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:

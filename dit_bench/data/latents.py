@@ -50,9 +50,13 @@ def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"data.root: {root} has no {MANIFEST}; create it with encode-latents")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a {FORMAT} manifest (format={found!r})")
     return manifest
 
 
@@ -94,10 +98,12 @@ def encode_latents(
     from dit_bench.data.datasets import DataError, data_info, full_dataset
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder")
     info = data_info(source)
     images = full_dataset(source)
-    vae = load_vae(vae_dir, device)
+    vae = load_vae(vae_dir, device)  # checked before the output folder is made
+    out.mkdir(parents=True, exist_ok=True)
     scale = vae_scaling_factor(vae)
     n = len(images)
     header = {

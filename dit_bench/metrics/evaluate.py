@@ -259,7 +259,7 @@ def evaluate_run(
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    ckpt = check_checkpoint(run_dir, request.checkpoint)
+    check_checkpoint(run_dir, request.checkpoint)
     features = request.features or (
         "inception" if cfg.data.name == "latents" else default_features(cfg.data.name)
     )
@@ -293,7 +293,7 @@ def evaluate_run(
         from dit_bench.bench import compile_backbone
 
         compile_backbone(module.eval_net(use_ema))
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", -1))
+    step = module.checkpoint_step
     t_sample = time.perf_counter()
     images = generate(
         module,

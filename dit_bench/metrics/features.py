@@ -341,11 +341,12 @@ def find_inception(path: str | Path | None = None) -> Path:
             return c
     looked = "\n".join(f"  {c}" for c in candidates)
     raise FeatureWeightsError(
-        f"--features inception needs clean-fid's Inception weights file {INCEPTION_FILE}, "
+        f"Inception features (eval --features inception, or eval.fd_features=inception in "
+        f"training) need clean-fid's Inception weights file {INCEPTION_FILE}, "
         f"which dit-bench never downloads. Looked in:\n{looked}\n"
         f"Get it on a machine with internet ({INCEPTION_URL}) and put it at "
         f"{cache_dir() / INCEPTION_FILE} (or /tmp/{INCEPTION_FILE}, where clean-fid looks), "
-        f"or pass --inception PATH / set {INCEPTION_ENV}=PATH."
+        f"or set {INCEPTION_ENV}=PATH (dit-bench eval also takes --inception PATH)."
     )
 
 

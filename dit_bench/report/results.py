@@ -39,10 +39,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _read(path: Path, parse=json.loads) -> dict:
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: unreadable ({e}); fix or delete this run's file") from None
+
+
 def run_row(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    labels = json.loads((run / "labels.json").read_text()) if (run / "labels.json").exists() else {}
+    summary = _read(run / "summary.json")
+    cfg = _read(run / "config.yaml", yaml.safe_load)
+    labels = _read(run / "labels.json") if (run / "labels.json").exists() else {}
     row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     spec = summary.get("backbone_spec", {})
     row.update(

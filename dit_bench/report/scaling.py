@@ -48,7 +48,12 @@ def _records_from_study(url: str) -> list[dict]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = optuna.get_all_study_names(storage=url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"{url}: no such study file")  # optuna would create an empty one
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as e:  # not a database, an unknown dialect, a server that refuses
+        raise ValueError(f"{url}: cannot read an Optuna study ({type(e).__name__}: {e})") from None
     recs = []
     for name in names:
         study = optuna.load_study(study_name=name, storage=url)

@@ -63,6 +63,7 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.info = info
+        self.checkpoint_step: int | None = None  # the step of the weights `load_module` loaded
         self.net = build_net(cfg, info)
         if cfg.train.channels_last:  # before the EMA copy: both keep one layout
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -21,16 +21,16 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, resolve_preset
 from dit_bench.bench import allow_tf32
-from dit_bench.config import ExperimentConfig, build_config
+from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
 from dit_bench.sampling import randn, sampler_options
@@ -66,8 +66,41 @@ def new_run_dir(out: Path, cfg: ExperimentConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run = Path(out) / cfg.experiment / f"{stamp}-{cfg.hash}"
     run.mkdir(parents=True, exist_ok=False)
-    (run / "config.yaml").write_text(cfg.to_yaml())
+    write_run_config(run, cfg)
     return run
+
+
+def write_run_config(run: Path, cfg: ExperimentConfig) -> None:
+    tmp = run / "config.yaml.tmp"  # never half a config: sample and eval read it
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(run / "config.yaml")
+
+
+def check_run_config(run: Path, cfg: ExperimentConfig) -> None:
+    """Before resuming `run` with `cfg`: its config.yaml must be `cfg` (the directory is found
+    by the hash in its name; a hand-edited config.yaml would be ignored by the training and
+    then read by sample and eval). A missing one, lost in a crash, is written again."""
+    if not (run / "config.yaml").is_file():
+        if _launch_rank() == 0:
+            write_run_config(run, cfg)
+        return
+    recorded = load_run_config(run).hash
+    if recorded != cfg.hash:
+        raise ValueError(
+            f"{run}/config.yaml (hash {recorded}) is not the config of this run (hash "
+            f"{cfg.hash}): edited by hand? Restore it, or train the edited config as a new run"
+        )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents; a truncated or foreign file is a ValueError naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, empty file, not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "global_step"} <= set(ckpt):
+        raise ValueError(f"{path} is not a dit-bench checkpoint (no state_dict, global_step)")
+    return ckpt
 
 
 def _launch_rank() -> int:
@@ -93,7 +126,10 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    return build_config(yaml.safe_load(path.read_text()))
+    try:
+        return build_config(read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule:
@@ -104,8 +140,15 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
     module = DiffusionModule(cfg, data_info(cfg.data))
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    ckpt = read_checkpoint(path)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # size mismatch, missing keys
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{path} does not fit {run_dir}/config.yaml (was it edited?): {first}"
+        ) from None
+    module.checkpoint_step = int(ckpt["global_step"])
     return module.eval()
 
 
@@ -348,11 +391,15 @@ def train(
         return run
     t = cfg.train
     accelerator = t.accelerator
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError(
             f"train.accelerator=gpu: torch {torch.__version__} sees no CUDA device "
             "(train.accelerator=auto uses one when there is one)"
         )
+    if t.precision == "16-mixed" and not on_gpu:
+        # Lightning would run bf16-mixed instead, under the hash and the name of 16-mixed
+        raise ValueError("train.precision=16-mixed needs a GPU; on the CPU use bf16-mixed")
     _quiet_lightning()
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -363,13 +410,17 @@ def train(
     module = DiffusionModule(cfg, datamodule.info)
     if run is None:
         run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
+    else:
+        check_run_config(run, cfg)
     last = run / "checkpoints" / "last.ckpt"
     resume_step = None
     if last.exists():
-        resume_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+        try:
+            resume_step = read_checkpoint(last)["global_step"]
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it to train {run} again from its start") from None
         print(f"[dit-bench] resuming {run} from step {resume_step}", file=sys.stderr)
 
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     metrics = StepMetrics(t.log_every, t.val_every)
     callbacks = [
         _Timer(),  # first: see its docstring
@@ -407,6 +458,12 @@ def train(
     )
     # TF32 for float32 matmuls on GPU: set around the fit, never at import time.
     tf32 = allow_tf32(True) if on_gpu and t.tf32 else contextlib.nullcontext()
+    if t.num_nodes > 1 and trainer.is_global_zero:
+        print(
+            f"[dit-bench] waiting for {t.num_nodes} nodes x {t.devices} processes "
+            "(launched by torchrun, srun or Lightning on each node)",
+            file=sys.stderr,
+        )
     try:
         with tf32:
             trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
