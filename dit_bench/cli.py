@@ -53,6 +53,7 @@ def cmd_show_config(args) -> int:
 
 def cmd_sample(args) -> int:
     import torch
+    from PIL import Image
 
     from dit_bench.train.run import load_module, sample_images, save_grid, to_images
 
@@ -73,8 +74,6 @@ def cmd_sample(args) -> int:
         labels = torch.arange(args.n) % info.num_classes
     if module.cfg.data.name == "latents" and not module.cfg.data.vae:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
-    from PIL import Image
-
     Image.init()
     if Path(args.output).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"-o {args.output}: not an image file name (e.g. grid.png)")

@@ -458,7 +458,7 @@ def train(
     )
     # TF32 for float32 matmuls on GPU: set around the fit, never at import time.
     tf32 = allow_tf32(True) if on_gpu and t.tf32 else contextlib.nullcontext()
-    if t.num_nodes > 1 and trainer.is_global_zero:
+    if t.num_nodes > 1 and _launch_rank() == 0:
         print(
             f"[dit-bench] waiting for {t.num_nodes} nodes x {t.devices} processes "
             "(launched by torchrun, srun or Lightning on each node)",
