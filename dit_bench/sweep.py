@@ -60,9 +60,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from dit_bench.config import (
     UNION_SECTIONS,
@@ -136,6 +144,14 @@ class Heartbeat(_Strict):
     max_retry: int = Field(3, ge=0, description="re-runs of a trial whose worker died")
 
 
+# A parameter with `choices` is categorical, any other a range: one set of errors, not both.
+Parameter = Annotated[
+    Annotated[Choices, Tag("choices")] | Annotated[Range, Tag("range")],
+    Discriminator(
+        lambda v: "choices" if "choices" in (v if isinstance(v, dict) else vars(v)) else "range"
+    ),
+]
+
 # Keys every trial gets from the sweep itself: a space or --set over them would be overwritten.
 SET_BY_SWEEP = {
     "train.steps": "the largest budget's steps, or max_steps",
@@ -151,7 +167,7 @@ class SweepSpec(_Strict):
     description: str = ""
     profile_description: str = ""
     base: dict[str, Any]
-    space: dict[str, Choices | Range] = Field(min_length=1)
+    space: dict[str, Parameter] = Field(min_length=1)
     budgets: list[float] = Field(min_length=1)
     budget_mode: Literal["envelope", "per_budget"] = "envelope"
     sampler: Literal["grid", "tpe", "random"] = "grid"
@@ -415,10 +431,13 @@ def load_sweep(
     try:
         spec = SweepSpec.model_validate(spec_raw)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(map(str, x['loc'])) or '<file>'}: {x['msg'].removeprefix('Value error, ')}"
-            for x in e.errors()
-        ]
+        lines = []
+        for x in e.errors():
+            loc = x["loc"]
+            if loc[:1] == ("space",) and len(loc) > 2:
+                loc = loc[:2] + loc[3:]  # drop the Parameter tag: space.<key>.range.high
+            key = ".".join(map(str, loc)) or "<file>"
+            lines.append(f"  {key}: {x['msg'].removeprefix('Value error, ')}")
         raise _err(source, "invalid sweep:\n" + "\n".join(lines)) from None
     base = spec.base
     given = {"experiment"} & set(base) | {"train.steps"} & {

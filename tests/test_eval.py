@@ -194,7 +194,7 @@ def test_eval_with_a_compiled_backbone_scores_the_same_samples(tmp_path, cache):
 
 
 @pytest.mark.slow  # two short trainings and a VAE (about 15 s)
-def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder):
+def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder, capsys):
     """Image folders and VAE latents: reference statistics keyed by content, images decoded."""
     from dit_bench.data.latents import encode_latents
     from dit_bench.train.run import train
@@ -216,5 +216,8 @@ def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder)
         assert record["protocol"]["reference"]["n"] == 4
         assert record["metrics"]["FD-digits-net"] >= 0
         assert "adherence-digits-net" not in record["metrics"]  # digit classes != cat/dog
+        assert f"digits-net was trained on digits, this run's data is {data[0][10:]}" in (
+            capsys.readouterr().err
+        )
         ids.append(record["protocol"]["reference"]["id"])
     assert ids[0] != ids[1]  # latents are hashed as latents

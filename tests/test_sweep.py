@@ -140,6 +140,12 @@ def test_sweep_errors_name_the_key(tmp_path):
         load_sweep(write_tiny(tmp_path / "g.yaml", space=nested))
     with pytest.raises(ConfigError, match="--set experiment=x: experiment is set by the sweep"):
         load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
+    reversed_range = {**TINY["space"], "optim.lr": {"low": 1e-3, "high": 1e-4}}
+    with pytest.raises(ConfigError) as e:  # a range's error only, not the choices' too
+        load_sweep(write_tiny(tmp_path / "j.yaml", space=reversed_range, sampler="tpe"))
+    assert str(e.value).endswith(
+        "invalid sweep:\n  space.optim.lr.high: high=0.0001 must exceed low=0.001"
+    )
     # one error, one "trial" prefix
     with pytest.raises(ConfigError) as e:
         load_sweep(write_tiny(tmp_path / "i.yaml", max_steps=1)).validate()

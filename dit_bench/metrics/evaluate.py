@@ -29,7 +29,12 @@ import torch
 from torch import Tensor
 
 from dit_bench.metrics import distances as D
-from dit_bench.metrics.features import FeatureNet, default_features, load_feature_net
+from dit_bench.metrics.features import (
+    DEFAULT_FEATURES,
+    FeatureNet,
+    default_features,
+    load_feature_net,
+)
 from dit_bench.metrics.reference import RefStats, dataset_tensors, reference_stats
 
 METRICS: tuple[str, ...] = ("fd", "kid", "pr", "is")
@@ -265,6 +270,14 @@ def evaluate_run(
     )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
+    trained_on = {net: data for data, net in DEFAULT_FEATURES.items()}.get(features)
+    if trained_on not in (None, cfg.data.name):
+        print(
+            f"[dit-bench] warning: {features} was trained on {trained_on}, this run's data is "
+            f"{cfg.data.name}: its distances also measure that domain gap (compare them only "
+            f"with runs scored by {features} on {cfg.data.name})",
+            file=sys.stderr,
+        )
     net = load_feature_net(
         features, device=device, inception_path=request.inception_path, progress=progress
     )
