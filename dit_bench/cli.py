@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
-    except (OSError, ValueError) as e:  # a missing or unreadable file, a bad value: named
+    except (OSError, ValueError, FloatingPointError) as e:  # named file, bad value, divergence
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
 

@@ -174,6 +174,20 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
         progress=False,
     )  # fmt: skip
     assert again["metrics"]["FD-digits-net"] == pytest.approx(m["FD-digits-net"], rel=1e-4)
+    with pytest.raises(ValueError, match="a folder; give a file name"):  # before sampling
+        evaluate_run(run, EvalRequest(num_samples=30), output=tmp_path, progress=False)
+
+    # a diverged run: its in-training FD is NaN (the run goes on), summary.json has null for
+    # it (valid JSON), and eval refuses to score non-finite samples
+    cfg = build_config(
+        None,
+        TINY + ["eval.fd_every=6", "eval.fd_samples=20", "optim.lr=1e6", "optim.grad_clip=1e9"],
+    )
+    run = train(cfg, tmp_path / "runs", progress=False)
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert summary["val_FD-digits-net"] is None and summary["steps"] == 12
+    with pytest.raises(ValueError, match="samples of .* are not finite"):
+        evaluate_run(run, EvalRequest(num_samples=4, steps=2, metrics=("fd",)), progress=False)
 
 
 @pytest.mark.slow  # compiles the backbone

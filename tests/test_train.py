@@ -185,11 +185,20 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(cfg, tmp_path, progress=False)
 
 
-def test_a_refused_run_leaves_no_run_directory(tmp_path):
+def test_a_refused_run_leaves_no_run_directory(tmp_path, monkeypatch):
     cfg = tiny("data.name=folder", f"data.root={tmp_path / 'missing'}", "data.image_size=8")
     with pytest.raises(ValueError, match="missing"):
         train(cfg, tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists()  # the next, fixed command starts clean
+    # an in-training FID without the Inception file: refused before step 1, not at fd_every
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIT_BENCH_INCEPTION", str(tmp_path / "no-inception.pt"))
+    if Path("/tmp/inception-2015-12-05.pt").exists():
+        pytest.skip("this machine has the Inception file where clean-fid looks")
+    cfg = tiny("eval.fd_every=500", "eval.fd_features=inception")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        train(cfg, tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_broken_run_files_are_errors_naming_the_file(tmp_path):
@@ -220,3 +229,14 @@ def test_broken_run_files_are_errors_naming_the_file(tmp_path):
     last.write_bytes(good)
     assert train(cfg, tmp_path, progress=False) == run  # and it finishes
     assert load_module(run).checkpoint_step == 12
+
+
+def test_last_checkpoint_holds_the_final_weights(tmp_path):
+    # 10 steps, a checkpoint every 4: last.ckpt was the step-8 weights while the summary and
+    # the grid described step 10 (sample and eval read last.ckpt)
+    run = train(tiny("train.steps=10"), tmp_path, progress=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 10
+    every_2 = train(tiny("train.steps=10", "train.checkpoint_every=2"), tmp_path, progress=False)
+    a, b = ckpt["state_dict"], final_state(every_2)  # saved at step 10 by the schedule
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -138,6 +138,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# Samples a metric needs: precision/recall's k-NN radii (k + 1 points), IS's splits.
+SAMPLES_NEEDED = {"pr": PR_K + 1, "is": IS_SPLITS}
+
+
+def check_sample_count(metrics: Sequence[str], n: int, what: str) -> None:
+    """`what` (which names `n`) is too few for a metric: a ValueError before any sampling."""
+    for m in metrics:
+        if n < SAMPLES_NEEDED.get(m, 2):
+            raise ValueError(f"{what}: --metrics {m} needs at least {SAMPLES_NEEDED[m]} samples")
+
+
 @dataclass(frozen=True)
 class EvalRequest:
     """What `dit-bench eval` was asked; None means "the run's own eval setting"."""
@@ -163,14 +174,8 @@ class EvalRequest:
             )
         if self.num_samples is not None and self.num_samples < 2:
             raise ValueError("--num-samples must be at least 2")
-        # checked before any sampling: precision/recall's k-NN radii and IS's splits
-        need = {"pr": PR_K + 1, "is": IS_SPLITS}
-        for m in self.metrics:
-            if self.num_samples is not None and self.num_samples < need.get(m, 2):
-                raise ValueError(
-                    f"--num-samples {self.num_samples}: --metrics {m} needs at least "
-                    f"{need[m]} samples"
-                )
+        if self.num_samples is not None:  # checked before any sampling
+            check_sample_count(self.metrics, self.num_samples, f"--num-samples {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be positive")
 
@@ -263,6 +268,9 @@ def evaluate_run(
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
+    out = Path(output) if output else run_dir / "eval.json"
+    if out.is_dir():
+        raise ValueError(f"-o {out}: a folder; give a file name, e.g. {out / 'eval.json'}")
     cfg = load_run_config(run_dir)
     check_checkpoint(run_dir, request.checkpoint)
     features = request.features or (
@@ -296,6 +304,11 @@ def evaluate_run(
         description={"data": cfg.data.model_dump(mode="json"), "split": "val"},
     )
     n = request.num_samples or ref.n
+    held_out = f"the held-out split has {ref.n} images (data.val_fraction)"
+    if request.num_samples is None:  # as many samples as held-out images
+        check_sample_count(request.metrics, ref.n, held_out)
+    elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
+        check_sample_count(["pr"], ref.n, held_out)
     # The net classifies this data set's classes: then label adherence is meaningful.
     same_classes = net.class_names is not None and tuple(net.class_names) == tuple(
         data_info(cfg.data).class_names
@@ -322,6 +335,12 @@ def evaluate_run(
     sample_seconds = time.perf_counter() - t_sample
     if decode is not None:
         images = decode(images)
+    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {n} samples of {run_dir} (step {step}) are not finite: the weights "
+            "diverged? No metric is computed from them"
+        )
     labels = eval_labels(n, module.info.num_classes)
     gen_feats, gen_logits = net.features(images, batch_size=request.batch_size)
     metrics = score(
@@ -403,10 +422,12 @@ def evaluate_run(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    out = Path(output) if output else run_dir / "eval.json"
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return record
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -180,8 +181,12 @@ class FrechetDistanceMetric(L.Callback):
     def __init__(self, cfg, every: int, num_samples: int, features: str | None = None):
         if cfg.data.name == "latents":
             raise ValueError("eval.fd_every: in-training FD of latents runs is not supported yet")
+        from dit_bench.metrics.features import default_features, find_inception
+
         self.cfg, self.every, self.num_samples = cfg, every, num_samples
-        self.features = features
+        self.features = features or default_features(cfg.data.name)
+        if self.features == "inception":
+            find_inception()  # a missing file stops the run before it starts, not at step N
         self._net = self._ref = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -194,13 +199,12 @@ class FrechetDistanceMetric(L.Callback):
         from dit_bench.data import load_datasets
         from dit_bench.metrics import distances
         from dit_bench.metrics.evaluate import generate
-        from dit_bench.metrics.features import default_features, load_feature_net
+        from dit_bench.metrics.features import load_feature_net
         from dit_bench.metrics.reference import dataset_tensors, reference_stats
 
         e = self.cfg.eval
         if self._net is None:
-            name = self.features or default_features(self.cfg.data.name)
-            self._net = load_feature_net(name, device=pl_module.device)
+            self._net = load_feature_net(self.features, device=pl_module.device)
             images, _ = dataset_tensors(load_datasets(self.cfg.data)[1])
             self._ref = reference_stats(images, self._net)
         images = generate(
@@ -213,11 +217,20 @@ class FrechetDistanceMetric(L.Callback):
             use_ema=e.use_ema,
             batch_size=self.cfg.train.batch_size,
         )
-        feats, _ = self._net.features(images)
-        fd = distances.frechet_distance(
-            *distances.gaussian_stats(feats), self._ref.mu, self._ref.sigma
-        )
         key = f"val/{self._net.metric_prefix}"
+        bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+        if bad:  # a diverged run: the FD says so, and the run goes on (the NaN guard decides)
+            print(
+                f"[dit-bench] step {trainer.global_step}: {bad} of {len(images)} samples are "
+                f"not finite; {key} = nan",
+                file=sys.stderr,
+            )
+            fd = float("nan")
+        else:
+            feats, _ = self._net.features(images)
+            fd = distances.frechet_distance(
+                *distances.gaussian_stats(feats), self._ref.mu, self._ref.sigma
+            )
         trainer.logger.log_metrics({key: fd}, step=trainer.global_step)
         pl_module.last_fd = {key: fd}  # the final value lands in summary.json
         return fd

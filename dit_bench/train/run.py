@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -366,8 +367,12 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
+    # a diverged run's NaN or inf metrics as null: JSON has no NaN (jq and other readers refuse it)
+    summary = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()
+    }
     tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     tmp.replace(run / "summary.json")
     return summary
 
@@ -408,6 +413,12 @@ def train(
     # manifest) does so before a run directory exists, so no empty run is left behind.
     datamodule = DiffusionDataModule(cfg)
     module = DiffusionModule(cfg, datamodule.info)
+    fd = None
+    if cfg.eval.fd_every:  # checks its feature net's weights file exists
+        from dit_bench.train.callbacks import FrechetDistanceMetric
+
+        e = cfg.eval
+        fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features)
     if run is None:
         run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
     else:
@@ -429,11 +440,8 @@ def train(
         metrics,
         SampleGrid(run / "samples", t.sample_every, grid_sampler(cfg)),
     ]
-    if cfg.eval.fd_every:  # after StepMetrics: the FD lands in the val-loss row of its step
-        from dit_bench.train.callbacks import FrechetDistanceMetric
-
-        e = cfg.eval
-        callbacks.append(FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features))
+    if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
+        callbacks.append(fd)
     if progress:
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
     trainer = L.Trainer(
@@ -476,6 +484,10 @@ def train(
         raise KeyboardInterrupt
     if module.last_val.get("step") != t.steps:  # killed after the last checkpoint
         metrics.validate(trainer, module)
+    if trainer.global_step % t.checkpoint_every:
+        # the final weights, which the summary and the last grid describe (sample and eval
+        # read last.ckpt); every rank calls it, as Lightning's distributed saves need
+        trainer.save_checkpoint(last)
     if trainer.is_global_zero:
         write_summary(run, cfg, module)
     return run
