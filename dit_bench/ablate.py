@@ -121,7 +121,14 @@ class Ablation:
             "runs": [
                 {"variant": r.variant, "seed": r.seed, "config_hash": r.cfg.hash} for r in self.runs
             ],
+            # each variant's config with its seed left out: which runs belong to this plan
+            "variant_configs": {r.variant: unseeded_hash(r.cfg) for r in self.runs},
         }
+
+
+def unseeded_hash(cfg: ExperimentConfig) -> str:
+    """The config hash with the seed set to 0: one value for every seed of a variant."""
+    return cfg.model_copy(update={"seed": 0}).hash
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -274,7 +281,7 @@ def load_ablation(
             except ConfigError as e:
                 raise _err(source, f"variant {variant!r} (profile {profile}): {e}") from None
             runs.append(PlannedRun(len(runs) + 1, variant, seed, cfg))
-        h = runs[-1].cfg.model_copy(update={"seed": 0}).hash
+        h = unseeded_hash(runs[-1].cfg)
         for other, oh in first_seed_hash.items():
             if oh == h:
                 raise _err(
@@ -448,7 +455,18 @@ def run_ablation(
     root = out / ab.experiment
     root.mkdir(parents=True, exist_ok=True)
     record = {**ab.plan_record(), **({"command": command} if command else {})}
-    (root / "ablation.json").write_text(json.dumps(record, indent=2) + "\n")
+    previous = root / "ablation.json"
+    if previous.is_file():  # the same configs, other --seeds: the plan grows by these seeds
+        old = json.loads(previous.read_text())
+        if old.get("variant_configs") == record["variant_configs"]:
+            now = {r["config_hash"] for r in record["runs"]}
+            record["runs"] = [r for r in old["runs"] if r["config_hash"] not in now] + record[
+                "runs"
+            ]
+            record["seeds"] = sorted({*old["seeds"], *record["seeds"]})
+    tmp = root / "ablation.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(previous)
     n = len(ab.runs)
     todo = []
     for r in ab.runs:
@@ -520,15 +538,12 @@ def results_table(ab: Ablation, out: str | Path):
     from dit_bench.report.results import run_row
     from dit_bench.train.run import load_run_config
 
-    def unseeded(cfg: ExperimentConfig) -> str:
-        return cfg.model_copy(update={"seed": 0}).hash
-
-    variant_of = {unseeded(r.cfg): r.variant for r in ab.runs}
+    variant_of = {unseeded_hash(r.cfg): r.variant for r in ab.runs}
     order = {v: i for i, v in enumerate(ab.variants)}
     rows = []
     for summary in sorted((Path(out) / ab.experiment).glob("*/summary.json")):
         run_dir = summary.parent
-        variant = variant_of.get(unseeded(load_run_config(run_dir)))
+        variant = variant_of.get(unseeded_hash(load_run_config(run_dir)))
         if variant is not None:
             row = run_row(run_dir)
             row.update({"variant": variant, "ablation": ab.name, "profile": ab.profile})

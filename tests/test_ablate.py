@@ -215,9 +215,15 @@ def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path
     # view), but not the runs of another --set (another experiment in the same folder)
     assert main(["ablate", str(path), "--out", str(out), "--no-progress", "--seeds", "1"]) == 0
     assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 4
+    plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())
+    assert plan["seeds"] == [0, 1] and len(plan["runs"]) == 4  # the plan keeps seed 0
     lr = ["--set", "optim.lr=2e-3", "--seeds", "0"]
     assert main(["ablate", str(path), "--out", str(out), "--no-progress", *lr]) == 0
     assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 2
+    # the report follows the plan: the lr runs, not pooled with the first four
+    assert main(["report", "ablation", str(out / "tiny-cpu"), "-o", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Left out: 4 finished runs" in md and "2 finished runs: 2 variants x seeds [0]" in md
 
 
 def test_dry_run_trains_nothing(tmp_path, capsys):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from PIL import Image
 
@@ -134,3 +135,19 @@ def test_report_of_an_interrupted_ablation_where_only_the_base_finished(tmp_path
     assert pd.read_csv(out / "paired.csv").empty
     md = (out / "report.md").read_text()
     assert "adaln_zero" in md and not (out / "paired_val_loss.png").exists()
+
+
+def test_report_without_a_plan_refuses_to_pool_two_configs(tmp_path):
+    source = make_source(tmp_path)
+    (source / "ablation.json").unlink()
+    twin = fake_run(source / "other", "adaln", 0, 0.2)  # another config's adaln, seed 0
+    twin.rename(source / "20260102T000000Z-adaln0")
+    for run in source.iterdir():  # real runs carry their config hash
+        if (run / "summary.json").exists():
+            summary = json.loads((run / "summary.json").read_text())
+            summary["config_hash"] = run.name
+            (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(
+        ValueError, match=r"several runs of one variant and seed \[\('adaln', 0\)\]"
+    ):
+        build_report(source, tmp_path / "r")

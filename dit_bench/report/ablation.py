@@ -46,6 +46,24 @@ def load_plan(source: Path, table: pd.DataFrame) -> dict:
     return plan
 
 
+def plan_runs(source: Path, table: pd.DataFrame, plan: dict) -> tuple[pd.DataFrame, int]:
+    """The runs of the plan's configs (ablation.json lists them), and how many other runs the
+    folder holds (an ablation called with another --set writes beside them). Without a plan,
+    two runs of one variant and seed are an error: pooling them would mix configs."""
+    planned = {r["config_hash"] for r in plan.get("runs", [])}
+    keep = table["config_hash"].isin(planned) if planned else pd.Series(True, table.index)
+    table = table[keep]
+    twice = table[table.duplicated(["variant", "seed"], keep=False)]
+    if len(twice):
+        pairs = sorted({(v, int(s)) for v, s in zip(twice["variant"], twice["seed"], strict=True)})
+        raise ValueError(
+            f"{source}: several runs of one variant and seed {pairs} (configs "
+            f"{sorted(twice['config_hash'])}): runs of other configs share the folder; move "
+            "them out, or report from the ablation's own folder"
+        )
+    return table, int((~keep).sum())
+
+
 def metric_key(name: str) -> str:
     """summary.json and metrics.csv spell metrics differently (val_loss vs val/loss)."""
     return name.replace("/", "_")
@@ -263,6 +281,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     if "variant" not in table:
         raise ValueError(f"{source}: runs carry no variant labels (labels.json)")
     plan = load_plan(source, table)
+    table, left_out = plan_runs(source, table, plan)
     order = [v for v in plan["variants"] if v in set(table["variant"])]
     order += sorted(set(table["variant"]) - set(order))
     base = plan["base_variant"]
@@ -324,6 +343,15 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         f"dit-bench report ablation {source} -o {out}",
         "```",
         "",
+        *(
+            [
+                f"Left out: {left_out} finished runs in the folder whose configs are not in this "
+                "plan (`ablation.json`: the last `dit-bench ablate` call's configs, all seeds).",
+                "",
+            ]
+            if left_out
+            else []
+        ),
         f"{len(runs)} finished runs: {len(order)} variants x seeds {seeds}; base variant "
         f"**{base}**. Lower is better for every metric. Intervals are two-sided "
         f"{int(LEVEL * 100)}% t intervals over seeds (n - 1 degrees of freedom); comparisons are "
