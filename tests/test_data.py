@@ -250,6 +250,18 @@ def test_folder_portrait_images_crop_vertically(tmp_path):
     assert (image[:10] == STRIPES[1]).all() and (image[10:] == STRIPES[2]).all()
 
 
+def test_folder_16_bit_grey_images_keep_their_range(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: a 0..65535 ramp came out 99.6% white
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)
+    for name in ("a.png", "b.png"):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        Image.fromarray(ramp).save(tmp_path / "c" / name)
+    cfg = make_cfg("folder", root=str(tmp_path), image_size=16, val_fraction=0.5)
+    image = load_datasets(cfg)[0].dataset[0][0]  # (3, 16, 16) in [-1, 1]
+    expected = torch.from_numpy(np.round(ramp / 257.0)).float() / 127.5 - 1
+    torch.testing.assert_close(image[0], expected, atol=1 / 127.5, rtol=0)
+
+
 def check_error(cfg, *fragments: str, item: int | None = None) -> None:
     with pytest.raises(DataError) as error:
         if item is None:

@@ -61,6 +61,27 @@ def test_missing_small_net_is_retrained_identically(net):
     assert again.sha256 == net.sha256  # deterministic recipe: same weights, bit for bit
 
 
+def test_damaged_cache_files_are_made_again(net, digits, cache):
+    path = small_net_path("digits-net")
+    path.write_bytes(path.read_bytes()[:100])  # a half-copied cache
+    again = load_feature_net("digits-net", progress=False)
+    assert again.sha256 == net.sha256
+    x = digits[0][:100]  # content of its own: the other tests' cache entries stay as they are
+    a = reference_stats(x, net)
+    stats = cache / "refstats" / f"{a.id}.npz"
+    stats.write_bytes(stats.read_bytes()[:100])
+    b = reference_stats(x, net)
+    assert not b.meta["cached"] and np.array_equal(a.mu, b.mu)
+    assert reference_stats(x, net).meta["cached"]  # and written whole again
+
+
+def test_a_file_that_is_not_the_inception_net_is_named(tmp_path):
+    fake = tmp_path / INCEPTION_FILE
+    fake.write_bytes(b"<html>partial download</html>")
+    with pytest.raises(ValueError, match=f"{fake} is not clean-fid's TorchScript Inception"):
+        load_feature_net("inception", inception_path=fake)
+
+
 def test_fd_with_itself_zero_and_monotone_under_blur_and_noise(net, digits):
     x, _ = digits
     ref, _ = net.features(x)

@@ -84,6 +84,17 @@ def planned_data_info(cfg: Any) -> tuple[DataInfo, str | None]:
     return DataInfo(4, size, 1000, tuple(str(k) for k in range(1000))), note
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: grey, palette and RGBA as PIL converts them; 16- and 32-bit
+    integer grey (scanners, medical PNGs) scaled to 8 bits, which PIL's convert would clip to
+    255 (white, nearly everywhere)."""
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit)
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
+        image = Image.fromarray(np.round(values * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def full_dataset(cfg: Any) -> Dataset:
     """Every item of the data set, before the train/val split."""
     name = _check_name(cfg.name)
@@ -250,7 +261,7 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as file:
-                image = file.convert("RGB")  # decodes the whole file (grey, palette, RGBA too)
+                image = _to_rgb(file)  # decodes the whole file
         # PIL reports broken files with many types (OSError, SyntaxError, DecompressionBombError):
         # all of them mean this file cannot be used, and a silently skipped image would shift
         # every later index, so stop and name the file.

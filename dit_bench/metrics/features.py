@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +291,14 @@ class SmallFeatureNet(FeatureNet):
         path = ensure_small_net(name, progress=progress)
         self.name, self.spec, self.device = name, spec, torch.device(device)
         self.net = SmallNet(spec.channels)
-        self.net.load_state_dict(load_file(str(path)))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # a damaged cache file (disk full, copied half): train it again
+            print(f"[dit-bench] {path} is unreadable ({e}); retraining {name}", file=sys.stderr)
+            path.unlink()
+            path = ensure_small_net(name, progress=progress)
+            state = load_file(str(path))
+        self.net.load_state_dict(state)
         self.net.eval().requires_grad_(False).to(self.device)
         self.dim = SmallNet.feature_dim
         self.file = str(path)
@@ -356,7 +364,13 @@ class InceptionFeatureNet(FeatureNet):
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu"):
         file = find_inception(path)
         self.name, self.device = "inception", torch.device(device)
-        self.model = torch.jit.load(str(file), map_location=self.device).eval()
+        try:
+            self.model = torch.jit.load(str(file), map_location=self.device).eval()
+        except Exception as e:  # a partial download, another file of the same name
+            raise ValueError(
+                f"{file} is not clean-fid's TorchScript Inception ({type(e).__name__}); "
+                f"fetch {INCEPTION_URL} again"
+            ) from None
         self.dim = 2048
         self.file = str(file)
         self.sha256 = sha256_file(file)

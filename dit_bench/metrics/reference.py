@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +91,11 @@ def reference_stats(
         **(description or {}),
     }
     if cache and path.is_file():
-        with np.load(path) as z:
-            return RefStats(sid, z["features"], z["mu"], z["sigma"], meta | {"cached": True})
+        try:
+            with np.load(path) as z:
+                return RefStats(sid, z["features"], z["mu"], z["sigma"], meta | {"cached": True})
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            print(f"[dit-bench] {path} is unreadable; computing it again", file=sys.stderr)
     feats, _ = net.features(images, batch_size=batch_size)
     feats = feats.astype(np.float32)
     mu, sigma = gaussian_stats(feats)
