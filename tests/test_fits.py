@@ -3,6 +3,8 @@ unidentified fit is reported as such instead of as a number."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -94,6 +96,11 @@ def test_power_law_recovers_alpha_within_bootstrap_ci():
     )
     assert fit.ok and ok > 0.8
     assert ci["alpha"][0] <= 0.2 <= ci["alpha"][1]
+    two = pts[pts["run"].isin(["r0", "r1"])]  # every resample: the pair, or one run twice
+    ci, ok = fits.bootstrap(
+        two, lambda d: fits.fit_power_law(d["train_flops"], d["val_loss"]), n_boot=20
+    )
+    assert ci == {} and math.isnan(ok)  # no interval, rather than a zero-width one
 
 
 def test_badly_conditioned_fit_is_reported_not_printed():

@@ -389,6 +389,9 @@ def envelope(points: pd.DataFrame) -> pd.DataFrame:
     return points.loc[idx, ["budget", "train_flops", "val_loss", "run"]].reset_index(drop=True)
 
 
+MIN_BOOTSTRAP_RUNS = 3
+
+
 @_one_thread
 def bootstrap(
     points: pd.DataFrame,
@@ -401,6 +404,10 @@ def bootstrap(
     Returns (ci, fraction of refits that were ok); only ok refits enter the CIs."""
     rng = np.random.default_rng(seed)
     runs = points["run"].unique()
+    if len(runs) < MIN_BOOTSTRAP_RUNS:
+        # two runs resample to the pair itself or one run twice (no fit): the interval would
+        # collapse onto the estimate and look certain. No interval instead.
+        return {}, math.nan
     groups = {r: g for r, g in points.groupby("run")}
     samples: dict[str, list[float]] = {}
     ok = 0

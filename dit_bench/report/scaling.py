@@ -531,7 +531,11 @@ def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
         check = (
             (
                 f"cond {f.cond:.2g}, {f.starts_at_best}/{f.starts} starts at best, "
-                f"{_num(100 * f.boot_ok, '.0f')}% bootstrap refits ok"
+                + (
+                    f"{_num(100 * f.boot_ok, '.0f')}% bootstrap refits ok"
+                    if math.isfinite(f.boot_ok)
+                    else f"no bootstrap (fewer than {fits.MIN_BOOTSTRAP_RUNS} runs)"
+                )
             )
             if f.params
             else f.detail
