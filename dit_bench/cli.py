@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -356,7 +357,7 @@ def _at_least(kind: type, low: float, what: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < low:
+        if value is None or not math.isfinite(value) or value < low:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -446,7 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
         "/tmp/inception-2015-12-05.pt, $DIT_BENCH_CACHE/inception-2015-12-05.pt)",
     )
     sp.add_argument(
-        "--batch-size", type=positive, default=250, help="sampling batch (does not change results)"
+        "--batch-size",
+        type=positive,
+        default=250,
+        help="sampling batch (changes results by float rounding only)",
     )
     sp.add_argument(
         "--seed",
