@@ -487,7 +487,7 @@ def train(
     if trainer.global_step % t.checkpoint_every:
         # the final weights, which the summary and the last grid describe (sample and eval
         # read last.ckpt); every rank calls it, as Lightning's distributed saves need
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # a full one, as the callback writes
     if trainer.is_global_zero:
         write_summary(run, cfg, module)
     return run
