@@ -398,6 +398,8 @@ class ExperimentConfig(_Strict):
         for section, key, default in LATER_KEYS:
             if d[section][key] == default:
                 d[section].pop(key)
+        for section, key, default in HASHED_AS_DEFAULT:
+            d[section][key] = default
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -413,6 +415,10 @@ EXECUTION_KEYS = (
     ("optim", "fused"),
     ("data", "num_workers"),
 )
+# Execution keys found to be hashed after runs were made: hashed as their default, so a run
+# with the default keeps its directory, and one with another value shares it (`accelerator=cpu`
+# and `auto` on a CPU machine train the same numbers; a DDP run resumes on one device).
+HASHED_AS_DEFAULT = (("train", "accelerator", "auto"),)
 # Keys that change the numbers, added after runs were made without them: hashed only when set
 # away from their default, so those runs keep their directories (and resume).
 LATER_KEYS = (("train", "bf16_stream", False),)

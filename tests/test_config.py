@@ -103,6 +103,8 @@ def test_hash_is_stable_and_content_based():
     assert a.hash == b.hash
     assert build_config(None, ["seed=1"]).hash != a.hash
     assert ExperimentConfig.model_validate(a.to_dict()).hash == a.hash
+    # where it runs is not what it computes: a CPU DDP run resumes on one device (auto)
+    assert load_config(None, ["train.accelerator=cpu"]).hash == a.hash
 
 
 def test_config_is_frozen():
