@@ -385,6 +385,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not (self.eager or self.compile):
             raise ValueError("--compiled-only needs --compile: nothing would be timed")
+        if self.against == "diffusers":  # before any timing: a later refusal loses the rest
+            others = [n for n in self.backbones if resolve_preset(n)["family"] != "dit"]
+            if others:
+                raise ValueError(f"--against diffusers needs DiT presets (dit-*), got {others}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

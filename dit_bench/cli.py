@@ -273,6 +273,10 @@ def cmd_sweep(args) -> int:
         progress=not args.no_progress,
     )
     print(summarize(study))
+    left = [t.number for t in study.get_trials(deepcopy=False) if not t.state.is_finished()]
+    if left:
+        print(f"dit-bench: trials {left} did not finish; run the same command again to finish them")
+        return 1
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
     print(f"report:  dit-bench report scaling {root} -o reports/{sweep.experiment}")

@@ -383,6 +383,8 @@ def test_gpu_check_sampling_keeps_eager_rows_when_compiled_sampling_is_cut_off(
 def test_bench_settings_that_would_time_nothing_or_crash_are_refused():
     with pytest.raises(ValueError, match="--compiled-only needs --compile"):
         bench.BenchConfig(eager=False)
+    with pytest.raises(ValueError, match=r"needs DiT presets \(dit-\*\), got \['unet-xs'\]"):
+        bench.BenchConfig(backbones=("dit-xs/4", "unet-xs"), against="diffusers")
     with pytest.raises(ValueError, match="--device 'tpu': expected auto, cpu, cuda or cuda:N"):
         bench.BenchConfig(device="tpu").resolved_device()
     if not torch.cuda.is_available():

@@ -117,6 +117,26 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     with pytest.raises(DataError, match="different source or settings"):
         encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
 
+    # a shard deleted or damaged since is encoded again, to the same bytes
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "shard-00000.safetensors").unlink()
+    damaged = out / "shard-00002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"12345678")
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=4, progress=False)
+    again = json.loads((out / "manifest.json").read_text())
+    by_file = lambda m: {s["file"]: s["sha256"] for s in m["shards"]}  # noqa: E731
+    assert by_file(again) == by_file(manifest)
+    # another VAE (same config, other weights: SD's ft-EMA vs ft-MSE) does not continue it
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        other.decoder.conv_out.weight.mul_(2)
+    other.save_pretrained(tmp_path / "other-vae")
+    with pytest.raises(DataError, match="written with another VAE"):
+        encode_latents(tmp_path / "other-vae", folder_cfg(image_folder), out, shard_size=4,
+                       progress=False)  # fmt: skip
+
 
 def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
     from dit_bench.config import build_config

@@ -73,6 +73,16 @@ def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
+def vae_fingerprint(vae) -> str:
+    """sha256 of the VAE's weights (names, shapes, values): tells two VAEs with one config apart
+    (SD's ft-EMA and ft-MSE decoders share it, and their scaling factor)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def vae_scaling_factor(vae) -> float:
     return float(getattr(vae.config, "scaling_factor", 0.18215))
 
@@ -116,7 +126,11 @@ def encode_latents(
         "num_items": 2 * n if flip else n,
         "class_names": list(info.class_names),
         "scaling_factor": scale,
-        "vae": {"path": str(Path(vae_dir).resolve()), "config": dict(vae.config)},
+        "vae": {
+            "path": str(Path(vae_dir).resolve()),
+            "config": dict(vae.config),
+            "sha256": vae_fingerprint(vae),
+        },
         "shard_size": shard_size,
     }
     manifest_path = out / MANIFEST
@@ -129,6 +143,22 @@ def encode_latents(
                 f"{manifest_path} was written for a different source or settings; "
                 "use another --out folder"
             )
+        written_by = manifest["vae"].get("sha256")  # manifests before this check lack it
+        if written_by not in (None, header["vae"]["sha256"]):
+            raise DataError(
+                f"{manifest_path} was written with another VAE ({manifest['vae']['path']}); "
+                "its shards and these would not be one data set: use another --out folder"
+            )
+        # a shard deleted or damaged since (a full disk, a bad copy) is encoded again
+        kept = [
+            s
+            for s in manifest["shards"]
+            if (out / s["file"]).is_file() and _sha256(out / s["file"]) == s["sha256"]
+        ]
+        for s in manifest["shards"]:
+            if s not in kept and progress:
+                print(f"[encode-latents] {s['file']}: missing or damaged; encoding it again")
+        manifest["shards"] = kept
     else:
         manifest = {**header, "shards": []}
     done = {s["file"] for s in manifest["shards"]}

@@ -192,13 +192,16 @@ def _reference_images(cfg):
     if cfg.data.name != "latents":
         return xv, yv, train, None, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
-    from dit_bench.data.latents import decode_latents, load_vae, read_manifest
+    from dit_bench.data.latents import decode_latents, load_vae, read_manifest, vae_fingerprint
 
     if not cfg.data.vae:
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
     vae = load_vae(cfg.data.vae)
     scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
-    latent_hash = hashlib.sha256(xv.float().contiguous().numpy().tobytes()).hexdigest()
+    # the features are of the decoded images: the decoder is part of the reference's content
+    content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
+    content.update(vae_fingerprint(vae).encode())
+    latent_hash = content.hexdigest()
 
     def decode(z: Tensor) -> Tensor:
         return torch.cat([decode_latents(vae, z[i : i + 32], scale) for i in range(0, len(z), 32)])
