@@ -282,11 +282,16 @@ def evaluate_run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
     trained_on = {net: data for data, net in DEFAULT_FEATURES.items()}.get(features)
-    if trained_on not in (None, cfg.data.name):
+    images_of = cfg.data.name  # latents: the images they were encoded from
+    if images_of == "latents":
+        from dit_bench.data.latents import read_manifest
+
+        images_of = read_manifest(cfg.data.root)["source"]["name"]
+    if trained_on not in (None, images_of):
         print(
             f"[dit-bench] warning: {features} was trained on {trained_on}, this run's data is "
-            f"{cfg.data.name}: its distances also measure that domain gap (compare them only "
-            f"with runs scored by {features} on {cfg.data.name})",
+            f"{images_of}: its distances also measure that domain gap (compare them only "
+            f"with runs scored by {features} on {images_of})",
             file=sys.stderr,
         )
     net = load_feature_net(
