@@ -13,6 +13,17 @@ from dit_bench.data import DataError, data_info, load_datasets
 from dit_bench.data.latents import LatentShards, decode_latents, encode_latents, load_vae
 
 
+def other_vae(vae_dir, path):
+    """`vae_dir`'s VAE with other decoder weights, saved at `path` (same config)."""
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        other.decoder.conv_out.weight.mul_(2)
+    other.save_pretrained(path)
+    return path
+
+
 def folder_cfg(root):
     return SimpleNamespace(
         name="folder",
@@ -127,12 +138,7 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     by_file = lambda m: {s["file"]: s["sha256"] for s in m["shards"]}  # noqa: E731
     assert by_file(again) == by_file(manifest)
     # another VAE (same config, other weights: SD's ft-EMA vs ft-MSE) does not continue it
-    from diffusers import AutoencoderKL
-
-    other = AutoencoderKL.from_pretrained(vae_dir)
-    with torch.no_grad():
-        other.decoder.conv_out.weight.mul_(2)
-    other.save_pretrained(tmp_path / "other-vae")
+    other_vae(vae_dir, tmp_path / "other-vae")
     with pytest.raises(DataError, match="written with another VAE"):
         encode_latents(tmp_path / "other-vae", folder_cfg(image_folder), out, shard_size=4,
                        progress=False)  # fmt: skip
@@ -165,3 +171,19 @@ def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
     grid = Image.open(run / "samples" / "step-0000003.png")
     assert grid.mode == "RGB" and grid.size[0] > 2 * 32  # decoded 32x32 images, 2 per row
     assert json.loads((run / "summary.json").read_text())["val_loss"] > 0
+
+
+def test_latent_reference_statistics_are_keyed_by_the_decoder(vae_dir, image_folder, tmp_path):
+    # eval scores decoded images: statistics cached for one VAE must not serve another
+    from dit_bench.config import build_config
+    from dit_bench.metrics.evaluate import _reference_images
+
+    encode_latents(vae_dir, folder_cfg(image_folder), tmp_path / "lat", progress=False)
+    sets = ["data.name=latents", f"data.root={tmp_path / 'lat'}", "data.val_fraction=0.2"]
+    sets += ["backbone.name=dit-xs/2"]
+
+    def key(vae):
+        return _reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[3]
+
+    assert key(vae_dir) == key(vae_dir)
+    assert key(vae_dir) != key(other_vae(vae_dir, tmp_path / "other-vae"))
