@@ -896,6 +896,7 @@ class Worker:
                         "trial": trial.number,
                         "trial_params": plan.params,
                         "state": state.name,
+                        "attempt": trial.user_attrs.get("attempt", 1),
                         **record,
                     },
                 )

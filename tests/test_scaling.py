@@ -87,3 +87,12 @@ def test_report_modules_do_not_import_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_overhead_leaves_out_retried_trials():
+    # a retried trial resumes its run midway: its clock covers the rest only (0.5 s of 10)
+    times = {"time_wall_s": [10.0, 12.0, 0.5], "time_train_steps_s": [8.0, 9.0, 0.1]}
+    times |= {"time_overhead_s": [2.0, 3.0, 0.4], "time_overhead_excl_val_s": [1.0, 2.0, 0.3]}
+    times |= {"time_budget_val_s": [1.0, 1.0, 0.1], "attempt": [1, 1, 2]}
+    o = scaling.overhead_summary(pd.DataFrame(times))
+    assert o["trials"] == 2 and o["wall_median_s"] == 11.0 and o["overhead_median_s"] == 2.5

@@ -553,6 +553,8 @@ def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
 
 def overhead_summary(runs: pd.DataFrame) -> dict:
     t = runs.dropna(subset=["time_wall_s"]) if "time_wall_s" in runs else runs.iloc[0:0]
+    if "attempt" in t:  # a retried trial resumed its run midway: its times cover the rest only
+        t = t[t["attempt"].fillna(1) <= 1]
     if t.empty:
         return {}
     out = {
