@@ -256,13 +256,14 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from dit_bench.sweep import default_storage, load_sweep, redact, run_sweep, summarize
+    from dit_bench.sweep import default_storage, load_sweep, run_sweep, storage_status, summarize
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
     if args.dry_run:
         sweep.validate(dry_run=True)
         print(sweep.describe())
-        print(f"storage: {redact(args.storage or default_storage(sweep, args.out))}")
+        url = args.storage or default_storage(sweep, args.out, make_folder=False)
+        print(storage_status(sweep, url, default=args.storage is None))
         return 0
     study = run_sweep(
         sweep,

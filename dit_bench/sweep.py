@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,10 +456,11 @@ def load_sweep(
 
 
 # -- storage and claims -------------------------------------------------------------------------
-def default_storage(sweep: Sweep, out: str | Path) -> str:
+def default_storage(sweep: Sweep, out: str | Path, *, make_folder: bool = True) -> str:
     """`sqlite:///<out>/<name>-<profile>/study.db`: the study file next to the sweep's runs."""
     folder = Path(out).resolve() / sweep.experiment
-    folder.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'study.db'}"
 
 
@@ -500,6 +502,28 @@ def make_storage(url: str, heartbeat: Heartbeat):
                     f"storage {redact(url)}: {type(e).__name__}: {str(e).splitlines()[0]}"
                 ) from e
             time.sleep(0.5 + 0.5 * attempt)
+
+
+def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
+    """A dry run's line on the storage. It connects, so a bad URL, driver or password fails
+    here rather than in every worker, and it counts the study's trials so far. It makes no
+    file: a SQLite study that is not there yet is only named. `default`: the run makes the
+    default study file's folder itself."""
+    if url.startswith("sqlite"):
+        path = Path(url.split(":///", 1)[-1])
+        if not path.exists() and (default or path.parent.is_dir()):
+            return f"storage: {url} (no study yet; the first run makes it)"
+    storage = make_storage(url, sweep.spec.heartbeat)
+    try:
+        study_id = storage.get_study_id_from_name(sweep.study_name)
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+    except KeyError:
+        return f"storage: {redact(url)} (connected; no study {sweep.study_name} yet)"
+    finally:
+        storage.engine.dispose()
+    states = Counter(t.state.name.lower() for t in trials)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
+    return f"storage: {redact(url)} (study {sweep.study_name}: {counts})"
 
 
 class Claims:

@@ -241,6 +241,28 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
+def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
+    from dit_bench.cli import main
+
+    path, out = write_tiny(tmp_path / "tiny.yaml"), tmp_path / "runs"
+    assert main(["sweep", str(path), "--dry-run", "--out", str(out)]) == 0
+    assert "no study yet; the first run makes it" in capsys.readouterr().out
+    assert not out.exists()  # the default study file's folder is made by the run, not here
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study, _ = open_study(load_sweep(path), url)
+    study.tell(study.ask(), 1.0)
+    study.ask()  # a trial some worker is running
+    assert main(["sweep", str(path), "--dry-run", "--storage", url]) == 0
+    assert "(study tiny-cpu: 1 complete, 1 running)" in capsys.readouterr().out
+
+    # A URL no run could use fails in the dry run, with a message instead of a traceback.
+    for bad in ("nosuchdb://x/y", f"sqlite:///{tmp_path / 'missing' / 'study.db'}"):
+        assert main(["sweep", str(path), "--dry-run", "--storage", bad]) == 2
+        assert f"storage {bad}" in capsys.readouterr().err
+
+
 def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
     space = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
     path = write_tiny(tmp_path / "t.yaml", space=space, sampler="tpe", n_trials=3,
