@@ -151,3 +151,4 @@ def test_report_without_a_plan_refuses_to_pool_two_configs(tmp_path):
         ValueError, match=r"several runs of one variant and seed \[\('adaln', 0\)\]"
     ):
         build_report(source, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # a refused report leaves no empty folder behind

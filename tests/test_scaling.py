@@ -96,3 +96,10 @@ def test_overhead_leaves_out_retried_trials():
     times |= {"time_budget_val_s": [1.0, 1.0, 0.1], "attempt": [1, 1, 2]}
     o = scaling.overhead_summary(pd.DataFrame(times))
     assert o["trials"] == 2 and o["wall_median_s"] == 11.0 and o["overhead_median_s"] == 2.5
+
+
+def test_a_refused_report_writes_nothing(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no sweep trials"):
+        scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    assert not (tmp_path / "report").exists()

@@ -701,12 +701,12 @@ def write_report(source, runs, points, result, figs, out: Path) -> str:
 
 
 def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs, points, curves = tables(load_records(source))
     if points.empty:
         raise ValueError(f"{source}: no val loss at any budget yet")
     result = fit_all(points, n_boot=n_boot)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused report leaves no empty folder
     save_table(runs, out / "runs")
     save_table(points, out / "points")
     save_table(curves, out / "curves")
