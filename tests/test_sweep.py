@@ -232,6 +232,40 @@ def test_killed_worker_trial_fails_and_reruns_on_resume(tmp_path):
     assert len(list(exp.glob("*/config.yaml"))) == 4
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The sweep's spawned worker processes (children running multiprocessing's spawn)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        if ppid == parent and b"spawn_main" in cmd:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow  # two workers, a kill, a grace period: ~30-90 s
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_dead_worker_is_a_message_and_the_other_finishes_its_trial(tmp_path):
+    path = write_tiny(tmp_path / "tiny.yaml", budgets=[2.0e6, 2.0e8])
+    out = tmp_path / "runs"
+    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", "--no-progress")
+    deadline = time.time() + 180
+    while not list((out / "tiny-cpu").glob("*/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)  # mid-trial: its trial goes stale, the other re-runs it
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log  # every trial finished: the sweep did its work
+    assert "[sweep] 1 of 2 workers died (exit codes [-9]); the others took over" in log, log
+    assert "Traceback" not in log, log
+    check_study(f"sqlite:///{(out / 'tiny-cpu' / 'study.db').resolve()}", "tiny-cpu", 4)
+
+
 def test_dry_run_lists_the_space(tmp_path, capsys):
     from dit_bench.cli import main
 

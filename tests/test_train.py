@@ -240,3 +240,27 @@ def test_last_checkpoint_holds_the_final_weights(tmp_path):
     every_2 = train(tiny("train.steps=10", "train.checkpoint_every=2"), tmp_path, progress=False)
     a, b = ckpt["state_dict"], final_state(every_2)  # saved at step 10 by the schedule
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverged_run_ends_with_a_message(tmp_path, capsys):
+    from dit_bench.cli import main
+
+    sets = [a for kv in TINY + ["optim.lr=1e30"] for a in ("--set", kv)]
+    assert main(["train", "--out", str(tmp_path), "--no-progress", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "dit-bench: non-finite training loss before step 2; lower optim.lr (grad_clip 1.0)" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*/summary.json"))  # no results for a run that failed
+
+
+def test_a_multi_node_run_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    class Stop(Exception):
+        pass
+
+    def fit(*args, **kwargs):  # the real fit waits for the other node's processes
+        raise Stop
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    with pytest.raises(Stop):
+        train(tiny("train.num_nodes=2"), tmp_path, progress=False)
+    assert "waiting for 2 nodes x 1 processes (launched by torchrun" in capsys.readouterr().err

@@ -161,9 +161,10 @@ class DiffusionModule(L.LightningModule):
         # Equal rows per rank, so the mean over ranks is the global-batch mean.
         mean = self.trainer.strategy.reduce(local.to(self.device), reduce_op="mean").item()
         if not math.isfinite(mean):
+            clip = self.cfg.optim.grad_clip
             raise FloatingPointError(
-                f"non-finite training loss before step {self.global_step}; "
-                "lower optim.lr or enable optim.grad_clip"
+                f"non-finite training loss before step {self.global_step}; lower optim.lr"
+                + (" or set optim.grad_clip (it is off)" if clip is None else f" (grad_clip {clip})")
             )
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
         return mean
