@@ -248,7 +248,9 @@ def test_a_diverged_run_ends_with_a_message(tmp_path, capsys):
     sets = [a for kv in TINY + ["optim.lr=1e30"] for a in ("--set", kv)]
     assert main(["train", "--out", str(tmp_path), "--no-progress", *sets]) == 2
     err = capsys.readouterr().err
-    assert "dit-bench: non-finite training loss before step 2; lower optim.lr (grad_clip 1.0)" in err
+    assert (
+        "dit-bench: non-finite training loss before step 2; lower optim.lr (grad_clip 1.0)" in err
+    )
     assert "Traceback" not in err
     assert not list(tmp_path.glob("*/summary.json"))  # no results for a run that failed
 

@@ -164,7 +164,11 @@ class DiffusionModule(L.LightningModule):
             clip = self.cfg.optim.grad_clip
             raise FloatingPointError(
                 f"non-finite training loss before step {self.global_step}; lower optim.lr"
-                + (" or set optim.grad_clip (it is off)" if clip is None else f" (grad_clip {clip})")
+                + (
+                    " or set optim.grad_clip (it is off)"
+                    if clip is None
+                    else f" (grad_clip {clip})"
+                )
             )
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
         return mean
