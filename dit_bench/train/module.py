@@ -162,13 +162,9 @@ class DiffusionModule(L.LightningModule):
         mean = self.trainer.strategy.reduce(local.to(self.device), reduce_op="mean").item()
         if not math.isfinite(mean):
             clip = self.cfg.optim.grad_clip
+            hint = " or set optim.grad_clip (it is off)" if clip is None else f" (grad_clip {clip})"
             raise FloatingPointError(
-                f"non-finite training loss before step {self.global_step}; lower optim.lr"
-                + (
-                    " or set optim.grad_clip (it is off)"
-                    if clip is None
-                    else f" (grad_clip {clip})"
-                )
+                f"non-finite training loss before step {self.global_step}; lower optim.lr{hint}"
             )
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
         return mean
