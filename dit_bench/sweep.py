@@ -56,6 +56,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -847,7 +848,16 @@ class Worker:
         t0 = time.perf_counter()
         state, value = optuna.trial.TrialState.FAIL, None
         with _Heartbeat(self.storage, trial._trial_id, self.sweep.spec.heartbeat.interval):
-            plan = self.sweep.plan(suggest(trial, self.sweep))
+            try:
+                plan = self.sweep.plan(suggest(trial, self.sweep))
+            except ConfigError as e:
+                # A point inside a range that no model has (validate checks only the corners):
+                # the trial fails with its error, so it is not retried, and the worker goes on.
+                error = f"ConfigError: {e}"
+                trial.set_user_attr("error", error)
+                self.study.tell(trial, state=state)
+                self.log(f"[sweep {self.name}] trial {trial.number} fail: {error}")
+                return
             threads = plan.cfg.train.threads
             if threads is None and not _has_cuda():
                 workers = int(os.environ.get("DIT_BENCH_SWEEP_WORKERS", "1"))
@@ -886,6 +896,7 @@ class Worker:
                 raise
             except Exception as e:  # the trial fails; the sweep goes on
                 error = f"{type(e).__name__}: {e}"
+                self.log(traceback.format_exc().rstrip())  # the where, for the one who debugs
             run = find_run_dir(self.out, plan.cfg)
             record = trial_record(plan, read_curve(run, plan) if run else [])
             for i, v in enumerate(record["val_at_budget"]):

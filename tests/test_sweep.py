@@ -275,6 +275,26 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
 
 
+def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    # validate() checks a range's corners (16 and 20 build); 17..19 break the head split or
+    # the sin-cos table. Such a trial fails with its error, is not retried, and the worker
+    # (here the only one) runs the remaining trials.
+    base = json.loads(json.dumps(TINY["base"]))
+    base["backbone"].update(depth=1, num_heads=2)
+    space = {"backbone.hidden_size": {"low": 16, "high": 20, "type": "int"}}
+    path = write_tiny(
+        tmp_path / "t.yaml", base=base, space=space, sampler="random", n_trials=4, seed=1
+    )  # seed 1 draws 18, 19, 16, 17
+    study = run_sweep(load_sweep(path), tmp_path / "runs", workers=1, progress=False)
+    sizes = {t.params["backbone.hidden_size"]: t for t in study.trials}
+    assert len(study.trials) == 4 and {16, 20} & set(sizes) and set(sizes) - {16, 20}
+    for size, t in sizes.items():
+        ok = size in (16, 20)
+        assert t.state == (optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL)
+        assert ok or t.user_attrs["error"].startswith("ConfigError: trial {'backbone.hidden_size'")
+    assert not any("retry_of" in t.user_attrs for t in study.trials)
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
 def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
     from dit_bench.cli import main
