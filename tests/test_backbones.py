@@ -7,8 +7,11 @@ H/2 133 Gflops), DiT Fig. 5 (XL/2 cross-attention 137.6, in-context 119.4, adaLN
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from dit_bench.backbones import (
     PRESETS,
     Cond,
     build_backbone,
+    geometry_errors,
     resolve_preset,
 )
 from dit_bench.bench import compile_backbone
@@ -38,6 +42,8 @@ TINY = {
 CASES = [(f, c, {}) for f in BACKBONES for c in CONDITIONINGS[f]]
 CASES.append(("mmdit", "joint_attn", {"qk_norm": True}))
 IDS = [f"{f}-{c}" + ("-qk" if kw else "") for f, c, kw in CASES]
+# Families that read Cond.context and Cond.pooled; every other family must refuse them.
+READS_TEXT = {"mmdit"}
 # Families whose design zero-initialises the output layer (DiT for every scheme, as its code).
 ZERO_AT_INIT = {"dit", "mmdit", "unet"}
 SIZE, C, N_CLASSES = 8, 3, 5
@@ -197,6 +203,24 @@ def test_null_label_and_unconditional(case):
     assert not torch.allclose(real, out_null)
 
 
+@pytest.mark.parametrize("field", ["context", "pooled"])
+def test_context_and_pooled_are_read_or_refused(case, field):
+    # A label-only backbone handed text tokens must say so, not train a label-only model.
+    family = case[0]
+    net = tiny(*case)
+    randomise(net)
+    x, t, cond = inputs()
+    d = TINY[family]["hidden_size"]
+    text = torch.randn(3, 5, d) if field == "context" else torch.randn(3, d)
+    given = dataclasses.replace(cond, **{field: text})
+    if family in READS_TEXT:
+        assert not torch.allclose(net(x, t, given), net(x, t, cond))
+    else:
+        name = {"dit": "DiT", "unet": "U-Net", "uvit": "U-ViT"}[family]
+        with pytest.raises(ValueError, match=rf"^{name}\b.*cond\.{field}.*MMDiT"):
+            net(x, t, given)
+
+
 def test_analytic_macs_equal_flop_counter(case):
     # FlopCounterMode counts 2 x MACs of matmuls, convolutions and SDPA. torch 2.14's fused CPU
     # SDPA kernel has no counting rule, so force the math backend (two counted bmm's).
@@ -348,6 +372,49 @@ def test_geometry_errors_name_the_key():
         build_backbone("mmdit-d2/2", image_size=8, num_heads=3, **kw)
     with pytest.raises(ValueError, match="allowed: \\['adagn'\\]"):
         build_backbone("unet-xs", image_size=8, conditioning="adaln_zero", **kw)
+
+
+def test_uvit_width_needs_no_sincos_multiple_of_4():
+    # U-ViT learns its positions, so only num_heads | hidden_size applies to its width; DiT and
+    # MMDiT keep 4 | hidden_size for their fixed 2-D sin-cos table.
+    kw = dict(image_size=SIZE, in_channels=C, num_classes=N_CLASSES)
+    net = build_backbone("uvit-xs/2", depth=3, hidden_size=30, num_heads=3, **kw)
+    out = net(*inputs())
+    assert out.shape == (3, C, SIZE, SIZE) and torch.isfinite(out).all()
+    assert geometry_errors(resolve_preset("uvit-xs/2", hidden_size=30, num_heads=3), 8) == []
+    for name in ("dit-xs/2", "mmdit-d2/2"):
+        with pytest.raises(ValueError, match=r"hidden_size=30 must be a multiple of 4"):
+            build_backbone(name, hidden_size=30, num_heads=3, **kw)
+
+
+def test_unet_geometry_errors_name_the_size_and_preset_keys():
+    spec = resolve_preset("unet-xs")  # channel_mult (1, 2, 2): halves the size twice
+    (err,) = geometry_errors(spec, 10, prefix="backbone.")
+    assert err.startswith("data.image_size=10 is not divisible by 4: the U-Net preset ")
+    assert "(backbone.name) has channel_mult=(1, 2, 2)" in err
+    with pytest.raises(ValueError, match=r"^image_size=6 is not divisible by 4: .*\(name\)"):
+        build_backbone("unet-xs", image_size=6, in_channels=3, num_classes=10)
+    (err,) = geometry_errors(dict(spec, attention_ds=(3,)), 8, prefix="backbone.")
+    assert err == (
+        "attention_ds=3 of the U-Net preset (backbone.name) is not one of its downsampling "
+        "factors [1, 2, 4]"
+    )
+
+
+def test_families_import_shared_pieces_from_layers_not_from_each_other():
+    # A change to one family must not silently change another: the shared pieces live in
+    # layers.py, and no family module imports another family module.
+    families = set(BACKBONES)
+    root = Path(__file__).parents[1] / "dit_bench" / "backbones"
+    for family in families:
+        tree = ast.parse((root / f"{family}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                tail = node.module.rsplit(".", 1)[-1]
+                names = {a.name for a in node.names}
+                assert tail not in families, (family, node.module)
+                if node.module == "dit_bench.backbones":
+                    assert not names & families, (family, names)
 
 
 # ---------------------------------------------------------------------------------------------

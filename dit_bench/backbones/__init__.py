@@ -33,9 +33,12 @@ class Cond:
     """Conditioning passed to every backbone.
 
     labels: (B,) long; the value `num_classes` is the null class (classifier-free guidance).
-        None means unconditional: every sample gets the null class.
-    context: (B, L, D) text-style tokens (cross-attention / joint-attention backbones).
-    pooled: (B, D) pooled text-style vector.
+        None means unconditional: every sample gets the null class. Read by every family.
+    context: (B, L, D) text-style tokens. Only MMDiT reads them (joint attention; they replace
+        its label-derived context tokens). DiT (cross_attn included: it attends to [t, y]),
+        U-Net and U-ViT condition on the label alone and raise ValueError when given context.
+    pooled: (B, D) pooled text-style vector. Only MMDiT reads it (it replaces the label's
+        pooled vector); the other families raise ValueError, as for context.
     """
 
     labels: torch.Tensor | None = None

@@ -10,13 +10,16 @@ References
 - [IDDPM] A. Nichol, P. Dhariwal, ICML 2021: learned variance; with `learn_sigma` the output
   has 2*C channels, eps first, then the variance interpolation values v.
 
-Layout: blocks (one class per conditioning scheme) -> final layer -> model -> presets -> builder.
+Layout: blocks (one class per conditioning scheme) -> model -> geometry check -> presets. The
+final layer is `layers.FinalLayer` (shared with MMDiT); `build_backbone` in the package __init__
+builds a preset.
 The conditioning scheme is one string (`conditioning=`) that selects the block class from
 `BLOCKS`; each block class says how the conditioning enters (`condition`), how many extra tokens
 it adds and whether the final LayerNorm is adaptive. The four schemes of [DiT] Sec. 3.2, Fig. 3:
 - adaln_zero: scale/shift/gate regressed from t + y, the regression zero-initialised;
 - adaln:      scale/shift regressed from t + y, no gates, ordinary (xavier) init;
-- cross_attn: [t, y] as a length-2 sequence; a cross-attention layer after self-attention;
+- cross_attn: [t, y] as a length-2 sequence; a cross-attention layer after self-attention
+              (to those two tokens only: `Cond.context` is refused, not attended to);
 - in_context: t and y as two extra tokens of a plain ViT; removed before the final layer.
 
 Shapes: B batch, C channels, H = W image side, p patch, G = H / p, T = G * G tokens, D width.
@@ -31,15 +34,18 @@ from torch import nn
 
 from dit_bench.backbones.layers import (
     Attention,
+    FinalLayer,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
     attention,
     modulate,
+    refuse_unread_context,
     sincos_pos_embed_2d,
     split_heads,
     unpatchify,
+    vit_geometry_errors,
 )
 
 if TYPE_CHECKING:  # Cond lives in the package __init__, which imports this module
@@ -244,51 +250,6 @@ CONDITIONINGS: tuple[str, ...] = tuple(BLOCKS)
 
 
 # ---------------------------------------------------------------------------------------------
-# Final layer
-# ---------------------------------------------------------------------------------------------
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm then a linear map from each token to its p*p*C_out pixels [DiT Sec. 3.2].
-
-    "We apply the final layer norm (adaptive if using adaLN) and linearly decode each token":
-    with `adaptive` the norm has no affine parameters and is modulated by c (adaln_zero, adaln);
-    without it (cross_attn, in_context, whose blocks never see a conditioning vector) it is an
-    ordinary affine LayerNorm, the end of a standard ViT.
-    """
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
-        super().__init__()
-        self.adaptive = adaptive
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        if adaptive:
-            self.adaLN_modulation = nn.Sequential(
-                nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)
-            )
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm_final(x)  # (B, T, D)
-        if self.adaptive:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
-            x = modulate(x, shift, scale)  # (B, T, D)
-        return self.linear(x)  # (B, T, p*p*C_out)
-
-    def zero_init(self, modulation: bool = True) -> None:
-        # Zero output layer, for every scheme as DiT's `initialize_weights`: the network
-        # predicts exactly 0 at init. The final modulation is zeroed only for adaLN-Zero.
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        if self.adaptive and modulation:
-            nn.init.zeros_(self.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.adaLN_modulation[-1].bias)
-
-    def macs(self, tokens: int) -> int:
-        d = self.linear.in_features
-        return tokens * d * self.linear.out_features + (2 * d * d if self.adaptive else 0)
-
-
-# ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 
@@ -373,6 +334,7 @@ class DiT(nn.Module):
         return self.x_embedder.num_patches + self.block_class.extra_tokens
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        refuse_unread_context(cond, f"DiT ({self.conditioning})", "the timestep and cond.labels")
         b = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(timesteps)  # (B, D)
@@ -435,27 +397,9 @@ def _check_dit_args(
 
 
 def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
-    """Why the resolved preset `spec` cannot run on image_size x image_size inputs (empty: it can).
-
-    `prefix` goes before each key ("backbone." in config errors), so the message names the key.
-    Shared by the ViT-like families (DiT, MMDiT, U-ViT).
-    """
-    errors = []
-    p, width, heads = spec["patch_size"], spec["hidden_size"], spec["num_heads"]
-    if image_size % p:
-        allowed = [q for q in range(1, image_size + 1) if image_size % q == 0]
-        errors.append(
-            f"{prefix}patch_size={p} must divide the image size {image_size}; "
-            f"allowed patch sizes: {allowed}"
-        )
-    if width % heads:
-        allowed = [h for h in range(1, width + 1) if width % h == 0]
-        errors.append(
-            f"{prefix}num_heads={heads} must divide {prefix}hidden_size={width}; allowed: {allowed}"
-        )
-    elif width % 4:
-        errors.append(f"{prefix}hidden_size={width} must be a multiple of 4 (2-D sin-cos table)")
-    return errors
+    """Why the resolved DiT preset `spec` cannot run on image_size x image_size inputs ([]: it
+    can): patches, heads and the fixed 2-D sin-cos table; each message names its key."""
+    return vit_geometry_errors(spec, image_size, prefix, sincos_table=True)
 
 
 # ---------------------------------------------------------------------------------------------

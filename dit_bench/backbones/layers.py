@@ -1,5 +1,9 @@
 """Shared backbone primitives: the few pieces every transformer backbone here reuses.
 
+Embedders, attention, MLP, the final layer, the patch-transformer geometry check and the check
+that refuses conditioning a backbone does not read. Families import from here, never from each
+other, so a change to one family cannot silently change another.
+
 References
 - [DiT] W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", ICCV 2023,
   arXiv:2212.09748; code: facebookresearch/DiT `models.py` (modulate, TimestepEmbedder,
@@ -24,10 +28,14 @@ and table lookups are not counted.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # Cond lives in the package __init__, which imports the families
+    from dit_bench.backbones import Cond
 
 # ---------------------------------------------------------------------------------------------
 # Functional helpers
@@ -351,3 +359,102 @@ class Mlp(nn.Module):
 
     def macs(self, tokens: int) -> int:
         return tokens * 2 * self.fc1.in_features * self.fc1.out_features
+
+
+# ---------------------------------------------------------------------------------------------
+# Output layer
+# ---------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm then a linear map from each token to its p*p*C_out pixels [DiT Sec. 3.2].
+
+    "We apply the final layer norm (adaptive if using adaLN) and linearly decode each token":
+    with `adaptive` the norm has no affine parameters and is modulated by c (DiT's adaln_zero and
+    adaln, MMDiT); without it (DiT's cross_attn and in_context, whose blocks never see a
+    conditioning vector) it is an ordinary affine LayerNorm, the end of a standard ViT.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
+        super().__init__()
+        self.adaptive = adaptive
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)
+            )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm_final(x)  # (B, T, D)
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+            x = modulate(x, shift, scale)  # (B, T, D)
+        return self.linear(x)  # (B, T, p*p*C_out)
+
+    def zero_init(self, modulation: bool = True) -> None:
+        # Zero output layer, for every scheme as DiT's `initialize_weights`: the network
+        # predicts exactly 0 at init. The final modulation is zeroed only for adaLN-Zero.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if self.adaptive and modulation:
+            nn.init.zeros_(self.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def macs(self, tokens: int) -> int:
+        d = self.linear.in_features
+        return tokens * d * self.linear.out_features + (2 * d * d if self.adaptive else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the families
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_geometry_errors(
+    spec: dict, image_size: int, prefix: str = "", *, sincos_table: bool = True
+) -> list[str]:
+    """Why a patch transformer `spec` cannot run on image_size x image_size inputs ([]: it can).
+
+    Checks patch_size | image_size and num_heads | hidden_size; with `sincos_table` (the fixed
+    2-D sin-cos positions of DiT and MMDiT) also 4 | hidden_size. U-ViT learns its positions
+    and passes sincos_table=False. `prefix` goes before each key ("backbone." in config
+    errors), so the message names the key.
+    """
+    errors = []
+    p, width, heads = spec["patch_size"], spec["hidden_size"], spec["num_heads"]
+    if image_size % p:
+        allowed = [q for q in range(1, image_size + 1) if image_size % q == 0]
+        errors.append(
+            f"{prefix}patch_size={p} must divide the image size {image_size}; "
+            f"allowed patch sizes: {allowed}"
+        )
+    if width % heads:
+        allowed = [h for h in range(1, width + 1) if width % h == 0]
+        errors.append(
+            f"{prefix}num_heads={heads} must divide {prefix}hidden_size={width}; allowed: {allowed}"
+        )
+    elif sincos_table and width % 4:
+        errors.append(f"{prefix}hidden_size={width} must be a multiple of 4 (2-D sin-cos table)")
+    return errors
+
+
+def refuse_unread_context(cond: Cond, backbone: str, reads: str) -> None:
+    """Raise ValueError if `cond` carries `context` or `pooled`, which `backbone` never reads.
+
+    Without this a caller passing text tokens to a label-only backbone would silently train a
+    label-only model. `reads` says what the backbone does condition on. Only `is None` tests:
+    no tensor is read, so there is no device sync and torch.compile traces no branch on data.
+    """
+    if cond.context is None and cond.pooled is None:
+        return
+    given = " and ".join(
+        name
+        for name, v in (("cond.context", cond.context), ("cond.pooled", cond.pooled))
+        if v is not None
+    )
+    raise ValueError(
+        f"{backbone} conditions on {reads} only and would ignore the {given} it was given; "
+        "text-style conditioning (context tokens, pooled vector) needs an MMDiT backbone "
+        "(joint_attn), or pass labels only"
+    )

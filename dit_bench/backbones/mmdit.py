@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dit_bench.backbones.dit import FinalLayer, geometry_errors
 from dit_bench.backbones.layers import (
+    FinalLayer,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
@@ -43,6 +43,7 @@ from dit_bench.backbones.layers import (
     sincos_pos_embed_2d,
     split_heads,
     unpatchify,
+    vit_geometry_errors,
 )
 
 if TYPE_CHECKING:
@@ -130,19 +131,20 @@ class MMDiTBlock(nn.Module):
             if not self.context_pre_only:
                 cq = self.context_q_norm(cq)
         keys = torch.cat([k, ck], dim=2)  # (B, Hd, T + S, d_head): image tokens first
-        values = torch.cat([v, cv], dim=2)
+        values = torch.cat([v, cv], dim=2)  # (B, Hd, T + S, d_head)
         queries = q if self.context_pre_only else torch.cat([q, cq], dim=2)
         o = attention(queries, keys, values)  # (B, Hd, T [+ S], d_head)
         o = o.transpose(1, 2).reshape(b, -1, d)  # (B, T [+ S], D)
 
         x = x + gate_msa.unsqueeze(1) * self.proj(o[:, :t])  # (B, T, D)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
         x = x + gate_mlp.unsqueeze(1) * h  # (B, T, D)
         if self.context_pre_only:
             return x, None
         _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
         ctx = ctx + c_gate_msa.unsqueeze(1) * self.context_proj(o[:, t:])  # (B, S, D)
-        h = self.context_mlp(modulate(self.context_norm2(ctx), c_shift_mlp, c_scale_mlp))
+        h = modulate(self.context_norm2(ctx), c_shift_mlp, c_scale_mlp)  # (B, S, D)
+        h = self.context_mlp(h)  # (B, S, D)
         return x, ctx + c_gate_mlp.unsqueeze(1) * h  # (B, T, D), (B, S, D)
 
     def zero_init(self) -> None:
@@ -266,6 +268,7 @@ class MMDiT(nn.Module):
         context = cond.context
         if context is None:  # (B, S, context_dim) from the label
             context = self.y_context(cond.labels, b).reshape(b, self.context_tokens, -1)
+        # pooled: (B, pooled_dim), the caller's vector, else the label's
         pooled = cond.pooled if cond.pooled is not None else self.y_pooled(cond.labels, b)
         y = self.t_embedder(timesteps) + self.pooled_embedder(pooled)  # (B, D)
         ctx = self.context_embedder(context)  # (B, S, D)
@@ -296,6 +299,12 @@ class MMDiT(nn.Module):
             + self.final_layer.macs(t)
         )
         return {"macs": batch * macs, "flops": 2 * batch * macs}
+
+
+def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
+    """Why the resolved MMDiT preset `spec` cannot run on image_size x image_size inputs ([]: it
+    can): patches, heads and the fixed 2-D sin-cos table; each message names its key."""
+    return vit_geometry_errors(spec, image_size, prefix, sincos_table=True)
 
 
 # ---------------------------------------------------------------------------------------------

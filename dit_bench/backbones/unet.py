@@ -17,6 +17,8 @@ residual blocks per level, `channel_mult` per level, attention at the downsampli
 `attention_ds` (ADM's attention_resolutions as image_size // resolution), `head_channels`.
 
 Shapes: B batch, C channels, N = H = W side at the current level, E = 4 * base time-embedding.
+Level l = 0 .. L-1 (L = len(channel_mult)) has C_l = channel_mult[l] * base channels at side
+N_l = H / 2^l; N' is a block's output side (2N after upsampling, N/2 after downsampling).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit_bench.backbones.layers import LabelEmbedder, attention, timestep_embedding
+from dit_bench.backbones.layers import (
+    LabelEmbedder,
+    attention,
+    refuse_unread_context,
+    timestep_embedding,
+)
 
 if TYPE_CHECKING:
     from dit_bench.backbones import Cond
@@ -86,9 +93,9 @@ class ResBlock(nn.Module):
         h = self.in_layers[:-1](x)  # GN, SiLU: (B, C, N, N)
         h = self.in_layers[-1](self._resample(h))  # (B, C_out, N', N')
         scale, shift = self.emb_layers(emb)[..., None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
-        h = self.out_layers[0](h) * (1 + scale) + shift  # AdaGN
+        h = self.out_layers[0](h) * (1 + scale) + shift  # AdaGN: (B, C_out, N', N')
         h = self.out_layers[1:](h)  # (B, C_out, N', N')
-        return self.skip_connection(self._resample(x)) + h
+        return self.skip_connection(self._resample(x)) + h  # (B, C_out, N', N')
 
     def zero_init(self) -> None:
         nn.init.zeros_(self.out_layers[-1].weight)  # ADM's zero_module
@@ -131,7 +138,7 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.transpose(2, 3).chunk(3, dim=-1)  # (B, Hd, T, ch) each
         a = attention(q, k, v)  # (B, Hd, T, ch)
         a = a.transpose(2, 3).reshape(b, c, t)  # (B, C, T)
-        return (h + self.proj_out(a)).reshape(b, c, *spatial)
+        return (h + self.proj_out(a)).reshape(b, c, *spatial)  # (B, C, N, N)
 
     def zero_init(self) -> None:
         nn.init.zeros_(self.proj_out.weight)
@@ -151,6 +158,8 @@ class EmbedSequential(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for layer in self:
+            # (B, C, N, N) -> (B, C', N', N'): the stem conv or a ResBlock may change C, a
+            # resampling ResBlock N
             x = layer(x, emb) if isinstance(layer, ResBlock | AttentionBlock) else layer(x)
         return x
 
@@ -269,16 +278,22 @@ class UNet(nn.Module):
         return self.image_size**2
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        refuse_unread_context(cond, "U-Net", "the timestep and cond.labels (scale-shift norm)")
         b = x.shape[0]
         freq = timestep_embedding(timesteps, self.base_channels)  # (B, base)
         emb = self.time_embed(freq.to(x.dtype)) + self.label_emb(cond.labels, b)  # (B, E)
+        # Encoder: the stem (B, base, H, W), then per level `depth` blocks and, except on the
+        # last level, a downsampling block; every output is kept for the decoder.
         skips, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb)  # (B, C_l, N_l, N_l); a level's down block ends at N_{l+1}
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb)  # (B, C_{L-1}, N_{L-1}, N_{L-1})
+        # Decoder, levels in reverse, depth + 1 blocks each: every block takes back the last
+        # kept encoder output, which always has the side h has.
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, N_l, N_l)
+            h = block(h, emb)  # (B, C_l, N_l, N_l); a level's last block upsamples to N_{l-1}
         return self.out(h)  # (B, C_out, H, W)
 
     def num_params(self, trainable_only: bool = False) -> int:
@@ -306,11 +321,15 @@ def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
     """Why the resolved U-Net preset cannot run on image_size x image_size inputs ([] if it can)."""
     errors = []
     mult, width = spec["channel_mult"], spec["hidden_size"]
+    # Config errors (prefix "backbone.") name the config's key for the size; direct builds the
+    # argument. channel_mult and attention_ds come with the preset, chosen by `name`.
+    size_key = "data.image_size" if prefix else "image_size"
     factor = 2 ** (len(mult) - 1)
     if image_size % factor:
         errors.append(
-            f"the image size {image_size} is not divisible by {factor}: this U-Net halves it "
-            f"{len(mult) - 1} times (channel_mult {tuple(mult)}); use a multiple of {factor}"
+            f"{size_key}={image_size} is not divisible by {factor}: the U-Net preset "
+            f"({prefix}name) has channel_mult={tuple(mult)} and halves the size {len(mult) - 1} "
+            f"times; use a multiple of {factor} or a preset with fewer levels"
         )
     if width % 32:
         errors.append(f"{prefix}hidden_size={width} must be a multiple of 32 (GroupNorm(32))")
@@ -318,7 +337,11 @@ def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
     for ds in spec["attention_ds"]:
         level = int(math.log2(ds)) if ds > 0 and ds & (ds - 1) == 0 else -1
         if not 0 <= level < len(mult):
-            errors.append(f"attention_ds {ds} is not a downsampling factor of this U-Net")
+            allowed = [2**i for i in range(len(mult))]
+            errors.append(
+                f"attention_ds={ds} of the U-Net preset ({prefix}name) is not one of its "
+                f"downsampling factors {allowed}"
+            )
         elif (mult[level] * width) % heads:
             errors.append(
                 f"{prefix}hidden_size={width} x {mult[level]} channels is not divisible by "

@@ -12,7 +12,7 @@ References
   2024: in-context conditioning (the U-ViT design) scales better than cross-attention.
 - [ViT] A. Dosovitskiy et al., ICLR 2021; [Transformer] Vaswani et al. 2017, Eq. (1).
 
-Shapes: B batch, T = (H / p)^2 patch tokens, E = 2 extra tokens (time, class), D width.
+Shapes: B batch, T = (H / p)^2 patch tokens, E = 2 extra tokens (class, time), D width.
 `depth` counts every block: (depth - 1) / 2 in-blocks, one mid block, (depth - 1) / 2 out-blocks.
 """
 
@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dit_bench.backbones.dit import geometry_errors as _vit_geometry_errors
 from dit_bench.backbones.layers import (
     LabelEmbedder,
     Mlp,
     PatchEmbed,
     attention,
+    refuse_unread_context,
     split_heads,
     timestep_embedding,
     unpatchify,
+    vit_geometry_errors,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class UViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, E + T, D)
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(self.norm1(x))  # (B, E + T, D)
         return x + self.mlp(self.norm2(x))  # (B, E + T, D)
 
     def macs(self, tokens: int) -> int:
@@ -88,7 +89,7 @@ class UViTBlock(nn.Module):
 class UViT(nn.Module):
     """U-ViT. forward(x (B, C, H, W), timesteps (B,) 0..1000, cond: Cond) -> (B, C_out, H, W).
 
-    Tokens [time, class, patches] + a learned position embedding; in-blocks keep their outputs,
+    Tokens [class, time, patches] + a learned position embedding; in-blocks keep their outputs,
     out-blocks take them back in reverse order through the long skips; the two extra tokens are
     dropped, the rest decoded linearly to patches, unpatchified, then (with `conv`) a 3x3 conv.
     """
@@ -124,7 +125,7 @@ class UViT(nn.Module):
         self.learn_sigma = learn_sigma
         self.conditioning = conditioning
         self.patch_size = patch_size
-        self.extras = 2  # time token, class token
+        self.extras = 2  # class token, time token
         d = hidden_size
 
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, d)
@@ -166,23 +167,24 @@ class UViT(nn.Module):
         return self.extras + self.patch_embed.num_patches
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        refuse_unread_context(cond, "U-ViT", "the timestep and cond.labels (as tokens)")
         b = x.shape[0]
         h = self.patch_embed(x)  # (B, T, D)
         d = h.shape[-1]
         time_token = timestep_embedding(timesteps, d).to(h.dtype)[:, None]  # (B, 1, D)
         label_token = self.label_emb(cond.labels, b)[:, None]  # (B, 1, D)
         # U-ViT's order: [label, time, patches]; one learned position per token.
-        h = torch.cat([label_token, time_token, h], dim=1) + self.pos_embed  # (B, 2 + T, D)
+        h = torch.cat([label_token, time_token, h], dim=1) + self.pos_embed  # (B, E + T, D)
         skips = []
         for block in self.in_blocks:
-            h = block(h)
+            h = block(h)  # (B, E + T, D)
             skips.append(h)
-        h = self.mid_block(h)
+        h = self.mid_block(h)  # (B, E + T, D)
         for block in self.out_blocks:
-            h = block(h, skips.pop())  # long skip: first out-block <- last in-block
+            h = block(h, skips.pop())  # (B, E + T, D); long skip: first out <- last in-block
         h = self.decoder_pred(self.norm(h))[:, self.extras :]  # (B, T, p*p*C_out)
         h = unpatchify(h, self.patch_size, self.out_channels)  # (B, C_out, H, W)
-        return h if self.final_layer is None else self.final_layer(h)
+        return h if self.final_layer is None else self.final_layer(h)  # (B, C_out, H, W)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -202,8 +204,12 @@ class UViT(nn.Module):
 
 
 def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
-    """Why the resolved U-ViT preset cannot run on image_size x image_size inputs ([] if it can)."""
-    errors = _vit_geometry_errors(spec, image_size, prefix)
+    """Why the resolved U-ViT preset cannot run on image_size x image_size inputs ([] if it can).
+
+    Patches and heads as the other patch transformers, but no width rule: U-ViT learns its
+    positions, so it needs no 2-D sin-cos table. Each message names its key.
+    """
+    errors = vit_geometry_errors(spec, image_size, prefix, sincos_table=False)
     if spec["depth"] % 2 == 0:
         errors.append(
             f"{prefix}depth={spec['depth']} must be odd: in-blocks + mid block + out-blocks"
