@@ -122,3 +122,44 @@ def test_too_little_data_is_insufficient():
     assert fits.fit_chinchilla(n, np.geomspace(1, 10, 10), np.ones(10)).status == (
         "insufficient data"
     )
+
+
+def test_pure_power_law_reports_e_on_its_bound_and_the_exact_exponent():
+    # E = 0: the floor sits on its lower bound, which is an estimate, not an unidentified fit
+    for c, a, alpha in (
+        (np.geomspace(1e10, 1e13, 8), 5.0, 0.2),
+        (np.geomspace(1e15, 1e19, 9), 30.0, 0.08),
+    ):
+        f = fits.fit_power_law(c, a * c**-alpha)
+        assert f.status == fits.OK_E0 and f.ok, f
+        assert "lower bound" in f.detail
+        assert f.params["E"] == 0.0
+        assert f.value("alpha") == pytest.approx(alpha, rel=1e-6)
+        assert f.params["A"] == pytest.approx(a, rel=1e-6)
+        assert f.cond < fits.COND_LIMIT
+        assert f.predict(c) == pytest.approx(a * c**-alpha, rel=1e-9)
+
+
+def test_power_law_without_floor_bootstraps_alpha():
+    rng = np.random.default_rng(2)
+    c = np.repeat(np.geomspace(1e10, 1e13, 8), 4)
+    pts = pd.DataFrame(
+        {"run": np.tile([f"r{i}" for i in range(4)], 8), "budget": c, "train_flops": c}
+    )
+    pts["val_loss"] = 5.0 * c**-0.2 * np.exp(rng.normal(0, 0.005, len(c)))
+    fit = fits.fit_power_law(pts["train_flops"], pts["val_loss"])
+    assert fit.status == fits.OK_E0, fit
+    ci, ok = fits.bootstrap(
+        pts, lambda d: fits.fit_power_law(d["train_flops"], d["val_loss"]), n_boot=100
+    )
+    assert ok > 0.8
+    assert ci["alpha"][0] <= 0.2 <= ci["alpha"][1]
+    assert ci["E"][0] == 0.0
+
+
+def test_power_law_with_e_on_its_bound_still_checks_the_exponent():
+    # E = 0 is fine, but alpha = 6 is past its bound 5: the reduced fit is judged, not waved on
+    c = np.geomspace(10, 1e3, 8)
+    f = fits.fit_power_law(c, 5.0 * (c / 10) ** -6.0)
+    assert f.status == "ill-conditioned" and f.value("alpha") is None
+    assert "E = 0 on its lower bound" in f.detail and "alpha = 6" in f.detail

@@ -53,9 +53,29 @@ def test_planted_large_difference_is_detected_despite_seed_noise():
     assert stats.ttest_ind(variant, base).pvalue > 0.05
 
 
-def test_constant_shift_without_noise_is_distinguishable():
+def test_constant_shift_without_spread_is_undetermined():
+    # zero spread is noise the seeds failed to show, not a certain shift (t = 1 / 0)
     c = paired_compare([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
-    assert c.diff == 1.0 and c.p_value == 0.0 and c.distinguishable
+    assert c.diff == 1.0 and c.undetermined and not c.distinguishable
+    assert math.isnan(c.p_value) and math.isnan(c.t) and math.isnan(c.lo) and math.isnan(c.hi)
+    text = verdict(c, "b", "a", "val_loss")
+    assert "undetermined" in text and "distinguishable" not in text
+
+
+def test_fewer_than_two_pairs_is_undetermined():
+    c = paired_compare([1.0, 2.01], [0.0, math.nan])
+    assert c.n == 1 and c.diff == 1.0
+    assert c.undetermined and not c.distinguishable and math.isnan(c.p_value)
+    assert "undetermined" in verdict(c, "b", "a", "val_loss")
+    # two pairs: one degree of freedom, a valid (wide) test
+    c = paired_compare([1.0, 2.01], [0.0, 1.0])
+    p = stats.ttest_rel([1.0, 2.01], [0.0, 1.0]).pvalue
+    assert c.n == 2 and c.p_value == pytest.approx(p) and not c.undetermined
+    # NaN pairs are dropped first: two constant differences of 0.5 remain
+    c = paired_compare([1.0, math.nan, 2.0, 3.5], [0.5, 1.0, math.nan, 3.0])
+    assert c.n == 2 and c.diff == pytest.approx(0.5)
+    assert c.undetermined and not c.distinguishable and math.isnan(c.p_value)
+    assert paired_compare([], []).undetermined and paired_compare([], []).n == 0
 
 
 @pytest.mark.parametrize("n", [3, 5])
@@ -87,12 +107,28 @@ def test_tables_pair_by_seed_not_by_row_order():
         {
             "variant": ["a", "a", "a", "b", "b", "b"],
             "seed": [0, 1, 2, 2, 0, 1],  # b's rows in another order
-            "val_loss": [1.0, 2.0, 3.0, 3.5, 1.5, 2.5],
+            "val_loss": [1.0, 2.0, 3.0, 3.4, 1.5, 2.6],
         }
     )
     p = compare_to_base(t, "val_loss", "a")
     assert list(p["variant"]) == ["b"]
     row = p.iloc[0]
-    assert row["diff"] == pytest.approx(0.5) and row["p_value"] == 0.0 and row["distinguishable"]
+    # by seed the differences are 0.5, 0.6, 0.4: tight; by row order they would be 2.4, -0.5, -0.4
+    p_seed = stats.ttest_rel([1.5, 2.6, 3.4], [1.0, 2.0, 3.0]).pvalue
+    assert row["diff"] == pytest.approx(0.5) and row["p_value"] == pytest.approx(p_seed)
+    assert row["distinguishable"] and row["n_pairs"] == 3
     s = summarize(t, "val_loss").set_index("variant")
     assert s.loc["a", "mean"] == pytest.approx(2.0) and s.loc["b", "n"] == 3
+
+
+def test_tables_report_a_constant_shift_as_undetermined():
+    t = pd.DataFrame(
+        {
+            "variant": ["a"] * 3 + ["b"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "val_loss": [1.0, 2.0, 3.0, 1.5, 2.5, 3.5],
+        }
+    )
+    row = compare_to_base(t, "val_loss", "a").iloc[0]
+    assert row["diff"] == pytest.approx(0.5) and not row["distinguishable"]
+    assert math.isnan(row["p_value"]) and "undetermined" in row["verdict"]

@@ -10,8 +10,10 @@
 
 Every fit reports a `status` from a convergence check: `ok`, `ill-conditioned` (parameters not
 identified by the data: a near-singular Jacobian, starts that reach the same loss with different
-parameters, or a parameter on its bound), `not converged`, or `insufficient data`. Only an `ok`
-fit's numbers are meant to be quoted; reports print the status instead of a number otherwise.
+parameters, or a parameter on its bound), `not converged`, or `insufficient data`. `fit_power_law`
+has one more: `ok (E=0)`, the floor E on its lower bound 0 and the rest fitted as a pure power
+law. Only an ok fit's numbers (`Fit.ok`: `ok` or `ok (E=0)`) are meant to be quoted; reports
+print the status instead of a number otherwise.
 `bootstrap` resamples whole runs (a run's points together) and refits, for percentile CIs.
 """
 
@@ -32,6 +34,8 @@ from threadpoolctl import threadpool_limits
 # runs with one BLAS thread.
 COND_LIMIT = 1e4  # condition number of the relative Jacobian above which a fit is unidentified
 AGREE_RTOL = 1e-2  # starts within this relative loss of the best must agree on the parameters
+OK_E0 = "ok (E=0)"  # fit_power_law: E on its lower bound 0, alpha and A from the pure power law
+OK_STATUSES = ("ok", OK_E0)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class Fit:
     name: str
     formula: str
     params: dict[str, float]
-    status: str  # ok | ill-conditioned | not converged | insufficient data
+    status: str  # ok | ok (E=0) | ill-conditioned | not converged | insufficient data
     detail: str
     n_points: int
     objective: float = math.nan
@@ -52,7 +56,7 @@ class Fit:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status in OK_STATUSES
 
     def value(self, key: str) -> float | None:
         """The parameter, or None when the fit is not ok (never print an unidentified number)."""
@@ -102,7 +106,13 @@ POWER_FORMULA = "L(C) = E + A * C^-alpha"
 def fit_power_law(c: Sequence[float], loss: Sequence[float], name: str = "L(C)") -> Fit:
     """Least squares on log L of L = E + A (C/C0)^-alpha, C0 the geometric mean of C (for
     conditioning); the reported A is in units of C: A_C = A C0^alpha. E is bounded to
-    [0, min L), alpha to [0, 5]."""
+    [0, min L), alpha to [0, 5].
+
+    When the best fit puts E on its lower bound (E < 1e-6 min L, zero up to the optimiser's
+    tolerance), E is reported as exactly 0 and A, alpha come from the reduced model log L =
+    log A - alpha log C, a linear least-squares fit, judged on its own; its status is `ok (E=0)`
+    when that fit passes the checks. The three-parameter Jacobian cannot judge it: its E column
+    vanishes with E, so a pure power law would always look ill-conditioned."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
     n = len(c)
     if n < 4 or len(np.unique(c)) < 4:
@@ -144,12 +154,30 @@ def fit_power_law(c: Sequence[float], loss: Sequence[float], name: str = "L(C)")
     e_val = p[0] * lmin
     jac = best.jac * np.array([p[0] if p[0] > 0 else 1.0, 1.0, 1.0])
     cond = _cond(jac)
-    at_bound = []
-    if p[0] >= 1 - 1e-6:
-        at_bound.append("E = min(L)")
-    if p[2] <= 1e-9 or p[2] >= 5 - 1e-9:
-        at_bound.append(f"alpha = {p[2]:.3g}")
-    status, detail = _judge(cond, agree, best.success, at_bound, best.message)
+    objective = float(2 * best.cost)
+    if p[0] <= 1e-6:
+        # E = 0 is an estimate (the data want no floor), not a failure: E drops out, and log L
+        # is linear in (log A, alpha), solved exactly; only that fit's own checks apply
+        coef, _, rank, _, _ = np.polyfit(x, y, 1, full=True)
+        alpha = float(-coef[0])
+        p = np.array([0.0, float(coef[1]), alpha])
+        e_val = 0.0
+        cond = _cond(np.stack([np.ones_like(x), -x], axis=1))
+        objective = float(np.sum((coef[1] - alpha * x - y) ** 2))
+        # the reduced fit is unconstrained: alpha past (0, 5) gets the full fit's bound verdict
+        at_bound = [] if 1e-9 < alpha < 5 - 1e-9 else [f"alpha = {alpha:.3g}, outside (0, 5)"]
+        status, detail = _judge(cond, True, rank == 2, at_bound, "")
+        if status == "ok":
+            status, detail = OK_E0, "E = 0 on its lower bound: pure power law, log-log fit"
+        else:
+            detail = f"E = 0 on its lower bound; pure power law: {detail}"
+    else:
+        at_bound = []
+        if p[0] >= 1 - 1e-6:
+            at_bound.append("E = min(L)")
+        if p[2] <= 1e-9 or p[2] >= 5 - 1e-9:
+            at_bound.append(f"alpha = {p[2]:.3g}")
+        status, detail = _judge(cond, agree, best.success, at_bound, best.message)
     a_c = math.exp(p[1]) * c0 ** p[2]
     params = {"E": e_val, "A": a_c, "alpha": float(p[2])}
 
@@ -163,7 +191,7 @@ def fit_power_law(c: Sequence[float], loss: Sequence[float], name: str = "L(C)")
         status,
         detail,
         n,
-        float(2 * best.cost),
+        objective,
         cond,
         len(results),
         len(near),

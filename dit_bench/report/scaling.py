@@ -546,7 +546,7 @@ def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
         for k, v in f.params.items():
             lo, hi = f.ci.get(k, (math.nan, math.nan))
             lines.append(
-                f"| {f.name} | {k} | {_num(v)} | [{_num(lo)}, {_num(hi)}] | ok | {check} |"
+                f"| {f.name} | {k} | {_num(v)} | [{_num(lo)}, {_num(hi)}] | {f.status} | {check} |"
             )
     return lines
 
@@ -610,7 +610,9 @@ def write_report(source, runs, points, result, figs, out: Path) -> str:
         "",
         "Status `ok` means: the optimiser converged, the starts that reach the best loss agree on "
         "the parameters, no parameter sits on its bound, and the Jacobian of the residuals in "
-        f"relative parameters has condition number below {fits.COND_LIMIT:.0e}. Any other status "
+        f"relative parameters has condition number below {fits.COND_LIMIT:.0e}. `ok (E=0)`: "
+        "the floor E of L(C) sits on its bound 0 and the rest is a pure power law, fitted as a "
+        "line in log-log with the same checks. Any other status "
         "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
         f"resampled with replacement ({N_BOOT} resamples; only ok refits count).",
         "",

@@ -6,7 +6,9 @@ of the noise is common to both and cancels in the per-seed difference. The paire
 differences d_s = variant_s - base_s (s = seed) is the textbook test for that design (Student
 1908; e.g. Wasserman, All of Statistics, 10.4). With n seeds it has n - 1 degrees of freedom, so
 three seeds give wide intervals: a difference is called "distinguishable from seed noise" only
-when the interval excludes zero (p < alpha), never from the point estimate.
+when the interval excludes zero (p < alpha), never from the point estimate. Fewer than
+MIN_PAIRS matched seeds, or differences with no spread at all, leave the seed noise unmeasured:
+no test (NaN p-value), and the comparison is undetermined rather than distinguishable.
 
 Pure functions of numbers and DataFrames; nothing here imports torch.
 """
@@ -22,6 +24,9 @@ import pandas as pd
 from scipy import stats
 
 LEVEL = 0.95
+# The least that estimates the seed noise at all (n - 1 = 1 degree of freedom). The test stays
+# valid there, only wide: with 2 pairs p < 0.05 needs |t| > 12.7.
+MIN_PAIRS = 2
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,12 @@ class PairedComparison:
 
     @property
     def distinguishable(self) -> bool:
-        return bool(self.n >= 2 and self.p_value < self.alpha)
+        return bool(self.n >= MIN_PAIRS and self.p_value < self.alpha)
+
+    @property
+    def undetermined(self) -> bool:
+        """No test was possible (too few pairs, or no spread): neither verdict applies."""
+        return math.isnan(self.p_value)
 
     @property
     def relative(self) -> float:
@@ -86,9 +96,12 @@ def paired_compare(
 ) -> PairedComparison:
     """Paired t-test of `variant` against `base` (same length, element i = seed i).
 
-    Degenerate cases are decided without dividing by zero: all differences exactly equal gives
-    p = 1 when they are zero (identical runs) and p = 0 otherwise (a constant shift with no
-    noise at all).
+    Pairs with a NaN on either side are dropped. The comparison is undetermined (p, t and the
+    interval NaN; `distinguishable` False; `undetermined` True) when fewer than MIN_PAIRS = 2
+    pairs remain, or when every difference is the same nonzero number: zero spread is not "no
+    noise" but noise the seeds failed to show (too few, or runs deterministic in the seed), and
+    t = d / 0 would call any such shift certain. The one zero-spread case with an
+    answer is all differences exactly zero (identical runs): p = 1, t = 0, not distinguishable.
     """
     v = np.asarray(variant, dtype=float)
     b = np.asarray(base, dtype=float)
@@ -99,16 +112,15 @@ def paired_compare(
     d = v - b
     n = len(d)
     base_mean = float(b.mean()) if n else math.nan
-    if n < 2:
-        diff = float(d.mean()) if n else math.nan
-        return PairedComparison(diff, math.nan, math.nan, math.nan, math.nan, n, base_mean, level)
+    diff = float(d.mean()) if n else math.nan
+    nan = math.nan
+    if n < MIN_PAIRS:
+        return PairedComparison(diff, nan, nan, nan, nan, n, base_mean, level, 1 - level)
     ci = mean_ci(d, level)
     if ci.std == 0:
-        same = ci.mean == 0
-        t = 0.0 if same else math.copysign(math.inf, ci.mean)
-        return PairedComparison(
-            ci.mean, ci.mean, ci.mean, 1.0 if same else 0.0, t, n, base_mean, level, 1 - level
-        )
+        if ci.mean == 0:
+            return PairedComparison(0.0, 0.0, 0.0, 1.0, 0.0, n, base_mean, level, 1 - level)
+        return PairedComparison(ci.mean, nan, nan, nan, nan, n, base_mean, level, 1 - level)
     t = ci.mean / (ci.std / math.sqrt(n))
     p = float(2 * stats.t.sf(abs(t), df=n - 1))
     return PairedComparison(ci.mean, ci.lo, ci.hi, p, float(t), n, base_mean, level, 1 - level)
@@ -116,9 +128,18 @@ def paired_compare(
 
 def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = ".4g") -> str:
     """One plain sentence on `c` (lower metric values are better)."""
-    if c.n < 2:
-        return f"{name} vs {base}: {c.n} matched seed(s); no test is possible with fewer than 2."
     pct = f" ({c.relative:+.1%} of {base})" if not math.isnan(c.relative) else ""
+    if c.n < MIN_PAIRS:
+        return (
+            f"{name} vs {base}: undetermined, {c.n} matched seed(s); no test is possible with "
+            f"fewer than {MIN_PAIRS}."
+        )
+    if c.undetermined:
+        return (
+            f"{name} vs {base}: undetermined, every one of {c.n} seeds differs in {metric} by "
+            f"exactly {c.diff:+{fmt}}{pct}; with no spread the seed noise is unmeasured, so no "
+            "test is possible."
+        )
     interval = f"{int(c.level * 100)}% CI [{c.lo:{fmt}}, {c.hi:{fmt}}]"
     if c.distinguishable:
         side = "higher (worse)" if c.diff > 0 else "lower (better)"
