@@ -114,6 +114,14 @@ class BackboneConfig(_Strict):
                 data = {**data, "conditioning": native}
         return data
 
+    def spec(self) -> dict:
+        """The preset with this config's overrides: every size the net is built with (the
+        config's own fields are None where the preset decides). Raises ValueError as
+        `resolve_preset`."""
+        from dit_bench.backbones import OVERRIDE_KEYS, resolve_preset
+
+        return resolve_preset(self.name, **{k: getattr(self, k) for k in OVERRIDE_KEYS})
+
 
 class DDPMConfig(_Strict):
     """DDPM (Ho et al. 2020; iDDPM; DiT). backbone.learn_sigma adds the hybrid VLB loss."""
@@ -318,19 +326,12 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         # Imported here: the config module must stay importable without building any model.
-        from dit_bench.backbones import (
-            CONDITIONINGS,
-            OVERRIDE_KEYS,
-            PRESETS,
-            geometry_errors,
-            resolve_preset,
-        )
+        from dit_bench.backbones import CONDITIONINGS, PRESETS, geometry_errors
         from dit_bench.data import data_info
 
         b = self.backbone
-        overrides = {k: getattr(b, k, None) for k in OVERRIDE_KEYS}  # the ones config has
         try:
-            spec = resolve_preset(b.name, **overrides)
+            spec = b.spec()
         except ValueError as e:  # unknown name, or an override the family does not have
             key = "backbone.name: " if b.name not in PRESETS else "backbone."
             raise ValueError(f"{key}{e}") from None

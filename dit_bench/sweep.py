@@ -679,17 +679,17 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
     """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
     by_step = {r["step"]: r["val_loss"] for r in curve}
-    spec = plan.cfg.backbone
+    spec = plan.cfg.backbone.spec()  # the preset's sizes where the sweep does not set them
     batch = plan.cfg.train.batch_size
     return {
         "point": plan.point,
         "experiment": plan.cfg.experiment,
         "config_hash": plan.cfg.hash,
-        "backbone": spec.name,
-        "depth": spec.depth,
-        "width": spec.hidden_size,
-        "heads": spec.num_heads,
-        "patch": spec.patch_size,
+        "backbone": plan.cfg.backbone.name,
+        "depth": spec["depth"],
+        "width": spec["hidden_size"],
+        "heads": spec.get("num_heads"),
+        "patch": spec.get("patch_size"),  # a U-Net has none
         "image_size": plan.cfg.data.image_size,
         "params": plan.num_params,
         "macs": plan.macs,

@@ -295,6 +295,24 @@ def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path):
     assert not any("retry_of" in t.user_attrs for t in study.trials)
 
 
+def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
+    # The report names and groups runs by depth, width and patch: a sweep over preset names
+    # sets none of them, and recorded None for all (every run one "dNone-wNone" size).
+    from dit_bench.report.scaling import tables
+    from dit_bench.sweep import trial_record
+
+    space = {"backbone.name": {"choices": ["dit-xs/2", "dit-xs/4", "dit-ti/4", "unet-xs"]}}
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", space=space))
+    records = []
+    for params in sweep.points():
+        rec = trial_record(sweep.plan(params), [{"step": 1, "val_loss": 1.0}])
+        records.append({**rec, "trial_params": {}})
+    got = [(r["depth"], r["width"], r["heads"], r["patch"]) for r in records]
+    assert got == [(4, 128, 4, 2), (4, 128, 4, 4), (6, 192, 3, 4), (1, 32, None, None)]
+    runs = tables(records)[0]
+    assert runs["size"].nunique() == 3  # the two dit-xs share a size; their patches differ
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
 def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
     from dit_bench.cli import main

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
-from dit_bench.backbones import OVERRIDE_KEYS, Cond, resolve_preset
+from dit_bench.backbones import Cond
 from dit_bench.bench import allow_tf32
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
@@ -333,9 +333,7 @@ class _Timer(Callback):
 
 def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> dict:
     fwd = module.net.flops(batch=1)
-    b = cfg.backbone
-    overrides = {k: getattr(b, k) for k in OVERRIDE_KEYS if getattr(b, k) is not None}
-    spec = resolve_preset(b.name, **overrides)
+    spec = cfg.backbone.spec()
     n_img = images_seen(cfg)
     summary = {
         "experiment": cfg.experiment,
