@@ -40,6 +40,7 @@ import json
 import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,7 +433,17 @@ def _short(summary_path: Path) -> str:
     except (OSError, ValueError):
         return ""
     secs = s.get("train_seconds") or 0
-    return f"val_loss {s.get('val_loss', float('nan')):.5f}, {secs:.0f}s"
+    loss = s.get("val_loss")  # null when the run's final val loss was not finite
+    return f"val_loss {'non-finite' if loss is None else format(loss, '.5f')}, {secs:.0f}s"
+
+
+class RunsFailed(RuntimeError):
+    """Some runs of an ablation raised; the others trained and the results table holds them."""
+
+    def __init__(self, failures: list[tuple[PlannedRun, str]], root: Path):
+        self.failures, self.root = failures, root
+        lines = [f"  run {r.index} {r.variant} seed {r.seed}: {err}" for r, err in failures]
+        super().__init__(f"{len(failures)} run(s) failed:\n" + "\n".join(lines))
 
 
 def run_ablation(
@@ -447,6 +458,8 @@ def run_ablation(
     """Train every run of the plan that is not finished; returns `<out>/<experiment>/`.
 
     Finished runs are skipped, interrupted ones resume (train() does both, by config hash).
+    A run that raises (a diverged variant, say) is logged and the others go on; the results
+    are written, then `RunsFailed` names the failed runs. Ctrl-C stops everything.
     `jobs` > 1 trains that many runs at once in separate processes (no per-run bars then).
     `callbacks` go to each run's Trainer (in-process only, jobs=1). `command` (the command line
     that ran it) is recorded in ablation.json for the report.
@@ -489,22 +502,38 @@ def run_ablation(
             f"; {done}/{n} finished, {elapsed / 60:.1f} min this session"
         )
 
+    failures: list[tuple[PlannedRun, str]] = []
+
+    def failed(r: PlannedRun, e: BaseException) -> None:
+        failures.append((r, f"{type(e).__name__}: {e}"))
+        _log(f"run {r.index}/{n} {r.variant} seed {r.seed} FAILED: {failures[-1][1]}")
+
     if jobs <= 1 or len(todo) <= 1:
         for r in todo:
             status, _ = run_status(out, r.cfg)
             verb = "resuming" if status == "partial" else "starting"
             _log(f"run {r.index}/{n} ({done}/{n} finished): {verb} {r.variant} seed {r.seed}")
-            run_dir = Path(_train_one(r.cfg, str(out), progress, callbacks))
+            try:
+                run_dir = Path(_train_one(r.cfg, str(out), progress, callbacks))
+            except Exception as e:  # this run fails; the ablation goes on
+                _log(traceback.format_exc().rstrip())
+                failed(r, e)
+                continue
             finished(r, run_dir)
     else:
-        _run_parallel(ab, todo, out, jobs, finished)
+        _run_parallel(ab, todo, out, jobs, finished, failed)
     write_results(ab, out)
+    if failures:
+        raise RunsFailed(failures, root)
     return root
 
 
-def _run_parallel(ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished) -> None:
+def _run_parallel(
+    ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished, failed
+) -> None:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     n = len(ab.runs)
     # spawn: a clean interpreter per worker (forking a process that holds torch threads is not)
@@ -520,7 +549,16 @@ def _run_parallel(ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, fi
                 ready, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in ready:
                     r = pending.pop(fut)
-                    finished(r, Path(fut.result()))
+                    try:
+                        run_dir = Path(fut.result())
+                    except BrokenProcessPool:
+                        raise  # a worker died (killed, out of memory): the pool is gone
+                    except Exception as e:  # the run raised in its worker; the others go on
+                        if e.__cause__ is not None:  # the worker's traceback, as text
+                            _log(str(e.__cause__).rstrip())
+                        failed(r, e)
+                        continue
+                    finished(r, run_dir)
         except BaseException:
             for fut in pending:
                 fut.cancel()

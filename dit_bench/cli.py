@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
     summary = json.loads((run / "summary.json").read_text())
     grids = sorted((run / "samples").glob("*.png"))
     print(f"run directory: {run}")
-    print(f"  val loss:    {summary.get('val_loss', float('nan')):.5f}")
+    loss = summary.get("val_loss")  # null: the final val loss was not finite
+    print(f"  val loss:    {'non-finite' if loss is None else format(loss, '.5f')}")
     print(f"  metrics:     {run / 'metrics.csv'}")
     print(f"  summary:     {run / 'summary.json'}")
     if grids:
@@ -230,7 +231,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from dit_bench.ablate import describe, load_ablation, parse_seeds, run_ablation
+    from dit_bench.ablate import RunsFailed, describe, load_ablation, parse_seeds, run_ablation
 
     seeds = parse_seeds(args.seeds) if args.seeds else None
     ab = load_ablation(args.file, args.profile, seeds=seeds, overrides=args.set or [])
@@ -247,12 +248,15 @@ def cmd_ablate(args) -> int:
     for item in args.set or []:
         words += ["--set", item]
     command = shlex.join(words)
-    root = run_ablation(
-        ab, args.out, jobs=args.jobs, progress=not args.no_progress, command=command
-    )
+    root, rc = Path(args.out) / ab.experiment, 0
+    try:
+        run_ablation(ab, args.out, jobs=args.jobs, progress=not args.no_progress, command=command)
+    except RunsFailed as e:  # the other runs trained: their results and report still stand
+        print(f"dit-bench: {e}", file=sys.stderr)
+        rc = 1
     print(f"results: {root / 'results.csv'} (and .parquet), {len(ab.runs)} runs under {root}")
     print(f"report:  dit-bench report ablation {root} -o reports/{ab.experiment}")
-    return 0
+    return rc
 
 
 def cmd_sweep(args) -> int:

@@ -226,6 +226,31 @@ def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path
     assert "Left out: 4 finished runs" in md and "2 finished runs: 2 variants x seeds [0]" in md
 
 
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
+    variants = {
+        "adaln_zero": {},
+        "diverges": {"optim.lr": 1e30},
+        "adaln": {"backbone.conditioning": "adaln"},
+    }
+    path = write_ablation(tmp_path, variants=variants, seeds=[0])
+    out = tmp_path / "runs"
+    argv = ["ablate", str(path), "--out", str(out), "--no-progress", "--jobs", str(jobs)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        "dit-bench: 1 run(s) failed:\n  run 2 diverges seed 0: FloatingPointError: non-finite"
+        in err
+    )
+    import pandas as pd
+
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")  # the runs after it trained too
+    assert sorted(table["variant"]) == ["adaln", "adaln_zero"]
+    # the report of what finished works, and names the variant that has no runs
+    assert main(["report", "ablation", str(out / "tiny-cpu"), "-o", str(tmp_path / "r")]) == 0
+    assert "Not finished: diverges seed 0 (planned" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_dry_run_trains_nothing(tmp_path, capsys):
     path = write_ablation(tmp_path)
     out = tmp_path / "runs"

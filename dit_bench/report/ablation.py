@@ -282,6 +282,12 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{source}: runs carry no variant labels (labels.json)")
     plan = load_plan(source, table)
     table, left_out = plan_runs(source, table, plan)
+    have = set(table["config_hash"]) if "config_hash" in table else set()
+    unfinished = [
+        f"{r['variant']} seed {r['seed']}"
+        for r in plan.get("runs", [])
+        if r["config_hash"] not in have
+    ]
     order = [v for v in plan["variants"] if v in set(table["variant"])]
     order += sorted(set(table["variant"]) - set(order))
     base = plan["base_variant"]
@@ -350,6 +356,15 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                 "",
             ]
             if left_out
+            else []
+        ),
+        *(
+            [
+                f"Not finished: {', '.join(unfinished)} (planned, but no summary.json: failed "
+                "or still to run; `dit-bench ablate` again trains what is missing).",
+                "",
+            ]
+            if unfinished
             else []
         ),
         f"{len(runs)} finished runs: {len(order)} variants x seeds {seeds}; base variant "
