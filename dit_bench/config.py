@@ -63,7 +63,9 @@ class DataConfig(_Strict):
     root: str | None = Field(None, description="image folder (folder) or shard folder (latents)")
     vae: str | None = Field(None, description="local diffusers VAE folder to decode latents")
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = Field(0, description="fixed train/val split, independent of the run seed")
+    split_seed: int = Field(
+        0, ge=0, lt=2**32, description="fixed train/val split, independent of the run seed"
+    )
     num_samples: int = Field(20000, gt=0, description="size of the procedural `shapes` set")
     max_samples: int | None = Field(None, gt=0, description="cap on the training set size")
     num_workers: int = Field(0, ge=0)
@@ -80,7 +82,22 @@ class DataConfig(_Strict):
             raise ValueError("data.name=folder needs data.root and data.image_size")
         if self.name == "latents" and self.root is None:
             raise ValueError("data.name=latents needs data.root (an encode-latents folder)")
+        # A key the data set never reads would still change the hash: the same training in
+        # another run directory, and a reader who thinks it mattered.
+        for key, names in DATA_KEY_USERS.items():
+            if (
+                self.name not in names
+                and getattr(self, key) != type(self).model_fields[key].default
+            ):
+                raise ValueError(
+                    f"data.{key} applies to data.name={'|'.join(names)} only, not {self.name}; "
+                    "remove it"
+                )
         return self
+
+
+# Which data sets read the keys that only some do.
+DATA_KEY_USERS = {"root": ("folder", "latents"), "vae": ("latents",), "num_samples": ("shapes",)}
 
 
 class BackboneConfig(_Strict):
@@ -306,6 +323,9 @@ class EvalConfig(_Strict):
             raise ValueError(
                 f"eval.sde_scale applies to eval.sampler=euler_maruyama only (got {self.sampler})"
             )
+        unguided = [k for k in ("cfg_interval", "cfg_channels") if getattr(self, k) is not None]
+        if unguided and self.cfg_scale == 1.0:
+            raise ValueError(f"eval.{unguided[0]} applies to guided sampling (eval.cfg_scale != 1)")
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
             if not 0 <= lo <= hi <= 1000:
@@ -314,7 +334,8 @@ class EvalConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    # A leading letter or digit: "." or ".." would put the runs beside or above --out.
+    experiment: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = Field(0, ge=0, lt=2**32, description="numpy's and Lightning's seed range")
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -359,6 +380,21 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"eval.{key}={value}: DDPM has objective.num_timesteps={steps} steps"
                 )
+        if steps is not None and self.eval.sample_steps < 2:
+            raise ValueError(
+                "eval.sample_steps=1: a DDPM chain respaced to one step keeps only t = 0, and the "
+                "net would denoise pure noise labelled as nearly clean; use 2 or more"
+            )
+        if self.eval.cfg_scale != 1.0 and self.train.label_dropout == 0:
+            raise ValueError(
+                f"eval.cfg_scale={self.eval.cfg_scale} guides against the null class, which "
+                "train.label_dropout=0 never trains; set eval.cfg_scale=1 or a label_dropout > 0"
+            )
+        if self.eval.fd_every and self.data.name == "latents" and not self.data.vae:
+            raise ValueError(
+                "eval.fd_every on latents needs data.vae: the samples are scored as images "
+                "decoded by the VAE the latents were encoded with"
+            )
         ranks = self.train.devices * self.train.num_nodes
         if self.train.batch_size % ranks:
             raise ValueError(

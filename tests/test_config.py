@@ -197,5 +197,31 @@ def test_yaml_errors_name_the_file_or_the_override(tmp_path):
 def test_data_paths_expand_the_home_folder(monkeypatch, tmp_path):
     # `--set data.root=~/x`: the shell leaves a ~ after `=` alone
     monkeypatch.setenv("HOME", str(tmp_path))
-    d = DataConfig(name="shapes", root="~/x", vae="~/vae")
+    d = DataConfig(name="latents", root="~/x", vae="~/vae")
     assert (d.root, d.vae) == (str(tmp_path / "x"), str(tmp_path / "vae"))
+
+
+def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
+    # a key the data set never reads changed the hash (same training, another run directory)
+    assert "data.vae applies to data.name=latents only, not mnist" in error(["data.vae=/x"])
+    assert "data.root applies to data.name=folder|latents only" in error(["data.root=/x"])
+    assert "data.num_samples applies to data.name=shapes only" in error(["data.num_samples=10"])
+    assert build_config(None, ["data.name=shapes", "data.num_samples=10"]).data.num_samples == 10
+    assert "data.split_seed" in error(["data.split_seed=-5"])
+    for name in ("..", ".", "-x"):  # runs would land beside or above --out
+        assert "experiment" in error([f"experiment={name}"])
+    # guidance options without guidance, and guidance against a null class never trained
+    assert "eval.cfg_interval applies to guided sampling" in error(
+        ["eval.cfg_scale=1", "eval.cfg_interval=[0, 500]"]
+    )
+    assert "eval.cfg_channels applies to guided sampling" in error(
+        ["eval.cfg_scale=1", "eval.cfg_channels=1"]
+    )
+    assert "which train.label_dropout=0 never trains" in error(["train.label_dropout=0"])
+    assert (
+        build_config(None, ["train.label_dropout=0", "eval.cfg_scale=1"]).train.label_dropout == 0
+    )
+    # a 1-step DDPM chain keeps only t = 0: pure noise denoised as if nearly clean
+    assert "eval.sample_steps=1: a DDPM chain" in error(["eval.sample_steps=1"])
+    flow = build_config(None, ["objective.name=flow", "eval.sampler=euler", "eval.sample_steps=1"])
+    assert flow.eval.sample_steps == 1  # one Euler step of a flow is a valid (coarse) sampler

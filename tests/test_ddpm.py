@@ -267,3 +267,5 @@ def test_bad_arguments_name_allowed_values():
         obj.sample(lambda x, t, c: x, x0, Cond(), cfg_scale=4.0)
     with pytest.raises(ValueError, match="steps"):
         obj.sample(lambda x, t, c: x, x0, Cond(), steps=1001)
+    with pytest.raises(ValueError, match="2 or more steps, got 1"):  # keeps only t = 0
+        obj.sample(lambda x, t, c: x, x0, Cond(), steps=1)

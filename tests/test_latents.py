@@ -145,45 +145,50 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
 
 
 def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
-    from dit_bench.config import build_config
+    from dit_bench.config import ConfigError, build_config
     from dit_bench.train.run import train
 
     out = tmp_path / "lat"
     encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
-    cfg = build_config(
-        None,
-        [
-            "data.name=latents",
-            f"data.root={out}",
-            f"data.vae={vae_dir}",
-            "data.val_fraction=0.2",
-            "backbone.name=dit-xs/2",
-            "train.steps=3",
-            "train.batch_size=4",
-            "train.log_every=1",
-            "train.val_every=3",
-            "eval.val_images=4",
-            "eval.samples_per_class=2",
-            "eval.sample_steps=3",
-        ],
-    )
+    cfg_sets = [
+        "data.name=latents",
+        f"data.root={out}",
+        f"data.vae={vae_dir}",
+        "data.val_fraction=0.2",
+        "backbone.name=dit-xs/2",
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.val_every=3",
+        "eval.val_images=4",
+        "eval.samples_per_class=2",
+        "eval.sample_steps=3",
+        # in-training FD of decoded samples against the decoded held-out latents
+        "eval.fd_every=3",
+        "eval.fd_samples=4",
+        "eval.fd_features=shapes-net",
+    ]
+    cfg = build_config(None, cfg_sets)
     run = train(cfg, tmp_path / "runs", progress=False)
     grid = Image.open(run / "samples" / "step-0000003.png")
     assert grid.mode == "RGB" and grid.size[0] > 2 * 32  # decoded 32x32 images, 2 per row
-    assert json.loads((run / "summary.json").read_text())["val_loss"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_loss"] > 0 and summary["val_FD-shapes-net"] > 0
+    with pytest.raises(ConfigError, match="eval.fd_every on latents needs data.vae"):
+        build_config(None, [s for s in cfg_sets if not s.startswith("data.vae")])
 
 
 def test_latent_reference_statistics_are_keyed_by_the_decoder(vae_dir, image_folder, tmp_path):
     # eval scores decoded images: statistics cached for one VAE must not serve another
     from dit_bench.config import build_config
-    from dit_bench.metrics.evaluate import _reference_images
+    from dit_bench.metrics.evaluate import reference_images
 
     encode_latents(vae_dir, folder_cfg(image_folder), tmp_path / "lat", progress=False)
     sets = ["data.name=latents", f"data.root={tmp_path / 'lat'}", "data.val_fraction=0.2"]
     sets += ["backbone.name=dit-xs/2"]
 
     def key(vae):
-        return _reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[3]
+        return reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[3]
 
     assert key(vae_dir) == key(vae_dir)
     assert key(vae_dir) != key(other_vae(vae_dir, tmp_path / "other-vae"))

@@ -180,10 +180,11 @@ class EvalRequest:
             raise ValueError("--batch-size must be positive")
 
 
-def _reference_images(cfg):
+def reference_images(cfg, device: str | torch.device = "cpu"):
     """(val images, val labels, train set, latents hash or None, decode or None).
 
-    Images in [-1, 1]; `decode` turns latents into images (a `latents` run's VAE, data.vae).
+    Images in [-1, 1] on the CPU; `decode` turns latents into images with a `latents` run's VAE
+    (data.vae), which runs on `device`.
     """
     from dit_bench.data import load_datasets
 
@@ -196,7 +197,7 @@ def _reference_images(cfg):
 
     if not cfg.data.vae:
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
-    vae = load_vae(cfg.data.vae)
+    vae = load_vae(cfg.data.vae, device)
     scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
     # the features are of the decoded images: the decoder is part of the reference's content
     content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
@@ -303,7 +304,7 @@ def evaluate_run(
     cfg_scale = e.cfg_scale if request.cfg_scale is None else request.cfg_scale
     use_ema = e.use_ema if request.use_ema is None else request.use_ema
 
-    ref_x, ref_y, train_set, latent_hash, decode = _reference_images(cfg)
+    ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device)
     ref = reference_stats(
         ref_x,
         net,

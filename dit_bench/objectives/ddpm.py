@@ -393,6 +393,8 @@ class DDPM:
         respaced to `steps` steps; cfg_scale != 1 applies classifier-free guidance against
         `uncond` (see sampling.guided); `options`: the sampler's own (eta, sde_scale).
         `generator`: one torch.Generator or one per sample (sampling.randn)."""
+        if steps < 2:  # respace keeps only t = 0: pure noise would be denoised as nearly clean
+            raise ValueError(f"DDPM sampling needs 2 or more steps, got {steps}")
         return run_sampler(
             net,
             noise,

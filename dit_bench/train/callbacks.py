@@ -179,15 +179,19 @@ class FrechetDistanceMetric(L.Callback):
     SEED = 4321  # one seed for every step and run: values along a run are comparable
 
     def __init__(self, cfg, every: int, num_samples: int, features: str | None = None):
-        if cfg.data.name == "latents":
-            raise ValueError("eval.fd_every: in-training FD of latents runs is not supported yet")
         from dit_bench.metrics.features import default_features, find_inception
 
         self.cfg, self.every, self.num_samples = cfg, every, num_samples
         self.features = features or default_features(cfg.data.name)
+        # A missing file stops the run before it starts, not at step N.
         if self.features == "inception":
-            find_inception()  # a missing file stops the run before it starts, not at step N
-        self._net = self._ref = None
+            find_inception()
+        if cfg.data.name == "latents" and not Path(cfg.data.vae, "config.json").is_file():
+            raise FileNotFoundError(
+                f"eval.fd_every on latents decodes the samples with data.vae: {cfg.data.vae} "
+                "is not a diffusers VAE folder (no config.json)"
+            )
+        self._net = self._ref = self._decode = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -196,17 +200,17 @@ class FrechetDistanceMetric(L.Callback):
 
     @rank_zero_only
     def measure(self, trainer, pl_module) -> float:
-        from dit_bench.data import load_datasets
         from dit_bench.metrics import distances
-        from dit_bench.metrics.evaluate import generate
+        from dit_bench.metrics.evaluate import generate, reference_images
         from dit_bench.metrics.features import load_feature_net
-        from dit_bench.metrics.reference import dataset_tensors, reference_stats
+        from dit_bench.metrics.reference import reference_stats
 
         e = self.cfg.eval
         if self._net is None:
             self._net = load_feature_net(self.features, device=pl_module.device)
-            images, _ = dataset_tensors(load_datasets(self.cfg.data)[1])
-            self._ref = reference_stats(images, self._net)
+            # latents: the held-out latents and the samples are scored as decoded images
+            images, _, _, data_hash, self._decode = reference_images(self.cfg, pl_module.device)
+            self._ref = reference_stats(images, self._net, data_hash=data_hash)
         images = generate(
             pl_module,
             range(self.num_samples),
@@ -217,6 +221,8 @@ class FrechetDistanceMetric(L.Callback):
             use_ema=e.use_ema,
             batch_size=self.cfg.train.batch_size,
         )
+        if self._decode is not None:
+            images = self._decode(images)  # (N, 3, H, W) in [-1, 1]
         key = f"val/{self._net.metric_prefix}"
         bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
         if bad:  # a diverged run: the FD says so, and the run goes on (the NaN guard decides)
