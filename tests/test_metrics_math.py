@@ -116,3 +116,12 @@ def test_inception_score_bounds():
     assert inception_score(confident)[0] == pytest.approx(c, rel=1e-6)
     with pytest.raises(ValueError, match="needs at least 10 samples, got 9"):
         inception_score(confident[:9])  # an empty split would make it NaN
+
+
+def test_knn_radii_in_chunks_equal_the_full_matrix():
+    from dit_bench.metrics.distances import _knn_radii
+
+    x = np.random.default_rng(0).normal(size=(50, 6))
+    full = np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, 3]  # k = 3
+    np.testing.assert_allclose(_knn_radii(x, 3, chunk=7), full, rtol=1e-12)
+    np.testing.assert_allclose(_knn_radii(x, 3), full, rtol=1e-12)

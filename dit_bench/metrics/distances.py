@@ -100,11 +100,16 @@ def _pairwise_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(sq, 0, None))
 
 
-def _knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
-    """Distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
-    d = _pairwise_dist(feats, feats)
-    # column 0 of the sorted row is the point itself (distance 0)
-    return np.partition(d, k, axis=1)[:, k]
+def _knn_radii(feats: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Distance from each point to its k-th nearest neighbour in the same set (self excluded).
+
+    In row chunks: the full N x N matrix of the 50K-sample protocol would be 20 GB."""
+    out = np.empty(len(feats))
+    for i in range(0, len(feats), chunk):
+        d = _pairwise_dist(feats[i : i + chunk], feats)
+        # column 0 of the sorted row is the point itself (distance 0)
+        out[i : i + chunk] = np.partition(d, k, axis=1)[:, k]
+    return out
 
 
 def _inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 2048):

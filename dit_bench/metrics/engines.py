@@ -7,7 +7,7 @@
 - torchmetrics for images in memory (its FrechetInceptionDistance takes a custom nn.Module).
 
 Both run the same FeatureNet (through `PixelFeatures`), so they must agree with each other and
-with `distances.fd_from_features` (tests/test_metrics_engines.py checks 1e-3 relative).
+with `distances.fd_from_features` (tests/test_features.py checks 1e-3 relative).
 clean-fid and torchmetrics are imported inside the functions: training never needs them.
 """
 

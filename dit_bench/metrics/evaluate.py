@@ -421,7 +421,7 @@ def evaluate_run(
             "batch_size": request.batch_size,
             "device": device,
             "engine": "dit_bench.metrics.distances (numpy/scipy float64); cross-checked "
-            "against clean-fid and torchmetrics in tests/test_metrics_engines.py",
+            "against clean-fid and torchmetrics in tests/test_features.py",
         },
         "request": asdict(request),
         "sample_seconds": round(sample_seconds, 2),
