@@ -266,3 +266,50 @@ def test_a_multi_node_run_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
     with pytest.raises(Stop):
         train(tiny("train.num_nodes=2"), tmp_path, progress=False)
     assert "waiting for 2 nodes x 1 processes (launched by torchrun" in capsys.readouterr().err
+
+
+def test_two_processes_training_one_config_share_its_run(tmp_path):
+    # Two `dit-bench train` of one config at once (two terminals, a sweep retry of a slow
+    # trial): the second waits, then finds the run finished. Without the lock both made a run
+    # directory (or clashed on the name) and wrote the same checkpoints.
+    from dit_bench.config import load_config
+    from dit_bench.train.run import _run_lock
+
+    sets = [a for kv in TINY + ["train.steps=4"] for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "dit_bench.cli", "train", "--out", str(tmp_path / "runs")]
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    cfg = load_config(None, [*TINY, "train.steps=4"])  # the CLI's config of these --set
+    with _run_lock(tmp_path / "runs", cfg):  # both must wait for this one
+        procs = [
+            subprocess.Popen([*cmd, "--no-progress", *sets], stderr=log.open("w"), text=True)
+            for log in logs
+        ]
+        deadline = time.time() + 120
+        while not all("another process is training" in log.read_text() for log in logs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    texts = [log.read_text() for log in logs]
+    assert sum("already finished" in t for t in texts) == 1, texts
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/summary.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    "env, zero",
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun: node 1's first process
+        ({"SLURM_PROCID": "8"}, False),
+        ({"NODE_RANK": "1"}, False),  # Lightning's launcher on node 1: made its own run dir
+        ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False),
+    ],
+)
+def test_only_the_first_process_of_a_job_makes_the_run_directory(monkeypatch, env, zero):
+    from dit_bench.train.run import _launch_rank
+
+    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert (_launch_rank() == 0) == zero

@@ -8,6 +8,7 @@ never collide; a rerun of the same config finds the directory by its hash and re
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -105,11 +106,42 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _launch_rank() -> int:
-    """This process's global rank as set by torchrun, SLURM or Lightning's launcher (else 0)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """0 for the process that makes the run directory, else > 0: the global rank from torchrun
+    or SLURM; under Lightning's own launcher, where a node's processes share NODE_RANK, the
+    node's rank, then the local one (only node 0's first process counts as 0)."""
+    for var in ("RANK", "SLURM_PROCID"):
         if os.environ.get(var):
             return int(os.environ[var])
-    return 0
+    node, local = (int(os.environ.get(v) or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
+    return node or local
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
+    """One process trains a config at a time. A second one (another terminal, a sweep worker
+    retrying a trial whose worker is slow but alive) waits for it, then resumes its run or finds
+    it finished: two writers in one run directory would clobber its checkpoints and metrics.
+    Only the launching rank locks; the others follow the run directory it makes."""
+    if _launch_rank() != 0:
+        yield
+        return
+    folder = out / cfg.experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{cfg.hash}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"[dit-bench] another process is training config {cfg.hash} in {folder}; "
+                "waiting for it to finish or stop",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _wait_for_run_dir(out: Path, cfg: ExperimentConfig, timeout: float = 120.0) -> Path:
@@ -388,9 +420,7 @@ def train(
     `callbacks` are added to the run's own (ablations and sweeps watch runs through them).
     """
     out = Path(out)
-    run = find_run_dir(out, cfg)
-    if run is not None and (run / "summary.json").exists():
-        print(f"[dit-bench] already finished: {run}", file=sys.stderr)
+    if (run := _finished_run(out, cfg)) is not None:
         return run
     t = cfg.train
     accelerator = t.accelerator
@@ -417,6 +447,25 @@ def train(
 
         e = cfg.eval
         fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features)
+    with _run_lock(out, cfg):
+        # again: while this process waited, another may have finished the run
+        if (run := _finished_run(out, cfg)) is not None:
+            return run
+        return _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks)
+
+
+def _finished_run(out: Path, cfg: ExperimentConfig) -> Path | None:
+    run = find_run_dir(out, cfg)
+    if run is None or not (run / "summary.json").exists():
+        return None
+    print(f"[dit-bench] already finished: {run}", file=sys.stderr)
+    return run
+
+
+def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
+    """`train` from the run directory on, in `_run_lock`."""
+    t = cfg.train
+    run = find_run_dir(out, cfg)
     if run is None:
         run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
     else:
@@ -443,7 +492,7 @@ def train(
     if progress:
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
     trainer = L.Trainer(
-        accelerator=accelerator,
+        accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy, module),
