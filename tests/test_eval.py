@@ -176,6 +176,11 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
     assert again["metrics"]["FD-digits-net"] == pytest.approx(m["FD-digits-net"], rel=1e-4)
     with pytest.raises(ValueError, match="a folder; give a file name"):  # before sampling
         evaluate_run(run, EvalRequest(num_samples=30), output=tmp_path, progress=False)
+    # another protocol into the default eval.json keeps the earlier one beside it
+    evaluate_run(run, EvalRequest(num_samples=30, steps=2, metrics=("fd",)), progress=False)
+    (kept,) = run.glob("eval-*.json")
+    assert json.loads(kept.read_text())["metrics"] == record["metrics"]
+    assert json.loads((run / "eval.json").read_text())["protocol"]["steps"] == 2
 
     # a diverged run: its in-training FD is NaN (the run goes on), summary.json has null for
     # it (valid JSON), and eval refuses to score non-finite samples

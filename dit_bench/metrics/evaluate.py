@@ -431,6 +431,8 @@ def evaluate_run(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
+    if output is None and out.exists():
+        _keep_earlier(out)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -438,6 +440,19 @@ def evaluate_run(
     finally:
         tmp.unlink(missing_ok=True)
     return record
+
+
+def _keep_earlier(path: Path) -> Path:
+    """Move the run's earlier eval.json aside as eval-<its finish time>.json: another protocol
+    (more steps, other features) must not silently replace its numbers."""
+    try:
+        stamp = datetime.fromisoformat(json.loads(path.read_text())["finished_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    kept = path.with_name(f"{path.stem}-{stamp.strftime('%Y%m%dT%H%M%SZ')}{path.suffix}")
+    path.replace(kept)
+    print(f"[dit-bench] kept the earlier {path.name} as {kept.name}", file=sys.stderr)
+    return kept
 
 
 __all__ = [
