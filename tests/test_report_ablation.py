@@ -109,6 +109,16 @@ def test_report_finds_the_planted_difference_and_not_the_null(tmp_path):
     assert "Kendall tau" in md and "Hand-written closing note." in md
     assert "![val_loss curves](curves_val_loss.png)" in md
     assert "| rank | variant |" in md
+    assert "paired by seed (same validation images and noise, same data order)" in md
+
+
+def test_report_says_when_batch_sizes_keep_the_noise_from_being_shared(tmp_path):
+    # the validation noise is drawn per validation batch of train.batch_size
+    source = make_source(tmp_path)
+    for summary in source.glob("*in_context*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "batch_size": 16}))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "the variants' train.batch_size differ" in md and "noise is not shared" in md
 
 
 def test_report_without_a_plan_uses_the_labels(tmp_path):

@@ -341,6 +341,14 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         f"dit-bench ablate {plan.get('source', '?')} --profile {plan.get('profile', '?')}"
         + "".join(f" --set {o}" for o in plan.get("overrides", []))
     )
+    # The validation noise is drawn per validation batch of train.batch_size: shared between
+    # variants only when their batch sizes agree.
+    shared = "same validation images and noise"
+    if "batch_size" in runs and runs["batch_size"].nunique() > 1:
+        shared = (
+            "same validation images; the variants' train.batch_size differ, and with it the "
+            "batching of the validation noise, so the noise is not shared"
+        )
     md += [
         "Made with:",
         "",
@@ -370,7 +378,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         f"{len(runs)} finished runs: {len(order)} variants x seeds {seeds}; base variant "
         f"**{base}**. Lower is better for every metric. Intervals are two-sided "
         f"{int(LEVEL * 100)}% t intervals over seeds (n - 1 degrees of freedom); comparisons are "
-        "paired by seed (same validation images and noise, same data order), paired t-test, "
+        f"paired by seed ({shared}, same data order), paired t-test, "
         f"alpha = {1 - LEVEL:.2f} per comparison, without a multiple-comparison correction "
         f"({len(order) - 1} comparisons per metric: expect about one false call in "
         f"{round(1 / (1 - LEVEL))} comparisons of truly equal variants).",

@@ -25,7 +25,10 @@ from dit_bench.data import DataInfo
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
 
-VAL_NOISE_SEED = 10_000  # fixed across runs, so the val losses of two runs are paired
+# Fixed across runs, so the val losses of two runs are paired: batch k of the validation images
+# (batches of train.batch_size) gets the noise of seed VAL_NOISE_SEED + k, the same in runs of
+# one batch size.
+VAL_NOISE_SEED = 10_000
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
