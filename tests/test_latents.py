@@ -70,6 +70,11 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     zf, _ = ds[20 + 3]
     wantf = vae.encode(img[None].flip(-1)).latent_dist.mean[0] * m["scaling_factor"]
     assert torch.allclose(zf, wantf, atol=1e-5)
+    # Spawned loader workers get a pickled copy: it maps the shards again, same items.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(ds))
+    assert all(torch.equal(copy[i][0], ds[i][0]) and copy[i][1] == ds[i][1] for i in (0, 23, 39))
     train, val = load_datasets(latent_cfg(out))
     assert len(val) == 4 and len(train) == 32
     val_sources = {i % 20 for i in val.indices}

@@ -213,18 +213,24 @@ class LatentShards(Dataset):
                 "rerun encode-latents to finish"
             )
         self.shards = shards
-        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        # Shard k -> (memory-mapped latents, labels). Mapped, not loaded: the OS page cache
+        # holds the data once for every loader worker (ImageNet with flips is ~40 GB of
+        # float32 latents, which a copy per worker would not fit).
+        self._open: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        # open files do not pickle (spawned loader workers): each process maps its own
+        return {**self.__dict__, "_open": {}}
 
     def __len__(self) -> int:
         return self.manifest["num_items"]
 
-    def _shard(self, k: int) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _shard(self, k: int) -> tuple[Any, torch.Tensor]:
+        from safetensors import SafetensorError, safe_open
 
         from dit_bench.data.datasets import DataError
 
-        if k not in self._cache:
+        if k not in self._open:
             meta = self.shards[k]
             path = self.root / meta["file"]
             if not path.is_file():
@@ -232,20 +238,21 @@ class LatentShards(Dataset):
             if _sha256(path) != meta["sha256"]:
                 raise DataError(f"latent shard {path} is corrupt (sha256 differs from manifest)")
             try:
-                data = load_file(str(path))
+                f = safe_open(str(path), framework="pt")
+                latents, labels = f.get_slice("latents"), f.get_tensor("labels")
             except (SafetensorError, OSError) as e:
                 raise DataError(f"latent shard {path} cannot be read: {e}") from None
-            shape = tuple(data["latents"].shape)
+            shape = tuple(latents.get_shape())
             want = (meta["count"], *self.manifest["latent_shape"])
-            if shape != want or data["labels"].shape != (meta["count"],):
+            if shape != want or labels.shape != (meta["count"],):
                 raise DataError(f"latent shard {path} holds {shape}, manifest says {want}")
-            self._cache[k] = data
-        return self._cache[k]
+            self._open[k] = (latents, labels)
+        return self._open[k]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         k, i = divmod(index, self.manifest["shard_size"])
-        data = self._shard(k)
-        return data["latents"][i], int(data["labels"][i])
+        latents, labels = self._shard(k)
+        return latents[i : i + 1][0], int(labels[i])  # (4, h, w): one item read from the map
 
 
 @torch.no_grad()
