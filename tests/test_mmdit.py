@@ -210,3 +210,14 @@ def test_converter_rejects_foreign_state_dicts():
         mmdit_from_diffusers(
             dict(sd, **{"extra.weight": torch.zeros(1)}), image_size=8, num_heads=2
         )
+    # a truncated file: the missing tensor is named (was a bare KeyError mid-mapping)
+    cut = {k: v for k, v in sd.items() if k != "transformer_blocks.1.ff.net.2.bias"}
+    with pytest.raises(ValueError, match="missing key 'transformer_blocks.1.ff.net.2.bias'"):
+        mmdit_from_diffusers(cut, image_size=8, num_heads=2)
+    qk = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+        pooled_projection_dim=10, out_channels=4, pos_embed_max_size=4, qk_norm="rms_norm",
+    ).state_dict()  # fmt: skip
+    with pytest.raises(ValueError, match="num_heads=4: the QK-norm weights give 2 heads"):
+        mmdit_from_diffusers(qk, image_size=8, num_heads=4)

@@ -40,6 +40,18 @@ _SHAPE_KEYS = (
 )
 
 
+class _StateDict(dict):
+    """A state dict whose missing key is a ValueError naming it (a foreign or truncated file),
+    not a bare KeyError from the middle of the mapping."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], source: str):
+        super().__init__(state_dict)
+        self.source = source
+
+    def __missing__(self, key: str):
+        raise ValueError(f"not a complete {self.source} state dict: missing key {key!r}")
+
+
 def dit_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None) -> DiT:
     """Build our DiT from a facebookresearch/DiT state dict, architecture read off the shapes.
 
@@ -55,7 +67,7 @@ def dit_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int | N
     """
     if "ema" in state_dict and isinstance(state_dict["ema"], Mapping):
         state_dict = state_dict["ema"]
-    sd = dict(state_dict)
+    sd = _StateDict(state_dict, "facebookresearch/DiT")
     for key in _SHAPE_KEYS:
         if key not in sd:
             raise ValueError(f"not a facebookresearch/DiT state dict: missing key {key!r}")
@@ -157,7 +169,7 @@ def mmdit_from_diffusers(
     SD3 does not have, are zero (a model for labels must be trained). Raises ValueError on a
     foreign or unsupported state dict (SD3.5's dual attention, LayerNorm QK norm).
     """
-    sd = dict(state_dict)
+    sd = _StateDict(state_dict, "diffusers SD3Transformer2DModel")
     for key in ("pos_embed.proj.weight", "pos_embed.pos_embed", "proj_out.weight"):
         if key not in sd:
             raise ValueError(f"not a diffusers SD3Transformer2DModel state dict: missing {key!r}")
@@ -175,7 +187,10 @@ def mmdit_from_diffusers(
     if qk_norm:
         if "transformer_blocks.0.attn.norm_q.bias" in sd:
             raise ValueError("only qk_norm='rms_norm' is supported (found a LayerNorm)")
-        num_heads = hidden // sd["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        heads = hidden // sd["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        if num_heads not in (None, heads):  # the norm's width is the head size: no choice
+            raise ValueError(f"num_heads={num_heads}: the QK-norm weights give {heads} heads")
+        num_heads = heads
     elif num_heads is None:
         if hidden % 64:
             raise ValueError(f"width {hidden} is not a multiple of 64: pass num_heads")

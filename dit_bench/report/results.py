@@ -8,6 +8,7 @@ the summaries hold), plus `run_dir`. `curves` gives the long table of metrics.cs
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -94,5 +95,12 @@ def save_table(df: pd.DataFrame, path_stem: str | Path) -> None:
     """`<stem>.csv` and `<stem>.parquet`, beside each report."""
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path_stem.with_suffix(".csv"), index=False)
-    df.to_parquet(path_stem.with_suffix(".parquet"), index=False)
+    # Each through a temporary file: a crash mid-write leaves the previous table, not half a one.
+    for suffix, write in ((".csv", df.to_csv), (".parquet", df.to_parquet)):
+        path = path_stem.with_suffix(suffix)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            write(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

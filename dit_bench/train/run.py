@@ -224,30 +224,32 @@ def sample_images(
         if key not in own:
             settings.pop(key)
     net = module.eval_net(use_ema)
-    was_training = net.training
-    net.eval()
+    if seeds is not None and len(seeds) != len(labels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
     device = next(net.parameters()).device
     if seeds is None:
         g = torch.Generator(device=device).manual_seed(seed)
     else:
-        if len(seeds) != len(labels):
-            raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
         g = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     shape = (len(labels), info.channels, info.image_size, info.image_size)
     noise = randn(shape, g, device=device)
     labels = labels.to(device)
-    x = module.objective.sample(
-        net,
-        noise,
-        Cond(labels=labels),
-        sampler=sampler,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        uncond=Cond(labels=torch.full_like(labels, info.num_classes)),
-        generator=g,
-        **settings,
-    )
-    net.train(was_training)
+    was_training = net.training
+    net.eval()
+    try:  # a failed sample (bad option, Ctrl-C) must not leave a training net in eval mode
+        x = module.objective.sample(
+            net,
+            noise,
+            Cond(labels=labels),
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            uncond=Cond(labels=torch.full_like(labels, info.num_classes)),
+            generator=g,
+            **settings,
+        )
+    finally:
+        net.train(was_training)
     # latents are not bounded (DiT samples them unclipped); images are clamped to [-1, 1]
     return x if module.cfg.data.name == "latents" else x.clamp(-1, 1)
 
