@@ -46,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dit_bench.config import (
     UNION_SECTIONS,
     ConfigError,
@@ -599,11 +597,3 @@ def write_results(ab: Ablation, out: str | Path) -> Path | None:
     stem = Path(out) / ab.experiment / "results"
     save_table(table, stem)
     return stem
-
-
-def dump_plan(ab: Ablation) -> str:
-    """The resolved configs of a plan, as YAML (for inspection)."""
-    return yaml.safe_dump(
-        [{"variant": r.variant, "seed": r.seed, "config": r.cfg.to_dict()} for r in ab.runs],
-        sort_keys=False,
-    )

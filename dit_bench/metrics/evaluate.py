@@ -15,13 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -123,19 +121,6 @@ def check_checkpoint(run_dir: Path, checkpoint: str) -> Path:
             f"{run_dir}: no checkpoint {checkpoint!r} under checkpoints/; found {', '.join(found)}"
         )
     return folder / checkpoint
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in (
-        "dit-bench", "torch", "torchvision", "torchmetrics", "clean-fid", "scipy", "numpy",
-        "lightning",
-    ):  # fmt: skip
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 # Samples a metric needs: precision/recall's k-NN radii (k + 1 points), IS's splits.
@@ -268,7 +253,7 @@ def evaluate_run(
     what they are (up to float rounding), so it is not part of the request or protocol;
     `sample_seconds` then includes the compile."""
     from dit_bench.data import data_info
-    from dit_bench.train.run import git_commit, load_module, load_run_config
+    from dit_bench.train.run import git_commit, load_module, load_run_config, package_versions
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -426,7 +411,7 @@ def evaluate_run(
         "request": asdict(request),
         "sample_seconds": round(sample_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
-        "versions": package_versions(),
+        "versions": package_versions(("torchmetrics", "clean-fid", "scipy")),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),

@@ -18,7 +18,6 @@ import os
 import sys
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,7 +112,3 @@ def dataset_tensors(dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
     n = len(dataset) if limit is None else min(limit, len(dataset))
     items = [dataset[i] for i in range(n)]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
-
-
-def cached_reference_path(sid: str) -> Path:
-    return cache_dir() / "refstats" / f"{sid}.npz"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dit_bench.objectives.losses import at_least_f32, mean_flat
 from dit_bench.sampling import GeneratorArg, draw_slice, respace, respaced_betas, split_output
 from dit_bench.sampling import sample as run_sampler
 
@@ -242,15 +243,6 @@ def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales:
     )
 
 
-def _mean_flat(x: Tensor) -> Tensor:
-    return x.mean(dim=tuple(range(1, x.dim())))
-
-
-def _at_least_f32(x: Tensor) -> Tensor:
-    # losses are reduced in float32 even under bf16/fp16 autocast
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 # --------------------------------------------------------------------------------------------
 # The objective
 # --------------------------------------------------------------------------------------------
@@ -325,23 +317,23 @@ class DDPM:
         out = net(x_t, t.to(torch.float32), cond)
         pred, var_values = split_output(out, channels)
         target = chain.target(x0, noise, t, self.prediction)
-        mse = _mean_flat((_at_least_f32(target) - _at_least_f32(pred)) ** 2)
+        mse = mean_flat((at_least_f32(target) - at_least_f32(pred)) ** 2)
         if var_values is None:
             return {"loss": mse, "t": t}
         # stop-gradient on the mean (Nichol & Dhariwal §3.1): L_vlb only trains Sigma
         frozen = torch.cat([pred.detach(), var_values], dim=1)
-        vb = self.vb_bits_per_dim(_at_least_f32(frozen), x0, x_t, t)
+        vb = self.vb_bits_per_dim(at_least_f32(frozen), x0, x_t, t)
         loss = mse + self.VLB_WEIGHT * self.num_timesteps * vb
         return {"loss": loss, "mse": mse, "vb": vb, "t": t}
 
     def vb_bits_per_dim(self, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """L_t of the variational bound, per sample, in bits/dim: KL(q posterior || p) for t > 0,
         the discretised Gaussian decoder NLL for t = 0 (improved-diffusion `_vb_terms_bpd`)."""
-        x0, x_t = _at_least_f32(x0), _at_least_f32(x_t)
+        x0, x_t = at_least_f32(x0), at_least_f32(x_t)
         true_mean, true_log_var = self.chain.q_posterior(x0, x_t, t)
         mean, log_var, _ = self.chain.p_mean_log_var(out, x_t, t, prediction=self.prediction)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
-        nll = -_mean_flat(
+        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        nll = -mean_flat(
             discretized_gaussian_log_likelihood(x0, means=mean, log_scales=0.5 * log_var)
         ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
@@ -365,7 +357,7 @@ class DDPM:
             x_t = self.chain.q_sample(x0, noise, t)
             pred, _ = split_output(net(x_t, t.to(torch.float32), cond), x0.shape[1])
             target = self.chain.target(x0, noise, t, self.prediction)
-            per_level.append(((_at_least_f32(target) - _at_least_f32(pred)) ** 2).mean())
+            per_level.append(((at_least_f32(target) - at_least_f32(pred)) ** 2).mean())
         per_level_t = torch.stack(per_level)
         return {"loss": per_level_t.mean(), "per_level": per_level_t}
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dit_bench.objectives.losses import at_least_f32, mean_flat
 from dit_bench.sampling import GeneratorArg, NoiseLevels, draw_slice, from_x0_eps
 from dit_bench.sampling import sample as run_sampler
 
@@ -90,15 +91,6 @@ def flow_levels(steps: int, shift: float = 1.0) -> NoiseLevels:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     t = shift_time(torch.arange(1, steps + 1, dtype=torch.float64) / steps, shift)
     return NoiseLevels(timesteps=1000 * t, alphas=1 - t, sigmas=t)
-
-
-def _mean_flat(x: Tensor) -> Tensor:
-    return x.mean(dim=tuple(range(1, x.dim())))
-
-
-def _at_least_f32(x: Tensor) -> Tensor:
-    # losses are reduced in float32 even under bf16/fp16 autocast
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +189,7 @@ class Flow:
         x_t = (1 - tt) * x0 + tt * noise
         pred = self._out(net, x_t, t, cond, x0.shape[1])
         target = from_x0_eps(x0, noise, 1 - tt, tt, self.prediction)
-        return {"loss": _mean_flat((_at_least_f32(target) - _at_least_f32(pred)) ** 2), "t": t}
+        return {"loss": mean_flat((at_least_f32(target) - at_least_f32(pred)) ** 2), "t": t}
 
     @torch.no_grad()
     def val_loss(
@@ -218,7 +210,7 @@ class Flow:
             x_t = (1 - k / levels) * x0 + (k / levels) * noise
             pred = self._out(net, x_t, t, cond, x0.shape[1])
             target = from_x0_eps(x0, noise, 1 - k / levels, k / levels, self.prediction)
-            per_level.append(((_at_least_f32(target) - _at_least_f32(pred)) ** 2).mean())
+            per_level.append(((at_least_f32(target) - at_least_f32(pred)) ** 2).mean())
         per_level_t = torch.stack(per_level)
         return {"loss": per_level_t.mean(), "per_level": per_level_t}
 

@@ -343,9 +343,6 @@ def fit_chinchilla(
 
 
 # -- IsoFLOP profiles ------------------------------------------------------------------------------
-ISOFLOP_FORMULA = "L = c2 (log10 N)^2 + c1 log10 N + c0 per budget; N*(C) = k C^a"
-
-
 @dataclass(frozen=True)
 class IsoFlop:
     fit: Fit  # the N*(C) power law: params k, a

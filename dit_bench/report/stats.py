@@ -40,10 +40,6 @@ class Interval:
     hi: float
     level: float = LEVEL
 
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
-
 
 def mean_ci(values: Sequence[float], level: float = LEVEL) -> Interval:
     """Mean and its t-based confidence interval: mean +- t_{n-1, (1+level)/2} * s / sqrt(n)."""

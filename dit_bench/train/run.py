@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from dit_bench.backbones import Cond
-from dit_bench.bench import allow_tf32
+from dit_bench.bench import allow_tf32, device_name
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
@@ -313,9 +313,10 @@ def grid_sampler(cfg: ExperimentConfig):
 
 
 # -- summary ------------------------------------------------------------------------------------
-def package_versions() -> dict[str, str]:
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Python's version and the packages that decide a run's numbers (and `extra`)."""
     out = {"python": platform.python_version()}
-    for pkg in ("dit-bench", "torch", "lightning", "pydantic", "numpy"):
+    for pkg in ("dit-bench", "torch", "torchvision", "lightning", "pydantic", "numpy", *extra):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -335,13 +336,6 @@ def git_commit() -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def device_name(module: DiffusionModule) -> str:
-    dev = next(module.parameters()).device
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class _Timer(Callback):
@@ -393,7 +387,7 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         "train_seconds": module.train_seconds,  # steps and data, not evaluation (_Timer)
         "data_seconds": module.data_seconds,
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
-        "device": device_name(module),
+        "device": device_name(next(module.parameters()).device),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
