@@ -102,13 +102,11 @@ DATA_KEY_USERS = {"root": ("folder", "latents"), "vae": ("latents",), "num_sampl
 
 class BackboneConfig(_Strict):
     name: str = Field("dit-ti/4", description="a preset from `dit-bench info --list`")
-    conditioning: Literal[
-        "adaln_zero", "adaln", "cross_attn", "in_context", "joint_attn", "adagn"
-    ] = Field(
+    conditioning: str = Field(
         "adaln_zero",
-        description="conditioning scheme; allowed per family: dit adaln_zero|adaln|cross_attn|"
-        "in_context, mmdit joint_attn, unet adagn, uvit in_context. Left out: the family's own "
-        "(the first listed), written into the resolved config",
+        description="conditioning scheme, one the family implements (`dit-bench info --list`; "
+        "dit adaln_zero|adaln|cross_attn|in_context, mmdit joint_attn, unet adagn, uvit "
+        "in_context). Left out: the family's own (the first), written into the resolved config",
     )
     learn_sigma: bool = False
     # Optional overrides of the preset, the axes of a size sweep; None keeps the preset's value.
@@ -347,7 +345,7 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
         # Imported here: the config module must stay importable without building any model.
-        from dit_bench.backbones import CONDITIONINGS, PRESETS, geometry_errors
+        from dit_bench.backbones import CONDITIONINGS, FAMILIES, PRESETS, geometry_errors
         from dit_bench.data import data_info
 
         b = self.backbone
@@ -408,10 +406,11 @@ class ExperimentConfig(_Strict):
                     f"eval.cfg_channels={self.eval.cfg_channels}: the data has {channels} "
                     "channel(s)"
                 )
-        if self.train.bf16_stream and spec["family"] == "unet":
+        if self.train.bf16_stream and not FAMILIES[spec["family"]].token_stream:
+            streams = [k for k, f in FAMILIES.items() if f.token_stream]
             raise ValueError(
-                "train.bf16_stream applies to transformers (dit, mmdit, uvit); "
-                f"backbone.name={b.name!r} is a U-Net"
+                f"train.bf16_stream applies to transformers ({', '.join(streams)}); "
+                f"backbone.name={b.name!r} is a {spec['family']}"
             )
         return self
 

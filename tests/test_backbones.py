@@ -503,3 +503,18 @@ def test_in_context_tokens_are_removed_before_the_final_layer():
     assert seen["shape"] == (3, net.x_embedder.num_patches, 32)
     # adaLN-style schemes keep the adaptive final norm
     assert tiny("dit", "adaln").final_layer.adaptive
+
+
+def test_the_registry_is_built_from_each_family_s_record():
+    # A new family is its file (ending in FAMILY = Family(...)) and one entry in FAMILIES: the
+    # config's scheme check, presets and geometry all come from there.
+    from dit_bench.backbones import FAMILIES
+
+    names = [n for f in FAMILIES.values() for n in f.presets]
+    assert len(names) == len(set(names)) == len(PRESETS)  # no preset name in two families
+    for key, family in FAMILIES.items():
+        assert key == family.name and BACKBONES[key] is family.model
+        assert (
+            CONDITIONINGS[key] == family.conditionings and GEOMETRY[key] is family.geometry_errors
+        )
+        assert all(p["family"] == key for p in family.presets.values())

@@ -15,8 +15,8 @@ Families (one file each; references in each file's docstring):
     uvit   U-ViT, Bao et al. 2023: in_context (time, class and patches as tokens, long skips)
 
 A preset is a plain dict (a config, not a module) with a `family` key, so it serialises and
-lands in result tables. A new family is one file plus one line in each of `BACKBONES`,
-`CONDITIONINGS`, `GEOMETRY` and the `PRESETS` merge.
+lands in result tables. A new family is one file, ending in `FAMILY = Family(...)` (the model,
+its schemes, presets and geometry check; `family.py`), and its entry in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -48,30 +48,19 @@ class Cond:
 
 # The family modules type-check against Cond above, hence the late import.
 from dit_bench.backbones import dit, mmdit, unet, uvit  # noqa: E402
+from dit_bench.backbones.family import Family  # noqa: E402
 
-# family -> model class, built as cls(*, image_size, in_channels, num_classes, conditioning,
-#                                     learn_sigma, **the preset's keys)
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "dit": dit.DiT,
-    "mmdit": mmdit.MMDiT,
-    "unet": unet.UNet,
-    "uvit": uvit.UViT,
+# The registry: a new family is its file (ending in `FAMILY = Family(...)`) and its entry here.
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (dit.FAMILY, mmdit.FAMILY, unet.FAMILY, uvit.FAMILY)
 }
-# family -> conditioning schemes it implements (the first is the family's default).
-CONDITIONINGS: dict[str, tuple[str, ...]] = {
-    "dit": dit.CONDITIONINGS,
-    "mmdit": mmdit.CONDITIONINGS,
-    "unet": unet.CONDITIONINGS,
-    "uvit": uvit.CONDITIONINGS,
-}
-# family -> geometry_errors(spec, image_size, prefix="") -> list of messages naming the key.
-GEOMETRY: dict[str, Callable[..., list[str]]] = {
-    "dit": dit.geometry_errors,
-    "mmdit": mmdit.geometry_errors,
-    "unet": unet.geometry_errors,
-    "uvit": uvit.geometry_errors,
-}
-PRESETS: dict[str, dict] = {**dit.PRESETS, **mmdit.PRESETS, **unet.PRESETS, **uvit.PRESETS}
+
+# Views of the registry. family -> model class; -> conditioning schemes (the first is the
+# family's default); -> geometry_errors(spec, image_size, prefix="").
+BACKBONES: dict[str, Callable[..., nn.Module]] = {k: f.model for k, f in FAMILIES.items()}
+CONDITIONINGS: dict[str, tuple[str, ...]] = {k: f.conditionings for k, f in FAMILIES.items()}
+GEOMETRY: dict[str, Callable[..., list[str]]] = {k: f.geometry_errors for k, f in FAMILIES.items()}
+PRESETS: dict[str, dict] = {n: p for f in FAMILIES.values() for n, p in f.presets.items()}
 
 # Size overrides a config may set; each applies to the presets that have the key.
 OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size", "qk_norm")
@@ -166,6 +155,7 @@ def build_backbone(
 __all__ = [
     "BACKBONES",
     "CONDITIONINGS",
+    "FAMILIES",
     "GEOMETRY",
     "OVERRIDE_KEYS",
     "PRESETS",

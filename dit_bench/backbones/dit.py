@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dit_bench.backbones.family import Family
 from dit_bench.backbones.layers import (
     Attention,
     FinalLayer,
@@ -421,3 +422,5 @@ PRESETS: dict[str, dict] = {
     for size, (depth, width, heads) in _SIZES.items()
     for patch in (2, 4, 8)
 }
+
+FAMILY = Family("dit", DiT, CONDITIONINGS, PRESETS, geometry_errors)

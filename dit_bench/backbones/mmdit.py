@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dit_bench.backbones.family import Family
 from dit_bench.backbones.layers import (
     FinalLayer,
     LabelEmbedder,
@@ -323,3 +324,5 @@ PRESETS: dict[str, dict] = {
     for depth in (2, 4, 6, 8, 12, 16, 24, 38)  # d2-d6: CPU; d24 ~ SD3-medium; d38: SD3 8B
     for patch in (2, 4)
 }
+
+FAMILY = Family("mmdit", MMDiT, CONDITIONINGS, PRESETS, geometry_errors)

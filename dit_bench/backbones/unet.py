@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_bench.backbones.family import Family
 from dit_bench.backbones.layers import (
     LabelEmbedder,
     attention,
@@ -374,3 +375,5 @@ PRESETS: dict[str, dict] = {
         attention_ds=(8, 16, 32), head_channels=64,
     ),
 }  # fmt: skip
+
+FAMILY = Family("unet", UNet, CONDITIONINGS, PRESETS, geometry_errors, token_stream=False)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dit_bench.backbones.family import Family
 from dit_bench.backbones.layers import (
     LabelEmbedder,
     Mlp,
@@ -236,3 +237,5 @@ PRESETS: dict[str, dict] = {
     for size, (depth, width, heads, conv) in _SIZES.items()
     for patch in (2, 4)
 }
+
+FAMILY = Family("uvit", UViT, CONDITIONINGS, PRESETS, geometry_errors)
