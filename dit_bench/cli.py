@@ -81,7 +81,7 @@ def cmd_sample(args) -> int:
         raise ValueError(f"-o {args.output}: not an image file name (e.g. grid.png)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the long part
     if args.compile:
-        from dit_bench.bench import compile_backbone
+        from dit_bench.fast import compile_backbone
 
         compile_backbone(module.eval_net(use_ema=not args.no_ema))
     images = sample_images(

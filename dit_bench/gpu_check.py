@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from dit_bench import bench, step_variants
+from dit_bench import bench, fast, step_variants
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.objectives import build_objective
 
@@ -220,7 +220,7 @@ def plan(smoke: bool) -> dict:
 def section_environment(ctx: dict) -> dict:
     dev = ctx["device"]
     out = {
-        "device": bench.device_name(dev),
+        "device": fast.device_name(dev),
         "device_type": dev.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -246,10 +246,10 @@ def section_matmul(ctx: dict) -> dict:
     dev = ctx["device"]
     out = {}
     for precision in ("bf16", "fp32"):
-        with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+        with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
             mm = bench.matmul_peak(dev, precision, n=ctx["plan"]["matmul_n"])
         key = bench.peak_key(precision, dev, tf32=True)
-        sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+        sheet = bench.datasheet_peak(fast.device_name(dev), key) if dev.type == "cuda" else None
         out[precision] = {
             **mm,
             "tflops": mm["flops_per_s"] / 1e12,
@@ -269,9 +269,9 @@ def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
     peak = precision_peak["flops_per_s"] if precision_peak else None
     if peak is None:  # matmul section failed or was skipped: measure here
         peak = bench.matmul_peak(dev, cfg.precision, n=ctx["plan"]["matmul_n"])["flops_per_s"]
-    sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+    sheet = bench.datasheet_peak(fast.device_name(dev), key) if dev.type == "cuda" else None
     rows = []
-    with bench.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
+    with fast.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
         for name in cfg.backbones:
             rows += bench.bench_training(name, cfg, peak=peak, sheet=sheet, progress=log)
     eager = {r.backbone: r for r in rows if not r.compiled}
@@ -307,14 +307,14 @@ def section_profile(ctx: dict) -> dict:
     cfg = replace(cfg, backbones=(name,), device=str(dev))
     impl = bench.build_impls(name, cfg, dev)[-1]
     step, _ = bench.step_fn(impl, cfg, dev, bench.bench_inputs(cfg, dev))
-    with bench.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
+    with fast.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
         for _ in range(cfg.warmup):  # compiles (from the cache the bench section filled)
             step()
         out = bench.profile_step(step, dev)
     shares = ", ".join(f"{g} {_pct(v['share'])}" for g, v in out["groups"].items())
     log(f"{name} {impl.label}: {out['busy_ms_per_step']:.1f} ms busy per step: {shares}")
     key = bench.peak_key(cfg.precision, dev, cfg.tf32)
-    sheet = bench.datasheet_peak(bench.device_name(dev), key) if dev.type == "cuda" else None
+    sheet = bench.datasheet_peak(fast.device_name(dev), key) if dev.type == "cuda" else None
     timed = ctx.get("timed_s", {}).get((name, impl.label))
     budget = step_budget(impl.net, cfg.batch, out, timed_s=timed, sheet=sheet)
     return {"backbone": name, "label": impl.label, "precision": cfg.precision, **out, **budget}
@@ -436,12 +436,12 @@ def section_train(ctx: dict) -> dict:
         )
     objective = build_objective("ddpm")
     opt = torch.optim.AdamW(
-        net.parameters(), lr=p["lr"], fused=bench.fused_adamw_default(dev), weight_decay=0.0
+        net.parameters(), lr=p["lr"], fused=fast.fused_adamw_default(dev), weight_decay=0.0
     )
     g = torch.Generator(device=dev).manual_seed(0)
     losses = []
     t1 = time.perf_counter()
-    with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+    with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
         for _ in range(p["steps"]):
             idx = torch.randint(0, len(ds), (p["batch"],), device=dev, generator=g)
             x, y = images[idx], labels[idx]
@@ -541,7 +541,7 @@ def section_sampling(ctx: dict) -> dict:
     dev = ctx["device"]
     cfg = bench.BenchConfig(backbones=(name,), device=str(dev), **{**kw, "compile": False})
     result: dict = {}
-    with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+    with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
         rows = bench.bench_sampling(name, cfg, progress=log)
         if kw.get("compile"):
             try:
@@ -565,7 +565,7 @@ def section_variants(ctx: dict) -> dict:
     dev = ctx["device"]
     result: dict = {"backbone": name, "precision": cfg.precision, "batch": cfg.batch, "rows": []}
     try:
-        with bench.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+        with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
             step_variants.run_variants(
                 variants,
                 name,
@@ -859,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = bench.BenchConfig(device=args.device).resolved_device()
-    name = bench.device_name(device)
+    name = fast.device_name(device)
     started = datetime.now(timezone.utc)
     out_dirs = [Path(args.out)]
     if os.environ.get("OUT"):

@@ -10,7 +10,7 @@ synchronisations, as `dit-bench bench` times them). A variant is the shipped set
 tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   regional      no tweak: the shipped step, each identical block compiled once (compile_backbone)
   bf16-stream   the residual stream between the blocks kept in the autocast dtype
-                (`bench.bf16_stream`, shipped as `train.bf16_stream`, off by default: it
+                (`fast.bf16_stream`, shipped as `train.bf16_stream`, off by default: it
                 changes the numbers). Under autocast the stream is float32, so every
                 LayerNorm, modulate and residual add of a block reads and writes it in
                 float32: on an H100 those memory-bound kernels took 30% of the step
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from dit_bench import bench
+from dit_bench import bench, fast
 from dit_bench.backbones import layers
 from dit_bench.objectives.ddpm import DDPM
 
@@ -154,13 +154,13 @@ def build_variant(
         raise ValueError(f"{sorted(tweaks & CUDA_ONLY)} need a CUDA device")
     net = bench.make_ours(name, cfg, device)
     if "bf16-stream" in tweaks:
-        bench.bf16_stream(net)
+        fast.bf16_stream(net)
     if "whole" in tweaks:
         net.compile(backend=backend)
     else:
         modes = {"cudagraphs": "reduce-overhead", "max-autotune": "max-autotune-no-cudagraphs"}
         mode = next((modes[t] for t in sorted(tweaks) if t in modes), None)
-        bench.compile_backbone(net, mode, backend=backend)
+        fast.compile_backbone(net, mode, backend=backend)
     impl = bench.Impl(variant, "dit-bench", True, net.train(), net)
     losses: list[torch.Tensor] = []
     plain, _ = bench.step_fn(impl, cfg, device, bench.bench_inputs(cfg, device), losses)
@@ -235,7 +235,7 @@ def run_variants(
     before); a failing variant is recorded as {variant, error} and the next one runs. The MFU
     is against the datasheet peak (None off known GPUs); `vs_first` against the first variant."""
     key = bench.peak_key(cfg.precision, device, cfg.tf32)
-    sheet = bench.datasheet_peak(bench.device_name(device), key)
+    sheet = bench.datasheet_peak(fast.device_name(device), key)
     for variant in variants:
         if deadline is not None and time.perf_counter() > deadline:
             rows.append({"variant": variant, "error": "skipped: budget spent"})
@@ -287,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     device = cfg.resolved_device()
     sheet = bench.datasheet_peak(
-        bench.device_name(device), bench.peak_key(cfg.precision, device, cfg.tf32)
+        fast.device_name(device), bench.peak_key(cfg.precision, device, cfg.tf32)
     )
     result: dict = {
-        "device": bench.device_name(device),
+        "device": fast.device_name(device),
         "torch": torch.__version__,
         "backbone": args.backbone,
         "config": {"image_size": cfg.image_size, "channels": cfg.channels, "batch": cfg.batch},
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=1) + "\n")
 
-    with bench.allow_tf32(True) if device.type == "cuda" else contextlib.nullcontext():
+    with fast.allow_tf32(True) if device.type == "cuda" else contextlib.nullcontext():
         run_variants(
             variants,
             args.backbone,

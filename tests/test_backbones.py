@@ -28,7 +28,7 @@ from dit_bench.backbones import (
     geometry_errors,
     resolve_preset,
 )
-from dit_bench.bench import compile_backbone
+from dit_bench.fast import compile_backbone
 
 # family -> tiny explicit sizes (8x8 inputs, 3 channels, 5 classes)
 TINY = {

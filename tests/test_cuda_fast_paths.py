@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dit_bench.backbones import Cond, build_backbone
-from dit_bench.bench import allow_tf32, compile_backbone, profile_step
+from dit_bench.bench import profile_step
+from dit_bench.fast import allow_tf32, compile_backbone
 from dit_bench.objectives import build_objective
 
 try:

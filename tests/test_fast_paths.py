@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.backbones.layers import GELUTanhAsSigmoid, ShortAttention
-from dit_bench.bench import compile_backbone, fused_adamw_default
+from dit_bench.fast import compile_backbone, fused_adamw_default
 
 
 def _net(name: str, size: int = 8, channels: int = 2, learn_sigma: bool = True):

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from dit_bench import bench
+from dit_bench import fast
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.config import ExperimentConfig, build_config
 from dit_bench.train.run import train
@@ -120,7 +120,7 @@ def test_bf16_stream_config_rules_and_hash():
 def _block_token_dtypes(net: torch.nn.Module, *inputs) -> list[tuple]:
     """The dtypes of each block's tensor inputs, as the block receives them."""
     seen: list[tuple] = []
-    for block in bench.blocks_of(net):  # registered after bf16_stream's hook: runs after it
+    for block in fast.blocks_of(net):  # registered after bf16_stream's hook: runs after it
         block.register_forward_pre_hook(
             lambda m, args: seen.append(
                 tuple((a.ndim, a.dtype) for a in args if isinstance(a, torch.Tensor))
@@ -151,7 +151,7 @@ def test_bf16_stream_casts_the_token_streams_only_under_autocast(name, condition
     off_zero_init(net)  # its output is zero whatever the stream
     plain = build_backbone(name, **kw).eval()
     plain.load_state_dict(net.state_dict())
-    bench.bf16_stream(net)
+    fast.bf16_stream(net)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10.0, 900.0])
     cond = Cond(labels=torch.tensor([3, 7]))
 

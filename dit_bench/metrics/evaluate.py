@@ -310,7 +310,7 @@ def evaluate_run(
 
     module = load_module(run_dir, request.checkpoint).to(device)
     if compile:
-        from dit_bench.bench import compile_backbone
+        from dit_bench.fast import compile_backbone
 
         compile_backbone(module.eval_net(use_ema))
     step = module.checkpoint_step

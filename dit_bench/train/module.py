@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
-from dit_bench.bench import bf16_stream, compile_backbone, fused_adamw_default
 from dit_bench.data import DataInfo
+from dit_bench.fast import bf16_stream, compile_backbone, fused_adamw_default
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
 

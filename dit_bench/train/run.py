@@ -31,10 +31,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from dit_bench.backbones import Cond
-from dit_bench.bench import allow_tf32, device_name
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
+from dit_bench.fast import allow_tf32, device_name
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
