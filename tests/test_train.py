@@ -111,6 +111,8 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     # the three validations (steps 4, 8, 12) slept 1.5 s between steps: none of it counts
     assert s["train_seconds"] - s["data_seconds"] < 1.0 < wall - s["train_seconds"]
     assert s["img_per_s"] == pytest.approx(12 * 8 / s["train_seconds"])
+    # the wall clock of the fit counts them all, and not the set-up before it
+    assert s["train_seconds"] + 1.5 < s["wall_seconds"] < wall
 
 
 def test_same_seed_same_numbers_other_seed_differs(tmp_path):
@@ -130,11 +132,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         train(cfg, tmp_path / "cut", progress=False, callbacks=[InterruptAt(6)])
     cut = find_run_dir(tmp_path / "cut", cfg)
     assert not (cut / "summary.json").exists()
+    first = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["wall_seconds"]
+    t0 = time.perf_counter()
     resumed = train(cfg, tmp_path / "cut", progress=False)
+    second = time.perf_counter() - t0
     assert resumed == cut
     assert read_csv(ref / "metrics.csv") == read_csv(resumed / "metrics.csv")
     s_ref, s_res = (json.loads((r / "summary.json").read_text()) for r in (ref, resumed))
     assert s_ref["val_loss"] == s_res["val_loss"]
+    assert first > 0 and first < s_res["wall_seconds"] < first + second  # both sessions
     a, b = final_state(ref), final_state(resumed)
     assert a.keys() == b.keys()
     for k in a:

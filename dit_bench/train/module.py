@@ -82,6 +82,11 @@ class DiffusionModule(L.LightningModule):
         # The training loop's time, accumulated over resumes (run._Timer), for img/s in the
         # summary; data_seconds is the part spent waiting for batches.
         self.train_seconds = self.data_seconds = 0.0
+        # Wall-clock time of the fit, everything included (validation, grids, checkpoints), also
+        # over resumes: wall_seconds is the earlier sessions', and this one's runs since
+        # wall_start (run._Timer sets it when training starts).
+        self.wall_seconds = 0.0
+        self.wall_start: float | None = None
         self.batch_done_at: float | None = None  # when the last batch's hooks had all run
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
@@ -172,6 +177,11 @@ class DiffusionModule(L.LightningModule):
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
         return mean
 
+    def elapsed_wall_seconds(self) -> float:
+        """The fit's wall-clock time so far, earlier sessions of a resumed run included."""
+        now = time.perf_counter() - self.wall_start if self.wall_start is not None else 0.0
+        return self.wall_seconds + now
+
     # -- validation: fixed images, fixed noise, fixed time grid ---------------------------
     def eval_net(self, use_ema: bool | None = None) -> nn.Module:
         """The EMA copy or the trained net (None: as the run's `eval.use_ema`)."""
@@ -199,6 +209,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["data_seconds"] = self.data_seconds
+        checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
 
@@ -210,6 +221,7 @@ class DiffusionModule(L.LightningModule):
             )
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seconds = checkpoint.get("data_seconds", 0.0)
+        self.wall_seconds = checkpoint.get("wall_seconds", 0.0)
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count

@@ -348,6 +348,9 @@ class _Timer(Callback):
     every callback's) to the next batch's start. Set-up and the first batch are not counted.
     """
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.wall_start = time.perf_counter()  # after a resume's checkpoint is loaded
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
         if pl_module.batch_done_at is not None:
@@ -386,6 +389,8 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         "train_flops": training_flops(fwd["flops"], n_img),
         "train_seconds": module.train_seconds,  # steps and data, not evaluation (_Timer)
         "data_seconds": module.data_seconds,
+        # the fit's wall clock, evaluation and checkpoints included, over every session
+        "wall_seconds": module.elapsed_wall_seconds(),
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
         "device": device_name(next(module.parameters()).device),
         "versions": package_versions(),
