@@ -747,6 +747,7 @@ class Worker:
     poll: float = 2.0
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
     started: float = field(default_factory=time.perf_counter)
+    local_workers: int = 1  # workers sharing this machine's CPU threads
 
     def run(self, n_trials: int | None = None) -> int:
         """Run trials until the study is done; returns the number this worker finished."""
@@ -860,8 +861,7 @@ class Worker:
                 return
             threads = plan.cfg.train.threads
             if threads is None and not _has_cuda():
-                workers = int(os.environ.get("DIT_BENCH_SWEEP_WORKERS", "1"))
-                threads = max(1, (os.cpu_count() or 1) // workers)
+                threads = max(1, (os.cpu_count() or 1) // self.local_workers)
                 plan = _with_threads(plan, threads)
             trial.set_user_attr("worker", self.name)
             trial.set_user_attr("config_hash", plan.cfg.hash)
@@ -979,9 +979,8 @@ def _worker_main(spec, source, overrides, storage_url, out, n_trials, gpu, worke
     started = time.perf_counter()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    os.environ["DIT_BENCH_SWEEP_WORKERS"] = str(workers)
     sweep = Sweep(SweepSpec.model_validate(spec), source, tuple(overrides))
-    Worker(sweep, storage_url, Path(out), started=started).run(n_trials)
+    Worker(sweep, storage_url, Path(out), started=started, local_workers=workers).run(n_trials)
 
 
 def run_sweep(
@@ -1007,7 +1006,6 @@ def run_sweep(
     out = Path(out)
     storage = storage or default_storage(sweep, out)
     workers = workers or sweep.spec.workers
-    os.environ["DIT_BENCH_SWEEP_WORKERS"] = str(workers)
     open_study(sweep, storage)  # created once here, before workers race to create it
     if workers == 1:
         Worker(sweep, storage, out, progress=progress).run(n_trials)
