@@ -48,6 +48,7 @@ from typing import Any
 
 from dit_bench.config import (
     UNION_SECTIONS,
+    USER_ERRORS,
     ConfigError,
     ExperimentConfig,
     build_config,
@@ -514,7 +515,8 @@ def run_ablation(
             try:
                 run_dir = Path(_train_one(r.cfg, str(out), progress, callbacks))
             except Exception as e:  # this run fails; the ablation goes on
-                _log(traceback.format_exc().rstrip())
+                if not isinstance(e, USER_ERRORS):
+                    _log(traceback.format_exc().rstrip())
                 failed(r, e)
                 continue
             finished(r, run_dir)
@@ -552,8 +554,8 @@ def _run_parallel(
                     except BrokenProcessPool:
                         raise  # a worker died (killed, out of memory): the pool is gone
                     except Exception as e:  # the run raised in its worker; the others go on
-                        if e.__cause__ is not None:  # the worker's traceback, as text
-                            _log(str(e.__cause__).rstrip())
+                        if e.__cause__ is not None and not isinstance(e, USER_ERRORS):
+                            _log(str(e.__cause__).rstrip())  # the worker's traceback, as text
                         failed(r, e)
                         continue
                     finished(r, run_dir)
@@ -592,8 +594,10 @@ def write_results(ab: Ablation, out: str | Path) -> Path | None:
     from dit_bench.report.results import save_table
 
     table = results_table(ab, out)
-    if table.empty:
-        return None
     stem = Path(out) / ab.experiment / "results"
+    if table.empty:  # no run of this plan finished: an earlier plan's table would mislead
+        for suffix in (".csv", ".parquet"):
+            stem.with_suffix(suffix).unlink(missing_ok=True)
+        return None
     save_table(table, stem)
     return stem

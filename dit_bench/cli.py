@@ -16,7 +16,7 @@ EPILOG = """examples:
   dit-bench train                                  # the default: a small DiT on mnist
   dit-bench train --set data.name=digits --set data.image_size=null --set train.steps=300
   dit-bench show-config my.yaml --set optim.lr=3e-4
-  dit-bench sample runs/default/<run> -o grid.png --cfg 2.0
+  dit-bench sample runs/mnist-demo/<run> -o grid.png --cfg 2.0
   dit-bench info dit-xl/2
 """
 
@@ -76,10 +76,20 @@ def cmd_sample(args) -> int:
         labels = torch.arange(args.n) % info.num_classes
     if module.cfg.data.name == "latents" and not module.cfg.data.vae:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
+    sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
+    cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
+    # By default into the run's samples/, named by what made it (not ./grid.png in any cwd).
+    output = (
+        Path(args.output)
+        if args.output
+        else Path(args.run_dir)
+        / "samples"
+        / (f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}.png")
+    )
     Image.init()
-    if Path(args.output).suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"-o {args.output}: not an image file name (e.g. grid.png)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the long part
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"-o {output}: not an image file name (e.g. grid.png)")
+    output.parent.mkdir(parents=True, exist_ok=True)  # before the long part
     if args.compile:
         from dit_bench.fast import compile_backbone
 
@@ -87,15 +97,15 @@ def cmd_sample(args) -> int:
     images = sample_images(
         module,
         labels,
-        sampler=args.sampler or e.sampler,
-        steps=args.steps or e.sample_steps,
-        cfg_scale=e.cfg_scale if args.cfg is None else args.cfg,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
         seed=args.seed,
         use_ema=not args.no_ema,
     )
     images = to_images(module.cfg, images)
-    save_grid(images, Path(args.output), ncol=args.ncol or info.num_classes)
-    print(f"wrote {len(images)} samples to {args.output}")
+    save_grid(images, output, ncol=args.ncol or info.num_classes)
+    print(f"wrote {len(images)} samples to {output}")
     return 0
 
 
@@ -254,7 +264,12 @@ def cmd_ablate(args) -> int:
     except RunsFailed as e:  # the other runs trained: their results and report still stand
         print(f"dit-bench: {e}", file=sys.stderr)
         rc = 1
-    print(f"results: {root / 'results.csv'} (and .parquet), {len(ab.runs)} runs under {root}")
+    if not (root / "results.csv").exists():  # no run of the plan finished
+        return rc
+    import pandas as pd
+
+    done = len(pd.read_csv(root / "results.csv"))
+    print(f"results: {root / 'results.csv'} (and .parquet): {done} of {len(ab.runs)} runs")
     print(f"report:  dit-bench report ablation {root} -o reports/{ab.experiment}")
     return rc
 
@@ -409,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="sample a grid of images from a trained run")
     sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
-    sp.add_argument("-o", "--output", default="grid.png", help="PNG to write")
+    sp.add_argument(
+        "-o",
+        "--output",
+        help="image to write (default: RUN_DIR/samples/sample-<sampler>-<steps>steps-cfg<cfg>-"
+        "seed<seed>.png)",
+    )
     sp.add_argument("--n", type=positive, default=64, help="number of samples")
     sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
@@ -629,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dit_bench.config import ConfigError
+    from dit_bench.config import USER_ERRORS, ConfigError
 
     args = build_parser().parse_args(argv)
     try:
@@ -643,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
-    except (OSError, ValueError, FloatingPointError) as e:  # named file, bad value, divergence
+    except USER_ERRORS as e:  # named file, bad value, divergence
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
 

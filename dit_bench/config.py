@@ -32,6 +32,10 @@ from pydantic import (
     model_validator,
 )
 
+# Errors whose message says what to fix (a bad value, a missing or broken file, a diverged
+# run): commands print the message alone. Anything else is a bug, shown with its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names each bad key and what is allowed."""

@@ -76,6 +76,7 @@ from pydantic import (
 
 from dit_bench.config import (
     UNION_SECTIONS,
+    USER_ERRORS,
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -896,7 +897,8 @@ class Worker:
                 raise
             except Exception as e:  # the trial fails; the sweep goes on
                 error = f"{type(e).__name__}: {e}"
-                self.log(traceback.format_exc().rstrip())  # the where, for the one who debugs
+                if not isinstance(e, USER_ERRORS):  # a bug: the where, for the one who debugs
+                    self.log(traceback.format_exc().rstrip())
             run = find_run_dir(self.out, plan.cfg)
             record = trial_record(plan, read_curve(run, plan) if run else [])
             for i, v in enumerate(record["val_at_budget"]):

@@ -242,6 +242,7 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
         "dit-bench: 1 run(s) failed:\n  run 2 diverges seed 0: FloatingPointError: non-finite"
         in err
     )
+    assert "Traceback" not in err  # the divergence message says what to fix
     import pandas as pd
 
     table = pd.read_csv(out / "tiny-cpu" / "results.csv")  # the runs after it trained too
@@ -249,6 +250,16 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
     # the report of what finished works, and names the variant that has no runs
     assert main(["report", "ablation", str(out / "tiny-cpu"), "-o", str(tmp_path / "r")]) == 0
     assert "Not finished: diverges seed 0 (planned" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_an_ablation_with_no_finished_run_points_to_no_results(tmp_path, capsys):
+    base = {**TINY_BASE, "optim": {**TINY_BASE["optim"], "lr": 1e30}}  # every run diverges
+    path = write_ablation(tmp_path, base=base, seeds=[0])
+    out = tmp_path / "runs"
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert "2 run(s) failed" in printed.err and "results:" not in printed.out
+    assert not (out / "tiny-cpu" / "results.csv").exists()
 
 
 def test_dry_run_trains_nothing(tmp_path, capsys):

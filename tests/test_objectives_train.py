@@ -138,6 +138,11 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     assert torch.equal(_grid(out), _grid(again))  # seeded
     assert main([*args, "--seed", "1", "-o", str(again)]) == 0
     assert not torch.equal(_grid(out), _grid(again))
+    # without -o: into the run's samples/, named by how it was sampled (not ./grid.png)
+    assert main(args) == 0
+    default = tiny_run / "samples" / "sample-ddpm-3steps-cfg1.5-seed0.png"
+    assert f"wrote 4 samples to {default}" in capsys.readouterr().out
+    assert torch.equal(_grid(out), _grid(default))
     assert main(["sample", str(tiny_run), "--labels", "99", "-o", str(again)]) == 2
     assert "dit-bench: --labels: values must be in 0..10" in capsys.readouterr().err
     assert main(["sample", str(tiny_run), "--labels", "a", "-o", str(again)]) == 2
