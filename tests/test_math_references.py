@@ -12,14 +12,13 @@ and compares it with the project's value, on inputs where the mutated formula is
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
+from test_sweep import write_tiny  # the tiny sweep of the sweep tests
 
 from dit_bench.backbones import Cond
 from dit_bench.config import ConfigError
@@ -313,49 +312,21 @@ def test_power_law_with_floor_at_min_loss_is_flagged_at_its_bound():
 
 # ============================================================================ sweep budgets, curve
 
-# The minimum of tests/test_sweep.py's TINY sweep: one-block DiT on 8x8 shapes, built on the meta
-# device only (no training here)
-TINY = {
-    "name": "tiny",
-    "base": {
-        "data": {"name": "shapes", "image_size": 8, "num_samples": 128},
-        "backbone": {"name": "dit-xs/4"},
-        "objective": {"name": "flow"},
-        "train": {"batch_size": 8, "threads": 1},
-    },
-    "space": {
-        "size": {
-            "choices": {
-                "a": {"backbone.depth": 1, "backbone.hidden_size": 16, "backbone.num_heads": 1}
-            }
-        },
-        "backbone.patch_size": {"choices": [2, 4]},
-    },
-    "budgets": [2.0e6, 8.0e6, 3.2e7],
-}
-
-
-def _write_tiny(path, **changes):
-    spec = json.loads(json.dumps(TINY))
-    spec.update(changes)
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
 
 def test_budgets_are_sorted_ascending_and_duplicates_refused(tmp_path):
-    sweep = load_sweep(_write_tiny(tmp_path / "a.yaml", budgets=[3.2e7, 2.0e6, 8.0e6]))
+    sweep = load_sweep(write_tiny(tmp_path / "a.yaml", budgets=[3.2e7, 2.0e6, 8.0e6]))
     assert sweep.spec.budgets == [2.0e6, 8.0e6, 3.2e7]  # budget index = compute order (pruners)
     plan = sweep.plan({"size": "a", "backbone.patch_size": 4})
     assert plan.budgets == [2.0e6, 8.0e6, 3.2e7]
     assert plan.budget_steps == sorted(plan.budget_steps)
     with pytest.raises(ConfigError, match="distinct"):
-        load_sweep(_write_tiny(tmp_path / "b.yaml", budgets=[2.0e6, 8.0e6, 2.0e6]))
+        load_sweep(write_tiny(tmp_path / "b.yaml", budgets=[2.0e6, 8.0e6, 2.0e6]))
 
 
 def test_read_curve_counts_three_forward_flops_per_image(tmp_path):
     # Kaplan et al. 2020 §2.1: training compute C = 3 x forward FLOPs x images seen (backward
     # ~ 2 forward), images = step x batch
-    sweep = load_sweep(_write_tiny(tmp_path / "t.yaml"))
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
     plan = sweep.plan({"size": "a", "backbone.patch_size": 2})
     batch = plan.cfg.train.batch_size
     assert batch > 1
