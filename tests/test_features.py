@@ -3,6 +3,8 @@
 Uses digits-net (8x8 inputs: trains in seconds) in a temporary cache folder.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,14 @@ def test_reference_stats_cached_by_content(net, digits, cache):
     np.testing.assert_allclose(b.mu, a.mu)
     c = reference_stats(x[:-1], net)  # other content: other id
     assert c.id != a.id
+    # other weights under the same name (a retrained small net, another Inception file): the
+    # cached features of the old weights must not be reused
+    other = copy.copy(net)
+    other.sha256 = "0" * 64
+    d = reference_stats(x, other)
+    assert d.id != a.id and not d.meta["cached"]
+    # cache=False computes afresh even when the entry exists
+    assert not reference_stats(x, net, cache=False).meta["cached"]
 
 
 # clean-fid's own sqrtm warns on the rank-deficient covariance of ReLU features; it still agrees
