@@ -314,6 +314,48 @@ def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
+def test_a_lost_trial_is_retried_max_retry_times_and_an_erroring_one_never(tmp_path):
+    from dit_bench.sweep import Worker
+
+    hb = {"interval": 1, "grace": 3, "max_retry": 1}
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", heartbeat=hb))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    w = Worker(sweep, url, tmp_path / "runs", name="w", log=lambda m: None)
+    w.study, rdb = open_study(sweep, url)
+    w.storage = w.study._storage
+    w.claims = Claims(rdb, w.study._study_id, "w")
+    fail, waiting = optuna.trial.TrialState.FAIL, (optuna.trial.TrialState.WAITING,)
+
+    def lose(trial, **attrs):  # as fail_stale_trials leaves a dead worker's trial
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        w.study.tell(trial, state=fail)
+
+    lose(w.study.ask(), attempt=1)
+    lose(w.study.ask(), attempt=1, error="ValueError: bad data")  # would fail again
+    w._retry_failed()
+    (retry,) = w.study.get_trials(states=waiting)
+    assert retry.user_attrs["attempt"] == 2  # max_retry 1: one re-run of the lost trial
+    lose(w._pop_waiting())  # its re-run is lost too: attempt 2 > max_retry, no more
+    w._retry_failed()
+    assert not w.study.get_trials(states=waiting)
+    assert len(w.study.trials) == 3
+
+
+def test_a_run_without_its_final_validation_has_no_final_value(tmp_path):
+    # a pruned or cut-short run: its last curve row is not the last step, so the trial is not
+    # COMPLETE with an earlier value
+    from dit_bench.sweep import trial_record
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    plan = sweep.plan(sweep.points()[0])
+    last = plan.cfg.train.steps
+    early = [{"step": 1, "val_loss": 2.0}]
+    assert trial_record(plan, early)["val_loss"] is None
+    assert trial_record(plan, [*early, {"step": last, "val_loss": 1.5}])["val_loss"] == 1.5
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
 def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
     from dit_bench.cli import main
 
