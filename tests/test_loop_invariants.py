@@ -1,0 +1,298 @@
+"""Invariants of the training loop's bookkeeping: what gets logged, sampled and timed, and when.
+
+The end-to-end tests train runs whose length is a multiple of every interval, never resume past
+a logged row, and read only numbers that stay plausible when the bookkeeping is off by a step.
+A mutation audit found one-line bugs in the callbacks, the data module and the bf16 stream hook
+that survive them all, each of which gives a user wrong numbers or lost rows: a resumed
+metrics.csv logging a step twice, no validation / FD / sample grid at a final step off the
+interval, an in-training FD whose seed moves with the step, a sweep's pruner missing its
+budgets, timing splits that count validations as training, a checkpoint torn by a kill,
+loader workers that repeat steps, a validation set of the wrong size, integer tensors cast to
+bf16.
+
+One short training (its length off every interval, a ValAtSteps watching it) feeds the tests
+that need Lightning's loop; the rest call the callbacks directly on small stubs, where the
+clock, the samples or the step can be set by hand.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train import InterruptAt, read_csv, tiny
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dit_bench.data.module import DiffusionDataModule, StepBatches, batch_indices
+from dit_bench.fast import bf16_stream
+from dit_bench.train import callbacks
+from dit_bench.train.callbacks import (
+    AtomicCheckpointIO,
+    CSVMetrics,
+    FrechetDistanceMetric,
+    SampleGrid,
+    StepMetrics,
+    ValAtSteps,
+)
+from dit_bench.train.module import DiffusionModule
+from dit_bench.train.run import find_run_dir, train
+
+# 10 steps against intervals of 4: the last step is on no interval, so only the "and at the
+# end" clauses put a validation, a grid or an FD there.
+STEPS = 10
+BUDGETS = (3, 8, 10)  # off the val interval, on it, and the final step
+
+
+class Recorder:
+    """A logger stub: the (step, metrics) of each log_metrics call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+
+@pytest.fixture(scope="module")
+def watched_run(tmp_path_factory):
+    """One training of STEPS steps with a ValAtSteps at BUDGETS, recording what its on_val sees
+    and the step of every validation actually computed."""
+    validated, reported = [], []
+    original = DiffusionModule.validation_metrics
+
+    def counting(self, loader):
+        validated.append(self.global_step)
+        return original(self, loader)
+
+    tracker = ValAtSteps(BUDGETS, on_val=lambda step, m: reported.append((step, m["val/loss"])))
+    cfg = tiny(f"train.steps={STEPS}", "train.sample_every=4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DiffusionModule, "validation_metrics", counting)
+        run = train(cfg, tmp_path_factory.mktemp("watched"), progress=False, callbacks=[tracker])
+    return SimpleNamespace(run=run, tracker=tracker, validated=validated, reported=reported)
+
+
+# -- what a run logs and samples, and when ------------------------------------------------------
+def test_sample_grids_come_at_every_interval_and_at_a_final_step_off_it(watched_run):
+    grids = sorted(p.name for p in (watched_run.run / "samples").glob("*.png"))
+    assert grids == ["step-0000004.png", "step-0000008.png", "step-0000010.png"]
+
+
+def test_val_at_steps_reports_each_budget_once_with_the_logged_val_loss(watched_run):
+    """A sweep prunes on these values: each budget step is reported exactly once, with the
+    val loss metrics.csv holds for it, and a step StepMetrics validates anyway (on the interval,
+    the final one) is read back from it, not validated a second time."""
+    rows = {int(r["step"]): r for r in read_csv(watched_run.run / "metrics.csv")}
+    assert [s for s, _ in watched_run.reported] == list(BUDGETS)
+    for step, value in watched_run.reported:
+        assert value == float(rows[step]["val/loss"]), step
+    assert watched_run.validated == [3, 4, 8, 10]
+
+
+def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_it(tmp_path):
+    trainer = SimpleNamespace(
+        max_steps=STEPS,
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
+        logger=Recorder(),
+        datamodule=SimpleNamespace(fixed_val_loader=lambda: None),
+    )
+    module = SimpleNamespace(
+        pop_train_loss=lambda: 1.0, validation_metrics=lambda loader: {"val/loss": 2.0}
+    )
+    metrics = StepMetrics(log_every=100, val_every=4)
+    fd = FrechetDistanceMetric(tiny(), every=4, num_samples=8, features="digits-net")
+    measured, grids = [], []
+    fd.measure = lambda trainer, pl_module: measured.append(trainer.global_step)
+    grid = SampleGrid(tmp_path, every=4, sample_fn=lambda m, path: grids.append(path.name))
+    for step in range(1, STEPS + 1):
+        trainer.global_step = step
+        for callback in (metrics, fd, grid):
+            callback.on_train_batch_end(trainer, module, None, None, step - 1)
+    grid.on_train_end(trainer, module)
+    assert [s for s, m in trainer.logger.calls if "val/loss" in m] == [4, 8, 10]
+    assert module.last_val["step"] == STEPS
+    assert measured == [4, 8, 10]
+    assert grids == ["step-0000004.png", "step-0000008.png", "step-0000010.png"]
+
+
+def test_a_resumed_metrics_csv_holds_each_step_once(tmp_path):
+    """Rows logged after the checkpoint the run resumes from are dropped, then logged again by
+    the resumed run: the file ends as an uninterrupted run's, no step twice."""
+    cfg = tiny(f"train.steps={STEPS}", "train.log_every=1")  # checkpoints every 4 steps
+    with pytest.raises(KeyboardInterrupt):
+        # before step 7's rows, after those of 5 and 6, which lie past the step-4 checkpoint
+        train(cfg, tmp_path, progress=False, callbacks=[InterruptAt(7)])
+    run = find_run_dir(tmp_path, cfg)
+    assert [int(r["step"]) for r in read_csv(run / "metrics.csv")] == list(range(1, 7))
+    train(cfg, tmp_path, progress=False)
+    assert [int(r["step"]) for r in read_csv(run / "metrics.csv")] == list(range(1, STEPS + 1))
+
+
+def test_csv_metrics_on_resume_drops_rows_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.csv"
+    old = CSVMetrics(path)
+    for step in (2, 4, 6, 8):
+        old.log_metrics({"train/loss": float(step)}, step=step)
+    resumed = CSVMetrics(path, resume_step=4)
+    resumed.log_metrics({"train/loss": 60.0}, step=6)
+    assert [(r["step"], r["train/loss"]) for r in read_csv(path)] == [
+        ("2", "2.0"),
+        ("4", "4.0"),
+        ("6", "60.0"),
+    ]
+
+
+def test_csv_metrics_leaves_out_lightnings_epoch_counter(tmp_path):
+    # Lightning adds "epoch" to whatever a module logs with self.log(logger=True); the step
+    # stream has no epochs, and a column of zeros would only mislead.
+    path = tmp_path / "metrics.csv"
+    CSVMetrics(path).log_metrics({"train/loss": 0.5, "epoch": 0}, step=2)
+    assert read_csv(path) == [{"step": "2", "train/loss": "0.5"}]
+
+
+# -- the in-training FD ---------------------------------------------------------------------------
+def fd_metric(cfg) -> FrechetDistanceMetric:
+    """The FD callback with a stand-in feature net (four pixel sums: a NaN pixel makes its
+    sample's features NaN, as with a real net) and reference statistics, so no feature net is
+    trained or loaded."""
+    fd = FrechetDistanceMetric(cfg, every=4, num_samples=8, features="digits-net")
+
+    def features(images):
+        return images.flatten(1).reshape(len(images), 4, -1).sum(-1).double().numpy(), None
+
+    fd._net = SimpleNamespace(metric_prefix="FD-stub", features=features)
+    fd._ref = SimpleNamespace(mu=torch.zeros(4).numpy(), sigma=torch.eye(4).double().numpy())
+    return fd
+
+
+def test_in_training_fd_of_the_same_weights_is_the_same_at_any_step():
+    """The samples use one fixed seed, so values along a run differ by the weights only."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    fd = fd_metric(cfg)
+    values = []
+    for step in (4, 8):
+        trainer = SimpleNamespace(global_step=step, logger=Recorder())
+        values.append(fd.measure(trainer, module))
+    assert math.isfinite(values[0]) and values[0] == values[1]
+
+
+def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch, capsys):
+    from dit_bench.metrics import evaluate
+
+    images = torch.rand(8, 1, 8, 8)
+    images[5, 0, 3, 3] = float("nan")  # one sample of eight: a diverging run's first sign
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: images)
+    fd = fd_metric(tiny())
+    trainer = SimpleNamespace(global_step=4, logger=Recorder())
+    module = SimpleNamespace(device=torch.device("cpu"))
+    # scored instead, the NaN features would make scipy raise: the run would die at this step
+    assert math.isnan(fd.measure(trainer, module))
+    assert math.isnan(trainer.logger.calls[0][1]["val/FD-stub"])
+    assert math.isnan(module.last_fd["val/FD-stub"])
+    assert "1 of 8 samples are not finite; val/FD-stub = nan" in capsys.readouterr().err
+
+
+# -- ValAtSteps' timing splits --------------------------------------------------------------------
+def test_val_at_steps_timing_splits_add_up_to_the_wall_clock(monkeypatch):
+    """step_seconds: the steps alone; loop_seconds: steps plus everything between them except
+    the validations ValAtSteps runs; val_seconds: those. So loop + val is the wall clock from
+    the start of training to the last step, and a sweep's overhead is what lies outside it."""
+    now = [0.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def validation_metrics(loader):
+        now[0] += 5.0  # each validation
+        return {"val/loss": 1.0}
+
+    module = SimpleNamespace(validation_metrics=validation_metrics, last_val={})
+    trainer = SimpleNamespace(
+        max_steps=4,
+        callbacks=[StepMetrics(log_every=1, val_every=4)],
+        logger=Recorder(),
+        datamodule=SimpleNamespace(fixed_val_loader=lambda: None),
+    )
+    tracker = ValAtSteps([2, 3])  # off the val interval: ValAtSteps validates them itself
+    tracker.on_train_start(trainer, module)
+    for step in range(1, 5):
+        now[0] += 1.0  # data loading and hooks between steps
+        tracker.on_train_batch_start(trainer, module, None, step - 1)
+        now[0] += 2.0  # forward, backward, optimiser step
+        trainer.global_step = step
+        tracker.on_train_batch_end(trainer, module, None, None, step - 1)
+    tracker.on_train_end(trainer, module)
+    assert tracker.step_seconds == 4 * 2.0
+    assert tracker.val_seconds == 2 * 5.0
+    assert tracker.loop_seconds == 4 * (1.0 + 2.0)
+    assert tracker.loop_seconds + tracker.val_seconds == now[0]
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 4}, last)
+
+    def killed(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"torn")
+        raise KeyboardInterrupt  # what a kill -9 mid-write leaves on disk, without the kill
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 8}, last)
+    monkeypatch.undo()
+    assert io.load_checkpoint(last) == {"global_step": 4}
+
+
+# -- data -----------------------------------------------------------------------------------------
+def test_loader_workers_hand_out_each_step_once_in_step_order():
+    """With W workers, worker w builds steps w, w + W, ...: together every step once, and
+    the DataLoader's round-robin puts them back in step order (resumed at step 3 here)."""
+    dataset = [(torch.tensor([float(i)]), i) for i in range(10)]  # the label names the item
+    stream = StepBatches(dataset, batch_size=4, seed=0, start_step=3, total_steps=11)
+    expected = [batch_indices(step, 4, len(dataset), 0, {}) for step in range(3, 11)]
+    for workers in (0, 2):
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        assert [y.tolist() for _, y in loader] == expected, workers
+
+
+def test_the_fixed_validation_set_holds_eval_val_images_images():
+    data = DiffusionDataModule(tiny("eval.val_images=16"))
+    data.setup()
+    assert len(data.val_set.dataset) > 16  # the held-out split is larger: a real cut
+    assert sum(len(y) for _, y in data.fixed_val_loader()) == 16
+
+
+# -- the bf16 residual stream ---------------------------------------------------------------------
+class Block(nn.Module):
+    def forward(self, x, ids, mask, c):
+        self.seen = [a.dtype for a in (x, ids, mask, c)]
+        return x
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x, ids, mask, c):
+        for block in self.blocks:
+            x = block(x, ids, mask, c)
+        return x
+
+
+def test_bf16_stream_casts_only_floating_token_tensors():
+    """Token streams (B, T, D) go to bf16; integer ids and boolean masks of the same rank keep
+    their dtype (as bf16 an id above 256 rounds, a mask becomes a number), and the (B, D)
+    conditioning is left to autocast."""
+    net = bf16_stream(Stack())
+    x, c = torch.randn(2, 3, 4), torch.randn(2, 4)
+    ids = torch.arange(6 * 4).reshape(2, 3, 4) + 257
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, ids, mask, c)
+    for block in net.blocks:
+        assert block.seen == [torch.bfloat16, torch.int64, torch.bool, torch.float32]
