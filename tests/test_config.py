@@ -136,6 +136,8 @@ def test_set_objective_name_switches_objectives():
     # the same name again is no switch: the file's keys stay
     flow = load_config(None, ["objective.name=flow"])
     assert flow.objective == load_config().objective and flow.objective.density == "logit_normal"
+    kept = load_config(None, ["objective.shift=3", "objective.name=flow"])
+    assert kept.objective.shift == 3.0  # not reset to the default 1.0 by a no-op switch
     with pytest.raises(ConfigError, match="objective.density"):  # a flow key on DDPM still fails
         load_config(None, ["objective.name=ddpm", "objective.density=uniform"])
 

@@ -319,3 +319,19 @@ def test_only_the_first_process_of_a_job_makes_the_run_directory(monkeypatch, en
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert (_launch_rank() == 0) == zero
+
+
+def test_learning_rate_warms_up_linearly_from_the_first_step(tmp_path):
+    # step k (0-based) trains at lr * (k + 1) / warmup_steps: the first step already moves the
+    # weights; metrics.csv logs, after step k, the rate of the next one
+    run = train(tiny("optim.warmup_steps=4", "train.log_every=1", "train.steps=6"), tmp_path)
+    logged = [float(r["lr"]) for r in read_csv(run / "metrics.csv") if r.get("lr")]
+    assert logged == pytest.approx([0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_pixel_samples_are_clamped_to_the_data_range(tmp_path):
+    from dit_bench.train.run import sample_images
+
+    module = load_module(train(tiny("train.steps=4"), tmp_path, progress=False))
+    x = sample_images(module, torch.arange(4), sampler="ddpm", steps=4, cfg_scale=20.0, seed=0)
+    assert x.abs().max() <= 1.0  # strong guidance overshoots; images live in [-1, 1]
