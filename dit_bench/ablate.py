@@ -55,6 +55,7 @@ from dit_bench.config import (
     parse_override,
     read_yaml,
 )
+from dit_bench.files import write_json_atomic
 
 FILE_KEYS = {
     "name",
@@ -403,9 +404,7 @@ def describe(ab: Ablation, out: str | Path) -> str:
 # -- running ------------------------------------------------------------------------------------
 def write_labels(run_dir: Path, ab: Ablation, r: PlannedRun) -> None:
     labels = {**r.labels, "ablation": ab.name, "profile": ab.profile}
-    tmp = run_dir / "labels.json.tmp"
-    tmp.write_text(json.dumps(labels, indent=2) + "\n")
-    tmp.replace(run_dir / "labels.json")
+    write_json_atomic(run_dir / "labels.json", labels)
 
 
 def _train_one(cfg: ExperimentConfig, out: str, progress: bool, callbacks=()) -> str:
@@ -476,9 +475,7 @@ def run_ablation(
                 "runs"
             ]
             record["seeds"] = sorted({*old["seeds"], *record["seeds"]})
-    tmp = root / "ablation.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(previous)
+    write_json_atomic(previous, record)
     n = len(ab.runs)
     todo = []
     for r in ab.runs:

@@ -84,6 +84,7 @@ from dit_bench.config import (
     parse_override,
     read_yaml,
 )
+from dit_bench.files import write_json_atomic
 
 Scalar = bool | int | float | str
 
@@ -925,7 +926,7 @@ class Worker:
             for k, v in record.items():
                 trial.set_user_attr(k, v)
             if run is not None:
-                _write_json(
+                write_json_atomic(
                     run / "trial.json",
                     {
                         "study": self.study.study_name,
@@ -936,8 +937,9 @@ class Worker:
                         "attempt": trial.user_attrs.get("attempt", 1),
                         **record,
                     },
+                    default=str,
                 )
-                _write_json(
+                write_json_atomic(
                     run / "labels.json",
                     {"variant": plan.point, "sweep": self.sweep.spec.name, "trial": trial.number},
                 )
@@ -962,12 +964,6 @@ def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
     # train.threads is an execution key: it does not change the config hash
     cfg = build_config(apply_overrides(plan.cfg.to_dict(), [f"train.threads={threads}"]))
     return TrialPlan(**{**plan.__dict__, "cfg": cfg})
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _has_cuda() -> bool:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from dit_bench.files import write_json_atomic
+
 FORMAT = "dit-bench-latents/1"
 MANIFEST = "manifest.json"
 
@@ -36,12 +38,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -191,7 +187,7 @@ def encode_latents(
         manifest["shards"].append(
             {"file": name, "start": lo, "count": hi - lo, "sha256": _sha256(out / name)}
         )
-        _write_json(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
         if progress:
             print(f"[encode-latents] {name}: items {lo}..{hi - 1} of {num_items}", flush=True)
     return manifest

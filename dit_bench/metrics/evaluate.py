@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dit_bench.files import write_json_atomic
 from dit_bench.metrics import distances as D
 from dit_bench.metrics.features import (
     DEFAULT_FEATURES,
@@ -418,12 +418,7 @@ def evaluate_run(
     }
     if output is None and out.exists():
         _keep_earlier(out)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(out, record)
     return record
 
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dit_bench.files import write_json_atomic
+
 CACHE_ENV = "DIT_BENCH_CACHE"
 INCEPTION_ENV = "DIT_BENCH_INCEPTION"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -222,9 +224,7 @@ def ensure_small_net(name: str, *, progress: bool = True) -> Path:
     save_file(state, str(tmp))
     os.replace(tmp, path)
     report["sha256"] = sha256_file(path)
-    tmp_meta = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_meta, meta)
+    write_json_atomic(meta, report)
     if progress:
         print(f"[dit-bench] {name}: held-out accuracy {report['accuracy']:.4f}")
     return path

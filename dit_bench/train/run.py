@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_y
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import allow_tf32, device_name
+from dit_bench.files import write_json_atomic, write_text_atomic
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
@@ -73,9 +73,7 @@ def new_run_dir(out: Path, cfg: ExperimentConfig) -> Path:
 
 
 def write_run_config(run: Path, cfg: ExperimentConfig) -> None:
-    tmp = run / "config.yaml.tmp"  # never half a config: sample and eval read it
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(run / "config.yaml")
+    write_text_atomic(run / "config.yaml", cfg.to_yaml())  # sample and eval read it
 
 
 def check_run_config(run: Path, cfg: ExperimentConfig) -> None:
@@ -402,9 +400,7 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
     summary = {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()
     }
-    tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    tmp.replace(run / "summary.json")
+    write_json_atomic(run / "summary.json", summary, allow_nan=False)
     return summary
 
 

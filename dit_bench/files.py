@@ -1,0 +1,25 @@
+"""Files written whole or not at all: into a temporary file beside the target, then renamed
+over it, so a crash or a concurrent reader never sees half of one (run configs, summaries,
+manifests, plans, trial records, eval records). Standard library only: every layer uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: writers never share
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
+    """`data` as indented JSON with a final newline; `dumps`: more json.dumps options."""
+    write_text_atomic(path, json.dumps(data, indent=2, **dumps) + "\n")
