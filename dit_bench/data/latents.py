@@ -60,13 +60,18 @@ def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu"):
     """A diffusers AutoencoderKL saved on disk (`save_pretrained` folder); never downloads."""
     from diffusers import AutoencoderKL
 
-    if not Path(vae_dir, "config.json").is_file():
-        raise FileNotFoundError(
-            f"--vae {vae_dir}: no config.json there; pass the folder of a diffusers "
-            "AutoencoderKL saved with save_pretrained (e.g. the `vae/` folder of an SD model)"
-        )
+    check_vae_dir(vae_dir)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def check_vae_dir(vae_dir: str | Path, what: str = "--vae") -> None:
+    """Cheap, before any loading: `vae_dir` (named by `what`) holds a diffusers VAE."""
+    if not Path(vae_dir, "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} {vae_dir}: no config.json there; pass the folder of a diffusers "
+            "AutoencoderKL saved with save_pretrained (e.g. the `vae/` folder of an SD model)"
+        )
 
 
 def vae_fingerprint(vae) -> str:

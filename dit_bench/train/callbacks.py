@@ -186,11 +186,10 @@ class FrechetDistanceMetric(L.Callback):
         # A missing file stops the run before it starts, not at step N.
         if self.features == "inception":
             find_inception()
-        if cfg.data.name == "latents" and not Path(cfg.data.vae, "config.json").is_file():
-            raise FileNotFoundError(
-                f"eval.fd_every on latents decodes the samples with data.vae: {cfg.data.vae} "
-                "is not a diffusers VAE folder (no config.json)"
-            )
+        if cfg.data.name == "latents":  # the samples are scored as images it decodes
+            from dit_bench.data.latents import check_vae_dir
+
+            check_vae_dir(cfg.data.vae, "eval.fd_every on latents: data.vae")
         self._net = self._ref = self._decode = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
