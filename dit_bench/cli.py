@@ -78,14 +78,11 @@ def cmd_sample(args) -> int:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
     sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
     cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
-    # By default into the run's samples/, named by what made it (not ./grid.png in any cwd).
-    output = (
-        Path(args.output)
-        if args.output
-        else Path(args.run_dir)
-        / "samples"
-        / (f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}.png")
-    )
+    if args.output:
+        output = Path(args.output)
+    else:  # into the run's samples/, named by what made it (not ./grid.png in any cwd)
+        name = f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}.png"
+        output = Path(args.run_dir) / "samples" / name
     Image.init()
     if output.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"-o {output}: not an image file name (e.g. grid.png)")
