@@ -4,20 +4,30 @@ manifests, plans, trial records, eval records). Standard library only: every lay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the
+    block ends without an error, removed otherwise."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: writers never share
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from dit_bench.files import write_json_atomic
+from dit_bench.files import replacing, write_json_atomic
 
 FORMAT = "dit-bench-latents/1"
 MANIFEST = "manifest.json"
@@ -185,9 +184,8 @@ def encode_latents(
             "latents": torch.cat(latents).contiguous(),
             "labels": torch.tensor(labels, dtype=torch.long),
         }
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / name)
+        with replacing(out / name) as tmp:
+            save_file(tensors, str(tmp))
         manifest["latent_shape"] = list(tensors["latents"].shape[1:])
         manifest["shards"].append(
             {"file": name, "start": lo, "count": hi - lo, "sha256": _sha256(out / name)}

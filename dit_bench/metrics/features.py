@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dit_bench.files import write_json_atomic
+from dit_bench.files import replacing, write_json_atomic
 
 CACHE_ENV = "DIT_BENCH_CACHE"
 INCEPTION_ENV = "DIT_BENCH_INCEPTION"
@@ -220,9 +220,8 @@ def ensure_small_net(name: str, *, progress: bool = True) -> Path:
     state, report = train_small_net(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     # write, then rename: concurrent evaluations never read a torn file
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp))
     report["sha256"] = sha256_file(path)
     write_json_atomic(meta, report)
     if progress:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dit_bench.files import replacing, write_json_atomic
 from dit_bench.metrics.distances import gaussian_stats
 from dit_bench.metrics.features import FeatureNet, cache_dir, quantize
 
@@ -100,10 +100,9 @@ def reference_stats(
     mu, sigma = gaussian_stats(feats)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{sid}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, features=feats, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        with replacing(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
+            np.savez(f, features=feats, mu=mu, sigma=sigma)
+        write_json_atomic(path.with_suffix(".json"), meta)
     return RefStats(sid, feats, mu, sigma, meta | {"cached": False})
 
 

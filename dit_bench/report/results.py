@@ -8,12 +8,13 @@ the summaries hold), plus `run_dir`. `curves` gives the long table of metrics.cs
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from dit_bench.files import replacing
 
 
 def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
@@ -97,10 +98,5 @@ def save_table(df: pd.DataFrame, path_stem: str | Path) -> None:
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     # Each through a temporary file: a crash mid-write leaves the previous table, not half a one.
     for suffix, write in ((".csv", df.to_csv), (".parquet", df.to_parquet)):
-        path = path_stem.with_suffix(suffix)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
+        with replacing(path_stem.with_suffix(suffix)) as tmp:
             write(tmp, index=False)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)

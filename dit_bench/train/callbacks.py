@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from dit_bench.files import replacing
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file, then rename: a kill -9 mid-save never leaves a torn last.ckpt."""
@@ -22,9 +23,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         # Our checkpoints hold tensors, numbers and plain containers only.
@@ -82,12 +82,10 @@ class CSVMetrics(Logger):
 
     def _write(self) -> None:
         columns = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
+        with replacing(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 def _number(v) -> float:
