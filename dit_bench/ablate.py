@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from dit_bench.config import (
-    UNION_SECTIONS,
     USER_ERRORS,
     ConfigError,
     ExperimentConfig,
     build_config,
     parse_override,
     read_yaml,
+    section_replacement_error,
 )
 from dit_bench.files import write_json_atomic
 
@@ -146,14 +146,8 @@ def _dotted(raw: Any, where: str, source: str) -> dict[str, Any]:
     for key, value in raw.items():
         if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
             raise _err(source, f"{where}: bad key {key!r} (expected e.g. backbone.conditioning)")
-        if isinstance(value, dict) and key not in UNION_SECTIONS:
-            # it would replace the whole section, the base's keys in it too (only a section
-            # whose name picks its keys, the objective, is meant to be replaced whole)
-            raise _err(
-                source,
-                f"{where}: {key} is given a mapping, which would drop the base's other {key} "
-                f"keys; use one dotted key per value (e.g. {key}.{next(iter(value), 'name')}: ...)",
-            )
+        if problem := section_replacement_error(key, value):
+            raise _err(source, f"{where}: {problem}")
     return dict(raw)
 
 

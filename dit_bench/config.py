@@ -509,6 +509,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 UNION_SECTIONS = ("objective",)
 
 
+def section_replacement_error(key: str, value: Any) -> str | None:
+    """Why `key: value` among dotted overrides (an ablation variant, a sweep choice) must be
+    refused, or None: a mapping replaces the whole section, the base's other keys in it too.
+    Only a section whose name picks its keys (UNION_SECTIONS) is meant to be replaced whole."""
+    if isinstance(value, dict) and key not in UNION_SECTIONS:
+        return (
+            f"{key} is given a mapping, which would drop the base's other {key} keys; use one "
+            f"dotted key per value (e.g. {key}.{next(iter(value), 'name')}: ...)"
+        )
+    return None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`raw` with each `key=value` set. `objective.name=ddpm` on a flow objective switches
     objectives: the section starts afresh from the new one's defaults (flow's `density` is

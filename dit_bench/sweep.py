@@ -75,7 +75,6 @@ from pydantic import (
 )
 
 from dit_bench.config import (
-    UNION_SECTIONS,
     USER_ERRORS,
     ConfigError,
     ExperimentConfig,
@@ -83,6 +82,7 @@ from dit_bench.config import (
     build_config,
     parse_override,
     read_yaml,
+    section_replacement_error,
 )
 from dit_bench.files import write_json_atomic
 
@@ -106,11 +106,8 @@ class Choices(_Strict):
             raise ValueError(f"repeated choices {choices}: their trials would be one run")
         for label, bundle in choices.items() if isinstance(choices, dict) else ():
             for key, value in bundle.items():
-                if isinstance(value, dict) and key not in UNION_SECTIONS:  # as in ablations
-                    raise ValueError(
-                        f"{label}: {key} is given a mapping, which would drop the base's other "
-                        f"{key} keys; use dotted keys"
-                    )
+                if problem := section_replacement_error(key, value):
+                    raise ValueError(f"{label}: {problem}")
         return choices
 
     @property
