@@ -392,15 +392,9 @@ def _check_dit_args(
             f"conditioning={conditioning!r} is not implemented for DiT; allowed: {list(BLOCKS)}"
         )
     spec = dict(patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads)
-    errors = geometry_errors(spec, image_size)
+    errors = vit_geometry_errors(spec, image_size)  # patches, heads, the sin-cos table
     if errors:
         raise ValueError("; ".join(errors))
-
-
-def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
-    """Why the resolved DiT preset `spec` cannot run on image_size x image_size inputs ([]: it
-    can): patches, heads and the fixed 2-D sin-cos table; each message names its key."""
-    return vit_geometry_errors(spec, image_size, prefix, sincos_table=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,4 +417,4 @@ PRESETS: dict[str, dict] = {
     for patch in (2, 4, 8)
 }
 
-FAMILY = Family("dit", DiT, CONDITIONINGS, PRESETS, geometry_errors)
+FAMILY = Family("dit", DiT, CONDITIONINGS, PRESETS, vit_geometry_errors)

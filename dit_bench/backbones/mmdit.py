@@ -202,7 +202,7 @@ class MMDiT(nn.Module):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning={conditioning!r} for MMDiT; allowed: {CONDITIONINGS}")
         spec = dict(patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads)
-        errors = geometry_errors(spec, image_size)
+        errors = vit_geometry_errors(spec, image_size)  # patches, heads, the sin-cos table
         if errors:
             raise ValueError("; ".join(errors))
         self.image_size = image_size
@@ -302,12 +302,6 @@ class MMDiT(nn.Module):
         return {"macs": batch * macs, "flops": 2 * batch * macs}
 
 
-def geometry_errors(spec: dict, image_size: int, prefix: str = "") -> list[str]:
-    """Why the resolved MMDiT preset `spec` cannot run on image_size x image_size inputs ([]: it
-    can): patches, heads and the fixed 2-D sin-cos table; each message names its key."""
-    return vit_geometry_errors(spec, image_size, prefix, sincos_table=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Presets: SD3 Sec. 5.3 parametrises size by depth d: width 64 d, d heads (head size 64)
 # ---------------------------------------------------------------------------------------------
@@ -325,4 +319,4 @@ PRESETS: dict[str, dict] = {
     for patch in (2, 4)
 }
 
-FAMILY = Family("mmdit", MMDiT, CONDITIONINGS, PRESETS, geometry_errors)
+FAMILY = Family("mmdit", MMDiT, CONDITIONINGS, PRESETS, vit_geometry_errors)
