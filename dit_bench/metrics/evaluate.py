@@ -262,9 +262,7 @@ def evaluate_run(
         raise ValueError(f"-o {out}: a folder; give a file name, e.g. {out / 'eval.json'}")
     cfg = load_run_config(run_dir)
     check_checkpoint(run_dir, request.checkpoint)
-    features = request.features or (
-        "inception" if cfg.data.name == "latents" else default_features(cfg.data.name)
-    )
+    features = request.features or default_features(cfg.data.name)  # latents: inception
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
     trained_on = {net: data for data, net in DEFAULT_FEATURES.items()}.get(features)
