@@ -424,9 +424,9 @@ def _short(summary_path: Path) -> str:
         s = json.loads(summary_path.read_text())
     except (OSError, ValueError):
         return ""
-    secs = s.get("train_seconds") or 0
-    loss = s.get("val_loss")  # null when the run's final val loss was not finite
-    return f"val_loss {'non-finite' if loss is None else format(loss, '.5f')}, {secs:.0f}s"
+    from dit_bench.train.run import summary_val_loss
+
+    return f"val_loss {summary_val_loss(s)}, {s.get('train_seconds') or 0:.0f}s"
 
 
 class RunsFailed(RuntimeError):

@@ -28,7 +28,7 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from dit_bench.train.run import train
+    from dit_bench.train.run import summary_val_loss, train
 
     cfg = _config(args)
     run = train(cfg, args.out, progress=not args.no_progress)
@@ -37,8 +37,7 @@ def cmd_train(args) -> int:
     summary = json.loads((run / "summary.json").read_text())
     grids = sorted((run / "samples").glob("*.png"))
     print(f"run directory: {run}")
-    loss = summary.get("val_loss")  # null: the final val loss was not finite
-    print(f"  val loss:    {'non-finite' if loss is None else format(loss, '.5f')}")
+    print(f"  val loss:    {summary_val_loss(summary)}")
     print(f"  metrics:     {run / 'metrics.csv'}")
     print(f"  summary:     {run / 'summary.json'}")
     if grids:
@@ -255,20 +254,26 @@ def cmd_ablate(args) -> int:
     for item in args.set or []:
         words += ["--set", item]
     command = shlex.join(words)
-    root, rc = Path(args.out) / ab.experiment, 0
+    root, failed = Path(args.out) / ab.experiment, 0
     try:
         run_ablation(ab, args.out, jobs=args.jobs, progress=not args.no_progress, command=command)
     except RunsFailed as e:  # the other runs trained: their results and report still stand
         print(f"dit-bench: {e}", file=sys.stderr)
-        rc = 1
+        failed = len(e.failures)
     if not (root / "results.csv").exists():  # no run of the plan finished
-        return rc
-    import pandas as pd
-
-    done = len(pd.read_csv(root / "results.csv"))
+        return 1 if failed else 0
+    done = len(ab.runs) - failed
     print(f"results: {root / 'results.csv'} (and .parquet): {done} of {len(ab.runs)} runs")
-    print(f"report:  dit-bench report ablation {root} -o reports/{ab.experiment}")
-    return rc
+    print(f"report:  {_report_command('ablation', root, args.out)}")
+    return 1 if failed else 0
+
+
+def _report_command(kind: str, root: Path, out: str) -> str:
+    """The report command to print after an ablation or sweep. Runs under the default `runs/`
+    report into the repo's `reports/<experiment>` (where committed reports live); runs
+    elsewhere (a scratch --out) report beside themselves, so they never overwrite those."""
+    dest = Path("reports") / root.name if Path(out) == Path("runs") else root / "report"
+    return f"dit-bench report {kind} {root} -o {dest}"
 
 
 def cmd_sweep(args) -> int:
@@ -296,7 +301,7 @@ def cmd_sweep(args) -> int:
         return 1
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
-    print(f"report:  dit-bench report scaling {root} -o reports/{sweep.experiment}")
+    print(f"report:  {_report_command('scaling', root, args.out)}")
     return 0
 
 

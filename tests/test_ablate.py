@@ -237,7 +237,8 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
     out = tmp_path / "runs"
     argv = ["ablate", str(path), "--out", str(out), "--no-progress", "--jobs", str(jobs)]
     assert main(argv) == 1
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert (
         "dit-bench: 1 run(s) failed:\n  run 2 diverges seed 0: FloatingPointError: non-finite"
         in err
@@ -247,9 +248,25 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
 
     table = pd.read_csv(out / "tiny-cpu" / "results.csv")  # the runs after it trained too
     assert sorted(table["variant"]) == ["adaln", "adaln_zero"]
-    # the report of what finished works, and names the variant that has no runs
-    assert main(["report", "ablation", str(out / "tiny-cpu"), "-o", str(tmp_path / "r")]) == 0
-    assert "Not finished: diverges seed 0 (planned" in (tmp_path / "r" / "report.md").read_text()
+    assert "(and .parquet): 2 of 3 runs" in printed.out
+    # the printed report command works, names the variant that has no runs, and (a scratch
+    # --out) writes beside the runs, not over the repo's reports/
+    (hint,) = [line for line in printed.out.splitlines() if line.startswith("report:")]
+    words = hint.split()[2:]  # drop "report:" and "dit-bench"
+    assert words[-1] == str(out / "tiny-cpu" / "report")
+    assert main(words) == 0
+    md = (out / "tiny-cpu" / "report" / "report.md").read_text()
+    assert "Not finished: diverges seed 0 (planned" in md
+
+
+def test_report_hint_of_default_runs_names_the_repo_reports_folder():
+    from dit_bench.cli import _report_command
+
+    hint = _report_command("scaling", Path("runs") / "shapes-cpu", "runs")
+    assert (
+        hint
+        == f"dit-bench report scaling {Path('runs/shapes-cpu')} -o {Path('reports/shapes-cpu')}"
+    )
 
 
 def test_an_ablation_with_no_finished_run_points_to_no_results(tmp_path, capsys):

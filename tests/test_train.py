@@ -335,3 +335,10 @@ def test_pixel_samples_are_clamped_to_the_data_range(tmp_path):
     module = load_module(train(tiny("train.steps=4"), tmp_path, progress=False))
     x = sample_images(module, torch.arange(4), sampler="ddpm", steps=4, cfg_scale=20.0, seed=0)
     assert x.abs().max() <= 1.0  # strong guidance overshoots; images live in [-1, 1]
+
+
+def test_summary_val_loss_reads_null_as_non_finite():
+    from dit_bench.train.run import summary_val_loss
+
+    assert summary_val_loss({"val_loss": None}) == "non-finite"  # NaN/inf are written as null
+    assert summary_val_loss({"val_loss": 0.1234567}) == "0.12346"

@@ -360,6 +360,12 @@ class _Timer(Callback):
         pl_module.train_seconds += time.perf_counter() - self._t
 
 
+def summary_val_loss(summary: dict) -> str:
+    """A summary's final val loss for people: null means it was not finite (see below)."""
+    loss = summary.get("val_loss")
+    return "non-finite" if loss is None else f"{loss:.5f}"
+
+
 def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> dict:
     fwd = module.net.flops(batch=1)
     spec = cfg.backbone.spec()
