@@ -466,11 +466,14 @@ def default_storage(sweep: Sweep, out: str | Path, *, make_folder: bool = True) 
 
 def redact(url: str) -> str:
     """A storage URL without its password (it is written into run directories)."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    authority, slash, path = rest.partition("/")  # sqlite:////a@b/study.db has no authority
+    creds, at, host = authority.rpartition("@")
+    if not at or ":" not in creds:  # no password in it (postgresql://ann@host/db)
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def make_storage(url: str, heartbeat: Heartbeat):
@@ -573,11 +576,13 @@ class Claims:
             return [k for (k,) in conn.execute(q) if k.startswith(prefix)]
 
 
-def make_sampler(spec: SweepSpec, grid: dict[str, list[Scalar]]):
+def make_sampler(spec: SweepSpec):
+    """grid: the workers enqueue every point (one claim each), so the sampler only replays
+    their fixed parameters. Optuna's GridSampler is not used for that: its after_trial looks
+    up a `grid_id` it gives only to trials it picked itself, and a one-point grid raised
+    KeyError at the end of its trial."""
     import optuna
 
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(grid, seed=spec.seed)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed)
     return optuna.samplers.RandomSampler(seed=spec.seed)
@@ -606,7 +611,7 @@ def open_study(sweep: Sweep, storage_url: str):
     kwargs = dict(
         study_name=sweep.study_name,
         storage=storage,
-        sampler=make_sampler(sweep.spec, sweep.grid_space()),
+        sampler=make_sampler(sweep.spec),
         pruner=make_pruner(sweep.spec),
         direction="minimize",
     )

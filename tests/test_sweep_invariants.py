@@ -1,0 +1,413 @@
+"""Sweep invariants checked against hand-derived expectations: the search space a file declares
+(profiles, grid order, per-budget axis, ranges), the checks `load_sweep` and `validate` make,
+the budget bookkeeping of a plan, what a trial record holds, the sampler/pruner/study a sweep
+builds, and the stale/lost-trial paths of a worker. No training: plans are sized on the meta
+device and studies are driven by hand (ask/tell)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+
+import optuna
+import pytest
+import yaml
+from test_sweep import TINY, write_tiny  # the tiny sweep of the sweep tests
+
+from dit_bench.config import ConfigError
+from dit_bench.sweep import (
+    Claims,
+    Heartbeat,
+    Range,
+    Worker,
+    load_sweep,
+    make_pruner,
+    make_storage,
+    open_study,
+    redact,
+    suggest,
+    summarize,
+    trial_record,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand
+
+WAITING = (optuna.trial.TrialState.WAITING,)
+
+
+def tiny_spec(**changes) -> dict:
+    spec = json.loads(json.dumps(TINY))
+    spec.update(changes)
+    return spec
+
+
+def tiny_base(**backbone) -> dict:
+    base = json.loads(json.dumps(TINY["base"]))
+    base["backbone"].update(backbone)
+    return base
+
+
+def hand_worker(sweep, tmp_path, name: str = "w") -> Worker:
+    """A worker wired to a fresh SQLite study, its loop driven by hand."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    w = Worker(sweep, url, tmp_path / "runs", name=name, log=lambda m: None)
+    w.study, rdb = open_study(sweep, url)
+    w.storage = w.study._storage
+    w.claims = Claims(rdb, w.study._study_id, name)
+    return w
+
+
+def per_step_flops(plan) -> int:
+    return 3 * 2 * plan.macs * plan.cfg.train.batch_size  # 3 x forward (2 x MACs) x batch
+
+
+# -- the sweep file: profiles and what the sweep itself owns -------------------------------------
+def test_a_profile_replaces_file_keys_and_its_set_lands_in_the_base(tmp_path):
+    spec = tiny_spec(
+        profiles={
+            "cpu": {"budgets": [5.0e6], "set": {"train.batch_size": 4}},
+            "gpu": {"description": "big"},
+        }
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cpu = load_sweep(path, "cpu")
+    assert cpu.spec.budgets == [5.0e6]  # the profile's value, not the file's three
+    assert cpu.spec.base["train"]["batch_size"] == 4
+    assert cpu.plan(cpu.points()[0]).cfg.train.batch_size == 4
+    gpu = load_sweep(path, "gpu")
+    assert gpu.spec.budgets == TINY["budgets"]  # no profile value: the file's
+    assert gpu.spec.base["train"]["batch_size"] == TINY["base"]["train"]["batch_size"]
+    assert gpu.spec.profile_description == "big"
+    assert (cpu.experiment, gpu.experiment) == ("tiny-cpu", "tiny-gpu")
+
+
+def test_the_base_cannot_set_what_the_sweep_sets(tmp_path):
+    base = json.loads(json.dumps(TINY["base"]))
+    base["train"]["steps"] = 10
+    with pytest.raises(ConfigError, match="base: train.steps is set by the sweep"):
+        load_sweep(write_tiny(tmp_path / "a.yaml", base=base))
+    base = {**TINY["base"], "experiment": "mine"}
+    with pytest.raises(ConfigError, match="base: experiment is set by the sweep"):
+        load_sweep(write_tiny(tmp_path / "b.yaml", base=base))
+
+
+def test_a_bundle_cannot_set_what_the_sweep_sets(tmp_path):
+    space = json.loads(json.dumps(TINY["space"]))
+    space["size"]["choices"]["b"]["train.steps"] = 50
+    with pytest.raises(ConfigError, match="size: train.steps is set by the sweep"):
+        load_sweep(write_tiny(tmp_path / "a.yaml", space=space))
+
+
+def test_a_range_needs_high_strictly_above_low():
+    with pytest.raises(ValueError, match="must exceed"):
+        Range(low=1.0, high=1.0)
+    assert Range(low=1.0, high=1.5).high == 1.5
+
+
+def test_documented_defaults():
+    # the module docstring: heartbeat: {interval: 10, grace: 60, max_retry: 3}
+    assert Heartbeat().model_dump() == {"interval": 10, "grace": 60, "max_retry": 3}
+
+
+# -- the search space ---------------------------------------------------------------------------
+def test_grid_points_are_the_product_in_file_order(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    # the first axis varies slowest: with n_trials, the first points are the ones run
+    assert sweep.points() == [
+        {"size": "a", "backbone.patch_size": 2},
+        {"size": "a", "backbone.patch_size": 4},
+        {"size": "b", "backbone.patch_size": 2},
+        {"size": "b", "backbone.patch_size": 4},
+    ]
+    assert "budget" not in sweep.grid_space()  # envelope: one run reports every budget
+
+
+def test_per_budget_mode_makes_budget_a_grid_axis_and_a_run_per_budget(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", budget_mode="per_budget"))
+    assert sweep.grid_space()["budget"] == TINY["budgets"]
+    points = sweep.points()
+    assert len(points) == 2 * 2 * 3
+    assert sorted({p["budget"] for p in points}) == TINY["budgets"]
+    for point in points[:3]:
+        plan = sweep.plan(point)
+        expected = math.ceil(point["budget"] / per_step_flops(plan))
+        assert plan.budgets == [point["budget"]] and plan.budget_steps == [expected]
+        assert plan.cfg.train.steps == expected
+    sweep.validate()  # every (point, budget) builds
+
+
+def test_overrides_expand_bundles_and_cast_only_int_ranges(tmp_path):
+    space = {
+        "size": TINY["space"]["size"],
+        "optim.lr": {"low": 1e-4, "high": 1e-3},
+        "train.batch_size": {"low": 4, "high": 8, "type": "int"},
+    }
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", space=space, sampler="random", n_trials=1))
+    got = sweep.overrides_of({"size": "b", "optim.lr": 3.5e-4, "train.batch_size": 6.0})
+    assert got == {
+        "backbone.depth": 1,
+        "backbone.hidden_size": 32,
+        "backbone.num_heads": 2,
+        "optim.lr": 3.5e-4,
+        "train.batch_size": 6,
+    }
+    assert isinstance(got["train.batch_size"], int) and isinstance(got["optim.lr"], float)
+
+
+# -- budgets ------------------------------------------------------------------------------------
+def test_budget_steps_by_hand_and_max_steps_keeps_a_budget_reached_at_the_cap(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    point = {"size": "a", "backbone.patch_size": 4}
+    plan = sweep.plan(point)
+    per_step = per_step_flops(plan)
+    steps = [math.ceil(b / per_step) for b in TINY["budgets"]]
+    assert plan.budget_steps == steps and plan.cfg.train.steps == steps[-1]
+    assert steps[0] < steps[1] < steps[2]
+    # a cap exactly at the second budget's step: that budget is still reached, the third not
+    capped = load_sweep(write_tiny(tmp_path / "c.yaml", max_steps=steps[1])).plan(point)
+    assert capped.budgets == TINY["budgets"][:2]
+    assert capped.budget_steps == steps[:2]
+    assert capped.cfg.train.steps == steps[1]
+    # one step short of it: only the first
+    short = load_sweep(write_tiny(tmp_path / "s.yaml", max_steps=steps[1] - 1)).plan(point)
+    assert short.budgets == TINY["budgets"][:1] and short.cfg.train.steps == steps[0]
+
+
+# -- validate -----------------------------------------------------------------------------------
+def test_validate_checks_both_corners_of_a_range(tmp_path):
+    base = tiny_base(depth=1, num_heads=2)
+
+    def ranged(lo, hi):
+        space = {"backbone.hidden_size": {"low": lo, "high": hi, "type": "int"}}
+        return load_sweep(
+            write_tiny(
+                tmp_path / f"{lo}-{hi}.yaml", base=base, space=space, sampler="random", n_trials=2
+            )  # fmt: skip
+        )
+
+    ranged(16, 20).validate()  # both corners multiples of 4 (the sin-cos table)
+    with pytest.raises(ConfigError, match="hidden_size=18"):
+        ranged(16, 18).validate()  # the high corner builds no model
+    with pytest.raises(ConfigError, match="hidden_size=14"):
+        ranged(14, 16).validate()  # the low corner builds no model
+
+
+def test_pruners_need_a_value_per_budget(tmp_path):
+    median = {"name": "median"}
+    per_budget = load_sweep(write_tiny(tmp_path / "a.yaml", budget_mode="per_budget"))
+    per_budget.validate()  # no pruner: fine
+    with pytest.raises(ConfigError, match="pruner needs budget_mode envelope"):
+        load_sweep(
+            write_tiny(tmp_path / "b.yaml", budget_mode="per_budget", pruner=median)
+        ).validate()
+    load_sweep(write_tiny(tmp_path / "c.yaml", pruner=median)).validate()
+    hyperband = {"name": "hyperband"}
+    with pytest.raises(ConfigError, match="hyperband needs at least 2 budgets"):
+        load_sweep(write_tiny(tmp_path / "d.yaml", pruner=hyperband, budgets=[8.0e6])).validate()
+    load_sweep(write_tiny(tmp_path / "e.yaml", pruner=hyperband, budgets=[2.0e6, 8.0e6])).validate()
+
+
+# -- what a trial keeps -------------------------------------------------------------------------
+def test_trial_record_compute_budget_values_and_final_loss(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    plan = sweep.plan({"size": "a", "backbone.patch_size": 4})
+    s0, s1, s2 = plan.budget_steps
+    batch = plan.cfg.train.batch_size
+    # the loss rises after its minimum: the final value is the last step's, not the best
+    curve = [
+        {"step": s0, "val_loss": 1.4},
+        {"step": s1 + 1, "val_loss": 0.7},  # not a budget step
+        {"step": s1, "val_loss": 0.9},
+        {"step": s2, "val_loss": 1.1},
+    ]
+    curve = sorted(curve, key=lambda r: r["step"])
+    rec = trial_record(plan, curve)
+    assert rec["val_at_budget"] == [1.4, 0.9, 1.1]
+    assert rec["val_loss"] == 1.1
+    assert rec["steps"] == s2
+    assert rec["images"] == s2 * batch
+    assert rec["train_flops"] == 3 * 2 * plan.macs * s2 * batch
+    assert rec["flops"] == 2 * plan.macs
+    assert rec["budgets"] == TINY["budgets"]
+    assert (rec["depth"], rec["width"], rec["heads"], rec["patch"]) == (1, 16, 1, 4)
+    assert rec["point"] == "size=a,backbone.patch_size=4"
+    assert rec["experiment"] == "tiny-cpu"
+    # a budget whose step has no validation row yet (a run cut short) has no value
+    assert trial_record(plan, curve[:1])["val_at_budget"] == [1.4, None, None]
+
+
+def test_redact_hides_only_the_password():
+    assert redact("postgresql://ann:s3cret@db.example:5432/sweeps") == (
+        "postgresql://ann:***@db.example:5432/sweeps"
+    )
+    assert redact("postgresql://ann:p@ss@host/db") == "postgresql://ann:***@host/db"
+    assert redact("sqlite:///runs/study.db") == "sqlite:///runs/study.db"
+    # an @ in a path is not a password's end; a user without a password gains none
+    assert redact("sqlite:////data/team@lab/study.db") == "sqlite:////data/team@lab/study.db"
+    assert redact("postgresql://ann@host/db") == "postgresql://ann@host/db"
+
+
+# -- sampler, pruner, study ---------------------------------------------------------------------
+def _ranged_sweep(tmp_path, name: str, **changes):
+    space = {
+        "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "backbone.hidden_size": {"low": 16, "high": 17, "type": "int"},
+    }
+    spec = dict(space=space, sampler="random", n_trials=40) | changes
+    return load_sweep(write_tiny(tmp_path / f"{name}.yaml", **spec))
+
+
+def _draws(sweep, url: str, n: int) -> list[dict]:
+    study, _ = open_study(sweep, url)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(suggest(trial, sweep))
+        study.tell(trial, 1.0)
+    return out
+
+
+def test_random_sampler_draws_are_seeded_and_int_ranges_reach_both_ends(tmp_path):
+    a = _draws(_ranged_sweep(tmp_path, "a", seed=3), f"sqlite:///{tmp_path / 'a.db'}", 40)
+    b = _draws(_ranged_sweep(tmp_path, "b", seed=3), f"sqlite:///{tmp_path / 'b.db'}", 40)
+    c = _draws(_ranged_sweep(tmp_path, "c", seed=4), f"sqlite:///{tmp_path / 'c.db'}", 40)
+    assert a == b  # one seed, one sequence: a sweep is reproducible
+    assert a != c
+    assert {d["backbone.hidden_size"] for d in a} == {16, 17}  # [low, high], both included
+    assert all(1e-4 <= d["optim.lr"] <= 1e-2 for d in a)
+    assert all("budget" not in d for d in a)  # envelope: no budget parameter
+
+
+def test_suggest_draws_a_budget_in_per_budget_mode(tmp_path):
+    sweep = _ranged_sweep(tmp_path, "p", budget_mode="per_budget")
+    draws = _draws(sweep, f"sqlite:///{tmp_path / 'p.db'}", 20)
+    assert {d["budget"] for d in draws} == set(TINY["budgets"])
+
+
+def test_the_study_minimizes_and_the_summary_lists_the_lowest_loss_first(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    study, _ = open_study(sweep, f"sqlite:///{tmp_path / 's.db'}")
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.study_name == "tiny-cpu"
+    for loss in (3.0, 1.0, 2.0):
+        study.tell(study.ask(), loss)
+    assert study.best_value == 1.0
+    lines = summarize(study).splitlines()
+    assert lines[0] == "study tiny-cpu: 3 complete"
+    assert [float(line.rsplit(":", 1)[1]) for line in lines[1:]] == [1.0, 2.0, 3.0]
+
+
+def test_median_pruner_waits_for_its_startup_trials_and_warmup_budgets(tmp_path):
+    def pruned_at(pruner: dict, history: int) -> list[bool]:
+        """`history` complete trials at loss 1.0 per budget, then a trial at 10.0: whether
+        it is pruned at budget 0 and at budget 1."""
+        sweep = load_sweep(write_tiny(tmp_path / "m.yaml", pruner=pruner))
+        study = optuna.create_study(pruner=make_pruner(sweep.spec))
+        for _ in range(history):
+            t = study.ask()
+            for i in range(3):
+                t.report(1.0, step=i)
+            study.tell(t, 1.0)
+        bad = study.ask()
+        out = []
+        for i in range(2):
+            bad.report(10.0, step=i)
+            out.append(bad.should_prune())
+        return out
+
+    startup2 = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}
+    assert pruned_at(startup2, 1) == [False, False]  # one trial before: too early to prune
+    assert pruned_at(startup2, 2) == [True, True]
+    warmup1 = {"name": "median", "n_startup_trials": 0, "n_warmup_steps": 1}
+    assert pruned_at(warmup1, 2) == [False, True]  # budget 0 is inside the warmup
+
+
+def test_hyperband_resources_are_budget_indices(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "h.yaml", pruner={"name": "hyperband"}))
+    pruner = make_pruner(sweep.spec)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    # a trial reports budget i at step i: 1 .. number of budgets
+    assert (pruner._min_resource, pruner._max_resource) == (1, len(TINY["budgets"]))
+    assert pruner._reduction_factor == 3
+    assert isinstance(make_pruner(load_sweep(write_tiny(tmp_path / "n.yaml")).spec),
+                      optuna.pruners.NopPruner)  # fmt: skip
+
+
+# -- stale and lost trials ----------------------------------------------------------------------
+def test_a_trial_goes_stale_after_the_grace_period_not_the_interval(tmp_path):
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    storage = make_storage(url, Heartbeat(interval=1, grace=6))
+    study = optuna.create_study(storage=storage, study_name="g")
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)  # beyond the interval (and two of them), well within the grace
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+
+
+def test_a_lost_grid_trial_is_requeued_with_its_grid_point(tmp_path):
+    """A worker that dies before `suggest` leaves a failed trial with no params: its retry is
+    the grid point it was enqueued with (fixed params), not an empty one."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(None)
+    trial = w._pop_waiting()
+    point = w.study.trials[trial.number].system_attrs["fixed_params"]
+    assert point == sweep.points()[0]
+    w.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # lost, no params suggested
+    w._retry_failed()
+    waiting = w.study.get_trials(states=WAITING)
+    retries = [t for t in waiting if t.user_attrs.get("retry_of") == trial.number]
+    assert len(retries) == 1
+    assert retries[0].system_attrs["fixed_params"] == point
+    assert retries[0].user_attrs["attempt"] == 2
+
+
+def test_grid_enqueues_each_point_once_and_n_trials_of_them(tmp_path):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(3)
+    w._enqueue_grid(3)  # a second worker's (or round's) enqueue adds nothing
+    waiting = w.study.get_trials(states=WAITING)
+    assert [t.system_attrs["fixed_params"] for t in waiting] == sweep.points()[:3]
+    assert all(t.user_attrs == {"attempt": 1} for t in waiting)
+    other = hand_worker(sweep, tmp_path, name="w2")
+    other._enqueue_grid(None)  # all points: only the fourth is new
+    waiting = other.study.get_trials(states=WAITING)
+    assert [t.system_attrs["fixed_params"] for t in waiting] == sweep.points()
+
+
+class _PruneAtBudget(optuna.pruners.BasePruner):
+    """Asks to prune once the trial has reported budget index `at` (0-based)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def prune(self, study, trial) -> bool:
+        return trial.last_step is not None and trial.last_step >= self.at
+
+
+@pytest.mark.parametrize(
+    ("at", "state", "reported"),
+    [(1, optuna.trial.TrialState.PRUNED, 2), (2, optuna.trial.TrialState.COMPLETE, 3)],
+)
+def test_a_trial_is_pruned_before_its_final_budget_never_at_it(
+    tmp_path, monkeypatch, at, state, reported
+):
+    # At the last budget the run has trained all its steps: its value is final, and pruning it
+    # there would throw away a finished result.
+    import dit_bench.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "make_pruner", lambda spec: _PruneAtBudget(at))
+    space = {"size": {"choices": {"a": TINY["space"]["size"]["choices"]["a"]}}}
+    path = write_tiny(tmp_path / "t.yaml", space={**space, "backbone.patch_size": {"choices": [4]}})
+    study = sweep_module.run_sweep(load_sweep(path), tmp_path / "runs", workers=1, progress=False)
+    (trial,) = study.trials  # a one-point grid (Optuna's GridSampler raised at its end)
+    assert len(set(trial.user_attrs["budget_steps"])) == 3  # three distinct budget steps
+    assert trial.state == state
+    assert sorted(trial.intermediate_values) == list(range(reported))
