@@ -411,7 +411,10 @@ def _worker(cfg_dict: dict, out: str) -> str:
     # in a fresh (spawned) process: rebuild the config from plain data, train without a bar
     import signal
 
+    from dit_bench.train.run import exit_with_parent
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    exit_with_parent()
     return _train_one(build_config(cfg_dict), out, progress=False)
 
 

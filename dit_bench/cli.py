@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EPILOG = """examples:
@@ -295,14 +297,21 @@ def cmd_sweep(args) -> int:
         progress=not args.no_progress,
     )
     print(summarize(study))
-    left = [t.number for t in study.get_trials(deepcopy=False) if not t.state.is_finished()]
+    trials = study.get_trials(deepcopy=False)
+    left = [t.number for t in trials if not t.state.is_finished()]
     if left:
         print(f"dit-bench: trials {left} did not finish; run the same command again to finish them")
         return 1
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    failed = [t for t in trials if t.state.name == "FAIL" and t.number not in retried]
+    for t in failed:  # their points are missing from the report
+        why = t.user_attrs.get("error", "its worker was lost (heartbeat.max_retry reached)")
+        point = ",".join(f"{k}={v}" for k, v in t.params.items())
+        print(f"dit-bench: trial {t.number} {point} failed: {why}")
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
     print(f"report:  {_report_command('scaling', root, args.out)}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_report(args) -> int:
@@ -650,10 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt(signum, frame) -> None:
+    """`kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
+    their worker processes (by default a SIGTERM ends this one alone and they train on)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from dit_bench.config import USER_ERRORS, ConfigError
 
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
     try:
         return args.func(args)
     except ConfigError as e:
@@ -668,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # named file, bad value, divergence
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
+    finally:
+        if sigterm is not None:  # main() called from Python (tests, notebooks) leaves it as it was
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

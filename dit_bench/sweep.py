@@ -267,6 +267,19 @@ class Sweep:
     def base_raw(self) -> dict[str, Any]:
         return apply_overrides(self.spec.base, list(self.overrides))
 
+    def identity(self) -> dict[str, Any]:
+        """What decides the study's trials and numbers: the base config (by hash: keys that
+        only say how a run executes are not in it), the space, budgets, sampler and pruner.
+        Not n_trials, workers or heartbeat: a rerun may change those and go on with the study."""
+        keys = ("space", "budgets", "budget_mode", "sampler", "seed", "pruner", "max_steps")
+        spec = self.spec.model_dump(mode="json", include=set(keys))
+        return {"base_config_hash": build_config(self.base_raw()).hash, **spec}
+
+    def identity_changes(self, recorded: dict[str, Any]) -> list[str]:
+        """The keys of `identity()` that differ from a study's recorded identity."""
+        now = self.identity()
+        return [k for k in sorted({*now, *recorded}) if now.get(k) != recorded.get(k)]
+
     def plan(self, params: dict[str, Scalar], *, dry_run: bool = False) -> TrialPlan:
         """The config of a trial (validated), its size and its budget steps. Builds no weights.
         `dry_run`: latents not encoded yet are sized as `planned_data_info` assumes."""
@@ -520,10 +533,13 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
     try:
         study_id = storage.get_study_id_from_name(sweep.study_name)
         trials = storage.get_all_trials(study_id, deepcopy=False)
+        recorded = storage.get_study_user_attrs(study_id).get("identity")
     except KeyError:
         return f"storage: {redact(url)} (connected; no study {sweep.study_name} yet)"
     finally:
         storage.engine.dispose()
+    if recorded is not None and sweep.identity_changes(recorded):
+        raise ConfigError(_changed_sweep_message(sweep, url, recorded))
     states = Counter(t.state.name.lower() for t in trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
     return f"storage: {redact(url)} (study {sweep.study_name}: {counts})"
@@ -623,6 +639,9 @@ def open_study(sweep: Sweep, storage_url: str):
             time.sleep(0.2)
     else:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
+    recorded = study.user_attrs.get("identity")
+    if recorded is not None and sweep.identity_changes(recorded):
+        raise ConfigError(_changed_sweep_message(sweep, storage_url, recorded))
     if "sweep" not in study.user_attrs:
         study.set_user_attr(
             "sweep",
@@ -633,7 +652,21 @@ def open_study(sweep: Sweep, storage_url: str):
                 "overrides": list(sweep.overrides),
             },
         )
+    if recorded is None:  # (a study made before identities were recorded takes this one)
+        study.set_user_attr("identity", sweep.identity())
     return study, storage
+
+
+def _changed_sweep_message(sweep: Sweep, url: str, recorded: dict[str, Any]) -> str:
+    """A rerun with another base, space or budgets would add its trials to the old study and
+    report the old numbers as its own: say what changed and how to keep both."""
+    changed = ", ".join(sweep.identity_changes(recorded)).replace("base_config_hash", "base config")
+    where = f"delete {url.split(':///', 1)[1]}" if url.startswith("sqlite") else "delete it"
+    return (
+        f"study {sweep.study_name} in {redact(url)} was made by another sweep ({changed} "
+        "changed: a --set, the file or its profile). To keep both, give this one another "
+        f"--out (or `name:` in the file); to start over, {where}"
+    )
 
 
 # -- the objective: trial -> config -> run -> number ---------------------------------------------
@@ -799,19 +832,26 @@ class Worker:
 
     def _retry_failed(self) -> None:
         """Enqueue again, once, each trial that failed because its worker died or was stopped
-        (not one whose training raised an error: that would fail again)."""
+        (not one whose training raised an error: that would fail again). Workers lost
+        (killed, out of memory) count towards heartbeat.max_retry; a stop the user asked for
+        (Ctrl-C, SIGTERM: a preemption) does not, so a rerun always finishes the sweep."""
         import optuna
 
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
             attempt = t.user_attrs.get("attempt", 1)
-            if "error" in t.user_attrs or attempt > self.sweep.spec.heartbeat.max_retry:
+            stopped = t.user_attrs.get("interrupted", False)
+            if "error" in t.user_attrs or (
+                not stopped and attempt > self.sweep.spec.heartbeat.max_retry
+            ):
                 continue
             if self.claims.claim(f"retry:{t.number}"):
                 params = t.system_attrs.get("fixed_params", t.params)
+                again = attempt if stopped else attempt + 1
                 self.study.enqueue_trial(
-                    params, user_attrs={"attempt": attempt + 1, "retry_of": t.number}
+                    params, user_attrs={"attempt": again, "retry_of": t.number}
                 )
-                self.log(f"[sweep {self.name}] trial {t.number} failed (worker lost); re-queued")
+                why = "stopped" if stopped else "worker lost"
+                self.log(f"[sweep {self.name}] trial {t.number} failed ({why}); re-queued")
 
     def _pop_waiting(self):
         import optuna
@@ -976,7 +1016,10 @@ def _has_cuda() -> bool:
 
 # -- launching workers ----------------------------------------------------------------------------
 def _worker_main(spec, source, overrides, storage_url, out, n_trials, gpu, workers) -> None:
+    from dit_bench.train.run import exit_with_parent
+
     started = time.perf_counter()
+    exit_with_parent()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     sweep = Sweep(SweepSpec.model_validate(spec), source, tuple(overrides))
@@ -1030,9 +1073,13 @@ def run_sweep(
         try:
             for p in procs:
                 p.join()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too; a SIGTERM only this one
+            deadline = time.time() + 30
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=max(0.0, deadline - time.time()))
+            for p in procs:
+                if p.is_alive():  # a killed trial goes stale and re-runs on the next call
+                    p.terminate()
             raise
         bad = [p.exitcode for p in procs if p.exitcode]
         if bad:  # the others re-queue a dead worker's trial: the study says what is left

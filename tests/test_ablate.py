@@ -1,6 +1,7 @@
 """Ablation files: every shipped one validates; expansion; stop-anywhere-and-rerun (tiny runs)."""
 
 import json
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -297,3 +298,49 @@ def test_parallel_jobs_train_every_run_once(tmp_path):
     run_ablation(ab, out, jobs=2, progress=False)
     assert len(_snapshot(out)) == 4
     assert len([p for p in (out / "tiny-cpu").iterdir() if p.is_dir()]) == 4
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (reparented to a PID 1 that does not reap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_killed_parallel_ablation_leaves_no_worker_training(tmp_path, sig):
+    # `kill PID`, `timeout`, a preemption (SIGTERM) or the OOM killer (SIGKILL) stopped the
+    # parent alone: its pool's workers trained on as orphans, holding locks and ~1 GB each.
+    import subprocess
+    import sys
+    import time
+
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100000}}
+    path = write_ablation(tmp_path, base=base, seeds=[0], profiles={"cpu": {}})
+    cmd = [sys.executable, "-m", "dit_bench.cli", "ablate", str(path), "--jobs", "2"]
+    parent = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "runs"), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    deadline = time.time() + 120
+    while len(workers) < 2 and time.time() < deadline:  # both workers are training
+        time.sleep(1)
+        ckpts = list((tmp_path / "runs" / "tiny-cpu").glob("*/checkpoints/last.ckpt"))
+        if len(ckpts) == 2:
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text()
+            workers = [
+                int(pid)
+                for pid in children.split()
+                if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+            ]
+    assert len(workers) == 2, "the workers did not start training"
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(timeout=60)
+    deadline = time.time() + 60
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(map(_alive, workers)), f"workers still running after the parent's {sig}"

@@ -275,7 +275,7 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
 
 
-def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path, capsys):
     # validate() checks a range's corners (16 and 20 build); 17..19 break the head split or
     # the sin-cos table. Such a trial fails with its error, is not retried, and the worker
     # (here the only one) runs the remaining trials.
@@ -285,7 +285,13 @@ def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path):
     path = write_tiny(
         tmp_path / "t.yaml", base=base, space=space, sampler="random", n_trials=4, seed=1
     )  # seed 1 draws 18, 19, 16, 17
-    study = run_sweep(load_sweep(path), tmp_path / "runs", workers=1, progress=False)
+    from dit_bench.cli import main
+
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]) == 1
+    printed = capsys.readouterr().out  # the command names the points missing from the report
+    assert printed.count("failed: ConfigError: trial {'backbone.hidden_size'") == 3  # 18 19 17
+    url = f"sqlite:///{tmp_path / 'runs' / 'tiny-cpu' / 'study.db'}"
+    study = optuna.load_study(study_name="tiny-cpu", storage=url)
     sizes = {t.params["backbone.hidden_size"]: t for t in study.trials}
     assert len(study.trials) == 4 and {16, 20} & set(sizes) and set(sizes) - {16, 20}
     for size, t in sizes.items():
@@ -340,6 +346,14 @@ def test_a_lost_trial_is_retried_max_retry_times_and_an_erroring_one_never(tmp_p
     w._retry_failed()
     assert not w.study.get_trials(states=waiting)
     assert len(w.study.trials) == 3
+    # a stop the user asked for (Ctrl-C, a preemption's SIGTERM) is no lost worker: however
+    # often it happens, the next call re-runs the trial (and did drop it after max_retry)
+    lose(w.study.ask(), attempt=2, interrupted=True)
+    for _ in range(3):
+        w._retry_failed()
+        (retry,) = w.study.get_trials(states=waiting)
+        assert retry.user_attrs["attempt"] == 2
+        lose(w._pop_waiting(), interrupted=True)
 
 
 def test_a_run_without_its_final_validation_has_no_final_value(tmp_path):

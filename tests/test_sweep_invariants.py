@@ -411,3 +411,28 @@ def test_a_trial_is_pruned_before_its_final_budget_never_at_it(
     assert len(set(trial.user_attrs["budget_steps"])) == 3  # three distinct budget steps
     assert trial.state == state
     assert sorted(trial.intermediate_values) == list(range(reported))
+
+
+def test_a_changed_sweep_does_not_reuse_the_study_of_the_old_one(tmp_path):
+    # Rerunning with another lr on the same --out found the old study "finished" and printed
+    # its numbers as the new sweep's. Keys that do not change the trials may change.
+    from dit_bench.sweep import storage_status
+
+    path = write_tiny(tmp_path / "t.yaml")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study(load_sweep(path), url)
+    for sets, changed in [
+        (["optim.lr=5e-3"], "base config changed"),
+        (["data.num_samples=64"], "base config changed"),
+    ]:
+        sweep = load_sweep(path, overrides=sets)
+        with pytest.raises(ConfigError, match=changed):
+            open_study(sweep, url)
+        with pytest.raises(ConfigError, match="another --out"):
+            storage_status(sweep, url)  # the dry run says so too
+    with pytest.raises(ConfigError, match="budgets changed"):
+        open_study(load_sweep(write_tiny(tmp_path / "t.yaml", budgets=[2.0e6, 8.0e6])), url)
+    # how it runs, how many trials, the heartbeat: the same study goes on
+    same = write_tiny(tmp_path / "t.yaml", n_trials=2, heartbeat={"interval": 2, "grace": 9})
+    study, _ = open_study(load_sweep(same, overrides=["train.threads=2"]), url)
+    assert study.user_attrs["identity"]["budgets"] == sorted(TINY["budgets"])

@@ -98,9 +98,28 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, empty file, not a torch file at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "global_step"} <= set(ckpt):
-        raise ValueError(f"{path} is not a dit-bench checkpoint (no state_dict, global_step)")
+    keys = {"state_dict", "global_step", "pytorch-lightning_version"}  # what resuming reads
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        raise ValueError(f"{path} is not a dit-bench checkpoint (no {', '.join(sorted(keys))})")
     return ckpt
+
+
+def exit_with_parent(poll: float = 1.0) -> None:
+    """In a spawned worker (ablate --jobs, sweep --workers): exit when the parent dies.
+
+    A parent killed with SIGKILL (or by the OOM killer) runs no cleanup, and its workers would
+    train on as orphans, holding their runs' locks and memory. Exiting is a kill -9 of the
+    worker: its run resumes from the last checkpoint next time."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _launch_rank() -> int:
