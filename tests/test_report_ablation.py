@@ -162,3 +162,128 @@ def test_report_without_a_plan_refuses_to_pool_two_configs(tmp_path):
     ):
         build_report(source, tmp_path / "r")
     assert not (tmp_path / "r").exists()  # a refused report leaves no empty folder behind
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Skip the figures (most of a report's time) in tests that read only its text and tables."""
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    monkeypatch.setattr(ablation, "sample_grids", lambda *a, **k: {})
+
+
+def drop_runs(source: Path, variant: str, seeds=(0, 1, 2)) -> None:
+    """Those runs of `variant` never finished (no summary.json)."""
+    for seed in seeds:
+        (source / f"20260101T000000Z-{variant}{seed}" / "summary.json").unlink()
+
+
+def test_an_undetermined_comparison_reads_undetermined_in_table_csv_and_plot(tmp_path, monkeypatch):
+    # in_context finished seed 0 only: one pair, no test; adaln pairs fully (p = 1, "no")
+    source = make_source(tmp_path)
+    drop_runs(source, "in_context", seeds=(1, 2))
+    styles = []  # (variant row, colour, face colour) of every point the paired plot draws
+    from matplotlib.axes import Axes
+
+    errorbar = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        styles.append((y, kwargs.get("color"), kwargs.get("mfc")))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final"):  # only the paired plot is looked at here
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    monkeypatch.setattr(ablation, "sample_grids", lambda *a, **k: {})
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if "| +" in line}
+    assert rows["adaln"].rstrip().endswith("| no |")
+    assert rows["in_context"].rstrip().endswith("| undetermined |")
+    assert "in_context vs adaln_zero: undetermined" in md
+    for paired in (pd.read_csv(out / "paired.csv"), pd.read_parquet(out / "paired.parquet")):
+        loss = paired[paired["metric"] == "val_loss"].set_index("variant")
+        assert loss.loc["in_context", "undetermined"] and pd.isna(
+            loss.loc["in_context", "distinguishable"]
+        )  # not False: the table never says "not distinguishable" where no test was made
+        assert not loss.loc["adaln", "undetermined"] and not loss.loc["adaln", "distinguishable"]
+    # the paired plot draws the undetermined point unlike a "no" (rows: adaln 0, in_context 1)
+    assert styles and {s[0] for s in styles} == {0, 1}
+    no = {s[1:] for s in styles if s[0] == 0}
+    undetermined = {s[1:] for s in styles if s[0] == 1}
+    assert no.isdisjoint(undetermined)
+
+
+def test_report_without_the_base_reports_the_others_and_says_why_nothing_is_paired(
+    tmp_path, no_figures
+):
+    source = make_source(tmp_path)
+    drop_runs(source, "adaln_zero")  # the base diverged: no finished run
+    out = tmp_path / "r"
+    assert main(["report", "ablation", str(source), "-o", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Not finished: all seeds of adaln_zero" in md
+    assert "the base variant adaln_zero has no finished runs" in md
+    assert (
+        "No paired comparison of val_loss against adaln_zero: the base has no finished runs" in md
+    )
+    assert "comparisons per metric" not in md  # no count of comparisons that were not made
+    final = pd.read_csv(out / "final.csv")
+    assert set(final["variant"]) == {"adaln", "in_context"} and final["n"].eq(3).all()
+    assert pd.read_csv(out / "paired.csv").empty
+    assert "| 1 | adaln |" in md and "| 2 | in_context |" in md
+
+
+def test_report_leaves_out_the_comparisons_of_a_metric_the_base_lacks(tmp_path, no_figures):
+    source = make_source(tmp_path)
+    for seed in range(3):  # the base's runs never evaluated the FD
+        csv = source / f"20260101T000000Z-adaln_zero{seed}" / "metrics.csv"
+        pd.read_csv(csv).drop(columns="val/FD-mnist-net").to_csv(csv, index=False)
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    msg = "No paired comparison of val_FD-mnist-net against adaln_zero: the base's runs have no"
+    assert msg in md
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["metric"]) == {"val_loss"} and len(paired) == 2
+
+
+def test_header_names_each_variants_seeds_when_they_differ(tmp_path, no_figures):
+    source = make_source(tmp_path)
+    drop_runs(source, "in_context", seeds=(1, 2))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert (
+        "7 finished runs: 3 variants, seeds adaln_zero [0, 1, 2], adaln [0, 1, 2], "
+        "in_context [0]; base variant **adaln_zero**"
+    ) in md
+    assert "seeds [0, 1, 2];" not in md
+    assert "compare them over different seed sets" in md
+    # equal seed sets: the short form, and no such line
+    md = build_report(make_source(tmp_path / "all"), tmp_path / "r2").read_text()
+    assert "9 finished runs: 3 variants x seeds [0, 1, 2]; base" in md
+    assert "different seed sets" not in md
+
+
+@pytest.mark.parametrize("kind", ["sweep", "plain"])
+def test_a_folder_that_is_not_an_ablation_is_refused(tmp_path, capsys, kind):
+    source = tmp_path / "runs" / "shapes-cpu"
+    for trial, point in enumerate(["d2-w64", "d4-w128"]):
+        run = fake_run(source, "adaln", trial, 0.0)
+        if kind == "sweep":  # what dit_bench.sweep writes beside each trial's run
+            labels = {"variant": point, "sweep": "shapes", "trial": trial}
+            (run / "labels.json").write_text(json.dumps(labels))
+            (run / "trial.json").write_text(json.dumps({"trial": trial, "state": "COMPLETE"}))
+        else:  # plain `dit-bench train` runs
+            (run / "labels.json").unlink()
+    out = tmp_path / "r"
+    assert main(["report", "ablation", str(source), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{source} is not an ablation folder: no ablation.json" in err
+    assert f"dit-bench report scaling {source}" in err
+    assert ("sweep trials (trial.json" in err) == (kind == "sweep")
+    assert not out.exists()

@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dit_bench.report.stats import compare_to_base, mean_ci, paired_compare, summarize, verdict
+from dit_bench.report.stats import (
+    call,
+    compare_to_base,
+    has_values,
+    mean_ci,
+    paired_compare,
+    summarize,
+    verdict,
+)
 
 
 def test_mean_ci_matches_the_t_formula():
@@ -130,5 +138,25 @@ def test_tables_report_a_constant_shift_as_undetermined():
         }
     )
     row = compare_to_base(t, "val_loss", "a").iloc[0]
-    assert row["diff"] == pytest.approx(0.5) and not row["distinguishable"]
+    assert row["diff"] == pytest.approx(0.5) and row["undetermined"]
+    # neither yes nor no: NA in the table, "undetermined" in the report's column
+    assert pd.isna(row["distinguishable"])
+    assert call(row["distinguishable"], row["undetermined"]) == "undetermined"
     assert math.isnan(row["p_value"]) and "undetermined" in row["verdict"]
+
+
+def test_tables_say_yes_no_or_undetermined_per_comparison():
+    t = pd.DataFrame(
+        {
+            "variant": ["a"] * 3 + ["same"] * 3 + ["worse"] * 3 + ["one"],
+            "seed": [0, 1, 2] * 3 + [0],
+            "val_loss": [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.5, 2.6, 3.4, 9.0],
+        }
+    )
+    p = compare_to_base(t, "val_loss", "a").set_index("variant")
+    calls = {v: call(r["distinguishable"], r["undetermined"]) for v, r in p.iterrows()}
+    assert calls == {"same": "no", "worse": "yes", "one": "undetermined"}
+    assert str(p["distinguishable"].dtype) == "boolean" and p["undetermined"].dtype == bool
+    assert has_values(t, "val_loss", "a") and not has_values(t, "val_loss", "nobody")
+    assert not has_values(t, "val_FD", "a")
+    assert compare_to_base(t[t["variant"] == "a"], "val_loss", "a").empty  # only the base

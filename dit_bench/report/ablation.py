@@ -2,14 +2,17 @@
 
 SOURCE is the folder `dit-bench ablate` wrote (`<out>/<name>-<profile>/`, with `ablation.json`:
 variant order, base variant, metrics, reference ranking) or any folder of runs whose
-`labels.json` name a variant (then the first variant in name order is the base).
+`labels.json` name a variant (then the first variant in name order is the base). A folder with
+neither (a sweep's trials, plain training runs) is refused: `dit-bench report scaling` reads
+sweeps. A base without finished runs leaves the others reported, unpaired.
 
 Out: `report.md`; figures `curves_<metric>.png` (metric against training steps and training
 FLOPs, mean over seeds with a 95% t band), `final_<metric>.png` (per-variant mean, CI and every
 seed), `paired_<metric>.png` (variant - base per seed-pair, with CI); `samples/<variant>.png`
 (the final grid of each variant's first seed) and `samples.png` (all of them side by side);
 tables as CSV and Parquet: `runs` (one row per run), `final` (per-variant CIs), `paired`
-(comparisons against the base), `cost` (params, MACs, throughput), `curves` (long table).
+(comparisons against the base; `distinguishable` is empty where `undetermined`: no test), `cost`
+(params, MACs, throughput), `curves` (long table).
 An optional `notes.md` in the report folder is kept and included as the closing discussion.
 
 Reads tables only: no model is built or imported here.
@@ -26,18 +29,57 @@ import numpy as np
 import pandas as pd
 
 from dit_bench.report.results import collect, curves, save_table
-from dit_bench.report.stats import LEVEL, compare_to_base, mean_ci, summarize
+from dit_bench.report.stats import (
+    LEVEL,
+    call,
+    compare_to_base,
+    has_values,
+    mean_ci,
+    paired_columns,
+    summarize,
+)
 
 NOTES = "notes.md"
 
 
 # -- reading ------------------------------------------------------------------------------------
+def not_ablation_runs(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The runs that are sweep trials (`trial.json`, or labels.json naming a sweep) and the
+    runs whose labels.json names no variant (plain `dit-bench train` runs)."""
+    trials, unlabelled = [], []
+    for run in map(Path, table["run_dir"]):
+        path = run / "labels.json"
+        labels = json.loads(path.read_text()) if path.is_file() else {}
+        if (run / "trial.json").is_file() or "sweep" in labels:
+            trials.append(run.name)
+        elif "variant" not in labels:
+            unlabelled.append(run.name)
+    return trials, unlabelled
+
+
 def load_plan(source: Path, table: pd.DataFrame) -> dict:
-    """ablation.json of SOURCE, or a plan inferred from the runs' labels."""
+    """ablation.json of SOURCE, or a plan inferred from the runs' labels. A folder with neither
+    (a sweep's runs, plain training runs) is not an ablation: refused, naming what is missing,
+    rather than reported with grid points or experiments posing as variants."""
     path = source / "ablation.json"
     if path.is_file():
         plan = json.loads(path.read_text())
     else:
+        trials, unlabelled = not_ablation_runs(table)
+        if trials or unlabelled:
+            what = (
+                f"{len(trials)} of its {len(table)} runs are sweep trials (trial.json; e.g. "
+                f"{trials[0]}): for a sweep's runs use `dit-bench report scaling {source} -o "
+                "reports/NAME`"
+                if trials
+                else f"{len(unlabelled)} of its {len(table)} runs have no labels.json naming "
+                f"a variant (e.g. {unlabelled[0]}): `dit-bench ablate` writes both; a sweep's "
+                f"runs go to `dit-bench report scaling {source} -o reports/NAME`"
+            )
+            raise ValueError(
+                f"{source} is not an ablation folder: no ablation.json (the plan `dit-bench "
+                f"ablate` writes), and {what}"
+            )
         variants = sorted(table["variant"].unique())
         plan = {"name": source.name, "variants": variants, "base_variant": variants[0]}
     plan.setdefault("metrics", ["val_loss"])
@@ -169,14 +211,18 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     p = paired[paired["metric"] == metric]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(p) + 1.5))
     y = np.arange(len(p))
-    colors = ["C3" if d else "0.5" for d in p["distinguishable"]]
+    # red: distinguishable; grey: not; open and light: undetermined (no test, no interval)
+    calls = [call(d, u) for d, u in zip(p["distinguishable"], p["undetermined"], strict=True)]
+    colors = {"yes": "C3", "no": "0.5", "undetermined": "0.4"}
     for i, row in enumerate(p.itertuples()):
+        open_ = calls[i] == "undetermined"
         ax.errorbar(
             row.diff,
             i,
-            xerr=[[row.diff - row.diff_lo], [row.diff_hi - row.diff]],
+            xerr=None if open_ else [[row.diff - row.diff_lo], [row.diff_hi - row.diff]],
             fmt="o",
-            color=colors[i],
+            color=colors[calls[i]],
+            mfc="none" if open_ else colors[calls[i]],
             capsize=4,
         )
     ax.axvline(0, color="k", lw=1)
@@ -184,7 +230,10 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     ax.invert_yaxis()
     base = p["base"].iloc[0] if len(p) else ""
     ax.set_xlabel(f"{metric}: variant - {base} (paired over seeds)")
-    ax.set_title(f"paired difference, {int(LEVEL * 100)}% CI (red: p < {1 - LEVEL:.2f})")
+    title = f"paired difference, {int(LEVEL * 100)}% CI (red: p < {1 - LEVEL:.2f}"
+    if "undetermined" in calls:
+        title += "; open: undetermined, no test"
+    ax.set_title(title + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -288,6 +337,13 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         for r in plan.get("runs", [])
         if r["config_hash"] not in have
     ]
+    # a plan without its run list (older ablation.json) still names its variants
+    listed = {r["variant"] for r in plan.get("runs", [])}
+    unfinished += [
+        f"all seeds of {v}"
+        for v in plan["variants"]
+        if v not in set(table["variant"]) and v not in listed
+    ]
     order = [v for v in plan["variants"] if v in set(table["variant"])]
     order += sorted(set(table["variant"]) - set(order))
     base = plan["base_variant"]
@@ -308,7 +364,13 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     final["variant"] = pd.Categorical(final["variant"], order, ordered=True)
     final = final.sort_values(["metric", "variant"]).reset_index(drop=True)
     final["variant"] = final["variant"].astype(str)
-    paired = pd.concat([compare_to_base(runs, m, base) for m in metrics], ignore_index=True)
+    # a base without values of a metric (it diverged, or was not evaluated) leaves nothing to
+    # pair with: that metric's comparisons are left out and the report says why
+    unpaired = [m for m in metrics if not has_values(runs, m, base)]
+    frames = [compare_to_base(runs, m, base) for m in metrics if m not in unpaired]
+    paired = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=paired_columns())
+    )
     cost = cost_table(runs, order)
     keep = [c for c in runs.columns if not c.startswith("cfg.")]
     save_table(runs[keep], out / "runs")
@@ -330,7 +392,19 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     primary = metrics[0]
     fin = final[final["metric"] == primary].set_index("variant")
     ranking = fin.sort_values("mean").index.tolist()
-    seeds = sorted(runs["seed"].unique().tolist())
+    seeds = {v: sorted(runs.loc[runs["variant"] == v, "seed"].tolist()) for v in order}
+    if len({tuple(s) for s in seeds.values()}) <= 1:
+        counted = f"{len(order)} variants x seeds {next(iter(seeds.values()), [])}"
+    else:
+        counted = f"{len(order)} variants, seeds " + ", ".join(f"{v} {s}" for v, s in seeds.items())
+    # the seeds behind each variant's mean (of any metric): unequal sets make the ranking and the
+    # means compare different seeds (the paired comparisons use the shared seeds only)
+    with_values = {
+        tuple(sorted(runs.loc[(runs["variant"] == v) & runs[m].notna(), "seed"]))
+        for m in metrics
+        for v in order
+    } - {()}  # a variant without values of a metric has no mean of it to compare
+    uneven = len(with_values) > 1
     title = plan.get("experiment", plan.get("name", source.name))
     md = [f"# Ablation report: {title}", ""]
     if plan.get("description"):
@@ -338,8 +412,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     if plan.get("profile_description"):
         md += [f"**Profile `{plan.get('profile')}`.** {plan['profile_description']}", ""]
     cmd = plan.get("command") or (
-        f"dit-bench ablate {plan.get('source', '?')} --profile {plan.get('profile', '?')}"
+        f"dit-bench ablate {plan['source']} --profile {plan.get('profile', '?')}"
         + "".join(f" --set {o}" for o in plan.get("overrides", []))
+        if "source" in plan
+        else None  # no ablation.json: the runs' labels are all there is
     )
     # The validation noise is drawn per validation batch of train.batch_size: shared between
     # variants only when their batch sizes agree.
@@ -353,7 +429,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         "Made with:",
         "",
         "```bash",
-        cmd,
+        *([cmd] if cmd else []),
         f"dit-bench report ablation {source} -o {out}",
         "```",
         "",
@@ -375,19 +451,30 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             if unfinished
             else []
         ),
-        f"{len(runs)} finished runs: {len(order)} variants x seeds {seeds}; base variant "
-        f"**{base}**. Lower is better for every metric. Intervals are two-sided "
-        f"{int(LEVEL * 100)}% t intervals over seeds (n - 1 degrees of freedom); comparisons are "
-        f"paired by seed ({shared}, same data order), paired t-test, "
-        f"alpha = {1 - LEVEL:.2f} per comparison, without a multiple-comparison correction "
-        f"({len(order) - 1} comparisons per metric: expect about one false call in "
-        f"{round(1 / (1 - LEVEL))} comparisons of truly equal variants).",
+        f"{len(runs)} finished runs: {counted}; base variant **{base}**. Lower is better for "
+        f"every metric. Intervals are two-sided {int(LEVEL * 100)}% t intervals over seeds "
+        "(n - 1 degrees of freedom); "
+        + (
+            f"comparisons are paired by seed ({shared}, same data order), paired t-test, "
+            f"alpha = {1 - LEVEL:.2f} per comparison, without a multiple-comparison correction "
+            f"({len(set(order) - {base})} comparisons per metric: expect about one false call "
+            f"in {round(1 / (1 - LEVEL))} comparisons of truly equal variants)."
+            if base in order
+            else f"no paired comparisons: the base variant {base} has no finished runs, so "
+            "there is nothing to pair the others with; the means and intervals stand alone."
+        ),
         "",
     ]
     if missing:
         md += [f"Not evaluated in these runs (no values): {', '.join(missing)}.", ""]
 
     md += [f"## Ranking by final {primary}", ""]
+    if uneven:
+        md += [
+            "The variants' means rest on different seeds (see the seeds column): the ranking "
+            "and the means compare them over different seed sets, not seed for seed.",
+            "",
+        ]
     rows = []
     for i, v in enumerate(ranking, 1):
         r = fin.loc[v]
@@ -455,6 +542,13 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "",
         ]
         p = paired[paired["metric"] == m]
+        if m in unpaired and any(v != base for v in order):
+            why = (
+                "the base has no finished runs"
+                if base not in order
+                else f"the base's runs have no {m} values"
+            )
+            md += [f"No paired comparison of {m} against {base}: {why}.", ""]
         if len(p):
             md += [f"### Paired against {base}", "", f"![paired {m}](paired_{m}.png)", ""]
             md += [
@@ -476,7 +570,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                             f"[{_fmt(r.diff_lo, '+.3g')}, {_fmt(r.diff_hi, '+.3g')}]",
                             _fmt(r.p_value, ".2g"),
                             str(r.n_pairs),
-                            "yes" if r.distinguishable else "no",
+                            call(r.distinguishable, r.undetermined),
                         ]
                         for r in p.itertuples()
                     ],

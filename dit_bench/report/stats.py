@@ -171,9 +171,13 @@ def compare_to_base(
     pair_on: str = "seed",
     level: float = LEVEL,
 ) -> pd.DataFrame:
-    """Each `by` group paired with the `base` group on `pair_on`: one row per non-base group."""
+    """Each `by` group paired with the `base` group on `pair_on`: one row per non-base group.
+
+    `distinguishable` is a nullable boolean: True, False, or NA where the comparison is
+    `undetermined` (no test: fewer than MIN_PAIRS pairs, or no spread); `call` turns the two
+    into the report's word. Raises ValueError when `base` has no value of `metric`."""
     wide = table.pivot_table(index=pair_on, columns=by, values=metric, aggfunc="mean")
-    if base not in wide:
+    if base not in wide:  # callers that can go on without the base check first (has_values)
         raise ValueError(f"base {base!r} has no runs with {metric}; groups: {list(wide.columns)}")
     order = [g for g in table[by].drop_duplicates() if g != base and g in wide]
     rows = []
@@ -191,11 +195,36 @@ def compare_to_base(
                 "relative": c.relative,
                 "t": c.t,
                 "p_value": c.p_value,
-                "distinguishable": c.distinguishable,
+                # three answers, not two: NA (no test) where the comparison is undetermined,
+                # so the table never reads "not distinguishable" where the verdict says
+                # "undetermined"
+                "distinguishable": pd.NA if c.undetermined else c.distinguishable,
+                "undetermined": c.undetermined,
                 "verdict": verdict(c, name, base, metric),
             }
         )
     # the columns even without rows (only the base has finished): callers select on "metric"
+    out = pd.DataFrame(rows, columns=paired_columns(by))
+    out["distinguishable"] = out["distinguishable"].astype("boolean")
+    out["undetermined"] = out["undetermined"].astype(bool)
+    return out
+
+
+def paired_columns(by: str = "variant") -> list[str]:
+    """The columns of `compare_to_base`'s table."""
     columns = [by, "base", "metric", "n_pairs", "diff", "diff_lo", "diff_hi", "relative", "t"]
-    columns += ["p_value", "distinguishable", "verdict"]
-    return pd.DataFrame(rows, columns=columns)
+    return columns + ["p_value", "distinguishable", "undetermined", "verdict"]
+
+
+def call(distinguishable, undetermined) -> str:
+    """A comparison's answer in one word: "yes", "no" or "undetermined" (no test possible)."""
+    if undetermined or pd.isna(distinguishable):
+        return "undetermined"
+    return "yes" if distinguishable else "no"
+
+
+def has_values(table: pd.DataFrame, metric: str, group: str, by: str = "variant") -> bool:
+    """Whether `group` has at least one run with a value of `metric` (a base to pair with)."""
+    if metric not in table:
+        return False
+    return bool(table.loc[table[by] == group, metric].notna().any())
