@@ -473,11 +473,14 @@ def run_ablation(
             ]
             record["seeds"] = sorted({*old["seeds"], *record["seeds"]})
     write_json_atomic(previous, record)
+    from dit_bench.train.run import check_run_config
+
     n = len(ab.runs)
     todo = []
     for r in ab.runs:
         status, run_dir = run_status(out, r.cfg)
         if status == "done":
+            check_run_config(run_dir, r.cfg)  # a config.yaml lost in a crash is written again
             write_labels(run_dir, ab, r)
             _log(f"run {r.index}/{n} {r.variant} seed {r.seed}: already finished ({run_dir.name})")
         else:
@@ -575,6 +578,12 @@ def results_table(ab: Ablation, out: str | Path):
     rows = []
     for summary in sorted((Path(out) / ab.experiment).glob("*/summary.json")):
         run_dir = summary.parent
+        if not (run_dir / "config.yaml").is_file():  # lost in a crash; not a run of this plan
+            _log(
+                f"skipped {run_dir.name}: no config.yaml (an ablate call that plans it, or "
+                "dit-bench train with its config, writes it again)"
+            )
+            continue
         variant = variant_of.get(unseeded_hash(load_run_config(run_dir)))
         if variant is not None:
             row = run_row(run_dir)

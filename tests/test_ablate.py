@@ -214,6 +214,18 @@ def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path
     assert labels["variant"] == ab.runs[2].variant and labels["seed"] == ab.runs[2].seed
     # a call for one seed keeps every finished run of the ablation in results.csv (the report's
     # view), but not the runs of another --set (another experiment in the same folder)
+    # config.yaml files lost in a crash: the plan's runs get theirs back; another run without
+    # one is left out of the table, named, instead of breaking it
+    dirs = {r.seed: find_run_dir(out, r.cfg) for r in ab.runs if r.variant == "adaln"}
+    lost = {seed: run / "config.yaml" for seed, run in dirs.items()}
+    kept = lost[0].read_text()
+    for config in lost.values():
+        config.unlink()
+    assert main(["ablate", str(path), "--out", str(out), "--no-progress", "--seeds", "1"]) == 0
+    assert lost[1].is_file() and not lost[0].is_file()
+    assert f"skipped {lost[0].parent.name}: no config.yaml" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 3
+    lost[0].write_text(kept)
     assert main(["ablate", str(path), "--out", str(out), "--no-progress", "--seeds", "1"]) == 0
     assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 4
     plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())

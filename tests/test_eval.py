@@ -150,6 +150,14 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
     assert set(fd_rows) == {6, 12}
     assert all(r["val/loss"] for r in fd_rows.values())  # beside the val loss, same row
     assert all(float(r["val/FD-digits-net"]) > 0 for r in fd_rows.values())
+    # killed after the final checkpoint, before summary.json: the rerun's summary keeps the FD
+    # (it is carried in the checkpoint; the rerun evaluates nothing again)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_FD-digits-net"] == float(fd_rows[12]["val/FD-digits-net"])
+    (run / "summary.json").unlink()
+    assert train(cfg, tmp_path / "runs", progress=False) == run
+    again = json.loads((run / "summary.json").read_text())
+    assert again["val_FD-digits-net"] == summary["val_FD-digits-net"]
 
     record = evaluate_run(run, EvalRequest(num_samples=30, steps=4, batch_size=16), progress=False)
     on_disk = json.loads((run / "eval.json").read_text())

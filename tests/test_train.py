@@ -235,6 +235,14 @@ def test_broken_run_files_are_errors_naming_the_file(tmp_path):
     last.write_bytes(good)
     assert train(cfg, tmp_path, progress=False) == run  # and it finishes
     assert load_module(run).checkpoint_step == 12
+    # a finished run's lost config.yaml: the reports name it; rerunning the command restores it
+    from dit_bench.report.results import run_row
+
+    config.unlink()
+    with pytest.raises(ValueError, match="no config.yaml .*writes it again"):
+        run_row(run)
+    assert train(cfg, tmp_path, progress=False) == run
+    assert config.read_text() == text and run_row(run)["seed"] == cfg.seed
 
 
 def test_last_checkpoint_holds_the_final_weights(tmp_path):

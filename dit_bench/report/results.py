@@ -50,6 +50,11 @@ def _read(path: Path, parse=json.loads) -> dict:
 
 def run_row(run: Path) -> dict:
     summary = _read(run / "summary.json")
+    if not (run / "config.yaml").is_file():
+        raise ValueError(
+            f"{run}: no config.yaml (lost in a crash?); the command that trained the run "
+            "(dit-bench train, ablate or sweep) writes it again, or delete this run"
+        )
     cfg = _read(run / "config.yaml", yaml.safe_load)
     labels = _read(run / "labels.json") if (run / "labels.json").exists() else {}
     row = {k: v for k, v in summary.items() if not isinstance(v, dict)}

@@ -212,6 +212,8 @@ class DiffusionModule(L.LightningModule):
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
+        # a run stopped after its final checkpoint re-validates, but computes no FD again
+        checkpoint["last_fd"] = dict(self.last_fd)
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if checkpoint.get("config_hash") not in (None, self.cfg.hash):
@@ -225,6 +227,7 @@ class DiffusionModule(L.LightningModule):
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count
+        self.last_fd = checkpoint.get("last_fd", {})
 
 
 def images_seen(cfg) -> int:

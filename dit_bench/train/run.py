@@ -480,6 +480,7 @@ def _finished_run(out: Path, cfg: ExperimentConfig) -> Path | None:
     run = find_run_dir(out, cfg)
     if run is None or not (run / "summary.json").exists():
         return None
+    check_run_config(run, cfg)  # sample, eval and the reports read it: restore a lost one
     print(f"[dit-bench] already finished: {run}", file=sys.stderr)
     return run
 
