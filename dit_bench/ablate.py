@@ -148,6 +148,8 @@ def _dotted(raw: Any, where: str, source: str) -> dict[str, Any]:
             raise _err(source, f"{where}: bad key {key!r} (expected e.g. backbone.conditioning)")
         if problem := section_replacement_error(key, value):
             raise _err(source, f"{where}: {problem}")
+        if key in ("seed", "experiment"):  # set per run by the ablation (after these keys)
+            raise _err(source, f"{where}: {key} is set by the ablation (seeds: the file's `seeds`)")
     return dict(raw)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -48,8 +49,10 @@ def _leaf_types(annotation: Any) -> set[Any]:
 
 class _Strict(BaseModel):
     # Lax mode: YAML's `1.0e+5` may set an int field. But lax mode also reads `true` as 1,
-    # so a boolean given for a number is refused below.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, validate_default=True)
+    # so a boolean given for a number is refused below. `.inf` passes `gt=0`: refused too.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=False, validate_default=True, allow_inf_nan=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -499,7 +502,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
     return key.split("."), value
@@ -562,9 +565,10 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] = ()) -
         raise ConfigError(_format_errors(e)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):
     """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently:
-    a variant or setting written twice would vanish)."""
+    a variant or setting written twice would vanish), and reads `1e3` and `1e-4` as numbers, as
+    YAML 1.2 does (PyYAML's 1.1 wants a dot: `train.steps=1e3` was the string "1e3")."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -578,6 +582,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),  # the dotless exponent form only
+    list("-+0123456789"),
+)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config, ablation or sweep file: a mapping, every key once."""
     path = Path(path)
@@ -586,7 +597,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}  # a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -130,6 +130,12 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
         ({"metrics": []}, ["non-empty list"]),
         ({"metrics": ["val_los"]}, ["unknown 'val_los'"]),
         ({"profiles": {"cpu": 5}}, ["profiles.cpu must be a mapping"]),
+        # silently replaced per run (a seed made two variants "the same config")
+        ({"variants": {"a": {}, "b": {"seed": 5}}}, ["variants.b: seed is set by the ablation"]),
+        (
+            {"profiles": {"cpu": {"set": {"experiment": "x"}}}},
+            ["profiles.cpu.set: experiment is set by the ablation"],
+        ),
     ],
 )
 def test_bad_ablation_files_are_refused_naming_the_problem(tmp_path, changes, words):

@@ -169,6 +169,15 @@ def test_booleans_are_not_numbers():
     assert "optim.lr: expected a number" in error(["optim.lr=false"])
     assert "optim.betas: expected a number" in error(["optim.betas=[true, 0.9]"])
     assert build_config(None, ["train.steps=1.0e+3"]).train.steps == 1000  # YAML floats still do
+    # YAML 1.2's dotless exponents too (PyYAML read them as strings), in files and --set alike
+    assert build_config(None, ["train.steps=1e3", "optim.lr=2e-4"]).train.steps == 1000
+    assert build_config({"optim": {"lr": "2e-4"}}).optim.lr == 2e-4
+
+
+def test_infinite_values_are_refused():  # `.inf` passes gt=0: it diverged at step 5
+    for item in ("optim.lr=.inf", "eval.cfg_scale=.inf", "optim.grad_clip=.inf"):
+        key = item.split("=")[0]
+        assert f"{key}: Input should be a finite number" in error([item])
 
 
 def test_values_that_would_fail_mid_run_are_refused_up_front():
