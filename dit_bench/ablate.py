@@ -22,6 +22,8 @@ profiles:                           # how big: cpu (minutes here) and gpu (paper
     set: {train.steps: 600}         # dotted keys applied to the base
     variants: {mmdit: {backbone.depth: 4}}   # per-variant keys of this profile only
     seeds: [0, 1, 2]                # optional, replaces the file's seeds
+    metrics: [val_loss, val_FID]    # optional, replaces the file's metrics (an FD metric must
+                                    # be the one the runs log: val_FD-<net>, or val_FID)
 ```
 
 A run's config is, in order: base, profile `set`, the variant's keys (the profile's own keys for
@@ -69,8 +71,8 @@ FILE_KEYS = {
 }
 FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
-METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+")
-PROFILE_KEYS = {"description", "set", "variants", "seeds"}
+METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+|val_FID")
+PROFILE_KEYS = {"description", "set", "variants", "seeds", "metrics"}
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,29 @@ def _dotted(raw: Any, where: str, source: str) -> dict[str, Any]:
     return dict(raw)
 
 
+def _metrics(raw: Any, where: str, source: str) -> list[str]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
+        raise _err(source, f"{where} must be a non-empty list of metric names, got {raw!r}")
+    for m in raw:
+        if not METRIC.fullmatch(m):
+            raise _err(
+                source,
+                f"{where}: unknown {m!r}; a metric is val_loss, val_loss_l<k> (one noise "
+                "level), train_loss, val_FD-<features> or val_FID (with eval.fd_every)",
+            )
+    return raw
+
+
+def fd_metric(cfg: ExperimentConfig) -> str | None:
+    """The summary key of a run's in-training FD (eval.fd_every), or None without one."""
+    from dit_bench.metrics.features import default_features
+
+    if not cfg.eval.fd_every:
+        return None
+    name = cfg.eval.fd_features or default_features(cfg.data.name)
+    return "val_FID" if name == "inception" else f"val_FD-{name}"
+
+
 def _seeds(raw: Any, where: str, source: str) -> tuple[int, ...]:
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = [raw]
@@ -219,16 +244,6 @@ def load_ablation(
     base_variant = raw.get("base_variant", next(iter(variants)))
     if base_variant not in variants:
         raise _err(source, f"base_variant {base_variant!r} is not a variant: {list(variants)}")
-    metrics = raw.get("metrics", ["val_loss"])
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise _err(source, f"metrics must be a non-empty list of metric names, got {metrics!r}")
-    for m in metrics:
-        if not METRIC.fullmatch(m):
-            raise _err(
-                source,
-                f"metrics: unknown {m!r}; a metric is val_loss, val_loss_l<k> (one noise "
-                "level), train_loss or val_FD-<features> (with eval.fd_every)",
-            )
     for item in overrides:
         if parse_override(item)[0][0] in ("seed", "experiment"):
             raise _err(source, f"--set {item}: the ablation sets seed and experiment (--seeds)")
@@ -254,6 +269,8 @@ def load_ablation(
             f"profiles.{profile}.variants must map existing variants ({list(variants)}) "
             f"to dotted overrides",
         )
+    where = f"profiles.{profile}.metrics" if "metrics" in prof else "metrics"
+    metrics = _metrics(prof.get("metrics", raw.get("metrics", ["val_loss"])), where, source)
     if seeds is None:
         seeds = prof.get("seeds", raw.get("seeds", [0]))
     seeds = _seeds(list(seeds) if not isinstance(seeds, int) else seeds, "seeds", source)
@@ -287,6 +304,13 @@ def load_ablation(
                     f"(profile {profile}); they would share their runs",
                 )
         first_seed_hash[variant] = h
+        for m in metrics:  # an FD the runs do not compute would only show up in the report
+            if m.startswith(("val_FD-", "val_FID")) and m != (logged := fd_metric(runs[-1].cfg)):
+                raise _err(
+                    source,
+                    f"metrics: variant {variant!r} (profile {profile}) does not compute {m}; its "
+                    f"runs log {logged or 'no FD (eval.fd_every is 0)'}",
+                )
     reference = raw.get("reference")
     if reference is not None:
         ranking = reference.get("ranking") if isinstance(reference, dict) else None

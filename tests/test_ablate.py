@@ -132,6 +132,16 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
         ({"profiles": {"cpu": 5}}, ["profiles.cpu must be a mapping"]),
         # silently replaced per run (a seed made two variants "the same config")
         ({"variants": {"a": {}, "b": {"seed": 5}}}, ["variants.b: seed is set by the ablation"]),
+        # an FD the runs do not log would be missing from the report after all the training
+        ({"metrics": ["val_FD-digits-net"]}, ["does not compute val_FD-digits-net", "no FD"]),
+        (
+            {"metrics": ["val_FID"], "base": {**TINY_BASE, "eval": {"fd_every": 6}}},
+            [
+                "variant 'adaln_zero' (profile cpu) does not compute val_FID; its runs log "
+                "val_FD-digits-net"
+            ],
+        ),  # fmt: skip
+        ({"profiles": {"cpu": {"metrics": ["fid"]}}}, ["profiles.cpu.metrics: unknown 'fid'"]),
         (
             {"profiles": {"cpu": {"set": {"experiment": "x"}}}},
             ["profiles.cpu.set: experiment is set by the ablation"],
