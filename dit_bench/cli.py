@@ -139,6 +139,15 @@ def cmd_eval(args) -> int:
     for name, value in {**record["metrics"], **record["anchors"]}.items():
         print(f"  {name:<48} {value:.6g}")
     print(f"wrote {args.output or Path(args.run_dir) / 'eval.json'}")
+    from dit_bench.train.run import load_run_config
+
+    steps, step = load_run_config(args.run_dir).train.steps, p["checkpoint"]["global_step"]
+    if step < steps:  # an interrupted run, or an earlier step-N checkpoint
+        print(
+            f"dit-bench: note: these numbers are of step {step} of the run's {steps}, not its "
+            "final weights",
+            file=sys.stderr,
+        )
     return 0
 
 

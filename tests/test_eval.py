@@ -139,10 +139,10 @@ def test_too_few_samples_for_a_metric_is_an_error_before_sampling():
     EvalRequest(num_samples=3, metrics=("fd", "kid"))  # FD and KID take any n >= 2
 
 
-def test_train_with_fd_callback_then_eval(tmp_path, cache):
+def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     from dit_bench.train.run import train
 
-    cfg = build_config(None, TINY + ["eval.fd_every=6", "eval.fd_samples=20"])
+    cfg = build_config(None, TINY + ["eval.fd_every=6", "eval.fd_samples=20", "train.keep_every=6"])
     run = train(cfg, tmp_path / "runs", progress=False)
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -176,6 +176,15 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache):
     real = next(v for k, v in anchors.items() if "real(train" in k)
     noise = next(v for k, v in anchors.items() if "noise" in k)
     assert real < m["FD-digits-net"] < noise  # an untrained-ish model sits between the anchors
+    # an earlier checkpoint's numbers are not the run's: the command says so
+    from dit_bench.cli import main
+
+    quick = ["--metrics", "fd", "--num-samples", "20", "--steps", "2", "--no-anchors", "--quiet"]
+    out = tmp_path / "e.json"
+    assert (
+        main(["eval", str(run), *quick, "--checkpoint", "step=0000006.ckpt", "-o", str(out)]) == 0
+    )
+    assert "numbers are of step 6 of the run's 12" in capsys.readouterr().err
     # batch size is not part of the result
     again = evaluate_run(
         run, EvalRequest(num_samples=30, steps=4, batch_size=7), output=tmp_path / "e2.json",

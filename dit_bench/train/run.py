@@ -56,6 +56,8 @@ def _quiet_lightning() -> None:
     # The EMA copy is kept in eval mode on purpose; the LeafSpec note is Lightning's own.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resumed run keeps its step-N checkpoints (keep_every) in the folder on purpose.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # -- run directories ---------------------------------------------------------------------------
