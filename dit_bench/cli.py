@@ -681,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
     try:
+        out = getattr(args, "out", None)  # train, ablate, sweep, encode-latents: a folder
+        if out and Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"--out {out} is a file; it names the folder for the runs")
         return args.func(args)
     except ConfigError as e:
         print(f"dit-bench: {e}", file=sys.stderr)

@@ -350,3 +350,13 @@ def test_summary_val_loss_reads_null_as_non_finite():
 
     assert summary_val_loss({"val_loss": None}) == "non-finite"  # NaN/inf are written as null
     assert summary_val_loss({"val_loss": 0.1234567}) == "0.12346"
+
+
+def test_out_naming_a_file_is_refused_by_name(tmp_path, capsys):
+    from dit_bench.cli import main
+
+    out = tmp_path / "runs"
+    out.write_text("")
+    for cmd in (["train"], ["ablate", "ablations/conditioning.yaml"]):
+        assert main([*cmd, "--out", str(out)]) == 2
+        assert f"--out {out} is a file" in capsys.readouterr().err
