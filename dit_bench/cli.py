@@ -288,6 +288,7 @@ def _report_command(kind: str, root: Path, out: str) -> str:
 
 
 def cmd_sweep(args) -> int:
+    from dit_bench.report.scaling import failed_for_good
     from dit_bench.sweep import default_storage, load_sweep, run_sweep, storage_status, summarize
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
@@ -311,8 +312,7 @@ def cmd_sweep(args) -> int:
     if left:
         print(f"dit-bench: trials {left} did not finish; run the same command again to finish them")
         return 1
-    retried = {t.user_attrs.get("retry_of") for t in trials}
-    failed = [t for t in trials if t.state.name == "FAIL" and t.number not in retried]
+    failed = failed_for_good(trials)
     for t in failed:  # their points are missing from the report
         why = t.user_attrs.get("error", "its worker was lost (heartbeat.max_retry reached)")
         point = ",".join(f"{k}={v}" for k, v in t.params.items())

@@ -103,3 +103,36 @@ def test_a_refused_report_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sweep trials"):
         scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_report_of_an_unfinished_sweep_says_so(tmp_path):
+    # Fits from part of the grid read like fits of all of it: the report names what is missing.
+    import optuna
+
+    fake_sweep(tmp_path / "runs")
+    url = scaling.study_url(tmp_path / "runs")
+    assert url is None  # a runs folder without its study: nothing to check against
+    url = f"sqlite:///{tmp_path / 'runs' / 'study.db'}"
+    study = optuna.create_study(study_name="tiny-cpu", storage=url)
+    study.tell(study.ask(), 1.0)  # complete
+    lost = study.ask()
+    lost.set_user_attr("attempt", 1)
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)  # lost, then re-run and finished
+    retry = study.ask()
+    retry.set_user_attr("retry_of", lost.number)
+    study.tell(retry, 2.0)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # failed for good: trial 3
+    study.ask()  # still running: trial 4
+    assert scaling.study_url(tmp_path / "runs") == url.replace(
+        str(tmp_path), str(tmp_path.resolve())
+    )
+    lines = scaling.unfinished_trials(url)
+    assert lines == [
+        "study tiny-cpu: 2 trials finished; not finished: 1 running or waiting, "
+        "1 failed (trials [3])"
+    ]
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
+    assert (
+        f"**Incomplete sweep**: the fits use the finished trials only; {lines[0]}."
+        in (out / "report.md").read_text()
+    )

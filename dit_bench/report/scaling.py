@@ -72,6 +72,44 @@ def _records_from_study(url: str) -> list[dict]:
     return recs
 
 
+def study_url(source: str | Path) -> str | None:
+    """The Optuna storage behind SOURCE: the URL or study file itself, or the `study.db` a
+    sweep keeps in its runs folder (None: a runs folder without one)."""
+    s = str(source)
+    if "://" in s:
+        return s
+    path = Path(s) / "study.db" if Path(s).is_dir() else Path(s)
+    return f"sqlite:///{path.resolve()}" if path.is_file() else None
+
+
+def failed_for_good(trials) -> list:
+    """Failed trials that no retry replaced: their points are missing from the results (an
+    error in training, or a worker lost more than heartbeat.max_retry times)."""
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return [t for t in trials if t.state.name == "FAIL" and t.number not in retried]
+
+
+def unfinished_trials(url: str) -> list[str]:
+    """One line per study whose trials are not all done: running or waiting ones, and failed
+    ones that no retry replaced (their points are missing from the fits)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    lines = []
+    for name in optuna.get_all_study_names(storage=url):
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        left = [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+        failed = failed_for_good(trials)
+        if left or failed:
+            done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+            parts = [f"{len(left)} running or waiting"] if left else []
+            parts += (
+                [f"{len(failed)} failed (trials {[t.number for t in failed]})"] if failed else []
+            )
+            lines.append(f"study {name}: {done} trials finished; not finished: {', '.join(parts)}")
+    return lines
+
+
 def load_records(source: str | Path) -> list[dict]:
     """Trial records of a runs folder, a study file or a storage URL."""
     s = str(source)
@@ -576,7 +614,7 @@ def overhead_summary(runs: pd.DataFrame) -> dict:
     return out
 
 
-def write_report(source, runs, points, result, figs, out: Path) -> str:
+def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -> str:
     ft = result["fits"]
     env, ch = result.get("envelope_fit"), result.get("chinchilla")
     iso = result["isoflop"]["all"].fit
@@ -587,6 +625,16 @@ def write_report(source, runs, points, result, figs, out: Path) -> str:
         f"Source: `{source}` ({len(runs)} runs, {len(points)} (run, budget) points, "
         f"budgets {', '.join(f'{b:.3g}' for b in sorted(points['budget'].unique()))} FLOPs).",
         "",
+        *(
+            [
+                "**Incomplete sweep**: the fits use the finished trials only; "
+                + "; ".join(unfinished)
+                + ".",
+                "",
+            ]
+            if unfinished
+            else []
+        ),  # fmt: skip
         f"Compute convention: {COMPUTE_CONVENTION}",
         "",
         "## Headline",
@@ -718,7 +766,8 @@ def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
     )
     save_table(iso, out / "isoflop")
     figs = figures(runs, points, curves, result, out)
-    write_report(source, runs, points, result, figs, out)
+    url = study_url(source)
+    write_report(source, runs, points, result, figs, out, unfinished_trials(url) if url else [])
     return out
 
 
