@@ -123,11 +123,13 @@ def load_records(source: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{source} is neither a runs folder, a study file nor a URL")
     if not recs:
         raise FileNotFoundError(f"no sweep trials (trial.json / trial records) in {source}")
-    # one record per run: the last attempt of a re-run trial describes the finished run
+    # one record per run: its last attempt (a re-run trial resumes the same run), but never
+    # one that did not complete in place of one that did
     by_run: dict[str, dict] = {}
     for r in recs:
         key = r.get("config_hash") or r.get("run_dir")
-        if key not in by_run or r.get("state") == "COMPLETE":
+        old = by_run.get(key)
+        if old is None or r.get("state") == "COMPLETE" or old.get("state") != "COMPLETE":
             by_run[key] = r
     return list(by_run.values())
 
@@ -224,7 +226,7 @@ def _chinchilla(points: pd.DataFrame, name: str, warm: fits.Fit | None = None) -
 
 def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """Every fit of the report, with bootstrap CIs (over runs) and held-out checks."""
-    out: dict = {"fits": [], "isoflop": {}, "heldout": []}
+    out: dict = {"fits": [], "isoflop": {}, "heldout": [], "n_boot": n_boot}
     cmax = points["budget"].max()
     inner = points[points["budget"] < cmax]
 
@@ -662,7 +664,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "the floor E of L(C) sits on its bound 0 and the rest is a pure power law, fitted as a "
         "line in log-log with the same checks. Any other status "
         "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
-        f"resampled with replacement ({N_BOOT} resamples; only ok refits count).",
+        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count).",
         "",
         "## Held-out check (fit without the largest budget, predict it)",
         "",
