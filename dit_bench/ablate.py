@@ -273,7 +273,7 @@ def load_ablation(
     metrics = _metrics(prof.get("metrics", raw.get("metrics", ["val_loss"])), where, source)
     if seeds is None:
         seeds = prof.get("seeds", raw.get("seeds", [0]))
-    seeds = _seeds(list(seeds) if not isinstance(seeds, int) else seeds, "seeds", source)
+    seeds = _seeds(list(seeds) if isinstance(seeds, tuple) else seeds, "seeds", source)
 
     experiment = f"{name}-{profile}"
     runs: list[PlannedRun] = []

@@ -536,7 +536,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for _, path, value in parsed:
         if len(path) == 2 and path[0] in UNION_SECTIONS and path[1] == "name":
             section = out.get(path[0])
-            if not isinstance(section, dict) or section.get("name") != value:
+            # a section that leaves out `name` has the default one (objective: ddpm)
+            if not isinstance(section, dict) or _objective_tag(section) != value:
                 out[path[0]] = {"name": value}
         if path == ["backbone", "name"] and ("backbone", "conditioning") not in given:
             section = out.get("backbone")

@@ -1,0 +1,293 @@
+"""Ablation and run-directory invariants a hand mutation audit of dit_bench/ablate.py and
+dit_bench/train/run.py found unguarded.
+
+How an ablation file expands into runs (which keys win, which seeds each variant gets), what
+`run_ablation` skips and what it trains, the results table's rows, and the parts of `train()`
+that decide what a rerun finds: the run directory, the summary of a run killed after its last
+checkpoint, the checkpoints kept, the precision and clipping it trains with.
+
+Most tests plant finished runs (config.yaml + summary.json, what `train()` leaves) instead of
+training them, and replace the training call of `run_ablation` by a recorder: a few seconds.
+The few that train use the tiny configs of test_train.py (a second or two each).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_ablate import write_ablation
+from test_train import tiny
+
+from dit_bench import ablate
+from dit_bench.ablate import load_ablation, results_table, run_ablation, write_results
+from dit_bench.config import ConfigError
+from dit_bench.data import DataInfo
+from dit_bench.train.run import (
+    class_grid_labels,
+    find_run_dir,
+    new_run_dir,
+    save_grid,
+    train,
+)
+
+
+def plant_finished(out: Path, cfg, val_loss: float = 1.0) -> Path:
+    """A finished run of `cfg` as train() leaves it, without training: its run directory with
+    config.yaml and a summary.json."""
+    run = new_run_dir(out, cfg)
+    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": val_loss}))
+    return run
+
+
+def refuse(path: Path, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_ablation(path, *args, **kwargs)
+    return str(e.value)
+
+
+# -- expansion --------------------------------------------------------------------------------
+def test_every_variant_runs_every_seed_in_the_given_order_under_that_seed(tmp_path):
+    path = write_ablation(tmp_path, seeds=[2, 0, 5])
+    ab = load_ablation(path, "cpu")
+    expected = [(v, s) for v in ("adaln_zero", "adaln") for s in (2, 0, 5)]
+    assert [(r.variant, r.seed) for r in ab.runs] == expected
+    assert [r.index for r in ab.runs] == [1, 2, 3, 4, 5, 6]
+    for r in ab.runs:  # the label, the plan and the config agree on the seed
+        assert r.cfg.seed == r.seed and r.labels == {"variant": r.variant, "seed": r.seed}
+    assert {r["seed"] for r in ab.plan_record()["runs"]} == {2, 0, 5}
+
+
+def test_profile_seeds_replace_the_file_s_and_seeds_given_replace_both(tmp_path):
+    profiles = {"cpu": {"seeds": [7, 8]}, "gpu": {}}
+    path = write_ablation(tmp_path, seeds=[0, 1, 2], profiles=profiles)
+    assert load_ablation(path, "cpu").seeds == (7, 8)
+    assert {r.seed for r in load_ablation(path, "cpu").runs} == {7, 8}
+    assert load_ablation(path, "gpu").seeds == (0, 1, 2)  # no seeds of its own: the file's
+    assert load_ablation(path, "cpu", seeds=[4]).seeds == (4,)
+
+
+def test_an_empty_seed_list_is_refused(tmp_path):
+    assert "seeds must be a non-empty list" in refuse(write_ablation(tmp_path, seeds=[]), "cpu")
+    path = write_ablation(tmp_path)
+    assert "seeds must be a non-empty list" in refuse(path, "cpu", seeds=[])
+    for changes in ({"seeds": None}, {"profiles": {"cpu": {"seeds": None}}}):  # was a TypeError
+        path = write_ablation(tmp_path, **changes)
+        assert "seeds must be a non-empty list" in refuse(path, "cpu")
+
+
+def test_a_profile_s_own_variant_keys_win_over_the_file_s_variant_keys(tmp_path):
+    variants = {"adaln_zero": {}, "adaln": {"backbone.conditioning": "adaln", "train.steps": 7}}
+    profiles = {"cpu": {"set": {"train.steps": 5}, "variants": {"adaln": {"train.steps": 9}}}}
+    ab = load_ablation(write_ablation(tmp_path, variants=variants, profiles=profiles), "cpu")
+    steps = {r.variant: r.cfg.train.steps for r in ab.runs}
+    assert steps == {"adaln_zero": 5, "adaln": 9}  # profile set < variant < profile variant
+
+
+def test_command_line_sets_win_over_variant_keys(tmp_path):
+    variants = {"adaln_zero": {}, "adaln": {"backbone.conditioning": "adaln", "train.steps": 8}}
+    ab = load_ablation(
+        write_ablation(tmp_path, variants=variants), "cpu", overrides=["train.steps=3"]
+    )
+    assert {r.variant: r.cfg.train.steps for r in ab.runs} == {"adaln_zero": 3, "adaln": 3}
+    assert {r.cfg.backbone.conditioning for r in ab.runs} == {"adaln_zero", "adaln"}
+
+
+def test_profile_variants_must_name_variants_of_the_file(tmp_path):
+    # a typo would silently train the base variant's config under the profile
+    profiles = {"cpu": {"variants": {"adaln_zer0": {"train.steps": 9}}}}
+    msg = refuse(write_ablation(tmp_path, profiles=profiles), "cpu")
+    assert "profiles.cpu.variants must map existing variants" in msg
+
+
+def test_a_reference_ranking_must_name_variants_of_the_file(tmp_path):
+    ranking = {"source": "paper", "ranking": ["adaln_zero", "adaln_0"]}
+    msg = refuse(write_ablation(tmp_path, reference=ranking), "cpu")
+    assert "reference.ranking must list variants" in msg
+    ok = {"source": "paper", "ranking": ["adaln", "adaln_zero"]}
+    assert load_ablation(write_ablation(tmp_path, reference=ok), "cpu").reference == ok
+
+
+def test_every_documented_loss_metric_form_is_accepted(tmp_path):
+    # (FD metrics are checked against eval.fd_every as well: see test_ablate.py)
+    metrics = ["val_loss", "val_loss_l3", "val_loss_l12", "train_loss"]
+    ab = load_ablation(write_ablation(tmp_path, metrics=metrics), "cpu")
+    assert ab.metrics == tuple(metrics)
+
+
+# -- run_ablation: what it skips and what it trains ---------------------------------------------
+@pytest.fixture
+def recorded_training(monkeypatch):
+    """run_ablation's training call replaced: each run it trains is recorded and planted as
+    finished (val_loss = its seed + 1), so the rest of run_ablation runs as it would."""
+    trained = []
+
+    def fake_train(cfg, out, progress, callbacks=()):
+        trained.append((cfg.hash, cfg.seed))
+        run = find_run_dir(Path(out), cfg)
+        if run is None:
+            return str(plant_finished(Path(out), cfg, val_loss=cfg.seed + 1.0))
+        (run / "summary.json").write_text(json.dumps({"seed": cfg.seed, "val_loss": 0.5}))
+        return str(run)
+
+    monkeypatch.setattr(ablate, "_train_one", fake_train)
+    return trained
+
+
+def test_finished_runs_are_skipped_and_partial_and_new_ones_trained(tmp_path, recorded_training):
+    ab = load_ablation(write_ablation(tmp_path), "cpu")
+    out = tmp_path / "runs"
+    done, partial = ab.runs[0], ab.runs[2]
+    plant_finished(out, done.cfg)
+    new_run_dir(out, partial.cfg)  # interrupted: a run directory without summary.json
+    run_ablation(ab, out, progress=False)
+    assert recorded_training == [(r.cfg.hash, r.seed) for r in ab.runs if r is not done]
+    for r in ab.runs:  # every run labelled, the one finished before this call too
+        labels = json.loads((find_run_dir(out, r.cfg) / "labels.json").read_text())
+        assert labels == {
+            "variant": r.variant,
+            "seed": r.seed,
+            "ablation": "tiny",
+            "profile": "cpu",
+        }
+    recorded_training.clear()
+    run_ablation(ab, out, progress=False)  # all finished now: nothing trains again
+    assert recorded_training == []
+
+
+def test_results_rows_follow_the_variant_order_then_the_seed(tmp_path, recorded_training):
+    # variants in file order (not alphabetical), seeds given out of order
+    variants = {"zeta": {}, "alpha": {"backbone.conditioning": "adaln"}}
+    path = write_ablation(tmp_path, variants=variants, seeds=[3, 1, 2])
+    ab = load_ablation(path, "cpu")
+    out = tmp_path / "runs"
+    run_ablation(ab, out, progress=False)
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")
+    expected = [(v, s) for v in ("zeta", "alpha") for s in (1, 2, 3)]
+    assert list(zip(table["variant"], table["seed"], strict=True)) == expected
+    assert list(table["val_loss"]) == [s + 1.0 for _, s in expected]
+
+
+def test_runs_of_other_seeds_join_the_table_and_other_configs_do_not(tmp_path):
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    out = tmp_path / "runs"
+    for r in ab.runs:
+        plant_finished(out, r.cfg)
+    extra = load_ablation(write_ablation(tmp_path), "cpu", seeds=[4])  # an earlier --seeds 4
+    plant_finished(out, extra.runs[1].cfg)
+    other = load_ablation(write_ablation(tmp_path), "cpu", overrides=["optim.lr=2e-3"])
+    plant_finished(out, other.runs[0].cfg)  # another --set: not this plan's
+    table = results_table(ab, out)
+    assert list(zip(table["variant"], table["seed"], strict=True)) == [
+        ("adaln_zero", 0),
+        ("adaln", 0),
+        ("adaln", 4),
+    ]
+
+
+def test_a_plan_with_no_finished_run_removes_an_earlier_plan_s_table(tmp_path):
+    out = tmp_path / "runs"
+    first = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    for r in first.runs:
+        plant_finished(out, r.cfg)
+    stem = write_results(first, out)
+    assert stem.with_suffix(".csv").is_file() and stem.with_suffix(".parquet").is_file()
+    # the same folder, another --set: none of its runs has finished
+    other = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0], overrides=["optim.lr=2e-3"])
+    assert write_results(other, out) is None
+    assert not stem.with_suffix(".csv").exists() and not stem.with_suffix(".parquet").exists()
+
+
+def test_a_call_with_more_seeds_extends_the_recorded_plan(tmp_path, recorded_training):
+    out = tmp_path / "runs"
+    path = write_ablation(tmp_path)
+    run_ablation(load_ablation(path, "cpu", seeds=[0, 1]), out, progress=False)
+    run_ablation(load_ablation(path, "cpu", seeds=[1, 2]), out, progress=False)
+    plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())
+    assert plan["seeds"] == [0, 1, 2]
+    pairs = [(r["variant"], r["seed"]) for r in plan["runs"]]
+    assert sorted(pairs) == sorted((v, s) for v in ("adaln_zero", "adaln") for s in (0, 1, 2))
+    assert len(recorded_training) == 6  # seed 1 trained once
+
+
+# -- run directories --------------------------------------------------------------------------
+def test_find_run_dir_takes_the_newest_directory_of_the_hash(tmp_path):
+    cfg = tiny()
+    for stamp in ("20240102T000000Z", "20250101T000000Z", "20231231T235959Z"):
+        (tmp_path / cfg.experiment / f"{stamp}-{cfg.hash}").mkdir(parents=True)
+    (tmp_path / cfg.experiment / f"20990101T000000Z-{tiny('seed=1').hash}").mkdir()
+    assert find_run_dir(tmp_path, cfg).name == f"20250101T000000Z-{cfg.hash}"
+    assert find_run_dir(tmp_path, tiny("seed=2")) is None
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_summary_is_completed(tmp_path):
+    cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.val_every=2")
+    run = train(cfg, tmp_path, progress=False)
+    before = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()  # killed after last.ckpt (step 4), before the summary
+    assert train(cfg, tmp_path, progress=False) == run
+    after = json.loads((run / "summary.json").read_text())
+    assert after["val_loss"] == before["val_loss"] and after["steps"] == 4
+
+
+def test_half_precision_is_refused_on_the_cpu_before_any_run_directory(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("16-mixed is allowed where a GPU is")
+    with pytest.raises(ValueError, match="16-mixed needs a GPU"):
+        train(tiny("train.precision=16-mixed"), tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "every, keep, kept",
+    [
+        (3, 2, [2, 4, 6]),  # step files on their own schedule
+        (2, 2, [2, 4, 6]),  # one schedule for both
+        (2, 0, []),  # last.ckpt only
+    ],
+)
+def test_step_checkpoints_are_kept_every_keep_every_steps(tmp_path, every, keep, kept):
+    cfg = tiny("train.steps=6", f"train.checkpoint_every={every}", f"train.keep_every={keep}")
+    run = train(cfg, tmp_path, progress=False)
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert names == sorted(["last.ckpt", *(f"step={s:07d}.ckpt" for s in kept)])
+
+
+def test_grad_clip_bounds_the_update_and_null_disables_it(tmp_path):
+    def weights(*sets):
+        run = train(tiny("train.steps=3", *sets), tmp_path, progress=False)
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    free, loose, tight = (
+        weights("optim.grad_clip=null"),
+        weights("optim.grad_clip=1e6"),  # never binds: the same update as no clipping
+        weights("optim.grad_clip=1e-6"),  # binds at every step
+    )
+    assert all(torch.equal(free[k], loose[k]) for k in free)
+    assert any(not torch.equal(free[k], tight[k]) for k in free if k.startswith("net."))
+
+
+# -- sample grids -----------------------------------------------------------------------------
+def test_grid_labels_give_each_class_one_row():
+    info = DataInfo(channels=1, image_size=4, num_classes=3, class_names=("a", "b", "c"))
+    assert class_grid_labels(info, 2).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_save_grid_places_image_i_at_row_i_div_ncol_and_column_i_mod_ncol(tmp_path):
+    n, ncol, h, w, pad = 5, 2, 3, 4, 2
+    # image i is filled with the grey level 10 * (i + 1) (PNG value)
+    images = torch.stack([torch.full((1, h, w), 10.0 * (i + 1) / 127.5 - 1) for i in range(n)])
+    save_grid(images, tmp_path / "grid.png", ncol=ncol)
+    arr = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png")).astype(np.int64))
+    rows = 3  # ceil(5 / 2): the last row holds one image
+    assert arr.shape == (rows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, c = i // ncol, i % ncol
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        assert (arr[top : top + h, left : left + w] == 10 * (i + 1)).all(), i
+    top, left = pad + 2 * (h + pad), pad + (w + pad)  # the empty cell stays white
+    assert (arr[top : top + h, left : left + w] == 255).all()
