@@ -108,8 +108,9 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     # Lightning fetches one batch ahead: batches 0 and 1 come before step 0 (set-up, not
     # counted), then each of steps 1..10 waits for one of batches 2..11, 50 ms each at least
     assert s["data_seconds"] >= 10 * 0.05
-    # the three validations (steps 4, 8, 12) slept 1.5 s between steps: none of it counts
-    assert s["train_seconds"] - s["data_seconds"] < 1.0 < wall - s["train_seconds"]
+    # the three validations (steps 4, 8, 12) slept 1.5 s between steps: none of it counts (the
+    # steps' own compute, well under 1.5 s even on a loaded machine, is all that is left)
+    assert s["train_seconds"] - s["data_seconds"] < 1.5 <= wall - s["train_seconds"]
     assert s["img_per_s"] == pytest.approx(12 * 8 / s["train_seconds"])
     # the wall clock of the fit counts them all, and not the set-up before it
     assert s["train_seconds"] + 1.5 < s["wall_seconds"] < wall
