@@ -11,21 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_step_variants import CPU, TINY
 
 from dit_bench import bench, fast, step_variants
 from dit_bench.backbones import layers
 
-CPU = torch.device("cpu")
-TINY = bench.BenchConfig(
-    backbones=("dit-xs/4",),
-    image_size=8,
-    batch=4,
-    num_classes=10,
-    precision="bf16",
-    warmup=2,
-    repeats=3,
-    device="cpu",
-)
+TINY = dataclasses.replace(TINY, warmup=2)  # the step-variant tests' tiny net
 
 
 def sdp_flags() -> tuple[bool, bool, bool]:
