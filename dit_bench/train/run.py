@@ -111,9 +111,12 @@ def exit_with_parent(poll: float = 1.0) -> None:
 
     A parent killed with SIGKILL (or by the OOM killer) runs no cleanup, and its workers would
     train on as orphans, holding their runs' locks and memory. Exiting is a kill -9 of the
-    worker: its run resumes from the last checkpoint next time."""
+    worker: its run resumes from the last checkpoint next time. Once per process (a pool's
+    worker calls it for each of its tasks)."""
     import threading
 
+    if any(t.name == "exit-with-parent" for t in threading.enumerate()):
+        return
     parent = os.getppid()
 
     def watch() -> None:
