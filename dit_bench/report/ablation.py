@@ -182,9 +182,14 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
 def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
-    sns.stripplot(
-        data=runs, y="variant", x=metric, order=order, color="0.55", size=5, jitter=0.1, ax=ax
-    )
+    state = np.random.get_state()  # seaborn jitters with NumPy's global generator: seeded, the
+    np.random.seed(0)  # figure of the same runs is the same file every time
+    try:
+        sns.stripplot(
+            data=runs, y="variant", x=metric, order=order, color="0.55", size=5, jitter=0.1, ax=ax
+        )
+    finally:
+        np.random.set_state(state)
     s = summarize(runs, metric).set_index("variant").reindex(order)
     y = np.arange(len(order))
     ax.errorbar(
