@@ -58,6 +58,7 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
+    from dit_bench.metrics.evaluate import sample_seed
     from dit_bench.train.run import load_module, sample_images, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
@@ -70,8 +71,11 @@ def cmd_sample(args) -> int:
             raise ValueError(
                 f"--labels {args.labels!r}: expected class indices, e.g. 0,3,7"
             ) from None
-        if labels.min() < 0 or labels.max() > info.num_classes:
-            raise ValueError(f"--labels: values must be in 0..{info.num_classes} (null class)")
+        # the null class (num_classes) only where label dropout trained it
+        top = info.num_classes if module.cfg.train.label_dropout > 0 else info.num_classes - 1
+        if labels.min() < 0 or labels.max() > top:
+            null = " (null class)" if top == info.num_classes else " (no null class: no dropout)"
+            raise ValueError(f"--labels: values must be in 0..{top}{null}")
         labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
     else:
         labels = torch.arange(args.n) % info.num_classes
@@ -79,11 +83,16 @@ def cmd_sample(args) -> int:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
     sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
     cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
+    if problem := module.cfg.guidance_error(cfg_scale):
+        raise ValueError(f"--cfg: {problem}; sample with --cfg 1")
     if args.output:
         output = Path(args.output)
-    else:  # into the run's samples/, named by what made it (not ./grid.png in any cwd)
-        name = f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}.png"
-        output = Path(args.run_dir) / "samples" / name
+    else:  # into the run's samples/, named by all that made it (not ./grid.png in any cwd)
+        name = f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}-n{args.n}"
+        name += f"-labels{args.labels.replace(',', '-')}" if args.labels else ""
+        name += "-raw" if args.no_ema else ""  # the trained weights, not their EMA
+        name += "" if args.checkpoint == "last.ckpt" else f"-{Path(args.checkpoint).stem}"
+        output = Path(args.run_dir) / "samples" / f"{name}.png"
     Image.init()
     if output.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"-o {output}: not an image file name (e.g. grid.png)")
@@ -99,6 +108,7 @@ def cmd_sample(args) -> int:
         steps=steps,
         cfg_scale=cfg_scale,
         seed=args.seed,
+        seeds=[sample_seed(args.seed, i) for i in range(args.n)],  # sample i: not on --n
         use_ema=not args.no_ema,
     )
     images = to_images(module.cfg, images)

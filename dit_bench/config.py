@@ -385,16 +385,20 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"eval.{key}={value}: DDPM has objective.num_timesteps={steps} steps"
                 )
+        interval = self.eval.cfg_interval
+        if steps is not None and interval is not None and interval[1] > steps:
+            raise ValueError(
+                f"eval.cfg_interval=[{interval[0]:g}, {interval[1]:g}]: DDPM's net timesteps "
+                f"run 0..{steps - 1} "
+                f"(objective.num_timesteps={steps}); the interval would guide nothing"
+            )
         if steps is not None and self.eval.sample_steps < 2:
             raise ValueError(
                 "eval.sample_steps=1: a DDPM chain respaced to one step keeps only t = 0, and the "
                 "net would denoise pure noise labelled as nearly clean; use 2 or more"
             )
-        if self.eval.cfg_scale != 1.0 and self.train.label_dropout == 0:
-            raise ValueError(
-                f"eval.cfg_scale={self.eval.cfg_scale} guides against the null class, which "
-                "train.label_dropout=0 never trains; set eval.cfg_scale=1 or a label_dropout > 0"
-            )
+        if problem := self.guidance_error(self.eval.cfg_scale):
+            raise ValueError(f"eval.{problem}; set eval.cfg_scale=1 or a label_dropout > 0")
         if self.eval.fd_every and self.data.name == "latents" and not self.data.vae:
             raise ValueError(
                 "eval.fd_every on latents needs data.vae: the samples are scored as images "
@@ -427,6 +431,17 @@ class ExperimentConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def guidance_error(self, cfg_scale: float) -> str | None:
+        """Why sampling this run's net with `cfg_scale` would be meaningless, or None: guidance
+        contrasts with the null class, which a run without label dropout never trained (the
+        config's own scale, and `sample --cfg` / `eval --cfg` on a finished run alike)."""
+        if cfg_scale != 1.0 and self.train.label_dropout == 0:
+            return (
+                f"cfg_scale={cfg_scale} guides against the null class, which "
+                "train.label_dropout=0 never trains"
+            )
+        return None
 
     @property
     def hash(self) -> str:

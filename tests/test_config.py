@@ -241,3 +241,11 @@ def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
     assert "eval.sample_steps=1: a DDPM chain" in error(["eval.sample_steps=1"])
     flow = build_config(None, ["objective.name=flow", "eval.sampler=euler", "eval.sample_steps=1"])
     assert flow.eval.sample_steps == 1  # one Euler step of a flow is a valid (coarse) sampler
+
+
+def test_a_guidance_interval_beyond_ddpm_s_timesteps_is_refused():
+    # DDPM's net sees timesteps 0..T-1: with T=100, [500, 1000] never guided at all
+    guided = ["eval.cfg_scale=3", "train.label_dropout=0.1"]
+    msg = error([*guided, "objective.num_timesteps=100", "eval.cfg_interval=[500,1000]"])
+    assert "eval.cfg_interval=[500, 1000]: DDPM's net timesteps run 0..99" in msg
+    assert build_config(None, [*guided, "eval.cfg_interval=[500,1000]"]).eval.cfg_interval

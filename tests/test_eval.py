@@ -198,6 +198,11 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     (kept,) = run.glob("eval-*.json")
     assert json.loads(kept.read_text())["metrics"] == record["metrics"]
     assert json.loads((run / "eval.json").read_text())["protocol"]["steps"] == 2
+    # so does an -o naming an earlier record (it replaced it)
+    first = json.loads(out.read_text())
+    assert main(["eval", str(run), *quick, "-o", str(out)]) == 0
+    (kept,) = tmp_path.glob("e-*.json")
+    assert json.loads(kept.read_text()) == first
 
     # a diverged run: its in-training FD is NaN (the run goes on), summary.json has null for
     # it (valid JSON), and eval refuses to score non-finite samples

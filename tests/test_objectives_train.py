@@ -140,9 +140,16 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     assert not torch.equal(_grid(out), _grid(again))
     # without -o: into the run's samples/, named by how it was sampled (not ./grid.png)
     assert main(args) == 0
-    default = tiny_run / "samples" / "sample-ddpm-3steps-cfg1.5-seed0.png"
+    default = tiny_run / "samples" / "sample-ddpm-3steps-cfg1.5-seed0-n4-labels1-2.png"
     assert f"wrote 4 samples to {default}" in capsys.readouterr().out
     assert torch.equal(_grid(out), _grid(default))
+    # the raw weights go to a file of their own (they overwrote the EMA grid)
+    assert main([*args, "--no-ema"]) == 0
+    assert default.with_name(default.stem + "-raw.png").is_file() and default.is_file()
+    # sample i does not depend on how many are drawn: the first two of four are the two
+    two = ["sample", str(tiny_run), "--labels", "1,2", "--steps", "3", "--ncol", "2"]
+    assert main([*two, "--n", "2", "-o", str(again)]) == 0
+    assert torch.equal(_grid(out)[: _grid(again).shape[0]], _grid(again))
     assert main(["sample", str(tiny_run), "--labels", "99", "-o", str(again)]) == 2
     assert "dit-bench: --labels: values must be in 0..10" in capsys.readouterr().err
     assert main(["sample", str(tiny_run), "--labels", "a", "-o", str(again)]) == 2
@@ -162,3 +169,22 @@ def test_cli_sample_compiled_draws_the_eager_samples(tiny_run, tmp_path):
     assert main([*args, "--compile", "-o", str(tmp_path / "compiled.png")]) == 0
     diff = (_grid(tmp_path / "eager.png") - _grid(tmp_path / "compiled.png")).abs()
     assert diff.max() <= 1  # up to float rounding: one 8-bit level
+
+
+def test_sample_and_eval_refuse_guidance_a_run_never_trained(tmp_path, capsys):
+    # Without label dropout the null class is an untrained embedding: `--cfg` on such a run
+    # drew (and scored) samples guided by noise, where its config refuses the same scale.
+    from dit_bench.cli import main
+    from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
+
+    sets = TINY + ["train.steps=2", "train.val_every=2", "train.checkpoint_every=2"]
+    sets += ["train.label_dropout=0", "eval.cfg_scale=1"]
+    run = train(build_config(None, sets), tmp_path, progress=False)
+    out = ["-o", str(tmp_path / "g.png")]
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--cfg", "3", *out]) == 2
+    assert "--cfg: cfg_scale=3.0 guides against the null class" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--labels", "10", *out]) == 2
+    assert "values must be in 0..9 (no null class: no dropout)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train.label_dropout=0 never trains"):
+        evaluate_run(run, EvalRequest(num_samples=20, cfg_scale=3.0), progress=False)
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", *out]) == 0  # unguided: fine

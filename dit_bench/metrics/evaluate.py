@@ -262,6 +262,9 @@ def evaluate_run(
         raise ValueError(f"-o {out}: a folder; give a file name, e.g. {out / 'eval.json'}")
     cfg = load_run_config(run_dir)
     check_checkpoint(run_dir, request.checkpoint)
+    scale = cfg.eval.cfg_scale if request.cfg_scale is None else request.cfg_scale
+    if problem := cfg.guidance_error(scale):
+        raise ValueError(f"--cfg: {problem}; evaluate with --cfg 1")
     features = request.features or default_features(cfg.data.name)  # latents: inception
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
@@ -414,15 +417,15 @@ def evaluate_run(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    if output is None and out.exists():
+    if out.exists():  # the default eval.json, or an -o naming an earlier record
         _keep_earlier(out)
     write_json_atomic(out, record)
     return record
 
 
 def _keep_earlier(path: Path) -> Path:
-    """Move the run's earlier eval.json aside as eval-<its finish time>.json: another protocol
-    (more steps, other features) must not silently replace its numbers."""
+    """Move an earlier record aside as <name>-<its finish time>.json: another protocol (more
+    steps, other features) must not silently replace its numbers."""
     try:
         stamp = datetime.fromisoformat(json.loads(path.read_text())["finished_at"])
     except (OSError, ValueError, KeyError, TypeError):
