@@ -343,6 +343,7 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     from dit_bench.bench import BenchConfig, format_table, parse_backbones, run_bench, to_csv
+    from dit_bench.config import ConfigError
 
     cfg = BenchConfig(
         backbones=parse_backbones(args.backbones),
@@ -364,6 +365,10 @@ def cmd_bench(args) -> int:
         sample_batch=args.sample_batch,
         device=args.device,
     )
+    if args.csv:  # before minutes of benchmarking, not after
+        if Path(args.csv).is_dir():
+            raise ConfigError(f"--csv {args.csv} is a folder; give a file name, e.g. bench.csv")
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         import torch
 
@@ -419,7 +424,6 @@ def _at_least(kind: type, low: float, what: str):
 
 
 positive = _at_least(int, 1, "a positive integer")  # counts and sizes
-non_negative = _at_least(int, 0, "an integer >= 0")
 guidance = _at_least(float, 0.0, "a guidance scale >= 0 (1: no guidance)")
 
 
@@ -655,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF32 matmuls on GPU (default: on)",
     )
     sp.add_argument("--channels-last", action="store_true", help="channels-last (U-Net)")
-    sp.add_argument("--warmup", type=non_negative, default=3, help="warm-up steps (default 3)")
+    # at least one: the first step (its compile, the allocator) is reported on its own, never
+    # in the timed median
+    sp.add_argument("--warmup", type=positive, default=3, help="warm-up steps (default 3)")
     sp.add_argument("--repeats", type=positive, default=10, help="timed steps (default 10)")
     sp.add_argument(
         "--sample",

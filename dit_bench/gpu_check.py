@@ -853,12 +853,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads (smoke runs on a CPU)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads: expected a positive integer, got {args.threads}")
 
     t0 = time.perf_counter()
     deadline = t0 + args.budget
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = bench.BenchConfig(device=args.device).resolved_device()
+    try:
+        device = bench.BenchConfig(device=args.device).resolved_device()
+    except ValueError as e:  # --device cuda on a machine without one
+        print(f"gpu_check: {e}", file=sys.stderr)
+        return 2
     name = fast.device_name(device)
     started = datetime.now(timezone.utc)
     out_dirs = [Path(args.out)]
@@ -866,9 +872,12 @@ def main(argv: list[str] | None = None) -> int:
         out_dirs.append(Path(os.environ["OUT"]) / "reports" / "gpu")
     if device.type != "cuda" and not args.smoke:
         log("no CUDA device: this is not a GPU measurement (use --smoke for a CPU dry run)")
+    stem = f"{started:%Y-%m-%d}-{_slug(name)}" + ("-smoke" if args.smoke else "")
+    if (out_dirs[0] / f"{stem}.md").exists():  # a second check that day keeps the first
+        stem += f"-{started:%H%M%S}"
     report = {
         "_t0": t0,
-        "stem": f"{started:%Y-%m-%d}-{_slug(name)}" + ("-smoke" if args.smoke else ""),
+        "stem": stem,
         "started": started.isoformat(timespec="seconds"),
         "command": "python -m dit_bench.gpu_check " + " ".join(argv or sys.argv[1:]),
         "smoke": args.smoke,
@@ -941,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
         log(report["headline"].replace("**", ""))
     for path in written:
         log(f"wrote {path} (+ .json)")
+    if not written:  # every measurement is lost: say so in the exit status too
+        log(f"no report written (see above): {', '.join(map(str, out_dirs))}")
+        return 2
     failed = [n for n, sec in report["sections"].items() if sec["status"].startswith("error")]
     return 1 if failed else 0
 

@@ -105,12 +105,20 @@ def test_cli_bench_json(capsys, tmp_path):
         "--device",
         "cpu",
         "--csv",
-        str(tmp_path / "b.csv"),
+        str(tmp_path / "new" / "b.csv"),  # a folder that does not exist yet
     ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"][0]["backbone"] == "dit-xs/4"
-    assert (tmp_path / "b.csv").read_text().count("\n") == 2
+    assert (tmp_path / "new" / "b.csv").read_text().count("\n") == 2
+    args[-1] = str(tmp_path / "b.csv")
+    assert main([*args[:-1], str(tmp_path)]) == 2  # refused before it benchmarks anything
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(args) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a cold first step would be timed in the median
+        main(["bench", "--warmup", "0"])
+    assert "--warmup: expected a positive integer, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "b-sampling.csv").exists()  # --no-sample
     with_sampling = [a for a in args if a != "--no-sample"] + ["--sample-batch", "1"]
     assert main(with_sampling) == 0
@@ -390,3 +398,25 @@ def test_bench_settings_that_would_time_nothing_or_crash_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda: .* sees no GPU"):
             bench.BenchConfig(device="cuda").resolved_device()
+
+
+def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatch):
+    from dit_bench import gpu_check
+
+    monkeypatch.delenv("OUT", raising=False)  # (a device machine sets it: a second folder)
+
+    skip_all = ["--skip", "environment,matmul,bench,profile,cuda,train,harness,sampling,variants"]
+    if not torch.cuda.is_available():  # --device cuda without one: a message, not a traceback
+        assert gpu_check.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "gpu_check: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--threads", "-1"])
+    # a report that could be written nowhere is a failed check (every number is lost)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    args = ["--smoke", "--device", "cpu", *skip_all]
+    assert gpu_check.main([*args, "--out", str(blocked)]) == 2
+    # a second check on the same day and device keeps the first report
+    assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert len(list((tmp_path / "r").glob("*.md"))) == 2
