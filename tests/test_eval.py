@@ -137,6 +137,11 @@ def test_too_few_samples_for_a_metric_is_an_error_before_sampling():
     with pytest.raises(ValueError, match="--metrics pr needs at least 4 samples"):
         EvalRequest(num_samples=3, metrics=("fd", "pr"))
     EvalRequest(num_samples=3, metrics=("fd", "kid"))  # FD and KID take any n >= 2
+    from dit_bench.metrics.evaluate import check_sample_count
+
+    # a held-out split of one image (was a KeyError)
+    with pytest.raises(ValueError, match="held-out: --metrics fd needs at least 2 samples"):
+        check_sample_count(("fd",), 1, "held-out")
 
 
 def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
@@ -159,7 +164,9 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     again = json.loads((run / "summary.json").read_text())
     assert again["val_FD-digits-net"] == summary["val_FD-digits-net"]
 
+    capsys.readouterr()
     record = evaluate_run(run, EvalRequest(num_samples=30, steps=4, batch_size=16), progress=False)
+    record_err = capsys.readouterr().err
     on_disk = json.loads((run / "eval.json").read_text())
     assert on_disk["metrics"] == record["metrics"]
     m = record["metrics"]
@@ -185,6 +192,7 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
         main(["eval", str(run), *quick, "--checkpoint", "step=0000006.ckpt", "-o", str(out)]) == 0
     )
     assert "numbers are of step 6 of the run's 12" in capsys.readouterr().err
+    assert "IS over 30 samples in 10 splits is at most 3 (of 10 classes)" in record_err
     # batch size is not part of the result
     again = evaluate_run(
         run, EvalRequest(num_samples=30, steps=4, batch_size=7), output=tmp_path / "e2.json",

@@ -130,8 +130,8 @@ SAMPLES_NEEDED = {"pr": PR_K + 1, "is": IS_SPLITS}
 def check_sample_count(metrics: Sequence[str], n: int, what: str) -> None:
     """`what` (which names `n`) is too few for a metric: a ValueError before any sampling."""
     for m in metrics:
-        if n < SAMPLES_NEEDED.get(m, 2):
-            raise ValueError(f"{what}: --metrics {m} needs at least {SAMPLES_NEEDED[m]} samples")
+        if n < (needed := SAMPLES_NEEDED.get(m, 2)):
+            raise ValueError(f"{what}: --metrics {m} needs at least {needed} samples")
 
 
 @dataclass(frozen=True)
@@ -304,6 +304,15 @@ def evaluate_run(
         check_sample_count(request.metrics, ref.n, held_out)
     elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
         check_sample_count(["pr"], ref.n, held_out)
+    if "is" in request.metrics:  # each split's score is at most its size (and the classes)
+        classes = len(net.class_names) if net.class_names else 1000  # Inception: ImageNet's
+        if n < IS_SPLITS * classes:
+            print(
+                f"[dit-bench] note: IS over {n} samples in {IS_SPLITS} splits is at most "
+                f"{n / IS_SPLITS:g} (of {classes} classes): compare it only at the same "
+                f"--num-samples (from {IS_SPLITS * classes} samples it can reach {classes})",
+                file=sys.stderr,
+            )
     # The net classifies this data set's classes: then label adherence is meaningful.
     same_classes = net.class_names is not None and tuple(net.class_names) == tuple(
         data_info(cfg.data).class_names
