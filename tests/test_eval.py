@@ -176,6 +176,7 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     assert not any(k.startswith("FID") for k in m)
     p = record["protocol"]
     assert p["num_samples"] == 30 and p["steps"] == 4 and p["sampler"] == "ddpm"
+    assert not {"eta", "sde_scale"} & set(p["sampler_settings"])  # ddpm takes neither
     assert p["weights"] == "ema" and p["checkpoint"]["global_step"] == 12
     assert len(p["feature_net"]["sha256"]) == 64 and p["reference"]["n"] == 180
     assert {"torch", "clean-fid", "torchmetrics"} <= set(record["versions"])

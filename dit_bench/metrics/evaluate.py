@@ -34,6 +34,7 @@ from dit_bench.metrics.features import (
     load_feature_net,
 )
 from dit_bench.metrics.reference import RefStats, dataset_tensors, reference_stats
+from dit_bench.sampling import sampler_options
 
 METRICS: tuple[str, ...] = ("fd", "kid", "pr", "is")
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
@@ -388,9 +389,10 @@ def evaluate_run(
             "sampler": sampler,
             "steps": steps,
             "cfg_scale": cfg_scale,
-            "sampler_settings": {
+            "sampler_settings": {  # what the sampling used: eta / sde_scale only where taken
                 k: getattr(e, k)
                 for k in ("eta", "sde_scale", "cfg_interval", "cfg_channels", "clip_x0")
+                if k not in ("eta", "sde_scale") or k in sampler_options(sampler)
             },
             "num_samples": n,
             "labels": f"sample i conditioned on class i mod {module.info.num_classes}",
