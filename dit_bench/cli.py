@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = getattr(args, "out", None)  # train, ablate, sweep, encode-latents: a folder
         if out and Path(out).exists() and not Path(out).is_dir():
-            raise ConfigError(f"--out {out} is a file; it names the folder for the runs")
+            raise ConfigError(f"--out {out} is a file; it names a folder")
         return args.func(args)
     except ConfigError as e:
         print(f"dit-bench: {e}", file=sys.stderr)

@@ -55,6 +55,11 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     )
     assert m["num_images"] == 20 and m["num_items"] == 40 and len(m["shards"]) == 5
     assert m["latent_shape"] == [4, 4, 4]
+    # a size the VAE does not divide (its latents decode to another size) makes nothing
+    odd = SimpleNamespace(**{**vars(folder_cfg(image_folder)), "image_size": 36})
+    with pytest.raises(DataError, match="--image-size 36: not a multiple of the VAE's .* 8"):
+        encode_latents(vae_dir, odd, tmp_path / "odd", progress=False)
+    assert not (tmp_path / "odd").exists()
     info = data_info(latent_cfg(out))
     assert (info.channels, info.image_size, info.num_classes) == (4, 4, 2)
     ds = LatentShards(out)

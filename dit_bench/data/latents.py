@@ -113,6 +113,12 @@ def encode_latents(
     info = data_info(source)
     images = full_dataset(source)
     vae = load_vae(vae_dir, device)  # checked before the output folder is made
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the encoder's downsampling
+    if info.image_size % factor:
+        raise DataError(
+            f"--image-size {info.image_size}: not a multiple of the VAE's downsampling factor "
+            f"{factor} (its latents would decode to another size)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     scale = vae_scaling_factor(vae)
     n = len(images)
