@@ -178,6 +178,13 @@ def fd_metric(cfg: ExperimentConfig) -> str | None:
     return "val_FID" if name == "inception" else f"val_FD-{name}"
 
 
+def val_levels(cfg: ExperimentConfig) -> int:
+    """How many noise levels a run's validation grid has (its val_loss_l<k> columns)."""
+    from dit_bench.objectives import OBJECTIVES
+
+    return cfg.eval.val_levels or OBJECTIVES[cfg.objective.name].VAL_LEVELS
+
+
 def _seeds(raw: Any, where: str, source: str) -> tuple[int, ...]:
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = [raw]
@@ -304,12 +311,19 @@ def load_ablation(
                     f"(profile {profile}); they would share their runs",
                 )
         first_seed_hash[variant] = h
-        for m in metrics:  # an FD the runs do not compute would only show up in the report
+        for m in metrics:  # a metric the runs do not log would only show up in the report
             if m.startswith(("val_FD-", "val_FID")) and m != (logged := fd_metric(runs[-1].cfg)):
                 raise _err(
                     source,
                     f"metrics: variant {variant!r} (profile {profile}) does not compute {m}; its "
                     f"runs log {logged or 'no FD (eval.fd_every is 0)'}",
+                )
+            level = re.fullmatch(r"val_loss_l(\d+)", m)
+            if level and int(level[1]) >= (levels := val_levels(runs[-1].cfg)):
+                raise _err(
+                    source,
+                    f"metrics: {m}: the val-loss grid of variant {variant!r} (profile {profile}) "
+                    f"has levels 0..{levels - 1} (eval.val_levels)",
                 )
     reference = raw.get("reference")
     if reference is not None:

@@ -142,6 +142,8 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
             ],
         ),  # fmt: skip
         ({"profiles": {"cpu": {"metrics": ["fid"]}}}, ["profiles.cpu.metrics: unknown 'fid'"]),
+        # DDPM's default grid has 10 levels: l10 would never be logged
+        ({"metrics": ["val_loss_l10"]}, ["val_loss_l10: the val-loss grid", "levels 0..9"]),
         (
             {"profiles": {"cpu": {"set": {"experiment": "x"}}}},
             ["profiles.cpu.set: experiment is set by the ablation"],

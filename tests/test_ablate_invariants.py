@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_ablate import write_ablation
+from test_ablate import TINY_BASE, write_ablation
 from test_train import tiny
 
 from dit_bench import ablate
@@ -115,7 +115,8 @@ def test_a_reference_ranking_must_name_variants_of_the_file(tmp_path):
 def test_every_documented_loss_metric_form_is_accepted(tmp_path):
     # (FD metrics are checked against eval.fd_every as well: see test_ablate.py)
     metrics = ["val_loss", "val_loss_l3", "val_loss_l12", "train_loss"]
-    ab = load_ablation(write_ablation(tmp_path, metrics=metrics), "cpu")
+    base = {**TINY_BASE, "eval": {**TINY_BASE["eval"], "val_levels": 13}}  # levels 0..12
+    ab = load_ablation(write_ablation(tmp_path, metrics=metrics, base=base), "cpu")
     assert ab.metrics == tuple(metrics)
 
 

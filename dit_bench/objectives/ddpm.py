@@ -251,6 +251,8 @@ def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales:
 class DDPM:
     """Discrete-time DDPM with eps or v prediction and optional learned sigma (iDDPM / DiT)."""
 
+    VAL_LEVELS = 10  # the validation grid's levels unless eval.val_levels says otherwise
+
     # Nichol & Dhariwal eq. 16. L_vlb = sum_t L_t is estimated by T * L_t at a uniform t, so the
     # weight on the sampled term is lambda * T = 1 at T = 1000: exactly DiT's `mse + vb`.
     VLB_WEIGHT = 1e-3
@@ -340,7 +342,7 @@ class DDPM:
 
     @torch.no_grad()
     def val_loss(
-        self, net: Callable, x0: Tensor, cond: Any, *, seed: int = 0, levels: int = 10
+        self, net: Callable, x0: Tensor, cond: Any, *, seed: int = 0, levels: int = VAL_LEVELS
     ) -> dict[str, Tensor]:
         """Fixed validation protocol, comparable across runs: the simple eps / v MSE at
         t = linspace(0, T-1, levels).round(), noise from a CPU generator seeded with `seed` (so

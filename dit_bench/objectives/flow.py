@@ -105,6 +105,8 @@ class Flow:
     (its MSE is the velocity MSE times t^2, i.e. a different weighting over t).
     """
 
+    VAL_LEVELS = 8  # the validation grid's levels unless eval.val_levels says otherwise
+
     def __init__(
         self,
         *,
@@ -193,7 +195,7 @@ class Flow:
 
     @torch.no_grad()
     def val_loss(
-        self, net: Callable, x0: Tensor, cond: Any, *, seed: int = 0, levels: int = 8
+        self, net: Callable, x0: Tensor, cond: Any, *, seed: int = 0, levels: int = VAL_LEVELS
     ) -> dict[str, Tensor]:
         """Fixed validation protocol (SD3 §5.1): the training MSE at t = k / levels,
         k = 0..levels-1 (equally spaced, t = 1 left out; not shifted, so runs with different
