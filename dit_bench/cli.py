@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         help="image to write (default: RUN_DIR/samples/sample-<sampler>-<steps>steps-cfg<cfg>-"
-        "seed<seed>.png)",
+        "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png)",
     )
     sp.add_argument("--n", type=positive, default=64, help="number of samples")
     sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")

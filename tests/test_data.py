@@ -209,6 +209,9 @@ def folder(tmp_path):
     save_image(root / "apple" / "nested" / "grey.png", np.full((30, 30), 200, np.uint8))
     (root / "apple" / "notes.txt").write_text("not an image, ignored")
     (root / ".cache").mkdir()  # hidden folders are not classes
+    # nor are hidden names inside a class images: a notebook's copy, a macOS resource fork
+    save_image(root / "zebra" / ".ipynb_checkpoints" / "a-checkpoint.png", striped())
+    (root / "zebra" / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
     return root
 
 

@@ -272,3 +272,14 @@ def test_eval_of_folder_and_latents_runs(tmp_path, cache, vae_dir, image_folder,
         )
         ids.append(record["protocol"]["reference"]["id"])
     assert ids[0] != ids[1]  # latents are hashed as latents
+
+
+def test_eval_of_a_run_with_one_held_out_image_says_so(tmp_path, cache):
+    from dit_bench.train.run import train
+
+    sets = ["data.name=shapes", "data.num_samples=8", "data.val_fraction=0.125"]
+    cfg = build_config(None, TINY + sets + ["train.steps=2", "train.checkpoint_every=2"])
+    run = train(cfg, tmp_path / "runs", progress=False)
+    # it was "need (N >= 2, D) features, got shape (1, 128)", after loading everything
+    with pytest.raises(ValueError, match="held-out split has 1 images .* needs at least 2"):
+        evaluate_run(run, EvalRequest(num_samples=20, metrics=("fd",)), progress=False)

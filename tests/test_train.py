@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
-from dit_bench.config import build_config
+from dit_bench.config import ConfigError, build_config
 from dit_bench.train.run import find_run_dir, load_module, train
 
 TINY = [
@@ -206,6 +207,29 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         train(cfg, tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists()
+    # data refused when it is listed (a class folder without images): the images are listed
+    # before the run directory is made too
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(root / cls / f"{i}.png")
+    (root / "c").mkdir()
+    folder = ("data.name=folder", f"data.root={root}", "data.image_size=8")
+    with pytest.raises(ValueError, match="c' has no images"):
+        train(tiny(*folder), tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+    # an in-training FD over a held-out split of one image
+    cfg = tiny("data.name=shapes", "data.num_samples=8", "data.val_fraction=0.125",
+               "eval.fd_every=500")  # fmt: skip
+    with pytest.raises(ConfigError, match="the FD needs at least 2 held-out images; the split"):
+        train(cfg, tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+    # (an unreadable image is found when it is first loaded, in training: named, not hidden)
+    (root / "c").rmdir()
+    (root / "b" / "3.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="3.png: cannot read image"):
+        train(tiny(*folder), tmp_path / "runs", progress=False)
 
 
 def test_broken_run_files_are_errors_naming_the_file(tmp_path):

@@ -227,12 +227,17 @@ def _class_folders(root: str | None) -> tuple[str, ...]:
 
 
 def _image_files(folder: str) -> list[str]:
-    """Image files anywhere under `folder`, in a fixed (sorted) order."""
+    """Image files anywhere under `folder`, in a fixed (sorted) order. Hidden names are skipped
+    at every depth: .ipynb_checkpoints copies would be duplicates, macOS `._x.jpg` files are
+    not images."""
     found = []
     for parent, subfolders, names in os.walk(folder):
-        subfolders.sort()  # os.walk visits subfolders in this list's order
+        # os.walk visits subfolders in this list's order, and only those left in it
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found += [
-            os.path.join(parent, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
+            os.path.join(parent, n)
+            for n in sorted(names)
+            if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
         ]
     return found
 

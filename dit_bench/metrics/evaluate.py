@@ -292,6 +292,13 @@ def evaluate_run(
     use_ema = e.use_ema if request.use_ema is None else request.use_ema
 
     ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device)
+    # before any features: every metric fits statistics of the held-out images
+    held_out = f"the held-out split has {len(ref_x)} images (data.val_fraction)"
+    check_sample_count(("fd",), len(ref_x), held_out)
+    if request.num_samples is None:  # as many samples as held-out images
+        check_sample_count(request.metrics, len(ref_x), held_out)
+    elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
+        check_sample_count(["pr"], len(ref_x), held_out)
     ref = reference_stats(
         ref_x,
         net,
@@ -300,11 +307,6 @@ def evaluate_run(
         description={"data": cfg.data.model_dump(mode="json"), "split": "val"},
     )
     n = request.num_samples or ref.n
-    held_out = f"the held-out split has {ref.n} images (data.val_fraction)"
-    if request.num_samples is None:  # as many samples as held-out images
-        check_sample_count(request.metrics, ref.n, held_out)
-    elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
-        check_sample_count(["pr"], ref.n, held_out)
     if "is" in request.metrics:  # each split's score is at most its size (and the classes)
         classes = len(net.class_names) if net.class_names else 1000  # Inception: ImageNet's
         if n < IS_SPLITS * classes:

@@ -467,10 +467,18 @@ def train(
     # The data and the module first: what refuses to run (a missing data folder, a bad
     # manifest) does so before a run directory exists, so no empty run is left behind.
     datamodule = DiffusionDataModule(cfg)
+    datamodule.setup("fit")  # reads the images: an unreadable or empty class fails here
     module = DiffusionModule(cfg, datamodule.info)
     fd = None
     if cfg.eval.fd_every:  # checks its feature net's weights file exists
         from dit_bench.train.callbacks import FrechetDistanceMetric
+
+        held_out = len(datamodule.val_set.dataset)
+        if held_out < 2:  # a Gaussian fit to one image's features
+            raise ConfigError(
+                f"eval.fd_every: the FD needs at least 2 held-out images; the split has "
+                f"{held_out} (raise data.val_fraction)"
+            )
 
         e = cfg.eval
         fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features)
