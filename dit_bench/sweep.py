@@ -538,8 +538,7 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
         return f"storage: {redact(url)} (connected; no study {sweep.study_name} yet)"
     finally:
         storage.engine.dispose()
-    if recorded is not None and sweep.identity_changes(recorded):
-        raise ConfigError(_changed_sweep_message(sweep, url, recorded))
+    check_identity(sweep, url, recorded)
     states = Counter(t.state.name.lower() for t in trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
     return f"storage: {redact(url)} (study {sweep.study_name}: {counts})"
@@ -640,8 +639,7 @@ def open_study(sweep: Sweep, storage_url: str):
     else:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
     recorded = study.user_attrs.get("identity")
-    if recorded is not None and sweep.identity_changes(recorded):
-        raise ConfigError(_changed_sweep_message(sweep, storage_url, recorded))
+    check_identity(sweep, storage_url, recorded)
     if "sweep" not in study.user_attrs:
         study.set_user_attr(
             "sweep",
@@ -657,12 +655,16 @@ def open_study(sweep: Sweep, storage_url: str):
     return study, storage
 
 
-def _changed_sweep_message(sweep: Sweep, url: str, recorded: dict[str, Any]) -> str:
+def check_identity(sweep: Sweep, url: str, recorded: dict[str, Any] | None) -> None:
     """A rerun with another base, space or budgets would add its trials to the old study and
-    report the old numbers as its own: say what changed and how to keep both."""
-    changed = ", ".join(sweep.identity_changes(recorded)).replace("base_config_hash", "base config")
+    report the old numbers as its own: refused, saying what changed and how to keep both.
+    `recorded`: the study's identity (None: a new study, or one made before identities)."""
+    changes = sweep.identity_changes(recorded) if recorded is not None else []
+    if not changes:
+        return
+    changed = ", ".join(changes).replace("base_config_hash", "base config")
     where = f"delete {url.split(':///', 1)[1]}" if url.startswith("sqlite") else "delete it"
-    return (
+    raise ConfigError(
         f"study {sweep.study_name} in {redact(url)} was made by another sweep ({changed} "
         "changed: a --set, the file or its profile). To keep both, give this one another "
         f"--out (or `name:` in the file); to start over, {where}"
