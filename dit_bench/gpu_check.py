@@ -902,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", section_train, 50, 10),
         ("harness", section_harness, 120, 30),
         ("sampling", section_sampling, 120, 10),
-        ("variants", section_variants, 150, 40),
+        ("variants", section_variants, 200, 40),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")

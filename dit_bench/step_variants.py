@@ -74,6 +74,7 @@ GPU_CHECK_VARIANTS = (
     "cudagraphs",
     "compiled-loss",
     "bf16-stream+cudagraphs+compiled-loss",
+    "bf16-stream+cudagraphs",
     "flash",
     "transposed",
 )
