@@ -80,6 +80,9 @@ GPU_CHECK_VARIANTS = (
 )
 
 
+PROFILE_KEYS = ("busy_ms_per_step", "wall_ms_per_step", "groups", "top")
+
+
 def parse_variant(variant: str) -> frozenset[str]:
     """A variant's tweaks: none for "regional", {a, b} for "a+b" (each one of TWEAKS)."""
     parts = [p.strip() for p in variant.split("+") if p.strip()]
@@ -183,13 +186,17 @@ def run_variant(
     device: torch.device,
     *,
     backend: str | Callable = "inductor",
+    profile: bool = False,
 ) -> dict:
     """Build the variant (`build_variant`), time `cfg.warmup` + `cfg.repeats` steps.
 
     Returns {variant, ms, min_ms, img_per_s, tflops, first_step_s, loss_first, loss_last,
     peak_mem_gb (CUDA max allocated; None elsewhere)}. Same seed, batch and noise in every
     variant, so the losses compare the numerics too (the first step's is that of the
-    initialised net; the last, after warmup + repeats AdamW steps).
+    initialised net; the last, after warmup + repeats AdamW steps). `profile`: then 3 more
+    steps under torch.profiler (`bench.profile_step`: where the variant's time goes), as
+    "profile" {busy_ms_per_step, wall_ms_per_step, groups, top}; the losses stay those of the
+    timed steps.
     """
     cuda = device.type == "cuda"
     if cuda:
@@ -207,6 +214,7 @@ def run_variant(
         fwd = net.flops(batch=1)["flops"]
         med = statistics.median(times)
         loss_first, loss_last = losses[0].item(), losses[-1].item()
+        prof = bench.profile_step(step, device) if profile else None
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     return {
         "variant": variant,
@@ -218,6 +226,7 @@ def run_variant(
         "loss_first": loss_first,
         "loss_last": loss_last,
         "peak_mem_gb": peak_gb,
+        **({"profile": {k: prof[k] for k in PROFILE_KEYS}} if prof else {}),
     }
 
 
@@ -231,6 +240,7 @@ def run_variants(
     deadline: float | None = None,
     progress: Callable[[str], None] | None = None,
     backend: str | Callable = "inductor",
+    profile: bool = False,
 ) -> list[dict]:
     """Each variant in turn, appended to `rows` as it finishes (a caller cut off keeps the rows
     before); a failing variant is recorded as {variant, error} and the next one runs. The MFU
@@ -242,7 +252,7 @@ def run_variants(
             rows.append({"variant": variant, "error": "skipped: budget spent"})
             continue
         try:
-            row = run_variant(variant, name, cfg, device, backend=backend)
+            row = run_variant(variant, name, cfg, device, backend=backend, profile=profile)
             row["mfu_datasheet"] = row["tflops"] * 1e12 / sheet if sheet else None
             base = rows[0] if rows and "ms" in rows[0] else None
             row["vs_first"] = base["ms"] / row["ms"] if base else None
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=",".join(GPU_CHECK_VARIANTS))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; no variant starts after")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument(
+        "--profile", action="store_true", help="also profile each variant (bench.profile_step)"
+    )
     ap.add_argument("--out", default=str(REPO / "reports" / "gpu"))
     args = ap.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -321,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             rows=result["variants"],
             deadline=deadline,
             progress=progress,
+            profile=args.profile,
         )
 
 

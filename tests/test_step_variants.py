@@ -116,3 +116,22 @@ def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch, render_
         "| regional | " in text
         and "Later variants not timed: section cut off after its 150 s." in text
     )
+
+
+def test_profiled_variant_keeps_the_timed_losses():
+    """--profile adds where the variant's time goes, after the timed steps: the losses reported
+    are those of the same seeded timed steps as without it."""
+    plain = step_variants.run_variant("regional", "dit-xs/4", TINY, CPU, backend="eager")
+    profiled = step_variants.run_variant(
+        "regional", "dit-xs/4", TINY, CPU, backend="eager", profile=True
+    )
+    assert "profile" not in plain
+    assert (profiled["loss_first"], profiled["loss_last"]) == (
+        plain["loss_first"],
+        plain["loss_last"],
+    )
+    prof = profiled["profile"]
+    assert set(prof) == set(step_variants.PROFILE_KEYS)
+    assert prof["busy_ms_per_step"] > 0
+    assert sum(g["ms"] for g in prof["groups"].values()) == pytest.approx(prof["busy_ms_per_step"])
+    assert set(prof["groups"]) <= {g for g, _ in bench.KERNEL_GROUPS} | {"other"}

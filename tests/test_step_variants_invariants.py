@@ -197,7 +197,7 @@ def test_run_variant_numbers_from_a_fake_clock(monkeypatch, warmup, durations, f
 def test_run_variants_compare_to_the_first_row_and_the_datasheet(monkeypatch):
     ms = {"regional": 10.0, "bf16-stream": 20.0, "transposed": 40.0}
 
-    def fake_run(variant, name, cfg, device, *, backend="inductor"):
+    def fake_run(variant, name, cfg, device, *, backend="inductor", profile=False):
         if variant == "broken":
             raise RuntimeError("x" * 400)
         return {"variant": variant, "ms": ms[variant], "tflops": 2.0}
