@@ -514,7 +514,10 @@ def section_harness(ctx: dict) -> dict:
     if len(curve) < 2:
         raise RuntimeError(f"metrics.csv: {len(curve)} train/loss rows")
     finite = all(map(math.isfinite, [*curve, summary["val_loss"]]))
-    ok = finite and curve[-1] < curve[0] and bool(grid)
+    dev = ctx["device"]
+    # the run trained where this check runs (its summary once named the CPU after a GPU run)
+    here = dev.type != "cuda" or summary["device"] == fast.device_name(dev)
+    ok = finite and curve[-1] < curve[0] and bool(grid) and here
     log(
         f"harness {summary['backbone']}: train loss {curve[0]:.4f} -> {curve[-1]:.4f}, val loss "
         f"{summary['val_loss']:.4f}, {summary['img_per_s']:.0f} img/s ({'ok' if ok else 'FAILED'})"

@@ -304,7 +304,9 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
 
 
-def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(render_gpu_section):
+def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
+    render_gpu_section, monkeypatch
+):
     """Where pydantic and Lightning import, the GPU check also runs `dit-bench train` itself:
     bf16-mixed with fused AdamW and clipping (the failure a plain loop cannot show), EMA,
     validation, a sample grid. The full plan's settings validate here, before any GPU time."""
@@ -325,6 +327,11 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(render_g
     assert result["train_loss_last"] < result["train_loss_first"]
     text = render_gpu_section("harness", result)
     assert "## The harness's training path" in text and "ok: True" in text
+    # On a GPU the run must have trained there: a summary naming another device is a failure
+    # (Lightning moves the module to the CPU after the fit; summary.json once named the CPU)
+    monkeypatch.setattr(gpu_check.fast, "device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    elsewhere = gpu_check.section_harness({**ctx, "device": torch.device("cuda")})
+    assert elsewhere["device"].startswith("cpu") and not elsewhere["ok"]
 
 
 def test_step_budget_against_counted_flops():

@@ -390,7 +390,11 @@ def summary_val_loss(summary: dict) -> str:
     return "non-finite" if loss is None else f"{loss:.5f}"
 
 
-def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> dict:
+def write_summary(
+    run: Path, cfg: ExperimentConfig, module: DiffusionModule, device: torch.device
+) -> dict:
+    """summary.json of a finished run; `device`: the one it trained on (after the fit, Lightning
+    has moved the module to the CPU)."""
     fwd = module.net.flops(batch=1)
     spec = cfg.backbone.spec()
     n_img = images_seen(cfg)
@@ -420,7 +424,7 @@ def write_summary(run: Path, cfg: ExperimentConfig, module: DiffusionModule) -> 
         # the fit's wall clock, evaluation and checkpoints included, over every session
         "wall_seconds": module.elapsed_wall_seconds(),
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
-        "device": device_name(next(module.parameters()).device),
+        "device": device_name(device),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -565,14 +569,16 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    # Lightning's teardown moved the module to the CPU: where it trained is the strategy's
+    device = trainer.strategy.root_device
     if module.last_val.get("step") != t.steps:  # killed after the last checkpoint
-        metrics.validate(trainer, module)
+        metrics.validate(trainer, module.to(device))
     if trainer.global_step % t.checkpoint_every:
         # the final weights, which the summary and the last grid describe (sample and eval
         # read last.ckpt); every rank calls it, as Lightning's distributed saves need
         trainer.save_checkpoint(last, weights_only=False)  # a full one, as the callback writes
     if trainer.is_global_zero:
-        write_summary(run, cfg, module)
+        write_summary(run, cfg, module, device)
     return run
 
 
