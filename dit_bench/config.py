@@ -263,6 +263,14 @@ class TrainConfig(_Strict):
         "eager); transformer blocks are compiled one by one, identical ones sharing a graph "
         "(regional compilation; the U-Net is compiled whole)",
     )
+    cudagraphs: bool = Field(
+        False,
+        description="with train.compile on a CUDA device: each compiled graph replayed as a "
+        "CUDA graph (torch.compile mode 'reduce-overhead'), without a launch per kernel; pays "
+        "where the host cannot keep the GPU busy: a compiled bf16 step (batch 64) on an H100 "
+        "1.8x faster for DiT-S/2, 1.2x for DiT-B/2, 1.01-1.07x for DiT-XL/2 (README, "
+        "Performance)",
+    )
     channels_last: bool = Field(
         False, description="channels-last memory format for the backbone and its inputs (U-Net)"
     )
@@ -273,10 +281,21 @@ class TrainConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _stream(self) -> TrainConfig:
+    def _fast_paths(self) -> TrainConfig:
         if self.bf16_stream and self.precision != "bf16-mixed":
             raise ValueError(
                 f"train.bf16_stream needs train.precision=bf16-mixed (got {self.precision!r})"
+            )
+        if self.cudagraphs and not self.compile:
+            raise ValueError(
+                "train.cudagraphs replays compiled graphs: it needs train.compile=true"
+            )
+        if self.cudagraphs and self.accelerator == "cpu":
+            raise ValueError("train.cudagraphs needs a CUDA device; train.accelerator is 'cpu'")
+        if self.cudagraphs and self.strategy == "fsdp":
+            raise ValueError(
+                "train.cudagraphs with train.strategy=fsdp: FSDP gathers and frees the "
+                "parameters every step, and a CUDA graph replays fixed addresses (use ddp)"
             )
         return self
 
@@ -417,6 +436,12 @@ class ExperimentConfig(_Strict):
                     f"eval.cfg_channels={self.eval.cfg_channels}: the data has {channels} "
                     "channel(s)"
                 )
+        if self.train.cudagraphs and not self.eval.use_ema:
+            raise ValueError(
+                "train.cudagraphs with eval.use_ema=false: validation and samples would replay "
+                "the trained net's CUDA graphs, whose outputs each next call overwrites; keep "
+                "eval.use_ema=true (the EMA copy they use stays eager)"
+            )
         if self.train.bf16_stream and not FAMILIES[spec["family"]].token_stream:
             streams = [k for k, f in FAMILIES.items() if f.token_stream]
             raise ValueError(
@@ -468,6 +493,7 @@ EXECUTION_KEYS = (
     ("train", "strategy"),
     ("train", "threads"),
     ("train", "compile"),
+    ("train", "cudagraphs"),
     ("train", "channels_last"),
     ("train", "tf32"),
     ("optim", "fused"),

@@ -20,12 +20,13 @@ left is skipped, and one that overruns is interrupted by an alarm):
 6. a small DiT trained on `shapes` at 64x64 for a few hundred steps (a plain torch loop over
    the objective, the data set and AdamW): the loss must fall;
 7. the harness's own training path on the same data (`dit-bench train`: Lightning, bf16-mixed,
-   the compiled backbone, fused AdamW with gradient clipping, EMA, validation, checkpoints, a
-   sample grid), when pydantic and Lightning import: skipped where they do not (the GPU
+   the compiled backbone replayed as CUDA graphs, fused AdamW with gradient clipping, EMA,
+   validation, checkpoints, a sample grid; the summary must name this GPU), when pydantic
+   and Lightning import: skipped where they do not (the GPU
    machines have no pydantic: carry it as a wheel, README "Performance");
 8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
 9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: a bf16
-   residual stream, CUDA graphs, a compiled loss, flash attention), the shipped one first, in
+   residual stream, CUDA graphs, a compiled loss, flash attention), the default one first, in
    the time left.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
@@ -200,6 +201,7 @@ def plan(smoke: bool) -> dict:
             "train.batch_size=64",
             "train.log_every=20",
             "train.compile=true",
+            "train.cudagraphs=true",  # what a sweep of small models on a GPU would want
             "optim.lr=3e-4",
             "eval.val_images=256",
         ],

@@ -15,7 +15,8 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
                 LayerNorm, modulate and residual add of a block reads and writes it in
                 float32: on an H100 those memory-bound kernels took 30% of the step
   cudagraphs    compile_backbone(mode="reduce-overhead"): each block graph replayed as a CUDA
-                graph (no launch overhead; the profile saw about 5 ms a step with the GPU idle)
+                graph (no launch overhead; the profile saw about 5 ms a step with the GPU idle);
+                shipped as `train.cudagraphs`, off by default
   compiled-loss the learned-sigma loss's variational-bound term (`DDPM.vb_bits_per_dim`)
                 compiled: eager, it is about 190 of the step's 456 top-level ops (DiT-XS/4 on
                 the CPU), tiny elementwise kernels launched one by one while the GPU has
@@ -29,9 +30,13 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   whole         the whole backbone compiled as one graph (fusion across block boundaries)
   max-autotune  mode="max-autotune-no-cudagraphs": Triton GEMM templates tuned against cuBLAS,
                 epilogues fused into them (minutes of tuning on an H100)
-Measured on an H100 and dropped (reports/gpu/xl2_variants-*.json, the README's Performance
-section): cudnn (already the default), coordesc (slower), whole (same step, 54 s of compile),
-max-autotune (cuBLAS won every shape).
+Measured on an H100 (reports/gpu/: xl2_variants-*.json, 2026-11-27-*.md, step-variants-*.json;
+the README's Performance section). Dropped: cudnn (already the default), coordesc (slower),
+whole (same step, 54 s of compile), max-autotune (cuBLAS won every shape), flash (as fast as
+cuDNN), compiled-loss (under 1% on top of bf16-stream+cudagraphs, 71 s of compile),
+transposed (4% slower: the contiguous stream stays). Kept: cudagraphs (`train.cudagraphs`;
+DiT-XL/2 1.01-1.07x, DiT-B/2 1.2x, DiT-S/2 1.8x) and bf16-stream (3.5 ms less
+elementwise time a DiT-XL/2 step; `train.bf16_stream`).
 `gpu_check` runs `GPU_CHECK_VARIANTS` in its last section with the budget left; this command
 prints one line per variant and writes `step-variants-<time>.json` to --out (and under $OUT).
 """
@@ -70,13 +75,9 @@ CUDA_ONLY = {"cudagraphs", "flash", "cudnn"}
 # The shipped step first (the others' "vs first"); the last ones are cut off first when short
 GPU_CHECK_VARIANTS = (
     "regional",
-    "bf16-stream",
     "cudagraphs",
-    "compiled-loss",
-    "bf16-stream+cudagraphs+compiled-loss",
     "bf16-stream+cudagraphs",
-    "flash",
-    "transposed",
+    "bf16-stream",
 )
 
 

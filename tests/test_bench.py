@@ -320,6 +320,7 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
         1.0,
     )
     assert full.optim.fused is None and full.backbone.name == "dit-s/4"
+    assert full.train.cudagraphs  # the GPU run checks CUDA graphs through Lightning too
 
     ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
     result = gpu_check.section_harness(ctx)

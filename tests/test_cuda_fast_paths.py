@@ -2,8 +2,8 @@
 
 Flash and memory-efficient SDPA against the math kernel, bf16 autocast against float32 (with
 float32 master weights), fused AdamW against the per-parameter loop, channels-last U-Net,
-torch.compile'd DiT, a training step with no host-device synchronisation, and the profile
-accounting (each kernel counted once).
+torch.compile'd DiT, its training steps replayed as CUDA graphs, a training step with no
+host-device synchronisation, and the profile accounting (each kernel counted once).
 
 Every test is marked `cuda` and skipped without a CUDA device. No fixtures and no parameters:
 where pytest is missing (a bare GPU machine), `dit_bench.gpu_check` calls these as plain
@@ -148,6 +148,38 @@ def test_compiled_dit_matches_eager():
     for p, q in zip(net.parameters(), fast.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_cudagraph_training_steps_match_the_compiled_ones():
+    """`train.cudagraphs`: the blocks compiled in mode reduce-overhead, each step begun with
+    `cudagraph_mark_step_begin`, as the training module does. Four steps under bf16 autocast
+    (the graphs are recorded on the second call, replayed after; each step draws new noise
+    and times, so a replay of stale inputs would repeat a loss) give the losses and weights of
+    the same compiled net without CUDA graphs. SGD: an update proportional to the gradient
+    (AdamW's first steps are about sign(grad), which rounding can flip where it is near 0)."""
+    objective = build_objective("ddpm")
+    x, _, cond = _inputs()
+    runs = {}
+    for mode in (None, "reduce-overhead"):
+        net = compile_backbone(_net("dit-xs/2"), mode)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        g = torch.Generator(DEV).manual_seed(0)
+        losses = []
+        for _ in range(4):
+            if mode:
+                torch.compiler.cudagraph_mark_step_begin()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = objective.loss(net, x, cond, generator=g)["loss"].mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+        runs[mode] = (torch.stack(losses), [p.detach().clone() for p in net.parameters()])
+    (plain, plain_w), (graphed, graphed_w) = runs[None], runs["reduce-overhead"]
+    assert len(set(plain.tolist())) == 4  # every step computed a loss of its own
+    torch.testing.assert_close(graphed, plain, atol=0, rtol=1e-2)
+    for p, q in zip(plain_w, graphed_w, strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3)
 
 
 def test_training_step_has_no_host_sync():

@@ -8,6 +8,7 @@ them from the config (EMA eager, checkpoints unchanged)."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,6 +256,35 @@ def test_module_compiles_backbone_only_and_keeps_checkpoint_keys():
     assert not (unfused["optimizer"] if isinstance(unfused, dict) else unfused).defaults["fused"]
     # execution keys: a run resumes across them
     assert cfg.hash == plain_cfg.hash
+
+
+def test_cudagraphs_config_rules_and_module(monkeypatch):
+    """train.cudagraphs: the backbone compiled in mode reduce-overhead and each training step
+    a new CUDA-graph step; refused where it cannot replay (no compile, the CPU, FSDP, the
+    trained net sampled); an execution key, like train.compile."""
+    from dit_bench.config import ConfigError
+    from dit_bench.train import module as module_mod
+
+    for extra, why in (
+        ([], "needs train.compile=true"),
+        (["train.compile=true", "train.accelerator=cpu"], "accelerator is 'cpu'"),
+        (["train.compile=true", "train.strategy=fsdp"], "FSDP gathers and frees"),
+        (["train.compile=true", "eval.use_ema=false"], "keep eval.use_ema=true"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            _module("train.cudagraphs=true", *extra)
+    modes, steps = [], []
+    monkeypatch.setattr(module_mod, "compile_backbone", lambda net, mode=None: modes.append(mode))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    cfg, m = _module("train.compile=true", "train.cudagraphs=true")
+    plain_cfg, plain = _module("train.compile=true")
+    assert modes == ["reduce-overhead", None] and cfg.hash == plain_cfg.hash
+    for module in (m, plain):
+        module.trainer = SimpleNamespace(global_step=0, global_rank=0, world_size=1)
+        module.log = lambda *args, **kwargs: None
+        x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+        module.training_step((x, y), 0)
+    assert steps == [1]  # the cudagraphs module's step only
 
 
 def test_module_channels_last():

@@ -385,3 +385,20 @@ def test_out_naming_a_file_is_refused_by_name(tmp_path, capsys):
     for cmd in (["train"], ["ablate", "ablations/conditioning.yaml"]):
         assert main([*cmd, "--out", str(out)]) == 2
         assert f"--out {out} is a file" in capsys.readouterr().err
+
+
+def test_a_run_trained_compiled_loads_eager(tmp_path):
+    """sample and eval compile when asked (--compile): a run's train.compile and
+    train.cudagraphs (execution keys: the same run directory) do not compile what they load,
+    so `sample --no-ema` never replays the training's CUDA graphs."""
+    import yaml
+
+    run = train(tiny("train.steps=2"), tmp_path, progress=False)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"].update(compile=True, cudagraphs=True)  # as a cudagraphs run records it
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    module = load_module(run)
+    assert (module.cfg.train.compile, module.cfg.train.cudagraphs) == (False, False)
+    assert module.cfg.hash == tiny("train.steps=2").hash
+    compiled = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None)]
+    assert compiled == []

@@ -343,6 +343,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         ["eval.sampler=euler_maruyama"],  # eval.sde_scale
         ["backbone.name=mmdit-d2/4"],  # backbone.qk_norm
         ["train.precision=bf16-mixed"],  # train.bf16_stream
+        ["train.compile=true"],  # train.cudagraphs
     ]
     # Written out, not read from config.py: a key moved into EXECUTION_KEYS there (so that runs
     # differing in it share a directory) must be argued for here too.
@@ -352,6 +353,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "train.strategy",
         "train.threads",
         "train.compile",
+        "train.cudagraphs",  # replays the compiled graphs: the same kernels
         "train.channels_last",
         "train.tf32",
         "optim.fused",

@@ -77,7 +77,9 @@ class DiffusionModule(L.LightningModule):
         if cfg.train.compile:
             # The backbone only, after the EMA copy (which stays eager: it samples and validates
             # rarely); in place, so parameter names and checkpoints are those of the eager net.
-            compile_backbone(self.net)
+            # CUDA graphs (train.cudagraphs): the training step only, as the EMA copy serves
+            # validation and samples (the config insists on eval.use_ema)
+            compile_backbone(self.net, "reduce-overhead" if cfg.train.cudagraphs else None)
         self.objective = build_objective_from(cfg)
         # The training loop's time, accumulated over resumes (run._Timer), for img/s in the
         # summary; data_seconds is the part spent waiting for batches.
@@ -116,6 +118,10 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # this rank's rows of the global batch: (B, C, H, W), (B,)
+        if self.cfg.train.cudagraphs:
+            # a new step: the graphs may reuse the memory of the last step's outputs (all of
+            # them consumed by its backward), rather than record new graphs to keep them alive
+            torch.compiler.cudagraph_mark_step_begin()
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         g = step_generator(self.cfg.seed, self.global_step, x.device)

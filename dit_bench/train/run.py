@@ -194,7 +194,9 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
-    module = DiffusionModule(cfg, data_info(cfg.data))
+    # eager: sample and eval compile when asked (--compile), never as the training did
+    eager = cfg.train.model_copy(update={"compile": False, "cudagraphs": False})
+    module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
     try:
         module.load_state_dict(ckpt["state_dict"])
@@ -464,6 +466,12 @@ def train(
     if t.precision == "16-mixed" and not on_gpu:
         # Lightning would run bf16-mixed instead, under the hash and the name of 16-mixed
         raise ValueError("train.precision=16-mixed needs a GPU; on the CPU use bf16-mixed")
+    if t.cudagraphs and not on_gpu:
+        print(
+            "[dit-bench] train.cudagraphs: no CUDA device here, so no CUDA graphs (the "
+            "compiled step runs as with train.compile alone)",
+            file=sys.stderr,
+        )
     _quiet_lightning()
     if t.threads:
         torch.set_num_threads(t.threads)
