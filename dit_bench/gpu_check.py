@@ -25,9 +25,8 @@ left is skipped, and one that overruns is interrupted by an alarm):
    and Lightning import: skipped where they do not (the GPU
    machines have no pydantic: carry it as a wheel, README "Performance");
 8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
-9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: a bf16
-   residual stream, CUDA graphs, a compiled loss, flash attention), the default one first, in
-   the time left.
+9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: CUDA graphs
+   and a bf16 residual stream, alone and together), the default one first, in the time left.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.

@@ -81,6 +81,7 @@ GPU_CHECK_VARIANTS = (
 )
 
 
+# What a variant's row keeps of `bench.profile_step` (--profile): not each group's kernels
 PROFILE_KEYS = ("busy_ms_per_step", "wall_ms_per_step", "groups", "top")
 
 

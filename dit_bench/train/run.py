@@ -194,7 +194,7 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
-    # eager: sample and eval compile when asked (--compile), never as the training did
+    # eager, whatever the run trained with: sample and eval compile when asked (--compile)
     eager = cfg.train.model_copy(update={"compile": False, "cudagraphs": False})
     module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
