@@ -151,12 +151,14 @@ def test_compiled_dit_matches_eager():
 
 
 def test_cudagraph_training_steps_match_the_compiled_ones():
-    """`train.cudagraphs`: the blocks compiled in mode reduce-overhead, each step begun with
-    `cudagraph_mark_step_begin`, as the training module does. Four steps under bf16 autocast
-    (the graphs are recorded on the second call, replayed after; each step draws new noise
-    and times, so a replay of stale inputs would repeat a loss) give the losses and weights of
-    the same compiled net without CUDA graphs. SGD: an update proportional to the gradient
-    (AdamW's first steps are about sign(grad), which rounding can flip where it is near 0)."""
+    """`train.cudagraphs`: the blocks compiled in mode reduce-overhead, each step begun as the
+    training module begins it (gradients dropped, `cudagraph_mark_step_begin`), then forward,
+    backward, gradient clipping (it reads the gradients the graphs wrote) and the update. Four
+    steps under bf16 autocast (the graphs are recorded on the second call, replayed after;
+    each step draws new noise and times, so a replay of stale inputs would repeat a loss) give
+    the losses and weights of the same compiled net without CUDA graphs. SGD: an update
+    proportional to the gradient (AdamW's first steps are about sign(grad), which rounding can
+    flip where it is near 0)."""
     objective = build_objective("ddpm")
     x, _, cond = _inputs()
     runs = {}
@@ -166,12 +168,13 @@ def test_cudagraph_training_steps_match_the_compiled_ones():
         g = torch.Generator(DEV).manual_seed(0)
         losses = []
         for _ in range(4):
+            opt.zero_grad(set_to_none=True)
             if mode:
                 torch.compiler.cudagraph_mark_step_begin()
-            opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = objective.loss(net, x, cond, generator=g)["loss"].mean()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
             opt.step()
             losses.append(loss.detach().clone())
         runs[mode] = (torch.stack(losses), [p.detach().clone() for p in net.parameters()])

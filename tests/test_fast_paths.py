@@ -273,18 +273,28 @@ def test_cudagraphs_config_rules_and_module(monkeypatch):
     ):
         with pytest.raises(ConfigError, match=why):
             _module("train.cudagraphs=true", *extra)
-    modes, steps = [], []
+    modes = []
     monkeypatch.setattr(module_mod, "compile_backbone", lambda net, mode=None: modes.append(mode))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
     cfg, m = _module("train.compile=true", "train.cudagraphs=true")
     plain_cfg, plain = _module("train.compile=true")
     assert modes == ["reduce-overhead", None] and cfg.hash == plain_cfg.hash
+    grads_at_step = []
+    monkeypatch.setattr(
+        torch.compiler,
+        "cudagraph_mark_step_begin",
+        lambda: grads_at_step.append([p.grad for p in m.net.parameters()]),
+    )
     for module in (m, plain):
         module.trainer = SimpleNamespace(global_step=0, global_rank=0, world_size=1)
         module.log = lambda *args, **kwargs: None
+        for p in module.net.parameters():  # the last step's gradients (the graphs' pool)
+            p.grad = torch.ones_like(p)
         x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
         module.training_step((x, y), 0)
-    assert steps == [1]  # the cudagraphs module's step only
+    # the cudagraphs module's step only, its last gradients already dropped (the replay
+    # overwrites their memory); the plain one leaves them to Lightning's zero_grad
+    assert len(grads_at_step) == 1 and all(g is None for g in grads_at_step[0])
+    assert all(p.grad is not None for p in plain.net.parameters())
 
 
 def test_module_channels_last():

@@ -119,8 +119,11 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch  # this rank's rows of the global batch: (B, C, H, W), (B,)
         if self.cfg.train.cudagraphs:
-            # a new step: the graphs may reuse the memory of the last step's outputs (all of
-            # them consumed by its backward), rather than record new graphs to keep them alive
+            # The last step's gradients live in the graphs' memory pool, which this step's
+            # replay overwrites; Lightning clears them only after the forward, and anything
+            # reading them in between (a hook, the teardown after an error) would read garbage
+            # or raise. Dropped first, then a new step: the graphs reuse the last one's memory.
+            self.net.zero_grad(set_to_none=True)
             torch.compiler.cudagraph_mark_step_begin()
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
