@@ -16,12 +16,11 @@ import lightning as L
 import pytest
 import torch
 from test_train import tiny
-from test_training_invariants import at_step, make_module
+from test_training_invariants import at_step, fit, make_module
 from torch import nn
 
-from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import allow_tf32, bf16_stream, compile_backbone, regional_blocks
-from dit_bench.train.module import VAL_NOISE_SEED, DiffusionModule
+from dit_bench.train.module import VAL_NOISE_SEED
 
 
 def on_rank(module, step: int, rank: int, world_size: int, reduce=None):
@@ -70,22 +69,7 @@ def test_every_optimiser_step_moves_the_ema_with_the_decay_of_that_step(tmp_path
     # Step s (0-based) averages with decay (1 + s) / (10 + s): 0.1, 2/11, 3/12 (all below the
     # configured 0.9), towards the weights that step produced.
     seen = _Weights()
-    cfg = tiny("train.steps=3")
-    datamodule = DiffusionDataModule(cfg)
-    module = DiffusionModule(cfg, datamodule.info)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=cfg.train.steps,
-        max_epochs=-1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[seen],
-    )
-    trainer.fit(module, datamodule=datamodule)
+    module = fit(tiny("train.steps=3"), tmp_path, callbacks=[seen])
     assert len(seen.net) == 4
     assert module.ema.training is False  # the copy samples and validates: eval mode
     assert not any(p.requires_grad for p in module.ema.parameters())

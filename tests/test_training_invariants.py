@@ -49,9 +49,9 @@ def at_step(module: DiffusionModule, step: int) -> DiffusionModule:
     return module
 
 
-def fit(cfg, tmp_path) -> DiffusionModule:
+def fit(cfg, tmp_path, callbacks=()) -> DiffusionModule:
     """`cfg.train.steps` real optimiser steps (Lightning's loop, so optimizer_step and its EMA
-    update run as in a run), with no run directory, logger or checkpoints."""
+    update run as in a run), with no run directory, logger or checkpoints; `callbacks` watch."""
     datamodule = DiffusionDataModule(cfg)
     module = DiffusionModule(cfg, datamodule.info)
     trainer = L.Trainer(
@@ -64,6 +64,7 @@ def fit(cfg, tmp_path) -> DiffusionModule:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=list(callbacks),
     )
     trainer.fit(module, datamodule=datamodule)
     return module
