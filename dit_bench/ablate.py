@@ -170,12 +170,11 @@ def _metrics(raw: Any, where: str, source: str) -> list[str]:
 
 def fd_metric(cfg: ExperimentConfig) -> str | None:
     """The summary key of a run's in-training FD (eval.fd_every), or None without one."""
-    from dit_bench.metrics.features import default_features
+    from dit_bench.metrics.features import default_features, fd_metric_prefix
 
     if not cfg.eval.fd_every:
         return None
-    name = cfg.eval.fd_features or default_features(cfg.data.name)
-    return "val_FID" if name == "inception" else f"val_FD-{name}"
+    return f"val_{fd_metric_prefix(cfg.eval.fd_features or default_features(cfg.data.name))}"
 
 
 def val_levels(cfg: ExperimentConfig) -> int:

@@ -234,6 +234,12 @@ def ensure_small_net(name: str, *, progress: bool = True) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+def fd_metric_prefix(name: str) -> str:
+    """The metric a feature net `name` scores: "FID" for Inception features, "FD-<name>"
+    otherwise (never FID). Logged as val/<prefix> in training, a key of eval.json."""
+    return "FID" if name == "inception" else f"FD-{name}"
+
+
 class FeatureNet:
     """A loaded feature network; see the module docstring for its two entry points."""
 
@@ -247,8 +253,7 @@ class FeatureNet:
 
     @property
     def metric_prefix(self) -> str:
-        """ "FID" for Inception features, "FD-<name>" otherwise (never FID)."""
-        return "FID" if self.name == "inception" else f"FD-{self.name}"
+        return fd_metric_prefix(self.name)
 
     @property
     def suffix(self) -> str:
