@@ -67,14 +67,14 @@ def load_plan(source: Path, table: pd.DataFrame) -> dict:
     else:
         trials, unlabelled = not_ablation_runs(table)
         if trials or unlabelled:
+            scaling = f"`dit-bench report scaling {source} -o reports/NAME`"
             what = (
                 f"{len(trials)} of its {len(table)} runs are sweep trials (trial.json; e.g. "
-                f"{trials[0]}): for a sweep's runs use `dit-bench report scaling {source} -o "
-                "reports/NAME`"
+                f"{trials[0]}): for a sweep's runs use {scaling}"
                 if trials
                 else f"{len(unlabelled)} of its {len(table)} runs have no labels.json naming "
                 f"a variant (e.g. {unlabelled[0]}): `dit-bench ablate` writes both; a sweep's "
-                f"runs go to `dit-bench report scaling {source} -o reports/NAME`"
+                f"runs go to {scaling}"
             )
             raise ValueError(
                 f"{source} is not an ablation folder: no ablation.json (the plan `dit-bench "
