@@ -21,7 +21,8 @@ left is skipped, and one that overruns is interrupted by an alarm):
    the objective, the data set and AdamW): the loss must fall;
 7. the harness's own training path on the same data (`dit-bench train`: Lightning, bf16-mixed,
    the compiled backbone replayed as CUDA graphs, fused AdamW with gradient clipping, EMA,
-   validation, checkpoints, a sample grid; the summary must name this GPU), when pydantic
+   validation, checkpoints, a sample grid; the summary must name this GPU), beside the bare
+   compiled step of the same model (what the harness costs on top), when pydantic
    and Lightning import: skipped where they do not (the GPU
    machines have no pydantic: carry it as a wheel, README "Performance");
 8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
@@ -159,6 +160,11 @@ def plan(smoke: bool) -> dict:
                 "optim.lr=1e-3",
                 "eval.val_images=32",
             ],
+            "harness_bare": (
+                "regional",
+                replace(tiny, image_size=16, channels=3, batch=16, precision="bf16"),
+                "eager",
+            ),
             # Dynamo's eager backend: the variants' code paths without Inductor's compile time
             "variants": (
                 "dit-xs/4",
@@ -201,9 +207,19 @@ def plan(smoke: bool) -> dict:
             "train.log_every=20",
             "train.compile=true",
             "train.cudagraphs=true",  # what a sweep of small models on a GPU would want
+            # the shapes render on first access: rendered in the loop's own process, they kept
+            # the H100 waiting 3.7 s of the 24.5 s loop (reports/gpu/2026-11-27-*-021349.md)
+            f"data.num_workers={min(8, os.cpu_count() or 1)}",
             "optim.lr=3e-4",
             "eval.val_images=256",
         ],
+        # the harness's model and batch in the bare compiled step (`step_variants`), CUDA graphs
+        # as the harness: what Lightning, EMA, clipping and the data loader cost on top
+        "harness_bare": (
+            "cudagraphs",
+            bench.BenchConfig(**{**full, "image_size": 64, "channels": 3, "repeats": 30}),
+            "inductor",
+        ),
         "variants": (
             "dit-xl/2",
             bench.BenchConfig(backbones=("dit-xl/2",), **full),
@@ -516,12 +532,26 @@ def section_harness(ctx: dict) -> dict:
         raise RuntimeError(f"metrics.csv: {len(curve)} train/loss rows")
     finite = all(map(math.isfinite, [*curve, summary["val_loss"]]))
     dev = ctx["device"]
+    variant, bare_cfg, backend = ctx["plan"]["harness_bare"]
+    name = summary["backbone"]
+    try:  # the same model's bare step; a failure here is reported, not the harness's
+        with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+            bare = step_variants.run_variant(
+                variant, name, replace(bare_cfg, backbones=(name,)), dev, backend=backend
+            )
+        bare = {k: bare[k] for k in ("variant", "ms", "img_per_s", "first_step_s")}
+    except Exception as e:  # noqa: BLE001
+        bare = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    steady = summary["steady_img_per_s"]
+    vs_bare = steady / bare["img_per_s"] if steady and "img_per_s" in bare else None
     # the run trained where this check runs (its summary once named the CPU after a GPU run)
     here = dev.type != "cuda" or summary["device"] == fast.device_name(dev)
     ok = finite and curve[-1] < curve[0] and bool(grid) and here
     log(
         f"harness {summary['backbone']}: train loss {curve[0]:.4f} -> {curve[-1]:.4f}, val loss "
-        f"{summary['val_loss']:.4f}, {summary['img_per_s']:.0f} img/s ({'ok' if ok else 'FAILED'})"
+        f"{summary['val_loss']:.4f}, {summary['img_per_s']:.0f} img/s, steady "
+        f"{steady or 0:.0f} img/s, bare step {bare.get('img_per_s', 0):.0f} img/s "
+        f"({'ok' if ok else 'FAILED'})"
     )
     return {
         "command": " ".join(["dit-bench", *cmd[3:]]),
@@ -533,6 +563,11 @@ def section_harness(ctx: dict) -> dict:
         "val_loss": summary["val_loss"],
         "img_per_s": summary["img_per_s"],
         "train_seconds": summary["train_seconds"],
+        "steady_img_per_s": steady,
+        "warmup_seconds": summary["warmup_seconds"],
+        "data_seconds": summary["data_seconds"],
+        "bare_step": bare,
+        "vs_bare": vs_bare,
         "device": summary["device"],
         "ok": ok,
     }
@@ -708,6 +743,23 @@ def render_markdown(report: dict) -> str:
             f"`{hs['command']}`",
             "",
         ]
+        bare = hs.get("bare_step", {})
+        if hs.get("steady_img_per_s"):
+            lines += [
+                f"Throughput: {hs['img_per_s']:.0f} img/s over all {hs['steps']} steps "
+                f"({hs['warmup_seconds']:.1f} s in the first steps: compilation, warm-up), "
+                f"{hs['steady_img_per_s']:.0f} img/s after them; waiting for data "
+                f"{hs['data_seconds']:.2f} s of {hs['train_seconds']:.1f} s. "
+                + (
+                    f"The bare compiled step of the same model and batch "
+                    f"(`step_variants` {bare['variant']}: no Lightning, EMA, clipping or data "
+                    f"loader) {bare['img_per_s']:.0f} img/s: the harness runs at "
+                    f"{hs['vs_bare']:.2f}x of it."
+                    if hs.get("vs_bare")
+                    else f"Bare step: {bare.get('error', 'not measured')}."
+                ),
+                "",
+            ]
     sp = s.get("sampling", {}).get("result")
     if sp:
         lines += [
@@ -904,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", section_profile, 60, 20),
         ("cuda tests", section_cuda_tests, 80, 20),
         ("train", section_train, 50, 10),
-        ("harness", section_harness, 120, 30),
+        ("harness", section_harness, 150, 30),
         ("sampling", section_sampling, 120, 10),
         ("variants", section_variants, 200, 40),
     ]

@@ -321,13 +321,28 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     )
     assert full.optim.fused is None and full.backbone.name == "dit-s/4"
     assert full.train.cudagraphs  # the GPU run checks CUDA graphs through Lightning too
+    for smoke in (False, True):  # the bare step beside it: the harness's model size and batch
+        p = gpu_check.plan(smoke)
+        cfg = build_config(None, p["harness"])
+        variant, bare, _ = p["harness_bare"]
+        assert (bare.image_size, bare.channels, bare.batch) == (
+            cfg.data.image_size,
+            3,
+            cfg.train.batch_size,
+        )
+        assert ("cudagraphs" in variant) == cfg.train.cudagraphs
 
     ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
     result = gpu_check.section_harness(ctx)
     assert result["ok"] and "--set train.precision=bf16-mixed" in result["command"]
     assert result["train_loss_last"] < result["train_loss_first"]
+    assert result["steady_img_per_s"] > 0 and result["bare_step"]["img_per_s"] > 0
+    assert result["vs_bare"] == pytest.approx(
+        result["steady_img_per_s"] / result["bare_step"]["img_per_s"]
+    )
     text = render_gpu_section("harness", result)
     assert "## The harness's training path" in text and "ok: True" in text
+    assert f"the harness runs at {result['vs_bare']:.2f}x of it" in text
     # On a GPU the run must have trained there: a summary naming another device is a failure
     # (Lightning moves the module to the CPU after the fit; summary.json once named the CPU)
     monkeypatch.setattr(gpu_check.fast, "device_name", lambda d: "NVIDIA H100 80GB HBM3")

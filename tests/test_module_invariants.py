@@ -220,6 +220,7 @@ def test_val_metrics_weight_batches_by_their_images_and_give_each_its_own_noise(
 def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     module = make_module()
     module.train_seconds, module.data_seconds, module.wall_seconds = 30.0, 4.0, 100.0
+    module.steady_seconds, module.steady_steps = 20.0, 90
     module.wall_start = time.perf_counter() - 5.0  # this session has run 5 s so far
     module._loss_sum, module._loss_count = torch.tensor(6.5, dtype=torch.float64), 2
     module.last_fd = {"fd": 12.5, "step": 8}
@@ -230,6 +231,7 @@ def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     resumed = make_module()
     resumed.on_load_checkpoint(checkpoint)
     assert (resumed.train_seconds, resumed.data_seconds) == (30.0, 4.0)
+    assert (resumed.steady_seconds, resumed.steady_steps) == (20.0, 90)
     assert resumed.wall_seconds == checkpoint["wall_seconds"]
     assert (resumed._loss_sum.item(), resumed._loss_count) == (6.5, 2)
     assert resumed.last_fd == {"fd": 12.5, "step": 8}

@@ -87,15 +87,24 @@ def test_run_writes_everything(tmp_path):
 
 def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     """img/s counts the training loop: every wait for a batch (a slow loader lowers it) but not
-    the validations, sample grids and checkpoints run between steps."""
+    the validations, sample grids and checkpoints run between steps; steady img/s, not the
+    first steps of the session either."""
     from dit_bench.data import module as data_module
     from dit_bench.train.module import DiffusionModule
 
     collate, validate = data_module.collate, DiffusionModule.validation_metrics
+    step = DiffusionModule.training_step
+    calls = []
 
     def slow_collate(items):
         time.sleep(0.05)
         return collate(items)
+
+    def slow_first_steps(self, batch, batch_idx):  # as compilation slows the first steps
+        calls.append(batch_idx)
+        if len(calls) <= 2:
+            time.sleep(1.0)
+        return step(self, batch, batch_idx)
 
     def slow_validation(self, loader):
         time.sleep(0.5)
@@ -103,6 +112,7 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_module, "collate", slow_collate)
     monkeypatch.setattr(DiffusionModule, "validation_metrics", slow_validation)
+    monkeypatch.setattr(DiffusionModule, "training_step", slow_first_steps)
     t0 = time.perf_counter()
     s = json.loads((train(tiny(), tmp_path, progress=False) / "summary.json").read_text())
     wall = time.perf_counter() - t0
@@ -110,11 +120,35 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     # counted), then each of steps 1..10 waits for one of batches 2..11, 50 ms each at least
     assert s["data_seconds"] >= 10 * 0.05
     # the three validations (steps 4, 8, 12) slept 1.5 s between steps: none of it counts (the
-    # steps' own compute, well under 1.5 s even on a loaded machine, is all that is left)
-    assert s["train_seconds"] - s["data_seconds"] < 1.5 <= wall - s["train_seconds"]
+    # steps' own compute, well under 1.5 s even on a loaded machine, and the 2 s the first two
+    # slept are all that is left)
+    assert s["train_seconds"] - s["data_seconds"] - 2.0 < 1.5 <= wall - s["train_seconds"]
     assert s["img_per_s"] == pytest.approx(12 * 8 / s["train_seconds"])
+    # steady_img_per_s: steps 6..12 (after run.WARMUP_STEPS = 5), each with its wait for data,
+    # without the first steps' 2 s of "compilation"
+    steady_seconds = 7 * 8 / s["steady_img_per_s"]
+    assert 7 * 0.05 <= steady_seconds < 1.5
+    assert 2.0 <= s["warmup_seconds"] < 3.5
     # the wall clock of the fit counts them all, and not the set-up before it
     assert s["train_seconds"] + 1.5 < s["wall_seconds"] < wall
+
+
+def test_a_gpu_waiting_for_data_gets_a_note_the_cpu_does_not():
+    from types import SimpleNamespace
+
+    from dit_bench.train.run import data_wait_note
+
+    cfg = tiny("data.num_workers=2")
+    waited = SimpleNamespace(train_seconds=20.0, data_seconds=5.0)
+    note = data_wait_note(waited, cfg, torch.device("cuda"))
+    assert "waited for data 25% of its time (5.0 of 20.0 s)" in note
+    assert "data.num_workers, now 2" in note
+    # the loader's processes would take the CPU's cores from the model
+    assert data_wait_note(waited, cfg, torch.device("cpu")) is None
+    kept_up = SimpleNamespace(train_seconds=20.0, data_seconds=1.9)
+    assert data_wait_note(kept_up, cfg, torch.device("cuda")) is None
+    nothing = SimpleNamespace(train_seconds=0.0, data_seconds=0.0)
+    assert data_wait_note(nothing, cfg, torch.device("cuda")) is None
 
 
 def test_same_seed_same_numbers_other_seed_differs(tmp_path):

@@ -82,8 +82,11 @@ class DiffusionModule(L.LightningModule):
             compile_backbone(self.net, "reduce-overhead" if cfg.train.cudagraphs else None)
         self.objective = build_objective_from(cfg)
         # The training loop's time, accumulated over resumes (run._Timer), for img/s in the
-        # summary; data_seconds is the part spent waiting for batches.
-        self.train_seconds = self.data_seconds = 0.0
+        # summary; data_seconds is the part spent waiting for batches. steady_seconds/_steps:
+        # the steps after each session's first run.WARMUP_STEPS (compilation, CUDA-graph recording),
+        # for the throughput a long run sustains.
+        self.train_seconds = self.data_seconds = self.steady_seconds = 0.0
+        self.steady_steps = 0
         # Wall-clock time of the fit, everything included (validation, grids, checkpoints), also
         # over resumes: wall_seconds is the earlier sessions', and this one's runs since
         # wall_start (run._Timer sets it when training starts).
@@ -218,6 +221,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["data_seconds"] = self.data_seconds
+        checkpoint["steady"] = (self.steady_seconds, self.steady_steps)
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
@@ -232,6 +236,7 @@ class DiffusionModule(L.LightningModule):
             )
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seconds = checkpoint.get("data_seconds", 0.0)
+        self.steady_seconds, self.steady_steps = checkpoint.get("steady", (0.0, 0))
         self.wall_seconds = checkpoint.get("wall_seconds", 0.0)
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)

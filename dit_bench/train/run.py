@@ -362,10 +362,16 @@ def git_commit() -> str | None:
         return None
 
 
+# A session's first steps compile the backbone (and, with train.cudagraphs, record its graphs):
+# the summary's steady_img_per_s leaves them out, img_per_s counts them
+WARMUP_STEPS = 5
+
+
 class _Timer(Callback):
     """The training loop's time, for the summary's img/s: module.train_seconds gains each step
     (forward, backward, optimiser, EMA) and each wait for the next batch (also in
-    module.data_seconds); not validation, sample grids, FD or checkpoints.
+    module.data_seconds); not validation, sample grids, FD or checkpoints. Steps after the
+    session's first WARMUP_STEPS, with their waits, also go to module.steady_seconds/_steps.
 
     First in the callback list, so its batch-end hook runs before the ones that evaluate and
     save; the wait for data runs from the module's own batch-end hook (Lightning calls it after
@@ -374,16 +380,23 @@ class _Timer(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.wall_start = time.perf_counter()  # after a resume's checkpoint is loaded
+        self._steps = 0  # of this session
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
+        self._waited = 0.0
         if pl_module.batch_done_at is not None:
-            waited = self._t - pl_module.batch_done_at
-            pl_module.data_seconds += waited
-            pl_module.train_seconds += waited
+            self._waited = self._t - pl_module.batch_done_at
+            pl_module.data_seconds += self._waited
+            pl_module.train_seconds += self._waited
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.train_seconds += time.perf_counter() - self._t
+        step = time.perf_counter() - self._t
+        pl_module.train_seconds += step
+        self._steps += 1
+        if self._steps > WARMUP_STEPS:
+            pl_module.steady_seconds += self._waited + step
+            pl_module.steady_steps += 1
 
 
 def summary_val_loss(summary: dict) -> str:
@@ -426,6 +439,13 @@ def write_summary(
         # the fit's wall clock, evaluation and checkpoints included, over every session
         "wall_seconds": module.elapsed_wall_seconds(),
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
+        # without each session's first WARMUP_STEPS: what a longer run of this config sustains
+        "steady_img_per_s": (
+            module.steady_steps * cfg.train.batch_size / module.steady_seconds
+            if module.steady_seconds
+            else None
+        ),
+        "warmup_seconds": module.train_seconds - module.steady_seconds,
         "device": device_name(device),
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -587,7 +607,33 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         trainer.save_checkpoint(last, weights_only=False)  # a full one, as the callback writes
     if trainer.is_global_zero:
         write_summary(run, cfg, module, device)
+        note = data_wait_note(module, cfg, device)
+        if note:
+            print(note, file=sys.stderr)
     return run
+
+
+# A GPU that waits for batches this share of the training loop is worth a note
+DATA_WAIT_SHARE = 0.1
+
+
+def data_wait_note(
+    module: DiffusionModule, cfg: ExperimentConfig, device: torch.device
+) -> str | None:
+    """A line for people when the accelerator waited for data (run._Timer's data_seconds);
+    not on the CPU, where the loader's processes would take cores from the model's own."""
+    if device.type == "cpu" or not module.train_seconds:
+        return None
+    share = module.data_seconds / module.train_seconds
+    if share < DATA_WAIT_SHARE:
+        return None
+    return (
+        f"[dit-bench] the training loop waited for data {share:.0%} of its time "
+        f"({module.data_seconds:.1f} of {module.train_seconds:.1f} s) while the "
+        f"{'GPU' if device.type == 'cuda' else device.type} idled: more loader processes may "
+        f"keep up (data.num_workers, now "
+        f"{cfg.data.num_workers})"
+    )
 
 
 def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[ModelCheckpoint]:
