@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,32 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     assert 2.0 <= s["warmup_seconds"] < 3.5
     # the wall clock of the fit counts them all, and not the set-up before it
     assert s["train_seconds"] + 1.5 < s["wall_seconds"] < wall
+
+
+def test_the_training_loop_reads_the_device_once_per_log_window(tmp_path, monkeypatch, capfd):
+    """No host-device sync in the step: three times the steps read back one value more per
+    extra log window and checkpoint, not per step, also with the progress bar showing the
+    loss. (Logging the step's loss through Lightning for the bar read it back every step.)"""
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _r=read, **k: reads.append(1) or _r(self, *a, **k)
+        )
+    counts = []
+    for steps in (12, 36):
+        reads.clear()
+        cfg = tiny(
+            f"train.steps={steps}",
+            "train.log_every=12",
+            "train.val_every=36",
+            "train.checkpoint_every=12",
+        )
+        train(cfg, tmp_path / str(steps), progress=True)
+        counts.append(len(reads))
+    # two more log windows and two more checkpoints (each keeps the loss window's sum)
+    assert counts[1] - counts[0] == 4, counts
+    assert re.search(r"train: 100%.*loss=\d", capfd.readouterr().out)  # the last window's
 
 
 def test_a_gpu_waiting_for_data_gets_a_note_the_cpu_does_not():

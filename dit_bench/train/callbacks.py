@@ -105,6 +105,14 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.refresh()
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        # the train loss of the last log window (a float, read once per window): a loss logged
+        # each step for the bar would be read back from the device each step
+        shown = super().get_metrics(trainer, pl_module)
+        if pl_module.last_train_loss is not None:
+            shown["loss"] = f"{pl_module.last_train_loss:.4g}"
+        return shown
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = trainer.global_step
         bar = self.train_progress_bar

@@ -95,6 +95,7 @@ class DiffusionModule(L.LightningModule):
         self.batch_done_at: float | None = None  # when the last batch's hooks had all run
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
+        self.last_train_loss: float | None = None  # the last window's mean, for the progress bar
         self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
         self.last_fd: dict[str, float] = {}  # latest in-training FD (eval.fd_every)
 
@@ -139,10 +140,10 @@ class DiffusionModule(L.LightningModule):
         y = torch.where(u < self.cfg.train.label_dropout, self.info.num_classes, y)
         out = self.objective.loss(self.net, x, Cond(labels=y), generator=g, batch_slice=rows)
         loss = out["loss"].mean()
-        # Summed on the device and read once per log window: no host sync in the step.
+        # Summed on the device and read once per log window: no host sync in the step. (Not
+        # `self.log(..., prog_bar=True)`: Lightning reads a logged tensor back every step.)
         self._loss_sum = self._loss_sum + loss.detach().double()
         self._loss_count += 1
-        self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -187,6 +188,7 @@ class DiffusionModule(L.LightningModule):
                 f"non-finite training loss before step {self.global_step}; lower optim.lr{hint}"
             )
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
+        self.last_train_loss = mean
         return mean
 
     def elapsed_wall_seconds(self) -> float:
