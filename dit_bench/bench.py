@@ -343,9 +343,13 @@ def step_fn(
     device: torch.device,
     inputs: tuple,
     losses: list[torch.Tensor] | None = None,
+    *,
+    after_backward: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ):
     """The training step of `impl` (closure) and its optimiser. With `losses`, each step
-    appends its (detached, on-device: no sync) loss there."""
+    appends its (detached, on-device: no sync) loss there. `after_backward` runs before the
+    optimiser's step (gradient clipping), `after_step` after it (an EMA update)."""
     x0, labels = inputs
     objective = build_objective("ddpm")
     if cfg.fused is not None:
@@ -361,7 +365,11 @@ def step_fn(
         with autocast(device, cfg.precision):
             loss = objective.loss(impl.call, x0, cond, generator=g)["loss"].mean()
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
+        if after_step is not None:
+            after_step()
         if losses is not None:
             losses.append(loss.detach())
 

@@ -130,3 +130,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net, every floating-point parameter, in one foreach
+    kernel per dtype (the training step's EMA, also timed by `step_variants`' "ema" tweak)."""
+    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
+    net_params = [p.detach() for p in net.parameters() if p.dtype.is_floating_point]
+    torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)

@@ -22,7 +22,8 @@ left is skipped, and one that overruns is interrupted by an alarm):
 7. the harness's own training path on the same data (`dit-bench train`: Lightning, bf16-mixed,
    the compiled backbone replayed as CUDA graphs, fused AdamW with gradient clipping, EMA,
    validation, checkpoints, a sample grid; the summary must name this GPU), beside the bare
-   compiled step of the same model (what the harness costs on top), when pydantic
+   compiled step of the same model, plain and with the harness's clipping, EMA and
+   deterministic algorithms (what is left is Lightning's loop and the loader), when pydantic
    and Lightning import: skipped where they do not (the GPU
    machines have no pydantic: carry it as a wheel, README "Performance");
 8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
@@ -161,7 +162,7 @@ def plan(smoke: bool) -> dict:
                 "eval.val_images=32",
             ],
             "harness_bare": (
-                "regional",
+                ("regional", "clip+ema+deterministic"),
                 replace(tiny, image_size=16, channels=3, batch=16, precision="bf16"),
                 "eager",
             ),
@@ -214,9 +215,10 @@ def plan(smoke: bool) -> dict:
             "eval.val_images=256",
         ],
         # the harness's model and batch in the bare compiled step (`step_variants`), CUDA graphs
-        # as the harness: what Lightning, EMA, clipping and the data loader cost on top
+        # as the harness; then with its clipping, EMA and deterministic algorithms: what is
+        # left to the second is Lightning's loop and the data loader
         "harness_bare": (
-            "cudagraphs",
+            ("cudagraphs", "cudagraphs+clip+ema+deterministic"),
             bench.BenchConfig(**{**full, "image_size": 64, "channels": 3, "repeats": 30}),
             "inductor",
         ),
@@ -532,26 +534,29 @@ def section_harness(ctx: dict) -> dict:
         raise RuntimeError(f"metrics.csv: {len(curve)} train/loss rows")
     finite = all(map(math.isfinite, [*curve, summary["val_loss"]]))
     dev = ctx["device"]
-    variant, bare_cfg, backend = ctx["plan"]["harness_bare"]
+    variants, bare_cfg, backend = ctx["plan"]["harness_bare"]
     name = summary["backbone"]
-    try:  # the same model's bare step; a failure here is reported, not the harness's
-        with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
-            bare = step_variants.run_variant(
-                variant, name, replace(bare_cfg, backbones=(name,)), dev, backend=backend
-            )
-        bare = {k: bare[k] for k in ("variant", "ms", "img_per_s", "first_step_s")}
-    except Exception as e:  # noqa: BLE001
-        bare = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     steady = summary["steady_img_per_s"]
-    vs_bare = steady / bare["img_per_s"] if steady and "img_per_s" in bare else None
+    bare = []
+    for variant in variants:  # the same model's bare step; a failure is reported, not the run's
+        try:
+            with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+                row = step_variants.run_variant(
+                    variant, name, replace(bare_cfg, backbones=(name,)), dev, backend=backend
+                )
+            row = {k: row[k] for k in ("variant", "ms", "img_per_s", "first_step_s")}
+            row["harness_vs"] = steady / row["img_per_s"] if steady else None
+        except Exception as e:  # noqa: BLE001
+            row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        bare.append(row)
+    timed = ", ".join(f"{r['variant']} {r['img_per_s']:.0f}" for r in bare if "img_per_s" in r)
     # the run trained where this check runs (its summary once named the CPU after a GPU run)
     here = dev.type != "cuda" or summary["device"] == fast.device_name(dev)
     ok = finite and curve[-1] < curve[0] and bool(grid) and here
     log(
         f"harness {summary['backbone']}: train loss {curve[0]:.4f} -> {curve[-1]:.4f}, val loss "
         f"{summary['val_loss']:.4f}, {summary['img_per_s']:.0f} img/s, steady "
-        f"{steady or 0:.0f} img/s, bare step {bare.get('img_per_s', 0):.0f} img/s "
-        f"({'ok' if ok else 'FAILED'})"
+        f"{steady or 0:.0f} img/s; bare step img/s: {timed or 'none'} ({'ok' if ok else 'FAILED'})"
     )
     return {
         "command": " ".join(["dit-bench", *cmd[3:]]),
@@ -566,8 +571,7 @@ def section_harness(ctx: dict) -> dict:
         "steady_img_per_s": steady,
         "warmup_seconds": summary["warmup_seconds"],
         "data_seconds": summary["data_seconds"],
-        "bare_step": bare,
-        "vs_bare": vs_bare,
+        "bare_steps": bare,
         "device": summary["device"],
         "ok": ok,
     }
@@ -743,23 +747,27 @@ def render_markdown(report: dict) -> str:
             f"`{hs['command']}`",
             "",
         ]
-        bare = hs.get("bare_step", {})
         if hs.get("steady_img_per_s"):
             lines += [
                 f"Throughput: {hs['img_per_s']:.0f} img/s over all {hs['steps']} steps "
                 f"({hs['warmup_seconds']:.1f} s in the first steps: compilation, warm-up), "
                 f"{hs['steady_img_per_s']:.0f} img/s after them; waiting for data "
-                f"{hs['data_seconds']:.2f} s of {hs['train_seconds']:.1f} s. "
-                + (
-                    f"The bare compiled step of the same model and batch "
-                    f"(`step_variants` {bare['variant']}: no Lightning, EMA, clipping or data "
-                    f"loader) {bare['img_per_s']:.0f} img/s: the harness runs at "
-                    f"{hs['vs_bare']:.2f}x of it."
-                    if hs.get("vs_bare")
-                    else f"Bare step: {bare.get('error', 'not measured')}."
-                ),
+                f"{hs['data_seconds']:.2f} s of {hs['train_seconds']:.1f} s. Beside it, the bare "
+                "compiled step of the same model and batch (`step_variants`; no Lightning, no "
+                "data loader):",
                 "",
+                "| bare step | ms | img/s | the harness at |",
+                "|---|---|---|---|",
             ]
+            for r in hs.get("bare_steps", []):
+                if "error" in r:
+                    lines.append(f"| {r['variant']} | {r['error']} | | |")
+                else:
+                    lines.append(
+                        f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.0f} | "
+                        f"{r['harness_vs']:.2f}x |"
+                    )
+            lines += [""]
     sp = s.get("sampling", {}).get("result")
     if sp:
         lines += [

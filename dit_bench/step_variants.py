@@ -1,6 +1,7 @@
 """Candidate settings for the compiled training step, timed side by side in one process.
 
     python -m dit_bench.step_variants [--backbone dit-xl/2] [--variants regional,bf16-stream]
+        [--image-size 32 --channels 4]
 
 The step `make gpu-check` times (default DiT-XL/2, 32x32x4, batch 64, bf16 autocast with float32
 master weights, DDPM loss with learned sigma, backward, fused AdamW), built afresh for each
@@ -30,6 +31,13 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   whole         the whole backbone compiled as one graph (fusion across block boundaries)
   max-autotune  mode="max-autotune-no-cudagraphs": Triton GEMM templates tuned against cuBLAS,
                 epilogues fused into them (minutes of tuning on an H100)
+What the harness's step does beyond this bare one (`dit-bench train` trains with all three;
+gpu-check's harness section times "cudagraphs+clip+ema+deterministic" beside it, so what is
+left between the two is Lightning's loop and the data loader):
+  clip          gradient clipping at norm 1.0 before the optimiser's step (the GPU profiles)
+  ema           the EMA update after it (`fast.ema_update`, decay 0.9999, an eager copy)
+  deterministic torch's deterministic algorithms in warn-only mode and cuDNN's autotuner off,
+                as Lightning sets them for `dit-bench train` on a GPU
 Measured on an H100 (reports/gpu/: xl2_variants-*.json, 2026-11-27-*.md, step-variants-*.json;
 the README's Performance section). Dropped: cudnn (already the default), coordesc (slower),
 whole (same step, 54 s of compile), max-autotune (cuBLAS won every shape), flash (as fast as
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -70,8 +79,13 @@ TWEAKS = (
     "coordesc",
     "whole",
     "max-autotune",
+    "clip",
+    "ema",
+    "deterministic",
 )
 CUDA_ONLY = {"cudagraphs", "flash", "cudnn"}
+EMA_DECAY = 0.9999  # DiT's (the "ema" tweak)
+CLIP_NORM = 1.0  # the GPU profiles' optim.grad_clip (the "clip" tweak)
 # The shipped step first (the others' "vs first"); the last ones are cut off first when short
 GPU_CHECK_VARIANTS = (
     "regional",
@@ -119,7 +133,18 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
     )
     coordesc = inductor_config.coordinate_descent_tuning
     patch_embed = layers.PatchEmbed.forward
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     try:
+        if "deterministic" in tweaks:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            # as Lightning sets it (else every cuBLAS call warns that it is not deterministic)
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         if "transposed" in tweaks:
             layers.PatchEmbed.forward = _transposed_tokens
         if "cudnn" in tweaks:
@@ -141,6 +166,12 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
         inductor_config.coordinate_descent_tuning = coordesc
         layers.PatchEmbed.forward = patch_embed
         DDPM.vb_bits_per_dim = vb_bits_per_dim
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = deterministic[2]
+        if deterministic[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = deterministic[3]
 
 
 def build_variant(
@@ -161,6 +192,14 @@ def build_variant(
     net = bench.make_ours(name, cfg, device)
     if "bf16-stream" in tweaks:
         fast.bf16_stream(net)
+    hooks = {}
+    if "clip" in tweaks:
+        hooks["after_backward"] = lambda: torch.nn.utils.clip_grad_norm_(
+            net.parameters(), CLIP_NORM
+        )
+    if "ema" in tweaks:  # copied before compilation, as the harness does: it stays eager
+        ema = copy.deepcopy(net).requires_grad_(False).eval()
+        hooks["after_step"] = lambda: fast.ema_update(ema, net, EMA_DECAY)
     if "whole" in tweaks:
         net.compile(backend=backend)
     else:
@@ -169,7 +208,7 @@ def build_variant(
         fast.compile_backbone(net, mode, backend=backend)
     impl = bench.Impl(variant, "dit-bench", True, net.train(), net)
     losses: list[torch.Tensor] = []
-    plain, _ = bench.step_fn(impl, cfg, device, bench.bench_inputs(cfg, device), losses)
+    plain, _ = bench.step_fn(impl, cfg, device, bench.bench_inputs(cfg, device), losses, **hooks)
     if "cudagraphs" not in tweaks:
         return net, plain, losses
 
@@ -281,11 +320,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=",".join(GPU_CHECK_VARIANTS))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; no variant starts after")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=32, help="latent/image side (gpu-check: 32)")
+    ap.add_argument("--channels", type=int, default=4, help="4: latents; 3: images (`shapes`)")
     ap.add_argument(
         "--profile", action="store_true", help="also profile each variant (bench.profile_step)"
     )
     ap.add_argument("--out", default=str(REPO / "reports" / "gpu"))
     args = ap.parse_args(argv)
+    if args.image_size < 1 or args.channels < 1:
+        ap.error(f"--image-size {args.image_size}, --channels {args.channels}: both must be >= 1")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     try:
         for v in variants:
@@ -295,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     deadline = time.perf_counter() + args.budget
     cfg = bench.BenchConfig(  # gpu-check's step: 32x32x4 latents, batch 64, bf16
         backbones=(args.backbone,),
-        image_size=32,
-        channels=4,
+        image_size=args.image_size,
+        channels=args.channels,
         batch=64,
         precision="bf16",
         repeats=args.repeats,

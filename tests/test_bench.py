@@ -310,7 +310,7 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     """Where pydantic and Lightning import, the GPU check also runs `dit-bench train` itself:
     bf16-mixed with fused AdamW and clipping (the failure a plain loop cannot show), EMA,
     validation, a sample grid. The full plan's settings validate here, before any GPU time."""
-    from dit_bench import gpu_check
+    from dit_bench import gpu_check, step_variants
     from dit_bench.config import build_config
 
     full = build_config(None, gpu_check.plan(False)["harness"])
@@ -324,25 +324,31 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     for smoke in (False, True):  # the bare step beside it: the harness's model size and batch
         p = gpu_check.plan(smoke)
         cfg = build_config(None, p["harness"])
-        variant, bare, _ = p["harness_bare"]
+        variants, bare, _ = p["harness_bare"]
         assert (bare.image_size, bare.channels, bare.batch) == (
             cfg.data.image_size,
             3,
             cfg.train.batch_size,
         )
-        assert ("cudagraphs" in variant) == cfg.train.cudagraphs
+        for v in variants:
+            assert ("cudagraphs" in v) == cfg.train.cudagraphs
+        # the second: the harness's step without Lightning (it clips: the GPU profiles do)
+        assert step_variants.parse_variant(variants[1]) >= {"clip", "ema", "deterministic"}
+        assert cfg.optim.grad_clip == 1.0
 
     ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
     result = gpu_check.section_harness(ctx)
     assert result["ok"] and "--set train.precision=bf16-mixed" in result["command"]
     assert result["train_loss_last"] < result["train_loss_first"]
-    assert result["steady_img_per_s"] > 0 and result["bare_step"]["img_per_s"] > 0
-    assert result["vs_bare"] == pytest.approx(
-        result["steady_img_per_s"] / result["bare_step"]["img_per_s"]
-    )
+    assert result["steady_img_per_s"] > 0
+    plain, like = result["bare_steps"]
+    assert (plain["variant"], like["variant"]) == ("regional", "clip+ema+deterministic")
+    for r in (plain, like):
+        assert r["harness_vs"] == pytest.approx(result["steady_img_per_s"] / r["img_per_s"])
     text = render_gpu_section("harness", result)
     assert "## The harness's training path" in text and "ok: True" in text
-    assert f"the harness runs at {result['vs_bare']:.2f}x of it" in text
+    assert f"| clip+ema+deterministic | {like['ms']:.1f} | " in text
+    assert f"| {like['harness_vs']:.2f}x |" in text
     # On a GPU the run must have trained there: a summary naming another device is a failure
     # (Lightning moves the module to the CPU after the fit; summary.json once named the CPU)
     monkeypatch.setattr(gpu_check.fast, "device_name", lambda d: "NVIDIA H100 80GB HBM3")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -98,6 +99,67 @@ def test_coordesc_and_transposed_are_switched_inside_the_variant_only():
     finally:
         inductor_config.coordinate_descent_tuning = before
         layers.PatchEmbed.forward = shipped
+
+
+def test_deterministic_is_switched_as_lightning_does_inside_the_variant_only(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    # a Lightning run earlier in the process leaves its settings: start from known ones
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True
+    try:
+        with step_variants.variant_settings("deterministic"):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            assert torch.backends.cudnn.benchmark is False
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is True
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own is kept
+        with step_variants.variant_settings("deterministic"):
+            pass
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def test_clip_and_ema_run_in_the_step_where_the_harness_runs_them(monkeypatch):
+    """clip: the gradients the optimiser steps with have norm CLIP_NORM (they stay until the
+    next step's zero_grad); ema: one update per step, after the optimiser's, of a copy that is
+    not the trained net."""
+    updates = []
+    ema_update = fast.ema_update
+
+    def recording(ema, net, decay):
+        updates.append((ema, net, decay, [p.detach().clone() for p in net.parameters()]))
+        ema_update(ema, net, decay)
+
+    monkeypatch.setattr(fast, "ema_update", recording)
+    monkeypatch.setattr(step_variants, "CLIP_NORM", 0.1)  # the tiny net's norm is below 1
+    norms = {}
+    for variant in ("regional", "clip+ema"):
+        with step_variants.variant_settings(variant):
+            net, step, _ = step_variants.build_variant(
+                variant, "dit-xs/4", TINY, CPU, backend="eager"
+            )
+            before = [p.detach().clone() for p in net.parameters()]
+            step()
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            norms[variant] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert norms["regional"] > 0.1  # so clipping at 0.1 changes them
+    assert norms["clip+ema"] == pytest.approx(0.1, rel=1e-4)
+    ((ema, trained, decay, seen),) = updates
+    assert trained is net and ema is not net and decay == step_variants.EMA_DECAY
+    # after the optimiser's step: the weights the EMA moved towards are the updated ones
+    assert any(not torch.equal(a, b) for a, b in zip(seen, before, strict=True))
+    for e, b, w in zip(ema.parameters(), before, seen, strict=True):
+        torch.testing.assert_close(e, decay * b + (1 - decay) * w)
 
 
 def test_transposed_tokens_are_the_same_values_in_a_token_minor_layout():

@@ -31,7 +31,8 @@ from dit_bench.config import (
 from dit_bench.data.latents import decode_latents
 from dit_bench.data.module import DiffusionDataModule, batch_indices
 from dit_bench.data.shapes import ShapesDataset
-from dit_bench.train.module import DiffusionModule, ema_update
+from dit_bench.fast import ema_update
+from dit_bench.train.module import DiffusionModule
 from dit_bench.train.run import find_run_dir, sample_images, train
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
 from dit_bench.data import DataInfo
-from dit_bench.fast import bf16_stream, compile_backbone, fused_adamw_default
+from dit_bench.fast import bf16_stream, compile_backbone, ema_update, fused_adamw_default
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
 
@@ -52,13 +52,6 @@ def build_objective_from(cfg):
     """The objective of `cfg.objective` (its fields are the objective's keyword arguments)."""
     kwargs = cfg.objective.model_dump()
     return build_objective(kwargs.pop("name"), **kwargs)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
-    net_params = [p.detach() for p in net.parameters() if p.dtype.is_floating_point]
-    torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)
 
 
 class DiffusionModule(L.LightningModule):
