@@ -349,6 +349,9 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     assert "## The harness's training path" in text and "ok: True" in text
     assert f"| clip+ema+deterministic | {like['ms']:.1f} | " in text
     assert f"| {like['harness_vs']:.2f}x |" in text
+    # a variant's error (often several lines, with bars) stays one table cell
+    failed = {**result, "bare_steps": [{"variant": "cudagraphs", "error": "E: a|b\n  c"}]}
+    assert "| cudagraphs | E: a/b c | | |" in render_gpu_section("harness", failed)
     # On a GPU the run must have trained there: a summary naming another device is a failure
     # (Lightning moves the module to the CPU after the fit; summary.json once named the CPU)
     monkeypatch.setattr(gpu_check.fast, "device_name", lambda d: "NVIDIA H100 80GB HBM3")

@@ -221,6 +221,7 @@ def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     module = make_module()
     module.train_seconds, module.data_seconds, module.wall_seconds = 30.0, 4.0, 100.0
     module.steady_seconds, module.steady_steps = 20.0, 90
+    module.last_train_loss = 0.25
     module.wall_start = time.perf_counter() - 5.0  # this session has run 5 s so far
     module._loss_sum, module._loss_count = torch.tensor(6.5, dtype=torch.float64), 2
     module.last_fd = {"fd": 12.5, "step": 8}
@@ -231,10 +232,22 @@ def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     resumed = make_module()
     resumed.on_load_checkpoint(checkpoint)
     assert (resumed.train_seconds, resumed.data_seconds) == (30.0, 4.0)
-    assert (resumed.steady_seconds, resumed.steady_steps) == (20.0, 90)
+    assert (resumed.steady_seconds, resumed.steady_steps, resumed.steady_known) == (20.0, 90, True)
+    assert resumed.last_train_loss == 0.25  # the progress bar shows it again on resume
     assert resumed.wall_seconds == checkpoint["wall_seconds"]
     assert (resumed._loss_sum.item(), resumed._loss_count) == (6.5, 2)
     assert resumed.last_fd == {"fd": 12.5, "step": 8}
+
+
+def test_a_checkpoint_from_before_the_steady_count_leaves_it_unknown():
+    """Its train_seconds are earlier sessions' steps, not warm-up: the summary's steady img/s and
+    warm-up seconds are unknown (None), not those of the last session alone."""
+    module = make_module()
+    module.on_load_checkpoint({"train_seconds": 30.0})
+    assert (module.steady_seconds, module.steady_steps, module.steady_known) == (0.0, 0, False)
+    fresh = make_module()
+    fresh.on_load_checkpoint({"train_seconds": 0.0})  # saved before any step was timed
+    assert fresh.steady_known
 
 
 def test_a_checkpoint_without_a_config_hash_loads_one_with_another_does_not():

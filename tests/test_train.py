@@ -160,6 +160,36 @@ def test_the_training_loop_reads_the_device_once_per_log_window(tmp_path, monkey
     assert re.search(r"train: 100%.*loss=\d", capfd.readouterr().out)  # the last window's
 
 
+def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):
+    """On a GPU, steps whose callbacks read the device (log windows, validation, checkpoints,
+    grids, FD, the last step) are synchronised before the clock stops: the device's backlog
+    is training time, not the callback's. Other steps, and the CPU, never wait."""
+    from types import SimpleNamespace
+
+    from dit_bench.train.run import _Timer
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timer = _Timer((25, 0, 100))  # log_every 25, no grids (0), checkpoints every 100
+    gpu = torch.device("cuda")
+    module = SimpleNamespace(
+        device=gpu, batch_done_at=None, train_seconds=0.0, data_seconds=0.0,
+        steady_seconds=0.0, steady_steps=0, wall_start=None,
+    )  # fmt: skip
+    trainer = SimpleNamespace(global_step=0, max_steps=130)
+    timer.on_train_start(trainer, module)
+    for step in range(1, 131):
+        trainer.global_step = step
+        timer.on_train_batch_start(trainer, module, None, step - 1)
+        timer.on_train_batch_end(trainer, module, None, None, step - 1)
+    assert len(synced) == len([25, 50, 75, 100, 125, 130]) and set(synced) == {gpu}
+    assert module.steady_steps == 130 - 5
+    synced.clear()
+    module.device = torch.device("cpu")
+    timer.on_train_batch_end(trainer, module, None, None, 0)  # step 130, on the CPU
+    assert synced == []
+
+
 def test_a_gpu_waiting_for_data_gets_a_note_the_cpu_does_not():
     from types import SimpleNamespace
 

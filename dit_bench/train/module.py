@@ -80,6 +80,7 @@ class DiffusionModule(L.LightningModule):
         # for the throughput a long run sustains.
         self.train_seconds = self.data_seconds = self.steady_seconds = 0.0
         self.steady_steps = 0
+        self.steady_known = True  # False: resumed from a checkpoint written before the count
         # Wall-clock time of the fit, everything included (validation, grids, checkpoints), also
         # over resumes: wall_seconds is the earlier sessions', and this one's runs since
         # wall_start (run._Timer sets it when training starts).
@@ -216,7 +217,8 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["data_seconds"] = self.data_seconds
-        checkpoint["steady"] = (self.steady_seconds, self.steady_steps)
+        checkpoint["steady"] = (self.steady_seconds, self.steady_steps, self.steady_known)
+        checkpoint["last_train_loss"] = self.last_train_loss  # the progress bar's, on resume
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
@@ -231,7 +233,12 @@ class DiffusionModule(L.LightningModule):
             )
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seconds = checkpoint.get("data_seconds", 0.0)
-        self.steady_seconds, self.steady_steps = checkpoint.get("steady", (0.0, 0))
+        # an older checkpoint has no steady count: its train_seconds are not all warm-up
+        before = (0.0, 0, not checkpoint.get("train_seconds"))
+        seconds, steps, *known = checkpoint.get("steady", before)
+        self.steady_seconds, self.steady_steps = seconds, steps
+        self.steady_known = known[0] if known else True
+        self.last_train_loss = checkpoint.get("last_train_loss")
         self.wall_seconds = checkpoint.get("wall_seconds", 0.0)
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)

@@ -376,7 +376,19 @@ class _Timer(Callback):
     First in the callback list, so its batch-end hook runs before the ones that evaluate and
     save; the wait for data runs from the module's own batch-end hook (Lightning calls it after
     every callback's) to the next batch's start. Set-up and the first batch are not counted.
+
+    On a GPU the host runs ahead of the device (the step reads nothing back), so a step's
+    clock stops before its kernels finish; the callbacks that read the device (the loss of a
+    log window, validation, checkpoints, grids, FD: every `sync_every` steps, and the last
+    step) would then wait for that backlog on their own clock. On those steps the device is
+    synchronised first, so the backlog counts as training time.
     """
+
+    def __init__(self, sync_every: Sequence[int] = ()):
+        self.sync_every = tuple(p for p in sync_every if p)
+
+    def syncs_at(self, step: int, max_steps: int) -> bool:
+        return step == max_steps or any(step % p == 0 for p in self.sync_every)
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.wall_start = time.perf_counter()  # after a resume's checkpoint is loaded
@@ -391,6 +403,10 @@ class _Timer(Callback):
             pl_module.train_seconds += self._waited
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda" and self.syncs_at(
+            trainer.global_step, trainer.max_steps
+        ):
+            torch.cuda.synchronize(pl_module.device)
         step = time.perf_counter() - self._t
         pl_module.train_seconds += step
         self._steps += 1
@@ -440,12 +456,15 @@ def write_summary(
         "wall_seconds": module.elapsed_wall_seconds(),
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
         # without each session's first WARMUP_STEPS: what a longer run of this config sustains
+        # (None where a resumed session's checkpoint predates the count)
         "steady_img_per_s": (
             module.steady_steps * cfg.train.batch_size / module.steady_seconds
-            if module.steady_seconds
+            if module.steady_seconds and module.steady_known
             else None
         ),
-        "warmup_seconds": module.train_seconds - module.steady_seconds,
+        "warmup_seconds": (
+            module.train_seconds - module.steady_seconds if module.steady_known else None
+        ),
         "device": device_name(device),
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -549,7 +568,11 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
 
     metrics = StepMetrics(t.log_every, t.val_every)
     callbacks = [
-        _Timer(),  # first: see its docstring
+        # first: see its docstring; synchronised where the callbacks below read the device
+        _Timer(
+            (t.log_every, t.val_every, t.checkpoint_every, t.keep_every, t.sample_every)
+            + ((fd.every,) if fd is not None else ())
+        ),
         *callbacks,
         *_checkpointing(run / "checkpoints", t.checkpoint_every, t.keep_every),
         metrics,
@@ -629,10 +652,9 @@ def data_wait_note(
         return None
     return (
         f"[dit-bench] the training loop waited for data {share:.0%} of its time "
-        f"({module.data_seconds:.1f} of {module.train_seconds:.1f} s) while the "
-        f"{'GPU' if device.type == 'cuda' else device.type} idled: more loader processes may "
-        f"keep up (data.num_workers, now "
-        f"{cfg.data.num_workers})"
+        f"({module.data_seconds:.1f} of {module.train_seconds:.1f} s): more loader processes "
+        f"may keep the {'GPU' if device.type == 'cuda' else device.type} busy "
+        f"(data.num_workers, now {cfg.data.num_workers})"
     )
 
 
