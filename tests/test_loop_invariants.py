@@ -98,7 +98,9 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
         datamodule=SimpleNamespace(fixed_val_loader=lambda: None),
     )
     module = SimpleNamespace(
-        pop_train_loss=lambda: 1.0, validation_metrics=lambda loader: {"val/loss": 2.0}
+        pop_train_loss=lambda: 1.0,
+        validation_metrics=lambda loader: {"val/loss": 2.0},
+        window_steps=STEPS,  # no window ended: log_every is past the last step
     )
     metrics = StepMetrics(log_every=100, val_every=4)
     fd = FrechetDistanceMetric(tiny(), every=4, num_samples=8, features="digits-net")
@@ -111,6 +113,7 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
             callback.on_train_batch_end(trainer, module, None, None, step - 1)
     grid.on_train_end(trainer, module)
     assert [s for s, m in trainer.logger.calls if "val/loss" in m] == [4, 8, 10]
+    assert [s for s, m in trainer.logger.calls if "train/loss" in m] == [10]  # the last window
     assert module.last_val["step"] == STEPS
     assert measured == [4, 8, 10]
     assert grids == ["step-0000004.png", "step-0000008.png", "step-0000010.png"]

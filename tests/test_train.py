@@ -86,6 +86,13 @@ def test_run_writes_everything(tmp_path):
     assert train(cfg, tmp_path, progress=False) == run
 
 
+def test_the_last_shorter_window_logs_its_train_loss(tmp_path):
+    """log_every 5 over 12 steps: windows end at 5, 10 and, shorter, at the last step."""
+    run = train(tiny("train.log_every=5"), tmp_path, progress=False)
+    steps = [r["step"] for r in read_csv(run / "metrics.csv") if r.get("train/loss")]
+    assert steps == ["5", "10", "12"]
+
+
 def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     """img/s counts the training loop: every wait for a batch (a slow loader lowers it) but not
     the validations, sample grids and checkpoints run between steps; steady img/s, not the

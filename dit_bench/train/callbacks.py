@@ -143,8 +143,9 @@ class SampleGrid(L.Callback):
 
 
 class StepMetrics(L.Callback):
-    """Train loss every `log_every` steps and val loss every `val_every` steps (and at the end),
-    logged at the number of optimiser steps done.
+    """Train loss every `log_every` steps and val loss every `val_every` steps (both also at the
+    end: the train loss of the last, shorter window), logged at the number of optimiser steps
+    done.
 
     It runs in on_train_batch_end, before Lightning's checkpoint callbacks (which always run
     last), so a checkpoint at step k comes after every metric of step k: resuming from it
@@ -157,7 +158,8 @@ class StepMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.log_every == 0:
+        last = step == trainer.max_steps and pl_module.window_steps > 0
+        if step % self.log_every == 0 or last:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             metrics = {"train/loss": pl_module.pop_train_loss(), "lr": lr}
             trainer.logger.log_metrics(metrics, step=step)
