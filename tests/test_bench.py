@@ -359,6 +359,61 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     assert elsewhere["device"].startswith("cpu") and not elsewhere["ok"]
 
 
+def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_variant_fails(
+    render_gpu_section, monkeypatch
+):
+    """The bare steps timed beside the harness's run (a stand-in run here, no training): a
+    failing variant is one error row and the next is still timed, memory is collected after
+    each; under 30 s of the section left none starts and the run's result is kept; a run
+    without a steady img/s still times them, with no ratio, and renders without the table."""
+    from dit_bench import gpu_check
+
+    summary = {
+        "backbone": "dit-xs/4", "steps": 10, "batch_size": 16, "val_loss": 0.4,
+        "img_per_s": 60.0, "train_seconds": 2.0, "steady_img_per_s": 80.0,
+        "warmup_seconds": 1.0, "data_seconds": 0.1, "device": "cpu",
+    }  # fmt: skip
+
+    def child(cmd, **kwargs):  # `dit-bench train`'s run folder, as the run would leave it
+        run = Path(cmd[cmd.index("--out") + 1]) / "gpu-check" / "run"
+        (run / "samples").mkdir(parents=True)
+        (run / "samples" / "step-0000010.png").write_bytes(b"png")
+        (run / "metrics.csv").write_text("step,train/loss\n5,1.0\n10,0.5\n")
+        (run / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    timed, collected = [], []
+
+    def run_variant(variant, name, cfg, device, backend):
+        timed.append(variant)
+        if "clip" in variant:
+            raise RuntimeError("out of memory |\n  at step 1")
+        return {"variant": variant, "ms": 100.0, "img_per_s": 160.0, "first_step_s": 1.0}
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", child)
+    monkeypatch.setattr(gpu_check.step_variants, "run_variant", run_variant)
+    monkeypatch.setattr(gpu_check.gc, "collect", lambda: collected.append(len(timed)))
+    ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
+    result = gpu_check.section_harness({**ctx, "section_left": lambda: 30.0})
+    plain, failed = result["bare_steps"]
+    assert result["ok"] and plain["harness_vs"] == pytest.approx(80.0 / 160.0)
+    assert failed == {
+        "variant": "clip+ema+deterministic",
+        "error": "RuntimeError: out of memory |\n  at step 1",
+    }
+    assert timed == ["regional", "clip+ema+deterministic"] and collected == [1, 2]
+    timed.clear()
+    short = gpu_check.section_harness({**ctx, "section_left": lambda: 29.0})
+    assert short["ok"] and timed == []
+    assert [r["variant"] for r in short["bare_steps"]] == ["regional", "clip+ema+deterministic"]
+    assert all(r["error"].startswith("skipped") for r in short["bare_steps"])
+    summary |= {"steady_img_per_s": None, "warmup_seconds": None}  # too short a run
+    unsteady = gpu_check.section_harness(ctx)
+    assert unsteady["bare_steps"][0] == {**plain, "harness_vs": None}
+    text = render_gpu_section("harness", unsteady)
+    assert "## The harness's training path" in text and "| bare step |" not in text
+
+
 def test_step_budget_against_counted_flops():
     """The profile's budget: attention FLOPs as torch's FLOP counter sees the math kernel's
     batched matmuls, the linear layers' rate and the time left at the target, by hand."""

@@ -250,6 +250,24 @@ def test_a_checkpoint_from_before_the_steady_count_leaves_it_unknown():
     assert fresh.steady_known
 
 
+def test_an_unknown_steady_count_stays_unknown_through_later_checkpoints():
+    """A run resumed from a checkpoint before the steady count saves it as unknown: a second
+    resume does not take the later sessions' count for the whole run's. A checkpoint with the
+    count but not the flag (seconds, steps: written before the flag) knew it."""
+    module = make_module()
+    module.on_load_checkpoint({"train_seconds": 30.0})
+    module.steady_seconds, module.steady_steps = 4.0, 10  # the resumed session's steps
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = make_module()
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.steady_seconds, resumed.steady_steps, resumed.steady_known) == (4.0, 10, False)
+    two_fields = make_module()
+    two_fields.on_load_checkpoint({"train_seconds": 30.0, "steady": (20.0, 90)})
+    assert (two_fields.steady_seconds, two_fields.steady_steps) == (20.0, 90)
+    assert two_fields.steady_known
+
+
 def test_a_checkpoint_without_a_config_hash_loads_one_with_another_does_not():
     module = make_module()
     module.on_load_checkpoint({"train_seconds": 3.0})  # written before hashes were stored

@@ -118,6 +118,17 @@ def test_gpu_check_variants_section_keeps_rows_when_cut_off(monkeypatch, render_
     )
 
 
+def test_gpu_check_variants_section_keeps_an_error_in_one_table_cell(render_gpu_section):
+    """A variant's error, often several lines and holding column bars, is one cell of its row:
+    the table keeps its columns."""
+    error = "RuntimeError: Triton failed |\n  File x.py, line 3\n    a | b"
+    result = {"backbone": "dit-xs/4", "precision": "bf16", "batch": 4}
+    result["rows"] = [{"variant": "cudagraphs", "error": error}]
+    text = render_gpu_section("variants", result)
+    row = "| cudagraphs | RuntimeError: Triton failed / File x.py, line 3 a / b | | | | | | | | |"
+    assert row in text.splitlines()
+
+
 def test_profiled_variant_keeps_the_timed_losses():
     """--profile adds where the variant's time goes, after the timed steps: the losses reported
     are those of the same seeded timed steps as without it."""

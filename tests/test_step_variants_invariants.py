@@ -129,6 +129,54 @@ def test_deterministic_is_switched_as_lightning_does_inside_the_variant_only(mon
         torch.backends.cudnn.benchmark = before[2]
 
 
+def test_deterministic_gives_back_a_strict_setting_as_it_found_it():
+    """A process already deterministic without warn-only (an error on a non-deterministic op)
+    is so again after the variant, not left warning only or switched off."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        with step_variants.variant_settings("deterministic"):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_clip_and_ema_use_the_harness_gpu_runs_settings():
+    """The bare step's clip and ema tweaks stand for gpu-check's harness run: the same clipping
+    norm and the same EMA decay as that run's config."""
+    from dit_bench import gpu_check
+    from dit_bench.config import build_config
+
+    cfg = build_config(None, gpu_check.plan(False)["harness"])
+    assert step_variants.CLIP_NORM == cfg.optim.grad_clip
+    assert step_variants.EMA_DECAY == cfg.optim.ema_decay
+
+
+def test_main_times_the_step_at_the_asked_size_and_refuses_an_empty_one(
+    monkeypatch, tmp_path, capsys
+):
+    """--image-size and --channels set the timed step's input shape; 0 for either is refused
+    before anything is built."""
+    timed = []
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, precision: {"flops_per_s": 1e12})
+    monkeypatch.setattr(step_variants, "run_variants", lambda v, n, cfg, d, **kw: timed.append(cfg))
+    args = ["--backbone", "dit-xs/4", "--variants", "regional", "--out", str(tmp_path)]
+    step_variants.main([*args, "--image-size", "16", "--channels", "3"])
+    (cfg,) = timed
+    assert (cfg.image_size, cfg.channels) == (16, 3)
+    for bad in (["--image-size", "0"], ["--channels", "0"]):
+        with pytest.raises(SystemExit):
+            step_variants.main([*args, *bad])
+        assert "both must be >= 1" in capsys.readouterr().err
+    assert len(timed) == 1
+
+
 def test_clip_and_ema_run_in_the_step_where_the_harness_runs_them(monkeypatch):
     """clip: the gradients the optimiser steps with have norm CLIP_NORM (they stay until the
     next step's zero_grad); ema: one update per step, after the optimiser's, of a copy that is

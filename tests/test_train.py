@@ -197,6 +197,98 @@ def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):
     assert synced == []
 
 
+def test_the_timer_syncs_at_the_steps_where_a_callback_reads_the_device(tmp_path, monkeypatch):
+    """The timer `train` builds synchronises at every step where a callback reads the device:
+    log windows (2), validation (3), checkpoints (5), kept ones (7), grids (11), FD (13) and
+    the last step, and at no other. Periods prime to each other: each has steps no other has."""
+    from dit_bench.train import run as run_module
+    from dit_bench.train.module import DiffusionModule
+
+    timers, saved = [], []
+
+    class Recorded(run_module._Timer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            timers.append(self)
+
+    save = DiffusionModule.on_save_checkpoint
+
+    def recorded_save(self, checkpoint):
+        saved.append(self.global_step)
+        return save(self, checkpoint)
+
+    monkeypatch.setattr(run_module, "_Timer", Recorded)
+    monkeypatch.setattr(DiffusionModule, "on_save_checkpoint", recorded_save)
+    cfg = tiny(
+        "train.steps=14",
+        "train.val_every=3",
+        "train.checkpoint_every=5",
+        "train.keep_every=7",
+        "train.sample_every=11",
+        "eval.fd_every=13",
+        "eval.fd_samples=10",
+    )
+    run = train(cfg, tmp_path, progress=False)
+    rows = read_csv(run / "metrics.csv")
+    read = {int(r["step"]) for r in rows if any(v for k, v in r.items() if k != "step")}
+    read |= {int(p.stem.removeprefix("step-")) for p in (run / "samples").glob("step-*.png")}
+    read |= set(saved)
+    assert {13, 11} <= read and any("FD" in k and v for r in rows for k, v in r.items())
+    (timer,) = timers
+    assert {s for s in range(1, 15) if timer.syncs_at(s, 14)} == read == set(range(2, 15))
+
+
+def test_a_resume_from_before_the_steady_count_has_no_steady_numbers(tmp_path):
+    """steady img/s is the steady steps' images over their seconds and warm-up the rest of the
+    loop's time; resumed from a checkpoint that predates the count, both are unknown (null),
+    not the last session's alone, while img/s over every step stands."""
+    from dit_bench.data.module import DiffusionDataModule
+    from dit_bench.train.module import DiffusionModule
+    from dit_bench.train.run import write_summary
+
+    cfg = tiny()
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    module.train_seconds, module.steady_seconds, module.steady_steps = 30.0, 4.0, 6
+    s = write_summary(tmp_path, cfg, module, torch.device("cpu"))
+    assert s["steady_img_per_s"] == pytest.approx(6 * 8 / 4.0)
+    assert s["warmup_seconds"] == pytest.approx(26.0)
+    module.on_load_checkpoint({"train_seconds": 20.0})  # written before the steady count
+    module.train_seconds += 10.0  # this session: 6 steps, 4 s of them steady
+    module.steady_seconds, module.steady_steps = 4.0, 6
+    s = write_summary(tmp_path, cfg, module, torch.device("cpu"))
+    assert s["steady_img_per_s"] is None and s["warmup_seconds"] is None
+    assert s["img_per_s"] == pytest.approx(12 * 8 / 30.0)
+
+
+def test_a_run_ends_with_the_data_wait_note_when_there_is_one(tmp_path, monkeypatch, capsys):
+    """The note (on a CPU there is none) is printed for people after the summary, from the
+    finished run's clocks and the device it trained on."""
+    from dit_bench.train import run as run_module
+
+    def note(module, cfg, device):
+        return f"[dit-bench] waited {module.data_seconds > 0} on {device.type}, {cfg.hash}"
+
+    monkeypatch.setattr(run_module, "data_wait_note", note)
+    cfg = tiny()
+    train(cfg, tmp_path, progress=False)
+    assert f"[dit-bench] waited True on cpu, {cfg.hash}" in capsys.readouterr().err
+
+
+def test_the_data_wait_note_starts_at_its_share_on_any_accelerator():
+    """A wait of exactly DATA_WAIT_SHARE, 10% of the loop, is worth the note; accelerators other
+    than CUDA get it too, by their own name."""
+    from types import SimpleNamespace
+
+    from dit_bench.train.run import data_wait_note
+
+    cfg = tiny("data.num_workers=2")
+    at_share = SimpleNamespace(train_seconds=20.0, data_seconds=2.0)
+    note = data_wait_note(at_share, cfg, torch.device("cuda"))
+    assert note is not None and "waited for data 10% of its time" in note
+    note = data_wait_note(at_share, cfg, torch.device("mps"))
+    assert note is not None and "keep the mps busy" in note
+
+
 def test_a_gpu_waiting_for_data_gets_a_note_the_cpu_does_not():
     from types import SimpleNamespace
 
