@@ -136,3 +136,28 @@ def test_a_report_of_an_unfinished_sweep_says_so(tmp_path):
         f"**Incomplete sweep**: the fits use the finished trials only; {lines[0]}."
         in (out / "report.md").read_text()
     )
+
+
+def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
+    """The records and the unfinished-trials line come from one read of the storage (each study
+    loaded once: a PostgreSQL storage of many studies is not read twice)."""
+    import optuna
+
+    fake_sweep(tmp_path / "runs")
+    db = tmp_path / "study.db"
+    study = optuna.create_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
+    for path in sorted((tmp_path / "runs").rglob("trial.json")):
+        trial = study.ask()
+        for key, value in json.loads(path.read_text()).items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, 1.0)
+    study.ask()  # still running
+    loads = []
+    load_study = optuna.load_study
+    monkeypatch.setattr(
+        optuna, "load_study", lambda **kw: loads.append(kw["study_name"]) or load_study(**kw)
+    )
+    out = scaling.build_report(db, tmp_path / "report", n_boot=2)
+    assert loads == ["tiny-cpu"]
+    text = (out / "report.md").read_text()
+    assert "study tiny-cpu: 8 trials finished; not finished: 1 running or waiting" in text

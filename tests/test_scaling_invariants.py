@@ -619,6 +619,6 @@ def test_one_record_per_run_is_its_last_attempt_unless_an_earlier_one_completed(
         {"config_hash": "b", "state": "COMPLETE", "n": 3},
         {"config_hash": "b", "state": "FAIL", "n": 4},  # never over a completed one
     ]
-    monkeypatch.setattr(scaling, "_records_from_study", lambda url: recs)
+    monkeypatch.setattr(scaling, "_records_from_study", lambda url, studies=None: recs)
     kept = {r["config_hash"]: r["n"] for r in scaling.load_records("sqlite:///unused.db")}
     assert kept == {"a": 2, "b": 3}

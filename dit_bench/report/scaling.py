@@ -44,7 +44,9 @@ def _records_from_runs(folder: Path) -> list[dict]:
     return recs
 
 
-def _records_from_study(url: str) -> list[dict]:
+def study_trials(url: str) -> dict[str, list]:
+    """Every study in the storage and its trials, read once: the records and the unfinished-trials
+    line of a report both come from them (a PostgreSQL storage of many studies is read once)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,10 +56,17 @@ def _records_from_study(url: str) -> list[dict]:
         names = optuna.get_all_study_names(storage=url)
     except Exception as e:  # not a database, an unknown dialect, a server that refuses
         raise ValueError(f"{url}: cannot read an Optuna study ({type(e).__name__}: {e})") from None
+    return {
+        name: optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        for name in names
+    }
+
+
+def _records_from_study(url: str, studies: dict[str, list] | None = None) -> list[dict]:
+    """Trial records of every study in the storage (`studies`: as `study_trials(url)` read)."""
     recs = []
-    for name in names:
-        study = optuna.load_study(study_name=name, storage=url)
-        for t in study.get_trials(deepcopy=False):
+    for name, trials in (study_trials(url) if studies is None else studies).items():
+        for t in trials:
             if "curve" not in t.user_attrs:
                 continue
             recs.append(
@@ -89,15 +98,12 @@ def failed_for_good(trials) -> list:
     return [t for t in trials if t.state.name == "FAIL" and t.number not in retried]
 
 
-def unfinished_trials(url: str) -> list[str]:
+def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[str]:
     """One line per study whose trials are not all done: running or waiting ones, and failed
-    ones that no retry replaced (their points are missing from the fits)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ones that no retry replaced (their points are missing from the fits). `studies`: as
+    `study_trials(url)` read them."""
     lines = []
-    for name in optuna.get_all_study_names(storage=url):
-        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    for name, trials in (study_trials(url) if studies is None else studies).items():
         left = [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
         failed = failed_for_good(trials)
         if left or failed:
@@ -110,13 +116,14 @@ def unfinished_trials(url: str) -> list[str]:
     return lines
 
 
-def load_records(source: str | Path) -> list[dict]:
-    """Trial records of a runs folder, a study file or a storage URL."""
+def load_records(source: str | Path, studies: dict[str, list] | None = None) -> list[dict]:
+    """Trial records of a runs folder, a study file or a storage URL (`studies`: the storage's
+    trials if already read, `study_trials(study_url(source))`)."""
     s = str(source)
     if "://" in s:
-        recs = _records_from_study(s)
+        recs = _records_from_study(s, studies)
     elif Path(s).is_file():
-        recs = _records_from_study(f"sqlite:///{Path(s).resolve()}")
+        recs = _records_from_study(f"sqlite:///{Path(s).resolve()}", studies)
     elif Path(s).is_dir():
         recs = _records_from_runs(Path(s))
     else:
@@ -753,7 +760,9 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
 
 
 def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
-    runs, points, curves = tables(load_records(source))
+    url = study_url(source)
+    studies = study_trials(url) if url else None  # read once: records and unfinished trials
+    runs, points, curves = tables(load_records(source, studies))
     if points.empty:
         raise ValueError(f"{source}: no val loss at any budget yet")
     result = fit_all(points, n_boot=n_boot)
@@ -768,8 +777,8 @@ def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
     )
     save_table(iso, out / "isoflop")
     figs = figures(runs, points, curves, result, out)
-    url = study_url(source)
-    write_report(source, runs, points, result, figs, out, unfinished_trials(url) if url else [])
+    unfinished = unfinished_trials(url, studies) if url else []
+    write_report(source, runs, points, result, figs, out, unfinished)
     return out
 
 
