@@ -100,7 +100,6 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
     module = SimpleNamespace(
         pop_train_loss=lambda: 1.0,
         validation_metrics=lambda loader: {"val/loss": 2.0},
-        window_steps=STEPS,  # no window ended: log_every is past the last step
     )
     metrics = StepMetrics(log_every=100, val_every=4)
     fd = FrechetDistanceMetric(tiny(), every=4, num_samples=8, features="digits-net")

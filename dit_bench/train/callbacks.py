@@ -158,8 +158,7 @@ class StepMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        last = step == trainer.max_steps and pl_module.window_steps > 0
-        if step % self.log_every == 0 or last:
+        if step % self.log_every == 0 or step == trainer.max_steps:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             metrics = {"train/loss": pl_module.pop_train_loss(), "lr": lr}
             trainer.logger.log_metrics(metrics, step=step)

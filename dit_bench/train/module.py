@@ -170,11 +170,6 @@ class DiffusionModule(L.LightningModule):
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)
 
-    @property
-    def window_steps(self) -> int:
-        """Steps in the train-loss window so far (since the last `pop_train_loss`)."""
-        return self._loss_count
-
     def pop_train_loss(self) -> float:
         """Mean training loss since the last call, over all ranks (one sync per log window)."""
         local = self._loss_sum / max(self._loss_count, 1)
