@@ -66,9 +66,11 @@ from dit_bench.fast import (
 from dit_bench.objectives import build_objective
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s, by a substring of the CUDA device name; the
-# first match wins, so the PCIe H100 comes before the SXM one ("NVIDIA H100 80GB HBM3").
+# first match wins, so the PCIe and NVL parts come before the SXM ones ("NVIDIA H100 80GB HBM3").
 DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
     "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
@@ -505,7 +507,11 @@ def bench_training(
 # Kernel (CUDA) or op (CPU) names -> what they do; the first pattern that matches names the group.
 KERNEL_GROUPS: tuple[tuple[str, str], ...] = (
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|wgmma|cublas|aten::(mm|addmm|bmm|baddbmm)$"),
+    # triton_tem_: Inductor's GEMM templates (max-autotune), before the elementwise ^triton_
+    (
+        "matmul",
+        r"gemm|matmul|cutlass|xmma|nvjet|wgmma|cublas|^triton_tem_|aten::(b?mm|addmm|baddbmm)$",
+    ),
     ("optimizer", r"adam|foreach"),
     ("fused elementwise (compiled)", r"^triton_|cpp_fused|CompiledFxGraph"),
 )

@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="sample i is seeded with (seed * 1000003 + i) mod 2**32",
+        help="0..4293; sample i is seeded with (seed * 1000003 + i) mod 2**32",
     )
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")

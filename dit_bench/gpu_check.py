@@ -286,9 +286,13 @@ def section_bench(ctx: dict, cfg: bench.BenchConfig) -> dict:
     cfg = replace(cfg, device=str(dev))
     precision_peak = ctx.get("matmul", {}).get(cfg.precision)
     key = bench.peak_key(cfg.precision, dev, cfg.tf32)
-    peak = precision_peak["flops_per_s"] if precision_peak else None
-    if peak is None:  # matmul section failed or was skipped: measure here
-        peak = bench.matmul_peak(dev, cfg.precision, n=ctx["plan"]["matmul_n"])["flops_per_s"]
+    # section_matmul measured fp32 with TF32 on: not the peak of an fp32 run without TF32
+    same = precision_peak is not None and precision_peak["peak_key"] == key
+    peak = precision_peak["flops_per_s"] if same else None
+    if peak is None:  # matmul section failed, was skipped or measured another kind: here
+        with fast.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():
+            mm = bench.matmul_peak(dev, cfg.precision, n=ctx["plan"]["matmul_n"])
+        peak = mm["flops_per_s"]
     sheet = bench.datasheet_peak(fast.device_name(dev), key) if dev.type == "cuda" else None
     rows = []
     with fast.allow_tf32(cfg.tf32) if dev.type == "cuda" else contextlib.nullcontext():

@@ -131,6 +131,8 @@ def test_datasheet_peaks():
     assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
     assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
     assert bench.datasheet_peak("NVIDIA H200", "bf16") == pytest.approx(989.4e12)
+    assert bench.datasheet_peak("NVIDIA H100 NVL", "bf16") == pytest.approx(835.5e12)
+    assert bench.datasheet_peak("NVIDIA H200 NVL", "tf32") == pytest.approx(417.5e12)
     assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
     assert bench.datasheet_peak("NVIDIA GeForce RTX 4090", "bf16") is None
     assert bench.peak_key("fp32", torch.device("cuda"), tf32=True) == "tf32"
@@ -228,6 +230,7 @@ def test_kernel_groups_name_cuda_kernels_and_cpu_ops():
         "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
         "triton_per_fused__softmax_3": "attention",
         "triton_poi_fused_add_mul_native_layer_norm_7": "fused elementwise (compiled)",
+        "triton_tem_fused_addmm_gelu_1": "matmul",  # max-autotune's GEMM template, epilogue fused
         "## Call CompiledFxGraph fh7uwx ##": "fused elementwise (compiled)",
         "void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": (
             "optimizer"
@@ -507,3 +510,31 @@ def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatc
     assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
     assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
     assert len(list((tmp_path / "r").glob("*.md"))) == 2
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_gpu_check_bench_uses_a_peak_of_its_own_matmul_kind(monkeypatch, tf32):
+    # section_matmul measures fp32 with TF32 on; an fp32 run without TF32 must not be held
+    # against that peak (its own is measured, TF32 off), one with TF32 reuses it.
+    from dit_bench import gpu_check
+
+    measured, given = [], []
+
+    def matmul_peak(dev, precision, n):
+        measured.append((precision, torch.backends.cuda.matmul.allow_tf32))
+        return {"flops_per_s": 50e12, "n": n}
+
+    monkeypatch.setattr(bench, "matmul_peak", matmul_peak)
+    monkeypatch.setattr(bench, "bench_training", lambda *a, peak, **k: given.append(peak) or [])
+    monkeypatch.setattr(gpu_check.fast, "device_name", lambda dev: "NVIDIA H100 80GB HBM3")
+    ctx = {
+        "device": torch.device("cuda"),
+        "plan": {"matmul_n": 64},
+        "matmul": {"fp32": {"flops_per_s": 400e12, "peak_key": "tf32"}},
+    }
+    cfg = bench.BenchConfig(backbones=("dit-xs/4",), precision="fp32", tf32=tf32)
+    result = gpu_check.section_bench(ctx, cfg)
+    assert result["peak_key"] == ("tf32" if tf32 else "fp32")
+    assert given == [400e12 if tf32 else 50e12]
+    assert measured == ([] if tf32 else [("fp32", False)])
+    assert result["datasheet_tflops"] == pytest.approx(494.7 if tf32 else 66.9)

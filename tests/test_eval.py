@@ -10,6 +10,7 @@ from dit_bench.cli import main
 from dit_bench.config import build_config
 from dit_bench.data import data_info
 from dit_bench.metrics.evaluate import (
+    EVAL_SEEDS,
     EvalRequest,
     NoCheckpointError,
     evaluate_run,
@@ -77,6 +78,19 @@ def test_sample_seed_is_distinct_per_seed_and_index():
     assert all(sample_seed(2**30, i) < 2**32 for i in range(10))  # torch keeps 32 bits only
     with pytest.raises(ValueError):
         sample_seed(0, -1)
+
+
+def test_eval_seeds_own_disjoint_sample_seeds():
+    # Blocks of the largest eval seed and of seed 0 (1e6 samples each) share no sample seed;
+    # one seed further, the block wraps past 2^32 onto seed 0's, and eval refuses it.
+    last = EVAL_SEEDS - 1
+    block = {sample_seed(last, i) for i in range(10**6)}
+    assert not block & set(range(10**6)) and len(block) == 10**6
+    assert {sample_seed(EVAL_SEEDS + 1, i) for i in range(10**6)} & set(range(10**6))
+    EvalRequest(seed=last)
+    for bad in (EVAL_SEEDS, -1):
+        with pytest.raises(ValueError, match=rf"--seed {bad}: must be in \[0, {last}\]"):
+            EvalRequest(seed=bad)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "euler_maruyama"])  # both draw noise every step

@@ -48,6 +48,10 @@ class NoCheckpointError(FileNotFoundError):
 
 
 SEED_STRIDE = 1_000_003  # a prime > 1e6: seeds s and s' share no sample seed up to 1e6 samples
+# Eval seeds 0..4293 own disjoint blocks of 1,000,003 sample seeds within 2^32; seed 4294's block
+# wraps onto seed 0's (sample_seed(4295, i) == sample_seed(0, i + 45589)), so two evals meant to
+# be independent would share samples and shrink their seed-to-seed spread.
+EVAL_SEEDS = 2**32 // SEED_STRIDE
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -55,7 +59,8 @@ def sample_seed(seed: int, index: int) -> int:
 
     torch's CPU generator (mt19937) keeps only the low 32 bits of a seed (manual_seed(5) and
     manual_seed(5 + 2**32) draw the same numbers), so the rule stays within 32 bits: distinct for
-    every index under one seed, and disjoint between two seeds for runs of up to 1e6 samples.
+    every index under one seed, and disjoint between two seeds below EVAL_SEEDS (4294) for runs
+    of up to 1e6 samples (`dit-bench eval` takes only those; `sample` takes any seed).
     """
     if index < 0 or seed < 0:
         raise ValueError(f"seed and sample index must be >= 0, got {seed}, {index}")
@@ -164,6 +169,12 @@ class EvalRequest:
             check_sample_count(self.metrics, self.num_samples, f"--num-samples {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be positive")
+        if not 0 <= self.seed < EVAL_SEEDS:
+            raise ValueError(
+                f"--seed {self.seed}: must be in [0, {EVAL_SEEDS - 1}], where each eval seed owns "
+                f"its own {SEED_STRIDE:,} per-sample seeds in torch's 32-bit seed space (larger "
+                "seeds wrap onto smaller ones' samples)"
+            )
 
 
 def reference_images(cfg, device: str | torch.device = "cpu"):
