@@ -217,9 +217,14 @@ def plan(smoke: bool) -> dict:
         ],
         # the harness's model and batch in the bare compiled step (`step_variants`), CUDA graphs
         # as the harness; then with its clipping, EMA and deterministic algorithms: what is
-        # left to the second is Lightning's loop and the data loader
+        # left to the second is Lightning's loop and the data loader; last (cut first when
+        # short), with deterministic mode's NaN fill, which the harness turns off
         "harness_bare": (
-            ("cudagraphs", "cudagraphs+clip+ema+deterministic"),
+            (
+                "cudagraphs",
+                "cudagraphs+clip+ema+deterministic",
+                "cudagraphs+clip+ema+deterministic+nan-fill",
+            ),
             bench.BenchConfig(**{**full, "image_size": 64, "channels": 3, "repeats": 30}),
             "inductor",
         ),

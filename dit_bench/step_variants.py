@@ -37,7 +37,10 @@ left between the two is Lightning's loop and the data loader):
   clip          gradient clipping at norm 1.0 before the optimiser's step (the GPU profiles)
   ema           the EMA update after it (`fast.ema_update`, decay 0.9999, an eager copy)
   deterministic torch's deterministic algorithms in warn-only mode and cuDNN's autotuner off,
-                as Lightning sets them for `dit-bench train` on a GPU
+                as Lightning sets them for `dit-bench train` on a GPU, without their NaN fill of
+                new tensors (`fast.no_nan_fill`, as the harness trains)
+  nan-fill      with deterministic: the NaN fill left on, as Lightning alone leaves it (an
+                extra write of every new buffer: 256 fill kernels a compiled DiT-S/4 step)
 Measured on an H100 (reports/gpu/: xl2_variants-*.json, 2026-11-27-*.md, step-variants-*.json;
 the README's Performance section). Dropped: cudnn (already the default), coordesc (slower),
 whole (same step, 54 s of compile), max-autotune (cuBLAS won every shape), flash (as fast as
@@ -82,6 +85,7 @@ TWEAKS = (
     "clip",
     "ema",
     "deterministic",
+    "nan-fill",
 )
 CUDA_ONLY = {"cudagraphs", "flash", "cudnn"}
 EMA_DECAY = 0.9999  # DiT's (the "ema" tweak)
@@ -111,6 +115,8 @@ def parse_variant(variant: str) -> frozenset[str]:
         )
     if {"whole", "max-autotune"} <= set(parts) or {"flash", "cudnn"} <= set(parts):
         raise ValueError(f"variant {variant!r} combines tweaks that exclude each other")
+    if "nan-fill" in parts and "deterministic" not in parts:
+        raise ValueError(f"variant {variant!r}: nan-fill is a setting of deterministic")
     return frozenset(parts)
 
 
@@ -138,10 +144,12 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.benchmark,
         os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        torch.utils.deterministic.fill_uninitialized_memory,
     )
     try:
         if "deterministic" in tweaks:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = "nan-fill" in tweaks
             torch.backends.cudnn.benchmark = False
             # as Lightning sets it (else every cuBLAS call warns that it is not deterministic)
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
@@ -168,6 +176,7 @@ def variant_settings(variant: str, backend: str | Callable = "inductor") -> Iter
         DDPM.vb_bits_per_dim = vb_bits_per_dim
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = deterministic[2]
+        torch.utils.deterministic.fill_uninitialized_memory = deterministic[4]
         if deterministic[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:

@@ -117,6 +117,14 @@ def test_deterministic_is_switched_as_lightning_does_inside_the_variant_only(mon
             assert torch.is_deterministic_algorithms_warn_only_enabled()
             assert torch.backends.cudnn.benchmark is False
             assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            # as the harness trains: without the NaN fill of new tensors
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+        assert torch.utils.deterministic.fill_uninitialized_memory is True
+        with step_variants.variant_settings("deterministic+nan-fill"):  # as Lightning alone
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.utils.deterministic.fill_uninitialized_memory is True
+        with pytest.raises(ValueError, match="nan-fill is a setting of deterministic"):
+            step_variants.parse_variant("cudagraphs+nan-fill")
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.benchmark is True
         assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ

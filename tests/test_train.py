@@ -58,9 +58,24 @@ class InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
+class Watch(L.Callback):
+    """What each training step ran under: deterministic algorithms, and the NaN fill of new
+    tensors (which the harness turns off: fast.no_nan_fill)."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        flags = torch.are_deterministic_algorithms_enabled()
+        self.seen.add((flags, torch.utils.deterministic.fill_uninitialized_memory))
+
+
 def test_run_writes_everything(tmp_path):
     cfg = tiny()
-    run = train(cfg, tmp_path, progress=False)
+    watch = Watch()
+    run = train(cfg, tmp_path, progress=False, callbacks=[watch])
+    assert watch.seen == {(True, False)}
+    assert torch.utils.deterministic.fill_uninitialized_memory  # restored after the run
     assert run.parent == tmp_path / "tiny" and run.name.endswith(cfg.hash)
     assert (run / "config.yaml").read_text() == cfg.to_yaml()
     s = json.loads((run / "summary.json").read_text())

@@ -33,7 +33,7 @@ from dit_bench.backbones import Cond
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
-from dit_bench.fast import allow_tf32, device_name
+from dit_bench.fast import allow_tf32, device_name, no_nan_fill
 from dit_bench.files import write_json_atomic, write_text_atomic
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
@@ -611,7 +611,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
             file=sys.stderr,
         )
     try:
-        with tf32:
+        with tf32, no_nan_fill():  # Lightning set the deterministic mode: not its NaN fill
             trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1); callers (ablations, tests) need to know.
