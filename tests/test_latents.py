@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -201,4 +202,41 @@ def test_latent_reference_statistics_are_keyed_by_the_decoder(vae_dir, image_fol
         return reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[3]
 
     assert key(vae_dir) == key(vae_dir)
-    assert key(vae_dir) != key(other_vae(vae_dir, tmp_path / "other-vae"))
+    with pytest.warns(UserWarning, match="another decoder"):
+        assert key(vae_dir) != key(other_vae(vae_dir, tmp_path / "other-vae"))
+
+
+def test_decoding_goes_in_batches_with_the_same_images(vae_dir):
+    vae = load_vae(vae_dir)
+    z = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    decode = vae.decode
+    vae.decode = lambda x: sizes.append(len(x)) or decode(x)
+    batched = decode_latents(vae, z, 0.5, batch_size=2)
+    assert sizes == [2, 2, 1]
+    whole = decode_latents(vae, z, 0.5, batch_size=5)
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=0)  # batched products round apart
+    assert batched.shape == (5, 3, 32, 32) and batched.device.type == "cpu"
+
+
+def test_the_decoder_is_checked_against_the_encoder_of_the_latents(vae_dir, image_folder, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from dit_bench.data.latents import load_decoder
+
+    out = tmp_path / "lat"
+    manifest = encode_latents(vae_dir, folder_cfg(image_folder), out, progress=False)
+    assert manifest["vae"]["encoder_sha256"] != manifest["vae"]["sha256"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_decoder(vae_dir, out)  # the VAE that encoded them: not a word
+    # SD's ft-MSE decoder for ft-EMA latents: the same encoder, a choice; said, not refused
+    with pytest.warns(UserWarning, match="another decoder"):
+        load_decoder(other_vae(vae_dir, tmp_path / "other-decoder"), out)
+    # another encoder: another latent space
+    other = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(2)
+    other.save_pretrained(tmp_path / "other-encoder")
+    with pytest.raises(DataError, match="not the encoder of the latents"):
+        load_decoder(tmp_path / "other-encoder", out)

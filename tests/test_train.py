@@ -354,6 +354,26 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+class InterruptAtEnd(L.Callback):
+    def on_train_end(self, trainer, pl_module):  # before the final grid: after the checkpoint
+        raise KeyboardInterrupt
+
+
+def test_killed_while_drawing_the_final_grid_the_rerun_draws_it(tmp_path):
+    cfg = tiny()
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False, callbacks=[InterruptAtEnd()])
+    cut = find_run_dir(tmp_path / "cut", cfg)
+    final = "samples/step-0000012.png"
+    assert (cut / "checkpoints" / "last.ckpt").exists() and not (cut / final).exists()
+    resumed = train(cfg, tmp_path / "cut", progress=False)  # resumes at the last step
+    assert (resumed / final).read_bytes() == (ref / final).read_bytes()
+    assert sorted(p.name for p in (resumed / "samples").iterdir()) == sorted(
+        p.name for p in (ref / "samples").iterdir()
+    )
+
+
 def test_kill_9_then_rerun_resumes(tmp_path):
     """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
     empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()

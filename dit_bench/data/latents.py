@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,19 @@ def check_vae_dir(vae_dir: str | Path, what: str = "--vae") -> None:
         )
 
 
-def vae_fingerprint(vae) -> str:
-    """sha256 of the VAE's weights (names, shapes, values): tells two VAEs with one config apart
-    (SD's ft-EMA and ft-MSE decoders share it, and their scaling factor)."""
+# The weights that map images to latents (diffusers' AutoencoderKL names): two VAEs that share
+# them share a latent space (SD's ft-EMA and ft-MSE VAEs differ in the decoder only).
+ENCODER_PARTS = ("encoder.", "quant_conv.")
+
+
+def vae_fingerprint(vae, parts: tuple[str, ...] = ()) -> str:
+    """sha256 of the VAE's weights (names, shapes, values), of those whose names start with
+    one of `parts` when given: tells two VAEs with one config apart (SD's ft-EMA and ft-MSE
+    decoders share it, and their scaling factor)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
+        if parts and not name.startswith(parts):
+            continue
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -136,6 +145,7 @@ def encode_latents(
             "path": str(Path(vae_dir).resolve()),
             "config": dict(vae.config),
             "sha256": vae_fingerprint(vae),
+            "encoder_sha256": vae_fingerprint(vae, ENCODER_PARTS),
         },
         "shard_size": shard_size,
     }
@@ -260,8 +270,44 @@ class LatentShards(Dataset):
         return latents[i : i + 1][0], int(labels[i])  # (4, h, w): one item read from the map
 
 
+def load_decoder(vae_dir: str | Path, root: str | Path, device: str | torch.device = "cpu"):
+    """The VAE of `vae_dir` (data.vae) to decode the latents at `root` (data.root), checked
+    against the one that encoded them (the manifest's fingerprints).
+
+    Another encoder means another latent space: its decodings would be noise, an error. The
+    same encoder with another decoder (SD's ft-MSE decoder for ft-EMA latents, as DiT decodes)
+    is a choice: a warning, since grids, FD and eval then describe that decoder's images.
+    """
+    from dit_bench.data.datasets import DataError
+
+    vae = load_vae(vae_dir, device)
+    written = read_manifest(root).get("vae", {})
+    encoder = written.get("encoder_sha256")  # manifests before this check lack it
+    if encoder is not None and encoder != vae_fingerprint(vae, ENCODER_PARTS):
+        raise DataError(
+            f"data.vae {vae_dir}: not the encoder of the latents in data.root {root} (encoded "
+            f"with {written.get('path')}); its decodings of them would be noise"
+        )
+    if written.get("sha256") not in (None, vae_fingerprint(vae)):
+        warnings.warn(
+            f"data.vae {vae_dir}: another decoder than that of the VAE that encoded data.root "
+            f"{root} ({written.get('path')}); samples and scores are of this one's images",
+            stacklevel=2,
+        )
+    return vae
+
+
 @torch.no_grad()
-def decode_latents(vae, z: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """Images in [-1, 1] from scaled latents (B, 4, h, w)."""
+def decode_latents(
+    vae, z: torch.Tensor, scaling_factor: float, batch_size: int = 32
+) -> torch.Tensor:
+    """Images in [-1, 1] on the CPU from scaled latents (B, 4, h, w), decoded on the VAE's
+    device `batch_size` at a time: SD's VAE took about 155 MB a 256x256 image on a CPU, and an
+    ImageNet run's sample grid holds 1000."""
     device = next(vae.parameters()).device
-    return vae.decode(z.to(device) / scaling_factor).sample.clamp(-1, 1).cpu()
+    return torch.cat(
+        [
+            vae.decode(z[i : i + batch_size].to(device) / scaling_factor).sample.clamp(-1, 1).cpu()
+            for i in range(0, len(z), batch_size)
+        ]
+    )

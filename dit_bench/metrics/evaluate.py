@@ -190,11 +190,11 @@ def reference_images(cfg, device: str | torch.device = "cpu"):
     if cfg.data.name != "latents":
         return xv, yv, train, None, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
-    from dit_bench.data.latents import decode_latents, load_vae, read_manifest, vae_fingerprint
+    from dit_bench.data.latents import decode_latents, load_decoder, read_manifest, vae_fingerprint
 
     if not cfg.data.vae:
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
-    vae = load_vae(cfg.data.vae, device)
+    vae = load_decoder(cfg.data.vae, cfg.data.root, device)
     scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
     # the features are of the decoded images: the decoder is part of the reference's content
     content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
@@ -202,7 +202,7 @@ def reference_images(cfg, device: str | torch.device = "cpu"):
     latent_hash = content.hexdigest()
 
     def decode(z: Tensor) -> Tensor:
-        return torch.cat([decode_latents(vae, z[i : i + 32], scale) for i in range(0, len(z), 32)])
+        return decode_latents(vae, z, scale)
 
     return decode(xv), yv, train, latent_hash, decode
 

@@ -34,7 +34,7 @@ from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_y
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import allow_tf32, device_name, no_nan_fill
-from dit_bench.files import write_json_atomic, write_text_atomic
+from dit_bench.files import replacing, write_json_atomic, write_text_atomic
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
@@ -279,15 +279,16 @@ def sample_images(
 
 
 @functools.lru_cache(maxsize=2)
-def _load_vae(path: str):
-    from dit_bench.data.latents import load_vae
+def _load_decoder(path: str, root: str):
+    from dit_bench.data.latents import load_decoder
 
-    return load_vae(path)
+    return load_decoder(path, root)  # on the CPU; moved to the samples' device when used
 
 
 def to_images(cfg: ExperimentConfig, x: torch.Tensor) -> torch.Tensor | None:
-    """Samples as images in [-1, 1]: pixel samples as they are, latent samples decoded with
-    data.vae; None for latents when the run names no VAE (nothing to look at)."""
+    """Samples as images in [-1, 1] on the CPU: pixel samples as they are, latent samples
+    decoded with data.vae on the samples' device; None for latents when the run names no VAE
+    (nothing to look at)."""
     if cfg.data.name != "latents":
         return x
     if not cfg.data.vae:
@@ -295,7 +296,8 @@ def to_images(cfg: ExperimentConfig, x: torch.Tensor) -> torch.Tensor | None:
     from dit_bench.data.latents import decode_latents, read_manifest
 
     scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
-    return decode_latents(_load_vae(cfg.data.vae), x, scale)
+    vae = _load_decoder(str(cfg.data.vae), str(cfg.data.root)).to(x.device)
+    return decode_latents(vae, x, scale)
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
@@ -309,7 +311,8 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[:, top : top + h, left : left + w] = img
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    with replacing(path) as tmp:  # a kill while saving leaves no torn PNG behind
+        Image.fromarray(arr[..., 0] if c == 1 else arr).save(tmp, format="PNG")
 
 
 def class_grid_labels(info: DataInfo, per_class: int) -> torch.Tensor:
@@ -624,6 +627,13 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
     device = trainer.strategy.root_device
     if module.last_val.get("step") != t.steps:  # killed after the last checkpoint
         metrics.validate(trainer, module.to(device))
+    grid = run / "samples" / f"step-{t.steps:07d}.png"
+    drawable = cfg.data.name != "latents" or cfg.data.vae  # latents without a VAE: no grids
+    if trainer.is_global_zero and drawable and not grid.exists():
+        # killed after the last checkpoint, in the final grid (on_train_end): a resume at the
+        # last step trains nothing and Lightning calls no on_train_end, so draw it here
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        grid_sampler(cfg)(module.to(device), grid)
     if trainer.global_step % t.checkpoint_every:
         # the final weights, which the summary and the last grid describe (sample and eval
         # read last.ckpt); every rank calls it, as Lightning's distributed saves need
