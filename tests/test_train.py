@@ -374,6 +374,15 @@ def test_killed_while_drawing_the_final_grid_the_rerun_draws_it(tmp_path):
     )
 
 
+def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path):
+    cfg = tiny("train.strategy=fsdp")  # on the CPU: Lightning refuses it when it builds
+    with pytest.raises(Exception, match="(?i)fsdp"):
+        train(cfg, tmp_path, progress=False)
+    assert find_run_dir(tmp_path, cfg) is None
+    run = train(tiny(), tmp_path, progress=False)  # a run that did begin keeps its dir
+    assert (run / "config.yaml").exists()
+
+
 def test_kill_9_then_rerun_resumes(tmp_path):
     """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
     empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -556,8 +557,9 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
     """`train` from the run directory on, in `_run_lock`."""
     t = cfg.train
     run = find_run_dir(out, cfg)
+    created = run is None and _launch_rank() == 0
     if run is None:
-        run = new_run_dir(out, cfg) if _launch_rank() == 0 else _wait_for_run_dir(out, cfg)
+        run = new_run_dir(out, cfg) if created else _wait_for_run_dir(out, cfg)
     else:
         check_run_config(run, cfg)
     last = run / "checkpoints" / "last.ckpt"
@@ -585,26 +587,31 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         callbacks.append(fd)
     if progress:
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=_strategy(t.strategy, module),
-        precision=t.precision,
-        max_steps=t.steps,
-        max_epochs=-1,
-        num_sanity_val_steps=0,
-        log_every_n_steps=t.log_every,
-        gradient_clip_val=cfg.optim.grad_clip,
-        logger=CSVMetrics(run / "metrics.csv", resume_step=resume_step),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        # Flash attention's backward has no deterministic kernel: warn on GPU, insist on CPU.
-        deterministic="warn" if on_gpu else True,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        default_root_dir=run,
-    )
+    try:  # Lightning checks accelerator, strategy and devices here
+        trainer = L.Trainer(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=_strategy(t.strategy, module),
+            precision=t.precision,
+            max_steps=t.steps,
+            max_epochs=-1,
+            num_sanity_val_steps=0,
+            log_every_n_steps=t.log_every,
+            gradient_clip_val=cfg.optim.grad_clip,
+            logger=CSVMetrics(run / "metrics.csv", resume_step=resume_step),
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            # Flash attention's backward has no deterministic kernel: warn on GPU, insist on CPU.
+            deterministic="warn" if on_gpu else True,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            default_root_dir=run,
+        )
+    except Exception:
+        if created and [p.name for p in run.iterdir()] == ["config.yaml"]:
+            shutil.rmtree(run)  # refused before it began: no run to resume, no dir left
+        raise
     # TF32 for float32 matmuls on GPU: set around the fit, never at import time.
     tf32 = allow_tf32(True) if on_gpu and t.tf32 else contextlib.nullcontext()
     if t.num_nodes > 1 and _launch_rank() == 0:
