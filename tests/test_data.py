@@ -265,42 +265,6 @@ def test_folder_16_bit_grey_images_keep_their_range(tmp_path):
     torch.testing.assert_close(image[0], expected, atol=1 / 127.5, rtol=0)
 
 
-def test_folder_images_turn_upright_by_their_exif_orientation(tmp_path):
-    # A camera's portrait photo: landscape pixels (the stripes left to right) plus orientation 6
-    # ("rotate 90 degrees clockwise to view"); upright, the stripes run top to bottom.
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation
-    for name in ("a.png", "b.png"):
-        (tmp_path / "c").mkdir(exist_ok=True)
-        Image.fromarray(striped()).save(tmp_path / "c" / name, exif=exif)
-    cfg = make_cfg("folder", root=str(tmp_path), image_size=20, val_fraction=0.5)
-    image = as_rgb(load_datasets(cfg)[0].dataset[0][0])
-    # 20 wide, 40 high after turning; the central 20 rows are the 2nd and 3rd stripes.
-    assert (image[:10] == STRIPES[1]).all() and (image[10:] == STRIPES[2]).all()
-
-
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_folder_transparent_pixels_become_white(tmp_path, mode):
-    # Left half opaque red (grey in LA), right half fully transparent with black stored under it:
-    # PIL's convert("RGB") alone keeps the black.
-    rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[:, :4] = (255, 0, 0, 255)
-    image = Image.fromarray(rgba, "RGBA")
-    if mode == "LA":
-        image = image.convert("LA")
-    elif mode == "P":  # palette with one transparent index
-        image = image.convert("RGB").quantize(colors=2)
-        image.info["transparency"] = image.getpixel((7, 7))
-    for name in ("a.png", "b.png"):
-        (tmp_path / "c").mkdir(exist_ok=True)
-        image.save(tmp_path / "c" / name)
-    cfg = make_cfg("folder", root=str(tmp_path), image_size=8, val_fraction=0.5)
-    pixels = as_rgb(load_datasets(cfg)[0].dataset[0][0])
-    assert (pixels[:, 4:] == 255).all()
-    opaque = (76, 76, 76) if mode == "LA" else (255, 0, 0)  # L = 0.299 R (ITU-R 601-2)
-    assert (pixels[:, :4] == opaque).all()
-
-
 def check_error(cfg, *fragments: str, item: int | None = None) -> None:
     with pytest.raises(DataError) as error:
         if item is None:

@@ -8,8 +8,7 @@ is a pure function of i (no random augmentation here), so a step-indexed sampler
 - `digits`: scikit-learn's bundled 8x8 digits (1,797 images, UCI optical digits).
 - `shapes`: procedural shapes at any resolution (see `shapes.py`).
 - `folder`: `root/<class name>/<images>`, classes in sorted order (torchvision's ImageFolder
-  convention), each image made upright RGB (`_to_rgb`), resized so its shorter side is
-  `image_size`, then center-cropped.
+  convention), each image resized so its shorter side is `image_size`, then center-cropped.
 - `latents`: VAE latents encoded once by `dit-bench encode-latents` (see `latents.py`); items
   are scaled latents, not images in [-1, 1].
 """
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from dit_bench.data.latents import MANIFEST, LatentShards, read_manifest
@@ -33,7 +32,6 @@ from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
 DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
 NATIVE_SIZE = {"mnist": 32, "digits": 8, "shapes": 32}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-WHITE = (255, 255, 255, 255)  # the background transparent pixels are composited over
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 
 
@@ -87,24 +85,13 @@ def planned_data_info(cfg: Any) -> tuple[DataInfo, str | None]:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, upright, of any PIL image.
-
-    - Turned as its EXIF orientation says: a camera stores a portrait photo as landscape pixels
-      plus a tag, and every viewer shows it upright, so the model should see it so too.
-    - Transparency (RGBA, LA, palette or RGB with a transparent colour) composited over white:
-      PIL's convert drops the alpha channel and keeps whatever colour the transparent pixels
-      happen to store (often black, sometimes leftovers), which the model would learn.
-    - 16- and 32-bit integer grey (scanners, medical PNGs) scaled to 8 bits, which PIL's convert
-      would clip to 255 (white, nearly everywhere).
-    """
-    image = ImageOps.exif_transpose(image)
+    """8-bit RGB of any PIL mode: grey, palette and RGBA as PIL converts them; 16- and 32-bit
+    integer grey (scanners, medical PNGs) scaled to 8 bits, which PIL's convert would clip to
+    255 (white, nearly everywhere)."""
     if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit)
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
         image = Image.fromarray(np.round(values * (255.0 / top)).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
     return image.convert("RGB")
 
 
