@@ -405,11 +405,13 @@ class ExperimentConfig(_Strict):
                     f"eval.{key}={value}: DDPM has objective.num_timesteps={steps} steps"
                 )
         interval = self.eval.cfg_interval
-        if steps is not None and interval is not None and interval[1] > steps:
+        # sampling guides where lo <= t <= hi and DDPM's net sees t in 0..T-1: the interval
+        # is empty only when it starts past T-1 (a hi beyond T-1 just covers the top steps)
+        if steps is not None and interval is not None and interval[0] > steps - 1:
             raise ValueError(
                 f"eval.cfg_interval=[{interval[0]:g}, {interval[1]:g}]: DDPM's net timesteps "
-                f"run 0..{steps - 1} "
-                f"(objective.num_timesteps={steps}); the interval would guide nothing"
+                f"run 0..{steps - 1} (objective.num_timesteps={steps}); an interval starting "
+                f"at {interval[0]:g} would guide nothing"
             )
         if steps is not None and self.eval.sample_steps < 2:
             raise ValueError(

@@ -42,8 +42,10 @@ References
   (SD3, arXiv:2403.03206): the flow path x_t = (1 - t) x0 + t eps, velocity eps - x0.
 - Ma et al. 2024, "SiT: Exploring Flow and Diffusion-based Generative Models with Scalable
   Interpolant Transformers" (arXiv:2401.08740), §2.3 / eq. 8: the reverse SDE with any
-  diffusion w(t), dx = [v - w/2 score] dt + sqrt(w) dW (in SiT's mirrored time), solved by
-  Euler-Maruyama; w(t) = sde_scale * sigma_t is SiT's "sigma" diffusion form.
+  diffusion w(t), dx = [v_sit + w/2 score] dt_sit + sqrt(w) dW in SiT's time (noise to data),
+  solved by Euler-Maruyama. Here w = sde_scale * sigma_t. SiT's code (transport/) names
+  D = w / 2 its "diffusion" (drift v + D score, noise sqrt(2 D) dW), and its "sigma" form is
+  D = diffusion_norm * sigma_t: SiT's default diffusion_norm = 1 is sde_scale = 2 here.
 - Ho, Salimans 2022, "Classifier-Free Diffusion Guidance" (arXiv:2207.12598): eq. 6, written as
   out_u + s (out_c - out_u) as in DiT (s = 1 is the plain conditional model).
 - Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
@@ -517,10 +519,12 @@ def euler_maruyama(
 ) -> Tensor:
     """Euler-Maruyama on the reverse SDE of SiT (Ma et al. 2024, eq. 8), in flow coordinates.
 
-    With w(tau) = sde_scale * tau (SiT's "sigma" diffusion form, norm = sde_scale) and the
-    score -eps_hat / tau, a step from tau to tau - h is
+    With w(tau) = sde_scale * tau (the noise variance per unit time) and the score
+    -eps_hat / tau, a step from tau to tau - h is
     y <- y - h (eps_hat - x0_hat) - h sde_scale / 2 * eps_hat + sqrt(sde_scale tau h) z,
     which keeps the marginals of the path for any sde_scale >= 0 (0: Euler on the ODE).
+    SiT's "sigma" diffusion form with diffusion_norm n is sde_scale = 2 n (its code adds
+    sqrt(2 D) dW with D = n sigma_t), so SiT's default n = 1 is sde_scale = 2, not 1.
     The last step returns x0_hat without noise (SiT's "Mean" last step differs by O(h)).
     """
     if sde_scale < 0:

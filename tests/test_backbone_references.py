@@ -11,7 +11,8 @@ the forward from the model's own parameters in the order the paper and its refer
   xavier init of every modulation (the final one included), only adaLN-Zero zeroes them.
 - U-ViT [Bao et al. 2023; baofff/U-ViT `libs/uvit.py`]: tokens [label, time, patches] plus a
   learned position per token; out-block i takes the output of in-block (n - 1 - i) through
-  skip_linear(cat([x, skip])); the two extra tokens are dropped after the decoder.
+  skip_linear(cat([x, skip])); exact (erf) GELU in the MLPs; the two extra tokens are dropped
+  after the decoder; the label table keeps nn.Embedding's N(0, 1) init.
 - ADM ResBlock [Dhariwal & Nichol 2021; openai/guided-diffusion `unet.py`]: nearest 2x
   upsampling; use_scale_shift_norm: `scale, shift = chunk(emb_out, 2)`,
   `h = norm(h) * (1 + scale) + shift`.
@@ -76,8 +77,12 @@ def gelu_tanh(z: torch.Tensor) -> torch.Tensor:
     return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
 
 
-def mlp(m, z: torch.Tensor) -> torch.Tensor:
-    return lin(m.fc2, gelu_tanh(lin(m.fc1, z)))
+def gelu_exact(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def mlp(m, z: torch.Tensor, act=gelu_tanh) -> torch.Tensor:
+    return lin(m.fc2, act(lin(m.fc1, z)))
 
 
 def self_attention(attn, z: torch.Tensor) -> torch.Tensor:
@@ -274,7 +279,8 @@ def uvit_block(blk, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.
     if skip is not None:  # U-ViT: self.skip_linear(torch.cat([x, skip], dim=-1))
         h = lin(blk.skip_linear, torch.cat([h, skip], dim=-1))
     h = h + self_attention(blk.attn, layer_norm(blk.norm1, h))
-    return h + mlp(blk.mlp, layer_norm(blk.norm2, h))
+    # U-ViT's Block: timm's Mlp with act_layer=nn.GELU, the exact erf form (DiT's is tanh)
+    return h + mlp(blk.mlp, layer_norm(blk.norm2, h), act=gelu_exact)
 
 
 def uvit_reference(net, x, t, labels) -> torch.Tensor:
@@ -312,6 +318,19 @@ def test_uvit_forward_equals_paper_reference(learn_sigma):
     torch.testing.assert_close(
         net(x, t, cond), uvit_reference(net, x, t, cond.labels), rtol=1e-9, atol=1e-9
     )
+
+
+def test_uvit_init_follows_the_reference():
+    # baofff/U-ViT: trunc_normal_(pos_embed, std=.02), then self.apply(_init_weights), which
+    # touches only Linear and LayerNorm: the label nn.Embedding keeps PyTorch's N(0, 1).
+    net = uvit()
+    label = net.label_emb.embedding_table.weight  # (N_CLASSES + 1, 32): 192 draws
+    assert 0.8 < label.std().item() < 1.2
+    assert 0.01 < net.pos_embed.std().item() < 0.03
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.std().item() < 0.03, name
+            assert m.bias is None or not m.bias.any(), name
 
 
 def test_uvit_long_skips_pair_last_in_block_with_first_out_block():

@@ -241,6 +241,20 @@ def test_forward_in_float64(case):
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("h,w", [(4, 16), (9, 9), (4, 4), (16, 16)])
+@pytest.mark.parametrize(
+    "patch_case", [c for c in CASES if c[0] != "unet"], ids=[i for i in IDS if "unet" not in i]
+)
+def test_patch_transformers_refuse_other_input_sizes(patch_case, h, w):
+    """The position table and unpatchify fit image_size x image_size only: a 4x16 input has the
+    same token count and a 9x9 one the same grid after the conv, and both used to come back
+    8x8. (The U-Net is convolutional, with no position table: other sizes run.)"""
+    net = tiny(*patch_case)
+    x, t, y = inputs()
+    with pytest.raises(ValueError, match=rf"input is {h}x{w} .*built for {SIZE}x{SIZE}"):
+        net(torch.randn(3, C, h, w), t, y)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager(case):
     net = tiny(*case)

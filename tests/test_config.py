@@ -249,3 +249,14 @@ def test_a_guidance_interval_beyond_ddpm_s_timesteps_is_refused():
     msg = error([*guided, "objective.num_timesteps=100", "eval.cfg_interval=[500,1000]"])
     assert "eval.cfg_interval=[500, 1000]: DDPM's net timesteps run 0..99" in msg
     assert build_config(None, [*guided, "eval.cfg_interval=[500,1000]"]).eval.cfg_interval
+    # empty exactly when lo > T-1: [100, 100] guides nothing (hi is not past T = 100) ...
+    msg = error([*guided, "objective.num_timesteps=100", "eval.cfg_interval=[100,100]"])
+    assert "eval.cfg_interval=[100, 100]" in msg and "would guide nothing" in msg
+    # ... while [50, 1000] guides steps 50..99 (a hi past T-1 only covers the top steps)
+    cfg = build_config(
+        None, [*guided, "objective.num_timesteps=100", "eval.cfg_interval=[50,1000]"]
+    )
+    assert cfg.eval.cfg_interval == (50, 1000)
+    assert build_config(
+        None, [*guided, "objective.num_timesteps=100", "eval.cfg_interval=[99,1000]"]
+    ).eval.cfg_interval == (99, 1000)

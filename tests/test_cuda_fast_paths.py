@@ -185,12 +185,11 @@ def test_cudagraph_training_steps_match_the_compiled_ones():
         torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3)
 
 
-def test_training_step_has_no_host_sync():
-    """Backbone + DDPM loss (learned sigma) + backward + fused AdamW, under bf16 autocast: no
+def _assert_training_steps_do_not_sync(objective, learn_sigma: bool) -> None:
+    """Backbone + `objective`'s loss + backward + fused AdamW, under bf16 autocast: no
     operation waits for the GPU (torch.cuda.set_sync_debug_mode raises on one)."""
-    net = _net("dit-xs/2")
+    net = _net("dit-xs/2", learn_sigma=learn_sigma)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    objective = build_objective("ddpm")
     x, _, cond = _inputs()
     g = torch.Generator(DEV).manual_seed(0)
 
@@ -210,6 +209,16 @@ def test_training_step_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(losses)).all()
+
+
+def test_training_step_has_no_host_sync():
+    """DDPM with learned sigma (the hybrid loss): a training step never syncs."""
+    _assert_training_steps_do_not_sync(build_objective("ddpm"), learn_sigma=True)
+
+
+def test_flow_training_step_has_no_host_sync():
+    """Flow matching with the velocity target (its flow-path check once read the device)."""
+    _assert_training_steps_do_not_sync(build_objective("flow"), learn_sigma=False)
 
 
 def test_profile_counts_each_kernel_once():

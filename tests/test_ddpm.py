@@ -269,3 +269,15 @@ def test_bad_arguments_name_allowed_values():
         obj.sample(lambda x, t, c: x, x0, Cond(), steps=1001)
     with pytest.raises(ValueError, match="2 or more steps, got 1"):  # keeps only t = 0
         obj.sample(lambda x, t, c: x, x0, Cond(), steps=1)
+
+
+@pytest.mark.parametrize("num_timesteps", [10, 20])
+def test_linear_schedule_refuses_too_few_steps(num_timesteps):
+    """The linear betas scaled by 1000 / T reach 1 at T = 20 (alpha_bar = 0, a NaN loss) and
+    exceed it below; the Python API refuses them as the config layer does. Cosine clips."""
+    with pytest.raises(ValueError, match=f"num_timesteps={num_timesteps}: .*more than 20"):
+        DDPM(num_timesteps=num_timesteps)
+    assert (DDPM(num_timesteps=21).betas < 1).all()
+    obj = DDPM(schedule="cosine", num_timesteps=num_timesteps)
+    loss = obj.loss(lambda x, t, c: 0 * x, torch.randn(64, 3, 4, 4), None)["loss"]
+    assert torch.isfinite(loss).all()

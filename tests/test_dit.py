@@ -25,6 +25,7 @@ from dit_bench.backbones import (
 from dit_bench.backbones.dit import DiT
 from dit_bench.backbones.layers import (
     Attention,
+    Mlp,
     PatchEmbed,
     modulate,
     sincos_pos_embed_2d,
@@ -124,6 +125,17 @@ def test_patch_embed_is_a_linear_map_of_each_patch():
     w = pe.proj.weight.reshape(6, -1)
     patch = x[0, :, 4:8, 0:4].reshape(-1)  # token 2: second row, first column (row-major)
     torch.testing.assert_close(pe(x)[0, 2], w @ patch + pe.proj.bias)
+
+
+def test_mlp_gelu_is_tanh_by_default_and_exact_on_request():
+    # DiT/SD3 use the tanh approximation, U-ViT the exact erf GELU: 0.5 z (1 + erf(z / sqrt 2))
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    exact = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    tanh = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    torch.testing.assert_close(Mlp(4).act(z), tanh, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Mlp(4, approximate="none").act(z), exact, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="approximate"):
+        Mlp(4, approximate="erf")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,3 +210,27 @@ def test_bad_arguments_name_allowed_values():
         Flow().loss(lambda x, t, c: torch.cat([x, x], 1), torch.zeros(2, 3, 4, 4), None)
     with pytest.raises(ValueError, match="levels"):
         Flow().val_loss(lambda x, t, c: x, torch.zeros(2, 3, 4, 4), None, levels=0)
+
+
+@pytest.mark.parametrize(
+    "objective,out_channels",
+    [
+        (Flow(prediction="velocity"), 3),
+        (Flow(prediction="x0", density="mode", shift=3.0), 3),
+        (DDPM(prediction="eps"), 3),
+        (DDPM(prediction="v", schedule="cosine"), 3),
+        (DDPM(prediction="eps"), 6),  # learned sigma: the hybrid loss with its vb term
+    ],
+    ids=["flow-velocity", "flow-x0", "ddpm-eps", "ddpm-v", "ddpm-learned-sigma"],
+)
+def test_training_loss_reads_nothing_back_from_the_device(objective, out_channels):
+    """The training loss never turns a device tensor into a Python value: on CUDA that is a
+    host-device sync every step. On the meta device any such read (item(), bool(), allclose)
+    raises, so this checks on a CPU what tests/test_cuda_fast_paths.py checks on a GPU."""
+
+    def net(x, t, cond):
+        return x.new_zeros(x.shape[0], out_channels, *x.shape[2:])
+
+    x0 = torch.empty(4, 3, 8, 8, device="meta")
+    out = objective.loss(net, x0, None)
+    assert out["loss"].shape == (4,) and out["loss"].device.type == "meta"

@@ -15,6 +15,7 @@ from dit_bench.objectives.ddpm import DDPM, DDPMChain
 from dit_bench.objectives.flow import flow_levels
 from dit_bench.sampling import (
     PREDICTIONS,
+    NoiseLevels,
     ddim,
     ddpm_ancestral,
     euler,
@@ -130,6 +131,30 @@ def test_euler_maruyama_std_converges_first_order():
         err[steps] = S - y.std().item()
     # measured 0.0215 -> 0.0051 (x4.2 for 4x the steps); Monte-Carlo se ~ 8e-4
     assert err[10] > 0.015 and 2.5 < err[10] / err[40] < 7
+
+
+def test_euler_maruyama_sde_scale_2_is_sit_diffusion_norm_1():
+    """SiT's Euler-Maruyama step (willisma/SiT transport/: drift v + D score, noise
+    sqrt(2 D) dW, "sigma" form D = diffusion_norm * sigma_t) with diffusion_norm = 1, written in
+    SiT's time t_sit = 1 - t, equals one step of ours with sde_scale = 2."""
+    tau = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    levels = NoiseLevels(timesteps=1000 * tau, alphas=1 - tau, sigmas=tau)
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seen = []
+
+    def net(x_in, t):
+        seen.append(x_in)
+        return u  # a fixed velocity eps - x0, whatever the input
+
+    euler_maruyama(net, x, levels, sde_scale=2.0, prediction="velocity",
+                   generator=torch.Generator().manual_seed(2))  # fmt: skip
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t, h = 0.6, 0.3
+    eps = x + (1 - t) * u  # what the velocity implies at x = (1 - t) x0 + t eps
+    v_sit, score, diffusion = -u, -eps / t, 1.0 * t  # SiT's sigma_t is our t
+    sit = x + (v_sit + diffusion * score) * h + math.sqrt(2 * diffusion * h) * z
+    torch.testing.assert_close(seen[1], sit, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- orders

@@ -119,12 +119,23 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
+        self.image_size = image_size
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only image_size x image_size: the position table has exactly grid^2 rows and
+        # unpatchify assumes that square grid, so a 4x16 input (same token count) or a 9x9 one
+        # (the conv drops the odd pixel) would otherwise run and come back 8x8. A static shape
+        # check: no device sync, and torch.compile turns it into a guard.
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"input is {x.shape[-2]}x{x.shape[-1]} (H x W), but this model was built for "
+                f"{self.image_size}x{self.image_size} (image_size={self.image_size}, "
+                f"patch {self.patch_size})"
+            )
         x = self.proj(x)  # (B, D, H/p, W/p)
         # Contiguous, not the transposed view: elementwise ops keep their first operand's
         # layout, so `tokens + pos_embed` and every residual add after it would carry the
@@ -345,13 +356,20 @@ class TanhGELU(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Token-wise MLP fc1 -> GELU(tanh) -> fc2, the ViT/DiT block MLP (names as timm's Mlp)."""
+    """Token-wise MLP fc1 -> GELU -> fc2, the ViT/DiT block MLP (names as timm's Mlp).
 
-    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0):
+    `approximate` as F.gelu's: "tanh" for DiT and SD3 (both use the tanh approximation), "none"
+    for the exact erf GELU (nn.GELU, timm's default, which U-ViT keeps). The CPU rewrite of
+    `TanhGELU` concerns the tanh form only; the exact one is always F.gelu.
+    """
+
+    def __init__(self, hidden_size: int, mlp_ratio: float = 4.0, approximate: str = "tanh"):
         super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
         inner = int(hidden_size * mlp_ratio)
         self.fc1 = nn.Linear(hidden_size, inner)
-        self.act = TanhGELU()  # DiT uses the tanh approximation
+        self.act = TanhGELU() if approximate == "tanh" else nn.GELU()
         self.fc2 = nn.Linear(inner, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

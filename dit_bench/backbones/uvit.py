@@ -7,7 +7,8 @@ References
   (Sec. 3.1, the best of the variants studied); an optional 3x3 conv after unpatchify (used in
   pixel space); Table 1 sizes (S: 13 blocks x 512, M: 17 x 768, L: 21 x 1024, H: 29 x 1152).
   Code: baofff/U-ViT `libs/uvit.py` (in_blocks / mid_block / out_blocks, skip_linear,
-  learned position embedding over extras + patches, trunc-normal(0.02) init, qkv without bias).
+  learned position embedding over extras + patches, trunc-normal(0.02) init of linears and
+  positions, the label table left at nn.Embedding's N(0, 1), exact GELU, qkv without bias).
 - [Li et al. 2024] "On the Scalability of Diffusion-based Text-to-Image Generation", CVPR
   2024: in-context conditioning (the U-ViT design) scales better than cross-attention.
 - [ViT] A. Dosovitskiy et al., ICLR 2021; [Transformer] Vaswani et al. 2017, Eq. (1).
@@ -65,7 +66,8 @@ class UViTAttention(nn.Module):
 
 class UViTBlock(nn.Module):
     """Pre-LN transformer block; with `skip`, first fuse the long skip:
-    x = Linear([x, skip]) (2D -> D); then x = x + Attn(LN(x)); x = x + MLP(LN(x))."""
+    x = Linear([x, skip]) (2D -> D); then x = x + Attn(LN(x)); x = x + MLP(LN(x)), the MLP
+    with U-ViT's exact GELU (timm's Mlp default, act_layer=nn.GELU), not DiT's tanh one."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, skip: bool = False):
         super().__init__()
@@ -73,7 +75,7 @@ class UViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size)
         self.attn = UViTAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.mlp = Mlp(hidden_size, mlp_ratio, approximate="none")  # U-ViT: exact nn.GELU
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
@@ -150,8 +152,9 @@ class UViT(nn.Module):
 
     def initialize_weights(self) -> None:
         """U-ViT's `_init_weights`: trunc-normal(0.02) linear weights and position embedding,
-        zero biases, unit LayerNorms; PyTorch's default for the patch and final convs. No zero
-        init, so the output is not zero at init."""
+        zero biases, unit LayerNorms; PyTorch's default for the patch and final convs and for
+        the label table (N(0, 1): the reference's `_init_weights` touches only Linear and
+        LayerNorm). No zero init, so the output is not zero at init."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -161,7 +164,9 @@ class UViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.label_emb.embedding_table.weight, std=0.02)
+        # nn.Embedding's own N(0, 1), as U-ViT leaves it: a label token of unit scale beside
+        # the time token (a sinusoid, rms ~0.7), not one 50x smaller than it
+        nn.init.normal_(self.label_emb.embedding_table.weight)
 
     @property
     def num_tokens(self) -> int:

@@ -266,6 +266,13 @@ class DDPM:
             raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {prediction!r}")
         if not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+        # improved-diffusion scales the linear betas by 1000 / T: beta_T = 20 / T reaches 1 at
+        # T = 20 and alpha_bar hits 0 (every loss NaN); the same check as config.DDPMConfig
+        if schedule == "linear" and num_timesteps <= 20:
+            raise ValueError(
+                f"num_timesteps={num_timesteps}: the linear schedule needs more than 20 (its "
+                "last beta, 0.02 * 1000 / T, must stay below 1); or schedule: cosine"
+            )
         self.schedule = schedule
         self.prediction = prediction
         self.num_timesteps = num_timesteps
