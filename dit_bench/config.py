@@ -48,8 +48,8 @@ def _leaf_types(annotation: Any) -> set[Any]:
 
 
 class _Strict(BaseModel):
-    # Lax mode: YAML's `1.0e+5` may set an int field. But lax mode also reads `true` as 1,
-    # so a boolean given for a number is refused below. `.inf` passes `gt=0`: refused too.
+    # Lax mode: YAML's `1.0e+5` may set an int field. But lax mode also reads `true` as 1 and
+    # 1 as true, so a boolean given for a number, or a number for a boolean, is refused below. `.inf` passes `gt=0`: refused too.
     model_config = ConfigDict(
         frozen=True, extra="forbid", strict=False, validate_default=True, allow_inf_nan=False
     )
@@ -61,6 +61,13 @@ class _Strict(BaseModel):
         values = value if isinstance(value, list | tuple) else [value]
         if bool not in leaves and leaves & {int, float} and any(type(v) is bool for v in values):
             raise ValueError(f"expected a number, got {value!r}")
+        # and the other way: lax mode reads 1, 0, "yes" or "off" as booleans
+        if (
+            leaves
+            and leaves <= {bool, type(None)}
+            and any(type(v) not in (bool, type(None)) for v in values)
+        ):
+            raise ValueError(f"expected true or false, got {value!r}")
         return value
 
 

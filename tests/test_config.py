@@ -174,6 +174,16 @@ def test_booleans_are_not_numbers():
     assert build_config({"optim": {"lr": "2e-4"}}).optim.lr == 2e-4
 
 
+def test_numbers_are_not_booleans():
+    # lax mode read 1, 0 and "yes" as booleans: a switch takes true or false only
+    assert "train.compile: expected true or false, got 1" in error(["train.compile=1"])
+    assert "eval.use_ema: expected true or false, got 0" in error(["eval.use_ema=0"])
+    assert "train.compile: expected true or false, got 'yes'" in error(
+        [], {"train": {"compile": "yes"}}
+    )
+    assert build_config(None, ["train.compile=true", "eval.use_ema=false"]).train.compile
+
+
 def test_infinite_values_are_refused():  # `.inf` passes gt=0: it diverged at step 5
     for item in ("optim.lr=.inf", "eval.cfg_scale=.inf", "optim.grad_clip=.inf"):
         key = item.split("=")[0]
