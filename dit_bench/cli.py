@@ -336,9 +336,13 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     if args.kind == "ablation":
         from dit_bench.report.ablation import main as report_main
-    else:
-        from dit_bench.report.scaling import main as report_main
-    return report_main(args.source, args.output) or 0
+
+        if args.study is not None:
+            raise ValueError("--study picks a sweep's study: it is for `report scaling` only")
+        return report_main(args.source, args.output) or 0
+    from dit_bench.report.scaling import main as report_main
+
+    return report_main(args.source, args.output, study=args.study) or 0
 
 
 def cmd_bench(args) -> int:
@@ -618,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("kind", choices=["ablation", "scaling"], help="which report")
     sp.add_argument("source", help="runs folder, e.g. runs/conditioning-cpu")
     sp.add_argument("-o", "--output", required=True, help="report folder, e.g. reports/NAME")
+    sp.add_argument(
+        "--study",
+        metavar="NAME",
+        help="scaling: the study to report, where the storage holds several (e.g. shapes-scaling-cpu)",
+    )
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser(

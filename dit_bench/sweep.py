@@ -584,6 +584,33 @@ class Claims:
                 time.sleep(0.5 + 0.1 * attempt)
         raise RuntimeError(f"could not claim {key!r}: database stays locked")
 
+    def release(self, key: str) -> None:
+        """Give back this worker's own claim (the work it stood for was not done)."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.delete().where(
+                    (t.c.study_id == self.study_id) & (t.c.key == key) & (t.c.owner == self.owner)
+                )
+            )
+
+    def expire(self, key: str, older_than: float) -> bool:
+        """Delete the claim `key` if it was made more than `older_than` seconds ago; True if
+        this call deleted it. Two workers that both find it old delete it once: the DELETE
+        names the row's creation time, and the INSERT of the next `claim` is again atomic."""
+        t = self.table
+        q = self.sa.select(t.c.created).where((t.c.study_id == self.study_id) & (t.c.key == key))
+        with self.engine.begin() as conn:
+            created = conn.execute(q).scalar()
+            if created is None or time.time() - created <= older_than:
+                return False
+            gone = conn.execute(
+                t.delete().where(
+                    (t.c.study_id == self.study_id) & (t.c.key == key) & (t.c.created == created)
+                )
+            )
+            return gone.rowcount == 1
+
     def keys(self, prefix: str = "") -> list[str]:
         t = self.table
         q = self.sa.select(t.c.key).where(t.c.study_id == self.study_id)
@@ -591,16 +618,42 @@ class Claims:
             return [k for (k,) in conn.execute(q) if k.startswith(prefix)]
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number`: one per trial, the same in every worker."""
+    return (seed * 1_000_003 + number) % 2**32  # numpy's RandomState takes 32-bit seeds
+
+
 def make_sampler(spec: SweepSpec):
     """grid: the workers enqueue every point (one claim each), so the sampler only replays
     their fixed parameters. Optuna's GridSampler is not used for that: its after_trial looks
     up a `grid_id` it gives only to trials it picked itself, and a one-point grid raised
-    KeyError at the end of its trial."""
+    KeyError at the end of its trial.
+
+    tpe/random: the sampler's random state is reseeded from (seed, trial number) before each
+    trial. The workers do not share one sampler (each process builds its own, and a restarted
+    worker a fresh one), and the sweep asks for trials itself rather than through
+    `study.optimize`: seeded once, every worker drew the same sequence and a restart drew the
+    start again. Per trial, a draw is reproducible (the same seed and trial number give it)
+    and differs from the other trials'. TPE's constant liar counts the running trials of the
+    other workers as bad, so concurrent workers do not all pick the same promising region."""
     import optuna
 
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+        base, kwargs = optuna.samplers.TPESampler, {"constant_liar": True}
+    else:
+        base, kwargs = optuna.samplers.RandomSampler, {}
+
+    class TrialSeeded(base):
+        def before_trial(self, study, trial) -> None:
+            seed = trial_seed(spec.seed, trial.number)
+            # `_rng` is the state both samplers draw from (TPE's startup trials and its
+            # fallback come from its inner RandomSampler); Optuna offers only a random reseed.
+            self._rng.rng.seed(seed)
+            if isinstance(self, optuna.samplers.TPESampler):
+                self._random_sampler._rng.rng.seed(seed)
+            super().before_trial(study, trial)
+
+    return TrialSeeded(seed=spec.seed, **kwargs)
 
 
 def make_pruner(spec: SweepSpec):
@@ -856,18 +909,37 @@ class Worker:
                 self.log(f"[sweep {self.name}] trial {t.number} failed ({why}); re-queued")
 
     def _pop_waiting(self):
+        """Claim a waiting trial (`run:<trial id>`) and set it RUNNING. A worker that dies
+        between the two leaves a claimed trial that is still WAITING, with no heartbeat to go
+        stale: its claim expires after the heartbeat grace period, as a running trial without
+        heartbeats would, and the next worker takes the trial. Setting RUNNING takes a moment,
+        so a live claimant is long done (or, delayed past the grace, finds the trial taken:
+        Optuna sets RUNNING only from WAITING)."""
         import optuna
 
+        grace = self.sweep.spec.heartbeat.grace
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-            if not self.claims.claim(f"run:{t._trial_id}"):
-                continue
+            key = f"run:{t._trial_id}"
+            if not self.claims.claim(key):
+                if not (self.claims.expire(key, grace) and self.claims.claim(key)):
+                    continue
+                self.log(
+                    f"[sweep {self.name}] trial {t.number} was claimed but not started for "
+                    f"over {grace} s (its worker died); taking it"
+                )
             try:
+                # a heartbeat before RUNNING: a running trial without one is never stale, so a
+                # worker dying right after the next line would leave it RUNNING for good
+                self.storage.record_heartbeat(t._trial_id)
                 if self.storage.set_trial_state_values(
                     t._trial_id, state=optuna.trial.TrialState.RUNNING
                 ):
                     return optuna.Trial(self.study, t._trial_id)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
+            except BaseException:  # the trial stays WAITING: another worker may start it now
+                self.claims.release(key)
+                raise
         return None
 
     def _new_trial(self, n_trials: int | None):
@@ -952,6 +1024,11 @@ class Worker:
             value = record["val_loss"]
             if state == optuna.trial.TrialState.COMPLETE and value is None:
                 state, error = optuna.trial.TrialState.FAIL, "no final val loss"
+            elif state == optuna.trial.TrialState.COMPLETE and not math.isfinite(value):
+                # Optuna would make a NaN value FAIL with no error, which _retry_failed takes
+                # for a lost worker and re-runs; a diverged run diverges again: no retry
+                state = optuna.trial.TrialState.FAIL
+                error = f"final val loss {value} is not finite (the run diverged)"
             wall = time.perf_counter() - t0
             timing = {
                 "wall_s": wall,
@@ -991,7 +1068,8 @@ class Worker:
             self.study.tell(trial, value)
         else:
             self.study.tell(trial, state=state)
-        msg = f"val loss {value:.5f}" if value is not None else (error or state.name.lower())
+        done = state == optuna.trial.TrialState.COMPLETE
+        msg = f"val loss {value:.5f}" if done else (error or state.name.lower())
         self.log(
             f"[sweep {self.name}] trial {trial.number} {state.name.lower()}: {msg} ({wall:.1f} s)"
         )

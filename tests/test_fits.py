@@ -163,3 +163,51 @@ def test_power_law_with_e_on_its_bound_still_checks_the_exponent():
     f = fits.fit_power_law(c, 5.0 * (c / 10) ** -6.0)
     assert f.status == "ill-conditioned" and f.value("alpha") is None
     assert "E = 0 on its lower bound" in f.detail and "alpha = 6" in f.detail
+
+
+def test_a_non_finite_loss_is_left_out_of_every_fit():
+    # a diverged run's NaN (or inf) loss is no point of the law: each fit equals the fit
+    # without it, where one NaN made every residual NaN (LinAlgError in the Jacobian's SVD)
+    c = np.geomspace(1e10, 1e13, 8)
+    loss = 0.3 + 5.0 * c**-0.2
+    clean = fits.fit_power_law(c, loss)
+    dirty = fits.fit_power_law(np.append(c, [2e11, 3e11]), np.append(loss, [np.nan, np.inf]))
+    assert dirty.ok and dirty.n_points == 8
+    assert dirty.params == pytest.approx(clean.params, rel=1e-9)
+
+    n, d = grid()
+    loss = chinchilla_law(n, d)
+    clean = fits.fit_chinchilla(n, d, loss)
+    dirty = fits.fit_chinchilla(np.append(n, 1e5), np.append(d, 1e6), np.append(loss, np.nan))
+    assert dirty.ok and dirty.n_points == len(n)
+    assert dirty.params == pytest.approx(clean.params, rel=1e-6)
+
+    rows = []
+    for c in np.geomspace(1e8, 1e12, 5):
+        v = np.log10(1e3 * c**0.5)
+        for ln in v + np.linspace(-1, 1, 5):
+            rows.append({"budget": c, "params": 10**ln, "val_loss": 1 + 0.3 * (ln - v) ** 2})
+    rows.append({"budget": 1e8, "params": 1e7, "val_loss": np.nan})
+    iso = fits.fit_isoflop(pd.DataFrame(rows))
+    assert iso.fit.ok and iso.vertices["valid"].all()
+    assert iso.fit.params["a"] == pytest.approx(0.5, abs=1e-9)
+    env = fits.envelope(pd.DataFrame(rows).assign(train_flops=lambda p: p["budget"], run="r"))
+    assert np.isfinite(env["val_loss"]).all()
+
+
+def test_chinchilla_stopped_by_its_iteration_limits_is_not_converged(monkeypatch):
+    n, d = grid()
+    loss = chinchilla_law(n, d)
+    minimize, least_squares = fits.optimize.minimize, fits.optimize.least_squares
+
+    def one_iteration(*args, **kwargs):
+        return minimize(*args, **{**kwargs, "options": {**kwargs["options"], "maxiter": 1}})
+
+    monkeypatch.setattr(fits.optimize, "minimize", one_iteration)
+    monkeypatch.setattr(
+        fits.optimize, "least_squares", lambda *a, **k: least_squares(*a, **{**k, "max_nfev": 1})
+    )
+    f = fits.fit_chinchilla(n, d, loss)
+    assert f.status == "not converged" and not f.ok, (f.status, f.detail)
+    monkeypatch.undo()
+    assert fits.fit_chinchilla(n, d, loss).ok  # the same data, allowed to finish

@@ -301,3 +301,34 @@ def test_the_final_metric_figure_is_the_same_file_each_time(tmp_path):
         np.random.seed(seed)  # whatever state the caller left
         plot_final(runs, "val_loss", ["a", "b"], tmp_path / name)
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+
+
+def test_a_final_value_that_is_not_finite_stays_missing_not_an_earlier_one(tmp_path, no_figures):
+    """summary.json writes a non-finite final value as null; metrics.csv logs it as nan. Either
+    way the run diverged: its final value is missing, never an earlier finite evaluation."""
+    source = make_source(tmp_path)
+    run = source / "20260101T000000Z-in_context0"
+    m = pd.read_csv(run / "metrics.csv")
+    m.loc[0:1, "val/FD-mnist-net"] = 3.0  # earlier FD evaluations, finite and the best
+    m.loc[2, "val/FD-mnist-net"] = np.nan  # the final one: samples not finite
+    m.to_csv(run / "metrics.csv", index=False, na_rep="nan")  # as CSVMetrics writes it
+    summary = json.loads((run / "summary.json").read_text())
+    summary["val_FD-mnist-net"] = None  # what write_summary makes of a non-finite value
+    summary["val_loss"] = None  # and metrics.csv still holds finite val losses
+    (run / "summary.json").write_text(json.dumps(summary))
+    other = source / "20260101T000000Z-in_context1"
+    m = pd.read_csv(other / "metrics.csv")
+    m.loc[0:1, "val/FD-mnist-net"] = 3.0
+    m.loc[2, "val/FD-mnist-net"] = np.nan  # no FD key in its summary: metrics.csv's last is nan
+    m.to_csv(other / "metrics.csv", index=False, na_rep="nan")
+
+    out = tmp_path / "r"
+    build_report(source, out)
+    runs = pd.read_csv(out / "runs.csv").set_index(["variant", "seed"])
+    assert np.isnan(runs.loc[("in_context", 0), "val_FD-mnist-net"])
+    assert np.isnan(runs.loc[("in_context", 0), "val_loss"])
+    assert np.isnan(runs.loc[("in_context", 1), "val_FD-mnist-net"])
+    assert runs.loc[("in_context", 2), "val_FD-mnist-net"] == 17.0  # absent key: from the curve
+    final = pd.read_csv(out / "final.csv").set_index(["variant", "metric"])
+    assert final.loc[("in_context", "val_FD-mnist-net"), "n"] == 1
+    assert final.loc[("in_context", "val_loss"), "n"] == 2

@@ -161,3 +161,76 @@ def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
     assert loads == ["tiny-cpu"]
     text = (out / "report.md").read_text()
     assert "study tiny-cpu: 8 trials finished; not finished: 1 running or waiting" in text
+
+
+def test_a_failed_trials_points_stay_out_of_the_fits_and_the_report_says_so(tmp_path):
+    # a trial that diverged after its third budget fails with an error, and keeps its record:
+    # a NaN at the budget evaluated after divergence, finite losses before it
+    fake_sweep(tmp_path / "runs")
+    path = sorted((tmp_path / "runs").rglob("trial.json"))[0]
+    rec = json.loads(path.read_text())
+    rec |= {"state": "FAIL", "error": "FloatingPointError: non-finite training loss"}
+    rec["val_at_budget"] = rec["val_at_budget"][:3] + [float("nan"), None, None]
+    rec["curve"] = rec["curve"][:4]
+    rec["curve"][3]["val_loss"] = float("nan")
+    rec["val_loss"] = None
+    path.write_text(json.dumps(rec))
+    # a pruned trial's budgets up to its pruning are measurements: they stay
+    pruned = sorted((tmp_path / "runs").rglob("trial.json"))[1]
+    prec = json.loads(pruned.read_text())
+    prec |= {"state": "PRUNED", "val_loss": None}
+    prec["val_at_budget"] = prec["val_at_budget"][:2] + [None] * (len(BUDGETS) - 2)
+    pruned.write_text(json.dumps(prec))
+
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=5)
+    pts = pd.read_parquet(out / "points.parquet")
+    assert rec["config_hash"] not in set(pts["run"]) and pts["val_loss"].notna().all()
+    assert len(pts[pts["run"] == prec["config_hash"]]) == 2
+    assert len(pts) == 6 * len(BUDGETS) + 2
+    runs = pd.read_parquet(out / "runs.parquet").set_index("run")
+    assert runs.loc[rec["config_hash"], "state"] == "FAIL"  # listed, not fitted
+    f = pd.read_csv(out / "fits.csv")
+    assert (f[f["fit"] == "L(N, D) all"]["status"] == "ok").all()
+    text = (out / "report.md").read_text()
+    assert (
+        "**Incomplete sweep**: the fits use the finished trials only; 1 trial(s) not finished "
+        "(1 FAIL)." in text
+    )
+
+
+def test_a_storage_of_several_studies_reports_the_one_named_and_refuses_to_pool(
+    tmp_path, monkeypatch
+):
+    # two sweeps in one storage (two profiles, or two sweep files on a shared database)
+    import optuna
+
+    from dit_bench.cli import main
+
+    monkeypatch.setattr(scaling.build_report, "__defaults__", (2,))  # n_boot: the CLI's 200 is slow
+    monkeypatch.setattr(scaling, "figures", lambda *args: [])  # plots are not checked here
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    for name, seed, scale in (("shapes-scaling-cpu", 0, 1.0), ("other-sweep-cpu", 1, 3.0)):
+        fake_sweep(tmp_path / name, noise=0.01, seed=seed)
+        study = optuna.create_study(study_name=name, storage=url)
+        for path in sorted((tmp_path / name).rglob("trial.json")):
+            rec = json.loads(path.read_text())
+            rec["config_hash"] = name[:5] + rec["config_hash"]  # other configs
+            rec["val_at_budget"] = [v * scale for v in rec["val_at_budget"]]  # other data
+            trial = study.ask()
+            for k, v in rec.items():
+                trial.set_user_attr(k, v)
+            study.tell(trial, rec["val_at_budget"][-1])
+    with pytest.raises(ValueError, match=r"2 studies \['other-sweep-cpu', 'shapes-scaling-cpu'\]"):
+        scaling.build_report(url, tmp_path / "pooled", n_boot=2)
+    assert not (tmp_path / "pooled").exists()
+    with pytest.raises(ValueError, match="no study 'nope'"):
+        scaling.build_report(url, tmp_path / "nope", n_boot=2, study="nope")
+
+    out = tmp_path / "one"
+    assert main(["report", "scaling", url, "-o", str(out), "--study", "shapes-scaling-cpu"]) == 0
+    for table in ("runs", "points"):
+        df = pd.read_csv(out / f"{table}.csv")
+        assert set(df["study"]) == {"shapes-scaling-cpu"}, table
+    assert len(pd.read_csv(out / "runs.csv")) == 8  # its own runs, not both sweeps' 16
+    assert "study `shapes-scaling-cpu`" in (out / "report.md").read_text()

@@ -84,7 +84,7 @@ def test_a_sweep_folder_reads_the_runs_nested_under_their_experiment(tmp_path):
         assert recs[h]["run_dir"] == str(run)  # the run's folder, not its trial.json
 
 
-def test_a_study_storage_gives_every_studys_trials_that_hold_a_record(tmp_path):
+def test_a_study_storage_gives_each_studys_trials_that_hold_a_record(tmp_path):
     import optuna
     from optuna.distributions import CategoricalDistribution
 
@@ -123,8 +123,14 @@ def test_a_study_storage_gives_every_studys_trials_that_hold_a_record(tmp_path):
         "h3": ("sweep-b", 0, "COMPLETE", {"size": "M", "backbone.patch_size": 4}),
     }
     for source in (tmp_path / "study.db", url):  # a study file, or its storage URL
-        recs = {r["config_hash"]: r for r in scaling.load_records(source)}
-        assert sorted(recs) == sorted(expected)
+        # two sweeps' studies are not pooled into one report: each is named
+        with pytest.raises(ValueError, match=r"2 studies \['sweep-a', 'sweep-b'\].*--study"):
+            scaling.load_records(source)
+        recs = {}
+        for name in planned:
+            got = {r["config_hash"]: r for r in scaling.load_records(source, study=name)}
+            assert sorted(got) == sorted(h for h, e in expected.items() if e[0] == name)
+            recs |= got
         for h, (study, number, st, params) in expected.items():
             r = recs[h]
             assert (r["study"], r["trial"], r["state"]) == (study, number, st), h
@@ -431,7 +437,10 @@ def test_report_headline_and_tables_quote_each_fit_with_its_own_interval(tmp_pat
     assert "(7 resamples; only ok refits count)" in md  # the count used, not the default 200
 
     head = _section(md, "Headline")
-    assert head[0].endswith("alpha = 0.250 [95% CI 0.200, 0.300].")
+    # an envelope's run-resampling interval is one-sided by construction: not called a CI
+    assert head[0].endswith("alpha = 0.250 [runs-dropped range 0.200, 0.300].")
+    assert "L(C) intervals are a runs-dropped range: L(C) is fitted to the envelope" in md
+    assert "not a 95% CI" in md
     assert head[1].endswith(
         "a = 0.340 [95% CI 0.310, 0.370], b = 0.280 [95% CI 0.250, 0.330], "
         "E = 0.310 [95% CI 0.290, 0.330]."
@@ -491,7 +500,7 @@ def test_an_unidentified_fit_is_named_not_quoted(tmp_path):
         "Jacobian condition number 3e+05 |"
     ]
     # the ok fits around it are still quoted
-    assert head[0].endswith("alpha = 0.250 [95% CI 0.200, 0.300].")
+    assert head[0].endswith("alpha = 0.250 [runs-dropped range 0.200, 0.300].")
 
 
 def test_report_tables_on_disk_hold_every_isoflop_group(tmp_path, monkeypatch):
@@ -510,6 +519,13 @@ def test_report_tables_on_disk_hold_every_isoflop_group(tmp_path, monkeypatch):
         assert len(csv) == len(parquet), stem
     runs = pd.read_parquet(out / "runs.parquet")
     assert len(runs) == 8 and runs["run"].is_unique
+    kinds = pd.read_csv(out / "fits.csv").groupby("fit")["ci_kind"].unique().to_dict()
+    assert {f: list(k) for f, k in kinds.items() if f.startswith("L(C)")} == {
+        "L(C) all": ["runs-dropped range"],
+        "L(C) patch 2": ["runs-dropped range"],
+        "L(C) patch 4": ["runs-dropped range"],
+    }
+    assert list(kinds["L(N, D) all"]) == ["95% CI"]
 
 
 # -- results.py: the run table of the ablation report --------------------------------------------
@@ -619,6 +635,6 @@ def test_one_record_per_run_is_its_last_attempt_unless_an_earlier_one_completed(
         {"config_hash": "b", "state": "COMPLETE", "n": 3},
         {"config_hash": "b", "state": "FAIL", "n": 4},  # never over a completed one
     ]
-    monkeypatch.setattr(scaling, "_records_from_study", lambda url, studies=None: recs)
+    monkeypatch.setattr(scaling, "_records_from_study", lambda url, studies=None, study=None: recs)
     kept = {r["config_hash"]: r["n"] for r in scaling.load_records("sqlite:///unused.db")}
     assert kept == {"a": 2, "b": 3}

@@ -160,3 +160,33 @@ def test_tables_say_yes_no_or_undetermined_per_comparison():
     assert has_values(t, "val_loss", "a") and not has_values(t, "val_loss", "nobody")
     assert not has_values(t, "val_FD", "a")
     assert compare_to_base(t[t["variant"] == "a"], "val_loss", "a").empty  # only the base
+
+
+def test_a_constant_shift_up_to_rounding_is_undetermined_not_certain():
+    # 0.4 - 0.3, 0.8 - 0.7, 1.2 - 1.1 differ in the last bits: exact equality saw a spread of
+    # ~1e-17 and called the shift certain (p ~ 1e-31)
+    base = [0.3, 0.7, 1.1]
+    c = paired_compare([x + 0.1 for x in base], base)
+    assert np.ptp(np.subtract([x + 0.1 for x in base], base)) > 0  # the rounding is there
+    assert c.undetermined and not c.distinguishable and math.isnan(c.p_value)
+    assert c.diff == pytest.approx(0.1)
+    # differences that are zero up to rounding: identical runs, not undetermined
+    v = [0.1 + 0.2, 0.7, 1.1]
+    c = paired_compare(v, [0.3, 0.7, 1.1])
+    assert c.p_value == 1.0 and not c.undetermined and not c.distinguishable
+
+
+def test_a_non_finite_value_is_left_out_as_diverged_and_the_verdict_says_so():
+    base = [0.50, 0.52, 0.49]
+    for bad in (math.inf, -math.inf, math.nan):
+        variant = [0.55, bad, 0.53]  # one seed diverged
+        c = paired_compare(variant, base)
+        assert c.n == 2 and c.left_out == 1
+        assert c.diff == pytest.approx(0.045) and math.isfinite(c.lo)
+        text = verdict(c, "bf16", "fp32", "val_loss")
+        assert "inf" not in text and "nan" not in text
+        assert "Left out: 1 seed(s) whose val_loss is missing or not finite (diverged)" in text
+        ci = mean_ci(variant)
+        assert ci.n == 2 and ci.mean == pytest.approx(0.54) and math.isfinite(ci.hi)
+    # nothing left out: no such sentence
+    assert "Left out" not in verdict(paired_compare([0.55, 0.6, 0.53], base), "b", "a", "x")

@@ -281,6 +281,26 @@ def test_random_sampler_draws_are_seeded_and_int_ranges_reach_both_ends(tmp_path
     assert all("budget" not in d for d in a)  # envelope: no budget parameter
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_workers_and_a_restarted_worker_draw_distinct_params_reproducibly(tmp_path, sampler):
+    """Each worker builds its own sampler and asks for trials itself (no study.optimize): a
+    sampler seeded once per process gave every worker, and every restart, the same draws."""
+
+    def draws(folder):
+        folder.mkdir()
+        sweep = _ranged_sweep(folder, "w", sampler=sampler, n_trials=6)
+        a, b = hand_worker(sweep, folder, name="a"), hand_worker(sweep, folder, name="b")
+        out = [suggest(w._new_trial(6), sweep)["optim.lr"] for w in (a, b, a, b)]  # concurrent
+        for t in a.study.get_trials(deepcopy=False):
+            a.study.tell(t.number, 1.0)
+        restarted = hand_worker(sweep, folder, name="a-restarted")  # a new process, new sampler
+        return out + [suggest(restarted._new_trial(6), sweep)["optim.lr"]]
+
+    first = draws(tmp_path / "first")
+    assert len(set(first)) == len(first), first
+    assert draws(tmp_path / "again") == first  # per trial number: reproducible
+
+
 def test_suggest_draws_a_budget_in_per_budget_mode(tmp_path):
     sweep = _ranged_sweep(tmp_path, "p", budget_mode="per_budget")
     draws = _draws(sweep, f"sqlite:///{tmp_path / 'p.db'}", 20)
@@ -366,6 +386,75 @@ def test_a_lost_grid_trial_is_requeued_with_its_grid_point(tmp_path):
     assert len(retries) == 1
     assert retries[0].system_attrs["fixed_params"] == point
     assert retries[0].user_attrs["attempt"] == 2
+
+
+def test_a_trial_claimed_by_a_worker_that_died_before_starting_it_is_taken_after_the_grace(
+    tmp_path, monkeypatch
+):
+    """A worker killed between claiming `run:<trial id>` and setting the trial RUNNING leaves a
+    WAITING trial with no heartbeat: its claim expires after the grace period (3 s in TINY)."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    dead = hand_worker(sweep, tmp_path, name="dead")
+    dead._enqueue_grid(1)
+    (waiting,) = dead.study.get_trials(deepcopy=False, states=WAITING)
+    assert dead.claims.claim(f"run:{waiting._trial_id}")  # ... and the process is killed here
+    other = hand_worker(sweep, tmp_path, name="other")
+    assert other._pop_waiting() is None  # a claim that young may be a live worker's
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + sweep.spec.heartbeat.grace + 1)
+    trial = other._pop_waiting()
+    assert trial is not None and trial.number == waiting.number
+    assert other.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
+    # and it has a heartbeat from the start: should this worker die too, the trial goes stale
+    with other.claims.engine.connect() as conn:
+        beats = conn.exec_driver_sql(
+            f"SELECT count(*) FROM trial_heartbeats WHERE trial_id = {trial._trial_id}"
+        ).scalar()
+    assert beats == 1
+
+
+def test_a_claim_is_given_back_when_starting_the_trial_raises(tmp_path, monkeypatch):
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+
+    def locked(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(w.storage, "set_trial_state_values", locked)
+    with pytest.raises(RuntimeError, match="locked"):
+        w._pop_waiting()
+    monkeypatch.undo()
+    other = hand_worker(sweep, tmp_path, name="other")
+    assert other._pop_waiting() is not None  # at once, not after the grace period
+
+
+def test_a_non_finite_final_loss_fails_its_trial_with_an_error_and_is_not_retried(
+    tmp_path, monkeypatch
+):
+    import dit_bench.train.run as train_run
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    run = tmp_path / "runs" / "diverged"
+
+    def diverging_train(cfg, out, **kwargs):  # finishes, its last val loss NaN: no exception
+        run.mkdir(parents=True)
+        rows = ["step,val/loss", "1,0.9", f"{cfg.train.steps},nan"]
+        (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+        return run
+
+    monkeypatch.setattr(train_run, "train", diverging_train)
+    monkeypatch.setattr(train_run, "find_run_dir", lambda out, cfg: run)
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()
+    w._run(trial)
+    done = w.study.trials[trial.number]
+    assert done.state == optuna.trial.TrialState.FAIL
+    assert "not finite" in done.user_attrs["error"]
+    assert json.loads((run / "trial.json").read_text())["state"] == "FAIL"
+    w._retry_failed()
+    assert not w.study.get_trials(states=WAITING)  # deterministic: not re-run as a lost worker
 
 
 def test_grid_enqueues_each_point_once_and_n_trials_of_them(tmp_path):

@@ -112,15 +112,22 @@ def metric_key(name: str) -> str:
 
 
 def final_values(table: pd.DataFrame, long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """`table` with one column per metric: the summary's value, else the run's last logged one
-    (e.g. the in-training FD, which lives in metrics.csv only). All-missing metrics are dropped."""
+    """`table` with one column per metric: the summary's value, else, where the summary has no
+    such key, the run's last logged one (e.g. the in-training FD, which lives in metrics.csv
+    only). A summary's null (not finite: the run diverged) stays NaN, and so does a last logged
+    NaN: a diverged run never reports an earlier, finite value as its final one. All-missing
+    metrics are dropped."""
     out = table.copy()
     long = long.assign(key=long["metric"].map(metric_key))
-    last = long.sort_values("step").groupby(["run_dir", "key"])["value"].last()
+    # the last logged row, NaN included (groupby's last() would skip a NaN to an earlier value)
+    last = long.sort_values("step", kind="stable").groupby(["run_dir", "key"]).tail(1)
+    last = last.set_index(["run_dir", "key"])["value"]
+    nulls = out.get("null_in_summary", pd.Series("", index=out.index)).fillna("").str.split(",")
     for m in metrics:
         m = metric_key(m)
         from_curves = out["run_dir"].map(lambda r, m=m: last.get((r, m), np.nan))
-        out[m] = out[m].fillna(from_curves) if m in out else from_curves
+        null = nulls.map(lambda keys, m=m: m in keys)
+        out[m] = out[m].where(out[m].notna() | null, from_curves) if m in out else from_curves
         if out[m].isna().all():
             out = out.drop(columns=m)
     return out

@@ -76,6 +76,17 @@ def _insufficient(name: str, formula: str, n: int, why: str) -> Fit:
     return Fit(name, formula, {}, "insufficient data", why, n)
 
 
+def _usable(*columns: np.ndarray) -> np.ndarray:
+    """The points every fit can take: finite and positive in every column (the fits take logs).
+    A diverged run's NaN loss is no point of a scaling law, and one of them turns every
+    residual, and so the whole fit, into NaN."""
+    keep = np.ones(len(columns[0]), bool)
+    for col in columns:
+        with np.errstate(invalid="ignore"):
+            keep &= np.isfinite(col) & (col > 0)
+    return keep
+
+
 def _cond(jac: np.ndarray) -> float:
     s = np.linalg.svd(jac, compute_uv=False)
     return float(s[0] / s[-1]) if s[-1] > 0 else math.inf
@@ -114,6 +125,8 @@ def fit_power_law(c: Sequence[float], loss: Sequence[float], name: str = "L(C)")
     when that fit passes the checks. The three-parameter Jacobian cannot judge it: its E column
     vanishes with E, so a pure power law would always look ill-conditioned."""
     c, loss = np.asarray(c, float), np.asarray(loss, float)
+    keep = _usable(c, loss)
+    c, loss = c[keep], loss[keep]
     n = len(c)
     if n < 4 or len(np.unique(c)) < 4:
         return _insufficient(name, POWER_FORMULA, n, f"{len(np.unique(c))} distinct C (need 4)")
@@ -224,6 +237,8 @@ def fit_chinchilla(
     then polish the best with least_squares(loss="huber") on the same residuals. Reported
     A = exp(a') N0^a, B = exp(b') D0^b, E = exp(e)."""
     nn, dd, ll = (np.asarray(v, float) for v in (n_params, data, loss))
+    keep = _usable(nn, dd, ll)
+    nn, dd, ll = nn[keep], dd[keep], ll[keep]
     n = len(ll)
     if n < 8 or len(np.unique(nn)) < 2 or len(np.unique(dd)) < 2:
         return _insufficient(
@@ -288,6 +303,7 @@ def fit_chinchilla(
     near = [r for r in runs if r.fun <= best.fun + tol]
     # polish: the same Huber objective by trust-region least squares (tight, and gives J)
     lo, hi = [b[0] for b in bounds], [b[1] for b in bounds]
+    polished = False  # the polish converged and improved on (or matched) the best start
     try:
         pol = optimize.least_squares(
             resid,
@@ -300,11 +316,15 @@ def fit_chinchilla(
             gtol=1e-15,
             max_nfev=20000,
         )
-        p = pol.x if objective(pol.x)[0] <= best.fun + 1e-18 else best.x
+        improved = objective(pol.x)[0] <= best.fun + 1e-18
+        p = pol.x if improved else best.x
+        polished = bool(pol.success and improved)
         jac = pol.jac
     except ValueError:
         p, jac = best.x, None
-    converged = bool(best.success or objective(p)[0] <= best.fun)
+    # Converged: L-BFGS said so, or the polish did from its point and did no worse. (Not
+    # "objective(p) <= best.fun": p is chosen to satisfy that, so it was always true.)
+    converged = bool(best.success or polished)
     if jac is None:
         eps = 1e-7
         jac = np.stack([(resid(p + eps * e) - resid(p)) / eps for e in np.eye(5)], axis=1)
@@ -365,7 +385,9 @@ def _parabola(logn: np.ndarray, loss: np.ndarray) -> dict:
 
 @_one_thread
 def fit_isoflop(points: pd.DataFrame, name: str = "N*(C)") -> IsoFlop:
-    """`points`: columns budget, params, val_loss (one row per run and budget)."""
+    """`points`: columns budget, params, val_loss (one row per run and budget); points with a
+    non-finite or non-positive loss or size are left out."""
+    points = points[_usable(points["params"].to_numpy(float), points["val_loss"].to_numpy(float))]
     rows = []
     for budget, g in points.groupby("budget"):
         r = _parabola(np.log10(g["params"].to_numpy(float)), g["val_loss"].to_numpy(float))
@@ -409,7 +431,9 @@ def fit_isoflop(points: pd.DataFrame, name: str = "N*(C)") -> IsoFlop:
 # -- envelope, bootstrap, held-out -----------------------------------------------------------------
 def envelope(points: pd.DataFrame) -> pd.DataFrame:
     """Lowest loss at each budget over runs (the loss-compute frontier, Chinchilla approach 1):
-    columns budget, train_flops (of the best run at that budget), val_loss, run."""
+    columns budget, train_flops (of the best run at that budget), val_loss, run. Non-finite
+    losses are left out (idxmin of a budget with no finite loss has no answer)."""
+    points = points[np.isfinite(points["val_loss"].to_numpy(float))]
     idx = points.groupby("budget")["val_loss"].idxmin()
     return points.loc[idx, ["budget", "train_flops", "val_loss", "run"]].reset_index(drop=True)
 

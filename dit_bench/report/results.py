@@ -2,7 +2,8 @@
 
 Columns: experiment, variant, seed, backbone, conditioning, objective, depth, width, heads,
 patch, tokens, params, macs, flops, train_flops, steps, batch_size, val_loss, fd, ... (whatever
-the summaries hold), plus `run_dir`. `curves` gives the long table of metrics.csv rows.
+the summaries hold), plus `run_dir` and `null_in_summary` (the summary keys written as null: for
+a metric, a value that was not finite). `curves` gives the long table of metrics.csv rows.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def run_row(run: Path) -> dict:
     cfg = _read(run / "config.yaml", yaml.safe_load)
     labels = _read(run / "labels.json") if (run / "labels.json").exists() else {}
     row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    # A table cell cannot tell a null from an absent key, and they mean different things: null
+    # is a value that was not finite (a diverged run), absent is one never computed.
+    row["null_in_summary"] = ",".join(sorted(k for k, v in summary.items() if v is None))
     spec = summary.get("backbone_spec", {})
     row.update(
         {
@@ -86,8 +90,15 @@ def curves(table: pd.DataFrame) -> pd.DataFrame:
     """Long table of every run's metrics.csv: run_dir, step, metric, value (+ images/FLOPs)."""
     frames = []
     for row in table.itertuples():
-        m = pd.read_csv(Path(row.run_dir) / "metrics.csv")
-        long = m.melt(id_vars="step", var_name="metric", value_name="value").dropna()
+        path = Path(row.run_dir) / "metrics.csv"
+        m = pd.read_csv(path)
+        # An empty cell is a metric not logged at that step; a logged non-finite value is
+        # written `nan` (or `inf`) and stays, as NaN: dropped, it would leave a diverged run's
+        # earlier finite value as its last one.
+        logged = pd.read_csv(path, dtype=str, keep_default_na=False).ne("")
+        long = m.melt(id_vars="step", var_name="metric", value_name="value")
+        was_logged = logged.melt(id_vars="step", var_name="metric", value_name="logged")
+        long = long[was_logged["logged"].to_numpy()]
         long["run_dir"] = row.run_dir
         long["images"] = long["step"] * row.batch_size
         long["train_flops"] = 3 * row.flops * long["images"]

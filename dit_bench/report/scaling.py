@@ -27,6 +27,36 @@ from dit_bench.report import fits
 from dit_bench.report.results import save_table
 
 N_BOOT = 200
+# The trials whose points enter the fits. A pruned trial's budgets up to its pruning are
+# measurements like any other (leaving them out would fit the better configs only); a failed
+# one's are not: it diverged (its last losses already on the way there) or its worker was lost
+# and a retry, if any, stands for it.
+FINISHED = ("COMPLETE", "PRUNED")
+# The L(C) fits' intervals are labelled, not called CIs. L(C) is fitted to the envelope, the
+# lowest loss over runs at each budget, and its interval comes from refits on runs resampled
+# with replacement. A resample holds about 63% of the distinct runs and never a better one than
+# the sweep's, so its envelope can only rise: the refits lie to one side of the estimate, which
+# sits at (or near) the interval's edge. The bootstrap of a minimum is not consistent (Bickel
+# and Freedman 1981), so no percentile of it is a 95% CI. A residual bootstrap of the envelope
+# fit would centre an interval on the estimate, but with one point per budget it measures the
+# scatter about the curve only, not the uncertainty that matters here (which runs, and how many,
+# reach the frontier); so the run-resampling range stays, named for what it is: how far the law
+# moves when runs are missing from the frontier.
+ENVELOPE_RANGE = "runs-dropped range"
+ENVELOPE_NOTE = (
+    f"{ENVELOPE_RANGE}: L(C) is fitted to the envelope (the lowest loss over runs at each "
+    "budget). A resample of runs can drop the best runs but never add a better one, so its "
+    "envelope only rises and the refits lie to one side of the estimate: the 2.5/97.5% "
+    "percentiles show how far the law moves when runs are missing from the frontier, not a 95% "
+    "CI (a bootstrap of a minimum is not consistent; Bickel and Freedman 1981)."
+)
+
+
+def interval_kind(fit_name: str) -> str:
+    """What a fit's interval is: a bootstrap CI, or (L(C), an envelope) a runs-dropped range."""
+    return ENVELOPE_RANGE if fit_name.startswith("L(C)") else "95% CI"
+
+
 COMPUTE_CONVENTION = (
     "training FLOPs C = 3 x forward FLOPs x images seen; forward FLOPs = 2 x forward MACs "
     "(one multiply-add = 1 MAC; DiT's 'Gflops' are forward MACs). N = parameters; D = training "
@@ -44,9 +74,25 @@ def _records_from_runs(folder: Path) -> list[dict]:
     return recs
 
 
-def study_trials(url: str) -> dict[str, list]:
-    """Every study in the storage and its trials, read once: the records and the unfinished-trials
-    line of a report both come from them (a PostgreSQL storage of many studies is read once)."""
+def pick_study(names: list[str], study: str | None, where: str) -> list[str]:
+    """The one study a report is about: `study`, or the only one there is. Several sweeps (two
+    profiles, two sweep files) share a storage, above all a PostgreSQL one; pooled into one fit,
+    they would read as one law of different data and models."""
+    if study is not None:
+        if study not in names:
+            raise ValueError(f"{where}: no study {study!r}; studies: {sorted(names)}")
+        return [study]
+    if len(names) > 1:
+        raise ValueError(
+            f"{where} holds {len(names)} studies {sorted(names)}: name the one to report with "
+            "--study NAME"
+        )
+    return list(names)
+
+
+def study_trials(url: str, study: str | None = None) -> dict[str, list]:
+    """The study's trials (`study`, or the storage's only study), read once: the records and the
+    unfinished-trials line of a report both come from them."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,14 +104,16 @@ def study_trials(url: str) -> dict[str, list]:
         raise ValueError(f"{url}: cannot read an Optuna study ({type(e).__name__}: {e})") from None
     return {
         name: optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-        for name in names
+        for name in pick_study(names, study, url)
     }
 
 
-def _records_from_study(url: str, studies: dict[str, list] | None = None) -> list[dict]:
-    """Trial records of every study in the storage (`studies`: as `study_trials(url)` read)."""
+def _records_from_study(
+    url: str, studies: dict[str, list] | None = None, study: str | None = None
+) -> list[dict]:
+    """Trial records of the study (`studies`: as `study_trials(url, study)` read them)."""
     recs = []
-    for name, trials in (study_trials(url) if studies is None else studies).items():
+    for name, trials in (study_trials(url, study) if studies is None else studies).items():
         for t in trials:
             if "curve" not in t.user_attrs:
                 continue
@@ -116,16 +164,25 @@ def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[
     return lines
 
 
-def load_records(source: str | Path, studies: dict[str, list] | None = None) -> list[dict]:
-    """Trial records of a runs folder, a study file or a storage URL (`studies`: the storage's
-    trials if already read, `study_trials(study_url(source))`)."""
+def load_records(
+    source: str | Path, studies: dict[str, list] | None = None, study: str | None = None
+) -> list[dict]:
+    """Trial records of one study: from a runs folder, a study file or a storage URL
+    (`studies`: the storage's trials if already read, `study_trials(study_url(source), study)`).
+    `study`: its name, needed where the source holds several."""
     s = str(source)
     if "://" in s:
-        recs = _records_from_study(s, studies)
+        recs = _records_from_study(s, studies, study)
     elif Path(s).is_file():
-        recs = _records_from_study(f"sqlite:///{Path(s).resolve()}", studies)
+        recs = _records_from_study(f"sqlite:///{Path(s).resolve()}", studies, study)
     elif Path(s).is_dir():
         recs = _records_from_runs(Path(s))
+        names = sorted({r["study"] for r in recs if r.get("study")})
+        if names:  # trial.json names its study: the same choice as in a storage
+            keep = pick_study(names, study, str(source))
+            recs = [r for r in recs if r.get("study") in keep]
+        elif study is not None:
+            raise ValueError(f"{source}: its trial records name no study; cannot pick {study!r}")
     else:
         raise FileNotFoundError(f"{source} is neither a runs folder, a study file nor a URL")
     if not recs:
@@ -141,8 +198,19 @@ def load_records(source: str | Path, studies: dict[str, list] | None = None) -> 
     return list(by_run.values())
 
 
+def finished(state: str | None) -> bool:
+    """Whether a trial's points go into the fits (a record without a state: an older one)."""
+    return (state or "COMPLETE") in FINISHED
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(runs, points, curves): one row per run; per run and budget; per run and val step."""
+    """(runs, points, curves): one row per run; per run and budget; per run and val step.
+    Every run is in `runs` with its state; `points` and `curves` (what the fits and figures
+    use) hold the finished trials' finite losses only."""
     runs, points, curves = [], [], []
     for r in records:
         labels = r.get("trial_params") or dict(
@@ -152,6 +220,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         run = r["config_hash"]
         timing = r.get("timing") or {}
         base = {
+            "study": r.get("study"),
             "run": run,
             "size": size,
             "patch": r.get("patch"),
@@ -179,11 +248,13 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "run_dir": r.get("run_dir"),
             }
         )
+        if not finished(r.get("state")):
+            continue
         fwd, batch, tokens = r["flops"], r["batch_size"], r.get("tokens") or 1
         for budget, step, loss in zip(
             r["budgets"], r["budget_steps"], r["val_at_budget"], strict=True
         ):
-            if loss is None:
+            if not _finite(loss):  # not reached (None), or diverged there
                 continue
             images = step * batch
             points.append(
@@ -199,8 +270,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                     "val_loss": float(loss),
                 }
             )
-        for c in r.get("curve") or []:
-            curves.append({**base, **c})
+        curves += [{**base, **c} for c in r.get("curve") or [] if _finite(c.get("val_loss"))]
     runs_df = pd.DataFrame(runs)
     return runs_df, pd.DataFrame(points), pd.DataFrame(curves)
 
@@ -342,6 +412,7 @@ def fits_table(fit_list: list[fits.Fit]) -> pd.DataFrame:
                     "status": f.status,
                     "detail": f.detail,
                     "n_points": f.n_points,
+                    "ci_kind": interval_kind(f.name),
                 }
             )
         for k, v in f.params.items():
@@ -354,6 +425,7 @@ def fits_table(fit_list: list[fits.Fit]) -> pd.DataFrame:
                     "value": v,
                     "ci_low": lo,
                     "ci_high": hi,
+                    "ci_kind": interval_kind(f.name),
                     "status": f.status,
                     "detail": f.detail,
                     "n_points": f.n_points,
@@ -571,7 +643,8 @@ def _num(v, fmt=".4g") -> str:
 
 def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
     lines = [
-        "| fit | parameter | value | 95% CI (bootstrap over runs) | status | check |",
+        "| fit | parameter | value | 95% CI (bootstrap over runs; L(C): "
+        f"{ENVELOPE_RANGE}) | status | check |",
         "|---|---|---|---|---|---|",
     ]
     for f in fit_list:
@@ -628,14 +701,21 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
     env, ch = result.get("envelope_fit"), result.get("chinchilla")
     iso = result["isoflop"]["all"].fit
     o = overhead_summary(runs)
+    names = sorted(runs["study"].dropna().unique()) if "study" in runs else []
+    named = f", study `{names[0]}`" if len(names) == 1 else ""
+    left_out = runs[~runs["state"].map(finished)]
+    if not unfinished and len(left_out):  # a runs folder: no study to ask, the records say it
+        states = ", ".join(f"{n} {k}" for k, n in sorted(left_out["state"].value_counts().items()))
+        unfinished = [f"{len(left_out)} trial(s) not finished ({states})"]
     lines = [
         "# Scaling-law report",
         "",
-        f"Source: `{source}` ({len(runs)} runs, {len(points)} (run, budget) points, "
+        f"Source: `{source}`{named} ({len(runs)} runs, {len(points)} (run, budget) points, "
         f"budgets {', '.join(f'{b:.3g}' for b in sorted(points['budget'].unique()))} FLOPs).",
         "",
         *(
             [
+                # finished: complete or pruned, as `unfinished_trials` counts them (FINISHED)
                 "**Incomplete sweep**: the fits use the finished trials only; "
                 + "; ".join(unfinished)
                 + ".",
@@ -654,7 +734,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         if f is None or not f.ok:
             return f"not reported ({f.status if f else 'missing'})"
         lo, hi = f.ci.get(k, (math.nan, math.nan))
-        return f"{f.params[k]:.3f} [95% CI {_num(lo, '.3f')}, {_num(hi, '.3f')}]"
+        return f"{f.params[k]:.3f} [{interval_kind(f.name)} {_num(lo, '.3f')}, {_num(hi, '.3f')}]"
 
     lines += [
         f"- Loss-compute envelope L(C) = E + A C^-alpha: alpha = {q(env, 'alpha')}.",
@@ -671,7 +751,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "the floor E of L(C) sits on its bound 0 and the rest is a pure power law, fitted as a "
         "line in log-log with the same checks. Any other status "
         "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
-        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count).",
+        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count). "
+        f"L(C) intervals are a {ENVELOPE_NOTE}",
         "",
         "## Held-out check (fit without the largest budget, predict it)",
         "",
@@ -759,12 +840,15 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
     return text
 
 
-def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> Path:
+def build_report(
+    source: str | Path, out: str | Path, n_boot: int = N_BOOT, *, study: str | None = None
+) -> Path:
+    """The report of one study in SOURCE (`study`: its name, where SOURCE holds several)."""
     url = study_url(source)
-    studies = study_trials(url) if url else None  # read once: records and unfinished trials
-    runs, points, curves = tables(load_records(source, studies))
+    studies = study_trials(url, study) if url else None  # read once: records, unfinished trials
+    runs, points, curves = tables(load_records(source, studies, study))
     if points.empty:
-        raise ValueError(f"{source}: no val loss at any budget yet")
+        raise ValueError(f"{source}: no finished trial has a finite val loss at any budget yet")
     result = fit_all(points, n_boot=n_boot)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused report leaves no empty folder
@@ -782,7 +866,7 @@ def build_report(source: str | Path, out: str | Path, n_boot: int = N_BOOT) -> P
     return out
 
 
-def main(source: str, out: str) -> int:
-    path = build_report(source, out)
+def main(source: str, out: str, study: str | None = None) -> int:
+    path = build_report(source, out, study=study)
     print(f"wrote {path / 'report.md'}", file=sys.stderr)
     return 0

@@ -8,7 +8,9 @@ differences d_s = variant_s - base_s (s = seed) is the textbook test for that de
 three seeds give wide intervals: a difference is called "distinguishable from seed noise" only
 when the interval excludes zero (p < alpha), never from the point estimate. Fewer than
 MIN_PAIRS matched seeds, or differences with no spread at all, leave the seed noise unmeasured:
-no test (NaN p-value), and the comparison is undetermined rather than distinguishable.
+no test (NaN p-value), and the comparison is undetermined rather than distinguishable. A value
+that is not finite (a run that diverged: inf, NaN) is no measurement of the metric: it is left
+out like a missing one, and a comparison says how many seeds it lost that way.
 
 Pure functions of numbers and DataFrames; nothing here imports torch.
 """
@@ -27,6 +29,10 @@ LEVEL = 0.95
 # The least that estimates the seed noise at all (n - 1 = 1 degree of freedom). The test stays
 # valid there, only wide: with 2 pairs p < 0.05 needs |t| > 12.7.
 MIN_PAIRS = 2
+# Differences whose standard deviation is below this fraction of max(1, |mean|) have no spread:
+# a constant shift computed in floating point (0.4 - 0.3 vs 0.8 - 0.7) differs in the last bits,
+# and t = d / (rounding noise) would call it certain.
+ZERO_SPREAD_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,10 @@ class Interval:
 
 
 def mean_ci(values: Sequence[float], level: float = LEVEL) -> Interval:
-    """Mean and its t-based confidence interval: mean +- t_{n-1, (1+level)/2} * s / sqrt(n)."""
+    """Mean and its t-based confidence interval: mean +- t_{n-1, (1+level)/2} * s / sqrt(n).
+    Values that are not finite (NaN: missing or diverged; inf: diverged) are left out."""
     x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
+    x = x[np.isfinite(x)]
     n = len(x)
     if n == 0:
         return Interval(math.nan, math.nan, 0, math.nan, math.nan, level)
@@ -69,6 +76,7 @@ class PairedComparison:
     base_mean: float
     level: float = LEVEL
     alpha: float = 1 - LEVEL
+    left_out: int = 0  # seeds without a finite value on one side (missing, or diverged)
 
     @property
     def distinguishable(self) -> bool:
@@ -92,38 +100,53 @@ def paired_compare(
 ) -> PairedComparison:
     """Paired t-test of `variant` against `base` (same length, element i = seed i).
 
-    Pairs with a NaN on either side are dropped. The comparison is undetermined (p, t and the
+    Pairs with a value that is not finite on either side (NaN: missing or diverged; inf:
+    diverged) are dropped and counted in `left_out`. The comparison is undetermined (p, t and the
     interval NaN; `distinguishable` False; `undetermined` True) when fewer than MIN_PAIRS = 2
     pairs remain, or when every difference is the same nonzero number: zero spread is not "no
     noise" but noise the seeds failed to show (too few, or runs deterministic in the seed), and
     t = d / 0 would call any such shift certain. The one zero-spread case with an
-    answer is all differences exactly zero (identical runs): p = 1, t = 0, not distinguishable.
+    answer is all differences zero (identical runs): p = 1, t = 0, not distinguishable. "No
+    spread" and "zero" are up to floating-point rounding (ZERO_SPREAD_RTOL), not exact.
     """
     v = np.asarray(variant, dtype=float)
     b = np.asarray(base, dtype=float)
     if v.shape != b.shape:
         raise ValueError(f"paired values need the same seeds: {v.shape} vs {b.shape}")
-    keep = ~(np.isnan(v) | np.isnan(b))
+    keep = np.isfinite(v) & np.isfinite(b)
+    left_out = int((~keep).sum())
     v, b = v[keep], b[keep]
     d = v - b
     n = len(d)
     base_mean = float(b.mean()) if n else math.nan
     diff = float(d.mean()) if n else math.nan
     nan = math.nan
+    tail = (level, 1 - level, left_out)
     if n < MIN_PAIRS:
-        return PairedComparison(diff, nan, nan, nan, nan, n, base_mean, level, 1 - level)
+        return PairedComparison(diff, nan, nan, nan, nan, n, base_mean, *tail)
     ci = mean_ci(d, level)
-    if ci.std == 0:
-        if ci.mean == 0:
-            return PairedComparison(0.0, 0.0, 0.0, 1.0, 0.0, n, base_mean, level, 1 - level)
-        return PairedComparison(ci.mean, nan, nan, nan, nan, n, base_mean, level, 1 - level)
+    if ci.std <= ZERO_SPREAD_RTOL * max(1.0, abs(ci.mean)):
+        if abs(ci.mean) <= ZERO_SPREAD_RTOL * max(1.0, abs(base_mean)):  # identical runs
+            return PairedComparison(0.0, 0.0, 0.0, 1.0, 0.0, n, base_mean, *tail)
+        return PairedComparison(ci.mean, nan, nan, nan, nan, n, base_mean, *tail)
     t = ci.mean / (ci.std / math.sqrt(n))
     p = float(2 * stats.t.sf(abs(t), df=n - 1))
-    return PairedComparison(ci.mean, ci.lo, ci.hi, p, float(t), n, base_mean, level, 1 - level)
+    return PairedComparison(ci.mean, ci.lo, ci.hi, p, float(t), n, base_mean, *tail)
 
 
 def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = ".4g") -> str:
-    """One plain sentence on `c` (lower metric values are better)."""
+    """One plain sentence on `c` (lower metric values are better), and one more when seeds
+    were left out for a value that is missing or not finite."""
+    text = _verdict(c, name, base, metric, fmt)
+    if c.left_out:
+        text += (
+            f" Left out: {c.left_out} seed(s) whose {metric} is missing or not finite "
+            f"(diverged) for {name} or {base}."
+        )
+    return text
+
+
+def _verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str) -> str:
     pct = f" ({c.relative:+.1%} of {base})" if not math.isnan(c.relative) else ""
     if c.n < MIN_PAIRS:
         return (
