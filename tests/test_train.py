@@ -383,6 +383,15 @@ def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path):
     assert (run / "config.yaml").exists()
 
 
+def test_fsdp_is_refused_across_processes_and_allowed_on_one():
+    from dit_bench.train.run import check_sharding
+
+    check_sharding("fsdp", 1)  # NO_SHARD: the model whole on its one GPU
+    check_sharding("ddp", 8)
+    with pytest.raises(ValueError, match="train.strategy=fsdp over 2 processes.*strategy=ddp"):
+        check_sharding("fsdp", 2)
+
+
 def test_kill_9_then_rerun_resumes(tmp_path):
     """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
     empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()

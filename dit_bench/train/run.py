@@ -608,6 +608,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
             enable_model_summary=False,
             default_root_dir=run,
         )
+        check_sharding(t.strategy, trainer.world_size)
     except Exception:
         if created and [p.name for p in run.iterdir()] == ["config.yaml"]:
             shutil.rmtree(run)  # refused before it began: no run to resume, no dir left
@@ -696,6 +697,24 @@ def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[Model
     return [make(last_every, keep=False, last=True)] + (
         [make(keep_every, keep=True, last=False)] if keep_every else []
     )
+
+
+def check_sharding(strategy: str, world_size: int) -> None:
+    """FSDP on one process only, where it falls back to NO_SHARD (tested on one GPU).
+
+    Sharded, the EMA copy is sharded too (its blocks match the wrap policy; the rest lives in
+    the root unit), but validation, sample grids and the in-training FD call it directly,
+    outside the root's forward that gathers its parameters: they would compute with this
+    rank's shards (empty views), and grids and FD run on rank 0 alone, whose gathers the other
+    ranks never join. Refused before training rather than failing at the first validation.
+    """
+    if strategy == "fsdp" and world_size > 1:
+        raise ValueError(
+            f"train.strategy=fsdp over {world_size} processes: sharded training is not "
+            "supported yet (validation, sample grids and the FD use the EMA copy outside "
+            "FSDP's forward); use train.strategy=ddp (each GPU holds the whole model: DiT-XL/2 "
+            "trains in about 33 GiB at batch 64)"
+        )
 
 
 def _strategy(name: str, module: DiffusionModule):
