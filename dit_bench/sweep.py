@@ -952,6 +952,9 @@ class Worker:
         for k in range(taken, n_trials or 0):
             if self.claims.claim(f"slot:{k}"):
                 trial_id = self.storage.create_new_trial(self.study._study_id)
+                # RUNNING from here, and a running trial without a heartbeat is never stale: a
+                # worker dying before its run's heartbeat starts would leave it RUNNING for good
+                self.storage.record_heartbeat(trial_id)
                 trial = optuna.Trial(self.study, trial_id)
                 trial.set_user_attr("attempt", 1)
                 return trial

@@ -413,6 +413,21 @@ def test_a_trial_claimed_by_a_worker_that_died_before_starting_it_is_taken_after
     assert beats == 1
 
 
+def test_a_new_trial_has_a_heartbeat_from_its_creation(tmp_path):
+    """tpe/random: a trial is RUNNING from `_new_trial`, and Optuna fails as stale only
+    running trials with a heartbeat: a worker dying before its run's heartbeat starts must
+    leave one behind, or the trial stays RUNNING for good."""
+    sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    dead = hand_worker(sweep, tmp_path, name="dead")
+    trial = dead._new_trial(2)  # ... and the process is killed here
+    assert dead.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
+    with dead.claims.engine.connect() as conn:
+        beats = conn.exec_driver_sql(
+            f"SELECT count(*) FROM trial_heartbeats WHERE trial_id = {trial._trial_id}"
+        ).scalar()
+    assert beats == 1
+
+
 def test_a_claim_is_given_back_when_starting_the_trial_raises(tmp_path, monkeypatch):
     sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
     w = hand_worker(sweep, tmp_path)
