@@ -483,10 +483,15 @@ class ExperimentConfig(_Strict):
 
         Keys that only say how a run executes (devices, strategy, threads, loader workers,
         the fast paths) are left out: they do not change its numbers, so a run resumes across them.
+        One fast path does, beyond rounding: TF32 matmuls (a 10-bit mantissa) in a float32 run
+        on a GPU; `train.tf32=false` with `32-true` is hashed (only then, so the runs made with
+        the default keep their directories), so a true-float32 run is a run of its own.
         """
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
             d[section].pop(key)
+        if not self.train.tf32 and self.train.precision == "32-true":
+            d["train"]["tf32"] = False
         for section, key, default in LATER_KEYS:
             if d[section][key] == default:
                 d[section].pop(key)

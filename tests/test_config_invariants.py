@@ -39,6 +39,18 @@ def test_hashes_of_existing_runs_do_not_move():
 
 
 # -- build_config does not touch its input ----------------------------------------------------
+def test_a_true_float32_run_is_a_run_of_its_own_and_tf32_runs_keep_their_hash():
+    """TF32 matmuls change a float32 GPU run's numbers beyond rounding: tf32=false with
+    32-true names its own directory; the default (TF32 on) and the bf16 runs, whose matmuls
+    TF32 does not touch, keep theirs."""
+    fp32 = build_config(None, ["train.precision=32-true"])
+    assert build_config(None, ["train.precision=32-true", "train.tf32=true"]).hash == fp32.hash
+    assert build_config(None, ["train.precision=32-true", "train.tf32=false"]).hash != fp32.hash
+    bf16 = build_config(None, ["train.precision=bf16-mixed"])
+    assert build_config(None, ["train.precision=bf16-mixed", "train.tf32=false"]).hash == bf16.hash
+    assert load_config().hash == "82d0cce65d"  # the pinned hash above, TF32 left at its default
+
+
 def test_overrides_do_not_leak_into_the_raw_config_or_the_demo():
     """An ablation builds every variant from one `base` mapping, and `dit-bench train` with no
     file from DEFAULT_EXPERIMENT: a variant's key written into either would reach every later

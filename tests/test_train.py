@@ -383,6 +383,15 @@ def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path):
     assert (run / "config.yaml").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_request_without_one_is_refused_even_with_a_finished_cpu_run(tmp_path):
+    # the accelerator is not in the hash: a finished CPU run must not answer a GPU request
+    run = train(tiny(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="train.accelerator=gpu: .* sees no CUDA device"):
+        train(tiny("train.accelerator=gpu"), tmp_path, progress=False)
+    assert train(tiny("train.accelerator=cpu"), tmp_path, progress=False) == run
+
+
 def test_fsdp_is_refused_across_processes_and_allowed_on_one():
     from dit_bench.train.run import check_sharding
 

@@ -496,11 +496,11 @@ def train(
     `callbacks` are added to the run's own (ablations and sweeps watch runs through them).
     """
     out = Path(out)
-    if (run := _finished_run(out, cfg)) is not None:
-        return run
     t = cfg.train
     accelerator = t.accelerator
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    # before looking for a finished run: the accelerator is not in the hash, so a GPU request
+    # on a machine without one would otherwise be answered with a CPU run's results
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError(
             f"train.accelerator=gpu: torch {torch.__version__} sees no CUDA device "
@@ -509,6 +509,8 @@ def train(
     if t.precision == "16-mixed" and not on_gpu:
         # Lightning would run bf16-mixed instead, under the hash and the name of 16-mixed
         raise ValueError("train.precision=16-mixed needs a GPU; on the CPU use bf16-mixed")
+    if (run := _finished_run(out, cfg)) is not None:
+        return run
     if t.cudagraphs and not on_gpu:
         print(
             "[dit-bench] train.cudagraphs: no CUDA device here, so no CUDA graphs (the "
