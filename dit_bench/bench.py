@@ -724,7 +724,7 @@ def format_table(result: dict) -> str:
         ),
         "",
         f"{'backbone':<10} {'impl':<18} {'ms/step':>9} {'iqr ms':>8} {'img/s':>9} "
-        f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU sheet':>9} {'mem GB':>7} {'1st s':>7} {'vs ref':>7} "
+        f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU sheet':>9} {'mem GiB':>7} {'1st s':>7} {'vs ref':>7} "
         f"{'AdamW':<7}",
     ]
     for r in result["rows"]:
@@ -737,7 +737,7 @@ def format_table(result: dict) -> str:
             f"{r['first_step_s']:>7.1f} {ratio:>7} {r['adamw']:<7}"
         )
     if result["device_type"] == "cpu":
-        lines.append("mem GB: peak resident set size of the process (CPU)")
+        lines.append("mem GiB: peak resident set size of the process (CPU)")
     if result["sampling"]:
         lines += [
             "",

@@ -265,7 +265,7 @@ def run_variant(
         med = statistics.median(times)
         loss_first, loss_last = losses[0].item(), losses[-1].item()
         prof = bench.profile_step(step, device) if profile else None
-    peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # GiB, as bench
     return {
         "variant": variant,
         "ms": med * 1e3,

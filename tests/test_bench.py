@@ -315,6 +315,7 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     validation, a sample grid. The full plan's settings validate here, before any GPU time."""
     from dit_bench import gpu_check, step_variants
     from dit_bench.config import build_config
+    from dit_bench.data import data_info
 
     full = build_config(None, gpu_check.plan(False)["harness"])
     assert (full.train.precision, full.train.compile, full.optim.grad_clip) == (
@@ -333,6 +334,9 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
             3,
             cfg.train.batch_size,
         )
+        # the same model: its output channels (no learned variance, no VB term) and classes
+        info = data_info(cfg.data)
+        assert (bare.learn_sigma, bare.num_classes) == (cfg.backbone.learn_sigma, info.num_classes)
         for v in variants:
             assert ("cudagraphs" in v) == cfg.train.cudagraphs
         # the second: the harness's step without Lightning (it clips: the GPU profiles do)
@@ -415,6 +419,23 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
     assert unsteady["bare_steps"][0] == {**plain, "harness_vs": None}
     text = render_gpu_section("harness", unsteady)
     assert "## The harness's training path" in text and "| bare step |" not in text
+
+    def cut_off(variant, name, cfg, device, backend):  # the section's alarm in a bare step
+        timed.append(variant)
+        raise gpu_check.SectionTimeout("section cut off after its 150 s")
+
+    timed.clear()
+    monkeypatch.setattr(gpu_check.step_variants, "run_variant", cut_off)
+    kept = gpu_check.section_harness(ctx)  # the run's result and a row per variant stay
+    assert kept["ok"] and timed == ["regional"]
+    assert [r["error"] for r in kept["bare_steps"]] == [
+        "SectionTimeout: section cut off after its 150 s",
+        "skipped: section cut off after its 150 s",
+    ]
+    summary |= {"val_loss": None}  # diverged: summary.json writes a non-finite loss as null
+    diverged = gpu_check.section_harness(ctx)
+    assert diverged["ok"] is False and diverged["val_loss"] is None
+    assert "val loss -," in render_gpu_section("harness", diverged)
 
 
 def test_step_budget_against_counted_flops():
@@ -510,6 +531,15 @@ def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatc
     assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
     assert gpu_check.main([*args, "--out", str(tmp_path / "r")]) == 0
     assert len(list((tmp_path / "r").glob("*.md"))) == 2
+    # a section that ran but whose check failed (a loss that did not fall, failing CUDA tests)
+    # shows in the sections table and the exit status, not only in its body
+    real = gpu_check.section_train
+    monkeypatch.setattr(gpu_check, "section_train", lambda ctx: {**real(ctx), "ok": False})
+    only_train = ["--skip", "environment,matmul,bench,profile,cuda,harness,sampling,variants"]
+    args = ["--smoke", "--device", "cpu", *only_train, "--out", str(tmp_path / "f")]
+    assert gpu_check.main(args) == 1
+    (report,) = (tmp_path / "f").glob("*.json")
+    assert json.loads(report.read_text())["sections"]["train"]["status"] == "failed checks"
 
 
 @pytest.mark.parametrize("tf32", [True, False])
