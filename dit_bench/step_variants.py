@@ -38,7 +38,9 @@ left between the two is Lightning's loop and the data loader):
   ema           the EMA update after it (`fast.ema_update`, decay 0.9999, an eager copy)
   deterministic torch's deterministic algorithms in warn-only mode and cuDNN's autotuner off,
                 as Lightning sets them for `dit-bench train` on a GPU, without their NaN fill of
-                new tensors (`fast.no_nan_fill`, as the harness trains)
+                new tensors (`fast.no_nan_fill`, as the harness trains). Not quite Lightning's:
+                torch reads CUBLAS_WORKSPACE_CONFIG (":4096:8") once a process, so after earlier
+                cuBLAS work (gpu-check's sections) it does not apply here
   nan-fill      with deterministic: the NaN fill left on, as Lightning alone leaves it (an
                 extra write of every new buffer: 256 fill kernels a compiled DiT-S/4 step)
 Measured on an H100 (reports/gpu/: xl2_variants-*.json, 2026-11-27-*.md, step-variants-*.json;
