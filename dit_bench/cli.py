@@ -302,6 +302,7 @@ def cmd_sweep(args) -> int:
     from dit_bench.sweep import default_storage, load_sweep, run_sweep, storage_status, summarize
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
+    sweep = sweep.with_settings(n_trials=args.n_trials, workers=args.workers)
     if args.dry_run:
         sweep.validate(dry_run=True)
         print(sweep.describe())

@@ -60,7 +60,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -229,6 +229,16 @@ class Sweep:
     spec: SweepSpec
     source: str = ""
     overrides: tuple[str, ...] = field(default=())
+
+    def with_settings(self, *, n_trials: int | None = None, workers: int | None = None) -> Sweep:
+        """This sweep with the command line's `--n-trials` / `--workers` in place of the
+        file's (not in its identity: a rerun may change them), so the dry run lists, and
+        validation checks, what the command will run."""
+        update = {k: v for k, v in (("n_trials", n_trials), ("workers", workers)) if v is not None}
+        if not update:
+            return self
+        spec = type(self.spec).model_validate({**self.spec.model_dump(), **update})
+        return replace(self, spec=spec)
 
     @property
     def experiment(self) -> str:

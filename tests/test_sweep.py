@@ -275,6 +275,23 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
 
 
+def test_dry_run_lists_what_the_command_line_asks_for(tmp_path, capsys):
+    # --n-trials and --workers take the file's place in the listing and in validation: a tpe
+    # file without n_trials runs with --n-trials, so its dry run must accept it too
+    from dit_bench.cli import main
+
+    path = write_tiny(tmp_path / "tiny.yaml")
+    args = ["sweep", str(path), "--dry-run", "--out", str(tmp_path)]
+    assert main([*args, "--n-trials", "2", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "2 trials (grid points)" in text and "workers 1" in text
+    space = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    tpe = write_tiny(tmp_path / "tpe.yaml", space=space, sampler="tpe")
+    assert main(["sweep", str(tpe), "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "sampler tpe needs n_trials" in capsys.readouterr().err
+    assert main(["sweep", str(tpe), "--dry-run", "--out", str(tmp_path), "--n-trials", "3"]) == 0
+
+
 def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path, capsys):
     # validate() checks a range's corners (16 and 20 build); 17..19 break the head split or
     # the sin-cos table. Such a trial fails with its error, is not retried, and the worker
