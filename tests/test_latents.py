@@ -240,3 +240,28 @@ def test_the_decoder_is_checked_against_the_encoder_of_the_latents(vae_dir, imag
     other.save_pretrained(tmp_path / "other-encoder")
     with pytest.raises(DataError, match="not the encoder of the latents"):
         load_decoder(tmp_path / "other-encoder", out)
+
+
+def test_a_run_with_an_unusable_vae_is_refused_before_it_trains(vae_dir, image_folder, tmp_path):
+    # data.vae decodes the grids: found missing, or another encoder, only at the first grid
+    # (or the last step) it would cost the run
+    from diffusers import AutoencoderKL
+
+    from dit_bench.config import build_config
+    from dit_bench.train.run import train
+
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    other = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(2)
+    other.save_pretrained(tmp_path / "other-encoder")
+    sets = ["data.name=latents", f"data.root={out}", "backbone.name=dit-xs/2", "train.steps=2"]
+    runs = tmp_path / "runs"
+    for vae, message in [
+        (tmp_path / "nowhere", "data.vae .*nowhere: no config.json there"),
+        (tmp_path / "other-encoder", "not the encoder of the latents"),
+    ]:
+        with pytest.raises((FileNotFoundError, DataError), match=message):
+            train(build_config(None, [*sets, f"data.vae={vae}"]), runs, progress=False)
+    assert not [d for d in runs.glob("*/*") if d.is_dir()]  # refused before any run dir

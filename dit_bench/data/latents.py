@@ -56,11 +56,12 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu"):
-    """A diffusers AutoencoderKL saved on disk (`save_pretrained` folder); never downloads."""
+def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu", what: str = "--vae"):
+    """A diffusers AutoencoderKL saved on disk (`save_pretrained` folder); never downloads.
+    `what`: the flag or key that named the folder, for the error when it holds none."""
     from diffusers import AutoencoderKL
 
-    check_vae_dir(vae_dir)
+    check_vae_dir(vae_dir, what)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
 
@@ -280,7 +281,7 @@ def load_decoder(vae_dir: str | Path, root: str | Path, device: str | torch.devi
     """
     from dit_bench.data.datasets import DataError
 
-    vae = load_vae(vae_dir, device)
+    vae = load_vae(vae_dir, device, "data.vae")
     written = read_manifest(root).get("vae", {})
     encoder = written.get("encoder_sha256")  # manifests before this check lack it
     if encoder is not None and encoder != vae_fingerprint(vae, ENCODER_PARTS):

@@ -511,6 +511,10 @@ def train(
         raise ValueError("train.precision=16-mixed needs a GPU; on the CPU use bf16-mixed")
     if (run := _finished_run(out, cfg)) is not None:
         return run
+    if cfg.data.name == "latents" and cfg.data.vae:
+        # it decodes the grids (and the FD's samples): a missing folder or another encoder
+        # found at the first grid, or the last step, would cost the run; loaded once, cached
+        _load_decoder(str(cfg.data.vae), str(cfg.data.root))
     if t.cudagraphs and not on_gpu:
         print(
             "[dit-bench] train.cudagraphs: no CUDA device here, so no CUDA graphs (the "
