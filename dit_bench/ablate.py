@@ -38,7 +38,9 @@ in `<out>/<name>-<profile>/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -46,7 +48,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dit_bench.config import (
     USER_ERRORS,
@@ -501,17 +503,8 @@ def run_ablation(
     out = Path(out)
     root = out / ab.experiment
     root.mkdir(parents=True, exist_ok=True)
-    record = {**ab.plan_record(), **({"command": command} if command else {})}
-    previous = root / "ablation.json"
-    if previous.is_file():  # the same configs, other --seeds: the plan grows by these seeds
-        old = json.loads(previous.read_text())
-        if old.get("variant_configs") == record["variant_configs"]:
-            now = {r["config_hash"] for r in record["runs"]}
-            record["runs"] = [r for r in old["runs"] if r["config_hash"] not in now] + record[
-                "runs"
-            ]
-            record["seeds"] = sorted({*old["seeds"], *record["seeds"]})
-    write_json_atomic(previous, record)
+    # written first, so that an interrupted call leaves its plan; again at the end (below)
+    write_json_atomic(root / "ablation.json", plan_record(ab, out, command))
     from dit_bench.train.run import check_run_config
 
     n = len(ab.runs)
@@ -558,7 +551,10 @@ def run_ablation(
             finished(r, run_dir)
     else:
         _run_parallel(ab, todo, out, jobs, finished, failed)
-    write_results(ab, out)
+    # the runs that finished meanwhile join the record as they join the table: the two agree
+    found = plan_runs(ab, out)
+    write_json_atomic(root / "ablation.json", plan_record(ab, out, command, found))
+    write_results(ab, out, found)
     if failures:
         raise RunsFailed(failures, root)
     return root
@@ -567,79 +563,246 @@ def run_ablation(
 def _run_parallel(
     ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished, failed
 ) -> None:
+    """Train `todo` in a pool of `jobs` worker processes.
+
+    A worker that dies (the OOM killer, a kill -9) breaks its whole pool: every run in flight
+    ends in BrokenProcessPool, and the pool cannot say whose worker died. So a new pool takes
+    over and the runs that were in flight are tried again (from their last checkpoints); a run
+    in flight at two pool deaths in a row is failed. Those "suspects" are tried one at a time
+    (beside runs that are not suspects): a healthy run is then never in flight at both deaths
+    of a run that kills its worker, and is not failed for it."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     n = len(ab.runs)
-    # spawn: a clean interpreter per worker (forking a process that holds torch threads is not)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {}
-        queue = list(todo)
+    queue = list(todo)
+    deaths: dict[int, int] = {}  # run index -> pool deaths in a row it was in flight at
+    while queue:
+        # spawn: a clean interpreter per worker (forking a process that holds torch threads is
+        # not)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            in_flight = _train_in_pool(pool, queue, jobs, deaths, out, n, finished, failed)
+        again = []
+        for r in in_flight:
+            deaths[r.index] = deaths.get(r.index, 0) + 1
+            if deaths[r.index] < 2:
+                again.append(r)
+            else:
+                failed(
+                    r,
+                    BrokenProcessPool(
+                        "its worker process died at two tries in a row (killed: out of "
+                        "memory? `dmesg` names the OOM killer's victims)"
+                    ),
+                )
+        if in_flight:
+            names = ", ".join(f"{r.variant} seed {r.seed}" for r in in_flight)
+            _log(
+                f"a worker process died (killed: out of memory?) and took its pool with it; "
+                f"in flight: {names}"
+                + (
+                    f"; trying {', '.join(f'{r.variant} seed {r.seed}' for r in again)} again "
+                    "in a new pool, one suspect at a time"
+                    if again
+                    else ""
+                )
+            )
+        queue[:0] = again  # first: they have checkpoints to resume from
+
+
+def _next_run(
+    queue: list[PlannedRun], running: Sequence[PlannedRun], deaths: dict[int, int]
+) -> PlannedRun | None:
+    """Takes the first run of the queue that may start now: a suspect (in flight at a pool
+    death) waits while another suspect runs. None: none may."""
+    suspect_running = any(deaths.get(r.index) for r in running)
+    for i, r in enumerate(queue):
+        if not (suspect_running and deaths.get(r.index)):
+            return queue.pop(i)
+    return None
+
+
+def _train_in_pool(
+    pool,
+    queue: list[PlannedRun],
+    jobs: int,
+    deaths: dict[int, int],
+    out: Path,
+    n: int,
+    finished,
+    failed,
+) -> list[PlannedRun]:
+    """Train the queue's runs in `pool` until none is left (returns []) or a worker dies:
+    returns the runs then in flight (the pool is broken; their futures all say so)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    pending = {}
+    try:
+        # every worker started before any run: the pool watches for a dead worker only among
+        # those it had when its watcher last woke, and CPython starts a worker with a task
+        # after waking it; a worker started with a run could die unnoticed until another ended
+        wait([pool.submit(os.getpid) for _ in range(jobs)])
+        while queue or pending:
+            while len(pending) < jobs and (r := _next_run(queue, list(pending.values()), deaths)):
+                again = " again (its last worker died)" if deaths.get(r.index) else ""
+                _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed}{again} (in a worker)")
+                pending[pool.submit(_worker, r.cfg.to_dict(), str(out))] = r
+            wait(pending, return_when=FIRST_COMPLETED)
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in pending if f.done()):
+                wait(pending)  # the pool fails every future in flight at once
+                # a survivor of the pool's SIGTERM (Lightning catches it to stop at the end of
+                # an epoch) would train on beside its run's next try
+                _signal_workers(pool, "kill")
+            in_flight = []
+            for fut in [f for f in pending if f.done()]:
+                r = pending.pop(fut)
+                e = fut.exception()
+                if isinstance(e, BrokenProcessPool):
+                    in_flight.append(r)
+                    continue
+                deaths.pop(r.index, None)  # it ran through: no longer a suspect
+                if e is None:
+                    finished(r, Path(fut.result()))
+                    continue
+                # the run raised in its worker; the others go on
+                if e.__cause__ is not None and not isinstance(e, USER_ERRORS):
+                    _log(str(e.__cause__).rstrip())  # the worker's traceback, as text
+                failed(r, e)
+            if in_flight:
+                return in_flight
+        return []
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        _signal_workers(pool, "terminate")  # a stopped run resumes from its last checkpoint
+        raise
+
+
+def _signal_workers(pool, how: str) -> None:
+    """`terminate` (SIGTERM) or `kill` (SIGKILL) the pool's live worker processes."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(ValueError):  # a process object the pool closed: gone
+            if proc.is_alive():
+                getattr(proc, how)()
+
+
+class PlanRun(NamedTuple):
+    """A finished run of the plan, found in its folder (`plan_runs`)."""
+
+    variant: str
+    seed: int
+    config_hash: str
+    run_dir: Path
+
+
+def plan_runs(ab: Ablation, out: str | Path, *, log: bool = True) -> list[PlanRun]:
+    """The finished runs that belong to the plan: every run directory of `<out>/<experiment>/`
+    with a summary.json whose config, seed left out, is the config of one of the plan's
+    variants. Runs of other `--seeds` of the same configs join (adding seeds accumulates), runs
+    of another `--set` do not. The plan record (ablation.json), the results table and so the
+    report all take their runs from here: the three agree.
+
+    One directory per config hash: folders merged from two machines can hold two finished
+    copies of a run; the one `find_run_dir` would resume (the newest name) is taken. A run whose
+    config.yaml is missing or no longer loads (a run of another dit-bench version) is skipped
+    with a line naming it (`log`): one foreign directory must not stop every later call."""
+    from dit_bench.train.run import load_run_config
+
+    root = Path(out) / ab.experiment
+    variant_of = {unseeded_hash(r.cfg): r.variant for r in ab.runs}
+    found: dict[str, PlanRun] = {}
+    # in name order, that is by start time: a later copy of a config replaces an earlier one
+    for summary in sorted(root.glob("*/summary.json")):
+        run_dir = summary.parent
+        if not (run_dir / "config.yaml").is_file():  # lost in a crash; not a run of this plan
+            if log:
+                _log(
+                    f"skipped {run_dir.name}: no config.yaml (an ablate call that plans it, or "
+                    "dit-bench train with its config, writes it again)"
+                )
+            continue
         try:
-            while queue or pending:
-                while queue and len(pending) < jobs:
-                    r = queue.pop(0)
-                    _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed} (in a worker)")
-                    pending[pool.submit(_worker, r.cfg.to_dict(), str(out))] = r
-                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in ready:
-                    r = pending.pop(fut)
-                    try:
-                        run_dir = Path(fut.result())
-                    except BrokenProcessPool:
-                        raise  # a worker died (killed, out of memory): the pool is gone
-                    except Exception as e:  # the run raised in its worker; the others go on
-                        if e.__cause__ is not None and not isinstance(e, USER_ERRORS):
-                            _log(str(e.__cause__).rstrip())  # the worker's traceback, as text
-                        failed(r, e)
-                        continue
-                    finished(r, run_dir)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()  # a killed worker resumes from its last checkpoint next time
-            raise
+            cfg = load_run_config(run_dir)
+        except USER_ERRORS as e:  # an unknown key, a value no longer allowed, broken YAML
+            why = " ".join(str(e).split())  # one line
+            if log:
+                _log(
+                    f"skipped {run_dir.name}: its config.yaml does not load ({why}); a run of "
+                    f"another dit-bench version? Move it out of {root}"
+                )
+            continue
+        variant = variant_of.get(unseeded_hash(cfg))
+        if variant is None:  # another --set or ablation file writing to the same folder
+            continue
+        if cfg.hash in found and log:
+            _log(
+                f"{found[cfg.hash].run_dir.name} and {run_dir.name} are one run (config "
+                f"{cfg.hash}), finished twice: {run_dir.name}, the newer, is taken"
+            )
+        found[cfg.hash] = PlanRun(variant, cfg.seed, cfg.hash, run_dir)
+    order = {v: i for i, v in enumerate(ab.variants)}
+    return sorted(found.values(), key=lambda r: (order[r.variant], r.seed))
 
 
-def results_table(ab: Ablation, out: str | Path):
-    """One row per finished run of the ablation (results.collect's columns + variant/seed/...):
-    the plan's, and those of the same variants an earlier call trained with other `--seeds`,
-    as the report sees them."""
+def plan_record(
+    ab: Ablation,
+    out: str | Path,
+    command: str | None = None,
+    finished: Sequence[PlanRun] | None = None,
+) -> dict[str, Any]:
+    """What ablation.json holds after a call of `ab` (`Ablation.plan_record` plus): the call's
+    runs, the finished ones of `plan_runs` (the same configs under other seeds) and, from the
+    ablation.json of an earlier call of the same configs, its runs that never finished (failed
+    or interrupted: the report lists them as not finished). `command` is the call's command;
+    `finished`: `plan_runs` if already at hand."""
+    record = {**ab.plan_record(), **({"command": command} if command else {})}
+    runs: dict[str, dict[str, Any]] = {}
+    previous = Path(out) / ab.experiment / "ablation.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("variant_configs") == record["variant_configs"]:
+            runs = {r["config_hash"]: r for r in old["runs"]}
+    if finished is None:
+        finished = plan_runs(ab, out, log=False)
+    for r in [*record["runs"], *(r._asdict() for r in finished)]:
+        runs[r["config_hash"]] = {k: r[k] for k in ("variant", "seed", "config_hash")}
+    order = {v: i for i, v in enumerate(ab.variants)}
+    record["runs"] = sorted(runs.values(), key=lambda r: (order[r["variant"]], r["seed"]))
+    record["seeds"] = sorted({r["seed"] for r in record["runs"]})
+    return record
+
+
+def results_table(ab: Ablation, out: str | Path, finished: Sequence[PlanRun] | None = None):
+    """One row per finished run of the plan (`plan_runs`, or `finished` if at hand):
+    results.collect's columns plus variant, ablation and profile, in variant order, then by
+    seed."""
     import pandas as pd
 
     from dit_bench.report.results import run_row
-    from dit_bench.train.run import load_run_config
 
-    variant_of = {unseeded_hash(r.cfg): r.variant for r in ab.runs}
-    order = {v: i for i, v in enumerate(ab.variants)}
     rows = []
-    for summary in sorted((Path(out) / ab.experiment).glob("*/summary.json")):
-        run_dir = summary.parent
-        if not (run_dir / "config.yaml").is_file():  # lost in a crash; not a run of this plan
-            _log(
-                f"skipped {run_dir.name}: no config.yaml (an ablate call that plans it, or "
-                "dit-bench train with its config, writes it again)"
-            )
-            continue
-        variant = variant_of.get(unseeded_hash(load_run_config(run_dir)))
-        if variant is not None:
-            row = run_row(run_dir)
-            row.update({"variant": variant, "ablation": ab.name, "profile": ab.profile})
-            rows.append(row)
-    rows.sort(key=lambda row: (order[row["variant"]], row["seed"]))
+    for r in plan_runs(ab, out) if finished is None else finished:
+        row = run_row(r.run_dir)
+        row.update({"variant": r.variant, "ablation": ab.name, "profile": ab.profile})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_results(ab: Ablation, out: str | Path) -> Path | None:
+def write_results(
+    ab: Ablation, out: str | Path, finished: Sequence[PlanRun] | None = None
+) -> Path | None:
     from dit_bench.report.results import save_table
 
-    table = results_table(ab, out)
+    table = results_table(ab, out, finished)
     stem = Path(out) / ab.experiment / "results"
     if table.empty:  # no run of this plan finished: an earlier plan's table would mislead
         for suffix in (".csv", ".parquet"):
             stem.with_suffix(suffix).unlink(missing_ok=True)
         return None
     save_table(table, stem)
+    # the plan's runs, other calls' seeds included: this call's own count can be fewer
+    seeds = ", ".join(map(str, sorted(set(table["seed"]))))
+    _log(f"results: {len(table)} finished runs of the plan (seeds {seeds}) in {stem}.csv")
     return stem

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -284,7 +285,10 @@ def cmd_ablate(args) -> int:
     if not (root / "results.csv").exists():  # no run of the plan finished
         return 1 if failed else 0
     done = len(ab.runs) - failed
-    print(f"results: {root / 'results.csv'} (and .parquet): {done} of {len(ab.runs)} runs")
+    with (root / "results.csv").open() as f:  # the plan's runs in all: earlier seeds too
+        rows = sum(1 for _ in csv.reader(f)) - 1
+    more = f"; {rows} finished runs of the plan in all" if rows != done else ""
+    print(f"results: {root / 'results.csv'} (and .parquet): {done} of {len(ab.runs)} runs{more}")
     print(f"report:  {_report_command('ablation', root, args.out)}")
     return 1 if failed else 0
 

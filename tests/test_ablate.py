@@ -290,6 +290,59 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
     assert "Not finished: diverges seed 0 (planned" in md
 
 
+def _worker_killed_by_lr_half(cfg_dict: dict, out: str) -> str:
+    """ablate's worker, without training (fast): the run with optim.lr 0.5 kills its own
+    process as the OOM killer would, each time. The others wait until it has (so they are in
+    flight when the pool breaks), then leave a finished run as train() would."""
+    import os
+    import time
+
+    from dit_bench.config import build_config
+
+    cfg = build_config(cfg_dict)
+    killed = Path(out) / "killed"
+    if cfg.optim.lr == 0.5:
+        killed.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.time() + 30
+    while not killed.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the pool notices the death before this run could finish
+    run = Path(out) / cfg.experiment / f"20260101T000000Z-{cfg.hash}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.5}))
+    return str(run)
+
+
+def test_a_worker_killed_twice_fails_its_run_and_the_others_finish(tmp_path, capsys, monkeypatch):
+    # one worker killed (OOM killer, kill -9) broke the pool: an uncaught BrokenProcessPool
+    # traceback, the healthy worker's run stopped, no results.csv and no failed run named
+    from dit_bench import ablate
+
+    monkeypatch.setattr(ablate, "_worker", _worker_killed_by_lr_half)
+    variants = {"adaln_zero": {}, "killed": {"optim.lr": 0.5}, "adaln": {"backbone.depth": 3}}
+    path = write_ablation(tmp_path, variants=variants, seeds=[0])
+    out = tmp_path / "runs"
+    argv = ["ablate", str(path), "--out", str(out), "--no-progress", "--jobs", "2"]
+    assert main(argv) == 1
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err
+    assert (
+        "dit-bench: 1 run(s) failed:\n  run 2 killed seed 0: BrokenProcessPool: its worker "
+        "process died at two tries in a row" in printed.err
+    )
+    # the first death: both runs in flight are tried again, the healthy one finishes
+    assert "in flight: adaln_zero seed 0, killed seed 0; trying adaln_zero seed 0, " in printed.err
+    assert "run 1/3 adaln_zero seed 0 done" in printed.err
+    import pandas as pd
+
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")
+    assert sorted(table["variant"]) == ["adaln", "adaln_zero"]
+    assert "(and .parquet): 2 of 3 runs" in printed.out
+
+
 def test_report_hint_of_default_runs_names_the_repo_reports_folder():
     from dit_bench.cli import _report_command
 

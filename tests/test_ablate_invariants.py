@@ -215,6 +215,91 @@ def test_a_call_with_more_seeds_extends_the_recorded_plan(tmp_path, recorded_tra
     assert len(recorded_training) == 6  # seed 1 trained once
 
 
+def test_results_plan_and_report_hold_the_same_runs_when_earlier_configs_come_back(
+    tmp_path, recorded_training, capsys
+):
+    # seeds 0 and 1, then another --set (a new plan in the same folder), then the first
+    # configs again with seed 2: the results table took every finished run of those configs
+    # (seeds 0, 1, 2) while ablation.json, and so the report, held seed 2 alone
+    from dit_bench.report.ablation import load_plan
+    from dit_bench.report.ablation import plan_runs as report_plan_runs
+    from dit_bench.report.results import collect
+
+    out = tmp_path / "runs"
+    path = write_ablation(tmp_path)
+    run_ablation(load_ablation(path, "cpu", seeds=[0, 1]), out, progress=False)
+    lr = load_ablation(path, "cpu", seeds=[0], overrides=["optim.lr=2e-3"])
+    run_ablation(lr, out, progress=False)
+    capsys.readouterr()
+    run_ablation(load_ablation(path, "cpu", seeds=[2]), out, progress=False)
+    expected = [(v, s) for v in ("adaln_zero", "adaln") for s in (0, 1, 2)]
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")
+    assert list(zip(table["variant"], table["seed"], strict=True)) == expected
+    plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in plan["runs"]] == expected
+    assert plan["seeds"] == [0, 1, 2]
+    found = collect([out / "tiny-cpu"])
+    source = out / "tiny-cpu"
+    reported, left_out, _ = report_plan_runs(source, found, load_plan(source, found))
+    assert sorted(zip(reported["variant"], reported["seed"], strict=True)) == sorted(expected)
+    assert left_out == 2  # the lr runs
+    assert "results: 6 finished runs of the plan (seeds 0, 1, 2)" in capsys.readouterr().err
+    assert len(recorded_training) == 4 + 2 + 2  # nothing trained twice
+    from dit_bench.cli import main  # its summary line counts them too
+
+    assert main(["ablate", str(path), "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "2 of 2 runs; 6 finished runs of the plan in all" in capsys.readouterr().out
+
+
+def test_a_run_whose_config_no_longer_loads_is_skipped_and_named(tmp_path, capsys):
+    # a run of an older dit-bench (a key since removed) in the folder stopped every later call
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    out = tmp_path / "runs"
+    for r in ab.runs:
+        plant_finished(out, r.cfg)
+    foreign = out / "tiny-cpu" / "20200101T000000Z-0000000000"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text(json.dumps({"seed": 0, "val_loss": 1.0}))
+    config = ab.runs[0].cfg.to_yaml() + "old_key: 1\n"
+    (foreign / "config.yaml").write_text(config)
+    stem = write_results(ab, out)
+    table = pd.read_csv(stem.with_suffix(".csv"))
+    assert list(zip(table["variant"], table["seed"], strict=True)) == [
+        ("adaln_zero", 0),
+        ("adaln", 0),
+    ]
+    err = capsys.readouterr().err
+    assert "skipped 20200101T000000Z-0000000000: its config.yaml does not load" in err
+    assert "old_key: unknown key" in err
+
+
+def test_two_directories_of_one_config_give_one_row_from_the_newest(tmp_path):
+    # folders merged from two machines: two finished copies of one run
+    import shutil
+
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    out = tmp_path / "runs"
+    for r in ab.runs:
+        plant_finished(out, r.cfg)
+    first = find_run_dir(out, ab.runs[1].cfg)
+    h = ab.runs[1].cfg.hash
+    for stamp, loss in (("20200101T000000Z", 7.0), ("29990101T000000Z", 9.0)):
+        copy = out / "tiny-cpu" / f"{stamp}-{h}"
+        shutil.copytree(first, copy)
+        summary = json.loads((copy / "summary.json").read_text())
+        (copy / "summary.json").write_text(json.dumps({**summary, "val_loss": loss}))
+    newest = find_run_dir(out, ab.runs[1].cfg)
+    assert newest.name.startswith("2999")
+    table = results_table(ab, out)
+    assert list(zip(table["variant"], table["seed"], strict=True)) == [
+        ("adaln_zero", 0),
+        ("adaln", 0),
+    ]
+    assert table.loc[1, "run_dir"] == str(newest) and table.loc[1, "val_loss"] == 9.0
+    plan = ablate.plan_record(ab, out)
+    assert [(r["variant"], r["seed"]) for r in plan["runs"]] == [("adaln_zero", 0), ("adaln", 0)]
+
+
 # -- run directories --------------------------------------------------------------------------
 def test_find_run_dir_takes_the_newest_directory_of_the_hash(tmp_path):
     cfg = tiny()

@@ -332,3 +332,73 @@ def test_a_final_value_that_is_not_finite_stays_missing_not_an_earlier_one(tmp_p
     final = pd.read_csv(out / "final.csv").set_index(["variant", "metric"])
     assert final.loc[("in_context", "val_FD-mnist-net"), "n"] == 1
     assert final.loc[("in_context", "val_loss"), "n"] == 2
+
+
+def planned_source(tmp_path: Path) -> Path:
+    """make_source's runs as `dit-bench ablate` leaves them: each summary with its config hash
+    and ablation.json listing every run by it."""
+    source = make_source(tmp_path)
+    runs = []
+    for run in sorted(p for p in source.iterdir() if p.is_dir()):
+        labels = json.loads((run / "labels.json").read_text())
+        h = f"{labels['variant']}{labels['seed']}"  # one hash per variant and seed
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "config_hash": h}))
+        runs.append({"variant": labels["variant"], "seed": labels["seed"], "config_hash": h})
+    plan = json.loads((source / "ablation.json").read_text())
+    (source / "ablation.json").write_text(json.dumps({**plan, "runs": runs}))
+    return source
+
+
+def test_a_planned_run_without_labels_is_reported_under_its_planned_variant(tmp_path, no_figures):
+    # the parent killed between a run's summary.json and its labels.json: the run was reported
+    # as a new variant named after the experiment
+    source = planned_source(tmp_path)
+    (source / "20260101T000000Z-in_context1" / "labels.json").unlink()
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(set(runs["variant"])) == ["adaln", "adaln_zero", "in_context"]
+    assert sorted(runs.loc[runs["variant"] == "in_context", "seed"]) == [0, 1, 2]
+    assert "9 finished runs: 3 variants x seeds [0, 1, 2]" in md and "toy-cpu |" not in md
+
+
+def test_two_directories_of_one_run_are_reported_once_from_the_newest(tmp_path, no_figures):
+    # folders merged from two machines: the copies were reported as "runs of other configs"
+    import shutil
+
+    source = planned_source(tmp_path)
+    older = source / "20260101T000000Z-adaln1"
+    newer = source / "20270101T000000Z-adaln1"
+    shutil.copytree(older, newer)
+    summary = json.loads((newer / "summary.json").read_text())
+    (newer / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.75}))
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 9 and not runs.duplicated(["variant", "seed"]).any()
+    (row,) = runs[(runs["variant"] == "adaln") & (runs["seed"] == 1)].itertuples()
+    assert row.run_dir == str(newer) and row.val_loss == 0.75
+    assert f"Copies: {older.name} repeat the config of another finished run" in md
+    assert "Left out:" not in md
+
+
+def test_throughput_names_the_devices_and_never_averages_across_them(tmp_path, no_figures):
+    # the note named the first run's device only, and a variant's img/s averaged a GPU's with
+    # a CPU's
+    source = make_source(tmp_path)
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "img_per_s": 5000.0, "train_seconds": 2.0}
+    for run in [*source.glob("*-adaln[0-9]"), source / "20260101T000000Z-in_context2"]:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, **gpu}))
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    cost = pd.read_csv(out / "cost.csv").set_index("variant")
+    assert cost.loc["adaln_zero", "device"] == "cpu (test)"
+    assert cost.loc["adaln", "device"] == "NVIDIA H100 80GB HBM3"
+    assert cost.loc["adaln", "img_per_s"] == 5000.0 and cost.loc["adaln_zero", "img_per_s"] == 100
+    assert cost.loc["in_context", "device"] == "NVIDIA H100 80GB HBM3; cpu (test)"
+    assert pd.isna(cost.loc["in_context", "img_per_s"])  # no mean of a GPU's and a CPU's
+    assert "the runs ran on 2 devices: NVIDIA H100 80GB HBM3, cpu (test)" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| in_context | dit-xs/4")]
+    assert "| 5000 (NVIDIA H100 80GB HBM3); 100 (cpu (test)) |" in row

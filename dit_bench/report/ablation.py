@@ -88,13 +88,32 @@ def load_plan(source: Path, table: pd.DataFrame) -> dict:
     return plan
 
 
-def plan_runs(source: Path, table: pd.DataFrame, plan: dict) -> tuple[pd.DataFrame, int]:
-    """The runs of the plan's configs (ablation.json lists them), and how many other runs the
-    folder holds (an ablation called with another --set writes beside them). Without a plan,
-    two runs of one variant and seed are an error: pooling them would mix configs."""
-    planned = {r["config_hash"] for r in plan.get("runs", [])}
+def plan_runs(source: Path, table: pd.DataFrame, plan: dict) -> tuple[pd.DataFrame, int, list]:
+    """The runs of the plan's configs (ablation.json lists them), how many other runs the
+    folder holds (an ablation called with another --set writes beside them), and the names of
+    the directories left out as copies of a run reported from another one.
+
+    A planned run's variant is the plan's, whatever its labels.json says or lacks (a run
+    killed between its summary.json and its labels.json has none); labels.json names the
+    variant only of runs the plan does not list. Two directories of one config (folders merged
+    from two machines) are one run: the newest, the one training would resume, is reported.
+    Without a plan, two runs of one variant and seed are an error: pooling them would mix
+    configs."""
+    planned = {r["config_hash"]: r for r in plan.get("runs", [])}
+    if planned and "config_hash" in table:
+        variant = table["config_hash"].map(lambda h: planned.get(h, {}).get("variant"))
+        table = table.assign(variant=variant.where(variant.notna(), table["variant"]))
     keep = table["config_hash"].isin(planned) if planned else pd.Series(True, table.index)
     table = table[keep]
+    copies: list[str] = []
+    if "config_hash" in table:
+        names = table["run_dir"].map(lambda r: Path(r).name)
+        newest_last = table.assign(name=names).sort_values("name", kind="stable")
+        copy = newest_last["config_hash"].notna() & newest_last.duplicated(
+            "config_hash", keep="last"
+        )
+        copies = sorted(newest_last.loc[copy, "name"])
+        table = table.drop(index=newest_last.index[copy])
     twice = table[table.duplicated(["variant", "seed"], keep=False)]
     if len(twice):
         pairs = sorted({(v, int(s)) for v, s in zip(twice["variant"], twice["seed"], strict=True)})
@@ -103,7 +122,7 @@ def plan_runs(source: Path, table: pd.DataFrame, plan: dict) -> tuple[pd.DataFra
             f"{sorted(twice['config_hash'])}): runs of other configs share the folder; move "
             "them out, or report from the ablation's own folder"
         )
-    return table, int((~keep).sum())
+    return table, int((~keep).sum()), copies
 
 
 def metric_key(name: str) -> str:
@@ -296,7 +315,28 @@ def cost_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     cols = {k: v for k, v in cols.items() if k in runs}
     t = runs.groupby("variant").agg(cols).reindex(order).reset_index()
     t["seeds"] = runs.groupby("variant").size().reindex(order).to_numpy()
+    if "device" in runs:
+        by = runs.assign(device=_devices(runs)).groupby("variant")["device"]
+        t["device"] = by.agg(lambda d: "; ".join(sorted(set(d)))).reindex(order).to_numpy()
+        # a mean over devices is the throughput of none of them: a variant whose seeds ran on
+        # several devices has no mean here (the report gives each device's)
+        mixed = by.nunique().reindex(order).to_numpy() > 1
+        for c in ("img_per_s", "train_seconds"):
+            if c in t:
+                t.loc[mixed, c] = np.nan
     return t
+
+
+def _devices(runs: pd.DataFrame) -> pd.Series:
+    """Each run's recorded device; '?' where its summary has none."""
+    return runs["device"].fillna("?").astype(str)
+
+
+def _per_device(runs: pd.DataFrame, variant: str, col: str, spec: str = ".0f") -> str:
+    """A variant's mean of `col` on each of its devices: '120 (cpu ...); 3400 (NVIDIA H100)'."""
+    mine = runs[runs["variant"] == variant]
+    means = mine.groupby(_devices(mine))[col].mean()
+    return "; ".join(f"{_fmt(m, spec)} ({d})" for d, m in means.items())
 
 
 def kendall_agreement(found: list[str], reference: list[str]) -> tuple[float, list[tuple]]:
@@ -342,7 +382,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     if "variant" not in table:
         raise ValueError(f"{source}: runs carry no variant labels (labels.json)")
     plan = load_plan(source, table)
-    table, left_out = plan_runs(source, table, plan)
+    table, left_out, copies = plan_runs(source, table, plan)
     have = set(table["config_hash"]) if "config_hash" in table else set()
     unfinished = [
         f"{r['variant']} seed {r['seed']}"
@@ -452,6 +492,16 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                 "",
             ]
             if left_out
+            else []
+        ),
+        *(
+            [
+                f"Copies: {', '.join(copies)} repeat the config of another finished run "
+                "directory (folders merged from two machines?); each run is reported once, "
+                "from its newest directory.",
+                "",
+            ]
+            if copies
             else []
         ),
         *(
@@ -592,6 +642,15 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             md += [f"- {r.verdict}" for r in p.itertuples()] + [""]
 
     md += ["## Cost", ""]
+    # runs of several devices in one folder: each variant's throughput names its device(s)
+    devices = sorted(set(_devices(runs))) if "device" in runs else ["?"]
+    several = len(devices) > 1
+
+    def timing(r, col: str) -> str:
+        if several and ";" in r.device:  # seeds on several devices: one mean per device
+            return _per_device(runs, r.variant, col)
+        return _fmt(getattr(r, col), ".0f")
+
     md += [
         _md_table(
             [
@@ -604,6 +663,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                 "train FLOPs",
                 "img/s",
                 "train s",
+                *(["device"] if several else []),
             ],
             [
                 [
@@ -614,8 +674,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                     _si(r.macs),
                     _fmt(r.tokens, ".0f"),
                     _si(r.train_flops),
-                    _fmt(r.img_per_s, ".0f"),
-                    _fmt(r.train_seconds, ".0f"),
+                    timing(r, "img_per_s"),
+                    timing(r, "train_seconds"),
+                    *([r.device] if several else []),
                 ]
                 for r in cost.itertuples()
             ],
@@ -623,9 +684,15 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         "",
         "MACs: forward pass, one multiply-add = 1 (the DiT paper's 'Gflops'); training FLOPs = "
         "3 x forward FLOPs x images seen. Throughput is the mean over seeds of images per "
-        "second of training steps on the recorded device "
-        f"({runs['device'].iloc[0] if 'device' in runs else '?'}); on a shared machine it is "
-        "only indicative.",
+        "second of training steps "
+        + (
+            f"on the recorded device ({devices[0]})"
+            if not several
+            else "on each variant's recorded device (the device column; the runs ran on "
+            f"{len(devices)} devices: {', '.join(devices)}), per device where a variant's "
+            "seeds ran on several"
+        )
+        + "; on a shared machine it is only indicative.",
         "",
     ]
     if grids:
