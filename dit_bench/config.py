@@ -490,8 +490,8 @@ class ExperimentConfig(_Strict):
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
             d[section].pop(key)
-        if not self.train.tf32 and self.train.precision == "32-true":
-            d["train"]["tf32"] = False
+        if self.train.tf32 or self.train.precision != "32-true":  # TF32 on, or no fp32 matmuls
+            d["train"].pop("tf32")
         for section, key, default in LATER_KEYS:
             if d[section][key] == default:
                 d[section].pop(key)
@@ -509,7 +509,6 @@ EXECUTION_KEYS = (
     ("train", "compile"),
     ("train", "cudagraphs"),
     ("train", "channels_last"),
-    ("train", "tf32"),
     ("optim", "fused"),
     ("data", "num_workers"),
 )

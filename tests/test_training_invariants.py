@@ -357,7 +357,8 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "train.compile",
         "train.cudagraphs",  # replays the compiled graphs: the same kernels
         "train.channels_last",
-        "train.tf32",
+        # not train.tf32: TF32's 10-bit mantissa changes a float32 GPU run beyond rounding, so
+        # tf32=false with 32-true is hashed (the default, true, is not: test_config_invariants)
         "optim.fused",
         "data.num_workers",
         "train.accelerator",  # HASHED_AS_DEFAULT: cpu and auto train the same numbers on a CPU
