@@ -340,10 +340,18 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     cut = find_run_dir(tmp_path / "cut", cfg)
     assert not (cut / "summary.json").exists()
     first = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["wall_seconds"]
+    # what a kill -9 mid-write leaves (files.replacing's temporary names): gone on resume
+    stale = [
+        cut / "checkpoints" / "last.ckpt.4242.tmp",
+        cut / "samples" / "step-0000008.png.4242.tmp",
+    ]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"torn")
     t0 = time.perf_counter()
     resumed = train(cfg, tmp_path / "cut", progress=False)
     second = time.perf_counter() - t0
-    assert resumed == cut
+    assert resumed == cut and not any(path.exists() for path in stale)
     assert read_csv(ref / "metrics.csv") == read_csv(resumed / "metrics.csv")
     s_ref, s_res = (json.loads((r / "summary.json").read_text()) for r in (ref, resumed))
     assert s_ref["val_loss"] == s_res["val_loss"]

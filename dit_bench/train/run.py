@@ -568,6 +568,11 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         run = new_run_dir(out, cfg) if created else _wait_for_run_dir(out, cfg)
     else:
         check_run_config(run, cfg)
+        if _launch_rank() == 0:
+            # a process killed mid-write leaves its temporary file (files.replacing names it
+            # by pid); this one holds the run's lock, so no other is writing one now
+            for tmp in run.glob("**/*.tmp"):
+                tmp.unlink(missing_ok=True)
     last = run / "checkpoints" / "last.ckpt"
     resume_step = None
     if last.exists():
