@@ -406,11 +406,15 @@ def test_a_trial_claimed_by_a_worker_that_died_before_starting_it_is_taken_after
     assert trial is not None and trial.number == waiting.number
     assert other.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
     # and it has a heartbeat from the start: should this worker die too, the trial goes stale
-    with other.claims.engine.connect() as conn:
-        beats = conn.exec_driver_sql(
+    assert heartbeats(other, trial) == 1
+
+
+def heartbeats(worker, trial) -> int:
+    """The heartbeat rows Optuna's storage holds for `trial`."""
+    with worker.claims.engine.connect() as conn:
+        return conn.exec_driver_sql(
             f"SELECT count(*) FROM trial_heartbeats WHERE trial_id = {trial._trial_id}"
         ).scalar()
-    assert beats == 1
 
 
 def test_a_new_trial_has_a_heartbeat_from_its_creation(tmp_path):
@@ -421,11 +425,7 @@ def test_a_new_trial_has_a_heartbeat_from_its_creation(tmp_path):
     dead = hand_worker(sweep, tmp_path, name="dead")
     trial = dead._new_trial(2)  # ... and the process is killed here
     assert dead.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
-    with dead.claims.engine.connect() as conn:
-        beats = conn.exec_driver_sql(
-            f"SELECT count(*) FROM trial_heartbeats WHERE trial_id = {trial._trial_id}"
-        ).scalar()
-    assert beats == 1
+    assert heartbeats(dead, trial) == 1
 
 
 def test_a_claim_is_given_back_when_starting_the_trial_raises(tmp_path, monkeypatch):
