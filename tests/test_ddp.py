@@ -2,6 +2,7 @@
 with the same global batch, and checkpoints move between the two."""
 
 import csv
+import math
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,20 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     restart_from_step_4(one, tmp_path / "one_to_two")
     cli_train(tmp_path / "one_to_two", DDP)
     assert_same_run(one, find_run_dir(tmp_path / "one_to_two", cfg))
+
+
+def test_the_in_training_fd_is_sampled_by_every_process(tmp_path, monkeypatch):
+    """Each process samples its share of the FD's samples (rank r: r, r + 2, ...; here 5
+    samples, so 3 and 2) and rank 0 scores them all: the FD of one process's samples. On rank 0
+    alone the other would wait in its next all-reduce for the whole sampling."""
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))  # the subprocess's too
+    fd = ["eval.fd_every=8", "eval.fd_samples=5", "eval.fd_features=digits-net"]
+    cfg = build_config(None, SETTINGS + fd)
+    one = train(cfg, tmp_path / "one", progress=False)  # (trains and caches digits-net)
+    cli_train(tmp_path / "two", DDP + fd)
+    two = find_run_dir(tmp_path / "two", cfg)
+    (a,), (b,) = metrics(one)["val/FD-digits-net"], metrics(two)["val/FD-digits-net"]
+    assert math.isfinite(a) and b == pytest.approx(a, rel=1e-3)
 
 
 def test_global_batch_must_split_over_processes():

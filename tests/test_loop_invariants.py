@@ -163,7 +163,7 @@ def fd_metric(cfg) -> FrechetDistanceMetric:
     def features(images):
         return images.flatten(1).reshape(len(images), 4, -1).sum(-1).double().numpy(), None
 
-    fd._net = SimpleNamespace(metric_prefix="FD-stub", features=features)
+    fd._net = SimpleNamespace(metric_prefix="FD-stub", features=features, dim=4)
     fd._ref = SimpleNamespace(mu=torch.zeros(4).numpy(), sigma=torch.eye(4).double().numpy())
     return fd
 
@@ -176,9 +176,49 @@ def test_in_training_fd_of_the_same_weights_is_the_same_at_any_step():
     fd = fd_metric(cfg)
     values = []
     for step in (4, 8):
-        trainer = SimpleNamespace(global_step=step, logger=Recorder())
+        trainer = SimpleNamespace(global_step=step, logger=Recorder(), global_rank=0, world_size=1)
         values.append(fd.measure(trainer, module))
     assert math.isfinite(values[0]) and values[0] == values[1]
+
+
+def test_in_training_fd_samples_are_shared_by_the_processes(monkeypatch):
+    """Under DDP each process samples its share of the indices (rank r: r, r + world, ...) and
+    rank 0 scores the gathered features: the FD of one process's samples, drawn in half the
+    time (on rank 0 alone, the other process waited in its next all-reduce for all of it)."""
+    from dit_bench.metrics import evaluate
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    drawn = {}
+    generate = evaluate.generate
+
+    def spy(module, indices, **kwargs):
+        drawn.setdefault(kwargs["seed"], []).append(list(indices))
+        return generate(module, indices, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    alone = fd_metric(cfg).measure(
+        SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1), module
+    )
+    gathered = []  # the processes' padded rows, in rank order, as all_gather stacks them
+
+    def trainer(rank):
+        def all_gather(rows):
+            gathered.insert(rank, rows)
+            return torch.stack(gathered)
+
+        strategy = SimpleNamespace(all_gather=all_gather)
+        return SimpleNamespace(
+            global_step=4, logger=Recorder(), global_rank=rank, world_size=2, strategy=strategy
+        )
+
+    assert math.isnan(fd_metric(cfg).measure(trainer(1), module))  # rank 1 scores nothing
+    logged = trainer(0)
+    shared = fd_metric(cfg).measure(logged, module)
+    assert list(drawn.values())[0] == [list(range(8)), [1, 3, 5, 7], [0, 2, 4, 6]]
+    assert shared == pytest.approx(alone, rel=1e-9) and math.isfinite(shared)
+    assert logged.logger.calls == [(4, {"val/FD-stub": shared})]
 
 
 def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch, capsys):
@@ -188,7 +228,7 @@ def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch,
     images[5, 0, 3, 3] = float("nan")  # one sample of eight: a diverging run's first sign
     monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: images)
     fd = fd_metric(tiny())
-    trainer = SimpleNamespace(global_step=4, logger=Recorder())
+    trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
     module = SimpleNamespace(device=torch.device("cpu"))
     # scored instead, the NaN features would make scipy raise: the run would die at this step
     assert math.isnan(fd.measure(trainer, module))

@@ -716,7 +716,7 @@ def check_sharding(strategy: str, world_size: int) -> None:
     Sharded, the EMA copy is sharded too (its blocks match the wrap policy; the rest lives in
     the root unit), but validation, sample grids and the in-training FD call it directly,
     outside the root's forward that gathers its parameters: they would compute with this
-    rank's shards (empty views), and grids and FD run on rank 0 alone, whose gathers the other
+    rank's shards (empty views), and grids run on rank 0 alone, whose gathers the other
     ranks never join. Refused before training rather than failing at the first validation.
     """
     if strategy == "fsdp" and world_size > 1:
