@@ -226,8 +226,10 @@ class FrechetDistanceMetric(L.Callback):
                 # latents: the held-out latents and the samples are scored as decoded images
                 images, _, _, data_hash, self._decode = reference_images(self.cfg, pl_module.device)
                 self._ref = reference_stats(images, self._net, data_hash=data_hash)
-            elif self.cfg.data.name == "latents":
-                self._decode = _latent_decoder(self.cfg, pl_module.device)
+            elif self.cfg.data.name == "latents":  # the run's decoder, cached (run.to_images)
+                from dit_bench.train.run import to_images
+
+                self._decode = lambda z, device=pl_module.device: to_images(self.cfg, z.to(device))
         images = generate(
             pl_module,
             range(rank, self.num_samples, world),
@@ -271,16 +273,6 @@ class FrechetDistanceMetric(L.Callback):
         trainer.logger.log_metrics({key: fd}, step=trainer.global_step)
         pl_module.last_fd = {key: fd}  # the final value lands in summary.json
         return fd
-
-
-def _latent_decoder(cfg, device):
-    """Latents -> images in [-1, 1] with the run's data.vae on `device` (ranks other than 0,
-    which score no reference and so do not call `reference_images`)."""
-    from dit_bench.data.latents import decode_latents, load_decoder, read_manifest
-
-    vae = load_decoder(cfg.data.vae, cfg.data.root, device)
-    scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
-    return lambda z: decode_latents(vae, z, scale)
 
 
 class ValAtSteps(L.Callback):
