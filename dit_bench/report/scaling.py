@@ -155,7 +155,7 @@ def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[
         left = [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
         failed = failed_for_good(trials)
         if left or failed:
-            done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+            done = sum(finished(t.state.name) for t in trials)
             parts = [f"{len(left)} running or waiting"] if left else []
             parts += (
                 [f"{len(failed)} failed (trials {[t.number for t in failed]})"] if failed else []
@@ -715,7 +715,6 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "",
         *(
             [
-                # finished: complete or pruned, as `unfinished_trials` counts them (FINISHED)
                 "**Incomplete sweep**: the fits use the finished trials only; "
                 + "; ".join(unfinished)
                 + ".",
