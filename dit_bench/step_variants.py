@@ -33,7 +33,7 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
                 epilogues fused into them (minutes of tuning on an H100)
 What the harness's step does beyond this bare one (`dit-bench train` trains with all three;
 gpu-check's harness section times "cudagraphs+clip+ema+deterministic" beside it, so what is
-left between the two is Lightning's loop and the data loader):
+left between the two is Lightning's loop and the data loader; then "+nan-fill" too):
   clip          gradient clipping at norm 1.0 before the optimiser's step (the GPU profiles)
   ema           the EMA update after it (`fast.ema_update`, decay 0.9999, an eager copy)
   deterministic torch's deterministic algorithms in warn-only mode and cuDNN's autotuner off,
