@@ -59,7 +59,7 @@ from dit_bench.config import (
     read_yaml,
     section_replacement_error,
 )
-from dit_bench.files import write_json_atomic
+from dit_bench.files import locked, write_json_atomic
 
 FILE_KEYS = {
     "name",
@@ -503,8 +503,10 @@ def run_ablation(
     out = Path(out)
     root = out / ab.experiment
     root.mkdir(parents=True, exist_ok=True)
-    # written first, so that an interrupted call leaves its plan; again at the end (below)
-    write_json_atomic(root / "ablation.json", plan_record(ab, out, command))
+    # written first, so that an interrupted call leaves its plan; again at the end (below).
+    # Each record merges the one on disk: under a lock, or another call's runs could be lost
+    with locked(root / ".ablation.lock"):
+        write_json_atomic(root / "ablation.json", plan_record(ab, out, command))
     from dit_bench.train.run import check_run_config
 
     n = len(ab.runs)
@@ -552,9 +554,10 @@ def run_ablation(
     else:
         _run_parallel(ab, todo, out, jobs, finished, failed)
     # the runs that finished meanwhile join the record as they join the table: the two agree
-    found = plan_runs(ab, out)
-    write_json_atomic(root / "ablation.json", plan_record(ab, out, command, found))
-    write_results(ab, out, found)
+    with locked(root / ".ablation.lock"):  # the table and record of what is on disk now
+        found = plan_runs(ab, out)
+        write_json_atomic(root / "ablation.json", plan_record(ab, out, command, found))
+        write_results(ab, out, found)
     if failures:
         raise RunsFailed(failures, root)
     return root

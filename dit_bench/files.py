@@ -5,6 +5,7 @@ manifests, plans, trial records, eval records). Standard library only: every lay
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -33,3 +34,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
     """`data` as indented JSON with a final newline; `dumps`: more json.dumps options."""
     write_text_atomic(path, json.dumps(data, indent=2, **dumps) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) for the block: a read-modify-write of a
+    file that two processes may update (two `ablate` calls of one plan with other seeds) runs
+    one at a time. Waits for the holder; released when the block ends or the process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

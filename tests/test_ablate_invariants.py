@@ -215,6 +215,28 @@ def test_a_call_with_more_seeds_extends_the_recorded_plan(tmp_path, recorded_tra
     assert len(recorded_training) == 6  # seed 1 trained once
 
 
+def test_the_plan_record_is_merged_under_a_lock(tmp_path, recorded_training):
+    """Each write of ablation.json merges the record on disk: two calls of one plan with other
+    --seeds, each reading before the other wrote, would lose one call's runs. While another
+    process holds the plan's lock, a call waits before its first write."""
+    import threading
+
+    from dit_bench.files import locked
+
+    out = tmp_path / "runs"
+    (out / "tiny-cpu").mkdir(parents=True)
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    call = threading.Thread(target=run_ablation, args=(ab, out), kwargs={"progress": False})
+    with locked(out / "tiny-cpu" / ".ablation.lock"):
+        call.start()
+        call.join(timeout=1.0)
+        assert call.is_alive() and not (out / "tiny-cpu" / "ablation.json").exists()
+    call.join(timeout=30)
+    assert not call.is_alive()
+    plan = json.loads((out / "tiny-cpu" / "ablation.json").read_text())
+    assert plan["seeds"] == [0] and len(recorded_training) == 2
+
+
 def test_results_plan_and_report_hold_the_same_runs_when_earlier_configs_come_back(
     tmp_path, recorded_training, capsys
 ):

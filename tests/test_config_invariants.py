@@ -38,6 +38,30 @@ def test_hashes_of_existing_runs_do_not_move():
     assert re.fullmatch(r"[0-9a-f]{10}", tiny.hash)
 
 
+def test_a_size_override_equal_to_the_preset_is_the_run_without_it():
+    """`backbone.depth: 12` on dit-s/2 builds the net that null builds: one run, one directory
+    (it had two, and a sweep trial or an ablation variant writing the preset's value out
+    retrained a finished run)."""
+    plain = build_config(None, ["backbone.name=dit-s/2"])
+    spelled = build_config(
+        None,
+        [
+            "backbone.name=dit-s/2",
+            "backbone.depth=12",
+            "backbone.hidden_size=384",
+            "backbone.num_heads=6",
+            "backbone.patch_size=2",
+        ],
+    )
+    assert spelled.backbone.depth == 12  # recorded as written
+    assert spelled.hash == plain.hash
+    assert build_config(None, ["backbone.name=dit-s/2", "backbone.depth=11"]).hash != plain.hash
+    mmdit = build_config(None, ["backbone.name=mmdit-d2/4"])  # its preset: qk_norm false
+    off = build_config(None, ["backbone.name=mmdit-d2/4", "backbone.qk_norm=false"])
+    on = build_config(None, ["backbone.name=mmdit-d2/4", "backbone.qk_norm=true"])
+    assert off.hash == mmdit.hash != on.hash
+
+
 # -- build_config does not touch its input ----------------------------------------------------
 def test_a_true_float32_run_is_a_run_of_its_own_and_tf32_runs_keep_their_hash():
     """TF32 matmuls change a float32 GPU run's numbers beyond rounding: tf32=false with
