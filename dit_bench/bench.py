@@ -19,9 +19,9 @@ How
 - MFU against two peaks: the large square matrix product measured in the same process on the
   same device and dtype (what this machine really delivers), and on known GPUs the datasheet
   dense peak (H100 SXM / H200 bf16: 989 TFLOP/s, A100: 312).
-- Memory: on CUDA, per implementation, its parameters, gradients and optimiser state plus the
-  peak transient allocation of one step (`torch.cuda.max_memory_allocated`); on the CPU the
-  process's peak resident set size (one number for the process).
+- Memory, per implementation: its parameters, gradients and optimiser state plus the peak
+  transient allocation of one step (CUDA: `torch.cuda.max_memory_allocated`; CPU: the
+  allocator's totals in the profiler's memory events, `cpu_peak_transient_bytes`).
 
 `--against diffusers` adds diffusers' `DiTTransformer2DModel` configured to compute the same
 function (see `make_diffusers_dit`), timed in the same process, interleaved with ours.
@@ -47,7 +47,6 @@ import io
 import math
 import os
 import re
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -155,9 +154,37 @@ def matmul_peak(
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / med}
 
 
-def peak_memory_rss_gb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
+    """The most bytes `step()` holds at once on the CPU above what was allocated before it.
+
+    The CPU allocator keeps no statistics (CUDA's max_memory_allocated); the profiler's memory
+    events carry its running total of bytes allocated since profiling began, eager and
+    compiled code alike (Inductor allocates through the same allocator). The process's peak
+    RSS would not do: it is one number for every implementation of the process, and it keeps
+    pages malloc reused. None where this torch's profiler has no such events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:  # a private API: a future torch may move it
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []  # (time, bytes allocated (< 0: freed), the allocator's total after it)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            f = node.extra_fields
+            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        return None
+    events.sort()
+    # the total runs on from earlier profiling in the process: taken from the step's start
+    _, size, total = events[0]
+    return max(0, max(e[2] for e in events) - (total - size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,8 +487,10 @@ def bench_training(
             sync(device)
             transient = torch.cuda.max_memory_allocated(device) - before
             mem[i.label] = (own + transient) / 2**30
-        else:
-            mem[i.label] = None
+        else:  # the same accounting from the CPU allocator's totals
+            transient = cpu_peak_transient_bytes(step)
+            own = _state_bytes(i.net, opt)
+            mem[i.label] = None if transient is None else (own + transient) / 2**30
 
     ours = impls[0].net
     fwd = ours.flops(batch=1)["flops"]
@@ -490,7 +519,7 @@ def bench_training(
                 mfu_measured=achieved / peak if peak else None,
                 mfu_datasheet=achieved / sheet if sheet else None,
                 first_step_s=first.get(i.label, float("nan")),
-                peak_mem_gb=mem[i.label] if device.type == "cuda" else peak_memory_rss_gb(),
+                peak_mem_gb=mem[i.label],
                 adamw="fused" if steps[i.label][1].defaults["fused"] else "unfused",
             )
         )
@@ -736,8 +765,7 @@ def format_table(result: dict) -> str:
             f"{_pct(r['mfu_measured']):>8} {_pct(r['mfu_datasheet']):>9} {mem:>7} "
             f"{r['first_step_s']:>7.1f} {ratio:>7} {r['adamw']:<7}"
         )
-    if result["device_type"] == "cpu":
-        lines.append("mem GiB: peak resident set size of the process (CPU)")
+    lines.append("mem GiB: weights, gradients, optimiser state and one step's peak transient")
     if result["sampling"]:
         lines += [
             "",

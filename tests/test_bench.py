@@ -41,7 +41,9 @@ def test_run_bench_reports_throughput_mfu_memory_and_sampling():
         row["tflops"] / result["matmul_peak"]["tflops"], rel=1e-6
     )
     assert row["mfu_datasheet"] is None and result["datasheet_tflops"] is None  # CPU
-    assert row["peak_mem_gb"] > 0  # process RSS on the CPU
+    # weights, gradients and AdamW's two moments (4 x 4 bytes a parameter), plus the step's
+    # activations: more than the state alone
+    assert row["peak_mem_gb"] * 2**30 > 16 * row["params"]
     assert [s["sampler"] for s in result["sampling"]] == ["ddpm", "euler"]
     assert {s["label"] for s in result["sampling"]} == {"dit-bench"}  # eager only
     for s, evals in zip(result["sampling"], [3 * 2, 2 * 2 * 2], strict=True):  # guidance: 2x
@@ -568,3 +570,18 @@ def test_gpu_check_bench_uses_a_peak_of_its_own_matmul_kind(monkeypatch, tf32):
     assert given == [400e12 if tf32 else 50e12]
     assert measured == ([] if tf32 else [("fp32", False)])
     assert result["datasheet_tflops"] == pytest.approx(494.7 if tf32 else 66.9)
+
+
+def test_cpu_peak_transient_bytes_counts_what_the_step_holds_at_once():
+    keep = torch.empty(4 << 20, dtype=torch.uint8)  # allocated before: not the step's
+
+    def step():
+        a = torch.empty(4 << 20, dtype=torch.uint8)
+        b = torch.empty(8 << 20, dtype=torch.uint8)
+        del a  # 12 MiB held at once, then 8
+        c = torch.empty(2 << 20, dtype=torch.uint8)
+        return b, c
+
+    peak = bench.cpu_peak_transient_bytes(step)
+    assert (12 << 20) <= peak < (12 << 20) + (64 << 10)  # the profiler's own small buffers
+    del keep
