@@ -59,8 +59,8 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
-    from dit_bench.metrics.evaluate import sample_seed
-    from dit_bench.train.run import load_module, sample_images, save_grid, to_images
+    from dit_bench.metrics.evaluate import generate
+    from dit_bench.train.run import load_module, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
     e = module.cfg.eval
@@ -102,15 +102,19 @@ def cmd_sample(args) -> int:
         from dit_bench.fast import compile_backbone
 
         compile_backbone(module.eval_net(use_ema=not args.no_ema))
-    images = sample_images(
+    # in chunks of the run's batch (a large --n in one batch could exhaust the device);
+    # sample i from its own seed: not on --n or the chunking
+    images = generate(
         module,
-        labels,
+        range(args.n),
+        seed=args.seed,
+        labels=labels,
         sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
-        seed=args.seed,
-        seeds=[sample_seed(args.seed, i) for i in range(args.n)],  # sample i: not on --n
         use_ema=not args.no_ema,
+        batch_size=module.cfg.train.batch_size,
+        progress=args.n > module.cfg.train.batch_size,
     )
     images = to_images(module.cfg, images)
     save_grid(images, output, ncol=args.ncol or info.num_classes)

@@ -3,13 +3,16 @@ with the same global batch, and checkpoints move between the two."""
 
 import csv
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dit_bench.config import build_config
 from dit_bench.train.run import find_run_dir, train
@@ -35,17 +38,62 @@ SETTINGS = [
 DDP = ["train.devices=2", "train.strategy=ddp"]
 
 
-def cli_train(out: Path, extra: list[str]) -> None:
+# `dit-bench` with run.sample_images counting, in each process, the samples it draws: one line
+# per call to <SAMPLES_LOG>.rank<r> (Lightning starts rank 1 with this script too)
+COUNTING_CLI = """
+import os, sys
+from pathlib import Path
+
+import torch
+
+from dit_bench import cli
+from dit_bench.train import run
+
+sample_images = run.sample_images
+
+
+def counting(module, labels, **kwargs):
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with Path(f"{os.environ['SAMPLES_LOG']}.rank{rank}").open("a") as f:
+        f.write(f"{len(labels)}\\n")
+    return sample_images(module, labels, **kwargs)
+
+
+run.sample_images = counting
+sys.exit(cli.main())
+"""
+
+
+def cli_train(out: Path, extra: list[str], samples_log: Path | None = None) -> None:
+    """`dit-bench train` in a subprocess; with `samples_log`, counting each process's samples."""
     sets = [a for s in SETTINGS + extra for a in ("--set", s)]
     empty = out.parent / "empty.yaml"  # a config file: the types' defaults, as build_config
     empty.write_text("{}\n")
-    cmd = [sys.executable, "-m", "dit_bench.cli", "train", str(empty), "--no-progress"]
+    cmd = [sys.executable, "-m", "dit_bench.cli"]
+    env = None
+    if samples_log is not None:
+        script = out.parent / "counting_cli.py"
+        script.write_text(COUNTING_CLI)
+        cmd, env = [sys.executable, str(script)], {**os.environ, "SAMPLES_LOG": str(samples_log)}
     subprocess.run(
-        [*cmd, "--out", str(out), *sets],
+        [*cmd, "train", str(empty), "--no-progress", "--out", str(out), *sets],
         check=True,
         capture_output=True,
         timeout=600,
+        env=env,
     )
+
+
+def samples_drawn(log: Path) -> dict[int, int]:
+    """Samples each process drew in a cli_train with `samples_log=log`, by rank."""
+    return {
+        int(p.name.rsplit(".rank", 1)[1]): sum(int(n) for n in p.read_text().split())
+        for p in log.parent.glob(f"{log.name}.rank*")
+    }
+
+
+def grid_pixels(run: Path) -> np.ndarray:
+    return np.asarray(Image.open(run / "samples" / "step-0000008.png"), dtype=np.int16)
 
 
 def metrics(run: Path) -> dict[str, list[float]]:
@@ -76,10 +124,25 @@ def restart_from_step_4(src: Path, out: Path) -> None:
 def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     cfg = build_config(None, SETTINGS)
     one = train(cfg, tmp_path / "one", progress=False)
-    cli_train(tmp_path / "two", DDP)
+    cli_train(tmp_path / "two", DDP, samples_log=tmp_path / "two.samples")
     two = find_run_dir(tmp_path / "two", cfg)  # same hash: devices/strategy are not hashed
     assert two is not None and (two / "summary.json").exists()
     assert_same_run(one, two)
+    # The final grid (10 classes x 1) is drawn half by each process (on rank 0 alone, rank 1
+    # would wait for all of it) and is one process's grid: the weights agree to float
+    # tolerance only, so a pixel may round the other way.
+    assert samples_drawn(tmp_path / "two.samples") == {0: 5, 1: 5}
+    assert np.abs(grid_pixels(one) - grid_pixels(two)).max() <= 1
+
+    # Killed while drawing its final grid, after the last checkpoint: the rerun trains nothing
+    # and both processes draw the grid again (a process that skipped it would hang the other).
+    killed = tmp_path / "killed" / "ddp" / two.name
+    shutil.copytree(two, killed)
+    (killed / "summary.json").unlink()
+    (killed / "samples" / "step-0000008.png").unlink()
+    cli_train(tmp_path / "killed", DDP, samples_log=tmp_path / "killed.samples")
+    assert samples_drawn(tmp_path / "killed.samples") == {0: 5, 1: 5}
+    assert (grid_pixels(killed) == grid_pixels(two)).all()
 
     # A DDP checkpoint resumes in one process ...
     restart_from_step_4(two, tmp_path / "two_to_one")

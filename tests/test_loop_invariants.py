@@ -105,7 +105,7 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
     fd = FrechetDistanceMetric(tiny(), every=4, num_samples=8, features="digits-net")
     measured, grids = [], []
     fd.measure = lambda trainer, pl_module: measured.append(trainer.global_step)
-    grid = SampleGrid(tmp_path, every=4, sample_fn=lambda m, path: grids.append(path.name))
+    grid = SampleGrid(tmp_path, every=4, sample_fn=lambda t, m, path: grids.append(path.name))
     for step in range(1, STEPS + 1):
         trainer.global_step = step
         for callback in (metrics, fd, grid):
@@ -235,6 +235,108 @@ def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch,
     assert math.isnan(trainer.logger.calls[0][1]["val/FD-stub"])
     assert math.isnan(module.last_fd["val/FD-stub"])
     assert "1 of 8 samples are not finite; val/FD-stub = nan" in capsys.readouterr().err
+
+
+# -- the sample grid under DDP --------------------------------------------------------------------
+def saved_grids(monkeypatch) -> list[torch.Tensor]:
+    """The images run.save_grid is handed, one (N, C, H, W) tensor per grid saved."""
+    from dit_bench.train import run
+
+    saved = []
+    monkeypatch.setattr(run, "save_grid", lambda images, path, ncol: saved.append(images.clone()))
+    return saved
+
+
+def process_stubs(world: int) -> list[SimpleNamespace]:
+    """Trainer stubs of `world` processes sharing one all_gather: called last, rank 0 gets
+    every process's tensor, stacked in rank order as all_gather stacks them."""
+    shares = {}
+
+    def trainer(rank):
+        def all_gather(x):
+            shares[rank] = x
+            return torch.stack([shares[r] for r in sorted(shares)])
+
+        strategy = SimpleNamespace(all_gather=all_gather)
+        return SimpleNamespace(global_rank=rank, world_size=world, strategy=strategy)
+
+    return [trainer(r) for r in range(world)]
+
+
+def draw_grid(cfg, module, world: int, path) -> None:
+    """The run's grid as `world` processes draw it (rank 0 last: it gathers and saves)."""
+    from dit_bench.train.run import grid_sampler
+
+    for trainer in reversed(process_stubs(world)):
+        grid_sampler(cfg)(trainer, module, path)
+
+
+@pytest.mark.parametrize("world", [2, 3, 12])
+def test_the_grid_is_shared_by_the_processes_and_is_one_processes_grid(
+    monkeypatch, tmp_path, world
+):
+    """Under DDP each process draws its share of the grid's positions (rank r: r, r + world,
+    ...; 10 over 3 processes: 4, 3, 3, padded for the gather; over 12, two draw none and still
+    gather) and rank 0 alone saves the gathered grid: exactly the tensor one process draws. On
+    rank 0 alone, the others would wait for all of it (1000 DDPM-250 samples of DiT-XL/2:
+    minutes)."""
+    from dit_bench.metrics import evaluate
+
+    torch.manual_seed(0)
+    cfg = tiny("eval.samples_per_class=1")  # 10 classes, one row each
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    saved = saved_grids(monkeypatch)
+    drawn = []
+    generate = evaluate.generate
+
+    def spy(module, indices, **kwargs):
+        drawn.append(list(indices))
+        return generate(module, indices, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    draw_grid(cfg, module, 1, tmp_path / "one.png")
+    draw_grid(cfg, module, world, tmp_path / "shared.png")
+    shares = [list(range(r, 10, world)) for r in range(world)]
+    assert drawn == [list(range(10)), *reversed(shares)]
+    assert len(saved) == 2  # one grid each: rank 0's
+    assert saved[0].shape == (10, 1, 8, 8) and torch.equal(saved[1], saved[0])
+
+
+def test_grid_position_i_depends_on_the_grid_seed_and_i_only(monkeypatch, tmp_path):
+    """Position i is the sample of class i // samples_per_class drawn from its own seed,
+    sample_seed(GRID_SEED, i): the same image whether drawn alone, in chunks of any
+    train.batch_size or by any number of processes (one generator for the whole grid would
+    give position i noise that depends on every position drawn before it in its batch)."""
+    from dit_bench.metrics.evaluate import sample_seed
+    from dit_bench.train.run import GRID_SEED, class_grid_labels, sample_images
+
+    torch.manual_seed(0)
+    cfg = tiny("eval.samples_per_class=2")  # 20 positions, two per class row
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    saved = saved_grids(monkeypatch)
+    for batch_size, world in [(1, 1), (16, 1), (4, 2), (2, 3)]:
+        chunked = tiny("eval.samples_per_class=2", f"train.batch_size={batch_size}")
+        draw_grid(chunked, module, world, tmp_path / "grid.png")
+    labels = class_grid_labels(module.info, 2)
+    e = cfg.eval
+    alone = torch.cat(
+        [
+            sample_images(
+                module,
+                labels[i : i + 1],
+                sampler=e.sampler,
+                steps=e.sample_steps,
+                cfg_scale=e.cfg_scale,
+                seed=GRID_SEED,
+                use_ema=e.use_ema,
+                seeds=[sample_seed(GRID_SEED, i)],
+            )
+            for i in range(len(labels))
+        ]
+    )
+    assert len(saved) == 4
+    for grid in saved:
+        assert torch.equal(grid, alone)
 
 
 # -- ValAtSteps' timing splits --------------------------------------------------------------------

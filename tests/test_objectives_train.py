@@ -150,6 +150,10 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     two = ["sample", str(tiny_run), "--labels", "1,2", "--steps", "3", "--ncol", "2"]
     assert main([*two, "--n", "2", "-o", str(again)]) == 0
     assert torch.equal(_grid(out)[: _grid(again).shape[0]], _grid(again))
+    # nor on the chunks of the run's batch (8) that more samples are drawn in
+    assert main([*two, "--n", "12", "-o", str(again)]) == 0
+    assert "sampled 8/12" in capsys.readouterr().err
+    assert torch.equal(_grid(again)[: _grid(out).shape[0]], _grid(out))
     assert main(["sample", str(tiny_run), "--labels", "99", "-o", str(again)]) == 2
     assert "dit-bench: --labels: values must be in 0..10" in capsys.readouterr().err
     assert main(["sample", str(tiny_run), "--labels", "a", "-o", str(again)]) == 2

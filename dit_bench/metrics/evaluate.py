@@ -83,17 +83,20 @@ def generate(
     cfg_scale: float,
     use_ema: bool,
     batch_size: int,
+    labels: Tensor | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Samples number `indices` (labels by `eval_labels`), in chunks of `batch_size`.
+    """Samples number `indices`, in chunks of `batch_size`, on the CPU; sample i is of class
+    `labels[i]` (default: `eval_labels`, class i mod num_classes). No indices: (0, C, H, W).
 
-    Sample i depends on (seed, i) only, never on `batch_size` or on which other indices are
-    drawn with it (per-sample generators; see dit_bench.sampling.randn).
+    Sample i depends on (seed, i) and its label only, never on `batch_size` or on which other
+    indices are drawn with it (per-sample generators; see dit_bench.sampling.randn).
     """
     from dit_bench.train.run import sample_images
 
     indices = list(indices)
-    labels = torch.tensor(indices, dtype=torch.long) % module.info.num_classes
+    index = torch.tensor(indices, dtype=torch.long)
+    labels = index % module.info.num_classes if labels is None else labels[index]
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
@@ -111,6 +114,9 @@ def generate(
         )
         if progress:
             print(f"[dit-bench] sampled {start + len(chunk)}/{len(indices)}", file=sys.stderr)
+    if not out:  # a process's share of fewer samples than processes: it still joins the gather
+        info = module.info
+        return torch.empty(0, info.channels, info.image_size, info.image_size)
     return torch.cat(out)
 
 

@@ -123,7 +123,12 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class SampleGrid(L.Callback):
-    """Every `every` steps (and at the end), a grid of EMA samples: one row per class."""
+    """Every `every` steps (and at the end), a grid of EMA samples: one row per class.
+
+    `sample_fn(trainer, pl_module, path)` (run.grid_sampler) runs on every process at the same
+    steps: the processes share the sampling and rank 0 gathers and saves the grid, so no rank
+    may skip it (a rank_zero_only guard here would leave rank 0 waiting in the gather).
+    """
 
     def __init__(self, out_dir: Path, every: int, sample_fn):
         self.out_dir, self.every, self.sample_fn = Path(out_dir), every, sample_fn
@@ -131,15 +136,13 @@ class SampleGrid(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every and step % self.every == 0 and step < trainer.max_steps:
-            self._save(pl_module, step)
+            self._save(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save(pl_module, trainer.global_step)
+        self._save(trainer, pl_module, trainer.global_step)
 
-    @rank_zero_only
-    def _save(self, pl_module, step: int) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.sample_fn(pl_module, self.out_dir / f"step-{step:07d}.png")
+    def _save(self, trainer, pl_module, step: int) -> None:
+        self.sample_fn(trainer, pl_module, self.out_dir / f"step-{step:07d}.png")
 
 
 class StepMetrics(L.Callback):
