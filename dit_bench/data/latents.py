@@ -93,8 +93,18 @@ def vae_fingerprint(vae, parts: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
+# Stable Diffusion's VAE (and DiT's latents): the factor for a VAE whose config names none
+SD_SCALING_FACTOR = 0.18215
+
+
 def vae_scaling_factor(vae) -> float:
-    return float(getattr(vae.config, "scaling_factor", 0.18215))
+    return float(getattr(vae.config, "scaling_factor", SD_SCALING_FACTOR))
+
+
+def manifest_scaling_factor(root: str | Path) -> float:
+    """The factor the latents under `root` were multiplied by, to divide out before decoding
+    (`encode-latents` records the VAE's; a manifest without one: SD's)."""
+    return float(read_manifest(root).get("scaling_factor", SD_SCALING_FACTOR))
 
 
 @torch.no_grad()

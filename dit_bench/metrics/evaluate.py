@@ -196,12 +196,17 @@ def reference_images(cfg, device: str | torch.device = "cpu"):
     if cfg.data.name != "latents":
         return xv, yv, train, None, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
-    from dit_bench.data.latents import decode_latents, load_decoder, read_manifest, vae_fingerprint
+    from dit_bench.data.latents import (
+        decode_latents,
+        load_decoder,
+        manifest_scaling_factor,
+        vae_fingerprint,
+    )
 
     if not cfg.data.vae:
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
     vae = load_decoder(cfg.data.vae, cfg.data.root, device)
-    scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
+    scale = manifest_scaling_factor(cfg.data.root)
     # the features are of the decoded images: the decoder is part of the reference's content
     content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
     content.update(vae_fingerprint(vae).encode())

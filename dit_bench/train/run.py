@@ -290,15 +290,14 @@ def to_images(cfg: ExperimentConfig, x: torch.Tensor) -> torch.Tensor | None:
     """Samples as images in [-1, 1] on the CPU: pixel samples as they are, latent samples
     decoded with data.vae on the samples' device; None for latents when the run names no VAE
     (nothing to look at)."""
+    if not draws_grids(cfg):
+        return None
     if cfg.data.name != "latents":
         return x
-    if not cfg.data.vae:
-        return None
-    from dit_bench.data.latents import decode_latents, read_manifest
+    from dit_bench.data.latents import decode_latents, manifest_scaling_factor
 
-    scale = float(read_manifest(cfg.data.root).get("scaling_factor", 0.18215))
     vae = _load_decoder(str(cfg.data.vae), str(cfg.data.root)).to(x.device)
-    return decode_latents(vae, x, scale)
+    return decode_latents(vae, x, manifest_scaling_factor(cfg.data.root))
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
