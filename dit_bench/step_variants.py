@@ -1,7 +1,7 @@
 """Candidate settings for the compiled training step, timed side by side in one process.
 
     python -m dit_bench.step_variants [--backbone dit-xl/2] [--variants regional,bf16-stream]
-        [--image-size 32 --channels 4]
+        [--image-size 32 --channels 4] [--batch 64]
 
 The step `make gpu-check` times (default DiT-XL/2, 32x32x4, batch 64, bf16 autocast with float32
 master weights, DDPM loss with learned sigma, backward, fused AdamW), built afresh for each
@@ -31,6 +31,11 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
   whole         the whole backbone compiled as one graph (fusion across block boundaries)
   max-autotune  mode="max-autotune-no-cudagraphs": Triton GEMM templates tuned against cuBLAS,
                 epilogues fused into them (minutes of tuning on an H100)
+  checkpoint    activation checkpointing per block (`fast.checkpoint_blocks`, shipped as
+                `train.activation_checkpointing`, off by default): each block's forward
+                recomputed in the backward, for the memory of its activations; its row's
+                peak_mem_gb and ms are the trade (--batch 256: the shapes-scaling gpu
+                profile's DiT-XL/2). With cudagraphs: unverified (the config refuses the pair)
 What the harness's step does beyond this bare one (`dit-bench train` trains with all three;
 gpu-check's harness section times "cudagraphs+clip+ema+deterministic" beside it, so what is
 left between the two is Lightning's loop and the data loader; then "+nan-fill" too):
@@ -84,6 +89,7 @@ TWEAKS = (
     "coordesc",
     "whole",
     "max-autotune",
+    "checkpoint",
     "clip",
     "ema",
     "deterministic",
@@ -98,6 +104,7 @@ GPU_CHECK_VARIANTS = (
     "cudagraphs",
     "bf16-stream+cudagraphs",
     "bf16-stream",
+    "checkpoint",  # train.activation_checkpointing: its price in time, its saving in memory
 )
 
 
@@ -211,6 +218,8 @@ def build_variant(
     if "ema" in tweaks:  # copied before compilation, as the harness does: it stays eager
         ema = copy.deepcopy(net).requires_grad_(False).eval()
         hooks["after_step"] = lambda: fast.ema_update(ema, net, EMA_DECAY)
+    if "checkpoint" in tweaks:  # after the EMA copy, as the harness applies it
+        fast.checkpoint_blocks(net)
     if "whole" in tweaks:
         net.compile(backend=backend)
     else:
@@ -333,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=32, help="latent/image side (gpu-check: 32)")
     ap.add_argument("--channels", type=int, default=4, help="4: latents; 3: images (`shapes`)")
+    ap.add_argument("--batch", type=int, default=64, help="images a step (gpu-check: 64)")
     ap.add_argument(
         "--profile", action="store_true", help="also profile each variant (bench.profile_step)"
     )
@@ -340,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.image_size < 1 or args.channels < 1:
         ap.error(f"--image-size {args.image_size}, --channels {args.channels}: both must be >= 1")
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: must be >= 1")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     try:
         for v in variants:
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         backbones=(args.backbone,),
         image_size=args.image_size,
         channels=args.channels,
-        batch=64,
+        batch=args.batch,
         precision="bf16",
         repeats=args.repeats,
     )

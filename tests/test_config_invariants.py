@@ -220,6 +220,18 @@ def test_a_bf16_stream_is_refused_under_fp16_mixed_precision_too():
     assert "train.bf16_stream needs train.precision=bf16-mixed (got '16-mixed')" in msg
 
 
+def test_activation_checkpointing_is_an_execution_key_and_refused_with_cudagraphs():
+    # the same numbers (tests/test_fast_paths.py): the run directory of the run without it
+    tiny = ["data.name=digits", "backbone.name=dit-xs/4", "seed=7"]
+    assert build_config(None, [*tiny, "train.activation_checkpointing=true"]).hash == "f59c73abf9"
+    for family in ("dit-xs/4", "mmdit-d2/2", "uvit-xs/2", "unet-xs"):  # every backbone has blocks
+        build_config(None, [f"backbone.name={family}", "train.activation_checkpointing=true"])
+    graphs = ["train.compile=true", "train.cudagraphs=true"]
+    build_config(None, graphs)
+    msg = error([*graphs, "train.activation_checkpointing=true"])
+    assert "train.cudagraphs with train.activation_checkpointing: not verified on a GPU" in msg
+
+
 def test_setting_the_objective_a_file_leaves_unnamed_keeps_its_keys():
     # A section without `name` is the default objective (ddpm): naming it is no switch, and
     # the file's other keys stay (they were dropped: another config, another hash).

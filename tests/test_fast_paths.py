@@ -2,8 +2,9 @@
 tests/test_cuda_fast_paths.py): SDPA's fused kernel against the math kernel, the
 short-sequence attention and the sigmoid form of GELU(tanh) that compiled CPU code runs
 (each with a hand-written backward), fused AdamW against the loop, channels-last
-U-Net, bf16 autocast, torch.compile of the backbone (slow), and the training module applying
-them from the config (EMA eager, checkpoints unchanged)."""
+U-Net, bf16 autocast, torch.compile of the backbone (slow), activation checkpointing per
+block, and the training module applying them from the config (EMA eager, checkpoints
+unchanged)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.backbones.layers import GELUTanhAsSigmoid, ShortAttention
-from dit_bench.fast import compile_backbone, fused_adamw_default
+from dit_bench.fast import blocks_of, checkpoint_blocks, compile_backbone, fused_adamw_default
 
 
 def _net(name: str, size: int = 8, channels: int = 2, learn_sigma: bool = True):
@@ -250,6 +251,154 @@ def test_compiled_backbone_matches_eager(name):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3)
 
 
+# -- activation checkpointing: the same numbers, less memory held for the backward ------------
+
+
+def _saved_bytes(fn, net: torch.nn.Module) -> tuple[int, torch.Tensor]:
+    """(bytes of the tensors autograd saves for the backward over `fn()`, not counting the
+    net's parameters, each storage once; fn's output). A checkpointed block's own saves go
+    to the checkpoint's hooks (and are dropped): this count sees what the graph keeps."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = (s.nbytes(), t)  # kept: no address reused while counted
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(n for n, _ in storages.values()), out
+
+
+def _net_with_inputs(name: str):
+    size, channels = (16, 3) if name == "unet-xs" else (8, 2)
+    return _net(name, size=size, channels=channels), _inputs(size=size, channels=channels)
+
+
+@pytest.mark.parametrize("name", ["dit-xs/2", "mmdit-d2/2", "uvit-xs/2", "unet-xs"])
+def test_checkpointed_blocks_same_loss_and_gradients(name, monkeypatch):
+    """Exactly equal, float32 on the CPU: the recomputation runs the same kernels on the same
+    inputs, and the backward is the same graph. And every block's forward runs once more in
+    the backward (the recomputation; U-Net: its groups, each layer inside once, not twice)."""
+    net, (x, t, cond) = _net_with_inputs(name)
+    ref = net(x, t, cond).square().mean()
+    ref.backward()
+    fast, _ = _net_with_inputs(name)
+    checkpoint_blocks(fast)
+    in_backward, recomputed = [False], []
+    for cls in {type(b) for b in blocks_of(fast)}:
+        forward = cls.forward
+
+        def counted(self, *args, _forward=forward, **kwargs):
+            if in_backward[0]:
+                recomputed.append(self)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    loss = fast(x, t, cond).square().mean()
+    in_backward[0] = True
+    loss.backward()
+    blocks = {id(b) for b in blocks_of(fast)}  # (the U-Net's layers inside its groups: not)
+    assert sorted(id(b) for b in recomputed if id(b) in blocks) == sorted(blocks)
+    assert ref > 1e-3 and torch.equal(loss, ref)
+    for (n, p), q in zip(net.named_parameters(), fast.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), n
+        assert p.grad is None or torch.equal(q.grad, p.grad), n
+
+
+def test_checkpointed_blocks_keep_a_fraction_of_the_activations():
+    """What the graph holds for the backward after one forward of a DiT: without, every op's
+    saved inputs; with, each block's inputs (the stream, the conditioning) and what lies
+    outside the blocks."""
+    net, (x, t, cond) = _net("dit-s/4", size=16, channels=4), _inputs(size=16, channels=4)
+    plain, _ = _saved_bytes(lambda: net(x, t, cond), net)
+    checkpoint_blocks(net)
+    kept, _ = _saved_bytes(lambda: net(x, t, cond), net)
+    assert plain > 2**20  # 12 blocks x 3 images x 16 tokens x 384 channels, many tensors each
+    assert kept < plain / 3
+    # in evaluation (grad still on; and under no_grad) the blocks run plainly: as before
+    net.eval()
+    assert _saved_bytes(lambda: net(x, t, cond), net)[0] == plain
+
+
+def test_checkpoint_blocks_keeps_keys_and_hooks_and_refuses_a_net_without_blocks():
+    from dit_bench.fast import bf16_stream
+
+    net = _net("dit-xs/2")
+    keys = list(net.state_dict())
+    assert checkpoint_blocks(net) is net and list(net.state_dict()) == keys
+    twin = copy.deepcopy(net)  # as the EMA copy is made: each block runs its own weights
+    assert all(b.forward.__self__ is b for b in twin.blocks)
+    # bf16_stream's pre-hooks, either order: the block (and its recomputation) gets bf16
+    x, t, cond = _inputs()
+    for nets in (
+        (bf16_stream(_net("dit-xs/2")), checkpoint_blocks(bf16_stream(_net("dit-xs/2")))),
+        (bf16_stream(_net("dit-xs/2")), bf16_stream(checkpoint_blocks(_net("dit-xs/2")))),
+    ):
+        losses = []
+        for n in nets:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses.append(n(x, t, cond).float().square().mean())
+            losses[-1].backward()
+        assert torch.equal(*losses)
+        for p, q in zip(*(n.parameters() for n in nets), strict=True):
+            assert p.grad is None or torch.equal(p.grad, q.grad)
+    with pytest.raises(ValueError, match="checkpoint_blocks needs a net made of blocks.*Linear"):
+        checkpoint_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_backbone_matches_eager():
+    """compile_backbone and checkpoint_blocks, in either order: the eager gradients (within
+    compilation's rounding, as test_compiled_backbone_matches_eager), one block graph, and
+    the checkpoint kept through compilation (the compiled forward saves a fraction)."""
+    from torch._dynamo.utils import counters
+
+    net = _net("dit-xs/2")
+    x, t, cond = _inputs()
+    ref = net(x, t, cond).square().mean()
+    ref.backward()
+    saved = {}
+    for order in ("checkpoint first", "compile first"):
+        counters.clear()
+        fast = _net("dit-xs/2")
+        if order == "checkpoint first":
+            compile_backbone(checkpoint_blocks(fast))
+        else:
+            checkpoint_blocks(compile_backbone(fast))
+        saved[order], loss = _saved_bytes(lambda f=fast: f(x, t, cond).square().mean(), fast)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], order
+        torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+        loss.backward()
+        for p, q in zip(net.parameters(), fast.parameters(), strict=True):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3)
+    fast = compile_backbone(_net("dit-xs/2"))
+    plain, _ = _saved_bytes(lambda: fast(x, t, cond), fast)
+    assert max(saved.values()) < plain / 3
+    torch.compiler.reset()
+
+
+def test_step_variant_checkpoint_times_the_shipped_step_checkpointed():
+    """`python -m dit_bench.step_variants --variants regional,checkpoint` (its ms and
+    peak_mem_gb on a GPU): the compiled step with its blocks checkpointed, the same losses."""
+    from test_step_variants import CPU, TINY
+
+    from dit_bench import step_variants
+
+    with step_variants.variant_settings("checkpoint", backend="eager"):
+        net, _, _ = step_variants.build_variant(
+            "checkpoint", "dit-xs/4", TINY, CPU, backend="eager"
+        )
+    assert all("forward" in vars(b) and _compiled(b) for b in net.blocks)
+    rows = step_variants.run_variants(
+        ("regional", "checkpoint"), "dit-xs/4", TINY, CPU, rows=[], backend="eager"
+    )
+    assert [r["loss_last"] for r in rows] == [rows[0]["loss_last"]] * 2, rows
+
+
 # -- the training module applies the fast paths from the config --------------------------------
 
 
@@ -291,6 +440,20 @@ def test_module_compiles_backbone_only_and_keeps_checkpoint_keys():
     assert not (unfused["optimizer"] if isinstance(unfused, dict) else unfused).defaults["fused"]
     # execution keys: a run resumes across them
     assert cfg.hash == plain_cfg.hash
+
+
+def test_module_checkpoints_the_trained_net_only():
+    """train.activation_checkpointing: the trained net's blocks, not the EMA copy's (it runs
+    under no_grad); with train.compile too; the same checkpoint keys and run directory."""
+    plain_cfg, plain = _module()
+    for extra in ([], ["train.compile=true"]):
+        cfg, m = _module("train.activation_checkpointing=true", *extra)
+        assert all("forward" in vars(b) for b in m.net.blocks)
+        assert not any("forward" in vars(b) for b in m.ema.blocks)
+        assert all(_compiled(b) for b in m.net.blocks) == bool(extra)
+        assert list(m.state_dict()) == list(plain.state_dict())
+        assert cfg.hash == plain_cfg.hash  # an execution key: a run resumes across it
+    assert not any("forward" in vars(b) for b in plain.net.blocks)
 
 
 def test_cudagraphs_config_rules_and_module(monkeypatch):

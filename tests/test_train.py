@@ -662,3 +662,28 @@ def test_a_run_trained_compiled_loads_eager(tmp_path):
     assert module.cfg.hash == tiny("train.steps=2").hash
     compiled = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None)]
     assert compiled == []
+
+
+def test_activation_checkpointing_trains_the_same_weights_in_the_same_run(tmp_path):
+    """train.activation_checkpointing recomputes each block in the backward: the same
+    gradients, so the same weights and EMA bit for bit, and the same run directory (an
+    execution key: a run resumes across it)."""
+
+    class Checkpointed(L.Callback):  # which runs trained with checkpointed blocks
+        def __init__(self):
+            self.seen = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.seen.append(all("forward" in vars(b) for b in pl_module.net.blocks))
+
+    watch = Checkpointed()
+    plain = train(tiny("train.steps=4"), tmp_path / "plain", progress=False, callbacks=[watch])
+    cfg = tiny("train.steps=4", "train.activation_checkpointing=true")
+    checkpointed = train(cfg, tmp_path / "checkpointed", progress=False, callbacks=[watch])
+    assert watch.seen == [False, True]
+    assert cfg.hash == tiny("train.steps=4").hash and checkpointed.name.endswith(cfg.hash)
+    assert plain.name.endswith(cfg.hash)
+    a, b = final_state(plain), final_state(checkpointed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(checkpointed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4

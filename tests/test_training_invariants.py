@@ -356,6 +356,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "train.threads",
         "train.compile",
         "train.cudagraphs",  # replays the compiled graphs: the same kernels
+        "train.activation_checkpointing",  # recomputes each block: the same ops, same inputs
         "train.channels_last",
         # not train.tf32: TF32's 10-bit mantissa changes a float32 GPU run beyond rounding, so
         # tf32=false with 32-true is hashed (the default, true, is not: test_config_invariants)

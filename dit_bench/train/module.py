@@ -21,7 +21,13 @@ from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
 from dit_bench.data import DataInfo
-from dit_bench.fast import bf16_stream, compile_backbone, ema_update, fused_adamw_default
+from dit_bench.fast import (
+    bf16_stream,
+    checkpoint_blocks,
+    compile_backbone,
+    ema_update,
+    fused_adamw_default,
+)
 from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
 
@@ -67,6 +73,10 @@ class DiffusionModule(L.LightningModule):
             bf16_stream(self.net)
         # EMA of the weights (DiT samples from the EMA model); a submodule, so it is checkpointed.
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        if cfg.train.activation_checkpointing:
+            # The trained net only, after the EMA copy: the copy runs under no_grad, where a
+            # checkpointed block runs plainly anyway. Before or after compiling, the same.
+            checkpoint_blocks(self.net)
         if cfg.train.compile:
             # The backbone only, after the EMA copy (which stays eager: it samples and validates
             # rarely); in place, so parameter names and checkpoints are those of the eager net.

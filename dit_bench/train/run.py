@@ -195,8 +195,10 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
-    # eager, whatever the run trained with: sample and eval compile when asked (--compile)
-    eager = cfg.train.model_copy(update={"compile": False, "cudagraphs": False})
+    # eager, whatever the run trained with: sample and eval compile when asked (--compile);
+    # nothing recomputed (sampling runs under no_grad, where a checkpointed block runs plainly)
+    plain = {"compile": False, "cudagraphs": False, "activation_checkpointing": False}
+    eager = cfg.train.model_copy(update=plain)
     module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
     try:
