@@ -512,14 +512,6 @@ class ExperimentConfig(_Strict):
                 d[section].pop(key)
         for section, key, default in HASHED_AS_DEFAULT:
             d[section][key] = default
-        # A size override equal to the preset's own value builds the same net as leaving it
-        # null: hashed as null, so `backbone.depth: 12` on dit-s/2 is the run without it
-        from dit_bench.backbones import OVERRIDE_KEYS, PRESETS
-
-        preset = PRESETS[self.backbone.name]
-        for key in OVERRIDE_KEYS:
-            if key in preset and d["backbone"][key] == preset[key]:
-                d["backbone"][key] = None
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
