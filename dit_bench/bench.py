@@ -162,6 +162,11 @@ def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
     compiled code alike (Inductor allocates through the same allocator). The process's peak
     RSS would not do: it is one number for every implementation of the process, and it keeps
     pages malloc reused. None where this torch's profiler has no such events.
+
+    Runs `step` twice: the total counts only blocks allocated while profiling, so a block
+    made before it and freed in it (the last step's gradients, which zero_grad drops) would
+    not come off, and its successor would count twice. The first, discarded, run allocates
+    what the second frees.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -169,10 +174,14 @@ def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
         from torch._C._profiler import _EventType
     except ImportError:  # a private API: a future torch may move it
         return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None or not hasattr(results, "experimental_event_tree"):
+        return None
     events = []  # (time, bytes allocated (< 0: freed), the allocator's total after it)
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    stack = list(results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
@@ -181,7 +190,7 @@ def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
         stack.extend(node.children)
     if not events:
         return None
-    events.sort()
+    events.sort(key=lambda e: e[0])  # by time alone: a tie keeps the tree's order
     # the total runs on from earlier profiling in the process: taken from the step's start
     _, size, total = events[0]
     return max(0, max(e[2] for e in events) - (total - size))
