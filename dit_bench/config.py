@@ -344,7 +344,12 @@ class EvalConfig(_Strict):
         None, gt=0, description="guide the first k channels only (DiT's code: 3); null: all"
     )
     clip_x0: bool = Field(False, description="clamp the predicted x0 to [-1, 1] while sampling")
-    samples_per_class: int = Field(8, gt=0)
+    samples_per_class: int = Field(
+        8,
+        gt=0,
+        description="sample grids: one row per class (every class up to 32, else 32 spread "
+        "evenly from the first to the last), this many samples a row",
+    )
     use_ema: bool = True
     fd_every: int = Field(
         0,

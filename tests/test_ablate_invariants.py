@@ -383,6 +383,12 @@ def test_grad_clip_bounds_the_update_and_null_disables_it(tmp_path):
 def test_grid_labels_give_each_class_one_row():
     info = DataInfo(channels=1, image_size=4, num_classes=3, class_names=("a", "b", "c"))
     assert class_grid_labels(info, 2).tolist() == [0, 0, 1, 1, 2, 2]
+    # ImageNet: 32 rows, spread from the first class to the last, each class once
+    many = DataInfo(channels=4, image_size=32, num_classes=1000, class_names=())
+    rows = class_grid_labels(many, 1).tolist()
+    assert len(rows) == len(set(rows)) == 32 and rows[0] == 0 and rows[-1] == 999
+    assert all(31 <= b - a <= 33 for a, b in zip(rows, rows[1:], strict=False))
+    assert class_grid_labels(many, 8).tolist() == [c for c in rows for _ in range(8)]
 
 
 def test_save_grid_places_image_i_at_row_i_div_ncol_and_column_i_mod_ncol(tmp_path):
