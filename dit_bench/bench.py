@@ -498,8 +498,10 @@ def bench_training(
             mem[i.label] = (own + transient) / 2**30
         else:  # the same accounting from the CPU allocator's totals
             transient = cpu_peak_transient_bytes(step)
-            own = _state_bytes(i.net, opt)
-            mem[i.label] = None if transient is None else (own + transient) / 2**30
+            if transient is not None:
+                mem[i.label] = (_state_bytes(i.net, opt) + transient) / 2**30
+            else:
+                mem[i.label] = None
 
     ours = impls[0].net
     fwd = ours.flops(batch=1)["flops"]

@@ -278,6 +278,7 @@ def test_bench_rows_median_iqr_mfu_and_speed_ratio_from_known_step_times(monkeyp
     monkeypatch.setattr(bench, "build_impls", lambda name, cfg, device: impls)
     monkeypatch.setattr(bench, "bench_inputs", lambda cfg, device: None)
     monkeypatch.setattr(bench, "step_fn", fake_step_fn)
+    monkeypatch.setattr(bench, "cpu_peak_transient_bytes", lambda step: None)  # no more steps
     cfg = bench.BenchConfig(warmup=0, repeats=5, batch=4, device="cpu")
     peak, sheet = 1e8, 4e8
     rows = {r.label: r for r in bench.bench_training("fake", cfg, peak=peak, sheet=sheet)}
