@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import json
 import math
@@ -555,31 +554,30 @@ def section_harness(ctx: dict) -> dict:
     variants, bare_cfg, backend = ctx["plan"]["harness_bare"]
     name = summary["backbone"]
     steady = summary["steady_img_per_s"]
-    bare = []
-    cut_off = None  # the section's alarm, in a bare step: the run's result and the rows stay
-    for variant in variants:  # the same model's bare step; a failure is reported, not the run's
-        if cut_off is not None:
-            bare.append({"variant": variant, "error": f"skipped: {cut_off}"})
-            continue
-        if ctx.get("section_left", lambda: math.inf)() < 30:  # keep the run's result
-            bare.append({"variant": variant, "error": "skipped: the section's time is spent"})
-            continue
-        try:
-            with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
-                row = step_variants.run_variant(
-                    variant, name, replace(bare_cfg, backbones=(name,)), dev, backend=backend
-                )
-            row = {k: row[k] for k in ("variant", "ms", "img_per_s", "first_step_s")}
-            row["harness_vs"] = steady / row["img_per_s"] if steady else None
-        except SectionTimeout as e:
-            cut_off = str(e)
-            row = {"variant": variant, "error": f"SectionTimeout: {e}"}
-        except Exception as e:  # noqa: BLE001
-            row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        bare.append(row)
-        gc.collect()  # the variant's net and optimiser, before the next one is built
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    bare: list[dict] = []
+    # the same model's bare step; a failure is reported, not the run's. No step starts in the
+    # section's last 30 s, and the alarm inside one leaves the run's result and the rows
+    left = ctx.get("section_left", lambda: math.inf)()
+    try:
+        with fast.allow_tf32(True) if dev.type == "cuda" else contextlib.nullcontext():
+            step_variants.run_variants(
+                variants,
+                name,
+                replace(bare_cfg, backbones=(name,)),
+                dev,
+                rows=bare,
+                deadline=time.perf_counter() + left - 30,
+                skipped="the section's time is spent",
+                backend=backend,
+            )
+    except SectionTimeout as e:
+        bare.append({"variant": variants[len(bare)], "error": f"SectionTimeout: {e}"})
+        bare += [{"variant": v, "error": f"skipped: {e}"} for v in variants[len(bare) :]]
+    keep = ("variant", "ms", "img_per_s", "first_step_s")
+    for i, row in enumerate(bare):
+        if "img_per_s" in row:
+            bare[i] = {k: row[k] for k in keep}
+            bare[i]["harness_vs"] = steady / row["img_per_s"] if steady else None
     timed = ", ".join(f"{r['variant']} {r['img_per_s']:.0f}" for r in bare if "img_per_s" in r)
     # the run trained where this check runs (its summary once named the CPU after a GPU run)
     here = dev.type != "cuda" or summary["device"] == fast.device_name(dev)

@@ -299,18 +299,21 @@ def run_variants(
     *,
     rows: list[dict],
     deadline: float | None = None,
+    skipped: str = "budget spent",
     progress: Callable[[str], None] | None = None,
     backend: str | Callable = "inductor",
     profile: bool = False,
 ) -> list[dict]:
     """Each variant in turn, appended to `rows` as it finishes (a caller cut off keeps the rows
-    before); a failing variant is recorded as {variant, error} and the next one runs. The MFU
-    is against the datasheet peak (None off known GPUs); `vs_first` against the first variant."""
+    before); a failing variant is recorded as {variant, error} and the next one runs; none
+    starts after `deadline` (time.perf_counter()), each recorded as "skipped: `skipped`". The
+    MFU is against the datasheet peak (None off known GPUs); `vs_first` against the first
+    variant."""
     key = bench.peak_key(cfg.precision, device, cfg.tf32)
     sheet = bench.datasheet_peak(fast.device_name(device), key)
     for variant in variants:
         if deadline is not None and time.perf_counter() > deadline:
-            rows.append({"variant": variant, "error": "skipped: budget spent"})
+            rows.append({"variant": variant, "error": f"skipped: {skipped}"})
             continue
         try:
             row = run_variant(variant, name, cfg, device, backend=backend, profile=profile)

@@ -393,7 +393,7 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
 
     timed, collected = [], []
 
-    def run_variant(variant, name, cfg, device, backend):
+    def run_variant(variant, name, cfg, device, backend, profile=False):
         timed.append(variant)
         if "clip" in variant:
             raise RuntimeError("out of memory |\n  at step 1")
@@ -401,9 +401,9 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
 
     monkeypatch.setattr(gpu_check.subprocess, "run", child)
     monkeypatch.setattr(gpu_check.step_variants, "run_variant", run_variant)
-    monkeypatch.setattr(gpu_check.gc, "collect", lambda: collected.append(len(timed)))
+    monkeypatch.setattr(gpu_check.step_variants.gc, "collect", lambda: collected.append(len(timed)))
     ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
-    result = gpu_check.section_harness({**ctx, "section_left": lambda: 30.0})
+    result = gpu_check.section_harness({**ctx, "section_left": lambda: 40.0})
     plain, failed = result["bare_steps"]
     assert result["ok"] and plain["harness_vs"] == pytest.approx(80.0 / 160.0)
     assert failed == {
@@ -422,7 +422,7 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
     text = render_gpu_section("harness", unsteady)
     assert "## The harness's training path" in text and "| bare step |" not in text
 
-    def cut_off(variant, name, cfg, device, backend):  # the section's alarm in a bare step
+    def cut_off(variant, name, cfg, device, backend, profile=False):  # the alarm in a step
         timed.append(variant)
         raise gpu_check.SectionTimeout("section cut off after its 150 s")
 
