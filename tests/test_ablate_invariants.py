@@ -237,6 +237,48 @@ def test_the_plan_record_is_merged_under_a_lock(tmp_path, recorded_training):
     assert plan["seeds"] == [0] and len(recorded_training) == 2
 
 
+def test_the_results_and_final_record_wait_for_the_plan_lock(
+    tmp_path, recorded_training, monkeypatch
+):
+    """The table and the final ablation.json are written under the plan's lock too: a call
+    that finishes its runs while another process holds it (that call's own read-modify-write
+    of the record) waits, so neither writes over what the other just wrote."""
+    import threading
+
+    from dit_bench.files import locked
+
+    out = tmp_path / "runs"
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0])
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locked(out / "tiny-cpu" / ".ablation.lock"):
+            holding.set()
+            release.wait(30)
+
+    train_one = ablate._train_one  # recorded_training's
+
+    def train_then_hold(*args, **kwargs):
+        run = train_one(*args, **kwargs)
+        if not holding.is_set():  # after the first run: another call takes the lock
+            threading.Thread(target=hold, daemon=True).start()
+            assert holding.wait(30)
+        return run
+
+    monkeypatch.setattr(ablate, "_train_one", train_then_hold)
+    call = threading.Thread(target=run_ablation, args=(ab, out), kwargs={"progress": False})
+    call.start()
+    try:
+        assert holding.wait(30)
+        call.join(timeout=1.0)
+        assert call.is_alive() and not (out / "tiny-cpu" / "results.csv").exists()
+    finally:
+        release.set()
+    call.join(timeout=30)
+    assert not call.is_alive() and len(recorded_training) == 2
+    assert len(pd.read_csv(out / "tiny-cpu" / "results.csv")) == 2
+
+
 def test_results_plan_and_report_hold_the_same_runs_when_earlier_configs_come_back(
     tmp_path, recorded_training, capsys
 ):
@@ -389,6 +431,15 @@ def test_grid_labels_give_each_class_one_row():
     assert len(rows) == len(set(rows)) == 32 and rows[0] == 0 and rows[-1] == 999
     assert all(31 <= b - a <= 33 for a, b in zip(rows, rows[1:], strict=False))
     assert class_grid_labels(many, 8).tolist() == [c for c in rows for _ in range(8)]
+
+
+def test_grid_rows_past_32_classes_are_the_classes_nearest_even_steps():
+    """Row k of a grid of n > 32 classes shows the class nearest k * (n - 1) / 31 (rounded,
+    not truncated): which classes the grids of a data set show is fixed, comparable between
+    runs."""
+    for n in (33, 100, 1000):
+        info = DataInfo(channels=1, image_size=4, num_classes=n, class_names=())
+        assert class_grid_labels(info, 1).tolist() == [round(k * (n - 1) / 31) for k in range(32)]
 
 
 def test_save_grid_places_image_i_at_row_i_div_ncol_and_column_i_mod_ncol(tmp_path):

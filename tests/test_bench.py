@@ -368,15 +368,13 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     assert elsewhere["device"].startswith("cpu") and not elsewhere["ok"]
 
 
-def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_variant_fails(
-    render_gpu_section, monkeypatch
-):
-    """The bare steps timed beside the harness's run (a stand-in run here, no training): a
-    failing variant is one error row and the next is still timed, memory is collected after
-    each; under 30 s of the section left none starts and the run's result is kept; a run
-    without a steady img/s still times them, with no ratio, and renders without the table."""
+def stand_in_harness_run(monkeypatch) -> dict:
+    """gpu-check's `dit-bench train` child replaced by the run folder it would leave (no
+    training); returns its summary, which a test may change between calls."""
     from dit_bench import gpu_check
 
+    # fast.device_name asks platform (`uname -p`, through subprocess.run) once: before the stub
+    gpu_check.fast.device_name(torch.device("cpu"))
     summary = {
         "backbone": "dit-xs/4", "steps": 10, "batch_size": 16, "val_loss": 0.4,
         "img_per_s": 60.0, "train_seconds": 2.0, "steady_img_per_s": 80.0,
@@ -391,6 +389,20 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
         (run / "summary.json").write_text(json.dumps(summary))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
+    monkeypatch.setattr(gpu_check.subprocess, "run", child)
+    return summary
+
+
+def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_variant_fails(
+    render_gpu_section, monkeypatch
+):
+    """The bare steps timed beside the harness's run (a stand-in run here, no training): a
+    failing variant is one error row and the next is still timed, memory is collected after
+    each; under 30 s of the section left none starts and the run's result is kept; a run
+    without a steady img/s still times them, with no ratio, and renders without the table."""
+    from dit_bench import gpu_check
+
+    summary = stand_in_harness_run(monkeypatch)
     timed, collected = [], []
 
     def run_variant(variant, name, cfg, device, backend, profile=False):
@@ -399,7 +411,6 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
             raise RuntimeError("out of memory |\n  at step 1")
         return {"variant": variant, "ms": 100.0, "img_per_s": 160.0, "first_step_s": 1.0}
 
-    monkeypatch.setattr(gpu_check.subprocess, "run", child)
     monkeypatch.setattr(gpu_check.step_variants, "run_variant", run_variant)
     monkeypatch.setattr(gpu_check.step_variants.gc, "collect", lambda: collected.append(len(timed)))
     ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
@@ -438,6 +449,29 @@ def test_gpu_check_harness_bare_steps_keep_the_run_when_time_is_short_or_a_varia
     diverged = gpu_check.section_harness(ctx)
     assert diverged["ok"] is False and diverged["val_loss"] is None
     assert "val loss -," in render_gpu_section("harness", diverged)
+
+
+def test_gpu_check_harness_rows_name_their_variant_when_cut_off_or_out_of_time(monkeypatch):
+    """The bare step the section's alarm cuts off is reported under its own variant and the
+    ones after it as skipped with the alarm's reason; under 30 s left, every row says the
+    section's time is spent (not another budget's)."""
+    from dit_bench import gpu_check
+
+    stand_in_harness_run(monkeypatch)
+
+    def cut_off(variant, name, cfg, device, backend, profile=False):  # the alarm in a step
+        raise gpu_check.SectionTimeout("section cut off after its 150 s")
+
+    monkeypatch.setattr(gpu_check.step_variants, "run_variant", cut_off)
+    ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
+    variants = list(ctx["plan"]["harness_bare"][0])
+    assert len(variants) >= 2
+    kept = gpu_check.section_harness(ctx)
+    assert [r["variant"] for r in kept["bare_steps"]] == variants
+    assert kept["bare_steps"][0]["error"] == "SectionTimeout: section cut off after its 150 s"
+    short = gpu_check.section_harness({**ctx, "section_left": lambda: 29.0})
+    assert [r["variant"] for r in short["bare_steps"]] == variants
+    assert {r["error"] for r in short["bare_steps"]} == {"skipped: the section's time is spent"}
 
 
 def test_step_budget_against_counted_flops():
@@ -594,3 +628,17 @@ def test_cpu_peak_transient_bytes_counts_what_the_step_holds_at_once():
         held.append(torch.empty(8 << 20, dtype=torch.uint8))
 
     assert bench.cpu_peak_transient_bytes(replace) < 64 << 10
+
+
+def test_cpu_peak_transient_bytes_of_a_step_that_only_frees_is_not_negative():
+    """A step that frees what was allocated before it and allocates nothing holds nothing
+    above its start: 0 (the allocator's total falls below where it began)."""
+    held = []
+
+    def free_every_other_call():  # the first (discarded) run allocates, the measured one frees
+        if held:
+            held.clear()
+        else:
+            held.append(torch.empty(8 << 20, dtype=torch.uint8))
+
+    assert 0 <= bench.cpu_peak_transient_bytes(free_every_other_call) < 64 << 10

@@ -89,6 +89,17 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
+def test_latents_are_unscaled_by_the_factor_their_manifest_records(latents_root):
+    """Grids and eval decode latents divided by the factor encode-latents multiplied them by:
+    the one the manifest records (another VAE's, e.g. SDXL's 0.13025), else SD's 0.18215."""
+    from dit_bench.data.latents import manifest_scaling_factor
+
+    assert manifest_scaling_factor(latents_root) == 0.18215  # none recorded
+    path = latents_root / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "scaling_factor": 0.13025}))
+    assert manifest_scaling_factor(latents_root) == 0.13025
+
+
 def test_corrupt_or_missing_shards_are_named(vae_dir, image_folder, tmp_path):
     out = tmp_path / "lat"
     encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)

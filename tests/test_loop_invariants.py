@@ -36,7 +36,7 @@ from dit_bench.train.callbacks import (
     ValAtSteps,
 )
 from dit_bench.train.module import DiffusionModule
-from dit_bench.train.run import find_run_dir, train
+from dit_bench.train.run import find_run_dir, grid_sampler, train
 
 # 10 steps against intervals of 4: the last step is on no interval, so only the "and at the
 # end" clauses put a validation, a grid or an FD there.
@@ -440,3 +440,98 @@ def test_bf16_stream_casts_only_floating_token_tensors():
         net(x, ids, mask, c)
     for block in net.blocks:
         assert block.seen == [torch.bfloat16, torch.int64, torch.bool, torch.float32]
+
+
+def test_grid_positions_are_drawn_of_their_class_in_chunks_of_the_batch(monkeypatch, tmp_path):
+    """Position i is drawn as class labels[i] (class i // samples_per_class) from seed
+    sample_seed(GRID_SEED, i), whichever process draws it, and every process samples in chunks
+    of at most train.batch_size (the whole grid in one batch could exhaust the device). What
+    the samplers are asked, not the pixels: a freshly built DiT ignores its labels (adaLN-zero),
+    so a grid drawn with the wrong classes looks the same in the tests that compare images."""
+    from dit_bench.metrics.evaluate import sample_seed
+    from dit_bench.train import run
+    from dit_bench.train.run import GRID_SEED, class_grid_labels
+
+    torch.manual_seed(0)
+    # 20 positions, 7 a process at most
+    cfg = tiny("eval.samples_per_class=2", "eval.sample_steps=2", "train.batch_size=3")
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    saved = saved_grids(monkeypatch)
+    asked, sample_images = [], run.sample_images
+
+    def recorded(module, labels, *, seeds, **kwargs):
+        asked.append(list(zip(seeds, labels.tolist(), strict=True)))
+        return sample_images(module, labels, seeds=seeds, **kwargs)
+
+    monkeypatch.setattr(run, "sample_images", recorded)
+    draw_grid(cfg, module, 3, tmp_path / "grid.png")
+    assert len(saved) == 1 and saved[0].shape[0] == 20
+    assert asked and max(len(chunk) for chunk in asked) <= 3
+    labels = class_grid_labels(module.info, 2).tolist()
+    want = {(sample_seed(GRID_SEED, i), label) for i, label in enumerate(labels)}
+    drawn = [pair for chunk in asked for pair in chunk]
+    assert len(drawn) == 20 and set(drawn) == want
+
+
+def test_the_grid_shares_are_gathered_on_the_module_device(monkeypatch, tmp_path):
+    """generate returns samples on the CPU; the shares go to the gather on the module's
+    device (NCCL gathers device tensors only), and rank 0 saves what the gather returns. A
+    stand-in device here: `meta`."""
+    torch.manual_seed(0)
+    cfg = tiny("eval.samples_per_class=1")
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    monkeypatch.setattr(module, "_device", torch.device("meta"))  # what module.to(device) sets
+    saved = saved_grids(monkeypatch)
+    stubs, gathered = process_stubs(2), []
+    for trainer in stubs:
+
+        def all_gather(x, gather=trainer.strategy.all_gather):
+            gathered.append(x.device)
+            return gather(x)
+
+        trainer.strategy.all_gather = all_gather
+    for trainer in reversed(stubs):  # rank 0 last: it gathers and saves
+        grid_sampler(cfg)(trainer, module, tmp_path / "grid.png")
+    assert gathered == [torch.device("meta")] * 2
+    assert [g.device for g in saved] == [torch.device("meta")] and saved[0].shape[0] == 10
+
+
+def test_latents_without_a_vae_draw_no_grid_on_any_process(monkeypatch, tmp_path, latents_root):
+    """Latents without data.vae: nothing to look at, so no process samples a grid (none waits
+    in a gather the others skip) and to_images gives None; with data.vae, grids are drawn."""
+    from dit_bench.config import build_config
+    from dit_bench.data import data_info
+    from dit_bench.metrics import evaluate
+    from dit_bench.train.run import draws_grids, to_images
+
+    sets = ["data.name=latents", f"data.root={latents_root}", "backbone.name=dit-xs/2"]
+    cfg = build_config(None, sets)
+    drawn = []
+    monkeypatch.setattr(evaluate, "generate", lambda module, indices, **kw: drawn.append(indices))
+    saved = saved_grids(monkeypatch)
+    module = SimpleNamespace(info=data_info(cfg.data))  # never sampled
+    draw_grid(cfg, module, 2, tmp_path / "grid.png")
+    assert drawn == [] and saved == [] and not (tmp_path / "grid.png").exists()
+    assert not draws_grids(cfg)
+    assert to_images(cfg, torch.zeros(1, 4, 32, 32)) is None
+    assert draws_grids(build_config(None, [*sets, "data.vae=/vae"]))
+    assert draws_grids(tiny())
+
+
+def test_sample_grid_runs_on_every_process_and_draws_a_last_step_on_the_interval_once(
+    monkeypatch, tmp_path
+):
+    """Every process calls sample_fn at the same steps (they share the sampling: on rank 0
+    alone, rank 0 would wait in the gather for the others), and a last step on the interval
+    is drawn once, at the end, not a second time just before."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # this process is not rank 0
+    grids = []
+    grid = SampleGrid(tmp_path, every=4, sample_fn=lambda t, m, path: grids.append(path.name))
+    trainer = SimpleNamespace(max_steps=8)
+    for step in range(1, 9):
+        trainer.global_step = step
+        grid.on_train_batch_end(trainer, None, None, None, step - 1)
+    grid.on_train_end(trainer, None)
+    assert grids == ["step-0000004.png", "step-0000008.png"]

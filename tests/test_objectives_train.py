@@ -163,6 +163,19 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     assert "--n: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_cli_sample_no_ema_draws_the_trained_weights(tiny_run, tmp_path, capsys):
+    """--no-ema samples the trained net, not the EMA copy (after training they differ); a
+    sample that fits in one batch of the run's (8) prints no progress."""
+    from dit_bench.cli import main
+
+    args = ["sample", str(tiny_run), "--n", "4", "--labels", "1,2", "--steps", "3", "--ncol", "2"]
+    ema, raw = tmp_path / "ema.png", tmp_path / "raw.png"
+    assert main([*args, "-o", str(ema)]) == 0
+    assert main([*args, "--no-ema", "-o", str(raw)]) == 0
+    assert "sampled" not in capsys.readouterr().err
+    assert not torch.equal(_grid(ema), _grid(raw))
+
+
 @pytest.mark.slow
 def test_cli_sample_compiled_draws_the_eager_samples(tiny_run, tmp_path):
     from dit_bench.cli import main

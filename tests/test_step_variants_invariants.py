@@ -185,6 +185,26 @@ def test_main_times_the_step_at_the_asked_size_and_refuses_an_empty_one(
     assert len(timed) == 1
 
 
+def test_main_times_the_step_at_the_asked_batch_and_refuses_an_empty_one(
+    monkeypatch, tmp_path, capsys
+):
+    """--batch sets the timed step's batch (default 64, gpu-check's; 256: the shapes-scaling
+    gpu profile's DiT-XL/2, where checkpointing's memory shows); 0 is refused before anything
+    is built."""
+    timed = []
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, precision: {"flops_per_s": 1e12})
+    monkeypatch.setattr(step_variants, "run_variants", lambda v, n, cfg, d, **kw: timed.append(cfg))
+    args = ["--backbone", "dit-xs/4", "--variants", "regional", "--out", str(tmp_path)]
+    step_variants.main([*args, "--batch", "3"])
+    step_variants.main(args)
+    assert [cfg.batch for cfg in timed] == [3, 64]
+    with pytest.raises(SystemExit):
+        step_variants.main([*args, "--batch", "0"])
+    assert "--batch 0: must be >= 1" in capsys.readouterr().err
+    assert len(timed) == 2
+
+
 def test_clip_and_ema_run_in_the_step_where_the_harness_runs_them(monkeypatch):
     """clip: the gradients the optimiser steps with have norm CLIP_NORM (they stay until the
     next step's zero_grad); ema: one update per step, after the optimiser's, of a copy that is

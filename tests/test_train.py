@@ -382,6 +382,34 @@ def test_killed_while_drawing_the_final_grid_the_rerun_draws_it(tmp_path):
     )
 
 
+def test_the_final_grid_redraw_goes_by_rank_zeros_look_at_the_file(tmp_path, monkeypatch):
+    """Every process draws a share of the final grid, so whether a resume at the last step
+    draws it again is rank 0's look at the file, broadcast, not each process's own: a process
+    that sees the file rank 0 is still writing would skip the gather rank 0 waits in. Here this
+    process sees a half-written file and rank 0 (the stubbed broadcast) saw none: it draws."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    cfg = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, callbacks=[InterruptAtEnd()])
+    grid = find_run_dir(tmp_path, cfg) / "samples" / "step-0000012.png"
+    grid.parent.mkdir(exist_ok=True)
+    grid.write_bytes(b"half-written")
+    broadcast, looked = SingleDeviceStrategy.broadcast, []
+
+    def rank_zero_saw_no_grid(self, obj, src=0):
+        if isinstance(obj, bool) and src == 0:
+            looked.append(obj)  # this process's own look: "missing?"
+            return True
+        return broadcast(self, obj, src)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "broadcast", rank_zero_saw_no_grid)
+    train(cfg, tmp_path, progress=False)
+    assert looked == [False]  # the only decision broadcast: this one
+    with Image.open(grid) as image:  # drawn over the half-written file
+        assert image.size[1] > 8
+
+
 def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path):
     cfg = tiny("train.strategy=fsdp")  # on the CPU: Lightning refuses it when it builds
     with pytest.raises(Exception, match="(?i)fsdp"):
