@@ -469,10 +469,25 @@ def load_sweep(
     }
     for key in sorted(given):
         raise _err(source, f"base: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
+    # the keys every trial's parameters set: a --set of one would reach no run (a key only
+    # some choices set, e.g. the gpu profile's activation checkpointing, reaches the others)
+    searched = {}
+    for name, entry in spec.space.items():
+        if isinstance(entry, Choices) and isinstance(entry.choices, dict):
+            bundles = [set(b) for b in entry.choices.values()]
+            searched |= {k: name for k in set.intersection(*bundles)}
+        else:
+            searched[name] = name
     for item in overrides:
         key = ".".join(parse_override(item)[0])
         if key in SET_BY_SWEEP:
             raise _err(source, f"--set {item}: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
+        if key in searched:
+            raise _err(
+                source,
+                f"--set {item}: {key} is set by each trial (the space's {searched[key]!r}); "
+                "change the space in the sweep file, or copy it",
+            )
     sweep = Sweep(spec, source, tuple(overrides))
     build_config(sweep.base_raw())  # the base itself, with a message naming the bad key
     return sweep

@@ -140,6 +140,17 @@ def test_sweep_errors_name_the_key(tmp_path):
         load_sweep(write_tiny(tmp_path / "g.yaml", space=nested))
     with pytest.raises(ConfigError, match="--set experiment=x: experiment is set by the sweep"):
         load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
+    # a key every trial sets: the --set would reach no run (it was silently dropped)
+    for item, param in (
+        ("backbone.patch_size=2", "backbone.patch_size"),
+        ("backbone.depth=2", "size"),
+    ):
+        with pytest.raises(ConfigError, match=f"--set {item}: .* set by each trial .*'{param}'"):
+            load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=[item])
+    # one only some choices set reaches the others' runs: allowed
+    some = json.loads(json.dumps(TINY["space"]))
+    some["size"]["choices"]["a"]["train.threads"] = 1
+    load_sweep(write_tiny(tmp_path / "k.yaml", space=some), overrides=["train.threads=2"])
     reversed_range = {**TINY["space"], "optim.lr": {"low": 1e-3, "high": 1e-4}}
     with pytest.raises(ConfigError) as e:  # a range's error only, not the choices' too
         load_sweep(write_tiny(tmp_path / "j.yaml", space=reversed_range, sampler="tpe"))
