@@ -502,6 +502,7 @@ def run_ablation(
     """
     out = Path(out)
     root = out / ab.experiment
+    check_data([r.cfg for r in ab.runs if run_status(out, r.cfg)[0] != "done"])
     root.mkdir(parents=True, exist_ok=True)
     # written first, so that an interrupted call leaves its plan; again at the end (below).
     # Each record merges the one on disk: under a lock, or another call's runs could be lost
@@ -698,6 +699,24 @@ class PlanRun(NamedTuple):
     seed: int
     config_hash: str
     run_dir: Path
+
+
+def check_data(cfgs: Sequence[ExperimentConfig]) -> None:
+    """Raise the error every run to train would stop with at its start, once, before any:
+    data not there (latents not encoded, a folder without class folders) or a data.vae that
+    is not a VAE folder. Each data config is read once."""
+    from dit_bench.data import data_info
+    from dit_bench.data.latents import check_vae_dir
+
+    seen = set()
+    for cfg in cfgs:
+        key = cfg.data.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        data_info(cfg.data)
+        if cfg.data.name == "latents" and cfg.data.vae:
+            check_vae_dir(cfg.data.vae, "data.vae")
 
 
 def plan_runs(ab: Ablation, out: str | Path, *, log: bool = True) -> list[PlanRun]:

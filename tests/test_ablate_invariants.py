@@ -215,6 +215,18 @@ def test_a_call_with_more_seeds_extends_the_recorded_plan(tmp_path, recorded_tra
     assert len(recorded_training) == 6  # seed 1 trained once
 
 
+def test_missing_data_is_refused_once_before_any_run(tmp_path, recorded_training):
+    """Latents not encoded yet (a gpu profile on a new machine): every run would stop at its
+    start with the same error; it is raised once, before any run or folder."""
+    from dit_bench.data.datasets import DataError
+
+    missing = [f"data.root={tmp_path / 'no-latents'}", "data.name=latents", "data.image_size=8"]
+    ab = load_ablation(write_ablation(tmp_path), "cpu", overrides=missing)
+    with pytest.raises(DataError, match="no-latents has no manifest.json"):
+        run_ablation(ab, tmp_path / "runs", progress=False)
+    assert recorded_training == [] and not (tmp_path / "runs").exists()
+
+
 def test_the_plan_record_is_merged_under_a_lock(tmp_path, recorded_training):
     """Each write of ablation.json merges the record on disk: two calls of one plan with other
     --seeds, each reading before the other wrote, would lose one call's runs. While another
