@@ -518,6 +518,8 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, monkeypatch):
     (root / "b" / "3.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="3.png: cannot read image"):
         train(tiny(*folder), tmp_path / "runs", progress=False)
+    # nothing was trained or written: no run directory to mistake for one
+    assert find_run_dir(tmp_path / "runs", tiny(*folder)) is None
 
 
 def test_broken_run_files_are_errors_naming_the_file(tmp_path):

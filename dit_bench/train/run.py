@@ -34,7 +34,7 @@ from dit_bench.backbones import Cond
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
-from dit_bench.fast import allow_tf32, device_name, no_nan_fill
+from dit_bench.fast import allow_tf32, device_name, no_nan_fill, shared_cores_note
 from dit_bench.files import replacing, write_json_atomic, write_text_atomic
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
@@ -572,6 +572,8 @@ def train(
     _quiet_lightning()
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif not on_gpu and (note := shared_cores_note()):
+        print(f"[dit-bench] {note}", file=sys.stderr)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # weight init
     # The data and the module first: what refuses to run (a missing data folder, a bad
     # manifest) does so before a run directory exists, so no empty run is left behind.
@@ -596,6 +598,14 @@ def train(
         if (run := _finished_run(out, cfg)) is not None:
             return run
         return _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks)
+
+
+def _drop_if_nothing_ran(run: Path, created: bool) -> None:
+    """A run directory this call made and nothing but its config.yaml went into (refused by
+    Lightning, or failed before a metric or checkpoint was written) is removed: there is no
+    run to resume, and an empty directory would read as one."""
+    if created and [p.name for p in run.iterdir()] == ["config.yaml"]:
+        shutil.rmtree(run)
 
 
 def _finished_run(out: Path, cfg: ExperimentConfig) -> Path | None:
@@ -669,8 +679,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         )
         check_sharding(t.strategy, trainer.world_size)
     except Exception:
-        if created and [p.name for p in run.iterdir()] == ["config.yaml"]:
-            shutil.rmtree(run)  # refused before it began: no run to resume, no dir left
+        _drop_if_nothing_ran(run, created)
         raise
     # TF32 for float32 matmuls on GPU: set around the fit, never at import time.
     tf32 = allow_tf32(True) if on_gpu and t.tf32 else contextlib.nullcontext()
@@ -687,6 +696,9 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         # Lightning turns Ctrl-C into sys.exit(1); callers (ablations, tests) need to know.
         if trainer.interrupted:
             raise KeyboardInterrupt from None
+        raise
+    except Exception:  # an unreadable image at the first batch, say: nothing written yet
+        _drop_if_nothing_ran(run, created)
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
