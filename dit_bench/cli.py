@@ -386,6 +386,11 @@ def cmd_bench(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    elif cfg.resolved_device().type == "cpu" and not args.quiet:
+        from dit_bench.fast import shared_cores_note
+
+        if note := shared_cores_note():
+            print(f"[bench] {note}", file=sys.stderr)
 
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
