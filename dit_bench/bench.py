@@ -48,8 +48,9 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -154,6 +155,23 @@ def matmul_peak(
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n**3 / med}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: what C++ code prints there (Kineto's
+    profiler_start/stop lines, "gpuGetDeviceCount failed" on a machine without a GPU, the CPU
+    allocator's note on blocks freed that were made before profiling) is not the user's news.
+    Python's own exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
     """The most bytes `step()` holds at once on the CPU above what was allocated before it.
 
@@ -174,9 +192,10 @@ def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
         from torch._C._profiler import _EventType
     except ImportError:  # a private API: a future torch may move it
         return None
-    for _ in range(2):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
+    with _native_stderr_silenced():  # the profiler's own log lines (and a GPU-less ERROR)
+        for _ in range(2):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None or not hasattr(results, "experimental_event_tree"):
         return None

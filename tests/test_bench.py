@@ -630,6 +630,26 @@ def test_cpu_peak_transient_bytes_counts_what_the_step_holds_at_once():
     assert bench.cpu_peak_transient_bytes(replace) < 64 << 10
 
 
+def test_cpu_peak_transient_bytes_prints_nothing_of_the_profilers(capfd):
+    """Kineto's profiler_start/stop lines, its "gpuGetDeviceCount failed" ERROR on a machine
+    without a GPU and the allocator's note on blocks made before profiling went to the
+    terminal of every CPU bench; the step's own Python errors still propagate."""
+    held = [torch.empty(1 << 20, dtype=torch.uint8)]
+
+    def replace():
+        held[0] = torch.empty(1 << 20, dtype=torch.uint8)
+
+    capfd.readouterr()
+    bench.cpu_peak_transient_bytes(replace)
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="the step's own"):
+        bench.cpu_peak_transient_bytes(
+            lambda: (_ for _ in ()).throw(RuntimeError("the step's own"))
+        )
+    print("stderr is back", file=sys.stderr)
+    assert capfd.readouterr().err == "stderr is back\n"
+
+
 def test_cpu_peak_transient_bytes_of_a_step_that_only_frees_is_not_negative():
     """A step that frees what was allocated before it and allocates nothing holds nothing
     above its start: 0 (the allocator's total falls below where it began)."""
