@@ -470,7 +470,10 @@ def _short(summary_path: Path) -> str:
         return ""
     from dit_bench.train.run import summary_val_loss
 
-    return f"val_loss {summary_val_loss(s)}, {s.get('train_seconds') or 0:.0f}s"
+    # the run's whole time (validations, grids and the FD after the last step included), then
+    # its training loop's: an FD of 256 samples can take longer than a tiny run's steps
+    wall, steps = s.get("wall_seconds") or 0, s.get("train_seconds") or 0
+    return f"val_loss {summary_val_loss(s)}, {wall:.0f}s, of which training {steps:.0f}s"
 
 
 class RunsFailed(RuntimeError):

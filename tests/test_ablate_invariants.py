@@ -468,3 +468,11 @@ def test_save_grid_places_image_i_at_row_i_div_ncol_and_column_i_mod_ncol(tmp_pa
         assert (arr[top : top + h, left : left + w] == 10 * (i + 1)).all(), i
     top, left = pad + 2 * (h + pad), pad + (w + pad)  # the empty cell stays white
     assert (arr[top : top + h, left : left + w] == 255).all()
+
+
+def test_a_finished_runs_line_gives_its_whole_time_and_its_training_time(tmp_path):
+    """A tiny run's FD at its end can take ten times its steps: the line said 2 s for a run
+    of 20."""
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"val_loss": 0.5, "wall_seconds": 20.4, "train_seconds": 2.2}))
+    assert ablate._short(path) == "val_loss 0.50000, 20s, of which training 2s"

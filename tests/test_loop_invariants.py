@@ -535,3 +535,19 @@ def test_sample_grid_runs_on_every_process_and_draws_a_last_step_on_the_interval
         grid.on_train_batch_end(trainer, None, None, None, step - 1)
     grid.on_train_end(trainer, None)
     assert grids == ["step-0000004.png", "step-0000008.png"]
+
+
+def test_sampling_between_steps_is_announced_by_rank_zero_when_the_run_shows_progress(capsys):
+    """A grid or an FD after the last step ran with the bar at its end and nothing said (10,000
+    DDPM-250 samples: half an hour of an H100): a line before and one after, rank 0's."""
+    from dit_bench.train.callbacks import announced
+
+    for rank, enabled, lines in ((0, True, 2), (1, True, 0), (0, False, 0)):
+        trainer = SimpleNamespace(global_rank=rank, global_step=7)
+        with announced(trainer, "FD of 32 samples", enabled):
+            pass
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == lines
+        if lines:
+            assert err[0] == "[dit-bench] step 7: FD of 32 samples"
+            assert err[1].startswith("[dit-bench] ... done in ")

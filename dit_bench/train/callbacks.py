@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -122,6 +124,23 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
 
+@contextlib.contextmanager
+def announced(trainer, what: str, enabled: bool) -> Iterator[None]:
+    """Lines before and after sampling work between steps (a grid, the FD; the last ones after
+    the bar reached its end), by rank 0 when `enabled` (the run shows progress): 10,000
+    DDPM-250 samples take half an hour of an H100. Written through tqdm, which keeps a bar
+    that is on screen whole."""
+    if not enabled or trainer.global_rank != 0:
+        yield
+        return
+    from tqdm import tqdm
+
+    tqdm.write(f"[dit-bench] step {trainer.global_step}: {what}", file=sys.stderr)
+    t0 = time.perf_counter()
+    yield
+    tqdm.write(f"[dit-bench] ... done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
 class SampleGrid(L.Callback):
     """Every `every` steps (and at the end), a grid of EMA samples: one row per class.
 
@@ -130,8 +149,9 @@ class SampleGrid(L.Callback):
     may skip it (a rank_zero_only guard here would leave rank 0 waiting in the gather).
     """
 
-    def __init__(self, out_dir: Path, every: int, sample_fn):
+    def __init__(self, out_dir: Path, every: int, sample_fn, what: str = "", announce=False):
         self.out_dir, self.every, self.sample_fn = Path(out_dir), every, sample_fn
+        self.what, self.announce = what, announce  # `announced`'s line
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -142,7 +162,8 @@ class SampleGrid(L.Callback):
         self._save(trainer, pl_module, trainer.global_step)
 
     def _save(self, trainer, pl_module, step: int) -> None:
-        self.sample_fn(trainer, pl_module, self.out_dir / f"step-{step:07d}.png")
+        with announced(trainer, f"sample grid, {self.what}", self.announce):
+            self.sample_fn(trainer, pl_module, self.out_dir / f"step-{step:07d}.png")
 
 
 class StepMetrics(L.Callback):
@@ -188,10 +209,13 @@ class FrechetDistanceMetric(L.Callback):
 
     SEED = 4321  # one seed for every step and run: values along a run are comparable
 
-    def __init__(self, cfg, every: int, num_samples: int, features: str | None = None):
+    def __init__(
+        self, cfg, every: int, num_samples: int, features: str | None = None, announce=False
+    ):
         from dit_bench.metrics.features import default_features, find_inception
 
         self.cfg, self.every, self.num_samples = cfg, every, num_samples
+        self.announce = announce  # `announced`'s lines
         self.features = features or default_features(cfg.data.name)
         # A missing file stops the run before it starts, not at step N.
         if self.features == "inception":
@@ -205,7 +229,10 @@ class FrechetDistanceMetric(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
-            self.measure(trainer, pl_module)
+            e = self.cfg.eval
+            what = f"FD of {self.num_samples} samples ({e.sampler}, {e.sample_steps} steps)"
+            with announced(trainer, what, self.announce):
+                self.measure(trainer, pl_module)
 
     def measure(self, trainer, pl_module) -> float:
         """The FD of the samples at this step, logged by rank 0 (NaN if a sample is not finite).

@@ -339,6 +339,10 @@ def draws_grids(cfg: ExperimentConfig) -> bool:
     return cfg.data.name != "latents" or bool(cfg.data.vae)
 
 
+def grid_size(cfg: ExperimentConfig, info: DataInfo) -> int:
+    return len(class_grid_labels(info, cfg.eval.samples_per_class))
+
+
 def grid_sampler(cfg: ExperimentConfig):
     """`sample_fn(trainer, module, path)`: the run's sample grid (eval settings, one row per
     class), saved by rank 0 as a PNG at `path`; nothing for latents without data.vae.
@@ -592,7 +596,7 @@ def train(
             )
 
         e = cfg.eval
-        fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features)
+        fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features, progress)
     with _run_lock(out, cfg):
         # again: while this process waited, another may have finished the run
         if (run := _finished_run(out, cfg)) is not None:
@@ -650,7 +654,14 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         *callbacks,
         *_checkpointing(run / "checkpoints", t.checkpoint_every, t.keep_every),
         metrics,
-        SampleGrid(run / "samples", t.sample_every, grid_sampler(cfg)),
+        SampleGrid(
+            run / "samples",
+            t.sample_every,
+            grid_sampler(cfg),
+            what=f"{grid_size(cfg, datamodule.info)} samples ({cfg.eval.sampler}, "
+            f"{cfg.eval.sample_steps} steps)",
+            announce=progress,
+        ),
     ]
     if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
         callbacks.append(fd)
