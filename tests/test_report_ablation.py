@@ -268,6 +268,25 @@ def test_header_names_each_variants_seeds_when_they_differ(tmp_path, no_figures)
     assert "different seed sets" not in md
 
 
+def test_a_profile_changed_by_set_says_so_beside_its_description(tmp_path, no_figures):
+    """The profile's description is the file's ("600 steps x 32 images"): runs made with
+    `--set train.steps=20` must not be read as that run."""
+    source = make_source(tmp_path)
+    plan = json.loads((source / "ablation.json").read_text())
+    plan |= {"profile_description": "600 steps x 32 images, 3 seeds.", "overrides": []}
+    (source / "ablation.json").write_text(json.dumps(plan))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "**Profile `cpu`.** 600 steps x 32 images, 3 seeds." in md
+    assert "These runs change that profile" not in md
+    plan["overrides"] = ["train.steps=20", "eval.fd_every=0"]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    md = build_report(source, tmp_path / "r2").read_text()
+    expected = (
+        "These runs change that profile with `--set train.steps=20`, `--set eval.fd_every=0`."
+    )
+    assert expected in md
+
+
 @pytest.mark.parametrize("kind", ["sweep", "plain"])
 def test_a_folder_that_is_not_an_ablation_is_refused(tmp_path, capsys, kind):
     source = tmp_path / "runs" / "shapes-cpu"

@@ -463,6 +463,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         md += [plan["description"], ""]
     if plan.get("profile_description"):
         md += [f"**Profile `{plan.get('profile')}`.** {plan['profile_description']}", ""]
+        if plan.get("overrides"):  # the description is the file's: say what these runs changed
+            sets = ", ".join(f"`--set {o}`" for o in plan["overrides"])
+            md += [f"These runs change that profile with {sets}.", ""]
     cmd = plan.get("command") or (
         f"dit-bench ablate {plan['source']} --profile {plan.get('profile', '?')}"
         + "".join(f" --set {o}" for o in plan.get("overrides", []))
