@@ -638,3 +638,15 @@ def test_one_record_per_run_is_its_last_attempt_unless_an_earlier_one_completed(
     monkeypatch.setattr(scaling, "_records_from_study", lambda url, studies=None, study=None: recs)
     kept = {r["config_hash"]: r["n"] for r in scaling.load_records("sqlite:///unused.db")}
     assert kept == {"a": 2, "b": 3}
+
+
+def test_an_l_of_c_fit_over_one_run_is_insufficient_data(tmp_path, no_bootstrap):
+    """Two trials of a 12-point grid (`sweep --n-trials 2`): a patch with one run has a
+    "frontier" that is that run's own loss curve; its power law was labelled ok."""
+    fake_sweep(tmp_path)
+    _, points, _ = scaling.tables(scaling.load_records(tmp_path))
+    one = points[points["run"] == points["run"].iloc[0]]
+    result = scaling.fit_all(one, n_boot=1)
+    fit = {f.name: f for f in result["fits"]}["L(C) all"]
+    assert fit.status == "insufficient data" and "1 run" in fit.detail
+    assert {f.name: f for f in scaling.fit_all(points, n_boot=1)["fits"]}["L(C) all"].ok
