@@ -562,6 +562,11 @@ def _format_errors(err: ValidationError) -> str:
             msg = f"unknown key; allowed keys here: {allowed}"
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; {msg}"
+        elif e["type"] in ("tuple_type", "list_type"):  # `--set k=0.9,0.95`: one string
+            msg = f"got {e['input']!r}; {msg}, written as a list: [a, b]"
+        elif e["type"] == "missing" and isinstance(loc[-1], int):  # a pair given one value
+            key = ".".join(str(p) for p in loc[:-1])
+            msg = f"too few values (value {loc[-1] + 1} is missing); written as a list: [a, b]"
         # a check across keys names them in its message (loc: the section, or nothing)
         named = not key or msg.startswith(f"{key}.")
         lines.append(f"  {msg}" if named else f"  {key}: {msg}")

@@ -221,3 +221,12 @@ def test_setting_the_objective_a_file_leaves_unnamed_keeps_its_keys():
     assert build_config(raw, ["objective.name=ddpm"]).objective.prediction == "v"
     assert build_config(raw, ["objective.name=ddpm"]).hash == build_config(raw).hash
     assert build_config(raw, ["objective.name=flow"]).objective.name == "flow"  # a switch
+
+
+def test_a_pair_written_wrong_is_told_how_to_write_it():
+    # `--set optim.betas=0.9,0.95` is one string; `[100]` one value of a pair
+    assert "optim.betas: got '0.9,0.95'; " in error(["optim.betas=0.9,0.95"])
+    assert "written as a list: [a, b]" in error(["optim.betas=0.9,0.95"])
+    msg = error(["eval.cfg_interval=[100]"])
+    assert "eval.cfg_interval: too few values (value 2 is missing)" in msg
+    assert build_config(None, ["optim.betas=[0.9,0.95]"]).optim.betas == (0.9, 0.95)
