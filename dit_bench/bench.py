@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from dit_bench.backbones import Cond, build_backbone, resolve_preset
+from dit_bench.backbones import Cond, build_backbone, check_geometry, resolve_preset
 from dit_bench.fast import (
     allow_tf32,
     compile_backbone,
@@ -724,8 +724,8 @@ def bench_sampling(
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Everything `dit-bench bench` reports, as one JSON-ready dict."""
     device = cfg.resolved_device()
-    for name in cfg.backbones:  # fail before any timing on an unknown name
-        resolve_preset(name)
+    for name in cfg.backbones:  # fail before any timing: an unknown name, a patch too large
+        check_geometry(resolve_preset(name), cfg.image_size)
     name_dev = device_name(device)
     key = peak_key(cfg.precision, device, cfg.tf32)
     with allow_tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext():

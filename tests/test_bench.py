@@ -662,3 +662,11 @@ def test_cpu_peak_transient_bytes_of_a_step_that_only_frees_is_not_negative():
             held.append(torch.empty(8 << 20, dtype=torch.uint8))
 
     assert 0 <= bench.cpu_peak_transient_bytes(free_every_other_call) < 64 << 10
+
+
+def test_a_backbone_that_cannot_run_at_the_size_is_refused_before_any_timing(monkeypatch):
+    """`--image-size 18` for a /4 patch: refused before the matmul peak's seconds."""
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a: pytest.fail("timed before refusing"))
+    cfg = bench.BenchConfig(backbones=("dit-xs/4",), image_size=18, device="cpu")
+    with pytest.raises(ValueError, match="patch_size=4 must divide the image size 18"):
+        bench.run_bench(cfg)
