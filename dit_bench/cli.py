@@ -75,8 +75,16 @@ def cmd_sample(args) -> int:
         # the null class (num_classes) only where label dropout trained it
         top = info.num_classes if module.cfg.train.label_dropout > 0 else info.num_classes - 1
         if labels.min() < 0 or labels.max() > top:
-            null = " (null class)" if top == info.num_classes else " (no null class: no dropout)"
-            raise ValueError(f"--labels: values must be in 0..{top}{null}")
+            classes = f"0..{info.num_classes - 1} (the classes)"
+            if top == info.num_classes:
+                raise ValueError(
+                    f"--labels: values must be in {classes} or {top} (the null class: "
+                    "unconditional samples)"
+                )
+            raise ValueError(
+                f"--labels: values must be in {classes}; the run has no null class "
+                "(train.label_dropout=0)"
+            )
         labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
     else:
         labels = torch.arange(args.n) % info.num_classes

@@ -155,7 +155,10 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     assert "sampled 8/12" in capsys.readouterr().err
     assert torch.equal(_grid(again)[: _grid(out).shape[0]], _grid(out))
     assert main(["sample", str(tiny_run), "--labels", "99", "-o", str(again)]) == 2
-    assert "dit-bench: --labels: values must be in 0..10" in capsys.readouterr().err
+    assert (
+        "--labels: values must be in 0..9 (the classes) or 10 (the null class"
+        in capsys.readouterr().err
+    )
     assert main(["sample", str(tiny_run), "--labels", "a", "-o", str(again)]) == 2
     assert "expected class indices" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: usage and the reason, exit status 2
@@ -201,7 +204,9 @@ def test_sample_and_eval_refuse_guidance_a_run_never_trained(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--cfg", "3", *out]) == 2
     assert "--cfg: cfg_scale=3.0 guides against the null class" in capsys.readouterr().err
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--labels", "10", *out]) == 2
-    assert "values must be in 0..9 (no null class: no dropout)" in capsys.readouterr().err
+    assert (
+        "values must be in 0..9 (the classes); the run has no null class" in capsys.readouterr().err
+    )
     with pytest.raises(ValueError, match="train.label_dropout=0 never trains"):
         evaluate_run(run, EvalRequest(num_samples=20, cfg_scale=3.0), progress=False)
     assert main(["sample", str(run), "--n", "2", "--steps", "2", *out]) == 0  # unguided: fine
