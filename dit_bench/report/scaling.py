@@ -278,8 +278,11 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
 # -- the fits ---------------------------------------------------------------------------------------
 def _envelope_fit(points: pd.DataFrame, name: str) -> fits.Fit:
     env = fits.envelope(points)
-    if points["run"].nunique() < 2:  # a frontier over one run is that run's learning curve
-        why = f"{points['run'].nunique()} run: a frontier over models needs two or more"
+    if env["run"].nunique() < 2:  # one run best at every budget: its own learning curve
+        why = (
+            f"{env['run'].nunique()} run on the frontier: its learning curve, not a frontier "
+            "over models (a wider budget range, or more sizes)"
+        )
         return fits.Fit(name, fits.POWER_FORMULA, {}, "insufficient data", why, len(env))
     return fits.fit_power_law(env["train_flops"], env["val_loss"], name=name)
 
