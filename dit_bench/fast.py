@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 import types
 from collections.abc import Callable, Iterator
 
@@ -193,19 +194,39 @@ def no_nan_fill() -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = old
 
 
-def shared_cores_note() -> str | None:
-    """A line for CPU work run with torch's default threads (one per core) while other work
-    keeps cores busy, or None. Torch's threads wait for each other at every parallel region,
-    so one taken core slows them all: on this project's 2-core machine with one core busy, a
-    DiT-XS/2 training step (batch 32) took 412 ms with 2 threads and 183 ms with 1."""
-    if not hasattr(os, "getloadavg"):
+def _busy_cores_of_others(window: float = 0.25) -> float | None:
+    """How many cores other processes kept busy over the next `window` seconds (Linux's
+    /proc/stat, less this process's own time); None elsewhere. Not the load average: that
+    still counts, for a minute, the work this very process (or the last command) just did."""
+
+    def sample() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            cpu = [float(v) for v in f.readline().split()[1:]]
+        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0.0)  # idle + iowait
+        t = os.times()
+        return sum(cpu) - idle, (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+    try:
+        busy0, own0 = sample()
+        time.sleep(window)
+        busy1, own1 = sample()
+    except (OSError, ValueError, IndexError):
         return None
-    load = os.getloadavg()[0]
-    if load < 0.75:
+    ticks = window * os.sysconf("SC_CLK_TCK")
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / ticks
+
+
+def shared_cores_note() -> str | None:
+    """A line for CPU work run with torch's default threads (one per core) while other
+    processes keep cores busy, or None. Torch's threads wait for each other at every parallel
+    region, so one taken core slows them all: on this project's 2-core machine with one core
+    busy, a DiT-XS/2 training step (batch 32) took 412 ms with 2 threads and 183 ms with 1."""
+    others = _busy_cores_of_others()
+    if others is None or others < 0.75:
         return None
     return (
-        f"load average {load:.1f} on {os.cpu_count()} CPUs: other work is using cores that "
-        f"torch's {torch.get_num_threads()} threads expect, and one taken core slows them all "
+        f"other processes keep {others:.1f} of {os.cpu_count()} CPUs busy, which torch's "
+        f"{torch.get_num_threads()} threads expect free, and one taken core slows them all "
         "(2 to 6 times measured); set fewer threads (train.threads, bench --threads) to the "
         "cores that are free"
     )

@@ -660,7 +660,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
             grid_sampler(cfg),
             what=f"{grid_size(cfg, datamodule.info)} samples ({cfg.eval.sampler}, "
             f"{cfg.eval.sample_steps} steps)",
-            announce=progress,
+            announce=progress and draws_grids(cfg),  # latents without a VAE draw none
         ),
     ]
     if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
