@@ -206,7 +206,7 @@ def cpu_peak_transient_bytes(step: Callable[[], object]) -> int | None:
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             f = node.extra_fields
             events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
-        stack.extend(node.children)
+        stack.extend(reversed(node.children))  # popped in the tree's order
     if not events:
         return None
     events.sort(key=lambda e: e[0])  # by time alone: a tie keeps the tree's order

@@ -60,7 +60,7 @@ def cmd_sample(args) -> int:
     from PIL import Image
 
     from dit_bench.metrics.evaluate import generate
-    from dit_bench.train.run import load_module, save_grid, to_images
+    from dit_bench.train.run import GRID_MAX_CLASSES, load_module, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
     e = module.cfg.eval
@@ -125,7 +125,9 @@ def cmd_sample(args) -> int:
         progress=args.n > module.cfg.train.batch_size,
     )
     images = to_images(module.cfg, images)
-    save_grid(images, output, ncol=args.ncol or info.num_classes)
+    # one class a column, up to the grids' 32; more classes (ImageNet): a square-ish grid
+    wide = info.num_classes if info.num_classes <= GRID_MAX_CLASSES else math.isqrt(args.n - 1) + 1
+    save_grid(images, output, ncol=args.ncol or wide)
     print(f"wrote {len(images)} samples to {output}")
     return 0
 
@@ -496,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
     sp.add_argument("--cfg", type=guidance, help="guidance scale (default: eval.cfg_scale)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--ncol", type=positive, help="images per row (default: number of classes)")
+    sp.add_argument(
+        "--ncol",
+        type=positive,
+        help="images per row (default: the number of classes, up to 32; else a square grid)",
+    )
     sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     add_compile_flag(sp)

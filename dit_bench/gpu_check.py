@@ -570,8 +570,9 @@ def section_harness(ctx: dict) -> dict:
                 skipped="the section's time is spent",
                 backend=backend,
             )
-    except SectionTimeout as e:
-        bare.append({"variant": variants[len(bare)], "error": f"SectionTimeout: {e}"})
+    except SectionTimeout as e:  # (after the last row, in the tail of run_variants: no row)
+        if len(bare) < len(variants):
+            bare.append({"variant": variants[len(bare)], "error": f"SectionTimeout: {e}"})
         bare += [{"variant": v, "error": f"skipped: {e}"} for v in variants[len(bare) :]]
     keep = ("variant", "ms", "img_per_s", "first_step_s")
     for i, row in enumerate(bare):

@@ -670,3 +670,22 @@ def test_a_backbone_that_cannot_run_at_the_size_is_refused_before_any_timing(mon
     cfg = bench.BenchConfig(backbones=("dit-xs/4",), image_size=18, device="cpu")
     with pytest.raises(ValueError, match="patch_size=4 must divide the image size 18"):
         bench.run_bench(cfg)
+
+
+def test_gpu_check_harness_alarm_after_the_last_bare_step_keeps_every_row(monkeypatch):
+    """The section's alarm in the tail of run_variants, every row already in: no IndexError
+    (which would lose the harness run's result), the rows as they were."""
+    from dit_bench import gpu_check
+
+    stand_in_harness_run(monkeypatch)
+
+    def all_then_alarm(variants, name, cfg, device, *, rows, **kwargs):
+        rows += [{"variant": v, "ms": 100.0, "img_per_s": 160.0, "first_step_s": 1.0}
+                 for v in variants]  # fmt: skip
+        raise gpu_check.SectionTimeout("section cut off after its 150 s")
+
+    monkeypatch.setattr(gpu_check.step_variants, "run_variants", all_then_alarm)
+    ctx = {"device": torch.device("cpu"), "plan": gpu_check.plan(True)}
+    result = gpu_check.section_harness(ctx)
+    assert result["ok"] and all("error" not in r for r in result["bare_steps"])
+    assert len(result["bare_steps"]) == len(ctx["plan"]["harness_bare"][0])

@@ -293,7 +293,7 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax.set_title(v, fontsize=10)
             ax.axis("off")
-        fig.suptitle("final sample grids (one row per class; first seed of each variant)")
+        fig.suptitle("final sample grids (one row per class shown; first seed of each variant)")
         fig.tight_layout()
         fig.savefig(out / "samples.png", dpi=120)
         plt.close(fig)
