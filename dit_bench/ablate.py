@@ -448,6 +448,19 @@ def _train_one(cfg: ExperimentConfig, out: str, progress: bool, callbacks=()) ->
     return str(train(cfg, out, progress=progress, callbacks=list(callbacks)))
 
 
+def worker_config(cfg: ExperimentConfig, jobs: int) -> dict:
+    """A run's config for one of `jobs` workers sharing this machine's CPUs: train.threads,
+    if unset, splits them between the workers, as sweep's workers do. Torch's default, a
+    thread per core in every worker, has each worker's threads wait for cores the others
+    hold (train's note on busy cores). An execution key: the run's hash does not change."""
+    import torch
+
+    d = cfg.to_dict()
+    if d["train"]["threads"] is None and not torch.cuda.is_available():
+        d["train"]["threads"] = max(1, (os.cpu_count() or 1) // jobs)
+    return d
+
+
 def _worker(cfg_dict: dict, out: str) -> str:
     # in a fresh (spawned) process: rebuild the config from plain data, train without a bar
     import signal
@@ -655,7 +668,7 @@ def _train_in_pool(
             while len(pending) < jobs and (r := _next_run(queue, list(pending.values()), deaths)):
                 again = " again (its last worker died)" if deaths.get(r.index) else ""
                 _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed}{again} (in a worker)")
-                pending[pool.submit(_worker, r.cfg.to_dict(), str(out))] = r
+                pending[pool.submit(_worker, worker_config(r.cfg, jobs), str(out))] = r
             wait(pending, return_when=FIRST_COMPLETED)
             if any(isinstance(f.exception(), BrokenProcessPool) for f in pending if f.done()):
                 wait(pending)  # the pool fails every future in flight at once

@@ -476,3 +476,22 @@ def test_a_finished_runs_line_gives_its_whole_time_and_its_training_time(tmp_pat
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"val_loss": 0.5, "wall_seconds": 20.4, "train_seconds": 2.2}))
     assert ablate._short(path) == "val_loss 0.50000, 20s, of which training 2s"
+
+
+def test_parallel_workers_split_the_cpus_when_threads_are_unset(tmp_path, monkeypatch):
+    """`--jobs 2` on the CPU: each worker's torch would take every core (the other worker's
+    too); an unset train.threads becomes the workers' share, a set one stays; same hash."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ab = load_ablation(write_ablation(tmp_path), "cpu", overrides=["train.threads=null"])
+    cfg = ab.runs[0].cfg
+    assert cfg.train.threads is None
+    assert ablate.worker_config(cfg, 2)["train"]["threads"] == 4
+    assert ablate.worker_config(cfg, 16)["train"]["threads"] == 1
+    set_ = load_ablation(write_ablation(tmp_path), "cpu", overrides=["train.threads=3"])
+    assert ablate.worker_config(set_.runs[0].cfg, 2)["train"]["threads"] == 3
+    from dit_bench.config import build_config
+
+    assert build_config(ablate.worker_config(cfg, 2)).hash == cfg.hash
