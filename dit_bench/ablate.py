@@ -58,6 +58,7 @@ from dit_bench.config import (
     parse_override,
     read_yaml,
     section_replacement_error,
+    unknown_key,
 )
 from dit_bench.files import locked, write_json_atomic
 
@@ -283,6 +284,9 @@ def load_ablation(
         seeds = prof.get("seeds", raw.get("seeds", [0]))
     seeds = _seeds(list(seeds) if isinstance(seeds, tuple) else seeds, "seeds", source)
 
+    for item in overrides:  # a --set's own key error: not the first variant's to carry
+        if problem := unknown_key(parse_override(item)[0]):
+            raise _err(source, f"--set {item}: {problem}")
     experiment = f"{name}-{profile}"
     runs: list[PlannedRun] = []
     first_seed_hash: dict[str, str] = {}

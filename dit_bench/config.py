@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -590,6 +591,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 # Sections whose `name` picks a type with its own keys (objective: ddpm or flow).
 UNION_SECTIONS = ("objective",)
+
+
+def unknown_key(path: Sequence[str]) -> str | None:
+    """Why the dotted key `path` names no config key (naming the keys allowed where it
+    stops), or None: checked alone, so an error can be put on the `--set` that wrote it
+    rather than on the first config it reached (an ablation's first variant)."""
+    models: list[type[BaseModel]] = [ExperimentConfig]
+    for depth, part in enumerate(path):
+        fields = {f: m.model_fields[f] for m in models for f in m.model_fields}
+        if part not in fields:
+            where = ".".join(path[:depth]) or "the top level"
+            return f"{'.'.join(path)}: unknown key; allowed in {where}: {', '.join(fields)}"
+        if part in UNION_SECTIONS and depth == 0:
+            models = list(OBJECTIVE_CONFIGS.values())
+            continue
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None  # a value (a list, a scalar): what lies below it is the value's
+        models = [annotation]
+    return None
 
 
 def section_replacement_error(key: str, value: Any) -> str | None:

@@ -495,3 +495,21 @@ def test_parallel_workers_split_the_cpus_when_threads_are_unset(tmp_path, monkey
     from dit_bench.config import build_config
 
     assert build_config(ablate.worker_config(cfg, 2)).hash == cfg.hash
+
+
+def test_an_unknown_set_key_is_the_sets_error_not_the_first_variants(tmp_path):
+    """`--set train.foo=1` was reported as variant 'adaln_zero''s invalid config."""
+    path = write_ablation(tmp_path)
+    msg = refuse(path, "cpu", overrides=["train.foo=1"])
+    assert "--set train.foo=1: train.foo: unknown key; allowed in train: steps" in msg
+    assert "variant" not in msg
+    assert "--set foo=1: foo: unknown key; allowed in the top level: experiment" in refuse(
+        path, "cpu", overrides=["foo=1"]
+    )
+    # keys of either objective, and values below a key, are keys: the variants decide
+    load_ablation(path, "cpu", overrides=["optim.betas=[0.9,0.95]", "train.steps=3"])
+    from dit_bench.config import unknown_key
+
+    assert unknown_key(["objective", "logit_std"]) is None
+    assert unknown_key(["objective", "schedule"]) is None
+    assert unknown_key(["eval", "cfg_interval", "0"]) is None
