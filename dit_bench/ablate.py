@@ -454,14 +454,13 @@ def _train_one(cfg: ExperimentConfig, out: str, progress: bool, callbacks=()) ->
 
 def worker_config(cfg: ExperimentConfig, jobs: int) -> dict:
     """A run's config for one of `jobs` workers sharing this machine's CPUs: train.threads,
-    if unset, splits them between the workers, as sweep's workers do. Torch's default, a
-    thread per core in every worker, has each worker's threads wait for cores the others
-    hold (train's note on busy cores). An execution key: the run's hash does not change."""
-    import torch
+    if unset, is the worker's share (`fast.cpu_threads_per_worker`, as sweep's workers). An
+    execution key: the run's hash does not change."""
+    from dit_bench.fast import cpu_threads_per_worker
 
     d = cfg.to_dict()
-    if d["train"]["threads"] is None and not torch.cuda.is_available():
-        d["train"]["threads"] = max(1, (os.cpu_count() or 1) // jobs)
+    if d["train"]["threads"] is None:
+        d["train"]["threads"] = cpu_threads_per_worker(jobs)
     return d
 
 

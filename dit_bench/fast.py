@@ -232,6 +232,16 @@ def shared_cores_note() -> str | None:
     )
 
 
+def cpu_threads_per_worker(workers: int) -> int | None:
+    """torch threads for one of `workers` processes training side by side on this machine's
+    CPUs (a sweep's workers, `ablate --jobs`): their share of the cores, since torch's default,
+    a thread per core in every process, has each one's threads wait for cores the others hold
+    (`shared_cores_note`). None where CUDA trains: the threads are not the step's."""
+    if torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -1005,10 +1005,11 @@ class Worker:
                 self.study.tell(trial, state=state)
                 self.log(f"[sweep {self.name}] trial {trial.number} fail: {error}")
                 return
-            threads = plan.cfg.train.threads
-            if threads is None and not _has_cuda():
-                threads = max(1, (os.cpu_count() or 1) // self.local_workers)
-                plan = _with_threads(plan, threads)
+            if plan.cfg.train.threads is None:
+                from dit_bench.fast import cpu_threads_per_worker
+
+                if (share := cpu_threads_per_worker(self.local_workers)) is not None:
+                    plan = _with_threads(plan, share)
             trial.set_user_attr("worker", self.name)
             trial.set_user_attr("config_hash", plan.cfg.hash)
             trial.set_user_attr("config", plan.cfg.to_dict())
@@ -1114,12 +1115,6 @@ def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
     # train.threads is an execution key: it does not change the config hash
     cfg = build_config(apply_overrides(plan.cfg.to_dict(), [f"train.threads={threads}"]))
     return TrialPlan(**{**plan.__dict__, "cfg": cfg})
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # -- launching workers ----------------------------------------------------------------------------
