@@ -124,6 +124,23 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
 
+def gather_in_index_order(trainer, share: torch.Tensor, n: int, device) -> torch.Tensor:
+    """The rows of samples 0..n-1 from every process, in sample order, where this process
+    holds `share`, its rows of samples rank, rank + world, ... (the grid's and the FD's
+    split). Every process must call it; each gets all n rows. One process: `share` itself.
+
+    Shares are padded to every process's count for all_gather (on `device`: NCCL gathers
+    device tensors), which stacks them by rank: sample r + k * world is row (r, k), and the
+    padding lands past n."""
+    world = trainer.world_size
+    if world == 1:
+        return share
+    padded = torch.zeros(-(-n // world), *share.shape[1:], dtype=share.dtype, device=device)
+    padded[: len(share)] = share
+    gathered = trainer.strategy.all_gather(padded)  # (world, per process, ...)
+    return gathered.transpose(0, 1).reshape(-1, *share.shape[1:])[:n]
+
+
 @contextlib.contextmanager
 def announced(trainer, what: str, enabled: bool) -> Iterator[None]:
     """Lines before and after sampling work between steps (a grid, the FD; the last ones after
@@ -273,16 +290,12 @@ class FrechetDistanceMetric(L.Callback):
         if self._decode is not None and len(images):
             images = self._decode(images)  # (n, 3, H, W) in [-1, 1]
         finite = torch.isfinite(images.flatten(1)).all(1) if len(images) else torch.ones(0, bool)
-        # one row per sample this process drew: a flag (1 finite, -1 not, 0 padding) and its
-        # features; padded to every process's count for the gather
-        rows = torch.zeros(-(-self.num_samples // world), 1 + self._net.dim, dtype=torch.float64)
-        rows[: len(finite), 0] = finite.double() * 2 - 1
+        # one row per sample this process drew: a flag (1 finite, -1 not) and its features
+        rows = torch.zeros(len(finite), 1 + self._net.dim, dtype=torch.float64)
+        rows[:, 0] = finite.double() * 2 - 1
         if finite.any():
-            rows[: len(finite)][finite, 1:] = torch.from_numpy(
-                self._net.features(images[finite])[0]
-            )
-        if world > 1:
-            rows = trainer.strategy.all_gather(rows.to(pl_module.device)).reshape(-1, rows.shape[1])
+            rows[finite, 1:] = torch.from_numpy(self._net.features(images[finite])[0])
+        rows = gather_in_index_order(trainer, rows, self.num_samples, pl_module.device)
         if rank != 0:
             return float("nan")
         rows = rows.cpu()

@@ -43,6 +43,7 @@ from dit_bench.train.callbacks import (
     SampleGrid,
     StepMetrics,
     StepProgressBar,
+    gather_in_index_order,
 )
 from dit_bench.train.module import DiffusionModule, images_seen, training_flops
 
@@ -376,14 +377,8 @@ def grid_sampler(cfg: ExperimentConfig):
         # float: an empty share comes back float32 whatever the weights' dtype, and the gather
         # needs one dtype; latents are gathered, not the images rank 0 decodes from them (48x
         # larger with the SD VAE at 256 px, and all_gather leaves them on every process)
-        images = images.float().to(module.device)
-        if world > 1:
-            # padded to every process's count; all_gather stacks the shares by rank, so
-            # position i = r + k * world is row (r, k), and the padding lands past n
-            shares = images.new_zeros(-(-n // world), *images.shape[1:])
-            shares[: len(images)] = images
-            shares = trainer.strategy.all_gather(shares)  # (world, per process, C, H, W)
-            images = shares.transpose(0, 1).reshape(-1, *images.shape[1:])[:n]
+        images = images.float().to(module.device)  # NCCL gathers, and rank 0 decodes, there
+        images = gather_in_index_order(trainer, images, n, module.device)
         if rank != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
