@@ -33,8 +33,24 @@ def test_parse_variant():
         step_variants.parse_variant("bf16")
     with pytest.raises(ValueError, match="exclude each other"):
         step_variants.parse_variant("flash+cudnn")
+    with pytest.raises(ValueError, match="tma is a setting of max-autotune"):
+        step_variants.parse_variant("bf16-stream+tma")
+    assert step_variants.parse_variant("max-autotune+tma") == {"max-autotune", "tma"}
     for v in step_variants.GPU_CHECK_VARIANTS:
         step_variants.parse_variant(v)
+
+
+def test_tma_turns_on_persistent_tma_templates_inside_the_variant_only():
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.triton.enable_persistent_tma_matmul
+    with step_variants.variant_settings("max-autotune+tma"):
+        assert inductor_config.triton.enable_persistent_tma_matmul is True
+    with step_variants.variant_settings("max-autotune"):
+        assert inductor_config.triton.enable_persistent_tma_matmul is before
+    assert inductor_config.triton.enable_persistent_tma_matmul is before
+    with pytest.raises(ValueError, match=r"\['tma'\] need a CUDA device"):
+        step_variants.build_variant("max-autotune+tma", "dit-xs/4", TINY, CPU, backend="eager")
 
 
 def _block_input_dtypes(variant: str) -> list[torch.dtype]:
