@@ -35,8 +35,9 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
                 (`triton.enable_persistent_tma_matmul`: Hopper's tensor-memory loads, the
                 kind of Triton GEMM that comes near cuBLAS there). The plain templates lost to
                 cuBLAS at every shape of DiT-XL/2 (0.294 against 0.244 ms for 16384x1152 @
-                1152x4608), so the GELU, gate and residual epilogues they could fuse never paid;
-                these may. Not yet run on a GPU: `--variants bf16-stream,bf16-stream+max-autotune+tma`
+                1152x4608), so the GELU, gate and residual epilogues they could fuse never paid.
+                On that product + GELU alone these came within 1% of cuBLAS, not past it (H100,
+                reports/gpu/tma_probe.py); the whole step with them is not measured
   checkpoint    activation checkpointing per block (`fast.checkpoint_blocks`, shipped as
                 `train.activation_checkpointing`, off by default): each block's forward
                 recomputed in the backward, for the memory of its activations; its row's
