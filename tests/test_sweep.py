@@ -116,6 +116,27 @@ def test_shipped_sweep_files_validate(path):
             assert len(sweep.points()) >= 12, "the cpu profile is a real sweep of >= 12 trials"
 
 
+def test_gpu_profile_compiles_every_trial_and_graphs_the_small_ones():
+    """The shapes-scaling gpu profile trains each trial compiled; S and B (short steps, bound
+    by kernel launches) replay CUDA graphs; L and XL checkpoint activations instead (the config
+    refuses both). Execution keys: each trial's hash is that of the same run without them."""
+    from dit_bench.config import build_config
+
+    sweep = load_sweep(ROOT / "sweeps" / "shapes-scaling.yaml", "gpu")
+    sizes = set()
+    for params in sweep.points():
+        cfg = sweep.plan(params, dry_run=True).cfg
+        size = params["size"]
+        sizes.add(size)
+        assert cfg.train.compile, params
+        assert cfg.train.cudagraphs == (size in ("S", "B")), params
+        assert cfg.train.activation_checkpointing == (size in ("L", "XL")), params
+        plain = cfg.model_dump(mode="json")
+        plain["train"].update(compile=False, cudagraphs=False, activation_checkpointing=False)
+        assert build_config(plain).hash == cfg.hash, params
+    assert sizes == {"S", "B", "L", "XL"}
+
+
 def test_sweep_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown keys"):
         load_sweep(write_tiny(tmp_path / "a.yaml", bogus=1))
