@@ -64,17 +64,45 @@ sys.exit(cli.main())
 """
 
 
-def cli_train(out: Path, extra: list[str], samples_log: Path | None = None) -> None:
-    """`dit-bench train` in a subprocess; with `samples_log`, counting each process's samples."""
+# `dit-bench` writing, at each process's exit, the graphs Dynamo compiled in it to
+# <GRAPHS_LOG>.rank<r> (LOCAL_RANK: Lightning sets it for the processes it starts)
+GRAPHS_CLI = """
+import atexit, os, sys
+from pathlib import Path
+
+from torch._dynamo.utils import counters
+
+from dit_bench import cli
+
+
+def write() -> None:
+    path = Path(f"{os.environ['GRAPHS_LOG']}.rank{os.environ.get('LOCAL_RANK', '0')}")
+    path.write_text(str(counters["stats"]["unique_graphs"]))
+
+
+atexit.register(write)
+sys.exit(cli.main())
+"""
+
+
+def cli_train(
+    out: Path, extra: list[str], samples_log: Path | None = None, graphs_log: Path | None = None
+) -> None:
+    """`dit-bench train` in a subprocess; with `samples_log`, counting each process's samples;
+    with `graphs_log`, the graphs Dynamo compiled in each."""
     sets = [a for s in SETTINGS + extra for a in ("--set", s)]
     empty = out.parent / "empty.yaml"  # a config file: the types' defaults, as build_config
     empty.write_text("{}\n")
     cmd = [sys.executable, "-m", "dit_bench.cli"]
     env = None
-    if samples_log is not None:
-        script = out.parent / "counting_cli.py"
-        script.write_text(COUNTING_CLI)
-        cmd, env = [sys.executable, str(script)], {**os.environ, "SAMPLES_LOG": str(samples_log)}
+    for log, var, text in (
+        (samples_log, "SAMPLES_LOG", COUNTING_CLI),
+        (graphs_log, "GRAPHS_LOG", GRAPHS_CLI),
+    ):
+        if log is not None:
+            script = out.parent / f"{var.lower()}_cli.py"
+            script.write_text(text)
+            cmd, env = [sys.executable, str(script)], {**os.environ, var: str(log)}
     subprocess.run(
         [*cmd, "train", str(empty), "--no-progress", "--out", str(out), *sets],
         check=True,
@@ -152,6 +180,22 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     restart_from_step_4(one, tmp_path / "one_to_two")
     cli_train(tmp_path / "one_to_two", DDP)
     assert_same_run(one, find_run_dir(tmp_path / "one_to_two", cfg))
+
+
+@pytest.mark.slow
+def test_two_compiled_processes_equal_one_compiled(tmp_path):
+    """`train.compile` under DDP (the GPU ablation profiles train compiled on 8 GPUs): each
+    process compiles its blocks inside the DDP-wrapped module, and the run ends with the
+    numbers of one compiled process with the same global batch."""
+    compiled = ["train.compile=true"]
+    cfg = build_config(None, SETTINGS + compiled)
+    one = train(cfg, tmp_path / "one", progress=False)
+    cli_train(tmp_path / "two", DDP + compiled, graphs_log=tmp_path / "graphs")
+    two = find_run_dir(tmp_path / "two", cfg)
+    assert two is not None and (two / "summary.json").exists()
+    graphs = {p.name: int(p.read_text()) for p in tmp_path.glob("graphs.rank*")}
+    assert graphs.keys() == {"graphs.rank0", "graphs.rank1"} and min(graphs.values()) > 0, graphs
+    assert_same_run(one, two)
 
 
 def test_the_in_training_fd_is_sampled_by_every_process(tmp_path, monkeypatch):
