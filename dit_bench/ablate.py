@@ -446,10 +446,17 @@ def write_labels(run_dir: Path, ab: Ablation, r: PlannedRun) -> None:
     write_json_atomic(run_dir / "labels.json", labels)
 
 
-def _train_one(cfg: ExperimentConfig, out: str, progress: bool, callbacks=()) -> str:
+def _train_one(
+    cfg: ExperimentConfig, out: str, progress: bool | str, label: str, callbacks=()
+) -> str:
     from dit_bench.train.run import train
 
-    return str(train(cfg, out, progress=progress, callbacks=list(callbacks)))
+    return str(train(cfg, out, progress=progress, label=label, callbacks=list(callbacks)))
+
+
+def _label(r: PlannedRun, n: int) -> str:
+    """What a run's progress lines start with: the run as ablate's own lines name it."""
+    return f"ablate run {r.index}/{n} {r.variant} seed {r.seed}"
 
 
 def worker_config(cfg: ExperimentConfig, jobs: int) -> dict:
@@ -464,15 +471,16 @@ def worker_config(cfg: ExperimentConfig, jobs: int) -> dict:
     return d
 
 
-def _worker(cfg_dict: dict, out: str) -> str:
+def _worker(cfg_dict: dict, out: str, progress: bool, label: str) -> str:
     # in a fresh (spawned) process: rebuild the config from plain data, train without a bar
+    # (the workers' bars would overwrite each other): progress lines, prefixed with `label`
     import signal
 
     from dit_bench.train.run import exit_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     exit_with_parent()
-    return _train_one(build_config(cfg_dict), out, progress=False)
+    return _train_one(build_config(cfg_dict), out, "lines" if progress else False, label)
 
 
 def _log(msg: str) -> None:
@@ -515,7 +523,8 @@ def run_ablation(
     Finished runs are skipped, interrupted ones resume (train() does both, by config hash).
     A run that raises (a diverged variant, say) is logged and the others go on; the results
     are written, then `RunsFailed` names the failed runs. Ctrl-C stops everything.
-    `jobs` > 1 trains that many runs at once in separate processes (no per-run bars then).
+    `jobs` > 1 trains that many runs at once in separate processes (progress lines then, not
+    bars: `ProgressLines`, each prefixed with its run).
     `callbacks` go to each run's Trainer (in-process only, jobs=1). `command` (the command line
     that ran it) is recorded in ablation.json for the report.
     """
@@ -564,7 +573,7 @@ def run_ablation(
             verb = "resuming" if status == "partial" else "starting"
             _log(f"run {r.index}/{n} ({done}/{n} finished): {verb} {r.variant} seed {r.seed}")
             try:
-                run_dir = Path(_train_one(r.cfg, str(out), progress, callbacks))
+                run_dir = Path(_train_one(r.cfg, str(out), progress, _label(r, n), callbacks))
             except Exception as e:  # this run fails; the ablation goes on
                 if not isinstance(e, USER_ERRORS):
                     _log(traceback.format_exc().rstrip())
@@ -572,7 +581,7 @@ def run_ablation(
                 continue
             finished(r, run_dir)
     else:
-        _run_parallel(ab, todo, out, jobs, finished, failed)
+        _run_parallel(ab, todo, out, jobs, finished, failed, progress)
     # the runs that finished meanwhile join the record as they join the table: the two agree
     with locked(root / ".ablation.lock"):  # the table and record of what is on disk now
         found = plan_runs(ab, out)
@@ -584,7 +593,7 @@ def run_ablation(
 
 
 def _run_parallel(
-    ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished, failed
+    ab: Ablation, todo: list[PlannedRun], out: Path, jobs: int, finished, failed, progress: bool
 ) -> None:
     """Train `todo` in a pool of `jobs` worker processes.
 
@@ -605,7 +614,9 @@ def _run_parallel(
         # spawn: a clean interpreter per worker (forking a process that holds torch threads is
         # not)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            in_flight = _train_in_pool(pool, queue, jobs, deaths, out, n, finished, failed)
+            in_flight = _train_in_pool(
+                pool, queue, jobs, deaths, out, n, finished, failed, progress
+            )
         again = []
         for r in in_flight:
             deaths[r.index] = deaths.get(r.index, 0) + 1
@@ -655,6 +666,7 @@ def _train_in_pool(
     n: int,
     finished,
     failed,
+    progress: bool = True,
 ) -> list[PlannedRun]:
     """Train the queue's runs in `pool` until none is left (returns []) or a worker dies:
     returns the runs then in flight (the pool is broken; their futures all say so)."""
@@ -671,7 +683,8 @@ def _train_in_pool(
             while len(pending) < jobs and (r := _next_run(queue, list(pending.values()), deaths)):
                 again = " again (its last worker died)" if deaths.get(r.index) else ""
                 _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed}{again} (in a worker)")
-                pending[pool.submit(_worker, worker_config(r.cfg, jobs), str(out))] = r
+                cfg = worker_config(r.cfg, jobs)
+                pending[pool.submit(_worker, cfg, str(out), progress, _label(r, n))] = r
             wait(pending, return_when=FIRST_COMPLETED)
             if any(isinstance(f.exception(), BrokenProcessPool) for f in pending if f.done()):
                 wait(pending)  # the pool fails every future in flight at once

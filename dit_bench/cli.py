@@ -477,7 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train one experiment (resumes its run if it exists)")
     config_args(sp)
     sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress: neither the bar (a terminal) nor the lines (elsewhere; every "
+        "$DIT_BENCH_PROGRESS_EVERY seconds, 30 by default)",
+    )
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("show-config", help="print the resolved, validated config")
@@ -607,7 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--jobs", type=positive, default=1, help="runs trained at once (processes)")
     sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
     sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
-    sp.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
+    sp.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no per-run progress (a bar; lines naming the run with --jobs or off a terminal)",
+    )
     sp.add_argument(
         "--set",
         action="append",
@@ -637,7 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--dry-run", action="store_true", help="list the space and trials; no training")
     sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
-    sp.add_argument("--no-progress", action="store_true", help="no per-trial progress bar")
+    sp.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no per-trial progress (a bar; lines naming the trial with several workers or "
+        "off a terminal)",
+    )
     sp.add_argument(
         "--set",
         action="append",

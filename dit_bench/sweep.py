@@ -860,7 +860,7 @@ class Worker:
     storage_url: str
     out: Path
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    progress: bool = False
+    progress: bool | str = False  # train()'s: spawned workers show lines, not bars
     poll: float = 2.0
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
     started: float = field(default_factory=time.perf_counter)
@@ -1033,7 +1033,13 @@ class Worker:
             setup_s = time.perf_counter() - t0
             error = None
             try:
-                run = train(plan.cfg, self.out, progress=self.progress, callbacks=[tracker])
+                run = train(
+                    plan.cfg,
+                    self.out,
+                    progress=self.progress,
+                    label=f"sweep trial {trial.number} {plan.point}",
+                    callbacks=[tracker],
+                )
                 state = optuna.trial.TrialState.COMPLETE
             except optuna.TrialPruned:
                 state = optuna.trial.TrialState.PRUNED
@@ -1118,7 +1124,9 @@ def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
 
 
 # -- launching workers ----------------------------------------------------------------------------
-def _worker_main(spec, source, overrides, storage_url, out, n_trials, gpu, workers) -> None:
+def _worker_main(
+    spec, source, overrides, storage_url, out, n_trials, gpu, workers, progress=False
+) -> None:
     from dit_bench.train.run import exit_with_parent
 
     started = time.perf_counter()
@@ -1126,7 +1134,15 @@ def _worker_main(spec, source, overrides, storage_url, out, n_trials, gpu, worke
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     sweep = Sweep(SweepSpec.model_validate(spec), source, tuple(overrides))
-    Worker(sweep, storage_url, Path(out), started=started, local_workers=workers).run(n_trials)
+    # the workers share one output: lines (`ProgressLines`), each naming its trial, not bars
+    Worker(
+        sweep,
+        storage_url,
+        Path(out),
+        progress="lines" if progress else False,
+        started=started,
+        local_workers=workers,
+    ).run(n_trials)
 
 
 def run_sweep(
@@ -1169,6 +1185,7 @@ def run_sweep(
                 n_trials,
                 i % gpus if gpus else None,
                 workers,
+                progress,
             )
             procs.append(ctx.Process(target=_worker_main, args=args, name=f"sweep-worker-{i}"))
         for p in procs:

@@ -258,7 +258,7 @@ def test_interrupted_ablation_reruns_without_losing_or_duplicating_runs(tmp_path
 
 
 @pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
+def test_a_failing_run_does_not_stop_the_others(tmp_path, capfd, monkeypatch, jobs):
     variants = {
         "adaln_zero": {},
         "diverges": {"optim.lr": 1e30},
@@ -266,10 +266,15 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
     }
     path = write_ablation(tmp_path, variants=variants, seeds=[0])
     out = tmp_path / "runs"
-    argv = ["ablate", str(path), "--out", str(out), "--no-progress", "--jobs", str(jobs)]
+    # progress on, not a terminal (and --jobs workers share one): lines naming their run
+    monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", "0")  # a line every step (spawned too)
+    argv = ["ablate", str(path), "--out", str(out), "--jobs", str(jobs)]
     assert main(argv) == 1
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()
     err = printed.err
+    for label in ("ablate run 1/3 adaln_zero seed 0", "ablate run 3/3 adaln seed 0"):
+        assert f"[{label}] step 1/" in err, err
+    assert "it/s]" not in printed.out + err  # no tqdm bar
     assert (
         "dit-bench: 1 run(s) failed:\n  run 2 diverges seed 0: FloatingPointError: non-finite"
         in err
@@ -290,7 +295,7 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys, jobs):
     assert "Not finished: diverges seed 0 (planned" in md
 
 
-def _worker_killed_by_lr_half(cfg_dict: dict, out: str) -> str:
+def _worker_killed_by_lr_half(cfg_dict: dict, out: str, progress: bool, label: str) -> str:
     """ablate's worker, without training (fast): the run with optim.lr 0.5 kills its own
     process as the OOM killer would, each time. The others wait until it has (so they are in
     flight when the pool breaks), then leave a finished run as train() would."""

@@ -127,7 +127,7 @@ def recorded_training(monkeypatch):
     finished (val_loss = its seed + 1), so the rest of run_ablation runs as it would."""
     trained = []
 
-    def fake_train(cfg, out, progress, callbacks=()):
+    def fake_train(cfg, out, progress, label, callbacks=()):
         trained.append((cfg.hash, cfg.seed))
         run = find_run_dir(Path(out), cfg)
         if run is None:

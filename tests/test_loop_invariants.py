@@ -542,12 +542,74 @@ def test_sampling_between_steps_is_announced_by_rank_zero_when_the_run_shows_pro
     DDPM-250 samples: half an hour of an H100): a line before and one after, rank 0's."""
     from dit_bench.train.callbacks import announced
 
-    for rank, enabled, lines in ((0, True, 2), (1, True, 0), (0, False, 0)):
+    for rank, label, lines in ((0, "dit-bench", 2), (1, "dit-bench", 0), (0, None, 0), (0, "w", 2)):
         trainer = SimpleNamespace(global_rank=rank, global_step=7)
-        with announced(trainer, "FD of 32 samples", enabled):
+        with announced(trainer, "FD of 32 samples", label):
             pass
         err = capsys.readouterr().err.splitlines()
         assert len(err) == lines
         if lines:
-            assert err[0] == "[dit-bench] step 7: FD of 32 samples"
-            assert err[1].startswith("[dit-bench] ... done in ")
+            assert err[0] == f"[{label}] step 7: FD of 32 samples"
+            assert err[1].startswith(f"[{label}] ... done in ")
+
+
+def _lines_at(times, steps, *, rank=0, max_steps=100, loss=None, val=None, every_s=30.0):
+    """ProgressLines' output, its clock reading `times` (the first: train start) at `steps`."""
+    clock = iter(times)
+    lines = callbacks.ProgressLines("w", batch_size=8, every_s=every_s)
+    trainer = SimpleNamespace(global_rank=rank, global_step=steps[0], max_steps=max_steps)
+    module = SimpleNamespace(last_train_loss=loss, last_val=val or {})
+    real = callbacks.time.perf_counter
+    callbacks.time.perf_counter = lambda: next(clock)
+    try:
+        lines.on_train_start(trainer, module)
+        for step in steps[1:]:
+            trainer.global_step = step
+            lines.on_train_batch_end(trainer, module, None, None, 0)
+    finally:
+        callbacks.time.perf_counter = real
+
+
+def test_progress_lines_come_every_interval_with_rate_and_time_left(capsys):
+    """Where no bar is shown (a log file; ablate's and a sweep's workers share one output):
+    a line every `every_s` seconds, rank 0's, none at the last step (the run's summary)."""
+    # resumed at step 20; steps 30..100 at 0, 10, ..., 70 s after the start: 40 steps of 8
+    # images in 30 s at step 60 (10.7 img/s; 40 steps left take 30 s), 70 in 60 s at step 90
+    times = [100.0] + [100.0 + 10 * k for k in range(9)]
+    val = {"val/loss": 0.25, "step": 40}
+    _lines_at(times, [20, *range(30, 101, 10)], loss=0.123456, val=val)
+    err = capsys.readouterr().err.splitlines()
+    # 30 s after the start (step 60) and 30 s after that (step 90); not step 100, the last
+    assert err == [
+        "[w] step 60/100 (60%): loss 0.1235, val 0.25 (step 40), 11 img/s, 30 s in, ~30 s left",
+        "[w] step 90/100 (90%): loss 0.1235, val 0.25 (step 40), 9 img/s, 60 s in, ~9 s left",
+    ]
+    _lines_at(times, [20, *range(30, 101, 10)], rank=1, loss=0.1)
+    assert capsys.readouterr().err == ""  # other ranks say nothing
+    _lines_at([0.0, 45.0], [0, 5])  # no loss or validation yet: the step and the rate
+    assert capsys.readouterr().err.splitlines() == [
+        "[w] step 5/100 (5%): 1 img/s, 45 s in, ~14.2 min left"
+    ]
+
+
+def test_progress_every_s_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("DIT_BENCH_PROGRESS_EVERY", raising=False)
+    assert callbacks.progress_every_s() == 30.0
+    monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", "2.5")
+    assert callbacks.progress_every_s() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", bad)
+        with pytest.raises(ValueError, match="DIT_BENCH_PROGRESS_EVERY=.*a number >= 0"):
+            callbacks.progress_every_s()
+
+
+def test_duration_reads_for_people():
+    assert [callbacks.duration(s) for s in (42, 119, 120, 750, 7199, 7200, 3 * 86400)] == [
+        "42 s",
+        "119 s",
+        "2.0 min",
+        "12.5 min",
+        "120.0 min",
+        "2.0 h",
+        "3.0 d",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,8 +85,8 @@ def check_study(storage: str, name: str, n_points: int) -> list:
     return done
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def cli(*args: str, env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "dit_bench.cli", *args],
         cwd=ROOT,
@@ -216,12 +217,18 @@ def test_claims_are_exclusive_under_concurrency(tmp_path):
 def test_two_sqlite_workers_run_every_point_once(tmp_path):
     path = write_tiny(tmp_path / "tiny.yaml")
     out = tmp_path / "runs"
-    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", "--no-progress")
+    # progress on: the workers share one output, so each trial shows lines naming it, no bar
+    lines_every_step = {"DIT_BENCH_PROGRESS_EVERY": "0"}
+    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", env_extra=lines_every_step)
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, log
     storage = f"sqlite:///{(out / 'tiny-cpu' / 'study.db').resolve()}"
-    check_study(storage, "tiny-cpu", 4)
+    study = check_study(storage, "tiny-cpu", 4)
     assert len(list((out / "tiny-cpu").glob("*/summary.json"))) == 4
+    for t in study:
+        label = re.escape(f"[sweep trial {t.number} {t.user_attrs['point']}]")
+        assert re.search(rf"^{label} step 1/\d+ ", log, re.M), log
+    assert "it/s]" not in log  # no tqdm bar
 
 
 @pytest.mark.slow  # a worker process, a kill, a grace period and a resume: ~15-60 s

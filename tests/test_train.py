@@ -166,20 +166,27 @@ def test_the_training_loop_reads_the_device_once_per_log_window(tmp_path, monkey
         monkeypatch.setattr(
             torch.Tensor, name, lambda self, *a, _r=read, **k: reads.append(1) or _r(self, *a, **k)
         )
-    counts = []
-    for steps in (12, 36):
-        reads.clear()
-        cfg = tiny(
-            f"train.steps={steps}",
-            "train.log_every=12",
-            "train.val_every=36",
-            "train.checkpoint_every=12",
-        )
-        train(cfg, tmp_path / str(steps), progress=True)
-        counts.append(len(reads))
+    monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", "0")  # the lines: one every step
+    counts = {}
+    for shown in ("bar", "lines"):
+        for steps in (12, 36):
+            reads.clear()
+            cfg = tiny(
+                f"train.steps={steps}",
+                "train.log_every=12",
+                "train.val_every=36",
+                "train.checkpoint_every=12",
+            )
+            train(cfg, tmp_path / shown / str(steps), progress=shown)
+            counts[shown, steps] = len(reads)
+        if shown == "bar":
+            assert re.search(r"train: 100%.*loss=\d", capfd.readouterr().out)  # the last window's
     # two more log windows and two more checkpoints (each keeps the loss window's sum)
-    assert counts[1] - counts[0] == 4, counts
-    assert re.search(r"train: 100%.*loss=\d", capfd.readouterr().out)  # the last window's
+    assert counts["bar", 36] - counts["bar", 12] == 4, counts
+    # the progress lines read nothing of their own: the same reads, and a line every step
+    assert counts["lines", 12] == counts["bar", 12] and counts["lines", 36] == counts["bar", 36]
+    err = capfd.readouterr().err
+    assert len(re.findall(r"^\[dit-bench\] step \d+/(?:12|36) ", err, re.M)) == 11 + 35, err
 
 
 def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):

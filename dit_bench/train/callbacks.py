@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -142,20 +143,92 @@ def gather_in_index_order(trainer, share: torch.Tensor, n: int, device) -> torch
 
 
 @contextlib.contextmanager
-def announced(trainer, what: str, enabled: bool) -> Iterator[None]:
+def announced(trainer, what: str, label: str | None) -> Iterator[None]:
     """Lines before and after sampling work between steps (a grid, the FD; the last ones after
-    the bar reached its end), by rank 0 when `enabled` (the run shows progress): 10,000
-    DDPM-250 samples take half an hour of an H100. Written through tqdm, which keeps a bar
-    that is on screen whole."""
-    if not enabled or trainer.global_rank != 0:
+    the bar reached its end), by rank 0, prefixed with `label` (None: the run shows no
+    progress, and no lines): 10,000 DDPM-250 samples take half an hour of an H100. Written
+    through tqdm, which keeps a bar that is on screen whole."""
+    if not label or trainer.global_rank != 0:
         yield
         return
     from tqdm import tqdm
 
-    tqdm.write(f"[dit-bench] step {trainer.global_step}: {what}", file=sys.stderr)
+    tqdm.write(f"[{label}] step {trainer.global_step}: {what}", file=sys.stderr)
     t0 = time.perf_counter()
     yield
-    tqdm.write(f"[dit-bench] ... done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    tqdm.write(f"[{label}] ... done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def duration(seconds: float) -> str:
+    """A time span for people: 42 s, 12.5 min, 3.2 h, 4.1 d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def progress_every_s() -> float:
+    """Seconds between progress lines: $DIT_BENCH_PROGRESS_EVERY, 30 if unset."""
+    raw = os.environ.get("DIT_BENCH_PROGRESS_EVERY", "30")
+    try:
+        every = float(raw)
+    except ValueError:
+        every = -1.0
+    if not every >= 0:  # NaN too
+        raise ValueError(
+            f"DIT_BENCH_PROGRESS_EVERY={raw!r}: the seconds between progress lines, a number >= 0"
+        )
+    return every
+
+
+class ProgressLines(L.Callback):
+    """A line of progress every `every_s` seconds (`progress_every_s`), where a bar does not
+    fit: output that is not a terminal (a log file, SLURM's), or that several processes share
+    (`ablate --jobs`'s and a sweep's workers, whose bars would overwrite each other). Rank 0
+    only; for example
+
+        [label] step 1200/4000 (30%): loss 0.1234, val 0.1301 (step 1000), 433 img/s,
+            2.8 min in, ~6.5 min left   (one line)
+
+    The loss is the last log window's and the val loss the last validation's, both already
+    read by StepMetrics (no device read of its own); img/s and the time left are this
+    session's steps over its wall clock, validations and grids included (what the rest of
+    the run will take)."""
+
+    def __init__(self, label: str, batch_size: int, every_s: float | None = None):
+        self.label, self.batch_size = label, batch_size
+        self.every_s = progress_every_s() if every_s is None else every_s
+        self._t0 = self._last = 0.0
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = self._last = time.perf_counter()
+        self._step0 = trainer.global_step  # a resumed run's rate counts this session's steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        step, total = trainer.global_step, trainer.max_steps
+        if trainer.global_rank != 0 or now - self._last < self.every_s or step >= total:
+            return  # the last step's line is the run's own summary
+        self._last = now
+        parts = []
+        if (loss := pl_module.last_train_loss) is not None:
+            parts.append(f"loss {loss:.4g}")
+        if "val/loss" in pl_module.last_val:
+            parts.append(
+                f"val {pl_module.last_val['val/loss']:.4g} (step {pl_module.last_val['step']})"
+            )
+        elapsed, done = now - self._t0, step - self._step0
+        if done > 0 and elapsed > 0:
+            parts.append(f"{done * self.batch_size / elapsed:.0f} img/s")
+            parts.append(
+                f"{duration(elapsed)} in, ~{duration((total - step) * elapsed / done)} left"
+            )
+        print(
+            f"[{self.label}] step {step}/{total} ({100 * step / total:.0f}%): " + ", ".join(parts),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class SampleGrid(L.Callback):
@@ -166,7 +239,9 @@ class SampleGrid(L.Callback):
     may skip it (a rank_zero_only guard here would leave rank 0 waiting in the gather).
     """
 
-    def __init__(self, out_dir: Path, every: int, sample_fn, what: str = "", announce=False):
+    def __init__(
+        self, out_dir: Path, every: int, sample_fn, what: str = "", announce: str | None = None
+    ):
         self.out_dir, self.every, self.sample_fn = Path(out_dir), every, sample_fn
         self.what, self.announce = what, announce  # `announced`'s line
 
@@ -227,7 +302,12 @@ class FrechetDistanceMetric(L.Callback):
     SEED = 4321  # one seed for every step and run: values along a run are comparable
 
     def __init__(
-        self, cfg, every: int, num_samples: int, features: str | None = None, announce=False
+        self,
+        cfg,
+        every: int,
+        num_samples: int,
+        features: str | None = None,
+        announce: str | None = None,
     ):
         from dit_bench.metrics.features import default_features, find_inception
 

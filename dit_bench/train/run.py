@@ -40,10 +40,12 @@ from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
     CSVMetrics,
+    ProgressLines,
     SampleGrid,
     StepMetrics,
     StepProgressBar,
     gather_in_index_order,
+    progress_every_s,
 )
 from dit_bench.train.module import DiffusionModule, images_seen, training_flops
 
@@ -535,13 +537,21 @@ def train(
     cfg: ExperimentConfig,
     out: str | Path = "runs",
     *,
-    progress: bool = True,
+    progress: bool | str = True,
+    label: str = "dit-bench",
     callbacks: list[Callback] = (),
 ) -> Path:
     """Train `cfg` into its run directory (resuming it if it exists); returns the directory.
 
-    `callbacks` are added to the run's own (ablations and sweeps watch runs through them).
+    `progress`: True, a bar on a terminal and `ProgressLines` elsewhere (a log file, a pipe);
+    "bar" or "lines", that one ("lines": processes that share one output, ablate's and a
+    sweep's workers); False, neither. `label` prefixes the lines. `callbacks` are added to the run's own
+    (ablations and sweeps watch runs through them).
     """
+    shown = progress_kind(progress)
+    if shown == "lines":
+        progress_every_s()  # a bad $DIT_BENCH_PROGRESS_EVERY stops the run before it starts
+    announce = label if shown else None  # the lines around sampling work between steps
     out = Path(out)
     t = cfg.train
     accelerator = t.accelerator
@@ -591,12 +601,12 @@ def train(
             )
 
         e = cfg.eval
-        fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features, progress)
+        fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features, announce)
     with _run_lock(out, cfg):
         # again: while this process waited, another may have finished the run
         if (run := _finished_run(out, cfg)) is not None:
             return run
-        return _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks)
+        return _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks)
 
 
 def _drop_if_nothing_ran(run: Path, created: bool) -> None:
@@ -616,7 +626,19 @@ def _finished_run(out: Path, cfg: ExperimentConfig) -> Path | None:
     return run
 
 
-def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
+def progress_kind(progress: bool | str) -> str | None:
+    """train's `progress` as shown here: "bar", "lines" or None. True: the bar where it goes
+    (Lightning's tqdm bar writes to stdout) is a terminal, else the lines."""
+    if progress is True:
+        return "bar" if sys.stdout.isatty() else "lines"
+    if progress is False or progress is None:
+        return None
+    if progress in ("bar", "lines"):
+        return progress
+    raise ValueError(f"progress must be True, False, 'bar' or 'lines', got {progress!r}")
+
+
+def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> Path:
     """`train` from the run directory on, in `_run_lock`."""
     t = cfg.train
     run = find_run_dir(out, cfg)
@@ -640,6 +662,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
         print(f"[dit-bench] resuming {run} from step {resume_step}", file=sys.stderr)
 
     metrics = StepMetrics(t.log_every, t.val_every)
+    grid_label = label if shown and draws_grids(cfg) else None  # latents without a VAE: no grid
     callbacks = [
         # first: see its docstring; synchronised where the callbacks below read the device
         _Timer(
@@ -655,13 +678,15 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
             grid_sampler(cfg),
             what=f"{grid_size(cfg, datamodule.info)} samples ({cfg.eval.sampler}, "
             f"{cfg.eval.sample_steps} steps)",
-            announce=progress and draws_grids(cfg),  # latents without a VAE draw none
+            announce=grid_label,
         ),
     ]
     if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
         callbacks.append(fd)
-    if progress:
+    if shown == "bar":
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
+    elif shown == "lines":  # after StepMetrics: a validation at its step is in its line
+        callbacks.append(ProgressLines(label, t.batch_size))
     try:  # Lightning checks accelerator, strategy and devices here
         trainer = L.Trainer(
             accelerator=t.accelerator,
@@ -679,7 +704,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, progress, callbacks) -> Path:
             plugins=[AtomicCheckpointIO()],
             # Flash attention's backward has no deterministic kernel: warn on GPU, insist on CPU.
             deterministic="warn" if on_gpu else True,
-            enable_progress_bar=progress,
+            enable_progress_bar=shown == "bar",
             enable_model_summary=False,
             default_root_dir=run,
         )
