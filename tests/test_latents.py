@@ -122,11 +122,14 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     ref = tmp_path / "ref"
     encode_latents(vae_dir, folder_cfg(image_folder), ref, shard_size=4, progress=False)
     out = tmp_path / "cut"
+    threads = str(torch.get_num_threads())  # earlier tests may have set this process's
     # the third shard's write waits: the kill lands while it does, however fast the encoding
     # (without the wait, a loaded machine once let the child write shards 3-5 first)
     code = (
         "import sys, time, types\n"
         "import safetensors.torch as st\n"
+        "import torch\n"
+        "torch.set_num_threads(int(sys.argv[4]))  # the test's: the same float rounding\n"
         "from dit_bench.data import latents\n"
         "save, saved = st.save_file, []\n"
         "def slow_third(*a, **k):\n"
@@ -139,7 +142,7 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
         "latents.encode_latents(sys.argv[1], cfg, sys.argv[3], shard_size=4)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(vae_dir), str(image_folder), str(out)],
+        [sys.executable, "-c", code, str(vae_dir), str(image_folder), str(out), threads],
         stdout=subprocess.PIPE,
         text=True,
     )
