@@ -124,7 +124,7 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     out = tmp_path / "cut"
     threads = str(torch.get_num_threads())  # earlier tests may have set this process's
     # the third shard's write waits: the kill lands while it does, however fast the encoding
-    # (without the wait, a loaded machine once let the child write shards 3-5 first)
+    # (without it, how many shards the child wrote before the kill was a race)
     code = (
         "import sys, time, types\n"
         "import safetensors.torch as st\n"
