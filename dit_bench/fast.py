@@ -248,10 +248,23 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, every floating-point parameter, in one foreach
-    kernel per dtype (the training step's EMA, also timed by `step_variants`' "ema" tweak)."""
+EmaPairs = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
+def ema_pairs(ema: nn.Module, net: nn.Module) -> EmaPairs:
+    """The floating-point parameters of `ema` and `net`, in step, for `ema_update`. Listing
+    them is host work the step repeats for nothing while the parameters stay the same
+    tensors: 0.6 ms a step for DiT-S/4's 132 on this project's CPU (the lists as
+    `ema_update` made them each step), a step of a small model on a GPU being 17 ms."""
     ema_params = [p for p in ema.parameters() if p.dtype.is_floating_point]
-    net_params = [p.detach() for p in net.parameters() if p.dtype.is_floating_point]
+    net_params = [p for p in net.parameters() if p.dtype.is_floating_point]
+    return ema_params, net_params
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, pairs: EmaPairs | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * net, every floating-point parameter, in one foreach
+    kernel per dtype (the training step's EMA, also timed by `step_variants`' "ema" tweak).
+    `pairs`: `ema_pairs(ema, net)` made once (the module keeps them), else made here."""
+    ema_params, net_params = pairs if pairs is not None else ema_pairs(ema, net)
     torch._foreach_lerp_(ema_params, net_params, 1.0 - decay)

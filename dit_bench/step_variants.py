@@ -234,7 +234,8 @@ def build_variant(
         )
     if "ema" in tweaks:  # copied before compilation, as the harness does: it stays eager
         ema = copy.deepcopy(net).requires_grad_(False).eval()
-        hooks["after_step"] = lambda: fast.ema_update(ema, net, EMA_DECAY)
+        pairs = fast.ema_pairs(ema, net)  # listed once, as the harness does
+        hooks["after_step"] = lambda: fast.ema_update(ema, net, EMA_DECAY, pairs)
     if "checkpoint" in tweaks:  # after the EMA copy, as the harness applies it
         fast.checkpoint_blocks(net)
     if "whole" in tweaks:

@@ -87,6 +87,23 @@ def test_every_optimiser_step_moves_the_ema_with_the_decay_of_that_step(tmp_path
         assert moved  # the step really changed the weights
 
 
+@pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
+@pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
+def test_the_ema_parameter_lists_are_made_once_a_fit(tmp_path, monkeypatch):
+    """Listing the parameters is host work (0.6 ms a step of DiT-S/4 on this CPU): made at the
+    first step and kept; the test above checks every step's average with them."""
+    from dit_bench.train import module as module_py
+
+    made = []
+    real = module_py.ema_pairs
+    monkeypatch.setattr(module_py, "ema_pairs", lambda ema, net: made.append(1) or real(ema, net))
+    module = fit(tiny("train.steps=4"), tmp_path)
+    assert len(made) == 1
+    ema_params, net_params = module._ema_pairs  # the module's own tensors, in step
+    assert all(p is q for p, q in zip(ema_params, module.ema.parameters(), strict=True))
+    assert all(p is q for p, q in zip(net_params, module.net.parameters(), strict=True))
+
+
 # -- optimiser ---------------------------------------------------------------------------------
 def test_the_optimiser_is_adamw_over_the_trained_net_as_configured():
     module = make_module("optim.lr=3e-4", "optim.weight_decay=0.05", "optim.betas=[0.8,0.95]")

@@ -212,9 +212,9 @@ def test_clip_and_ema_run_in_the_step_where_the_harness_runs_them(monkeypatch):
     updates = []
     ema_update = fast.ema_update
 
-    def recording(ema, net, decay):
+    def recording(ema, net, decay, pairs=None):
         updates.append((ema, net, decay, [p.detach().clone() for p in net.parameters()]))
-        ema_update(ema, net, decay)
+        ema_update(ema, net, decay, pairs)
 
     monkeypatch.setattr(fast, "ema_update", recording)
     monkeypatch.setattr(step_variants, "CLIP_NORM", 0.1)  # the tiny net's norm is below 1

@@ -22,9 +22,11 @@ from torch import nn
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
 from dit_bench.data import DataInfo
 from dit_bench.fast import (
+    EmaPairs,
     bf16_stream,
     checkpoint_blocks,
     compile_backbone,
+    ema_pairs,
     ema_update,
     fused_adamw_default,
 )
@@ -97,6 +99,7 @@ class DiffusionModule(L.LightningModule):
         self.wall_seconds = 0.0
         self.wall_start: float | None = None
         self.batch_done_at: float | None = None  # when the last batch's hooks had all run
+        self._ema_pairs: EmaPairs | None = None  # optimizer_step's, made at the first step
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self.last_train_loss: float | None = None  # the last window's mean, for the progress bar
@@ -158,8 +161,16 @@ class DiffusionModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # The EMA moves with the weights, inside the step, so every checkpoint holds a matched
-        # (weights, EMA) pair whatever order the callbacks run in.
-        ema_update(self.ema, self.net, self.ema_decay(self.global_step))
+        # (weights, EMA) pair whatever order the callbacks run in. The parameter lists are
+        # made at the first step (after Lightning's set-up, which moves the module but keeps
+        # its parameter tensors), not at every one; FSDP may swap the tensors it hands out
+        # (sharded and unsharded views), so there they are made each step.
+        pairs = self._ema_pairs
+        if pairs is None:
+            pairs = ema_pairs(self.ema, self.net)
+            if self.cfg.train.strategy != "fsdp":
+                self._ema_pairs = pairs
+        ema_update(self.ema, self.net, self.ema_decay(self.global_step), pairs)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
