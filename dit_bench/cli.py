@@ -30,9 +30,19 @@ def _config(args):
     return load_config(args.config, args.set or [])
 
 
+def check_progress_env(args) -> None:
+    """A bad $DIT_BENCH_PROGRESS_EVERY stops the command before it starts anything (inside
+    a run it is only a warning: it would fail a sweep's trials for good)."""
+    if not args.no_progress:
+        from dit_bench.train.callbacks import progress_every_s
+
+        progress_every_s()
+
+
 def cmd_train(args) -> int:
     from dit_bench.train.run import summary_val_loss, train
 
+    check_progress_env(args)
     cfg = _config(args)
     run = train(cfg, args.out, progress=not args.no_progress)
     if not (run / "summary.json").exists():
@@ -280,6 +290,7 @@ def cmd_ablate(args) -> int:
     if args.dry_run:
         print(describe(ab, args.out))
         return 0
+    check_progress_env(args)
     import shlex
 
     # the command in canonical form, recorded for the report
@@ -327,6 +338,7 @@ def cmd_sweep(args) -> int:
         url = args.storage or default_storage(sweep, args.out, make_folder=False)
         print(storage_status(sweep, url, default=args.storage is None))
         return 0
+    check_progress_env(args)
     study = run_sweep(
         sweep,
         args.out,

@@ -1156,7 +1156,8 @@ def run_sweep(
 ):
     """Run the sweep to completion with `workers` local processes; returns the study.
 
-    One worker runs in this process; more are spawned (one per GPU when there are GPUs).
+    One worker runs in this process; several are spawned (one per GPU when there are GPUs),
+    and this process waits for them.
     Stop it anywhere and run the same command again: finished trials stay, killed ones re-run
     and resume their run directories.
     """

@@ -93,6 +93,8 @@ def cli_train(
     sets = [a for s in SETTINGS + extra for a in ("--set", s)]
     empty = out.parent / "empty.yaml"  # a config file: the types' defaults, as build_config
     empty.write_text("{}\n")
+    if samples_log is not None and graphs_log is not None:
+        raise ValueError("one of samples_log and graphs_log: each runs its own script")
     cmd = [sys.executable, "-m", "dit_bench.cli"]
     env = None
     for log, var, text in (
@@ -185,8 +187,8 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
 @pytest.mark.slow
 def test_two_compiled_processes_equal_one_compiled(tmp_path):
     """`train.compile` under DDP (the GPU ablation profiles train compiled on 8 GPUs): each
-    process compiles its blocks inside the DDP-wrapped module, and the run ends with the
-    numbers of one compiled process with the same global batch."""
+    process compiles (Dynamo's graph count in each), and the run ends with the numbers of one
+    compiled process with the same global batch."""
     compiled = ["train.compile=true"]
     cfg = build_config(None, SETTINGS + compiled)
     one = train(cfg, tmp_path / "one", progress=False)

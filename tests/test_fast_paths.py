@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from types import SimpleNamespace
 
@@ -609,6 +610,8 @@ def test_shared_cores_note_speaks_up_only_when_other_work_keeps_cores_busy(monke
     # "others"; a spinning child is. Against what others keep busy already (the test suite
     # may share the machine: a test run beside it once read 0.96 cores "own")
     base = fast._busy_cores_of_others(window=0.5)
+    if base > (os.cpu_count() or 1) - 1:
+        pytest.skip(f"other processes keep {base:.1f} cores busy: no free core to measure on")
     stop = threading.Event()
 
     def spin():

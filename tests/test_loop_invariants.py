@@ -556,18 +556,13 @@ def test_sampling_between_steps_is_announced_by_rank_zero_when_the_run_shows_pro
 def _lines_at(times, steps, *, rank=0, max_steps=100, loss=None, val=None, every_s=30.0):
     """ProgressLines' output, its clock reading `times` (the first: train start) at `steps`."""
     clock = iter(times)
-    lines = callbacks.ProgressLines("w", batch_size=8, every_s=every_s)
+    lines = callbacks.ProgressLines("w", 8, every_s=every_s, clock=lambda: next(clock))
     trainer = SimpleNamespace(global_rank=rank, global_step=steps[0], max_steps=max_steps)
     module = SimpleNamespace(last_train_loss=loss, last_val=val or {})
-    real = callbacks.time.perf_counter
-    callbacks.time.perf_counter = lambda: next(clock)
-    try:
-        lines.on_train_start(trainer, module)
-        for step in steps[1:]:
-            trainer.global_step = step
-            lines.on_train_batch_end(trainer, module, None, None, 0)
-    finally:
-        callbacks.time.perf_counter = real
+    lines.on_train_start(trainer, module)
+    for step in steps[1:]:
+        trainer.global_step = step
+        lines.on_train_batch_end(trainer, module, None, None, 0)
 
 
 def test_progress_lines_come_every_interval_with_rate_and_time_left(capsys):
@@ -590,6 +585,8 @@ def test_progress_lines_come_every_interval_with_rate_and_time_left(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "[w] step 5/100 (5%): 1 img/s, 45 s in, ~14.2 min left"
     ]
+    _lines_at([0.0, 60.0], [0, 3990], max_steps=4000)  # not "100%" before the end
+    assert capsys.readouterr().err.startswith("[w] step 3990/4000 (99%): ")
 
 
 def test_progress_every_s_reads_the_environment(monkeypatch):
@@ -601,15 +598,32 @@ def test_progress_every_s_reads_the_environment(monkeypatch):
         monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", bad)
         with pytest.raises(ValueError, match="DIT_BENCH_PROGRESS_EVERY=.*a number >= 0"):
             callbacks.progress_every_s()
+        # inside a run (a sweep's trial): a warning, not a failed trial that never re-runs
+        with pytest.warns(UserWarning, match="DIT_BENCH_PROGRESS_EVERY=.*using 30"):
+            assert callbacks.progress_every_s(strict=False) == 30.0
+
+
+def test_a_bad_progress_interval_stops_the_commands_before_they_start(
+    monkeypatch, capsys, tmp_path
+):
+    from dit_bench.cli import main
+
+    monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", "soon")
+    assert main(["train", "--out", str(tmp_path), "--set", "train.steps=1"]) == 2
+    assert "DIT_BENCH_PROGRESS_EVERY='soon'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started
 
 
 def test_duration_reads_for_people():
-    assert [callbacks.duration(s) for s in (42, 119, 120, 750, 7199, 7200, 3 * 86400)] == [
+    spans = (42, 119, 120, 750, 3599, 3600, 7199, 2 * 86400 - 1, 3 * 86400)
+    assert [callbacks.duration(s) for s in spans] == [
         "42 s",
         "119 s",
         "2.0 min",
         "12.5 min",
-        "120.0 min",
+        "60.0 min",
+        "1.0 h",
         "2.0 h",
+        "48.0 h",
         "3.0 d",
     ]

@@ -242,6 +242,7 @@ def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     module.wall_start = time.perf_counter() - 5.0  # this session has run 5 s so far
     module._loss_sum, module._loss_count = torch.tensor(6.5, dtype=torch.float64), 2
     module.last_fd = {"fd": 12.5, "step": 8}
+    module.last_val = {"val/loss": 0.5, "step": 8}
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     # the earlier sessions' 100 s plus this one's 5 s
@@ -254,6 +255,7 @@ def test_checkpoint_round_trip_keeps_clocks_loss_window_and_fd():
     assert resumed.wall_seconds == checkpoint["wall_seconds"]
     assert (resumed._loss_sum.item(), resumed._loss_count) == (6.5, 2)
     assert resumed.last_fd == {"fd": 12.5, "step": 8}
+    assert resumed.last_val == {"val/loss": 0.5, "step": 8}  # the progress lines show it again
 
 
 def test_a_checkpoint_from_before_the_steady_count_leaves_it_unknown():

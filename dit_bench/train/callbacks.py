@@ -7,7 +7,8 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -161,24 +162,34 @@ def announced(trainer, what: str, label: str | None) -> Iterator[None]:
 
 def duration(seconds: float) -> str:
     """A time span for people: 42 s, 12.5 min, 3.2 h, 4.1 d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= 2 * size:
+    for unit, size, least in (("d", 86400, 2 * 86400), ("h", 3600, 3600), ("min", 60, 120)):
+        if seconds >= least:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
 
 
-def progress_every_s() -> float:
-    """Seconds between progress lines: $DIT_BENCH_PROGRESS_EVERY, 30 if unset."""
-    raw = os.environ.get("DIT_BENCH_PROGRESS_EVERY", "30")
+PROGRESS_EVERY_DEFAULT = 30.0
+
+
+def progress_every_s(strict: bool = True) -> float:
+    """Seconds between progress lines: $DIT_BENCH_PROGRESS_EVERY, 30 if unset. A value that
+    is not a number >= 0 is an error (the commands check it before they start anything), or
+    with `strict=False` a warning and the default: inside a run (a sweep's trial, an
+    ablation's run) an error would fail the run for a setting of its output."""
+    raw = os.environ.get("DIT_BENCH_PROGRESS_EVERY")
+    if raw is None:
+        return PROGRESS_EVERY_DEFAULT
     try:
         every = float(raw)
     except ValueError:
         every = -1.0
-    if not every >= 0:  # NaN too
-        raise ValueError(
-            f"DIT_BENCH_PROGRESS_EVERY={raw!r}: the seconds between progress lines, a number >= 0"
-        )
-    return every
+    if every >= 0:  # not NaN
+        return every
+    msg = f"DIT_BENCH_PROGRESS_EVERY={raw!r}: the seconds between progress lines, a number >= 0"
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(f"{msg}; using {PROGRESS_EVERY_DEFAULT:g}", stacklevel=2)
+    return PROGRESS_EVERY_DEFAULT
 
 
 class ProgressLines(L.Callback):
@@ -193,20 +204,27 @@ class ProgressLines(L.Callback):
     The loss is the last log window's and the val loss the last validation's, both already
     read by StepMetrics (no device read of its own); img/s and the time left are this
     session's steps over its wall clock, validations and grids included (what the rest of
-    the run will take)."""
+    the run will take; the first lines count the compilation and CUDA-graph recording of the
+    first steps too, so they overestimate the time left)."""
 
-    def __init__(self, label: str, batch_size: int, every_s: float | None = None):
-        self.label, self.batch_size = label, batch_size
-        self.every_s = progress_every_s() if every_s is None else every_s
+    def __init__(
+        self,
+        label: str,
+        batch_size: int,
+        every_s: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.label, self.batch_size, self.clock = label, batch_size, clock
+        self.every_s = progress_every_s(strict=False) if every_s is None else every_s
         self._t0 = self._last = 0.0
         self._step0 = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._t0 = self._last = time.perf_counter()
+        self._t0 = self._last = self.clock()
         self._step0 = trainer.global_step  # a resumed run's rate counts this session's steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         step, total = trainer.global_step, trainer.max_steps
         if trainer.global_rank != 0 or now - self._last < self.every_s or step >= total:
             return  # the last step's line is the run's own summary
@@ -225,7 +243,7 @@ class ProgressLines(L.Callback):
                 f"{duration(elapsed)} in, ~{duration((total - step) * elapsed / done)} left"
             )
         print(
-            f"[{self.label}] step {step}/{total} ({100 * step / total:.0f}%): " + ", ".join(parts),
+            f"[{self.label}] step {step}/{total} ({100 * step // total}%): " + ", ".join(parts),
             file=sys.stderr,
             flush=True,
         )

@@ -245,6 +245,7 @@ class DiffusionModule(L.LightningModule):
         checkpoint["config_hash"] = self.cfg.hash
         # a run stopped after its final checkpoint re-validates, but computes no FD again
         checkpoint["last_fd"] = dict(self.last_fd)
+        checkpoint["last_val"] = dict(self.last_val)  # the progress lines', on resume
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if checkpoint.get("config_hash") not in (None, self.cfg.hash):
@@ -260,6 +261,7 @@ class DiffusionModule(L.LightningModule):
         self.steady_seconds, self.steady_steps = seconds, steps
         self.steady_known = known[0] if known else True
         self.last_train_loss = checkpoint.get("last_train_loss")
+        self.last_val = dict(checkpoint.get("last_val", {}))
         self.wall_seconds = checkpoint.get("wall_seconds", 0.0)
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)

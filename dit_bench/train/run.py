@@ -45,7 +45,6 @@ from dit_bench.train.callbacks import (
     StepMetrics,
     StepProgressBar,
     gather_in_index_order,
-    progress_every_s,
 )
 from dit_bench.train.module import DiffusionModule, images_seen, training_flops
 
@@ -545,12 +544,10 @@ def train(
 
     `progress`: True, a bar on a terminal and `ProgressLines` elsewhere (a log file, a pipe);
     "bar" or "lines", that one ("lines": processes that share one output, ablate's and a
-    sweep's workers); False, neither. `label` prefixes the lines. `callbacks` are added to the run's own
+    sweep's workers; "bar": a notebook, whose output is no terminal); False, neither. `label` prefixes the lines. `callbacks` are added to the run's own
     (ablations and sweeps watch runs through them).
     """
     shown = progress_kind(progress)
-    if shown == "lines":
-        progress_every_s()  # a bad $DIT_BENCH_PROGRESS_EVERY stops the run before it starts
     announce = label if shown else None  # the lines around sampling work between steps
     out = Path(out)
     t = cfg.train
