@@ -243,9 +243,11 @@ class DiffusionModule(L.LightningModule):
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
-        # a run stopped after its final checkpoint re-validates, but computes no FD again
+        # a run stopped after its final checkpoint takes its FD and its last validation from
+        # here (it validates again only if the checkpoint came first); a resumed run's
+        # progress lines show the last val loss
         checkpoint["last_fd"] = dict(self.last_fd)
-        checkpoint["last_val"] = dict(self.last_val)  # the progress lines', on resume
+        checkpoint["last_val"] = dict(self.last_val)
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if checkpoint.get("config_hash") not in (None, self.cfg.hash):

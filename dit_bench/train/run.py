@@ -544,8 +544,9 @@ def train(
 
     `progress`: True, a bar on a terminal and `ProgressLines` elsewhere (a log file, a pipe);
     "bar" or "lines", that one ("lines": processes that share one output, ablate's and a
-    sweep's workers; "bar": a notebook, whose output is no terminal); False, neither. `label` prefixes the lines. `callbacks` are added to the run's own
-    (ablations and sweeps watch runs through them).
+    sweep's workers; "bar": a notebook, whose output is no terminal); False, neither.
+    `label` prefixes the lines. `callbacks` are added to the run's own (ablations and sweeps
+    watch runs through them).
     """
     shown = progress_kind(progress)
     announce = label if shown else None  # the lines around sampling work between steps
