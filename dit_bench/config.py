@@ -287,6 +287,13 @@ class TrainConfig(_Strict):
         "third more compute); DiT-XL/2 at batch 256, bf16: about 25 GiB instead of 109 (README, "
         "Performance)",
     )
+    activation_checkpointing_every: int = Field(
+        1,
+        ge=1,
+        description="with train.activation_checkpointing: every k-th block checkpointed "
+        "(blocks 0, k, 2k, ...), the others keep their activations: about 1/k of the "
+        "recomputation for a saving of about 1/k of the activations' memory (2: half of each)",
+    )
     channels_last: bool = Field(
         False, description="channels-last memory format for the backbone and its inputs (U-Net)"
     )
@@ -312,6 +319,11 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "train.cudagraphs with train.strategy=fsdp: FSDP gathers and frees the "
                 "parameters every step, and a CUDA graph replays fixed addresses (use ddp)"
+            )
+        if self.activation_checkpointing_every != 1 and not self.activation_checkpointing:
+            raise ValueError(
+                "train.activation_checkpointing_every="
+                f"{self.activation_checkpointing_every} needs train.activation_checkpointing=true"
             )
         if self.cudagraphs and self.activation_checkpointing:
             raise ValueError(
@@ -530,6 +542,7 @@ EXECUTION_KEYS = (
     ("train", "compile"),
     ("train", "cudagraphs"),
     ("train", "activation_checkpointing"),
+    ("train", "activation_checkpointing_every"),
     ("train", "channels_last"),
     ("optim", "fused"),
     ("data", "num_workers"),

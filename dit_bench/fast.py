@@ -87,9 +87,11 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     return forward(self, *args, **kwargs)
 
 
-def checkpoint_blocks(net: nn.Module) -> nn.Module:
+def checkpoint_blocks(net: nn.Module, every: int = 1) -> nn.Module:
     """Activation checkpointing per block, in place: each block's activations are recomputed
-    in the backward instead of kept from the forward. Returns the net.
+    in the backward instead of kept from the forward. Returns the net. `every`: every k-th
+    block only (blocks 0, k, 2k, ...; `train.activation_checkpointing_every`), for part of the
+    memory saving at part of the recomputation: where all of it is not needed to fit.
 
     The backward then holds each block's inputs (the stream between blocks, the conditioning,
     U-ViT's and the U-Net's skips) plus one block's activations at a time, where it held every
@@ -116,7 +118,9 @@ def checkpoint_blocks(net: nn.Module) -> nn.Module:
             f"checkpoint_blocks needs a net made of blocks (block lists); {type(net).__name__} "
             "has none"
         )
-    for block in blocks:
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint_blocks: every must be an int >= 1, got {every!r}")
+    for block in blocks[::every]:
         block.forward = types.MethodType(_checkpointed_forward, block)
     return net
 

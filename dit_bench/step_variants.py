@@ -43,6 +43,8 @@ tweaks joined by "+" (e.g. "bf16-stream+cudagraphs"):
                 recomputed in the backward, for the memory of its activations; its row's
                 peak_mem_gb and ms are the trade (--batch 256: the shapes-scaling gpu
                 profile's DiT-XL/2). With cudagraphs: unverified (the config refuses the pair)
+  checkpoint-half  every other block only (`train.activation_checkpointing_every=2`): half the
+                recomputation, for half the saving
 What the harness's step does beyond this bare one (`dit-bench train` trains with all three;
 gpu-check's harness section times "cudagraphs+clip+ema+deterministic" beside it, so what is
 left between the two is Lightning's loop and the data loader; then "+nan-fill" too):
@@ -101,6 +103,7 @@ TWEAKS = (
     "max-autotune",
     "tma",
     "checkpoint",
+    "checkpoint-half",
     "clip",
     "ema",
     "deterministic",
@@ -116,6 +119,7 @@ GPU_CHECK_VARIANTS = (
     "bf16-stream+cudagraphs",
     "bf16-stream",
     "checkpoint",  # train.activation_checkpointing: its price in time, its saving in memory
+    "checkpoint-half",  # train.activation_checkpointing_every=2
 )
 
 
@@ -133,7 +137,8 @@ def parse_variant(variant: str) -> frozenset[str]:
         raise ValueError(
             f"unknown variant {variant!r}: 'regional' or tweaks joined by '+', of {list(TWEAKS)}"
         )
-    if {"whole", "max-autotune"} <= set(parts) or {"flash", "cudnn"} <= set(parts):
+    exclusive = ({"whole", "max-autotune"}, {"flash", "cudnn"}, {"checkpoint", "checkpoint-half"})
+    if any(pair <= set(parts) for pair in exclusive):
         raise ValueError(f"variant {variant!r} combines tweaks that exclude each other")
     if "nan-fill" in parts and "deterministic" not in parts:
         raise ValueError(f"variant {variant!r}: nan-fill is a setting of deterministic")
@@ -236,8 +241,8 @@ def build_variant(
         ema = copy.deepcopy(net).requires_grad_(False).eval()
         pairs = fast.ema_pairs(ema, net)  # listed once, as the harness does
         hooks["after_step"] = lambda: fast.ema_update(ema, net, EMA_DECAY, pairs)
-    if "checkpoint" in tweaks:  # after the EMA copy, as the harness applies it
-        fast.checkpoint_blocks(net)
+    if tweaks & {"checkpoint", "checkpoint-half"}:  # after the EMA copy, as the harness does
+        fast.checkpoint_blocks(net, 2 if "checkpoint-half" in tweaks else 1)
     if "whole" in tweaks:
         net.compile(backend=backend)
     else:

@@ -212,6 +212,12 @@ def test_activation_checkpointing_is_an_execution_key_and_refused_with_cudagraph
     build_config(None, graphs)
     msg = error([*graphs, "train.activation_checkpointing=true"])
     assert "train.cudagraphs with train.activation_checkpointing: not verified on a GPU" in msg
+    # every k-th block: also an execution key, and only with checkpointing on
+    every = ["train.activation_checkpointing=true", "train.activation_checkpointing_every=2"]
+    assert build_config(None, [*tiny, *every]).hash == "f59c73abf9"
+    msg = error(["train.activation_checkpointing_every=2"])
+    assert "train.activation_checkpointing_every=2 needs train.activation_checkpointing" in msg
+    assert "greater than or equal to 1" in error(["train.activation_checkpointing_every=0"])
 
 
 def test_setting_the_objective_a_file_leaves_unnamed_keeps_its_keys():

@@ -310,6 +310,31 @@ def test_checkpointed_blocks_same_loss_and_gradients(name, monkeypatch):
         assert p.grad is None or torch.equal(q.grad, p.grad), n
 
 
+def test_checkpointing_every_other_block_recomputes_those_and_keeps_between():
+    """`every=2` (train.activation_checkpointing_every): blocks 0, 2, ... recomputed in the
+    backward, the others keep their activations; the same loss and gradients; the bytes saved
+    for the backward between none and all checkpointed."""
+    net, (x, t, cond) = _net("dit-s/4", size=16, channels=4), _inputs(size=16, channels=4)
+    plain, ref = _saved_bytes(lambda: net(x, t, cond).square().mean(), net)
+    ref.backward()
+    saved = {}
+    for every in (1, 2):
+        fast = _net("dit-s/4", size=16, channels=4)
+        checkpoint_blocks(fast, every)
+        patched = [i for i, b in enumerate(fast.blocks) if "forward" in vars(b)]
+        assert patched == list(range(0, len(fast.blocks), every))
+        saved[every], loss = _saved_bytes(lambda f=fast: f(x, t, cond).square().mean(), fast)
+        loss.backward()
+        assert torch.equal(loss, ref)
+        for p, q in zip(net.parameters(), fast.parameters(), strict=True):
+            assert p.grad is None or torch.equal(q.grad, p.grad)
+    # half the blocks keep their activations: about half way, well above all checkpointed
+    assert saved[1] < 0.6 * saved[2] and 0.35 * plain < saved[2] < 0.7 * plain, (saved, plain)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            checkpoint_blocks(_net("dit-xs/2"), bad)
+
+
 def test_checkpointed_blocks_keep_a_fraction_of_the_activations():
     """What the graph holds for the backward after one forward of a DiT: without, every op's
     saved inputs; with, each block's inputs (the stream, the conditioning) and what lies
@@ -395,10 +420,17 @@ def test_step_variant_checkpoint_times_the_shipped_step_checkpointed():
             "checkpoint", "dit-xs/4", TINY, CPU, backend="eager"
         )
     assert all("forward" in vars(b) and _compiled(b) for b in net.blocks)
-    rows = step_variants.run_variants(
-        ("regional", "checkpoint"), "dit-xs/4", TINY, CPU, rows=[], backend="eager"
-    )
-    assert [r["loss_last"] for r in rows] == [rows[0]["loss_last"]] * 2, rows
+    with step_variants.variant_settings("checkpoint-half", backend="eager"):
+        net, _, _ = step_variants.build_variant(
+            "checkpoint-half", "dit-xs/4", TINY, CPU, backend="eager"
+        )
+    patched = [i for i, b in enumerate(net.blocks) if "forward" in vars(b)]
+    assert patched == list(range(0, len(net.blocks), 2))  # train.activation_checkpointing_every=2
+    with pytest.raises(ValueError, match="exclude each other"):
+        step_variants.parse_variant("checkpoint+checkpoint-half")
+    variants = ("regional", "checkpoint", "checkpoint-half")
+    rows = step_variants.run_variants(variants, "dit-xs/4", TINY, CPU, rows=[], backend="eager")
+    assert [r["loss_last"] for r in rows] == [rows[0]["loss_last"]] * 3, rows
 
 
 # -- the training module applies the fast paths from the config --------------------------------
@@ -456,6 +488,8 @@ def test_module_checkpoints_the_trained_net_only():
         assert list(m.state_dict()) == list(plain.state_dict())
         assert cfg.hash == plain_cfg.hash  # an execution key: a run resumes across it
     assert not any("forward" in vars(b) for b in plain.net.blocks)
+    _, m = _module("train.activation_checkpointing=true", "train.activation_checkpointing_every=2")
+    assert [i for i, b in enumerate(m.net.blocks) if "forward" in vars(b)] == [0, 2]
 
 
 def test_cudagraphs_config_rules_and_module(monkeypatch):

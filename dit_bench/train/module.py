@@ -78,7 +78,7 @@ class DiffusionModule(L.LightningModule):
         if cfg.train.activation_checkpointing:
             # The trained net only, after the EMA copy: the copy runs under no_grad, where a
             # checkpointed block runs plainly anyway. Before or after compiling, the same.
-            checkpoint_blocks(self.net)
+            checkpoint_blocks(self.net, cfg.train.activation_checkpointing_every)
         if cfg.train.compile:
             # The backbone only, after the EMA copy (which stays eager: it samples and validates
             # rarely); in place, so parameter names and checkpoints are those of the eager net.

@@ -199,7 +199,12 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
         raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
     # eager, whatever the run trained with: sample and eval compile when asked (--compile);
     # nothing recomputed (sampling runs under no_grad, where a checkpointed block runs plainly)
-    plain = {"compile": False, "cudagraphs": False, "activation_checkpointing": False}
+    plain = {
+        "compile": False,
+        "cudagraphs": False,
+        "activation_checkpointing": False,
+        "activation_checkpointing_every": 1,
+    }
     eager = cfg.train.model_copy(update=plain)
     module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)

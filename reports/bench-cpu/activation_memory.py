@@ -3,7 +3,7 @@ checkpointing (`fast.checkpoint_blocks`, `train.activation_checkpointing`): what
 profile of sweeps/shapes-scaling.yaml (batch 256 on one GPU) needs.
 
     .venv/bin/python reports/bench-cpu/activation_memory.py [--backbone dit-xl/2] [--batch 256]
-        [--no-autocast]
+        [--no-autocast] [--every 2]
 
 One forward of the training loss (the DDPM hybrid loss of a learned-sigma net, called as
 `DiffusionModule.training_step` calls it: `objective.loss(net, x, cond, generator=g)`) on real
@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="dit-xl/2")
     ap.add_argument("--batch", type=int, default=256, help="the batch the totals are for")
     ap.add_argument("--no-autocast", action="store_true", help="float32 throughout")
+    ap.add_argument(
+        "--every", type=int, default=1, help="checkpoint every k-th block only (the last row)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     net = build_backbone(
@@ -83,9 +86,14 @@ def main() -> None:
     )
     print(f"weights + grads + AdamW + EMA: {state / GIB:.2f} GiB")
     rows = {}
-    for name in ("plain", "checkpointed"):
-        if name == "checkpointed":
-            checkpoint_blocks(net)
+    names = ("plain", "checkpointed") + ((f"every {args.every}",) if args.every > 1 else ())
+    for name in names:
+        if name != "plain":  # a fresh net each time: checkpoint_blocks patches in place
+            torch.manual_seed(0)
+            net = build_backbone(
+                args.backbone, image_size=32, in_channels=4, num_classes=1000, learn_sigma=True
+            ).train()
+            checkpoint_blocks(net, args.every if name.startswith("every") else 1)
         (one, block_one), (two, block_two) = (
             saved_bytes(net, objective, b, not args.no_autocast) for b in (1, 2)
         )
