@@ -291,8 +291,9 @@ class TrainConfig(_Strict):
         1,
         ge=1,
         description="with train.activation_checkpointing: every k-th block checkpointed "
-        "(blocks 0, k, 2k, ...), the others keep their activations: about 1/k of the "
-        "recomputation for a saving of about 1/k of the activations' memory (2: half of each)",
+        "(blocks 0, k, 2k, ...), the others keep their activations: in a stack of equal blocks "
+        "(DiT, MMDiT) about 1/k of the recomputation for about 1/k of the saving (2: half of "
+        "each)",
     )
     channels_last: bool = Field(
         False, description="channels-last memory format for the backbone and its inputs (U-Net)"
@@ -324,6 +325,7 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "train.activation_checkpointing_every="
                 f"{self.activation_checkpointing_every} needs train.activation_checkpointing=true"
+                " (in a sweep, set both on the size choices that checkpoint)"
             )
         if self.cudagraphs and self.activation_checkpointing:
             raise ValueError(

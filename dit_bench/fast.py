@@ -90,8 +90,10 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
 def checkpoint_blocks(net: nn.Module, every: int = 1) -> nn.Module:
     """Activation checkpointing per block, in place: each block's activations are recomputed
     in the backward instead of kept from the forward. Returns the net. `every`: every k-th
-    block only (blocks 0, k, 2k, ...; `train.activation_checkpointing_every`), for part of the
-    memory saving at part of the recomputation: where all of it is not needed to fit.
+    block only (blocks 0, k, 2k, ... in `blocks_of`'s order, which for U-ViT and the U-Net is
+    not the order they run in; `train.activation_checkpointing_every`), for part of the memory
+    saving at part of the recomputation (about 1/k of each in a stack of equal blocks: DiT,
+    MMDiT), where all of it is not needed to fit.
 
     The backward then holds each block's inputs (the stream between blocks, the conditioning,
     U-ViT's and the U-Net's skips) plus one block's activations at a time, where it held every

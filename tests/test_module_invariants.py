@@ -102,6 +102,8 @@ def test_the_ema_parameter_lists_are_made_once_a_fit(tmp_path, monkeypatch):
     ema_params, net_params = module._ema_pairs  # the module's own tensors, in step
     assert all(p is q for p, q in zip(ema_params, module.ema.parameters(), strict=True))
     assert all(p is q for p, q in zip(net_params, module.net.parameters(), strict=True))
+    module.on_fit_start()  # a later fit of the module lists them again (they may be others)
+    assert module._ema_pairs is None
 
 
 # -- optimiser ---------------------------------------------------------------------------------

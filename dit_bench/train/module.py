@@ -158,6 +158,9 @@ class DiffusionModule(L.LightningModule):
         # from here to the next batch's start, the loop waits for data.
         self.batch_done_at = time.perf_counter()
 
+    def on_fit_start(self) -> None:
+        self._ema_pairs = None  # made again at this fit's first step: the lists are a fit's
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # The EMA moves with the weights, inside the step, so every checkpoint holds a matched

@@ -73,6 +73,8 @@ def main() -> None:
         "--every", type=int, default=1, help="checkpoint every k-th block only (the last row)"
     )
     args = ap.parse_args()
+    if args.every < 1:
+        ap.error(f"--every must be >= 1, got {args.every}")
     torch.manual_seed(0)
     net = build_backbone(
         args.backbone, image_size=32, in_channels=4, num_classes=1000, learn_sigma=True
