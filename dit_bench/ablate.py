@@ -666,7 +666,7 @@ def _train_in_pool(
     n: int,
     finished,
     failed,
-    progress: bool = True,
+    progress: bool,
 ) -> list[PlannedRun]:
     """Train the queue's runs in `pool` until none is left (returns []) or a worker dies:
     returns the runs then in flight (the pool is broken; their futures all say so)."""

@@ -1125,7 +1125,7 @@ def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
 
 # -- launching workers ----------------------------------------------------------------------------
 def _worker_main(
-    spec, source, overrides, storage_url, out, n_trials, gpu, workers, progress=False
+    spec, source, overrides, storage_url, out, n_trials, gpu, workers, progress
 ) -> None:
     from dit_bench.train.run import exit_with_parent
 
