@@ -28,7 +28,9 @@ left is skipped, and one that overruns is interrupted by an alarm):
    machines have no pydantic: carry it as a wheel, README "Performance");
 8. sampling img/s: 250-step DDPM and 50-step Euler with guidance, eager and compiled;
 9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: CUDA graphs
-   and a bf16 residual stream, alone and together), the default one first, in the time left.
+   and a bf16 residual stream, alone and together), the default one first, in the time left;
+10. the sweep's batch: DiT-XL/2 at batch 256 with activation checkpointing on every block (the
+   sweep's gpu profile) and on every other block: its speed and whether it fits the card.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -121,6 +123,11 @@ HARNESS = (
 )
 
 
+# `sweep batch`: checkpointing every block (what the sweep's gpu profile sets for L and XL)
+# first, then every other block (train.activation_checkpointing_every=2)
+SWEEP_BATCH_VARIANTS = ("checkpoint", "checkpoint-half")
+
+
 def plan(smoke: bool) -> dict:
     if smoke:
         tiny = bench.BenchConfig(
@@ -173,6 +180,12 @@ def plan(smoke: bool) -> dict:
                 "dit-xs/4",
                 replace(tiny, precision="bf16"),
                 ("regional", "bf16-stream"),
+                "eager",
+            ),
+            "sweep_batch": (
+                "dit-xs/4",
+                replace(tiny, precision="bf16", batch=4),
+                SWEEP_BATCH_VARIANTS,
                 "eager",
             ),
         }
@@ -237,6 +250,17 @@ def plan(smoke: bool) -> dict:
             "dit-xl/2",
             bench.BenchConfig(backbones=("dit-xl/2",), **full),
             step_variants.GPU_CHECK_VARIANTS,
+            "inductor",
+        ),
+        # the sweep's gpu profile trains DiT-L and XL at batch 256 with activation
+        # checkpointing on every block; every other block (half the recomputation) was
+        # counted to fit an 80 GB card but never timed there
+        "sweep_batch": (
+            "dit-xl/2",
+            bench.BenchConfig(
+                backbones=("dit-xl/2",), **{**full, "batch": 256, "warmup": 2, "repeats": 5}
+            ),
+            SWEEP_BATCH_VARIANTS,
             "inductor",
         ),
     }
@@ -631,10 +655,11 @@ def section_sampling(ctx: dict) -> dict:
     return {"rows": rows, **result}
 
 
-def section_variants(ctx: dict) -> dict:
+def section_variants(ctx: dict, key: str = "variants") -> dict:
     """Candidate settings for the compiled step (`step_variants`), the shipped one first, in
-    the time left: a variant cut off by the alarm leaves the rows before it."""
-    name, cfg, variants, backend = ctx["plan"]["variants"]
+    the time left: a variant cut off by the alarm leaves the rows before it. `key`: the plan's
+    entry, "variants" (batch 64) or "sweep_batch" (the sweep's batch 256, checkpointed)."""
+    name, cfg, variants, backend = ctx["plan"][key]
     dev = ctx["device"]
     result: dict = {"backbone": name, "precision": cfg.precision, "batch": cfg.batch, "rows": []}
     try:
@@ -821,11 +846,27 @@ def render_markdown(report: dict) -> str:
         if "compiled" in sp:
             lines.append(f"\nCompiled sampling: {sp['compiled']}.")
         lines.append("")
-    va = s.get("variants", {}).get("result")
-    if va:
+    for sec_name, title in (
+        ("variants", "Candidate settings for the compiled {backbone} step"),
+        ("sweep batch", "The sweep's batch: {backbone} at batch {batch}, checkpointed"),
+    ):
+        va = s.get(sec_name, {}).get("result")
+        if not va:
+            continue
+        lines += [f"## {title.format(**va)}", ""]
+        if sec_name == "sweep batch":
+            card = env.get("memory_gb")
+            lines += [
+                "The sweep's gpu profile trains DiT-L and XL at batch 256 with "
+                "`train.activation_checkpointing` on every block (`checkpoint`); "
+                "`checkpoint-half` checkpoints every other block "
+                "(`train.activation_checkpointing_every=2`): half the recomputation, if its "
+                "peak memory fits the card"
+                + (f" ({card:.0f} GiB; the harness adds the EMA and the loader)." if card else ".")
+                + " A variant that does not fit shows its out-of-memory error.",
+                "",
+            ]
         lines += [
-            f"## Candidate settings for the compiled {va['backbone']} step",
-            "",
             f"`dit_bench.step_variants`, {va['precision']}, batch {va['batch']}, one process, "
             "each built and compiled afresh; the losses (same seed, batch and noise) compare "
             "the numerics: the first step's and the last of the timed ones.",
@@ -1002,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         ("harness", section_harness, 150, 30),
         ("sampling", section_sampling, 120, 10),
         ("variants", section_variants, 200, 40),
+        ("sweep batch", lambda c: section_variants(c, "sweep_batch"), 120, 40),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")

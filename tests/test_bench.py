@@ -285,6 +285,7 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
             "train",
             "sampling",
             "variants",
+            "sweep batch",
         ],
         "ok",
     ), statuses
@@ -305,6 +306,10 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
         "bf16-stream",
     ]
     assert "## Candidate settings for the compiled dit-xs/4 step" in text
+    sweep_batch = data["sections"]["sweep batch"]["result"]
+    assert [r["variant"] for r in sweep_batch["rows"]] == ["checkpoint", "checkpoint-half"]
+    assert all("error" not in r for r in sweep_batch["rows"]), sweep_batch["rows"]
+    assert "## The sweep's batch: dit-xs/4 at batch 4, checkpointed" in text
     assert "matmul + attention + optimiser take" in text  # the budget line (no target on CPU)
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
 
