@@ -245,10 +245,13 @@ def make_ours(name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
         )
 
 
-def make_diffusers_dit(name: str, *, image_size: int, channels: int, num_classes: int):
-    """diffusers' DiTTransformer2DModel computing DiT's function (DiT adaLN-Zero, learned sigma).
+def make_diffusers_dit(
+    name: str, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool
+):
+    """diffusers' DiTTransformer2DModel computing DiT's function (DiT adaLN-Zero; with
+    `learn_sigma`, the variance channels: as ours, or the two steps would differ in work).
 
-    Its constructor covers heads, width, depth, patch, out_channels = 2C and norm_eps = 1e-6
+    Its constructor covers heads, width, depth, patch, out_channels (2C or C) and norm_eps = 1e-6
     (DiT's; diffusers defaults to 1e-5). Two things it has no config flag for, set on the
     instances: the timestep sinusoid's `downscale_freq_shift` is hard-coded to 1 in
     `CombinedTimestepLabelEmbeddings` (exponent / (half - 1)); DiT uses 0 (exponent / half); and
@@ -266,7 +269,7 @@ def make_diffusers_dit(name: str, *, image_size: int, channels: int, num_classes
         num_attention_heads=spec["num_heads"],
         attention_head_dim=spec["hidden_size"] // spec["num_heads"],
         in_channels=channels,
-        out_channels=2 * channels,
+        out_channels=2 * channels if learn_sigma else channels,
         num_layers=spec["depth"],
         sample_size=image_size,
         patch_size=spec["patch_size"],
@@ -459,7 +462,11 @@ def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             ref = make_diffusers_dit(
-                name, image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes
+                name,
+                image_size=cfg.image_size,
+                channels=cfg.channels,
+                num_classes=cfg.num_classes,
+                learn_sigma=cfg.learn_sigma,
             )
         impls.append(Impl("diffusers", "diffusers", False, ref.train(), _diffusers_call(ref)))
     elif cfg.against is not None:

@@ -174,15 +174,20 @@ def _ours_to_diffusers(ours: dict, ref: dict, depth: int) -> dict:
     return out
 
 
-def test_diffusers_reference_computes_the_same_function():
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_diffusers_reference_computes_the_same_function(learn_sigma):
     pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    ours = build_backbone("dit-xs/2", image_size=8, in_channels=4, num_classes=10, learn_sigma=True)
+    ours = build_backbone(
+        "dit-xs/2", image_size=8, in_channels=4, num_classes=10, learn_sigma=learn_sigma
+    )
     with torch.no_grad():  # leave the zero init: every path must carry signal
         for p in ours.parameters():
             if p.requires_grad:  # not the fixed position table
                 p.add_(0.05 * torch.randn_like(p))
-    ref = bench.make_diffusers_dit("dit-xs/2", image_size=8, channels=4, num_classes=10)
+    ref = bench.make_diffusers_dit(
+        "dit-xs/2", image_size=8, channels=4, num_classes=10, learn_sigma=learn_sigma
+    )
     torch.testing.assert_close(ref.pos_embed.pos_embed, ours.pos_embed)  # same 2-D sin-cos
     ref.load_state_dict(_ours_to_diffusers(ours.state_dict(), ref.state_dict(), depth=4))
     call = bench._diffusers_call(ref)
@@ -193,7 +198,7 @@ def test_diffusers_reference_computes_the_same_function():
     for train in (False, True):  # training mode too: its label dropout is off
         ours.train(train), ref.train(train)
         out, expect = call(x, t, cond), ours(x, t, cond)
-        assert out.shape == (3, 8, 8, 8)
+        assert out.shape == (3, 8 if learn_sigma else 4, 8, 8)
         torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-4)
     # diffusers' own timestep sinusoid (downscale_freq_shift=1) is a different function
     for block in ref.transformer_blocks:
@@ -219,7 +224,9 @@ def test_against_diffusers_interleaved():
     assert [r["adamw"] for r in same] == ["fused", "fused"]
     assert rows[0]["params"] < rows[1]["params"]  # diffusers: one embedder per block
     with pytest.raises(ValueError, match="DiT preset"):
-        bench.make_diffusers_dit("unet-xs", image_size=8, channels=4, num_classes=10)
+        bench.make_diffusers_dit(
+            "unet-xs", image_size=8, channels=4, num_classes=10, learn_sigma=True
+        )
 
 
 def test_kernel_groups_name_cuda_kernels_and_cpu_ops():
