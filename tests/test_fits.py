@@ -103,6 +103,29 @@ def test_power_law_recovers_alpha_within_bootstrap_ci():
     assert ci == {} and math.isnan(ok)  # no interval, rather than a zero-width one
 
 
+def test_a_bootstrap_with_mostly_failed_refits_gives_no_interval():
+    """The refits that fail are not random (L(C): those that lost a frontier run), so the ok
+    ones alone can collapse onto the estimate: under MIN_BOOTSTRAP_OK of them ok, no interval."""
+    c = np.geomspace(1e10, 1e13, 8)
+    pts = pd.DataFrame(
+        {"run": np.repeat(["r0", "r1", "r2"], 8), "train_flops": np.tile(c, 3)}
+    ).assign(val_loss=lambda d: 0.3 + 5.0 * d["train_flops"] ** -0.2)
+
+    def refit(need):  # ok only when run r0 was drawn at least `need` times
+        def fit(d):
+            if d.loc[d["run"].str.startswith("r0#"), "run"].nunique() < need:
+                return fits.Fit("x", "", {}, "insufficient data", "", 0)
+            return fits.fit_power_law(d["train_flops"], d["val_loss"])
+
+        return fit
+
+    # P(r0 at least twice in 3 draws) = 7/27; at least once: 19/27
+    ci, ok = fits.bootstrap(pts, refit(2), n_boot=200, seed=0)
+    assert ci == {} and 0.15 < ok < fits.MIN_BOOTSTRAP_OK
+    ci, ok = fits.bootstrap(pts, refit(1), n_boot=200, seed=0)
+    assert ok > fits.MIN_BOOTSTRAP_OK and ci["alpha"] == pytest.approx((0.2, 0.2))
+
+
 def test_badly_conditioned_fit_is_reported_not_printed():
     n, d = grid()
     # every point at (almost) one model size: A / N^a cannot be told from E

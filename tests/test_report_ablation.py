@@ -421,3 +421,58 @@ def test_throughput_names_the_devices_and_never_averages_across_them(tmp_path, n
     assert "the runs ran on 2 devices: NVIDIA H100 80GB HBM3, cpu (test)" in md
     (row,) = [line for line in md.splitlines() if line.startswith("| in_context | dit-xs/4")]
     assert "| 5000 (NVIDIA H100 80GB HBM3); 100 (cpu (test)) |" in row
+
+
+def _diverge(source: Path, metric: str, variants=tuple(VARIANTS)) -> None:
+    """Every seed of `variants` diverged before `metric`: the summary holds null for it."""
+    for run in source.iterdir():
+        if run.is_dir() and json.loads((run / "labels.json").read_text())["variant"] in variants:
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, metric: None}))
+
+
+def test_a_metric_every_run_diverged_on_is_named_as_such_not_as_not_evaluated(
+    tmp_path, no_figures, capsys
+):
+    source = make_source(tmp_path)
+    _diverge(source, "val_loss")
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "No values of val_loss: every run diverged (not finite) before reporting one." in md
+    assert "Not evaluated in these runs (no values): val_FD-never." in md
+    assert "## Ranking by final val_FD-mnist-net" in md
+    # a variant that diverged on every seed of a metric still gets its paired row
+    source = make_source(tmp_path / "two")
+    _diverge(source, "val_loss", ["in_context"])
+    build_report(source, tmp_path / "r2")
+    paired = pd.read_csv(tmp_path / "r2" / "paired.csv")
+    row = paired[(paired["metric"] == "val_loss") & (paired["variant"] == "in_context")]
+    assert len(row) == 1 and row["n_pairs"].item() == 0 and row["undetermined"].item()
+    # no metric left at all: refused, saying why (exit 2, no traceback)
+    source = make_source(tmp_path / "three")
+    _diverge(source, "val_loss")
+    for run in source.iterdir():
+        if run.is_dir():  # no FD in summary or curves
+            m = pd.read_csv(run / "metrics.csv").drop(columns="val/FD-mnist-net")
+            m.to_csv(run / "metrics.csv", index=False)
+    out = tmp_path / "r3"
+    assert main(["report", "ablation", str(source), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no finished run has a value of any" in err
+    assert "every run diverged before one of val_loss" in err
+    assert "not evaluated: val_FD-mnist-net, val_FD-never" in err
+    assert not out.exists()
+
+
+def test_a_plan_none_of_whose_runs_finished_is_refused_naming_them(tmp_path, no_figures, capsys):
+    """A new `ablate --set` call into a folder of an earlier call's runs, before any of its own
+    finished: every finished run is another config's."""
+    source = planned_source(tmp_path)
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["runs"] = [{**r, "config_hash": "new-" + r["config_hash"]} for r in plan["runs"]]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    out = tmp_path / "r"
+    assert main(["report", "ablation", str(source), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "none of the plan's runs has finished" in err
+    assert "adaln seed 0" in err and "9 finished runs of other configs left out" in err
+    assert not out.exists()

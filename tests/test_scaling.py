@@ -80,6 +80,47 @@ def test_report_from_a_runs_folder(tmp_path):
                        * pts["macs"] * 2)  # fmt: skip
 
 
+def test_the_headline_quotes_each_fit_with_the_interval_of_its_bootstrap(tmp_path):
+    """fit_all's own result (not a hand-built one) carries the bootstrap intervals to the
+    headline, as fits.csv has them: end to end for L(N, D) (the fake sweep has no IsoFLOP
+    profile), and in fit_all's result for both."""
+    fake_sweep(tmp_path / "runs", noise=0.005)
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    row = pd.read_csv(out / "fits.csv").set_index(["fit", "param"]).loc[("L(N, D) all", "a")]
+    assert row["status"] == "ok" and np.isfinite([row["ci_low"], row["ci_high"]]).all()
+    head = (out / "report.md").read_text().split("## Headline")[1].split("##")[0]
+    (said,) = [x for x in head.splitlines() if "L(N, D)" in x]
+    assert f"[95% CI {row['ci_low']:.3f}, {row['ci_high']:.3f}]" in said, said
+    # IsoFLOP profiles: 9 sizes at each of 5 budgets, N*(C) from each budget's parabola
+    rng = np.random.default_rng(0)
+    rows = []
+    for budget in np.geomspace(1e12, 1e16, 5):
+        for i, n in enumerate(np.geomspace(1e4, 1e8, 9)):
+            d = budget / (6 * n)
+            loss = (LAW["E"] + LAW["A"] / n ** LAW["a"] + LAW["B"] / d ** LAW["b"]) * np.exp(
+                rng.normal(0, 0.003)
+            )
+            rows.append(
+                {"run": f"r{i}", "size": f"s{i}", "patch": 2, "params": n, "budget": budget,
+                 "tokens_seen": d, "train_flops": budget, "val_loss": loss}
+            )  # fmt: skip
+    result = scaling.fit_all(pd.DataFrame(rows), n_boot=10)
+    listed = {f.name: f for f in result["fits"]}
+    iso, ch = result["isoflop"]["all"].fit, result["chinchilla"]
+    assert iso.ok and ch.ok and iso.ci and ch.ci
+    assert iso.ci == listed["N*(C) all"].ci and ch.ci == listed["L(N, D) all"].ci
+
+
+def test_a_sweep_with_one_budget_reports_what_it_can(tmp_path, monkeypatch):
+    """One budget reached (a sweep's first): no IsoFLOP profile and no held-out check, said so,
+    not a KeyError from an empty IsoFLOP table."""
+    monkeypatch.setattr(sys.modules[__name__], "BUDGETS", BUDGETS[:1])
+    fake_sweep(tmp_path / "runs")
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=4)
+    text = (out / "report.md").read_text()
+    assert "N*(C) ~ C^a (IsoFLOP, best patch per size): a = not reported" in text
+
+
 def test_report_modules_do_not_import_torch():
     code = (
         "import sys, dit_bench.report.scaling, dit_bench.report.fits; "

@@ -190,3 +190,24 @@ def test_a_non_finite_value_is_left_out_as_diverged_and_the_verdict_says_so():
         assert ci.n == 2 and ci.mean == pytest.approx(0.54) and math.isfinite(ci.hi)
     # nothing left out: no such sentence
     assert "Left out" not in verdict(paired_compare([0.55, 0.6, 0.53], base), "b", "a", "x")
+
+
+def test_a_variant_whose_every_seed_diverged_keeps_its_row_as_undetermined():
+    """All-NaN (diverged, summary null) must read as inf does: a row, undetermined, 0 pairs,
+    every seed left out. pivot_table's default dropped the all-NaN column and the row with it."""
+    for bad in (math.nan, math.inf):
+        table = pd.DataFrame(
+            {
+                "variant": ["base"] * 3 + ["good"] * 3 + ["diverged"] * 3,
+                "seed": [0, 1, 2] * 3,
+                "val_loss": [0.50, 0.52, 0.51, 0.49, 0.50, 0.50, bad, bad, bad],
+            }
+        )
+        out = compare_to_base(table, "val_loss", "base").set_index("variant")
+        assert list(out.index) == ["good", "diverged"]
+        row = out.loc["diverged"]
+        assert row["n_pairs"] == 0 and row["undetermined"] and pd.isna(row["distinguishable"])
+        assert "Left out: 3 seed(s)" in row["verdict"]
+    table.loc[table["variant"] == "base", "val_loss"] = math.nan  # nothing to pair with
+    with pytest.raises(ValueError, match="base 'base' has no runs with val_loss"):
+        compare_to_base(table, "val_loss", "base")

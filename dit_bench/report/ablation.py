@@ -396,6 +396,13 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         for v in plan["variants"]
         if v not in set(table["variant"]) and v not in listed
     ]
+    if table.empty:  # e.g. a new `ablate --set` call into a folder of an earlier one's runs
+        raise ValueError(
+            f"{source}: none of the plan's runs has finished"
+            + (f" (not finished: {', '.join(unfinished)})" if unfinished else "")
+            + (f"; {left_out} finished runs of other configs left out" if left_out else "")
+            + ": `dit-bench ablate` trains what is missing"
+        )
     order = [v for v in plan["variants"] if v in set(table["variant"])]
     order += sorted(set(table["variant"]) - set(order))
     base = plan["base_variant"]
@@ -410,6 +417,17 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     runs = runs.reset_index(drop=True)
     metrics = [m for m in metrics if m in runs]
     missing = [metric_key(m) for m in plan["metrics"] if metric_key(m) not in metrics]
+    # a metric without values: never evaluated, or every run that reached it diverged (its
+    # summary holds null): the report says which
+    nulls = runs.get("null_in_summary", pd.Series("", index=runs.index)).fillna("")
+    diverged = [m for m in missing if nulls.str.split(",").map(lambda k, m=m: m in k).any()]
+    missing = [m for m in missing if m not in diverged]
+    if not metrics:
+        raise ValueError(
+            f"{source}: no finished run has a value of any of the plan's metrics"
+            + (f"; every run diverged before one of {', '.join(diverged)}" if diverged else "")
+            + (f"; not evaluated: {', '.join(missing)}" if missing else "")
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     final = pd.concat([summarize(runs, m) for m in metrics], ignore_index=True)
@@ -532,6 +550,12 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     ]
     if missing:
         md += [f"Not evaluated in these runs (no values): {', '.join(missing)}.", ""]
+    if diverged:
+        md += [
+            f"No values of {', '.join(diverged)}: every run diverged (not finite) before "
+            "reporting one.",
+            "",
+        ]
 
     md += [f"## Ranking by final {primary}", ""]
     if uneven:

@@ -392,7 +392,9 @@ def fit_isoflop(points: pd.DataFrame, name: str = "N*(C)") -> IsoFlop:
     for budget, g in points.groupby("budget"):
         r = _parabola(np.log10(g["params"].to_numpy(float)), g["val_loss"].to_numpy(float))
         rows.append({"budget": budget, **r})
-    vert = pd.DataFrame(rows)
+    # the columns even without rows (no usable point: e.g. the held-out fit of one budget)
+    columns = ["budget", "n_points", "c2", "c1", "c0", "valid", "why", "log10_n_opt"]
+    vert = pd.DataFrame(rows, columns=columns).astype({"valid": bool})
     vert["n_opt"] = 10 ** vert["log10_n_opt"]
     ok = vert[vert["valid"]]
     formula = "N*(C) = k * C^a"
@@ -439,6 +441,10 @@ def envelope(points: pd.DataFrame) -> pd.DataFrame:
 
 
 MIN_BOOTSTRAP_RUNS = 3
+# Fewer ok refits than this share: no interval. The failed ones are not random: for L(C) they
+# are the resamples that lost a frontier run, so the ok ones share the estimate's envelope and
+# their interval would collapse onto it and look certain.
+MIN_BOOTSTRAP_OK = 0.5
 
 
 @_one_thread
@@ -450,7 +456,8 @@ def bootstrap(
     level: float = 0.95,
 ) -> tuple[dict[str, tuple[float, float]], float]:
     """Percentile CIs of every parameter from refits on runs resampled with replacement.
-    Returns (ci, fraction of refits that were ok); only ok refits enter the CIs."""
+    Returns (ci, fraction of refits that were ok); only ok refits enter the CIs, and there are
+    none (ci {}) when fewer than MIN_BOOTSTRAP_OK of the refits were ok."""
     rng = np.random.default_rng(seed)
     runs = points["run"].unique()
     if len(runs) < MIN_BOOTSTRAP_RUNS:
@@ -473,6 +480,8 @@ def bootstrap(
         ok += 1
         for k, v in fit.params.items():
             samples.setdefault(k, []).append(v)
+    if ok < MIN_BOOTSTRAP_OK * n_boot:
+        return {}, ok / n_boot
     q = (1 - level) / 2
     ci = {k: (float(np.quantile(v, q)), float(np.quantile(v, 1 - q))) for k, v in samples.items()}
     return ci, ok / n_boot

@@ -351,9 +351,8 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     # L(N, D)
     name = "L(N, D) all"
     points_for[name] = points
-    full = _chinchilla(points, name)
-    add(full, lambda d: _chinchilla(d, name, warm=full))
-    out["chinchilla"] = full
+    full = _chinchilla(points, name)  # its warm start (_raw) is not carried by `add`'s copy
+    out["chinchilla"] = add(full, lambda d: _chinchilla(d, name, warm=full))
     held = _chinchilla(inner, name + " without the largest budget", warm=full)
     last = points[points["budget"] == cmax]
     if held.ok and len(last):
@@ -379,9 +378,11 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     for label, g in iso_groups:
         name = f"N*(C) {label}"
         iso = fits.fit_isoflop(g, name=name)
-        out["isoflop"][label] = iso
         points_for[name] = g
-        add(iso.fit, lambda d, n=name: fits.fit_isoflop(d, name=n).fit)
+        iso = fits.IsoFlop(
+            add(iso.fit, lambda d, n=name: fits.fit_isoflop(d, name=n).fit), iso.vertices
+        )
+        out["isoflop"][label] = iso
         if label == "all":
             h = fits.fit_isoflop(g[g["budget"] < cmax], name=name + " held out")
             v = iso.vertices[iso.vertices["budget"] == cmax]
@@ -659,6 +660,11 @@ def _fit_rows(fit_list: list[fits.Fit]) -> list[str]:
                 f"cond {f.cond:.2g}, {f.starts_at_best}/{f.starts} starts at best, "
                 + (
                     f"{_num(100 * f.boot_ok, '.0f')}% bootstrap refits ok"
+                    + (
+                        f" (under {fits.MIN_BOOTSTRAP_OK:.0%}: no interval)"
+                        if f.boot_ok < fits.MIN_BOOTSTRAP_OK
+                        else ""
+                    )
                     if math.isfinite(f.boot_ok)
                     else f"no bootstrap (fewer than {fits.MIN_BOOTSTRAP_RUNS} runs)"
                 )
@@ -738,7 +744,14 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
     def q(f, k):
         if f is None or not f.ok:
             return f"not reported ({f.status if f else 'missing'})"
-        lo, hi = f.ci.get(k, (math.nan, math.nan))
+        if k not in f.ci:  # say why there is none (see "Fitted constants")
+            why = (
+                f"only {100 * f.boot_ok:.0f}% of bootstrap refits ok"
+                if math.isfinite(f.boot_ok)
+                else f"fewer than {fits.MIN_BOOTSTRAP_RUNS} runs"
+            )
+            return f"{f.params[k]:.3f} (no {interval_kind(f.name)}: {why})"
+        lo, hi = f.ci[k]
         return f"{f.params[k]:.3f} [{interval_kind(f.name)} {_num(lo, '.3f')}, {_num(hi, '.3f')}]"
 
     lines += [
@@ -756,7 +769,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "the floor E of L(C) sits on its bound 0 and the rest is a pure power law, fitted as a "
         "line in log-log with the same checks. Any other status "
         "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
-        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count). "
+        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count, and "
+        f"a fit with fewer than {fits.MIN_BOOTSTRAP_OK:.0%} ok refits gets no interval). "
         f"L(C) intervals are a {ENVELOPE_NOTE}",
         "",
         "## Held-out check (fit without the largest budget, predict it)",

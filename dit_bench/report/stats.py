@@ -199,8 +199,10 @@ def compare_to_base(
     `distinguishable` is a nullable boolean: True, False, or NA where the comparison is
     `undetermined` (no test: fewer than MIN_PAIRS pairs, or no spread); `call` turns the two
     into the report's word. Raises ValueError when `base` has no value of `metric`."""
-    wide = table.pivot_table(index=pair_on, columns=by, values=metric, aggfunc="mean")
-    if base not in wide:  # callers that can go on without the base check first (has_values)
+    # dropna=False: a group whose every run diverged (NaN) keeps its column, so it gets its
+    # row ("undetermined, 0 matched seeds"), as one whose runs logged inf does
+    wide = table.pivot_table(index=pair_on, columns=by, values=metric, aggfunc="mean", dropna=False)
+    if base not in wide or not wide[base].notna().any():  # callers check first (has_values)
         raise ValueError(f"base {base!r} has no runs with {metric}; groups: {list(wide.columns)}")
     order = [g for g in table[by].drop_duplicates() if g != base and g in wide]
     rows = []
