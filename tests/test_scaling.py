@@ -111,6 +111,32 @@ def test_the_headline_quotes_each_fit_with_the_interval_of_its_bootstrap(tmp_pat
     assert iso.ci == listed["N*(C) all"].ci and ch.ci == listed["L(N, D) all"].ci
 
 
+def test_the_isoflop_bootstrap_picks_each_sizes_best_patch_in_every_resample(monkeypatch):
+    """N*(C) all takes each size's best patch at each budget: the refits must get every run
+    and pick again, or the interval leaves out the uncertainty of that pick."""
+    from dit_bench.report import fits
+
+    rows = []
+    for budget in np.geomspace(1e12, 1e16, 4):
+        for i, n in enumerate(np.geomspace(1e4, 1e8, 5)):
+            for patch in (2, 4):
+                loss = 1 + 0.1 * (np.log10(n) - 6) ** 2 + 0.01 * patch
+                rows.append({"run": f"s{i}p{patch}", "size": f"s{i}", "patch": patch,
+                             "params": n, "budget": budget, "tokens_seen": 1e6,
+                             "train_flops": budget, "val_loss": loss})  # fmt: skip
+    seen = {}
+    real = fits.bootstrap
+
+    def spy(points, refit, **kw):
+        seen[refit(points).name] = points
+        return real(points, refit, **kw)
+
+    monkeypatch.setattr(fits, "bootstrap", spy)
+    scaling.fit_all(pd.DataFrame(rows), n_boot=2)
+    assert set(seen["N*(C) all"]["patch"]) == {2, 4}  # every run, not the picked ones
+    assert len(seen["N*(C) all"]) == len(rows)
+
+
 def test_a_sweep_with_one_budget_reports_what_it_can(tmp_path, monkeypatch):
     """One budget reached (a sweep's first): no IsoFLOP profile and no held-out check, said so,
     not a KeyError from an empty IsoFLOP table."""

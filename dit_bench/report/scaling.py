@@ -372,19 +372,23 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     else:
         out["heldout"].append({"fit": name, "budget": cmax, "note": held.status})
     # IsoFLOP: overall (best patch per size) and per patch
-    iso_groups = [("all", _isoflop_points(points))] + [
-        (f"patch {p}", g) for p, g in points.groupby("patch")
+    # "all" picks each size's best patch from the runs it is given: each bootstrap refit picks
+    # again from its resample, so the interval counts that choice's uncertainty too
+    iso_groups = [("all", points, _isoflop_points)] + [
+        (f"patch {p}", g, lambda d: d) for p, g in points.groupby("patch")
     ]
-    for label, g in iso_groups:
+    for label, g, pick in iso_groups:
         name = f"N*(C) {label}"
-        iso = fits.fit_isoflop(g, name=name)
+        iso = fits.fit_isoflop(pick(g), name=name)
         points_for[name] = g
-        iso = fits.IsoFlop(
-            add(iso.fit, lambda d, n=name: fits.fit_isoflop(d, name=n).fit), iso.vertices
-        )
+
+        def refit(d: pd.DataFrame, n: str = name, pick=pick) -> fits.Fit:
+            return fits.fit_isoflop(pick(d), name=n).fit
+
+        iso = fits.IsoFlop(add(iso.fit, refit), iso.vertices)
         out["isoflop"][label] = iso
         if label == "all":
-            h = fits.fit_isoflop(g[g["budget"] < cmax], name=name + " held out")
+            h = fits.fit_isoflop(pick(g[g["budget"] < cmax]), name=name + " held out")
             v = iso.vertices[iso.vertices["budget"] == cmax]
             if h.fit.ok and len(v) and bool(v["valid"].iloc[0]):
                 pred, act = float(h.fit.predict(cmax)), float(v["n_opt"].iloc[0])
