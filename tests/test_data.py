@@ -231,6 +231,23 @@ def test_folder_labels_follow_sorted_class_names(folder):
     assert (len(train), len(val)) == (2, 1)
 
 
+def test_folder_follows_linked_subfolders_once_and_ends_a_link_loop(folder, tmp_path):
+    """Data sets are often assembled from links: images under a linked subfolder of a class
+    are that class's (as torchvision's ImageFolder has them), and a link back up ends."""
+    save_image(tmp_path / "elsewhere" / "c.png", striped())
+    (folder / "zebra" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "zebra" / "loop").symlink_to(folder / "zebra", target_is_directory=True)
+    (folder / "zebra" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    cfg = make_cfg("folder", root=str(folder), image_size=10, val_fraction=0.34)
+    train, _ = load_datasets(cfg)
+    assert [(p.split(f"{tmp_path.name}/")[1], y) for p, y in train.dataset.samples] == [
+        ("images/apple/nested/grey.png", 0),
+        ("images/zebra/a.png", 1),
+        ("images/zebra/b.PNG", 1),
+        ("images/zebra/again/c.png", 1),  # the first link to `elsewhere` (sorted), not both
+    ]
+
+
 def test_folder_center_crops_after_resizing_the_shorter_side(folder):
     cfg = make_cfg("folder", root=str(folder), image_size=20, val_fraction=0.34)
     full = load_datasets(cfg)[0].dataset

@@ -229,11 +229,19 @@ def _class_folders(root: str | None) -> tuple[str, ...]:
 def _image_files(folder: str) -> list[str]:
     """Image files anywhere under `folder`, in a fixed (sorted) order. Hidden names are skipped
     at every depth: .ipynb_checkpoints copies would be duplicates, macOS `._x.jpg` files are
-    not images."""
+    not images. Linked subfolders are followed (as torchvision's ImageFolder does: data sets
+    are often assembled from links), each real folder once, so a link loop ends."""
     found = []
-    for parent, subfolders, names in os.walk(folder):
+    seen = {os.path.realpath(folder)}
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
         # os.walk visits subfolders in this list's order, and only those left in it
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in subfolders if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(parent, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        subfolders[:] = keep
         found += [
             os.path.join(parent, n)
             for n in sorted(names)
