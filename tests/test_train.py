@@ -444,6 +444,21 @@ def test_fsdp_is_refused_across_processes_and_allowed_on_one():
         check_sharding("fsdp", 2)
 
 
+def test_several_devices_from_an_interactive_session_are_refused_before_training(
+    tmp_path, monkeypatch
+):
+    """In a notebook, Lightning's `auto` strategy over several devices trains in forked
+    processes that hand nothing back: the run crashed after training, and again on every
+    rerun. Refused before anything runs, with no run directory left."""
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    monkeypatch.setattr(accelerator_connector, "_IS_INTERACTIVE", True)
+    cfg = tiny("train.devices=2", "train.accelerator=cpu")
+    with pytest.raises(ValueError, match="2 processes from an interactive session.*starts by fork"):
+        train(cfg, tmp_path, progress=False)
+    assert find_run_dir(tmp_path, cfg) is None
+
+
 def test_kill_9_then_rerun_resumes(tmp_path):
     """A real SIGKILL in the middle of a run loses nothing: the rerun finishes identically."""
     empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()

@@ -712,6 +712,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             default_root_dir=run,
         )
         check_sharding(t.strategy, trainer.world_size)
+        check_launch(trainer.strategy, trainer.world_size)
     except Exception:
         _drop_if_nothing_ran(run, created)
         raise
@@ -819,6 +820,22 @@ def check_sharding(strategy: str, world_size: int) -> None:
             "supported yet (validation, sample grids and the FD use the EMA copy outside "
             "FSDP's forward); use train.strategy=ddp (each GPU holds the whole model: DiT-XL/2 "
             "trains in about 33 GiB at batch 64)"
+        )
+
+
+def check_launch(strategy, world_size: int) -> None:
+    """Several processes only where each is started as a program of its own: by Lightning's
+    subprocess launcher (`dit-bench train`, a script) or torchrun/srun. In a notebook or
+    `python -i`, Lightning starts forked processes for `train.strategy=auto`: they train, but
+    hand nothing back to this process (no final validation, no summary: the run could never
+    finish). Refused before training."""
+    start = getattr(strategy, "_start_method", "popen")
+    if world_size > 1 and start != "popen":
+        raise ValueError(
+            f"{world_size} processes from an interactive session (notebook, python -i): "
+            f"Lightning would train in processes it starts by {start}, which hand nothing back "
+            "to this one; run `dit-bench train` (or a script) for several devices, or set "
+            "train.devices=1 here"
         )
 
 
