@@ -27,8 +27,15 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` whole or not at all, on disk before it replaces `path`: a rename can reach the
+    disk before the data (XFS, ext4 without auto_da_alloc), and a power cut would then leave
+    an empty file where the old one was. Small files only (records, plans, configs): what a
+    sync costs a checkpoint of gigabytes, each checkpoint, is left to the writer of that."""
     with replacing(path) as tmp:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:

@@ -1,0 +1,30 @@
+"""dit_bench.files: a file is replaced whole or not at all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dit_bench import files
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), files.replacing(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_text_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """The rename may reach the disk before the data: the data is synced first, or a power cut
+    could leave an empty file where the old one was."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    files.write_json_atomic(tmp_path / "plan.json", {"a": 1})
+    assert calls == ["fsync", "replace"]
+    assert (tmp_path / "plan.json").read_text() == '{\n  "a": 1\n}\n'
