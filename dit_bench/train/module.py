@@ -71,7 +71,9 @@ class DiffusionModule(L.LightningModule):
         self.net = build_net(cfg, info)
         if cfg.train.channels_last:  # before the EMA copy: both keep one layout
             self.net = self.net.to(memory_format=torch.channels_last)
-        if cfg.train.bf16_stream:  # before the EMA copy: it samples and validates the same way
+        # before the EMA copy, which gets the same hooks; they act under autocast only, so the
+        # float32 validation, grids and FD (outside Lightning's autocast) are not changed
+        if cfg.train.bf16_stream:
             bf16_stream(self.net)
         # EMA of the weights (DiT samples from the EMA model); a submodule, so it is checkpointed.
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
