@@ -328,7 +328,14 @@ def _report_command(kind: str, root: Path, out: str) -> str:
 
 def cmd_sweep(args) -> int:
     from dit_bench.report.scaling import failed_for_good
-    from dit_bench.sweep import default_storage, load_sweep, run_sweep, storage_status, summarize
+    from dit_bench.sweep import (
+        default_storage,
+        failure,
+        load_sweep,
+        run_sweep,
+        storage_status,
+        summarize,
+    )
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
     sweep = sweep.with_settings(n_trials=args.n_trials, workers=args.workers)
@@ -355,9 +362,7 @@ def cmd_sweep(args) -> int:
         return 1
     failed = failed_for_good(trials)
     for t in failed:  # their points are missing from the report
-        why = t.user_attrs.get("error", "its worker was lost (heartbeat.max_retry reached)")
-        point = ",".join(f"{k}={v}" for k, v in t.params.items())
-        print(f"dit-bench: trial {t.number} {point} failed: {why}")
+        print(f"dit-bench: {failure(t, sweep.spec.heartbeat.max_retry)}")
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
     print(f"report:  {_report_command('scaling', root, args.out)}")

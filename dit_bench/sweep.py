@@ -43,11 +43,16 @@ grid points are enqueued once each (`point:<key>`) and every waiting trial is st
 worker (`run:<trial id>`). A worker keeps a heartbeat on its running trial; a killed worker's
 trial goes stale, is failed by the next worker that looks (`fail_stale_trials`) and is enqueued
 again with the same parameters (`retry:<trial number>`, at most `heartbeat.max_retry` times),
-and the re-run resumes the run directory from its last checkpoint.
+and the re-run resumes the run directory from its last checkpoint. A claim and the enqueue it
+stands for are two transactions: a worker that dies between them leaves a claim without its
+trial, which expires after the heartbeat grace (the sweep waits for it meanwhile) and is made
+again. A worker silent past the grace (paused, not dead) whose trial was failed and re-queued
+meanwhile finishes its run without writing to the trial, and the retry finds the run done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -470,16 +475,22 @@ def load_sweep(
     for key in sorted(given):
         raise _err(source, f"base: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
     # the keys every trial's parameters set: a --set of one would reach no run (a key only
-    # some choices set, e.g. the gpu profile's activation checkpointing, reaches the others)
+    # some choices set, e.g. the gpu profile's activation checkpointing, reaches the others,
+    # where it agrees with those choices)
     searched = {}
+    bundled: dict[str, list[tuple[str, str, Any]]] = {}  # key -> (parameter, choice, value)
     for name, entry in spec.space.items():
         if isinstance(entry, Choices) and isinstance(entry.choices, dict):
             bundles = [set(b) for b in entry.choices.values()]
             searched |= {k: name for k in set.intersection(*bundles)}
+            for label, bundle in entry.choices.items():
+                for k, v in bundle.items():
+                    bundled.setdefault(k, []).append((name, label, v))
         else:
             searched[name] = name
     for item in overrides:
-        key = ".".join(parse_override(item)[0])
+        path, value = parse_override(item)
+        key = ".".join(path)
         if key in SET_BY_SWEEP:
             raise _err(source, f"--set {item}: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
         if key in searched:
@@ -487,6 +498,16 @@ def load_sweep(
                 source,
                 f"--set {item}: {key} is set by each trial (the space's {searched[key]!r}); "
                 "change the space in the sweep file, or copy it",
+            )
+        # a trial's parameters come after --set: a choice that sets the key to another value
+        # would keep its own, silently (the same value, or a key no choice sets, is fine)
+        other = [(n, c, v) for n, c, v in bundled.get(key, []) if v != value]
+        if other:
+            said = ", ".join(f"{n}={c} sets {v!r}" for n, c, v in other)
+            raise _err(
+                source,
+                f"--set {item}: {said}, and a trial's parameters come after --set; change "
+                "those choices in the sweep file, or copy it",
             )
     sweep = Sweep(spec, source, tuple(overrides))
     build_config(sweep.base_raw())  # the base itself, with a message naming the bad key
@@ -874,24 +895,28 @@ class Worker:
         self.storage = self.study._storage  # Optuna's (cached) view of `rdb`: keep one view
         self.claims = Claims(rdb, self.study._study_id, self.name)
         n_trials = n_trials or self.sweep.spec.n_trials
-        self._enqueue_grid(n_trials)
         done, waiting = 0, False
         while True:
             with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
+            pending = self._expire_lost_claims()
+            self._enqueue_grid(n_trials)
             self._retry_failed()
             trial = self._pop_waiting() or self._new_trial(n_trials)
             if trial is None:
                 trials = self.study.get_trials(deepcopy=False)
                 states = {t.state for t in trials}
                 active = {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
-                if states & active:  # others are running (or died: wait for them to go stale)
+                # others are running (or died: wait for their trials to go stale), or a claim
+                # was made whose trial is not enqueued yet (or whose worker died: it expires)
+                if states & active or pending:
                     if not waiting:
                         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+                        claimed = f" and {pending} claimed, not yet enqueued" if pending else ""
                         self.log(
                             f"[sweep {self.name}] waiting for {running} running trial(s) of other "
-                            "workers (a dead worker's trial is re-queued after "
+                            f"workers{claimed} (a dead worker's trial is re-queued after "
                             f"{self.sweep.spec.heartbeat.grace} s without a heartbeat)"
                         )
                         waiting = True
@@ -905,10 +930,46 @@ class Worker:
     def _enqueue_grid(self, n_trials: int | None) -> None:
         if self.sweep.spec.sampler != "grid":
             return
+        claimed = set(self.claims.keys("point:"))  # one read, not an INSERT a point each poll
         for params in self.sweep.points()[:n_trials]:
             key = "point:" + json.dumps(params, sort_keys=True)
-            if self.claims.claim(key):
-                self.study.enqueue_trial(params, user_attrs={"attempt": 1})
+            if key not in claimed and self.claims.claim(key):
+                self._enqueue(key, params, {"attempt": 1})
+
+    def _enqueue(self, key: str, params: dict, user_attrs: dict) -> None:
+        """Enqueue the trial claim `key` stands for; the claim is given back if that fails."""
+        try:
+            self.study.enqueue_trial(params, user_attrs=user_attrs)
+        except BaseException:
+            self.claims.release(key)
+            raise
+
+    def _expire_lost_claims(self) -> int:
+        """Claims of grid points and retries whose trial is not in the study: their worker died
+        (or its database call failed) between the claim and the enqueue, two transactions.
+        Those older than the heartbeat grace are deleted, so the point or retry is claimed and
+        enqueued again (`_enqueue_grid`, `_retry_failed`); returns how many are younger (their
+        workers may still enqueue them: the sweep is not done)."""
+        trials = self.study.get_trials(deepcopy=False)  # before the claims: see the docstring
+        enqueued = {
+            json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
+            for t in trials
+            if "fixed_params" in t.system_attrs
+        }
+        retried = {str(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+        pending = 0
+        for key in self.claims.keys("point:") + self.claims.keys("retry:"):
+            kind, what = key.split(":", 1)
+            if what in (enqueued if kind == "point" else retried):
+                continue
+            if self.claims.expire(key, self.sweep.spec.heartbeat.grace):
+                self.log(
+                    f"[sweep {self.name}] {key} was claimed but its trial never enqueued "
+                    f"within {self.sweep.spec.heartbeat.grace} s (its worker died); again"
+                )
+            else:
+                pending += 1
+        return pending
 
     def _retry_failed(self) -> None:
         """Enqueue again, once, each trial that failed because its worker died or was stopped
@@ -924,12 +985,11 @@ class Worker:
                 not stopped and attempt > self.sweep.spec.heartbeat.max_retry
             ):
                 continue
-            if self.claims.claim(f"retry:{t.number}"):
+            key = f"retry:{t.number}"
+            if self.claims.claim(key):
                 params = t.system_attrs.get("fixed_params", t.params)
                 again = attempt if stopped else attempt + 1
-                self.study.enqueue_trial(
-                    params, user_attrs={"attempt": again, "retry_of": t.number}
-                )
+                self._enqueue(key, params, {"attempt": again, "retry_of": t.number})
                 why = "stopped" if stopped else "worker lost"
                 self.log(f"[sweep {self.name}] trial {t.number} failed ({why}); re-queued")
 
@@ -975,14 +1035,30 @@ class Worker:
             return None
         taken = len(self.claims.keys("slot:"))
         for k in range(taken, n_trials or 0):
-            if self.claims.claim(f"slot:{k}"):
+            key = f"slot:{k}"
+            if not self.claims.claim(key):
+                continue
+            try:
                 trial_id = self.storage.create_new_trial(self.study._study_id)
-                # RUNNING from here, and a running trial without a heartbeat is never stale: a
-                # worker dying before its run's heartbeat starts would leave it RUNNING for good
+            except BaseException:
+                self.claims.release(key)
+                raise
+            # RUNNING from here, and a running trial without a heartbeat is never stale: an
+            # error or a stop before the heartbeat fails it as a stopped trial (re-queued, not
+            # counted against max_retry). What is left is a kill -9 in between, a moment
+            # Optuna's own optimize() has too (its heartbeat thread starts after the trial).
+            try:
                 self.storage.record_heartbeat(trial_id)
                 trial = optuna.Trial(self.study, trial_id)
                 trial.set_user_attr("attempt", 1)
-                return trial
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.storage.set_trial_user_attr(trial_id, "interrupted", True)
+                    self.storage.set_trial_state_values(
+                        trial_id, state=optuna.trial.TrialState.FAIL
+                    )
+                raise
+            return trial
         return None
 
     # -- one trial ------------------------------------------------------------------------
@@ -1015,10 +1091,16 @@ class Worker:
             trial.set_user_attr("config", plan.cfg.to_dict())
             reported: set[int] = set()
             index = {s: i for i, s in enumerate(plan.budget_steps)}
+            taken_over = False  # the trial was failed as stale and re-queued (see _taken_over)
 
             def on_val(step: int, metrics: dict[str, float]) -> None:
-                if step in index and index[step] not in reported:
-                    trial.report(metrics["val/loss"], step=index[step])
+                nonlocal taken_over
+                if step in index and index[step] not in reported and not taken_over:
+                    try:
+                        trial.report(metrics["val/loss"], step=index[step])
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        taken_over = True  # train on: the retry waits for this run, then has it
+                        return
                     reported.add(index[step])
                     if step < plan.cfg.train.steps and trial.should_prune():
                         raise optuna.TrialPruned(
@@ -1044,13 +1126,22 @@ class Worker:
             except optuna.TrialPruned:
                 state = optuna.trial.TrialState.PRUNED
             except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             except Exception as e:  # the trial fails; the sweep goes on
                 error = f"{type(e).__name__}: {e}"
                 if not isinstance(e, USER_ERRORS):  # a bug: the where, for the one who debugs
                     self.log(traceback.format_exc().rstrip())
+            if taken_over or self._taken_over(trial):
+                self.log(
+                    f"[sweep {self.name}] trial {trial.number} was failed and re-queued by "
+                    f"another worker while this one trained (no heartbeat for over "
+                    f"{self.sweep.spec.heartbeat.grace} s: a paused process?); its run is left "
+                    "to the retry, which resumes or finds it done"
+                )
+                return
             run = find_run_dir(self.out, plan.cfg)
             record = trial_record(plan, read_curve(run, plan) if run else [])
             for i, v in enumerate(record["val_at_budget"]):
@@ -1109,12 +1200,35 @@ class Worker:
             f"[sweep {self.name}] trial {trial.number} {state.name.lower()}: {msg} ({wall:.1f} s)"
         )
 
+    def _taken_over(self, trial) -> bool:
+        """Whether `trial` is no longer this worker's: another worker failed it as stale (no
+        heartbeat within the grace, e.g. this process was paused) and re-queued it. Its state
+        is final then, and Optuna refuses every later write to it."""
+        return self.storage.get_trial(trial._trial_id).state.is_finished()
+
     def started_to_first(self, t0: float) -> float | None:
         """Process start to this worker's first trial (imports, storage), once per worker."""
         if getattr(self, "_first_done", False):
             return None
         self._first_done = True
         return t0 - self.started
+
+
+def failure(trial, max_retry: int) -> str:
+    """One line on a failed trial no retry replaced: its point and why (its error, or how
+    often its worker was lost)."""
+    attempt = trial.user_attrs.get("attempt", 1)
+    why = trial.user_attrs.get(
+        "error",
+        f"its worker was lost {attempt} times (heartbeat.max_retry={max_retry} retries spent)"
+        if attempt > max_retry
+        else f"its worker was lost (attempt {attempt}), not re-queued yet: run the same "
+        "command again to retry it",
+    )
+    # a trial lost before it drew its parameters has none: its grid point, if any
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    point = ",".join(f"{k}={v}" for k, v in params.items())
+    return f"trial {trial.number} {point} failed: {why}"
 
 
 def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:

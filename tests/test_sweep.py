@@ -169,10 +169,13 @@ def test_sweep_errors_name_the_key(tmp_path):
     ):
         with pytest.raises(ConfigError, match=f"--set {item}: .* set by each trial .*'{param}'"):
             load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=[item])
-    # one only some choices set reaches the others' runs: allowed
+    # one only some choices set reaches the others' runs: allowed where it agrees with those
+    # choices; where it does not, they would keep their own value (trial parameters come after)
     some = json.loads(json.dumps(TINY["space"]))
     some["size"]["choices"]["a"]["train.threads"] = 1
-    load_sweep(write_tiny(tmp_path / "k.yaml", space=some), overrides=["train.threads=2"])
+    load_sweep(write_tiny(tmp_path / "k.yaml", space=some), overrides=["train.threads=1"])
+    with pytest.raises(ConfigError, match="--set train.threads=2: size=a sets 1, and a trial"):
+        load_sweep(write_tiny(tmp_path / "k.yaml", space=some), overrides=["train.threads=2"])
     reversed_range = {**TINY["space"], "optim.lr": {"low": 1e-3, "high": 1e-4}}
     with pytest.raises(ConfigError) as e:  # a range's error only, not the choices' too
         load_sweep(write_tiny(tmp_path / "j.yaml", space=reversed_range, sampler="tpe"))

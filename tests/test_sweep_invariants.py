@@ -472,6 +472,146 @@ def test_a_non_finite_final_loss_fails_its_trial_with_an_error_and_is_not_retrie
     assert not w.study.get_trials(states=WAITING)  # deterministic: not re-run as a lost worker
 
 
+def _later(monkeypatch, sweep) -> None:
+    """The clock past the heartbeat grace: claims made until now are old."""
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + sweep.spec.heartbeat.grace + 1)
+
+
+@pytest.mark.parametrize("kind", ["point", "retry"])
+def test_a_claim_whose_worker_died_before_enqueuing_is_made_again_after_the_grace(
+    tmp_path, monkeypatch, kind
+):
+    """Claim and enqueue are two transactions. A worker killed between them left a grid point
+    (or a retry) claimed and never run, and the sweep ended without it (exit 0): the claim
+    now counts as pending, so a worker waits, and after the grace it expires and is enqueued."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    dead = hand_worker(sweep, tmp_path, name="dead")
+    if kind == "point":
+        key = "point:" + json.dumps(sweep.points()[0], sort_keys=True)
+        params = sweep.points()[0]
+    else:  # trial 0 lost its worker; the claim of its retry is made, the enqueue is not
+        dead._enqueue_grid(1)
+        trial = dead._pop_waiting()
+        params = dead.study.trials[trial.number].system_attrs["fixed_params"]
+        dead.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        key = f"retry:{trial.number}"
+    assert dead.claims.claim(key)  # ... and the process is killed here
+    other = hand_worker(sweep, tmp_path, name="other")
+    assert other._expire_lost_claims() == 1  # young: its worker may be about to enqueue
+    other._enqueue_grid(1), other._retry_failed()
+    assert not other.study.get_trials(states=WAITING)
+    _later(monkeypatch, sweep)
+    assert other._expire_lost_claims() == 0
+    other._enqueue_grid(1), other._retry_failed()
+    (again,) = other.study.get_trials(states=WAITING)
+    assert again.system_attrs["fixed_params"] == params
+    assert again.user_attrs.get("retry_of") == (0 if kind == "retry" else None)
+    assert other._expire_lost_claims() == 0  # enqueued: nothing left to expire
+    assert key in other.claims.keys()
+
+
+def test_the_worker_loop_waits_for_a_young_lost_claim_and_then_runs_its_point(
+    tmp_path, monkeypatch
+):
+    """End to end through Worker.run (training stubbed): a sweep whose only point was claimed
+    by a worker that died before enqueuing it runs that point, and does not end without it."""
+    import dit_bench.train.run as train_run
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    dead = hand_worker(sweep, tmp_path, name="dead")
+    assert dead.claims.claim("point:" + json.dumps(sweep.points()[0], sort_keys=True))
+    ran = []
+    monkeypatch.setattr(train_run, "train", lambda cfg, out, **kw: ran.append(cfg.hash))
+    monkeypatch.setattr(train_run, "find_run_dir", lambda out, cfg: None)
+    w = Worker(sweep, dead.storage_url, tmp_path / "runs", name="w", log=lambda m: None, poll=0)
+    start, sleeps = time.time(), []
+
+    def sleep(s):  # each poll moves the clock on by a second
+        sleeps.append(s)
+        monkeypatch.setattr(time, "time", lambda: start + len(sleeps))
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    w.run(1)
+    assert len(ran) == 1 and len(sleeps) > sweep.spec.heartbeat.grace - 1
+
+
+def test_a_new_trial_that_cannot_start_fails_as_stopped_not_running_for_good(tmp_path, monkeypatch):
+    """tpe/random: an error or Ctrl-C between creating the RUNNING trial and its first
+    heartbeat left it RUNNING with no heartbeat, never stale, and every later worker waited on
+    it for good. It now fails as a stopped trial: re-queued, not counted against max_retry."""
+    sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    w = hand_worker(sweep, tmp_path)
+
+    def stopped(trial_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w.storage, "record_heartbeat", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        w._new_trial(2)
+    monkeypatch.undo()
+    (t,) = w.study.trials
+    assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["interrupted"] is True
+    w._retry_failed()
+    (retry,) = w.study.get_trials(states=WAITING)
+    assert retry.user_attrs == {"attempt": 1, "retry_of": 0}
+
+
+def test_a_paused_worker_whose_trial_was_taken_over_finishes_its_run_quietly(tmp_path, monkeypatch):
+    """A worker silent past the grace (paused) has its trial failed and re-queued by another;
+    when it wakes, every Optuna write to the old trial raises. It trained on and then crashed
+    with a traceback, leaving no summary. Now it finishes training and leaves the trial to
+    the retry."""
+    import dit_bench.train.run as train_run
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    logs = []
+    w.log = logs.append
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()
+    finished = []
+
+    def train(cfg, out, callbacks, **kw):  # the other worker fails it while this one trains
+        w.study.tell(optuna.Trial(w.study, trial._trial_id), state=optuna.trial.TrialState.FAIL)
+        for step in sorted(callbacks[0].steps):
+            callbacks[0].on_val(step, {"val/loss": 0.5})
+        finished.append(cfg.hash)
+
+    monkeypatch.setattr(train_run, "train", train)
+    w._run(trial)  # no exception
+    assert finished and "was failed and re-queued by another worker" in logs[-1]
+    assert w.study.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_failed_trial_is_named_by_its_grid_point_and_how_it_failed(tmp_path):
+    """A trial lost before `suggest` has no params: the line names its grid point. And a lost
+    trial is 'max_retry spent' only when it is."""
+    from dit_bench.sweep import failure
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()
+    w.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    point = ",".join(f"{k}={v}" for k, v in sweep.points()[0].items())
+    lost = w.study.trials[trial.number]
+    assert failure(lost, 3) == (
+        f"trial 0 {point} failed: its worker was lost (attempt 1), not re-queued yet: run the "
+        "same command again to retry it"
+    )
+    assert failure(lost, 0).endswith("lost 1 times (heartbeat.max_retry=0 retries spent)")
+
+
+def test_sweep_set_of_a_key_a_choice_sets_otherwise_is_refused(tmp_path):
+    """A trial's parameters come after --set: a choice setting the key to another value kept
+    its own, silently (the gpu profile's S and B with --set train.cudagraphs=false)."""
+    path = "sweeps/shapes-scaling.yaml"
+    with pytest.raises(ConfigError, match="size=S sets True, size=B sets True"):
+        load_sweep(path, "gpu", ["train.cudagraphs=false"])
+    load_sweep(path, "gpu", ["train.activation_checkpointing=true"])  # what L and XL set
+
+
 def test_grid_enqueues_each_point_once_and_n_trials_of_them(tmp_path):
     sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
     w = hand_worker(sweep, tmp_path)
