@@ -752,18 +752,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
-    """`kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
-    their worker processes (by default a SIGTERM ends this one alone and they train on)."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    from dit_bench.config import USER_ERRORS, ConfigError
+    from dit_bench.config import USER_ERRORS, ConfigError, raise_terminated
 
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
+    # `kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
+    # their worker processes (by default a SIGTERM ends this one alone and they train on)
+    sigterm = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         out = getattr(args, "out", None)  # train, ablate, sweep, encode-latents: a folder
         if out and Path(out).exists() and not Path(out).is_dir():

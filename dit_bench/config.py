@@ -43,6 +43,17 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names each bad key and what is allowed."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (`kill`, `timeout`, a preemption) raised as Ctrl-C is, so a command stops the
+    same way (`raise_terminated`). Unlike Ctrl-C, which the terminal sends to every process of
+    the command, it reaches one process: one with workers of its own passes it on."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler of the CLI and of the processes it starts."""
+    raise Terminated
+
+
 def _leaf_types(annotation: Any) -> set[Any]:
     args = get_args(annotation)
     return set().union(*map(_leaf_types, args)) if args else {annotation}

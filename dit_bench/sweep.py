@@ -57,6 +57,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -83,9 +84,11 @@ from dit_bench.config import (
     USER_ERRORS,
     ConfigError,
     ExperimentConfig,
+    Terminated,
     apply_overrides,
     build_config,
     parse_override,
+    raise_terminated,
     read_yaml,
     section_replacement_error,
 )
@@ -1245,18 +1248,24 @@ def _worker_main(
 
     started = time.perf_counter()
     exit_with_parent()
+    # the parent passes a SIGTERM on: stop as Ctrl-C does (a trial in flight is failed as
+    # stopped and re-run by the next call), also between trials, not die where it stands
+    signal.signal(signal.SIGTERM, raise_terminated)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     sweep = Sweep(SweepSpec.model_validate(spec), source, tuple(overrides))
     # the workers share one output: lines (`ProgressLines`), each naming its trial, not bars
-    Worker(
-        sweep,
-        storage_url,
-        Path(out),
-        progress="lines" if progress else False,
-        started=started,
-        local_workers=workers,
-    ).run(n_trials)
+    try:
+        Worker(
+            sweep,
+            storage_url,
+            Path(out),
+            progress="lines" if progress else False,
+            started=started,
+            local_workers=workers,
+        ).run(n_trials)
+    except KeyboardInterrupt:  # its trial is failed as stopped; the parent says what to do
+        sys.exit(130)
 
 
 def run_sweep(
@@ -1308,13 +1317,17 @@ def run_sweep(
         try:
             for p in procs:
                 p.join()
-        except KeyboardInterrupt:  # Ctrl-C reached the workers too; a SIGTERM only this one
-            deadline = time.time() + 30
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):  # Ctrl-C reached the workers too; a SIGTERM this one
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+            deadline = time.time() + 30  # for them to fail their trials as stopped
             for p in procs:
                 p.join(timeout=max(0.0, deadline - time.time()))
             for p in procs:
                 if p.is_alive():  # a killed trial goes stale and re-runs on the next call
-                    p.terminate()
+                    p.kill()
             raise
         bad = [p.exitcode for p in procs if p.exitcode]
         if bad:  # the others re-queue a dead worker's trial: the study says what is left

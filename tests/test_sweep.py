@@ -308,6 +308,34 @@ def test_a_dead_worker_is_a_message_and_the_other_finishes_its_trial(tmp_path):
     check_study(f"sqlite:///{(out / 'tiny-cpu' / 'study.db').resolve()}", "tiny-cpu", 4)
 
 
+@pytest.mark.slow  # two workers training, a SIGTERM: ~20-60 s
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_sigterm_to_the_sweep_stops_its_workers_at_once_and_their_trials_rerun(tmp_path):
+    """`kill PID` (a preemption, `timeout`) reaches the command's process only: it passes the
+    signal on, and each worker fails its trial as stopped (re-run by the next call, not
+    counted as a lost worker). The workers trained on for 30 s, then were killed."""
+    path = write_tiny(tmp_path / "tiny.yaml", budgets=[2.0e6, 2.0e9])  # trials of minutes
+    out = tmp_path / "runs"
+    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", "--no-progress")
+    deadline = time.time() + 180
+    while len(list((out / "tiny-cpu").glob("*/checkpoints/last.ckpt"))) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    assert len(worker_pids(proc.pid)) == 2
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.time() - t0 < 25, log
+    assert "Traceback" not in log, log
+    storage = f"sqlite:///{(out / 'tiny-cpu' / 'study.db').resolve()}"
+    trials = optuna.load_study(study_name="tiny-cpu", storage=storage).trials
+    stopped = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 2 and all(t.state.name == "FAIL" for t in stopped), [
+        (t.number, t.state, t.user_attrs) for t in trials
+    ]
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
 def test_dry_run_lists_the_space(tmp_path, capsys):
     from dit_bench.cli import main
 
