@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import gc
 import io
 import math
 import os
@@ -343,6 +345,11 @@ class BenchConfig:
             raise ValueError(
                 f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N"
             ) from None
+        if device.type not in ("cpu", "cuda"):  # `sync` waits for CUDA's queue only
+            raise ValueError(
+                f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N (timing waits "
+                f"for a CUDA device's queued work; {device.type} is not timed)"
+            )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: torch {torch.__version__} sees no GPU")
         return device
@@ -474,6 +481,23 @@ def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]
     return impls
 
 
+def _freed_after(fn: Callable) -> Callable:
+    """`fn`, then its nets freed before the next measurement reads the peak memory: a compiled
+    module refers to itself (module.compile() keeps torch.compile of its own call), so the
+    collector alone frees it, and only once `fn`'s frame (loop variables included) is gone."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return out
+
+    return run
+
+
+@_freed_after
 def bench_training(
     name: str,
     cfg: BenchConfig,
@@ -564,9 +588,6 @@ def bench_training(
     if ref is not None:
         for r in rows:
             r.vs_reference = ref.median_s / r.median_s  # throughput ratio
-    del impls, steps
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -657,6 +678,7 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 3)
     }
 
 
+@_freed_after
 @torch.no_grad()
 def bench_sampling(
     name: str, cfg: BenchConfig, *, progress: Callable[[str], None] | None = None

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -1084,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{sec_name}: {type(e).__name__}: {e}")
         finally:
             rec["seconds"] = time.perf_counter() - s0
+            gc.collect()  # a section's compiled nets refer to themselves: the collector frees them
             if device.type == "cuda":
                 with contextlib.suppress(Exception):
                     torch.cuda.empty_cache()

@@ -64,7 +64,7 @@ cuDNN), compiled-loss (under 1% on top of bf16-stream+cudagraphs, 71 s of compil
 transposed (4% slower: the contiguous stream stays). Kept: cudagraphs (`train.cudagraphs`;
 DiT-XL/2 1.01-1.07x, DiT-B/2 1.2x, DiT-S/2 1.8x) and bf16-stream (3.5 ms less
 elementwise time a DiT-XL/2 step; `train.bf16_stream`). checkpoint, DiT-XL/2 on an H100: 0.75x
-the speed at batch 64 (11.0 against 29.6 GiB peak); 18.5 GiB at batch 256. The harness's
+the speed at batch 64 (11.0 against 27-29 GiB peak); 18.5 GiB at batch 256. The harness's
 extra work on DiT-S/4 (clip, ema, deterministic): 0.44 ms more kernel time a step, the rest
 of its cost host-side launches; nan-fill 11% of the step.
 `gpu_check` runs `GPU_CHECK_VARIANTS` in its last section with the budget left; this command
@@ -284,6 +284,11 @@ def run_variant(
     """
     cuda = device.type == "cuda"
     if cuda:
+        # a compiled module refers to itself (module.compile() keeps torch.compile of its own
+        # call): a caller's compiled net is freed by the collector only, and counted in this
+        # peak until then (2.5 GiB of gpu-check's sampling net in run 5's first variant)
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with variant_settings(variant, backend):
         net, step, losses = build_variant(variant, name, cfg, device, backend=backend)
