@@ -44,10 +44,13 @@ worker (`run:<trial id>`). A worker keeps a heartbeat on its running trial; a ki
 trial goes stale, is failed by the next worker that looks (`fail_stale_trials`) and is enqueued
 again with the same parameters (`retry:<trial number>`, at most `heartbeat.max_retry` times),
 and the re-run resumes the run directory from its last checkpoint. A claim and the enqueue it
-stands for are two transactions: a worker that dies between them leaves a claim without its
-trial, which expires after the heartbeat grace (the sweep waits for it meanwhile) and is made
-again. A worker silent past the grace (paused, not dead) whose trial was failed and re-queued
-meanwhile finishes its run without writing to the trial, and the retry finds the run done.
+stands for are two transactions (stops held in between): a worker killed between them leaves
+a claim without its trial, which expires after the heartbeat grace (the sweep waits for it
+meanwhile) and is made again; should the worker only have stalled, its trial and the new one
+are both enqueued, and the later is failed as a duplicate before it runs. tpe/random trials
+are enqueued too (`slot:<k>`), so every trial starts WAITING and gets its heartbeat before
+RUNNING. A worker silent past the grace (paused, not dead) whose trial was failed and
+re-queued meanwhile finishes its run without writing to the trial; the retry finds it done.
 """
 
 from __future__ import annotations
@@ -593,6 +596,32 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
     return f"storage: {redact(url)} (study {sweep.study_name}: {counts})"
 
 
+@contextlib.contextmanager
+def stops_deferred():
+    """Ctrl-C and SIGTERM held until the block ends, then raised as they would have been: a
+    claim and the trial it stands for are made together, as far as a stop goes. A stop inside
+    a database commit is raised by Python only after the commit returns, so code that handled
+    it could not tell whether the trial was stored (what is left is a kill -9 in between: such
+    a claim expires, `Worker._expire_lost_claims`). Main thread only, where handlers run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if held:
+            handler = before[held[0]]
+            if callable(handler):
+                handler(held[0], None)  # raises as it would have: KeyboardInterrupt, Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), held[0])  # the default action: the process ends
+
+
 class Claims:
     """Atomic once-only claims in the study's database: INSERT into a table whose primary key is
     (study, key); the second INSERT of a key fails with an IntegrityError in SQLite and
@@ -936,39 +965,51 @@ class Worker:
         claimed = set(self.claims.keys("point:"))  # one read, not an INSERT a point each poll
         for params in self.sweep.points()[:n_trials]:
             key = "point:" + json.dumps(params, sort_keys=True)
-            if key not in claimed and self.claims.claim(key):
-                self._enqueue(key, params, {"attempt": 1})
+            if key not in claimed:
+                self._claim_and_enqueue(key, params, {"attempt": 1})
 
-    def _enqueue(self, key: str, params: dict, user_attrs: dict) -> None:
-        """Enqueue the trial claim `key` stands for; the claim is given back if that fails."""
-        try:
+    def _claim_and_enqueue(self, key: str, params: dict, user_attrs: dict) -> bool:
+        """Claim `key`, then enqueue the trial it stands for (tagged with the key's name), with
+        stops held in between. The claim is kept if the enqueue fails: the trial may be stored
+        all the same (a lost acknowledgement), and a claim without its trial expires."""
+        with stops_deferred():
+            if not self.claims.claim(key):
+                return False
             self.study.enqueue_trial(params, user_attrs=user_attrs)
-        except BaseException:
-            self.claims.release(key)
-            raise
+        return True
 
     def _expire_lost_claims(self) -> int:
-        """Claims of grid points and retries whose trial is not in the study: their worker died
-        (or its database call failed) between the claim and the enqueue, two transactions.
-        Those older than the heartbeat grace are deleted, so the point or retry is claimed and
-        enqueued again (`_enqueue_grid`, `_retry_failed`); returns how many are younger (their
-        workers may still enqueue them: the sweep is not done)."""
-        trials = self.study.get_trials(deepcopy=False)  # before the claims: see the docstring
-        enqueued = {
-            json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
-            for t in trials
-            if "fixed_params" in t.system_attrs
+        """Claims whose trial is not in the study: the worker died, or its database call
+        failed, between the claim and the enqueue (two transactions). Those older than the
+        heartbeat grace are deleted, so the point, retry or slot is claimed and enqueued again
+        (`_enqueue_grid`, `_retry_failed`, `_new_trial`); returns how many are younger (their
+        workers may still enqueue them: the sweep is not done). The trials are read before the
+        claims: a claim made and enqueued in between looks lost, but is young."""
+        trials = self.study.get_trials(deepcopy=False)
+        done = {
+            "point": {
+                json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
+                for t in trials
+                if "fixed_params" in t.system_attrs
+            },
+            "retry": {str(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs},
+            "slot": {str(t.user_attrs["slot"]) for t in trials if "slot" in t.user_attrs},
         }
-        retried = {str(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+        # trials of tpe/random sweeps made before slots were tagged: each stands for a slot
+        untagged = sum(not ({"slot", "retry_of"} & set(t.user_attrs)) for t in trials)
         pending = 0
-        for key in self.claims.keys("point:") + self.claims.keys("retry:"):
+        keys = self.claims.keys("point:") + self.claims.keys("retry:")
+        slots = sorted(self.claims.keys("slot:"), key=lambda k: int(k.split(":")[1]))
+        keys += [k for k in slots if k.split(":")[1] not in done["slot"]][untagged:]
+        grace = self.sweep.spec.heartbeat.grace
+        for key in keys:
             kind, what = key.split(":", 1)
-            if what in (enqueued if kind == "point" else retried):
+            if what in done.get(kind, ()):
                 continue
-            if self.claims.expire(key, self.sweep.spec.heartbeat.grace):
+            if self.claims.expire(key, grace):
                 self.log(
-                    f"[sweep {self.name}] {key} was claimed but its trial never enqueued "
-                    f"within {self.sweep.spec.heartbeat.grace} s (its worker died); again"
+                    f"[sweep {self.name}] {key} was claimed but its trial not enqueued within "
+                    f"{grace} s (its worker died or stalled); claimed again"
                 )
             else:
                 pending += 1
@@ -981,18 +1022,21 @@ class Worker:
         (Ctrl-C, SIGTERM: a preemption) does not, so a rerun always finishes the sweep."""
         import optuna
 
+        claimed = set(self.claims.keys("retry:"))  # one read, not an INSERT a trial each poll
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            if f"retry:{t.number}" in claimed:
+                continue
             attempt = t.user_attrs.get("attempt", 1)
             stopped = t.user_attrs.get("interrupted", False)
             if "error" in t.user_attrs or (
                 not stopped and attempt > self.sweep.spec.heartbeat.max_retry
             ):
                 continue
-            key = f"retry:{t.number}"
-            if self.claims.claim(key):
-                params = t.system_attrs.get("fixed_params", t.params)
-                again = attempt if stopped else attempt + 1
-                self._enqueue(key, params, {"attempt": again, "retry_of": t.number})
+            # its grid point (a trial lost before `suggest` drew nothing), and what it drew
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+            again = attempt if stopped else attempt + 1
+            attrs = {"attempt": again, "retry_of": t.number}
+            if self._claim_and_enqueue(f"retry:{t.number}", params, attrs):
                 why = "stopped" if stopped else "worker lost"
                 self.log(f"[sweep {self.name}] trial {t.number} failed ({why}); re-queued")
 
@@ -1006,7 +1050,10 @@ class Worker:
         import optuna
 
         grace = self.sweep.spec.heartbeat.grace
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trials = self.study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state != optuna.trial.TrialState.WAITING:
+                continue
             key = f"run:{t._trial_id}"
             if not self.claims.claim(key):
                 if not (self.claims.expire(key, grace) and self.claims.claim(key)):
@@ -1015,6 +1062,10 @@ class Worker:
                     f"[sweep {self.name}] trial {t.number} was claimed but not started for "
                     f"over {grace} s (its worker died); taking it"
                 )
+            first = duplicate_of(t, trials)
+            if first is not None:
+                self._drop_duplicate(t, first)
+                continue
             try:
                 # a heartbeat before RUNNING: a running trial without one is never stale, so a
                 # worker dying right after the next line would leave it RUNNING for good
@@ -1030,38 +1081,33 @@ class Worker:
                 raise
         return None
 
-    def _new_trial(self, n_trials: int | None):
-        """tpe/random: a new trial while fewer than n_trials slots are taken (slot = claim)."""
+    def _drop_duplicate(self, t, first: int) -> None:
+        """Fail waiting trial `t`, which repeats trial `first`: a worker stalled past the grace
+        between its claim and the enqueue, so another made the claim again (both enqueued).
+        Not retried, and not a failure of the sweep (`failed_for_good` leaves it out)."""
         import optuna
 
+        self.storage.set_trial_user_attr(t._trial_id, "duplicate_of", first)
+        self.storage.set_trial_user_attr(
+            t._trial_id, "error", f"duplicate of trial {first} (enqueued twice), not run"
+        )
+        self.storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        self.log(f"[sweep {self.name}] trial {t.number} repeats trial {first}: not run")
+
+    def _new_trial(self, n_trials: int | None):
+        """tpe/random: a new trial while fewer than n_trials slots are taken (`slot:<k>`), then
+        started as a waiting one is. Made WAITING, its slot in its user attributes (one
+        transaction), and started by `_pop_waiting` (a heartbeat, then RUNNING): a worker
+        stopped or killed anywhere in between leaves no RUNNING trial without a heartbeat,
+        which would never go stale and keep every worker waiting for good."""
         if self.sweep.spec.sampler == "grid":
             return None
-        taken = len(self.claims.keys("slot:"))
-        for k in range(taken, n_trials or 0):
-            key = f"slot:{k}"
-            if not self.claims.claim(key):
-                continue
-            try:
-                trial_id = self.storage.create_new_trial(self.study._study_id)
-            except BaseException:
-                self.claims.release(key)
-                raise
-            # RUNNING from here, and a running trial without a heartbeat is never stale: an
-            # error or a stop before the heartbeat fails it as a stopped trial (re-queued, not
-            # counted against max_retry). What is left is a kill -9 in between, a moment
-            # Optuna's own optimize() has too (its heartbeat thread starts after the trial).
-            try:
-                self.storage.record_heartbeat(trial_id)
-                trial = optuna.Trial(self.study, trial_id)
-                trial.set_user_attr("attempt", 1)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.storage.set_trial_user_attr(trial_id, "interrupted", True)
-                    self.storage.set_trial_state_values(
-                        trial_id, state=optuna.trial.TrialState.FAIL
-                    )
-                raise
-            return trial
+        taken = set(self.claims.keys("slot:"))
+        for k in range(n_trials or 0):
+            if f"slot:{k}" not in taken and self._claim_and_enqueue(
+                f"slot:{k}", {}, {"attempt": 1, "slot": k}
+            ):
+                return self._pop_waiting()  # this one, or one another worker made
         return None
 
     # -- one trial ------------------------------------------------------------------------
@@ -1138,11 +1184,17 @@ class Worker:
                 if not isinstance(e, USER_ERRORS):  # a bug: the where, for the one who debugs
                     self.log(traceback.format_exc().rstrip())
             if taken_over or self._taken_over(trial):
+                retried = trial.user_attrs.get("attempt", 1) <= self.sweep.spec.heartbeat.max_retry
                 self.log(
-                    f"[sweep {self.name}] trial {trial.number} was failed and re-queued by "
-                    f"another worker while this one trained (no heartbeat for over "
-                    f"{self.sweep.spec.heartbeat.grace} s: a paused process?); its run is left "
-                    "to the retry, which resumes or finds it done"
+                    f"[sweep {self.name}] trial {trial.number} was failed as lost by another "
+                    f"worker while this one trained (no heartbeat for over "
+                    f"{self.sweep.spec.heartbeat.grace} s: a paused process?); "
+                    + (
+                        "its run is left to the retry, which resumes or finds it done"
+                        if retried
+                        else "no retry is left (heartbeat.max_retry): its result stays out of "
+                        "the study"
+                    )
                 )
                 return
             run = find_run_dir(self.out, plan.cfg)
@@ -1215,6 +1267,27 @@ class Worker:
             return None
         self._first_done = True
         return t0 - self.started
+
+
+def _origin(t) -> tuple | None:
+    """What made trial `t`: a retry of a trial, a tpe/random slot, or a grid point."""
+    if "retry_of" in t.user_attrs:
+        return ("retry", t.user_attrs["retry_of"])
+    if "slot" in t.user_attrs:
+        return ("slot", t.user_attrs["slot"])
+    if "fixed_params" in t.system_attrs:
+        return ("point", json.dumps(t.system_attrs["fixed_params"], sort_keys=True))
+    return None
+
+
+def duplicate_of(t, trials) -> int | None:
+    """The number of an earlier trial that `t` repeats (the same grid point, retry or slot:
+    enqueued twice when a claim expired under a stalled worker), or None. Trial numbers are
+    the study's order, so every worker picks the same one to keep."""
+    origin = _origin(t)
+    if origin is None:
+        return None
+    return next((u.number for u in trials if u.number < t.number and _origin(u) == origin), None)
 
 
 def failure(trial, max_retry: int) -> str:

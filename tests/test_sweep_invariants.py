@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 
@@ -536,10 +537,10 @@ def test_the_worker_loop_waits_for_a_young_lost_claim_and_then_runs_its_point(
     assert len(ran) == 1 and len(sleeps) > sweep.spec.heartbeat.grace - 1
 
 
-def test_a_new_trial_that_cannot_start_fails_as_stopped_not_running_for_good(tmp_path, monkeypatch):
-    """tpe/random: an error or Ctrl-C between creating the RUNNING trial and its first
-    heartbeat left it RUNNING with no heartbeat, never stale, and every later worker waited on
-    it for good. It now fails as a stopped trial: re-queued, not counted against max_retry."""
+def test_a_new_trial_stopped_before_it_starts_is_waiting_for_the_next_worker(tmp_path, monkeypatch):
+    """tpe/random: a trial made RUNNING before its first heartbeat, by a worker stopped in
+    between, stayed RUNNING for good (never stale) and every later worker waited on it. It
+    is now made WAITING (its slot in the same transaction) and started as a waiting one is."""
     sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
     w = hand_worker(sweep, tmp_path)
 
@@ -551,10 +552,83 @@ def test_a_new_trial_that_cannot_start_fails_as_stopped_not_running_for_good(tmp
         w._new_trial(2)
     monkeypatch.undo()
     (t,) = w.study.trials
-    assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["interrupted"] is True
+    assert t.state == optuna.trial.TrialState.WAITING and t.user_attrs["slot"] == 0
+    other = hand_worker(sweep, tmp_path, name="other")
+    assert other._pop_waiting().number == 0  # at once: the stopped worker gave its claim back
+    assert heartbeats(other, t) == 1
+
+
+@pytest.mark.parametrize("kind", ["grid", "tpe"])
+def test_a_stop_during_the_enqueue_is_held_until_claim_and_trial_are_both_made(
+    tmp_path, monkeypatch, kind
+):
+    """A Ctrl-C landing in the enqueue's commit is raised after it: handled there, the claim
+    was given back with the trial stored, and the point was enqueued twice."""
+    import signal
+
+    if kind == "grid":
+        sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    else:
+        sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    w = hand_worker(sweep, tmp_path)
+    real = w.study.enqueue_trial
+    calls = []
+
+    def interrupted(*args, **kwargs):  # the signal arrives mid-commit
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(w.study, "enqueue_trial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w._enqueue_grid(None) if kind == "grid" else w._new_trial(2)
+    monkeypatch.undo()
+    assert len(calls) == 1 and len(w.study.trials) == 1  # stored, and the rest not begun
+    other = hand_worker(sweep, tmp_path, name="other")
+    other._enqueue_grid(None)
+    n = len(sweep.points()) if kind == "grid" else 2
+    for _ in range(n):
+        other._new_trial(2)
+    origins = [
+        (t.system_attrs.get("fixed_params"), t.user_attrs.get("slot")) for t in other.study.trials
+    ]
+    assert len(origins) == n and len({json.dumps(o, sort_keys=True) for o in origins}) == n
+
+
+def test_a_slot_whose_worker_died_before_enqueuing_is_taken_again_after_the_grace(
+    tmp_path, monkeypatch
+):
+    """tpe/random: a worker killed between claiming a slot and enqueuing its trial left the
+    sweep one trial short, and a released slot below a taken one was never taken again."""
+    sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    dead = hand_worker(sweep, tmp_path, name="dead")
+    assert dead.claims.claim("slot:0")  # ... and the process is killed here
+    other = hand_worker(sweep, tmp_path, name="other")
+    assert other._new_trial(2).number == 0 and other.study.trials[0].user_attrs["slot"] == 1
+    assert other._new_trial(2) is None and other._expire_lost_claims() == 1  # young: waited for
+    _later(monkeypatch, sweep)
+    assert other._expire_lost_claims() == 0
+    assert other._new_trial(2).number == 1 and other.study.trials[1].user_attrs["slot"] == 0
+
+
+def test_a_trial_enqueued_twice_runs_once_and_is_no_failure_of_the_sweep(tmp_path):
+    """A worker stalled past the grace between its claim and the enqueue has its claim made
+    again by another, and both enqueue: the later trial is failed as a duplicate when a
+    worker would start it, not run, not retried and not reported as failed."""
+    from dit_bench.report.scaling import failed_for_good
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    point = sweep.points()[0]
+    w.study.enqueue_trial(point, user_attrs={"attempt": 1})
+    w.study.enqueue_trial(point, user_attrs={"attempt": 1})  # the stalled worker's
+    assert w._pop_waiting().number == 0
+    assert w._pop_waiting() is None
+    dup = w.study.trials[1]
+    assert dup.state == optuna.trial.TrialState.FAIL and dup.user_attrs["duplicate_of"] == 0
     w._retry_failed()
-    (retry,) = w.study.get_trials(states=WAITING)
-    assert retry.user_attrs == {"attempt": 1, "retry_of": 0}
+    assert not w.study.get_trials(states=WAITING)
+    assert failed_for_good(w.study.trials) == []
 
 
 def test_a_paused_worker_whose_trial_was_taken_over_finishes_its_run_quietly(tmp_path, monkeypatch):
@@ -580,7 +654,8 @@ def test_a_paused_worker_whose_trial_was_taken_over_finishes_its_run_quietly(tmp
 
     monkeypatch.setattr(train_run, "train", train)
     w._run(trial)  # no exception
-    assert finished and "was failed and re-queued by another worker" in logs[-1]
+    assert finished and "was failed as lost by another worker" in logs[-1]
+    assert "left to the retry" in logs[-1]
     assert w.study.trials[trial.number].state == optuna.trial.TrialState.FAIL
 
 

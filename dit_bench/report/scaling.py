@@ -143,7 +143,11 @@ def failed_for_good(trials) -> list:
     """Failed trials that no retry replaced: their points are missing from the results (an
     error in training, or a worker lost more than heartbeat.max_retry times)."""
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    return [t for t in trials if t.state.name == "FAIL" and t.number not in retried]
+    return [
+        t
+        for t in trials
+        if t.state.name == "FAIL" and t.number not in retried and "duplicate_of" not in t.user_attrs
+    ]
 
 
 def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[str]:
