@@ -102,6 +102,7 @@ def cmd_sample(args) -> int:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
     sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
     cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
+    use_ema = e.use_ema if args.ema is None else args.ema  # as the run's own grids
     if problem := module.cfg.guidance_error(cfg_scale):
         raise ValueError(f"--cfg: {problem}; sample with --cfg 1")
     if args.output:
@@ -109,7 +110,7 @@ def cmd_sample(args) -> int:
     else:  # into the run's samples/, named by all that made it (not ./grid.png in any cwd)
         name = f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}-n{args.n}"
         name += f"-labels{args.labels.replace(',', '-')}" if args.labels else ""
-        name += "-raw" if args.no_ema else ""  # the trained weights, not their EMA
+        name += "" if use_ema else "-raw"  # the trained weights, not their EMA
         name += "" if args.checkpoint == "last.ckpt" else f"-{Path(args.checkpoint).stem}"
         output = Path(args.run_dir) / "samples" / f"{name}.png"
     Image.init()
@@ -119,7 +120,7 @@ def cmd_sample(args) -> int:
     if args.compile:
         from dit_bench.fast import compile_backbone
 
-        compile_backbone(module.eval_net(use_ema=not args.no_ema))
+        compile_backbone(module.eval_net(use_ema=use_ema))
     # in chunks of the run's batch (a large --n in one batch could exhaust the device);
     # sample i from its own seed: not on --n or the chunking
     images = generate(
@@ -130,7 +131,7 @@ def cmd_sample(args) -> int:
         sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
-        use_ema=not args.no_ema,
+        use_ema=use_ema,
         batch_size=module.cfg.train.batch_size,
         progress=args.n > module.cfg.train.batch_size,
     )
@@ -525,7 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive,
         help="images per row (default: the number of classes, up to 32; else a square grid)",
     )
-    sp.add_argument("--no-ema", action="store_true", help="sample the raw, not the EMA, weights")
+    sp.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample the EMA weights; --no-ema: the raw ones (default: eval.use_ema, as the "
+        "run's own grids)",
+    )
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     add_compile_flag(sp)
     sp.set_defaults(func=cmd_sample)

@@ -229,7 +229,8 @@ ObjectiveConfig = Annotated[
     Discriminator(
         _objective_tag,
         custom_error_type="objective_name",
-        custom_error_message="objective.name must be one of 'ddpm', 'flow'",
+        custom_error_message="objective.name must be one of 'ddpm', 'flow' (objective is a "
+        "section: --set objective.name=flow, or objective: {name: flow} in a file)",
     ),
 ]
 
@@ -400,6 +401,11 @@ class EvalConfig(_Strict):
             raise ValueError(
                 f"eval.sde_scale applies to eval.sampler=euler_maruyama only (got {self.sampler})"
             )
+        # hashed, but read by the in-training FD only: set without it, a new run directory for
+        # the same training
+        fd = [k for k, v in (("fd_samples", 256), ("fd_features", None)) if getattr(self, k) != v]
+        if fd and self.fd_every == 0:
+            raise ValueError(f"eval.{fd[0]} applies to the in-training FD (eval.fd_every > 0)")
         unguided = [k for k in ("cfg_interval", "cfg_channels") if getattr(self, k) is not None]
         if unguided and self.cfg_scale == 1.0:
             raise ValueError(f"eval.{unguided[0]} applies to guided sampling (eval.cfg_scale != 1)")
@@ -456,6 +462,14 @@ class ExperimentConfig(_Strict):
             if steps is not None and value is not None and value > steps:
                 raise ValueError(
                     f"eval.{key}={value}: DDPM has objective.num_timesteps={steps} steps"
+                )
+        if steps is not None and self.eval.val_levels is None:
+            from dit_bench.objectives.ddpm import DDPM
+
+            if steps < DDPM.VAL_LEVELS:  # the default grid would fail at the first validation
+                raise ValueError(
+                    f"objective.num_timesteps={steps}: the validation grid has "
+                    f"{DDPM.VAL_LEVELS} levels by default; set eval.val_levels to at most {steps}"
                 )
         interval = self.eval.cfg_interval
         # sampling guides where lo <= t <= hi and DDPM's net sees t in 0..T-1: the interval
@@ -695,8 +709,10 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] = ()) -
 
 class _Loader(yaml.SafeLoader):
     """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently:
-    a variant or setting written twice would vanish), and reads `1e3` and `1e-4` as numbers, as
-    YAML 1.2 does (PyYAML's 1.1 wants a dot: `train.steps=1e3` was the string "1e3")."""
+    a variant or setting written twice would vanish), and reads numbers as YAML 1.2 does:
+    `1e3`, `1e-4` and `2.0e3` are floats (PyYAML's 1.1 wants a dot and a signed exponent:
+    `train.steps=2.0e3` was the string "2.0e3"), `010` is ten (1.1: octal eight) and `1:30`
+    stays a string (1.1: 90, in base 60)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -712,9 +728,23 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),  # the dotless exponent form only
-    list("-+0123456789"),
+    # YAML 1.2's exponent forms; 1.1's own resolver still reads the signed ones with a dot
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
 )
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | str:
+    value = loader.construct_scalar(node).replace("_", "")
+    if ":" in value:  # YAML 1.1's base 60: kept as written (the type check then names the key)
+        return value
+    sign, digits = (-1, value[1:]) if value[0] == "-" else (1, value.lstrip("+"))
+    if digits[:2].lower() in ("0x", "0o", "0b"):
+        return sign * int(digits, 0)
+    return sign * int(digits, 10)  # a leading zero is decimal, not 1.1's octal
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,14 @@
 import pytest
 from pydantic import ValidationError
 
-from dit_bench.config import ConfigError, DataConfig, ExperimentConfig, build_config, load_config
+from dit_bench.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    build_config,
+    load_config,
+    parse_override,
+)
 
 
 def error(overrides: list[str], raw: dict | None = None) -> str:
@@ -162,6 +169,14 @@ def test_set_backbone_name_switches_families():
     assert "not implemented for 'unet'" in error([], raw)
 
 
+def read_yaml_text(text: str) -> dict:
+    import yaml
+
+    from dit_bench.config import _Loader
+
+    return yaml.load(text, Loader=_Loader)
+
+
 def test_booleans_are_not_numbers():
     assert (
         error(["train.steps=true"]) == "invalid config:\n  train.steps: expected a number, got True"
@@ -172,6 +187,13 @@ def test_booleans_are_not_numbers():
     # YAML 1.2's dotless exponents too (PyYAML read them as strings), in files and --set alike
     assert build_config(None, ["train.steps=1e3", "optim.lr=2e-4"]).train.steps == 1000
     assert build_config({"optim": {"lr": "2e-4"}}).optim.lr == 2e-4
+    # and its dotted ones without a sign: 2.0e3 was the string "2.0e3", an error for an int
+    assert build_config(None, ["train.steps=2.0e3"]).train.steps == 2000
+    assert read_yaml_text("train: {steps: 2.0e3}")["train"]["steps"] == 2000.0
+    # 1.1's octal and base 60 are gone: 010 is ten, 1:30 a string (refused, naming the key)
+    assert build_config(None, ["train.steps=010"]).train.steps == 10
+    assert "train.steps" in error(["train.steps=1:30"])
+    assert parse_override("a=0x10") == (["a"], 16) and parse_override("a=-1_000") == (["a"], -1000)
 
 
 def test_numbers_are_not_booleans():
@@ -199,6 +221,13 @@ def test_values_that_would_fail_mid_run_are_refused_up_front():
     assert "eval.val_levels=200" in error(
         [*ddpm, "objective.num_timesteps=100", "eval.val_levels=200"]
     )
+    for key in ("eval.fd_samples=1000", "eval.fd_features=inception"):  # read by the FD only
+        assert "applies to the in-training FD (eval.fd_every > 0)" in error([key])
+        build_config(None, [key, "eval.fd_every=100"])
+    # the default validation grid (10 levels) on a shorter cosine chain: it failed at step 4
+    few = [*ddpm, "objective.schedule=cosine", "objective.num_timesteps=5", "eval.sample_steps=2"]
+    assert "set eval.val_levels to at most 5" in error([*few, "eval.sampler=ddpm"])
+    build_config(None, [*few, "eval.sampler=ddpm", "eval.val_levels=5"])
     assert "optim.betas.0" in error(["optim.betas=[1.5, 0.999]"])
     assert "seed" in error(["seed=-1"]) and "seed" in error([f"seed={2**32}"])
     assert "over train.devices x train.num_nodes = 3" in error(

@@ -177,6 +177,24 @@ def test_cli_sample_no_ema_draws_the_trained_weights(tiny_run, tmp_path, capsys)
     assert main([*args, "--no-ema", "-o", str(raw)]) == 0
     assert "sampled" not in capsys.readouterr().err
     assert not torch.equal(_grid(ema), _grid(raw))
+    assert main([*args, "--ema", "-o", str(tmp_path / "asked.png")]) == 0
+    assert torch.equal(_grid(ema), _grid(tmp_path / "asked.png"))
+
+
+def test_cli_sample_follows_the_runs_eval_use_ema(tmp_path):
+    """A run whose own grids use the raw weights (eval.use_ema=false) samples them by
+    default too, and names the file so: `sample` drew the EMA copy regardless."""
+    from dit_bench.cli import main
+
+    sets = TINY + ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4"]
+    run = train(build_config(None, [*sets, "eval.use_ema=false"]), tmp_path, progress=False)
+    args = ["sample", str(run), "--n", "4", "--steps", "3"]
+    assert main([*args, "--no-ema", "-o", str(tmp_path / "raw.png")]) == 0
+    assert main(args) == 0
+    (default,) = (run / "samples").glob("sample-*-raw.png")
+    assert torch.equal(_grid(default), _grid(tmp_path / "raw.png"))
+    assert main([*args, "--ema", "-o", str(tmp_path / "ema.png")]) == 0
+    assert not torch.equal(_grid(default), _grid(tmp_path / "ema.png"))
 
 
 @pytest.mark.slow
