@@ -312,8 +312,9 @@ class TrainConfig(_Strict):
     )
     tf32: bool = Field(
         True,
-        description="on GPU, float32 matmuls and convolutions in TF32 (Ampere+ tensor cores); "
-        "no effect on the CPU or on bf16 matmuls",
+        description="on GPU, float32 matmuls and convolutions in TF32 (Ampere+ tensor cores): "
+        "a 32-true run's training, every run's validation, grids and FD; no effect on the CPU "
+        "or on bf16 matmuls",
     )
 
     @model_validator(mode="after")
@@ -543,14 +544,16 @@ class ExperimentConfig(_Strict):
 
         Keys that only say how a run executes (devices, strategy, threads, loader workers,
         the fast paths) are left out: they do not change its numbers, so a run resumes across them.
-        One fast path does, beyond rounding: TF32 matmuls (a 10-bit mantissa) in a float32 run
-        on a GPU; `train.tf32=false` with `32-true` is hashed (only then, so the runs made with
-        the default keep their directories), so a true-float32 run is a run of its own.
+        One fast path does, beyond rounding: TF32 matmuls (a 10-bit mantissa) in float32 work
+        on a GPU: a 32-true run's training, and every run's validation, grids and FD (float32,
+        outside autocast, bf16-mixed runs' too). `train.tf32=false` is hashed (only then, so
+        the runs made with the default keep their directories): a true-float32 run is a run of
+        its own.
         """
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
             d[section].pop(key)
-        if self.train.tf32 or self.train.precision != "32-true":  # TF32 on, or no fp32 matmuls
+        if self.train.tf32:  # the default, left out: the runs made before it keep their hash
             d["train"].pop("tf32")
         for section, key, default in LATER_KEYS:
             if d[section][key] == default:
