@@ -442,7 +442,7 @@ def test_report_headline_and_tables_quote_each_fit_with_its_own_interval(tmp_pat
     md = _report(tmp_path, CH)
     assert md == (tmp_path / "report.md").read_text()
     assert "Source: `src` (3 runs, 4 (run, budget) points, budgets 1e+10, 2e+10 FLOPs)." in md
-    assert "(7 resamples; only ok refits count)" in md  # the count used, not the default 200
+    assert "(7 resamples; only ok refits count" in md  # the count used, not the default 200
 
     head = _section(md, "Headline")
     # an envelope's run-resampling interval is one-sided by construction: not called a CI
