@@ -347,6 +347,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         ["train.precision=bf16-mixed"],  # train.bf16_stream
         ["train.compile=true"],  # train.cudagraphs
         ["train.activation_checkpointing=true"],  # train.activation_checkpointing_every
+        ["eval.fd_every=100"],  # eval.fd_samples, eval.fd_features
     ]
     # Written out, not read from config.py: a key moved into EXECUTION_KEYS there (so that runs
     # differing in it share a directory) must be argued for here too.
@@ -360,8 +361,8 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "train.activation_checkpointing",  # recomputes each block: the same ops, same inputs
         "train.activation_checkpointing_every",  # which blocks recompute: likewise
         "train.channels_last",
-        # not train.tf32: TF32's 10-bit mantissa changes a float32 GPU run beyond rounding, so
-        # tf32=false with 32-true is hashed (the default, true, is not: test_config_invariants)
+        # not train.tf32: TF32's 10-bit mantissa changes float32 GPU work beyond rounding, so
+        # tf32=false is hashed (the default, true, is not: test_config_invariants)
         "optim.fused",
         "data.num_workers",
         "train.accelerator",  # HASHED_AS_DEFAULT: cpu and auto train the same numbers on a CPU
