@@ -70,6 +70,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -608,7 +609,13 @@ def stops_deferred():
         return
     held: list[int] = []
     stops = (signal.SIGINT, signal.SIGTERM)
-    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in stops}
+
+    def hold(signum, frame) -> None:
+        held.append(signum)
+        for s, handler in before.items():  # a second stop acts at once (a stuck database)
+            signal.signal(s, handler)
+
+    before = {s: signal.signal(s, hold) for s in stops}
     try:
         yield
     finally:
@@ -929,6 +936,7 @@ class Worker:
         n_trials = n_trials or self.sweep.spec.n_trials
         done, waiting = 0, False
         while True:
+            self._beat_for_orphans()
             with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
@@ -958,6 +966,26 @@ class Worker:
             self._run(trial)
             done, waiting = done + 1, False
 
+    def _beat_for_orphans(self) -> None:
+        """A heartbeat for each trial RUNNING for over the grace without one: Optuna fails as
+        stale only trials with a heartbeat, so such a trial kept every worker waiting for good.
+        Earlier versions made tpe/random trials RUNNING before their first heartbeat, and a
+        worker killed in between left one; one grace after this beat it is failed and retried."""
+        import optuna
+
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        ids = ",".join(str(int(t._trial_id)) for t in running)
+        with self.claims.engine.connect() as conn:
+            query = f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"
+            beating = {r for (r,) in conn.exec_driver_sql(query)}
+        cutoff = datetime.now() - timedelta(seconds=self.sweep.spec.heartbeat.grace)
+        for t in running:
+            if t._trial_id not in beating and t.datetime_start and t.datetime_start < cutoff:
+                self.storage.record_heartbeat(t._trial_id)
+                self.log(f"[sweep {self.name}] trial {t.number} ran without a heartbeat: given one")
+
     # -- which trial next -------------------------------------------------------------------
     def _enqueue_grid(self, n_trials: int | None) -> None:
         if self.sweep.spec.sampler != "grid":
@@ -969,12 +997,13 @@ class Worker:
                 self._claim_and_enqueue(key, params, {"attempt": 1})
 
     def _claim_and_enqueue(self, key: str, params: dict, user_attrs: dict) -> bool:
-        """Claim `key`, then enqueue the trial it stands for (tagged with the key's name), with
-        stops held in between. The claim is kept if the enqueue fails: the trial may be stored
-        all the same (a lost acknowledgement), and a claim without its trial expires."""
+        """Claim `key`, then enqueue the trial it stands for (tagged with the key's name), a
+        stop during the enqueue held until it returns. The claim is kept if the enqueue fails:
+        the trial may be stored all the same (a lost acknowledgement), and a claim without its
+        trial expires."""
+        if not self.claims.claim(key):  # a stop here: no claim, or one that will expire
+            return False
         with stops_deferred():
-            if not self.claims.claim(key):
-                return False
             self.study.enqueue_trial(params, user_attrs=user_attrs)
         return True
 
@@ -1064,7 +1093,9 @@ class Worker:
                 )
             first = duplicate_of(t, trials)
             if first is not None:
-                self._drop_duplicate(t, first)
+                # a worker that stalled past the grace here finds it dropped by another
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self._drop_duplicate(t, first)
                 continue
             try:
                 # a heartbeat before RUNNING: a running trial without one is never stale, so a
@@ -1112,6 +1143,20 @@ class Worker:
 
     # -- one trial ------------------------------------------------------------------------
     def _run(self, trial) -> None:
+        """Run `trial`. A stop anywhere in it (Ctrl-C, SIGTERM: the imports, the plan, the
+        training, the records) fails it as stopped, re-run by the next call without counting
+        against heartbeat.max_retry; left RUNNING, it went stale as a lost worker's."""
+        import optuna
+
+        try:
+            self._run_trial(trial)
+        except KeyboardInterrupt:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+
+    def _run_trial(self, trial) -> None:
         import optuna
 
         from dit_bench.train.callbacks import ValAtSteps
@@ -1174,11 +1219,6 @@ class Worker:
                 state = optuna.trial.TrialState.COMPLETE
             except optuna.TrialPruned:
                 state = optuna.trial.TrialState.PRUNED
-            except KeyboardInterrupt:
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
-                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
             except Exception as e:  # the trial fails; the sweep goes on
                 error = f"{type(e).__name__}: {e}"
                 if not isinstance(e, USER_ERRORS):  # a bug: the where, for the one who debugs

@@ -755,3 +755,85 @@ def test_a_changed_sweep_does_not_reuse_the_study_of_the_old_one(tmp_path):
     same = write_tiny(tmp_path / "t.yaml", n_trials=2, heartbeat={"interval": 2, "grace": 9})
     study, _ = open_study(load_sweep(same, overrides=["train.threads=2"]), url)
     assert study.user_attrs["identity"]["budgets"] == sorted(TINY["budgets"])
+
+
+def test_a_duplicate_another_worker_dropped_first_is_passed_over(tmp_path, monkeypatch):
+    """Two workers can reach one duplicate (the first stalled past the grace holding its
+    claim): the second to drop it finds it finished, and goes on instead of crashing."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    a, b = hand_worker(sweep, tmp_path, name="a"), hand_worker(sweep, tmp_path, name="b")
+    point = sweep.points()[0]
+    a.study.enqueue_trial(point, user_attrs={"attempt": 1})
+    a.study.enqueue_trial(point, user_attrs={"attempt": 1})
+    real = a._drop_duplicate
+
+    def raced(t, first):  # b drops it while a is about to
+        b._drop_duplicate(t, first)
+        real(t, first)
+
+    monkeypatch.setattr(a, "_drop_duplicate", raced)
+    assert a._pop_waiting().number == 0
+    assert a._pop_waiting() is None
+    assert a.study.trials[1].user_attrs["duplicate_of"] == 0
+
+
+def test_a_stop_before_training_fails_the_trial_as_stopped_not_lost(tmp_path, monkeypatch):
+    """Ctrl-C in the imports, the plan or the records (outside `train`) left the trial RUNNING:
+    stale after the grace and retried as a lost worker's, spending heartbeat.max_retry."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", heartbeat={"interval": 1, "grace": 3,
+                                                                   "max_retry": 0}))  # fmt: skip
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()
+
+    def stopped(self, params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(w.sweep), "plan", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        w._run(trial)
+    t = w.study.trials[trial.number]
+    assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["interrupted"] is True
+    w._retry_failed()  # re-queued although max_retry is 0: a stop is no lost worker
+    assert len(w.study.get_trials(states=WAITING)) == 1
+
+
+def test_a_running_trial_without_a_heartbeat_gets_one_and_goes_stale(tmp_path, monkeypatch):
+    """Earlier versions made tpe/random trials RUNNING before their first heartbeat; a worker
+    killed in between left one that Optuna never fails, and every worker waited for good."""
+    from datetime import datetime, timedelta
+
+    import dit_bench.sweep as sweep_module
+
+    sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    w = hand_worker(sweep, tmp_path)
+    trial_id = w.storage.create_new_trial(w.study._study_id)  # RUNNING, no heartbeat
+    (orphan,) = w.study.trials
+    w._beat_for_orphans()
+    assert heartbeats(w, orphan) == 0  # younger than the grace: a live worker's, maybe
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(seconds=sweep.spec.heartbeat.grace + 1)
+
+    monkeypatch.setattr(sweep_module, "datetime", Later)
+    w._beat_for_orphans()
+    assert heartbeats(w, orphan) == 1 and orphan._trial_id == trial_id
+
+
+def test_a_second_stop_while_one_is_held_acts_at_once():
+    """A stop is held while a trial is enqueued, so claim and trial are made together; a
+    second one (the database stuck, the user insisting) is not held."""
+    import signal
+
+    from dit_bench.sweep import stops_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt), stops_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the first")
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the second")
+    assert reached == ["after the first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
