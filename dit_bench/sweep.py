@@ -1327,7 +1327,9 @@ def duplicate_of(t, trials) -> int | None:
     origin = _origin(t)
     if origin is None:
         return None
-    return next((u.number for u in trials if u.number < t.number and _origin(u) == origin), None)
+    order = (t.number, t._trial_id)  # the id breaks a tie, should numbers ever share one
+    earlier = [u for u in trials if (u.number, u._trial_id) < order and _origin(u) == origin]
+    return earlier[0].number if earlier else None
 
 
 def failure(trial, max_retry: int) -> str:
