@@ -44,10 +44,12 @@ worker (`run:<trial id>`). A worker keeps a heartbeat on its running trial; a ki
 trial goes stale, is failed by the next worker that looks (`fail_stale_trials`) and is enqueued
 again with the same parameters (`retry:<trial number>`, at most `heartbeat.max_retry` times),
 and the re-run resumes the run directory from its last checkpoint. A claim and the enqueue it
-stands for are two transactions (stops held in between): a worker killed between them leaves
-a claim without its trial, which expires after the heartbeat grace (the sweep waits for it
-meanwhile) and is made again; should the worker only have stalled, its trial and the new one
-are both enqueued, and the later is failed as a duplicate before it runs. tpe/random trials
+stands for are two transactions (a stop held while the trial is enqueued): a worker killed
+between them leaves a claim without its trial, which expires after the heartbeat grace (the
+sweep waits for it meanwhile) and is made again; should the worker only have stalled, its
+trial and the new one are both enqueued, and the later is failed as a duplicate before it
+runs. A RUNNING trial without a heartbeat (earlier versions could leave one) gets one after
+the grace, so it goes stale as a lost worker's. tpe/random trials
 are enqueued too (`slot:<k>`), so every trial starts WAITING and gets its heartbeat before
 RUNNING. A worker silent past the grace (paused, not dead) whose trial was failed and
 re-queued meanwhile finishes its run without writing to the trial; the retry finds it done.
@@ -599,11 +601,11 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
 
 @contextlib.contextmanager
 def stops_deferred():
-    """Ctrl-C and SIGTERM held until the block ends, then raised as they would have been: a
-    claim and the trial it stands for are made together, as far as a stop goes. A stop inside
-    a database commit is raised by Python only after the commit returns, so code that handled
-    it could not tell whether the trial was stored (what is left is a kill -9 in between: such
-    a claim expires, `Worker._expire_lost_claims`). Main thread only, where handlers run."""
+    """A Ctrl-C or SIGTERM held until the block ends, then raised as it would have been (a
+    second one acts at once). Around an enqueue: a stop inside its commit is raised by Python
+    only after the commit returns, so code that handled it could not tell whether the trial
+    was stored. A claim left without its trial (a stop just before the enqueue, a kill -9)
+    expires instead: `Worker._expire_lost_claims`. Main thread only, where handlers run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
