@@ -314,7 +314,7 @@ class TrainConfig(_Strict):
         True,
         description="on GPU, float32 matmuls and convolutions in TF32 (Ampere+ tensor cores): "
         "a 32-true run's training, every run's validation, grids and FD; no effect on the CPU "
-        "or on bf16 matmuls",
+        "or on bf16 matmuls; hashed when false with 32-true only",
     )
 
     @model_validator(mode="after")
@@ -402,11 +402,6 @@ class EvalConfig(_Strict):
             raise ValueError(
                 f"eval.sde_scale applies to eval.sampler=euler_maruyama only (got {self.sampler})"
             )
-        # hashed, but read by the in-training FD only: set without it, a new run directory for
-        # the same training
-        fd = [k for k, v in (("fd_samples", 256), ("fd_features", None)) if getattr(self, k) != v]
-        if fd and self.fd_every == 0:
-            raise ValueError(f"eval.{fd[0]} applies to the in-training FD (eval.fd_every > 0)")
         unguided = [k for k in ("cfg_interval", "cfg_channels") if getattr(self, k) is not None]
         if unguided and self.cfg_scale == 1.0:
             raise ValueError(f"eval.{unguided[0]} applies to guided sampling (eval.cfg_scale != 1)")
@@ -525,7 +520,7 @@ class ExperimentConfig(_Strict):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def guidance_error(self, cfg_scale: float) -> str | None:
         """Why sampling this run's net with `cfg_scale` would be meaningless, or None: guidance
@@ -544,16 +539,16 @@ class ExperimentConfig(_Strict):
 
         Keys that only say how a run executes (devices, strategy, threads, loader workers,
         the fast paths) are left out: they do not change its numbers, so a run resumes across them.
-        One fast path does, beyond rounding: TF32 matmuls (a 10-bit mantissa) in float32 work
-        on a GPU: a 32-true run's training, and every run's validation, grids and FD (float32,
-        outside autocast, bf16-mixed runs' too). `train.tf32=false` is hashed (only then, so
-        the runs made with the default keep their directories): a true-float32 run is a run of
-        its own.
+        One fast path does, beyond rounding: TF32 matmuls (a 10-bit mantissa) in a float32 run
+        on a GPU; `train.tf32=false` with `32-true` is hashed (only then, so the runs made with
+        the default keep their directories), so a true-float32 run is a run of its own. Not in
+        a bf16-mixed run, although its validation, grids and FD are float32 work that TF32
+        rounds: hashing it now would leave its runs' directories behind (see the README).
         """
         d = self.to_dict()
         for section, key in EXECUTION_KEYS:
             d[section].pop(key)
-        if self.train.tf32:  # the default, left out: the runs made before it keep their hash
+        if self.train.tf32 or self.train.precision != "32-true":  # TF32 on, or no fp32 matmuls
             d["train"].pop("tf32")
         for section, key, default in LATER_KEYS:
             if d[section][key] == default:
@@ -729,25 +724,37 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    # YAML 1.2's exponent forms; 1.1's own resolver still reads the signed ones with a dot
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """safe_dump that quotes the strings `_Loader` would read as numbers (`2.0e3`): a run's
+    config.yaml reads back as written."""
+
+
+# YAML 1.2's exponent forms; 1.1's own resolver still reads the signed ones with a dot
+_EXPONENT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+.0123456789"))
 
 
 def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | str:
-    value = loader.construct_scalar(node).replace("_", "")
-    if ":" in value:  # YAML 1.1's base 60: kept as written (the type check then names the key)
-        return value
+    text = loader.construct_scalar(node)
+    if ":" in text:  # YAML 1.1's base 60: kept as written (the type check then names the key)
+        return text
+    value = text.replace("_", "")
     sign, digits = (-1, value[1:]) if value[0] == "-" else (1, value.lstrip("+"))
     if digits[:2].lower() in ("0x", "0o", "0b"):
         return sign * int(digits, 0)
     return sign * int(digits, 10)  # a leading zero is decimal, not 1.1's octal
 
 
+def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float | str:
+    text = loader.construct_scalar(node)
+    if ":" in text:  # base 60 again (1:30.0 was 90.0)
+        return text
+    return loader.construct_yaml_float(node)
+
+
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
