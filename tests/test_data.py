@@ -233,19 +233,25 @@ def test_folder_labels_follow_sorted_class_names(folder):
 
 def test_folder_follows_linked_subfolders_once_and_ends_a_link_loop(folder, tmp_path):
     """Data sets are often assembled from links: images under a linked subfolder of a class
-    are that class's (as torchvision's ImageFolder has them), and a link back up ends."""
+    are that class's, after the real ones; a link to a folder already listed (a sibling, the
+    class itself: a loop) adds nothing, so a folder's files and split stay as they were."""
+    from dit_bench.data.datasets import ImageFolder
+
+    before = [path for path, _ in ImageFolder(str(folder), 10).samples]
     save_image(tmp_path / "elsewhere" / "c.png", striped())
     (folder / "zebra" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (folder / "zebra" / "loop").symlink_to(folder / "zebra", target_is_directory=True)
     (folder / "zebra" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "apple" / "aaa").symlink_to(folder / "apple" / "nested", target_is_directory=True)
     cfg = make_cfg("folder", root=str(folder), image_size=10, val_fraction=0.34)
     train, _ = load_datasets(cfg)
     assert [(p.split(f"{tmp_path.name}/")[1], y) for p, y in train.dataset.samples] == [
-        ("images/apple/nested/grey.png", 0),
+        ("images/apple/nested/grey.png", 0),  # by its real path, not the link `aaa` to it
         ("images/zebra/a.png", 1),
         ("images/zebra/b.PNG", 1),
         ("images/zebra/again/c.png", 1),  # the first link to `elsewhere` (sorted), not both
     ]
+    assert [s for s, _ in train.dataset.samples][:3] == before
 
 
 def test_folder_center_crops_after_resizing_the_shorter_side(folder):

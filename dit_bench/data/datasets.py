@@ -229,24 +229,36 @@ def _class_folders(root: str | None) -> tuple[str, ...]:
 def _image_files(folder: str) -> list[str]:
     """Image files anywhere under `folder`, in a fixed (sorted) order. Hidden names are skipped
     at every depth: .ipynb_checkpoints copies would be duplicates, macOS `._x.jpg` files are
-    not images. Linked subfolders are followed (as torchvision's ImageFolder does: data sets
-    are often assembled from links), each real folder once, so a link loop ends."""
-    found = []
-    seen = {os.path.realpath(folder)}
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
-        # os.walk visits subfolders in this list's order, and only those left in it
-        keep = []
-        for d in sorted(d for d in subfolders if not d.startswith(".")):
-            real = os.path.realpath(os.path.join(parent, d))
-            if real not in seen:
-                seen.add(real)
-                keep.append(d)
-        subfolders[:] = keep
-        found += [
-            os.path.join(parent, n)
-            for n in sorted(names)
-            if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-        ]
+    not images. Linked subfolders are followed too (data sets are often assembled from links),
+    after the real ones and each real folder once: a link to a folder already listed adds
+    nothing, a loop ends, and a folder without links lists as it always did (so its split)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    links: list[str] = []
+
+    def walk(top: str) -> None:
+        seen.add(os.path.realpath(top))
+        for parent, subfolders, names in os.walk(top):  # links listed here, walked below
+            keep = []
+            for d in sorted(d for d in subfolders if not d.startswith(".")):
+                path = os.path.join(parent, d)
+                if os.path.islink(path):
+                    links.append(path)
+                elif os.path.realpath(path) not in seen:
+                    seen.add(os.path.realpath(path))
+                    keep.append(d)
+            subfolders[:] = keep  # os.walk visits these, in this order
+            found.extend(
+                os.path.join(parent, n)
+                for n in sorted(names)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+            )
+
+    walk(folder)
+    while links:
+        link = links.pop(0)
+        if os.path.realpath(link) not in seen:
+            walk(link)
     return found
 
 
