@@ -994,7 +994,7 @@ class Worker:
             return
         claimed = set(self.claims.keys("point:"))  # one read, not an INSERT a point each poll
         for params in self.sweep.points()[:n_trials]:
-            key = "point:" + json.dumps(params, sort_keys=True)
+            key = point_key(params)
             if key not in claimed:
                 self._claim_and_enqueue(key, params, {"attempt": 1})
 
@@ -1017,26 +1017,15 @@ class Worker:
         workers may still enqueue them: the sweep is not done). The trials are read before the
         claims: a claim made and enqueued in between looks lost, but is young."""
         trials = self.study.get_trials(deepcopy=False)
-        done = {
-            "point": {
-                json.dumps(t.system_attrs["fixed_params"], sort_keys=True)
-                for t in trials
-                if "fixed_params" in t.system_attrs
-            },
-            "retry": {str(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs},
-            "slot": {str(t.user_attrs["slot"]) for t in trials if "slot" in t.user_attrs},
-        }
+        made = {claim_key(t) for t in trials}
         # trials of tpe/random sweeps made before slots were tagged: each stands for a slot
-        untagged = sum(not ({"slot", "retry_of"} & set(t.user_attrs)) for t in trials)
-        pending = 0
-        keys = self.claims.keys("point:") + self.claims.keys("retry:")
+        untagged = sum(claim_key(t) is None for t in trials)
+        lost = [k for k in self.claims.keys("point:") + self.claims.keys("retry:") if k not in made]
         slots = sorted(self.claims.keys("slot:"), key=lambda k: int(k.split(":")[1]))
-        keys += [k for k in slots if k.split(":")[1] not in done["slot"]][untagged:]
+        lost += [k for k in slots if k not in made][untagged:]
+        pending = 0
         grace = self.sweep.spec.heartbeat.grace
-        for key in keys:
-            kind, what = key.split(":", 1)
-            if what in done.get(kind, ()):
-                continue
+        for key in lost:
             if self.claims.expire(key, grace):
                 self.log(
                     f"[sweep {self.name}] {key} was claimed but its trial not enqueued within "
@@ -1311,26 +1300,32 @@ class Worker:
         return t0 - self.started
 
 
-def _origin(t) -> tuple | None:
-    """What made trial `t`: a retry of a trial, a tpe/random slot, or a grid point."""
+def point_key(params: dict) -> str:
+    """The claim of a grid point (its parameters), made once per sweep."""
+    return "point:" + json.dumps(params, sort_keys=True)
+
+
+def claim_key(t) -> str | None:
+    """The claim that made trial `t`: `retry:<n>`, `slot:<k>` (tpe/random) or `point:<json>`
+    (a grid point), as `Worker` writes them; None for a trial made before slots were tagged."""
     if "retry_of" in t.user_attrs:
-        return ("retry", t.user_attrs["retry_of"])
+        return f"retry:{t.user_attrs['retry_of']}"
     if "slot" in t.user_attrs:
-        return ("slot", t.user_attrs["slot"])
+        return f"slot:{t.user_attrs['slot']}"
     if "fixed_params" in t.system_attrs:
-        return ("point", json.dumps(t.system_attrs["fixed_params"], sort_keys=True))
+        return point_key(t.system_attrs["fixed_params"])
     return None
 
 
 def duplicate_of(t, trials) -> int | None:
-    """The number of an earlier trial that `t` repeats (the same grid point, retry or slot:
-    enqueued twice when a claim expired under a stalled worker), or None. Trial numbers are
-    the study's order, so every worker picks the same one to keep."""
-    origin = _origin(t)
-    if origin is None:
+    """The number of an earlier trial that `t` repeats (the same claim: grid point, retry or
+    slot, enqueued twice when a claim expired under a stalled worker), or None. Trial numbers
+    are the study's order, so every worker picks the same one to keep."""
+    key = claim_key(t)
+    if key is None:
         return None
     order = (t.number, t._trial_id)  # the id breaks a tie, should numbers ever share one
-    earlier = [u for u in trials if (u.number, u._trial_id) < order and _origin(u) == origin]
+    earlier = [u for u in trials if (u.number, u._trial_id) < order and claim_key(u) == key]
     return earlier[0].number if earlier else None
 
 
