@@ -130,6 +130,12 @@ def metric_key(name: str) -> str:
     return name.replace("/", "_")
 
 
+def summary_nulls(table: pd.DataFrame) -> pd.Series:
+    """Per run, the summary keys written as null (not finite: the run diverged before them)."""
+    nulls = table.get("null_in_summary", pd.Series("", index=table.index))
+    return nulls.fillna("").str.split(",")
+
+
 def final_values(table: pd.DataFrame, long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """`table` with one column per metric: the summary's value, else, where the summary has no
     such key, the run's last logged one (e.g. the in-training FD, which lives in metrics.csv
@@ -141,7 +147,7 @@ def final_values(table: pd.DataFrame, long: pd.DataFrame, metrics: list[str]) ->
     # the last logged row, NaN included (groupby's last() would skip a NaN to an earlier value)
     last = long.sort_values("step", kind="stable").groupby(["run_dir", "key"]).tail(1)
     last = last.set_index(["run_dir", "key"])["value"]
-    nulls = out.get("null_in_summary", pd.Series("", index=out.index)).fillna("").str.split(",")
+    nulls = summary_nulls(out)
     for m in metrics:
         m = metric_key(m)
         from_curves = out["run_dir"].map(lambda r, m=m: last.get((r, m), np.nan))
@@ -419,8 +425,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     missing = [metric_key(m) for m in plan["metrics"] if metric_key(m) not in metrics]
     # a metric without values: never evaluated, or every run that reached it diverged (its
     # summary holds null): the report says which
-    nulls = runs.get("null_in_summary", pd.Series("", index=runs.index)).fillna("")
-    diverged = [m for m in missing if nulls.str.split(",").map(lambda k, m=m: m in k).any()]
+    nulls = summary_nulls(runs)
+    diverged = [m for m in missing if nulls.map(lambda k, m=m: m in k).any()]
     missing = [m for m in missing if m not in diverged]
     if not metrics:
         raise ValueError(
