@@ -244,8 +244,8 @@ def _image_files(folder: str) -> list[str]:
                 path = os.path.join(parent, d)
                 if os.path.islink(path):
                     links.append(path)
-                elif os.path.realpath(path) not in seen:
-                    seen.add(os.path.realpath(path))
+                elif (real := os.path.realpath(path)) not in seen:
+                    seen.add(real)
                     keep.append(d)
             subfolders[:] = keep  # os.walk visits these, in this order
             found.extend(
