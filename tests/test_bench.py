@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit_bench import bench
+from dit_bench import bench, fast
 from dit_bench.backbones import Cond, build_backbone
 
 TINY = dict(image_size=8, channels=2, batch=2, num_classes=10, warmup=1, repeats=2)
@@ -127,6 +127,27 @@ def test_cli_bench_json(capsys, tmp_path):
     lines = (tmp_path / "b-sampling.csv").read_text().splitlines()
     assert [line.split(",")[3] for line in lines[1:]] == ["ddpm", "euler"]
     assert main(["bench", "--backbones", "dit-q/2", "--device", "cpu"]) == 2  # unknown preset
+
+
+def test_cpu_name_says_which_cpu_generation_made_a_number(monkeypatch):
+    # A VM's model name can be as vague as "AMD EPYC": family and model tell the generations
+    # apart (this project's machine gave 0.40 and 0.19 TFLOP/s float32 peaks on two of them)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    two = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\n"
+        "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: other\n\n"
+    )
+    assert fast.cpu_name(two) == "AMD EPYC, family 25 model 17, AVX512"
+    intel = "model name\t: Intel(R) Xeon(R) Platinum 8480+\ncpu family\t: 6\nmodel\t\t: 143\n"
+    assert fast.cpu_name(intel) == "Intel(R) Xeon(R) Platinum 8480+, family 6 model 143, AVX512"
+    # no /proc/cpuinfo (macOS) or no model name in it (aarch64): the platform's processor name
+    monkeypatch.setattr(fast.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert fast.cpu_name("") == "arm"
+    assert fast.cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\n") == "arm"
+    name = fast.device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and name.endswith(f", {torch.get_num_threads()} threads)")
 
 
 def test_datasheet_peaks():
@@ -385,7 +406,7 @@ def stand_in_harness_run(monkeypatch) -> dict:
     training); returns its summary, which a test may change between calls."""
     from dit_bench import gpu_check
 
-    # fast.device_name asks platform (`uname -p`, through subprocess.run) once: before the stub
+    # fast.device_name may ask platform (`uname -p`, through subprocess.run, cached): before the stub
     gpu_check.fast.device_name(torch.device("cpu"))
     summary = {
         "backbone": "dit-xs/4", "steps": 10, "batch_size": 16, "val_loss": 0.4,
