@@ -491,6 +491,40 @@ def test_kill_9_then_rerun_resumes(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_kill_between_a_steps_two_checkpoint_saves_loses_no_kept_checkpoint(
+    tmp_path, monkeypatch
+):
+    """checkpoint_every=4, keep_every=8: at step 8 last.ckpt and step=0000008.ckpt are both due.
+    A kill between the two saves must leave a run whose rerun keeps the same files as an
+    uninterrupted one (with last.ckpt saved first, it resumed at step 9 and never wrote the
+    step-8 file)."""
+    from dit_bench.train import callbacks as cb
+
+    save = cb.AtomicCheckpointIO.save_checkpoint
+    saved: list[str] = []
+
+    def kill_after_the_first_save_of_step_8(self, checkpoint, path, storage_options=None):
+        if checkpoint["global_step"] == 8 and saved.count("step 8") == 1:
+            raise KeyboardInterrupt  # kill -9 or Ctrl-C between the two saves
+        out = save(self, checkpoint, path, storage_options)
+        saved.append(f"step {checkpoint['global_step']}")
+        return out
+
+    cfg = tiny("train.keep_every=8")
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    monkeypatch.setattr(
+        cb.AtomicCheckpointIO, "save_checkpoint", kill_after_the_first_save_of_step_8
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(cb.AtomicCheckpointIO, "save_checkpoint", save)
+    run = train(cfg, tmp_path / "cut", progress=False)
+    names = lambda r: sorted(p.name for p in (r / "checkpoints").iterdir())  # noqa: E731
+    assert "step=0000008.ckpt" in names(ref)
+    assert names(run) == names(ref)
+    assert read_csv(ref / "metrics.csv") == read_csv(run / "metrics.csv")
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     cfg = tiny()
     with pytest.raises(KeyboardInterrupt):

@@ -785,7 +785,12 @@ def data_wait_note(
 def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[ModelCheckpoint]:
     """last.ckpt every `last_every` steps (the resume point), and `step=N.ckpt` files kept every
     `keep_every` steps (0: none). One callback when the two coincide: Lightning refuses two
-    checkpoint callbacks with the same schedule."""
+    checkpoint callbacks with the same schedule.
+
+    The kept file's callback comes first (Lightning runs them in list order, as one callback
+    saves its step file before last.ckpt): a kill between a step's two saves then leaves
+    last.ckpt at the earlier step, and the resumed run redoes the step and writes both. The
+    other order left last.ckpt at this step and its step-N file never written."""
 
     def make(every: int, keep: bool, last: bool) -> ModelCheckpoint:
         return ModelCheckpoint(
@@ -800,9 +805,8 @@ def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[Model
 
     if keep_every == last_every:
         return [make(last_every, keep=True, last=True)]
-    return [make(last_every, keep=False, last=True)] + (
-        [make(keep_every, keep=True, last=False)] if keep_every else []
-    )
+    kept = [make(keep_every, keep=True, last=False)] if keep_every else []
+    return kept + [make(last_every, keep=False, last=True)]
 
 
 def check_sharding(strategy: str, world_size: int) -> None:
