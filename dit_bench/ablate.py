@@ -476,9 +476,14 @@ def _worker(cfg_dict: dict, out: str, progress: bool, label: str) -> str:
     # (the workers' bars would overwrite each other): progress lines, prefixed with `label`
     import signal
 
+    from dit_bench.config import raise_terminated
     from dit_bench.train.run import exit_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    # the parent's SIGTERM (or a preemption's) stops the run where it is, as at a step: with
+    # Lightning's handler (installed only where none is) it waited for the step's end, past a
+    # validation or an in-training FD of minutes; the checkpoint is the resume point either way
+    signal.signal(signal.SIGTERM, raise_terminated)
     exit_with_parent()
     return _train_one(build_config(cfg_dict), out, "lines" if progress else False, label)
 

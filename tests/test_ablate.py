@@ -432,3 +432,39 @@ def test_a_killed_parallel_ablation_leaves_no_worker_training(tmp_path, sig):
     while any(map(_alive, workers)) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(map(_alive, workers)), f"workers still running after the parent's {sig}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_sigterm_stops_a_parallel_ablation_in_a_workers_long_evaluation(tmp_path):
+    """A SIGTERM reaches the workers while they sample for the in-training FD (minutes here):
+    they stop at once, as at a step. With Lightning's own SIGTERM handler they stopped only at
+    the next step's end, after the FD, and the parent waited for them."""
+    import subprocess
+    import sys
+    import time
+
+    base = {
+        **TINY_BASE,
+        "train": {**TINY_BASE["train"], "steps": 100000, "val_every": 1000},
+        "eval": {**TINY_BASE["eval"], "fd_every": 3, "fd_samples": 4000, "sample_steps": 250},
+    }
+    path = write_ablation(tmp_path, base=base, seeds=[0], profiles={"cpu": {}})
+    cmd = [sys.executable, "-m", "dit_bench.cli", "ablate", str(path), "--jobs", "2"]
+    parent = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "runs"), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(list((tmp_path / "runs" / "tiny-cpu").glob("*/checkpoints/last.ckpt"))) < 2:
+        assert parent.poll() is None and time.time() < deadline, "the workers did not train"
+        time.sleep(0.2)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+    workers = [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    time.sleep(5)  # step 3's FD has begun: 4000 samples of 250 steps
+    t0 = time.time()
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=120)
+    assert time.time() - t0 < 20, f"the parent waited {time.time() - t0:.0f} s for its workers"
+    assert not any(map(_alive, workers))
