@@ -155,8 +155,22 @@ class Pruner(_Strict):
 
 class Heartbeat(_Strict):
     interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
-    grace: int = Field(60, gt=0, description="seconds without one before the trial is failed")
+    grace: int = Field(
+        60, gt=0, description="seconds without one before the trial is failed (>= 2 x interval)"
+    )
     max_retry: int = Field(3, ge=0, description="re-runs of a trial whose worker died")
+
+    @field_validator("grace")
+    @classmethod
+    def _longer_than_the_beats(cls, grace: int, info) -> int:
+        # a live worker beats every `interval` s: a shorter grace fails its trial between beats
+        interval = info.data.get("interval")
+        if interval is not None and grace < 2 * interval:
+            raise ValueError(
+                f"grace={grace} must be at least twice interval={interval} (a live worker's "
+                "trial would be failed as stale between two of its heartbeats)"
+            )
+        return grace
 
 
 # A parameter with `choices` is categorical, any other a range: one set of errors, not both.
@@ -950,9 +964,18 @@ class Worker:
                 trials = self.study.get_trials(deepcopy=False)
                 states = {t.state for t in trials}
                 active = {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
+                # a trial failed (stopped, or failed as stale by another worker) since this
+                # poll's _retry_failed: the next poll re-queues it
+                retries = set(self.claims.keys("retry:"))
+                unretried = any(
+                    t.state == optuna.trial.TrialState.FAIL
+                    and f"retry:{t.number}" not in retries
+                    and self._retryable(t)
+                    for t in trials
+                )
                 # others are running (or died: wait for their trials to go stale), or a claim
                 # was made whose trial is not enqueued yet (or whose worker died: it expires)
-                if states & active or pending:
+                if states & active or pending or unretried:
                     if not waiting:
                         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
                         claimed = f" and {pending} claimed, not yet enqueued" if pending else ""
@@ -1044,14 +1067,10 @@ class Worker:
 
         claimed = set(self.claims.keys("retry:"))  # one read, not an INSERT a trial each poll
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-            if f"retry:{t.number}" in claimed:
+            if f"retry:{t.number}" in claimed or not self._retryable(t):
                 continue
             attempt = t.user_attrs.get("attempt", 1)
             stopped = t.user_attrs.get("interrupted", False)
-            if "error" in t.user_attrs or (
-                not stopped and attempt > self.sweep.spec.heartbeat.max_retry
-            ):
-                continue
             # its grid point (a trial lost before `suggest` drew nothing), and what it drew
             params = {**t.system_attrs.get("fixed_params", {}), **t.params}
             again = attempt if stopped else attempt + 1
@@ -1059,6 +1078,13 @@ class Worker:
             if self._claim_and_enqueue(f"retry:{t.number}", params, attrs):
                 why = "stopped" if stopped else "worker lost"
                 self.log(f"[sweep {self.name}] trial {t.number} failed ({why}); re-queued")
+
+    def _retryable(self, t) -> bool:
+        """Whether failed trial `t` is re-queued: lost or stopped, not erroring, retries left."""
+        if "error" in t.user_attrs:
+            return False
+        stopped = t.user_attrs.get("interrupted", False)
+        return stopped or t.user_attrs.get("attempt", 1) <= self.sweep.spec.heartbeat.max_retry
 
     def _pop_waiting(self):
         """Claim a waiting trial (`run:<trial id>`) and set it RUNNING. A worker that dies
@@ -1088,18 +1114,32 @@ class Worker:
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     self._drop_duplicate(t, first)
                 continue
+            started = False
             try:
                 # a heartbeat before RUNNING: a running trial without one is never stale, so a
                 # worker dying right after the next line would leave it RUNNING for good
                 self.storage.record_heartbeat(t._trial_id)
-                if self.storage.set_trial_state_values(
+                started = self.storage.set_trial_state_values(
                     t._trial_id, state=optuna.trial.TrialState.RUNNING
-                ):
+                )
+                if started:
                     return optuna.Trial(self.study, t._trial_id)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
+            except KeyboardInterrupt:
+                if not started:  # still WAITING: another worker may start it now
+                    self.claims.release(key)
+                    raise
+                # RUNNING already: failed as stopped, as `_run` does, not left to go stale
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self.storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                    self.storage.set_trial_state_values(
+                        t._trial_id, state=optuna.trial.TrialState.FAIL
+                    )
+                raise
             except BaseException:  # the trial stays WAITING: another worker may start it now
-                self.claims.release(key)
+                if not started:
+                    self.claims.release(key)
                 raise
         return None
 
@@ -1146,16 +1186,25 @@ class Worker:
                 trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if not self._taken_over(trial):
+                raise
+            # failed as stale (this worker paused or slow past the grace) and re-queued
+            self.log(
+                f"[sweep {self.name}] trial {trial.number} was failed as lost by another "
+                "worker; left to its retry"
+            )
 
     def _run_trial(self, trial) -> None:
         import optuna
 
-        from dit_bench.train.callbacks import ValAtSteps
-        from dit_bench.train.run import find_run_dir, train
-
         t0 = time.perf_counter()
         state, value = optuna.trial.TrialState.FAIL, None
         with _Heartbeat(self.storage, trial._trial_id, self.sweep.spec.heartbeat.interval):
+            # the first trial's imports take seconds: under the heartbeat, not before it
+            from dit_bench.train.callbacks import ValAtSteps
+            from dit_bench.train.run import find_run_dir, train
+
             try:
                 plan = self.sweep.plan(suggest(trial, self.sweep))
             except ConfigError as e:
@@ -1443,9 +1492,13 @@ def run_sweep(
             raise
         bad = [p.exitcode for p in procs if p.exitcode]
         if bad:  # the others re-queue a dead worker's trial: the study says what is left
+            then = (
+                "the others took over their trials"
+                if len(bad) < workers
+                else "their trials are left to the next call of the same command"
+            )
             print(
-                f"[sweep] {len(bad)} of {workers} workers died (exit codes {bad}); the others "
-                "took over their trials",
+                f"[sweep] {len(bad)} of {workers} workers died (exit codes {bad}); {then}",
                 file=sys.stderr,
             )
     return optuna.load_study(

@@ -837,3 +837,132 @@ def test_a_second_stop_while_one_is_held_acts_at_once():
         reached.append("after the second")
     assert reached == ["after the first"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_trial_stopped_on_another_machine_is_rerun_not_abandoned(tmp_path, monkeypatch):
+    """Two machines share the study. Machine B's trial is the last one; A waits for it. The
+    user stops B (Ctrl-C): B fails its trial as stopped. If B's `tell` lands after A's
+    `_retry_failed` of that poll but before A's exit check, A saw no RUNNING/WAITING trial and
+    returned: the point is never run, and A's command prints it as 'failed'."""
+    import dit_bench.train.run as train_run
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    b = hand_worker(sweep, tmp_path, name="b")
+    b._enqueue_grid(1)
+    b_trial = b._pop_waiting()  # B trains the sweep's only (n_trials=1) point
+
+    ran = []
+    monkeypatch.setattr(train_run, "train", lambda cfg, out, **kw: ran.append(cfg.hash))
+    monkeypatch.setattr(train_run, "find_run_dir", lambda out, cfg: None)
+    a = Worker(sweep, b.storage_url, tmp_path / "runs", name="a", log=lambda m: None, poll=0)
+    real_pop = Worker._pop_waiting
+    polls = []
+
+    def pop_then_b_is_stopped(self):
+        got = real_pop(self)
+        polls.append(1)
+        if len(polls) == 2:  # B's Ctrl-C handler (`Worker._run`) runs just now
+            b.study._storage.set_trial_user_attr(b_trial._trial_id, "interrupted", True)
+            b.study.tell(b_trial, state=optuna.trial.TrialState.FAIL)
+        return got
+
+    monkeypatch.setattr(Worker, "_pop_waiting", pop_then_b_is_stopped)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    a.run(1)
+    trials = a.study.get_trials()
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == b_trial.number]
+    assert retries, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert len(ran) == 1  # A re-ran the stopped point before it exited
+
+
+def test_a_heartbeat_grace_under_two_intervals_is_refused(tmp_path):
+    """heartbeat: {interval: 30, grace: 10} was accepted; every running trial then went stale
+    between two beats of its live worker and was failed and re-queued by any waiting worker
+    (the live one trained on and threw its result away), until max_retry failed it for good."""
+    with pytest.raises(ConfigError, match=r"grace=5 must be at least twice interval=3"):
+        load_sweep(write_tiny(tmp_path / "t.yaml", heartbeat={"interval": 3, "grace": 5}))
+    assert load_sweep(write_tiny(tmp_path / "ok.yaml", heartbeat={"interval": 3, "grace": 6}))
+    assert Heartbeat().grace >= 2 * Heartbeat().interval  # the defaults, 10 and 60
+
+
+def test_a_worker_whose_trial_was_taken_over_before_training_goes_on_quietly(tmp_path, monkeypatch):
+    """The worker paused (or slow: the first trial's torch/lightning imports run after
+    `_pop_waiting`'s one heartbeat and before `_Heartbeat` starts) past the grace after
+    starting its trial, and another worker failed it as stale and re-queued it. Its first
+    write (`suggest`) raised UpdateFinishedTrialError out of `_run`: the worker process
+    crashed with a traceback, instead of leaving the trial to the retry."""
+    import dit_bench.sweep as sweep_module
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()
+    real_suggest = sweep_module.suggest
+
+    def taken_over_then_suggest(t, s):  # another worker fails it as stale just before
+        w.study.tell(optuna.Trial(w.study, trial._trial_id), state=optuna.trial.TrialState.FAIL)
+        return real_suggest(t, s)
+
+    monkeypatch.setattr(sweep_module, "suggest", taken_over_then_suggest)
+    w._run(trial)  # currently: optuna.exceptions.UpdateFinishedTrialError
+    assert w.study.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_stop_just_after_a_waiting_trial_is_set_running_fails_it_as_stopped(
+    tmp_path, monkeypatch
+):
+    """Ctrl-C / SIGTERM after `_pop_waiting` set the trial RUNNING (in the commit's return, or
+    in `optuna.Trial(...)`'s reads and sampler hook): the claim was given back and the trial
+    left RUNNING with one heartbeat. After the grace it is failed as a lost worker's, so the
+    user's stop spends heartbeat.max_retry (here 0: the point is failed for good), and the
+    command's 'run again' waits a grace first."""
+    hb = {"interval": 1, "grace": 3, "max_retry": 0}
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", heartbeat=hb))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+
+    def stopped(self, study, trial_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.Trial, "__init__", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        w._pop_waiting()
+    monkeypatch.undo()
+    t = w.study.trials[0]
+    assert t.state != optuna.trial.TrialState.RUNNING, "left RUNNING after the stop"
+    w._retry_failed()
+    assert len(w.study.get_trials(states=WAITING)) == 1  # re-queued as stopped, not lost
+
+
+def test_when_every_worker_died_the_sweep_does_not_say_the_others_took_over(
+    tmp_path, monkeypatch, capsys
+):
+    import multiprocessing
+
+    from dit_bench.sweep import run_sweep
+
+    class DeadProcess:  # a worker that died (the OOM killer, a crash) before finishing
+        exitcode = -9
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def start(self):
+            pass
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+    class Ctx:
+        Process = DeadProcess
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: Ctx)
+    monkeypatch.setattr("dit_bench.sweep._gpu_count", lambda: 0)
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    run_sweep(sweep, tmp_path / "runs", workers=2, progress=False)
+    err = capsys.readouterr().err
+    assert "2 of 2 workers died" in err
+    assert "the others took over" not in err, err
