@@ -681,9 +681,14 @@ class Claims:
                 return True
             except sa.exc.IntegrityError:
                 return False
-            except sa.exc.OperationalError:  # SQLite busy beyond its timeout: try again
+            except sa.exc.OperationalError as e:  # SQLite busy, a server restarting: try again
+                last = e
                 time.sleep(0.5 + 0.1 * attempt)
-        raise RuntimeError(f"could not claim {key!r}: database stays locked")
+        first_line = str(last.orig if last.orig is not None else last).strip().splitlines()[0]
+        raise RuntimeError(
+            f"could not claim {key!r} in 60 tries over 3.5 minutes, the storage refusing with: "
+            f"{first_line}"
+        ) from last
 
     def release(self, key: str) -> None:
         """Give back this worker's own claim (the work it stood for was not done)."""
@@ -967,7 +972,7 @@ class Worker:
                 # a trial failed (stopped, or failed as stale by another worker) since this
                 # poll's _retry_failed: the next poll re-queues it
                 retries = set(self.claims.keys("retry:"))
-                unretried = any(
+                unretried = sum(
                     t.state == optuna.trial.TrialState.FAIL
                     and f"retry:{t.number}" not in retries
                     and self._retryable(t)
@@ -977,11 +982,19 @@ class Worker:
                 # was made whose trial is not enqueued yet (or whose worker died: it expires)
                 if states & active or pending or unretried:
                     if not waiting:
-                        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-                        claimed = f" and {pending} claimed, not yet enqueued" if pending else ""
+                        counts = {
+                            what: sum(t.state == state for t in trials)
+                            for what, state in (
+                                ("running", optuna.trial.TrialState.RUNNING),
+                                ("starting", optuna.trial.TrialState.WAITING),
+                            )
+                        }
+                        counts["claimed, not yet enqueued"] = pending
+                        counts["failed, due a retry"] = unretried
+                        what = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
                         self.log(
-                            f"[sweep {self.name}] waiting for {running} running trial(s) of other "
-                            f"workers{claimed} (a dead worker's trial is re-queued after "
+                            f"[sweep {self.name}] waiting on other workers' trials ({what}; a "
+                            "dead worker's trial is re-queued after "
                             f"{self.sweep.spec.heartbeat.grace} s without a heartbeat)"
                         )
                         waiting = True
@@ -1382,12 +1395,13 @@ def failure(trial, max_retry: int) -> str:
     """One line on a failed trial no retry replaced: its point and why (its error, or how
     often its worker was lost)."""
     attempt = trial.user_attrs.get("attempt", 1)
+    stopped = trial.user_attrs.get("interrupted", False)
     why = trial.user_attrs.get(
         "error",
         f"its worker was lost {attempt} times (heartbeat.max_retry={max_retry} retries spent)"
-        if attempt > max_retry
-        else f"its worker was lost (attempt {attempt}), not re-queued yet: run the same "
-        "command again to retry it",
+        if attempt > max_retry and not stopped
+        else f"{'it was stopped' if stopped else 'its worker was lost'} (attempt {attempt}), "
+        "not re-queued yet: run the same command again to retry it",
     )
     # a trial lost before it drew its parameters has none: its grid point, if any
     params = trial.params or trial.system_attrs.get("fixed_params", {})

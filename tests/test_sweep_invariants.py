@@ -6,6 +6,7 @@ device and studies are driven by hand (ask/tell)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -676,6 +677,30 @@ def test_a_failed_trial_is_named_by_its_grid_point_and_how_it_failed(tmp_path):
         "same command again to retry it"
     )
     assert failure(lost, 0).endswith("lost 1 times (heartbeat.max_retry=0 retries spent)")
+    # a stop is no lost worker, and spends no retry: it is re-queued whatever max_retry says
+    stopped = copy.deepcopy(lost)
+    stopped.set_user_attr("interrupted", True)
+    assert failure(stopped, 0).endswith(
+        "failed: it was stopped (attempt 1), not re-queued yet: run the same command again to "
+        "retry it"
+    )
+
+
+def test_a_claim_the_storage_keeps_refusing_says_what_the_storage_said(tmp_path, monkeypatch):
+    """A server down or a table missing read "database stays locked" after 3.5 minutes."""
+    import sqlalchemy as sa
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+
+    class Refusing:
+        def begin(self):
+            raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused\nmore"))
+
+    monkeypatch.setattr(w.claims, "engine", Refusing())
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with pytest.raises(RuntimeError, match=r"the storage refusing with: connection refused$"):
+        w.claims.claim("point:x")
 
 
 def test_sweep_set_of_a_key_a_choice_sets_otherwise_is_refused(tmp_path):
