@@ -28,3 +28,17 @@ def test_text_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeyp
     files.write_json_atomic(tmp_path / "plan.json", {"a": 1})
     assert calls == ["fsync", "replace"]
     assert (tmp_path / "plan.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_metrics_csv_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    from dit_bench.train.callbacks import CSVMetrics
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    log = CSVMetrics(tmp_path / "metrics.csv")
+    log.log_metrics({"train/loss": 0.5}, step=2)
+    log.log_metrics({"val/loss": 0.25}, step=2)
+    assert calls == ["fsync", "replace"] * 2
+    assert (tmp_path / "metrics.csv").read_bytes() == b"step,train/loss,val/loss\r\n2,0.5,0.25\r\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dit_bench.files import replacing
+from dit_bench.files import replacing, write_text_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,11 +86,13 @@ class CSVMetrics(Logger):
         self._write()
 
     def _write(self) -> None:
+        # synced before it replaces the old file (write_text_atomic), as the run's other records
         columns = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-        with replacing(self.path) as tmp, tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(self.rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=columns)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(self.path, text.getvalue())
 
 
 def _number(v) -> float:
