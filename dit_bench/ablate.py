@@ -685,17 +685,28 @@ def _train_in_pool(
         # after waking it; a worker started with a run could die unnoticed until another ended
         wait([pool.submit(os.getpid) for _ in range(jobs)])
         while queue or pending:
+            broken = False
             while len(pending) < jobs and (r := _next_run(queue, list(pending.values()), deaths)):
+                cfg = worker_config(r.cfg, jobs)
+                try:
+                    fut = pool.submit(_worker, cfg, str(out), progress, _label(r, n))
+                except BrokenProcessPool:  # a worker died since the last wait (idle, or its
+                    # run's end not yet seen): this run never started and waits for a new pool
+                    queue.insert(0, r)
+                    broken = True
+                    break
                 again = " again (its last worker died)" if deaths.get(r.index) else ""
                 _log(f"run {r.index}/{n}: starting {r.variant} seed {r.seed}{again} (in a worker)")
-                cfg = worker_config(r.cfg, jobs)
-                pending[pool.submit(_worker, cfg, str(out), progress, _label(r, n))] = r
+                pending[fut] = r
             wait(pending, return_when=FIRST_COMPLETED)
-            if any(isinstance(f.exception(), BrokenProcessPool) for f in pending if f.done()):
+            if broken or any(
+                isinstance(f.exception(), BrokenProcessPool) for f in pending if f.done()
+            ):
                 wait(pending)  # the pool fails every future in flight at once
-                # a survivor of the pool's SIGTERM (Lightning catches it to stop at the end of
-                # an epoch) would train on beside its run's next try
+                # a survivor of the pool's SIGTERM (one deep in a long kernel) would train on
+                # beside its run's next try
                 _signal_workers(pool, "kill")
+                broken = True
             in_flight = []
             for fut in [f for f in pending if f.done()]:
                 r = pending.pop(fut)
@@ -711,7 +722,7 @@ def _train_in_pool(
                 if e.__cause__ is not None and not isinstance(e, USER_ERRORS):
                     _log(str(e.__cause__).rstrip())  # the worker's traceback, as text
                 failed(r, e)
-            if in_flight:
+            if broken:  # the pool takes no more runs: a new one takes over the queue
                 return in_flight
         return []
     except BaseException:

@@ -321,6 +321,42 @@ def _worker_killed_by_lr_half(cfg_dict: dict, out: str, progress: bool, label: s
     return str(run)
 
 
+def test_a_pool_broken_between_two_runs_gives_its_queue_to_the_next_pool(tmp_path):
+    """A worker died (idle, or as its run ended) before the pool saw it: the next submit raises
+    BrokenProcessPool. That run never started: it stays queued, nothing is counted against it,
+    and the ablation goes on in a new pool. It aborted with a traceback and no results."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dit_bench import ablate
+
+    ab = load_ablation(write_ablation(tmp_path, seeds=[0]), "cpu")
+    queue = list(ab.runs)
+    done: list[int] = []
+
+    class BreaksOnTheSecondRun:
+        runs = 0
+
+        def submit(self, fn, *args):
+            fut: Future = Future()
+            if fn is ablate._worker:
+                self.runs += 1
+                if self.runs == 2:
+                    raise BrokenProcessPool("A child process terminated abruptly")
+            fut.set_result("run-dir")
+            return fut
+
+    def failed(r, e):
+        raise AssertionError(f"run {r.index} failed: {e}")
+
+    in_flight = ablate._train_in_pool(
+        BreaksOnTheSecondRun(), queue, 1, {}, tmp_path, len(ab.runs),
+        lambda r, path: done.append(r.index), failed, False,
+    )  # fmt: skip
+    assert in_flight == [] and done == [1]
+    assert [r.index for r in queue] == [2]  # for the next pool, first, never started
+
+
 def test_a_worker_killed_twice_fails_its_run_and_the_others_finish(tmp_path, capsys, monkeypatch):
     # one worker killed (OOM killer, kill -9) broke the pool: an uncaught BrokenProcessPool
     # traceback, the healthy worker's run stopped, no results.csv and no failed run named
