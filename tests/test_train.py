@@ -525,6 +525,30 @@ def test_a_kill_between_a_steps_two_checkpoint_saves_loses_no_kept_checkpoint(
     assert read_csv(ref / "metrics.csv") == read_csv(run / "metrics.csv")
 
 
+class GroupsFused(L.Callback):
+    def __init__(self):
+        self.seen: set = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen |= {g["fused"] for opt in trainer.optimizers for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("before,after", [(True, False), (False, True)])
+def test_a_resumed_run_updates_as_its_own_optim_fused_says(tmp_path, before, after):
+    """optim.fused is an execution key: the checkpoint's optimiser state brought the old
+    setting back into every group, so the resumed run kept it whatever --set said."""
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(f"optim.fused={before}"), tmp_path, progress=False, callbacks=[InterruptAt(5)])
+    cfg = tiny(f"optim.fused={after}")
+    groups = GroupsFused()
+    run = train(cfg, tmp_path, progress=False, callbacks=[groups])
+    assert groups.seen == {after}
+    ref = train(cfg, tmp_path / "ref", progress=False)  # one setting throughout
+    a, b = final_state(ref), final_state(run)
+    for k in a:  # the two kernels round differently, nothing more
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     cfg = tiny()
     with pytest.raises(KeyboardInterrupt):

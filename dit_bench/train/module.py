@@ -163,6 +163,28 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._ema_pairs = None  # made again at this fit's first step: the lists are a fit's
 
+    def on_train_start(self) -> None:
+        # optim.fused is an execution key: a resumed run updates as this call says. The
+        # optimiser was built so (configure_optimizers), but its state from the checkpoint
+        # brought the old run's `fused` into every group. Each `step` count goes where torch's
+        # load_state_dict puts it for such a group: a float32 tensor on the parameter's device
+        # for the fused kernel, on the CPU for the loop (which reads it every step)
+        for opt in self.trainer.optimizers:
+            fused = opt.defaults.get("fused")
+            for group in opt.param_groups:
+                if group.get("fused") == fused:
+                    continue
+                group["fused"] = fused
+                for p in group["params"]:
+                    step = opt.state.get(p, {}).get("step")
+                    if not isinstance(step, torch.Tensor):
+                        continue
+                    if fused:
+                        step = step.to(dtype=torch.float32, device=p.device)
+                    elif not group.get("capturable"):
+                        step = step.cpu()
+                    opt.state[p]["step"] = step
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # The EMA moves with the weights, inside the step, so every checkpoint holds a matched
