@@ -671,9 +671,22 @@ class Claims:
             except sa.exc.SQLAlchemyError:
                 time.sleep(0.2)
 
+    def _now(self):
+        """The database's clock in epoch seconds, as an SQL expression: claims are made and
+        aged by it, not by each machine's own clock, which may be minutes off another's (a
+        claim then expired at once, or never). Optuna times its heartbeats by it too."""
+        sa, dialect = self.sa, self.engine.dialect.name
+        if dialect == "postgresql":
+            return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        if dialect == "sqlite":  # one machine's clock anyway; julianday keeps milliseconds
+            return (sa.func.julianday("now") - 2440587.5) * 86400.0
+        if dialect in ("mysql", "mariadb"):
+            return sa.cast(sa.func.unix_timestamp(sa.func.now(6)), sa.Float)
+        return sa.literal(time.time())
+
     def claim(self, key: str) -> bool:
         sa = self.sa
-        row = {"study_id": self.study_id, "key": key, "owner": self.owner, "created": time.time()}
+        row = {"study_id": self.study_id, "key": key, "owner": self.owner, "created": self._now()}
         for attempt in range(60):
             try:
                 with self.engine.begin() as conn:
@@ -705,11 +718,14 @@ class Claims:
         this call deleted it. Two workers that both find it old delete it once: the DELETE
         names the row's creation time, and the INSERT of the next `claim` is again atomic."""
         t = self.table
-        q = self.sa.select(t.c.created).where((t.c.study_id == self.study_id) & (t.c.key == key))
+        q = self.sa.select(t.c.created, self._now()).where(
+            (t.c.study_id == self.study_id) & (t.c.key == key)
+        )
         with self.engine.begin() as conn:
-            created = conn.execute(q).scalar()
-            if created is None or time.time() - created <= older_than:
+            row = conn.execute(q).first()
+            if row is None or row[1] - row[0] <= older_than:
                 return False
+            created = row[0]
             gone = conn.execute(
                 t.delete().where(
                     (t.c.study_id == self.study_id) & (t.c.key == key) & (t.c.created == created)

@@ -402,8 +402,7 @@ def test_a_trial_claimed_by_a_worker_that_died_before_starting_it_is_taken_after
     assert dead.claims.claim(f"run:{waiting._trial_id}")  # ... and the process is killed here
     other = hand_worker(sweep, tmp_path, name="other")
     assert other._pop_waiting() is None  # a claim that young may be a live worker's
-    now = time.time()
-    monkeypatch.setattr(time, "time", lambda: now + sweep.spec.heartbeat.grace + 1)
+    _later(other, sweep)
     trial = other._pop_waiting()
     assert trial is not None and trial.number == waiting.number
     assert other.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
@@ -474,10 +473,17 @@ def test_a_non_finite_final_loss_fails_its_trial_with_an_error_and_is_not_retrie
     assert not w.study.get_trials(states=WAITING)  # deterministic: not re-run as a lost worker
 
 
-def _later(monkeypatch, sweep) -> None:
-    """The clock past the heartbeat grace: claims made until now are old."""
-    now = time.time()
-    monkeypatch.setattr(time, "time", lambda: now + sweep.spec.heartbeat.grace + 1)
+def _age_claims(worker, seconds: float) -> None:
+    """The claims made until now made `seconds` earlier, by the database's clock (claims are
+    aged by it, not by the machine's)."""
+    t = worker.claims.table
+    with worker.claims.engine.begin() as conn:
+        conn.execute(t.update().values(created=t.c.created - seconds))
+
+
+def _later(worker, sweep) -> None:
+    """Past the heartbeat grace: claims made until now are old."""
+    _age_claims(worker, sweep.spec.heartbeat.grace + 1)
 
 
 @pytest.mark.parametrize("kind", ["point", "retry"])
@@ -503,7 +509,7 @@ def test_a_claim_whose_worker_died_before_enqueuing_is_made_again_after_the_grac
     assert other._expire_lost_claims() == 1  # young: its worker may be about to enqueue
     other._enqueue_grid(1), other._retry_failed()
     assert not other.study.get_trials(states=WAITING)
-    _later(monkeypatch, sweep)
+    _later(other, sweep)
     assert other._expire_lost_claims() == 0
     other._enqueue_grid(1), other._retry_failed()
     (again,) = other.study.get_trials(states=WAITING)
@@ -527,11 +533,11 @@ def test_the_worker_loop_waits_for_a_young_lost_claim_and_then_runs_its_point(
     monkeypatch.setattr(train_run, "train", lambda cfg, out, **kw: ran.append(cfg.hash))
     monkeypatch.setattr(train_run, "find_run_dir", lambda out, cfg: None)
     w = Worker(sweep, dead.storage_url, tmp_path / "runs", name="w", log=lambda m: None, poll=0)
-    start, sleeps = time.time(), []
+    sleeps = []
 
-    def sleep(s):  # each poll moves the clock on by a second
+    def sleep(s):  # each poll moves the claims' clock on by a second
         sleeps.append(s)
-        monkeypatch.setattr(time, "time", lambda: start + len(sleeps))
+        _age_claims(w, 1.0)
 
     monkeypatch.setattr(time, "sleep", sleep)
     w.run(1)
@@ -607,7 +613,7 @@ def test_a_slot_whose_worker_died_before_enqueuing_is_taken_again_after_the_grac
     other = hand_worker(sweep, tmp_path, name="other")
     assert other._new_trial(2).number == 0 and other.study.trials[0].user_attrs["slot"] == 1
     assert other._new_trial(2) is None and other._expire_lost_claims() == 1  # young: waited for
-    _later(monkeypatch, sweep)
+    _later(other, sweep)
     assert other._expire_lost_claims() == 0
     assert other._new_trial(2).number == 1 and other.study.trials[1].user_attrs["slot"] == 0
 
@@ -686,6 +692,26 @@ def test_a_failed_trial_is_named_by_its_grid_point_and_how_it_failed(tmp_path):
     )
 
 
+def test_claims_are_aged_by_the_databases_clock_not_the_machines(tmp_path, monkeypatch):
+    """Workers on several machines share the study: a claim made on one whose clock is behind
+    looked old at once to another (expired and made again: the work done twice), and one made
+    ahead never expired. Claims now take the database's time."""
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    behind = hand_worker(sweep, tmp_path, name="behind")
+    ahead = hand_worker(sweep, tmp_path, name="ahead")
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now - 3600)  # this machine's clock an hour behind
+    assert behind.claims.claim("point:a")
+    monkeypatch.setattr(time, "time", lambda: now + 3600)  # that one an hour ahead
+    assert ahead.claims.claim("point:b")
+    monkeypatch.undo()
+    grace = sweep.spec.heartbeat.grace
+    assert not ahead.claims.expire("point:a", grace)  # young, whoever looks
+    assert not behind.claims.expire("point:b", grace)
+    _later(ahead, sweep)
+    assert ahead.claims.expire("point:a", grace) and behind.claims.expire("point:b", grace)
+
+
 def test_a_claim_the_storage_keeps_refusing_says_what_the_storage_said(tmp_path, monkeypatch):
     """A server down or a table missing read "database stays locked" after 3.5 minutes."""
     import sqlalchemy as sa
@@ -694,6 +720,8 @@ def test_a_claim_the_storage_keeps_refusing_says_what_the_storage_said(tmp_path,
     w = hand_worker(sweep, tmp_path)
 
     class Refusing:
+        dialect = w.claims.engine.dialect
+
         def begin(self):
             raise sa.exc.OperationalError("INSERT", {}, Exception("connection refused\nmore"))
 
