@@ -476,3 +476,26 @@ def test_a_plan_none_of_whose_runs_finished_is_refused_naming_them(tmp_path, no_
     assert "Traceback" not in err and "none of the plan's runs has finished" in err
     assert "adaln seed 0" in err and "9 finished runs of other configs left out" in err
     assert not out.exists()
+
+
+def test_uneven_seed_note_counts_only_finite_values(tmp_path, monkeypatch):
+    """A run whose last logged FD is inf has no FD value (mean_ci leaves it out): the
+    variants' FD means then rest on different seeds, and the report must say so."""
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    monkeypatch.setattr(ablation, "sample_grids", lambda *a, **k: {})
+    src = tmp_path / "runs" / "toy-cpu"
+    for v, o in VARIANTS.items():
+        for s in range(3):
+            run = fake_run(src, v, s, o)
+            if v == "in_context" and s == 1:
+                m = pd.read_csv(run / "metrics.csv")
+                m.loc[m.index[-1], "val/FD-mnist-net"] = np.inf
+                m.to_csv(run / "metrics.csv", index=False)
+    plan = {"name": "toy", "base_variant": "adaln_zero", "variants": list(VARIANTS),
+            "metrics": ["val_loss", "val/FD-mnist-net"]}  # fmt: skip
+    (src / "ablation.json").write_text(json.dumps(plan))
+    text = ablation.build_report(src, tmp_path / "rep").read_text()
+    assert "rest on different seeds" in text

@@ -211,3 +211,12 @@ def test_a_variant_whose_every_seed_diverged_keeps_its_row_as_undetermined():
     table.loc[table["variant"] == "base", "val_loss"] = math.nan  # nothing to pair with
     with pytest.raises(ValueError, match="base 'base' has no runs with val_loss"):
         compare_to_base(table, "val_loss", "base")
+
+
+def test_a_constant_shift_of_large_values_is_undetermined_not_certain():
+    """Every seed differs by exactly +0.3 (deterministic runs): no spread, so no test. At FD
+    values in the thousands the rounding of v - b is ~1e-12, above the tolerance that is
+    scaled by the difference (0.3) instead of by the values, and t ~ 1e11 calls it certain."""
+    base = np.array([12345.6, 23456.7, 34567.8])
+    c = paired_compare(base + 0.3, base)
+    assert c.undetermined and not c.distinguishable, c

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dit_bench.files import write_text_atomic
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
     LEVEL,
@@ -475,8 +476,12 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         counted = f"{len(order)} variants, seeds " + ", ".join(f"{v} {s}" for v, s in seeds.items())
     # the seeds behind each variant's mean (of any metric): unequal sets make the ranking and the
     # means compare different seeds (the paired comparisons use the shared seeds only)
+    # finite values only, as mean_ci takes them: an inf (a diverged FD) is no value
+    finite = {
+        m: np.isfinite(pd.to_numeric(runs[m], errors="coerce").astype(float)) for m in metrics
+    }
     with_values = {
-        tuple(sorted(runs.loc[(runs["variant"] == v) & runs[m].notna(), "seed"]))
+        tuple(sorted(runs.loc[(runs["variant"] == v) & finite[m], "seed"]))
         for m in metrics
         for v in order
     } - {()}  # a variant without values of a metric has no mean of it to compare
@@ -740,7 +745,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     notes = out / NOTES
     if notes.is_file():
         md += ["## Discussion", "", notes.read_text().strip(), ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text_atomic(out / "report.md", "\n".join(md))
     return out / "report.md"
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dit_bench.files import write_text_atomic
 from dit_bench.report import fits
 from dit_bench.report.results import save_table
 
@@ -236,6 +237,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 **base,
                 "point": r.get("point"),
                 "trial": r.get("trial"),
+                "attempt": r.get("attempt"),  # a retry's timings cover the rest of its run only
                 "state": r.get("state"),
                 "depth": r.get("depth"),
                 "width": r.get("width"),
@@ -378,8 +380,9 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     # IsoFLOP: overall (best patch per size) and per patch
     # "all" picks each size's best patch from the runs it is given: each bootstrap refit picks
     # again from its resample, so the interval counts that choice's uncertainty too
+    # per patch too: each size's best run of the patch (a tpe sweep's lr, another resolution)
     iso_groups = [("all", points, _isoflop_points)] + [
-        (f"patch {p}", g, lambda d: d) for p, g in points.groupby("patch")
+        (f"patch {p}", g, _isoflop_points) for p, g in points.groupby("patch")
     ]
     for label, g, pick in iso_groups:
         name = f"N*(C) {label}"
@@ -777,8 +780,10 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "the floor E of L(C) sits on its bound 0 and the rest is a pure power law, fitted as a "
         "line in log-log with the same checks. Any other status "
         "is printed instead of a number. CIs are 2.5/97.5% percentiles of refits on runs "
-        f"resampled with replacement ({result['n_boot']} resamples; only ok refits count, and "
-        f"a fit with fewer than {fits.MIN_BOOTSTRAP_OK:.0%} ok refits gets no interval). "
+        f"resampled with replacement ({result['n_boot']} resamples; every refit that "
+        "converged counts, ok or not, since those that fail the checks are not a random "
+        f"share; a fit with fewer than {fits.MIN_BOOTSTRAP_OK:.0%} ok refits gets no "
+        "interval). "
         f"L(C) intervals are a {ENVELOPE_NOTE}",
         "",
         "## Held-out check (fit without the largest budget, predict it)",
@@ -863,7 +868,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "",
     ]
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
+    write_text_atomic(out / "report.md", text)
     return text
 
 

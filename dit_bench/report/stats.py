@@ -125,7 +125,9 @@ def paired_compare(
     if n < MIN_PAIRS:
         return PairedComparison(diff, nan, nan, nan, nan, n, base_mean, *tail)
     ci = mean_ci(d, level)
-    if ci.std <= ZERO_SPREAD_RTOL * max(1.0, abs(ci.mean)):
+    # rounding in v - b scales with the values, not with their difference
+    scale = max(1.0, abs(ci.mean), float(np.abs(v).max()), float(np.abs(b).max()))
+    if ci.std <= ZERO_SPREAD_RTOL * scale:
         if abs(ci.mean) <= ZERO_SPREAD_RTOL * max(1.0, abs(base_mean)):  # identical runs
             return PairedComparison(0.0, 0.0, 0.0, 1.0, 0.0, n, base_mean, *tail)
         return PairedComparison(ci.mean, nan, nan, nan, nan, n, base_mean, *tail)
