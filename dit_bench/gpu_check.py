@@ -30,7 +30,10 @@ left is skipped, and one that overruns is interrupted by an alarm):
 9. candidate settings for the compiled DiT-XL/2 step (`dit_bench.step_variants`: CUDA graphs
    and a bf16 residual stream, alone and together), the default one first, in the time left;
 10. the sweep's batch: DiT-XL/2 at batch 256 with activation checkpointing on every block (the
-   sweep's gpu profile) and on every other block: its speed and whether it fits the card.
+   sweep's gpu profile) and on every other block: its speed and whether it fits the card;
+11. the FSDP tests (tests/test_cuda_fsdp.py: FSDP from config alone on one GPU, against plain
+   training, and its resume), through pytest, when pydantic and Lightning import; last, as
+   they measure nothing the report's numbers need.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import importlib.util
 import json
 import math
@@ -69,6 +73,7 @@ from dit_bench.objectives import build_objective
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_TESTS = "tests/test_cuda_fast_paths.py"
+FSDP_TESTS = "tests/test_cuda_fsdp.py"  # three short trainings: the last section, not to delay
 TARGET_MFU = 0.45  # issue 8: DiT-XL/2, 32x32x4, batch 64, bf16, compiled, of the datasheet peak
 
 
@@ -422,11 +427,22 @@ def step_budget(
     return out
 
 
-def section_cuda_tests(ctx: dict) -> dict:
-    path = REPO / CUDA_TESTS
+def section_cuda_tests(ctx: dict, rel: str = CUDA_TESTS) -> dict:
+    path = REPO / rel
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     timeout = max(10.0, ctx["section_left"]() - 5)
+    if rel == FSDP_TESTS:  # Lightning's training path (pydantic) and pytest's tmp_path
+        missing = []
+        for module in ("pytest", "pydantic", "lightning"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(module)
+        if missing:
+            raise SectionSkipped(
+                f"needs {', '.join(missing)} (carry pydantic as a wheel: README, Performance)"
+            )
     if importlib.util.find_spec("pytest") is not None:
         cmd = [
             sys.executable,
@@ -877,8 +893,9 @@ def render_markdown(report: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in va["rows"]:
-            if "error" in r:
-                lines.append(f"| {r['variant']} | {table_cell(r['error'])} | | | | | | | | |")
+            if "error" in r:  # an out-of-memory error keeps the peak it reached
+                peak = "" if r.get("peak_mem_gb") is None else f" {r['peak_mem_gb']:.2f}"
+                lines.append(f"| {r['variant']} | {table_cell(r['error'])} | | | | | |{peak} | | |")
                 continue
             lines.append(
                 f"| {r['variant']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {r['tflops']:.1f} | "
@@ -889,9 +906,11 @@ def render_markdown(report: dict) -> str:
         if "cut_off" in va:
             lines.append(f"\nLater variants not timed: {va['cut_off']}.")
         lines.append("")
-    ct = s.get("cuda tests", {}).get("result")
-    if ct:
-        lines += ["## CUDA-marked tests", "", f"Runner: {ct['runner']}; ok: {ct['ok']}."]
+    for key, title in (("cuda tests", CUDA_TESTS), ("fsdp tests", FSDP_TESTS)):
+        ct = s.get(key, {}).get("result")
+        if not ct:
+            continue
+        lines += [f"## CUDA-marked tests: {title}", "", f"Runner: {ct['runner']}; ok: {ct['ok']}."]
         if "summary" in ct:
             lines += ["", f"`{ct['summary']}`", "", "```", ct["output_tail"][-2500:], "```"]
         else:
@@ -1045,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sampling", section_sampling, 120, 10),
         ("variants", section_variants, 200, 40),
         ("sweep batch", lambda c: section_variants(c, "sweep_batch"), 120, 40),
+        ("fsdp tests", lambda c: section_cuda_tests(c, FSDP_TESTS), 90, 45),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")

@@ -350,6 +350,9 @@ def run_variants(
             row["vs_first"] = base["ms"] / row["ms"] if base else None
         except Exception as e:  # noqa: BLE001 - record it and go on to the next variant
             row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if device.type == "cuda" and isinstance(e, torch.OutOfMemoryError):
+                # how far it got: run_variant reset the peak before it built the net
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         # the variant's net and optimiser are garbage now (also after an error, whose
         # traceback held them): free them before the next one is built
         gc.collect()

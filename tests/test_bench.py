@@ -303,6 +303,8 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     # the harness's training path needs pydantic: skipped, saying why, not an error
     harness = statuses.pop("harness")
     assert harness.startswith("skipped: pydantic is blocked") and "wheel" in harness
+    fsdp = statuses.pop("fsdp tests")  # so do the FSDP tests, which train through Lightning
+    assert fsdp.startswith("skipped: needs pydantic") and "wheel" in fsdp
     assert statuses == dict.fromkeys(
         [
             "environment",

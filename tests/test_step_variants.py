@@ -145,6 +145,32 @@ def test_gpu_check_variants_section_keeps_an_error_in_one_table_cell(render_gpu_
     assert row in text.splitlines()
 
 
+def test_an_out_of_memory_variant_keeps_the_peak_it_reached(monkeypatch, render_gpu_section):
+    """`sweep batch` asks whether checkpoint-half fits the card: a bare "out of memory" said
+    no, not by how much. The row keeps the peak since the variant's start."""
+
+    def out_of_memory(variant, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB")
+
+    monkeypatch.setattr(step_variants, "run_variant", out_of_memory)
+    monkeypatch.setattr(step_variants.fast, "device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 77.5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = step_variants.run_variants(
+        ("checkpoint-half",), "dit-xl/2", TINY, torch.device("cuda"), rows=[]
+    )
+    assert rows == [
+        {
+            "variant": "checkpoint-half",
+            "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.25 GiB",
+            "peak_mem_gb": 77.5,
+        }
+    ]
+    result = {"backbone": "dit-xl/2", "precision": "bf16", "batch": 256, "rows": rows}
+    row = "| checkpoint-half | OutOfMemoryError: CUDA out of memory. Tried to allocate 2.25 GiB "
+    assert row + "| | | | | | 77.50 | | |" in render_gpu_section("sweep batch", result)
+
+
 def test_profiled_variant_keeps_the_timed_losses():
     """--profile adds where the variant's time goes, after the timed steps: the losses reported
     are those of the same seeded timed steps as without it."""
