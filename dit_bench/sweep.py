@@ -967,6 +967,11 @@ class Worker:
         """Run trials until the study is done; returns the number this worker finished."""
         import optuna
 
+        # the training imports take seconds: made before any trial is started, where a trial
+        # would sit RUNNING between its first heartbeat and the next, and counted in the
+        # worker's start (worker_start_s), not in its first trial
+        import dit_bench.train.run  # noqa: F401
+
         self.study, rdb = open_study(self.sweep, self.storage_url)
         self.storage = self.study._storage  # Optuna's (cached) view of `rdb`: keep one view
         self.claims = Claims(rdb, self.study._study_id, self.name)
@@ -1227,13 +1232,12 @@ class Worker:
     def _run_trial(self, trial) -> None:
         import optuna
 
+        from dit_bench.train.callbacks import ValAtSteps
+        from dit_bench.train.run import find_run_dir, train
+
         t0 = time.perf_counter()
         state, value = optuna.trial.TrialState.FAIL, None
         with _Heartbeat(self.storage, trial._trial_id, self.sweep.spec.heartbeat.interval):
-            # the first trial's imports take seconds: under the heartbeat, not before it
-            from dit_bench.train.callbacks import ValAtSteps
-            from dit_bench.train.run import find_run_dir, train
-
             try:
                 plan = self.sweep.plan(suggest(trial, self.sweep))
             except ConfigError as e:
