@@ -432,16 +432,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (reparented to a PID 1 that does not reap)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_killed_parallel_ablation_leaves_no_worker_training(tmp_path, sig):
-    # `kill PID`, `timeout`, a preemption (SIGTERM) or the OOM killer (SIGKILL) stopped the
-    # parent alone: its pool's workers trained on as orphans, holding locks and ~1 GB each.
+def _training_in_two_workers(tmp_path, base: dict):
+    """`ablate --jobs 2` of one seed of two variants started in a process of its own, returned
+    once both workers train (each run has a checkpoint): (the parent, the workers' pids)."""
     import subprocess
     import sys
     import time
 
-    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100000}}
     path = write_ablation(tmp_path, base=base, seeds=[0], profiles={"cpu": {}})
     cmd = [sys.executable, "-m", "dit_bench.cli", "ablate", str(path), "--jobs", "2"]
     parent = subprocess.Popen(
@@ -449,19 +446,25 @@ def test_a_killed_parallel_ablation_leaves_no_worker_training(tmp_path, sig):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    workers: list[int] = []
     deadline = time.time() + 120
-    while len(workers) < 2 and time.time() < deadline:  # both workers are training
-        time.sleep(1)
-        ckpts = list((tmp_path / "runs" / "tiny-cpu").glob("*/checkpoints/last.ckpt"))
-        if len(ckpts) == 2:
-            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text()
-            workers = [
-                int(pid)
-                for pid in children.split()
-                if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
-            ]
-    assert len(workers) == 2, "the workers did not start training"
+    while len(list((tmp_path / "runs" / "tiny-cpu").glob("*/checkpoints/last.ckpt"))) < 2:
+        assert parent.poll() is None and time.time() < deadline, "the workers did not train"
+        time.sleep(0.2)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+    workers = [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2, children
+    return parent, workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_killed_parallel_ablation_leaves_no_worker_training(tmp_path, sig):
+    # `kill PID`, `timeout`, a preemption (SIGTERM) or the OOM killer (SIGKILL) stopped the
+    # parent alone: its pool's workers trained on as orphans, holding locks and ~1 GB each.
+    import time
+
+    base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100000}}
+    parent, workers = _training_in_two_workers(tmp_path, base)
     parent.send_signal(getattr(signal, sig))
     parent.wait(timeout=60)
     deadline = time.time() + 60
@@ -476,8 +479,6 @@ def test_a_sigterm_stops_a_parallel_ablation_in_a_workers_long_evaluation(tmp_pa
     """A SIGTERM reaches the workers while they sample for the in-training FD (minutes here):
     they stop at once, as at a step. With Lightning's own SIGTERM handler they stopped only at
     the next step's end, after the FD, and the parent waited for them."""
-    import subprocess
-    import sys
     import time
 
     base = {
@@ -485,19 +486,7 @@ def test_a_sigterm_stops_a_parallel_ablation_in_a_workers_long_evaluation(tmp_pa
         "train": {**TINY_BASE["train"], "steps": 100000, "val_every": 1000},
         "eval": {**TINY_BASE["eval"], "fd_every": 3, "fd_samples": 4000, "sample_steps": 250},
     }
-    path = write_ablation(tmp_path, base=base, seeds=[0], profiles={"cpu": {}})
-    cmd = [sys.executable, "-m", "dit_bench.cli", "ablate", str(path), "--jobs", "2"]
-    parent = subprocess.Popen(
-        [*cmd, "--out", str(tmp_path / "runs"), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while len(list((tmp_path / "runs" / "tiny-cpu").glob("*/checkpoints/last.ckpt"))) < 2:
-        assert parent.poll() is None and time.time() < deadline, "the workers did not train"
-        time.sleep(0.2)
-    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
-    workers = [int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    parent, workers = _training_in_two_workers(tmp_path, base)
     time.sleep(5)  # step 3's FD has begun: 4000 samples of 250 steps
     t0 = time.time()
     parent.send_signal(signal.SIGTERM)
