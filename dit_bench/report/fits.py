@@ -484,7 +484,8 @@ def bootstrap(
         # dropping them truncates one tail of the interval
         if fit.params and fit.status != "not converged":
             for k, v in fit.params.items():
-                samples.setdefault(k, []).append(v)
+                if math.isfinite(v):  # a degenerate refit's NaN would make every bound NaN
+                    samples.setdefault(k, []).append(v)
     if ok < MIN_BOOTSTRAP_OK * n_boot:
         return {}, ok / n_boot
     q = (1 - level) / 2
