@@ -92,6 +92,12 @@ class DataConfig(_Strict):
     split_seed: int = Field(
         0, ge=0, lt=2**32, description="fixed train/val split, independent of the run seed"
     )
+    split_by: Literal["position", "name"] = Field(
+        "position",
+        description="folder data: 'name' splits by a hash of each file's path, so files added "
+        "to the folder leave the others where they were; 'position' (a permutation of the "
+        "listing) reshuffles on any change",
+    )
     num_samples: int = Field(20000, gt=0, description="size of the procedural `shapes` set")
     max_samples: int | None = Field(None, gt=0, description="cap on the training set size")
     num_workers: int = Field(0, ge=0)
@@ -123,7 +129,12 @@ class DataConfig(_Strict):
 
 
 # Which data sets read the keys that only some do.
-DATA_KEY_USERS = {"root": ("folder", "latents"), "vae": ("latents",), "num_samples": ("shapes",)}
+DATA_KEY_USERS = {
+    "root": ("folder", "latents"),
+    "vae": ("latents",),
+    "num_samples": ("shapes",),
+    "split_by": ("folder",),
+}
 
 
 class BackboneConfig(_Strict):
@@ -578,7 +589,7 @@ EXECUTION_KEYS = (
 HASHED_AS_DEFAULT = (("train", "accelerator", "auto"),)
 # Keys that change the numbers, added after runs were made without them: hashed only when set
 # away from their default, so those runs keep their directories (and resume).
-LATER_KEYS = (("train", "bf16_stream", False),)
+LATER_KEYS = (("train", "bf16_stream", False), ("data", "split_by", "position"))
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -44,6 +44,21 @@ def test_hashes_of_existing_runs_do_not_move():
     assert spelled.hash == "46065bf4a9" != tiny.hash
 
 
+def test_a_folder_split_by_name_is_a_run_of_its_own_and_positional_runs_keep_their_hash(
+    tmp_path,
+):
+    """data.split_by came after folder runs were made: left at "position" it is not hashed (those
+    runs keep their directories and resume on the same split); "name" splits other images, so
+    it names a directory of its own. The built-in sets have no file names to split by."""
+    folder = ["data.name=folder", f"data.root={tmp_path}", "data.image_size=8"]
+    positional = build_config(None, folder)
+    assert build_config(None, [*folder, "data.split_by=position"]).hash == positional.hash
+    assert build_config(None, [*folder, "data.split_by=name"]).hash != positional.hash
+    assert "data.split_by applies to data.name=folder only, not digits" in error(
+        ["data.name=digits", "data.split_by=name"]
+    )
+
+
 # -- build_config does not touch its input ----------------------------------------------------
 def test_a_true_float32_run_is_a_run_of_its_own_and_tf32_runs_keep_their_hash():
     """TF32 matmuls change a float32 GPU run's numbers beyond rounding: tf32=false with

@@ -22,6 +22,7 @@ def make_cfg(name: str, **overrides) -> SimpleNamespace:
         root=None,
         val_fraction=0.1,
         split_seed=0,
+        split_by="position",
         num_samples=200,
         max_samples=None,
     )
@@ -329,6 +330,30 @@ def test_folder_broken_image_is_an_error_naming_the_file(tmp_path, content):
 
 def test_unknown_name_lists_the_choices():
     check_error(make_cfg("cifar10"), "cifar10", *DATASETS)
+
+
+def test_a_folder_split_by_name_keeps_its_held_out_images_when_files_are_added(tmp_path):
+    """A folder that gains images reshuffled a positional split: one image more among 200
+    moved 7 of the 20 held-out images into training, and `dit-bench eval` of a run made before
+    took them as its reference. By name, each file's side is a function of its own path."""
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(100):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / c / f"{i:03d}.png")
+
+    def sides(split_by):
+        cfg = make_cfg("folder", root=str(root), image_size=8, split_by=split_by)
+        return [{s.dataset.samples[i][0] for i in s.indices} for s in load_datasets(cfg)]
+
+    before = {by: sides(by) for by in ("position", "name")}
+    for i in range(3):  # three images more
+        Image.new("RGB", (8, 8), (1, 2, i)).save(root / "dog" / f"new{i}.png")
+    after = {by: sides(by) for by in ("position", "name")}
+    leaked = {by: len(before[by][1] & after[by][0]) for by in before}
+    assert leaked["name"] <= 3 < leaked["position"], leaked
+    assert len(after["name"][1]) == round(0.1 * 203)  # the share held out, as by position
+    assert sides("name") == after["name"]  # fixed: the same listing gives the same split
 
 
 def test_a_split_that_leaves_a_side_empty_is_an_error(folder):

@@ -15,6 +15,7 @@ is a pure function of i (no random augmentation here), so a step-indexed sampler
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib.resources import files
@@ -113,7 +114,10 @@ def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     """(train, val): a fixed split of one data set, seeded by `cfg.split_seed` only."""
     full = full_dataset(cfg)
     n_sources = full.manifest["num_images"] if isinstance(full, LatentShards) else len(full)
-    train, val = split_indices(n_sources, cfg.val_fraction, cfg.split_seed)
+    keys = None
+    if getattr(cfg, "split_by", "position") == "name" and isinstance(full, ImageFolder):
+        keys = [os.path.relpath(path, full.root).replace(os.sep, "/") for path, _ in full.samples]
+    train, val = split_indices(n_sources, cfg.val_fraction, cfg.split_seed, keys)
     if isinstance(full, LatentShards) and full.manifest["flip"]:
         # Item n + i is the flipped copy of image i: it trains with its original, so no
         # validation image leaks into training through its mirror image.
@@ -123,15 +127,27 @@ def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     return Subset(full, train), Subset(full, val)
 
 
-def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
-    """A fixed permutation of range(n); val is its first round(val_fraction * n) entries."""
+def split_indices(
+    n: int, val_fraction: float, split_seed: int, keys: list[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """A fixed order of range(n); val is its first round(val_fraction * n) entries.
+
+    The order is a seeded permutation, which depends on n alone: a folder that gains or loses
+    images reshuffles all of it (one image more among 200 moved 7 of 20 held-out images into
+    training). With `keys` (a folder's file names, `data.split_by=name`) the items are ranked
+    by a hash of (seed, key), each item's rank a function of its own name: k files added move
+    at most k others across the split."""
     n_val = round(val_fraction * n)
     if not 0 < n_val < n:
         raise DataError(
             f"data.val_fraction: {val_fraction} of {n} images leaves {n_val} for validation and "
             f"{n - n_val} for training; both need at least one"
         )
-    order = np.random.default_rng(split_seed).permutation(n).tolist()
+    if keys is None:
+        order = np.random.default_rng(split_seed).permutation(n).tolist()
+    else:
+        rank = [hashlib.sha256(f"{split_seed}\0{k}".encode()).digest() for k in keys]
+        order = sorted(range(n), key=rank.__getitem__)
     return order[n_val:], order[:n_val]
 
 
