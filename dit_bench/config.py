@@ -698,6 +698,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 if family and section["conditioning"] not in CONDITIONINGS[family]:
                     del section["conditioning"]  # BackboneConfig fills in the family's own
     for item, path, value in parsed:
+        if len(path) == 1 and isinstance(value, dict) and path[0] not in UNION_SECTIONS:
+            # `--set 'train={steps: 5}'` replaced the section: the file's batch_size, val_every,
+            # precision ... fell back to the defaults without a word
+            first = next(iter(value), "steps")
+            raise ConfigError(
+                f"--set {item!r}: {path[0]} is given a mapping, which would drop the config's "
+                f"other {path[0]} keys; set one key at a time (e.g. --set {path[0]}.{first}=...)"
+            )
         node = out
         for p in path[:-1]:
             child = node.setdefault(p, {})

@@ -301,3 +301,17 @@ def test_a_guidance_interval_beyond_ddpm_s_timesteps_is_refused():
     assert build_config(
         None, [*guided, "objective.num_timesteps=100", "eval.cfg_interval=[99,1000]"]
     ).eval.cfg_interval == (99, 1000)
+
+
+def test_a_set_of_a_whole_section_is_refused_but_the_objective_may_be_switched(tmp_path):
+    """`--set 'train={steps: 5}'` replaced the section: the file's other train keys fell back
+    to the defaults and the run trained. Refused, as in ablation variants and sweep choices;
+    the objective, whose name picks its keys, may still be given whole."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 500, batch_size: 8, val_every: 100}\n")
+    with pytest.raises(ConfigError, match=r"--set 'train=\{steps: 5\}': train is given a mapping"):
+        load_config(path, ["train={steps: 5}"])
+    assert load_config(path, ["train.steps=5"]).train.batch_size == 8
+    assert (
+        load_config(None, ["objective={name: ddpm}", "eval.sampler=ddpm"]).objective.name == "ddpm"
+    )
