@@ -348,6 +348,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         ["train.compile=true"],  # train.cudagraphs
         ["train.activation_checkpointing=true"],  # train.activation_checkpointing_every
         ["eval.fd_every=100"],  # eval.fd_samples, eval.fd_features
+        ["data.name=folder", f"data.root={tmp_path}", "data.image_size=8"],  # data.split_by
     ]
     # Written out, not read from config.py: a key moved into EXECUTION_KEYS there (so that runs
     # differing in it share a directory) must be argued for here too.
