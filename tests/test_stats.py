@@ -220,3 +220,19 @@ def test_a_constant_shift_of_large_values_is_undetermined_not_certain():
     base = np.array([12345.6, 23456.7, 34567.8])
     c = paired_compare(base + 0.3, base)
     assert c.undetermined and not c.distinguishable, c
+
+
+def test_seeds_only_a_third_variant_ran_are_not_left_out_of_a_pair():
+    """Seeds 3 and 4 of `b` alone: `a` against the base was said to leave out 2 seeds
+    "missing or not finite (diverged)" that neither ever ran. A seed that did run and
+    diverged still counts."""
+    rows = [("base", s, 1.0 + 0.01 * s) for s in range(3)]
+    rows += [("a", s, 0.9 + 0.02 * s) for s in range(3)]
+    rows += [("b", s, 1.1) for s in range(5)]
+    table = pd.DataFrame(rows, columns=["variant", "seed", "val_loss"])
+    out = compare_to_base(table, "val_loss", "base").set_index("variant")
+    assert out.loc["a", "n_pairs"] == 3 and "Left out" not in out.loc["a", "verdict"]
+    assert "Left out: 2 seed(s)" in out.loc["b", "verdict"]  # b ran 3 and 4, the base did not
+    table.loc[(table["variant"] == "a") & (table["seed"] == 1), "val_loss"] = float("nan")
+    out = compare_to_base(table, "val_loss", "base").set_index("variant")
+    assert out.loc["a", "n_pairs"] == 2 and "Left out: 1 seed(s)" in out.loc["a", "verdict"]

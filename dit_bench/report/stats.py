@@ -209,7 +209,9 @@ def compare_to_base(
     order = [g for g in table[by].drop_duplicates() if g != base and g in wide]
     rows = []
     for name in order:
-        c = paired_compare(wide[name].to_numpy(), wide[base].to_numpy(), level)
+        # the seeds either of the two ran: a seed only a third group ran is no pair "left out"
+        ran = wide.index.isin(table.loc[table[by].isin([name, base]), pair_on].unique())
+        c = paired_compare(wide.loc[ran, name].to_numpy(), wide.loc[ran, base].to_numpy(), level)
         rows.append(
             {
                 by: name,
