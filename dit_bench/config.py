@@ -662,14 +662,15 @@ def unknown_key(path: Sequence[str]) -> str | None:
     return None
 
 
-def section_replacement_error(key: str, value: Any) -> str | None:
-    """Why `key: value` among dotted overrides (an ablation variant, a sweep choice) must be
-    refused, or None: a mapping replaces the whole section, the base's other keys in it too.
-    Only a section whose name picks its keys (UNION_SECTIONS) is meant to be replaced whole."""
+def section_replacement_error(key: str, value: Any, assign: str = ": ") -> str | None:
+    """Why `key: value` among dotted overrides (an ablation variant, a sweep choice, a `--set`:
+    `assign` "=") must be refused, or None: a mapping replaces the whole section, the base's
+    other keys in it too. Only a section whose name picks its keys (UNION_SECTIONS) is meant
+    to be replaced whole."""
     if isinstance(value, dict) and key not in UNION_SECTIONS:
         return (
             f"{key} is given a mapping, which would drop the base's other {key} keys; use one "
-            f"dotted key per value (e.g. {key}.{next(iter(value), 'name')}: ...)"
+            f"dotted key per value (e.g. {key}.{next(iter(value), 'name')}{assign}...)"
         )
     return None
 
@@ -698,14 +699,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 if family and section["conditioning"] not in CONDITIONINGS[family]:
                     del section["conditioning"]  # BackboneConfig fills in the family's own
     for item, path, value in parsed:
-        if len(path) == 1 and isinstance(value, dict) and path[0] not in UNION_SECTIONS:
-            # `--set 'train={steps: 5}'` replaced the section: the file's batch_size, val_every,
-            # precision ... fell back to the defaults without a word
-            first = next(iter(value), "steps")
-            raise ConfigError(
-                f"--set {item!r}: {path[0]} is given a mapping, which would drop the config's "
-                f"other {path[0]} keys; set one key at a time (e.g. --set {path[0]}.{first}=...)"
-            )
+        # `--set 'train={steps: 5}'` replaced the section: the file's batch_size, val_every,
+        # precision ... fell back to the defaults without a word
+        if len(path) == 1 and (problem := section_replacement_error(path[0], value, "=")):
+            raise ConfigError(f"--set {item!r}: {problem}")
         node = out
         for p in path[:-1]:
             child = node.setdefault(p, {})
