@@ -72,7 +72,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -962,6 +961,8 @@ class Worker:
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr, flush=True))
     started: float = field(default_factory=time.perf_counter)
     local_workers: int = 1  # workers sharing this machine's CPU threads
+    # trial id -> time.monotonic() when this worker first saw it RUNNING without a heartbeat
+    _unbeaten_since: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def run(self, n_trials: int | None = None) -> int:
         """Run trials until the study is done; returns the number this worker finished."""
@@ -1026,23 +1027,32 @@ class Worker:
             done, waiting = done + 1, False
 
     def _beat_for_orphans(self) -> None:
-        """A heartbeat for each trial RUNNING for over the grace without one: Optuna fails as
+        """A heartbeat for each trial RUNNING without one for over the grace: Optuna fails as
         stale only trials with a heartbeat, so such a trial kept every worker waiting for good.
         Earlier versions made tpe/random trials RUNNING before their first heartbeat, and a
-        worker killed in between left one; one grace after this beat it is failed and retried."""
+        worker killed in between left one; one grace after this beat it is failed and retried.
+        The grace is timed from when this worker first saw the trial without a heartbeat, on
+        its own monotonic clock: the trial's start time is its starting worker's wall clock,
+        which may stand hours from this one's (a clock behind left an orphan unbeaten for as
+        long)."""
         import optuna
 
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if not running:
-            return
-        ids = ",".join(str(int(t._trial_id)) for t in running)
-        with self.claims.engine.connect() as conn:
-            query = f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"
-            beating = {r for (r,) in conn.exec_driver_sql(query)}
-        cutoff = datetime.now() - timedelta(seconds=self.sweep.spec.heartbeat.grace)
-        for t in running:
-            if t._trial_id not in beating and t.datetime_start and t.datetime_start < cutoff:
-                self.storage.record_heartbeat(t._trial_id)
+        beating: set[int] = set()
+        if running:
+            ids = ",".join(str(int(t._trial_id)) for t in running)
+            with self.claims.engine.connect() as conn:
+                query = f"SELECT trial_id FROM trial_heartbeats WHERE trial_id IN ({ids})"
+                beating = {r for (r,) in conn.exec_driver_sql(query)}
+        now = time.monotonic()
+        unbeaten = {t._trial_id: t for t in running if t._trial_id not in beating}
+        self._unbeaten_since = {
+            i: self._unbeaten_since.get(i, now) for i in unbeaten
+        }  # forgets trials that ended or got a heartbeat
+        for i, t in unbeaten.items():
+            if now - self._unbeaten_since[i] > self.sweep.spec.heartbeat.grace:
+                self.storage.record_heartbeat(i)
+                del self._unbeaten_since[i]
                 self.log(f"[sweep {self.name}] trial {t.number} ran without a heartbeat: given one")
 
     # -- which trial next -------------------------------------------------------------------

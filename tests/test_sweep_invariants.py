@@ -853,7 +853,9 @@ def test_a_stop_before_training_fails_the_trial_as_stopped_not_lost(tmp_path, mo
 
 def test_a_running_trial_without_a_heartbeat_gets_one_and_goes_stale(tmp_path, monkeypatch):
     """Earlier versions made tpe/random trials RUNNING before their first heartbeat; a worker
-    killed in between left one that Optuna never fails, and every worker waited for good."""
+    killed in between left one that Optuna never fails, and every worker waited for good. The
+    grace runs on this worker's clock from when it first saw the orphan: the trial's start is
+    the wall clock of the machine that made it, here an hour ahead of this one's."""
     from datetime import datetime, timedelta
 
     import dit_bench.sweep as sweep_module
@@ -861,16 +863,19 @@ def test_a_running_trial_without_a_heartbeat_gets_one_and_goes_stale(tmp_path, m
     sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
     w = hand_worker(sweep, tmp_path)
     trial_id = w.storage.create_new_trial(w.study._study_id)  # RUNNING, no heartbeat
+    ahead = (datetime.now() + timedelta(hours=1)).isoformat(" ")
+    with w.claims.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE trials SET datetime_start = '{ahead}'")
     (orphan,) = w.study.trials
     w._beat_for_orphans()
-    assert heartbeats(w, orphan) == 0  # younger than the grace: a live worker's, maybe
+    assert heartbeats(w, orphan) == 0  # not seen for a grace yet: a live worker's, maybe
 
-    class Later(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return datetime.now(tz) + timedelta(seconds=sweep.spec.heartbeat.grace + 1)
-
-    monkeypatch.setattr(sweep_module, "datetime", Later)
+    grace = sweep.spec.heartbeat.grace
+    clock = time.monotonic() + grace - 1
+    monkeypatch.setattr(sweep_module.time, "monotonic", lambda: clock)
+    w._beat_for_orphans()
+    assert heartbeats(w, orphan) == 0  # still within the grace
+    clock += 2
     w._beat_for_orphans()
     assert heartbeats(w, orphan) == 1 and orphan._trial_id == trial_id
 
