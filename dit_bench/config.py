@@ -340,6 +340,12 @@ class TrainConfig(_Strict):
             )
         if self.cudagraphs and self.accelerator == "cpu":
             raise ValueError("train.cudagraphs needs a CUDA device; train.accelerator is 'cpu'")
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError(
+                "train.strategy=fsdp needs a CUDA device (Lightning and torch's FSDP refuse the "
+                "CPU); train.accelerator is 'cpu': use train.strategy=ddp (several processes) "
+                "or auto"
+            )
         if self.cudagraphs and self.strategy == "fsdp":
             raise ValueError(
                 "train.cudagraphs with train.strategy=fsdp: FSDP gathers and frees the "

@@ -417,10 +417,19 @@ def test_the_final_grid_redraw_goes_by_rank_zeros_look_at_the_file(tmp_path, mon
         assert image.size[1] > 8
 
 
-def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path):
-    cfg = tiny("train.strategy=fsdp")  # on the CPU: Lightning refuses it when it builds
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_run_lightning_refuses_leaves_no_run_dir(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from dit_bench.train import run as run_module
+
+    cfg = tiny()
+    # on the CPU, Lightning refuses FSDP when it builds the Trainer (train.strategy=fsdp is
+    # refused before that, by the harness: handed to Lightning here as another strategy's)
+    monkeypatch.setattr(run_module, "_strategy", lambda name, module: FSDPStrategy())
     with pytest.raises(Exception, match="(?i)fsdp"):
         train(cfg, tmp_path, progress=False)
+    monkeypatch.undo()
     assert find_run_dir(tmp_path, cfg) is None
     run = train(tiny(), tmp_path, progress=False)  # a run that did begin keeps its dir
     assert (run / "config.yaml").exists()
@@ -797,3 +806,47 @@ def test_activation_checkpointing_trains_the_same_weights_in_the_same_run(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = torch.load(checkpointed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("backbone", "blocks"),
+    [
+        (["backbone.name=dit-xs/4"], {"AdaLNZeroBlock"}),
+        (["backbone.name=uvit-xs/2"], {"UViTBlock"}),
+        (["backbone.name=unet-xs", "backbone.conditioning=adagn"], {"EmbedSequential"}),
+    ],
+)
+def test_fsdp_wraps_the_backbone_blocks_only(backbone, blocks):
+    """train.strategy=fsdp: one FSDP unit per backbone block (the blocks activation
+    checkpointing and regional compilation use), not every module class that some ModuleList
+    holds: the U-Net's EmbedSequential groups are ModuleLists themselves, and a policy made
+    from every ModuleList's members wrapped each of its 39 Conv2d layers in a unit of its own."""
+    from dit_bench.data import data_info
+    from dit_bench.train.module import DiffusionModule
+    from dit_bench.train.run import _strategy
+
+    cfg = tiny(*backbone)
+    module = DiffusionModule(cfg, data_info(cfg.data))
+    policy = _strategy("fsdp", module).kwargs["auto_wrap_policy"]
+    assert {t.__name__ for t in policy._module_classes} == blocks
+
+
+def test_config_refuses_fsdp_on_the_cpu():
+    with pytest.raises(
+        ValueError,
+        match=r"train.strategy=fsdp needs a CUDA device.*"
+        r"train.accelerator is 'cpu'.*train.strategy=ddp",
+    ):
+        tiny("train.accelerator=cpu", "train.strategy=fsdp")
+    tiny("train.strategy=fsdp")  # auto: a GPU machine's run, decided where it trains
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_fsdp_without_a_gpu_is_refused_before_anything_is_built(tmp_path):
+    """train.accelerator=auto on a machine without a GPU: Lightning (and torch's FSDP under
+    it) refuse the CPU; refused by the config's key names before the data is read and the
+    module built, with nothing written (Lightning's message named its own `accelerator='cpu'`
+    and offered `accelerator='cuda'`, no value of train.accelerator)."""
+    with pytest.raises(ValueError, match=r"train.strategy=fsdp needs a CUDA device.*no CUDA"):
+        train(tiny("train.strategy=fsdp"), tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())

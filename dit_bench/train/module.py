@@ -204,18 +204,19 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         if not gradient_clip_val:
             return
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales its
+        # gradients in its own step (fused AdamW, the default), even under bf16-mixed, which has
+        # no scaler. Clipped here instead: with a scaler (16-mixed; FSDP's ShardedGradScaler
+        # too), unscaled first; the scaler's step then sees them unscaled and passes no scale
+        # to the fused kernel.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
         # Lightning's FSDP precision plugin refuses norm clipping; FSDP clips its own (sharded)
         # gradients with the global norm, which is the same rule.
         if hasattr(self.trainer.model, "clip_grad_norm_"):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
-        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales its
-        # gradients in its own step (fused AdamW, the default), even under bf16-mixed, which has
-        # no scaler. Clipped here instead: with a scaler (16-mixed), unscaled first; the scaler's
-        # step then sees them unscaled and passes no scale to the fused kernel.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)
 
     def pop_train_loss(self) -> float:

@@ -569,6 +569,7 @@ def train(
     if t.precision == "16-mixed" and not on_gpu:
         # Lightning would run bf16-mixed instead, under the hash and the name of 16-mixed
         raise ValueError("train.precision=16-mixed needs a GPU; on the CPU use bf16-mixed")
+    check_fsdp_device(t.strategy, on_gpu)
     if (run := _finished_run(out, cfg)) is not None:
         return run
     if cfg.data.name == "latents" and cfg.data.vae:
@@ -815,8 +816,9 @@ def check_sharding(strategy: str, world_size: int) -> None:
     Sharded, the EMA copy is sharded too (its blocks match the wrap policy; the rest lives in
     the root unit), but validation, sample grids and the in-training FD call it directly,
     outside the root's forward that gathers its parameters: they would compute with this
-    rank's shards (empty views). Refused before training rather than failing at the first
-    validation.
+    rank's shards (empty views). The EMA update fails even sooner: over two gloo processes it
+    stopped the first step with a size mismatch (a rank's empty shard against the whole
+    tensor, `fast.ema_update`). Refused before training.
     """
     if strategy == "fsdp" and world_size > 1:
         raise ValueError(
@@ -824,6 +826,18 @@ def check_sharding(strategy: str, world_size: int) -> None:
             "supported yet (validation, sample grids and the FD use the EMA copy outside "
             "FSDP's forward); use train.strategy=ddp (each GPU holds the whole model: DiT-XL/2 "
             "trains in about 33 GiB at batch 64)"
+        )
+
+
+def check_fsdp_device(strategy: str, on_gpu: bool) -> None:
+    """FSDP on CUDA only: Lightning refuses it on the CPU only when it builds the Trainer,
+    after the data and the module, in its own words (`accelerator='cuda'`, no value of
+    train.accelerator); torch's FSDP under it also wants an accelerator. Refused first."""
+    if strategy == "fsdp" and not on_gpu:
+        raise ValueError(
+            f"train.strategy=fsdp needs a CUDA device; torch {torch.__version__} sees no CUDA "
+            "device here (Lightning and torch's FSDP refuse the CPU): use train.strategy=ddp "
+            "(several processes) or auto"
         )
 
 
@@ -848,9 +862,14 @@ def _strategy(name: str, module: DiffusionModule):
         return name
     from lightning.pytorch.strategies import FSDPStrategy
 
-    # Shard at the granularity of the backbone's transformer/res blocks; the frozen EMA copy
-    # and positional tables need use_orig_params (mixed requires_grad in one unit).
-    blocks = {
-        type(b) for m in module.net.modules() if isinstance(m, torch.nn.ModuleList) for b in m
-    }
+    from dit_bench.fast import blocks_of
+
+    # Shard at the granularity of the backbone's transformer/res blocks (its block lists'
+    # members, as activation checkpointing and regional compilation take them; not the members
+    # of every ModuleList inside them: the U-Net's EmbedSequential groups are ModuleLists, and
+    # each Conv2d became a unit); the frozen EMA copy and positional tables need
+    # use_orig_params (mixed requires_grad in one unit).
+    blocks = blocks_of(module.net)
+    inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+    blocks = {type(b) for b in blocks if id(b) not in inside}
     return FSDPStrategy(auto_wrap_policy=blocks or None, use_orig_params=True)
