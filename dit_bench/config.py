@@ -208,8 +208,14 @@ class FlowConfig(_Strict):
     mode_scale: float = Field(
         1.29, ge=-1.0, le=2.0 / (3.141592653589793 - 2.0), description="s of density=mode"
     )
+    # Bounded where the float arithmetic of t' holds: below ~1e-16, 1 + (a - 1) at t = 1 is 0
+    # in float64 (the sampling grid's t = 1 is 0 / 0); above ~3e38, a t overflows the float32
+    # training times (every loss NaN at step 1). Resolution shifts (SD3: 3) are far inside.
     shift: float = Field(
-        1.0, gt=0, description="SD3 time shift t' = a t / (1 + (a - 1) t), training and sampling"
+        1.0,
+        ge=1e-6,
+        le=1e6,
+        description="SD3 time shift t' = a t / (1 + (a - 1) t), training and sampling",
     )
 
     @model_validator(mode="after")
@@ -261,6 +267,20 @@ class OptimConfig(_Strict):
         description="fused AdamW (one kernel updates every parameter); null: on when training "
         "on CUDA or the CPU. Same update as the unfused loop up to float rounding",
     )
+
+    @model_validator(mode="after")
+    def _decay_below_one(self) -> OptimConfig:
+        # AdamW's decoupled decay multiplies every weight by 1 - lr * weight_decay each step:
+        # at 1 or more the weights are zeroed or flip sign and grow (NaN validation and samples
+        # after two steps, while the training loss still read finite)
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(
+                f"optim.weight_decay={self.weight_decay:g} with optim.lr={self.lr:g}: AdamW "
+                f"multiplies every weight by 1 - lr x weight_decay = "
+                f"{1 - self.lr * self.weight_decay:g} each step; lr x weight_decay must be "
+                f"below 1 (weight_decay < {1 / self.lr:g} at this lr)"
+            )
+        return self
 
 
 class TrainConfig(_Strict):

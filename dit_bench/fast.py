@@ -26,9 +26,10 @@ def _signature(block: nn.Module) -> tuple:
 
 def blocks_of(net: nn.Module) -> list[nn.Module]:
     """Every member of the net's block lists, and any other child of a block class (U-ViT's
-    middle block)."""
+    middle block). A net may name its block classes (`block_types`): a one-block U-ViT
+    (depth 1) has empty block lists, and its middle block is its only block."""
     blocks = [b for m in net.children() if isinstance(m, nn.ModuleList) for b in m]
-    kinds = {type(b) for b in blocks}
+    kinds = {type(b) for b in blocks} | set(getattr(net, "block_types", ()))
     return blocks + [m for m in net.children() if type(m) in kinds]
 
 

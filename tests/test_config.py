@@ -1,6 +1,9 @@
 """Strict configs: every bad case fails before training with a message naming the key."""
 
+import math
+
 import pytest
+import torch
 from pydantic import ValidationError
 
 from dit_bench.config import (
@@ -314,4 +317,46 @@ def test_a_set_of_a_whole_section_is_refused_but_the_objective_may_be_switched(t
     assert load_config(path, ["train.steps=5"]).train.batch_size == 8
     assert (
         load_config(None, ["objective={name: ddpm}", "eval.sampler=ddpm"]).objective.name == "ddpm"
+    )
+
+
+# Configs a fuzzer found that passed validation and then failed (or went NaN) in training
+
+
+def _refusal(raw: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_config(raw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("shift", [1e-17, 1e-300, 1e39, 1e300])
+def test_a_flow_shift_beyond_float_range_is_refused_naming_the_key(shift):
+    # 1e-17: the sampling grid's t = 1 becomes 0 / 0 (1 + (a - 1) = 0 in float64), and the
+    # first grid fails with "prediction='velocity' is defined on the rectified-flow path";
+    # 1e39: a * t overflows float32, every training time is NaN and step 1's loss is NaN
+    message = _refusal({"objective": {"name": "flow", "shift": shift}})
+    assert "objective.shift" in message
+
+
+@pytest.mark.parametrize("shift", [1e-6, 0.5, 3.0, 1e6])
+def test_every_accepted_flow_shift_keeps_the_times_finite_and_in_0_1(shift):
+    from dit_bench.objectives.flow import flow_levels, shift_time
+
+    cfg = build_config({"objective": {"name": "flow", "shift": shift}})
+    levels = flow_levels(50, cfg.objective.shift)
+    assert torch.isfinite(levels.sigmas).all()
+    # t = 1 (pure noise) stays 1 up to float64 rounding of 1 + (a - 1), about 1e-16 / a
+    assert levels.sigmas.min() >= 0 and abs(levels.sigmas[-1].item() - 1) < 1e-9
+    t = shift_time(torch.tensor([0.0, 1e-7, 0.5, 0.9999999]), cfg.objective.shift)  # float32
+    assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+
+
+def test_weight_decay_that_flips_the_weights_is_refused_naming_both_keys():
+    # AdamW multiplies every weight by 1 - lr * weight_decay each step: at lr 1e-3 and
+    # weight_decay 1e6 that is -999, and the validation loss and samples were NaN after two
+    # steps of a run that "finished" without an error
+    message = _refusal({"optim": {"lr": 1e-3, "weight_decay": 1e6}})
+    assert "optim.weight_decay" in message and "optim.lr" in message
+    assert math.isclose(
+        build_config({"optim": {"lr": 1e-3, "weight_decay": 0.05}}).optim.weight_decay, 0.05
     )

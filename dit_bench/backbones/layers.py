@@ -66,8 +66,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     )  # (half,)
     args = t.to(work)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
-    if dim % 2:  # odd width: pad one zero column, as DiT does
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
+    if dim % 2:  # odd width: pad one zero column, as DiT does (dim 1: emb has no column)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)  # (B, dim)
     return emb
 
 

@@ -97,6 +97,9 @@ class UViT(nn.Module):
     dropped, the rest decoded linearly to patches, unpatchified, then (with `conv`) a 3x3 conv.
     """
 
+    # fast.blocks_of: the middle block is a block too when the block lists are empty (depth 1)
+    block_types = (UViTBlock,)
+
     def __init__(
         self,
         *,
