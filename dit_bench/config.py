@@ -254,14 +254,27 @@ ObjectiveConfig = Annotated[
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="AdamW's decoupled decay, on every trained parameter (biases, norms and "
+        "the label table too: one parameter group)",
+    )
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
         0.999,
     )
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm; null disables")
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
+    ema_decay: float = Field(
+        0.9999,
+        ge=0,
+        lt=1,
+        description="EMA decay, warmed up as min(ema_decay, (1 + step) / (10 + step)) "
+        "(TensorFlow's num_updates rule; DiT keeps 0.9999 from step 0)",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="linear lr warm-up: step k runs at lr min(1, k / warmup_steps)"
+    )
     fused: bool | None = Field(
         None,
         description="fused AdamW (one kernel updates every parameter); null: on when training "

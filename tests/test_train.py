@@ -850,3 +850,17 @@ def test_fsdp_without_a_gpu_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"train.strategy=fsdp needs a CUDA device.*no CUDA"):
         train(tiny("train.strategy=fsdp"), tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_logged_lr_is_the_lr_the_logged_steps_trained_with(tmp_path):
+    # optim.warmup_steps=W: the k-th optimiser step (1-based) runs at lr * min(1, k / W). The
+    # row of step k (k steps done; its train/loss the mean of the steps up to k) must say the
+    # lr step k used, not the one of step k + 1, which at the final row never runs.
+    lr, warmup, steps = 1e-3, 10, 6
+    cfg = tiny(f"train.steps={steps}", "train.log_every=1", f"optim.warmup_steps={warmup}")
+    train(cfg, tmp_path, progress=False)
+    rows = [r for r in read_csv(find_run_dir(tmp_path, cfg) / "metrics.csv") if r.get("lr")]
+    logged = {int(r["step"]): float(r["lr"]) for r in rows}
+    assert sorted(logged) == list(range(1, steps + 1))
+    for k, value in logged.items():
+        assert value == pytest.approx(lr * min(1.0, k / warmup)), k

@@ -292,11 +292,19 @@ class StepMetrics(L.Callback):
     def __init__(self, log_every: int, val_every: int):
         self.log_every, self.val_every = log_every, val_every
         self._val_loader = None
+        self._step_lr: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # the lr this step runs at: by batch end the scheduler has already moved to the next
+        # step's (one warm-up increment ahead)
+        self._step_lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.log_every == 0 or step == trainer.max_steps:
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            lr = self._step_lr
+            if lr is None:  # driven without batch starts (stubs): the lr in force now
+                lr = trainer.optimizers[0].param_groups[0]["lr"]
             metrics = {"train/loss": pl_module.pop_train_loss(), "lr": lr}
             trainer.logger.log_metrics(metrics, step=step)
         if step % self.val_every == 0 or step == trainer.max_steps:
