@@ -733,7 +733,12 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
-    except Exception:  # an unreadable image at the first batch, say: nothing written yet
+    except Exception as e:  # an unreadable image at the first batch, say: nothing written yet
+        if (stop := _interruption(e)) is not None:
+            # stopped, then an error in Lightning's teardown: a SIGTERM to the process group
+            # (systemd, SLURM) kills the loader's workers too, and joining them raises
+            # "DataLoader worker ... killed by signal". A stop all the same: it resumes.
+            raise type(stop)() from None
         _drop_if_nothing_ran(run, created)
         raise
     if trainer.interrupted:
@@ -759,6 +764,17 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         if note:
             print(note, file=sys.stderr)
     return run
+
+
+def _interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (config.Terminated) that `e` was raised while handling, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # A GPU that waits for batches this share of the training loop is worth a note
