@@ -10,7 +10,7 @@ RUNS ?= runs
 PY := $(VENV)/bin/python
 PIN := "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
 
-.PHONY: install demo test test-slow lint format bench gpu-check clean postgres postgres-start postgres-stop
+.PHONY: install demo test test-slow lint format bench feature-nets gpu-check clean postgres postgres-start postgres-stop
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-slow: install
 BENCH_ARGS ?= --backbones dit-s/2 --image-size 16 --channels 4 --batch 32 --against diffusers --compile --no-sample
 bench: install
 	$(VENV)/bin/dit-bench bench $(BENCH_ARGS)
+
+# Retrain the small feature nets (mnist-net, digits-net, shapes-net) into dit_bench/metrics/nets/,
+# the weights every machine scores FD-<net> with: only when a recipe changes (bump its version)
+feature-nets: install
+	$(PY) -m dit_bench.metrics.features $(NETS)
 
 # On a GPU machine (no venv, no internet: its own python3 with torch): one script, a few
 # minutes, writes reports/gpu/<date>-<device>.md (+ .json; also under $$OUT when set).

@@ -1,9 +1,11 @@
 """Feature networks, the cache, reference statistics, and the FD through clean-fid / torchmetrics.
 
-Uses digits-net (8x8 inputs: trains in seconds) in a temporary cache folder.
+Uses digits-net (8x8 inputs: trains in seconds): the shipped weights, or trained into a
+temporary cache folder where the shipped ones are hidden.
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -21,6 +23,8 @@ from dit_bench.metrics.features import (
     default_features,
     find_inception,
     load_feature_net,
+    sha256_file,
+    shipped_net_path,
     small_net_path,
 )
 from dit_bench.metrics.reference import dataset_tensors, reference_stats
@@ -45,36 +49,82 @@ def digits():
     return dataset_tensors(val)
 
 
-def test_small_net_is_cached_accurate_and_named_fd(net, cache):
+def test_small_nets_are_shipped_and_score_as_recorded(cache):
+    """The weights every machine scores FD-<net> with: each shipped file is the one its report
+    names (sha256), classifies the held-out split as recorded, and is read in place (nothing
+    trained or cached)."""
+    for name in ("mnist-net", "digits-net", "shapes-net"):
+        path = shipped_net_path(name)
+        report = json.loads(path.with_suffix(".json").read_text())
+        assert report["sha256"] == sha256_file(path), name
+        fnet = load_feature_net(name, progress=False)
+        assert fnet.file == str(path) and fnet.sha256 == report["sha256"]
+        assert fnet.metric_prefix == f"FD-{name}" and "FID" not in fnet.metric_prefix
+        spec = fnet.spec
+        _, val = load_datasets(DataConfig(name=spec.data, image_size=spec.size))
+        x, y = dataset_tensors(val)
+        acc = float((fnet.features(x)[1].argmax(1) == y.numpy()).mean())
+        # the same images and weights; only the last bits of the forward may differ by CPU
+        assert abs(acc - report["accuracy"]) <= 2 / len(y), (name, acc, report["accuracy"])
+        assert report["accuracy"] > 0.95
+    assert not (cache / "features").exists()
+
+
+@pytest.fixture
+def unshipped(tmp_path, monkeypatch):
+    """No shipped weights: the small nets come from the (temporary) cache, trained there."""
+    import dit_bench.metrics.features as features_mod
+
+    monkeypatch.setattr(features_mod, "SHIPPED_NETS", tmp_path / "nothing-shipped")
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_an_unshipped_net_is_trained_cached_and_retrained_identically(unshipped):
+    net = load_feature_net("digits-net", progress=False)
     path = small_net_path("digits-net")
-    assert path.is_file() and path.parent == cache / "features"
+    assert net.file == str(path) and path.parent == unshipped / "features"
     assert net.info["accuracy"] > 0.9
-    assert net.metric_prefix == "FD-digits-net" and "FID" not in net.metric_prefix
     mtime = path.stat().st_mtime_ns
     again = load_feature_net("digits-net", progress=False)  # from the cache, not retrained
     assert again.sha256 == net.sha256 and path.stat().st_mtime_ns == mtime
-
-
-def test_missing_small_net_is_retrained_identically(net):
-    path = small_net_path("digits-net")
     path.unlink()
     again = load_feature_net("digits-net", progress=False)
     assert path.is_file()
     assert again.sha256 == net.sha256  # deterministic recipe: same weights, bit for bit
 
 
-def test_damaged_cache_files_are_made_again(net, digits, cache):
+def test_damaged_cache_files_are_made_again(unshipped, digits):
+    net = load_feature_net("digits-net", progress=False)
     path = small_net_path("digits-net")
     path.write_bytes(path.read_bytes()[:100])  # a half-copied cache
     again = load_feature_net("digits-net", progress=False)
     assert again.sha256 == net.sha256
-    x = digits[0][:100]  # content of its own: the other tests' cache entries stay as they are
+    x = digits[0][:100]
     a = reference_stats(x, net)
-    stats = cache / "refstats" / f"{a.id}.npz"
+    stats = unshipped / "refstats" / f"{a.id}.npz"
     stats.write_bytes(stats.read_bytes()[:100])
     b = reference_stats(x, net)
     assert not b.meta["cached"] and np.array_equal(a.mu, b.mu)
     assert reference_stats(x, net).meta["cached"]  # and written whole again
+
+
+def test_a_damaged_shipped_net_is_named_not_retrained(tmp_path, monkeypatch):
+    """Retrained, a shipped net would score with this machine's weights, not everyone's."""
+    import shutil
+
+    import dit_bench.metrics.features as features_mod
+
+    shipped = shipped_net_path("digits-net")
+    monkeypatch.setattr(features_mod, "SHIPPED_NETS", tmp_path)
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    copy_ = shutil.copy(shipped, tmp_path / shipped.name)
+    shutil.copy(shipped.with_suffix(".json"), tmp_path / shipped.with_suffix(".json").name)
+    with open(copy_, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(FeatureWeightsError, match="shipped with dit-bench.*reinstall"):
+        load_feature_net("digits-net", progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_file_that_is_not_the_inception_net_is_named(tmp_path):

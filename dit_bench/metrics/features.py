@@ -4,10 +4,14 @@
   the TF-FID weights as ported by NVIDIA for StyleGAN2-ADA), read from a local file the user
   supplies; never downloaded. Images go through clean-fid's "clean" resize (PIL bicubic on float
   pixels to 299x299, Parmar et al. 2022, arXiv:2104.11222). Distances with it are "FID".
-- `mnist-net`, `digits-net`, `shapes-net`: small CNN classifiers trained here, deterministically,
-  on the train split of the built-in data set (seconds on a CPU), cached under the user cache
-  folder and retrained when missing. Their penultimate (128-d) activations give "FD-mnist-net"
-  etc., never "FID"; their logits give the label-adherence accuracy and an IS-<net>.
+- `mnist-net`, `digits-net`, `shapes-net`: small CNN classifiers trained by this module,
+  deterministically, on the train split of the built-in data set (seconds on a CPU). Their
+  weights ship with the package (`nets/`, made by `make feature-nets`): the recipe is
+  deterministic on one machine, but another CPU or torch build trains other last bits, and an
+  FD is only comparable between runs scored by the same net. A recipe version without shipped
+  weights is trained into the user cache folder instead, and retrained when missing. Their
+  penultimate (128-d) activations give "FD-mnist-net" etc., never "FID"; their logits give the
+  label-adherence accuracy and an IS-<net>.
   `digits-net` exists because the 8x8 `digits` images are ink counts of 4x4 blocks: upsampled
   to 32x32 they are blocky and far from what mnist-net saw, so its features would mostly measure
   that domain gap; a net trained on the 8x8 images themselves costs two seconds.
@@ -18,9 +22,12 @@ same images agree. A feature net has two entry points: `features(x)` for (B, C, 
 [-1, 1] and `from_pixels(x)` for (B, 3, H, W) float pixels in [0, 255] (what clean-fid and
 torchmetrics hand to a custom feature extractor).
 
+Shipped (dit_bench/metrics/nets/), or else cached:
+    <net>-v<version>.safetensors            weights of a small net
+    <net>-v<version>.json                   its accuracy, training protocol and sha256
 Cache layout (`$DIT_BENCH_CACHE`, default `~/.cache/dit-bench`):
-    features/<net>-v<version>.safetensors   weights of a small net
-    features/<net>-v<version>.json          its accuracy and training protocol
+    features/<net>-v<version>.safetensors   a small net of a recipe version not shipped
+    features/<net>-v<version>.json
     refstats/<id>.npz, <id>.json            reference features (see reference.py)
 """
 
@@ -172,6 +179,7 @@ def train_small_net(name: str, *, seed: int = 0, log=None) -> tuple[dict, dict]:
     """
     from dit_bench.config import DataConfig
     from dit_bench.data import load_datasets
+    from dit_bench.fast import cpu_name
 
     spec = SMALL_NETS[name]
     train, val = load_datasets(DataConfig(name=spec.data, image_size=spec.size))
@@ -199,34 +207,52 @@ def train_small_net(name: str, *, seed: int = 0, log=None) -> tuple[dict, dict]:
         "seed": seed,
         "train_seconds": round(time.perf_counter() - start, 2),
         "torch": torch.__version__,
+        "cpu": cpu_name(),
     }
     return {k: v.contiguous() for k, v in net.state_dict().items()}, report
 
 
+# The small nets' weights shipped with the package, one file per recipe version
+SHIPPED_NETS = Path(__file__).parent / "nets"
+
+
 def small_net_path(name: str) -> Path:
+    """Where `name` is cached when its recipe version is not shipped."""
     return cache_dir() / "features" / f"{name}-v{SMALL_NETS[name].version}.safetensors"
 
 
-def ensure_small_net(name: str, *, progress: bool = True) -> Path:
-    """The cached weights file of `name`, training it first when it is missing."""
+def shipped_net_path(name: str) -> Path:
+    return SHIPPED_NETS / f"{name}-v{SMALL_NETS[name].version}.safetensors"
+
+
+def save_small_net(name: str, path: Path, *, progress: bool = True) -> Path:
+    """Train `name` and write its weights to `path` and its report (with the file's sha256)
+    beside it, each written whole, then renamed: concurrent evaluations never read a torn file."""
     from safetensors.torch import save_file
 
-    path = small_net_path(name)
-    meta = path.with_suffix(".json")
-    if path.is_file() and meta.is_file():
-        return path
     if progress:
-        print(f"[dit-bench] training feature net {name} (once; cached at {path})")
+        print(f"[dit-bench] training feature net {name} (once; written to {path})")
     state, report = train_small_net(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # write, then rename: concurrent evaluations never read a torn file
     with replacing(path) as tmp:
         save_file(state, str(tmp))
     report["sha256"] = sha256_file(path)
-    write_json_atomic(meta, report)
+    write_json_atomic(path.with_suffix(".json"), report)
     if progress:
         print(f"[dit-bench] {name}: held-out accuracy {report['accuracy']:.4f}")
     return path
+
+
+def ensure_small_net(name: str, *, progress: bool = True) -> Path:
+    """The weights file of `name`: the shipped one of its recipe version, else the cached one,
+    trained first when it is missing."""
+    shipped = shipped_net_path(name)
+    if shipped.is_file() and shipped.with_suffix(".json").is_file():
+        return shipped
+    path = small_net_path(name)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    return save_small_net(name, path, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +323,13 @@ class SmallFeatureNet(FeatureNet):
         self.net = SmallNet(spec.channels)
         try:
             state = load_file(str(path))
-        except Exception as e:  # a damaged cache file (disk full, copied half): train it again
+        except Exception as e:
+            if path.parent == SHIPPED_NETS:  # retrained, it would score with other weights
+                raise FeatureWeightsError(
+                    f"{path}, the {name} weights shipped with dit-bench, is unreadable ({e}): "
+                    "reinstall dit-bench (git checkout of the file)"
+                ) from e
+            # a damaged cache file (disk full, copied half): train it again
             print(f"[dit-bench] {path} is unreadable ({e}); retraining {name}", file=sys.stderr)
             path.unlink()
             path = ensure_small_net(name, progress=progress)
@@ -423,3 +455,24 @@ class PixelFeatures(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fnet.from_pixels(x)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dit_bench.metrics.features [NET ...]` (`make feature-nets`): train the small
+    nets and write them to the package's nets/ folder, the weights every machine then uses."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dit_bench.metrics.features", description=main.__doc__
+    )
+    ap.add_argument("nets", nargs="*", help=f"any of {', '.join(SMALL_NETS)} (default: all)")
+    names = ap.parse_args(argv).nets or list(SMALL_NETS)
+    if unknown := [n for n in names if n not in SMALL_NETS]:
+        ap.error(f"unknown small nets {unknown}; known: {', '.join(SMALL_NETS)}")
+    for name in names:
+        path = save_small_net(name, shipped_net_path(name))
+        print(f"[dit-bench] {name}: sha256 {sha256_file(path)}")
+
+
+if __name__ == "__main__":
+    main()
