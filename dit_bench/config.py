@@ -416,7 +416,9 @@ class EvalConfig(_Strict):
     )
     cfg_scale: float = Field(1.5, ge=0)
     cfg_interval: tuple[float, float] | None = Field(
-        None, description="guide only for net timesteps in [lo, hi] (0..1000); null: always"
+        None,
+        description="guide only for net timesteps in [lo, hi] (flow 0..1000, DDPM 0..T-1); "
+        "null: always",
     )
     cfg_channels: int | None = Field(
         None, gt=0, description="guide the first k channels only (DiT's code: 3); null: all"
@@ -457,7 +459,7 @@ class EvalConfig(_Strict):
             raise ValueError(f"eval.{unguided[0]} applies to guided sampling (eval.cfg_scale != 1)")
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
-            if not 0 <= lo <= hi <= 1000:
+            if not 0 <= lo <= hi:  # the upper bound is the objective's: ExperimentConfig
                 raise ValueError("eval.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1000")
         return self
 
@@ -518,6 +520,10 @@ class ExperimentConfig(_Strict):
                     f"{DDPM.VAL_LEVELS} levels by default; set eval.val_levels to at most {steps}"
                 )
         interval = self.eval.cfg_interval
+        # net timesteps: flow's 1000 t, DDPM's steps 0..T-1 (T may exceed 1000: iDDPM's 4000)
+        top = 1000 if steps is None else max(1000, steps - 1)
+        if interval is not None and interval[1] > top:
+            raise ValueError(f"eval.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= {top}")
         # sampling guides where lo <= t <= hi and DDPM's net sees t in 0..T-1: the interval
         # is empty only when it starts past T-1 (a hi beyond T-1 just covers the top steps)
         if steps is not None and interval is not None and interval[0] > steps - 1:

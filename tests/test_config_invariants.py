@@ -175,6 +175,22 @@ def test_guidance_interval_bounds_are_the_net_timesteps_0_to_1000():
         assert "0 <= lo <= hi <= 1000" in error([f"eval.cfg_interval=[{lo}, {hi}]"])
 
 
+def test_guidance_interval_reaches_ddpm_timesteps_past_1000():
+    """The interval is in net timesteps, 0..T-1 for DDPM: with T = 4000 (iDDPM's) the top
+    steps must be reachable (a fixed bound of 1000 refused [2000, 3999] and left [0, 1000]
+    guiding the least noisy quarter of the chain only)."""
+    guided = [
+        "objective.name=ddpm",
+        "eval.sampler=ddpm",
+        "eval.cfg_scale=3",
+        "train.label_dropout=0.1",
+        "objective.num_timesteps=4000",
+    ]
+    cfg = build_config(None, [*guided, "eval.cfg_interval=[2000,3999]"])
+    assert cfg.eval.cfg_interval == (2000, 3999)
+    assert "0 <= lo <= hi <= 3999" in error([*guided, "eval.cfg_interval=[0,4000]"])
+
+
 @pytest.mark.parametrize("scale", [0, 0.5, 3.0])
 def test_any_guidance_scale_but_one_needs_a_trained_null_class(scale):
     # guided = uncond + s (cond - uncond): every s != 1 weighs the null-class prediction in
