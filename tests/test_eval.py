@@ -191,6 +191,7 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     p = record["protocol"]
     assert p["num_samples"] == 30 and p["steps"] == 4 and p["sampler"] == "ddpm"
     assert not {"eta", "sde_scale"} & set(p["sampler_settings"])  # ddpm takes neither
+    assert p["cfg_scale"] == 1.5 and "cfg_interval" in p["sampler_settings"]  # guided
     assert p["weights"] == "ema" and p["checkpoint"]["global_step"] == 12
     assert len(p["feature_net"]["sha256"]) == 64 and p["reference"]["n"] == 180
     assert {"torch", "clean-fid", "torchmetrics"} <= set(record["versions"])
@@ -198,6 +199,10 @@ def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
     real = next(v for k, v in anchors.items() if "real(train" in k)
     noise = next(v for k, v in anchors.items() if "noise" in k)
     assert real < m["FD-digits-net"] < noise  # an untrained-ish model sits between the anchors
+    # unguided, the guidance's interval and channels played no part: not recorded as settings
+    unguided = EvalRequest(num_samples=20, steps=4, batch_size=16, cfg_scale=1.0, metrics=("fd",))
+    p = evaluate_run(run, unguided, output=tmp_path / "u.json", progress=False)["protocol"]
+    assert p["cfg_scale"] == 1 and not {"cfg_interval", "cfg_channels"} & set(p["sampler_settings"])
     # an earlier checkpoint's numbers are not the run's: the command says so
     from dit_bench.cli import main
 

@@ -413,10 +413,12 @@ def evaluate_run(
             "sampler": sampler,
             "steps": steps,
             "cfg_scale": cfg_scale,
-            "sampler_settings": {  # what the sampling used: eta / sde_scale only where taken
+            "sampler_settings": {  # what the sampling used: eta / sde_scale only where the
+                # sampler takes them, the guidance's interval and channels only where it guides
                 k: getattr(e, k)
                 for k in ("eta", "sde_scale", "cfg_interval", "cfg_channels", "clip_x0")
-                if k not in ("eta", "sde_scale") or k in sampler_options(sampler)
+                if (k not in ("eta", "sde_scale") or k in sampler_options(sampler))
+                and (k not in ("cfg_interval", "cfg_channels") or cfg_scale != 1)
             },
             "num_samples": n,
             "labels": f"sample i conditioned on class i mod {module.info.num_classes}",
