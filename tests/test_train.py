@@ -718,7 +718,7 @@ def test_two_processes_training_one_config_share_its_run(tmp_path):
         ({}, True),
         ({"RANK": "0", "LOCAL_RANK": "0"}, True),
         ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun: node 1's first process
-        ({"SLURM_PROCID": "8"}, False),
+        ({"SLURM_NTASKS": "16", "SLURM_PROCID": "8"}, False),  # srun
         ({"NODE_RANK": "1"}, False),  # Lightning's launcher on node 1: made its own run dir
         ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, False),
     ],
@@ -726,7 +726,14 @@ def test_two_processes_training_one_config_share_its_run(tmp_path):
 def test_only_the_first_process_of_a_job_makes_the_run_directory(monkeypatch, env, zero):
     from dit_bench.train.run import _launch_rank
 
-    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+    for var in (
+        "RANK",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_JOB_NAME",
+        "NODE_RANK",
+        "LOCAL_RANK",
+    ):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)

@@ -133,10 +133,19 @@ def exit_with_parent(poll: float = 1.0) -> None:
 def _launch_rank() -> int:
     """0 for the process that makes the run directory, else > 0: the global rank from torchrun
     or SLURM; under Lightning's own launcher, where a node's processes share NODE_RANK, the
-    node's rank, then the local one (only node 0's first process counts as 0)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var):
-            return int(os.environ[var])
+    node's rank, then the local one (only node 0's first process counts as 0).
+
+    SLURM_PROCID counts only where SLURM started the tasks (Lightning's SLURMEnvironment: an
+    allocation whose job is named `bash` or `interactive` is Lightning's own launcher's, and
+    the processes it starts inherit the shell's SLURM_PROCID=0: each would take the lock)."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    slurm_tasks = "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
+    if slurm_tasks and os.environ.get("SLURM_PROCID"):
+        return int(os.environ["SLURM_PROCID"])
     node, local = (int(os.environ.get(v) or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
     return node or local
 
