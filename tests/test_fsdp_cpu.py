@@ -13,26 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ddp import SETTINGS as DDP_SETTINGS
 
 from dit_bench.config import build_config
 from dit_bench.train.run import find_run_dir, load_module, train
 
-SETTINGS = [
-    "experiment=fsdp-cpu",
-    "data.name=digits",
-    "backbone.name=dit-xs/4",
-    "train.steps=8",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.val_every=4",
-    "train.checkpoint_every=4",
-    "train.keep_every=4",
-    "train.threads=1",
-    "optim.lr=1e-3",
-    "optim.ema_decay=0.9",
-    "eval.val_images=16",
-    "eval.samples_per_class=1",
-    "eval.sample_steps=2",
+# test_ddp's run, under its own name and without train.accelerator=cpu (refused with fsdp)
+SETTINGS = ["experiment=fsdp-cpu"] + [
+    s for s in DDP_SETTINGS if not s.startswith(("experiment=", "train.accelerator="))
 ]
 
 CPU_FSDP_CLI = """

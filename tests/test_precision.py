@@ -64,10 +64,24 @@ def test_gradients_are_clipped_under_every_precision_with_fused_adamw(tmp_path, 
         assert norm == pytest.approx(clip, rel=1e-3)
 
 
-def test_clipping_unscales_first_under_loss_scaling():
+class _FsdpRoot:
+    """What the clip sees of Lightning's FSDP-wrapped root: a `clip_grad_norm_` over every
+    parameter (one process: NO_SHARD, torch's global-norm clip)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["plain", "fsdp"])
+def test_clipping_unscales_first_under_loss_scaling(fsdp):
     """16-mixed (CUDA): the scaler multiplies the loss by 2^16 and fused AdamW would unscale in
     its step, after the clipping: the clipping unscales first, and the scaler's step then
-    passes no scale to the kernel. The update equals that of the unscaled, clipped gradients."""
+    passes no scale to the kernel. The update equals that of the unscaled, clipped gradients.
+    Under train.strategy=fsdp too, whose clip is the wrapped root's own (it clipped the
+    gradients times 2^16 before it unscaled: every step to a norm of clip / 2^16)."""
     from dit_bench.data import data_info
     from dit_bench.train.module import DiffusionModule
 
@@ -76,7 +90,10 @@ def test_clipping_unscales_first_under_loss_scaling():
     module = DiffusionModule(cfg, info)
     off_zero_init(module.net)  # gradients for every block
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), model=module)
+    module._trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=scaler),
+        model=_FsdpRoot(module) if fsdp else module,
+    )
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     reference = copy.deepcopy(module.net)
@@ -189,53 +206,3 @@ def test_bf16_stream_trains_and_ema_keeps_the_hook(tmp_path):
     module = DiffusionModule(cfg, data_info(cfg.data))
     for net in (module.net, module.ema):  # EMA validates and samples the same way
         assert all(block._forward_pre_hooks for block in net.blocks)
-
-
-class _FsdpRoot:
-    """What the clip sees of Lightning's FSDP-wrapped root: a `clip_grad_norm_` over every
-    parameter (one process: NO_SHARD, torch's global-norm clip)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-
-
-def test_fsdp_clipping_unscales_first_under_loss_scaling():
-    """train.strategy=fsdp with 16-mixed (CUDA): Lightning's FSDP precision plugin scales the
-    loss with its ShardedGradScaler and, for fused AdamW (the default), leaves the unscaling
-    to the optimiser's step. The FSDP branch of the clip must unscale first too, or it clips
-    the gradients times 2^16 (every step, to a norm of clip / 2^16 once unscaled)."""
-    from dit_bench.data import data_info
-    from dit_bench.train.module import DiffusionModule
-
-    cfg = build_config(None, [*TINY, "optim.grad_clip=1e-3"])
-    info = data_info(cfg.data)
-    module = DiffusionModule(cfg, info)
-    off_zero_init(module.net)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    module._trainer = SimpleNamespace(
-        precision_plugin=SimpleNamespace(scaler=scaler), model=_FsdpRoot(module)
-    )
-    opt = module.configure_optimizers()
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
-    assert opt.defaults["fused"]
-    reference = copy.deepcopy(module.net)
-    d = opt.defaults
-    ref_opt = torch.optim.AdamW(
-        reference.parameters(), lr=d["lr"], betas=d["betas"], weight_decay=d["weight_decay"]
-    )
-    x = torch.randn(4, info.channels, info.image_size, info.image_size)
-    t, cond = torch.tensor([1.0, 200.0, 500.0, 900.0]), Cond(labels=torch.tensor([0, 1, 2, 3]))
-
-    scaler.scale(module.net(x, t, cond).square().mean()).backward()
-    module.configure_gradient_clipping(opt, gradient_clip_val=1e-3)
-    scaler.step(opt)  # as Lightning's FSDPPrecision.optimizer_step, after the clip
-    scaler.update()
-
-    reference(x, t, cond).square().mean().backward()
-    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e-3)
-    ref_opt.step()
-    for p, q in zip(module.net.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

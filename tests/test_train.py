@@ -49,13 +49,25 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+def wait_for_checkpoint(out: Path, cfg, timeout: float = 120) -> None:
+    """Until the run of `cfg` under `out` (trained by another process) has a last.ckpt."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = find_run_dir(out, cfg)
+        if run and (run / "checkpoints" / "last.ckpt").exists():
+            return
+        time.sleep(0.05)
+
+
 class InterruptAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
+    """Ctrl-C (or `stop`: a SIGTERM's cli.raise_terminated) at the given step."""
+
+    def __init__(self, step: int, stop: type[BaseException] = KeyboardInterrupt):
+        self.step, self.stop = step, stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            raise self.stop
 
 
 class Watch(L.Callback):
@@ -483,12 +495,7 @@ def test_kill_9_then_rerun_resumes(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        run = find_run_dir(out, cfg)
-        if run and (run / "checkpoints" / "last.ckpt").exists():
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(out, cfg)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run = find_run_dir(out, cfg)
@@ -866,19 +873,6 @@ def test_learning_rate_warms_up_linearly_from_the_first_step_as_logged(tmp_path)
         assert value == pytest.approx(lr * min(1.0, k / warmup)), k
 
 
-class TerminateAt(L.Callback):
-    """A SIGTERM's handler (cli.raise_terminated) at the given step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            from dit_bench.config import Terminated
-
-            raise Terminated
-
-
 def test_a_stop_whose_teardown_fails_is_still_a_stop(tmp_path, monkeypatch):
     """A SIGTERM to the whole process group (systemd, SLURM, `kill -- -PGID`) also kills the
     data loader's workers: Lightning's teardown after the interrupt then raises "DataLoader
@@ -896,7 +890,7 @@ def test_a_stop_whose_teardown_fails_is_still_a_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(L.Trainer, "_teardown", workers_died_of_the_sigterm_too)
     with pytest.raises(Terminated):
-        train(tiny(), tmp_path, progress=False, callbacks=[TerminateAt(5)])
+        train(tiny(), tmp_path, progress=False, callbacks=[InterruptAt(5, Terminated)])
     monkeypatch.setattr(L.Trainer, "_teardown", teardown)
     assert find_run_dir(tmp_path, tiny()) is not None  # kept: it resumes
 
@@ -919,12 +913,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        run = find_run_dir(out, cfg)
-        if run and (run / "checkpoints" / "last.ckpt").exists():
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(out, cfg)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     run = find_run_dir(out, cfg)
