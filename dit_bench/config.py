@@ -457,11 +457,7 @@ class EvalConfig(_Strict):
         unguided = [k for k in ("cfg_interval", "cfg_channels") if getattr(self, k) is not None]
         if unguided and self.cfg_scale == 1.0:
             raise ValueError(f"eval.{unguided[0]} applies to guided sampling (eval.cfg_scale != 1)")
-        if self.cfg_interval is not None:
-            lo, hi = self.cfg_interval
-            if not 0 <= lo <= hi:  # the upper bound is the objective's: ExperimentConfig
-                raise ValueError("eval.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1000")
-        return self
+        return self  # cfg_interval's range is the objective's: ExperimentConfig checks it
 
 
 class ExperimentConfig(_Strict):
@@ -522,7 +518,7 @@ class ExperimentConfig(_Strict):
         interval = self.eval.cfg_interval
         # net timesteps: flow's 1000 t, DDPM's steps 0..T-1 (T may exceed 1000: iDDPM's 4000)
         top = 1000 if steps is None else max(1000, steps - 1)
-        if interval is not None and interval[1] > top:
+        if interval is not None and not 0 <= interval[0] <= interval[1] <= top:
             raise ValueError(f"eval.cfg_interval must be [lo, hi] with 0 <= lo <= hi <= {top}")
         # sampling guides where lo <= t <= hi and DDPM's net sees t in 0..T-1: the interval
         # is empty only when it starts past T-1 (a hi beyond T-1 just covers the top steps)
