@@ -107,6 +107,7 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
     fd.measure = lambda trainer, pl_module: measured.append(trainer.global_step)
     grid = SampleGrid(tmp_path, every=4, sample_fn=lambda t, m, path: grids.append(path.name))
     for step in range(1, STEPS + 1):
+        metrics.on_train_batch_start(trainer, module, None, step - 1)
         trainer.global_step = step
         for callback in (metrics, fd, grid):
             callback.on_train_batch_end(trainer, module, None, None, step - 1)

@@ -302,10 +302,7 @@ class StepMetrics(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.log_every == 0 or step == trainer.max_steps:
-            lr = self._step_lr
-            if lr is None:  # driven without batch starts (stubs): the lr in force now
-                lr = trainer.optimizers[0].param_groups[0]["lr"]
-            metrics = {"train/loss": pl_module.pop_train_loss(), "lr": lr}
+            metrics = {"train/loss": pl_module.pop_train_loss(), "lr": self._step_lr}
             trainer.logger.log_metrics(metrics, step=step)
         if step % self.val_every == 0 or step == trainer.max_steps:
             self.validate(trainer, pl_module)
