@@ -427,22 +427,23 @@ def step_budget(
     return out
 
 
-def section_cuda_tests(ctx: dict, rel: str = CUDA_TESTS) -> dict:
+def section_cuda_tests(ctx: dict, rel: str = CUDA_TESTS, requires: tuple[str, ...] = ()) -> dict:
+    """The CUDA-marked tests of `rel`; skipped, naming them, where a module of `requires`
+    does not import."""
     path = REPO / rel
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     timeout = max(10.0, ctx["section_left"]() - 5)
-    if rel == FSDP_TESTS:  # Lightning's training path (pydantic) and pytest's tmp_path
-        missing = []
-        for module in ("pytest", "pydantic", "lightning"):
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                missing.append(module)
-        if missing:
-            raise SectionSkipped(
-                f"needs {', '.join(missing)} (carry pydantic as a wheel: README, Performance)"
-            )
+    missing = []
+    for module in requires:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SectionSkipped(
+            f"needs {', '.join(missing)} (carry pydantic as a wheel: README, Performance)"
+        )
     if importlib.util.find_spec("pytest") is not None:
         cmd = [
             sys.executable,
@@ -1064,7 +1065,13 @@ def main(argv: list[str] | None = None) -> int:
         ("sampling", section_sampling, 120, 10),
         ("variants", section_variants, 200, 40),
         ("sweep batch", lambda c: section_variants(c, "sweep_batch"), 120, 40),
-        ("fsdp tests", lambda c: section_cuda_tests(c, FSDP_TESTS), 90, 45),
+        # Lightning's training path (pydantic) and pytest's tmp_path
+        (
+            "fsdp tests",
+            lambda c: section_cuda_tests(c, FSDP_TESTS, ("pytest", "pydantic", "lightning")),
+            90,
+            45,
+        ),
     ]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log(f"device {name}; budget {args.budget:.0f} s; report {out_dirs[0] / report['stem']}.md")
