@@ -401,7 +401,11 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    val_images: int = Field(256, gt=0, description="fixed validation images for val loss")
+    val_images: int = Field(
+        256,
+        gt=0,
+        description="fixed validation images for val loss (at most the validation split's size)",
+    )
     val_levels: int | None = Field(
         None,
         gt=1,

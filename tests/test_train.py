@@ -693,6 +693,23 @@ def test_a_multi_node_run_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
     assert "waiting for 2 nodes x 1 processes (launched by torchrun" in capsys.readouterr().err
 
 
+def test_a_val_loss_over_fewer_images_than_asked_for_says_so(tmp_path, monkeypatch, capsys):
+    class Stop(Exception):
+        pass
+
+    def fit(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    with pytest.raises(Stop):
+        train(tiny("eval.val_images=5000"), tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert "eval.val_images=5000: the digits validation split holds 180 images" in err
+    with pytest.raises(Stop):
+        train(tiny(), tmp_path, progress=False)  # 16 of 180: nothing to say
+    assert "val_images" not in capsys.readouterr().err
+
+
 def test_two_processes_training_one_config_share_its_run(tmp_path):
     # Two `dit-bench train` of one config at once (two terminals, a sweep retry of a slow
     # trial): the second waits, then finds the run finished. Without the lock both made a run

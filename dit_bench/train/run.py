@@ -601,6 +601,15 @@ def train(
     # manifest) does so before a run directory exists, so no empty run is left behind.
     datamodule = DiffusionDataModule(cfg)
     datamodule.setup("fit")  # reads the images: an unreadable or empty class fails here
+    if (n_val := len(datamodule.val_set)) < cfg.eval.val_images and _launch_rank() == 0:
+        # not refused: the default (256) is more than a small data set's split holds (digits:
+        # 180), and its runs are valid; but the loss is then over fewer images than asked for
+        print(
+            f"[dit-bench] eval.val_images={cfg.eval.val_images}: the {cfg.data.name} validation "
+            f"split holds {n_val} images, so the val loss is over those {n_val} "
+            "(data.val_fraction sets the split)",
+            file=sys.stderr,
+        )
     module = DiffusionModule(cfg, datamodule.info)
     fd = None
     if cfg.eval.fd_every:  # checks its feature net's weights file exists
