@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -354,6 +355,24 @@ def test_a_folder_split_by_name_keeps_its_held_out_images_when_files_are_added(t
     assert leaked["name"] <= 3 < leaked["position"], leaked
     assert len(after["name"][1]) == round(0.1 * 203)  # the share held out, as by position
     assert sides("name") == after["name"]  # fixed: the same listing gives the same split
+
+
+def test_a_folder_split_by_name_takes_file_names_that_are_not_utf8(tmp_path):
+    """A Latin-1 name (an old archive's `caf\xe9.png`) reaches Python as a lone surrogate,
+    which the name hash could not encode: the split failed before training."""
+    root = tmp_path / "data"
+    for c in ("cat", "dog"):
+        for i in range(5):
+            save_image(root / c / f"{i}.png", striped())
+    latin = os.path.join(os.fsencode(root), b"cat", b"caf\xe9.png")
+    try:
+        Image.fromarray(striped()).save(os.fsdecode(latin))
+    except OSError:  # a file system that takes UTF-8 names only (macOS)
+        pytest.skip("no non-UTF-8 file names here")
+    by_name = make_cfg("folder", root=str(root), image_size=8, split_by="name", val_fraction=0.2)
+    train, val = load_datasets(by_name)
+    assert len(train) + len(val) == 11
+    assert load_datasets(by_name)[1].indices == val.indices
 
 
 def test_a_split_that_leaves_a_side_empty_is_an_error(folder):

@@ -179,6 +179,27 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
                        progress=False)  # fmt: skip
 
 
+def test_a_rerun_over_a_changed_folder_does_not_keep_the_old_images_latents(vae_dir, tmp_path):
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (255 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    out = tmp_path / "latents"
+    encode_latents(vae_dir, folder_cfg(root), out, shard_size=4, progress=False)
+    encode_latents(vae_dir, folder_cfg(root), out, shard_size=4, progress=False)  # nothing new
+    # the same names, count and classes: one image redrawn, one renamed
+    Image.new("RGB", (40, 32), (0, 0, 255)).save(root / "cat" / "0.png")
+    with pytest.raises(DataError, match=f"images under {root} changed since"):
+        encode_latents(vae_dir, folder_cfg(root), out, shard_size=4, progress=False)
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "cat" / "0.png")
+    encode_latents(vae_dir, folder_cfg(root), tmp_path / "fresh", shard_size=4, progress=False)
+    (root / "dog" / "3.png").rename(root / "dog" / "9.png")
+    with pytest.raises(DataError, match="changed since"):
+        encode_latents(vae_dir, folder_cfg(root), tmp_path / "fresh", shard_size=4,
+                       progress=False)  # fmt: skip
+
+
 def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
     from dit_bench.config import ConfigError, build_config
     from dit_bench.train.run import train

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dit_bench.config import ConfigError, build_config
+from dit_bench.data.module import DiffusionDataModule
 from dit_bench.train.run import find_run_dir, load_module, train
 
 TINY = [
@@ -943,3 +944,64 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
     a, b = final_state(ref), final_state(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def interrupted_folder_run(tmp_path):
+    """(image folder root, config, run dir): 8 images of 2 classes, a run stopped at step 3."""
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (255 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    folder = ["data.name=folder", f"data.root={root}", "data.image_size=8"]
+    cfg = tiny(*folder, "data.val_fraction=0.25", "eval.val_images=2", "train.batch_size=2",
+               "train.checkpoint_every=2")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "runs", progress=False, callbacks=[InterruptAt(3)])
+    return root, cfg, find_run_dir(tmp_path / "runs", cfg)
+
+
+def test_a_folder_file_that_is_no_image_is_refused_before_training(tmp_path):
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(root / name / f"{i}.png")
+    (root / "dog" / "page.jpg").write_text("<html>404 Not Found</html>")  # a failed download
+    (root / "dog" / "empty.png").write_bytes(b"")
+    cfg = tiny("data.name=folder", f"data.root={root}", "data.image_size=8")
+    # the data module's setup, before the model and the run directory, not the step that
+    # first draws the file (an epoch in: hours, on a large folder)
+    with pytest.raises(ValueError, match="2 of 10 files are not readable images") as error:
+        DiffusionDataModule(cfg).setup("fit")
+    assert "dog/empty.png" in str(error.value) and "dog/page.jpg" in str(error.value)
+    with pytest.raises(ValueError, match="not readable images"):
+        train(cfg, tmp_path / "runs", progress=False)
+    assert find_run_dir(tmp_path / "runs", cfg) is None
+
+
+def test_a_folder_whose_files_changed_is_not_resumed_on_another_split(tmp_path):
+    root, cfg, run = interrupted_folder_run(tmp_path)
+    # the image that stopped the run, deleted: 7 images, another split from step 3 on
+    (root / "dog" / "2.png").rename(tmp_path / "2.png")
+    with pytest.raises(ValueError, match=r"files changed since.*\(8 items then, 7 now"):
+        train(cfg, tmp_path / "runs", progress=False)
+    (tmp_path / "2.png").rename(root / "dog" / "2.png")
+    assert train(cfg, tmp_path / "runs", progress=False) == run
+
+
+def test_a_folder_whose_classes_changed_is_refused_by_resume_and_by_load(tmp_path):
+    root, cfg, run = interrupted_folder_run(tmp_path)
+    assert load_module(run).info.class_names == ("cat", "dog")
+    # renamed: as many classes, so the weights fit, but label 0 would now be "dog"
+    (root / "cat").rename(root / "tabby")
+    with pytest.raises(ValueError, match="classes changed.*added 'tabby'; removed 'cat'"):
+        train(cfg, tmp_path / "runs", progress=False)
+    with pytest.raises(ValueError, match="classes changed.*added 'tabby'; removed 'cat'"):
+        load_module(run)
+    # added: the label table no longer fits either; named, not a size mismatch of weights
+    (root / "tabby").rename(root / "cat")
+    (root / "ant").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ant" / "0.png")
+    with pytest.raises(ValueError, match="classes changed.*added 'ant'"):
+        load_module(run)

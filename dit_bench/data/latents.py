@@ -125,13 +125,21 @@ def encode_latents(
     """
     from safetensors.torch import save_file
 
-    from dit_bench.data.datasets import DataError, data_info, full_dataset
+    from dit_bench.data.datasets import (
+        DataError,
+        ImageFolder,
+        check_image_files,
+        data_info,
+        full_dataset,
+    )
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder")
     info = data_info(source)
     images = full_dataset(source)
+    if isinstance(images, ImageFolder):
+        check_image_files(images)  # not hours into the encoding
     vae = load_vae(vae_dir, device)  # checked before the output folder is made
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the encoder's downsampling
     if info.image_size % factor:
@@ -145,6 +153,7 @@ def encode_latents(
     header = {
         "format": FORMAT,
         "source": {"name": source.name, "root": getattr(source, "root", None)},
+        "source_files": _files_digest(images),
         "image_size": info.image_size,
         "image_channels": info.channels,
         "num_images": n,
@@ -163,12 +172,20 @@ def encode_latents(
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         manifest = read_manifest(out)
-        old = {k: v for k, v in manifest.items() if k not in ("shards", "latent_shape", "vae")}
-        new = {k: v for k, v in header.items() if k != "vae"}
+        ignored = ("shards", "latent_shape", "vae", "source_files")
+        old = {k: v for k, v in manifest.items() if k not in ignored}
+        new = {k: v for k, v in header.items() if k not in ignored}
         if old != new:
             raise DataError(
                 f"{manifest_path} was written for a different source or settings; "
                 "use another --out folder"
+            )
+        listed = manifest.get("source_files")  # manifests before this check lack it
+        if listed not in (None, header["source_files"]):
+            raise DataError(
+                f"{manifest_path}: the images under {header['source']['root']} changed since "
+                "these latents were encoded (a file added, removed, renamed or rewritten); "
+                "its shards would mix the two versions: use another --out folder"
             )
         written_by = manifest["vae"].get("sha256")  # manifests before this check lack it
         if written_by not in (None, header["vae"]["sha256"]):
@@ -221,6 +238,22 @@ def encode_latents(
         if progress:
             print(f"[encode-latents] {name}: items {lo}..{hi - 1} of {num_items}", flush=True)
     return manifest
+
+
+def _files_digest(images: Any) -> str | None:
+    """sha256 of an image folder's listing (path below the root, size, modification time),
+    None for other sources: a rerun over a folder that changed since would otherwise keep the
+    shards of the old images, and the manifest say they are of this folder's."""
+    from dit_bench.data.datasets import ImageFolder, name_bytes
+
+    if not isinstance(images, ImageFolder):
+        return None
+    digest = hashlib.sha256()
+    for path, label in images.samples:
+        stat = Path(path).stat()
+        name = Path(path).relative_to(images.root).as_posix()
+        digest.update(name_bytes(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
+    return digest.hexdigest()
 
 
 class LatentShards(Dataset):

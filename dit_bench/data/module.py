@@ -8,11 +8,16 @@ stop anywhere, restart, and the remaining batches are the ones an uninterrupted 
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-from dit_bench.data import DataInfo, data_info, load_datasets
+from dit_bench.data import DataError, DataInfo, data_info, load_datasets
+from dit_bench.data.datasets import ImageFolder, check_image_files, name_bytes
+from dit_bench.data.latents import LatentShards
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> list[int]:
@@ -26,6 +31,20 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) ->
             cache[epoch] = torch.randperm(n, generator=g).tolist()
         out.append(cache[epoch][i])
     return out
+
+
+def items_sha256(train: Subset, val: Subset) -> str:
+    """sha256 of what a run's data are: the split's indices and, for a folder, each index's
+    file (path below the root) and label; for latents, their shards' sha256. The built-in
+    data sets are functions of the config."""
+    full = train.dataset
+    h = hashlib.sha256(f"{list(train.indices)}\0{list(val.indices)}".encode())
+    if isinstance(full, ImageFolder):
+        for path, label in full.samples:
+            h.update(name_bytes(f"{os.path.relpath(path, full.root)}\0{label}\n"))
+    elif isinstance(full, LatentShards):
+        h.update("".join(s["sha256"] for s in full.shards).encode())
+    return h.hexdigest()
 
 
 def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,12 +101,35 @@ class DiffusionDataModule(L.LightningDataModule):
         self.info: DataInfo = data_info(cfg.data)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.items_sha256: str | None = None  # set by setup
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             train, val = load_datasets(self.cfg.data)
+            if isinstance(train.dataset, ImageFolder):
+                check_image_files(train.dataset)  # before any training, not an epoch in
             self.train_set = train
             self.val_set = Subset(val, range(min(self.cfg.eval.val_images, len(val))))
+            self.items_sha256 = items_sha256(train, val)
+
+    # Lightning keeps these in the checkpoint and hands them back on resume, before training.
+    def state_dict(self) -> dict:
+        return {"items_sha256": self.items_sha256, "num_items": len(self.train_set.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A folder's files are not in the config: one deleted, added or renamed since (a
+        # corrupt image removed after it stopped the run) gives the same config another split
+        # and another stream of batches, and held-out images would train from here on.
+        if state.get("items_sha256") in (None, self.items_sha256):  # None: older checkpoints
+            return
+        root = self.cfg.data.root
+        raise DataError(
+            f"data.root {root}: its files changed since the run's last checkpoint "
+            f"({state['num_items']} items then, {len(self.train_set.dataset)} now, or renamed or "
+            "re-encoded), so its train/val split and batches would change mid-run; restore "
+            "them as they were (a corrupt image: a readable copy under its name), or train "
+            "a new run"
+        )
 
     def train_dataloader(self) -> DataLoader:
         # Lightning restores the checkpoint before it asks for the loader, so global_step is

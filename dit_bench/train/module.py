@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
-from dit_bench.data import DataInfo
+from dit_bench.data import DataError, DataInfo
 from dit_bench.fast import (
     EmaPairs,
     bf16_stream,
@@ -60,6 +60,28 @@ def build_objective_from(cfg):
     """The objective of `cfg.objective` (its fields are the objective's keyword arguments)."""
     kwargs = cfg.objective.model_dump()
     return build_objective(kwargs.pop("name"), **kwargs)
+
+
+def check_class_names(checkpoint: dict, info: DataInfo, what: str) -> None:
+    """The data's classes are those the weights of `checkpoint` learned. Labels are indices
+    into the sorted class folders (or an encoding's manifest): a class folder added, removed
+    or renamed since maps every label after it to another class, which the config (the same
+    data.root) cannot show. Checkpoints written before this check carry no names."""
+    trained = checkpoint.get("class_names")
+    if trained is None or tuple(trained) == info.class_names:
+        return
+    added = sorted(set(info.class_names) - set(trained))
+    removed = sorted(set(trained) - set(info.class_names))
+    change = "; ".join(
+        f"{verb} {', '.join(map(repr, names[:5]))}{' ...' if len(names) > 5 else ''}"
+        for verb, names in (("added", added), ("removed", removed))
+        if names
+    )
+    raise DataError(
+        f"data: the classes changed since {what} was written ({change or 'reordered'}): its "
+        f"label k is the k-th of the {len(trained)} class names it learned; restore "
+        "those class folders (data.root), or train a new run"
+    )
 
 
 class DiffusionModule(L.LightningModule):
@@ -271,6 +293,8 @@ class DiffusionModule(L.LightningModule):
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
         checkpoint["config_hash"] = self.cfg.hash
+        # a folder's labels are its sorted class folders: the config cannot tell them apart
+        checkpoint["class_names"] = list(self.info.class_names)
         # a run stopped after its final checkpoint takes its FD and its last validation from
         # here (it validates again only if the checkpoint came first); a resumed run's
         # progress lines show the last val loss
@@ -283,6 +307,7 @@ class DiffusionModule(L.LightningModule):
                 f"checkpoint was written by config {checkpoint['config_hash']}, "
                 f"not {self.cfg.hash}: refusing to resume a different experiment"
             )
+        check_class_names(checkpoint, self.info, "the checkpoint")
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seconds = checkpoint.get("data_seconds", 0.0)
         # an older checkpoint has no steady count: its train_seconds are not all warm-up

@@ -46,7 +46,12 @@ from dit_bench.train.callbacks import (
     StepProgressBar,
     gather_in_index_order,
 )
-from dit_bench.train.module import DiffusionModule, images_seen, training_flops
+from dit_bench.train.module import (
+    DiffusionModule,
+    check_class_names,
+    images_seen,
+    training_flops,
+)
 
 GRID_SEED = 1234  # same noise at every step and in every run: grids are comparable
 
@@ -217,6 +222,7 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     eager = cfg.train.model_copy(update=plain)
     module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
+    check_class_names(ckpt, module.info, str(path))  # before the weights' size mismatch
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:  # size mismatch, missing keys
@@ -600,7 +606,7 @@ def train(
     # The data and the module first: what refuses to run (a missing data folder, a bad
     # manifest) does so before a run directory exists, so no empty run is left behind.
     datamodule = DiffusionDataModule(cfg)
-    datamodule.setup("fit")  # reads the images: an unreadable or empty class fails here
+    datamodule.setup("fit")  # lists the images: an empty class or a non-image fails here
     if (n_val := len(datamodule.val_set)) < cfg.eval.val_images and _launch_rank() == 0:
         # not refused: the default (256) is more than a small data set's split holds (digits:
         # 180), and its runs are valid; but the loss is then over fewer images than asked for
