@@ -866,32 +866,38 @@ def suggest(trial, sweep: Sweep) -> dict[str, Scalar]:
 
 
 def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
-    """Every val-loss row of the run's metrics.csv with its images and training FLOPs."""
+    """Every val-loss row of the run's metrics.csv with its images and training FLOPs, and
+    the in-training FD (eval.fd_every) where the row has one, under its summary name."""
     import csv
+
+    from dit_bench.ablate import fd_metric
 
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return []
     rows = []
     batch = plan.cfg.train.batch_size
+    fd = fd_metric(plan.cfg)  # val_FD-<net> / val_FID; metrics.csv logs it as val/...
     with path.open(newline="") as f:
         for r in csv.DictReader(f):
             if r.get("val/loss") not in (None, ""):
                 step = int(r["step"])
-                rows.append(
-                    {
-                        "step": step,
-                        "images": step * batch,
-                        "train_flops": 3.0 * plan.forward_flops * step * batch,
-                        "val_loss": float(r["val/loss"]),
-                    }
-                )
+                row = {
+                    "step": step,
+                    "images": step * batch,
+                    "train_flops": 3.0 * plan.forward_flops * step * batch,
+                    "val_loss": float(r["val/loss"]),
+                }
+                if fd and r.get(logged := fd.replace("_", "/", 1)) not in (None, ""):
+                    row[fd] = float(r[logged])
+                rows.append(row)
     return rows
 
 
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
     """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
     by_step = {r["step"]: r["val_loss"] for r in curve}
+    final = curve[-1] if curve and curve[-1]["step"] == plan.cfg.train.steps else {}
     spec = plan.cfg.backbone.spec()  # the preset's sizes where the sweep does not set them
     batch = plan.cfg.train.batch_size
     return {
@@ -916,9 +922,9 @@ def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
         "budget_steps": plan.budget_steps,
         "val_at_budget": [by_step.get(s) for s in plan.budget_steps],
         "curve": curve,
-        "val_loss": curve[-1]["val_loss"]
-        if curve and curve[-1]["step"] == plan.cfg.train.steps
-        else None,
+        "val_loss": final.get("val_loss"),
+        # the in-training FD at the last step, where eval.fd_every measured one
+        **{k: v for k, v in final.items() if k.startswith(("val_FD-", "val_FID"))},
     }
 
 

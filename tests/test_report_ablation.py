@@ -499,3 +499,18 @@ def test_uneven_seed_note_counts_only_finite_values(tmp_path, monkeypatch):
     (src / "ablation.json").write_text(json.dumps(plan))
     text = ablation.build_report(src, tmp_path / "rep").read_text()
     assert "rest on different seeds" in text
+
+
+def test_report_says_val_losses_of_different_objectives_are_not_on_one_scale(tmp_path, no_figures):
+    # DDPM's eps-MSE and flow matching's velocity-MSE are different quantities: a report that
+    # ranks and pairs them by val_loss must say so (objectives.yaml compares exactly these)
+    source = make_source(tmp_path)
+    for summary in source.glob("*/summary.json"):
+        flow = "in_context" in summary.parent.name
+        s = {**json.loads(summary.read_text()), "objective": "flow" if flow else "ddpm"}
+        summary.write_text(json.dumps(s))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert md.count("not on one scale") == 2  # the ranking (by val_loss) and its section
+    assert "ddpm (adaln_zero, adaln), flow (in_context)" in md
+    one = make_source(tmp_path / "one")  # one objective: no note
+    assert "not on one scale" not in build_report(one, tmp_path / "r1").read_text()

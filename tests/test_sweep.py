@@ -491,3 +491,28 @@ def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
         s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states
     )
     assert all("optim.lr" in t.params for t in study.trials)
+
+
+def test_trial_records_carry_the_in_training_fd(tmp_path):
+    # with eval.fd_every on, a trial records its FD (as it does its val loss) on the trial and
+    # in trial.json, and the curve keeps it at the steps it was measured
+    from dit_bench.report.scaling import tables
+    from dit_bench.sweep import read_curve, trial_record
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"), overrides=["eval.fd_every=4"])
+    plan = sweep.plan(sweep.points()[0])
+    last = plan.cfg.train.steps
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "step,train/loss,val/FD-shapes-net,val/loss\n"
+        "1,2.0,,1.9\n"
+        "4,1.5,80.0,\n"  # an FD step that is no budget: no curve row of its own
+        f"{last},1.0,40.0,0.9\n"
+    )
+    curve = read_curve(run, plan)
+    assert [c.get("val_FD-shapes-net") for c in curve] == [None, 40.0]
+    rec = trial_record(plan, curve)
+    assert rec["val_loss"] == 0.9 and rec["val_FD-shapes-net"] == 40.0
+    runs = tables([{**rec, "state": "COMPLETE"}])[0]
+    assert runs["val_FD-shapes-net"].tolist() == [40.0]

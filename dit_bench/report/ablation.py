@@ -346,6 +346,16 @@ def _per_device(runs: pd.DataFrame, variant: str, col: str, spec: str = ".0f") -
     return "; ".join(f"{_fmt(m, spec)} ({d})" for d, m in means.items())
 
 
+def loss_scales(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """The variants of each validation-loss scale: every objective and prediction target has
+    its own (DDPM's eps-MSE, its v-MSE and flow matching's velocity-MSE are other quantities)."""
+    cols = [c for c in ("objective", "cfg.objective.prediction") if c in runs]
+    if not cols:
+        return {}
+    kind = runs[cols].astype(str).agg("-".join, axis=1)
+    return {k: list(dict.fromkeys(runs.loc[kind == k, "variant"])) for k in dict.fromkeys(kind)}
+
+
 def kendall_agreement(found: list[str], reference: list[str]) -> tuple[float, list[tuple]]:
     """Kendall's tau between two rankings of the same items and the pairs they disagree on."""
     items = [v for v in reference if v in found]
@@ -568,7 +578,21 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "",
         ]
 
+    scales = loss_scales(runs)
+    scale_note = (
+        [
+            "**Validation losses of different objectives are not on one scale** (here: "
+            + ", ".join(f"{k} ({', '.join(vs)})" for k, vs in scales.items())
+            + "): each is its own objective's training MSE, so compare val_loss only between "
+            "variants of one objective, and objectives by their samples (FD).",
+            "",
+        ]
+        if len(scales) > 1
+        else []
+    )
     md += [f"## Ranking by final {primary}", ""]
+    if primary.startswith("val_loss"):
+        md += scale_note
     if uneven:
         md += [
             "The variants' means rest on different seeds (see the seeds column): the ranking "
@@ -623,6 +647,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
 
     for m in metrics:
         md += [f"## {m}", ""]
+        if m.startswith("val_loss"):
+            md += scale_note
         md += [f"![{m} curves](curves_{m}.png)", "", f"![final {m}](final_{m}.png)", ""]
         f = final[final["metric"] == m]
         md += [

@@ -250,6 +250,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "images": r.get("images"),
                 "train_flops": r.get("train_flops"),
                 "val_loss": r.get("val_loss"),
+                **{k: v for k, v in r.items() if k.startswith(("val_FD-", "val_FID"))},
                 **{f"time_{k}": v for k, v in timing.items()},
                 "run_dir": r.get("run_dir"),
             }
