@@ -69,7 +69,7 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
-    from dit_bench.metrics.evaluate import generate
+    from dit_bench.metrics.evaluate import check_sampling, generate
     from dit_bench.train.run import GRID_MAX_CLASSES, load_module, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
@@ -101,6 +101,7 @@ def cmd_sample(args) -> int:
     if module.cfg.data.name == "latents" and not module.cfg.data.vae:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
     sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
+    check_sampling(module.cfg, sampler, steps)
     cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
     use_ema = e.use_ema if args.ema is None else args.ema  # as the run's own grids
     if problem := module.cfg.guidance_error(cfg_scale):
@@ -111,7 +112,11 @@ def cmd_sample(args) -> int:
         name = f"sample-{sampler}-{steps}steps-cfg{cfg_scale:g}-seed{args.seed}-n{args.n}"
         name += f"-labels{args.labels.replace(',', '-')}" if args.labels else ""
         name += "" if use_ema else "-raw"  # the trained weights, not their EMA
-        name += "" if args.checkpoint == "last.ckpt" else f"-{Path(args.checkpoint).stem}"
+        if args.checkpoint != "last.ckpt":
+            name += f"-{Path(args.checkpoint).stem}"
+        elif (step := module.checkpoint_step) < module.cfg.train.steps:
+            # an unfinished run's last.ckpt moves on when it resumes: a grid of each step
+            name += f"-step{step}"
         output = Path(args.run_dir) / "samples" / f"{name}.png"
     Image.init()
     if output.suffix.lower() not in Image.registered_extensions():
@@ -175,13 +180,11 @@ def cmd_eval(args) -> int:
     for name, value in {**record["metrics"], **record["anchors"]}.items():
         print(f"  {name:<48} {value:.6g}")
     print(f"wrote {args.output or Path(args.run_dir) / 'eval.json'}")
-    from dit_bench.train.run import load_run_config
-
-    steps, step = load_run_config(args.run_dir).train.steps, p["checkpoint"]["global_step"]
-    if step < steps:  # an interrupted run, or an earlier step-N checkpoint
+    ckpt = p["checkpoint"]
+    if not ckpt["final"]:  # an interrupted run, or an earlier step-N checkpoint
         print(
-            f"dit-bench: note: these numbers are of step {step} of the run's {steps}, not its "
-            "final weights",
+            f"dit-bench: note: these numbers are of step {ckpt['global_step']} of the run's "
+            f"{ckpt['run_steps']}, not its final weights",
             file=sys.stderr,
         )
     return 0
@@ -513,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         help="image to write (default: RUN_DIR/samples/sample-<sampler>-<steps>steps-cfg<cfg>-"
-        "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png)",
+        "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png; an unfinished run's last.ckpt: "
+        "-step<step> in place of -<checkpoint>)",
     )
     sp.add_argument("--n", type=positive, default=64, help="number of samples")
     sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
@@ -776,7 +780,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ndit-bench: interrupted; run the same command again to resume", file=sys.stderr)
+        if args.command in ("sample", "eval"):  # these keep no partial work to resume
+            again = "nothing was written: run the same command again to start over"
+        else:
+            again = "run the same command again to resume"
+        print(f"\ndit-bench: interrupted; {again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit

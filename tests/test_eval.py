@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -302,3 +303,98 @@ def test_eval_of_a_run_with_one_held_out_image_says_so(tmp_path, cache):
     # it was "need (N >= 2, D) features, got shape (1, 128)", after loading everything
     with pytest.raises(ValueError, match="held-out split has 1 images .* needs at least 2"):
         evaluate_run(run, EvalRequest(num_samples=20, metrics=("fd",)), progress=False)
+
+
+def _saved_run(tmp_path, step: int, *sets: str):
+    """A run directory as an interrupted training leaves it: config.yaml and a last.ckpt at
+    `step` of TINY's 12 (an untrained module saved by hand: nothing trains)."""
+    cfg = build_config(None, TINY + list(sets))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    module = DiffusionModule(cfg, data_info(cfg.data))
+    ckpt = {"state_dict": module.state_dict(), "global_step": step}
+    torch.save(ckpt | {"pytorch-lightning_version": "2.5"}, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def test_eval_record_says_when_its_weights_are_not_the_runs_final_ones(tmp_path, cache):
+    # the stderr note alone was lost to whoever reads eval.json later: step 6 of what?
+    run = _saved_run(tmp_path, 6)
+    request = EvalRequest(num_samples=20, steps=2, metrics=("fd",), anchors=False)
+    p = evaluate_run(run, request, progress=False)["protocol"]
+    assert p["checkpoint"] == {
+        "file": "last.ckpt",
+        "global_step": 6,
+        "run_steps": 12,
+        "final": False,
+    }
+    run = _saved_run(tmp_path, 12)
+    p = evaluate_run(run, request, progress=False)["protocol"]
+    assert p["checkpoint"]["final"] is True
+
+
+@pytest.mark.parametrize(
+    "request_, error",
+    [
+        (dict(sampler="dpm"), "unknown sampler 'dpm'"),
+        (dict(steps=1001), "--steps 1001: .*objective.num_timesteps=1000"),
+        (dict(steps=1), "--steps 1: .*2 or more"),
+    ],
+)
+def test_eval_refuses_a_bad_sampler_or_step_count_before_the_reference(
+    tmp_path, cache, request_, error
+):
+    # they failed at the first sampling batch, after the reference features: minutes of
+    # Inception over a large held-out split, for a typo
+    run = _run_dir(tmp_path, with_checkpoint=True)
+    with pytest.raises(ValueError, match=error):
+        evaluate_run(run, EvalRequest(num_samples=20, **request_), progress=False)
+    assert not (cache / "refstats").exists()
+
+
+def test_cli_sample_of_an_unfinished_run_names_its_step(tmp_path, capsys):
+    # an interrupted run's last.ckpt moves on when it resumes: grids drawn with the same
+    # settings at two of its steps overwrote each other under one name
+    args = ["sample", str(tmp_path / "run"), "--n", "2", "--steps", "2"]
+    grids = []
+    for step in (4, 8, 12):
+        _saved_run(tmp_path, step)
+        assert main(args) == 0
+        grids.append(capsys.readouterr().out.split(" to ")[-1].strip())
+    assert grids[0].endswith("-n2-step4.png") and grids[1].endswith("-n2-step8.png")
+    assert grids[2].endswith("-n2.png")  # a finished run's last.ckpt changes no more
+    assert len(set(grids)) == 3 and all(map(os.path.isfile, grids))
+
+
+def test_an_interrupted_eval_writes_nothing_and_does_not_promise_a_resume(
+    tmp_path, cache, capsys, monkeypatch
+):
+    # Ctrl-C while sampling: eval.json stays as it was, and the command must not say it will
+    # resume (it starts over: no samples are kept)
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    (run / "eval.json").write_text('{"finished_at": "2026-01-01T00:00:00+00:00"}\n')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "generate", interrupted)
+    assert main(["eval", str(run), "--num-samples", "20", "--metrics", "fd", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; nothing was written" in err and "resume" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "eval.json"]
+    assert "2026-01-01" in (run / "eval.json").read_text()
+
+
+def test_a_checkpoint_of_another_family_is_refused_in_a_few_words(tmp_path, capsys):
+    # torch's message named every key of both models: 16 KB on one line for a U-Net-XS
+    run = _saved_run(tmp_path, 12)
+    cfg = build_config(None, TINY + ["backbone.name=unet-xs"])
+    other = DiffusionModule(cfg, data_info(cfg.data)).state_dict()
+    ckpt = {"state_dict": other, "global_step": 12, "pytorch-lightning_version": "2.5"}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    assert main(["sample", str(run), "--n", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "another run's checkpoint" in err and len(err) < 1000

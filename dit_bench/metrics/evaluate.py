@@ -34,7 +34,7 @@ from dit_bench.metrics.features import (
     load_feature_net,
 )
 from dit_bench.metrics.reference import RefStats, dataset_tensors, reference_stats
-from dit_bench.sampling import sampler_options
+from dit_bench.sampling import get_sampler, sampler_options
 
 METRICS: tuple[str, ...] = ("fd", "kid", "pr", "is")
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
@@ -144,6 +144,19 @@ def check_sample_count(metrics: Sequence[str], n: int, what: str) -> None:
     for m in metrics:
         if n < (needed := SAMPLES_NEEDED.get(m, 2)):
             raise ValueError(f"{what}: --metrics {m} needs at least {needed} samples")
+
+
+def check_sampling(cfg, sampler: str, steps: int) -> None:
+    """A sampler name or step count the run's objective cannot sample with: a ValueError
+    before the reference features and the checkpoint are read (the sampling itself would
+    raise only at its first batch)."""
+    get_sampler(sampler)  # an unknown name: the error lists the known ones
+    T = getattr(cfg.objective, "num_timesteps", None)  # DDPM's chain; flow takes any count
+    if T is not None and not 2 <= steps <= T:
+        raise ValueError(
+            f"--steps {steps}: DDPM samples a respaced chain of 2 or more steps, at most its "
+            f"objective.num_timesteps={T}"
+        )
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,7 @@ def evaluate_run(
     scale = cfg.eval.cfg_scale if request.cfg_scale is None else request.cfg_scale
     if problem := cfg.guidance_error(scale):
         raise ValueError(f"--cfg: {problem}; evaluate with --cfg 1")
+    check_sampling(cfg, request.sampler or cfg.eval.sampler, request.steps or cfg.eval.sample_steps)
     features = request.features or default_features(cfg.data.name)  # latents: inception
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
@@ -407,7 +421,14 @@ def evaluate_run(
         "metrics": metrics,
         "anchors": anchors,
         "protocol": {
-            "checkpoint": {"file": request.checkpoint, "global_step": step},
+            # an interrupted run's last.ckpt, or an earlier step-N one: said in the record, not
+            # only on the terminal of the command that wrote it
+            "checkpoint": {
+                "file": request.checkpoint,
+                "global_step": step,
+                "run_steps": cfg.train.steps,
+                "final": step >= cfg.train.steps,
+            },
             "weights": "ema" if use_ema else "raw",
             "objective": cfg.objective.name,
             "sampler": sampler,
@@ -477,6 +498,7 @@ __all__ = [
     "METRICS",
     "EvalRequest",
     "NoCheckpointError",
+    "check_sampling",
     "evaluate_run",
     "eval_labels",
     "generate",

@@ -223,9 +223,19 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
     check_class_names(ckpt, module.info, str(path))  # before the weights' size mismatch
+    # another family's checkpoint: torch names every key (16 KB for a U-Net-XS in a DiT run)
+    ours, theirs = module.state_dict().keys(), ckpt["state_dict"].keys()
+    missing, foreign = sorted(ours - theirs), sorted(theirs - ours)
+    if missing or foreign:
+        raise ValueError(
+            f"{path} does not fit {run_dir}/config.yaml (another run's checkpoint, or an edited "
+            f"config?): {len(missing)} of the model's weights missing (e.g. "
+            f"{', '.join(missing[:3]) or '-'}), {len(foreign)} it does not have (e.g. "
+            f"{', '.join(foreign[:3]) or '-'})"
+        )
     try:
         module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:  # size mismatch, missing keys
+    except RuntimeError as e:  # a weight of another shape: another size of the family
         first = str(e).strip().splitlines()[-1].strip()
         raise ValueError(
             f"{path} does not fit {run_dir}/config.yaml (was it edited?): {first}"
