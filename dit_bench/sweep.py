@@ -894,6 +894,23 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     return rows
 
 
+def run_device(run_dir: Path | None) -> str:
+    """The device a run trained on, as its summary.json names it; else (a pruned run stops
+    before its summary) this process's. The report names the machine its losses and timings
+    are of: a trial record is all a report from a study has."""
+    try:
+        device = json.loads((Path(run_dir) / "summary.json").read_text()).get("device")
+    except (TypeError, OSError, ValueError):
+        device = None
+    if device is None:
+        import torch
+
+        from dit_bench.fast import device_name
+
+        device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return device
+
+
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
     """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
     by_step = {r["step"]: r["val_loss"] for r in curve}
@@ -1351,7 +1368,7 @@ class Worker:
                 "harness_s": wall - tracker.loop_seconds - tracker.val_seconds,
                 "worker_start_s": self.started_to_first(t0),
             }
-            record.update(run_dir=str(run) if run else None, timing=timing)
+            record.update(run_dir=str(run) if run else None, timing=timing, device=run_device(run))
             if error:
                 record["error"] = error
             for k, v in record.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,49 @@ def test_report_from_a_runs_folder(tmp_path):
     assert len(pts) == 8 * len(BUDGETS)
     assert np.allclose(pts["train_flops"], 3 * pts["images"] * pts["tokens"] * 0 + 3 * pts["images"]
                        * pts["macs"] * 2)  # fmt: skip
+
+
+def test_the_report_names_the_devices_its_trials_ran_on(tmp_path):
+    """Its losses and its overhead timings are of a machine: the report names it, from the trial
+    records, or, for records of sweeps that kept none, from each run's summary.json."""
+    fake_sweep(tmp_path / "runs")
+    paths = sorted((tmp_path / "runs").rglob("trial.json"))
+    rec = json.loads(paths[0].read_text())
+    paths[0].write_text(json.dumps({**rec, "device": "NVIDIA H100 80GB HBM3"}))
+    for path in paths[1:]:
+        (path.parent / "summary.json").write_text(json.dumps({"device": "cpu (EPYC, 1 threads)"}))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    head = (out / "report.md").read_text().split("## Headline")[0]
+    assert "NVIDIA H100 80GB HBM3 (1 run)" in head and "cpu (EPYC, 1 threads) (7 runs)" in head
+    table = (out / "report.md").read_text().split("## Runs")[1].split("##")[0]
+    assert table.count(" NVIDIA H100 80GB HBM3 |") == 1, table  # which run ran where
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["device"].value_counts().to_dict() == {
+        "cpu (EPYC, 1 threads)": 7,
+        "NVIDIA H100 80GB HBM3": 1,
+    }
+
+
+def test_the_loss_vs_macs_legend_names_every_budget(tmp_path, monkeypatch):
+    """One line per budget, so one legend entry per budget as the tables write it: a brief
+    legend of the log colour scale named decades instead (1e+10 and 1e+11 for six budgets, one
+    entry for budgets 2.5e9..8e10), which no line can be read off."""
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs")
+    legends = {}
+
+    def spy(fig, path, *args, **kw):
+        legends[Path(path).name] = [
+            [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+            for ax in fig.axes
+        ]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    result = scaling.fit_all(points, n_boot=2)
+    scaling.figures(runs, points, curves, result, tmp_path)
+    assert legends["loss_vs_macs.png"][1] == [f"{b:.3g}" for b in BUDGETS]
 
 
 def test_the_headline_quotes_each_fit_with_the_interval_of_its_bootstrap(tmp_path):
@@ -263,6 +307,34 @@ def test_a_failed_trials_points_stay_out_of_the_fits_and_the_report_says_so(tmp_
         "**Incomplete sweep**: the fits use the finished trials only; 1 trial(s) not finished "
         "(1 FAIL)." in text
     )
+
+
+def test_the_runs_table_says_how_far_a_pruned_or_failed_run_trained(tmp_path):
+    """A trial's `steps` is its plan: a pruned run stopped at its last validated budget, and the
+    table said it trained all of them."""
+    fake_sweep(tmp_path / "runs")
+    path = sorted((tmp_path / "runs").rglob("trial.json"))[1]
+    rec = json.loads(path.read_text())
+    rec |= {"state": "PRUNED", "val_loss": None, "curve": rec["curve"][:2]}
+    rec["val_at_budget"] = rec["val_at_budget"][:2] + [None] * (len(BUDGETS) - 2)
+    path.write_text(json.dumps(rec))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
+    table = (out / "report.md").read_text().split("## Runs")[1].split("##")[0]
+    (row,) = [line for line in table.splitlines() if line.endswith("| PRUNED |")]
+    assert f"| {rec['curve'][1]['step']} of {rec['steps']} |" in row, row
+    runs = pd.read_csv(out / "runs.csv").set_index("run")
+    assert runs.loc[rec["config_hash"], "steps_reached"] == rec["curve"][1]["step"]
+
+
+def test_the_tables_do_not_depend_on_the_order_of_the_trial_records(tmp_path):
+    """A runs folder lists a sweep's trials by directory name, its study by trial number: the
+    report of one sweep from either source must print the same numbers. The fits read the
+    points in their row order (the bootstrap draws runs by position, the L(N, D) optimiser
+    sums residuals in order), so the two sources gave other intervals."""
+    fake_sweep(tmp_path / "runs", noise=0.02)
+    records = scaling.load_records(tmp_path / "runs")
+    for got, backwards in zip(scaling.tables(records), scaling.tables(records[::-1]), strict=True):
+        pd.testing.assert_frame_equal(got, backwards)
 
 
 def test_a_storage_of_several_studies_reports_the_one_named_and_refuses_to_pool(

@@ -82,6 +82,9 @@ def check_study(storage: str, name: str, n_points: int) -> list:
         assert a["val_loss"] == t.value
         assert len(t.intermediate_values) == len(a["budget_steps"])  # a value per budget
         assert (Path(a["run_dir"]) / "trial.json").is_file()
+        # the machine its losses and timings are of, as the run's summary.json names it
+        summary = json.loads((Path(a["run_dir"]) / "summary.json").read_text())
+        assert a["device"] == summary["device"], a.get("device")
     return done
 
 

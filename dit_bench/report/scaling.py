@@ -15,6 +15,7 @@ Pure functions of DataFrames: nothing here imports torch or a model (fits in `fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -192,6 +193,11 @@ def load_records(
         raise FileNotFoundError(f"{source} is neither a runs folder, a study file nor a URL")
     if not recs:
         raise FileNotFoundError(f"no sweep trials (trial.json / trial records) in {source}")
+    for r in recs:  # records of sweeps that kept no device: the run's summary.json names it
+        if r.get("device") is None and r.get("run_dir"):
+            summary = Path(r["run_dir"]) / "summary.json"
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                r["device"] = json.loads(summary.read_text()).get("device")
     # one record per run: its last attempt (a re-run trial resumes the same run), but never
     # one that did not complete in place of one that did
     by_run: dict[str, dict] = {}
@@ -246,11 +252,14 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "macs": r.get("macs"),
                 "flops": r.get("flops"),
                 "batch_size": r.get("batch_size"),
-                "steps": r.get("steps"),
+                "steps": r.get("steps"),  # planned: a pruned or failed run stops short
+                # its last validated step: where a pruned run stopped (its last budget)
+                "steps_reached": max((c["step"] for c in r.get("curve") or []), default=None),
                 "images": r.get("images"),
                 "train_flops": r.get("train_flops"),
                 "val_loss": r.get("val_loss"),
                 **{k: v for k, v in r.items() if k.startswith(("val_FD-", "val_FID"))},
+                "device": r.get("device"),
                 **{f"time_{k}": v for k, v in timing.items()},
                 "run_dir": r.get("run_dir"),
             }
@@ -278,8 +287,15 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 }
             )
         curves += [{**base, **c} for c in r.get("curve") or [] if _finite(c.get("val_loss"))]
-    runs_df = pd.DataFrame(runs)
-    return runs_df, pd.DataFrame(points), pd.DataFrame(curves)
+
+    # In the runs' order, not the records': a runs folder lists them by directory name, a study
+    # by trial number, and the report of one sweep must not depend on which source it read (the
+    # bootstrap draws runs by position; the L(N, D) optimiser sums residuals in row order).
+    def by_run(rows: list[dict], *keys: str) -> pd.DataFrame:
+        df = pd.DataFrame(rows)
+        return df.sort_values(["run", *keys], kind="stable").reset_index(drop=True) if rows else df
+
+    return by_run(runs), by_run(points, "budget"), by_run(curves, "step")
 
 
 # -- the fits ---------------------------------------------------------------------------------------
@@ -546,7 +562,8 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         units="budget",
         sort=True,
         ax=axes[1],
-        legend="brief",
+        # every budget: a brief legend of the log colour scale names decades, not the lines
+        legend="full",
     )
     axes[1].set(
         xscale="log",
@@ -555,6 +572,9 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         ylabel="val loss",
         title="Loss vs forward MACs at each budget",
     )
+    for text in axes[1].get_legend().get_texts():  # as the tables write budgets, not 1e10 digits
+        text.set_text(f"{float(text.get_text()):.3g}")
+    axes[1].get_legend().set_title("budget C")
     fig.tight_layout()
     fig.savefig(out / "loss_vs_macs.png", dpi=130)
     plt.close(fig)
@@ -720,11 +740,29 @@ def overhead_summary(runs: pd.DataFrame) -> dict:
     return out
 
 
+def _steps(r) -> str:
+    """A run's steps: planned, or for one that stopped short (pruned, failed) how far it got."""
+    reached = getattr(r, "steps_reached", None)
+    if r.state != "COMPLETE" and reached is not None and math.isfinite(reached):
+        if reached < r.steps:
+            return f"{int(reached)} of {r.steps}"
+    return str(r.steps)
+
+
+def devices_line(runs: pd.DataFrame) -> str:
+    """The devices the runs trained on, with how many runs each: the losses and the overhead
+    timings are of these machines."""
+    devices = runs.get("device", pd.Series(index=runs.index, dtype=object))
+    counts = devices.fillna("not recorded").value_counts()
+    return "; ".join(f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in sorted(counts.items()))
+
+
 def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -> str:
     ft = result["fits"]
     env, ch = result.get("envelope_fit"), result.get("chinchilla")
     iso = result["isoflop"]["all"].fit
     o = overhead_summary(runs)
+    several = "device" in runs and runs["device"].nunique(dropna=False) > 1  # which ran where
     names = sorted(runs["study"].dropna().unique()) if "study" in runs else []
     named = f", study `{names[0]}`" if len(names) == 1 else ""
     left_out = runs[~runs["state"].map(finished)]
@@ -747,6 +785,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
             if unfinished
             else []
         ),  # fmt: skip
+        f"Trained on: {devices_line(runs)}.",
+        "",
         f"Compute convention: {COMPUTE_CONVENTION}",
         "",
         "## Headline",
@@ -815,13 +855,15 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "",
         "## Runs",
         "",
-        "| size | patch | tokens | params | fwd MACs | steps | final val loss | state |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | patch | tokens | params | fwd MACs | steps | final val loss | state |"
+        + (" device |" if several else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     for r in runs.sort_values(["params", "patch"]).itertuples():
         lines.append(
-            f"| {r.size} | {r.patch} | {r.tokens} | {r.params:,} | {r.macs:,} | {r.steps} | "
+            f"| {r.size} | {r.patch} | {r.tokens} | {r.params:,} | {r.macs:,} | {_steps(r)} | "
             f"{_num(r.val_loss, '.4f')} | {r.state} |"
+            + (f" {r.device if isinstance(r.device, str) else 'not recorded'} |" if several else "")
         )
     if o:
         frac60 = o["overhead_median_s"] / 60
