@@ -232,6 +232,42 @@ def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):
     assert synced == []
 
 
+def test_the_training_step_lists_the_parameters_once_a_fit(tmp_path, monkeypatch):
+    """Gradient clipping and the EMA update take the backbone's parameter lists made at the
+    first step, not a walk of its module tree every step (host time a launch-bound GPU step
+    waits for): three times the steps list them as often; the clipped run's weights are the
+    same, bit for bit, as those of clipping with the lists made afresh."""
+    from dit_bench.backbones.dit import DiT
+
+    listed = []
+    real = torch.nn.Module.parameters
+
+    def parameters(self, *a, **k):
+        if isinstance(self, DiT):
+            listed.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "parameters", parameters)
+    counts = {}
+    for steps in (4, 12):
+        listed.clear()
+        cfg = tiny(f"train.steps={steps}", "train.val_every=100", "train.checkpoint_every=100")
+        assert cfg.optim.grad_clip
+        run = train(cfg, tmp_path / str(steps), progress=False)
+        counts[steps] = len(listed)
+    assert counts[12] == counts[4], counts
+    monkeypatch.setattr(torch.nn.Module, "parameters", real)
+    from dit_bench.train.module import DiffusionModule
+
+    cached = final_state(run)
+    # never kept: listed afresh at every step, as before the lists were kept
+    never = property(lambda self: None, lambda self, value: None)
+    monkeypatch.setattr(DiffusionModule, "_clip_params", never, raising=False)
+    fresh = final_state(train(cfg, tmp_path / "fresh", progress=False))
+    assert cached.keys() == fresh.keys()
+    assert all(torch.equal(cached[k], fresh[k]) for k in cached)
+
+
 def test_the_timer_syncs_at_the_steps_where_a_callback_reads_the_device(tmp_path, monkeypatch):
     """The timer `train` builds synchronises at every step where a callback reads the device:
     log windows (2), validation (3), checkpoints (5), kept ones (7), grids (11), FD (13) and

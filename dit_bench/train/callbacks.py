@@ -41,6 +41,12 @@ class CSVMetrics(Logger):
 
     On resume the rows after the checkpoint's step are dropped first, so an interrupted and
     resumed run ends with the same file as an uninterrupted one.
+
+    A new row with the columns the file already has is appended (and synced); the file is
+    written whole, synced and renamed over the old one, only when a row changes (a step's
+    val metrics join its train loss) or a column is new. Rewritten at every log, a run of 20,000
+    rows spent 100 ms a log window on it (this project's CPU), with the device idle after the
+    window's loss read; a 1M-step sweep trial logging every 50 steps writes that many.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None):
@@ -48,6 +54,8 @@ class CSVMetrics(Logger):
         self.path = Path(path)
         self.resume_step = resume_step
         self.rows: list[dict] | None = None  # read on first use, by rank 0 only
+        self._keys: set[str] = set()  # of every row but "step"
+        self._on_disk: tuple[list[str], int] | None = None  # the file's columns, rows written
 
     def _load(self) -> list[dict]:
         if self.rows is None:
@@ -55,7 +63,14 @@ class CSVMetrics(Logger):
             if self.resume_step is not None and self.path.exists():
                 with self.path.open(newline="") as f:
                     rows = csv.DictReader(f)
-                    self.rows = [r for r in rows if int(r["step"]) <= self.resume_step]
+                    # a row cut short by a kill in its append has missing fields (None): it
+                    # is the last, logged after the checkpoint's step, and dropped anyway
+                    self.rows = [
+                        r
+                        for r in rows
+                        if None not in r.values() and int(r["step"]) <= self.resume_step
+                    ]
+            self._keys = {k for r in self.rows for k in r} - {"step"}
         return self.rows
 
     @property
@@ -79,20 +94,36 @@ class CSVMetrics(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         rows = self._load()
         row = {"step": step, **{k: _number(v) for k, v in metrics.items() if k != "epoch"}}
+        self._keys.update(k for k in row if k != "step")
         if rows and str(rows[-1]["step"]) == str(step):
             rows[-1].update(row)  # train and val metrics of the same step share a row
         else:
             rows.append(row)
-        self._write()
+        columns = ["step"] + sorted(self._keys)
+        if self._on_disk == (columns, len(rows) - 1) and self.path.exists():
+            self._append(columns, row)
+        else:
+            self._write(columns)
 
-    def _write(self) -> None:
-        # synced before it replaces the old file (write_text_atomic), as the run's other records
-        columns = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+    def _lines(self, columns: list[str], rows: list[dict], header: bool) -> str:
         text = io.StringIO(newline="")
         w = csv.DictWriter(text, fieldnames=columns)
-        w.writeheader()
-        w.writerows(self.rows)
-        write_text_atomic(self.path, text.getvalue())
+        if header:
+            w.writeheader()
+        w.writerows(rows)
+        return text.getvalue()
+
+    def _append(self, columns: list[str], row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            f.write(self._lines(columns, [row], header=False))
+            f.flush()
+            os.fsync(f.fileno())
+        self._on_disk = (columns, len(self.rows))
+
+    def _write(self, columns: list[str]) -> None:
+        # synced before it replaces the old file (write_text_atomic), as the run's other records
+        write_text_atomic(self.path, self._lines(columns, self.rows, header=True))
+        self._on_disk = (columns, len(self.rows))
 
 
 def _number(v) -> float:

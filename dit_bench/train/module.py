@@ -124,6 +124,7 @@ class DiffusionModule(L.LightningModule):
         self.wall_start: float | None = None
         self.batch_done_at: float | None = None  # when the last batch's hooks had all run
         self._ema_pairs: EmaPairs | None = None  # optimizer_step's, made at the first step
+        self._clip_params: list[nn.Parameter] | None = None  # the clipping's, likewise
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
         self.last_train_loss: float | None = None  # the last window's mean, for the progress bar
@@ -183,7 +184,8 @@ class DiffusionModule(L.LightningModule):
         self.batch_done_at = time.perf_counter()
 
     def on_fit_start(self) -> None:
-        self._ema_pairs = None  # made again at this fit's first step: the lists are a fit's
+        # made again at this fit's first step: the lists are a fit's
+        self._ema_pairs = self._clip_params = None
 
     def on_train_start(self) -> None:
         # optim.fused is an execution key: a resumed run updates as this call says. The
@@ -239,7 +241,14 @@ class DiffusionModule(L.LightningModule):
         if hasattr(self.trainer.model, "clip_grad_norm_"):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)
+        # Listed once a fit, as the EMA's lists (optimizer_step): walking the module tree for
+        # them took 0.17 ms a step for DiT-S/4's 132 parameters on this project's CPU (0.44 for
+        # DiT-XL/2's 292), host time that a GPU step bound by its launches (DiT-S/4 with CUDA
+        # graphs: 20 ms a step in the harness) waits for.
+        params = self._clip_params
+        if params is None:
+            params = self._clip_params = list(self.net.parameters())
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def pop_train_loss(self) -> float:
         """Mean training loss since the last call, over all ranks (one sync per log window)."""
