@@ -780,10 +780,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command in ("sample", "eval"):  # these keep no partial work to resume
+        # only these keep their partial work (runs, shards, trials); report and bench start over
+        if args.command in ("train", "ablate", "sweep", "encode-latents"):
+            again = "run the same command again to resume"
+        elif args.command in ("sample", "eval"):
             again = "nothing was written: run the same command again to start over"
         else:
-            again = "run the same command again to resume"
+            again = "run the same command again to start over"
         print(f"\ndit-bench: interrupted; {again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted

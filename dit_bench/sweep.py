@@ -894,10 +894,10 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     return rows
 
 
-def run_device(run_dir: Path | None) -> str:
+def run_device(run_dir: Path | None, cfg) -> str:
     """The device a run trained on, as its summary.json names it; else (a pruned run stops
-    before its summary) this process's. The report names the machine its losses and timings
-    are of: a trial record is all a report from a study has."""
+    before its summary) the one `cfg` trains on here. The report names the machine its losses
+    and timings are of: a trial record is all a report from a study has."""
     try:
         device = json.loads((Path(run_dir) / "summary.json").read_text()).get("device")
     except (TypeError, OSError, ValueError):
@@ -907,7 +907,10 @@ def run_device(run_dir: Path | None) -> str:
 
         from dit_bench.fast import device_name
 
-        device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        # as train picks it: train.accelerator=cpu trains on the CPU of a GPU machine too
+        accelerator = cfg.train.accelerator
+        on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+        device = device_name(torch.device("cuda" if on_gpu else "cpu"))
     return device
 
 
@@ -1368,7 +1371,9 @@ class Worker:
                 "harness_s": wall - tracker.loop_seconds - tracker.val_seconds,
                 "worker_start_s": self.started_to_first(t0),
             }
-            record.update(run_dir=str(run) if run else None, timing=timing, device=run_device(run))
+            record.update(
+                run_dir=str(run) if run else None, timing=timing, device=run_device(run, plan.cfg)
+            )
             if error:
                 record["error"] = error
             for k, v in record.items():

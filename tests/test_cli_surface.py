@@ -81,3 +81,31 @@ def test_readme_lists_every_subcommand():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in subcommands():
         assert f"dit-bench {name}" in readme, name
+
+
+def test_ctrl_c_promises_a_resume_only_for_commands_that_resume(monkeypatch, capsys):
+    # report, bench, info and show-config keep no partial work: "run the same command again
+    # to resume" after a Ctrl-C of a long `report scaling` (its bootstrap) was a false promise
+    from dit_bench import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    runs = {
+        "train": ["train", "c.yaml"],
+        "encode-latents": ["encode-latents", "--vae", "v", "--data", "shapes", "--out", "o"],
+        "report": ["report", "scaling", "runs", "-o", "rep"],
+        "bench": ["bench"],
+        "info": ["info"],
+        "show-config": ["show-config", "c.yaml"],
+    }
+    runs["encode-latents"] += ["--image-size", "8"]
+    for command, argv in runs.items():
+        name = "cmd_" + command.replace("-", "_")
+        monkeypatch.setattr(cli, name, interrupted)
+        assert cli.main(argv) == 130, command
+        err = capsys.readouterr().err
+        resumes = command in ("train", "encode-latents")
+        assert ("to resume" in err) == resumes, (command, err)
+        if not resumes:
+            assert "run the same command again to start over" in err

@@ -519,3 +519,21 @@ def test_trial_records_carry_the_in_training_fd(tmp_path):
     assert rec["val_loss"] == 0.9 and rec["val_FD-shapes-net"] == 40.0
     runs = tables([{**rec, "state": "COMPLETE"}])[0]
     assert runs["val_FD-shapes-net"].tolist() == [40.0]
+
+
+def test_a_pruned_trial_names_the_device_its_config_trains_on(tmp_path, monkeypatch):
+    # A pruned run stops before its summary.json, so its record names a device by the trial's
+    # config: train.accelerator=cpu on a GPU machine trained on the CPU, and the scaling
+    # report's devices line said the GPU
+    import torch
+
+    from dit_bench.config import build_config
+    from dit_bench.sweep import run_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    cpu = build_config(None, ["train.accelerator=cpu"])
+    assert run_device(tmp_path, cpu).startswith("cpu (")  # no summary.json there
+    assert run_device(None, build_config(None, [])) == "Some GPU"  # auto: the GPU
+    (tmp_path / "summary.json").write_text('{"device": "NVIDIA H100"}')
+    assert run_device(tmp_path, cpu) == "NVIDIA H100"  # the run's own word first
