@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from dit_bench.cli import main
-from dit_bench.report.ablation import build_report, kendall_agreement
+from dit_bench.report.ablation import build_report, kendall_agreement, loss_scales
 
 VARIANTS = {"adaln_zero": 0.0, "adaln": 0.0, "in_context": 0.05}  # planted val-loss offsets
 
@@ -514,3 +514,17 @@ def test_report_says_val_losses_of_different_objectives_are_not_on_one_scale(tmp
     assert "ddpm (adaln_zero, adaln), flow (in_context)" in md
     one = make_source(tmp_path / "one")  # one objective: no note
     assert "not on one scale" not in build_report(one, tmp_path / "r1").read_text()
+    # DDPM's schedules too (timestep k is another noise level); flow has none
+    runs = pd.DataFrame(
+        {
+            "variant": ["lin", "cos", "fm"],
+            "objective": ["ddpm", "ddpm", "flow"],
+            "cfg.objective.prediction": ["eps", "eps", "velocity"],
+            "cfg.objective.schedule": ["linear", "cosine", None],
+        }
+    )
+    assert loss_scales(runs) == {
+        "ddpm-eps-linear": ["lin"],
+        "ddpm-eps-cosine": ["cos"],
+        "flow-velocity": ["fm"],
+    }

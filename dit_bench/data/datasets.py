@@ -337,7 +337,8 @@ def check_image_files(folder: ImageFolder) -> None:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DataError(
             f"data.root: {len(bad)} of {len(folder)} files are not readable images: "
-            f"{'; '.join(bad[:5])}{more}; remove or replace them"
+            f"{'; '.join(bad[:5])}{more}; replace them with readable images (removed, they "
+            "change the train/val split: a run already started would not resume)"
         )
 
 

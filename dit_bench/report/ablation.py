@@ -348,11 +348,13 @@ def _per_device(runs: pd.DataFrame, variant: str, col: str, spec: str = ".0f") -
 
 def loss_scales(runs: pd.DataFrame) -> dict[str, list[str]]:
     """The variants of each validation-loss scale: every objective and prediction target has
-    its own (DDPM's eps-MSE, its v-MSE and flow matching's velocity-MSE are other quantities)."""
-    cols = [c for c in ("objective", "cfg.objective.prediction") if c in runs]
+    its own (DDPM's eps-MSE, its v-MSE and flow matching's velocity-MSE are other quantities),
+    and so has each DDPM schedule (timestep k is another noise level under linear and cosine)."""
+    scale = ("objective", "cfg.objective.prediction", "cfg.objective.schedule")
+    cols = [c for c in scale if c in runs]
     if not cols:
         return {}
-    kind = runs[cols].astype(str).agg("-".join, axis=1)
+    kind = runs[cols].apply(lambda r: "-".join(str(v) for v in r if pd.notna(v)), axis=1)
     return {k: list(dict.fromkeys(runs.loc[kind == k, "variant"])) for k in dict.fromkeys(kind)}
 
 
