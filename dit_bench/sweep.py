@@ -880,6 +880,10 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     fd = fd_metric(plan.cfg)  # val_FD-<net> / val_FID; metrics.csv logs it as val/...
     with path.open(newline="") as f:
         for r in csv.DictReader(f):
+            # a row is appended (train.callbacks.CSVMetrics): one whose write failed partway
+            # (a full disk) lacks its last fields, and its last value may be cut short
+            if None in r.values():
+                continue
             if r.get("val/loss") not in (None, ""):
                 step = int(r["step"])
                 row = {

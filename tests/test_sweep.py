@@ -537,3 +537,21 @@ def test_a_pruned_trial_names_the_device_its_config_trains_on(tmp_path, monkeypa
     assert run_device(None, build_config(None, [])) == "Some GPU"  # auto: the GPU
     (tmp_path / "summary.json").write_text('{"device": "NVIDIA H100"}')
     assert run_device(tmp_path, cpu) == "NVIDIA H100"  # the run's own word first
+
+
+def test_read_curve_leaves_out_a_val_row_cut_short_by_a_failed_append(tmp_path):
+    """metrics.csv appends a log window's row (train.callbacks.CSVMetrics): a write that fails
+    partway (a full disk) leaves the row cut short, and the trial's record is read right
+    after (Sweep's objective). A val loss cut from 0.4725835 to 0.47258 is no val loss."""
+    from dit_bench.sweep import read_curve
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    plan = sweep.plan(sweep.points()[0])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "step,lr,train/loss,val/loss,val/loss_l0\n"
+        "4,0.001,1.5,1.25,1.0\n"
+        "6,,,0.47258"  # of 0.4725835,0.61: the write stopped here
+    )
+    assert [(c["step"], c["val_loss"]) for c in read_curve(run, plan)] == [(4, 1.25)]
