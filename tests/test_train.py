@@ -1041,3 +1041,18 @@ def test_a_folder_whose_classes_changed_is_refused_by_resume_and_by_load(tmp_pat
     Image.new("RGB", (8, 8)).save(root / "ant" / "0.png")
     with pytest.raises(ValueError, match="classes changed.*added 'ant'"):
         load_module(run)
+
+
+def test_runs_in_one_process_do_not_pile_up_logging_filters():
+    # a sweep worker or an ablation trains run after run in one process, and each `train`
+    # quiets Lightning again: a new filter a run grew the logger's list by one a run
+    import logging
+
+    from dit_bench.train import run
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    run._quiet_lightning()
+    before = len(logger.filters)
+    for _ in range(3):
+        run._quiet_lightning()
+    assert len(logger.filters) == before

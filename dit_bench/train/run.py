@@ -56,11 +56,15 @@ from dit_bench.train.module import (
 GRID_SEED = 1234  # same noise at every step and in every run: grids are comparable
 
 
+def _no_litlogger(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def _quiet_lightning() -> None:
     """Drop Lightning's advertising and warnings that do not apply to this module's design."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
-    )
+    # one function, which addFilter adds once: a sweep worker or an ablation trains many runs
+    # in one process, and a new lambda each run grew the logger's filters by one a run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger)
     # The EMA copy is kept in eval mode on purpose; the LeafSpec note is Lightning's own.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
