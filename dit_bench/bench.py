@@ -262,12 +262,12 @@ def make_diffusers_dit(
     embedder per block (weights copied from one in converted checkpoints): 28 small extra
     MLPs at XL, counted in its parameters but not in the FLOPs (less than 0.1%).
     """
-    from diffusers import DiTTransformer2DModel
+    from dit_bench.data.latents import require_diffusers
 
     spec = resolve_preset(name)
     if spec["family"] != "dit":
         raise ValueError(f"--against diffusers needs a DiT preset (dit-*), got {name!r}")
-    net = DiTTransformer2DModel(
+    net = require_diffusers("--against diffusers").DiTTransformer2DModel(
         num_attention_heads=spec["num_heads"],
         attention_head_dim=spec["hidden_size"] // spec["num_heads"],
         in_channels=channels,

@@ -476,6 +476,15 @@ positive = _at_least(int, 1, "a positive integer")  # counts and sizes
 guidance = _at_least(float, 0.0, "a guidance scale >= 0 (1: no guidance)")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("dit-bench")
+    except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dit-bench",
@@ -484,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_args(sp):

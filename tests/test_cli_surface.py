@@ -4,6 +4,8 @@ purpose (torchtitan's test_no_new_cli_options), and the README must say the same
 import argparse
 from pathlib import Path
 
+import pytest
+
 from dit_bench.cli import build_parser
 
 SURFACE = {
@@ -75,6 +77,16 @@ def test_design_flags_exist():
     assert {"--profile", "--storage", "--workers", "--n-trials", "--set"} <= options(subs["sweep"])
     assert {"--json", "--list"} <= options(subs["info"])
     assert {"--compile", "--against", "--json", "--precision"} <= options(subs["bench"])
+
+
+def test_version_is_the_installed_packages(capsys):
+    # the version a bug report names (summaries record it too, as versions["dit-bench"])
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.split() == ["dit-bench", metadata.version("dit-bench")]
 
 
 def test_readme_lists_every_subcommand():

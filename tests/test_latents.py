@@ -43,6 +43,17 @@ def latent_cfg(root, **kw):
     )
 
 
+def test_latents_without_diffusers_name_the_extra_to_install(vae_dir, monkeypatch):
+    # diffusers is an extra (`pip install dit-bench` leaves it out): not a bare traceback
+    from dit_bench.bench import make_diffusers_dit
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ValueError, match=r"--vae needs diffusers.*dit-bench\[diffusers\]"):
+        load_vae(vae_dir)
+    with pytest.raises(ValueError, match=r"--against diffusers needs diffusers"):
+        make_diffusers_dit("dit-s/2", image_size=8, channels=4, num_classes=10, learn_sigma=False)
+
+
 def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     out = tmp_path / "lat"
     m = encode_latents(

@@ -17,7 +17,8 @@ from PIL import Image
 
 from dit_bench.config import ConfigError, build_config
 from dit_bench.data.module import DiffusionDataModule
-from dit_bench.train.run import find_run_dir, load_module, train
+from dit_bench.train import run as run_module
+from dit_bench.train.run import find_run_dir, git_commit, load_module, train
 
 TINY = [
     "experiment=tiny",
@@ -112,6 +113,33 @@ def test_run_writes_everything(tmp_path):
     assert (run / "samples" / "step-0000012.png").exists()
     # A rerun of the same config does not train again.
     assert train(cfg, tmp_path, progress=False) == run
+
+
+def test_git_commit_is_dit_benchs_not_the_users_repository(tmp_path, monkeypatch):
+    """Installed into a .venv inside the user's own git project, the package must not record
+    that project's commit as the commit of the dit-bench code that ran."""
+    project = tmp_path / "project"
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@x"]
+    installed = project / ".venv" / "lib" / "site-packages" / "dit_bench"
+    vendored = project / "third_party" / "dit-bench" / "dit_bench"
+    for package in (installed, project / "dit_bench", vendored, tmp_path / "dit_bench"):
+        (package / "train").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "dit_bench", "third_party"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=project, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    def commit_from(package):  # git_commit() as if its module were imported from `package`
+        monkeypatch.setattr(run_module, "__file__", str(package / "train" / "run.py"))
+        return git_commit()
+
+    assert commit_from(installed) is None
+    # a checkout (an editable install), or a copy committed into the project: its commit
+    assert commit_from(project / "dit_bench") == commit_from(vendored) == head
+    assert commit_from(tmp_path / "dit_bench") is None  # in no repository
 
 
 def test_the_last_shorter_window_logs_its_train_loss(tmp_path):

@@ -59,11 +59,24 @@ def read_manifest(root: str | Path) -> dict:
 def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu", what: str = "--vae"):
     """A diffusers AutoencoderKL saved on disk (`save_pretrained` folder); never downloads.
     `what`: the flag or key that named the folder, for the error when it holds none."""
-    from diffusers import AutoencoderKL
-
     check_vae_dir(vae_dir, what)
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
+    vae = require_diffusers(what).AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def require_diffusers(what: str):
+    """diffusers, for VAE latents and `bench --against diffusers`: an extra, not a dependency
+    (`pip install dit-bench` leaves it out), so its absence is an error naming the extra."""
+    try:
+        import diffusers
+    except ModuleNotFoundError as e:
+        if e.name != "diffusers":  # installed, but broken: its own error says why
+            raise
+        raise ValueError(
+            f"{what} needs diffusers, which is not installed: pip install 'dit-bench[diffusers]' "
+            "(from a checkout: pip install '.[diffusers]')"
+        ) from None
+    return diffusers
 
 
 def check_vae_dir(vae_dir: str | Path, what: str = "--vae") -> None:

@@ -435,15 +435,20 @@ def package_versions(extra: Sequence[str] = ()) -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    try:
+    """The commit of the dit-bench code that runs when a git repository tracks it (a checkout,
+    an editable install); None for an installed copy. One usually sits in the user's own
+    repository (a .venv in their project), untracked there: that repository's commit is not
+    the code's."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
+            ["git", *args], cwd=package, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")
+        return git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return None
 
