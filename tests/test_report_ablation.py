@@ -528,3 +528,16 @@ def test_report_says_val_losses_of_different_objectives_are_not_on_one_scale(tmp
         "ddpm-eps-cosine": ["cos"],
         "flow-velocity": ["fm"],
     }
+
+
+def test_the_loss_scale_note_of_ddpm_schedules_does_not_call_them_objectives(tmp_path, no_figures):
+    # linear vs cosine: one objective, two loss scales; the note said "losses of different
+    # objectives" and "compare val_loss only between variants of one objective", which both are
+    source = make_source(tmp_path)
+    for config in source.glob("*/config.yaml"):
+        schedule = "cosine" if "in_context" in config.parent.name else "linear"
+        cfg = {**yaml.safe_load(config.read_text()), "objective": {"schedule": schedule}}
+        config.write_text(yaml.safe_dump(cfg))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "linear (adaln_zero, adaln), cosine (in_context)" in md
+    assert "variants of one objective" not in md and "or DDPM schedules" in md

@@ -583,10 +583,11 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     scales = loss_scales(runs)
     scale_note = (
         [
-            "**Validation losses of different objectives are not on one scale** (here: "
+            "**Validation losses of different objectives, targets or DDPM schedules are not on "
+            "one scale** (here: "
             + ", ".join(f"{k} ({', '.join(vs)})" for k, vs in scales.items())
-            + "): each is its own objective's training MSE, so compare val_loss only between "
-            "variants of one objective, and objectives by their samples (FD).",
+            + "): each is its own objective's training MSE at its own noise levels, so compare "
+            "val_loss only between variants of one scale, and across scales by samples (FD).",
             "",
         ]
         if len(scales) > 1

@@ -440,10 +440,24 @@ def git_commit() -> str | None:
     repository (a .venv in their project), untracked there: that repository's commit is not
     the code's."""
     package = Path(__file__).resolve().parents[1]
+    # git (2.35.2 on) refuses a repository another user owns: root in a container running a
+    # checkout mounted from the host. One owned by the owner of this very code is trusted as
+    # far as the code is (that user can rewrite it), so it is named safe for these two calls.
+    trust = []
+    repo = next((d for d in (package, *package.parents) if (d / ".git").exists()), None)
+    with contextlib.suppress(OSError):
+        owner = Path(__file__).resolve().stat().st_uid
+        if repo and repo.stat().st_uid == (repo / ".git").stat().st_uid == owner:
+            trust = ["-c", f"safe.directory={repo}"]
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=package, capture_output=True, text=True, timeout=5, check=True
+            ["git", *trust, *args],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
 
     try:
