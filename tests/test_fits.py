@@ -234,3 +234,34 @@ def test_chinchilla_stopped_by_its_iteration_limits_is_not_converged(monkeypatch
     assert f.status == "not converged" and not f.ok, (f.status, f.detail)
     monkeypatch.undo()
     assert fits.fit_chinchilla(n, d, loss).ok  # the same data, allowed to finish
+
+
+def test_bootstrap_resamples_whole_runs_never_single_points():
+    """A run's points share its errors (one model, one training trajectory), so they are one
+    draw of the sweep, not several: on synthetic sweeps with a per-run offset a bootstrap over
+    points gives the exponents' intervals a fraction of the width they need. Each resample
+    must be whole runs, as many as the sweep has, a run drawn twice counting as two."""
+    c = np.geomspace(1e10, 1e13, 8)
+    sizes = {"r0": 4, "r1": 6, "r2": 8, "r3": 5}  # runs of different lengths (pruned early)
+    pts = pd.concat(
+        [
+            pd.DataFrame({"run": r, "train_flops": c[:k], "val_loss": 1.0 + i + c[:k] * 1e-14})
+            for i, (r, k) in enumerate(sizes.items())
+        ],
+        ignore_index=True,
+    )
+    seen = []
+
+    def refit(d):
+        seen.append(d.copy())
+        return fits.Fit("x", "", {}, "insufficient data", "", 0)
+
+    fits.bootstrap(pts, refit, n_boot=30, seed=0)
+    assert len(seen) == 30
+    for d in seen:
+        labels = d["run"].unique()
+        assert len(labels) == len(sizes)  # as many draws as runs
+        for label, g in d.groupby("run"):
+            run = label.split("#")[0]
+            whole = pts[pts["run"] == run]
+            np.testing.assert_array_equal(g["val_loss"].to_numpy(), whole["val_loss"].to_numpy())
