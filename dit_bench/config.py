@@ -300,7 +300,11 @@ class TrainConfig(_Strict):
     steps: int = Field(2000, gt=0)
     batch_size: int = Field(64, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="classifier-free guidance dropout")
-    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="auto: a CUDA GPU when torch sees one, else the CPU (not Apple's MPS: "
+        "nothing here is built for it); gpu: CUDA, refused without one",
+    )
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     bf16_stream: bool = Field(
         False,

@@ -781,6 +781,31 @@ def test_a_multi_node_run_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
     assert "waiting for 2 nodes x 1 processes (launched by torchrun" in capsys.readouterr().err
 
 
+def test_train_accelerator_auto_is_cuda_or_the_cpu_never_lightnings_pick(tmp_path, monkeypatch):
+    # Lightning's "auto" takes MPS on an Apple machine, where the summary would say "cpu"
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fit(trainer, *args, **kwargs):
+        seen["accelerator"] = type(trainer.accelerator).__name__
+        raise Stop
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    made = []
+    real = L.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        made.append(kwargs["accelerator"])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", init)
+    with pytest.raises(Stop):
+        train(tiny("train.accelerator=auto"), tmp_path, progress=False)
+    assert made == ["cpu"] and seen["accelerator"] == "CPUAccelerator"
+
+
 def test_a_val_loss_over_fewer_images_than_asked_for_says_so(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass

@@ -750,7 +750,10 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         callbacks.append(ProgressLines(label, t.batch_size))
     try:  # Lightning checks accelerator, strategy and devices here
         trainer = L.Trainer(
-            accelerator=t.accelerator,
+            # CUDA or the CPU, as on_gpu decided, never Lightning's own "auto": on an Apple
+            # machine that picks MPS, which nothing here is built or tested for, and the
+            # summary (device_name) would still say "cpu"
+            accelerator="cuda" if on_gpu else "cpu",
             devices=t.devices,
             num_nodes=t.num_nodes,
             strategy=_strategy(t.strategy, module),
