@@ -116,7 +116,7 @@ def load_datasets(cfg: Any) -> tuple[Dataset, Dataset]:
     n_sources = full.manifest["num_images"] if isinstance(full, LatentShards) else len(full)
     keys = None
     if getattr(cfg, "split_by", "position") == "name" and isinstance(full, ImageFolder):
-        keys = [os.path.relpath(path, full.root).replace(os.sep, "/") for path, _ in full.samples]
+        keys = full.names()
     train, val = split_indices(n_sources, cfg.val_fraction, cfg.split_seed, keys)
     if isinstance(full, LatentShards) and full.manifest["flip"]:
         # Item n + i is the flipped copy of image i: it trains with its original, so no
@@ -302,6 +302,11 @@ class ImageFolder(Dataset):
                     f"({' '.join(IMAGE_EXTENSIONS)})"
                 )
             self.samples += [(p, label) for p in paths]
+
+    def names(self) -> list[str]:
+        """Each item's path below the root, "/"-separated: what names a file across machines
+        and mounts (the split by name, the fingerprints of a run's data and of an encoding)."""
+        return [os.path.relpath(path, self.root).replace(os.sep, "/") for path, _ in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -262,9 +262,8 @@ def _files_digest(images: Any) -> str | None:
     if not isinstance(images, ImageFolder):
         return None
     digest = hashlib.sha256()
-    for path, label in images.samples:
+    for name, (path, label) in zip(images.names(), images.samples, strict=True):
         stat = Path(path).stat()
-        name = Path(path).relative_to(images.root).as_posix()
         digest.update(name_bytes(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
     return digest.hexdigest()
 

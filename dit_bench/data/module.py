@@ -9,7 +9,6 @@ stop anywhere, restart, and the remaining batches are the ones an uninterrupted 
 from __future__ import annotations
 
 import hashlib
-import os
 
 import lightning as L
 import torch
@@ -40,8 +39,8 @@ def items_sha256(train: Subset, val: Subset) -> str:
     full = train.dataset
     h = hashlib.sha256(f"{list(train.indices)}\0{list(val.indices)}".encode())
     if isinstance(full, ImageFolder):
-        for path, label in full.samples:
-            h.update(name_bytes(f"{os.path.relpath(path, full.root)}\0{label}\n"))
+        for name, (_, label) in zip(full.names(), full.samples, strict=True):
+            h.update(name_bytes(f"{name}\0{label}\n"))
     elif isinstance(full, LatentShards):
         h.update("".join(s["sha256"] for s in full.shards).encode())
     return h.hexdigest()
