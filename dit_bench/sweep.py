@@ -868,9 +868,8 @@ def suggest(trial, sweep: Sweep) -> dict[str, Scalar]:
 def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     """Every val-loss row of the run's metrics.csv with its images and training FLOPs, and
     the in-training FD (eval.fd_every) where the row has one, under its summary name."""
-    import csv
-
     from dit_bench.ablate import fd_metric
+    from dit_bench.train.callbacks import read_metrics
 
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
@@ -878,23 +877,18 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     rows = []
     batch = plan.cfg.train.batch_size
     fd = fd_metric(plan.cfg)  # val_FD-<net> / val_FID; metrics.csv logs it as val/...
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            # a row is appended (train.callbacks.CSVMetrics): one whose write failed partway
-            # (a full disk) lacks its last fields, and its last value may be cut short
-            if None in r.values():
-                continue
-            if r.get("val/loss") not in (None, ""):
-                step = int(r["step"])
-                row = {
-                    "step": step,
-                    "images": step * batch,
-                    "train_flops": 3.0 * plan.forward_flops * step * batch,
-                    "val_loss": float(r["val/loss"]),
-                }
-                if fd and r.get(logged := fd.replace("_", "/", 1)) not in (None, ""):
-                    row[fd] = float(r[logged])
-                rows.append(row)
+    for r in read_metrics(path):  # a row cut short by a failed append left out
+        if r.get("val/loss") not in (None, ""):
+            step = int(r["step"])
+            row = {
+                "step": step,
+                "images": step * batch,
+                "train_flops": 3.0 * plan.forward_flops * step * batch,
+                "val_loss": float(r["val/loss"]),
+            }
+            if fd and r.get(logged := fd.replace("_", "/", 1)) not in (None, ""):
+                row[fd] = float(r[logged])
+            rows.append(row)
     return rows
 
 

@@ -61,15 +61,10 @@ class CSVMetrics(Logger):
         if self.rows is None:
             self.rows = []
             if self.resume_step is not None and self.path.exists():
-                with self.path.open(newline="") as f:
-                    rows = csv.DictReader(f)
-                    # a row cut short by a kill in its append has missing fields (None): it
-                    # is the last, logged after the checkpoint's step, and dropped anyway
-                    self.rows = [
-                        r
-                        for r in rows
-                        if None not in r.values() and int(r["step"]) <= self.resume_step
-                    ]
+                # a row cut short by a kill in its append is the last, logged after the
+                # checkpoint's step: read_metrics leaves it out, as the step would
+                rows = read_metrics(self.path)
+                self.rows = [r for r in rows if int(r["step"]) <= self.resume_step]
             self._keys = {k for r in self.rows for k in r} - {"step"}
         return self.rows
 
@@ -124,6 +119,14 @@ class CSVMetrics(Logger):
         # synced before it replaces the old file (write_text_atomic), as the run's other records
         write_text_atomic(self.path, self._lines(columns, self.rows, header=True))
         self._on_disk = (columns, len(self.rows))
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics.csv, without a last row cut short: CSVMetrics appends them, and
+    one whose write stopped partway (a kill, a full disk) lacks fields (None), its last value
+    perhaps cut short too."""
+    with Path(path).open(newline="") as f:
+        return [r for r in csv.DictReader(f) if None not in r.values()]
 
 
 def _number(v) -> float:
