@@ -280,6 +280,13 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     return f"{name}, {isa}" if isa not in ("", "DEFAULT") else name
 
 
+def trains_on_cuda(accelerator: str) -> bool:
+    """Where train.accelerator puts a run: gpu is CUDA (refused without one), auto is CUDA when
+    torch sees a device, else the CPU (never another accelerator: Lightning's own auto would
+    take Apple's MPS)."""
+    return accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -903,11 +903,10 @@ def run_device(run_dir: Path | None, cfg) -> str:
     if device is None:
         import torch
 
-        from dit_bench.fast import device_name
+        from dit_bench.fast import device_name, trains_on_cuda
 
         # as train picks it: train.accelerator=cpu trains on the CPU of a GPU machine too
-        accelerator = cfg.train.accelerator
-        on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+        on_gpu = trains_on_cuda(cfg.train.accelerator)
         device = device_name(torch.device("cuda" if on_gpu else "cpu"))
     return device
 

@@ -34,7 +34,13 @@ from dit_bench.backbones import Cond
 from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
-from dit_bench.fast import allow_tf32, device_name, no_nan_fill, shared_cores_note
+from dit_bench.fast import (
+    allow_tf32,
+    device_name,
+    no_nan_fill,
+    shared_cores_note,
+    trains_on_cuda,
+)
 from dit_bench.files import replacing, write_json_atomic, write_text_atomic
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
@@ -606,7 +612,7 @@ def train(
     out = Path(out)
     t = cfg.train
     accelerator = t.accelerator
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = trains_on_cuda(accelerator)
     # before looking for a finished run: the accelerator is not in the hash, so a GPU request
     # on a machine without one would otherwise be answered with a CPU run's results
     if accelerator == "gpu" and not torch.cuda.is_available():
