@@ -69,7 +69,7 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
-    from dit_bench.metrics.evaluate import check_sampling, generate
+    from dit_bench.metrics.evaluate import check_finite_samples, check_sampling, generate
     from dit_bench.train.run import GRID_MAX_CLASSES, load_module, save_grid, to_images
 
     module = load_module(Path(args.run_dir), args.checkpoint)
@@ -141,6 +141,8 @@ def cmd_sample(args) -> int:
         progress=args.n > module.cfg.train.batch_size,
     )
     images = to_images(module.cfg, images)
+    where = f"{args.run_dir} (step {module.checkpoint_step})"
+    check_finite_samples(images, where, "No grid is drawn from them")
     # one class a column, up to the grids' 32; more classes (ImageNet): a square-ish grid
     wide = info.num_classes if info.num_classes <= GRID_MAX_CLASSES else math.isqrt(args.n - 1) + 1
     save_grid(images, output, ncol=args.ncol or wide)

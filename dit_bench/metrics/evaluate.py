@@ -146,6 +146,17 @@ def check_sample_count(metrics: Sequence[str], n: int, what: str) -> None:
             raise ValueError(f"{what}: --metrics {m} needs at least {needed} samples")
 
 
+def check_finite_samples(images: Tensor, source: str, refusal: str) -> None:
+    """A ValueError if a sample of `source` is not finite: a diverged run's samples are no
+    images (a grid saves them black, a metric of them is NaN or a number of nothing)."""
+    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {len(images)} samples of {source} are not finite: the weights "
+            f"diverged? {refusal}"
+        )
+
+
 def check_sampling(cfg, sampler: str, steps: int) -> None:
     """A sampler name or step count the run's objective cannot sample with: a ValueError
     before the reference features and the checkpoint are read (the sampling itself would
@@ -378,12 +389,7 @@ def evaluate_run(
     sample_seconds = time.perf_counter() - t_sample
     if decode is not None:
         images = decode(images)
-    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
-    if bad:
-        raise ValueError(
-            f"{bad} of {n} samples of {run_dir} (step {step}) are not finite: the weights "
-            "diverged? No metric is computed from them"
-        )
+    check_finite_samples(images, f"{run_dir} (step {step})", "No metric is computed from them")
     labels = eval_labels(n, module.info.num_classes)
     gen_feats, gen_logits = net.features(images, batch_size=request.batch_size)
     metrics = score(

@@ -256,14 +256,36 @@ class DiffusionModule(L.LightningModule):
         # Equal rows per rank, so the mean over ranks is the global-batch mean.
         mean = self.trainer.strategy.reduce(local.to(self.device), reduce_op="mean").item()
         if not math.isfinite(mean):
-            clip = self.cfg.optim.grad_clip
-            hint = " or set optim.grad_clip (it is off)" if clip is None else f" (grad_clip {clip})"
             raise FloatingPointError(
-                f"non-finite training loss before step {self.global_step}; lower optim.lr{hint}"
+                f"non-finite training loss before step {self.global_step}; {self._lr_hint()}"
             )
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
         self.last_train_loss = mean
         return mean
+
+    def _lr_hint(self) -> str:
+        clip = self.cfg.optim.grad_clip
+        hint = " or set optim.grad_clip (it is off)" if clip is None else f" (grad_clip {clip})"
+        return f"lower optim.lr{hint}"
+
+    def check_finite_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Refuse weights that are not finite. The loss guard (pop_train_loss) reads the
+        losses of the steps so far, each computed from the weights before its update: the
+        update of the last step (an overflowing gradient, a NaN through clipping) is unseen
+        there, and a checkpoint of it would replace the last good resume point with weights
+        every rerun resumes into. One device read a checkpoint, never one a step."""
+        floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+        if not floats:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).cpu()
+        if bool(finite.all()):
+            return
+        bad = [k for k, ok in zip(floats, finite.tolist(), strict=True) if not ok]
+        raise FloatingPointError(
+            f"non-finite weights at step {self.global_step} ({len(bad)} tensors, e.g. "
+            f"{', '.join(bad[:3])}): not checkpointed (last.ckpt, if any, keeps earlier finite "
+            f"ones); {self._lr_hint()}"
+        )
 
     def elapsed_wall_seconds(self) -> float:
         """The fit's wall-clock time so far, earlier sessions of a resumed run included."""
@@ -295,6 +317,7 @@ class DiffusionModule(L.LightningModule):
 
     # -- bookkeeping carried through checkpoints -------------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
+        self.check_finite_weights(checkpoint.get("state_dict", {}))
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["data_seconds"] = self.data_seconds
         checkpoint["steady"] = (self.steady_seconds, self.steady_steps, self.steady_known)

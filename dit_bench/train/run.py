@@ -251,6 +251,16 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
             f"{path} does not fit {run_dir}/config.yaml (was it edited?): {first}"
         ) from None
     module.checkpoint_step = int(ckpt["global_step"])
+    # a diverged run's weights (a checkpoint written before train refused them): said now,
+    # not after eval has drawn all its samples (10,000 DDPM-250 ones: half an hour of an H100)
+    bad = [
+        k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} weight tensors are not finite (e.g. {', '.join(bad[:3])}): the "
+            f"run diverged by step {module.checkpoint_step}; nothing is sampled from them"
+        )
     return module.eval()
 
 
