@@ -8,7 +8,9 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,26 @@ def locked(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def try_lock(f) -> str | None:
+    """An exclusive lock on the open lock file `f` (mode "a+"), without waiting: None if this
+    process now holds it (and has written its pid, host and time into it: `note_holder`),
+    else the holder's line ("" while it has not written it yet). The lock is the kernel's:
+    a holder killed with kill -9 frees it at once, and its stale line is replaced."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip()
+    note_holder(f)
+    return None
+
+
+def note_holder(f) -> None:
+    """This process's pid, host and start in the lock file `f` it holds, for others to name."""
+    f.seek(0)
+    f.truncate()
+    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    f.write(f"pid {os.getpid()} on {platform.node()} since {since}\n")
+    f.flush()

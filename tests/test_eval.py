@@ -398,3 +398,18 @@ def test_a_checkpoint_of_another_family_is_refused_in_a_few_words(tmp_path, caps
     assert main(["sample", str(run), "--n", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "another run's checkpoint" in err and len(err) < 1000
+
+
+def test_two_earlier_records_finished_in_one_second_are_both_kept(tmp_path):
+    # Two evals of one run finishing in the same second (run side by side on two GPUs, or a
+    # quick scripted loop): each kept record was named by its finish time to the second, so
+    # the second one kept replaced the first, the loss _keep_earlier exists to prevent.
+    from dit_bench.metrics.evaluate import _keep_earlier
+
+    out = tmp_path / "eval.json"
+    for steps in (2, 4):
+        out.write_text(json.dumps({"finished_at": "2026-01-01T00:00:00+00:00", "steps": steps}))
+        _keep_earlier(out)
+    kept = sorted(tmp_path.glob("eval-*.json"))
+    assert sorted(json.loads(p.read_text())["steps"] for p in kept) == [2, 4]
+    assert not out.exists()

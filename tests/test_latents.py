@@ -321,3 +321,28 @@ def test_a_run_with_an_unusable_vae_is_refused_before_it_trains(vae_dir, image_f
         with pytest.raises((FileNotFoundError, DataError), match=message):
             train(build_config(None, [*sets, f"data.vae={vae}"]), runs, progress=False)
     assert not [d for d in runs.glob("*/*") if d.is_dir()]  # refused before any run dir
+
+
+def test_a_second_encoding_into_one_folder_is_refused_naming_the_first(
+    vae_dir, image_folder, tmp_path
+):
+    # Two encode-latents into one --out (a double launch, a requeued job whose old process
+    # still runs) each kept its own list of shards and wrote them over the other's: twice
+    # the work, and on a GPU (kernels not bit-exact) a manifest whose checksums name the
+    # other process's shard files. The second is refused, naming the first; a first that
+    # died (kill -9: the kernel drops its lock) blocks nothing, and the encoding resumes.
+    import fcntl
+    import os
+    import platform
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    with open(out / ".encode.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"pid {os.getpid()} on {platform.node()} since now\n")
+        held.flush()
+        with pytest.raises(DataError, match=rf"another encode-latents \(pid {os.getpid()} on "):
+            encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    assert not (out / "manifest.json").exists()
+    m = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    assert len(m["shards"]) == 3

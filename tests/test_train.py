@@ -840,13 +840,84 @@ def test_two_processes_training_one_config_share_its_run(tmp_path):
             for log in logs
         ]
         deadline = time.time() + 120
-        while not all("another process is training" in log.read_text() for log in logs):
+        held = f"another process (pid {os.getpid()} on "  # this one, named by the lock file
+        while not all(held in log.read_text() for log in logs):
             assert time.time() < deadline and all(p.poll() is None for p in procs)
             time.sleep(0.2)
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     texts = [log.read_text() for log in logs]
     assert sum("already finished" in t for t in texts) == 1, texts
     assert len(list((tmp_path / "runs" / "tiny").glob("*/summary.json"))) == 1
+
+
+def test_a_process_waiting_for_a_run_names_the_one_that_holds_it(tmp_path, capsys):
+    # A double launch, or a requeued job whose old process still runs (another node, a
+    # forgotten tmux session): "another process" left the user to find which one by hand.
+    # A holder that died (kill -9) leaves its line in the lock file: the next holder's
+    # replaces it, and its lock is free at once.
+    import socket
+    import threading
+
+    from dit_bench.train.run import _run_lock
+
+    cfg, out = tiny(), tmp_path / "runs"
+    lock = out / cfg.experiment / f".{cfg.hash}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("pid 1 on dead-host since 2020-01-01T00:00:00+00:00\n")
+    entered, seen = threading.Event(), []
+
+    def second():
+        with _run_lock(out, cfg):
+            entered.set()
+
+    with _run_lock(out, cfg):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline = time.time() + 10
+        while not any("another process" in e for e in seen):
+            assert time.time() < deadline and not entered.is_set()
+            seen.append(capsys.readouterr().err)
+            time.sleep(0.05)
+    waiter.join(timeout=10)
+    assert entered.is_set()
+    (line,) = [e for e in seen if "another process" in e]
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in line, line
+    assert "dead-host" not in line and "dead-host" not in lock.read_text()
+
+
+def test_slurm_requeue_checkpoints_resume_the_run_and_do_not_pile_up(tmp_path, monkeypatch, capsys):
+    # `sbatch --signal=USR1@90`: Lightning's SLURM auto-requeue saves hpc_ckpt_N.ckpt in the
+    # run directory and requeues the job. Given last.ckpt, Lightning never read them: each
+    # requeue of a long run left one more full checkpoint (optimiser state, EMA copy) to the
+    # end, and the requeued job went back to last.ckpt, up to checkpoint_every steps earlier.
+    import signal
+
+    slurm = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "train",
+             "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
+    for var in ("RANK", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+
+    class Usr1At(L.Callback):  # SLURM's signal; its `scontrol requeue` fails here: no SLURM
+        def __init__(self, *steps):
+            self.steps = steps
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in self.steps:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = tiny("train.checkpoint_every=4")
+    with pytest.raises(KeyboardInterrupt):  # requeued: the job stops at step 7
+        train(cfg, tmp_path, progress=False, callbacks=[Usr1At(2, 6), InterruptAt(7)])
+    run = find_run_dir(tmp_path, cfg)
+    assert len(list(run.glob("hpc_ckpt_*.ckpt"))) == 2  # Lightning's, at steps 2 and 6
+    capsys.readouterr()
+    train(cfg, tmp_path, progress=False, callbacks=[Usr1At(9)])
+    assert "from step 6 (saved by Lightning's SLURM requeue" in capsys.readouterr().err
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
+    assert (run / "summary.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dit_bench.files import replacing, write_json_atomic
+from dit_bench.files import replacing, try_lock, write_json_atomic
 
 FORMAT = "dit-bench-latents/1"
 MANIFEST = "manifest.json"
@@ -136,8 +136,6 @@ def encode_latents(
 
     Returns the manifest. Rerunning continues an interrupted encoding.
     """
-    from safetensors.torch import save_file
-
     from dit_bench.data.datasets import (
         DataError,
         ImageFolder,
@@ -161,6 +159,31 @@ def encode_latents(
             f"{factor} (its latents would decode to another size)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    # one process per folder: two would each keep their own list of shards and write them over
+    # the other's (twice the work; on a GPU, whose kernels are not bit-exact, a manifest whose
+    # checksums name the other's files). A lock file, not a check of the manifest: the
+    # second may start before the first has written one.
+    with open(out / ".encode.lock", "a+") as lock:
+        if (holder := try_lock(lock)) is not None:
+            raise DataError(
+                f"--out {out}: another encode-latents ({holder or 'starting'}) is writing this "
+                "folder; wait for it (rerun then to finish an interrupted encoding), or use "
+                "another --out"
+            )
+        return _encode(
+            vae, vae_dir, source, info, images, out, flip, shard_size, batch_size, device, progress
+        )
+
+
+@torch.no_grad()
+def _encode(
+    vae, vae_dir, source, info, images, out: Path, flip, shard_size, batch_size, device, progress
+) -> dict:
+    """encode_latents' work, in the folder it holds alone."""
+    from safetensors.torch import save_file
+
+    from dit_bench.data.datasets import DataError
+
     scale = vae_scaling_factor(vae)
     n = len(images)
     header = {

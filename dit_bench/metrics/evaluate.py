@@ -494,7 +494,14 @@ def _keep_earlier(path: Path) -> Path:
         stamp = datetime.fromisoformat(json.loads(path.read_text())["finished_at"])
     except (OSError, ValueError, KeyError, TypeError):
         stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    kept = path.with_name(f"{path.stem}-{stamp.strftime('%Y%m%dT%H%M%SZ')}{path.suffix}")
+    name = f"{path.stem}-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+    kept = path.with_name(f"{name}{path.suffix}")
+    # two records finished in one second (evals side by side): -2, -3, ..., never one over
+    # the other (replace would overwrite it without a word)
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{name}-{n}{path.suffix}")
     path.replace(kept)
     print(f"[dit-bench] kept the earlier {path.name} as {kept.name}", file=sys.stderr)
     return kept

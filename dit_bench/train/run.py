@@ -41,7 +41,13 @@ from dit_bench.fast import (
     shared_cores_note,
     trains_on_cuda,
 )
-from dit_bench.files import replacing, write_json_atomic, write_text_atomic
+from dit_bench.files import (
+    note_holder,
+    replacing,
+    try_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
 from dit_bench.sampling import randn, sampler_options
 from dit_bench.train.callbacks import (
     AtomicCheckpointIO,
@@ -170,23 +176,26 @@ def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
     """One process trains a config at a time. A second one (another terminal, a sweep worker
     retrying a trial whose worker is slow but alive) waits for it, then resumes its run or finds
     it finished: two writers in one run directory would clobber its checkpoints and metrics.
-    Only the launching rank locks; the others follow the run directory it makes."""
+    Only the launching rank locks; the others follow the run directory it makes.
+
+    A waiting process names the holder (its pid and host, from the lock file): a double launch
+    or a requeued job whose old process still runs (another node, a forgotten terminal) is
+    found without a search. A holder killed with kill -9 blocks nothing (files.try_lock)."""
     if _launch_rank() != 0:
         yield
         return
     folder = out / cfg.experiment
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{cfg.hash}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(folder / f".{cfg.hash}.lock", "a+") as f:
+        if (holder := try_lock(f)) is not None:
             print(
-                f"[dit-bench] another process is training config {cfg.hash} in {folder}; "
-                "waiting for it to finish or stop",
+                f"[dit-bench] another process{f' ({holder})' if holder else ''} is training "
+                f"config {cfg.hash} in {folder}; waiting for it to finish or stop",
                 file=sys.stderr,
                 flush=True,
             )
             fcntl.flock(f, fcntl.LOCK_EX)
+            note_holder(f)
         try:
             yield
         finally:
@@ -730,13 +739,25 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             for tmp in run.glob("**/*.tmp"):
                 tmp.unlink(missing_ok=True)
     last = run / "checkpoints" / "last.ckpt"
-    resume_step = None
-    if last.exists():
+    # Lightning's SLURM auto-requeue (SIGUSR1, from `sbatch --signal=USR1@90`) saves the state
+    # as hpc_ckpt_N.ckpt in the run directory, then requeues the job. Given last.ckpt, as here,
+    # Lightning never reads them, and each requeue left one more full checkpoint (optimiser
+    # state and EMA copy too) behind, to the end of the run: the newest state resumes, and
+    # _DropRequeueCheckpoints removes them once every process has loaded it.
+    requeued = sorted(run.glob("hpc_ckpt_*.ckpt"))
+    start, resume_step = last, None
+    for path in [last, *requeued]:
+        if not path.exists():
+            continue
         try:
-            resume_step = read_checkpoint(last)["global_step"]
+            step = read_checkpoint(path)["global_step"]
         except ValueError as e:
             raise ValueError(f"{e}; delete it to train {run} again from its start") from None
-        print(f"[dit-bench] resuming {run} from step {resume_step}", file=sys.stderr)
+        if resume_step is None or step > resume_step:
+            start, resume_step = path, step
+    if resume_step is not None:
+        via = "" if start == last else f" (saved by Lightning's SLURM requeue: {start.name})"
+        print(f"[dit-bench] resuming {run} from step {resume_step}{via}", file=sys.stderr)
 
     metrics = StepMetrics(t.log_every, t.val_every)
     grid_label = label if shown and draws_grids(cfg) else None  # latents without a VAE: no grid
@@ -747,6 +768,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             + ((fd.every,) if fd is not None else ())
         ),
         *callbacks,
+        _DropRequeueCheckpoints(requeued, last if start != last else None),
         *_checkpointing(run / "checkpoints", t.checkpoint_every, t.keep_every),
         metrics,
         SampleGrid(
@@ -803,7 +825,9 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         )
     try:
         with tf32, no_nan_fill():  # Lightning set the deterministic mode: not its NaN fill
-            trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=start if resume_step is not None else None
+            )
     except SystemExit:
         # Lightning turns Ctrl-C into sys.exit(1); callers (ablations, tests) need to know.
         if trainer.interrupted:
@@ -830,16 +854,40 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     # it from on_train_end still while the others look)
     if draws_grids(cfg) and trainer.strategy.broadcast(not grid.exists(), src=0):
         grid_sampler(cfg)(trainer, module.to(device), grid)
-    if trainer.global_step % t.checkpoint_every:
+    if trainer.global_step % t.checkpoint_every or start != last:
         # the final weights, which the summary and the last grid describe (sample and eval
-        # read last.ckpt); every rank calls it, as Lightning's distributed saves need
+        # read last.ckpt); every rank calls it, as Lightning's distributed saves need. Also
+        # after a resume from a requeue checkpoint at the last step (nothing trained, so no
+        # on_train_start resaved it), which goes below.
         trainer.save_checkpoint(last, weights_only=False)  # a full one, as the callback writes
     if trainer.is_global_zero:
+        # this session's own, or ones a resume at the last step (no on_train_start) left
+        for path in run.glob("hpc_ckpt_*.ckpt"):
+            path.unlink(missing_ok=True)
         write_summary(run, cfg, module, device)
         note = data_wait_note(module, cfg, device)
         if note:
             print(note, file=sys.stderr)
     return run
+
+
+class _DropRequeueCheckpoints(Callback):
+    """Removes the hpc_ckpt_N.ckpt files of Lightning's SLURM requeue (see `_fit`) once every
+    process has loaded its state; when one of them was the resume point, its state is saved
+    as last.ckpt first (a kill before the next checkpoint must not go back further)."""
+
+    def __init__(self, files: Sequence[Path], resave: Path | None):
+        self.files, self.resave = list(files), resave
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.files:
+            return
+        if self.resave is not None:  # every process calls it, as Lightning's saves need
+            trainer.save_checkpoint(self.resave, weights_only=False)
+        trainer.strategy.barrier()  # every process has read the file it resumed from
+        if trainer.is_global_zero:
+            for path in self.files:
+                path.unlink(missing_ok=True)
 
 
 def _interruption(e: BaseException) -> KeyboardInterrupt | None:
