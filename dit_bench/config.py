@@ -13,8 +13,10 @@ the width).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +35,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from dit_bench.sampling import SAMPLERS
 
 # Errors whose message says what to fix (a bad value, a missing or broken file, a diverged
 # run): commands print the message alone. Anything else is a bug, shown with its traceback.
@@ -240,14 +244,19 @@ def _objective_tag(v: Any) -> str | None:
     return v.get("name", "ddpm") if isinstance(v, dict) else getattr(v, "name", None)
 
 
+# objective.name -> its config, whose fields are the objective's keyword arguments. A new
+# objective is its file and its line in objectives.OBJECTIVES, plus its config class and its
+# line here: the `objective` union, its error message and the key checks read this dict.
 OBJECTIVE_CONFIGS = {"ddpm": DDPMConfig, "flow": FlowConfig}
 ObjectiveConfig = Annotated[
-    Annotated[DDPMConfig, Tag("ddpm")] | Annotated[FlowConfig, Tag("flow")],
+    functools.reduce(operator.or_, (Annotated[c, Tag(n)] for n, c in OBJECTIVE_CONFIGS.items())),
     Discriminator(
         _objective_tag,
         custom_error_type="objective_name",
-        custom_error_message="objective.name must be one of 'ddpm', 'flow' (objective is a "
-        "section: --set objective.name=flow, or objective: {name: flow} in a file)",
+        custom_error_message="objective.name must be one of "
+        + ", ".join(map(repr, OBJECTIVE_CONFIGS))
+        + " (objective is a section: --set objective.name=flow, or objective: {name: flow} in "
+        "a file)",
     ),
 ]
 
@@ -416,7 +425,9 @@ class EvalConfig(_Strict):
         description="noise levels of the val-loss grid; None: the objective's own "
         "(ddpm 10 steps 0..999, flow SD3's 8 levels t = k/8 without t = 1)",
     )
-    sampler: Literal["ddpm", "ddim", "euler", "heun", "euler_maruyama"] = "ddpm"
+    # the registry's names: a sampler added to SAMPLERS is a valid eval.sampler as it is a
+    # valid `sample --sampler`
+    sampler: Literal[tuple(SAMPLERS)] = "ddpm"
     sample_steps: int = Field(50, gt=0)
     eta: float = Field(0.0, ge=0, le=1, description="sampler=ddim: 0 deterministic, 1 ancestral")
     sde_scale: float = Field(

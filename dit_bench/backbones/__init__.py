@@ -16,7 +16,8 @@ Families (one file each; references in each file's docstring):
 
 A preset is a plain dict (a config, not a module) with a `family` key, so it serialises and
 lands in result tables. A new family is one file, ending in `FAMILY = Family(...)` (the model,
-its schemes, presets and geometry check; `family.py`), and its entry in `FAMILIES`.
+its schemes, presets and geometry check; `family.py`), and its entry in the registry tuple
+below; a family defined elsewhere (a script, a test) joins with `register_family`.
 """
 
 from __future__ import annotations
@@ -50,17 +51,69 @@ class Cond:
 from dit_bench.backbones import dit, mmdit, unet, uvit  # noqa: E402
 from dit_bench.backbones.family import Family  # noqa: E402
 
-# The registry: a new family is its file (ending in `FAMILY = Family(...)`) and its entry here.
-FAMILIES: dict[str, Family] = {
-    f.name: f for f in (dit.FAMILY, mmdit.FAMILY, unet.FAMILY, uvit.FAMILY)
-}
+# The registry and its views, filled by `register_family` below. Views: family -> model class;
+# -> conditioning schemes (the first is the family's default); -> geometry_errors(spec,
+# image_size, prefix=""); preset name -> preset. Other modules import these dicts by name, so
+# they are filled in place, never rebound.
+FAMILIES: dict[str, Family] = {}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+CONDITIONINGS: dict[str, tuple[str, ...]] = {}
+GEOMETRY: dict[str, Callable[..., list[str]]] = {}
+PRESETS: dict[str, dict] = {}
 
-# Views of the registry. family -> model class; -> conditioning schemes (the first is the
-# family's default); -> geometry_errors(spec, image_size, prefix="").
-BACKBONES: dict[str, Callable[..., nn.Module]] = {k: f.model for k, f in FAMILIES.items()}
-CONDITIONINGS: dict[str, tuple[str, ...]] = {k: f.conditionings for k, f in FAMILIES.items()}
-GEOMETRY: dict[str, Callable[..., list[str]]] = {k: f.geometry_errors for k, f in FAMILIES.items()}
-PRESETS: dict[str, dict] = {n: p for f in FAMILIES.values() for n, p in f.presets.items()}
+
+def register_family(family: Family) -> None:
+    """Add a family to the registry and its views; raises ValueError on a clash.
+
+    The package's own families are registered below, at import. A family defined outside the
+    package (a script, a test) is registered the same way, at the script's top level: spawned
+    workers (`run_ablation(jobs=2)`, sweep workers) re-import the main script but do not run
+    its `if __name__ == "__main__":` block, so a family registered only there is unknown to
+    them.
+    """
+    # A merged dict would let a later family silently take over another's presets (a copied
+    # dit.py keeping "dit-s/2"), and a preset whose `family` key names another family would
+    # build that family's model: every dit-* run would train something else.
+    where = f"family {family.name!r} (its FAMILY record)"
+    if family.name in FAMILIES:
+        raise ValueError(f"{where}: a family named {family.name!r} is already registered")
+    if not family.conditionings:
+        raise ValueError(f"{where}: conditionings is empty; list its schemes, default first")
+    for name, preset in family.presets.items():
+        if preset.get("family") != family.name:
+            raise ValueError(
+                f"{where}: preset {name!r} has family={preset.get('family')!r}; "
+                f"each of its presets needs family={family.name!r}"
+            )
+        if name in PRESETS:
+            raise ValueError(
+                f"{where}: preset {name!r} is already a {PRESETS[name]['family']!r} preset; "
+                "give the new family's presets their own names"
+            )
+    FAMILIES[family.name] = family
+    BACKBONES[family.name] = family.model
+    CONDITIONINGS[family.name] = family.conditionings
+    GEOMETRY[family.name] = family.geometry_errors
+    PRESETS.update(family.presets)
+
+
+# The registry: a new family is its file (ending in `FAMILY = Family(...)`) and its entry here.
+for _family in (dit.FAMILY, mmdit.FAMILY, unet.FAMILY, uvit.FAMILY):
+    register_family(_family)
+
+# What the harness reads off every built backbone (the module docstring): summaries, `info`,
+# `bench`, ablation plans and sampling.
+INTERFACE = (
+    "in_channels",
+    "out_channels",
+    "num_classes",
+    "image_size",
+    "learn_sigma",
+    "conditioning",
+    "num_tokens",
+    "num_params",
+    "flops",
+)
 
 # Size overrides a config may set; each applies to the presets that have the key.
 OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size", "qk_norm")
@@ -142,7 +195,7 @@ def build_backbone(
             f"allowed: {list(CONDITIONINGS[family])}"
         )
     check_geometry(dict(preset, family=family), image_size)
-    return BACKBONES[family](
+    net = BACKBONES[family](
         image_size=image_size,
         in_channels=in_channels,
         num_classes=num_classes,
@@ -150,6 +203,15 @@ def build_backbone(
         learn_sigma=learn_sigma,
         **preset,
     )
+    # Refused here, before any training: the summary reads flops() and num_params() only
+    # after the last step, so a family without them lost the whole run to an AttributeError.
+    missing = [k for k in INTERFACE if not hasattr(net, k)]
+    if missing:
+        raise TypeError(
+            f"{type(net).__name__} (family {family!r}) lacks {', '.join(missing)}: every "
+            "backbone has the attributes and methods listed in dit_bench.backbones' docstring"
+        )
+    return net
 
 
 __all__ = [
@@ -157,6 +219,7 @@ __all__ = [
     "CONDITIONINGS",
     "FAMILIES",
     "GEOMETRY",
+    "INTERFACE",
     "OVERRIDE_KEYS",
     "PRESETS",
     "Cond",
@@ -164,5 +227,6 @@ __all__ = [
     "check_geometry",
     "default_conditioning",
     "geometry_errors",
+    "register_family",
     "resolve_preset",
 ]

@@ -1,6 +1,7 @@
 """Training objectives: pure math (noising, targets, per-sample losses, samplers), no Lightning.
 
-A new objective is one file plus one line in OBJECTIVES.
+A new objective is one file plus one line in OBJECTIVES, and its typed config (whose fields are
+the objective's keyword arguments) with its line in `dit_bench.config.OBJECTIVE_CONFIGS`.
 """
 
 from __future__ import annotations
