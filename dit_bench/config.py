@@ -109,8 +109,11 @@ class DataConfig(_Strict):
     @field_validator("root", "vae")
     @classmethod
     def _home(cls, path: str | None) -> str | None:
-        # `--set data.root=~/x` reaches us unexpanded: the shell expands ~ only at a word's start
-        return None if path is None else os.path.expanduser(path)
+        # `--set data.root=~/x` reaches us unexpanded: the shell expands ~ only at a word's start.
+        # The path is hashed: `imgs/` (a shell's tab completion), `./imgs` and `imgs` name one
+        # folder and must name one run. pathlib drops those spellings but keeps `..` (through a
+        # symbolic link, a/../b need not be b) and a relative path relative.
+        return path if not path else str(Path(os.path.expanduser(path)))
 
     @model_validator(mode="after")
     def _needs_root(self) -> DataConfig:

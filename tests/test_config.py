@@ -261,6 +261,22 @@ def test_data_paths_expand_the_home_folder(monkeypatch, tmp_path):
     assert (d.root, d.vae) == (str(tmp_path / "x"), str(tmp_path / "vae"))
 
 
+def test_a_data_path_spelled_another_way_is_the_same_run(tmp_path):
+    # A shell's tab completion ends a folder with "/": `--set data.root=imgs/` one day and
+    # `imgs` the next read the same images, and the rerun must find the run, not train anew
+    folder = ["data.name=folder", "data.image_size=8"]
+    run = build_config(None, [*folder, f"data.root={tmp_path}/imgs"])
+    for spelled in (f"{tmp_path}/imgs/", f"{tmp_path}/./imgs", f"{tmp_path}//imgs/"):
+        same = build_config(None, [*folder, f"data.root={spelled}"])
+        assert (same.data.root, same.hash) == (run.data.root, run.hash), spelled
+    relative = build_config(None, [*folder, "data.root=imgs"])
+    assert build_config(None, [*folder, "data.root=./imgs/"]).hash == relative.hash
+    # ".." is kept: through a symbolic link, a/../b need not be b
+    assert build_config(None, [*folder, "data.root=a/../imgs"]).data.root == "a/../imgs"
+    latents = DataConfig(name="latents", root="shards/", vae="./models/vae/")
+    assert (latents.root, latents.vae) == ("shards", "models/vae")
+
+
 def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
     # a key the data set never reads changed the hash (same training, another run directory)
     assert "data.vae applies to data.name=latents only, not mnist" in error(["data.vae=/x"])
