@@ -1,6 +1,8 @@
 """Files written whole or not at all: into a temporary file beside the target, then renamed
 over it, so a crash or a concurrent reader never sees half of one (run configs, summaries,
-manifests, plans, trial records, eval records). Standard library only: every layer uses it."""
+manifests, plans, trial records, eval records); locks on them; and the one spelling of a
+storage URL that the sweep and the report both open. Standard library only: every layer uses
+it."""
 
 from __future__ import annotations
 
@@ -79,3 +81,12 @@ def note_holder(f) -> None:
     since = datetime.now(timezone.utc).isoformat(timespec="seconds")
     f.write(f"pid {os.getpid()} on {platform.node()} since {since}\n")
     f.flush()
+
+
+def engine_url(url: str) -> str:
+    """The URL handed to SQLAlchemy: `postgresql://` with the psycopg driver named. SQLAlchemy
+    2.0 reads a bare `postgresql://` as psycopg2, which dit-bench does not install (psycopg is
+    its driver; 2.1 made it the default), and fails with "Failed to import DB access module"."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url

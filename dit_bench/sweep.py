@@ -97,7 +97,7 @@ from dit_bench.config import (
     read_yaml,
     section_replacement_error,
 )
-from dit_bench.files import write_json_atomic
+from dit_bench.files import engine_url, write_json_atomic
 
 Scalar = bool | int | float | str
 
@@ -571,7 +571,7 @@ def make_storage(url: str, heartbeat: Heartbeat):
     for attempt in range(8):
         try:
             return optuna.storages.RDBStorage(
-                url,
+                engine_url(url),
                 engine_kwargs=kwargs,
                 heartbeat_interval=heartbeat.interval,
                 grace_period=heartbeat.grace,

@@ -51,10 +51,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory):
     """A tiny random diffusers AutoencoderKL saved to a folder, as a user's local VAE."""
-    from diffusers import AutoencoderKL
+    from dit_bench.data.latents import require_diffusers
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    vae = require_diffusers("vae_dir").AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: side / 8, as SD's VAE

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dit_bench.config import ConfigError
+from dit_bench.files import engine_url
 from dit_bench.sweep import Claims, load_sweep, make_storage, open_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def write_tiny(path: Path, **changes) -> Path:
 
 def check_study(storage: str, name: str, n_points: int) -> list:
     """All points complete, each exactly once; returns the complete trials."""
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=engine_url(storage))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     points = [t.user_attrs["point"] for t in done]
     assert len(done) == n_points, [
@@ -482,6 +483,25 @@ def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
     for bad in ("nosuchdb://x/y", f"sqlite:///{tmp_path / 'missing' / 'study.db'}"):
         assert main(["sweep", str(path), "--dry-run", "--storage", bad]) == 2
         assert f"storage {bad}" in capsys.readouterr().err
+
+
+def test_a_postgresql_url_reaches_sqlalchemy_with_the_psycopg_driver(monkeypatch):
+    # SQLAlchemy 2.0 reads a bare postgresql:// as psycopg2, not installed: the README's
+    # `--storage postgresql://user:pw@host/db` failed there, in sweeps and in reports alike
+    import sqlalchemy
+
+    from dit_bench.report import scaling
+    from dit_bench.sweep import Heartbeat
+
+    seen = []
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: seen.append(url))
+    monkeypatch.setattr(optuna, "get_all_study_names", lambda storage: seen.append(storage) or [])
+    make_storage("postgresql://ann:pw@db.example/studies", Heartbeat())
+    assert scaling.study_trials("postgresql://ann:pw@db.example/studies") == {}
+    assert len(seen) == 2
+    for url in seen:  # named, not left to the SQLAlchemy version's default
+        assert sqlalchemy.engine.make_url(url).drivername == "postgresql+psycopg"
+        assert sqlalchemy.engine.make_url(url).get_dialect().driver == "psycopg"
 
 
 def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):

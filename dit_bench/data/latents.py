@@ -76,6 +76,11 @@ def require_diffusers(what: str):
             f"{what} needs diffusers, which is not installed: pip install 'dit-bench[diffusers]' "
             "(from a checkout: pip install '.[diffusers]')"
         ) from None
+    # diffusers before 0.33 calls safetensors.torch.load_file/save_file having imported only
+    # `safetensors`, counting on some other package to have imported the submodule: without
+    # it every from_pretrained fails as "Unable to load weights" (diffusers 0.30 is our floor)
+    import safetensors.torch  # noqa: F401
+
     return diffusers
 
 

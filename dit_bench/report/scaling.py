@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dit_bench.files import write_text_atomic
+from dit_bench.files import engine_url, write_text_atomic
 from dit_bench.report import fits
 from dit_bench.report.results import save_table
 
@@ -100,12 +100,13 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise ValueError(f"{url}: no such study file")  # optuna would create an empty one
+    storage = engine_url(url)
     try:
-        names = optuna.get_all_study_names(storage=url)
+        names = optuna.get_all_study_names(storage=storage)
     except Exception as e:  # not a database, an unknown dialect, a server that refuses
         raise ValueError(f"{url}: cannot read an Optuna study ({type(e).__name__}: {e})") from None
     return {
-        name: optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         for name in pick_study(names, study, url)
     }
 
