@@ -211,7 +211,7 @@ def cmd_encode_latents(args) -> int:
         flip=args.flip,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        device=args.device,
+        device=args.device or ("cuda" if _cuda() else "cpu"),  # not at parse time: see main
     )
     print(
         f"{manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
@@ -478,6 +478,13 @@ positive = _at_least(int, 1, "a positive integer")  # counts and sizes
 guidance = _at_least(float, 0.0, "a guidance scale >= 0 (1: no guidance)")
 
 
+def home_path(text: str) -> str:
+    """An argparse type for a path option: a leading ~ expanded. The shell expands ~ only at a
+    word's start, so `--out=~/runs` arrived as is and made a folder named ~ in the working
+    directory (the config expands `--set data.root=~/x` likewise)."""
+    return os.path.expanduser(text)
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -509,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train one experiment (resumes its run if it exists)")
     config_args(sp)
-    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
         action="store_true",
@@ -527,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "-o",
         "--output",
+        type=home_path,
         help="image to write (default: RUN_DIR/samples/sample-<sampler>-<steps>steps-cfg<cfg>-"
         "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png; an unfinished run's last.ckpt: "
         "-step<step> in place of -<checkpoint>)",
@@ -582,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--inception",
+        type=home_path,
         metavar="PATH",
         help="clean-fid's inception-2015-12-05.pt (default: $DIT_BENCH_INCEPTION, "
         "/tmp/inception-2015-12-05.pt, $DIT_BENCH_CACHE/inception-2015-12-05.pt)",
@@ -601,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
     add_compile_flag(sp)
-    sp.add_argument("-o", "--output", help="JSON to write (default: RUN_DIR/eval.json)")
+    sp.add_argument(
+        "-o", "--output", type=home_path, help="JSON to write (default: RUN_DIR/eval.json)"
+    )
     sp.add_argument("--quiet", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_eval)
 
@@ -611,14 +622,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode images with a diffusers AutoencoderKL saved on disk (no download) "
         "into safetensors shards plus a manifest; rerun the same command to resume.",
     )
-    sp.add_argument("--vae", required=True, help="folder of a diffusers AutoencoderKL")
+    sp.add_argument(
+        "--vae", type=home_path, required=True, help="folder of a diffusers AutoencoderKL"
+    )
     sp.add_argument("--data", required=True, help="NAME[:ROOT], e.g. folder:/data/imagenet")
     sp.add_argument("--image-size", type=positive, required=True, help="pixel side, e.g. 256")
-    sp.add_argument("--out", required=True, help="shard folder to write")
+    sp.add_argument("--out", type=home_path, required=True, help="shard folder to write")
     sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
     sp.add_argument("--shard-size", type=positive, default=4096, help="latents per shard")
     sp.add_argument("--batch-size", type=positive, default=32)
-    sp.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    sp.add_argument("--device", help="e.g. cuda:1 (default: cuda where torch sees a GPU, else cpu)")
     sp.set_defaults(func=cmd_encode_latents)
 
     sp = sub.add_parser("info", help="params, MACs and tokens of backbone presets")
@@ -651,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", help="seeds to run, e.g. 0,1,2 or 0-4 (default: the file's)")
     sp.add_argument("--jobs", type=positive, default=1, help="runs trained at once (processes)")
     sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
-    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
         action="store_true",
@@ -685,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-trials", type=positive, help="trials in the study (grid: the first N points)"
     )
     sp.add_argument("--dry-run", action="store_true", help="list the space and trials; no training")
-    sp.add_argument("--out", default="runs", help="runs directory (default: runs)")
+    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
         action="store_true",
@@ -703,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="report.md, figures and tables from finished runs")
     sp.add_argument("kind", choices=["ablation", "scaling"], help="which report")
     sp.add_argument("source", help="runs folder, e.g. runs/conditioning-cpu")
-    sp.add_argument("-o", "--output", required=True, help="report folder, e.g. reports/NAME")
+    sp.add_argument(
+        "-o", "--output", type=home_path, required=True, help="report folder, e.g. reports/NAME"
+    )
     sp.add_argument(
         "--study",
         metavar="NAME",
@@ -766,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
     sp.add_argument(
         "--csv",
+        type=home_path,
         metavar="PATH",
         help="also write one CSV row per implementation (and, when sampling, one per "
         "implementation and sampler to PATH's stem + '-sampling')",
@@ -776,9 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # after the parse: the config module imports torch (seconds), which --help and a
+    # mistyped flag do not need
     from dit_bench.config import USER_ERRORS, ConfigError, raise_terminated
 
-    args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     # `kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
     # their worker processes (by default a SIGTERM ends this one alone and they train on)

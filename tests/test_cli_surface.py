@@ -2,6 +2,8 @@
 purpose (torchtitan's test_no_new_cli_options), and the README must say the same."""
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,49 @@ def test_ctrl_c_promises_a_resume_only_for_commands_that_resume(monkeypatch, cap
         assert ("to resume" in err) == resumes, (command, err)
         if not resumes:
             assert "run the same command again to start over" in err
+
+
+def test_help_and_usage_errors_import_no_torch():
+    # `dit-bench sample --help` and a mistyped flag (exit 2) took 2.5-3 s on the CPU machine,
+    # all of it importing torch (through dit_bench.config, and torch.cuda for
+    # encode-latents' --device default) before argparse looked at the command line
+    names = sorted(subcommands())
+    code = f"""
+import contextlib, io, sys
+from dit_bench.cli import main
+for argv in [["--help"], *[[n, "--help"] for n in {names!r}], ["info", "--no-such-flag"]]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == (2 if "--no-such-flag" in argv else 0), (argv, e.code)
+print(sorted(m for m in ("torch", "lightning", "pydantic") if m in sys.modules))
+"""
+    root = Path(__file__).parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_path_options_given_with_equals_expand_a_home_tilde(tmp_path, monkeypatch):
+    # the shell expands ~ only at a word's start: `--out=~/runs` arrived as "~/runs" and
+    # trained into a folder named ~ in the working directory (one `rm -rf ~` from a disaster)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path / "x")
+    parse = build_parser().parse_args
+    for argv, dest in [
+        (["train", "--out=~/x"], "out"),
+        (["ablate", "a.yaml", "--out=~/x"], "out"),
+        (["sweep", "s.yaml", "--out=~/x"], "out"),
+        (["sample", "run", "--output=~/x"], "output"),
+        (["eval", "run", "--output=~/x"], "output"),
+        (["eval", "run", "--inception=~/x"], "inception"),
+        (["report", "ablation", "runs", "--output=~/x"], "output"),
+        (["bench", "--csv=~/x"], "csv"),
+        (["encode-latents", "--vae=~/x", "--data=shapes", "--image-size=8", "--out=~/x"], "out"),
+        (["encode-latents", "--vae=~/x", "--data=shapes", "--image-size=8", "--out=o"], "vae"),
+    ]:
+        assert getattr(parse(argv), dest) == home, argv
+    assert parse(["train"]).out == "runs"

@@ -413,3 +413,72 @@ def test_two_earlier_records_finished_in_one_second_are_both_kept(tmp_path):
     kept = sorted(tmp_path.glob("eval-*.json"))
     assert sorted(json.loads(p.read_text())["steps"] for p in kept) == [2, 4]
     assert not out.exists()
+
+
+def test_two_evals_of_one_run_side_by_side_keep_every_record(tmp_path, cache, monkeypatch):
+    # Two evals of one run at once (two GPUs, a scripted loop with `&`): between one's look
+    # at eval.json and its write, the other moved the earlier record aside and had not yet
+    # written its own, so the first saw no record, wrote, and was replaced without a word
+    # (both printed "wrote eval.json"), or both moved the same earlier record and one failed
+    # after all its sampling.
+    import threading
+    from dataclasses import replace
+
+    from dit_bench.metrics import evaluate
+    from dit_bench.train import run as run_module
+
+    run = _saved_run(tmp_path, 12)
+    request = EvalRequest(num_samples=20, steps=2, metrics=("fd",), anchors=False)
+    # the reference statistics cached first: threads of one process share the pid that
+    # names their temporary files (processes, as the command runs, do not)
+    evaluate_run(run, request, output=tmp_path / "warm.json", progress=False)
+    earlier = {"finished_at": "2026-01-01T00:00:00+00:00", "request": {"seed": 9}}
+    (run / "eval.json").write_text(json.dumps(earlier))
+    both_scored = threading.Barrier(2, timeout=60)
+    wrote_one = threading.Event()
+    commit = run_module.git_commit
+    write = evaluate.write_json_atomic
+
+    def scored():  # built into each record just before it is written
+        both_scored.wait()
+        return commit()
+
+    def slow_write(path, record):  # the first writer's write lands after the other's
+        if not wrote_one.is_set():
+            wrote_one.wait(timeout=0.5)
+        write(path, record)
+        wrote_one.set()
+
+    monkeypatch.setattr(run_module, "git_commit", scored)
+    monkeypatch.setattr(evaluate, "write_json_atomic", slow_write)
+    errors = []
+
+    def one_eval(seed):
+        try:
+            evaluate_run(run, replace(request, seed=seed), progress=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one_eval, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    records = [json.loads(p.read_text()) for p in run.glob("eval*.json")]
+    assert sorted(r["request"]["seed"] for r in records) == [1, 2, 9]
+
+
+def test_cache_and_inception_paths_from_the_environment_expand_a_home_tilde(tmp_path, monkeypatch):
+    # A CI job's `env:` block, a Dockerfile ENV or a Makefile variable passes ~ unexpanded (the
+    # shell expands it only at a word's start): DIT_BENCH_CACHE=~/.cache/x made a folder named
+    # `~` in the working directory and cached the reference statistics there
+    from dit_bench.metrics.features import cache_dir, inception_candidates
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIT_BENCH_CACHE", "~/dbc")
+    monkeypatch.setenv(INCEPTION_ENV, "~/w/inception.pt")
+    assert cache_dir() == tmp_path / "dbc"
+    found = inception_candidates()
+    assert found[0] == tmp_path / "w" / "inception.pt" and found[-1].parent == tmp_path / "dbc"
+    assert inception_candidates("~/i.pt") == [tmp_path / "i.pt"]  # --inception=~/i.pt

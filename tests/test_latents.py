@@ -154,10 +154,10 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(vae_dir), str(image_folder), str(out), threads],
-        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # where the shard lines go
         text=True,
     )
-    for line in proc.stdout:  # kill it as soon as it reports its second shard
+    for line in proc.stderr:  # kill it as soon as it reports its second shard
         if "shard-00001" in line:
             proc.kill()
             break
@@ -346,3 +346,20 @@ def test_a_second_encoding_into_one_folder_is_refused_naming_the_first(
     assert not (out / "manifest.json").exists()
     m = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
     assert len(m["shards"]) == 3
+
+
+def test_encode_latents_progress_goes_to_stderr_and_stdout_has_one_line(
+    vae_dir, image_folder, tmp_path, capsys
+):
+    # the shard lines went to stdout, unlike every other command's progress ([dit-bench],
+    # [bench], [sweep] ... on stderr): `dit-bench encode-latents ... > log` hid them from the
+    # terminal and mixed them into what a script reads
+    from dit_bench.cli import main
+
+    out = tmp_path / "lat"
+    argv = ["encode-latents", "--vae", str(vae_dir), "--data", f"folder:{image_folder}"]
+    argv += ["--image-size", "32", "--out", str(out), "--shard-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("\n") == 1 and printed.out.startswith("20 latents"), printed.out
+    assert printed.err.count("[encode-latents] shard-") == 3

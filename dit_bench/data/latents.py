@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,10 @@ def _encode(
         ]
         for s in manifest["shards"]:
             if s not in kept and progress:
-                print(f"[encode-latents] {s['file']}: missing or damaged; encoding it again")
+                print(
+                    f"[encode-latents] {s['file']}: missing or damaged; encoding it again",
+                    file=sys.stderr,
+                )
         manifest["shards"] = kept
     else:
         manifest = {**header, "shards": []}
@@ -277,7 +281,12 @@ def _encode(
         )
         write_json_atomic(manifest_path, manifest)
         if progress:
-            print(f"[encode-latents] {name}: items {lo}..{hi - 1} of {num_items}", flush=True)
+            # stderr, as every command's progress: stdout is the result a script reads
+            print(
+                f"[encode-latents] {name}: items {lo}..{hi - 1} of {num_items}",
+                file=sys.stderr,
+                flush=True,
+            )
     return manifest
 
 

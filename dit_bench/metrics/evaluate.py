@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dit_bench.files import write_json_atomic
+from dit_bench.files import locked, write_json_atomic
 from dit_bench.metrics import distances as D
 from dit_bench.metrics.features import (
     DEFAULT_FEATURES,
@@ -486,9 +486,13 @@ def evaluate_run(
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    if out.exists():  # the default eval.json, or an -o naming an earlier record
-        _keep_earlier(out)
-    write_json_atomic(out, record)
+    # one eval at a time from its look at the earlier record to its write: two side by side
+    # (two GPUs, a scripted loop) each saw it, or one saw none while the other had moved it
+    # aside and not yet written, and the later write replaced the other's record
+    with locked(out.with_name(f".{out.name}.lock")):
+        if out.exists():  # the default eval.json, or an -o naming an earlier record
+            _keep_earlier(out)
+        write_json_atomic(out, record)
     return record
 
 

@@ -62,7 +62,8 @@ class FeatureWeightsError(FileNotFoundError):
 
 def cache_dir() -> Path:
     """The user cache folder: $DIT_BENCH_CACHE, else ~/.cache/dit-bench."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dit-bench")
+    # expanded here: a CI job's env block, a Dockerfile ENV, `--inception=~/x` pass ~ as is
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dit-bench").expanduser()
 
 
 def sha256_file(path: Path) -> str:
@@ -231,7 +232,7 @@ def save_small_net(name: str, path: Path, *, progress: bool = True) -> Path:
     from safetensors.torch import save_file
 
     if progress:
-        print(f"[dit-bench] training feature net {name} (once; written to {path})")
+        print(f"[dit-bench] training feature net {name} (once; written to {path})", file=sys.stderr)
     state, report = train_small_net(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
@@ -239,7 +240,7 @@ def save_small_net(name: str, path: Path, *, progress: bool = True) -> Path:
     report["sha256"] = sha256_file(path)
     write_json_atomic(path.with_suffix(".json"), report)
     if progress:
-        print(f"[dit-bench] {name}: held-out accuracy {report['accuracy']:.4f}")
+        print(f"[dit-bench] {name}: held-out accuracy {report['accuracy']:.4f}", file=sys.stderr)
     return path
 
 
@@ -368,10 +369,10 @@ class SmallFeatureNet(FeatureNet):
 def inception_candidates(path: str | Path | None = None) -> list[Path]:
     """Where the Inception file is looked for, in order."""
     if path is not None:
-        return [Path(path)]
+        return [Path(path).expanduser()]
     out = []
     if os.environ.get(INCEPTION_ENV):
-        out.append(Path(os.environ[INCEPTION_ENV]))
+        out.append(Path(os.environ[INCEPTION_ENV]).expanduser())
     # clean-fid's own location (cleanfid.features.feature_extractor uses /tmp on Linux/macOS)
     out += [Path("/tmp") / INCEPTION_FILE, cache_dir() / INCEPTION_FILE]
     return out
