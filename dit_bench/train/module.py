@@ -274,18 +274,13 @@ class DiffusionModule(L.LightningModule):
         update of the last step (an overflowing gradient, a NaN through clipping) is unseen
         there, and a checkpoint of it would replace the last good resume point with weights
         every rerun resumes into. One device read a checkpoint, never one a step."""
-        floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
-        if not floats:
-            return
-        finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).cpu()
-        if bool(finite.all()):
-            return
-        bad = [k for k, ok in zip(floats, finite.tolist(), strict=True) if not ok]
-        raise FloatingPointError(
-            f"non-finite weights at step {self.global_step} ({len(bad)} tensors, e.g. "
-            f"{', '.join(bad[:3])}): not checkpointed (last.ckpt, if any, keeps earlier finite "
-            f"ones); {self._lr_hint()}"
-        )
+        bad = non_finite(state_dict)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite weights at step {self.global_step} ({len(bad)} tensors, e.g. "
+                f"{', '.join(bad[:3])}): not checkpointed (last.ckpt, if any, keeps earlier "
+                f"finite ones); {self._lr_hint()}"
+            )
 
     def elapsed_wall_seconds(self) -> float:
         """The fit's wall-clock time so far, earlier sessions of a resumed run included."""
@@ -354,6 +349,16 @@ class DiffusionModule(L.LightningModule):
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count
         self.last_fd = checkpoint.get("last_fd", {})
+
+
+def non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of `state_dict` that hold a NaN or an inf
+    (one device read for them all)."""
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).cpu().tolist()
+    return [k for k, ok in zip(floats, finite, strict=True) if not ok]
 
 
 def images_seen(cfg) -> int:

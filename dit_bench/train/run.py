@@ -62,6 +62,7 @@ from dit_bench.train.module import (
     DiffusionModule,
     check_class_names,
     images_seen,
+    non_finite,
     training_flops,
 )
 
@@ -262,9 +263,7 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     module.checkpoint_step = int(ckpt["global_step"])
     # a diverged run's weights (a checkpoint written before train refused them): said now,
     # not after eval has drawn all its samples (10,000 DDPM-250 ones: half an hour of an H100)
-    bad = [
-        k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()
-    ]
+    bad = non_finite(ckpt["state_dict"])
     if bad:
         raise ValueError(
             f"{path}: {len(bad)} weight tensors are not finite (e.g. {', '.join(bad[:3])}): the "
