@@ -918,6 +918,16 @@ def test_slurm_requeue_checkpoints_resume_the_run_and_do_not_pile_up(tmp_path, m
     assert "from step 6 (saved by Lightning's SLURM requeue" in capsys.readouterr().err
     assert not list(run.glob("hpc_ckpt_*.ckpt"))
     assert (run / "summary.json").exists()
+    # requeued at the last step, before its checkpoint: the rerun trains nothing (no
+    # on_train_start) and makes the requeue file last.ckpt before removing it
+    cfg = tiny("train.checkpoint_every=4", "train.keep_every=0")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "end", progress=False, callbacks=[Usr1At(12), InterruptAt(12)])
+    run = find_run_dir(tmp_path / "end", cfg)
+    assert torch.load(run / "checkpoints" / "last.ckpt")["global_step"] == 8
+    train(cfg, tmp_path / "end", progress=False)
+    assert torch.load(run / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
 
 
 @pytest.mark.parametrize(

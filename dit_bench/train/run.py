@@ -853,7 +853,9 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     # it from on_train_end still while the others look)
     if draws_grids(cfg) and trainer.strategy.broadcast(not grid.exists(), src=0):
         grid_sampler(cfg)(trainer, module.to(device), grid)
-    if trainer.global_step % t.checkpoint_every or start != last:
+    if trainer.global_step % t.checkpoint_every or (
+        start != last and trainer.global_step == resume_step
+    ):
         # the final weights, which the summary and the last grid describe (sample and eval
         # read last.ckpt); every rank calls it, as Lightning's distributed saves need. Also
         # after a resume from a requeue checkpoint at the last step (nothing trained, so no
