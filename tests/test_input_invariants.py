@@ -78,6 +78,35 @@ def test_32_bit_grey_above_16_bits_scales_by_its_own_maximum(tmp_path):
     assert (image == expected[:, :, None]).all()
 
 
+def test_float_grey_in_unit_range_scales_to_8_bits(tmp_path):
+    # A 32-bit float TIFF (mode "F") as scikit-image or tifffile write one holds [0, 1]: level
+    # round(255 v). PIL's convert reads the floats as levels and truncates: all black.
+    rng = np.random.default_rng(0)
+    values = rng.random((16, 16)).astype(np.float32)
+    values[0, 0], values[-1, -1] = 0.0, 1.0
+    (tmp_path / "c").mkdir()
+    for name in ("a.tif", "b.tif"):
+        Image.fromarray(values).save(tmp_path / "c" / name)
+    assert Image.open(tmp_path / "c" / "a.tif").mode == "F"
+    expected = np.round(values.astype(np.float64) * 255)
+    assert not ((values.astype(np.float64) * 255) % 1 == 0.5).any()  # no ties
+    image = folder_pixels(tmp_path, 16)[0]
+    assert (image == expected[:, :, None]).all()
+
+
+def test_float_grey_beyond_one_reads_as_levels_rounded(tmp_path):
+    # Float levels 0..255 (a float TIFF of 8-bit data): rounded to the nearest level, not
+    # truncated as PIL's convert does (one level low on about half the pixels).
+    values = (np.arange(16 * 16).reshape(16, 16) + 0.75).astype(np.float32)
+    values[-1, -1] = 255.0
+    (tmp_path / "c").mkdir()
+    for name in ("a.tif", "b.tif"):
+        Image.fromarray(values).save(tmp_path / "c" / name)
+    expected = np.minimum(np.round(values.astype(np.float64)), 255)
+    image = folder_pixels(tmp_path, 16)[0]
+    assert (image == expected[:, :, None]).all()
+
+
 def test_palette_and_rgba_images_keep_their_colours(tmp_path):
     # A palette image's indices are not grey levels: item pixels are the palette's colours.
     # An RGBA image keeps its RGB values whatever its alpha.

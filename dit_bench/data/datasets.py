@@ -88,10 +88,18 @@ def planned_data_info(cfg: Any) -> tuple[DataInfo, str | None]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB of any PIL mode: grey, palette and RGBA as PIL converts them; 16- and 32-bit
     integer grey (scanners, medical PNGs) scaled to 8 bits, which PIL's convert would clip to
-    255 (white, nearly everywhere)."""
-    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit)
+    255 (white, nearly everywhere); float grey scaled from [0, 1], which PIL's convert reads
+    as levels 0..255 (black everywhere)."""
+    if image.mode.startswith("I") or image.mode == "F":  # I;16, I;16B, I;16L, I (32-bit), F
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
+        if image.mode == "F":
+            # [0, 1] is how float images are written (scikit-image, tifffile, OpenCV); one
+            # with larger values holds levels, which PIL's convert would truncate, not round
+            top = 1.0 if values.max() <= 1.0 else 255.0
+        elif image.mode.startswith("I;16") or values.max() <= 65535:
+            top = 65535.0
+        else:
+            top = values.max()
         image = Image.fromarray(np.round(values * (255.0 / top)).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
