@@ -143,8 +143,14 @@ def cmd_sample(args) -> int:
     images = to_images(module.cfg, images)
     where = f"{args.run_dir} (step {module.checkpoint_step})"
     check_finite_samples(images, where, "No grid is drawn from them")
-    # one class a column, up to the grids' 32; more classes (ImageNet): a square-ish grid
-    wide = info.num_classes if info.num_classes <= GRID_MAX_CLASSES else math.isqrt(args.n - 1) + 1
+    # one class a column: the --labels given (they repeat along the rows), else every class up
+    # to the grids' 32; more classes (ImageNet): a square-ish grid
+    if args.labels:
+        wide = min(len(args.labels.split(",")), args.n)
+    elif info.num_classes <= GRID_MAX_CLASSES:
+        wide = info.num_classes
+    else:
+        wide = math.isqrt(args.n - 1) + 1
     save_grid(images, output, ncol=args.ncol or wide)
     print(f"wrote {len(images)} samples to {output}")
     return 0
@@ -548,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--ncol",
         type=positive,
-        help="images per row (default: the number of classes, up to 32; else a square grid)",
+        help="images per row (default: the number of --labels given, else of classes up to 32; "
+        "else a square grid)",
     )
     sp.add_argument(
         "--ema",

@@ -143,6 +143,9 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     default = tiny_run / "samples" / "sample-ddpm-3steps-cfg1.5-seed0-n4-labels1-2.png"
     assert f"wrote 4 samples to {default}" in capsys.readouterr().out
     assert torch.equal(_grid(out), _grid(default))
+    # by default a column a label given (they repeat down the rows), not one a class of the run
+    assert main([*args[:-2], "-o", str(again)]) == 0
+    assert torch.equal(_grid(out), _grid(again))
     # the raw weights go to a file of their own (they overwrote the EMA grid)
     assert main([*args, "--no-ema"]) == 0
     assert default.with_name(default.stem + "-raw.png").is_file() and default.is_file()
