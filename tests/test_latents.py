@@ -100,6 +100,33 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
+def test_a_vae_with_a_shift_factor_centres_the_latents_and_decodes_them_back(
+    vae_dir, image_folder, tmp_path
+):
+    # SD3's and FLUX's VAEs centre their latents, z = (mean - shift) * scale: the shift was
+    # ignored, so their latents trained off-centre, unlike the latents those models train on
+    from dit_bench.data.datasets import full_dataset
+    from dit_bench.data.latents import manifest_shift_factor, require_diffusers
+
+    config = json.loads((vae_dir / "config.json").read_text())
+    shifted = tmp_path / "vae3"
+    vae = require_diffusers("test").AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.25, scaling_factor=1.5)
+    vae.save_pretrained(shifted)
+    assert config.get("shift_factor") in (None, 0, 0.0)  # the plain VAE: manifests as before
+    m = encode_latents(shifted, folder_cfg(image_folder), tmp_path / "lat", progress=False)
+    plain = encode_latents(vae_dir, folder_cfg(image_folder), tmp_path / "sd", progress=False)
+    assert m["shift_factor"] == manifest_shift_factor(tmp_path / "lat") == 0.25
+    assert "shift_factor" not in plain and manifest_shift_factor(tmp_path / "sd") == 0.0
+    img, _ = full_dataset(folder_cfg(image_folder))[3]
+    mean = load_vae(shifted).encode(img[None]).latent_dist.mean[0]
+    z, _ = LatentShards(tmp_path / "lat")[3]
+    assert torch.allclose(z, (mean - 0.25) * 1.5, atol=1e-5)
+    decoded = decode_latents(load_vae(shifted), z[None], 1.5, 0.25)
+    want = load_vae(shifted).decode(mean[None]).sample.clamp(-1, 1)
+    assert torch.allclose(decoded, want, atol=1e-5)
+
+
 def test_latents_are_unscaled_by_the_factor_their_manifest_records(latents_root):
     """Grids and eval decode latents divided by the factor encode-latents multiplied them by:
     the one the manifest records (another VAE's, e.g. SDXL's 0.13025), else SD's 0.18215."""

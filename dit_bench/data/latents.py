@@ -126,6 +126,18 @@ def manifest_scaling_factor(root: str | Path) -> float:
     return float(read_manifest(root).get("scaling_factor", SD_SCALING_FACTOR))
 
 
+def vae_shift_factor(vae) -> float:
+    """What the VAE's latents are centred by before scaling, z = (mean - shift) * scale: SD3's
+    and FLUX's VAEs have one (0.0609, 0.1159), SD's and SDXL's none."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def manifest_shift_factor(root: str | Path) -> float:
+    """The shift the latents under `root` were centred by, to add back before decoding (a
+    manifest without one: none, as encodings before this and SD's VAE)."""
+    return float(read_manifest(root).get("shift_factor", 0.0))
+
+
 @torch.no_grad()
 def encode_latents(
     vae_dir: str | Path,
@@ -190,7 +202,7 @@ def _encode(
 
     from dit_bench.data.datasets import DataError
 
-    scale = vae_scaling_factor(vae)
+    scale, shift = vae_scaling_factor(vae), vae_shift_factor(vae)
     n = len(images)
     header = {
         "format": FORMAT,
@@ -210,6 +222,9 @@ def _encode(
             "encoder_sha256": vae_fingerprint(vae, ENCODER_PARTS),
         },
         "shard_size": shard_size,
+        # recorded where there is one: an SD VAE's manifest stays as it was, and one of an
+        # earlier encoding that ignored the shift does not match (its shards are not centred)
+        **({"shift_factor": shift} if shift else {}),
     }
     manifest_path = out / MANIFEST
     if manifest_path.exists():
@@ -266,7 +281,7 @@ def _encode(
             x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)  # VAEs take RGB
-            z = vae.encode(x.to(device)).latent_dist.mean * scale  # (b, 4, H/8, W/8)
+            z = (vae.encode(x.to(device)).latent_dist.mean - shift) * scale  # (b, C, H/8, W/8)
             latents.append(z.float().cpu())
             labels += [y for _, y in items]
         tensors = {
@@ -392,15 +407,17 @@ def load_decoder(vae_dir: str | Path, root: str | Path, device: str | torch.devi
 
 @torch.no_grad()
 def decode_latents(
-    vae, z: torch.Tensor, scaling_factor: float, batch_size: int = 32
+    vae, z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0, batch_size: int = 32
 ) -> torch.Tensor:
-    """Images in [-1, 1] on the CPU from scaled latents (B, 4, h, w), decoded on the VAE's
-    device `batch_size` at a time: SD's VAE took about 155 MB a 256x256 image on a CPU, and an
-    ImageNet run's sample grid holds 1000."""
+    """Images in [-1, 1] on the CPU from scaled (and shifted) latents (B, C, h, w), decoded on
+    the VAE's device `batch_size` at a time: SD's VAE took about 155 MB a 256x256 image on a
+    CPU, and an ImageNet run's sample grid holds 1000."""
     device = next(vae.parameters()).device
     return torch.cat(
         [
-            vae.decode(z[i : i + batch_size].to(device) / scaling_factor).sample.clamp(-1, 1).cpu()
+            vae.decode(z[i : i + batch_size].to(device) / scaling_factor + shift_factor)
+            .sample.clamp(-1, 1)
+            .cpu()
             for i in range(0, len(z), batch_size)
         ]
     )

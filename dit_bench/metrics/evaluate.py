@@ -229,20 +229,21 @@ def reference_images(cfg, device: str | torch.device = "cpu"):
         decode_latents,
         load_decoder,
         manifest_scaling_factor,
+        manifest_shift_factor,
         vae_fingerprint,
     )
 
     if not cfg.data.vae:
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
     vae = load_decoder(cfg.data.vae, cfg.data.root, device)
-    scale = manifest_scaling_factor(cfg.data.root)
+    scale, shift = manifest_scaling_factor(cfg.data.root), manifest_shift_factor(cfg.data.root)
     # the features are of the decoded images: the decoder is part of the reference's content
     content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
     content.update(vae_fingerprint(vae).encode())
     latent_hash = content.hexdigest()
 
     def decode(z: Tensor) -> Tensor:
-        return decode_latents(vae, z, scale)
+        return decode_latents(vae, z, scale, shift)
 
     return decode(xv), yv, train, latent_hash, decode
 

@@ -356,10 +356,15 @@ def to_images(cfg: ExperimentConfig, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if cfg.data.name != "latents":
         return x
-    from dit_bench.data.latents import decode_latents, manifest_scaling_factor
+    from dit_bench.data.latents import (
+        decode_latents,
+        manifest_scaling_factor,
+        manifest_shift_factor,
+    )
 
     vae = _load_decoder(str(cfg.data.vae), str(cfg.data.root)).to(x.device)
-    return decode_latents(vae, x, manifest_scaling_factor(cfg.data.root))
+    root = cfg.data.root
+    return decode_latents(vae, x, manifest_scaling_factor(root), manifest_shift_factor(root))
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:
