@@ -1,5 +1,6 @@
 """End-to-end training behaviour: determinism, exact resume, run directories, summary."""
 
+import contextlib
 import csv
 import json
 import os
@@ -1213,3 +1214,53 @@ def test_runs_in_one_process_do_not_pile_up_logging_filters():
     for _ in range(3):
         run._quiet_lightning()
     assert len(logger.filters) == before
+
+
+def process_settings() -> dict:
+    """What a notebook or script that calls `train` has set up for its own work."""
+    import random
+
+    import numpy as np
+
+    return {
+        "threads": torch.get_num_threads(),
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+        "nan fill": torch.utils.deterministic.fill_uninitialized_memory,
+        "cudnn benchmark": torch.backends.cudnn.benchmark,
+        "env": {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED")},
+        "random": (torch.randn(3).tolist(), np.random.rand(), random.random()),
+    }
+
+
+@pytest.mark.parametrize("stop", [None, KeyboardInterrupt])
+def test_train_leaves_the_callers_process_settings_as_it_found_them(tmp_path, monkeypatch, stop):
+    # From a notebook: Lightning's deterministic mode left on refused the user's own put_ (and
+    # on CUDA index_add_, scatter_add_...) and NaN-filled every torch.empty; train.threads=1
+    # stuck, so the next run without it trained (and said so in its summary) on 1 thread; and
+    # the user's random numbers after a run were the run's seed's
+    import random
+
+    import numpy as np
+
+    for k in ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(k, raising=False)
+    saved = (torch.get_num_threads(), torch.backends.cudnn.benchmark)
+    try:
+        torch.set_num_threads(2)  # not the tiny run's 1
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        seed = lambda: (torch.manual_seed(5), np.random.seed(5), random.seed(5))  # noqa: E731
+        seed()
+        expected = process_settings()
+        seed()
+        callbacks = [InterruptAt(4, stop)] if stop else []
+        with pytest.raises(stop) if stop else contextlib.nullcontext():
+            train(tiny("train.steps=4"), tmp_path, progress=False, callbacks=callbacks)
+        assert process_settings() == expected
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = saved[1]

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
@@ -614,6 +616,50 @@ def write_summary(
 
 
 # -- the run ------------------------------------------------------------------------------------
+# Lightning's deterministic mode: CUBLAS_WORKSPACE_CONFIG; seed_everything: the other two
+_TRAIN_ENV = ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@contextlib.contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """The process-wide settings a run changes, restored when it returns or raises: `train`
+    is called from notebooks and scripts that go on with work of their own. Left as the run
+    set them, Lightning's deterministic mode refused the caller's own `put_` (on CUDA also
+    `index_add_`, `scatter_add_`, ...) and NaN-filled each `torch.empty`; one run's
+    train.threads became the torch default of the next run without it (which then trained,
+    and said in its summary it trained, on that count); the caller's random numbers after a
+    run were the run's seed's (as `features.train_small_net` keeps them, so does this)."""
+    threads = torch.get_num_threads()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    benchmark = torch.backends.cudnn.benchmark  # Lightning sets False in deterministic mode
+    env = {k: os.environ.get(k) for k in _TRAIN_ENV}
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    # only a CUDA the caller has started: reading the state would start it on every GPU
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.backends.cudnn.benchmark = benchmark
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@_process_settings_kept()
 def train(
     cfg: ExperimentConfig,
     out: str | Path = "runs",
