@@ -86,7 +86,10 @@ def note_holder(f) -> None:
 def engine_url(url: str) -> str:
     """The URL handed to SQLAlchemy: `postgresql://` with the psycopg driver named. SQLAlchemy
     2.0 reads a bare `postgresql://` as psycopg2, which dit-bench does not install (psycopg is
-    its driver; 2.1 made it the default), and fails with "Failed to import DB access module"."""
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    its driver; 2.1 made it the default), and fails with "Failed to import DB access module".
+    `postgres://` too: libpq and psql take it, hosted databases hand it out (Heroku, Render,
+    Supabase), and SQLAlchemy knows no such dialect ("Can't load plugin")."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
     return url

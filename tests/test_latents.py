@@ -390,3 +390,47 @@ def test_encode_latents_progress_goes_to_stderr_and_stdout_has_one_line(
     printed = capsys.readouterr()
     assert printed.out.count("\n") == 1 and printed.out.startswith("20 latents"), printed.out
     assert printed.err.count("[encode-latents] shard-") == 3
+
+
+def test_an_encoding_made_before_roots_had_one_spelling_resumes(vae_dir, image_folder, tmp_path):
+    # Before data.root had one spelling, `--data folder:imgs/` recorded the root as typed;
+    # the same command now spells it `imgs`, and rerunning it to finish the encoding was
+    # refused as "written for a different source" (the folder had to be encoded again).
+    from dit_bench.cli import main
+
+    out = tmp_path / "lat"
+    typed = SimpleNamespace(**{**vars(folder_cfg(image_folder)), "root": f"{image_folder}/"})
+    encode_latents(vae_dir, typed, out, shard_size=8, progress=False)  # as the old code wrote
+    assert json.loads((out / "manifest.json").read_text())["source"]["root"].endswith("/")
+    (out / "shard-00001.safetensors").unlink()  # interrupted, or a shard lost since
+    args = ["--vae", str(vae_dir), "--data", f"folder:{image_folder}/", "--image-size", "32"]
+    assert main(["encode-latents", *args, "--out", str(out), "--shard-size", "8"]) == 0
+    assert (out / "shard-00001.safetensors").is_file()
+
+
+def test_a_finished_encoding_in_a_read_only_folder_is_found_finished(
+    vae_dir, image_folder, tmp_path, monkeypatch
+):
+    # A shared, read-only copy of a finished encoding: rerunning the command (a pipeline's
+    # "encode, then train") checked it and wrote nothing; the lock file it now opens first
+    # failed there with "Permission denied". (The folder's permissions are faked: as root,
+    # as in CI containers, a chmod stops nothing.)
+    import builtins
+    import errno
+
+    from dit_bench.data import latents
+
+    out = tmp_path / "lat"
+    m = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    (out / ".encode.lock").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(latents, "open", read_only, raising=False)
+    again = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    assert again["shards"] == m["shards"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written

@@ -504,6 +504,18 @@ def test_a_postgresql_url_reaches_sqlalchemy_with_the_psycopg_driver(monkeypatch
         assert sqlalchemy.engine.make_url(url).get_dialect().driver == "psycopg"
 
 
+def test_a_postgres_url_as_hosted_databases_give_it_opens_with_psycopg():
+    # `postgres://` (libpq's other spelling; Heroku's, Render's DATABASE_URL) reached
+    # SQLAlchemy as is: "Can't load plugin: sqlalchemy.dialects:postgres"
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(engine_url("postgres://ann:pw@db.example/studies"))
+    assert url.drivername == "postgresql+psycopg" and url.get_dialect().driver == "psycopg"
+    assert (url.username, url.host, url.database) == ("ann", "db.example", "studies")
+    spelled = "postgresql+psycopg2://ann@db.example/studies"  # a driver named: left as it is
+    assert engine_url(spelled) == spelled
+
+
 def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
     space = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
     path = write_tiny(tmp_path / "t.yaml", space=space, sampler="tpe", n_trials=3,

@@ -17,6 +17,8 @@ manifest (present, same sha256, same shape) and names the shard that does not ma
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import sys
@@ -181,8 +183,17 @@ def encode_latents(
     # the other's (twice the work; on a GPU, whose kernels are not bit-exact, a manifest whose
     # checksums name the other's files). A lock file, not a check of the manifest: the
     # second may start before the first has written one.
-    with open(out / ".encode.lock", "a+") as lock:
-        if (holder := try_lock(lock)) is not None:
+    try:
+        lock = open(out / ".encode.lock", "a+")
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a folder this user cannot write (a shared, read-only copy of a finished encoding):
+        # a rerun checks it and writes nothing, as before the lock; one with shards left to
+        # encode fails at its first write, saying so
+        lock = None
+    with lock or contextlib.nullcontext():
+        if lock is not None and (holder := try_lock(lock)) is not None:
             raise DataError(
                 f"--out {out}: another encode-latents ({holder or 'starting'}) is writing this "
                 "folder; wait for it (rerun then to finish an interrupted encoding), or use "
@@ -232,6 +243,10 @@ def _encode(
         ignored = ("shards", "latent_shape", "vae", "source_files")
         old = {k: v for k, v in manifest.items() if k not in ignored}
         new = {k: v for k, v in header.items() if k not in ignored}
+        # a manifest from before data.root had one spelling holds the root as typed (`imgs/`,
+        # `./imgs`): the same command, now spelling it `imgs`, must find its encoding
+        if old.get("source", {}).get("root"):
+            old["source"] = {**old["source"], "root": str(Path(old["source"]["root"]))}
         if old != new:
             raise DataError(
                 f"{manifest_path} was written for a different source or settings; "
