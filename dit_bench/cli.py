@@ -145,11 +145,8 @@ def cmd_sample(args) -> int:
     check_finite_samples(images, where, "No grid is drawn from them")
     # one class a column: the --labels given (they repeat along the rows), else every class up
     # to the grids' 32; more classes (ImageNet): a square-ish grid
-    if args.labels:
-        wide = min(len(args.labels.split(",")), args.n)
-    elif info.num_classes <= GRID_MAX_CLASSES:
-        wide = info.num_classes
-    else:
+    wide = len(args.labels.split(",")) if args.labels else info.num_classes
+    if wide > GRID_MAX_CLASSES:
         wide = math.isqrt(args.n - 1) + 1
     save_grid(images, output, ncol=args.ncol or wide)
     print(f"wrote {len(images)} samples to {output}")

@@ -146,6 +146,11 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     # by default a column a label given (they repeat down the rows), not one a class of the run
     assert main([*args[:-2], "-o", str(again)]) == 0
     assert torch.equal(_grid(out), _grid(again))
+    # more labels than a grid's 32 columns: a square-ish grid, not one row of them all
+    many = ",".join(str(i % 10) for i in range(33))
+    assert main(["sample", str(tiny_run), "--n", "36", "--labels", many, "--steps", "3",
+                 "-o", str(again)]) == 0  # fmt: skip
+    assert _grid(again).shape[0] == _grid(again).shape[1]  # 6 x 6
     # the raw weights go to a file of their own (they overwrote the EMA grid)
     assert main([*args, "--no-ema"]) == 0
     assert default.with_name(default.stem + "-raw.png").is_file() and default.is_file()
