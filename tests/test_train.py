@@ -246,8 +246,9 @@ def test_the_training_loop_reads_the_device_once_per_log_window(tmp_path, monkey
             counts[shown, steps] = len(reads)
         if shown == "bar":
             assert re.search(r"train: 100%.*loss=\d", capfd.readouterr().out)  # the last window's
-    # two more log windows and two more checkpoints (each keeps the loss window's sum)
-    assert counts["bar", 36] - counts["bar", 12] == 4, counts
+    # two more log windows and two more checkpoints (each keeps the loss window's sum, and
+    # reads whether its weights are finite: one read for them all)
+    assert counts["bar", 36] - counts["bar", 12] == 6, counts
     # the progress lines read nothing of their own: the same reads, and a line every step
     assert counts["lines", 12] == counts["bar", 12] and counts["lines", 36] == counts["bar", 36]
     err = capfd.readouterr().err
