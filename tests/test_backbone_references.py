@@ -16,6 +16,13 @@ the forward from the model's own parameters in the order the paper and its refer
 - ADM ResBlock [Dhariwal & Nichol 2021; openai/guided-diffusion `unet.py`]: nearest 2x
   upsampling; use_scale_shift_norm: `scale, shift = chunk(emb_out, 2)`,
   `h = norm(h) * (1 + scale) + shift`.
+- ADM U-Net, whole: the block ladder as `UNetModel.__init__` builds it (levels, res blocks,
+  attention at the listed downsampling factors, down/up ResBlocks), the long skips popped in
+  reverse, the Res-Attn-Res middle, legacy [q_h, k_h, v_h] attention heads, the class
+  embedding added to the time embedding, the zero-initialised GN-SiLU-conv output.
+- MMDiT [Esser et al. 2024, Fig. 2; Stability's sd3 `mmditx.py`]: the label-derived context
+  tokens and pooled vector, per-stream modulation and weights, joint attention over
+  concat(context, x), the pre-only last block, the final layer's (shift, scale).
 
 Every weight is randomised (the zero-initialised ones would make outputs trivially 0) and the
 comparison runs in float64, so any reordering shows up far above rounding. Attention, MLP,
@@ -488,3 +495,240 @@ def test_adm_upsampling_is_nearest_neighbour():
     for i in range(6):
         for j in range(6):
             torch.testing.assert_close(out[..., i, j], x[..., i // 2, j // 2], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ADM U-Net, the whole network
+# ---------------------------------------------------------------------------------------------
+
+# Small enough for float64 loops, large enough to reach every wiring choice: three levels of
+# different widths (32, 64, 64) and sides (8, 4, 2), two res blocks per level, attention at two
+# levels, one of them with two heads (64 channels of 32).
+ADM_SPEC = dict(
+    depth=2, hidden_size=32, channel_mult=(1, 2, 2), attention_ds=(2, 4), head_channels=32
+)
+
+
+def adm_unet(learn_sigma: bool = True):
+    from dit_bench.backbones.unet import UNet
+
+    torch.manual_seed(0)
+    return UNet(
+        image_size=SIZE, in_channels=C, num_classes=N_CLASSES, learn_sigma=learn_sigma, **ADM_SPEC
+    )
+
+
+def adm_attention(blk, x: torch.Tensor, head_channels: int) -> torch.Tensor:
+    """guided-diffusion AttentionBlock with QKVAttentionLegacy, the layout of its released
+    ImageNet-256 model: qkv = Conv1d(GN(x)); the 3C channels come per head as [q_h, k_h, v_h],
+    ch = head_channels each; weights = softmax_s(sum_c q[c, t] k[c, s] / sqrt(ch));
+    a[c, t] = sum_s weights[t, s] v[c, s]; out = x + proj_out(concat_h a_h), zero-init proj."""
+    b, c, hgt, wid = x.shape
+    z = group_norm(blk.norm, x).reshape(b, c, hgt * wid)
+    qkv = F.conv1d(z, blk.qkv.weight, blk.qkv.bias)  # (B, 3C, T)
+    heads, ch = c // head_channels, head_channels
+    outs = []
+    for h in range(heads):
+        q, k, v = qkv[:, 3 * ch * h : 3 * ch * (h + 1)].split(ch, dim=1)  # (B, ch, T) each
+        w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(ch), dim=-1)  # (B, T, S)
+        outs.append(v @ w.transpose(1, 2))  # (B, ch, T)
+    a = F.conv1d(torch.cat(outs, dim=1), blk.proj_out.weight, blk.proj_out.bias)
+    return x + a.reshape(b, c, hgt, wid)
+
+
+def adm_unet_reference(net, spec: dict, x, t, labels) -> torch.Tensor:
+    """guided-diffusion `UNetModel` (resblock_updown, use_scale_shift_norm) built from `spec`
+    as its __init__ builds it, walking the model's modules in that order:
+    emb = time_embed(timestep_embedding(t, model_channels)) + label_emb(y); the input blocks
+    (stem conv; per level num_res_blocks x [ResBlock(-> mult * base) (+ attention if ds in
+    attention_ds)], then a down ResBlock except on the last level), each output kept in `hs`;
+    middle = ResBlock, AttentionBlock, ResBlock; per level in reverse, num_res_blocks + 1 x
+    [ResBlock(cat([h, hs.pop()])) (+ attention) (+ up ResBlock after the level's last, except
+    level 0)]; out = zero_conv(SiLU(GN(h)))."""
+    base, mult, n_res = spec["hidden_size"], spec["channel_mult"], spec["depth"]
+    attn_ds, head_ch = spec["attention_ds"], spec["head_channels"]
+    te = net.time_embed
+    emb = lin(te[2], silu(lin(te[0], sinusoid(t, base))))  # sinusoid of width model_channels
+    emb = emb + net.label_emb.embedding_table.weight[labels]  # class embedding added to it
+
+    def resblock(layer, h, mode, out_ch):
+        assert isinstance(layer, ResBlock) and layer.resample == mode
+        h = adm_resblock(layer, h, emb, mode)
+        assert h.shape[1] == out_ch
+        return h
+
+    blocks = iter(net.input_blocks)
+    (stem,) = next(blocks)
+    h = conv(stem, x)
+    hs, ds = [h], 1
+    for level, m in enumerate(mult):
+        for _ in range(n_res):
+            layers = list(next(blocks))
+            h = resblock(layers[0], h, "", m * base)
+            if ds in attn_ds:
+                h = adm_attention(layers[1], h, head_ch)
+            assert len(layers) == 1 + (ds in attn_ds)
+            hs.append(h)
+        if level != len(mult) - 1:
+            (down,) = next(blocks)
+            h = resblock(down, h, "down", m * base)
+            hs.append(h)
+            ds *= 2
+    assert next(blocks, None) is None
+    res1, attn, res2 = net.middle_block
+    ch = mult[-1] * base
+    h = resblock(res2, adm_attention(attn, resblock(res1, h, "", ch), head_ch), "", ch)
+    outs = iter(net.output_blocks)
+    for level, m in reversed(list(enumerate(mult))):
+        for i in range(n_res + 1):
+            layers = list(next(outs))
+            h = resblock(layers[0], torch.cat([h, hs.pop()], dim=1), "", m * base)
+            k = 1
+            if ds in attn_ds:
+                h = adm_attention(layers[k], h, head_ch)
+                k += 1
+            if level and i == n_res:
+                h = resblock(layers[k], h, "up", m * base)
+                k += 1
+                ds //= 2
+            assert k == len(layers)
+    assert next(outs, None) is None and not hs
+    return conv(net.out[2], silu(group_norm(net.out[0], h)))
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_adm_unet_forward_equals_guided_diffusion_reference(learn_sigma):
+    net = adm_unet(learn_sigma).double()
+    randomise(net)
+    x, t, cond = inputs()
+    want = adm_unet_reference(net, ADM_SPEC, x, t, cond.labels)
+    assert want.shape == (3, 2 * C if learn_sigma else C, SIZE, SIZE)
+    torch.testing.assert_close(net(x, t, cond), want, rtol=1e-9, atol=1e-9)
+
+
+def test_adm_unet_zero_inits_every_residual_branch_and_the_output():
+    # guided-diffusion `zero_module`: each ResBlock's last conv, each attention's proj_out and
+    # the output conv; every other layer keeps PyTorch's default init (the label table too).
+    from dit_bench.backbones.unet import AttentionBlock
+
+    net = adm_unet()
+    zeroed = [net.out[2]]
+    for m in net.modules():
+        if isinstance(m, ResBlock):
+            zeroed.append(m.out_layers[3])
+        elif isinstance(m, AttentionBlock):
+            zeroed.append(m.proj_out)
+    # the output conv; 21 ResBlocks: 3 x 2 + 2 down, 2 middle, 3 x 3 + 2 up; 11 attentions:
+    # 2 x 2 in the encoder, 1 middle, 2 x 3 in the decoder
+    assert len(zeroed) == 1 + (3 * 2 + 2 + 2 + 3 * 3 + 2) + (2 * 2 + 1 + 2 * 3)
+    for layer in zeroed:
+        assert not layer.weight.any() and not layer.bias.any()
+    zero_ids = {id(p) for layer in zeroed for p in layer.parameters()}
+    for name, p in net.named_parameters():
+        if id(p) not in zero_ids and p.dim() > 1:
+            assert p.std() > 0, name
+    assert 0.8 < net.label_emb.embedding_table.weight.std().item() < 1.2  # nn.Embedding N(0, 1)
+    x, t, cond = inputs()
+    assert not net(x.float(), t.float(), cond).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# MMDiT (SD3), the whole network with the label-derived context
+# ---------------------------------------------------------------------------------------------
+
+
+def mmdit(qk_norm: bool, learn_sigma: bool = True):
+    torch.manual_seed(0)
+    return build_backbone(
+        "mmdit-d2/2",
+        image_size=SIZE,
+        in_channels=C,
+        num_classes=N_CLASSES,
+        learn_sigma=learn_sigma,
+        depth=3,
+        hidden_size=32,
+        num_heads=2,
+        qk_norm=qk_norm,
+    )
+
+
+def rms_norm(norm: torch.nn.RMSNorm, z: torch.Tensor) -> torch.Tensor:
+    return z / torch.sqrt((z**2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def mmdit_reference(net, x, t, labels) -> torch.Tensor:
+    """SD3 [Esser et al. 2024, Fig. 2; Stability's sd3 reference `mmditx.py`, MMDiTX.forward
+    and `_block_mixing`]: c = t_embedder(t) + y_embedder(pooled); context = context_embedder
+    (context); per block each stream regresses (shift, scale, gate) x 2 from c (the last
+    block's context only (shift, scale): pre_only) and projects its own q, k, v; attention
+    over concat(context, x), context first as the reference; the outputs split back; the
+    last block keeps no context output. Final layer: shift, scale = chunk(adaLN(c), 2)."""
+    d, b, s = net.pos_embed.shape[-1], x.shape[0], net.context_tokens
+    heads = net.blocks[0].num_heads
+    dh = d // heads
+    h = patchify(net.x_embedder.proj, x) + net.pos_embed  # positions on the image tokens only
+    te = net.t_embedder.mlp
+    c = lin(te[2], silu(lin(te[0], sinusoid(t, 256))))
+    pooled = net.y_pooled.embedding_table.weight[labels]  # the label's pooled vector
+    c = c + lin(net.pooled_embedder[2], silu(lin(net.pooled_embedder[0], pooled)))
+    context = net.y_context.embedding_table.weight[labels].reshape(b, s, -1)  # S tokens
+    ctx = lin(net.context_embedder, context)
+    silu_c = silu(c)
+
+    def ln(z):
+        return layer_norm(torch.nn.LayerNorm(d, elementwise_affine=False, eps=1e-6), z)
+
+    def heads_of(z, norm):  # (B, L, D) -> per-head list, each (B, L, dh), QK-RMSNorm per head
+        parts = [z[..., i * dh : (i + 1) * dh] for i in range(heads)]
+        return [rms_norm(norm, p) for p in parts] if norm is not None else parts
+
+    for blk in net.blocks:
+        pre_only = blk.context_pre_only
+        mx = lin(blk.adaLN_modulation[1], silu_c).chunk(6, dim=1)
+        mc = lin(blk.context_adaLN_modulation[1], silu_c).chunk(2 if pre_only else 6, dim=1)
+        hx = ln(h) * (1 + mx[1][:, None]) + mx[0][:, None]  # shift_msa, scale_msa
+        hc = ln(ctx) * (1 + mc[1][:, None]) + mc[0][:, None]
+        qx, kx, vx = lin(blk.qkv, hx).split(d, dim=-1)
+        if pre_only:
+            kc, vc = lin(blk.context_kv, hc).split(d, dim=-1)
+            qc = torch.zeros_like(kc)  # the reference computes it; nothing reads its output
+        else:
+            qc, kc, vc = lin(blk.context_qkv, hc).split(d, dim=-1)
+        qn = blk.qk_norm
+        qx, kx = heads_of(qx, blk.q_norm if qn else None), heads_of(kx, blk.k_norm if qn else None)
+        kc = heads_of(kc, blk.context_k_norm if qn else None)
+        qc = heads_of(qc, blk.context_q_norm if qn and not pre_only else None)
+        vx, vc = heads_of(vx, None), heads_of(vc, None)
+        outs = []
+        for i in range(heads):
+            q = torch.cat([qc[i], qx[i]], dim=1)  # concat(context, x)
+            k = torch.cat([kc[i], kx[i]], dim=1)
+            v = torch.cat([vc[i], vx[i]], dim=1)
+            outs.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(dh), dim=-1) @ v)
+        o = torch.cat(outs, dim=-1)
+        oc, ox = o[:, :s], o[:, s:]
+        h = h + mx[2][:, None] * lin(blk.proj, ox)
+        h = h + mx[5][:, None] * mlp(blk.mlp, ln(h) * (1 + mx[4][:, None]) + mx[3][:, None])
+        if pre_only:
+            ctx = None
+            continue
+        ctx = ctx + mc[2][:, None] * lin(blk.context_proj, oc)
+        ctx = ctx + mc[5][:, None] * mlp(
+            blk.context_mlp, ln(ctx) * (1 + mc[4][:, None]) + mc[3][:, None]
+        )
+    assert ctx is None  # the last block is pre-only
+    fl = net.final_layer
+    mod = lin(fl.adaLN_modulation[1], silu_c)
+    shift, scale = mod[:, :d], mod[:, d:]  # sd3 FinalLayer: shift first (diffusers swaps)
+    h = ln(h) * (1 + scale[:, None]) + shift[:, None]
+    return unpatchify_loops(lin(fl.linear, h), net.patch_size, net.out_channels)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_mmdit_forward_with_labels_equals_sd3_reference(qk_norm):
+    net = mmdit(qk_norm).double()
+    randomise(net)
+    assert [blk.context_pre_only for blk in net.blocks] == [False, False, True]
+    x, t, cond = inputs()
+    want = mmdit_reference(net, x, t, cond.labels)
+    torch.testing.assert_close(net(x, t, cond), want, rtol=1e-9, atol=1e-9)
