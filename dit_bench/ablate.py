@@ -60,7 +60,7 @@ from dit_bench.config import (
     section_replacement_error,
     unknown_key,
 )
-from dit_bench.files import locked, write_json_atomic
+from dit_bench.files import locked, read_record, write_json_atomic
 
 FILE_KEYS = {
     "name",
@@ -831,7 +831,7 @@ def plan_record(
     runs: dict[str, dict[str, Any]] = {}
     previous = Path(out) / ab.experiment / "ablation.json"
     if previous.is_file():
-        old = json.loads(previous.read_text())
+        old = read_record(previous)
         if old.get("variant_configs") == record["variant_configs"]:
             runs = {r["config_hash"]: r for r in old["runs"]}
     if finished is None:

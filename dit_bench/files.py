@@ -7,6 +7,7 @@ it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -14,7 +15,9 @@ import platform
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import yaml
 
 
 @contextlib.contextmanager
@@ -47,12 +50,44 @@ def write_json_atomic(path: str | Path, data: Any, **dumps: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, **dumps) + "\n")
 
 
+def read_record(path: Path, parse=json.loads) -> dict:
+    """A run's or a plan's record (JSON, or YAML with `parse`): a mapping, or a ValueError naming
+    the file. Folders come from other people and machines (a copy cut short, another tool's
+    file of the name): a bare parser error named no file of the hundreds a report reads, and
+    a list or an empty file failed later as a TypeError."""
+    try:
+        data = parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: unreadable ({e}); fix or delete this file") from None
+    if not isinstance(data, dict):
+        held = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ValueError(
+            f"{path}: holds {held}, not the mapping dit-bench writes; fix or delete this file"
+        )
+    return data
+
+
+def open_lock(path: str | Path) -> IO[str]:
+    """The lock file `path`, made if missing, opened "a+"; never through a symbolic link. Run
+    folders are shared and copied: a link planted in one (`.<hash>.lock -> ~/.bashrc`) had its
+    target, a file of whoever trained there next, truncated and written by `note_holder`."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(
+            f"{path}: a symbolic link (to {os.readlink(path)}), not a lock file; remove it"
+        ) from None
+    return os.fdopen(fd, "a+")
+
+
 @contextlib.contextmanager
 def locked(path: str | Path) -> Iterator[None]:
     """An exclusive lock on `path` (created if missing) for the block: a read-modify-write of a
     file that two processes may update (two `ablate` calls of one plan with other seeds) runs
     one at a time. Waits for the holder; released when the block ends or the process dies."""
-    with open(path, "a") as f:
+    with open_lock(path) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -404,6 +404,17 @@ def test_an_ablation_with_no_finished_run_points_to_no_results(tmp_path, capsys)
     assert not (out / "tiny-cpu" / "results.csv").exists()
 
 
+def test_a_damaged_plan_record_is_named_before_anything_trains(tmp_path, capsys):
+    # an ablation.json cut short (a copied folder) said "Expecting value: line 1 column 1"
+    path = write_ablation(tmp_path, seeds=[0])
+    plan = tmp_path / "runs" / "tiny-cpu" / "ablation.json"
+    plan.parent.mkdir(parents=True)
+    plan.write_text("")
+    assert main(["ablate", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"dit-bench: {plan}: unreadable")
+    assert sorted(p.name for p in plan.parent.iterdir()) == [".ablation.lock", "ablation.json"]
+
+
 def test_dry_run_trains_nothing(tmp_path, capsys):
     path = write_ablation(tmp_path)
     out = tmp_path / "runs"

@@ -210,6 +210,52 @@ def test_missing_inception_is_one_clear_error(tmp_path, monkeypatch, cache):
         find_inception(tmp_path / "nowhere.pt")
 
 
+def _owned_by(uid: int):
+    """Path.stat, with every file owned by `uid` (a chown needs root)."""
+    import os
+    from pathlib import Path
+
+    real = Path.stat
+
+    def stat(self, **kwargs):
+        st = real(self, **kwargs)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, *st[5:]))
+
+    return stat
+
+
+def test_an_inception_file_another_user_put_in_tmp_is_never_loaded(tmp_path, monkeypatch, cache):
+    # /tmp is clean-fid's place and every user's to write: a TorchScript file planted there
+    # ran in the eval of whoever came next, with their rights (torch.from_file(path, True)
+    # overwrites any file they can write), before their own copy in the cache folder
+    from dit_bench.metrics import features
+
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    shared = tmp_path / "tmp" / INCEPTION_FILE
+    shared.parent.mkdir()
+    shared.write_bytes(b"planted")
+    shared.chmod(0o664)
+    monkeypatch.setattr(features, "SHARED_INCEPTION", shared)
+    assert find_inception() == shared  # this user's own file
+    own = cache / INCEPTION_FILE
+    own.write_bytes(b"mine")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(features.os, "getuid", lambda: 4242)
+            m.setattr(features.Path, "stat", _owned_by(4243))
+            assert find_inception() == own
+            m.setattr(features.Path, "stat", _owned_by(0))  # an administrator's copy
+            assert find_inception() == shared
+        shared.chmod(0o666)  # theirs to rewrite
+        assert find_inception() == own
+        own.unlink()
+        with pytest.raises(FeatureWeightsError, match="writable by every user"):
+            find_inception()
+        assert find_inception(shared) == shared  # named by the user: their choice
+    finally:
+        own.unlink(missing_ok=True)
+
+
 def test_feature_names():
     assert default_features("mnist") == "mnist-net"
     assert default_features("digits") == "digits-net"

@@ -42,3 +42,25 @@ def test_metrics_csv_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, 
     log.log_metrics({"val/loss": 0.25}, step=2)
     assert calls == ["fsync", "replace"] * 2
     assert (tmp_path / "metrics.csv").read_bytes() == b"step,train/loss,val/loss\r\n2,0.5,0.25\r\n"
+
+
+def test_a_lock_file_planted_as_a_link_leaves_its_target_alone(tmp_path):
+    # a shared runs folder's `.<hash>.lock -> ~/.bashrc`: the next to train there had their
+    # file truncated and overwritten with the lock holder's line
+    from dit_bench.config import load_config
+    from dit_bench.train.run import _run_lock
+
+    cfg = load_config(None)
+    victim = tmp_path / "home" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_text("export PATH=~/bin:$PATH\n")
+    folder = tmp_path / "runs" / cfg.experiment
+    folder.mkdir(parents=True)
+    (folder / f".{cfg.hash}.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="a symbolic link"), _run_lock(tmp_path / "runs", cfg):
+        pass
+    (tmp_path / "missing").symlink_to(tmp_path / "home" / "made")
+    with pytest.raises(OSError, match="a symbolic link"), files.locked(tmp_path / "missing"):
+        pass
+    assert victim.read_text() == "export PATH=~/bin:$PATH\n"
+    assert sorted(p.name for p in victim.parent.iterdir()) == [".bashrc"]

@@ -430,7 +430,7 @@ def test_a_finished_encoding_in_a_read_only_folder_is_found_finished(
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(latents, "open", read_only, raising=False)
+    monkeypatch.setattr(latents, "open_lock", lambda path: read_only(path, "a+"))
     again = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
     assert again["shards"] == m["shards"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written

@@ -129,6 +129,76 @@ def test_report_without_a_plan_uses_the_labels(tmp_path):
     assert "base variant **adaln**" in md  # first by name when no plan says otherwise
 
 
+@pytest.mark.parametrize("where", ["labels", "plan"])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_variant_name_that_is_a_path_writes_nothing_outside_the_report(
+    tmp_path, monkeypatch, where, absolute
+):
+    # a shared folder's labels.json or ablation.json names the variant, and the variant names
+    # samples/<variant>.png: "../../escaped" wrote a grid beside the report folder, and an
+    # absolute name wrote it wherever that named
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    source = make_source(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    name = str(tmp_path / "elsewhere" / "escaped") if absolute else "../../escaped"
+    if where == "plan":
+        plan = json.loads((source / "ablation.json").read_text())
+        plan["variants"][-1] = name
+        (source / "ablation.json").write_text(json.dumps(plan))
+    else:
+        (source / "ablation.json").unlink()
+    for path in source.glob("*in_context*/labels.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "variant": name}))
+    with pytest.raises(ValueError, match="not names `dit-bench ablate` writes"):
+        build_report(source, tmp_path / "reports" / "r")
+    assert not [*tmp_path.glob("**/escaped.png")]
+
+
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        ("ablation.json", '{"name": "to'),  # a copy cut short
+        ("ablation.json", "[1, 2]"),
+        ("*adaln0/labels.json", "[]"),
+        ("*adaln0/summary.json", "[]"),
+        ("*adaln0/config.yaml", ""),
+        ("*adaln0/metrics.csv", "\x00\xff garbage"),
+    ],
+)
+def test_a_damaged_file_of_a_shared_folder_is_named_in_a_one_line_error(
+    tmp_path, no_figures, capsys, file, text
+):
+    # an unreadable ablation.json said only "Unterminated string starting at: line 1 column
+    # 10", and a list where a mapping belongs (or an empty config.yaml) was a traceback
+    source = make_source(tmp_path)
+    (path,) = source.glob(file)
+    path.write_bytes(text.encode("latin-1"))
+    assert main(["report", "ablation", str(source), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dit-bench: {path}: ") and "fix or delete this file" in err
+
+
+def test_a_grid_linked_from_outside_its_run_is_not_copied_into_the_report(tmp_path, monkeypatch):
+    # a shared folder's samples/step-N.png, a link to the reader's ~/.ssh/id_rsa: the report
+    # copied the key into its samples/ (reports/ gets committed), then failed to draw it
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    source = make_source(tmp_path)
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    for run in source.glob("*in_context*"):
+        (run / "samples" / "step-999.png").symlink_to(secret)
+    build_report(source, tmp_path / "r")
+    copied = (tmp_path / "r" / "samples" / "in_context.png").read_bytes()
+    assert copied.startswith(b"\x89PNG") and b"PRIVATE KEY" not in copied
+
+
 def test_kendall_agreement():
     assert kendall_agreement(["a", "b", "c"], ["a", "b", "c"]) == (1.0, [])
     tau, flips = kendall_agreement(["b", "a", "c"], ["a", "b", "c"])

@@ -101,6 +101,19 @@ def test_the_report_names_the_devices_its_trials_ran_on(tmp_path):
     }
 
 
+@pytest.mark.parametrize("text", ['{"study": "s', "[]"])
+def test_a_damaged_trial_record_is_named_in_a_one_line_error(tmp_path, capsys, text):
+    # one trial.json of hundreds, cut short by a copy: the error named no file (or, holding a
+    # list, was a traceback)
+    from dit_bench.cli import main
+
+    fake_sweep(tmp_path / "runs")
+    path = sorted((tmp_path / "runs").rglob("trial.json"))[3]
+    path.write_text(text)
+    assert main(["report", "scaling", str(tmp_path / "runs"), "-o", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(f"dit-bench: {path}: ")
+
+
 def test_the_loss_vs_macs_legend_names_every_budget(tmp_path, monkeypatch):
     """One line per budget, so one legend entry per budget as the tables write it: a brief
     legend of the log colour scale named decades instead (1e+10 and 1e+11 for six budgets, one

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dit_bench.files import replacing, try_lock, write_json_atomic
+from dit_bench.files import open_lock, replacing, try_lock, write_json_atomic
 
 FORMAT = "dit-bench-latents/1"
 MANIFEST = "manifest.json"
@@ -184,7 +184,7 @@ def encode_latents(
     # checksums name the other's files). A lock file, not a check of the manifest: the
     # second may start before the first has written one.
     try:
-        lock = open(out / ".encode.lock", "a+")
+        lock = open_lock(out / ".encode.lock")
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise

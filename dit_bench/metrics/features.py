@@ -54,6 +54,8 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 )
+# clean-fid's own location (cleanfid.features.feature_extractor uses /tmp on Linux/macOS)
+SHARED_INCEPTION = Path("/tmp") / INCEPTION_FILE
 
 
 class FeatureWeightsError(FileNotFoundError):
@@ -373,18 +375,37 @@ def inception_candidates(path: str | Path | None = None) -> list[Path]:
     out = []
     if os.environ.get(INCEPTION_ENV):
         out.append(Path(os.environ[INCEPTION_ENV]).expanduser())
-    # clean-fid's own location (cleanfid.features.feature_extractor uses /tmp on Linux/macOS)
-    out += [Path("/tmp") / INCEPTION_FILE, cache_dir() / INCEPTION_FILE]
+    out += [SHARED_INCEPTION, cache_dir() / INCEPTION_FILE]
     return out
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why another user could have written `path` (they own it, or may write it), else None.
+    Root's files count as one's own (an administrator's copy for everyone): root can do all."""
+    st = path.stat()
+    if st.st_uid not in (0, os.getuid()):
+        return f"owned by another user (uid {st.st_uid})"
+    # not group-writable: umask 002 makes every file so where each user has a group of their own
+    return "writable by every user" if st.st_mode & 0o002 else None
+
+
 def find_inception(path: str | Path | None = None) -> Path:
-    """The Inception weights file, or FeatureWeightsError naming the file and where to put it."""
+    """The Inception weights file, or FeatureWeightsError naming the file and where to put it.
+
+    The file in /tmp is used only if this user owns it and not every user can write it: anyone
+    can put one there, and a TorchScript file runs with the rights of whoever loads it (its
+    code can open any of their files for writing: torch.from_file(..., shared=True)). A path
+    named by --inception or $DIT_BENCH_INCEPTION is the user's own choice."""
     candidates = inception_candidates(path)
+    skipped = ""
     for c in candidates:
-        if c.is_file():
-            return c
-    looked = "\n".join(f"  {c}" for c in candidates)
+        if not c.is_file():
+            continue
+        if path is None and c == SHARED_INCEPTION and (why := _untrusted(c)):
+            skipped = f"\nSkipped {c}: {why}; put a copy of your own at one of the above."
+            continue
+        return c
+    looked = "\n".join(f"  {c}" for c in candidates) + skipped
     raise FeatureWeightsError(
         f"Inception features (eval --features inception, or eval.fd_features=inception in "
         f"training) need clean-fid's Inception weights file {INCEPTION_FILE}, "

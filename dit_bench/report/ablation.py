@@ -20,15 +20,15 @@ Reads tables only: no model is built or imported here.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dit_bench.files import write_text_atomic
+from dit_bench.files import read_record, write_text_atomic
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
     LEVEL,
@@ -41,6 +41,9 @@ from dit_bench.report.stats import (
 )
 
 NOTES = "notes.md"
+# what `dit-bench ablate` allows in a variant's name (ablate.NAME; not imported: that module
+# builds models): each names files of the report (samples/<variant>.png)
+VARIANT = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ def not_ablation_runs(table: pd.DataFrame) -> tuple[list[str], list[str]]:
     trials, unlabelled = [], []
     for run in map(Path, table["run_dir"]):
         path = run / "labels.json"
-        labels = json.loads(path.read_text()) if path.is_file() else {}
+        labels = read_record(path) if path.is_file() else {}
         if (run / "trial.json").is_file() or "sweep" in labels:
             trials.append(run.name)
         elif "variant" not in labels:
@@ -64,7 +67,7 @@ def load_plan(source: Path, table: pd.DataFrame) -> dict:
     rather than reported with grid points or experiments posing as variants."""
     path = source / "ablation.json"
     if path.is_file():
-        plan = json.loads(path.read_text())
+        plan = read_record(path)
     else:
         trials, unlabelled = not_ablation_runs(table)
         if trials or unlabelled:
@@ -286,7 +289,14 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
     for v in order:
         rows = runs[runs["variant"] == v].sort_values("seed")
         for row in rows.itertuples():
-            grids = sorted((Path(row.run_dir) / "samples").glob("*.png"))
+            # the run's own files only: a link out of a shared folder (samples/step-N.png ->
+            # ~/.ssh/id_rsa) copied the reader's file into the report, which gets committed
+            own = Path(row.run_dir).resolve()
+            grids = sorted(
+                p
+                for p in (Path(row.run_dir) / "samples").glob("*.png")
+                if p.resolve().is_relative_to(own)
+            )
             if grids:
                 dest = out / "samples" / f"{v}.png"
                 shutil.copyfile(grids[-1], dest)
@@ -424,6 +434,12 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         )
     order = [v for v in plan["variants"] if v in set(table["variant"])]
     order += sorted(set(table["variant"]) - set(order))
+    # a folder from someone else: "../x" or "/home/..." would put a grid outside the report
+    if bad := [v for v in order if not isinstance(v, str) or not VARIANT.fullmatch(v)]:
+        raise ValueError(
+            f"{source}: variant names {bad} (ablation.json or labels.json) are not names "
+            "`dit-bench ablate` writes (letters, digits, _ . -)"
+        )
     base = plan["base_variant"]
     long = curves(table)
     long["key"] = long["metric"].map(metric_key)

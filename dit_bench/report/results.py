@@ -8,14 +8,13 @@ a metric, a value that was not finite). `curves` gives the long table of metrics
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from dit_bench.files import replacing
+from dit_bench.files import read_record, replacing
 
 
 def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
@@ -42,22 +41,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read(path: Path, parse=json.loads) -> dict:
-    try:
-        return parse(path.read_text())
-    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: unreadable ({e}); fix or delete this run's file") from None
-
-
 def run_row(run: Path) -> dict:
-    summary = _read(run / "summary.json")
+    summary = read_record(run / "summary.json")
     if not (run / "config.yaml").is_file():
         raise ValueError(
             f"{run}: no config.yaml (lost in a crash?); the command that trained the run "
             "(dit-bench train, ablate or sweep) writes it again, or delete this run"
         )
-    cfg = _read(run / "config.yaml", yaml.safe_load)
-    labels = _read(run / "labels.json") if (run / "labels.json").exists() else {}
+    cfg = read_record(run / "config.yaml", yaml.safe_load)
+    labels = read_record(run / "labels.json") if (run / "labels.json").exists() else {}
     row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     # A table cell cannot tell a null from an absent key, and they mean different things: null
     # is a value that was not finite (a diverged run), absent is one never computed.
@@ -91,11 +83,14 @@ def curves(table: pd.DataFrame) -> pd.DataFrame:
     frames = []
     for row in table.itertuples():
         path = Path(row.run_dir) / "metrics.csv"
-        m = pd.read_csv(path)
-        # An empty cell is a metric not logged at that step; a logged non-finite value is
-        # written `nan` (or `inf`) and stays, as NaN: dropped, it would leave a diverged run's
-        # earlier finite value as its last one.
-        logged = pd.read_csv(path, dtype=str, keep_default_na=False).ne("")
+        try:
+            m = pd.read_csv(path)
+            # An empty cell is a metric not logged at that step; a logged non-finite value is
+            # written `nan` (or `inf`) and stays, as NaN: dropped, it would leave a diverged
+            # run's earlier finite value as its last one.
+            logged = pd.read_csv(path, dtype=str, keep_default_na=False).ne("")
+        except ValueError as e:  # pandas' parser and decoding errors name no file
+            raise ValueError(f"{path}: unreadable ({e}); fix or delete this file") from None
         long = m.melt(id_vars="step", var_name="metric", value_name="value")
         was_logged = logged.melt(id_vars="step", var_name="metric", value_name="logged")
         long = long[was_logged["logged"].to_numpy()]

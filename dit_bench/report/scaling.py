@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dit_bench.files import engine_url, write_text_atomic
+from dit_bench.files import engine_url, read_record, write_text_atomic
 from dit_bench.report import fits
 from dit_bench.report.results import save_table
 
@@ -70,7 +70,7 @@ COMPUTE_CONVENTION = (
 def _records_from_runs(folder: Path) -> list[dict]:
     recs = []
     for path in sorted(folder.rglob("trial.json")):
-        rec = json.loads(path.read_text())
+        rec = read_record(path)
         rec["run_dir"] = str(path.parent)
         recs.append(rec)
     return recs

@@ -45,6 +45,7 @@ from dit_bench.fast import (
 )
 from dit_bench.files import (
     note_holder,
+    open_lock,
     replacing,
     try_lock,
     write_json_atomic,
@@ -189,7 +190,7 @@ def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
         return
     folder = out / cfg.experiment
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{cfg.hash}.lock", "a+") as f:
+    with open_lock(folder / f".{cfg.hash}.lock") as f:
         if (holder := try_lock(f)) is not None:
             print(
                 f"[dit-bench] another process{f' ({holder})' if holder else ''} is training "
