@@ -249,6 +249,14 @@ def load_ablation(
     for v in variants_raw:  # a variant names folders and files of the report
         if not isinstance(v, str) or not NAME.fullmatch(v):
             raise _err(source, f"variant name {v!r}: use letters, digits, '.', '-' or '_'")
+    folded: dict[str, str] = {}
+    for v in variants_raw:  # macOS and Windows file systems ignore case: one file for both
+        if (other := folded.setdefault(v.casefold(), v)) != v:
+            raise _err(
+                source,
+                f"variant names {other!r} and {v!r} differ only in case; the report's "
+                f"samples/{v}.png would be one file on macOS or Windows: rename one",
+            )
     variants = {v: _dotted(keys, f"variants.{v}", source) for v, keys in variants_raw.items()}
     base_variant = raw.get("base_variant", next(iter(variants)))
     if base_variant not in variants:

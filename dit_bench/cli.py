@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -219,7 +220,11 @@ def cmd_encode_latents(args) -> int:
     print(
         f"{manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
         f"{len(manifest['shards'])} shards at {args.out}; train with "
-        f"--set data.name=latents --set data.root={args.out} --set data.vae={args.vae}"
+        # quoted, to paste: a folder with a space in its name is one argument
+        + shlex.join(
+            ["--set", "data.name=latents", "--set", f"data.root={args.out}"]
+            + ["--set", f"data.vae={args.vae}"]
+        )
     )
     return 0
 
@@ -300,7 +305,6 @@ def cmd_ablate(args) -> int:
         print(describe(ab, args.out))
         return 0
     check_progress_env(args)
-    import shlex
 
     # the command in canonical form, recorded for the report
     words = ["dit-bench", "ablate", args.file, "--profile", args.profile]
@@ -319,7 +323,9 @@ def cmd_ablate(args) -> int:
     if not (root / "results.csv").exists():  # no run of the plan finished
         return 1 if failed else 0
     done = len(ab.runs) - failed
-    with (root / "results.csv").open() as f:  # the plan's runs in all: earlier seeds too
+    # the plan's runs in all: earlier seeds too; UTF-8 as pandas wrote it (a run_dir under
+    # "Données" is no ASCII, whatever the locale)
+    with (root / "results.csv").open(encoding="utf-8") as f:
         rows = sum(1 for _ in csv.reader(f)) - 1
     more = f"; {rows} finished runs of the plan in all" if rows != done else ""
     print(f"results: {root / 'results.csv'} (and .parquet): {done} of {len(ab.runs)} runs{more}")
@@ -332,7 +338,8 @@ def _report_command(kind: str, root: Path, out: str) -> str:
     report into the repo's `reports/<experiment>` (where committed reports live); runs
     elsewhere (a scratch --out) report beside themselves, so they never overwrite those."""
     dest = Path("reports") / root.name if Path(out) == Path("runs") else root / "report"
-    return f"dit-bench report {kind} {root} -o {dest}"
+    # quoted: printed to be pasted into a shell, and macOS folders often hold spaces
+    return shlex.join(["dit-bench", "report", kind, str(root), "-o", str(dest)])
 
 
 def cmd_sweep(args) -> int:

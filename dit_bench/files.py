@@ -39,7 +39,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     an empty file where the old one was. Small files only (records, plans, configs): what a
     sync costs a checkpoint of gigabytes, each checkpoint, is left to the writer of that."""
     with replacing(path) as tmp:
-        with open(tmp, "w") as f:
+        # UTF-8 whatever the locale: reports hold dashes and user text, and a C, Latin-1 or
+        # Windows locale would refuse them or write bytes no Markdown viewer reads as UTF-8
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -56,7 +58,7 @@ def read_record(path: Path, parse=json.loads) -> dict:
     file of the name): a bare parser error named no file of the hundreds a report reads, and
     a list or an empty file failed later as a TypeError."""
     try:
-        data = parse(path.read_text())
+        data = parse(path.read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: unreadable ({e}); fix or delete this file") from None
     if not isinstance(data, dict):

@@ -988,7 +988,7 @@ def write_report(report: dict, out_dirs: list[Path]) -> list[Path]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             stem = folder / report["stem"]
-            stem.with_suffix(".md").write_text(md)
+            stem.with_suffix(".md").write_text(md, encoding="utf-8")
             stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
             written.append(stem.with_suffix(".md"))
         except OSError as e:

@@ -127,6 +127,11 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
         # a mapping would replace the base's whole backbone section (its name too)
         ({"variants": {"a": {"backbone": {"conditioning": "adaln"}}}}, ["backbone.conditioning"]),
         ({"variants": {"a/b": {}}}, ["variant name 'a/b'"]),
+        # samples/<variant>.png: one file on a case-insensitive file system (macOS, Windows)
+        (
+            {"variants": {"adaln": {}, "AdaLN": {"backbone.conditioning": "adaln"}}},
+            ["'adaln' and 'AdaLN' differ only in case"],
+        ),
         ({"metrics": []}, ["non-empty list"]),
         ({"metrics": ["val_los"]}, ["unknown 'val_los'"]),
         ({"profiles": {"cpu": 5}}, ["profiles.cpu must be a mapping"]),
@@ -392,6 +397,19 @@ def test_report_hint_of_default_runs_names_the_repo_reports_folder():
         hint
         == f"dit-bench report scaling {Path('runs/shapes-cpu')} -o {Path('reports/shapes-cpu')}"
     )
+
+
+def test_report_hint_quotes_a_runs_folder_with_spaces():
+    """macOS folders have spaces (~/Documents/My Runs): the printed command must paste back into
+    a shell as one argument per path, as the command recorded for the report does."""
+    import shlex
+
+    from dit_bench.cli import _report_command
+
+    out = "/Users/ada/My Runs"
+    root = Path(out) / "tiny-cpu"
+    words = shlex.split(_report_command("ablation", root, out))
+    assert words == ["dit-bench", "report", "ablation", str(root), "-o", str(root / "report")]
 
 
 def test_an_ablation_with_no_finished_run_points_to_no_results(tmp_path, capsys):

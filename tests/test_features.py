@@ -176,6 +176,18 @@ def test_reference_stats_cached_by_content(net, digits, cache):
     assert not reference_stats(x, net, cache=False).meta["cached"]
 
 
+def test_reference_stats_without_a_writable_cache(net, digits, tmp_path, monkeypatch, capsys):
+    """A home the user cannot write (`docker run --user`: HOME=/) must not fail the FD: the
+    in-training FD stopped every such run after its training, and again on each resume."""
+    x, _ = digits
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a folder below a file cannot be made, not even by root
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(blocker / "cache"))
+    stats = reference_stats(x, net)
+    assert not stats.meta["cached"] and stats.mu.shape == (net.dim,)
+    assert "DIT_BENCH_CACHE" in capsys.readouterr().err
+
+
 # clean-fid's own sqrtm warns on the rank-deficient covariance of ReLU features; it still agrees
 @pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:The `disp` argument")
 def test_clean_fid_torchmetrics_and_ours_agree(net, digits, tmp_path):

@@ -30,6 +30,32 @@ def test_text_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeyp
     assert (tmp_path / "plan.json").read_text() == '{\n  "a": 1\n}\n'
 
 
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """A C (or Latin-1, or Windows) locale without Python's UTF-8 mode: the shipped config
+    holds "§" and ablation reports write "–" and "·"; both failed with the ascii codec."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; from pathlib import Path;"
+        "from dit_bench import files; from dit_bench.config import read_yaml;"
+        "read_yaml('configs/dit-b4-imagenet256.yaml');"
+        "p = Path(sys.argv[1]); files.write_text_atomic(p, 'a \\u2013 b \\u00b7 c')"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "report.md")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report.md").read_bytes() == "a \u2013 b \u00b7 c".encode()
+
+
 def test_metrics_csv_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
     from dit_bench.train.callbacks import CSVMetrics
 

@@ -392,6 +392,29 @@ def test_encode_latents_progress_goes_to_stderr_and_stdout_has_one_line(
     assert printed.err.count("[encode-latents] shard-") == 3
 
 
+def test_encode_latents_prints_train_settings_that_paste_with_spaces(
+    image_folder, tmp_path, monkeypatch, capsys
+):
+    """The printed `--set` items go back into a shell: a macOS folder ("My VAE") must stay one
+    argument, or the pasted data.root names a folder that does not exist."""
+    import shlex
+
+    from dit_bench.cli import main
+    from dit_bench.data import latents
+
+    made = {"num_items": 20, "latent_shape": [4, 4, 4], "shards": ["a", "b", "c"]}
+    monkeypatch.setattr(latents, "encode_latents", lambda *a, **k: made)
+    vae, out = tmp_path / "My VAE", tmp_path / "my latents"
+    argv = ["encode-latents", "--vae", str(vae), "--data", f"folder:{image_folder}"]
+    argv += ["--image-size", "32", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    words = shlex.split(capsys.readouterr().out.split("train with ", 1)[1])
+    assert words == ["--set", "data.name=latents", "--set", f"data.root={out}"] + [
+        "--set",
+        f"data.vae={vae}",
+    ]
+
+
 def test_an_encoding_made_before_roots_had_one_spelling_resumes(vae_dir, image_folder, tmp_path):
     # Before data.root had one spelling, `--data folder:imgs/` recorded the root as typed;
     # the same command now spells it `imgs`, and rerunning it to finish the encoding was

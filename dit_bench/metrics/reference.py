@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dit_bench.files import replacing, write_json_atomic
 from dit_bench.metrics.distances import gaussian_stats
-from dit_bench.metrics.features import FeatureNet, cache_dir, quantize
+from dit_bench.metrics.features import CACHE_ENV, FeatureNet, cache_dir, quantize
 
 REFSTATS_VERSION = 1
 
@@ -99,10 +99,20 @@ def reference_stats(
     feats = feats.astype(np.float32)
     mu, sigma = gaussian_stats(feats)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
-            np.savez(f, features=feats, mu=mu, sigma=sigma)
-        write_json_atomic(path.with_suffix(".json"), meta)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
+                np.savez(f, features=feats, mu=mu, sigma=sigma)
+            write_json_atomic(path.with_suffix(".json"), meta)
+        except OSError as e:
+            # a home the user cannot write (`docker run --user`, whose HOME is /; a read-only
+            # home on compute nodes): the cache only saves time, and a run would otherwise fail
+            # at its first FD, after its training, and again each time it is resumed
+            print(
+                f"[dit-bench] reference statistics not cached ({e}); set ${CACHE_ENV} to a "
+                "writable folder to keep them",
+                file=sys.stderr,
+            )
     return RefStats(sid, feats, mu, sigma, meta | {"cached": False})
 
 

@@ -789,7 +789,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     ]
     notes = out / NOTES
     if notes.is_file():
-        md += ["## Discussion", "", notes.read_text().strip(), ""]
+        md += ["## Discussion", "", notes.read_text(encoding="utf-8").strip(), ""]
     write_text_atomic(out / "report.md", "\n".join(md))
     return out / "report.md"
 
