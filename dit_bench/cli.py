@@ -70,6 +70,7 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
+    from dit_bench.files import check_writable
     from dit_bench.metrics.evaluate import check_finite_samples, check_sampling, generate
     from dit_bench.train.run import GRID_MAX_CLASSES, load_module, save_grid, to_images
 
@@ -123,6 +124,7 @@ def cmd_sample(args) -> int:
     if output.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"-o {output}: not an image file name (e.g. grid.png)")
     output.parent.mkdir(parents=True, exist_ok=True)  # before the long part
+    check_writable(output.parent, "-o names another file")  # a read-only run folder: now too
     if args.compile:
         from dit_bench.fast import compile_backbone
 

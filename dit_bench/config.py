@@ -38,9 +38,15 @@ from pydantic import (
 
 from dit_bench.sampling import SAMPLERS
 
+
+class OutOfMemory(MemoryError):
+    """A run that does not fit the memory of its device; the message says what lowers it."""
+
+
 # Errors whose message says what to fix (a bad value, a missing or broken file, a diverged
-# run): commands print the message alone. Anything else is a bug, shown with its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# run, a batch too large): commands print the message alone. Anything else is a bug, shown
+# with its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, OutOfMemory)
 
 
 class ConfigError(ValueError):

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +28,33 @@ def replacing(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: writers never share
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError of the block that names no file gets `path`: a write or flush that fails
+    (a full disk, ENOSPC; a file-size limit, EFBIG) names none, and the commands print the
+    message alone ("[Errno 28] No space left on device": of which file, on which disk?)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+# A write refused for room: the disk is full, the user's quota spent, or the process's file
+# size limit (ulimit -f) reached; it fails again until room is made, whatever is written
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_room(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in NO_ROOM
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -82,6 +106,16 @@ def open_lock(path: str | Path) -> IO[str]:
             f"{path}: a symbolic link (to {os.readlink(path)}), not a lock file; remove it"
         ) from None
     return os.fdopen(fd, "a+")
+
+
+def check_writable(folder: str | Path, hint: str) -> None:
+    """Whether a file can be made in `folder` (a nameless one, gone at once), asked before long
+    work that ends by writing there; else an OSError naming the folder and `hint`, what to do
+    instead. Root passes a chmod, not a read-only mount."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} ({hint})", str(folder)) from None
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ from dit_bench.config import (
     read_yaml,
     section_replacement_error,
 )
-from dit_bench.files import engine_url, write_json_atomic
+from dit_bench.files import engine_url, out_of_room, write_json_atomic
 
 Scalar = bool | int | float | str
 
@@ -1253,6 +1253,22 @@ class Worker:
                 trial.set_user_attr("interrupted", True)  # a retry candidate, like a kill
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
+        except OSError as e:
+            if not out_of_room(e):
+                raise
+            # A full disk (a quota, a file-size limit) fails every trial after this one too,
+            # each for good (a training error is not retried): the sweep stops instead, the
+            # trial failed as stopped, and the same command, run again with room made, re-runs
+            # it from its run's last checkpoint. A study on that disk may refuse the mark:
+            # then the trial goes stale, and is retried as a lost worker's.
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.log(
+                f"[sweep {self.name}] trial {trial.number} stopped: {e}; make room, then run "
+                "the same command again to resume it"
+            )
+            raise
         except optuna.exceptions.UpdateFinishedTrialError:
             if not self._taken_over(trial):
                 raise
@@ -1325,6 +1341,10 @@ class Worker:
                 state = optuna.trial.TrialState.COMPLETE
             except optuna.TrialPruned:
                 state = optuna.trial.TrialState.PRUNED
+            except OSError as e:
+                if out_of_room(e):
+                    raise  # the sweep stops (`_run`): it would fail every trial after this one
+                error = f"{type(e).__name__}: {e}"
             except Exception as e:  # the trial fails; the sweep goes on
                 error = f"{type(e).__name__}: {e}"
                 if not isinstance(e, USER_ERRORS):  # a bug: the where, for the one who debugs

@@ -1,6 +1,9 @@
 """Shared test fixtures."""
 
+import contextlib
 import json
+import resource
+import signal
 
 import pytest
 import torch
@@ -82,3 +85,23 @@ def image_folder(tmp_path_factory):
             arr[..., c] = 255  # a class-dependent colour
             Image.fromarray(arr).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def file_size_limit():
+    """`limit(n)`: a block in which writing a file past n bytes fails with EFBIG, as writing
+    on a full disk fails with ENOSPC (RLIMIT_FSIZE; its SIGXFSZ, which would kill the tests,
+    ignored). Hard limit and handler restored after it."""
+
+    @contextlib.contextmanager
+    def limit(n: int):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limit

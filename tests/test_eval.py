@@ -482,3 +482,37 @@ def test_cache_and_inception_paths_from_the_environment_expand_a_home_tilde(tmp_
     found = inception_candidates()
     assert found[0] == tmp_path / "w" / "inception.pt" and found[-1].parent == tmp_path / "dbc"
     assert inception_candidates("~/i.pt") == [tmp_path / "i.pt"]  # --inception=~/i.pt
+
+
+def test_a_run_folder_that_cannot_take_the_record_is_named_before_sampling(
+    tmp_path, cache, monkeypatch, capsys
+):
+    """A read-only run folder (a mount, another user's runs) failed at the record's write,
+    after all the sampling. (Read-only is faked: root passes a chmod, and a mount needs root.)"""
+    import errno
+
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writes and str(path).startswith(str(run)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before the record's folder was checked")
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(evaluate, "generate", sampled)
+    assert main(["eval", str(run), "--num-samples", "20", "--metrics", "fd", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "dit-bench: [Errno 30] Read-only file system (eval writes its record there; -o names "
+        f"another file): '{run}'"
+    )
+    assert main(["sample", str(run), "--n", "2", "--steps", "2"]) == 2  # its grid: the same
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"dit-bench: [Errno 30] Read-only file system (-o names another file): '{run / 'samples'}'"
+    )

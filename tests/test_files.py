@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
+import torch
 
 from dit_bench import files
 
@@ -90,3 +92,45 @@ def test_a_lock_file_planted_as_a_link_leaves_its_target_alone(tmp_path):
         pass
     assert victim.read_text() == "export PATH=~/bin:$PATH\n"
     assert sorted(p.name for p in victim.parent.iterdir()) == [".bashrc"]
+
+
+def test_a_record_the_disk_has_no_room_for_names_its_file(tmp_path, file_size_limit):
+    """A write that fails for space names no file ("[Errno 28] No space left on device", all a
+    command printed): the record's path is added; the old record stays, no temporary left."""
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(OSError) as e, file_size_limit(1000):
+        files.write_json_atomic(path, {"x": "y" * 100_000})
+    assert e.value.errno == errno.EFBIG and e.value.filename == str(path)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_is_an_os_error_naming_it(tmp_path, file_size_limit):
+    """torch.save to a path said "[enforce fail at inline_container.cc:672] . unexpected pos
+    ..." (a RuntimeError: `train` died with a traceback and no word of the disk)."""
+    from dit_bench.train.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 4, "w": torch.zeros(10)}, path)
+    with pytest.raises(OSError) as e, file_size_limit(64 * 1024):
+        io.save_checkpoint({"step": 8, "w": torch.zeros(100_000)}, path)
+    assert e.value.errno == errno.EFBIG and e.value.filename == str(path)
+    assert io.load_checkpoint(path)["step"] == 4  # the resume point is the earlier one
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_a_metrics_row_the_disk_has_no_room_for_names_the_file(tmp_path, file_size_limit):
+    from dit_bench.train.callbacks import CSVMetrics, read_metrics
+
+    path = tmp_path / "metrics.csv"
+    log = CSVMetrics(path)
+    log.log_metrics({"train/loss": 0.5}, step=2)
+    log.log_metrics({"train/loss": 0.25}, step=4)  # appended
+    size = path.stat().st_size
+    with pytest.raises(OSError) as e, file_size_limit(size + 3):
+        log.log_metrics({"train/loss": 0.125}, step=6)
+    assert e.value.errno == errno.EFBIG and e.value.filename == str(path)
+    resumed = CSVMetrics(path, resume_step=4)  # the row cut short is dropped on resume
+    resumed.log_metrics({"train/loss": 0.125}, step=6)
+    assert [r["step"] for r in read_metrics(path)] == ["2", "4", "6"]

@@ -457,3 +457,12 @@ def test_a_finished_encoding_in_a_read_only_folder_is_found_finished(
     again = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
     assert again["shards"] == m["shards"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
+
+
+def test_shards_are_as_readable_as_the_manifest(vae_dir, image_folder, tmp_path):
+    """safetensors' save_file wrote each shard with mode 0600 whatever the umask: in a shared
+    data folder the other users read the manifest and then failed on every shard."""
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    mode = (out / "manifest.json").stat().st_mode
+    assert {p.stat().st_mode for p in out.glob("*.safetensors")} == {mode}

@@ -445,9 +445,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
     last = tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"global_step": 4}, last)
 
-    def killed(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"torn")
+    def killed(obj, f):  # the temporary file save_checkpoint opened
+        f.write(b"torn")
         raise KeyboardInterrupt  # what a kill -9 mid-write leaves on disk, without the kill
 
     monkeypatch.setattr(torch, "save", killed)

@@ -587,3 +587,34 @@ def test_read_curve_leaves_out_a_val_row_cut_short_by_a_failed_append(tmp_path):
         "6,,,0.47258"  # of 0.4725835,0.61: the write stopped here
     )
     assert [(c["step"], c["val_loss"]) for c in read_curve(run, plan)] == [(4, 1.25)]
+
+
+@pytest.mark.slow  # two sweep calls, one trial trained: ~15-20 s
+def test_a_full_disk_stops_the_sweep_and_the_next_call_runs_the_trial(
+    tmp_path, monkeypatch, capsys
+):
+    """A trial whose training found the disk full failed for good (a training error is not
+    retried), as did every trial after it: the sweep, run again once room was made, never ran
+    those points. It stops instead, and the next call resumes the trial."""
+    import errno
+
+    from dit_bench.cli import main
+    from dit_bench.train import run as run_module
+
+    real_train = run_module.train
+
+    def disk_full(cfg, out, **kw):
+        monkeypatch.setattr(run_module, "train", real_train)  # room is made after this call
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "last.ckpt"))
+
+    monkeypatch.setattr(run_module, "train", disk_full)
+    path = write_tiny(tmp_path / "t.yaml", space={"backbone.patch_size": {"choices": [4]}})
+    args = ["sweep", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"dit-bench: [Errno 28] No space left on device: '{tmp_path / 'runs' / 'last.ckpt'}'"
+    )
+    assert "make room, then run the same command again to resume it" in err
+    assert main(args) == 0
+    check_study(f"sqlite:///{tmp_path / 'runs' / 'tiny-cpu' / 'study.db'}", "tiny-cpu", 1)

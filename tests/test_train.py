@@ -1265,3 +1265,40 @@ def test_train_leaves_the_callers_process_settings_as_it_found_them(tmp_path, mo
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = saved[1]
+
+
+def test_a_run_out_of_memory_says_so_in_one_line_and_keeps_its_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """On the CPU torch's allocator raises a plain RuntimeError: `train` died with 130 lines of
+    traceback, the allocator's last, and nothing said which setting to lower."""
+    from dit_bench.cli import main
+    from dit_bench.train.module import DiffusionModule
+
+    step = DiffusionModule.training_step
+
+    def runs_out_at_step_5(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 3221225472 bytes. Error code 12 "
+                "(Cannot allocate memory)"
+            )
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", runs_out_at_step_5)
+    empty = tmp_path / "empty.yaml"  # a config file: the types' defaults, like tiny()
+    empty.write_text("{}\n")
+    sets = [a for s in TINY for a in ("--set", s)]
+    out = tmp_path / "runs"
+    assert main(["train", str(empty), *sets, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "dit-bench: out of memory at step 5 of tiny (DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)): lower "
+        "train.batch_size (now 8), pick a smaller backbone.name (now dit-xs/4) or set "
+        "train.activation_checkpointing=true"
+    )
+    run = find_run_dir(out, tiny())
+    assert final_state(run) and not (run / "summary.json").exists()  # step 4's, to resume

@@ -209,7 +209,7 @@ def _encode(
     vae, vae_dir, source, info, images, out: Path, flip, shard_size, batch_size, device, progress
 ) -> dict:
     """encode_latents' work, in the folder it holds alone."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from dit_bench.data.datasets import DataError
 
@@ -304,7 +304,11 @@ def _encode(
             "labels": torch.tensor(labels, dtype=torch.long),
         }
         with replacing(out / name) as tmp:
-            save_file(tensors, str(tmp))
+            # the bytes written here, not by save_file: safetensors 0.8 writes through a
+            # temporary file of its own, mode 0600 whatever the umask (the other users of a
+            # shared data folder could not read the shards), and a full disk came back as a
+            # SafetensorError with a traceback instead of an OSError naming the shard
+            tmp.write_bytes(save(tensors))
         manifest["latent_shape"] = list(tensors["latents"].shape[1:])
         manifest["shards"].append(
             {"file": name, "start": lo, "count": hi - lo, "sha256": _sha256(out / name)}

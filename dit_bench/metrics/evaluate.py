@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dit_bench.files import locked, write_json_atomic
+from dit_bench.files import check_writable, locked, write_json_atomic
 from dit_bench.metrics import distances as D
 from dit_bench.metrics.features import (
     DEFAULT_FEATURES,
@@ -315,6 +315,10 @@ def evaluate_run(
         raise ValueError(f"-o {out}: a folder; give a file name, e.g. {out / 'eval.json'}")
     cfg = load_run_config(run_dir)
     check_checkpoint(run_dir, request.checkpoint)
+    # asked now, not at the end: a folder that cannot take the record (a read-only mount,
+    # another user's runs) failed after all the sampling (10,000 samples: half an hour of an
+    # H100), and said nothing of -o
+    check_writable(out.parent, "eval writes its record there; -o names another file")
     scale = cfg.eval.cfg_scale if request.cfg_scale is None else request.cfg_scale
     if problem := cfg.guidance_error(scale):
         raise ValueError(f"--cfg: {problem}; evaluate with --cfg 1")

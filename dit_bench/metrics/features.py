@@ -231,14 +231,14 @@ def shipped_net_path(name: str) -> Path:
 def save_small_net(name: str, path: Path, *, progress: bool = True) -> Path:
     """Train `name` and write its weights to `path` and its report (with the file's sha256)
     beside it, each written whole, then renamed: concurrent evaluations never read a torn file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if progress:
         print(f"[dit-bench] training feature net {name} (once; written to {path})", file=sys.stderr)
     state, report = train_small_net(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        save_file(state, str(tmp))
+    with replacing(path) as tmp:  # not save_file: mode 0600 (latents._encode), unreadable
+        tmp.write_bytes(save(state))  # to the other users of a shared DIT_BENCH_CACHE
     report["sha256"] = sha256_file(path)
     write_json_atomic(path.with_suffix(".json"), report)
     if progress:

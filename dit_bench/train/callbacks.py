@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dit_bench.files import replacing, write_text_atomic
+from dit_bench.files import naming, replacing, write_text_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,12 +28,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            # into a file of ours, not to the path: torch's own writer reports a full disk as
+            # "[enforce fail at inline_container.cc:672] . unexpected pos 10890688 vs 10890576"
+            # (a RuntimeError: a traceback, no word of the disk); through a Python file the
+            # write's OSError (ENOSPC, EFBIG) is that error's context, and raised instead
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:
+                if (failed := _os_error(e)) is None:
+                    raise
+                raise failed from None
+            # on disk before the rename, as write_text_atomic: else a power cut can leave an
+            # empty last.ckpt (XFS; ext4 without auto_da_alloc), and the run starts over
+            f.flush()
+            os.fsync(f.fileno())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         # Our checkpoints hold tensors, numbers and plain containers only.
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError that `e` was raised while handling, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class CSVMetrics(Logger):
@@ -109,7 +133,7 @@ class CSVMetrics(Logger):
         return text.getvalue()
 
     def _append(self, columns: list[str], row: dict) -> None:
-        with self.path.open("a", newline="") as f:
+        with naming(self.path), self.path.open("a", newline="") as f:
             f.write(self._lines(columns, [row], header=False))
             f.flush()
             os.fsync(f.fileno())

@@ -33,7 +33,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 
 from dit_bench.backbones import Cond
-from dit_bench.config import ConfigError, ExperimentConfig, build_config, read_yaml
+from dit_bench.config import (
+    ConfigError,
+    ExperimentConfig,
+    OutOfMemory,
+    build_config,
+    read_yaml,
+)
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import (
@@ -891,6 +897,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             # "DataLoader worker ... killed by signal". A stop all the same: it resumes.
             raise type(stop)() from None
         _drop_if_nothing_ran(run, created)
+        if out_of_memory(e):
+            raise OutOfMemory(out_of_memory_message(e, cfg, trainer.global_step)) from None
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -922,6 +930,34 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         if note:
             print(note, file=sys.stderr)
     return run
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: CUDA's OutOfMemoryError; on the CPU torch's
+    allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+def out_of_memory_message(e: BaseException, cfg: ExperimentConfig, step: int) -> str:
+    """One line for an out-of-memory run: torch's own words (how much it asked for), and the
+    settings that lower it. Shown with its traceback, the allocator's line came last of 130."""
+    t = cfg.train
+    told = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if "DefaultCPUAllocator" in told:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. ..."
+        told = told[told.index("DefaultCPUAllocator") :]
+    fixes = [f"lower train.batch_size (now {t.batch_size})"]
+    fixes.append(f"pick a smaller backbone.name (now {cfg.backbone.name})")
+    if not t.activation_checkpointing:
+        fixes.append("set train.activation_checkpointing=true")
+    return (
+        f"out of memory at step {step} of {cfg.experiment} ({told}): "
+        f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    )
 
 
 class _DropRequeueCheckpoints(Callback):
