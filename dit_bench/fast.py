@@ -287,10 +287,11 @@ def trains_on_cuda(accelerator: str) -> bool:
     return accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, threads: int | None = None) -> str:
+    """`threads`: the count a run sets (train.threads) where it is not the one in force now."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {threads or torch.get_num_threads()} threads)"
 
 
 EmaPairs = tuple[list[torch.Tensor], list[torch.Tensor]]

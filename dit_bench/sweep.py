@@ -20,6 +20,7 @@ budget_mode: envelope                # envelope: one constant-lr run per point, 
                                      # per_budget: one run per (point, budget) (decaying lr)
 sampler: grid                        # grid (every point once) | tpe | random
 pruner: {name: none}                 # none | median | hyperband, at equal compute (budget index)
+                                     #   among the trials of one model (size, tokens)
 n_trials: null                       # grid: all points; tpe/random: required
 heartbeat: {interval: 10, grace: 60, max_retry: 3}
 profiles:                            # how big: cpu (minutes here) and gpu (paper scale)
@@ -147,7 +148,9 @@ class Range(_Strict):
 
 class Pruner(_Strict):
     name: Literal["none", "median", "hyperband"] = "none"
-    n_startup_trials: int = Field(4, ge=0, description="median: trials before pruning starts")
+    n_startup_trials: int = Field(
+        4, ge=0, description="median: complete trials of a model before its trials are pruned"
+    )
     n_warmup_steps: int = Field(1, ge=0, description="median: budgets before pruning starts")
     reduction_factor: int = Field(3, ge=2, description="hyperband")
 
@@ -777,19 +780,58 @@ def make_sampler(spec: SweepSpec):
     return TrialSeeded(seed=spec.seed, **kwargs)
 
 
+def model_key(plan: TrialPlan) -> str:
+    """The model a trial trains, as the scaling laws see it: parameters, tokens, forward MACs."""
+    return f"params={plan.num_params},tokens={plan.tokens},macs={plan.macs}"
+
+
+class _OneModelStorage:
+    """A study's storage that lists the trials of one model only (`model_key`, the trial's
+    `model` user attribute); everything else is the storage's own."""
+
+    def __init__(self, storage, model: str | None):
+        self._storage, self._model = storage, model
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list:
+        trials = self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.user_attrs.get("model") == self._model]
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+
 def make_pruner(spec: SweepSpec):
+    """median / hyperband at equal compute (the budget index is the step), among the trials of
+    the trial's own model only. Across sizes, equal compute is not a fair race: a larger model
+    is behind at the small budgets and ahead at the large ones (that crossing is what the
+    envelope and the IsoFLOP slices measure), so pruned against the smaller ones it stopped at
+    the second budget, and the frontier and IsoFLOP parabolas of the larger budgets lacked
+    the models that win there (the cpu profile with `median`: every L and XL trial pruned at
+    2e10, 2 sizes left at 4e10 and above). Within one model (trials that differ in lr or
+    another range) a trial behind at equal compute is worse, and is pruned."""
     import optuna
 
     p = spec.pruner
     if p.name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
-        )
-    if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
+        base = optuna.pruners.MedianPruner
+        kwargs = dict(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    elif p.name == "hyperband":
+        base = optuna.pruners.HyperbandPruner
+        kwargs = dict(
             min_resource=1, max_resource=len(spec.budgets), reduction_factor=p.reduction_factor
         )
-    return optuna.pruners.NopPruner()
+    else:
+        return optuna.pruners.NopPruner()
+
+    class OneModel(base):
+        def prune(self, study, trial) -> bool:
+            # both pruners read the trials they compare with from `study._storage` (hyperband
+            # through the bracket studies it builds on it)
+            storage = _OneModelStorage(study._storage, trial.user_attrs.get("model"))
+            view = optuna.study.Study(study.study_name, storage, study.sampler, self)
+            return super().prune(view, trial)
+
+    return OneModel(**kwargs)
 
 
 def open_study(sweep: Sweep, storage_url: str):
@@ -907,7 +949,10 @@ def run_device(run_dir: Path | None, cfg) -> str:
 
         # as train picks it: train.accelerator=cpu trains on the CPU of a GPU machine too
         on_gpu = trains_on_cuda(cfg.train.accelerator)
-        device = device_name(torch.device("cuda" if on_gpu else "cpu"))
+        # its train.threads: `train` gives the process its own count back when it stops, so
+        # the count now is not the run's (a profile's threads: 1 read as "2 threads" on its
+        # pruned runs, a second device in the report's "Trained on")
+        device = device_name(torch.device("cuda" if on_gpu else "cpu"), cfg.train.threads)
     return device
 
 
@@ -1305,6 +1350,7 @@ class Worker:
             trial.set_user_attr("worker", self.name)
             trial.set_user_attr("config_hash", plan.cfg.hash)
             trial.set_user_attr("config", plan.cfg.to_dict())
+            trial.set_user_attr("model", model_key(plan))  # whom the pruner compares it with
             reported: set[int] = set()
             index = {s: i for i, s in enumerate(plan.budget_steps)}
             taken_over = False  # the trial was failed as stale and re-queued (see _taken_over)

@@ -144,6 +144,18 @@ def test_a_study_storage_gives_each_studys_trials_that_hold_a_record(tmp_path):
     assert len(points) == 3 + 1 + 3
 
 
+def test_tokens_seen_count_the_patches_not_the_conditioning_tokens():
+    # in_context DiT at patch 8 of a 16x16 image: 4 patches and the time and class tokens, a
+    # sequence of 6. D counted the 6, half as much again as the data the run saw (patch 2: 66
+    # of 64), so D's error depended on the patch and L(N, D) fitted it
+    rec = _record("h1", patch=8, tokens=6, trial_params={"size": "S", "backbone.patch_size": 8})
+    points = scaling.tables([rec])[1]
+    assert points["tokens_seen"].tolist() == [12 * 4, 20 * 4, 36 * 4]  # images x 4 patches
+    # no patch (the U-Net): the tokens it recorded
+    unet = _record("h2", patch=None, tokens=256)
+    assert scaling.tables([unet])[1]["tokens_seen"].tolist() == [12 * 256, 20 * 256, 36 * 256]
+
+
 def test_a_missing_study_file_is_refused_without_creating_one(tmp_path):
     db = tmp_path / "nope.db"
     with pytest.raises(ValueError, match="no such study file"):

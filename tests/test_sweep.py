@@ -571,6 +571,24 @@ def test_a_pruned_trial_names_the_device_its_config_trains_on(tmp_path, monkeypa
     assert run_device(tmp_path, cpu) == "NVIDIA H100"  # the run's own word first
 
 
+def test_a_pruned_trial_names_the_threads_its_config_trained_with(tmp_path):
+    # `train` restores the process's thread count when the pruning stops it: read after, the
+    # count was the process's, and the report's "Trained on" listed the cpu profile's pruned
+    # runs (train.threads: 1) as a second device, "2 threads", beside its complete ones
+    import torch
+
+    from dit_bench.config import build_config
+    from dit_bench.sweep import run_device
+
+    threads = torch.get_num_threads()
+    other = threads + 1
+    cfg = build_config(None, ["train.accelerator=cpu", f"train.threads={other}"])
+    assert run_device(tmp_path, cfg).endswith(f", {other} threads)")
+    assert torch.get_num_threads() == threads
+    default = build_config(None, ["train.accelerator=cpu"])  # no count set: the torch default
+    assert run_device(tmp_path, default).endswith(f", {threads} threads)")
+
+
 def test_read_curve_leaves_out_a_val_row_cut_short_by_a_failed_append(tmp_path):
     """metrics.csv appends a log window's row (train.callbacks.CSVMetrics): a write that fails
     partway (a full disk) leaves the row cut short, and the trial's record is read right

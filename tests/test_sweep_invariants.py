@@ -27,6 +27,7 @@ from dit_bench.sweep import (
     load_sweep,
     make_pruner,
     make_storage,
+    model_key,
     open_study,
     redact,
     suggest,
@@ -345,6 +346,46 @@ def test_median_pruner_waits_for_its_startup_trials_and_warmup_budgets(tmp_path)
     assert pruned_at(startup2, 2) == [True, True]
     warmup1 = {"name": "median", "n_startup_trials": 0, "n_warmup_steps": 1}
     assert pruned_at(warmup1, 2) == [False, True]  # budget 0 is inside the warmup
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        {"name": "hyperband", "reduction_factor": 2},
+    ],
+)
+def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
+    # At equal compute a larger model is behind at the small budgets and ahead at the large
+    # ones. Raced against the smaller models, every L and XL trial of the cpu profile with
+    # `median` was pruned at its second budget, leaving the envelope and the IsoFLOP slices of
+    # the larger budgets two sizes. A trial behind others of its own model (another lr) is.
+    sweep = load_sweep(write_tiny(tmp_path / "m.yaml", pruner=pruner))
+    points = sweep.points()  # size a: patch 2, 4; size b: patch 2, 4
+    small, large = model_key(sweep.plan(points[0])), model_key(sweep.plan(points[2]))
+    assert small != large
+    assert model_key(sweep.plan(points[0])) != model_key(sweep.plan(points[1]))  # tokens
+    study = optuna.create_study(pruner=make_pruner(sweep.spec))
+    for _ in range(8):  # enough for every hyperband bracket to hold some
+        done = study.ask()
+        done.set_user_attr("model", small)
+        for i in range(3):
+            done.report(1.0, step=i)
+            assert not done.should_prune()  # (hyperband records its rungs here)
+        study.tell(done, 1.0)
+
+    def behind(model: str) -> bool:
+        t = study.ask()
+        t.set_user_attr("model", model)
+        pruned = False
+        for i in range(2):
+            t.report(2.0, step=i)
+            pruned |= t.should_prune()
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        return pruned
+
+    assert [behind(large) for _ in range(4)] == [False] * 4  # no trial of its model to race
+    assert any(behind(small) for _ in range(4))  # behind its own model's trials
 
 
 def test_hyperband_resources_are_budget_indices(tmp_path):
@@ -783,6 +824,8 @@ def test_a_trial_is_pruned_before_its_final_budget_never_at_it(
     assert len(set(trial.user_attrs["budget_steps"])) == 3  # three distinct budget steps
     assert trial.state == state
     assert sorted(trial.intermediate_values) == list(range(reported))
+    # the pruner races it against the trials of its own model (set before training starts)
+    assert trial.user_attrs["model"] == model_key(load_sweep(path).plan(trial.params))
 
 
 def test_a_changed_sweep_does_not_reuse_the_study_of_the_old_one(tmp_path):

@@ -7,7 +7,8 @@ attributes hold the same records). Output in the report folder: `report.md`, sea
 
 Compute convention: training FLOPs C = 3 x forward FLOPs x images seen, forward FLOPs = 2 x
 forward MACs (one multiply-add = 1 MAC, DiT's "Gflops" are MACs). N = parameters (the frozen
-position table included), D = training tokens seen (images x tokens per image). A run's point at a
+position table included), D = training tokens seen (images x patches per image: a conditioning
+scheme's own tokens are no data). A run's point at a
 budget is its val loss at the first step where C >= the budget; fits use that step's actual C.
 
 Pure functions of DataFrames: nothing here imports torch or a model (fits in `fits.py`).
@@ -62,7 +63,8 @@ def interval_kind(fit_name: str) -> str:
 COMPUTE_CONVENTION = (
     "training FLOPs C = 3 x forward FLOPs x images seen; forward FLOPs = 2 x forward MACs "
     "(one multiply-add = 1 MAC; DiT's 'Gflops' are forward MACs). N = parameters; D = training "
-    "tokens seen = images x tokens per image."
+    "tokens seen = images x patches per image (a conditioning scheme's own tokens, such as "
+    "in_context's time and class, are not data)."
 )
 
 
@@ -219,6 +221,18 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
+def data_tokens(r: dict) -> int:
+    """Tokens of data in one image: its patches. A record's `tokens` is the sequence the
+    attention sees, which also holds a conditioning scheme's own tokens (in_context DiT and
+    U-ViT: time and class; MMDiT: the label context). Counted as data, D grew with them by a
+    factor that depends on the patch (1.5 at patch 8 of a 16x16 image, 1.03 at patch 2), which
+    bends L(N, D)'s data exponent. Without a patch (the U-Net): `tokens` as recorded."""
+    patch, side = r.get("patch"), r.get("image_size")
+    if patch and side:
+        return (side // patch) ** 2
+    return r.get("tokens") or 1
+
+
 def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, points, curves): one row per run; per run and budget; per run and val step.
     Every run is in `runs` with its state; `points` and `curves` (what the fits and figures
@@ -267,7 +281,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         )
         if not finished(r.get("state")):
             continue
-        fwd, batch, tokens = r["flops"], r["batch_size"], r.get("tokens") or 1
+        fwd, batch, tokens = r["flops"], r["batch_size"], data_tokens(r)
         for budget, step, loss in zip(
             r["budgets"], r["budget_steps"], r["val_at_budget"], strict=True
         ):
