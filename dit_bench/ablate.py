@@ -367,14 +367,30 @@ def profiles_of(path: str | Path) -> list[str]:
 
 
 # -- inspecting a plan --------------------------------------------------------------------------
-def run_status(out: str | Path, cfg: ExperimentConfig) -> tuple[str, Path | None]:
-    """'done' (summary.json), 'partial' (a run directory without it) or 'new'."""
+def run_status(
+    out: str | Path, cfg: ExperimentConfig, index: dict[str, Path] | None = None
+) -> tuple[str, Path | None]:
+    """'done' (summary.json), 'partial' (a run directory without it) or 'new'. `index`: the
+    `run_index` of the experiment's folder, for the status of many runs."""
     from dit_bench.train.run import find_run_dir
 
-    run = find_run_dir(Path(out), cfg)
+    run = find_run_dir(Path(out), cfg) if index is None else index.get(cfg.hash)
     if run is None:
         return "new", None
     return ("done" if (run / "summary.json").exists() else "partial"), run
+
+
+def run_index(out: str | Path, experiment: str) -> dict[str, Path]:
+    """Config hash -> the run directory `find_run_dir` finds for it (the newest name), from one
+    listing of `<out>/<experiment>/`. Found one by one, by a listing each, the runs of a plan
+    cost the square of their number: 2,000 listings of 1,000 names for a plan of 1,000."""
+    folder = Path(out) / experiment
+    if not folder.is_dir():
+        return {}
+    # glob's `*-<hash>`: any name not hidden, the hash after its last dash; sorted, the newest
+    # name of a hash comes last and wins
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and "-" in n)
+    return {n.rsplit("-", 1)[1]: folder / n for n in names}
 
 
 def cost(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -423,10 +439,12 @@ def describe(ab: Ablation, out: str | Path) -> str:
     )
     total = 0
     costs: dict[str, dict] = {}
+    index = run_index(out, ab.experiment)
+    status_of = {r.index: run_status(out, r.cfg, index)[0] for r in ab.runs}
     for r in ab.runs:
         c = costs.setdefault(r.variant, cost(r.cfg))
         total += c["train_flops"]
-        status, _ = run_status(out, r.cfg)
+        status = status_of[r.index]
         o = r.cfg.objective
         obj = f"{o.name}-{getattr(o, 'prediction', '')}"
         if o.name == "flow":
@@ -437,9 +455,7 @@ def describe(ab: Ablation, out: str | Path) -> str:
             f"{_si(c['macs']):>8} {r.cfg.train.steps:>6} {r.cfg.train.batch_size:>5} "
             f"{_si(c['train_flops']):>11}  {r.cfg.hash:<10} {status}"
         )
-    todo = sum(
-        costs[r.variant]["train_flops"] for r in ab.runs if run_status(out, r.cfg)[0] != "done"
-    )
+    todo = sum(costs[r.variant]["train_flops"] for r in ab.runs if status_of[r.index] != "done")
     lines += sorted({f"note: {c['note']}" for c in costs.values() if c["note"]})
     lines.append(
         f"estimated training compute: {_si(total)}FLOPs in all (3 x forward FLOPs x images), "
@@ -451,7 +467,13 @@ def describe(ab: Ablation, out: str | Path) -> str:
 # -- running ------------------------------------------------------------------------------------
 def write_labels(run_dir: Path, ab: Ablation, r: PlannedRun) -> None:
     labels = {**r.labels, "ablation": ab.name, "profile": ab.profile}
-    write_json_atomic(run_dir / "labels.json", labels)
+    path = run_dir / "labels.json"
+    with contextlib.suppress(OSError, ValueError):  # missing or unreadable: written below
+        if json.loads(path.read_text()) == labels:
+            # every call labels every finished run of the plan: a write synced each, a plan
+            # of 1,000 done runs spent 7 s rewriting what was there
+            return
+    write_json_atomic(path, labels)
 
 
 def _train_one(
@@ -543,7 +565,8 @@ def run_ablation(
     """
     out = Path(out)
     root = out / ab.experiment
-    check_data([r.cfg for r in ab.runs if run_status(out, r.cfg)[0] != "done"])
+    index = run_index(out, ab.experiment)  # one listing of the folder, not one a run
+    check_data([r.cfg for r in ab.runs if run_status(out, r.cfg, index)[0] != "done"])
     root.mkdir(parents=True, exist_ok=True)
     # written first, so that an interrupted call leaves its plan; again at the end (below).
     # Each record merges the one on disk: under a lock, or another call's runs could be lost
@@ -554,7 +577,7 @@ def run_ablation(
     n = len(ab.runs)
     todo = []
     for r in ab.runs:
-        status, run_dir = run_status(out, r.cfg)
+        status, run_dir = run_status(out, r.cfg, index)
         if status == "done":
             check_run_config(run_dir, r.cfg)  # a config.yaml lost in a crash is written again
             write_labels(run_dir, ab, r)

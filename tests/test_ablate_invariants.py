@@ -376,6 +376,59 @@ def test_two_directories_of_one_config_give_one_row_from_the_newest(tmp_path):
     assert [(r["variant"], r["seed"]) for r in plan["runs"]] == [("adaln_zero", 0), ("adaln", 0)]
 
 
+def test_a_plan_s_runs_are_found_by_one_listing_not_one_each(
+    tmp_path, recorded_training, monkeypatch
+):
+    """run_ablation (and the dry run's listing) find a plan's runs by one listing of the
+    folder: found one by one (a glob each), a plan's calls grew with the square of its runs."""
+    import dit_bench.train.run as run_module
+
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=list(range(10)))
+    out = tmp_path / "runs"
+    for r in ab.runs[1:]:
+        plant_finished(out, r.cfg)
+    old = out / "tiny-cpu" / f"20000101T000000Z-{ab.runs[1].cfg.hash}"
+    old.mkdir()  # an older copy of a finished run, unfinished: the newest is the run
+    new_run_dir(out, ab.runs[0].cfg)  # interrupted
+    real, calls = run_module.find_run_dir, []
+    monkeypatch.setattr(
+        run_module, "find_run_dir", lambda *a: calls.append(a) or real(*a), raising=True
+    )
+    assert ablate.describe(ab, out).count(" done") == len(ab.runs) - 1
+    assert calls == []
+    run_ablation(ab, out, progress=False)
+    assert recorded_training == [(ab.runs[0].cfg.hash, ab.runs[0].seed)]
+    assert len(calls) <= 2  # the one run to train: its status, its training (planted)
+    index = ablate.run_index(out, ab.experiment)  # what find_run_dir finds, run by run
+    for r in ab.runs:
+        assert index[r.cfg.hash] == real(out, r.cfg)
+    assert ablate.run_index(out, "nothing-here") == {}
+
+
+def test_a_finished_run_s_labels_are_written_only_when_they_change(
+    tmp_path, recorded_training, monkeypatch
+):
+    """Every call labels every finished run of the plan; a label file that already says so is
+    left alone (rewritten and synced each, 1,000 done runs cost 7 s a call)."""
+    ab = load_ablation(write_ablation(tmp_path), "cpu", seeds=[0, 1])
+    out = tmp_path / "runs"
+    for r in ab.runs:
+        plant_finished(out, r.cfg)
+    run_ablation(ab, out, progress=False)
+    stale = find_run_dir(out, ab.runs[0].cfg) / "labels.json"
+    stale.write_text('{"variant": "renamed"}')  # the variant renamed in the file since
+    written = []
+    real = ablate.write_json_atomic
+    monkeypatch.setattr(
+        ablate,
+        "write_json_atomic",
+        lambda path, *a, **k: written.append(path) or real(path, *a, **k),
+    )
+    run_ablation(ab, out, progress=False)
+    assert [p for p in written if p.name == "labels.json"] == [stale]
+    assert json.loads(stale.read_text())["variant"] == ab.runs[0].variant
+
+
 # -- run directories --------------------------------------------------------------------------
 def test_find_run_dir_takes_the_newest_directory_of_the_hash(tmp_path):
     cfg = tiny()

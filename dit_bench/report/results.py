@@ -8,6 +8,7 @@ a metric, a value that was not finite). `curves` gives the long table of metrics
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pandas as pd
 import yaml
 
 from dit_bench.files import read_record, replacing
+
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
@@ -48,7 +51,8 @@ def run_row(run: Path) -> dict:
             f"{run}: no config.yaml (lost in a crash?); the command that trained the run "
             "(dit-bench train, ablate or sweep) writes it again, or delete this run"
         )
-    cfg = read_record(run / "config.yaml", yaml.safe_load)
+    # libyaml's parser where PyYAML has it: 10 ms a config in Python, a report of 1,000 runs
+    cfg = read_record(run / "config.yaml", functools.partial(yaml.load, Loader=_SAFE_LOADER))
     labels = read_record(run / "labels.json") if (run / "labels.json").exists() else {}
     row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     # A table cell cannot tell a null from an absent key, and they mean different things: null
