@@ -147,19 +147,21 @@ def test_the_headline_quotes_each_fit_with_the_interval_of_its_bootstrap(tmp_pat
     head = (out / "report.md").read_text().split("## Headline")[1].split("##")[0]
     (said,) = [x for x in head.splitlines() if "L(N, D)" in x]
     assert f"[95% CI {row['ci_low']:.3f}, {row['ci_high']:.3f}]" in said, said
-    # IsoFLOP profiles: 9 sizes at each of 5 budgets, N*(C) from each budget's parabola
+    # IsoFLOP profiles: 9 sizes at each of 5 budgets, N*(C) from each budget's parabola; two
+    # runs (seeds) of each size, as an IsoFLOP interval needs
     rng = np.random.default_rng(0)
     rows = []
     for budget in np.geomspace(1e12, 1e16, 5):
         for i, n in enumerate(np.geomspace(1e4, 1e8, 9)):
             d = budget / (6 * n)
-            loss = (LAW["E"] + LAW["A"] / n ** LAW["a"] + LAW["B"] / d ** LAW["b"]) * np.exp(
-                rng.normal(0, 0.003)
-            )
-            rows.append(
-                {"run": f"r{i}", "size": f"s{i}", "patch": 2, "params": n, "budget": budget,
-                 "tokens_seen": d, "train_flops": budget, "val_loss": loss}
-            )  # fmt: skip
+            for rep in range(2):
+                loss = (LAW["E"] + LAW["A"] / n ** LAW["a"] + LAW["B"] / d ** LAW["b"]) * np.exp(
+                    rng.normal(0, 0.003)
+                )
+                rows.append(
+                    {"run": f"r{i}-{rep}", "size": f"s{i}", "patch": 2, "params": n,
+                     "budget": budget, "tokens_seen": d, "train_flops": budget, "val_loss": loss}
+                )  # fmt: skip
     result = scaling.fit_all(pd.DataFrame(rows), n_boot=10)
     listed = {f.name: f for f in result["fits"]}
     iso, ch = result["isoflop"]["all"].fit, result["chinchilla"]

@@ -52,6 +52,7 @@ class Fit:
     starts_at_best: int = 0
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     boot_ok: float = math.nan  # fraction of bootstrap refits that were ok
+    ci_why: str = ""  # why no bootstrap was run, where the design rules one out
     predict: Callable | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -493,5 +494,5 @@ def bootstrap(
     return ci, ok / n_boot
 
 
-def with_ci(fit: Fit, ci: dict, boot_ok: float) -> Fit:
-    return replace(fit, ci=ci, boot_ok=boot_ok)
+def with_ci(fit: Fit, ci: dict, boot_ok: float, why: str = "") -> Fit:
+    return replace(fit, ci=ci, boot_ok=boot_ok, ci_why=why)
