@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -36,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             try:
                 torch.save(checkpoint, f)
             except RuntimeError as e:
-                if (failed := _os_error(e)) is None:
+                if (failed := raised_in(e, OSError)) is None:
                     raise
                 raise failed from None
             # on disk before the rename, as write_text_atomic: else a power cut can leave an
@@ -49,11 +50,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError that `e` was raised while handling, if any."""
+E = TypeVar("E", bound=BaseException)
+
+
+def raised_in(e: BaseException | None, kind: type[E]) -> E | None:
+    """The `kind` exception that `e` is, or was raised while handling (its cause or context,
+    and theirs), if any."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
+        if isinstance(e, kind):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__

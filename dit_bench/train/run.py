@@ -66,6 +66,7 @@ from dit_bench.train.callbacks import (
     StepMetrics,
     StepProgressBar,
     gather_in_index_order,
+    raised_in,
 )
 from dit_bench.train.module import (
     DiffusionModule,
@@ -891,7 +892,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             raise KeyboardInterrupt from None
         raise
     except Exception as e:  # an unreadable image at the first batch, say: nothing written yet
-        if (stop := _interruption(e)) is not None:
+        if (stop := raised_in(e, KeyboardInterrupt)) is not None:  # Ctrl-C or SIGTERM
             # stopped, then an error in Lightning's teardown: a SIGTERM to the process group
             # (systemd, SLURM) kills the loader's workers too, and joining them raises
             # "DataLoader worker ... killed by signal". A stop all the same: it resumes.
@@ -977,17 +978,6 @@ class _DropRequeueCheckpoints(Callback):
         if trainer.is_global_zero:
             for path in self.files:
                 path.unlink(missing_ok=True)
-
-
-def _interruption(e: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C or SIGTERM (config.Terminated) that `e` was raised while handling, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 # A GPU that waits for batches this share of the training loop is worth a note
