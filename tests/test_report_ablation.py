@@ -677,3 +677,56 @@ def test_curve_figure_of_a_long_run_is_not_drawn_point_by_point(tmp_path, monkey
     ablation.plot_curves(long, "train_loss", ["a", "b"], tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
     assert calls == []
+
+
+def set_final_losses(source: Path, losses: dict[str, list[float]]) -> None:
+    """Each variant's final val_loss per seed, written into its runs' summary.json."""
+    for variant, values in losses.items():
+        for seed, value in enumerate(values):
+            summary = source / f"20260101T000000Z-{variant}{seed}" / "summary.json"
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_loss": value}))
+
+
+def marginal_losses(scale: float = 1.0) -> dict[str, list[float]]:
+    """adaln and in_context each just below alpha against adaln_zero (paired t p = 0.03 and
+    0.04): "yes" one comparison at a time, "no" for both after Holm (adjusted p 0.06)."""
+    from scipy import stats
+
+    base = np.array([0.50, 0.52, 0.51])
+
+    def shifted(p: float) -> list[float]:
+        mean = stats.t.isf(p / 2, df=2) / np.sqrt(3)  # paired t = mean / (1 / sqrt(3))
+        return list(scale * (base + 1e-3 * (mean + np.array([-1.0, 0.0, 1.0]))))
+
+    return {"adaln_zero": list(scale * base), "adaln": shifted(0.03), "in_context": shifted(0.04)}
+
+
+def test_report_names_the_holm_correction_and_qualifies_calls_it_overturns(tmp_path, no_figures):
+    source = make_source(tmp_path)
+    set_final_losses(source, marginal_losses())
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    paired = pd.read_csv(out / "paired.csv")
+    loss = paired[paired["metric"] == "val_loss"].set_index("variant")
+    assert loss["distinguishable"].all() and not loss["distinguishable_holm"].any()
+    assert loss["p_holm"].tolist() == pytest.approx([0.06, 0.06])
+    assert "Holm-Bonferroni adjusted p" in md and "p_holm" in md
+    assert "| p (paired t) | pairs | distinguishable | p (Holm) | after Holm |" in md
+    assert "| 0.03 | 3 | yes | 0.06 | no |" in md
+    assert (
+        "Not distinguishable after Holm's correction for the 2 comparisons of val_loss: "
+        "adjusted p = 0.06."
+    ) in md
+    # the FD comparisons (one p = 1, one undetermined) keep their calls and get no such note
+    assert md.count("after Holm's correction") == 2
+
+
+def test_the_ranking_table_shows_small_losses_to_their_differences(tmp_path, no_figures):
+    # five decimals printed 5.0e-5 and 5.2e-5 both as 0.00005: a ranking of ties
+    source = make_source(tmp_path)
+    set_final_losses(source, marginal_losses(scale=1e-4))
+    md = build_report(source, tmp_path / "r").read_text()
+    ranking = md.split("## Ranking by final val_loss")[1].split("\n## ")[0]
+    means = [row.split(" | ")[2] for row in ranking.splitlines() if row.startswith("| 1 |")]
+    assert means == ["5.1e-05"]  # adaln_zero's mean, 5.1e-5, to its significant digits
+    assert "0.00005 |" not in ranking

@@ -10,7 +10,9 @@ from scipy import stats
 from dit_bench.report.stats import (
     call,
     compare_to_base,
+    format_p,
     has_values,
+    holm,
     mean_ci,
     paired_compare,
     summarize,
@@ -236,3 +238,68 @@ def test_seeds_only_a_third_variant_ran_are_not_left_out_of_a_pair():
     table.loc[(table["variant"] == "a") & (table["seed"] == 1), "val_loss"] = float("nan")
     out = compare_to_base(table, "val_loss", "base").set_index("variant")
     assert out.loc["a", "n_pairs"] == 2 and "Left out: 1 seed(s)" in out.loc["a", "verdict"]
+
+
+def shift_with_p(p: float, scale: float = 1e-3) -> np.ndarray:
+    """Per-seed differences (3 seeds, spread `scale`) whose paired t-test gives exactly `p`."""
+    mean = stats.t.isf(p / 2, df=2) / math.sqrt(3)  # t = mean / (sd / sqrt(3)), sd = 1
+    return scale * (mean + np.array([-1.0, 0.0, 1.0]))
+
+
+def test_holm_adjusts_by_the_step_down_formula_over_the_tests_made():
+    # sorted 0.005, 0.01, 0.03, 0.04 of m = 4 tests (NaN: no test, no member of the family):
+    # 4 x 0.005, 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04)
+    adjusted = holm([0.01, 0.04, 0.03, math.nan, 0.005])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(adjusted[3]) and adjusted[4] == pytest.approx(0.02)
+    assert holm([0.3, 0.2]) == pytest.approx([0.4, 0.4]) and holm([]).size == 0  # monotone
+    assert holm([0.6, 0.5, 0.4]).max() == 1.0  # capped
+
+
+def test_five_equal_variants_are_called_distinguishable_at_a_family_wise_rate_of_alpha():
+    """k = 5 variants equal to the base, 3 seeds: one comparison at a time is right 95% of the
+    time, but some "yes" turned up in about 20% of such ablations. After Holm, at most 5%."""
+    rng = np.random.default_rng(3)
+    trials, any_raw, any_holm = 1000, 0, 0
+    for _ in range(trials):
+        seed_effect = rng.normal(0, 1.0, 3)
+        base = seed_effect + rng.normal(0, 0.3, 3)
+        cs = [paired_compare(seed_effect + rng.normal(0, 0.3, 3), base) for _ in range(5)]
+        any_raw += any(c.distinguishable for c in cs)
+        any_holm += bool((holm([c.p_value for c in cs]) < 0.05).any())
+    assert any_raw / trials > 0.12  # the problem: many times alpha
+    assert any_holm / trials < 0.07  # nominal family-wise rate 0.05
+
+
+def test_holm_columns_stand_beside_the_per_comparison_ones():
+    base = np.array([0.50, 0.52, 0.51])
+    t = pd.DataFrame(
+        {
+            "variant": ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["one"],
+            "seed": [0, 1, 2] * 3 + [0],
+            "val_loss": [*base, *(base + shift_with_p(0.03)), *(base + shift_with_p(0.04)), 0.6],
+        }
+    )
+    p = compare_to_base(t, "val_loss", "a").set_index("variant")
+    assert p.loc["b", "p_value"] == pytest.approx(0.03) and p.loc["b", "distinguishable"]
+    # two tests made ("one" has no test): 2 x 0.03 and max(0.06, 0.04)
+    assert p["p_holm"].iloc[:2].tolist() == pytest.approx([0.06, 0.06])
+    assert not p["distinguishable_holm"].iloc[:2].any()
+    assert pd.isna(p.loc["one", "distinguishable_holm"]) and math.isnan(p.loc["one", "p_holm"])
+    assert str(p["distinguishable_holm"].dtype) == "boolean"
+    assert list(compare_to_base(t[t["variant"] == "a"], "val_loss", "a").columns)[-2:] == [
+        "p_holm",
+        "distinguishable_holm",
+    ]
+
+
+def test_a_p_value_just_below_alpha_never_reads_as_alpha():
+    # 0.0497 to two digits is "0.05": "p = 0.05" beside "distinguishable" at alpha = 0.05
+    base = [0.50, 0.52, 0.51]
+    c = paired_compare(list(base + shift_with_p(0.0497)), base)
+    assert c.distinguishable and c.p_value == pytest.approx(0.0497)
+    text = verdict(c, "b", "a", "val_loss")
+    assert "p = 0.0497," in text and "p = 0.05," not in text
+    assert format_p(0.0497) == "0.0497" and format_p(0.05) == "0.05"
+    assert format_p(0.0504) == "0.05" and format_p(0.0123) == "0.012"  # no change otherwise
+    assert format_p(math.nan) == "–"

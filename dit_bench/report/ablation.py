@@ -11,7 +11,8 @@ FLOPs, mean over seeds with a 95% t band), `final_<metric>.png` (per-variant mea
 seed), `paired_<metric>.png` (variant - base per seed-pair, with CI); `samples/<variant>.png`
 (the final grid of each variant's first seed) and `samples.png` (all of them side by side);
 tables as CSV and Parquet: `runs` (one row per run), `final` (per-variant CIs), `paired`
-(comparisons against the base; `distinguishable` is empty where `undetermined`: no test), `cost`
+(comparisons against the base; `distinguishable` is empty where `undetermined`: no test;
+`p_holm` and `distinguishable_holm` adjust each metric's comparisons by Holm-Bonferroni), `cost`
 (params, MACs, throughput), `curves` (long table).
 An optional `notes.md` in the report folder is kept and included as the closing discussion.
 
@@ -35,6 +36,7 @@ from dit_bench.report.stats import (
     LEVEL,
     call,
     compare_to_base,
+    format_p,
     has_values,
     paired_columns,
     summarize,
@@ -413,6 +415,17 @@ def kendall_agreement(found: list[str], reference: list[str]) -> tuple[float, li
     return ((concordant - discordant) / total if total else math.nan), flips
 
 
+def _holm_note(r, family: int) -> str:
+    """What Holm's correction changes in a comparison's verdict: nothing said where the call
+    stands, so a "distinguishable" that does not survive it is never read unqualified."""
+    if call(r.distinguishable, r.undetermined) == call(r.distinguishable_holm, r.undetermined):
+        return ""
+    return (
+        f" Not distinguishable after Holm's correction for the {family} comparisons of "
+        f"{r.metric}: adjusted p = {format_p(r.p_holm)}."
+    )
+
+
 def _fmt(x, spec=".4g") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -606,9 +619,12 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         "(n - 1 degrees of freedom); "
         + (
             f"comparisons are paired by seed ({shared}, same data order), paired t-test, "
-            f"alpha = {1 - LEVEL:.2f} per comparison, without a multiple-comparison correction "
-            f"({len(set(order) - {base})} comparisons per metric: expect about one false call "
-            f"in {round(1 / (1 - LEVEL))} comparisons of truly equal variants)."
+            f"alpha = {1 - LEVEL:.2f} per comparison (the distinguishable column: expect about "
+            f"one false call in {round(1 / (1 - LEVEL))} comparisons of truly equal variants); "
+            f"with {len(set(order) - {base})} comparisons per metric, the after-Holm column "
+            "calls a difference only where the Holm-Bonferroni adjusted p over that metric's "
+            f"comparisons (p_holm) is below {1 - LEVEL:.2f}, which keeps the chance of any false "
+            f"call per metric at {1 - LEVEL:.2f}."
             if base in order
             else f"no paired comparisons: the base variant {base} has no finished runs, so "
             "there is nothing to pair the others with; the means and intervals stand alone."
@@ -654,8 +670,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             [
                 str(i),
                 f"**{v}**" if v == base else v,
-                _fmt(r["mean"], ".5f"),
-                f"[{_fmt(r['lo'], '.5f')}, {_fmt(r['hi'], '.5f')}]",
+                # significant digits, as the per-metric tables: five decimals showed losses of
+                # 1e-5 (a val_loss_l<k> at high noise) as ties, and an FD's CI to 1e-5
+                _fmt(r["mean"], ".5g"),
+                f"[{_fmt(r['lo'], '.5g')}, {_fmt(r['hi'], '.5g')}]",
                 str(int(r["n"])),
                 f"{int(c['params']):,}",
                 _si(c["macs"]),
@@ -734,6 +752,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                         "p (paired t)",
                         "pairs",
                         "distinguishable",
+                        "p (Holm)",
+                        "after Holm",
                     ],
                     [
                         [
@@ -741,16 +761,19 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                             _fmt(r.diff, "+.3g"),
                             _fmt(r.relative, "+.1%"),
                             f"[{_fmt(r.diff_lo, '+.3g')}, {_fmt(r.diff_hi, '+.3g')}]",
-                            _fmt(r.p_value, ".2g"),
+                            format_p(r.p_value),
                             str(r.n_pairs),
                             call(r.distinguishable, r.undetermined),
+                            format_p(r.p_holm),
+                            call(r.distinguishable_holm, r.undetermined),
                         ]
                         for r in p.itertuples()
                     ],
                 ),
                 "",
             ]
-            md += [f"- {r.verdict}" for r in p.itertuples()] + [""]
+            tested = int(p["p_value"].notna().sum())  # Holm's family: the comparisons tested
+            md += [f"- {r.verdict}{_holm_note(r, tested)}" for r in p.itertuples()] + [""]
 
     md += ["## Cost", ""]
     # runs of several devices in one folder: each variant's throughput names its device(s)
