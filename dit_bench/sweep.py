@@ -59,6 +59,7 @@ re-queued meanwhile finishes its run without writing to the trial; the retry fin
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -323,10 +324,7 @@ class Sweep:
     def plan(self, params: dict[str, Scalar], *, dry_run: bool = False) -> TrialPlan:
         """The config of a trial (validated), its size and its budget steps. Builds no weights.
         `dry_run`: latents not encoded yet are sized as `planned_data_info` assumes."""
-        import torch
-
         from dit_bench.data import data_info, planned_data_info
-        from dit_bench.train.module import build_net
 
         sets = [f"{k}={json.dumps(v)}" for k, v in self.overrides_of(params).items()]
         sets.append(f"experiment={self.experiment}")
@@ -336,9 +334,7 @@ class Sweep:
         except ConfigError as e:
             raise ConfigError(f"trial {params}: {e}") from None
         info = planned_data_info(cfg.data)[0] if dry_run else data_info(cfg.data)
-        with torch.device("meta"):  # shapes and counts only
-            net = build_net(cfg, info)
-        f = net.flops(batch=1)
+        f, num_params, tokens = _measure(cfg, info)
         per_step = 3 * f["flops"] * cfg.train.batch_size  # training FLOPs of one step
         budgets = [float(params["budget"])] if "budget" in params else list(self.spec.budgets)
         steps = [max(1, math.ceil(b / per_step)) for b in budgets]
@@ -356,8 +352,8 @@ class Sweep:
             cfg=cfg,
             forward_flops=f["flops"],
             macs=f["macs"],
-            num_params=net.num_params(),
-            tokens=getattr(net, "num_tokens", None),
+            num_params=num_params,
+            tokens=tokens,
             budgets=budgets,
             budget_steps=steps,
         )
@@ -780,21 +776,59 @@ def make_sampler(spec: SweepSpec):
     return TrialSeeded(seed=spec.seed, **kwargs)
 
 
+def _measure(cfg: ExperimentConfig, info) -> tuple[dict[str, int], int, int | None]:
+    """A config's forward FLOPs and MACs per image, its parameters and tokens. Builds no
+    weights: shapes and counts only, on the meta device."""
+    import torch
+
+    from dit_bench.train.module import build_net
+
+    with torch.device("meta"):
+        net = build_net(cfg, info)
+    return net.flops(batch=1), net.num_params(), getattr(net, "num_tokens", None)
+
+
 def model_key(plan: TrialPlan) -> str:
     """The model a trial trains, as the scaling laws see it: parameters, tokens, forward MACs."""
-    return f"params={plan.num_params},tokens={plan.tokens},macs={plan.macs}"
+    return _model(plan.num_params, plan.tokens, plan.macs)
+
+
+def _model(num_params: int, tokens: int | None, macs: int) -> str:
+    return f"params={num_params},tokens={tokens},macs={macs}"
+
+
+def trial_model(attrs: dict[str, Any]) -> str | None:
+    """`model_key` of a trial from its user attributes. A trial of a study begun before the
+    pruner raced trials by model has no `model`, but the config its worker recorded: measured
+    from that, it races as its model; left out, a resumed sweep pruned its new trials against
+    none of the finished ones (a trial far behind its size's trained to the last budget)."""
+    if "model" in attrs or "config" not in attrs:
+        return attrs.get("model")
+    return _model_of_config(json.dumps(attrs["config"], sort_keys=True))
+
+
+@functools.cache  # every pruning decision lists every trial
+def _model_of_config(config: str) -> str | None:
+    from dit_bench.data import data_info
+
+    try:
+        cfg = build_config(json.loads(config))
+        f, num_params, tokens = _measure(cfg, data_info(cfg.data))
+    except (ValueError, OSError):  # its data gone or changed: raced with none, as before
+        return None
+    return _model(num_params, tokens, f["macs"])
 
 
 class _OneModelStorage:
-    """A study's storage that lists the trials of one model only (`model_key`, the trial's
-    `model` user attribute); everything else is the storage's own."""
+    """A study's storage that lists the trials of one model only (`trial_model`); everything
+    else is the storage's own."""
 
     def __init__(self, storage, model: str | None):
         self._storage, self._model = storage, model
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list:
         trials = self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-        return [t for t in trials if t.user_attrs.get("model") == self._model]
+        return [t for t in trials if trial_model(t.user_attrs) == self._model]
 
     def __getattr__(self, name: str):
         return getattr(self._storage, name)

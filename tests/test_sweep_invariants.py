@@ -388,6 +388,43 @@ def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
     assert any(behind(small) for _ in range(4))  # behind its own model's trials
 
 
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        {"name": "hyperband", "reduction_factor": 2},
+    ],
+)
+def test_trials_of_a_study_made_before_the_model_attribute_race_as_their_model(tmp_path, pruner):
+    # A study resumed across the upgrade: its trials carry the config the worker recorded but
+    # no `model`. Left out of every model, a resumed sweep raced its new trials against none
+    # of them: a trial far behind finished trials of its own size trained to its last budget.
+    sweep = load_sweep(write_tiny(tmp_path / "m.yaml", pruner=pruner))
+    points = sweep.points()
+    small, large = sweep.plan(points[0]), sweep.plan(points[2])
+    study = optuna.create_study(pruner=make_pruner(sweep.spec))
+    for _ in range(8):
+        done = study.ask()
+        done.set_user_attr("config", small.cfg.to_dict())  # as the worker wrote it then
+        for i in range(3):
+            done.report(1.0, step=i)
+            done.should_prune()
+        study.tell(done, 1.0)
+
+    def behind(plan) -> bool:
+        t = study.ask()
+        t.set_user_attr("model", model_key(plan))
+        pruned = False
+        for i in range(2):
+            t.report(2.0, step=i)
+            pruned |= t.should_prune()
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        return pruned
+
+    assert [behind(large) for _ in range(4)] == [False] * 4
+    assert any(behind(small) for _ in range(4))
+
+
 def test_hyperband_resources_are_budget_indices(tmp_path):
     sweep = load_sweep(write_tiny(tmp_path / "h.yaml", pruner={"name": "hyperband"}))
     pruner = make_pruner(sweep.spec)
