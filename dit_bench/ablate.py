@@ -387,8 +387,8 @@ def run_index(out: str | Path, experiment: str) -> dict[str, Path]:
     folder = Path(out) / experiment
     if not folder.is_dir():
         return {}
-    # glob's `*-<hash>`: any name not hidden, the hash after its last dash; sorted, the newest
-    # name of a hash comes last and wins
+    # find_run_dir's `*-<hash>`: a name not hidden, the hash after its last dash; sorted, the
+    # newest name of a hash comes last and wins
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and "-" in n)
     return {n.rsplit("-", 1)[1]: folder / n for n in names}
 

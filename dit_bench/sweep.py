@@ -247,6 +247,9 @@ class TrialPlan:
     macs: int
     num_params: int
     tokens: int | None
+    # the data's side: data.image_size, or the data set's own where that is unset (latents,
+    # whose folder has the size); the report's D counts the patches of it
+    image_size: int
     budgets: list[float]  # the budgets this run reports (per_budget: its own one)
     budget_steps: list[int]  # optimiser step at which each budget is crossed
 
@@ -354,6 +357,7 @@ class Sweep:
             macs=f["macs"],
             num_params=num_params,
             tokens=tokens,
+            image_size=info.image_size,
             budgets=budgets,
             budget_steps=steps,
         )
@@ -1005,7 +1009,7 @@ def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
         "width": spec["hidden_size"],
         "heads": spec.get("num_heads"),
         "patch": spec.get("patch_size"),  # a U-Net has none
-        "image_size": plan.cfg.data.image_size,
+        "image_size": plan.image_size,
         "params": plan.num_params,
         "macs": plan.macs,
         "flops": plan.forward_flops,
@@ -1596,6 +1600,15 @@ def _worker_main(
         ).run(n_trials)
     except KeyboardInterrupt:  # its trial is failed as stopped; the parent says what to do
         sys.exit(130)
+    except OSError as e:
+        if not out_of_room(e):
+            raise
+        # its trial's line named the file and what to do (`Worker._run`); a traceback after
+        # it, in each worker, buried that line
+        sys.exit(NO_ROOM_EXIT)
+
+
+NO_ROOM_EXIT = 2  # a worker stopped by a full disk (a user error's exit status, as commands')
 
 
 def run_sweep(
@@ -1659,11 +1672,18 @@ def run_sweep(
                 if p.is_alive():  # a killed trial goes stale and re-runs on the next call
                     p.kill()
             raise
-        bad = [p.exitcode for p in procs if p.exitcode]
+        full = sum(p.exitcode == NO_ROOM_EXIT for p in procs)
+        bad = [p.exitcode for p in procs if p.exitcode and p.exitcode != NO_ROOM_EXIT]
+        if full:
+            print(
+                f"[sweep] {full} of {workers} workers stopped: no room to write (above); make "
+                "room, then run the same command again",
+                file=sys.stderr,
+            )
         if bad:  # the others re-queue a dead worker's trial: the study says what is left
             then = (
                 "the others took over their trials"
-                if len(bad) < workers
+                if len(bad) + full < workers
                 else "their trials are left to the next call of the same command"
             )
             print(

@@ -174,6 +174,24 @@ def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
         load_ablation(path, "cpu")
 
 
+def test_yaml_merge_keys_are_read_and_only_a_key_written_twice_is_refused(tmp_path):
+    # variants sharing settings through an anchor and `<<` (valid YAML): the check for keys
+    # given twice built the `<<` key itself, and every such file was "not valid YAML"
+    path = write_ablation(tmp_path)
+    text = path.read_text().replace(
+        "  adaln:\n",
+        "  lr: &fast\n    optim.lr: 0.002\n    train.log_every: 2\n"
+        "  adaln:\n    <<: *fast\n    train.log_every: 3\n",
+    )
+    path.write_text(text)
+    ab = load_ablation(path, "cpu")
+    got = {r.variant: (r.cfg.optim.lr, r.cfg.train.log_every) for r in ab.runs}
+    assert got["lr"] == (0.002, 2) and got["adaln"] == (0.002, 3)  # its own key wins
+    path.write_text(text.replace("    train.log_every: 3\n", "    optim.lr: 1\n    optim.lr: 2\n"))
+    with pytest.raises(ConfigError, match="key 'optim.lr' given twice"):
+        load_ablation(path, "cpu")
+
+
 # -- stop anywhere, run again -------------------------------------------------------------------
 class InterruptRun(L.Callback):
     """Ctrl-C at `step` of the `nth` run that starts training (as Lightning sees a Ctrl-C)."""

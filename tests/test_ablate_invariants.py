@@ -439,6 +439,20 @@ def test_find_run_dir_takes_the_newest_directory_of_the_hash(tmp_path):
     assert find_run_dir(tmp_path, tiny("seed=2")) is None
 
 
+def test_a_hidden_name_of_the_hash_is_no_run_directory(tmp_path):
+    # a copy made by macOS onto exFAT or a network share leaves `._<name>` files, whose name
+    # ends in the hash too: find_run_dir took one (a file) for the run when the run itself was
+    # gone, and told `ablate`, whose one listing (run_index) skips hidden names, otherwise
+    cfg = tiny()
+    folder = tmp_path / cfg.experiment
+    folder.mkdir()
+    (folder / f"._20250101T000000Z-{cfg.hash}").write_bytes(b"\x00\x05\x16\x07")
+    assert find_run_dir(tmp_path, cfg) is None
+    assert ablate.run_index(tmp_path, cfg.experiment) == {}
+    (folder / f"20240101T000000Z-{cfg.hash}").mkdir()
+    assert find_run_dir(tmp_path, cfg).name == f"20240101T000000Z-{cfg.hash}"
+
+
 def test_a_run_killed_between_its_last_checkpoint_and_its_summary_is_completed(tmp_path):
     cfg = tiny("train.steps=4", "train.checkpoint_every=2", "train.val_every=2")
     run = train(cfg, tmp_path, progress=False)

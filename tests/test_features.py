@@ -268,6 +268,57 @@ def test_an_inception_file_another_user_put_in_tmp_is_never_loaded(tmp_path, mon
         own.unlink(missing_ok=True)
 
 
+def test_a_link_another_user_put_in_tmp_is_never_followed_to_an_inception_file(
+    tmp_path, monkeypatch, cache
+):
+    # /tmp/inception-2015-12-05.pt -> a file of the user's own: the ownership check followed
+    # the link and passed, and its owner could point it at a file of theirs before the load
+    # (macOS's /tmp follows any link; Linux's only with fs.protected_symlinks off)
+    import os
+
+    from dit_bench.metrics import features
+
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    target = tmp_path / "mine.pt"
+    target.write_bytes(b"mine")
+    shared = tmp_path / "tmp" / INCEPTION_FILE
+    shared.parent.mkdir()
+    shared.symlink_to(target)
+    monkeypatch.setattr(features, "SHARED_INCEPTION", shared)
+    real = features.Path.stat
+
+    def stat(self, *, follow_symlinks=True):  # the link theirs, what it names the user's
+        st = real(self, follow_symlinks=follow_symlinks)
+        uid = 4242 if follow_symlinks or not os.path.islink(self) else 4243
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid, *st[5:]))
+
+    monkeypatch.setattr(features.os, "getuid", lambda: 4242)
+    monkeypatch.setattr(features.Path, "stat", stat)
+    with pytest.raises(FeatureWeightsError, match="owned by another user"):
+        find_inception()
+
+
+def test_an_inception_file_in_tmp_named_by_the_environment_is_the_user_s_choice(
+    tmp_path, monkeypatch, cache
+):
+    # $DIT_BENCH_INCEPTION=/tmp/inception-2015-12-05.pt (clean-fid's own place, where a
+    # colleague's download lies) names the file as --inception does; it was skipped as the
+    # shared default is, and eval said it found no Inception file
+    from dit_bench.metrics import features
+
+    shared = tmp_path / "tmp" / INCEPTION_FILE
+    shared.parent.mkdir()
+    shared.write_bytes(b"a colleague's")
+    monkeypatch.setattr(features, "SHARED_INCEPTION", shared)
+    monkeypatch.setenv(INCEPTION_ENV, str(shared))
+    monkeypatch.setattr(features.os, "getuid", lambda: 4242)
+    monkeypatch.setattr(features.Path, "stat", _owned_by(4243))
+    assert find_inception() == shared
+    monkeypatch.delenv(INCEPTION_ENV)
+    with pytest.raises(FeatureWeightsError, match="owned by another user"):
+        find_inception()  # not named: the shared default, skipped
+
+
 def test_feature_names():
     assert default_features("mnist") == "mnist-net"
     assert default_features("digits") == "digits-net"

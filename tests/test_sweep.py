@@ -636,3 +636,24 @@ def test_a_full_disk_stops_the_sweep_and_the_next_call_runs_the_trial(
     assert "make room, then run the same command again to resume it" in err
     assert main(args) == 0
     check_study(f"sqlite:///{tmp_path / 'runs' / 'tiny-cpu' / 'study.db'}", "tiny-cpu", 1)
+
+
+@pytest.mark.slow  # one sweep of two workers, its trials stopped at their first checkpoint: ~20 s
+def test_a_full_disk_stops_each_worker_with_its_line_not_a_traceback(tmp_path):
+    """With --workers 2 (the shipped command), a worker whose trial found no room printed a
+    traceback of 60 lines after its trial's line, and the sweep said its workers had died."""
+    import resource
+
+    path = write_tiny(tmp_path / "t.yaml", space={"backbone.patch_size": {"choices": [4, 2]}})
+    limit = 4 << 20  # a file-size limit (ulimit -f): a checkpoint is 20 MB, the study 128 KB
+
+    def no_room() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "runs"
+    proc = cli("sweep", str(path), "--out", str(out), "--workers", "2", "--no-progress",
+               preexec_fn=no_room)  # fmt: skip
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode not in (0, None), text
+    assert "make room, then run the same command again to resume it" in text
+    assert "Traceback" not in text and "died" not in text, text

@@ -242,6 +242,23 @@ def test_trial_record_compute_budget_values_and_final_loss(tmp_path):
     assert trial_record(plan, curve[:1])["val_at_budget"] == [1.4, None, None]
 
 
+def test_trial_record_counts_the_data_s_own_size_where_data_image_size_is_unset(tmp_path):
+    # latents are trained with data.image_size unset (the folder's size), as is a data set at
+    # its native size: the record held None, and the scaling report's D fell back to the
+    # sequence length, the time and class tokens of in_context counted as data (66 for the 64
+    # patches of 32x32 shapes at patch 4)
+    from dit_bench.report.scaling import data_tokens
+
+    base = copy.deepcopy(TINY["base"])
+    del base["data"]["image_size"]  # shapes: 32x32
+    base["backbone"]["conditioning"] = "in_context"
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", base=base))
+    plan = sweep.plan({"size": "a", "backbone.patch_size": 4})
+    rec = trial_record(plan, [])
+    assert (rec["image_size"], rec["tokens"]) == (32, 66)
+    assert data_tokens(rec) == 64
+
+
 def test_redact_hides_only_the_password():
     assert redact("postgresql://ann:s3cret@db.example:5432/sweeps") == (
         "postgresql://ann:***@db.example:5432/sweeps"

@@ -383,8 +383,11 @@ def _untrusted(path: Path) -> str | None:
     """Why another user could have written `path` (they own it, or may write it), else None.
     Root's files count as one's own (an administrator's copy for everyone): root can do all."""
     st = path.stat()
-    if st.st_uid not in (0, os.getuid()):
-        return f"owned by another user (uid {st.st_uid})"
+    # a link's owner too: theirs, it is theirs to point at another file between this check
+    # and the load (a link in /tmp is followed on macOS, and on Linux without protected_symlinks)
+    for uid in (path.lstat().st_uid, st.st_uid):
+        if uid not in (0, os.getuid()):
+            return f"owned by another user (uid {uid})"
     # not group-writable: umask 002 makes every file so where each user has a group of their own
     return "writable by every user" if st.st_mode & 0o002 else None
 
@@ -397,11 +400,13 @@ def find_inception(path: str | Path | None = None) -> Path:
     code can open any of their files for writing: torch.from_file(..., shared=True)). A path
     named by --inception or $DIT_BENCH_INCEPTION is the user's own choice."""
     candidates = inception_candidates(path)
+    # the first candidate, where the user named one: /tmp's file named is theirs to vouch for
+    named = path is not None or bool(os.environ.get(INCEPTION_ENV))
     skipped = ""
-    for c in candidates:
+    for i, c in enumerate(candidates):
         if not c.is_file():
             continue
-        if path is None and c == SHARED_INCEPTION and (why := _untrusted(c)):
+        if not (named and i == 0) and c == SHARED_INCEPTION and (why := _untrusted(c)):
             skipped = f"\nSkipped {c}: {why}; put a copy of your own at one of the above."
             continue
         return c

@@ -97,7 +97,11 @@ def _quiet_lightning() -> None:
 
 # -- run directories ---------------------------------------------------------------------------
 def find_run_dir(out: Path, cfg: ExperimentConfig) -> Path | None:
-    hits = sorted((Path(out) / cfg.experiment).glob(f"*-{cfg.hash}"))
+    # not a hidden name: pathlib's glob matches those too, and macOS copies onto exFAT or a
+    # share leave a `._<name>` file beside each run (ablate's run_index skips them as well)
+    hits = sorted(
+        p for p in (Path(out) / cfg.experiment).glob(f"*-{cfg.hash}") if not p.name.startswith(".")
+    )
     return hits[-1] if hits else None
 
 
