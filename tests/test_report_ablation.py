@@ -472,6 +472,28 @@ def test_two_directories_of_one_run_are_reported_once_from_the_newest(tmp_path, 
     assert "Left out:" not in md
 
 
+def test_a_run_moved_to_another_disk_and_linked_back_is_reported(tmp_path, no_figures):
+    # `mv RUN /big/disk && ln -s /big/disk/RUN RUN`: ablate counts the linked run as finished
+    # (its glob follows the link), but the report's search skipped linked folders and called
+    # the run "not finished"; a second link to one run is still one run
+    import shutil
+
+    source = planned_source(tmp_path)
+    run = source / "20260101T000000Z-adaln1"
+    moved = tmp_path / "disk" / run.name
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    run.symlink_to(moved, target_is_directory=True)
+    (source / "more").mkdir()
+    (source / "more" / "again").symlink_to(moved, target_is_directory=True)
+    (source / "more" / "loop").symlink_to(source, target_is_directory=True)
+    out = tmp_path / "r"
+    md = build_report(source, out).read_text()
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 9 and not runs.duplicated(["variant", "seed"]).any()
+    assert "Not finished" not in md and "9 finished runs" in md
+
+
 def test_throughput_names_the_devices_and_never_averages_across_them(tmp_path, no_figures):
     # the note named the first run's device only, and a variant's img/s averaged a GPU's with
     # a CPU's

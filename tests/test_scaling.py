@@ -101,6 +101,18 @@ def test_the_report_names_the_devices_its_trials_ran_on(tmp_path):
     }
 
 
+def test_a_trial_run_linked_into_the_sweep_folder_is_reported(tmp_path):
+    # a run moved to another disk and linked back: its trial was missing from the report
+    fake_sweep(tmp_path / "runs")
+    run = sorted((tmp_path / "runs").iterdir())[0]
+    moved = tmp_path / "disk" / run.name
+    moved.parent.mkdir()
+    run.rename(moved)
+    run.symlink_to(moved, target_is_directory=True)
+    recs = scaling.load_records(tmp_path / "runs")
+    assert len(recs) == 8 and {r["run_dir"] for r in recs} >= {str(run)}
+
+
 @pytest.mark.parametrize("text", ['{"study": "s', "[]"])
 def test_a_damaged_trial_record_is_named_in_a_one_line_error(tmp_path, capsys, text):
     # one trial.json of hundreds, cut short by a copy: the error named no file (or, holding a

@@ -265,11 +265,12 @@ def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):
 
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     timer = _Timer((25, 0, 100))  # log_every 25, no grids (0), checkpoints every 100
     gpu = torch.device("cuda")
     module = SimpleNamespace(
         device=gpu, batch_done_at=None, train_seconds=0.0, data_seconds=0.0,
-        steady_seconds=0.0, steady_steps=0, wall_start=None,
+        steady_seconds=0.0, steady_steps=0, wall_start=None, devices=[],
     )  # fmt: skip
     trainer = SimpleNamespace(global_step=0, max_steps=130)
     timer.on_train_start(trainer, module)
@@ -278,7 +279,7 @@ def test_the_timer_waits_for_the_gpu_where_a_callback_reads_it(monkeypatch):
         timer.on_train_batch_start(trainer, module, None, step - 1)
         timer.on_train_batch_end(trainer, module, None, None, step - 1)
     assert len(synced) == len([25, 50, 75, 100, 125, 130]) and set(synced) == {gpu}
-    assert module.steady_steps == 130 - 5
+    assert module.steady_steps == 130 - 5 and module.devices == ["Some GPU"]
     synced.clear()
     module.device = torch.device("cpu")
     timer.on_train_batch_end(trainer, module, None, None, 0)  # step 130, on the CPU
@@ -1200,6 +1201,68 @@ def test_a_folder_whose_classes_changed_is_refused_by_resume_and_by_load(tmp_pat
     Image.new("RGB", (8, 8)).save(root / "ant" / "0.png")
     with pytest.raises(ValueError, match="classes changed.*added 'ant'"):
         load_module(run)
+
+
+def test_a_folder_run_copied_to_a_machine_without_its_images_still_samples(tmp_path):
+    # trained on a cluster, copied to a laptop that has the run but not the images: `sample`
+    # needs only the class names, which the checkpoint records, yet stopped at "data.root:
+    # folder ... does not exist"
+    import shutil
+
+    from dit_bench.cli import main
+
+    root, cfg, run = interrupted_folder_run(tmp_path)
+    copy = tmp_path / "laptop" / run.name
+    shutil.copytree(run, copy)
+    shutil.rmtree(root)
+    assert load_module(copy).info.class_names == ("cat", "dog")
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(copy), "--n", "2", "--steps", "2", "-o", str(grid)]) == 0
+    assert grid.is_file()
+    # eval scores against the held-out images: without them it is refused, naming the folder
+    from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
+
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate_run(copy, EvalRequest(metrics=("fd",), num_samples=2, features="mnist-net"))
+
+
+def test_a_run_finished_on_another_machine_names_the_devices_its_steps_ran_on(
+    tmp_path, monkeypatch
+):
+    # trained on a cluster, copied and finished on a laptop: the summary named the laptop
+    # alone, beside an img/s mostly of the cluster's steps (and a run killed between its last
+    # checkpoint and its summary, finished elsewhere, named a device that trained no step)
+    cfg = tiny("train.steps=4", "train.val_every=2", "train.checkpoint_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "a", progress=False, callbacks=[InterruptAt(3)])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", progress=False, callbacks=[InterruptAtEnd()])
+    here = run_module.device_name(torch.device("cpu"), 1)  # train.threads=1
+    monkeypatch.setattr(run_module, "device_name", lambda *a: "laptop")
+    run = train(cfg, tmp_path / "a", progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"] == f"{here} then laptop"
+    run = train(cfg, tmp_path / "b", progress=False)  # no step left to train
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"] == here
+
+
+def test_a_run_moved_to_another_folder_resumes_without_lightnings_dirpath_warning(tmp_path):
+    # `rsync -a` to a laptop, or `mv runs elsewhere/`: every resume warned that the checkpoint
+    # folder changed and "`last_model_path` and `best_k_models` won't be reloaded", which reads
+    # as a broken resume; the run keeps no best model, and resumes exactly (tested above)
+    import shutil
+    import warnings
+
+    cfg = tiny("train.steps=4", "train.val_every=2", "train.checkpoint_every=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cluster", progress=False, callbacks=[InterruptAt(3)])
+    shutil.move(tmp_path / "cluster", tmp_path / "laptop")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run = train(cfg, tmp_path / "laptop", progress=False)
+    assert (run / "summary.json").is_file()
+    assert not [w for w in seen if "dirpath has changed" in str(w.message)]
 
 
 def test_runs_in_one_process_do_not_pile_up_logging_filters():

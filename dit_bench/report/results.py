@@ -9,6 +9,7 @@ a metric, a value that was not finite). `curves` gives the long table of metrics
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,25 @@ from dit_bench.files import read_record, replacing
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def files_named(root: str | Path, name: str) -> list[Path]:
+    """Every file `name` at or below the folder `root`, sorted. Linked folders are followed,
+    each real folder once (a second link to it, or a loop, adds nothing): a run moved to
+    another disk and linked back is a run, as `train` and `ablate` find it (their glob follows
+    the link), where Path.rglob, which does not follow links, left it out of the reports."""
+    found: set[Path] = set()
+    seen: set[str] = set()
+    for parent, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()  # visited in name order: of two paths to one folder, the first
+        if name in names and os.path.isfile(os.path.join(parent, name)):
+            found.add(Path(parent) / name)
+    return sorted(found)
+
+
 def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
     """Every finished run (a folder with summary.json) at or below the given paths."""
     found: set[Path] = set()
@@ -27,9 +47,7 @@ def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
         src = Path(src)
         if not src.exists():
             raise FileNotFoundError(f"{src} does not exist")
-        if (src / "summary.json").is_file():
-            found.add(src)
-        found.update(p.parent for p in src.rglob("summary.json"))
+        found.update(p.parent for p in files_named(src, "summary.json"))
     return sorted(found)
 
 

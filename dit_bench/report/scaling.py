@@ -27,7 +27,7 @@ import pandas as pd
 
 from dit_bench.files import engine_url, read_record, write_text_atomic
 from dit_bench.report import fits
-from dit_bench.report.results import save_table
+from dit_bench.report.results import files_named, save_table
 
 N_BOOT = 200
 # The trials whose points enter the fits. A pruned trial's budgets up to its pruning are
@@ -71,7 +71,7 @@ COMPUTE_CONVENTION = (
 # -- loading ------------------------------------------------------------------------------------
 def _records_from_runs(folder: Path) -> list[dict]:
     recs = []
-    for path in sorted(folder.rglob("trial.json")):
+    for path in files_named(folder, "trial.json"):
         rec = read_record(path)
         rec["run_dir"] = str(path.parent)
         recs.append(rec)

@@ -117,6 +117,9 @@ class DiffusionModule(L.LightningModule):
         self.train_seconds = self.data_seconds = self.steady_seconds = 0.0
         self.steady_steps = 0
         self.steady_known = True  # False: resumed from a checkpoint written before the count
+        # the devices the steps timed above ran on, in order of first use (run._Timer): a run
+        # resumed on another machine (copied from a cluster, finished on a laptop) ran on both
+        self.devices: list[str] = []
         # Wall-clock time of the fit, everything included (validation, grids, checkpoints), also
         # over resumes: wall_seconds is the earlier sessions', and this one's runs since
         # wall_start (run._Timer sets it when training starts).
@@ -316,6 +319,7 @@ class DiffusionModule(L.LightningModule):
         checkpoint["train_seconds"] = self.train_seconds
         checkpoint["data_seconds"] = self.data_seconds
         checkpoint["steady"] = (self.steady_seconds, self.steady_steps, self.steady_known)
+        checkpoint["devices"] = list(self.devices)
         checkpoint["last_train_loss"] = self.last_train_loss  # the progress bar's, on resume
         checkpoint["wall_seconds"] = self.elapsed_wall_seconds()
         checkpoint["loss_window"] = (self._loss_sum.item(), self._loss_count)
@@ -342,6 +346,7 @@ class DiffusionModule(L.LightningModule):
         seconds, steps, *known = checkpoint.get("steady", before)
         self.steady_seconds, self.steady_steps = seconds, steps
         self.steady_known = known[0] if known else True
+        self.devices = list(checkpoint.get("devices", []))  # older checkpoints: unknown
         self.last_train_loss = checkpoint.get("last_train_loss")
         self.last_val = dict(checkpoint.get("last_val", {}))
         self.wall_seconds = checkpoint.get("wall_seconds", 0.0)

@@ -93,6 +93,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # A resumed run keeps its step-N checkpoints (keep_every) in the folder on purpose.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # A run moved or copied to another folder (rsync to a laptop) resumes from its own files:
+    # it tracks no best model, so the "won't be reloaded" of Lightning's notes loses nothing.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from ")
 
 
 # -- run directories ---------------------------------------------------------------------------
@@ -254,8 +257,9 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
         "activation_checkpointing_every": 1,
     }
     eager = cfg.train.model_copy(update=plain)
-    module = DiffusionModule(cfg.model_copy(update={"train": eager}), data_info(cfg.data))
     ckpt = read_checkpoint(path)
+    info = _checkpoint_data_info(cfg, ckpt)
+    module = DiffusionModule(cfg.model_copy(update={"train": eager}), info)
     check_class_names(ckpt, module.info, str(path))  # before the weights' size mismatch
     # another family's checkpoint: torch names every key (16 KB for a U-Net-XS in a DiT run)
     ours, theirs = module.state_dict().keys(), ckpt["state_dict"].keys()
@@ -284,6 +288,19 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
             f"run diverged by step {module.checkpoint_step}; nothing is sampled from them"
         )
     return module.eval()
+
+
+def _checkpoint_data_info(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> DataInfo:
+    """The run's data info: from its data, or, for a folder run whose data.root is not on this
+    machine (a run copied from a cluster to a laptop, or a relative root read from another
+    directory), from its config and the class names its checkpoint records. Sampling needs no
+    image; a folder that is there is still checked against those names (check_class_names),
+    and eval, which scores against the held-out images, still needs them."""
+    d = cfg.data
+    names = ckpt.get("class_names")
+    if d.name != "folder" or names is None or os.path.exists(d.root):
+        return data_info(d)
+    return DataInfo(3, d.image_size, len(names), tuple(names))
 
 
 # -- sampling from a module ---------------------------------------------------------------------
@@ -558,6 +575,8 @@ class _Timer(Callback):
         step = time.perf_counter() - self._t
         pl_module.train_seconds += step
         self._steps += 1
+        if self._steps == 1 and (name := device_name(pl_module.device)) not in pl_module.devices:
+            pl_module.devices.append(name)
         if self._steps > WARMUP_STEPS:
             pl_module.steady_seconds += self._waited + step
             pl_module.steady_steps += 1
@@ -577,6 +596,9 @@ def write_summary(
     fwd = module.net.flops(batch=1)
     spec = cfg.backbone.spec()
     n_img = images_seen(cfg)
+    # the devices that ran its steps: train_seconds and img/s are theirs, over every session,
+    # not this session's device's alone (one that resumed at the last step trained nothing)
+    devices = module.devices or [device_name(device)]
     summary = {
         "experiment": cfg.experiment,
         "config_hash": cfg.hash,
@@ -613,7 +635,7 @@ def write_summary(
         "warmup_seconds": (
             module.train_seconds - module.steady_seconds if module.steady_known else None
         ),
-        "device": device_name(device),
+        "device": " then ".join(devices),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
