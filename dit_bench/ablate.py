@@ -60,7 +60,7 @@ from dit_bench.config import (
     section_replacement_error,
     unknown_key,
 )
-from dit_bench.files import locked, read_record, write_json_atomic
+from dit_bench.files import locked, out_of_room, read_record, write_json_atomic
 
 FILE_KEYS = {
     "name",
@@ -557,7 +557,8 @@ def run_ablation(
 
     Finished runs are skipped, interrupted ones resume (train() does both, by config hash).
     A run that raises (a diverged variant, say) is logged and the others go on; the results
-    are written, then `RunsFailed` names the failed runs. Ctrl-C stops everything.
+    are written, then `RunsFailed` names the failed runs. Ctrl-C stops everything; so does a
+    full disk (its OSError, after the runs in flight end), which would fail every later run.
     `jobs` > 1 trains that many runs at once in separate processes (progress lines then, not
     bars: `ProgressLines`, each prefixed with its run).
     `callbacks` go to each run's Trainer (in-process only, jobs=1). `command` (the command line
@@ -611,6 +612,9 @@ def run_ablation(
             try:
                 run_dir = Path(_train_one(r.cfg, str(out), progress, _label(r, n), callbacks))
             except Exception as e:  # this run fails; the ablation goes on
+                if out_of_room(e):
+                    _stopped_for_room(r, n, e)
+                    raise
                 if not isinstance(e, USER_ERRORS):
                     _log(traceback.format_exc().rstrip())
                 failed(r, e)
@@ -705,19 +709,25 @@ def _train_in_pool(
     progress: bool,
 ) -> list[PlannedRun]:
     """Train the queue's runs in `pool` until none is left (returns []) or a worker dies:
-    returns the runs then in flight (the pool is broken; their futures all say so)."""
+    returns the runs then in flight (the pool is broken; their futures all say so). A run
+    that found the disk full starts no more: its OSError is raised once those in flight end."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
     pending = {}
+    no_room: BaseException | None = None  # a run found the disk full: no run starts after it
     try:
         # every worker started before any run: the pool watches for a dead worker only among
         # those it had when its watcher last woke, and CPython starts a worker with a task
         # after waking it; a worker started with a run could die unnoticed until another ended
         wait([pool.submit(os.getpid) for _ in range(jobs)])
-        while queue or pending:
+        while (queue and no_room is None) or pending:
             broken = False
-            while len(pending) < jobs and (r := _next_run(queue, list(pending.values()), deaths)):
+            while (
+                no_room is None
+                and len(pending) < jobs
+                and (r := _next_run(queue, list(pending.values()), deaths))
+            ):
                 cfg = worker_config(r.cfg, jobs)
                 try:
                     fut = pool.submit(_worker, cfg, str(out), progress, _label(r, n))
@@ -749,18 +759,37 @@ def _train_in_pool(
                 if e is None:
                     finished(r, Path(fut.result()))
                     continue
+                if out_of_room(e):  # those in flight end as they will: done, or stopped too
+                    _stopped_for_room(r, n, e)
+                    no_room = no_room or e
+                    continue
                 # the run raised in its worker; the others go on
                 if e.__cause__ is not None and not isinstance(e, USER_ERRORS):
                     _log(str(e.__cause__).rstrip())  # the worker's traceback, as text
                 failed(r, e)
             if broken:  # the pool takes no more runs: a new one takes over the queue
-                return in_flight
-        return []
+                if no_room is None:
+                    return in_flight
+                break  # no new pool for a full disk: its runs resume on the next call
     except BaseException:
         for fut in pending:
             fut.cancel()
         _signal_workers(pool, "terminate")  # a stopped run resumes from its last checkpoint
         raise
+    if no_room is not None:  # raised here, not above: the idle workers leave unsignalled
+        # (a SIGTERM to one waiting for a run printed its traceback)
+        raise no_room
+    return []
+
+
+def _stopped_for_room(r: PlannedRun, n: int, e: BaseException) -> None:
+    # A full disk (a quota, a file-size limit) fails every run after this one too, each at its
+    # first checkpoint: the ablation stops instead, as a sweep does, and the same command, run
+    # again with room made, resumes the runs from their last checkpoints
+    _log(
+        f"run {r.index}/{n} {r.variant} seed {r.seed} stopped: {e}; make room, then run the "
+        "same command again to resume it"
+    )
 
 
 def _signal_workers(pool, how: str) -> None:

@@ -18,6 +18,8 @@ def latents_root(tmp_path):
         "format": "dit-bench-latents/1",
         "num_items": 0,
         "num_images": 0,
+        "flip": False,
+        "source": {"name": "folder", "root": None},
         "shard_size": 1,
         "latent_shape": [4, 32, 32],
         "class_names": [str(i) for i in range(1000)],

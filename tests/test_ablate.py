@@ -540,3 +540,60 @@ def test_a_sigterm_stops_a_parallel_ablation_in_a_workers_long_evaluation(tmp_pa
     parent.wait(timeout=120)
     assert time.time() - t0 < 20, f"the parent waited {time.time() - t0:.0f} s for its workers"
     assert not any(map(_alive, workers))
+
+
+def _no_room_for_lr_half(cfg_dict: dict, out: str, progress: bool, label: str) -> str:
+    """ablate's worker, without training (fast): the run with optim.lr 0.5 finds the disk full
+    until `<out>/room` exists (room made); the others leave a finished run as train() would."""
+    import errno
+
+    from dit_bench.config import build_config
+
+    cfg = build_config(cfg_dict)
+    if cfg.optim.lr == 0.5 and not (Path(out) / "room").exists():
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(out) / "last.ckpt"))
+    run = Path(out) / cfg.experiment / f"20260101T000000Z-{cfg.hash}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.5}))
+    return str(run)
+
+
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_full_disk_stops_the_ablation_and_the_next_call_finishes_it(
+    tmp_path, capsys, monkeypatch, jobs
+):
+    """A run that found the disk full (a quota, ulimit -f) was failed and the ablation went on:
+    every later run failed at its first checkpoint too, each with its line. It stops, as the
+    sweep does, saying what to do; the same command, with room made, finishes the plan."""
+    from dit_bench import ablate
+
+    monkeypatch.setattr(ablate, "_worker", _no_room_for_lr_half)
+    monkeypatch.setattr(
+        ablate,
+        "_train_one",
+        lambda cfg, out, progress, label, callbacks=(): _no_room_for_lr_half(
+            cfg.to_dict(), out, progress, label
+        ),
+    )
+    variants = {"adaln_zero": {}, "full": {"optim.lr": 0.5}, "adaln": {"backbone.depth": 3}}
+    path = write_ablation(tmp_path, variants=variants, seeds=[0])
+    out = tmp_path / "runs"
+    argv = ["ablate", str(path), "--out", str(out), "--no-progress", "--jobs", str(jobs)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"dit-bench: [Errno 28] No space left on device: '{out / 'last.ckpt'}'"
+    )
+    assert "run 2/3 full seed 0 stopped: [Errno 28]" in err
+    assert "make room, then run the same command again to resume it" in err
+    assert "FAILED" not in err and "failed" not in err and "Traceback" not in err, err
+    if jobs == 1:  # the run after it never started
+        assert "adaln seed 0" not in err.replace("adaln_zero", "")
+    (out / "room").touch()
+    assert main(argv) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out / "tiny-cpu" / "results.csv")
+    assert sorted(table["variant"]) == ["adaln", "adaln_zero", "full"]

@@ -516,3 +516,24 @@ def test_a_run_folder_that_cannot_take_the_record_is_named_before_sampling(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"dit-bench: [Errno 30] Read-only file system (-o names another file): '{run / 'samples'}'"
     )
+
+
+def test_sample_takes_only_a_checkpoint_of_the_run_as_eval_does(tmp_path, capsys):
+    """`sample --checkpoint` with a misspelt name asked "has it trained yet?" of a run with
+    checkpoints, naming none of them; a path (../other/last.ckpt) read another run's weights
+    as this run's. One line, as eval's, listing the run's checkpoints; nothing read."""
+    run = _run_dir(tmp_path, with_checkpoint=True)
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"not read")
+    for name in ("lats.ckpt", "last", str(other), "../../other.ckpt"):
+        assert main(["sample", str(run), "--checkpoint", name]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err == f"dit-bench: {run}: no checkpoint {name!r} under checkpoints/; found last.ckpt\n"
+        )
+        assert main(["eval", str(run), "--checkpoint", name]) == 2
+        assert capsys.readouterr().err == err
+    (run / "checkpoints" / "last.ckpt").unlink()
+    assert main(["sample", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoints" in err and "nothing to sample or evaluate" in err

@@ -134,3 +134,17 @@ def test_a_metrics_row_the_disk_has_no_room_for_names_the_file(tmp_path, file_si
     resumed = CSVMetrics(path, resume_step=4)  # the row cut short is dropped on resume
     resumed.log_metrics({"train/loss": 0.125}, step=6)
     assert [r["step"] for r in read_metrics(path)] == ["2", "4", "6"]
+
+
+def test_a_last_metrics_row_cut_mid_number_is_left_out(tmp_path):
+    """A write stopped partway (a kill, a full disk) in a row's last value leaves every field
+    of the row: "12,0.1234" written as "12,0.12" was kept, with 0.12 for its loss. CSVMetrics
+    ends every row with a newline; a last line without one is cut short."""
+    from dit_bench.train.callbacks import CSVMetrics, read_metrics
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train/loss\n2,0.5\n12,0.12")
+    assert read_metrics(path) == [{"step": "2", "train/loss": "0.5"}]
+    resumed = CSVMetrics(path, resume_step=12)  # its checkpoint's step: the row is rewritten
+    resumed.log_metrics({"train/loss": 0.1234}, step=12)
+    assert [r["train/loss"] for r in read_metrics(path)] == ["0.5", "0.1234"]

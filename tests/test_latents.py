@@ -466,3 +466,22 @@ def test_shards_are_as_readable_as_the_manifest(vae_dir, image_folder, tmp_path)
     encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
     mode = (out / "manifest.json").stat().st_mode
     assert {p.stat().st_mode for p in out.glob("*.safetensors")} == {mode}
+
+
+@pytest.mark.parametrize("key", ["latent_shape", "class_names", "shards", "flip", "source"])
+def test_a_manifest_without_a_key_is_one_line_naming_the_file_and_key(latents_root, key, capsys):
+    """A hand-made or another tool's manifest without a key dit-bench reads ended `train`
+    (and ablate, sample, eval) in a KeyError traceback: `KeyError: 'latent_shape'`."""
+    from dit_bench.cli import main
+
+    path = latents_root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest[key]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{path}: no {key!r}"):
+        data_info(latent_cfg(latents_root))
+    argv = ["train", "--set", "data.name=latents", "--set", f"data.root={latents_root}"]
+    assert main([*argv, "--out", str(latents_root / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"dit-bench: {path}: no {key!r}"), err
+    assert "Traceback" not in err

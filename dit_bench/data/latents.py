@@ -33,6 +33,12 @@ from dit_bench.files import open_lock, replacing, try_lock, write_json_atomic
 
 FORMAT = "dit-bench-latents/1"
 MANIFEST = "manifest.json"
+# What the readers take from every manifest (encode-latents writes them all): one without
+# (hand-made, another tool's) ended train, ablate or eval in a KeyError traceback
+MANIFEST_KEYS = (
+    "source", "num_images", "flip", "num_items", "class_names", "shard_size", "latent_shape",
+    "shards",
+)  # fmt: skip
 
 
 def _sha256(path: Path) -> str:
@@ -56,6 +62,11 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path}: not a {FORMAT} manifest (format={found!r})")
+    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
+        raise DataError(
+            f"{path}: no {', '.join(map(repr, missing))}, which encode-latents writes; encode "
+            "the images with it (into a new --out folder)"
+        )
     return manifest
 
 

@@ -125,8 +125,8 @@ def check_checkpoint(run_dir: Path, checkpoint: str) -> Path:
     found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
     if not found:
         raise NoCheckpointError(
-            f"{run_dir} has no checkpoints ({folder} is missing or empty): nothing to evaluate; "
-            f"train it first (dit-bench train ..., which writes checkpoints/last.ckpt)"
+            f"{run_dir} has no checkpoints ({folder} is missing or empty): nothing to sample or "
+            "evaluate; train it first (dit-bench train ..., which writes checkpoints/last.ckpt)"
         )
     if checkpoint not in found:
         raise NoCheckpointError(

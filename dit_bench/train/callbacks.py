@@ -170,10 +170,14 @@ class CSVMetrics(Logger):
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics.csv, without a last row cut short: CSVMetrics appends them, and
-    one whose write stopped partway (a kill, a full disk) lacks fields (None), its last value
-    perhaps cut short too."""
+    one whose write stopped partway (a kill, a full disk) lacks fields (None), or has them all
+    with its last value cut short ("12,0.12" of "12,0.1234"). Every row CSVMetrics writes ends
+    in a newline: a last line without one is cut short."""
     with Path(path).open(newline="") as f:
-        return [r for r in csv.DictReader(f) if None not in r.values()]
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
 
 
 def _number(v) -> float:

@@ -243,11 +243,14 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 
 def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule:
     """The trained module of a run directory, in eval mode, on the CPU."""
+    from dit_bench.metrics.evaluate import check_checkpoint
+
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    path = run_dir / "checkpoints" / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint} (has it trained yet?)")
+    # a name of the run's checkpoints/ only, as eval checks: a misspelt one listed them not,
+    # and asked whether a run of many checkpoints had trained; a path (../other/last.ckpt,
+    # /abs/x.ckpt) loaded another run's weights under this run's name
+    path = check_checkpoint(run_dir, checkpoint)
     # eager, whatever the run trained with: sample and eval compile when asked (--compile);
     # nothing recomputed (sampling runs under no_grad, where a checkpointed block runs plainly)
     plain = {
