@@ -365,13 +365,14 @@ def test_median_pruner_waits_for_its_startup_trials_and_warmup_budgets(tmp_path)
     assert pruned_at(warmup1, 2) == [False, True]  # budget 0 is inside the warmup
 
 
-@pytest.mark.parametrize(
-    "pruner",
-    [
-        {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
-        {"name": "hyperband", "reduction_factor": 2},
-    ],
-)
+# the two pruners that race trials, each pruning from the first trial it can
+RACING_PRUNERS = [
+    {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+    {"name": "hyperband", "reduction_factor": 2},
+]
+
+
+@pytest.mark.parametrize("pruner", RACING_PRUNERS)
 def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
     # At equal compute a larger model is behind at the small budgets and ahead at the large
     # ones. Raced against the smaller models, every L and XL trial of the cpu profile with
@@ -405,13 +406,7 @@ def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
     assert any(behind(small) for _ in range(4))  # behind its own model's trials
 
 
-@pytest.mark.parametrize(
-    "pruner",
-    [
-        {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
-        {"name": "hyperband", "reduction_factor": 2},
-    ],
-)
+@pytest.mark.parametrize("pruner", RACING_PRUNERS)
 def test_trials_of_a_study_made_before_the_model_attribute_race_as_their_model(tmp_path, pruner):
     # A study resumed across the upgrade: its trials carry the config the worker recorded but
     # no `model`. Left out of every model, a resumed sweep raced its new trials against none
