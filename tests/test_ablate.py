@@ -318,6 +318,16 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, capfd, monkeypatch, jo
     assert "Not finished: diverges seed 0 (planned" in md
 
 
+def _finished_run(out: str, cfg) -> str:
+    """The run directory train() leaves for `cfg` once finished (config and summary only)."""
+    run = Path(out) / cfg.experiment / f"20260101T000000Z-{cfg.hash}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.5}))
+    return str(run)
+
+
 def _worker_killed_by_lr_half(cfg_dict: dict, out: str, progress: bool, label: str) -> str:
     """ablate's worker, without training (fast): the run with optim.lr 0.5 kills its own
     process as the OOM killer would, each time. The others wait until it has (so they are in
@@ -336,12 +346,7 @@ def _worker_killed_by_lr_half(cfg_dict: dict, out: str, progress: bool, label: s
     while not killed.exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # the pool notices the death before this run could finish
-    run = Path(out) / cfg.experiment / f"20260101T000000Z-{cfg.hash}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
-    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.5}))
-    return str(run)
+    return _finished_run(out, cfg)
 
 
 def test_a_pool_broken_between_two_runs_gives_its_queue_to_the_next_pool(tmp_path):
@@ -552,12 +557,7 @@ def _no_room_for_lr_half(cfg_dict: dict, out: str, progress: bool, label: str) -
     cfg = build_config(cfg_dict)
     if cfg.optim.lr == 0.5 and not (Path(out) / "room").exists():
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(out) / "last.ckpt"))
-    run = Path(out) / cfg.experiment / f"20260101T000000Z-{cfg.hash}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    summary = {"experiment": cfg.experiment, "config_hash": cfg.hash, "seed": cfg.seed}
-    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": 0.5}))
-    return str(run)
+    return _finished_run(out, cfg)
 
 
 @pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])

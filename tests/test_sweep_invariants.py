@@ -372,6 +372,18 @@ RACING_PRUNERS = [
 ]
 
 
+def _behind(study, model: str) -> bool:
+    """A trial of `model` reporting a loss of 2.0 at two budgets: whether it was pruned."""
+    t = study.ask()
+    t.set_user_attr("model", model)
+    pruned = False
+    for i in range(2):
+        t.report(2.0, step=i)
+        pruned |= t.should_prune()
+    study.tell(t, state=optuna.trial.TrialState.FAIL)
+    return pruned
+
+
 @pytest.mark.parametrize("pruner", RACING_PRUNERS)
 def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
     # At equal compute a larger model is behind at the small budgets and ahead at the large
@@ -392,18 +404,8 @@ def test_the_pruner_races_a_trial_against_its_own_model_only(tmp_path, pruner):
             assert not done.should_prune()  # (hyperband records its rungs here)
         study.tell(done, 1.0)
 
-    def behind(model: str) -> bool:
-        t = study.ask()
-        t.set_user_attr("model", model)
-        pruned = False
-        for i in range(2):
-            t.report(2.0, step=i)
-            pruned |= t.should_prune()
-        study.tell(t, state=optuna.trial.TrialState.FAIL)
-        return pruned
-
-    assert [behind(large) for _ in range(4)] == [False] * 4  # no trial of its model to race
-    assert any(behind(small) for _ in range(4))  # behind its own model's trials
+    assert [_behind(study, large) for _ in range(4)] == [False] * 4  # no trial of its model
+    assert any(_behind(study, small) for _ in range(4))  # behind its own model's trials
 
 
 @pytest.mark.parametrize("pruner", RACING_PRUNERS)
@@ -423,18 +425,8 @@ def test_trials_of_a_study_made_before_the_model_attribute_race_as_their_model(t
             done.should_prune()
         study.tell(done, 1.0)
 
-    def behind(plan) -> bool:
-        t = study.ask()
-        t.set_user_attr("model", model_key(plan))
-        pruned = False
-        for i in range(2):
-            t.report(2.0, step=i)
-            pruned |= t.should_prune()
-        study.tell(t, state=optuna.trial.TrialState.FAIL)
-        return pruned
-
-    assert [behind(large) for _ in range(4)] == [False] * 4
-    assert any(behind(small) for _ in range(4))
+    assert [_behind(study, model_key(large)) for _ in range(4)] == [False] * 4
+    assert any(_behind(study, model_key(small)) for _ in range(4))
 
 
 def test_hyperband_resources_are_budget_indices(tmp_path):
