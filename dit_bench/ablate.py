@@ -469,7 +469,7 @@ def write_labels(run_dir: Path, ab: Ablation, r: PlannedRun) -> None:
     labels = {**r.labels, "ablation": ab.name, "profile": ab.profile}
     path = run_dir / "labels.json"
     with contextlib.suppress(OSError, ValueError):  # missing or unreadable: written below
-        if json.loads(path.read_text()) == labels:
+        if read_record(path) == labels:
             # every call labels every finished run of the plan: a write synced each, a plan
             # of 1,000 done runs spent 7 s rewriting what was there
             return
