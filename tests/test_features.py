@@ -176,6 +176,20 @@ def test_reference_stats_cached_by_content(net, digits, cache):
     assert not reference_stats(x, net, cache=False).meta["cached"]
 
 
+def test_an_empty_reference_stats_file_is_made_again(net, digits, cache, capsys):
+    """A cached statistics file left empty (a power cut after its rename reached the disk, a
+    copy cut short) is computed again: np.load raises EOFError for it, which stopped every
+    FD of that data set with a traceback until the file was found and deleted by hand."""
+    x = digits[0][:60]
+    a = reference_stats(x, net)
+    path = cache / "refstats" / f"{a.id}.npz"
+    path.write_bytes(b"")
+    b = reference_stats(x, net)
+    assert not b.meta["cached"] and np.array_equal(a.mu, b.mu)
+    assert str(path) in capsys.readouterr().err
+    assert reference_stats(x, net).meta["cached"]  # and written whole again
+
+
 def test_reference_stats_without_a_writable_cache(net, digits, tmp_path, monkeypatch, capsys):
     """A home the user cannot write (`docker run --user`: HOME=/) must not fail the FD: the
     in-training FD stopped every such run after its training, and again on each resume."""

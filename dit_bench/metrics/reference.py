@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -93,7 +94,8 @@ def reference_stats(
         try:
             with np.load(path) as z:
                 return RefStats(sid, z["features"], z["mu"], z["sigma"], meta | {"cached": True})
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        # an empty file (a power cut, a copy cut short) is an EOFError, not a BadZipFile
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             print(f"[dit-bench] {path} is unreadable; computing it again", file=sys.stderr)
     feats, _ = net.features(images, batch_size=batch_size)
     feats = feats.astype(np.float32)
@@ -103,6 +105,8 @@ def reference_stats(
             path.parent.mkdir(parents=True, exist_ok=True)
             with replacing(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
                 np.savez(f, features=feats, mu=mu, sigma=sigma)
+                f.flush()  # on disk before the rename (as files.write_text_atomic)
+                os.fsync(f.fileno())
             write_json_atomic(path.with_suffix(".json"), meta)
         except OSError as e:
             # a home the user cannot write (`docker run --user`, whose HOME is /; a read-only
