@@ -129,8 +129,8 @@ HARNESS = (
 )
 
 
-# `sweep batch`: checkpointing every block (what the sweep's gpu profile sets for L and XL)
-# first, then every other block (train.activation_checkpointing_every=2)
+# `sweep batch`: checkpointing every block first, then every other block
+# (train.activation_checkpointing_every=2, what the sweep's gpu profile sets for L and XL)
 SWEEP_BATCH_VARIANTS = ("checkpoint", "checkpoint-half")
 
 
@@ -876,10 +876,9 @@ def render_markdown(report: dict) -> str:
             card = env.get("memory_gb")
             lines += [
                 "The sweep's gpu profile trains DiT-L and XL at batch 256 with "
-                "`train.activation_checkpointing` on every block (`checkpoint`); "
-                "`checkpoint-half` checkpoints every other block "
-                "(`train.activation_checkpointing_every=2`): half the recomputation, if its "
-                "peak memory fits the card"
+                "`train.activation_checkpointing` on every other block "
+                "(`train.activation_checkpointing_every=2`, `checkpoint-half`): half the "
+                "recomputation of every block (`checkpoint`), if its peak memory fits the card"
                 + (f" ({card:.0f} GiB; the harness adds the EMA and the loader)." if card else ".")
                 + " A variant that does not fit shows its out-of-memory error.",
                 "",
