@@ -125,3 +125,36 @@ def test_knn_radii_in_chunks_equal_the_full_matrix():
     full = np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, 3]  # k = 3
     np.testing.assert_allclose(_knn_radii(x, 3, chunk=7), full, rtol=1e-12)
     np.testing.assert_allclose(_knn_radii(x, 3), full, rtol=1e-12)
+
+
+def test_kid_mean_and_std_over_subsets_match_a_loop_reference():
+    # Each subset: the unbiased MMD^2 written out pair by pair (Binkowski et al. 2018, eq. 4)
+    # on the subsets the seeded generator draws (x then y); the reported std is over subsets
+    # with ddof 0, as torch-fidelity's kid_subset_std
+    rng = np.random.default_rng(6)
+    d, m = 3, 5
+    real, fake = rng.standard_normal((9, d)), rng.standard_normal((7, d)) + 0.3
+    draw = np.random.default_rng(11)
+
+    def k(a, b):  # the cubic polynomial kernel
+        return (a @ b / d + 1) ** 3
+
+    values = []
+    for _ in range(4):
+        x = real[draw.choice(len(real), m, replace=False)]
+        y = fake[draw.choice(len(fake), m, replace=False)]
+        xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+        yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+        xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+        values.append((xx + yy) / (m * (m - 1)) - 2 * xy / m**2)
+    mean, std = kid(real, fake, num_subsets=4, subset_size=m, seed=11)
+    assert mean == pytest.approx(np.mean(values), rel=1e-12)
+    assert std == pytest.approx(np.std(values), rel=1e-10)
+
+
+def test_precision_recall_count_a_point_on_a_balls_boundary_as_inside():
+    # Points on a line at integer spacing: k-NN radii and distances are exact, so a fake point
+    # exactly at a real point's radius is on the ball (Kynkaanniemi et al.: d <= radius)
+    real = np.arange(5.0)[:, None]  # radii (k = 3): 3, 2, 2, 2, 3
+    fake = np.array([[7.0], [20.0], [21.0], [22.0], [23.0]])  # 7 = 4 + 3: on point 4's ball
+    assert precision_recall(real, fake, k=3)[0] == pytest.approx(1 / 5)

@@ -303,3 +303,20 @@ def test_a_p_value_just_below_alpha_never_reads_as_alpha():
     assert format_p(0.0497) == "0.0497" and format_p(0.05) == "0.05"
     assert format_p(0.0504) == "0.05" and format_p(0.0123) == "0.012"  # no change otherwise
     assert format_p(math.nan) == "–"
+
+
+def test_relative_difference_is_a_fraction_of_the_base_mean():
+    # the "(+x% of base)" of a verdict and the `relative` column: mean(v - b) / mean(b)
+    base, variant = [2.0, 2.2, 1.8], [2.5, 2.6, 2.4]
+    c = paired_compare(variant, base)
+    assert c.relative == pytest.approx(0.5 / 2.0, rel=1e-12)
+    assert "(+25.0% of a)" in verdict(c, "b", "a", "val_loss")
+
+
+def test_a_planted_improvement_is_as_distinguishable_as_a_planted_regression():
+    # the two-sided p of t and -t is the same: a lower (better) variant is no less significant
+    base = np.array([0.50, 0.52, 0.51])
+    worse = paired_compare(base + shift_with_p(0.01), base)
+    better = paired_compare(base - shift_with_p(0.01), base)
+    assert worse.p_value == pytest.approx(0.01) and better.p_value == pytest.approx(0.01)
+    assert better.distinguishable and "lower (better)" in verdict(better, "b", "a", "val_loss")
