@@ -4,6 +4,7 @@ import contextlib
 import json
 import resource
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,42 @@ def file_size_limit():
             signal.signal(signal.SIGXFSZ, handler)
 
     return limit
+
+
+@pytest.fixture
+def tick_label_overlaps(monkeypatch):
+    """Per figure saved (by file name), the pairs of neighbouring tick labels it shows inside
+    its axes' views whose text overlaps as drawn; nothing is written."""
+    import matplotlib.figure
+
+    found: dict[str, list] = {}
+
+    def spy(fig, path, *args, **kwargs):
+        found[Path(path).name] = overlapping_tick_labels(fig)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return found
+
+
+def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of neighbouring tick labels, shown inside the axes' view, whose text overlaps as
+    drawn (major and minor ticks: a log axis labels some of its minor ones)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pairs = []
+    for ax in fig.axes:
+        for axis, side in ((ax.xaxis, 0), (ax.yaxis, 1)):
+            lo, hi = sorted(axis.get_view_interval())
+            shown = [
+                t.label1
+                for t in axis.get_major_ticks() + axis.get_minor_ticks()
+                if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text()
+            ]
+            boxes = sorted(
+                (tuple(t.get_window_extent(renderer).get_points()[:, side]), t.get_text())
+                for t in shown
+            )
+            for (a, text_a), (b, text_b) in zip(boxes, boxes[1:], strict=False):
+                if b[0] < a[1]:
+                    pairs.append((text_a, text_b))
+    return pairs

@@ -752,3 +752,97 @@ def test_the_ranking_table_shows_small_losses_to_their_differences(tmp_path, no_
     means = [row.split(" | ")[2] for row in ranking.splitlines() if row.startswith("| 1 |")]
     assert means == ["5.1e-05"]  # adaln_zero's mean, 5.1e-5, to its significant digits
     assert "0.00005 |" not in ranking
+
+
+def test_tick_labels_of_a_narrow_log_axis_do_not_overlap(tmp_path, tick_label_overlaps):
+    """An FD logged once per run sits at each variant's training FLOPs, 1.45e12 to 1.8e12: the
+    log axis labelled every 0.05e12 in 10^12 notation, the labels run together unreadably
+    (reports/conditioning-cpu/curves_val_FD-mnist-net.png)."""
+    from dit_bench.report import ablation
+
+    flops = {"a": 1.45e12, "b": 1.55e12, "c": 1.8e12}
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": 600, "train_flops": f, "key": "fd", "value": 14.0 + s}
+            for v, f in flops.items()
+            for s in range(3)
+        ]
+    )
+    runs = long.rename(columns={"value": "fd"})
+    runs.loc[runs["variant"] == "c", "fd"] *= 40  # a runaway variant: the log x axis
+    ablation.plot_curves(long, "fd", list(flops), tmp_path / "curves.png")
+    ablation.plot_final(runs, "fd", list(flops), tmp_path / "final.png")
+    assert tick_label_overlaps == {"curves.png": [], "final.png": []}
+
+
+def test_the_paired_figure_marks_which_calls_survive_holm(tmp_path, monkeypatch):
+    """The report's verdict is the after-Holm column, but the paired figure coloured every
+    unadjusted p < 0.05 red like one that survives: reports/conditioning-cpu's FD figure showed
+    adaln and mmdit as distinguishable from adaln_zero, neither of which is after Holm."""
+    import matplotlib.figure
+
+    from dit_bench.report.ablation import plot_paired
+
+    drawn = {}
+
+    def spy(fig, path, *args, **kwargs):
+        (ax,) = fig.axes
+        drawn["title"] = ax.get_title()
+        points = [bar.lines[0] for bar in ax.containers]  # each comparison's errorbar
+        drawn["markers"] = [(p.get_color(), p.get_mfc(), p.get_marker()) for p in points]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    paired = pd.DataFrame(
+        {
+            "variant": ["kept", "overturned", "equal"],
+            "base": "b",
+            "metric": "val_loss",
+            "diff": [0.05, 0.02, 0.0],
+            "diff_lo": [0.04, 0.001, -0.01],
+            "diff_hi": [0.06, 0.039, 0.01],
+            "distinguishable": [True, True, False],
+            "distinguishable_holm": [True, False, False],
+            "undetermined": False,
+        }
+    )
+    plot_paired(paired, "val_loss", tmp_path / "p.png")
+    kept, overturned, equal = drawn["markers"]
+    assert overturned != kept and overturned != equal
+    assert "Holm" in drawn["title"]
+
+
+def test_the_band_of_a_metric_logged_at_one_step_is_drawn(tmp_path, monkeypatch):
+    """An FD evaluated at the end of each run only (the profiles' default) has one point per
+    variant: its 95% band was a polygon of no width, invisible, so the curve figure under a
+    "95% t band" title showed bare means (reports/*-cpu/curves_val_FD-mnist-net.png)."""
+    import matplotlib.figure
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    from dit_bench.report import ablation
+
+    shown = []  # per axes: the (lo, hi) intervals drawn with an extent one can see
+
+    def spy(fig, path, *args, **kwargs):
+        for ax in fig.axes:
+            spans = []
+            for drawn in ax.collections:
+                for v in (p.vertices for p in drawn.get_paths()):
+                    bar = isinstance(drawn, LineCollection) and np.ptp(v[:, 1]) > 0
+                    area = isinstance(drawn, PolyCollection) and np.ptp(v[:, 0]) > 0
+                    if bar or area:
+                        spans.append((v[:, 1].min(), v[:, 1].max()))
+            shown.append(spans)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": 600, "train_flops": f, "key": "fd", "value": x + s}
+            for v, f, x in (("a", 1.5e12, 14.0), ("b", 1.7e12, 30.0))
+            for s in range(3)
+        ]
+    )
+    ablation.plot_curves(long, "fd", ["a", "b"], tmp_path / "c.png")
+    bands = ablation.curve_bands(long, "step")
+    for spans in shown:  # the steps panel and the FLOPs panel
+        for band in bands.itertuples():
+            assert any(s == pytest.approx((band.lo, band.hi)) for s in spans), band.variant

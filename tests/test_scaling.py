@@ -390,3 +390,13 @@ def test_a_storage_of_several_studies_reports_the_one_named_and_refuses_to_pool(
         assert set(df["study"]) == {"shapes-scaling-cpu"}, table
     assert len(pd.read_csv(out / "runs.csv")) == 8  # its own runs, not both sweeps' 16
     assert "study `shapes-scaling-cpu`" in (out / "report.md").read_text()
+
+
+def test_tick_labels_of_the_figures_log_axes_do_not_overlap(tmp_path, tick_label_overlaps):
+    """Sizes of 2e5 to 2.5e6 parameters: the IsoFLOP profiles' log N axis labelled 2, 3, 4 and
+    6 x 10^5 in 10^5 notation, 3 and 4 drawn over each other (reports/scaling-cpu/isoflop.png)."""
+    fake_sweep(tmp_path / "runs")
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    result = scaling.fit_all(points, n_boot=2)
+    made = scaling.figures(runs, points, curves, result, tmp_path)
+    assert tick_label_overlaps == {name: [] for name in made}

@@ -31,6 +31,7 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 from dit_bench.files import read_record, write_text_atomic
+from dit_bench.report.axes import readable_log_ticks
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
     LEVEL,
@@ -229,6 +230,11 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
             ax=ax,
         )
         for v, band in bands.groupby("variant", sort=False):
+            if len(band) == 1:  # one point (a metric of the last step): a band of no width
+                # would not show, so its interval is a bar (about the finite values' mean: an
+                # errorbar about an infinite one, a diverged seed's, has no size)
+                ax.vlines(band[x], band["lo"], band["hi"], color=palette[v], lw=3, alpha=0.5)
+                continue
             ax.fill_between(band[x], band["lo"], band["hi"], color=palette[v], alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
@@ -240,6 +246,7 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
         axes[0].set_yscale("log")
     axes[0].legend(title="variant", fontsize=8)
     fig.suptitle(f"{metric}: mean over seeds, {int(LEVEL * 100)}% t band")
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -272,6 +279,7 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         ax.set_xscale("log")  # one runaway variant would flatten the others
     ax.set_title(f"final {metric} per variant (grey: seeds)")
     ax.legend(loc="best", fontsize=8)
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -282,8 +290,11 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     p = paired[paired["metric"] == metric]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(p) + 1.5))
     y = np.arange(len(p))
-    # red: distinguishable; grey: not; open and light: undetermined (no test, no interval)
+    # red: distinguishable, filled where it survives Holm's correction (the report's verdict)
+    # and open where only the unadjusted p is below alpha; grey: not; grey, open and without
+    # bars: undetermined (no test, no interval)
     calls = [call(d, u) for d, u in zip(p["distinguishable"], p["undetermined"], strict=True)]
+    holm = [call(d, u) for d, u in zip(p["distinguishable_holm"], p["undetermined"], strict=True)]
     colors = {"yes": "C3", "no": "0.5", "undetermined": "0.4"}
     for i, row in enumerate(p.itertuples()):
         open_ = calls[i] == "undetermined"
@@ -293,7 +304,7 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
             xerr=None if open_ else [[row.diff - row.diff_lo], [row.diff_hi - row.diff]],
             fmt="o",
             color=colors[calls[i]],
-            mfc="none" if open_ else colors[calls[i]],
+            mfc="none" if open_ or holm[i] != calls[i] else colors[calls[i]],
             capsize=4,
         )
     ax.axvline(0, color="k", lw=1)
@@ -302,6 +313,8 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     base = p["base"].iloc[0] if len(p) else ""
     ax.set_xlabel(f"{metric}: variant - {base} (paired over seeds)")
     title = f"paired difference, {int(LEVEL * 100)}% CI (red: p < {1 - LEVEL:.2f}"
+    if any(c == "yes" for c in calls):
+        title += ", after Holm too" if holm == calls else "; open red: not after Holm"
     if "undetermined" in calls:
         title += "; open: undetermined, no test"
     ax.set_title(title + ")")

@@ -27,6 +27,7 @@ import pandas as pd
 
 from dit_bench.files import engine_url, read_record, write_text_atomic
 from dit_bench.report import fits
+from dit_bench.report.axes import readable_log_ticks
 from dit_bench.report.results import files_named, save_table
 
 N_BOOT = 200
@@ -566,6 +567,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         title="Loss vs training compute (colour: size, marker: patch)",
     )
     ax.legend(fontsize=8, ncol=2)
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_flops.png", dpi=130)
     plt.close(fig)
@@ -613,6 +615,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     for text in axes[1].get_legend().get_texts():  # as the tables write budgets, not 1e10 digits
         text.set_text(f"{float(text.get_text()):.3g}")
     axes[1].get_legend().set_title("budget C")
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_macs.png", dpi=130)
     plt.close(fig)
@@ -650,6 +653,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         axes[1].text(0.5, 0.5, "no budget with an interior minimum", ha="center",
                      transform=axes[1].transAxes)  # fmt: skip
     axes[1].set(xlabel="training FLOPs C", ylabel="N*(C)", title="Compute-optimal size")
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "isoflop.png", dpi=130)
     plt.close(fig)
@@ -704,6 +708,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         title="Loss-compute envelope: fit vs actual",
     )
     axes[1].legend(fontsize=8)
+    readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "predicted_vs_actual.png", dpi=130)
     plt.close(fig)

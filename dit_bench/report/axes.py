@@ -1,0 +1,33 @@
+"""Tick labels of the report figures' log axes, readable at any span of the data."""
+
+from __future__ import annotations
+
+import math
+
+# Spans (in decades) below which a log axis is labelled at 1, 2 and 5 x 10^k rather than at its
+# decades alone, which may be one or none.
+FEW_DECADES = 2.0
+
+
+def readable_log_ticks(fig) -> None:
+    """Relabel every log axis of `fig`. Where few decades are in view matplotlib labels the
+    minor ticks too (2, 3, 4, 6 x 10^k; or every 0.05 x 10^12 across a few percent), and
+    neighbouring labels run together. Labelled instead: the decades alone from FEW_DECADES up;
+    1, 2 and 5 x 10^k from one decade; four or five evenly spaced values below one decade (where
+    no 10^k may lie in view). Below FEW_DECADES the labels read as the report's tables (`.3g`).
+    Call it after the data are drawn (the span is the axis' view) and before the layout."""
+    from matplotlib import ticker
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "log":
+                continue
+            axis.set_minor_formatter(ticker.NullFormatter())
+            lo, hi = sorted(axis.get_view_interval())
+            if not (0 < lo < hi) or math.log10(hi / lo) >= FEW_DECADES:
+                continue
+            if math.log10(hi / lo) >= 1:
+                axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            else:
+                axis.set_major_locator(ticker.MaxNLocator(5))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
