@@ -344,6 +344,9 @@ def _report_command(kind: str, root: Path, out: str) -> str:
     return shlex.join(["dit-bench", "report", kind, str(root), "-o", str(dest)])
 
 
+STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is not given
+
+
 def cmd_sweep(args) -> int:
     from dit_bench.report.scaling import failed_for_good
     from dit_bench.sweep import (
@@ -357,17 +360,20 @@ def cmd_sweep(args) -> int:
 
     sweep = load_sweep(args.file, args.profile, args.set or [])
     sweep = sweep.with_settings(n_trials=args.n_trials, workers=args.workers)
+    # from the environment: a command line, a password in its URL included, is any user's to
+    # read (`ps`) for as long as the sweep runs
+    storage = args.storage or os.environ.get(STORAGE_ENV) or None
     if args.dry_run:
         sweep.validate(dry_run=True)
         print(sweep.describe())
-        url = args.storage or default_storage(sweep, args.out, make_folder=False)
-        print(storage_status(sweep, url, default=args.storage is None))
+        url = storage or default_storage(sweep, args.out, make_folder=False)
+        print(storage_status(sweep, url, default=storage is None))
         return 0
     check_progress_env(args)
     study = run_sweep(
         sweep,
         args.out,
-        storage=args.storage,
+        storage=storage,
         workers=args.workers,
         n_trials=args.n_trials,
         progress=not args.no_progress,
@@ -703,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", default="cpu", help="profile of the file (default: cpu)")
     sp.add_argument(
         "--storage",
-        help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
-        "(default: sqlite:///OUT/<name>-<profile>/study.db)",
+        help="Optuna storage URL, e.g. postgresql://user@host/db (default: $DIT_BENCH_STORAGE, "
+        "else sqlite:///OUT/<name>-<profile>/study.db). Keep a password off the command line, "
+        "which other users see (ps): in $DIT_BENCH_STORAGE, $PGPASSWORD or ~/.pgpass",
     )
     sp.add_argument("--workers", type=positive, help="local worker processes (default: the file's)")
     sp.add_argument(

@@ -1,8 +1,8 @@
 """Files written whole or not at all: into a temporary file beside the target, then renamed
 over it, so a crash or a concurrent reader never sees half of one (run configs, summaries,
 manifests, plans, trial records, eval records); locks on them; and the one spelling of a
-storage URL that the sweep and the report both open. Standard library only: every layer uses
-it."""
+storage URL that the sweep and the report both open, and the one it is shown and stored in
+(`redact`: without its password). Standard library only: every layer uses it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -164,3 +165,24 @@ def engine_url(url: str) -> str:
         if url.startswith(scheme):
             return "postgresql+psycopg://" + url.removeprefix(scheme)
     return url
+
+
+# SQLAlchemy reads a URL's password from the user's ":" on to an "@", any "/" or "?" in it
+# included, so it is hidden that far. An "@" in the password (SQLAlchemy ends it at the first)
+# is hidden with it: to the last "@" before the "/" or "?" that follows the first.
+_USER = re.compile(r"://[^:/@]*:")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")  # libpq reads one there too
+
+
+def redact(text: str) -> str:
+    """A storage URL (or a command-line word holding one, `--storage=URL`) without its
+    password: as it is printed, written into run folders and reports, and raised in errors."""
+    user = _USER.search(text)
+    first = text.find("@", user.end()) if user else -1
+    if first != -1:
+        end = min(
+            (i for i in (text.find("/", first), text.find("?", first)) if i != -1),
+            default=len(text),
+        )
+        text = f"{text[: user.end()]}***{text[text.rindex('@', first, end) :]}"
+    return _QUERY_PASSWORD.sub(r"\1***", text) if "://" in text else text

@@ -99,7 +99,7 @@ from dit_bench.config import (
     read_yaml,
     section_replacement_error,
 )
-from dit_bench.files import engine_url, out_of_room, write_json_atomic
+from dit_bench.files import engine_url, out_of_room, redact, write_json_atomic
 
 Scalar = bool | int | float | str
 
@@ -546,18 +546,6 @@ def default_storage(sweep: Sweep, out: str | Path, *, make_folder: bool = True) 
     if make_folder:
         folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'study.db'}"
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password (it is written into run directories)."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    authority, slash, path = rest.partition("/")  # sqlite:////a@b/study.db has no authority
-    creds, at, host = authority.rpartition("@")
-    if not at or ":" not in creds:  # no password in it (postgresql://ann@host/db)
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def make_storage(url: str, heartbeat: Heartbeat):

@@ -291,6 +291,34 @@ def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
     assert "study tiny-cpu: 8 trials finished; not finished: 1 running or waiting" in text
 
 
+def test_a_report_from_a_storage_url_names_no_password(tmp_path, monkeypatch):
+    """report.md is committed and shared: its Source line shows the storage URL without the
+    password it was read with, and so do the errors of a storage that cannot be read."""
+    import optuna
+
+    fake_sweep(tmp_path / "runs")
+    db = tmp_path / "study.db"
+    study = optuna.create_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
+    for path in sorted((tmp_path / "runs").rglob("trial.json")):
+        trial = study.ask()
+        for key, value in json.loads(path.read_text()).items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, 1.0)
+    studies = scaling.study_trials(f"sqlite:///{db}")
+    url = "postgresql://ann:s3cret@db.example:5432/sweeps"
+    with monkeypatch.context() as m:  # the PostgreSQL server stands in for the study file
+        m.setattr(scaling, "study_trials", lambda u, study=None: studies if u == url else {})
+        m.setattr(scaling, "figures", lambda *a: [])  # not what is checked, and most of the time
+        out = scaling.build_report(url, tmp_path / "report", n_boot=2)
+    text = (out / "report.md").read_text()
+    assert "s3cret" not in text
+    assert "Source: `postgresql://ann:***@db.example:5432/sweeps`" in text
+    # no driver for it: refused before any connection, and the message keeps the URL's secret
+    with pytest.raises(ValueError) as e:
+        scaling.build_report("mysql://ann:s3cret@db.example/sweeps", tmp_path / "r2", n_boot=2)
+    assert "s3cret" not in str(e.value) and "mysql://ann:***@db.example/sweeps" in str(e.value)
+
+
 def test_a_failed_trials_points_stay_out_of_the_fits_and_the_report_says_so(tmp_path):
     # a trial that diverged after its third budget fails with an error, and keeps its record:
     # a NaN at the budget evaluated after divergence, finite losses before it

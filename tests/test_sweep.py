@@ -355,6 +355,24 @@ def test_dry_run_lists_the_space(tmp_path, capsys):
     assert "4 trials (grid points)" in text and "size=b,backbone.patch_size=4" in text
 
 
+def test_the_storage_url_can_stay_off_the_command_line(tmp_path, capsys, monkeypatch):
+    # a command line is visible to every user of the machine (`ps`): $DIT_BENCH_STORAGE
+    # names the storage, password and all, and --storage still wins over it
+    from dit_bench.cli import main
+
+    path = write_tiny(tmp_path / "tiny.yaml")
+    (tmp_path / "team").mkdir()
+    monkeypatch.setenv("DIT_BENCH_STORAGE", f"sqlite:///{tmp_path / 'team' / 'study.db'}")
+    args = ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "runs")]
+    assert main(args) == 0
+    assert (
+        f"storage: sqlite:///{tmp_path / 'team' / 'study.db'} (no study yet"
+        in capsys.readouterr().out
+    )
+    assert main([*args, "--storage", f"sqlite:///{tmp_path / 'own.db'}"]) == 0
+    assert f"storage: sqlite:///{tmp_path / 'own.db'} (no study yet" in capsys.readouterr().out
+
+
 def test_dry_run_lists_what_the_command_line_asks_for(tmp_path, capsys):
     # --n-trials and --workers take the file's place in the listing and in validation: a tpe
     # file without n_trials runs with --n-trials, so its dry run must accept it too

@@ -270,6 +270,22 @@ def test_redact_hides_only_the_password():
     assert redact("postgresql://ann@host/db") == "postgresql://ann@host/db"
 
 
+def test_redact_hides_every_password_the_connection_reads():
+    # SQLAlchemy reads `[^@]*` after the user's colon as the password, "/" included, and
+    # libpq takes one from the query too: both connect, so both were shown and stored as typed
+    assert redact("postgresql://ann:a/b@host/db") == "postgresql://ann:***@host/db"
+    assert redact("postgresql://ann:a?b@host/db") == "postgresql://ann:***@host/db"
+    assert redact("postgresql://ann@host/db?sslmode=require&password=s3cret") == (
+        "postgresql://ann@host/db?sslmode=require&password=***"
+    )
+    assert redact("--storage=postgresql://ann:s3cret@host/db") == (
+        "--storage=postgresql://ann:***@host/db"
+    )
+    assert (
+        redact("sqlite:////data/a:b/team@lab/study.db") == "sqlite:////data/a:b/team@lab/study.db"
+    )
+
+
 # -- sampler, pruner, study ---------------------------------------------------------------------
 def _ranged_sweep(tmp_path, name: str, **changes):
     space = {

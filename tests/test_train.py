@@ -43,6 +43,19 @@ def tiny(*extra: str):
     return build_config(None, TINY + list(extra))
 
 
+def test_the_summary_names_no_storage_password(tmp_path, monkeypatch):
+    # a sweep worker's summary records its command line, `--storage postgresql://...` and all;
+    # run folders are shared and moved between machines, the database password must stay out
+    argv = ["dit-bench", "sweep", "s.yaml", "--storage", "postgresql://ann:s3cret@db/sweeps"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--storage=postgres://ann:s3cret@db/sweeps"])
+    s = json.loads((train(tiny(), tmp_path, progress=False) / "summary.json").read_text())
+    assert "s3cret" not in json.dumps(s)
+    assert s["command"] == (
+        "dit-bench sweep s.yaml --storage postgresql://ann:***@db/sweeps "
+        "--storage=postgres://ann:***@db/sweeps"
+    )
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))

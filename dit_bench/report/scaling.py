@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dit_bench.files import engine_url, read_record, write_text_atomic
+from dit_bench.files import engine_url, read_record, redact, write_text_atomic
 from dit_bench.report import fits
 from dit_bench.report.axes import readable_log_ticks
 from dit_bench.report.results import files_named, save_table
@@ -107,10 +107,12 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     try:
         names = optuna.get_all_study_names(storage=storage)
     except Exception as e:  # not a database, an unknown dialect, a server that refuses
-        raise ValueError(f"{url}: cannot read an Optuna study ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{redact(url)}: cannot read an Optuna study ({type(e).__name__}: {e})"
+        ) from None
     return {
         name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        for name in pick_study(names, study, url)
+        for name in pick_study(names, study, redact(url))
     }
 
 
@@ -181,6 +183,7 @@ def load_records(
     (`studies`: the storage's trials if already read, `study_trials(study_url(source), study)`).
     `study`: its name, needed where the source holds several."""
     s = str(source)
+    source = redact(s)  # as it is shown: a storage URL's password is not
     if "://" in s:
         recs = _records_from_study(s, studies, study)
     elif Path(s).is_file():
@@ -189,7 +192,7 @@ def load_records(
         recs = _records_from_runs(Path(s))
         names = sorted({r["study"] for r in recs if r.get("study")})
         if names:  # trial.json names its study: the same choice as in a storage
-            keep = pick_study(names, study, str(source))
+            keep = pick_study(names, study, source)
             recs = [r for r in recs if r.get("study") in keep]
         elif study is not None:
             raise ValueError(f"{source}: its trial records name no study; cannot pick {study!r}")
@@ -965,6 +968,8 @@ def build_report(
     url = study_url(source)
     studies = study_trials(url, study) if url else None  # read once: records, unfinished trials
     runs, points, curves = tables(load_records(source, studies, study))
+    # the report and its errors name SOURCE; a storage URL's password stays out of both
+    source = redact(str(source))
     if points.empty:
         raise ValueError(f"{source}: no finished trial has a finite val loss at any budget yet")
     result = fit_all(points, n_boot=n_boot)

@@ -52,6 +52,7 @@ from dit_bench.fast import (
 from dit_bench.files import (
     note_holder,
     open_lock,
+    redact,
     replacing,
     try_lock,
     write_json_atomic,
@@ -642,7 +643,8 @@ def write_summary(
         "versions": package_versions(),
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        # a sweep worker's argv holds its `--storage` URL: summaries travel with run folders
+        "command": " ".join(map(redact, sys.argv)),
     }
     # a diverged run's NaN or inf metrics as null: JSON has no NaN (jq and other readers refuse it)
     summary = {
