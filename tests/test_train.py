@@ -1293,6 +1293,43 @@ def test_runs_in_one_process_do_not_pile_up_logging_filters():
     assert len(logger.filters) == before
 
 
+def test_runs_in_one_process_free_the_models_of_the_runs_before(tmp_path, monkeypatch):
+    # A sweep worker trains trial after trial in one process, a notebook run after run. A run's
+    # Trainer and module refer to each other, and nothing but the collector's full pass frees
+    # such cycles, which a training loop's allocations seldom set off: each finished (or
+    # pruned) run's net, EMA copy and optimiser state stayed in memory, Lightning having moved
+    # them to the host (4 of 6 tiny runs' modules alive, 130 MB more RSS a run for an 11M
+    # parameter DiT; 8 GB for a DiT-XL/2 trial, by the same count)
+    import gc
+    import weakref
+
+    from dit_bench.train.module import DiffusionModule
+
+    made = []
+
+    class Recorded(DiffusionModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(run_module, "DiffusionModule", Recorded)
+    enabled = gc.isenabled()
+    gc.disable()  # no full pass by chance: the run's own doing only
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a pruned or stopped trial, then the next
+            train(
+                tiny("train.steps=2", "seed=1"),
+                tmp_path,
+                progress=False,
+                callbacks=[InterruptAt(1)],
+            )
+        train(tiny("train.steps=2"), tmp_path, progress=False)
+        assert [r() for r in made] == [None, None]
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def process_settings() -> dict:
     """What a notebook or script that calls `train` has set up for its own work."""
     import random
