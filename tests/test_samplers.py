@@ -231,6 +231,36 @@ def test_heun_uses_2n_minus_1_calls_and_every_sampler_sees_level_timesteps():
         assert set(round(s, 3) for s in seen) <= set(round(float(t), 3) for t in levels.timesteps)
 
 
+@pytest.mark.parametrize("levels", [_chain(), flow_levels(20)], ids=["ddpm", "flow"])
+@pytest.mark.parametrize(
+    "sampler,opts",
+    [
+        (ddpm_ancestral, {}),
+        (ddim, {"eta": 1.0}),
+        (euler, {}),
+        (heun, {}),
+        (euler_maruyama, {"sde_scale": 2.0}),
+    ],
+)
+def test_every_sampler_ends_on_the_x0_of_its_last_prediction(levels, sampler, opts):
+    # the last step, from level 0 to the data, returns x0_hat without noise (module docstring):
+    # the moment tests allow ~1 / steps of error, so a stray term there would hide in them
+    x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pred = "eps" if isinstance(levels, DDPMChain) else "velocity"
+    seen = []
+
+    def net(x_in, t):
+        seen.append((x_in, t))
+        return _smooth(x_in, t)
+
+    out = sampler(net, x, levels, prediction=pred, generator=torch.Generator(), **opts)
+    a, s = float(levels.alphas[0]), float(levels.sigmas[0])
+    x_last, t_last = seen[-1]
+    assert t_last[0] == float(levels.timesteps[0])
+    x0_hat, _ = to_x0_eps(_smooth(x_last, t_last), x_last, a, s, pred)
+    torch.testing.assert_close(out, x0_hat, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------- conversions
 
 
@@ -292,6 +322,18 @@ def test_guidance_interval_and_channels():
     torch.testing.assert_close(dit[:, :3], full[:, :3])  # DiT's released code: first 3 only
     assert torch.equal(dit[:, 3:], out_c[:, 3:])
     torch.testing.assert_close(guided(_label_net, cond, uncond, 3.0)(x, torch.zeros(4)), full)
+
+
+def test_guidance_interval_includes_both_ends():
+    # lo <= t <= hi (Kynkaanniemi et al.'s closed range): DiT's chain visits t = 0 and t = 999,
+    # flow's grid t = 1000, so an interval named by its end levels must guide at them
+    x = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, uncond = Cond(labels=torch.tensor([0, 1, 2, 3, 4])), Cond(labels=torch.full((5,), 10))
+    t = torch.tensor([99.0, 100.0, 350.0, 600.0, 601.0])
+    out = guided(_label_net, cond, uncond, 3.0, interval=(100.0, 600.0))(x, t)
+    full = guided(_label_net, cond, uncond, 3.0)(x, t)
+    assert torch.equal(out[1:4], full[1:4])
+    assert torch.equal(out[[0, 4]], _label_net(x, t, cond)[[0, 4]])
 
 
 @pytest.mark.parametrize("key", ["ddpm-eps", "flow-velocity"])

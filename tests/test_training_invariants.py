@@ -95,6 +95,19 @@ def test_ema_decay_warms_up_from_one_tenth_to_the_configured_decay():
     assert module.ema_decay(10**6) == 0.9999  # the warm-up ends at the configured decay
 
 
+def test_lr_warmup_gives_the_first_step_one_warmup_share_of_the_rate():
+    # (s + 1) / warmup_steps: step 0 already moves the weights (lr / warmup, not 0) and the
+    # full rate is reached at step warmup_steps - 1
+    module = make_module("optim.lr=0.004", "optim.warmup_steps=4")
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(5):
+        rates.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert rates == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.004])
+
+
 # The EMA copy stays in eval mode on purpose (run.train silences the same two notes).
 @pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
 @pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)")
