@@ -262,6 +262,20 @@ def _cat_cond(cond: Any, uncond: Any) -> Any:
     )
 
 
+def _null_cond(net: Callable, cond: Any) -> Any:
+    """The unconditional counterpart of a Cond where it is implied: labels only, and a net that
+    knows its null class (every registered backbone's `num_classes`), so DESIGN's
+    `obj.sample(..., cfg_scale=s)` guides without an explicit `uncond`. None otherwise: a plain
+    function has no null class, and text-style context has no implied empty prompt."""
+    num_classes = getattr(net, "num_classes", None)
+    labels = getattr(cond, "labels", None)
+    if not dataclasses.is_dataclass(cond) or labels is None or not isinstance(num_classes, int):
+        return None
+    if getattr(cond, "context", None) is not None or getattr(cond, "pooled", None) is not None:
+        return None
+    return dataclasses.replace(cond, labels=torch.full_like(labels, num_classes))
+
+
 def guided(
     net: Callable,
     cond: Any,
@@ -274,6 +288,7 @@ def guided(
     """Bind conditioning to `net` and apply classifier-free guidance; returns `fn(x, timesteps)`.
 
     scale == 1: the plain conditional net (one call on B samples, `uncond` unused).
+    `uncond` None: the null class of a net with `num_classes`, for labels-only conds.
     Otherwise the net runs once on the concatenated batch [cond, uncond] (2B samples, as DiT)
     and the prediction channels (the first C = x's channels) are combined as
     out_u + scale * (out_c - out_u). Extra channels (learned-variance values) are taken from
@@ -286,7 +301,12 @@ def guided(
     if scale == 1.0:
         return lambda x, t: net(x, t, cond)
     if uncond is None:
-        raise ValueError(f"cfg_scale={scale} != 1 needs `uncond` (a Cond with null labels)")
+        uncond = _null_cond(net, cond)
+    if uncond is None:
+        raise ValueError(
+            f"cfg_scale={scale} != 1 needs `uncond` (a Cond with null labels: "
+            "given, or implied for labels-only conds by the net's `num_classes`)"
+        )
     if interval is not None and not interval[0] <= interval[1]:
         raise ValueError(f"guidance interval must be (lo, hi) with lo <= hi, got {interval}")
     if channels is not None and channels < 1:

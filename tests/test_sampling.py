@@ -228,6 +228,37 @@ def test_guidance_needs_matching_conds():
                Cond(labels=torch.zeros(2)), 2.0)  # fmt: skip
 
 
+def test_guidance_of_a_backbone_defaults_uncond_to_its_null_class():
+    # DESIGN's API, obj.sample(net, noise, cond, ..., cfg_scale=s, generator=g), names no
+    # `uncond`: for a registered backbone (which knows num_classes) it is the null class.
+    from dit_bench.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone("dit-xs/4", image_size=8, in_channels=1, num_classes=3)
+    for p in net.parameters():  # away from adaLN-Zero's zero output, so labels matter
+        torch.nn.init.normal_(p, std=0.2)
+    cond = Cond(labels=torch.tensor([0, 1, 2, 1]))
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    obj = DDPM()
+    runs = [
+        obj.sample(
+            net,
+            noise,
+            cond,
+            sampler="ddim",
+            steps=5,
+            cfg_scale=3.0,
+            uncond=uncond,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        for uncond in (None, Cond(labels=torch.full((4,), 3)))
+    ]
+    assert torch.equal(runs[0], runs[1])
+    # text-style context has no implied unconditional counterpart: still an error
+    with pytest.raises(ValueError, match="uncond"):
+        guided(net, Cond(labels=cond.labels, context=torch.zeros(4, 2, 8)), None, 2.0)
+
+
 def test_objective_sample_with_cfg_equals_explicit_composition():
     obj = DDPM()
     noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -260,6 +260,9 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         runs.append(
             {
                 **base,
+                # DESIGN's results-table keys: a sweep may search backbone.name itself
+                "experiment": r.get("experiment"),
+                "backbone": r.get("backbone"),
                 "point": r.get("point"),
                 "trial": r.get("trial"),
                 "attempt": r.get("attempt"),  # a retry's timings cover the rest of its run only
