@@ -152,14 +152,16 @@ def test_the_size_label_is_the_size_choice_when_the_sweep_has_one(tmp_path):
     assert scaling.tables([bare])[0]["size"].tolist() == ["d2-w64"]
 
 
-def test_scaling_runs_table_names_each_runs_experiment_and_backbone(tmp_path):
-    # DESIGN's results table: one row per run with experiment and backbone among its columns;
-    # a sweep whose space holds backbone.name is otherwise read from the `point` string only
+def test_scaling_runs_table_names_each_runs_experiment_not_its_overridden_preset(tmp_path):
+    # DESIGN's results table: one row per run with its experiment among the columns. The
+    # backbone's name is left out: a trial's sizes and patch override it (size L at patch 2
+    # read "dit-xs/4"), and depth, width, heads and patch name the model instead
     fake_sweep(tmp_path)
     recs = scaling.load_records(tmp_path)
-    recs[0] = {**recs[0], "experiment": "sweep-cpu", "backbone": "uvit-xs/4"}
+    recs[0] = {**recs[0], "experiment": "sweep-cpu", "backbone": "dit-xs/4"}
     runs, _, _ = scaling.tables(recs)
-    assert runs.loc[0, "experiment"] == "sweep-cpu" and runs.loc[0, "backbone"] == "uvit-xs/4"
+    assert runs.loc[0, "experiment"] == "sweep-cpu" and "backbone" not in runs
+    assert {"depth", "width", "heads", "patch"} <= set(runs)
 
 
 def test_isoflop_points_keep_the_lowest_loss_patch_per_budget_and_size():

@@ -260,9 +260,10 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         runs.append(
             {
                 **base,
-                # DESIGN's results-table keys: a sweep may search backbone.name itself
+                # DESIGN's results-table key. Not the backbone's name: that is the preset the
+                # trial's sizes and patch override (every cpu-profile trial is "dit-xs/4"), and
+                # the columns below name the model; a searched backbone.name is in `point`
                 "experiment": r.get("experiment"),
-                "backbone": r.get("backbone"),
                 "point": r.get("point"),
                 "trial": r.get("trial"),
                 "attempt": r.get("attempt"),  # a retry's timings cover the rest of its run only
