@@ -265,3 +265,129 @@ def test_bootstrap_resamples_whole_runs_never_single_points():
             run = label.split("#")[0]
             whole = pts[pts["run"] == run]
             np.testing.assert_array_equal(g["val_loss"].to_numpy(), whole["val_loss"].to_numpy())
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_of_every_converged_refit():
+    # a refit whose parameter is the resample's mean loss: the CI must be the 2.5/97.5%
+    # percentiles of exactly the values the converged refits returned (ok or not), never
+    # those of a refit that did not converge, nor a NaN
+    pts = pd.DataFrame(
+        {"run": np.repeat([f"r{i}" for i in range(6)], 2), "val_loss": np.arange(12.0) ** 1.5}
+    )
+    kept: dict[str, list[float]] = {"m": [], "sometimes_nan": []}
+    calls = []
+
+    def refit(d):
+        calls.append(len(d))
+        i, m = len(calls), float(d["val_loss"].mean())
+        status = "not converged" if i % 7 == 0 else "ill-conditioned" if i % 3 == 0 else "ok"
+        nan = math.nan if i % 5 == 0 else m
+        if status != "not converged":
+            kept["m"].append(m)
+            if i % 5:
+                kept["sometimes_nan"].append(nan)
+        return fits.Fit("x", "", {"m": m, "sometimes_nan": nan}, status, "", len(d))
+
+    ci, ok = fits.bootstrap(pts, refit, n_boot=300, seed=4)
+    assert calls == [12] * 300  # six whole runs of two points per resample
+    assert ok == pytest.approx(sum(1 for i in range(1, 301) if i % 7 and i % 3) / 300)
+    for k, v in kept.items():
+        assert ci[k] == pytest.approx(tuple(np.quantile(v, [0.025, 0.975])), rel=1e-12), k
+    assert ci["m"][0] < ci["m"][1]
+
+
+def test_a_concave_isoflop_profile_has_no_minimum():
+    # loss = 1 - 0.5 (log10 N - 5)^2: its vertex (log10 N = 5, inside the sizes) is a maximum
+    logn = np.linspace(4, 6, 5)
+    out = fits._parabola(logn, 1 - 0.5 * (logn - 5) ** 2)
+    assert out["c2"] == pytest.approx(-0.5)
+    assert not out["valid"] and out["why"] == "not convex"
+    flat = fits._parabola(logn, 1 - 1e-3 * (logn - 5) ** 2)  # barely concave: still no minimum
+    assert not flat["valid"] and flat["why"] == "not convex"
+
+
+def test_chinchilla_objective_is_the_huber_loss_of_the_log_residuals():
+    # Hoffmann et al.: sum of Huber_delta(log L_hat - log L), delta = 1e-3, quadratic up to
+    # delta and linear past it; a 20% outlier puts some residuals on each side
+    n, d = grid()
+    loss = chinchilla_law(n, d) * np.exp(np.random.default_rng(5).normal(0, 2e-3, len(n)))
+    loss[3] *= 1.2
+    f = fits.fit_chinchilla(n, d, loss)
+    r = np.log(f.predict(n, d)) - np.log(loss)
+    delta = 1e-3
+    assert fits.HUBER_DELTA == delta
+    assert (np.abs(r) > delta).any() and (np.abs(r) < delta).any()
+    huber = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * np.abs(r) - 0.5 * delta**2)
+    assert f.objective == pytest.approx(huber.sum(), rel=1e-6)
+
+
+def test_envelope_leaves_out_a_budget_with_no_finite_loss():
+    # every run diverged at 2e10: that budget has no frontier point (idxmin has no answer)
+    pts = pd.DataFrame(
+        {
+            "run": ["r0", "r1", "r0", "r1"],
+            "budget": [1e10, 1e10, 2e10, 2e10],
+            "train_flops": [1e10, 1e10, 2e10, 2e10],
+            "val_loss": [0.5, 0.4, np.nan, np.inf],
+        }
+    )
+    env = fits.envelope(pts)
+    assert env.to_dict("records") == [
+        {"budget": 1e10, "train_flops": 1e10, "val_loss": 0.4, "run": "r1"}
+    ]
+
+
+def test_an_isoflop_profile_needs_three_sizes_and_the_fit_three_budgets():
+    # two sizes determine no parabola (polyfit returns one of infinitely many, and a vertex
+    # anywhere); two vertices determine a line exactly, with nothing left to check it
+    two = fits._parabola(np.array([4.0, 5.0]), np.array([1.2, 1.0]))
+    assert not two["valid"] and two["why"] == "fewer than 3 sizes"
+    rows = []
+    for c in (1e8, 1e10):
+        v = np.log10(1e3 * c**0.5)
+        for ln in v + np.linspace(-1, 1, 5):
+            rows.append({"budget": c, "params": 10**ln, "val_loss": 1 + 0.3 * (ln - v) ** 2})
+    iso = fits.fit_isoflop(pd.DataFrame(rows))
+    assert iso.vertices["valid"].all()
+    assert iso.fit.status == "insufficient data" and iso.fit.value("a") is None
+
+
+def test_a_small_floor_is_fitted_not_rounded_to_zero():
+    # E is 0.7% of the lowest loss: small, but identified by noise-free data over seven
+    # decades, so it is an estimate of E, not "E = 0 on its lower bound"
+    c = np.geomspace(1e6, 1e13, 12)
+    loss = 1e-4 + 5.0 * c**-0.2
+    assert 1e-4 / loss.min() < 0.01
+    f = fits.fit_power_law(c, loss)
+    assert f.status == "ok", f
+    assert f.params["E"] == pytest.approx(1e-4, rel=1e-4)
+    assert f.params["alpha"] == pytest.approx(0.2, rel=1e-6)
+
+
+def test_a_zero_loss_or_size_is_left_out_like_a_non_finite_one():
+    # the fits take logs: log 0 = -inf would make every residual of the fit infinite
+    c = np.geomspace(1e10, 1e13, 8)
+    loss = 0.3 + 5.0 * c**-0.2
+    clean = fits.fit_power_law(c, loss)
+    dirty = fits.fit_power_law(np.append(c, [2e11, 0.0]), np.append(loss, [0.0, 0.5]))
+    assert dirty.ok and dirty.n_points == 8
+    assert dirty.params == pytest.approx(clean.params, rel=1e-9)
+
+
+def test_each_fits_predict_is_its_formula_at_the_reported_parameters():
+    # held-out checks and plots read predict(), the tables read params: they must agree
+    c = np.geomspace(1e10, 1e13, 8)
+    f = fits.fit_power_law(c, 0.3 + 5.0 * c**-0.2)
+    p = f.params
+    assert f.predict(3e11) == pytest.approx(p["E"] + p["A"] * 3e11 ** -p["alpha"], rel=1e-12)
+    n, d = grid()
+    g = fits.fit_chinchilla(n, d, chinchilla_law(n, d))
+    assert g.predict(3e5, 2e6) == pytest.approx(chinchilla_law(3e5, 2e6, g.params), rel=1e-12)
+    assert g.predict(3e5, 2e6) == pytest.approx(chinchilla_law(3e5, 2e6), rel=1e-6)
+    rows = []
+    for b in np.geomspace(1e8, 1e12, 5):
+        v = np.log10(1e3 * b**0.5)
+        for ln in v + np.linspace(-1, 1, 5):
+            rows.append({"budget": b, "params": 10**ln, "val_loss": 1 + 0.3 * (ln - v) ** 2})
+    iso = fits.fit_isoflop(pd.DataFrame(rows)).fit
+    assert iso.predict(1e13) == pytest.approx(1e3 * 1e13**0.5, rel=1e-6)

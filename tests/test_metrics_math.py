@@ -158,3 +158,24 @@ def test_precision_recall_count_a_point_on_a_balls_boundary_as_inside():
     real = np.arange(5.0)[:, None]  # radii (k = 3): 3, 2, 2, 2, 3
     fake = np.array([[7.0], [20.0], [21.0], [22.0], [23.0]])  # 7 = 4 + 3: on point 4's ball
     assert precision_recall(real, fake, k=3)[0] == pytest.approx(1 / 5)
+
+
+def test_fd_of_few_samples_uses_the_unbiased_covariance():
+    # pytorch-fid and clean-fid fit np.cov (N - 1 denominator): with N = 6 the biased one
+    # would shrink both covariances by 5/6, which the large-N convergence test cannot see
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((6, 3)), 2.0 * rng.standard_normal((6, 3)) + 1.0
+    mu, sigma = gaussian_stats(x)
+    c = x - x.mean(axis=0)
+    np.testing.assert_allclose(sigma, c.T @ c / 5, rtol=1e-12)
+    ref = [(f.mean(axis=0), (f - f.mean(axis=0)).T @ (f - f.mean(axis=0)) / 5) for f in (x, y)]
+    (m1, s1), (m2, s2) = ref
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert fd_from_features(x, y) == pytest.approx(expected, rel=1e-9)
+
+
+def test_precision_recall_with_k_samples_says_it_needs_more():
+    # k samples leave each point only k - 1 neighbours: no k-th neighbour radius exists
+    x = np.random.default_rng(8).normal(size=(3, 2))
+    with pytest.raises(ValueError, match="needs more than 3 samples per set"):
+        precision_recall(x, np.vstack([x, x]), k=3)
