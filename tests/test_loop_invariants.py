@@ -264,6 +264,17 @@ def test_csv_metrics_on_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
     assert [r["step"] for r in read_csv(path)] == ["2", "4", "6"]
 
 
+def test_read_metrics_drops_a_last_row_whose_last_value_was_cut_short(tmp_path):
+    # every field there, the last one cut ("0.1" of "0.1234"): only its missing newline tells
+    path = tmp_path / "metrics.csv"
+    log = CSVMetrics(path)
+    for step in (2, 4):
+        log.log_metrics({"train/loss": 0.5, "lr": 0.1}, step=step)
+    with path.open("a", newline="") as f:
+        f.write("6,0.1,0.1")  # step 6's row "6,0.1,0.1234\n", stopped before its end
+    assert [r["step"] for r in read_metrics(path)] == ["2", "4"]
+
+
 def test_csv_metrics_leaves_out_lightnings_epoch_counter(tmp_path):
     # Lightning adds "epoch" to whatever a module logs with self.log(logger=True); the step
     # stream has no epochs, and a column of zeros would only mislead.
@@ -492,6 +503,36 @@ def test_val_at_steps_timing_splits_add_up_to_the_wall_clock(monkeypatch):
     assert tracker.loop_seconds + tracker.val_seconds == now[0]
 
 
+def test_the_timer_counts_steps_and_waits_and_the_steady_steps_after_the_warmup(monkeypatch):
+    """run._Timer, on a clock set by hand: train_seconds is every step and every wait for a
+    batch (not the first, nor the validations between steps), data_seconds the waits, and the
+    steady count the steps after the session's first WARMUP_STEPS with their waits."""
+    from dit_bench.train import run as run_module
+
+    now = [0.0]
+    monkeypatch.setattr(run_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    module = SimpleNamespace(
+        device=torch.device("cpu"), devices=[], batch_done_at=None, wall_start=None,
+        train_seconds=0.0, data_seconds=0.0, steady_seconds=0.0, steady_steps=0,
+    )  # fmt: skip
+    steps = run_module.WARMUP_STEPS + 3
+    trainer = SimpleNamespace(global_step=0, max_steps=steps)
+    timer = run_module._Timer()
+    timer.on_train_start(trainer, module)
+    for step in range(1, steps + 1):
+        now[0] += 1.0  # waiting for the batch
+        timer.on_train_batch_start(trainer, module, None, step - 1)
+        now[0] += 2.0  # forward, backward, optimiser step
+        trainer.global_step = step
+        timer.on_train_batch_end(trainer, module, None, None, step - 1)
+        now[0] += 10.0  # validation, checkpoints (the callbacks after the timer)
+        module.batch_done_at = now[0]  # the module's own batch-end hook
+    assert module.data_seconds == (steps - 1) * 1.0
+    assert module.train_seconds == steps * 2.0 + (steps - 1) * 1.0
+    assert module.steady_steps == 3 and module.steady_seconds == 3 * (1.0 + 2.0)
+    assert len(module.devices) == 1
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
@@ -705,6 +746,8 @@ def test_progress_lines_come_every_interval_with_rate_and_time_left(capsys):
     ]
     _lines_at([0.0, 60.0], [0, 3990], max_steps=4000)  # not "100%" before the end
     assert capsys.readouterr().err.startswith("[w] step 3990/4000 (99%): ")
+    _lines_at([0.0, 60.0], [0, 100])  # the last step, its interval due: the summary's, no line
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_every_s_reads_the_environment(monkeypatch):

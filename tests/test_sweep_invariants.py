@@ -179,6 +179,16 @@ def test_budget_steps_by_hand_and_max_steps_keeps_a_budget_reached_at_the_cap(tm
     assert short.budgets == TINY["budgets"][:1] and short.cfg.train.steps == steps[0]
 
 
+def test_budgets_written_out_of_order_are_crossed_in_order(tmp_path):
+    # budget index i is the pruner's step i and the report's i-th point: ascending compute
+    shuffled = [TINY["budgets"][2], TINY["budgets"][0], TINY["budgets"][1]]
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml", budgets=shuffled))
+    assert sweep.spec.budgets == TINY["budgets"]
+    plan = sweep.plan({"size": "a", "backbone.patch_size": 4})
+    assert plan.budget_steps == sorted(plan.budget_steps)
+    assert plan.cfg.train.steps == plan.budget_steps[-1]
+
+
 # -- validate -----------------------------------------------------------------------------------
 def test_validate_checks_both_corners_of_a_range(tmp_path):
     base = tiny_base(depth=1, num_heads=2)
@@ -335,6 +345,16 @@ def test_workers_and_a_restarted_worker_draw_distinct_params_reproducibly(tmp_pa
     first = draws(tmp_path / "first")
     assert len(set(first)) == len(first), first
     assert draws(tmp_path / "again") == first  # per trial number: reproducible
+
+
+def test_trial_seeds_of_a_large_sweep_seed_are_ones_numpy_takes():
+    import numpy as np
+
+    from dit_bench.sweep import trial_seed
+
+    for seed, number in ((0, 0), (4295, 1), (10**9, 123)):
+        assert 0 <= trial_seed(seed, number) < 2**32
+        np.random.RandomState(trial_seed(seed, number))  # the samplers' state: 32-bit seeds
 
 
 def test_suggest_draws_a_budget_in_per_budget_mode(tmp_path):
@@ -781,6 +801,8 @@ def test_a_failed_trial_is_named_by_its_grid_point_and_how_it_failed(tmp_path):
         "same command again to retry it"
     )
     assert failure(lost, 0).endswith("lost 1 times (heartbeat.max_retry=0 retries spent)")
+    # at the boundary (attempt == max_retry) one retry is left (`Worker._retryable`): not spent
+    assert failure(lost, 1).endswith("not re-queued yet: run the same command again to retry it")
     # a stop is no lost worker, and spends no retry: it is re-queued whatever max_retry says
     stopped = copy.deepcopy(lost)
     stopped.set_user_attr("interrupted", True)
