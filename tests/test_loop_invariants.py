@@ -252,13 +252,18 @@ def test_csv_metrics_on_resume_drops_a_val_row_cut_short_in_its_rewrite(tmp_path
     ]
 
 
-def test_csv_metrics_on_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
-    path = tmp_path / "metrics.csv"
+def _two_rows_and(path, cut: str):
+    """metrics.csv with the rows of steps 2 and 4, then `cut`: a row a kill stopped short."""
     log = CSVMetrics(path)
     for step in (2, 4):
         log.log_metrics({"train/loss": 0.5, "lr": 0.1}, step=step)
     with path.open("a", newline="") as f:
-        f.write("1")  # step 10's row, killed after its first digit
+        f.write(cut)
+
+
+def test_csv_metrics_on_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.csv"
+    _two_rows_and(path, "1")  # step 10's row, killed after its first digit
     resumed = CSVMetrics(path, resume_step=4)
     resumed.log_metrics({"train/loss": 0.25, "lr": 0.1}, step=6)
     assert [r["step"] for r in read_csv(path)] == ["2", "4", "6"]
@@ -267,11 +272,7 @@ def test_csv_metrics_on_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
 def test_read_metrics_drops_a_last_row_whose_last_value_was_cut_short(tmp_path):
     # every field there, the last one cut ("0.1" of "0.1234"): only its missing newline tells
     path = tmp_path / "metrics.csv"
-    log = CSVMetrics(path)
-    for step in (2, 4):
-        log.log_metrics({"train/loss": 0.5, "lr": 0.1}, step=step)
-    with path.open("a", newline="") as f:
-        f.write("6,0.1,0.1")  # step 6's row "6,0.1,0.1234\n", stopped before its end
+    _two_rows_and(path, "6,0.1,0.1")  # step 6's row "6,0.1,0.1234\n", stopped before its end
     assert [r["step"] for r in read_metrics(path)] == ["2", "4"]
 
 

@@ -266,9 +266,8 @@ def test_a_report_of_an_unfinished_sweep_says_so(tmp_path):
     )
 
 
-def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
-    """The records and the unfinished-trials line come from one read of the storage (each study
-    loaded once: a PostgreSQL storage of many studies is not read twice)."""
+def _study_of_fake_sweep(tmp_path):
+    """fake_sweep's trials, finished, in an Optuna study file (as a sweep's storage holds them)."""
     import optuna
 
     fake_sweep(tmp_path / "runs")
@@ -279,6 +278,15 @@ def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
         for key, value in json.loads(path.read_text()).items():
             trial.set_user_attr(key, value)
         study.tell(trial, 1.0)
+    return db, study
+
+
+def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
+    """The records and the unfinished-trials line come from one read of the storage (each study
+    loaded once: a PostgreSQL storage of many studies is not read twice)."""
+    import optuna
+
+    db, study = _study_of_fake_sweep(tmp_path)
     study.ask()  # still running
     loads = []
     load_study = optuna.load_study
@@ -294,16 +302,7 @@ def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):
 def test_a_report_from_a_storage_url_names_no_password(tmp_path, monkeypatch):
     """report.md is committed and shared: its Source line shows the storage URL without the
     password it was read with, and so do the errors of a storage that cannot be read."""
-    import optuna
-
-    fake_sweep(tmp_path / "runs")
-    db = tmp_path / "study.db"
-    study = optuna.create_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
-    for path in sorted((tmp_path / "runs").rglob("trial.json")):
-        trial = study.ask()
-        for key, value in json.loads(path.read_text()).items():
-            trial.set_user_attr(key, value)
-        study.tell(trial, 1.0)
+    db, _ = _study_of_fake_sweep(tmp_path)
     studies = scaling.study_trials(f"sqlite:///{db}")
     url = "postgresql://ann:s3cret@db.example:5432/sweeps"
     with monkeypatch.context() as m:  # the PostgreSQL server stands in for the study file
