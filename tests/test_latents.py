@@ -87,6 +87,10 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     zf, _ = ds[20 + 3]
     wantf = vae.encode(img[None].flip(-1)).latent_dist.mean[0] * m["scaling_factor"]
     assert torch.allclose(zf, wantf, atol=1e-5)
+    # the first mirror too (item n: the boundary between originals and mirrors)
+    img0 = full_dataset(folder_cfg(image_folder))[0][0]
+    want0 = vae.encode(img0[None].flip(-1)).latent_dist.mean[0] * m["scaling_factor"]
+    assert torch.allclose(ds[20][0], want0, atol=1e-5)
     # Spawned loader workers get a pickled copy: it maps the shards again, same items.
     import pickle
 

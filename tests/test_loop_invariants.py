@@ -568,6 +568,11 @@ def test_the_fixed_validation_set_holds_eval_val_images_images():
     data.setup()
     assert len(data.val_set.dataset) > 16  # the held-out split is larger: a real cut
     assert sum(len(y) for _, y in data.fixed_val_loader()) == 16
+    # in the split's order, every time: the val loss of step k and step k' compare the same
+    # images, batched alike (a shuffled loader would draw its order from the global RNG)
+    in_order = [data.val_set[i][1] for i in range(16)]
+    for _ in range(2):
+        assert torch.cat([y for _, y in data.fixed_val_loader()]).tolist() == in_order
 
 
 # -- the bf16 residual stream ---------------------------------------------------------------------
