@@ -28,7 +28,9 @@ profiles:                           # how big: cpu (minutes here) and gpu (paper
 
 A run's config is, in order: base, profile `set`, the variant's keys (the profile's own keys for
 that variant last), `--set` items from the command line, `seed`; `experiment` is
-`<name>-<profile>`. There is no inheritance beyond that one level.
+`<name>-<profile>`. There is no inheritance beyond that one level. The profile's `set` is a
+layer of its own: a variant's `objective.name` or `backbone.name` starts that section afresh
+from it.
 
 Running reuses `train()`: runs are named by config hash, so a finished run is skipped and an
 interrupted one resumes exactly; the ablation adds only `labels.json` (variant, seed, ablation)
@@ -51,9 +53,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dit_bench.config import (
+    EXECUTION_KEYS,
+    HASHED_AS_DEFAULT,
     USER_ERRORS,
     ConfigError,
     ExperimentConfig,
+    apply_overrides,
     build_config,
     parse_override,
     read_yaml,
@@ -76,6 +81,8 @@ FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
 METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+|val_FID")
 PROFILE_KEYS = {"description", "set", "variants", "seeds", "metrics"}
+# keys left out of a run's hash: two variants differing only in them are one config
+EXECUTION_KEY_NAMES = {f"{s}.{k}" for s, k, *_ in (*EXECUTION_KEYS, *HASHED_AS_DEFAULT)}
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,13 @@ def val_levels(cfg: ExperimentConfig) -> int:
 
 def _seeds(raw: Any, where: str, source: str) -> tuple[int, ...]:
     if isinstance(raw, int) and not isinstance(raw, bool):
-        raw = [raw]
+        # `seeds: 3` reads as "three seeds" and ran one, seed 3: a report without error bars
+        count = ", ".join(map(str, range(raw))) if raw <= 5 else f"0, 1, ..., {raw - 1}"
+        raise _err(
+            source,
+            f"{where}: {raw} is one number, not a list of seeds; write [{raw}] for seed {raw} "
+            "alone" + (f", or [{count}] for {raw} seeds" if raw > 1 else ""),
+        )
     if (
         not isinstance(raw, list)
         or not raw
@@ -296,15 +309,23 @@ def load_ablation(
         if problem := unknown_key(parse_override(item)[0]):
             raise _err(source, f"--set {item}: {problem}")
     experiment = f"{name}-{profile}"
+    # The profile's keys are a layer of their own, under the variants': a variant that switches
+    # objectives (objective.name) or families (backbone.name) starts that section afresh, as
+    # from a base with those keys written in. Applied with the variant's, a profile's
+    # `objective.schedule` was carried into a flow variant, which has no such key.
+    try:
+        base = apply_overrides(base, _override_items(prof_set))
+    except ConfigError as e:
+        raise _err(source, f"profiles.{profile}.set: {e}") from None
     runs: list[PlannedRun] = []
     first_seed_hash: dict[str, str] = {}
+    given: dict[str, dict[str, Any]] = {}  # each variant's own keys
     for variant, keys in variants.items():
         keys = {
             **keys,
             **_dotted(prof_variants.get(variant), f"profiles.{profile}.variants.{variant}", source),
         }
         items = [
-            *_override_items(prof_set),
             *_override_items(keys),
             *overrides,
             f"experiment={experiment}",
@@ -318,12 +339,23 @@ def load_ablation(
         h = unseeded_hash(runs[-1].cfg)
         for other, oh in first_seed_hash.items():
             if oh == h:
+                # a compile-vs-eager ablation: say why the two are one config
+                unhashed = sorted((set(keys) | set(given[other])) & EXECUTION_KEY_NAMES)
+                one = len(unhashed) == 1
+                why = (
+                    f": {', '.join(unhashed)} only {'says' if one else 'say'} how a run "
+                    f"executes, not what it computes, and {'is' if one else 'are'} left out of "
+                    "its hash (compare their speed with `dit-bench bench`)"
+                    if unhashed
+                    else " (do their keys repeat values the config has already?)"
+                )
                 raise _err(
                     source,
                     f"variants {other!r} and {variant!r} resolve to the same config "
-                    f"(profile {profile}); they would share their runs",
+                    f"(profile {profile}); they would share their runs{why}",
                 )
         first_seed_hash[variant] = h
+        given[variant] = keys
         for m in metrics:  # a metric the runs do not log would only show up in the report
             if m.startswith(("val_FD-", "val_FID")) and m != (logged := fd_metric(runs[-1].cfg)):
                 raise _err(

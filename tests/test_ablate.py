@@ -115,14 +115,41 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
     assert parse_seeds("0,1,2") == (0, 1, 2) and parse_seeds("2-4") == (2, 3, 4)
 
 
+def test_a_variant_switching_objective_or_family_starts_afresh_from_the_profiles_keys(tmp_path):
+    # the profile's keys lie under the variant's: its DDPM schedule and DiT conditioning are
+    # not carried into a flow variant or a U-Net variant
+    path = write_ablation(
+        tmp_path,
+        variants={
+            "ddpm": {},
+            "flow": {"objective.name": "flow"},
+            "unet": {"backbone.name": "unet-xs"},
+        },
+        profiles={
+            "cpu": {"set": {"objective.schedule": "cosine", "backbone.conditioning": "adaln"}}
+        },
+    )
+    by = {r.variant: r.cfg for r in load_ablation(path, "cpu", seeds=[0]).runs}
+    assert by["ddpm"].objective.schedule == "cosine" and by["ddpm"].backbone.conditioning == "adaln"
+    assert by["flow"].objective.name == "flow" and by["flow"].backbone.conditioning == "adaln"
+    assert by["unet"].backbone.conditioning == "adagn" and by["unet"].objective.schedule == "cosine"
+
+
 @pytest.mark.parametrize(
     "changes, words",
     [
         ({"variants": {"a": {"backbone.conditioning": "film"}}}, ["variant 'a'", "conditioning"]),
         ({"variants": {"a": {"train.stepz": 3}}}, ["variant 'a'", "stepz", "unknown key"]),
         ({"variants": {"a": {}, "b": {"train.steps": 6}}}, ["'a' and 'b'", "same config"]),
+        # compiled vs eager: an execution key, left out of the hash
+        (
+            {"variants": {"eager": {}, "compiled": {"train.compile": True}}},
+            ["share their runs: train.compile only says how a run executes", "dit-bench bench"],
+        ),
         ({"base_variant": "zzz"}, ["base_variant"]),
         ({"seeds": [0, 0]}, ["repeated"]),
+        # a count reads as "three seeds"; it ran one, seed 3
+        ({"seeds": 3}, ["seeds: 3 is one number", "[3] for seed 3", "[0, 1, 2] for 3 seeds"]),
         ({"colour": 1}, ["unknown keys", "colour"]),
         # a mapping would replace the base's whole backbone section (its name too)
         ({"variants": {"a": {"backbone": {"conditioning": "adaln"}}}}, ["backbone.conditioning"]),

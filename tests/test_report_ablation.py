@@ -121,6 +121,40 @@ def test_report_says_when_batch_sizes_keep_the_noise_from_being_shared(tmp_path)
     assert "the variants' train.batch_size differ" in md and "noise is not shared" in md
 
 
+def test_report_says_when_variants_train_for_different_budgets(tmp_path):
+    # e.g. patch sizes at equal compute: the final values compare 300 steps with 900
+    source = make_source(tmp_path)
+    for summary in source.glob("*in_context*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "steps": 900}))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "**The variants train for different budgets** (steps x batch: " in md
+    assert "adaln_zero 300 x 32, adaln 300 x 32, in_context 900 x 32" in md
+    plain = build_report(make_source(tmp_path / "b"), tmp_path / "rb").read_text()
+    assert "different budgets" not in plain
+
+
+def test_report_says_when_variants_validate_on_other_images(tmp_path):
+    # a variant at another resolution: its val loss is measured on other images
+    source = make_source(tmp_path)
+    for config in source.glob("*in_context*/config.yaml"):
+        cfg = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**cfg, "data": {"image_size": 8}}))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "same validation images and noise" not in md
+    assert "not on the same validation images: the variants' data.image_size differ" in md
+
+
+def test_report_does_not_call_a_val_loss_of_another_scale_worse(tmp_path):
+    # a 2x2 objective x conditioning: the flow variant's velocity MSE against a DDPM base
+    source = make_source(tmp_path)
+    for summary in source.glob("*/summary.json"):
+        objective = "flow" if "in_context" in summary.parent.name else "ddpm"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "objective": objective}))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "Not like for like: in_context's val_loss is flow's MSE and adaln_zero's is ddpm's" in md
+    assert "adaln's val_loss is" not in md  # one scale with the base: its verdict stands
+
+
 def test_report_without_a_plan_uses_the_labels(tmp_path):
     source = make_source(tmp_path)
     (source / "ablation.json").unlink()

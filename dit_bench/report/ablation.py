@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,28 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
 
 
 # -- tables -------------------------------------------------------------------------------------
+# the config keys that pick a run's validation images (and training data)
+VAL_IMAGE_KEYS = tuple(
+    f"cfg.{k}"
+    for k in (
+        "data.name",
+        "data.image_size",
+        "data.root",
+        "data.val_fraction",
+        "data.split_seed",
+        "data.split_by",
+        "data.num_samples",
+        "eval.val_images",
+    )
+)
+
+
+def differing(runs: pd.DataFrame, cols: Sequence[str]) -> list[str]:
+    """The columns of `cols` (those in `runs`) whose values differ between runs."""
+    # as text: a null (data.image_size: the native size) is one value, not a missing one
+    return [c for c in cols if c in runs and runs[c].map(str).nunique() > 1]
+
+
 def cost_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     cols = {
         "backbone": "first",
@@ -585,11 +608,19 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     )
     # The validation noise is drawn per validation batch of train.batch_size: shared between
     # variants only when their batch sizes agree.
-    shared = "same validation images and noise"
-    if "batch_size" in runs and runs["batch_size"].nunique() > 1:
+    shared = "same validation images and noise, same data order"
+    if other_images := differing(runs, VAL_IMAGE_KEYS):
+        # a variant of another resolution or data set validates on other images: its pairs
+        # share a seed, not the quantity measured
+        keys = ", ".join(c.removeprefix("cfg.") for c in other_images)
+        shared = (
+            f"but not on the same validation images: the variants' {keys} differ, so each "
+            "pair compares losses on other images and other training data"
+        )
+    elif "batch_size" in runs and runs["batch_size"].nunique() > 1:
         shared = (
             "same validation images; the variants' train.batch_size differ, and with it the "
-            "batching of the validation noise, so the noise is not shared"
+            "batching of the validation noise, so the noise is not shared; same data order"
         )
     md += [
         "Made with:",
@@ -631,7 +662,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         f"every metric. Intervals are two-sided {int(LEVEL * 100)}% t intervals over seeds "
         "(n - 1 degrees of freedom); "
         + (
-            f"comparisons are paired by seed ({shared}, same data order), paired t-test, "
+            f"comparisons are paired by seed ({shared}), paired t-test, "
             f"alpha = {1 - LEVEL:.2f} per comparison (the distinguishable column: expect about "
             f"one false call in {round(1 / (1 - LEVEL))} comparisons of truly equal variants); "
             f"with {len(set(order) - {base})} comparisons per metric, the after-Holm column "
@@ -666,9 +697,36 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         if len(scales) > 1
         else []
     )
+    scale_of = {v: k for k, vs in scales.items() for v in vs}
+
+    def off_scale(variant: str, m: str) -> str:
+        # "higher (worse)" of a flow variant's velocity MSE against a DDPM base's eps MSE
+        # compares two quantities, not two fits
+        if not m.startswith("val_loss") or scale_of.get(variant) == scale_of.get(base):
+            return ""
+        return (
+            f" Not like for like: {variant}'s {m} is {scale_of.get(variant)}'s MSE and "
+            f"{base}'s is {scale_of.get(base)}'s (other scales), so this difference says "
+            "nothing of which trains better; compare them by FD."
+        )
+
     md += [f"## Ranking by final {primary}", ""]
     if primary.startswith("val_loss"):
         md += scale_note
+    if {"steps", "batch_size"} <= set(runs) and (runs["steps"] * runs["batch_size"]).nunique() > 1:
+        # final values after unequal numbers of images: the longer-trained variant wins for its
+        # budget too (equal steps x batch is one budget, however it is split)
+        budgets = runs.groupby("variant", sort=False)[["steps", "batch_size"]].first()
+        md += [
+            "**The variants train for different budgets** (steps x batch: "
+            + ", ".join(
+                f"{v} {b['steps']:.0f} x {b['batch_size']:.0f}" for v, b in budgets.iterrows()
+            )
+            + "): each is ranked and compared at its own last step, so a difference mixes the "
+            "variants' own effect with the longer training; the curves against training FLOPs "
+            "compare them at equal compute.",
+            "",
+        ]
     if uneven:
         md += [
             "The variants' means rest on different seeds (see the seeds column): the ranking "
@@ -786,7 +844,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
                 "",
             ]
             tested = int(p["p_value"].notna().sum())  # Holm's family: the comparisons tested
-            md += [f"- {r.verdict}{_holm_note(r, tested)}" for r in p.itertuples()] + [""]
+            md += [
+                f"- {r.verdict}{_holm_note(r, tested)}{off_scale(r.variant, m)}"
+                for r in p.itertuples()
+            ] + [""]
 
     md += ["## Cost", ""]
     # runs of several devices in one folder: each variant's throughput names its device(s)
