@@ -536,7 +536,45 @@ def load_sweep(
             )
     sweep = Sweep(spec, source, tuple(overrides))
     build_config(sweep.base_raw())  # the base itself, with a message naming the bad key
+    if problem := _preset_sizes_overridden(sweep, searched):
+        raise _err(source, problem)
     return sweep
+
+
+def _preset_sizes_overridden(sweep: Sweep, searched: dict[str, str]) -> str | None:
+    """Why a searched preset name would not train its preset: the base (or --set) gives one of
+    its sizes, which a trial's `backbone.name` does not undo (a size is an override on whatever
+    preset is named). `backbone.name: [dit-xs/2, dit-s/8]` over a base with `patch_size: 4`
+    trained both at patch 4, labelled /2 and /8. A size the space itself sets is meant."""
+    from dit_bench.backbones import OVERRIDE_KEYS, PRESETS
+
+    given = sweep.base_raw().get("backbone") or {}
+    given = {k: given[k] for k in OVERRIDE_KEYS if given.get(k) is not None}
+    for param, entry in sweep.spec.space.items():
+        if not isinstance(entry, Choices):
+            continue
+        if isinstance(entry.choices, dict):
+            named = {lab: b for lab, b in entry.choices.items() if "backbone.name" in b}
+        elif param == "backbone.name":
+            named = {name: {"backbone.name": name} for name in entry.choices}
+        else:
+            continue
+        for label, bundle in named.items():
+            name = bundle["backbone.name"]
+            preset = PRESETS.get(name, {})
+            what = name if label == name else f"{label} names preset {name}"
+            for k, v in given.items():
+                key = f"backbone.{k}"
+                if key in bundle or key in searched or k not in preset:
+                    continue
+                if json.loads(json.dumps(preset[k])) != v:
+                    return (
+                        f"space.{param}: {what} ({k} {preset[k]}), but the base sets "
+                        f"{key}={v!r}, which every trial "
+                        f"keeps over its preset's; drop {key} from the base (and --set), or "
+                        "set it in the space"
+                    )
+    return None
 
 
 # -- storage and claims -------------------------------------------------------------------------

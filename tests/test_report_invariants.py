@@ -168,7 +168,7 @@ def test_isoflop_points_keep_the_lowest_loss_patch_per_budget_and_size():
     rng = np.random.default_rng(0)
     points = pd.DataFrame(
         [
-            {"budget": b, "size": s, "patch": p, "val_loss": float(rng.uniform(1, 2))}
+            {"budget": b, "train_flops": b, "size": s, "patch": p, "val_loss": rng.uniform(1, 2)}
             for b in (1e10, 2e10)
             for s in ("S", "M")
             for p in (2, 4, 8)

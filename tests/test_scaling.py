@@ -427,3 +427,99 @@ def test_tick_labels_of_the_figures_log_axes_do_not_overlap(tmp_path, tick_label
     result = scaling.fit_all(points, n_boot=2)
     made = scaling.figures(runs, points, curves, result, tmp_path)
     assert tick_label_overlaps == {name: [] for name in made}
+
+
+def _figure_points(tmp_path, monkeypatch, edit) -> dict[str, tuple[int, str]]:
+    """Points drawn on each figure's first axes, and its title, for trial records `edit`ed."""
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs")
+    for f in (tmp_path / "runs").glob("*/trial.json"):
+        f.write_text(json.dumps(edit(json.loads(f.read_text()))))
+    drawn = {}
+
+    def spy(fig, path, *args, **kw):
+        ax = fig.axes[0]
+        n = sum(len(c.get_offsets()) for c in ax.collections)
+        drawn[Path(path).name] = (n, ax.get_title())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
+    return drawn
+
+
+def test_the_figures_of_a_unet_sweep_show_its_points(tmp_path, monkeypatch):
+    """The ADM U-Net has no patch: its trial records say `patch: null`, and the figures, styled
+    by patch, left out every point (an empty loss-vs-compute plot)."""
+
+    def unet(rec):  # the U-Net's tokens are its input pixels: 64 x 64 for "patch" 2, 32 x 32
+        side = 64 if rec["patch"] == 2 else 32
+        return {**rec, "patch": None, "image_size": side, "tokens": side * side}
+
+    drawn = _figure_points(tmp_path, monkeypatch, unet)
+    assert drawn["loss_vs_flops.png"][0] == 8 * len(BUDGETS)
+    assert drawn["loss_vs_macs.png"][0] == 8
+    assert drawn["predicted_vs_actual.png"][0] > 0
+    assert "marker: resolution" in drawn["loss_vs_flops.png"][1]
+
+
+def test_the_figures_tell_apart_runs_at_several_resolutions_of_one_patch(tmp_path, monkeypatch):
+    """A sweep over data.image_size at a fixed patch: one size at 16 and 32 px had one colour
+    and one marker, and the title said the marker was the patch, which did not vary."""
+
+    def resolution(rec):
+        side = 32 if rec["patch"] == 2 else 16
+        return {**rec, "patch": 4, "image_size": side}
+
+    drawn = _figure_points(tmp_path, monkeypatch, resolution)
+    assert "marker: patch @ resolution" in drawn["loss_vs_flops.png"][1]
+    assert drawn["loss_vs_flops.png"][0] == 8 * len(BUDGETS)
+
+
+def test_an_isoflop_slice_leaves_out_points_far_past_its_budget(tmp_path):
+    """A point is the val loss at the step that crosses its budget; where one step passes the
+    budget it lies far beyond it (XL/2 here: 3.1x at 1e10; a U-Net at batch 16: 115x, its one
+    step standing at two budgets). The envelope and L(N, D) put a point at its own compute and
+    tokens, an IsoFLOP slice at the budget: there it was set beside runs that spent the budget."""
+    fake_sweep(tmp_path / "runs")
+    _, points, _ = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    assert (points["train_flops"] > 3 * points["budget"]).any()  # in the points all the same
+    slices = scaling._isoflop_points(points)
+    assert (slices["train_flops"] <= 1.5 * slices["budget"]).all()
+    assert set(slices.loc[slices["budget"] == BUDGETS[0], "size"]) == {"S", "M", "L"}
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=4)
+    text = (out / "report.md").read_text()
+    assert "Left out of the IsoFLOP slices: 6 (run, budget) point(s)" in text
+    assert "(up to 3.07x, in 3 run(s)" in text
+
+
+def test_a_report_of_runs_at_several_resolutions_says_the_fits_pool_them(tmp_path):
+    """A sweep over data.image_size: the runs table showed the same size and patch with other
+    token counts and no resolution, and nothing said that the fits (the IsoFLOP's "best patch
+    per size" too) compared losses of images at different resolutions."""
+    fake_sweep(tmp_path / "runs")
+    for f in (tmp_path / "runs").glob("*/trial.json"):
+        rec = json.loads(f.read_text())
+        f.write_text(json.dumps({**rec, "image_size": 32 if rec["patch"] == 2 else 16}))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=4)
+    text = (out / "report.md").read_text()
+    assert "Resolutions: 16, 32 px. A val loss is of its run's own images" in text
+    runs = text.split("## Runs")[1].split("\n\n")[1].splitlines()
+    assert runs[0].startswith("| size | patch | px | tokens |")
+    assert len({row.count("|") for row in runs}) == 1
+
+
+def test_the_runs_table_names_the_parameters_beside_size_and_patch(tmp_path):
+    """A tpe sweep over optim.lr (or a seed axis): its runs table listed each size and patch
+    several times over with nothing to tell the rows apart."""
+    fake_sweep(tmp_path / "runs")
+    for i, f in enumerate(sorted((tmp_path / "runs").glob("*/trial.json"))):
+        rec = json.loads(f.read_text())
+        point = f"{rec['point']},optim.lr={1e-3 * (i + 1) / 3},seed={i % 2}"
+        f.write_text(json.dumps({**rec, "point": point, "trial_params": None}))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=4)
+    runs = (out / "report.md").read_text().split("## Runs")[1].split("\n\n")[1].splitlines()
+    assert runs[0].endswith("| state | other parameters |")
+    assert "| optim.lr=0.000333, seed=0 |" in "\n".join(runs)
+    assert len({row.count("|") for row in runs}) == 1

@@ -434,6 +434,25 @@ def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
     assert runs["size"].nunique() == 3  # the two dit-xs share a size; their patches differ
 
 
+def test_a_sweep_over_preset_names_refuses_a_base_size_that_every_preset_would_keep(tmp_path):
+    # A size in the base is an override on whatever preset a trial names: over a base with
+    # patch_size 4, "dit-xs/2" and "dit-s/8" both trained at patch 4 (16 tokens), under their
+    # names; the report's patch column said 4 for both.
+    space = {"backbone.name": {"choices": ["dit-xs/2", "dit-s/8"]}}
+    base = json.loads(json.dumps(TINY["base"]))
+    base["backbone"]["patch_size"] = 4
+    with pytest.raises(ConfigError, match=r"space.backbone.name: dit-xs/2 \(patch_size 2\), but"):
+        load_sweep(write_tiny(tmp_path / "b.yaml", space=space, base=base))
+    with pytest.raises(ConfigError, match="sets backbone.depth=1, which every trial keeps"):
+        load_sweep(write_tiny(tmp_path / "s.yaml", space=space), overrides=["backbone.depth=1"])
+    # sizes the space sets (a bundle with the name, another axis) are meant
+    bundles = {"size": {"choices": {"a": {"backbone.name": "dit-xs/2", "backbone.patch_size": 4}}}}
+    load_sweep(write_tiny(tmp_path / "m.yaml", space=bundles, base=base))
+    load_sweep(write_tiny(tmp_path / "p.yaml", space={**space, "backbone.patch_size": {
+        "choices": [2, 4]}}, base=base))  # fmt: skip
+    load_sweep(write_tiny(tmp_path / "a.yaml", space=space, base=TINY["base"]))
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell by hand, not optimize
 def test_a_lost_trial_is_retried_max_retry_times_and_an_erroring_one_never(tmp_path):
     from dit_bench.sweep import Worker

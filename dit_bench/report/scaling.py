@@ -237,6 +237,19 @@ def data_tokens(r: dict) -> int:
     return r.get("tokens") or 1
 
 
+# A run's point at a budget is the val loss at the step that crosses it, which overshoots the
+# budget: from three steps on by at most 1.5x, without bound where one step passes the budget.
+# The envelope and L(N, D) place a point at its own compute and tokens; an IsoFLOP slice places
+# it at the budget, so a point beyond this factor is left out of the slices (a U-Net at batch
+# 16 stood in the slice of 1e9 with its first step's 1.15e11 FLOPs), and the report says so.
+BUDGET_OVERSHOOT = 1.5
+
+
+def overshot(points: pd.DataFrame) -> pd.Series:
+    """Points whose compute exceeds their budget by more than BUDGET_OVERSHOOT."""
+    return points["train_flops"] > BUDGET_OVERSHOOT * points["budget"]
+
+
 def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, points, curves): one row per run; per run and budget; per run and val step.
     Every run is in `runs` with its state; `points` and `curves` (what the fits and figures
@@ -334,7 +347,9 @@ def _envelope_fit(points: pd.DataFrame, name: str) -> fits.Fit:
 
 
 def _isoflop_points(points: pd.DataFrame) -> pd.DataFrame:
-    # per (budget, size): the best patch (the compute-optimal token count for that size)
+    # per (budget, size): the best patch (the compute-optimal token count for that size),
+    # among the points that spent about that budget
+    points = points[~overshot(points)]
     idx = points.groupby(["budget", "size"])["val_loss"].idxmin()
     return points.loc[idx]
 
@@ -523,6 +538,28 @@ def _size_order(runs: pd.DataFrame) -> list[str]:
     return list(runs.groupby("size")["params"].mean().sort_values().index)
 
 
+def _token_axis(points: pd.DataFrame) -> str:
+    """What the figures' markers tell apart: the patch, as DiT's figures do. A U-Net has no
+    patch, and seaborn leaves out every point whose style is missing: its figures were empty.
+    Runs at several resolutions of one patch have other token counts (and other data) under one
+    marker: their marker names the resolution too."""
+    if points["patch"].isna().all():
+        return "resolution"
+    if points["patch"].isna().any() or points["image_size"].nunique() > 1:
+        return "patch @ resolution"
+    return "patch"
+
+
+def _with_token_axis(frame: pd.DataFrame, axis: str) -> pd.DataFrame:
+    if axis == "patch":
+        return frame
+    side = frame["image_size"].map(lambda s: "?" if pd.isna(s) else f"{int(s)} px")
+    if axis == "resolution":
+        return frame.assign(**{axis: side})
+    patch = frame["patch"].map(lambda p: "-" if pd.isna(p) else f"/{p:g}")
+    return frame.assign(**{axis: patch + " @ " + side})
+
+
 def figures(runs, points, curves, result, out: Path) -> list[str]:
     import matplotlib
 
@@ -532,10 +569,12 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
 
     sns.set_theme(style="whitegrid", context="notebook")
     order = _size_order(runs)
-    patches = sorted(points["patch"].unique())
+    marker = _token_axis(points)
+    points, curves = _with_token_axis(points, marker), _with_token_axis(curves, marker)
+    patches = sorted(points[marker].unique())
     # one encoding for every figure: a size keeps its colour and a patch its marker throughout
     by_size_patch = dict(
-        hue="size", hue_order=order, style="patch", style_order=patches, palette="viridis"
+        hue="size", hue_order=order, style=marker, style_order=patches, palette="viridis"
     )
     made = []
 
@@ -571,7 +610,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         yscale="log",
         xlabel="training FLOPs C (3 x forward x images)",
         ylabel="val loss",
-        title="Loss vs training compute (colour: size, marker: patch)",
+        title=f"Loss vs training compute (colour: size, marker: {marker})",
     )
     ax.legend(fontsize=8, ncol=2)
     readable_log_ticks(fig)
@@ -688,7 +727,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
             x="val_loss",
             y="predicted",
             hue="fit",
-            style="patch",
+            style=marker,
             ax=axes[0],
             s=35,
         )
@@ -807,6 +846,22 @@ def devices_line(runs: pd.DataFrame) -> str:
     return "; ".join(f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in sorted(counts.items()))
 
 
+def _other_parameters(point) -> str:
+    """A trial's parameters beside its size and patch (a tpe sweep's lr, a seed axis): without
+    them the runs table listed one size and patch several times over, telling nothing apart."""
+    shown = ("size=", "backbone.patch_size=")
+    parts = [kv for kv in (point or "").split(",") if "=" in kv and not kv.startswith(shown)]
+    out = []
+    for kv in parts:
+        key, value = kv.split("=", 1)
+        try:
+            value = f"{float(value):.3g}" if "." in value or "e" in value else value
+        except ValueError:
+            pass
+        out.append(f"{key}={value}")
+    return ", ".join(out)
+
+
 def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -> str:
     ft = result["fits"]
     env, ch = result.get("envelope_fit"), result.get("chinchilla")
@@ -819,12 +874,28 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
     if not unfinished and len(left_out):  # a runs folder: no study to ask, the records say it
         states = ", ".join(f"{n} {k}" for k, n in sorted(left_out["state"].value_counts().items()))
         unfinished = [f"{len(left_out)} trial(s) not finished ({states})"]
+    over = points[overshot(points)] if len(points) else points
+    sides = sorted(runs["image_size"].dropna().unique()) if "image_size" in runs else []
+    others = runs["point"].map(_other_parameters) if "point" in runs else pd.Series(dtype=str)
+    others = others if others.astype(bool).any() else None
     lines = [
         "# Scaling-law report",
         "",
         f"Source: `{source}`{named} ({len(runs)} runs, {len(points)} (run, budget) points, "
         f"budgets {', '.join(f'{b:.3g}' for b in sorted(points['budget'].unique()))} FLOPs).",
         "",
+        *(
+            [
+                f"Left out of the IsoFLOP slices: {len(over)} (run, budget) point(s) whose "
+                f"step crossing the budget spent more than {BUDGET_OVERSHOOT:g}x it (up to "
+                f"{(over['train_flops'] / over['budget']).max():.3g}x, in "
+                f"{over['run'].nunique()} run(s) whose first steps pass those budgets: larger "
+                "budgets, or a smaller batch, measure them).",
+                "",
+            ]
+            if len(over)
+            else []
+        ),
         *(
             [
                 "**Incomplete sweep**: the fits use the finished trials only; "
@@ -835,6 +906,18 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
             if unfinished
             else []
         ),  # fmt: skip
+        *(
+            [
+                f"Resolutions: {', '.join(f'{x:g}' for x in sides)} px. A val loss is of its "
+                "run's own images, so losses at two resolutions are of different data, and "
+                "every fit below pools them (the IsoFLOP 'best patch per size' picks among "
+                "resolutions too): report each resolution's runs apart (their own sweep, or "
+                "a runs folder of their own) where that matters.",
+                "",
+            ]
+            if len(sides) > 1
+            else []
+        ),
         f"Trained on: {devices_line(runs)}.",
         "",
         f"Compute convention: {COMPUTE_CONVENTION}",
@@ -905,15 +988,22 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "",
         "## Runs",
         "",
-        "| size | patch | tokens | params | fwd MACs | steps | final val loss | state |"
-        + (" device |" if several else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if several else ""),
+        "| size | patch |"
+        + (" px |" if len(sides) > 1 else "")
+        + " tokens | params | fwd MACs | steps | final val loss | state |"
+        + (" device |" if several else "")
+        + (" other parameters |" if others is not None else ""),
+        "|---|---|---|---|---|---|---|---|"
+        + ("---|" * (int(len(sides) > 1) + int(several) + int(others is not None))),
     ]
     for r in runs.sort_values(["params", "patch"]).itertuples():
         lines.append(
-            f"| {r.size} | {r.patch} | {r.tokens} | {r.params:,} | {r.macs:,} | {_steps(r)} | "
+            f"| {r.size} | {r.patch} |"
+            + (f" {r.image_size} |" if len(sides) > 1 else "")
+            + f" {r.tokens} | {r.params:,} | {r.macs:,} | {_steps(r)} | "
             f"{_num(r.val_loss, '.4f')} | {r.state} |"
             + (f" {r.device if isinstance(r.device, str) else 'not recorded'} |" if several else "")
+            + (f" {others[r.Index]} |" if others is not None else "")
         )
     if o:
         frac60 = o["overhead_median_s"] / 60
