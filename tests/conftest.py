@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import resource
 import signal
 from pathlib import Path
@@ -9,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+# The collector pass `train` makes after each run (0.3 s with torch and Lightning loaded) would
+# cost the suite's hundreds of tiny runs minutes; the test of that pass turns it back on. Set
+# here, so the CLI's subprocesses inherit it too.
+os.environ.setdefault("DIT_BENCH_GC_AFTER_RUN", "0")
 
 
 @pytest.fixture

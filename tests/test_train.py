@@ -1305,6 +1305,7 @@ def test_runs_in_one_process_free_the_models_of_the_runs_before(tmp_path, monkey
 
     from dit_bench.train.module import DiffusionModule
 
+    monkeypatch.setenv("DIT_BENCH_GC_AFTER_RUN", "1")  # conftest turns it off for the suite
     made = []
 
     class Recorded(DiffusionModule):

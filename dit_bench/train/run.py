@@ -744,8 +744,13 @@ def train(
         # run's net, EMA copy and optimiser state stayed in host memory (130 MB a run for an
         # 11M-parameter DiT; about 8 GB a DiT-XL/2 trial). The pass takes about 0.5 s. A run
         # stopped by an exception (a pruned trial) is held by its traceback here, and goes
-        # at the next run's pass.
-        gc.collect()
+        # at the next run's pass. ($DIT_BENCH_GC_AFTER_RUN=0 skips it: the test suite's
+        # hundreds of tiny runs, 0.3 s a pass with torch and Lightning loaded.)
+        if os.environ.get(GC_AFTER_RUN_ENV) != "0":
+            gc.collect()
+
+
+GC_AFTER_RUN_ENV = "DIT_BENCH_GC_AFTER_RUN"
 
 
 def _build_and_fit(cfg, out, on_gpu, shown, announce, label, callbacks) -> Path:
