@@ -344,6 +344,7 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     assert (tmp_path / "out" / "reports" / "gpu" / md.name).is_file()
 
 
+@pytest.mark.slow  # default run under 10 minutes (26 s on the 2-core CI machine)
 def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
     render_gpu_section, monkeypatch
 ):
@@ -584,6 +585,7 @@ def test_bench_settings_that_would_time_nothing_or_crash_are_refused():
             bench.BenchConfig(device="cuda").resolved_device()
 
 
+@pytest.mark.slow  # default run under 10 minutes (57 s on the 2-core CI machine)
 def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatch):
     from dit_bench import gpu_check
 

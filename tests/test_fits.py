@@ -103,6 +103,7 @@ def test_power_law_recovers_alpha_within_bootstrap_ci():
     assert ci == {} and math.isnan(ok)  # no interval, rather than a zero-width one
 
 
+@pytest.mark.slow  # default run under 10 minutes (13 s on the 2-core CI machine)
 def test_a_bootstrap_with_mostly_failed_refits_gives_no_interval():
     """The refits that fail are not random (L(C): those that lost a frontier run), so the ok
     ones alone can collapse onto the estimate: under MIN_BOOTSTRAP_OK of them ok, no interval."""

@@ -696,6 +696,7 @@ def test_overhead_of_a_real_sweep_leaves_out_retried_trials():
     assert o["trials"] == 2 and o["wall_median_s"] == 11.0
 
 
+@pytest.mark.slow  # default run under 10 minutes (17 s on the 2-core CI machine)
 def test_chinchilla_bootstrap_interval_covers_the_true_exponent(tmp_path):
     """The repo's own synthetic sweep (tests/test_scaling.fake_sweep: 4 sizes x 2 patches x 6
     budgets of L = E + A/N^a + B/D^b, 0.5% noise). A 95% interval over independent noise
