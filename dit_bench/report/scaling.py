@@ -250,15 +250,18 @@ def overshot(points: pd.DataFrame) -> pd.Series:
     return points["train_flops"] > BUDGET_OVERSHOOT * points["budget"]
 
 
+def point_labels(point: str | None) -> dict[str, str]:
+    """A trial's `point` ("size=S,backbone.patch_size=4,optim.lr=0.001") as {name: value}."""
+    return dict(kv.split("=", 1) for kv in (point or "").split(",") if "=" in kv)
+
+
 def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, points, curves): one row per run; per run and budget; per run and val step.
     Every run is in `runs` with its state; `points` and `curves` (what the fits and figures
     use) hold the finished trials' finite losses only."""
     runs, points, curves = [], [], []
     for r in records:
-        labels = r.get("trial_params") or dict(
-            kv.split("=", 1) for kv in (r.get("point") or "").split(",") if "=" in kv
-        )
+        labels = r.get("trial_params") or point_labels(r.get("point"))
         size = labels.get("size") or f"d{r['depth']}-w{r['width']}"
         run = r["config_hash"]
         timing = r.get("timing") or {}
@@ -849,11 +852,10 @@ def devices_line(runs: pd.DataFrame) -> str:
 def _other_parameters(point) -> str:
     """A trial's parameters beside its size and patch (a tpe sweep's lr, a seed axis): without
     them the runs table listed one size and patch several times over, telling nothing apart."""
-    shown = ("size=", "backbone.patch_size=")
-    parts = [kv for kv in (point or "").split(",") if "=" in kv and not kv.startswith(shown)]
     out = []
-    for kv in parts:
-        key, value = kv.split("=", 1)
+    for key, value in point_labels(point).items():
+        if key in ("size", "backbone.patch_size"):
+            continue
         try:
             value = f"{float(value):.3g}" if "." in value or "e" in value else value
         except ValueError:
