@@ -880,3 +880,36 @@ def test_the_band_of_a_metric_logged_at_one_step_is_drawn(tmp_path, monkeypatch)
     for spans in shown:  # the steps panel and the FLOPs panel
         for band in bands.itertuples():
             assert any(s == pytest.approx((band.lo, band.hi)) for s in spans), band.variant
+
+
+def test_curves_legend_names_only_the_variants_with_values(tmp_path, monkeypatch):
+    """A variant without a metric's values (no FD logged) had a legend entry and no line."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    legends = []
+
+    def spy(fig, *args, **kwargs):
+        legends.extend(
+            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()
+        )
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    long = pd.DataFrame(
+        [
+            {
+                "variant": v,
+                "seed": s,
+                "step": st,
+                "train_flops": st * 1e9,
+                "key": "fd",
+                "value": 10.0 + s + st / 100,
+            }
+            for v in ("a", "c")
+            for s in range(2)
+            for st in (100, 200)
+        ]
+    )
+    ablation.plot_curves(long, "fd", ["a", "b", "c"], tmp_path / "c.png")
+    assert legends == ["a", "c"]

@@ -212,6 +212,9 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     n = len(order)
     colors = sns.color_palette("husl", n) if n > len(sns.color_palette()) else sns.color_palette()
     palette = dict(zip(order, colors, strict=False))
+    # a variant that never logged this metric (FD in an evaluation-free variant) would get a
+    # legend entry with no line; its colour stays its own, as in the other figures
+    shown = [v for v in order if v in set(data["variant"])]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, x, label in (
         (axes[0], "step", "training steps"),
@@ -223,8 +226,8 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
             x=x,
             y="mean",
             hue="variant",
-            hue_order=order,
-            palette=palette,
+            hue_order=shown,
+            palette={v: palette[v] for v in shown},
             errorbar=None,
             marker="o",
             markersize=4,
