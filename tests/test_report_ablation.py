@@ -845,6 +845,49 @@ def test_the_paired_figure_marks_which_calls_survive_holm(tmp_path, monkeypatch)
     assert "Holm" in drawn["title"]
 
 
+def test_an_off_scale_paired_interval_is_clipped_and_written_out(tmp_path, monkeypatch):
+    """U-ViT's FD interval (about -1360..2550, the others within +-35) flattened every other
+    comparison of reports/conditioning-cpu onto the zero line: such an interval is clipped at
+    the others' scale, with arrows and its numbers; intervals of one scale are not clipped."""
+    import matplotlib.figure
+
+    from dit_bench.report.ablation import plot_paired
+
+    drawn = []
+
+    def spy(fig, path, *args, **kwargs):
+        (ax,) = fig.axes
+        drawn.append((ax.get_xlim(), [t.get_text() for t in ax.texts]))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    rows = {
+        "a": (-2.7, -4.6, -0.8),
+        "b": (14.7, -4.9, 34.3),
+        "c": (-0.6, -3.5, 2.3),
+        "wide": (594.6, -1362.0, 2551.0),
+    }
+    paired = pd.DataFrame(
+        {
+            "variant": list(rows),
+            "base": "z",
+            "metric": "fd",
+            "diff": [r[0] for r in rows.values()],
+            "diff_lo": [r[1] for r in rows.values()],
+            "diff_hi": [r[2] for r in rows.values()],
+            "distinguishable": [True, False, False, False],
+            "distinguishable_holm": [True, False, False, False],
+            "undetermined": False,
+        }
+    )
+    plot_paired(paired, "fd", tmp_path / "p.png")
+    (lo, hi), texts = drawn[-1]
+    assert 34.3 < hi < 60 and -60 < lo < -34.3  # the others' scale, every one of them inside
+    assert texts == ["594.6 [-1362, 2551]"]
+    plot_paired(paired[paired["variant"] != "wide"], "fd", tmp_path / "q.png")
+    (lo, hi), texts = drawn[-1]
+    assert texts == [] and lo < -4.9 and hi > 34.3
+
+
 def test_the_band_of_a_metric_logged_at_one_step_is_drawn(tmp_path, monkeypatch):
     """An FD evaluated at the end of each run only (the profiles' default) has one point per
     variant: its 95% band was a polygon of no width, invisible, so the curve figure under a

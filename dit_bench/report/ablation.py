@@ -289,6 +289,9 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
     plt.close(fig)
 
 
+OFF_SCALE = 10  # a paired interval reaching this many times the median reach is clipped
+
+
 def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     plt, _ = _plt()
     p = paired[paired["metric"] == metric]
@@ -300,17 +303,46 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     calls = [call(d, u) for d, u in zip(p["distinguishable"], p["undetermined"], strict=True)]
     holm = [call(d, u) for d, u in zip(p["distinguishable_holm"], p["undetermined"], strict=True)]
     colors = {"yes": "C3", "no": "0.5", "undetermined": "0.4"}
+    # One variant's interval a hundred times wider than the rest (U-ViT's FD, +-2000 against
+    # +-20) flattened every other interval onto the zero line. Such intervals are clipped at a
+    # scale the others set, drawn to the edge with an arrow and written out in numbers.
+    reach = p[["diff", "diff_lo", "diff_hi"]].abs().max(axis=1)
+    finite = reach[np.isfinite(reach)]
+    off = (reach > OFF_SCALE * finite.median()) if len(finite) >= 3 else reach < 0
+    limit = 1.15 * reach[~off].max() if off.any() and (~off).any() else None
     for i, row in enumerate(p.itertuples()):
         open_ = calls[i] == "undetermined"
+        color = colors[calls[i]]
+        mfc = "none" if open_ or holm[i] != calls[i] else color
+        lo, d, hi = row.diff_lo, row.diff, row.diff_hi
+        fmt = "o"
+        if limit is not None and off.iloc[i]:
+            lo, d, hi = (float(np.clip(v, -limit, limit)) for v in (lo, d, hi))
+            fmt = "o" if abs(d) < limit else "none"  # a mean past the edge: its number only
+            for edge in (-limit, limit):
+                if edge in (lo, hi):
+                    marker = ">" if edge > 0 else "<"
+                    ax.plot(edge, i, marker=marker, color=color, ms=8, clip_on=False)
+            ax.annotate(
+                f"{row.diff:.4g} [{row.diff_lo:.4g}, {row.diff_hi:.4g}]",
+                (0, i),
+                xytext=(0, 7),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                color=color,
+            )
         ax.errorbar(
-            row.diff,
+            d,
             i,
-            xerr=None if open_ else [[row.diff - row.diff_lo], [row.diff_hi - row.diff]],
-            fmt="o",
-            color=colors[calls[i]],
-            mfc="none" if open_ or holm[i] != calls[i] else colors[calls[i]],
+            xerr=None if open_ else [[d - lo], [hi - d]],
+            fmt=fmt,
+            color=color,
+            mfc=mfc,
             capsize=4,
         )
+    if limit is not None:
+        ax.set_xlim(-limit, limit)
     ax.axvline(0, color="k", lw=1)
     ax.set_yticks(y, p["variant"])
     ax.invert_yaxis()
@@ -321,6 +353,8 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
         title += ", after Holm too" if holm == calls else "; open red: not after Holm"
     if "undetermined" in calls:
         title += "; open: undetermined, no test"
+    if limit is not None:
+        title += ";\narrows: an interval past the axis, its numbers above it"
     ax.set_title(title + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
