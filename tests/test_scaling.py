@@ -126,6 +126,28 @@ def test_a_damaged_trial_record_is_named_in_a_one_line_error(tmp_path, capsys, t
     assert capsys.readouterr().err.startswith(f"dit-bench: {path}: ")
 
 
+def test_the_loss_vs_macs_legends_cover_no_data(tmp_path, monkeypatch):
+    """Inside the panel, the budgets' legend covered the largest models' lines in
+    reports/scaling-cpu/loss_vs_macs.png: both legends sit beside their panels."""
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs")
+    overlaps = {}
+
+    def spy(fig, path, *args, **kw):
+        fig.canvas.draw()
+        overlaps[Path(path).name] = [
+            ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+            for ax in fig.axes
+            if ax.get_legend()
+        ]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
+    assert overlaps["loss_vs_macs.png"] == [False, False]
+
+
 def test_the_loss_vs_macs_legend_names_every_budget(tmp_path, monkeypatch):
     """One line per budget, so one legend entry per budget as the tables write it: a brief
     legend of the log colour scale named decades instead (1e+10 and 1e+11 for six budgets, one

@@ -623,7 +623,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     made.append("loss_vs_flops.png")
 
     # 2. loss vs forward MACs per image, at each budget (DiT Fig. 8 style)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     last = points.loc[points.groupby("run")["budget"].idxmax()]
     sns.scatterplot(
         data=last,
@@ -664,6 +664,8 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     for text in axes[1].get_legend().get_texts():  # as the tables write budgets, not 1e10 digits
         text.set_text(f"{float(text.get_text()):.3g}")
     axes[1].get_legend().set_title("budget C")
+    for ax in axes:  # beside the panel: inside, it covered the lines of the large models
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_macs.png", dpi=130)
