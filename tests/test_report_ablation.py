@@ -119,6 +119,12 @@ def test_report_says_when_batch_sizes_keep_the_noise_from_being_shared(tmp_path)
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "batch_size": 16}))
     md = build_report(source, tmp_path / "r").read_text()
     assert "the variants' train.batch_size differ" in md and "noise is not shared" in md
+    # fewer images at the same steps: a smaller budget, which the ranking must qualify
+    assert "adaln_zero 300 x 32, adaln 300 x 32, in_context 300 x 16" in md
+    # the same images split into twice the steps of half the batch: one budget
+    for summary in source.glob("*in_context*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "steps": 600}))
+    assert "different budgets" not in build_report(source, tmp_path / "r2").read_text()
 
 
 def test_report_says_when_variants_train_for_different_budgets(tmp_path):
@@ -233,10 +239,27 @@ def test_a_grid_linked_from_outside_its_run_is_not_copied_into_the_report(tmp_pa
     assert copied.startswith(b"\x89PNG") and b"PRIVATE KEY" not in copied
 
 
+def test_each_variants_grid_is_its_first_seeds_final_grid(tmp_path, monkeypatch):
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    source = make_source(tmp_path)
+    for run in source.glob("*-adaln[0-9]"):  # an earlier grid of each run, unlike its last
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(run / "samples" / "step-100.png")
+    out = tmp_path / "r"
+    build_report(source, out)
+    # seed 0's step-300 grid is all 0 (fake_run: 40 x seed)
+    assert np.asarray(Image.open(out / "samples" / "adaln.png")).max() == 0
+
+
 def test_kendall_agreement():
     assert kendall_agreement(["a", "b", "c"], ["a", "b", "c"]) == (1.0, [])
     tau, flips = kendall_agreement(["b", "a", "c"], ["a", "b", "c"])
     assert flips == [("a", "b")] and tau == 1 / 3
+    # normalised by the pairs (6 of 4 items), not the items: one swap of four is 2/3
+    tau, flips = kendall_agreement(["b", "a", "c", "d"], ["a", "b", "c", "d"])
+    assert flips == [("a", "b")] and tau == pytest.approx(2 / 3)
 
 
 def test_report_of_an_interrupted_ablation_where_only_the_base_finished(tmp_path):
@@ -354,6 +377,8 @@ def test_report_leaves_out_the_comparisons_of_a_metric_the_base_lacks(tmp_path, 
     assert msg in md
     paired = pd.read_csv(out / "paired.csv")
     assert set(paired["metric"]) == {"val_loss"} and len(paired) == 2
+    # a base without FD values has no FD mean to compare: its seeds are no uneven seed set
+    assert "different seed sets" not in md
 
 
 def test_header_names_each_variants_seeds_when_they_differ(tmp_path, no_figures):
@@ -370,6 +395,20 @@ def test_header_names_each_variants_seeds_when_they_differ(tmp_path, no_figures)
     md = build_report(make_source(tmp_path / "all"), tmp_path / "r2").read_text()
     assert "9 finished runs: 3 variants x seeds [0, 1, 2]; base" in md
     assert "different seed sets" not in md
+
+
+def test_ranking_is_by_the_mean_not_by_an_interval_edge(tmp_path, no_figures):
+    # a variant of spread-out seeds has the lowest lower bound, not the lowest mean
+    source = tmp_path / "runs" / "toy"
+    losses = {"tight": [0.50, 0.51, 0.52], "wide": [0.30, 0.55, 0.80]}
+    for variant, values in losses.items():
+        for seed, loss in enumerate(values):
+            summary = fake_run(source, variant, seed, 0.0) / "summary.json"
+            summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_loss": loss}))
+    plan = {"name": "toy", "variants": ["wide", "tight"], "base_variant": "wide"}
+    (source / "ablation.json").write_text(json.dumps({**plan, "metrics": ["val_loss"]}))
+    md = build_report(source, tmp_path / "report").read_text()
+    assert "| 1 | tight |" in md and "| 2 | **wide** |" in md
 
 
 def test_a_profile_changed_by_set_says_so_beside_its_description(tmp_path, no_figures):
@@ -526,6 +565,7 @@ def test_a_run_moved_to_another_disk_and_linked_back_is_reported(tmp_path, no_fi
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 9 and not runs.duplicated(["variant", "seed"]).any()
     assert "Not finished" not in md and "9 finished runs" in md
+    assert "Copies:" not in md  # the paths to one folder are one directory, not copies
 
 
 def test_throughput_names_the_devices_and_never_averages_across_them(tmp_path, no_figures):
@@ -547,6 +587,13 @@ def test_throughput_names_the_devices_and_never_averages_across_them(tmp_path, n
     assert "the runs ran on 2 devices: NVIDIA H100 80GB HBM3, cpu (test)" in md
     (row,) = [line for line in md.splitlines() if line.startswith("| in_context | dit-xs/4")]
     assert "| 5000 (NVIDIA H100 80GB HBM3); 100 (cpu (test)) |" in row
+    # each device's figure is the mean over that device's seeds
+    run = source / "20260101T000000Z-in_context0"
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "img_per_s": 80.0}))
+    md = build_report(source, tmp_path / "r2").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| in_context | dit-xs/4")]
+    assert "| 5000 (NVIDIA H100 80GB HBM3); 90 (cpu (test)) |" in row
 
 
 def _diverge(source: Path, metric: str, variants=tuple(VARIANTS)) -> None:
@@ -775,6 +822,22 @@ def test_report_names_the_holm_correction_and_qualifies_calls_it_overturns(tmp_p
     ) in md
     # the FD comparisons (one p = 1, one undetermined) keep their calls and get no such note
     assert md.count("after Holm's correction") == 2
+
+
+def test_holms_note_counts_the_comparisons_tested_not_the_undetermined_ones(tmp_path, no_figures):
+    # a fourth variant of one finished seed: one pair, no test, so not in Holm's family
+    source = make_source(tmp_path)
+    set_final_losses(source, marginal_losses())
+    fake_run(source, "extra", 0, 0.0)
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["variants"].append("extra")
+    (source / "ablation.json").write_text(json.dumps(plan))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "extra vs adaln_zero: undetermined" in md
+    assert (
+        "Not distinguishable after Holm's correction for the 2 comparisons of val_loss: "
+        "adjusted p = 0.06."
+    ) in md
 
 
 def test_the_ranking_table_shows_small_losses_to_their_differences(tmp_path, no_figures):

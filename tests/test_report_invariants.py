@@ -243,6 +243,9 @@ def test_overhead_fraction_is_the_median_over_trials():
     o = scaling.overhead_summary(runs)
     expected = statistics.median(x / w for x, w in zip(overheads, walls, strict=True))
     assert o["overhead_fraction_median"] == pytest.approx(expected) == pytest.approx(0.2)
+    # trials of unequal length: the median of the fractions, not a ratio of two medians (0.2)
+    runs = runs.assign(time_wall_s=[10.0, 20.0, 40.0], time_overhead_s=[1.0, 6.0, 4.0])
+    assert scaling.overhead_summary(runs)["overhead_fraction_median"] == pytest.approx(0.1)
 
 
 # -- bench ------------------------------------------------------------------------------------

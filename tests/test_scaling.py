@@ -246,6 +246,22 @@ def test_overhead_leaves_out_retried_trials():
     times |= {"time_budget_val_s": [1.0, 1.0, 0.1], "attempt": [1, 1, 2]}
     o = scaling.overhead_summary(pd.DataFrame(times))
     assert o["trials"] == 2 and o["wall_median_s"] == 11.0 and o["overhead_median_s"] == 2.5
+    # records of sweeps that kept no attempt number: first attempts, all measured
+    o = scaling.overhead_summary(pd.DataFrame(times | {"attempt": [None, None, 2]}))
+    assert o["trials"] == 2 and o["wall_median_s"] == 11.0
+
+
+def test_a_sweep_with_trials_still_waiting_is_incomplete(tmp_path):
+    # enqueued grid points not yet claimed by a worker are as missing as running ones
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="grid", storage=url)
+    study.tell(study.ask(), 1.0)
+    study.enqueue_trial({})
+    assert scaling.unfinished_trials(url) == [
+        "study grid: 1 trials finished; not finished: 1 running or waiting"
+    ]
 
 
 def test_a_refused_report_writes_nothing(tmp_path):
