@@ -537,3 +537,45 @@ def test_sample_takes_only_a_checkpoint_of_the_run_as_eval_does(tmp_path, capsys
     assert main(["sample", str(run)]) == 2
     err = capsys.readouterr().err
     assert "has no checkpoints" in err and "nothing to sample or evaluate" in err
+
+
+def test_generate_conditions_sample_i_on_class_i_mod_the_classes_in_any_share(monkeypatch):
+    """eval.json says "sample i conditioned on class i mod num_classes" (eval_labels, which
+    label adherence compares against); the in-training FD draws a process's share (rank r: r,
+    r + world, ...) and the grid its own labels: each sample's label is its index's, whatever
+    the other indices drawn with it and the chunking."""
+    from types import SimpleNamespace
+
+    from dit_bench.metrics.evaluate import eval_labels
+    from dit_bench.train import run as run_module
+
+    drawn = []
+
+    def sample_images(module, labels, *, seeds, **kwargs):
+        drawn.extend(zip(seeds, labels.tolist(), strict=True))
+        return torch.zeros(len(labels), 1, 2, 2)
+
+    monkeypatch.setattr(run_module, "sample_images", sample_images)
+    module = SimpleNamespace(info=SimpleNamespace(num_classes=3, channels=1, image_size=2))
+    kw = dict(seed=5, sampler="ddpm", steps=2, cfg_scale=1.0, use_ema=True, batch_size=2)
+    share = [1, 4, 7, 9, 2]
+    assert generate(module, share, **kw).shape == (5, 1, 2, 2)
+    assert drawn == [(sample_seed(5, i), i % 3) for i in share]
+    drawn.clear()
+    generate(module, range(7), **kw)
+    assert [label for _, label in drawn] == eval_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    drawn.clear()
+    labels = torch.tensor([2, 2, 0, 1, 1, 0, 2, 1, 0, 0])
+    generate(module, share, **kw, labels=labels)
+    assert [label for _, label in drawn] == labels[share].tolist()
+
+
+def test_a_metric_takes_exactly_the_samples_it_says_it_needs():
+    from dit_bench.metrics.evaluate import IS_SPLITS, PR_K, check_sample_count
+
+    # "--metrics pr needs at least 4 samples" must take 4: the boundary a --num-samples of
+    # exactly PR_K + 1 (or IS_SPLITS) sits on
+    for metric, needed in (("pr", PR_K + 1), ("is", IS_SPLITS), ("fd", 2), ("kid", 2)):
+        check_sample_count((metric,), needed, "n")
+        with pytest.raises(ValueError, match=f"--metrics {metric} needs at least {needed} "):
+            check_sample_count((metric,), needed - 1, "n")

@@ -794,3 +794,44 @@ def test_duration_reads_for_people():
         "48.0 h",
         "3.0 d",
     ]
+
+
+def test_step_metrics_logs_the_lr_the_step_ran_at():
+    # by the step's end the scheduler has moved on: a warm-up's first row would say 2 * lr / w
+    group = {"lr": 0.001}
+    logged = []
+    trainer = SimpleNamespace(
+        max_steps=2,
+        global_step=0,
+        optimizers=[SimpleNamespace(param_groups=[group])],
+        logger=SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics))),
+    )
+    module = SimpleNamespace(pop_train_loss=lambda: 1.0)
+    metrics = StepMetrics(log_every=1, val_every=100)
+    metrics.validate = lambda trainer, pl_module: {}
+    for step in (1, 2):
+        metrics.on_train_batch_start(trainer, module, None, step - 1)
+        group["lr"] += 0.001  # the scheduler's step, inside the optimiser step
+        trainer.global_step = step
+        metrics.on_train_batch_end(trainer, module, None, None, step - 1)
+    assert [(s, m["lr"]) for s, m in logged] == [(1, 0.001), (2, 0.002)]
+
+
+def test_the_in_training_fd_samples_as_the_runs_eval_settings_say(monkeypatch):
+    # the EMA weights (DiT's FID is the EMA's), the run's sampler, steps and guidance, and the
+    # one fixed seed; an FD of the raw weights reads worse early on and says nothing of the
+    # samples `dit-bench eval` scores
+    from dit_bench.metrics import evaluate
+
+    asked = []
+    images = torch.rand(8, 1, 8, 8)
+    monkeypatch.setattr(evaluate, "generate", lambda m, i, **kw: asked.append(kw) or images)
+    for use_ema in (True, False):
+        cfg = tiny(f"eval.use_ema={str(use_ema).lower()}", "eval.cfg_scale=1.5")
+        trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+        fd_metric(cfg).measure(trainer, SimpleNamespace(device=torch.device("cpu")))
+        e, kw = cfg.eval, asked.pop()
+        assert (kw["use_ema"], kw["sampler"], kw["steps"], kw["cfg_scale"]) == (
+            use_ema, e.sampler, e.sample_steps, 1.5
+        )  # fmt: skip
+        assert kw["seed"] == FrechetDistanceMetric.SEED

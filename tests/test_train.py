@@ -1416,3 +1416,22 @@ def test_a_run_out_of_memory_says_so_in_one_line_and_keeps_its_checkpoint(
     )
     run = find_run_dir(out, tiny())
     assert final_state(run) and not (run / "summary.json").exists()  # step 4's, to resume
+
+
+def test_a_session_of_one_step_names_the_device_it_ran_on(monkeypatch):
+    # a run copied from a cluster one step before its end, finished on a laptop: that step is
+    # the session's first and only one, and its img/s is partly the laptop's
+    monkeypatch.setattr(run_module, "device_name", lambda *a: "laptop")
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(
+        device=torch.device("cpu"), devices=["cluster GPU"], batch_done_at=None, wall_start=None,
+        train_seconds=0.0, data_seconds=0.0, steady_seconds=0.0, steady_steps=0,
+    )  # fmt: skip
+    trainer = SimpleNamespace(global_step=99, max_steps=100)
+    timer = run_module._Timer()
+    timer.on_train_start(trainer, module)
+    timer.on_train_batch_start(trainer, module, None, 0)
+    trainer.global_step = 100
+    timer.on_train_batch_end(trainer, module, None, None, 0)
+    assert module.devices == ["cluster GPU", "laptop"]
