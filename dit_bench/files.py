@@ -87,7 +87,8 @@ def read_record(path: Path, parse=json.loads) -> dict:
     except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: unreadable ({e}); fix or delete this file") from None
     if not isinstance(data, dict):
-        held = "nothing" if data is None else f"a {type(data).__name__}"
+        kind = type(data).__name__
+        held = "nothing" if data is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         raise ValueError(
             f"{path}: holds {held}, not the mapping dit-bench writes; fix or delete this file"
         )

@@ -180,6 +180,13 @@ def test_a_variant_switching_objective_or_family_starts_afresh_from_the_profiles
             {"profiles": {"cpu": {"set": {"experiment": "x"}}}},
             ["profiles.cpu.set: experiment is set by the ablation"],
         ),
+        # a misspelt profile key would train the base's sizes under the profile's name
+        (
+            {"profiles": {"cpu": {"sets": {"train.steps": 6}}}},
+            ["profiles.cpu: unknown keys ['sets']"],
+        ),
+        # the base's seed would be replaced by each run's without a word
+        ({"base": {**TINY_BASE, "seed": 3}}, ["base: leave out `experiment` and `seed`"]),
     ],
 )
 def test_bad_ablation_files_are_refused_naming_the_problem(tmp_path, changes, words):

@@ -97,6 +97,24 @@ def test_command_line_sets_win_over_variant_keys(tmp_path):
     assert {r.cfg.backbone.conditioning for r in ab.runs} == {"adaln_zero", "adaln"}
 
 
+def test_the_base_variant_is_the_first_unless_the_file_names_one(tmp_path):
+    # every other variant is compared with it: the report's differences are against this one
+    assert load_ablation(write_ablation(tmp_path), "cpu").base_variant == "adaln_zero"
+    named = write_ablation(tmp_path, base_variant="adaln")
+    assert load_ablation(named, "cpu").base_variant == "adaln"
+
+
+def test_a_variant_s_values_reach_its_config_as_the_file_writes_them(tmp_path):
+    # a variant's keys travel as `--set` items: YAML's null must stay null, not "None"
+    variants = {
+        "adaln_zero": {},
+        "unclipped": {"optim.grad_clip": None, "optim.betas": [0.9, 0.95]},
+    }
+    by = {r.variant: r.cfg for r in load_ablation(write_ablation(tmp_path, variants=variants)).runs}
+    assert by["unclipped"].optim.grad_clip is None and by["unclipped"].optim.betas == (0.9, 0.95)
+    assert by["adaln_zero"].optim.grad_clip == 1.0
+
+
 def test_profile_variants_must_name_variants_of_the_file(tmp_path):
     # a typo would silently train the base variant's config under the profile
     profiles = {"cpu": {"variants": {"adaln_zer0": {"train.steps": 9}}}}

@@ -373,6 +373,9 @@ def test_weight_decay_that_flips_the_weights_is_refused_naming_both_keys():
     # steps of a run that "finished" without an error
     message = _refusal({"optim": {"lr": 1e-3, "weight_decay": 1e6}})
     assert "optim.weight_decay" in message and "optim.lr" in message
+    assert "\n  optim.weight_decay=" in message  # names its keys: no "optim: " label before
+    # exactly 1 zeroes every weight at the first step
+    assert "must be below 1" in _refusal({"optim": {"lr": 0.5, "weight_decay": 2.0}})
     assert math.isclose(
         build_config({"optim": {"lr": 1e-3, "weight_decay": 0.05}}).optim.weight_decay, 0.05
     )

@@ -116,6 +116,19 @@ def test_a_vae_is_refused_for_every_data_set_but_latents(tmp_path):
         )
 
 
+def test_latents_needs_a_root_naming_the_command_that_makes_one():
+    assert "data.name=latents needs data.root (an encode-latents folder)" in error(
+        ["data.name=latents"]
+    )
+
+
+def test_an_in_training_fd_on_latents_needs_the_vae_that_decodes_them(latents_root):
+    # the FD scores decoded images: without data.vae it failed at its first evaluation
+    latents = ["data.name=latents", f"data.root={latents_root}", "backbone.patch_size=2"]
+    assert "eval.fd_every on latents needs data.vae" in error([*latents, "eval.fd_every=3"])
+    assert build_config(None, latents).eval.fd_every == 0
+
+
 def test_geometry_is_checked_at_the_configured_image_size_not_the_native_one():
     # digits are 8x8 natively; resized to 12, a 6-pixel patch fits and an 8-pixel one does not
     ok = build_config(None, ["data.name=digits", "data.image_size=12", "backbone.patch_size=6"])

@@ -148,3 +148,27 @@ def test_a_last_metrics_row_cut_mid_number_is_left_out(tmp_path):
     resumed = CSVMetrics(path, resume_step=12)  # its checkpoint's step: the row is rewritten
     resumed.log_metrics({"train/loss": 0.1234}, step=12)
     assert [r["train/loss"] for r in read_metrics(path)] == ["0.5", "0.1234"]
+
+
+def test_an_error_of_a_replacing_block_that_names_no_errno_keeps_its_message(tmp_path):
+    # naming() fills in the file of an errno's OSError (a full disk); one raised with a message
+    # of its own (open_lock's, a link planted) has no errno to restate and must pass unchanged
+    with pytest.raises(OSError, match="a symbolic link"), files.replacing(tmp_path / "a.json"):
+        raise OSError("a symbolic link, not a lock file")
+
+
+@pytest.mark.parametrize("text, held", [("[1, 2]", "a list"), ("null", "nothing"), ("3", "an int")])
+def test_a_record_that_is_no_mapping_is_named_not_a_type_error_later(tmp_path, text, held):
+    path = tmp_path / "summary.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: holds {held}"):
+        files.read_record(path)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_a_full_disk_a_spent_quota_and_a_file_size_limit_are_each_out_of_room(code):
+    # each fails again whatever is written next: ablate and sweep stop rather than fail run
+    # after run at its first checkpoint
+    assert files.out_of_room(OSError(code, os.strerror(code)))
+    assert not files.out_of_room(OSError(errno.EACCES, "Permission denied"))
+    assert not files.out_of_room(ValueError("no room"))

@@ -278,6 +278,10 @@ def test_redact_hides_only_the_password():
     # an @ in a path is not a password's end; a user without a password gains none
     assert redact("sqlite:////data/team@lab/study.db") == "sqlite:////data/team@lab/study.db"
     assert redact("postgresql://ann@host/db") == "postgresql://ann@host/db"
+    # an @ in the query, past the host: the password ends at the "?" as at a "/"
+    assert redact("postgresql://ann:pw@host?application_name=a@b") == (
+        "postgresql://ann:***@host?application_name=a@b"
+    )
 
 
 def test_redact_hides_every_password_the_connection_reads():
