@@ -579,3 +579,20 @@ def test_a_metric_takes_exactly_the_samples_it_says_it_needs():
         check_sample_count((metric,), needed, "n")
         with pytest.raises(ValueError, match=f"--metrics {metric} needs at least {needed} "):
             check_sample_count((metric,), needed - 1, "n")
+
+
+def test_eval_says_what_it_does_after_sampling_and_before_it(tmp_path, cache, capsys):
+    # past "sampled N/N" an eval decoded (latents), extracted features of the samples, the
+    # training images and the noise anchors, and scored them without a word: minutes of a
+    # silent log for 10,000 Inception or VAE-decoded samples; so was the held-out reference
+    run = _saved_run(tmp_path, 12)
+    request = EvalRequest(num_samples=20, steps=2, metrics=("fd", "kid"), batch_size=8)
+    evaluate_run(run, request, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    sampled = [i for i, line in enumerate(lines) if "sampled" in line]
+    assert any("reference" in line for line in lines[: sampled[0]])
+    after = lines[sampled[-1] + 1 :]
+    assert any("features of 20 samples" in line for line in after)
+    assert any("anchors" in line for line in after)
+    evaluate_run(run, request, progress=False)
+    assert "features of" not in capsys.readouterr().err

@@ -368,6 +368,21 @@ def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch,
     assert "1 of 8 samples are not finite; val/FD-stub = nan" in capsys.readouterr().err
 
 
+def test_the_non_finite_fd_line_names_its_run(monkeypatch, capsys):
+    # `ablate --jobs` and a sweep's workers share one output: "[dit-bench] step 4: ..." did
+    # not say which of the runs in flight began to diverge
+    from dit_bench.metrics import evaluate
+
+    images = torch.rand(8, 1, 8, 8)
+    images[5, 0, 3, 3] = float("nan")
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: images)
+    fd = fd_metric(tiny())
+    fd.announce = "ablate run 2/4 adaln seed 1"
+    trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+    fd.measure(trainer, SimpleNamespace(device=torch.device("cpu")))
+    assert capsys.readouterr().err.startswith("[ablate run 2/4 adaln seed 1] step 4: 1 of 8")
+
+
 # -- the sample grid under DDP --------------------------------------------------------------------
 def saved_grids(monkeypatch) -> list[torch.Tensor]:
     """The images run.save_grid is handed, one (N, C, H, W) tensor per grid saved."""

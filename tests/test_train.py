@@ -1435,3 +1435,19 @@ def test_a_session_of_one_step_names_the_device_it_ran_on(monkeypatch):
     trainer.global_step = 100
     timer.on_train_batch_end(trainer, module, None, None, 0)
     assert module.devices == ["cluster GPU", "laptop"]
+
+
+def test_a_new_run_names_its_directory_when_it_starts(tmp_path, capsys):
+    # it was named on stdout at the end only: a 400K-step run's log (or an ablation's, whose
+    # variants share one experiment folder and are labelled when they finish) said nowhere
+    # whose metrics.csv to watch, nor what a Ctrl-C left to resume
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            tiny(),
+            tmp_path,
+            progress="lines",
+            label="ablate run 1/2 a seed 0",
+            callbacks=[InterruptAt(2)],
+        )
+    run = find_run_dir(tmp_path, tiny())
+    assert f"[ablate run 1/2 a seed 0] new run: {run}" in capsys.readouterr().err

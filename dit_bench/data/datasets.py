@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -334,11 +335,22 @@ class ImageFolder(Dataset):
         return pixels.float() / 127.5 - 1.0, label
 
 
-def check_image_files(folder: ImageFolder) -> None:
+ANNOUNCE_CHECK_FILES = 20_000  # a folder from which check_image_files says what it does
+
+
+def check_image_files(folder: ImageFolder, *, announce: bool = True) -> None:
     """Every file of `folder` opens as an image (its header only: about 0.1 ms a file). A
     file that does not (a text or HTML page saved as .jpg, an empty download) otherwise stops
     training at the step that first draws it, an epoch in; named here, all at once. A file cut
-    short after its header is still found only when decoded."""
+    short after its header is still found only when decoded. `announce`: a line first, for a
+    folder of ANNOUNCE_CHECK_FILES files or more (False: another process of the run says it)."""
+    if announce and len(folder) >= ANNOUNCE_CHECK_FILES:
+        # minutes for ImageNet's 1.28M files, more on a network file system: not in silence
+        print(
+            f"[dit-bench] {folder.root}: checking that its {len(folder):,} files open as images",
+            file=sys.stderr,
+            flush=True,
+        )
     bad = []
     for path, _ in folder.samples:
         try:

@@ -12,6 +12,7 @@ import hashlib
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
 from dit_bench.data import DataError, DataInfo, data_info, load_datasets
@@ -106,7 +107,8 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.train_set is None:
             train, val = load_datasets(self.cfg.data)
             if isinstance(train.dataset, ImageFolder):
-                check_image_files(train.dataset)  # before any training, not an epoch in
+                # before any training, not an epoch in; said by one process of a run
+                check_image_files(train.dataset, announce=rank_zero_only.rank == 0)
             self.train_set = train
             self.val_set = Subset(val, range(min(self.cfg.eval.val_images, len(val))))
             self.items_sha256 = items_sha256(train, val)

@@ -348,6 +348,14 @@ def evaluate_run(
     cfg_scale = e.cfg_scale if request.cfg_scale is None else request.cfg_scale
     use_ema = e.use_ema if request.use_ema is None else request.use_ema
 
+    def say(msg: str) -> None:
+        # the phases besides sampling (decoding, features, scoring): minutes each for 10,000
+        # Inception or VAE-decoded images, which a log showed as silence after "sampled N/N"
+        if progress:
+            print(f"[dit-bench] {msg}", file=sys.stderr, flush=True)
+
+    if cfg.data.name == "latents":
+        say("reference: decoding the held-out latents")
     ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device)
     # before any features: every metric fits statistics of the held-out images
     held_out = f"the held-out split has {len(ref_x)} images (data.val_fraction)"
@@ -356,6 +364,7 @@ def evaluate_run(
         check_sample_count(request.metrics, len(ref_x), held_out)
     elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
         check_sample_count(["pr"], len(ref_x), held_out)
+    say(f"reference: {features} statistics of {len(ref_x)} held-out images")
     ref = reference_stats(
         ref_x,
         net,
@@ -398,9 +407,11 @@ def evaluate_run(
     )
     sample_seconds = time.perf_counter() - t_sample
     if decode is not None:
+        say(f"decoding {len(images)} samples")
         images = decode(images)
     check_finite_samples(images, f"{run_dir} (step {step})", "No metric is computed from them")
     labels = eval_labels(n, module.info.num_classes)
+    say(f"{features} features of {len(images)} samples; scoring {', '.join(request.metrics)}")
     gen_feats, gen_logits = net.features(images, batch_size=request.batch_size)
     metrics = score(
         gen_feats, gen_logits, ref, net, request.metrics, labels if same_classes else None
@@ -410,6 +421,7 @@ def evaluate_run(
     if request.anchors and "fd" in request.metrics:
         g = torch.Generator().manual_seed(ANCHOR_SEED)
         pick = torch.randperm(len(train_set), generator=g)[: min(n, len(train_set))]
+        say(f"anchors: {features} features of {len(pick)} training images and {n} of noise")
         real_x = torch.stack([train_set[i][0] for i in pick.tolist()])  # only these are read
         real_f, _ = net.features(
             decode(real_x) if decode else real_x, batch_size=request.batch_size

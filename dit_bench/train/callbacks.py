@@ -493,9 +493,9 @@ class FrechetDistanceMetric(L.Callback):
         key = f"val/{self._net.metric_prefix}"
         bad = int((rows[:, 0] < 0).sum())
         if bad:  # a diverged run: the FD says so, and the run goes on (the NaN guard decides)
-            print(
-                f"[dit-bench] step {trainer.global_step}: {bad} of {self.num_samples} samples "
-                f"are not finite; {key} = nan",
+            print(  # named by its run's label: ablate's and a sweep's workers share one output
+                f"[{self.announce or 'dit-bench'}] step {trainer.global_step}: {bad} of "
+                f"{self.num_samples} samples are not finite; {key} = nan",
                 file=sys.stderr,
             )
             fd = float("nan")

@@ -842,6 +842,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     created = run is None and _launch_rank() == 0
     if run is None:
         run = new_run_dir(out, cfg) if created else _wait_for_run_dir(out, cfg)
+        if created:  # stdout names it at the end only: a long run's log must say what to watch
+            print(f"[{label}] new run: {run}", file=sys.stderr, flush=True)
     else:
         check_run_config(run, cfg)
         if _launch_rank() == 0:
