@@ -1019,3 +1019,18 @@ def test_curves_legend_names_only_the_variants_with_values(tmp_path, monkeypatch
     )
     ablation.plot_curves(long, "fd", ["a", "b", "c"], tmp_path / "c.png")
     assert legends == ["a", "c"]
+
+
+def test_the_reference_ranking_names_the_neighbours_seed_noise_could_swap(tmp_path, no_figures):
+    """reports/conditioning-cpu: "Kendall tau = +1.00 (same order)" from means of 3 seeds in
+    which every neighbour was within seed noise of the next (cross_attn 0.0002 above
+    in_context, p = 0.88). Here adaln equals adaln_zero exactly and in_context is planted
+    worse: the first place is no finding, the second is."""
+    md = build_report(make_source(tmp_path), tmp_path / "r").read_text()
+    (line,) = [x for x in md.splitlines() if x.startswith("Reference ranking")]
+    assert "Kendall tau = +1.00 (same order)." in line
+    assert (
+        "not distinguishable from seed noise (paired t, alpha = 0.05): adaln_zero/adaln (p = 1);"
+        in line
+    )
+    assert "adaln/in_context" not in line

@@ -561,3 +561,51 @@ def test_the_runs_table_names_the_parameters_beside_size_and_patch(tmp_path):
     assert runs[0].endswith("| state | other parameters |")
     assert "| optim.lr=0.000333, seed=0 |" in "\n".join(runs)
     assert len({row.count("|") for row in runs}) == 1
+
+
+def _one_run_frontier() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, points): S/4 lowest at the first five budgets, M/4 at the last, L/4 never."""
+    rows = []
+    for run, size, n, offset in (
+        ("a", "S", 2e5, 0.0),
+        ("b", "M", 6e5, 0.05),
+        ("c", "L", 1.3e6, 0.1),
+    ):
+        for i, b in enumerate(BUDGETS):
+            loss = 0.4 + 3.0 * (b / 1e10) ** -0.8 + offset
+            if run == "b" and i == len(BUDGETS) - 1:
+                loss = 0.3  # the larger model takes over at the last budget only
+            rows.append(
+                {"run": run, "size": size, "patch": 4, "params": n, "macs": n * 16, "tokens": 16,
+                 "budget": b, "step": 10 * (i + 1), "images": 320 * (i + 1),
+                 "tokens_seen": 5120 * (i + 1), "train_flops": b * 1.01, "val_loss": loss}
+            )  # fmt: skip
+    points = pd.DataFrame(rows)
+    runs = points.drop_duplicates("run")[["run", "size", "patch", "params", "macs", "tokens"]]
+    return runs.assign(state="COMPLETE", steps=60, val_loss=0.5, study="s"), points
+
+
+def test_the_headline_says_when_the_envelope_is_mostly_one_runs_learning_curve(tmp_path):
+    """reports/scaling-cpu: S/4 is lowest at 5 of the 6 budgets, S/2 at the last. The L(C) fit
+    passes its checks (two runs on the frontier), but its alpha is mostly S/4's loss against its
+    own steps: the headline quoted it as the loss-compute exponent with no word of that."""
+    runs, points = _one_run_frontier()
+    result = scaling.fit_all(points, n_boot=4)
+    assert result["envelope_fit"].ok
+    text = scaling.write_report("runs/s", runs, points, result, [], tmp_path)
+    (said,) = [x for x in text.splitlines() if x.startswith("- Loss-compute envelope")]
+    assert "S/4 at 5 of 6 budgets, M/4 at 1 of 6 budgets" in said, said
+    assert "mostly S/4's learning curve" in said, said
+
+
+def test_the_report_names_a_finished_run_without_a_point_at_some_budget(tmp_path):
+    """reports/scaling-cpu: "12 runs, 71 (run, budget) points", and no word of which run
+    lacks the 72nd (S/8: max_steps stops it at 1.6e11), though the envelope and the IsoFLOP
+    slices at 3.2e11 are over the other runs only."""
+    runs, points = _one_run_frontier()
+    points = points[~((points["run"] == "c") & (points["budget"] == BUDGETS[-1]))]
+    result = scaling.fit_all(points, n_boot=4)
+    text = scaling.write_report("runs/s", runs, points, result, [], tmp_path)
+    assert "Not at every budget: L/4 (3.2e+11): no point there" in text
+    text = scaling.write_report("runs/s", runs, _one_run_frontier()[1], result, [], tmp_path)
+    assert "Not at every budget" not in text

@@ -11,6 +11,7 @@ from dit_bench.report.stats import (
     call,
     compare_to_base,
     format_p,
+    format_relative,
     has_values,
     holm,
     mean_ci,
@@ -311,6 +312,19 @@ def test_relative_difference_is_a_fraction_of_the_base_mean():
     c = paired_compare(variant, base)
     assert c.relative == pytest.approx(0.5 / 2.0, rel=1e-12)
     assert "(+25.0% of a)" in verdict(c, "b", "a", "val_loss")
+
+
+def test_a_small_distinguishable_difference_is_not_printed_as_zero_percent():
+    # bf16 vs float32: a shift of 1e-4 on a loss of 0.3, consistent over seeds, is called
+    # distinguishable; "(-0.0% of fp32)" beside "lower (better)" reads as no difference at all
+    base = [0.30011, 0.31011, 0.30010]
+    c = paired_compare([0.30001, 0.31002, 0.29999], base)
+    assert c.distinguishable
+    text = verdict(c, "bf16", "fp32", "val_loss")
+    assert "-0.0%" not in text and "(-0.033% of fp32)" in text
+    assert format_relative(-0.00033) == "-0.033%" and format_relative(0.0) == "+0.0%"
+    assert format_relative(0.027) == "+2.7%" and format_relative(0.00096) == "+0.1%"
+    assert format_relative(math.nan) == "–"
 
 
 def test_a_planted_improvement_is_as_distinguishable_as_a_planted_regression():

@@ -851,6 +851,59 @@ def devices_line(runs: pd.DataFrame) -> str:
     return "; ".join(f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in sorted(counts.items()))
 
 
+def _run_name(size, patch) -> str:
+    """S/4 for a DiT, S for a U-Net (no patch)."""
+    return f"{size}/{patch:g}" if pd.notna(patch) else str(size)
+
+
+def frontier_runs(points: pd.DataFrame) -> str:
+    """Which runs make the loss-compute envelope, and a warning where one run holds most of its
+    budgets: L(C) is then mostly that run's learning curve (its loss against its own steps),
+    and its alpha no exponent of compute across models, however good the fit's checks."""
+    if not {"run", "size", "patch", "val_loss"} <= set(points):  # a table of budgets only
+        return ""
+    env = fits.envelope(points)
+    if env.empty:
+        return ""
+    names = points.drop_duplicates("run").set_index("run")
+    label = {r: _run_name(names.at[r, "size"], names.at[r, "patch"]) for r in env["run"].unique()}
+    counts = env["run"].value_counts()
+    text = f" Envelope of {len(counts)} run(s): " + ", ".join(
+        f"{label[r]} at {k} of {len(env)} budgets" for r, k in counts.items()
+    )
+    if counts.iloc[0] > len(env) / 2:
+        most = "mostly" if len(counts) > 1 else "entirely"
+        text += (
+            f"; {most} {label[counts.index[0]]}'s learning curve, so alpha says how that run's "
+            "loss falls with its steps more than how the best loss falls with compute across "
+            "models (more sizes, or a wider budget range, widen the frontier)"
+        )
+    return text + "."
+
+
+def short_runs(runs: pd.DataFrame, points: pd.DataFrame) -> str:
+    """The finished runs without a point at some budget (the sweep's max_steps stopped them
+    first, or the loss there was not finite): the envelope and the IsoFLOP slices at those
+    budgets hold fewer runs than the "N runs" of the report's first line."""
+    if "run" not in points or "run" not in runs:
+        return ""
+    budgets = sorted(points["budget"].unique())
+    have = points.groupby("run")["budget"].agg(set)
+    short = []
+    for r in runs[runs["state"].map(finished)].itertuples():
+        lacking = [b for b in budgets if b not in have.get(r.run, set())]
+        if lacking:
+            lacks = ", ".join(f"{b:.3g}" for b in lacking)
+            short.append(f"{_run_name(r.size, r.patch)} ({lacks})")
+    if not short:
+        return ""
+    return (
+        f"Not at every budget: {'; '.join(short)}: no point there (pruned, or its steps stop "
+        "before the budget, as the sweep's max_steps caps them, or its loss there is not "
+        "finite), so the envelope and the IsoFLOP slices at those budgets leave the run out."
+    )
+
+
 def _other_parameters(point) -> str:
     """A trial's parameters beside its size and patch (a tpe sweep's lr, a seed axis): without
     them the runs table listed one size and patch several times over, telling nothing apart."""
@@ -922,6 +975,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
             if len(sides) > 1
             else []
         ),
+        *([note, ""] if (note := short_runs(runs, points)) else []),
         f"Trained on: {devices_line(runs)}.",
         "",
         f"Compute convention: {COMPUTE_CONVENTION}",
@@ -944,7 +998,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         return f"{f.params[k]:.3f} [{interval_kind(f.name)} {_num(lo, '.3f')}, {_num(hi, '.3f')}]"
 
     lines += [
-        f"- Loss-compute envelope L(C) = E + A C^-alpha: alpha = {q(env, 'alpha')}.",
+        f"- Loss-compute envelope L(C) = E + A C^-alpha: alpha = {q(env, 'alpha')}."
+        + (frontier_runs(points) if env is not None and env.ok else ""),
         f"- L(N, D) = E + A/N^a + B/D^b: a = {q(ch, 'a')}, b = {q(ch, 'b')}, E = {q(ch, 'E')}.",
         f"- Compute-optimal size N*(C) ~ C^a (IsoFLOP, best patch per size): a = {q(iso, 'a')}.",
         "",

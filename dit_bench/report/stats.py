@@ -170,6 +170,18 @@ def format_p(p: float, alpha: float = 1 - LEVEL) -> str:
     return text
 
 
+def format_relative(r: float) -> str:
+    """A relative difference in percent, one decimal, with two significant digits where one
+    decimal would round it to zero: bf16 against float32 moving a loss by -0.03% (and called
+    distinguishable) is "-0.03%", not the "-0.0%" that reads as no difference."""
+    if math.isnan(r):
+        return "–"
+    text = f"{r:+.1%}"
+    if r and float(text[:-1]) == 0:
+        text = f"{100 * r:+.2g}%"
+    return text
+
+
 def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = ".4g") -> str:
     """One plain sentence on `c` (lower metric values are better), and one more when seeds
     were left out for a value that is missing or not finite."""
@@ -183,7 +195,7 @@ def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = "
 
 
 def _verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str) -> str:
-    pct = f" ({c.relative:+.1%} of {base})" if not math.isnan(c.relative) else ""
+    pct = f" ({format_relative(c.relative)} of {base})" if not math.isnan(c.relative) else ""
     if c.n < MIN_PAIRS:
         return (
             f"{name} vs {base}: undetermined, {c.n} matched seed(s); no test is possible with "
