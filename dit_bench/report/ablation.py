@@ -728,7 +728,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             f"one false call in {round(1 / (1 - LEVEL))} comparisons of truly equal variants); "
             f"with {len(set(order) - {base})} comparisons per metric, the after-Holm column "
             "calls a difference only where the Holm-Bonferroni adjusted p over that metric's "
-            f"comparisons (p_holm) is below {1 - LEVEL:.2f}, which keeps the chance of any false "
+            f"tested comparisons (p_holm; an undetermined one has no test) is below {1 - LEVEL:.2f}, which keeps the chance of any false "
             f"call per metric at {1 - LEVEL:.2f}."
             if base in order
             else f"no paired comparisons: the base variant {base} has no finished runs, so "
