@@ -562,7 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
     sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
     sp.add_argument("--cfg", type=guidance, help="guidance scale (default: eval.cfg_scale)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sample i is drawn from seed (seed * 1000003 + i) mod 2**32 (default 0)",
+    )
     sp.add_argument(
         "--ncol",
         type=positive,
@@ -586,7 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
     sp.add_argument(
-        "--metrics", default="fd,kid,pr,is", help="comma-separated: fd,kid,pr,is (default: all)"
+        "--metrics",
+        default="fd,kid,pr,is",
+        help="comma-separated: fd,kid,pr,is (default: all; is, which needs a classifier's "
+        "logits, only with the small nets)",
     )
     sp.add_argument(
         "--num-samples",
@@ -649,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=home_path, required=True, help="shard folder to write")
     sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
     sp.add_argument("--shard-size", type=positive, default=4096, help="latents per shard")
-    sp.add_argument("--batch-size", type=positive, default=32)
+    sp.add_argument(
+        "--batch-size", type=positive, default=32, help="images a VAE encode call (default 32)"
+    )
     sp.add_argument("--device", help="e.g. cuda:1 (default: cuda where torch sees a GPU, else cpu)")
     sp.set_defaults(func=cmd_encode_latents)
 
@@ -735,7 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("report", help="report.md, figures and tables from finished runs")
     sp.add_argument("kind", choices=["ablation", "scaling"], help="which report")
-    sp.add_argument("source", help="runs folder, e.g. runs/conditioning-cpu")
+    sp.add_argument(
+        "source",
+        help="runs folder, e.g. runs/conditioning-cpu; scaling: also its study.db or a storage URL",
+    )
     sp.add_argument(
         "-o", "--output", type=home_path, required=True, help="report folder, e.g. reports/NAME"
     )
@@ -760,7 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--channels", type=positive, default=4, help="input channels (default 4)")
     sp.add_argument("--batch", type=positive, default=64, help="training batch (default 64)")
     sp.add_argument("--num-classes", type=positive, default=1000, help="classes (default 1000)")
-    sp.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    sp.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast with float32 master weights (default fp32)",
+    )
     sp.add_argument("--compile", action="store_true", help="also time the compiled backbone")
     sp.add_argument("--compiled-only", action="store_true", help="with --compile: skip eager")
     sp.add_argument(

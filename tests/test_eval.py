@@ -596,3 +596,46 @@ def test_eval_says_what_it_does_after_sampling_and_before_it(tmp_path, cache, ca
     assert any("anchors" in line for line in after)
     evaluate_run(run, request, progress=False)
     assert "features of" not in capsys.readouterr().err
+
+
+class _LogitFreeNet:
+    """Stands in for clean-fid's Inception (a file no test has): pool features, no logits."""
+
+    name, dim, sha256, file, resize = "inception", 4, "0" * 64, "fake.pt", "none"
+    class_names, info, metric_prefix, suffix = None, {}, "FID", ""
+
+    def features(self, x, *, batch_size=256):
+        g = torch.Generator().manual_seed(0)
+        proj = torch.randn(x[0].numel(), self.dim, generator=g, dtype=torch.float64)
+        return (x.flatten(1).double() @ proj).numpy(), None
+
+    def protocol(self):
+        return {"name": self.name, "sha256": self.sha256}
+
+
+def test_eval_of_an_inception_run_leaves_is_out_of_all_metrics(tmp_path, cache, monkeypatch):
+    # `dit-bench eval RUN_DIR` (README: all metrics) on folder or latents data, or any run
+    # with --features inception, sampled the whole held-out split's count, then failed at
+    # scoring: IS needs logits and Inception's pool features have none. Nothing was written.
+    import dit_bench.metrics.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_feature_net", lambda *a, **k: _LogitFreeNet())
+    run = _saved_run(tmp_path, 12)
+    request = EvalRequest(num_samples=20, steps=2, features="inception", anchors=False)
+    record = evaluate_run(run, request, progress=False)
+    assert {"FID", "KID", "precision", "recall"} <= set(record["metrics"])
+    assert not any(k.startswith("IS") for k in record["metrics"])
+
+
+def test_eval_refuses_is_with_inception_before_sampling(tmp_path, cache, monkeypatch):
+    import dit_bench.metrics.evaluate as ev
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(ev, "load_feature_net", lambda *a, **k: _LogitFreeNet())
+    monkeypatch.setattr(ev, "generate", no_sampling)
+    run = _saved_run(tmp_path, 12)
+    request = EvalRequest(num_samples=20, steps=2, features="inception", metrics=("fd", "is"))
+    with pytest.raises(ValueError, match="--metrics is needs a classifier's logits"):
+        evaluate_run(run, request, progress=False)

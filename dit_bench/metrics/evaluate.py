@@ -29,6 +29,7 @@ from dit_bench.files import check_writable, locked, write_json_atomic
 from dit_bench.metrics import distances as D
 from dit_bench.metrics.features import (
     DEFAULT_FEATURES,
+    SMALL_NETS,
     FeatureNet,
     default_features,
     load_feature_net,
@@ -324,6 +325,21 @@ def evaluate_run(
         raise ValueError(f"--cfg: {problem}; evaluate with --cfg 1")
     check_sampling(cfg, request.sampler or cfg.eval.sampler, request.steps or cfg.eval.sample_steps)
     features = request.features or default_features(cfg.data.name)  # latents: inception
+    wanted = request.metrics
+    if "is" in wanted and features not in SMALL_NETS:
+        # Inception gives pool features, no logits: IS failed at scoring, after all the
+        # sampling, and `eval RUN_DIR` (all metrics) of folder and latents runs was that
+        if wanted != METRICS:
+            raise ValueError(
+                f"--metrics is needs a classifier's logits; {features} features have none "
+                "(use --features mnist-net / digits-net / shapes-net, or leave is out)"
+            )
+        wanted = tuple(m for m in wanted if m != "is")
+        if progress:
+            print(
+                f"[dit-bench] note: {features} has no logits for IS: scoring {', '.join(wanted)}",
+                file=sys.stderr,
+            )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
     trained_on = {net: data for data, net in DEFAULT_FEATURES.items()}.get(features)
@@ -361,8 +377,8 @@ def evaluate_run(
     held_out = f"the held-out split has {len(ref_x)} images (data.val_fraction)"
     check_sample_count(("fd",), len(ref_x), held_out)
     if request.num_samples is None:  # as many samples as held-out images
-        check_sample_count(request.metrics, len(ref_x), held_out)
-    elif "pr" in request.metrics:  # precision/recall's k-NN radii of the held-out images too
+        check_sample_count(wanted, len(ref_x), held_out)
+    elif "pr" in wanted:  # precision/recall's k-NN radii of the held-out images too
         check_sample_count(["pr"], len(ref_x), held_out)
     say(f"reference: {features} statistics of {len(ref_x)} held-out images")
     ref = reference_stats(
@@ -373,7 +389,7 @@ def evaluate_run(
         description={"data": cfg.data.model_dump(mode="json"), "split": "val"},
     )
     n = request.num_samples or ref.n
-    if "is" in request.metrics:  # each split's score is at most its size (and the classes)
+    if "is" in wanted:  # each split's score is at most its size (and the classes)
         classes = len(net.class_names) if net.class_names else 1000  # Inception: ImageNet's
         if n < IS_SPLITS * classes:
             print(
@@ -411,14 +427,12 @@ def evaluate_run(
         images = decode(images)
     check_finite_samples(images, f"{run_dir} (step {step})", "No metric is computed from them")
     labels = eval_labels(n, module.info.num_classes)
-    say(f"{features} features of {len(images)} samples; scoring {', '.join(request.metrics)}")
+    say(f"{features} features of {len(images)} samples; scoring {', '.join(wanted)}")
     gen_feats, gen_logits = net.features(images, batch_size=request.batch_size)
-    metrics = score(
-        gen_feats, gen_logits, ref, net, request.metrics, labels if same_classes else None
-    )
+    metrics = score(gen_feats, gen_logits, ref, net, wanted, labels if same_classes else None)
 
     anchors = {}
-    if request.anchors and "fd" in request.metrics:
+    if request.anchors and "fd" in wanted:
         g = torch.Generator().manual_seed(ANCHOR_SEED)
         pick = torch.randperm(len(train_set), generator=g)[: min(n, len(train_set))]
         say(f"anchors: {features} features of {len(pick)} training images and {n} of noise")
