@@ -200,3 +200,67 @@ def test_readme_describes_every_config_key():
                 ):
                     missing.append(f"{section}.{key}")
     assert not missing, missing
+
+
+def test_a_reader_that_stops_reading_ends_the_command_successfully(tmp_path, monkeypatch):
+    # `dit-bench info --list | head`: the reader has what it wanted; a pipeline under
+    # `set -o pipefail` must not fail on it
+    from dit_bench import cli
+
+    class ClosedPipe:
+        def __init__(self):
+            self.file = (tmp_path / "stdout").open("w")  # what the handler points at devnull
+
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.file.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert cli.main(["info", "dit-s/2"]) == 0
+
+
+def test_eval_metrics_are_read_as_typed_with_spaces(monkeypatch, capsys):
+    # `--metrics "fd, kid"`, as a list is written in prose: " kid" is no unknown metric
+    from dit_bench import cli
+    from dit_bench.metrics import evaluate
+
+    asked = []
+
+    def evaluate_run(run_dir, request, **kwargs):
+        asked.append(request.metrics)
+        raise KeyboardInterrupt  # the request is all this test needs
+
+    monkeypatch.setattr(evaluate, "evaluate_run", evaluate_run)
+    assert cli.main(["eval", "some-run", "--metrics", "fd, kid,"]) == 130
+    assert asked == [("fd", "kid")]
+
+
+def test_encode_latents_of_a_built_in_data_set_needs_no_root(tmp_path, monkeypatch, capsys):
+    # `--data shapes`: NAME alone, no ROOT (a data.root is refused for a built-in set)
+    from dit_bench import cli
+    from dit_bench.data import latents
+
+    sources = []
+
+    def encode_latents(vae, source, out, **kwargs):
+        sources.append(source)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latents, "encode_latents", encode_latents)
+    argv = ["encode-latents", "--vae", str(tmp_path), "--data", "shapes", "--image-size", "32"]
+    assert cli.main([*argv, "--out", str(tmp_path / "lat")]) == 130, capsys.readouterr().err
+    assert [(s.name, s.root) for s in sources] == [("shapes", None)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_guidance_scale_that_is_no_number_is_refused_as_it_is_parsed(value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "some-run", "--cfg", value])
+    assert f"--cfg: expected a guidance scale >= 0 (1: no guidance), got '{value}'" in (
+        capsys.readouterr().err
+    )

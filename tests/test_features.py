@@ -23,6 +23,7 @@ from dit_bench.metrics.features import (
     default_features,
     find_inception,
     load_feature_net,
+    quantize,
     sha256_file,
     shipped_net_path,
     small_net_path,
@@ -81,7 +82,15 @@ def unshipped(tmp_path, monkeypatch):
 
 
 def test_an_unshipped_net_is_trained_cached_and_retrained_identically(unshipped):
-    net = load_feature_net("digits-net", progress=False)
+    # trained on one thread, from inside a training run too (the in-training FD): the run's
+    # own thread count must come back, or it trains on at one core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        net = load_feature_net("digits-net", progress=False)
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
     path = small_net_path("digits-net")
     assert net.file == str(path) and path.parent == unshipped / "features"
     assert net.info["accuracy"] > 0.9
@@ -176,6 +185,24 @@ def test_reference_stats_cached_by_content(net, digits, cache):
     assert not reference_stats(x, net, cache=False).meta["cached"]
 
 
+def test_reference_stats_are_keyed_by_all_that_makes_the_features(net, digits, cache):
+    """A cache id shared by two inputs serves one's statistics for the other: every FD
+    against them is then silently wrong."""
+    x = digits[0][:60]
+    a = reference_stats(x, net)
+    # the same shape, other 8-bit pixels (none at -1 or 1: they differ only once quantised)
+    assert reference_stats(x * 0.5, net).id != reference_stats(x * 0.4, net).id
+    # the same pixels in another shape are other images
+    assert reference_stats(x.reshape(len(x), 1, 16, 4), net).id != a.id
+    # the same weights reached by another input path
+    other = copy.copy(net)
+    other.resize = f"{net.resize}, then something else"
+    assert reference_stats(x, other).id != a.id
+    # a latents data set's own hash (of its latents and decoder) keys it, not the decoded pixels
+    b = reference_stats(x, net, data_hash="latents-and-decoder")
+    assert b.id != a.id and b.meta["content_sha256"] == "latents-and-decoder"
+
+
 def test_an_empty_reference_stats_file_is_made_again(net, digits, cache, capsys):
     """A cached statistics file left empty (a power cut after its rename reached the disk, a
     copy cut short) is computed again: np.load raises EOFError for it, which stopped every
@@ -200,6 +227,31 @@ def test_reference_stats_without_a_writable_cache(net, digits, tmp_path, monkeyp
     stats = reference_stats(x, net)
     assert not stats.meta["cached"] and stats.mu.shape == (net.dim,)
     assert "DIT_BENCH_CACHE" in capsys.readouterr().err
+
+
+def test_small_nets_see_inputs_as_their_own_size_channels_and_8_bit_range(net, digits, cache):
+    """Scored images need not be a net's own kind (a folder or latents run scored by a small
+    net): they reach it as 8-bit pixels at its side, RGB averaged to grey and grey repeated."""
+    x = digits[0][:60]
+    feats = net.features(x)[0]
+    # beyond [-1, 1] is what a PNG of it holds: saturated
+    np.testing.assert_array_equal(net.features(x * 3)[0], net.features((x * 3).clamp(-1, 1))[0])
+    # another side: resized to the net's, as its `resize` records (quantised, then resized)
+    big = F.interpolate(x, scale_factor=2, mode="nearest")
+    small = F.interpolate(quantize(big), size=(8, 8), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        want = net.net(small / 127.5 - 1)[0].double().numpy()
+    np.testing.assert_allclose(net.features(big)[0], want, atol=1e-4)
+    assert not np.allclose(want, feats, atol=1e-2)  # not the net's own-size images either
+    # RGB: the mean of the channels, whatever their order
+    rgb = torch.cat([x, -torch.ones_like(x), x.flip(-1)], 1)
+    np.testing.assert_allclose(net.features(rgb)[0], net.features(rgb.roll(1, 1))[0], atol=1e-4)
+    assert not np.allclose(net.features(rgb)[0], net.features(rgb[:, :1])[0], atol=1e-4)
+    shapes_net = load_feature_net("shapes-net", progress=False)
+    grey = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.testing.assert_array_equal(
+        shapes_net.features(grey)[0], shapes_net.features(grey.repeat(1, 3, 1, 1))[0]
+    )
 
 
 # clean-fid's own sqrtm warns on the rank-deficient covariance of ReLU features; it still agrees
@@ -328,6 +380,9 @@ def test_an_inception_file_in_tmp_named_by_the_environment_is_the_user_s_choice(
     monkeypatch.setattr(features.os, "getuid", lambda: 4242)
     monkeypatch.setattr(features.Path, "stat", _owned_by(4243))
     assert find_inception() == shared
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "missing.pt"))
+    with pytest.raises(FeatureWeightsError, match="owned by another user"):
+        find_inception()  # another file named: the shared default after it is still skipped
     monkeypatch.delenv(INCEPTION_ENV)
     with pytest.raises(FeatureWeightsError, match="owned by another user"):
         find_inception()  # not named: the shared default, skipped

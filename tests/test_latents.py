@@ -83,6 +83,10 @@ def test_encode_read_split_decode(vae_dir, image_folder, tmp_path):
     vae = load_vae(vae_dir)
     want = vae.encode(img[None]).latent_dist.mean[0] * m["scaling_factor"]
     assert y == label and torch.allclose(z, want, atol=1e-5)
+    # every item's label, across shards and mirrors (the images are sorted by class: a label
+    # one item off within a shard shows only at a class boundary)
+    labels = [full_dataset(folder_cfg(image_folder))[i][1] for i in range(20)]
+    assert [ds[i][1] for i in range(40)] == labels + labels
     # Item n + i is the mirror image of item i.
     zf, _ = ds[20 + 3]
     wantf = vae.encode(img[None].flip(-1)).latent_dist.mean[0] * m["scaling_factor"]
@@ -144,7 +148,9 @@ def test_latents_are_unscaled_by_the_factor_their_manifest_records(latents_root)
 
 def test_corrupt_or_missing_shards_are_named(vae_dir, image_folder, tmp_path):
     out = tmp_path / "lat"
-    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    m = encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    # the last shard holds the rest (20 = 8 + 8 + 4), not items wrapped round from the start
+    assert [(s["start"], s["count"]) for s in m["shards"]] == [(0, 8), (8, 8), (16, 4)]
     shard = out / "shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
@@ -214,6 +220,9 @@ def test_killed_encoding_resumes_to_identical_shards(vae_dir, image_folder, tmp_
     again = json.loads((out / "manifest.json").read_text())
     by_file = lambda m: {s["file"]: s["sha256"] for s in m["shards"]}  # noqa: E731
     assert by_file(again) == by_file(manifest)
+    from dit_bench.data.latents import _sha256
+
+    assert all(_sha256(out / f) == h for f, h in by_file(again).items())  # the files, too
     # another VAE (same config, other weights: SD's ft-EMA vs ft-MSE) does not continue it
     other_vae(vae_dir, tmp_path / "other-vae")
     with pytest.raises(DataError, match="written with another VAE"):
@@ -239,6 +248,27 @@ def test_a_rerun_over_a_changed_folder_does_not_keep_the_old_images_latents(vae_
     (root / "dog" / "3.png").rename(root / "dog" / "9.png")
     with pytest.raises(DataError, match="changed since"):
         encode_latents(vae_dir, folder_cfg(root), tmp_path / "fresh", shard_size=4,
+                       progress=False)  # fmt: skip
+    import os
+
+    # rewritten to the same size (uncompressed: the size is the pixel count's)
+    img = root / "dog" / "1.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(img, compress_level=0)
+    encode_latents(vae_dir, folder_cfg(root), tmp_path / "same", shard_size=4, progress=False)
+    size, mtime = img.stat().st_size, img.stat().st_mtime_ns
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(img, compress_level=0)
+    later = mtime + 10**9  # a second on: a file system that keeps whole seconds sees it too
+    os.utime(img, ns=(later, later))
+    assert img.stat().st_size == size
+    with pytest.raises(DataError, match="changed since"):
+        encode_latents(vae_dir, folder_cfg(root), tmp_path / "same", shard_size=4,
+                       progress=False)  # fmt: skip
+    # another version copied in with the encoded one's time (cp -p, rsync -t)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(img)
+    assert img.stat().st_size != size
+    os.utime(img, ns=(mtime, mtime))
+    with pytest.raises(DataError, match="changed since"):
+        encode_latents(vae_dir, folder_cfg(root), tmp_path / "same", shard_size=4,
                        progress=False)  # fmt: skip
 
 
@@ -484,8 +514,58 @@ def test_a_manifest_without_a_key_is_one_line_naming_the_file_and_key(latents_ro
     path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"{path}: no {key!r}"):
         data_info(latent_cfg(latents_root))
+    # and one of another format, whatever its keys, is named as such
+    path.write_text(json.dumps({**manifest, key: None, "format": "dit-bench-latents/2"}))
+    with pytest.raises(DataError, match="not a dit-bench-latents/1 manifest"):
+        data_info(latent_cfg(latents_root))
+    path.write_text(json.dumps(manifest))
     argv = ["train", "--set", "data.name=latents", "--set", f"data.root={latents_root}"]
     assert main([*argv, "--out", str(latents_root / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"dit-bench: {path}: no {key!r}"), err
     assert "Traceback" not in err
+
+
+def test_a_shard_listed_twice_or_of_another_shape_is_refused(vae_dir, image_folder, tmp_path):
+    """Items are found by position (item i: shard i // shard_size): a manifest listing a shard
+    twice, or a shard holding other than its count, would serve other items under those
+    indices, silently."""
+    from safetensors.torch import save
+
+    from dit_bench.data.latents import _sha256
+
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    path = out / "manifest.json"
+    good = json.loads(path.read_text())
+    twice = {**good, "shards": [*good["shards"], good["shards"][0]]}
+    path.write_text(json.dumps(twice))
+    with pytest.raises(DataError, match="4 of 3 shards"):
+        LatentShards(out)
+    # a shard rewritten with fewer items (its checksum recorded to match)
+    shard = out / "shard-00001.safetensors"
+    z = torch.zeros(3, 4, 4, 4)
+    shard.write_bytes(save({"latents": z, "labels": torch.zeros(3, dtype=torch.long)}))
+    shards = [dict(s) for s in good["shards"]]
+    shards[1]["sha256"] = _sha256(shard)
+    path.write_text(json.dumps({**good, "shards": shards}))
+    with pytest.raises(DataError, match="shard-00001.safetensors holds"):
+        LatentShards(out)[8]
+
+
+def test_a_rerun_with_another_scaling_factor_does_not_continue_the_encoding(
+    vae_dir, image_folder, tmp_path
+):
+    """The same weights with another scaling_factor in their config (SDXL's 0.13025 put right
+    in a copied config): its shards and the earlier ones would be scaled differently."""
+    from dit_bench.data.latents import require_diffusers
+
+    out = tmp_path / "lat"
+    encode_latents(vae_dir, folder_cfg(image_folder), out, shard_size=8, progress=False)
+    (out / "shard-00001.safetensors").unlink()  # a shard left to encode
+    rescaled = tmp_path / "vae-rescaled"
+    vae = require_diffusers("test").AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(scaling_factor=0.13025)
+    vae.save_pretrained(rescaled)
+    with pytest.raises(DataError, match="different source or settings"):
+        encode_latents(rescaled, folder_cfg(image_folder), out, shard_size=8, progress=False)

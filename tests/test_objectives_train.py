@@ -167,6 +167,11 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
         "--labels: values must be in 0..9 (the classes) or 10 (the null class"
         in capsys.readouterr().err
     )
+    assert main(["sample", str(tiny_run), "--labels", "-1", "-o", str(again)]) == 2
+    assert "--labels: values must be in 0..9" in capsys.readouterr().err
+    # the bounds themselves: the last class, and the null class label dropout trained
+    labels = ["--labels", "0,9,10", "--n", "3", "--steps", "3"]
+    assert main(["sample", str(tiny_run), *labels, "-o", str(again)]) == 0
     assert main(["sample", str(tiny_run), "--labels", "a", "-o", str(again)]) == 2
     assert "expected class indices" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: usage and the reason, exit status 2
@@ -236,3 +241,4 @@ def test_sample_and_eval_refuse_guidance_a_run_never_trained(tmp_path, capsys):
     with pytest.raises(ValueError, match="train.label_dropout=0 never trains"):
         evaluate_run(run, EvalRequest(num_samples=20, cfg_scale=3.0), progress=False)
     assert main(["sample", str(run), "--n", "2", "--steps", "2", *out]) == 0  # unguided: fine
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--labels", "9", *out]) == 0

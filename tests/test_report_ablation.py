@@ -430,6 +430,15 @@ def test_a_profile_changed_by_set_says_so_beside_its_description(tmp_path, no_fi
     assert expected in md
 
 
+def test_study_is_refused_for_an_ablation_report(tmp_path, capsys):
+    # --study picks one of a sweep storage's studies; an ablation report has none to pick, and
+    # taking it silently would let `report ablation ... --study X` look like it chose something
+    out = tmp_path / "r"
+    assert main(["report", "ablation", str(tmp_path), "-o", str(out), "--study", "x"]) == 2
+    assert "--study picks a sweep's study" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kind", ["sweep", "plain"])
 def test_a_folder_that_is_not_an_ablation_is_refused(tmp_path, capsys, kind):
     source = tmp_path / "runs" / "shapes-cpu"

@@ -416,6 +416,21 @@ def test_a_point_no_model_has_fails_its_trial_and_the_sweep_goes_on(tmp_path, ca
     assert not any("retry_of" in t.user_attrs for t in study.trials)
 
 
+def test_a_sweep_with_trials_left_unfinished_exits_non_zero(tmp_path, capsys, monkeypatch):
+    # a trial its worker left running (killed, preempted, out of memory): the command says so
+    # and fails, or `dit-bench sweep ... && dit-bench report ...` fits a sweep missing points
+    from dit_bench import sweep as sweep_mod
+    from dit_bench.cli import main
+
+    study = optuna.create_study()
+    study.ask()  # left RUNNING
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda *args, **kwargs: study)
+    monkeypatch.setattr(sweep_mod, "summarize", lambda study: "summary")
+    argv = ["sweep", str(write_tiny(tmp_path / "t.yaml")), "--out", str(tmp_path / "runs")]
+    assert main([*argv, "--no-progress"]) == 1
+    assert "trials [0] did not finish; run the same command again" in capsys.readouterr().out
+
+
 def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
     # The report names and groups runs by depth, width and patch: a sweep over preset names
     # sets none of them, and recorded None for all (every run one "dNone-wNone" size).
