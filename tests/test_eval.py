@@ -148,7 +148,10 @@ def test_bad_metric_name_is_an_error():
 
 def test_too_few_samples_for_a_metric_is_an_error_before_sampling():
     with pytest.raises(ValueError, match="--metrics is needs at least 10 samples"):
-        EvalRequest(num_samples=9)
+        EvalRequest(num_samples=9, metrics=("fd", "is"))
+    # all metrics: IS is left out for Inception, so evaluate_run checks it once features are
+    # known (test_eval_of_all_metrics_checks_is_s_sample_count_once_the_net_is_known)
+    EvalRequest(num_samples=9)
     with pytest.raises(ValueError, match="--metrics pr needs at least 4 samples"):
         EvalRequest(num_samples=3, metrics=("fd", "pr"))
     EvalRequest(num_samples=3, metrics=("fd", "kid"))  # FD and KID take any n >= 2
@@ -639,3 +642,25 @@ def test_eval_refuses_is_with_inception_before_sampling(tmp_path, cache, monkeyp
     request = EvalRequest(num_samples=20, steps=2, features="inception", metrics=("fd", "is"))
     with pytest.raises(ValueError, match="--metrics is needs a classifier's logits"):
         evaluate_run(run, request, progress=False)
+
+
+def test_eval_of_all_metrics_checks_is_s_sample_count_once_the_net_is_known(
+    tmp_path, cache, monkeypatch
+):
+    # --num-samples 5: too few for IS (10), enough for the rest. Inception leaves IS out, so
+    # the run is scored (it was refused for IS's sake); a small net keeps IS, refused unsampled
+    import dit_bench.metrics.evaluate as ev
+
+    run = _saved_run(tmp_path, 12)
+    small_net = ev.load_feature_net
+    monkeypatch.setattr(ev, "load_feature_net", lambda *a, **k: _LogitFreeNet())
+    request = EvalRequest(num_samples=5, steps=2, features="inception", anchors=False)
+    assert "FID" in evaluate_run(run, request, progress=False)["metrics"]
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(ev, "load_feature_net", small_net)
+    monkeypatch.setattr(ev, "generate", no_sampling)
+    with pytest.raises(ValueError, match="--num-samples 5: --metrics is needs at least 10"):
+        evaluate_run(run, EvalRequest(num_samples=5, steps=2, anchors=False), progress=False)

@@ -197,7 +197,10 @@ class EvalRequest:
         if self.num_samples is not None and self.num_samples < 2:
             raise ValueError("--num-samples must be at least 2")
         if self.num_samples is not None:  # checked before any sampling
-            check_sample_count(self.metrics, self.num_samples, f"--num-samples {self.num_samples}")
+            # all metrics leave IS out for Inception, which only the run's config names:
+            # evaluate_run checks it then, still before any sampling
+            asked = [m for m in self.metrics if m != "is" or self.metrics != METRICS]
+            check_sample_count(asked, self.num_samples, f"--num-samples {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be positive")
         if not 0 <= self.seed < EVAL_SEEDS:
@@ -340,6 +343,8 @@ def evaluate_run(
                 f"[dit-bench] note: {features} has no logits for IS: scoring {', '.join(wanted)}",
                 file=sys.stderr,
             )
+    if request.num_samples is not None:
+        check_sample_count(wanted, request.num_samples, f"--num-samples {request.num_samples}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The feature net first: a missing Inception file fails before minutes of sampling.
     trained_on = {net: data for data, net in DEFAULT_FEATURES.items()}.get(features)
