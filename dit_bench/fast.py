@@ -246,7 +246,15 @@ def cpu_threads_per_worker(workers: int) -> int | None:
     (`shared_cores_note`). None where CUDA trains: the threads are not the step's."""
     if torch.cuda.is_available():
         return None
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, usable_cpus() // workers)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM job's cpuset or `taskset` leaves it fewer
+    than the machine has (os.cpu_count()), and torch's default threads count these."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no such mask
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:

@@ -569,6 +569,7 @@ def test_parallel_workers_split_the_cpus_when_threads_are_unset(tmp_path, monkey
     import os
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ab = load_ablation(write_ablation(tmp_path), "cpu", overrides=["train.threads=null"])
     cfg = ab.runs[0].cfg

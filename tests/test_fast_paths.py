@@ -666,3 +666,19 @@ def test_shared_cores_note_speaks_up_only_when_other_work_keeps_cores_busy(monke
     finally:
         child.kill()
     assert own - base < 0.5 < 0.7 < busy - base, (base, own, busy)
+
+
+def test_cpu_threads_per_worker_shares_the_cores_this_process_may_run_on(monkeypatch):
+    """A SLURM job's cpuset or `taskset` leaves the process fewer cores than the machine has;
+    torch's own default counts those (1 thread under `taskset -c 0` on the 2-core machine),
+    and a worker's share of the machine's cores (64 each of 2 workers on a 128-core node
+    holding a job's 8) would run 16 threads a core."""
+    from dit_bench import fast
+
+    monkeypatch.setattr(fast.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fast.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(fast.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert fast.cpu_threads_per_worker(2) == 4
+    assert fast.cpu_threads_per_worker(16) == 1
+    monkeypatch.delattr(fast.os, "sched_getaffinity")  # macOS, Windows: the machine's cores
+    assert fast.cpu_threads_per_worker(2) == 64

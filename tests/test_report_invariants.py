@@ -358,3 +358,79 @@ def test_a_dead_workers_trial_is_requeued_once_however_many_workers_notice(tmp_p
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert len(waiting) == 1
     assert waiting[0].user_attrs == {"attempt": 2, "retry_of": lost.number}
+
+
+def _fake_bench(monkeypatch, durations: dict[str, list[float]], calls: list[str], cuda=False):
+    """bench_training over fake implementations whose steps take `durations` (in turn) on a
+    fake clock, each step's label appended to `calls`. `cuda`: a fake CUDA device, where a
+    step only queues its work and the clock moves when `torch.cuda.synchronize` waits for it,
+    and every step allocates 1000 bytes above what was allocated before it."""
+    clock = _Clock()
+    queued = [0.0]
+    impls = [bench.Impl(k, k, False, _FakeNet(), None) for k in durations]
+
+    def fake_step_fn(impl, cfg, device, inputs):
+        left = list(durations[impl.label])
+
+        def step():
+            calls.append(impl.label)
+            if cuda:
+                queued[0] += left.pop(0)
+            else:
+                clock.now += left.pop(0)
+
+        return step, SimpleNamespace(defaults={"fused": False}, state={})
+
+    def synchronize(device):
+        clock.now += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench, "build_impls", lambda name, cfg, device: impls)
+    monkeypatch.setattr(bench, "bench_inputs", lambda cfg, device: None)
+    monkeypatch.setattr(bench, "step_fn", fake_step_fn)
+    monkeypatch.setattr(bench, "cpu_peak_transient_bytes", lambda step: None)  # no more steps
+    if cuda:
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5000)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 6000)
+        monkeypatch.setattr(bench.BenchConfig, "resolved_device", lambda self: torch.device("cuda"))
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_bench_rotates_the_first_implementation_and_waits_for_each_step(monkeypatch, cuda):
+    """Noise that drifts over the timed steps (another job starting, clocks settling) hits
+    every implementation alike only if none always steps first; `first_step_s` is the first
+    warm-up step, where a compiled backbone compiles, not a later warm one. On a GPU a step
+    only queues its kernels: every time read waits for them (a fake device whose clock moves
+    at the synchronisation), and the memory is the state plus the step's peak above it."""
+    calls: list[str] = []
+    durations = {"dit-bench": [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], "diffusers": [7.0] + [2.0] * 6}
+    _fake_bench(monkeypatch, durations, calls, cuda=cuda)
+    cfg = bench.BenchConfig(warmup=2, repeats=4, batch=4, device="cpu")
+    rows = {r.label: r for r in bench.bench_training("fake", cfg)}
+    timed = calls[2 * cfg.warmup : 2 * (cfg.warmup + cfg.repeats)]
+    assert [timed[2 * r] for r in range(cfg.repeats)] == ["dit-bench", "diffusers"] * 2
+    assert rows["dit-bench"].first_step_s == 9.0 and rows["diffusers"].first_step_s == 7.0
+    assert rows["dit-bench"].median_s == 1.0 and rows["diffusers"].median_s == 2.0
+    if cuda:  # 3 float32 weights, no gradients or moments; 6000 - 5000 bytes at the peak
+        assert rows["dit-bench"].peak_mem_gb == pytest.approx((12 + 1000) / 2**30)
+
+
+def test_matmul_peak_divides_each_timed_group_by_its_products(monkeypatch):
+    """Products are timed in groups of about 20 ms (launch and sync latency off the peak): a
+    group's time is that of `group` products, each 2 n^3 FLOPs."""
+    clock = _Clock()
+    dt = 0.004  # every product's; groups of ceil(0.02 / dt) = 5
+    mm = torch.mm
+
+    def timed_mm(a, b, out):
+        clock.now += dt
+        return mm(a, b, out=out)
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(torch, "mm", timed_mm)
+    n = 4
+    out = bench.matmul_peak(torch.device("cpu"), "fp32", n=n, seconds=0.0)
+    assert out["flops_per_s"] == pytest.approx(2 * n**3 / dt)

@@ -280,3 +280,20 @@ def test_sampler_registry():
     assert get_sampler("ddpm") is ddpm_ancestral
     with pytest.raises(ValueError, match=r"\['ddim', 'ddpm', 'euler', 'euler_maruyama', 'heun'\]"):
         get_sampler("ddim_typo")
+
+
+def test_batch_slice_and_guidance_arguments_at_their_bounds():
+    """A slice that runs past the global batch would come back short (the rows of another
+    process, or none); guidance of 0 channels would silently not guide; an interval of one
+    level (lo = hi) is a valid one."""
+    from dit_bench.sampling import draw_slice
+
+    draw = torch.arange
+    assert draw_slice(draw, 2, (6, 8)).tolist() == [6, 7]
+    with pytest.raises(ValueError, match=r"batch_slice=\(7, 8\) does not hold 2 rows"):
+        draw_slice(draw, 2, (7, 8))
+    net = lambda x, t, cond: x  # noqa: E731
+    with pytest.raises(ValueError, match="guidance channels must be a positive int"):
+        guided(net, torch.zeros(1), torch.ones(1), 2.0, channels=0)
+    fn = guided(net, torch.zeros(1), torch.ones(1), 2.0, interval=(500.0, 500.0))
+    assert fn(torch.ones(1, 2), torch.tensor([500.0])).shape == (1, 2)
