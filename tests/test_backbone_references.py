@@ -261,6 +261,19 @@ def test_dit_modulation_init_is_xavier_except_for_adaln_zero(
     assert torch.count_nonzero(net.final_layer.linear.weight) == 0
 
 
+def test_dit_embedders_init_as_dit():
+    # DiT `initialize_weights`: label table N(0, 0.02) (nn.Embedding's own is N(0, 1)), patch
+    # conv xavier-uniform over the flattened (C p p) patch, zero bias; the forward reference
+    # randomises every weight and cannot see either.
+    net = dit("adaln_zero")
+    assert net.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.25)
+    w = net.x_embedder.proj.weight.flatten(1)  # (D, C p p)
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+    assert w.abs().max() <= bound
+    assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert not net.x_embedder.proj.bias.any()
+
+
 # ---------------------------------------------------------------------------------------------
 # U-ViT
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +351,9 @@ def test_uvit_init_follows_the_reference():
         if isinstance(m, torch.nn.Linear):
             assert m.weight.std().item() < 0.03, name
             assert m.bias is None or not m.bias.any(), name
+    # qkv_bias=False in every U-ViT config: a zero-initialised bias would still be trained
+    blocks = [*net.in_blocks, net.mid_block, *net.out_blocks]
+    assert all(blk.attn.qkv.bias is None for blk in blocks)
 
 
 def test_uvit_long_skips_pair_last_in_block_with_first_out_block():
@@ -408,11 +424,13 @@ def test_uvit_drops_the_leading_extra_tokens_before_unpatchify():
 
 
 def group_norm(gn: torch.nn.GroupNorm, z: torch.Tensor) -> torch.Tensor:
+    # ADM's `normalization` is GroupNorm32: 32 groups, torch's eps, fixed here rather than read
+    # off the module, which only supplies the affine weights
     b, ch, hgt, wid = z.shape
-    g = z.reshape(b, gn.num_groups, ch // gn.num_groups, hgt, wid)
+    g = z.reshape(b, 32, ch // 32, hgt, wid)
     mu = g.mean(dim=(2, 3, 4), keepdim=True)
     var = ((g - mu) ** 2).mean(dim=(2, 3, 4), keepdim=True)
-    out = ((g - mu) / torch.sqrt(var + gn.eps)).reshape(b, ch, hgt, wid)
+    out = ((g - mu) / torch.sqrt(var + 1e-5)).reshape(b, ch, hgt, wid)
     return out * gn.weight[None, :, None, None] + gn.bias[None, :, None, None]
 
 
@@ -732,3 +750,34 @@ def test_mmdit_forward_with_labels_equals_sd3_reference(qk_norm):
     x, t, cond = inputs()
     want = mmdit_reference(net, x, t, cond.labels)
     torch.testing.assert_close(net(x, t, cond), want, rtol=1e-9, atol=1e-9)
+
+
+def test_mmdit_init_follows_dit_rules_for_both_streams():
+    # The forward reference randomises every weight, so it cannot see the init. SD3 inherits
+    # DiT's: adaLN-Zero for the image AND the context stream (every residual branch and the
+    # output start at zero), N(0, 0.02) label tables and timestep MLP, fixed sin-cos positions,
+    # xavier-uniform transformer linears with zero biases.
+    from dit_bench.backbones.layers import sincos_pos_embed_2d
+
+    net = mmdit(qk_norm=True)
+    d, grid = net.pos_embed.shape[-1], net.x_embedder.grid_size
+    assert not net.pos_embed.requires_grad
+    torch.testing.assert_close(net.pos_embed[0], sincos_pos_embed_2d(d, grid), rtol=0, atol=0)
+    zeroed = [net.final_layer.linear, net.final_layer.adaLN_modulation[1]]
+    for blk in net.blocks:
+        zeroed += [blk.adaLN_modulation[1], blk.context_adaLN_modulation[1]]
+    for layer in zeroed:
+        assert not layer.weight.any() and not layer.bias.any()
+    small = [net.y_context.embedding_table, net.y_pooled.embedding_table]
+    small += [net.t_embedder.mlp[0], net.t_embedder.mlp[2]]
+    for layer in small:
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.25)
+    zero_ids = {id(m) for m in zeroed + small}
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear) and id(m) not in zero_ids:
+            w = m.weight
+            bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform
+            assert not m.bias.any(), name
+            assert 0 < w.abs().max() <= bound, name
+    x, t, cond = inputs()
+    assert not net(x.float(), t.float(), cond).any()  # zero output at init

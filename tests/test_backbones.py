@@ -329,6 +329,10 @@ def test_adm_imagenet_presets_match_the_paper():
     assert adm256.num_params() == pytest.approx(554e6, rel=2e-3)
     assert adm256.flops()["macs"] / 1e9 == pytest.approx(1120, rel=2e-3)
     assert meta("unet-adm64").num_params() == pytest.approx(296e6, rel=2e-3)
+    # Head width and the attention resolutions (32, 16, 8 px) change neither count: as ADM's.
+    for name, side in (("unet-adm64", 64), ("unet-adm256", 256)):
+        assert PRESETS[name]["head_channels"] == 64, name
+        assert sorted(PRESETS[name]["attention_ds"]) == [side // 32, side // 16, side // 8]
 
 
 def test_uvit_presets_match_the_paper():
@@ -341,6 +345,15 @@ def test_uvit_presets_match_the_paper():
         assert net.num_params() == pytest.approx(params, rel=2e-2), size
     h2 = meta("uvit-h/2", learn_sigma=False)
     assert h2.flops()["macs"] / 1e9 == pytest.approx(133, abs=0.5)
+    # Head counts and the pixel-space conv change neither count: U-ViT Table 1 (and its
+    # configs: conv on for the pixel-space S and M, off for the latent L and H), spelled out.
+    table = {"s": (13, 512, 8, True), "m": (17, 768, 12, True)}
+    table |= {"l": (21, 1024, 16, False), "h": (29, 1152, 16, False)}
+    for size, (depth, width, heads, conv) in table.items():
+        for patch in (2, 4):
+            got = {k: v for k, v in PRESETS[f"uvit-{size}/{patch}"].items() if k != "family"}
+            want = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
+            assert got == dict(want, conv=conv), size
 
 
 def test_dit_conditioning_schemes_match_figure_5():
