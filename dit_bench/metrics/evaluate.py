@@ -199,7 +199,7 @@ class EvalRequest:
         if self.num_samples is not None:  # checked before any sampling
             # all metrics leave IS out for Inception, which only the run's config names:
             # evaluate_run checks it then, still before any sampling
-            asked = [m for m in self.metrics if m != "is" or self.metrics != METRICS]
+            asked = [m for m in METRICS if m != "is"] if self.metrics == METRICS else self.metrics
             check_sample_count(asked, self.num_samples, f"--num-samples {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be positive")

@@ -728,8 +728,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             f"one false call in {round(1 / (1 - LEVEL))} comparisons of truly equal variants); "
             f"with {len(set(order) - {base})} comparisons per metric, the after-Holm column "
             "calls a difference only where the Holm-Bonferroni adjusted p over that metric's "
-            f"tested comparisons (p_holm; an undetermined one has no test) is below {1 - LEVEL:.2f}, which keeps the chance of any false "
-            f"call per metric at {1 - LEVEL:.2f}."
+            "tested comparisons (p_holm; an undetermined one has no test) is below "
+            f"{1 - LEVEL:.2f}, which keeps the chance of any false call per metric at "
+            f"{1 - LEVEL:.2f}."
             if base in order
             else f"no paired comparisons: the base variant {base} has no finished runs, so "
             "there is nothing to pair the others with; the means and intervals stand alone."
