@@ -420,6 +420,7 @@ def test_a_pool_broken_between_two_runs_gives_its_queue_to_the_next_pool(tmp_pat
     assert [r.index for r in queue] == [2]  # for the next pool, first, never started
 
 
+@pytest.mark.slow  # spawned pools (3 of them) import torch: 20-60 s
 def test_a_worker_killed_twice_fails_its_run_and_the_others_finish(tmp_path, capsys, monkeypatch):
     # one worker killed (OOM killer, kill -9) broke the pool: an uncaught BrokenProcessPool
     # traceback, the healthy worker's run stopped, no results.csv and no failed run named
