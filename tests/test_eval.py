@@ -162,11 +162,18 @@ def test_too_few_samples_for_a_metric_is_an_error_before_sampling():
         check_sample_count(("fd",), 1, "held-out")
 
 
-def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys):
+def test_train_with_fd_callback_then_eval(tmp_path, cache, capsys, monkeypatch):
+    from dit_bench.train import callbacks
     from dit_bench.train.run import train
 
+    written = []  # metrics.csv written whole: its FD column was named up front
+    whole = callbacks.write_text_atomic
+    monkeypatch.setattr(
+        callbacks, "write_text_atomic", lambda path, text: written.append(1) or whole(path, text)
+    )
     cfg = build_config(None, TINY + ["eval.fd_every=6", "eval.fd_samples=20", "train.keep_every=6"])
     run = train(cfg, tmp_path / "runs", progress=False)
+    assert written == [1]
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     fd_rows = {int(r["step"]): r for r in rows if r.get("val/FD-digits-net")}

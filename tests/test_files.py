@@ -67,9 +67,13 @@ def test_metrics_csv_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, 
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
     log = CSVMetrics(tmp_path / "metrics.csv")
     log.log_metrics({"train/loss": 0.5}, step=2)
-    log.log_metrics({"val/loss": 0.25}, step=2)
+    log.flush()
+    log.log_metrics({"val/loss": 0.25}, step=4)  # a new column: the file written whole again
+    log.flush()
     assert calls == ["fsync", "replace"] * 2
-    assert (tmp_path / "metrics.csv").read_bytes() == b"step,train/loss,val/loss\r\n2,0.5,0.25\r\n"
+    assert (
+        tmp_path / "metrics.csv"
+    ).read_bytes() == b"step,train/loss,val/loss\r\n2,0.5,\r\n4,,0.25\r\n"
 
 
 def test_a_lock_file_planted_as_a_link_leaves_its_target_alone(tmp_path):
@@ -126,13 +130,16 @@ def test_a_metrics_row_the_disk_has_no_room_for_names_the_file(tmp_path, file_si
     path = tmp_path / "metrics.csv"
     log = CSVMetrics(path)
     log.log_metrics({"train/loss": 0.5}, step=2)
-    log.log_metrics({"train/loss": 0.25}, step=4)  # appended
+    log.log_metrics({"train/loss": 0.25}, step=4)  # step 2's row written
+    log.flush()  # appended
     size = path.stat().st_size
+    log.log_metrics({"train/loss": 0.125}, step=6)
     with pytest.raises(OSError) as e, file_size_limit(size + 3):
-        log.log_metrics({"train/loss": 0.125}, step=6)
+        log.flush()
     assert e.value.errno == errno.EFBIG and e.value.filename == str(path)
     resumed = CSVMetrics(path, resume_step=4)  # the row cut short is dropped on resume
     resumed.log_metrics({"train/loss": 0.125}, step=6)
+    resumed.flush()
     assert [r["step"] for r in read_metrics(path)] == ["2", "4", "6"]
 
 
@@ -147,6 +154,7 @@ def test_a_last_metrics_row_cut_mid_number_is_left_out(tmp_path):
     assert read_metrics(path) == [{"step": "2", "train/loss": "0.5"}]
     resumed = CSVMetrics(path, resume_step=12)  # its checkpoint's step: the row is rewritten
     resumed.log_metrics({"train/loss": 0.1234}, step=12)
+    resumed.flush()
     assert [r["train/loss"] for r in read_metrics(path)] == ["0.5", "0.1234"]
 
 

@@ -16,8 +16,10 @@ clock, the samples or the step can be set by hand.
 """
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from test_train import InterruptAt, read_csv, tiny
@@ -133,13 +135,46 @@ def test_a_resumed_metrics_csv_holds_each_step_once(tmp_path):
     assert [int(r["step"]) for r in read_csv(run / "metrics.csv")] == list(range(1, STEPS + 1))
 
 
+def test_a_runs_metrics_csv_is_only_ever_appended_to_so_tail_f_follows_it(tmp_path, monkeypatch):
+    """`tail -f metrics.csv` follows one file from its offset: a file written whole and
+    renamed at the first validation (a new column) left it on the old file, and a last row
+    written again in place (the step's val loss joining its train loss) made GNU tail print
+    the whole file again. Every state of the file a step leaves is a prefix of the next."""
+
+    class Snapshots(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, *_):
+            path = Path(trainer.default_root_dir) / "metrics.csv"
+            self.seen.append(path.read_bytes() if path.exists() else b"")
+
+    written = []
+    real = callbacks.write_text_atomic
+    monkeypatch.setattr(
+        callbacks, "write_text_atomic", lambda path, text: written.append(1) or real(path, text)
+    )
+    snapshots = Snapshots()
+    cfg = tiny(f"train.steps={STEPS}", "train.log_every=1", "train.val_every=3")
+    run = train(cfg, tmp_path, progress=False, callbacks=[snapshots])
+    final = (run / "metrics.csv").read_bytes()
+    assert len(snapshots.seen) == STEPS and all(final.startswith(s) for s in snapshots.seen)
+    assert written == [1]  # the first row, under every column the run logs
+    rows = read_csv(run / "metrics.csv")
+    assert [r["step"] for r in rows] == [str(k) for k in range(1, STEPS + 1)]
+    assert [r["step"] for r in rows if r["val/loss"]] == ["3", "6", "9", "10"]
+    assert all(r["train/loss"] for r in rows)
+
+
 def test_csv_metrics_on_resume_drops_rows_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.csv"
     old = CSVMetrics(path)
     for step in (2, 4, 6, 8):
         old.log_metrics({"train/loss": float(step)}, step=step)
+    old.flush()
     resumed = CSVMetrics(path, resume_step=4)
     resumed.log_metrics({"train/loss": 60.0}, step=6)
+    resumed.flush()
     assert [(r["step"], r["train/loss"]) for r in read_csv(path)] == [
         ("2", "2.0"),
         ("4", "4.0"),
@@ -167,8 +202,8 @@ def _csv_as_rewritten(logs) -> bytes:
 
 def test_csv_metrics_appends_rows_and_rewrites_only_for_a_new_column(tmp_path, monkeypatch):
     """A log window's row is appended to metrics.csv, not the whole file written again (which
-    grew with the run: 100 ms a window at 20,000 rows); a step's val metrics joining its row
-    replace that row in place; only a new column (the first val loss, an FD) writes it whole.
+    grew with the run: 100 ms a window at 20,000 rows); a step's val metrics join its row
+    before it is written; only a new column (the first val loss, an FD) writes it whole.
     The file is byte for byte a whole-file write's, also after a resume."""
     writes = []
     real = callbacks.write_text_atomic
@@ -186,6 +221,7 @@ def test_csv_metrics_appends_rows_and_rewrites_only_for_a_new_column(tmp_path, m
     log = CSVMetrics(path)
     for step, metrics in logs:
         log.log_metrics(metrics, step=step)
+    log.flush()
     assert path.read_bytes() == _csv_as_rewritten(logs)
     assert len(writes) == 3  # the first row, the first val row, the FD
     # resumed from step 60: the rows after it go, the rest is logged again
@@ -194,6 +230,7 @@ def test_csv_metrics_appends_rows_and_rewrites_only_for_a_new_column(tmp_path, m
     for step, metrics in logs:
         if step > 60:
             resumed.log_metrics(metrics, step=step)
+    resumed.finalize("success")
     assert path.read_bytes() == _csv_as_rewritten(logs)
     assert len(writes) == 1  # the rows up to the checkpoint; every column is in the file
 
@@ -218,18 +255,21 @@ def test_csv_metrics_val_rows_cost_the_same_at_any_length(tmp_path, monkeypatch)
     log = CSVMetrics(path)
     for step, metrics in logs:
         log.log_metrics(metrics, step=step)
+        log.flush()  # as WriteMetricsRow does after each step's callbacks
     assert path.read_bytes() == _csv_as_rewritten(logs)
     assert sum(written) < 50  # lines: the first row's file and the first val column's
 
 
 def test_csv_metrics_on_resume_drops_a_val_row_cut_short_in_its_rewrite(tmp_path, monkeypatch):
-    """A val row is written again in place; a write stopped partway (a kill, a full disk)
-    leaves the row cut short, which resuming drops, never a mix of its old and new cells."""
+    """A row whose step logs again after it was written (Lightning's SLURM requeue flushes
+    mid-step) is written again in place; a write stopped partway (a kill, a full disk) leaves
+    the row cut short, which resuming drops, never a mix of its old and new cells."""
     path = tmp_path / "metrics.csv"
     log = CSVMetrics(path)
     for step in (2, 4):
         log.log_metrics({"train/loss": 0.5, "lr": 0.1, "val/loss": 0.75}, step=step)
     log.log_metrics({"train/loss": 0.25, "lr": 0.1}, step=6)
+    log.finalize("finished")
 
     def stops_partway(self, offset, text):  # the first 5 bytes of the row reach the disk
         with self.path.open("r+b") as f:
@@ -239,12 +279,14 @@ def test_csv_metrics_on_resume_drops_a_val_row_cut_short_in_its_rewrite(tmp_path
         raise OSError("No space left on device")
 
     monkeypatch.setattr(CSVMetrics, "_write_from", stops_partway)
+    log.log_metrics({"val/loss": 0.125}, step=6)
     with pytest.raises(OSError):
-        log.log_metrics({"val/loss": 0.125}, step=6)
+        log.flush()
     assert [r["step"] for r in read_metrics(path)] == ["2", "4"]
     monkeypatch.undo()
     resumed = CSVMetrics(path, resume_step=4)
     resumed.log_metrics({"train/loss": 0.25, "lr": 0.1, "val/loss": 0.125}, step=6)
+    resumed.flush()
     assert [(r["step"], r["val/loss"]) for r in read_csv(path)] == [
         ("2", "0.75"),
         ("4", "0.75"),
@@ -257,6 +299,7 @@ def _two_rows_and(path, cut: str):
     log = CSVMetrics(path)
     for step in (2, 4):
         log.log_metrics({"train/loss": 0.5, "lr": 0.1}, step=step)
+    log.flush()
     with path.open("a", newline="") as f:
         f.write(cut)
 
@@ -266,6 +309,7 @@ def test_csv_metrics_on_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
     _two_rows_and(path, "1")  # step 10's row, killed after its first digit
     resumed = CSVMetrics(path, resume_step=4)
     resumed.log_metrics({"train/loss": 0.25, "lr": 0.1}, step=6)
+    resumed.flush()
     assert [r["step"] for r in read_csv(path)] == ["2", "4", "6"]
 
 
@@ -280,7 +324,9 @@ def test_csv_metrics_leaves_out_lightnings_epoch_counter(tmp_path):
     # Lightning adds "epoch" to whatever a module logs with self.log(logger=True); the step
     # stream has no epochs, and a column of zeros would only mislead.
     path = tmp_path / "metrics.csv"
-    CSVMetrics(path).log_metrics({"train/loss": 0.5, "epoch": 0}, step=2)
+    log = CSVMetrics(path)
+    log.log_metrics({"train/loss": 0.5, "epoch": 0}, step=2)
+    log.flush()
     assert read_csv(path) == [{"step": "2", "train/loss": "0.5"}]
 
 

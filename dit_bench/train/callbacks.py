@@ -71,21 +71,26 @@ class CSVMetrics(Logger):
     On resume the rows after the checkpoint's step are dropped first, so an interrupted and
     resumed run ends with the same file as an uninterrupted one.
 
-    A new row with the columns the file already has is appended (and synced); a step's val
-    metrics joining its train loss replace the last row in place (cut off, written again,
-    synced); the file is written whole, synced and renamed over the old one, only when a column
-    is new. Rewritten at every log, a run of 20,000 rows spent 100 ms a log window on it (this
-    project's CPU), with the device idle after the window's loss read; a 1M-step sweep trial
-    logging every 50 steps writes that many. Rewritten at every val (and FD) step, the run's
-    logging grew with the square of its length: 16,000 rows with a val every 10 took 86 s.
+    A step's metrics (train loss, val loss, FD: logged by different callbacks) gather in one
+    row, written when `flush()` is called (WriteMetricsRow, after the step's last metric and
+    before its checkpoint), when a later step logs, or at `finalize`. With the run's metrics
+    named up front (`columns`), every row is appended (and synced) to a file whose header
+    already has them all, so `tail -f metrics.csv` follows the run: a file written whole and
+    renamed (when a column is new) leaves `tail -f` on the old file, and a last row written
+    again in place (a step's metrics after its row was flushed) makes GNU tail print the whole
+    file again. Rewritten at every log, a run of 20,000 rows spent 100 ms a log window on it
+    (this project's CPU), with the device idle after the window's loss read; a 1M-step sweep
+    trial logging every 50 steps writes that many. Rewritten at every val (and FD) step, the
+    run's logging grew with the square of its length: 16,000 rows with a val every 10 took 86 s.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, columns=()):
         super().__init__()
         self.path = Path(path)
         self.resume_step = resume_step
         self.rows: list[dict] | None = None  # read on first use, by rank 0 only
-        self._keys: set[str] = set()  # of every row but "step"
+        self._keys: set[str] = set(columns)  # of every row but "step"
+        self._pending: dict | None = None  # the row of the step being logged
         self._on_disk: tuple[list[str], int] | None = None  # the file's columns, rows written
         self._last_at = 0  # the byte where the file's last row starts
 
@@ -97,7 +102,7 @@ class CSVMetrics(Logger):
                 # checkpoint's step: read_metrics leaves it out, as the step would
                 rows = read_metrics(self.path)
                 self.rows = [r for r in rows if int(r["step"]) <= self.resume_step]
-            self._keys = {k for r in self.rows for k in r} - {"step"}
+            self._keys |= {k for r in self.rows for k in r} - {"step"}
         return self.rows
 
     @property
@@ -119,11 +124,24 @@ class CSVMetrics(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k: _number(v) for k, v in metrics.items() if k != "epoch"}
+        if self._pending is not None and self._pending["step"] != step:
+            self.flush()
+        if self._pending is None:
+            self._pending = {"step": step}
+        self._pending.update(row)
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write the row of the step being logged."""
+        if self._pending is None:
+            return
+        row, self._pending = self._pending, None
         rows = self._load()
-        row = {"step": step, **{k: _number(v) for k, v in metrics.items() if k != "epoch"}}
         self._keys.update(k for k in row if k != "step")
-        if rows and str(rows[-1]["step"]) == str(step):
-            rows[-1].update(row)  # train and val metrics of the same step share a row
+        if rows and str(rows[-1]["step"]) == str(row["step"]):
+            # metrics of a step whose row was flushed (a SLURM requeue's finalize, mid-step)
+            rows[-1].update(row)
         else:
             rows.append(row)
         columns = ["step"] + sorted(self._keys)
@@ -133,6 +151,11 @@ class CSVMetrics(Logger):
             self._replace_last(columns)
         else:
             self._write(columns)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        # also Lightning's SLURM requeue, before the checkpoint it saves mid-step
+        self.flush()
 
     def _lines(self, columns: list[str], rows: list[dict], header: bool) -> str:
         text = io.StringIO(newline="")
@@ -399,6 +422,17 @@ class StepMetrics(L.Callback):
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
         pl_module.last_val = {**metrics, "step": trainer.global_step}
         return metrics
+
+
+class WriteMetricsRow(L.Callback):
+    """Writes the step's row of metrics.csv (CSVMetrics.flush): after every callback that logs
+    at the step, before its checkpoint (Lightning runs checkpoint callbacks last), so a
+    checkpoint at step k still comes after every metric of step k."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flush = getattr(trainer.logger, "flush", None)
+        if flush is not None:
+            flush()
 
 
 class FrechetDistanceMetric(L.Callback):

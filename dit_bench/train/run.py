@@ -67,6 +67,7 @@ from dit_bench.train.callbacks import (
     SampleGrid,
     StepMetrics,
     StepProgressBar,
+    WriteMetricsRow,
     gather_in_index_order,
     raised_in,
 )
@@ -895,6 +896,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     ]
     if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
         callbacks.append(fd)
+    callbacks.append(WriteMetricsRow())  # after every callback that logs
     if shown == "bar":
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
     elif shown == "lines":  # after StepMetrics: a validation at its step is in its line
@@ -914,7 +916,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             num_sanity_val_steps=0,
             log_every_n_steps=t.log_every,
             gradient_clip_val=cfg.optim.grad_clip,
-            logger=CSVMetrics(run / "metrics.csv", resume_step=resume_step),
+            logger=CSVMetrics(run / "metrics.csv", resume_step, logged_metrics(cfg)),
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
             # Flash attention's backward has no deterministic kernel: warn on GPU, insist on CPU.
@@ -962,6 +964,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     device = trainer.strategy.root_device
     if module.last_val.get("step") != t.steps:  # killed after the last checkpoint
         metrics.validate(trainer, module.to(device))
+        trainer.logger.flush()
     grid = run / "samples" / f"step-{t.steps:07d}.png"
     # killed after the last checkpoint, in the final grid (on_train_end): a resume at the last
     # step trains nothing and Lightning calls no on_train_end, so draw it here; every process
@@ -1055,6 +1058,15 @@ def data_wait_note(
         f"may keep the {'GPU' if device.type == 'cuda' else device.type} busy "
         f"(data.num_workers, now {cfg.data.num_workers})"
     )
+
+
+def logged_metrics(cfg: ExperimentConfig) -> list[str]:
+    """The metrics.csv columns a run logs (StepMetrics, FrechetDistanceMetric), but "step"."""
+    from dit_bench.ablate import fd_metric, val_levels
+
+    val = ["val/loss"] + [f"val/loss_l{k}" for k in range(val_levels(cfg))]
+    fd = fd_metric(cfg)  # its summary key: val_FD-<net>, logged as val/FD-<net>
+    return ["lr", "train/loss", *val, *([fd.replace("_", "/", 1)] if fd else [])]
 
 
 def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[ModelCheckpoint]:
