@@ -111,6 +111,7 @@ class Ablation:
     source: str = ""
     overrides: tuple[str, ...] = field(default=())
     reference: dict[str, Any] | None = None
+    profile_seeds: tuple[int, ...] = ()  # the file's (or profile's) own, which --seeds replaces
 
     @property
     def experiment(self) -> str:
@@ -127,6 +128,7 @@ class Ablation:
             "base_variant": self.base_variant,
             "variants": list(self.variants),
             "seeds": list(self.seeds),
+            "profile_seeds": list(self.profile_seeds),
             "metrics": list(self.metrics),
             "source": self.source,
             "overrides": list(self.overrides),
@@ -301,9 +303,11 @@ def load_ablation(
         )
     where = f"profiles.{profile}.metrics" if "metrics" in prof else "metrics"
     metrics = _metrics(prof.get("metrics", raw.get("metrics", ["val_loss"])), where, source)
+    own = _seeds(prof.get("seeds", raw.get("seeds", [0])), "seeds", source)
     if seeds is None:
-        seeds = prof.get("seeds", raw.get("seeds", [0]))
-    seeds = _seeds(list(seeds) if isinstance(seeds, tuple) else seeds, "seeds", source)
+        seeds = own
+    else:
+        seeds = _seeds(list(seeds) if isinstance(seeds, (tuple, range)) else seeds, "seeds", source)
 
     for item in overrides:  # a --set's own key error: not the first variant's to carry
         if problem := unknown_key(parse_override(item)[0]):
@@ -386,6 +390,7 @@ def load_ablation(
         base_variant=base_variant,
         variants=tuple(variants),
         seeds=seeds,
+        profile_seeds=own,
         metrics=tuple(metrics),
         runs=tuple(runs),
         source=source,

@@ -69,6 +69,10 @@ def test_profile_seeds_replace_the_file_s_and_seeds_given_replace_both(tmp_path)
     assert {r.seed for r in load_ablation(path, "cpu").runs} == {7, 8}
     assert load_ablation(path, "gpu").seeds == (0, 1, 2)  # no seeds of its own: the file's
     assert load_ablation(path, "cpu", seeds=[4]).seeds == (4,)
+    # the Python API takes any sequence of seeds, as its signature says (a range was refused)
+    assert load_ablation(path, "cpu", seeds=range(3)).seeds == (0, 1, 2)
+    # the profile's own are recorded beside them: its description counts those
+    assert load_ablation(path, "cpu", seeds=[4]).plan_record()["profile_seeds"] == [7, 8]
 
 
 def test_an_empty_seed_list_is_refused(tmp_path):

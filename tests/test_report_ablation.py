@@ -411,7 +411,7 @@ def test_ranking_is_by_the_mean_not_by_an_interval_edge(tmp_path, no_figures):
     assert "| 1 | tight |" in md and "| 2 | **wide** |" in md
 
 
-def test_a_profile_changed_by_set_says_so_beside_its_description(tmp_path, no_figures):
+def test_a_profile_changed_by_set_or_seeds_says_so_beside_its_description(tmp_path, no_figures):
     """The profile's description is the file's ("600 steps x 32 images"): runs made with
     `--set train.steps=20` must not be read as that run."""
     source = make_source(tmp_path)
@@ -428,6 +428,14 @@ def test_a_profile_changed_by_set_says_so_beside_its_description(tmp_path, no_fi
         "These runs change that profile with `--set train.steps=20`, `--set eval.fd_every=0`."
     )
     assert expected in md
+    # "3 seeds" is the profile's own; `--seeds 0-4` made five (the header lists what ran)
+    plan |= {"overrides": [], "seeds": [0, 1, 2], "profile_seeds": [0, 1, 2]}
+    (source / "ablation.json").write_text(json.dumps(plan))
+    assert "These runs are of seeds" not in build_report(source, tmp_path / "r3").read_text()
+    plan["seeds"] = [0, 1, 2, 3, 4]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    md = build_report(source, tmp_path / "r4").read_text()
+    assert "These runs are of seeds 0, 1, 2, 3, 4; the profile's own are 0, 1, 2." in md
 
 
 def test_study_is_refused_for_an_ablation_report(tmp_path, capsys):

@@ -661,6 +661,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         if plan.get("overrides"):  # the description is the file's: say what these runs changed
             sets = ", ".join(f"`--set {o}`" for o in plan["overrides"])
             md += [f"These runs change that profile with {sets}.", ""]
+        own = plan.get("profile_seeds")  # the description's; --seeds replaced or added to them
+        if own and sorted(own) != sorted(plan.get("seeds", own)):
+            seeds, own = (", ".join(map(str, sorted(x))) for x in (plan["seeds"], own))
+            md += [f"These runs are of seeds {seeds}; the profile's own are {own}.", ""]
     cmd = plan.get("command") or (
         f"dit-bench ablate {plan['source']} --profile {plan.get('profile', '?')}"
         + "".join(f" --set {o}" for o in plan.get("overrides", []))
