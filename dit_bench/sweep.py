@@ -1022,6 +1022,8 @@ def run_device(run_dir: Path | None, cfg) -> str:
 
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
     """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
+    from dit_bench.report.scaling import setup_of
+
     by_step = {r["step"]: r["val_loss"] for r in curve}
     final = curve[-1] if curve and curve[-1]["step"] == plan.cfg.train.steps else {}
     spec = plan.cfg.backbone.spec()  # the preset's sizes where the sweep does not set them
@@ -1049,6 +1051,7 @@ def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
         "val_at_budget": [by_step.get(s) for s in plan.budget_steps],
         "curve": curve,
         "val_loss": final.get("val_loss"),
+        "setup": setup_of(plan.cfg.to_dict()),  # objective, conditioning, data, seed, ...
         # the in-training FD at the last step, where eval.fd_every measured one
         **{k: v for k, v in final.items() if k.startswith(("val_FD-", "val_FID"))},
     }

@@ -307,6 +307,16 @@ def test_a_concave_isoflop_profile_has_no_minimum():
     assert not flat["valid"] and flat["why"] == "not convex"
 
 
+def test_an_isoflop_vertex_outside_the_sizes_says_on_which_side():
+    # loss = (log10 N - 3)^2 over sizes 1e4..1e6: the vertex, N = 1e3, lies below them all
+    logn = np.linspace(4, 6, 5)
+    below = fits._parabola(logn, (logn - 3) ** 2)
+    assert below["log10_n_opt"] == pytest.approx(3)
+    assert not below["valid"] and below["why"] == "minimum below the smallest size tried (1e+04)"
+    above = fits._parabola(logn, (logn - 7) ** 2)
+    assert not above["valid"] and above["why"] == "minimum above the largest size tried (1e+06)"
+
+
 def test_chinchilla_objective_is_the_huber_loss_of_the_log_residuals():
     # Hoffmann et al.: sum of Huber_delta(log L_hat - log L), delta = 1e-3, quadratic up to
     # delta and linear past it; a 20% outlier puts some residuals on each side

@@ -74,10 +74,44 @@ def test_report_from_a_runs_folder(tmp_path):
     assert ch.loc["b", "value"] == pytest.approx(LAW["b"], rel=1e-4)
     text = (out / "report.md").read_text()
     assert "Compute convention" in text and "Held-out check" in text and "overhead" in text
+    # an IsoFLOP vertex outside the sizes is no N*: its extrapolated size was printed as one
+    iso = text.split("## IsoFLOP minima")[1].split("\n## ")[0]
+    rows = [r.split(" | ") for r in iso.splitlines() if r.startswith("| ") and "e+" in r]
+    invalid = [r for r in rows if r[4] == "False"]
+    assert invalid and all(r[3] == "-" and "size tried (" in r[5] for r in invalid), iso
     pts = pd.read_parquet(out / "points.parquet")
     assert len(pts) == 8 * len(BUDGETS)
     assert np.allclose(pts["train_flops"], 3 * pts["images"] * pts["tokens"] * 0 + 3 * pts["images"]
                        * pts["macs"] * 2)  # fmt: skip
+
+
+def test_the_report_says_what_its_runs_trained_and_which_setting_differs(tmp_path):
+    """Which objective, conditioning, data and seed the losses are of: the trial records name
+    them (`setup`), or, for records of sweeps that kept none, each run's config.yaml."""
+    fake_sweep(tmp_path / "runs")
+    paths = sorted((tmp_path / "runs").rglob("trial.json"))
+    setup = {"data.name": "shapes", "data.image_size": 16, "objective.name": "flow",
+             "objective.prediction": "velocity", "backbone.conditioning": "adaln_zero",
+             "seed": 0, "train.batch_size": 32, "optim.lr": 0.001,
+             "train.precision": "32-true"}  # fmt: skip
+    for i, path in enumerate(paths[:-1]):
+        rec = json.loads(path.read_text())
+        if i == 0:  # an older record: its run's config.yaml
+            config = "data: {name: shapes, image_size: 16}\nobjective: {name: flow, prediction: "
+            config += "velocity}\nbackbone: {conditioning: adaln_zero}\nseed: 1\n"
+            config += "train: {batch_size: 32, precision: 32-true}\noptim: {lr: 0.001}\n"
+            (path.parent / "config.yaml").write_text(config)
+        else:
+            path.write_text(json.dumps({**rec, "setup": setup}))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    head = (out / "report.md").read_text().split("## Headline")[0]
+    assert (
+        "Setup: data shapes; image size 16; objective flow; prediction velocity; conditioning "
+        "adaln_zero; seed **differs**: 0 (6 runs), 1 (1 run); batch 32; lr 0.001; precision "
+        "32-true (not recorded for 1 run)."
+    ) in head
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["cfg.seed"].dropna()) == [0] * 6 + [1]
 
 
 def test_the_report_names_the_devices_its_trials_ran_on(tmp_path):

@@ -447,6 +447,12 @@ def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
     assert got == [(4, 128, 4, 2), (4, 128, 4, 4), (6, 192, 3, 4), (1, 32, None, None)]
     runs = tables(records)[0]
     assert runs["size"].nunique() == 3  # the two dit-xs share a size; their patches differ
+    # and the setting the sweep does not vary: the report says which objective they trained
+    setup = records[0]["setup"]
+    cfg = sweep.plan(sweep.points()[0]).cfg
+    assert setup["objective.name"] == cfg.objective.name and setup["seed"] == cfg.seed
+    assert setup["backbone.conditioning"] == cfg.backbone.conditioning
+    assert runs["cfg.data.name"].tolist() == [cfg.data.name] * len(records)
 
 
 def test_a_sweep_over_preset_names_refuses_a_base_size_that_every_preset_would_keep(tmp_path):

@@ -380,7 +380,13 @@ def _parabola(logn: np.ndarray, loss: np.ndarray) -> dict:
         return {**out, "valid": False, "why": "not convex", "log10_n_opt": np.nan}
     v = -c1 / (2 * c2)
     if not logn.min() <= v <= logn.max():
-        return {**out, "valid": False, "why": "minimum outside the sizes tried", "log10_n_opt": v}
+        # where it lies, not the extrapolated size itself: a parabola's vertex far outside
+        # the sizes (6 parameters, say) is no estimate of anything
+        if v < logn.min():
+            why = f"minimum below the smallest size tried ({10 ** logn.min():.3g})"
+        else:
+            why = f"minimum above the largest size tried ({10 ** logn.max():.3g})"
+        return {**out, "valid": False, "why": why, "log10_n_opt": v}
     return {**out, "valid": True, "why": "", "log10_n_opt": v}
 
 

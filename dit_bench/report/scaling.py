@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from dit_bench.files import engine_url, read_record, redact, write_text_atomic
 from dit_bench.report import fits
@@ -205,6 +206,11 @@ def load_records(
             summary = Path(r["run_dir"]) / "summary.json"
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 r["device"] = json.loads(summary.read_text()).get("device")
+        if r.get("setup") is None and r.get("run_dir"):  # nor the setup: its config.yaml
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                r["setup"] = setup_of(
+                    yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+                )
     # one record per run: its last attempt (a re-run trial resumes the same run), but never
     # one that did not complete in place of one that did
     by_run: dict[str, dict] = {}
@@ -299,6 +305,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "val_loss": r.get("val_loss"),
                 **{k: v for k, v in r.items() if k.startswith(("val_FD-", "val_FID"))},
                 "device": r.get("device"),
+                **{f"cfg.{k}": (r.get("setup") or {}).get(k) for k, _ in SETUP_KEYS},
                 **{f"time_{k}": v for k, v in timing.items()},
                 "run_dir": r.get("run_dir"),
             }
@@ -843,12 +850,65 @@ def _steps(r) -> str:
     return str(r.steps)
 
 
+# What the runs were, beyond the size and patch the sweep varies: without it a report does not
+# say which objective, conditioning, data or seed its losses are of. (config key, as shown)
+SETUP_KEYS = (
+    ("data.name", "data"),
+    ("data.image_size", "image size"),
+    ("objective.name", "objective"),
+    ("objective.prediction", "prediction"),
+    ("backbone.conditioning", "conditioning"),
+    ("seed", "seed"),
+    ("train.batch_size", "batch"),
+    ("optim.lr", "lr"),
+    ("train.precision", "precision"),
+)
+
+
+def setup_of(config: dict) -> dict:
+    """SETUP_KEYS' values of a resolved config (config.yaml, ExperimentConfig.to_dict())."""
+    out = {}
+    for key, _ in SETUP_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[key] = value
+    return out
+
+
+def setup_line(runs: pd.DataFrame) -> str:
+    """The setup every run shares, and each setting that differs with its runs per value."""
+    columns = [f"cfg.{k}" for k, _ in SETUP_KEYS]
+    known = runs[columns].notna().any(axis=1) if set(columns) <= set(runs) else runs.index < 0
+    if not known.any():
+        return "not recorded (no trial record or config.yaml at hand names it)"
+    parts = []
+    for key, shown in SETUP_KEYS:
+        # a column with a run not recorded is of floats: 16.0 is the image size 16
+        counts = runs.loc[known, f"cfg.{key}"].map(_setting).value_counts(sort=False)
+        if len(counts) == 1:
+            parts.append(f"{shown} {counts.index[0]}")
+        else:
+            each = ", ".join(f"{v} ({_runs(n)})" for v, n in sorted(counts.items()))
+            parts.append(f"{shown} **differs**: {each}")
+    missing = int((~known).sum())
+    return "; ".join(parts) + (f" (not recorded for {_runs(missing)})" if missing else "")
+
+
+def _setting(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' if n != 1 else ''}"
+
+
 def devices_line(runs: pd.DataFrame) -> str:
     """The devices the runs trained on, with how many runs each: the losses and the overhead
     timings are of these machines."""
     devices = runs.get("device", pd.Series(index=runs.index, dtype=object))
     counts = devices.fillna("not recorded").value_counts()
-    return "; ".join(f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in sorted(counts.items()))
+    return "; ".join(f"{d} ({_runs(n)})" for d, n in sorted(counts.items()))
 
 
 def _run_name(size, patch) -> str:
@@ -976,6 +1036,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
             else []
         ),
         *([note, ""] if (note := short_runs(runs, points)) else []),
+        f"Setup: {setup_line(runs)}.",
+        "",
         f"Trained on: {devices_line(runs)}.",
         "",
         f"Compute convention: {COMPUTE_CONVENTION}",
@@ -1039,9 +1101,9 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
         "|---|---|---|---|---|---|",
     ]
     for v in vert.itertuples():
+        n_opt = _num(v.n_opt, ".3g") if v.valid else "-"  # an invalid vertex is no N*
         lines.append(
-            f"| {v.budget:.3g} | {v.n_points} | {_num(v.c2)} | {_num(v.n_opt, '.3g')} | "
-            f"{v.valid} | {v.why} |"
+            f"| {v.budget:.3g} | {v.n_points} | {_num(v.c2)} | {n_opt} | {v.valid} | {v.why} |"
         )
     lines += [
         "",
