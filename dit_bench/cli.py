@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import math
@@ -829,13 +830,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _note_ctrl_c() -> list[int] | None:
+    """A list that a Ctrl-C (SIGINT) is noted in, the signal still raising KeyboardInterrupt;
+    None where SIGINT is not Python's own handler (ignored: a script's background job,
+    `nohup`): it is left as it is."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    got: list[int] = []
+
+    def note(signum, frame) -> None:
+        got.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    # registered before torch, Lightning and multiprocessing register theirs: atexit runs the
+    # last registered first, so the process dies of the signal after their clean-ups
+    atexit.register(_die_of_sigint, got)
+    return got
+
+
+def _die_of_sigint(ctrl_c: list) -> None:
+    # Die of the SIGINT, as Python does with an uncaught KeyboardInterrupt, not exit(130): a
+    # shell running a loop of commands (`for s in 0 1 2; do dit-bench train ...; done`) goes
+    # on with the next one when its command exits by itself (it "handled" the Ctrl-C), and
+    # stops only when it died of it. The shell's $? is 130 either way.
+    if "stopped" in ctrl_c:  # main() returned as interrupted (_interrupted)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _interrupted(command: str, ctrl_c: list | None) -> int:
+    # only these keep their partial work (runs, shards, trials); report and bench start over
+    if command in ("train", "ablate", "sweep", "encode-latents"):
+        again = "run the same command again to resume"
+    elif command in ("sample", "eval"):
+        again = "nothing was written: run the same command again to start over"
+    else:
+        again = "run the same command again to start over"
+    print(f"\ndit-bench: interrupted; {again}", file=sys.stderr)
+    if ctrl_c:  # a Ctrl-C, not a SIGTERM (which exits 130, as documented)
+        ctrl_c.append("stopped")
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # after the parse: the config module imports torch (seconds), which --help and a
-    # mistyped flag do not need
-    from dit_bench.config import USER_ERRORS, ConfigError, raise_terminated
-
     main_thread = threading.current_thread() is threading.main_thread()
+    # the process's own command line only: main([...]) from Python returns 130
+    ctrl_c = _note_ctrl_c() if argv is None and main_thread else None
+    try:
+        # after the parse: the config module imports torch (seconds), which --help and a
+        # mistyped flag do not need; a Ctrl-C in those seconds printed torch's traceback
+        from dit_bench.config import USER_ERRORS, ConfigError, raise_terminated
+    except KeyboardInterrupt:
+        return _interrupted(args.command, ctrl_c)
     # `kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
     # their worker processes (by default a SIGTERM ends this one alone and they train on)
     sigterm = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
@@ -848,24 +898,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # only these keep their partial work (runs, shards, trials); report and bench start over
-        if args.command in ("train", "ablate", "sweep", "encode-latents"):
-            again = "run the same command again to resume"
-        elif args.command in ("sample", "eval"):
-            again = "nothing was written: run the same command again to start over"
-        else:
-            again = "run the same command again to start over"
-        print(f"\ndit-bench: interrupted; {again}", file=sys.stderr)
-        return 130
+        return _interrupted(args.command, ctrl_c)
     except BrokenPipeError:  # `dit-bench info --list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
     except USER_ERRORS as e:  # named file, bad value, divergence
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if ctrl_c:  # raised by what the Ctrl-C cut short: an import it stopped halfway left
+            # half a module (scipy's linalg then failed with numpy's AttributeError)
+            return _interrupted(args.command, ctrl_c)
+        raise
     finally:
         if sigterm is not None:  # main() called from Python (tests, notebooks) leaves it as it was
             signal.signal(signal.SIGTERM, sigterm)
+        if ctrl_c is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

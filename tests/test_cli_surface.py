@@ -2,8 +2,12 @@
 purpose (torchtitan's test_no_new_cli_options), and the README must say the same."""
 
 import argparse
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +268,95 @@ def test_a_guidance_scale_that_is_no_number_is_refused_as_it_is_parsed(value, ca
     assert f"--cfg: expected a guidance scale >= 0 (1: no guidance), got '{value}'" in (
         capsys.readouterr().err
     )
+
+
+# `dit-bench CMD` as a shell runs it, with CMD blocking until stopped (no work, no CPU)
+BLOCKING_COMMAND = """
+import sys, time
+from dit_bench import cli
+def cmd_info(args):
+    print("started", file=sys.stderr, flush=True)
+    time.sleep(10)
+cli.cmd_info = cmd_info
+sys.argv = ["dit-bench", "info"]
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and shells")
+def test_ctrl_c_of_a_command_in_a_shell_loop_stops_the_loop(tmp_path):
+    """`for s in 0 1 2; do dit-bench train ...; done` and Ctrl-C: the terminal signals the shell
+    and the command alike, and a shell goes on with its loop when the command exits by itself
+    (130: "it handled the Ctrl-C"), so the next training started. A command that dies of the
+    SIGINT, as Python itself does, stops the loop; the shell's $? is 130 all the same."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    (tmp_path / "cmd.py").write_text(BLOCKING_COMMAND)
+    script = f'for i in 1 2; do "{sys.executable}" cmd.py; echo "next after $?" >&2; done'
+    root = Path(__file__).parent.parent
+    proc = subprocess.Popen(
+        [bash, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr.readline() == "started\n"
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "dit-bench: interrupted; run the same command again to start over" in err, err
+    assert "next after" not in err and "started" not in err, err
+    assert "Traceback" not in err, err
+    assert proc.returncode == -signal.SIGINT, err  # the shell itself stopped by the Ctrl-C
+
+
+def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback(monkeypatch, capsys):
+    # the first seconds of every command import torch: a Ctrl-C then (a mistyped run folder
+    # seen on the screen) printed 40 lines of torch's import machinery
+    from dit_bench import cli
+
+    class Interrupted:
+        def find_spec(self, name, path=None, target=None):
+            if name == "dit_bench.config":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "dit_bench.config")  # put back as it was afterwards
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    try:
+        assert cli.main(["info"]) == 130
+    except KeyboardInterrupt:  # not raised on: it would stop pytest itself
+        pytest.fail("the Ctrl-C left main() (the command printed its traceback)")
+    err = capsys.readouterr().err
+    assert err == "\ndit-bench: interrupted; run the same command again to start over\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_an_error_on_the_way_out_of_a_ctrl_c_is_the_interruption(tmp_path):
+    # a Ctrl-C that cut an import short (scipy's, under `eval`) left half a module, and the
+    # command ended in numpy's AttributeError: 40 lines of traceback, exit status 1
+    script = """
+import os, signal, sys
+from dit_bench import cli
+def cmd_info(args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+        raise AttributeError("module 'numpy._core' has no attribute '_multiarray_umath'")
+cli.cmd_info = cmd_info
+sys.argv = ["dit-bench", "info"]
+sys.exit(cli.main())
+"""
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stderr == "\ndit-bench: interrupted; run the same command again to start over\n"
+    assert proc.returncode == -signal.SIGINT  # died of the SIGINT: the shell's $? is 130

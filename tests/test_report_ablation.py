@@ -1051,3 +1051,25 @@ def test_the_reference_ranking_names_the_neighbours_seed_noise_could_swap(tmp_pa
         in line
     )
     assert "adaln/in_context" not in line
+
+
+def test_a_report_stopped_while_rewritten_leaves_no_report_md_over_new_tables(
+    tmp_path, no_figures, monkeypatch
+):
+    # `report` again after runs changed, stopped in its figures (Ctrl-C, a crash): the earlier
+    # report.md stayed, whole to the eye, over the new runs' tables and the figures it reached
+    from dit_bench.report import ablation
+
+    source = make_source(tmp_path)
+    out = tmp_path / "report"
+    build_report(source, out)
+    drop_runs(source, "in_context", seeds=(1, 2))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation, "plot_curves", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(source, out)
+    assert len(pd.read_csv(out / "runs.csv")) == 7  # the new tables were written
+    assert not (out / "report.md").exists()

@@ -643,3 +643,24 @@ def test_the_report_names_a_finished_run_without_a_point_at_some_budget(tmp_path
     assert "Not at every budget: L/4 (3.2e+11): no point there" in text
     text = scaling.write_report("runs/s", runs, _one_run_frontier()[1], result, [], tmp_path)
     assert "Not at every budget" not in text
+
+
+def test_a_report_stopped_while_rewritten_leaves_no_report_md_over_new_tables(
+    tmp_path, monkeypatch
+):
+    # `report` again after more trials, stopped in its figures (Ctrl-C, a crash): the earlier
+    # report.md stayed, whole to the eye, over the new tables and the figures it reached
+    folder = tmp_path / "runs"
+    fake_sweep(folder)
+    out = tmp_path / "report"
+    monkeypatch.setattr(scaling, "figures", lambda *a, **k: [])
+    scaling.build_report(folder, out, n_boot=10)
+    assert (out / "report.md").is_file()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scaling, "figures", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        scaling.build_report(folder, out, n_boot=10)
+    assert (out / "runs.csv").is_file() and not (out / "report.md").exists()

@@ -602,6 +602,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             + (f"; not evaluated: {', '.join(missing)}" if missing else "")
         )
     out.mkdir(parents=True, exist_ok=True)
+    # report.md is written last: one stopped on the way (Ctrl-C, a crash) must not leave the
+    # earlier report.md, whole to the eye, over the new tables and figures
+    (out / "report.md").unlink(missing_ok=True)
 
     final = pd.concat([summarize(runs, m) for m in metrics], ignore_index=True)
     final["variant"] = pd.Categorical(final["variant"], order, ordered=True)

@@ -1190,6 +1190,9 @@ def build_report(
     result = fit_all(points, n_boot=n_boot)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused report leaves no empty folder
+    # report.md is written last: one stopped on the way (Ctrl-C, a crash) must not leave the
+    # earlier report.md, whole to the eye, over the new tables and figures
+    (out / "report.md").unlink(missing_ok=True)
     save_table(runs, out / "runs")
     save_table(points, out / "points")
     save_table(curves, out / "curves")
