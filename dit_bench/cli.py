@@ -154,6 +154,13 @@ def cmd_sample(args) -> int:
         wide = math.isqrt(args.n - 1) + 1
     save_grid(images, output, ncol=args.ncol or wide)
     print(f"wrote {len(images)} samples to {output}")
+    if (step := module.checkpoint_step) < module.cfg.train.steps:
+        # as eval says it: a run still training, or interrupted, whose -o names no step
+        print(
+            f"dit-bench: note: these samples are of step {step} of the run's "
+            f"{module.cfg.train.steps}, not its final weights",
+            file=sys.stderr,
+        )
     return 0
 
 

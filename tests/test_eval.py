@@ -377,6 +377,19 @@ def test_cli_sample_of_an_unfinished_run_names_its_step(tmp_path, capsys):
     assert len(set(grids)) == 3 and all(map(os.path.isfile, grids))
 
 
+def test_cli_sample_to_a_named_file_says_when_the_run_is_not_finished(tmp_path, capsys):
+    # -o grid.png of a run still training (or interrupted) drew step 4 of 12 without a word:
+    # the file name carries no step then, and the grid passed for the run's samples
+    grid = tmp_path / "grid.png"
+    args = ["sample", str(tmp_path / "run"), "--n", "2", "--steps", "2", "-o", str(grid)]
+    _saved_run(tmp_path, 4)
+    assert main(args) == 0
+    assert "step 4 of the run's 12, not its final weights" in capsys.readouterr().err
+    _saved_run(tmp_path, 12)
+    assert main(args) == 0
+    assert "not its final weights" not in capsys.readouterr().err
+
+
 def test_an_interrupted_eval_writes_nothing_and_does_not_promise_a_resume(
     tmp_path, cache, capsys, monkeypatch
 ):

@@ -5,6 +5,7 @@ torch."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -664,3 +665,24 @@ def test_a_report_stopped_while_rewritten_leaves_no_report_md_over_new_tables(
     with pytest.raises(KeyboardInterrupt):
         scaling.build_report(folder, out, n_boot=10)
     assert (out / "runs.csv").is_file() and not (out / "report.md").exists()
+
+
+def test_a_runs_folder_report_names_the_trials_still_training(tmp_path):
+    # A sweep with its study elsewhere (--storage) writes trial.json at a trial's end only: a
+    # report of its runs folder mid-sweep fitted the finished trials and called it the sweep.
+    fake_sweep(tmp_path / "runs")
+    for name in ("20260102T000000Z-running001", "20260102T000000Z-running002"):
+        run = tmp_path / "runs" / name  # as train leaves a run in training: no trial.json yet
+        run.mkdir()
+        (run / "config.yaml").write_text("experiment: tiny-cpu\n")
+        (run / "metrics.csv").write_text("step,train/loss\n2,0.5\n")
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
+    text = (out / "report.md").read_text()
+    assert "**Incomplete sweep**" in text
+    assert "2 run folder(s) without a trial record (trial.json" in text
+    assert "20260102T000000Z-running001" in text
+    shutil.rmtree(tmp_path / "report")
+    for name in ("20260102T000000Z-running001", "20260102T000000Z-running002"):
+        shutil.rmtree(tmp_path / "runs" / name)
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
+    assert "Incomplete sweep" not in (out / "report.md").read_text()

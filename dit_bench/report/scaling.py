@@ -177,6 +177,19 @@ def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[
     return lines
 
 
+def runs_without_record(records: list[dict]) -> list[str]:
+    """The run folders beside the records' runs that have no trial.json: trials still training
+    (a sweep writes the record at a trial's end), or stopped before it. A runs folder whose
+    study is elsewhere (--storage) tells of them by these folders only."""
+    folders = {Path(r["run_dir"]).parent for r in records if r.get("run_dir")}
+    return sorted(
+        path.parent.name
+        for folder in folders
+        for path in folder.glob("*/config.yaml")
+        if not (path.parent / "trial.json").is_file()
+    )
+
+
 def load_records(
     source: str | Path, studies: dict[str, list] | None = None, study: str | None = None
 ) -> list[dict]:
@@ -979,7 +992,7 @@ def _other_parameters(point) -> str:
     return ", ".join(out)
 
 
-def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -> str:
+def write_report(source, runs, points, result, figs, out: Path, unfinished=(), pending=()) -> str:
     ft = result["fits"]
     env, ch = result.get("envelope_fit"), result.get("chinchilla")
     iso = result["isoflop"]["all"].fit
@@ -991,6 +1004,14 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=()) -
     if not unfinished and len(left_out):  # a runs folder: no study to ask, the records say it
         states = ", ".join(f"{n} {k}" for k, n in sorted(left_out["state"].value_counts().items()))
         unfinished = [f"{len(left_out)} trial(s) not finished ({states})"]
+    if pending:  # a runs folder without its study: trials in training have no record yet
+        unfinished = [
+            *unfinished,
+            f"{len(pending)} run folder(s) without a trial record (trial.json: trials still "
+            f"training, or stopped before their end; e.g. {pending[0]}), whose points are "
+            "missing (the sweep's storage, `dit-bench report scaling STORAGE_URL`, lists every "
+            "trial)",
+        ]
     over = points[overshot(points)] if len(points) else points
     sides = sorted(runs["image_size"].dropna().unique()) if "image_size" in runs else []
     others = runs["point"].map(_other_parameters) if "point" in runs else pd.Series(dtype=str)
@@ -1182,7 +1203,8 @@ def build_report(
     """The report of one study in SOURCE (`study`: its name, where SOURCE holds several)."""
     url = study_url(source)
     studies = study_trials(url, study) if url else None  # read once: records, unfinished trials
-    runs, points, curves = tables(load_records(source, studies, study))
+    records = load_records(source, studies, study)
+    runs, points, curves = tables(records)
     # the report and its errors name SOURCE; a storage URL's password stays out of both
     source = redact(str(source))
     if points.empty:
@@ -1203,7 +1225,8 @@ def build_report(
     save_table(iso, out / "isoflop")
     figs = figures(runs, points, curves, result, out)
     unfinished = unfinished_trials(url, studies) if url else []
-    write_report(source, runs, points, result, figs, out, unfinished)
+    pending = [] if url else runs_without_record(records)
+    write_report(source, runs, points, result, figs, out, unfinished, pending)
     return out
 
 
