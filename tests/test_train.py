@@ -1331,6 +1331,38 @@ def test_runs_in_one_process_free_the_models_of_the_runs_before(tmp_path, monkey
             gc.enable()
 
 
+def test_a_callback_the_caller_keeps_does_not_keep_the_runs_model(tmp_path, monkeypatch):
+    # A sweep keeps its trial's ValAtSteps past train() (it reads the timings off it), an
+    # ablation its callbacks for every run, a notebook its own. Lightning hands every callback
+    # the module's `log` and `log_dict` (bound methods), so such a callback held the finished
+    # run's module past the run's collector pass: in a sweep worker each trial's net, EMA copy
+    # and optimiser state stayed in memory through the next trial's training
+    import gc
+    import weakref
+
+    from dit_bench.train.callbacks import ValAtSteps
+    from dit_bench.train.module import DiffusionModule
+
+    monkeypatch.setenv("DIT_BENCH_GC_AFTER_RUN", "1")  # conftest turns it off for the suite
+    made = []
+
+    class Recorded(DiffusionModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(run_module, "DiffusionModule", Recorded)
+    kept = ValAtSteps([1])  # as Worker._run_trial's tracker
+    enabled = gc.isenabled()
+    gc.disable()  # no full pass by chance: the run's own doing only
+    try:
+        train(tiny("train.steps=2"), tmp_path, progress=False, callbacks=[kept])
+        assert [r() for r in made] == [None]
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def process_settings() -> dict:
     """What a notebook or script that calls `train` has set up for its own work."""
     import random

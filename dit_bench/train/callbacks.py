@@ -605,3 +605,9 @@ class ValAtSteps(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._flush(pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # the run's StepMetrics holds the module (Lightning's `log` on it): a sweep keeps this
+        # callback through its trial's records, and the finished run's net, EMA copy and
+        # optimiser state stayed in memory through the next trial's training
+        self._metrics = None

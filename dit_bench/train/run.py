@@ -747,11 +747,26 @@ def train(
         # stopped by an exception (a pruned trial) is held by its traceback here, and goes
         # at the next run's pass. ($DIT_BENCH_GC_AFTER_RUN=0 skips it: the test suite's
         # hundreds of tiny runs, 0.3 s a pass with torch and Lightning loaded.)
+        _forget_module(callbacks)
         if os.environ.get(GC_AFTER_RUN_ENV) != "0":
             gc.collect()
 
 
 GC_AFTER_RUN_ENV = "DIT_BENCH_GC_AFTER_RUN"
+
+
+def _forget_module(callbacks: Sequence[Callback]) -> None:
+    """Drops the module's `log` and `log_dict` that Lightning set on each of the caller's
+    callbacks (bound methods: they hold the module). The caller keeps its callbacks past the
+    run (a sweep's ValAtSteps through its trial's records, an ablation's for every run), and
+    they held the module past the pass above: a sweep worker's trial's net, EMA copy and
+    optimiser state stayed in memory through the next trial's training."""
+    for cb in callbacks:
+        own = getattr(cb, "__dict__", {})
+        for name in ("log", "log_dict"):
+            # only Lightning's: a callback's own attribute of the name is the callback's
+            if isinstance(getattr(own.get(name), "__self__", None), L.LightningModule):
+                del own[name]
 
 
 def _build_and_fit(cfg, out, on_gpu, shown, announce, label, callbacks) -> Path:
