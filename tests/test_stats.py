@@ -188,7 +188,10 @@ def test_a_non_finite_value_is_left_out_as_diverged_and_the_verdict_says_so():
         assert c.diff == pytest.approx(0.045) and math.isfinite(c.lo)
         text = verdict(c, "bf16", "fp32", "val_loss")
         assert "inf" not in text and "nan" not in text
-        assert "Left out: 1 seed(s) whose val_loss is missing or not finite (diverged)" in text
+        assert (
+            "Left out: 1 seed(s) whose val_loss is missing (a run not finished, or not "
+            "evaluated) or not finite (diverged)"
+        ) in text
         ci = mean_ci(variant)
         assert ci.n == 2 and ci.mean == pytest.approx(0.54) and math.isfinite(ci.hi)
     # nothing left out: no such sentence

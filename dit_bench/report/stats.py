@@ -188,8 +188,8 @@ def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = "
     text = _verdict(c, name, base, metric, fmt)
     if c.left_out:
         text += (
-            f" Left out: {c.left_out} seed(s) whose {metric} is missing or not finite "
-            f"(diverged) for {name} or {base}."
+            f" Left out: {c.left_out} seed(s) whose {metric} is missing (a run not finished, "
+            f"or not evaluated) or not finite (diverged) for {name} or {base}."
         )
     return text
 
