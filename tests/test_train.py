@@ -1293,74 +1293,57 @@ def test_runs_in_one_process_do_not_pile_up_logging_filters():
     assert len(logger.filters) == before
 
 
-def test_runs_in_one_process_free_the_models_of_the_runs_before(tmp_path, monkeypatch):
+@pytest.fixture
+def modules_made(monkeypatch):
+    """Weak references to every DiffusionModule the runs build, with the collector's automatic
+    passes off: a full pass by chance must not free what the run itself has to."""
+    import gc
+    import weakref
+
+    from dit_bench.train.module import DiffusionModule
+
+    monkeypatch.setenv("DIT_BENCH_GC_AFTER_RUN", "1")  # conftest turns it off for the suite
+    made = []
+
+    class Recorded(DiffusionModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(run_module, "DiffusionModule", Recorded)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield made
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_runs_in_one_process_free_the_models_of_the_runs_before(tmp_path, modules_made):
     # A sweep worker trains trial after trial in one process, a notebook run after run. A run's
     # Trainer and module refer to each other, and nothing but the collector's full pass frees
     # such cycles, which a training loop's allocations seldom set off: each finished (or
     # pruned) run's net, EMA copy and optimiser state stayed in memory, Lightning having moved
     # them to the host (4 of 6 tiny runs' modules alive, 130 MB more RSS a run for an 11M
     # parameter DiT; 8 GB for a DiT-XL/2 trial, by the same count)
-    import gc
-    import weakref
-
-    from dit_bench.train.module import DiffusionModule
-
-    monkeypatch.setenv("DIT_BENCH_GC_AFTER_RUN", "1")  # conftest turns it off for the suite
-    made = []
-
-    class Recorded(DiffusionModule):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(weakref.ref(self))
-
-    monkeypatch.setattr(run_module, "DiffusionModule", Recorded)
-    enabled = gc.isenabled()
-    gc.disable()  # no full pass by chance: the run's own doing only
-    try:
-        with pytest.raises(KeyboardInterrupt):  # a pruned or stopped trial, then the next
-            train(
-                tiny("train.steps=2", "seed=1"),
-                tmp_path,
-                progress=False,
-                callbacks=[InterruptAt(1)],
-            )
-        train(tiny("train.steps=2"), tmp_path, progress=False)
-        assert [r() for r in made] == [None, None]
-    finally:
-        if enabled:
-            gc.enable()
+    with pytest.raises(KeyboardInterrupt):  # a pruned or stopped trial, then the next
+        train(tiny("train.steps=2", "seed=1"), tmp_path, progress=False, callbacks=[InterruptAt(1)])
+    train(tiny("train.steps=2"), tmp_path, progress=False)
+    assert [r() for r in modules_made] == [None, None]
 
 
-def test_a_callback_the_caller_keeps_does_not_keep_the_runs_model(tmp_path, monkeypatch):
+def test_a_callback_the_caller_keeps_does_not_keep_the_runs_model(tmp_path, modules_made):
     # A sweep keeps its trial's ValAtSteps past train() (it reads the timings off it), an
     # ablation its callbacks for every run, a notebook its own. Lightning hands every callback
     # the module's `log` and `log_dict` (bound methods), so such a callback held the finished
     # run's module past the run's collector pass: in a sweep worker each trial's net, EMA copy
     # and optimiser state stayed in memory through the next trial's training
-    import gc
-    import weakref
-
     from dit_bench.train.callbacks import ValAtSteps
-    from dit_bench.train.module import DiffusionModule
 
-    monkeypatch.setenv("DIT_BENCH_GC_AFTER_RUN", "1")  # conftest turns it off for the suite
-    made = []
-
-    class Recorded(DiffusionModule):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(weakref.ref(self))
-
-    monkeypatch.setattr(run_module, "DiffusionModule", Recorded)
     kept = ValAtSteps([1])  # as Worker._run_trial's tracker
-    enabled = gc.isenabled()
-    gc.disable()  # no full pass by chance: the run's own doing only
-    try:
-        train(tiny("train.steps=2"), tmp_path, progress=False, callbacks=[kept])
-        assert [r() for r in made] == [None]
-    finally:
-        if enabled:
-            gc.enable()
+    train(tiny("train.steps=2"), tmp_path, progress=False, callbacks=[kept])
+    assert [r() for r in modules_made] == [None]
 
 
 def process_settings() -> dict:
