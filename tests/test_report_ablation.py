@@ -1073,3 +1073,15 @@ def test_a_report_stopped_while_rewritten_leaves_no_report_md_over_new_tables(
         build_report(source, out)
     assert len(pd.read_csv(out / "runs.csv")) == 7  # the new tables were written
     assert not (out / "report.md").exists()
+
+
+def test_curves_table_names_each_metric_as_the_final_and_paired_tables_do(tmp_path, no_figures):
+    # metrics.csv logs `val/loss`, summary.json and the other tables say `val_loss`: a user
+    # filtering curves.csv by a metric of final.csv found no rows
+    out = tmp_path / "r"
+    build_report(make_source(tmp_path), out)
+    final, paired = pd.read_csv(out / "final.csv"), pd.read_csv(out / "paired.csv")
+    for suffix in (".csv", ".parquet"):
+        curves = getattr(pd, f"read_{suffix[1:]}")(out / f"curves{suffix}")
+        assert set(final["metric"]) | set(paired["metric"]) <= set(curves["metric"])
+        assert set(curves["metric"]) == {"train_loss", "val_loss", "val_FD-mnist-net"}

@@ -394,6 +394,32 @@ def test_fits_table_has_one_row_per_parameter_with_its_own_interval():
     assert thin["param"] is None or pd.isna(thin["param"])
 
 
+def test_runs_tables_of_two_reports_read_together_when_a_timing_was_never_measured(tmp_path):
+    # only a worker's first trial records its start time: a folder of later trials wrote the
+    # column as parquet's null type, which another report's floats cannot be cast to
+    timed = {"wall_s": 10.0, "worker_start_s": None}
+    one = scaling.tables([_record("h1", timing=timed)])[0]
+    two = scaling.tables([_record("h2", timing={**timed, "worker_start_s": 2.5})])[0]
+    save_table(one, tmp_path / "a" / "runs")
+    save_table(two, tmp_path / "b" / "runs")
+    both = pd.read_parquet([tmp_path / "a" / "runs.parquet", tmp_path / "b" / "runs.parquet"])
+    assert both["time_worker_start_s"].isna().tolist() == [True, False]
+    assert both["steps_reached"].tolist() == [9, 9]  # an int column stays one
+
+
+def test_fits_tables_of_two_reports_read_together_when_no_fit_had_enough_points(tmp_path):
+    # a one-run study fits nothing: its fits table had null-typed value columns in parquet and
+    # lacked cond/starts_at_best/bootstrap_ok, and reading it with another report's raised
+    save_table(scaling.fits_table([ENV, THIN]), tmp_path / "a" / "fits")
+    save_table(scaling.fits_table([THIN]), tmp_path / "b" / "fits")
+    a, b = (pd.read_csv(tmp_path / d / "fits.csv") for d in "ab")
+    assert list(a.columns) == list(b.columns) == list(scaling.FITS_COLUMNS)
+    both = pd.read_parquet([tmp_path / "b" / "fits.parquet", tmp_path / "a" / "fits.parquet"])
+    assert len(both) == 5 and both["value"].dtype == float
+    assert both["param"].iloc[1:4].tolist() == list(ENV.params)
+    assert both["param"].iloc[[0, 4]].isna().all()
+
+
 def _report(tmp_path, ch: fits.Fit) -> str:
     runs = pd.DataFrame(
         [  # deliberately not in (params, patch) order

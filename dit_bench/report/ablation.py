@@ -623,7 +623,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     save_table(final, out / "final")
     save_table(paired, out / "paired")
     save_table(cost, out / "cost")
-    save_table(long.drop(columns="key"), out / "curves")
+    # each metric under the name the runs, final and paired tables give it (val_loss, not
+    # metrics.csv's val/loss): a filter or join on final's `metric` finds its curve
+    save_table(long.assign(metric=long["key"]).drop(columns="key"), out / "curves")
 
     figures = {}
     for m in metrics:

@@ -354,7 +354,14 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         df = pd.DataFrame(rows)
         return df.sort_values(["run", *keys], kind="stable").reset_index(drop=True) if rows else df
 
-    return by_run(runs), by_run(points, "budget"), by_run(curves, "step")
+    # Measurements that may be null in every record (only a worker's first trial records the
+    # worker's start time: a folder of later trials has none; every trial pruned: no final loss)
+    # are floats still: as parquet's null type, reading runs.parquet with another report's
+    # failed (pyarrow casts no double to null).
+    runs = by_run(runs)
+    measured = ("val_loss", "steps_reached", "time_", "val_FD-", "val_FID")
+    runs = runs.astype({c: float for c in runs if c.startswith(measured) and runs[c].isna().all()})
+    return runs, by_run(points, "budget"), by_run(curves, "step")
 
 
 # -- the fits ---------------------------------------------------------------------------------------
@@ -516,6 +523,27 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     return out
 
 
+# fits.csv/.parquet's columns and types, whatever the fits: a report where no fit had enough
+# points (a first look at a small sweep) wrote its value and interval columns as parquet's null
+# type and left out cond, starts_at_best and bootstrap_ok, so reading it with another report's
+# (pd.read_parquet of both, a pyarrow dataset) failed on the cast from string to null.
+FITS_COLUMNS = {
+    "fit": "str",
+    "formula": "str",
+    "param": "str",
+    "value": float,
+    "ci_low": float,
+    "ci_high": float,
+    "ci_kind": "str",
+    "status": "str",
+    "detail": "str",
+    "n_points": int,
+    "cond": float,
+    "starts_at_best": "str",
+    "bootstrap_ok": float,
+}
+
+
 def fits_table(fit_list: list[fits.Fit]) -> pd.DataFrame:
     rows = []
     for f in fit_list:
@@ -553,7 +581,7 @@ def fits_table(fit_list: list[fits.Fit]) -> pd.DataFrame:
                     "bootstrap_ok": f.boot_ok,
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(FITS_COLUMNS)).astype(FITS_COLUMNS)
 
 
 # -- figures ------------------------------------------------------------------------------------------
