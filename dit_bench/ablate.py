@@ -64,6 +64,7 @@ from dit_bench.config import (
     read_yaml,
     section_replacement_error,
     unknown_key,
+    yaml_kind,
 )
 from dit_bench.files import locked, out_of_room, read_record, write_json_atomic
 
@@ -262,6 +263,8 @@ def load_ablation(
     if not isinstance(variants_raw, dict) or not variants_raw:
         raise _err(source, "variants must be a non-empty mapping name -> dotted overrides")
     for v in variants_raw:  # a variant names folders and files of the report
+        if kind := yaml_kind(v):  # `1e-3:` or `off:`, as the check below would have it
+            raise _err(source, f"variant name {v!r}: YAML reads it as a {kind}; write it in quotes")
         if not isinstance(v, str) or not NAME.fullmatch(v):
             raise _err(source, f"variant name {v!r}: use letters, digits, '.', '-' or '_'")
     folded: dict[str, str] = {}

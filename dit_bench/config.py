@@ -19,7 +19,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -91,6 +91,9 @@ class _Strict(BaseModel):
         ):
             raise ValueError(f"expected true or false, got {value!r}")
         return value
+
+
+ConfigStrict = _Strict  # the sweep file's schema follows the same rules
 
 
 class DataConfig(_Strict):
@@ -662,6 +665,14 @@ LATER_KEYS = (("train", "bf16_stream", False), ("data", "split_by", "position"))
 
 
 # -- loading ----------------------------------------------------------------------------------
+def yaml_kind(value: Any) -> str | None:
+    """What YAML made of a name or text written plain (`2024`, `1e-3`, `off`), for a message
+    that says to quote it: "number" or "boolean"; None for a string or anything else."""
+    if isinstance(value, bool):
+        return "boolean"
+    return "number" if isinstance(value, int | float) else None
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -679,6 +690,8 @@ def _format_errors(err: ValidationError) -> str:
                     model = OBJECTIVE_CONFIGS[e["loc"][1]]
             allowed = ", ".join(model.model_fields)
             msg = f"unknown key; allowed keys here: {allowed}"
+        elif e["type"] == "string_type" and (kind := yaml_kind(e["input"])):
+            msg = f"got {e['input']!r}, which YAML reads as a {kind}; write it in quotes"
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; {msg}"
         elif e["type"] in ("tuple_type", "list_type"):  # `--set k=0.9,0.95`: one string
@@ -795,26 +808,56 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     a variant or setting written twice would vanish), and reads numbers as YAML 1.2 does:
     `1e3`, `1e-4` and `2.0e3` are floats (PyYAML's 1.1 wants a dot and a signed exponent:
     `train.steps=2.0e3` was the string "2.0e3"), `010` is ten (1.1: octal eight) and `1:30`
-    stays a string (1.1: 90, in base 60).
+    stays a string (1.1: 90, in base 60); and `2024-06-01` is a string, not 1.1's date.
 
     On libyaml's parser where PyYAML has it (the constructor and resolver stay Python): the
     pure-Python one took 10 ms a run's config.yaml, 1.3 ms in C, and an ablate call of a plan
     whose runs are done reads each run's 3 times (a plan of 500: 15 s of parsing)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # In place, once a node: its own keys (each once), then those of its `<<` mappings it
+        # lacks, the first listed first. PyYAML's own dropped a merged key it had met by the
+        # identity of its string, and one-letter strings are shared: in a chain (b: {<<: *a,
+        # S: ...}, c: {<<: *b}) c got a's S, not b's; and b, flattened through c's alias before
+        # its own turn, read as giving S twice.
+        own, merged = [], []
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                own.append((key_node, value_node))
+            elif isinstance(value_node, yaml.SequenceNode):
+                merged += value_node.value
+            else:
+                merged.append(value_node)
         seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                # `<<: *anchor` has no value of its own to construct; a key of the mapping
-                # written beside it overrides the merged one, as YAML means it to
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+        for key_node, _ in own:
+            if (key := self._key(key_node)) in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} given twice", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        pairs = []
+        for source in merged:
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"expected a mapping or list of mappings to merge, but found {source.id}",
+                    source.start_mark,
+                )
+            self.flatten_mapping(source)
+            for key_node, value_node in source.value:
+                if (key := self._key(key_node)) not in seen:
+                    seen.add(key)
+                    pairs.append((key_node, value_node))
+        node.value = pairs + own
+
+    def _key(self, key_node: yaml.Node) -> Any:
+        key = self.construct_object(key_node)
+        if not isinstance(key, Hashable):  # `? [a, b]`: PyYAML's own message
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", None, "found unhashable key", key_node.start_mark
+            )
+        return key
 
 
 class _Dumper(yaml.SafeDumper):
@@ -846,6 +889,12 @@ def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float | str:
     return loader.construct_yaml_float(node)
 
 
+# YAML 1.2 has no dates: `experiment: 2024-06-01`, or a folder so named, is the text written
+# (1.1 read a date, which no key takes and the overrides' JSON copy failed on as a TypeError)
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 

@@ -78,8 +78,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -90,6 +88,7 @@ from pydantic import (
 from dit_bench.config import (
     USER_ERRORS,
     ConfigError,
+    ConfigStrict,
     ExperimentConfig,
     Terminated,
     apply_overrides,
@@ -98,14 +97,16 @@ from dit_bench.config import (
     raise_terminated,
     read_yaml,
     section_replacement_error,
+    yaml_kind,
 )
 from dit_bench.files import engine_url, out_of_room, redact, write_json_atomic
 
 Scalar = bool | int | float | str
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class _Strict(ConfigStrict):
+    """A config's rules for numbers: `budgets: [.inf]` passed `> 0` and the plan died on an
+    OverflowError, and lax mode read `max_steps: yes` as 1."""
 
 
 # -- the sweep file schema ----------------------------------------------------------------------
@@ -113,6 +114,15 @@ class Choices(_Strict):
     """A categorical parameter: plain values of one config key, or labelled bundles of keys."""
 
     choices: list[Scalar] | dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _labels_are_text(cls, choices: Any) -> Any:
+        # `2:` or `off:` failed both halves of the union, in their own words
+        for label in choices if isinstance(choices, dict) else ():
+            if kind := yaml_kind(label):
+                raise ValueError(f"label {label!r}: YAML reads it as a {kind}; write it in quotes")
+        return choices
 
     @field_validator("choices")
     @classmethod

@@ -208,6 +208,19 @@ def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
         load_ablation(path, "cpu")
 
 
+def test_a_variant_name_yaml_reads_as_a_number_is_refused_with_the_way_out(tmp_path):
+    # `1e-3:` or `off:` (an lr or EMA ablation) reach the file's check as 0.001 and False: it
+    # said "use letters, digits, '.', '-' or '_'", which the name as written already did
+    path = write_ablation(tmp_path)
+    text = path.read_text()
+    for name, read in (("1e-3", "0.001"), ("0.5", "0.5"), ("2", "2"), ("off", "False")):
+        path.write_text(text.replace("  adaln:\n", f"  {name}:\n"))
+        with pytest.raises(ConfigError, match=f"variant name {read}: YAML reads it as a"):
+            load_ablation(path, "cpu")
+        path.write_text(text.replace("  adaln:\n", f"  '{name}':\n"))
+        assert load_ablation(path, "cpu").variants == ("adaln_zero", name)
+
+
 def test_yaml_merge_keys_are_read_and_only_a_key_written_twice_is_refused(tmp_path):
     # variants sharing settings through an anchor and `<<` (valid YAML): the check for keys
     # given twice built the `<<` key itself, and every such file was "not valid YAML"

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from dit_bench.config import (
@@ -202,6 +203,43 @@ def test_booleans_are_not_numbers():
     cfg = build_config({"experiment": "2.0e3"})
     assert "experiment: '2.0e3'" in cfg.to_yaml()
     assert build_config(read_yaml_text(cfg.to_yaml())).hash == cfg.hash
+
+
+def test_a_date_like_value_is_the_text_written(tmp_path):
+    # YAML 1.1 read `2024-06-01` as a date, which no key takes: `experiment: 2024-06-01` (or a
+    # data folder so named) failed as a TypeError from the overrides' JSON copy, not an error
+    path = tmp_path / "dated.yaml"
+    path.write_text("experiment: 2024-06-01\n")
+    assert load_config(path).experiment == "2024-06-01"
+    cfg = load_config(None, ["experiment=2024-06-01"])
+    assert cfg.experiment == "2024-06-01"
+    assert build_config(read_yaml_text(cfg.to_yaml())).hash == cfg.hash
+    assert yaml.safe_load(cfg.to_yaml())["experiment"] == "2024-06-01"  # quoted for 1.1 readers
+    assert read_yaml_text("root: 2024-06-01 10:00:00") == {"root": "2024-06-01 10:00:00"}
+
+
+def test_a_name_yaml_reads_as_a_number_says_to_quote_it():
+    # `--set data.root=2024` or `experiment: off` said "Input should be a valid string"
+    assert error(["experiment=2024"]) == (
+        "invalid config:\n  experiment: got 2024, which YAML reads as a number; write it in quotes"
+    )
+    assert "backbone.name: got False, which YAML reads as a boolean" in error(["backbone.name=no"])
+    assert build_config(None, ["experiment='2024'"]).experiment == "2024"
+
+
+def test_chained_yaml_merges_keep_the_nearest_value():
+    # b overrides a's x and c merges b: c's x is b's. PyYAML's merge dropped a key it had met
+    # by the identity of its string (one-letter ones are shared) and gave c a's x; merged in
+    # before its own turn, b read as giving x twice
+    text = "a: &a {x: 1, y: 1}\nb: &b {<<: *a, x: 2}\nc: {<<: *b, z: 3}\n"
+    assert read_yaml_text(text)["c"] == {"x": 2, "y": 1, "z": 3}
+    nested = "defs: {a: &a {x: 1}, b: &b {<<: *a, x: 2}}\nc: {<<: *b}\n"
+    assert read_yaml_text(nested) == {"defs": {"a": {"x": 1}, "b": {"x": 2}}, "c": {"x": 2}}
+    # a list of merges: the first one wins, the mapping's own keys over all
+    both = "a: &a {x: 1}\nb: &b {x: 2, y: 2}\nc: {<<: [*a, *b], y: 3}\n"
+    assert read_yaml_text(both)["c"] == {"x": 1, "y": 3}
+    with pytest.raises(yaml.YAMLError, match="key 'x' given twice"):
+        read_yaml_text("a: &a {x: 1}\nb: {<<: *a, x: 2, x: 3}\n")
 
 
 def test_numbers_are_not_booleans():

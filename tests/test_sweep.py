@@ -195,6 +195,39 @@ def test_sweep_errors_name_the_key(tmp_path):
     assert str(e.value).count("trial {") == 1 and "reaches no budget" in str(e.value)
 
 
+def test_sweep_numbers_are_finite_and_not_booleans(tmp_path):
+    # `budgets: [.inf]` (or 1e400, inf to YAML 1.2) passed `> 0` and the dry run died on an
+    # OverflowError; lax mode read `yes`, `on` or `true` as 1 (a budget of 1 FLOP, a 1-step cap)
+    inf, nan = float("inf"), float("nan")
+    for changes, message in (
+        ({"budgets": [1e7, inf]}, "budgets.1: Input should be a finite number"),
+        ({"budgets": [nan]}, "budgets.0: Input should be a finite number"),
+        ({"budgets": [True]}, "budgets: expected a number, got [True]"),
+        ({"max_steps": True}, "max_steps: expected a number, got True"),
+        ({"seed": True}, "seed: expected a number, got True"),
+        ({"heartbeat": {"max_retry": False}}, "heartbeat.max_retry: expected a number"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sweep(write_tiny(tmp_path / "n.yaml", **changes)).validate(dry_run=True)
+    rng = {"optim.lr": {"low": 1e-4, "high": inf, "log": True}}
+    with pytest.raises(ConfigError, match="space.optim.lr.high: Input should be a finite"):
+        load_sweep(write_tiny(tmp_path / "r.yaml", space=rng, sampler="tpe", n_trials=2))
+
+
+def test_a_choice_label_yaml_reads_as_a_number_is_refused_with_the_way_out(tmp_path):
+    # `2:` or `off:` as a label: the error was the union's, "Input should be a valid list" and
+    # "...choices.dict[str,dict[str,any]].0.[key]: Input should be a valid string"
+    space = json.loads(json.dumps(TINY["space"]))
+    for label, read in ((2, "2"), (False, "False")):
+        space["size"]["choices"] = {label: TINY["space"]["size"]["choices"]["a"]}
+        with pytest.raises(ConfigError) as e:
+            load_sweep(write_tiny(tmp_path / "l.yaml", space=space))
+        assert str(e.value).endswith(
+            f"invalid sweep:\n  space.size.choices: label {read}: YAML reads it as a "
+            f"{'boolean' if label is False else 'number'}; write it in quotes"
+        )
+
+
 def test_budget_steps_follow_the_compute_convention(tmp_path):
     sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
     plan = sweep.plan({"size": "b", "backbone.patch_size": 2})
