@@ -122,6 +122,10 @@ class DataConfig(_Strict):
         # The path is hashed: `imgs/` (a shell's tab completion), `./imgs` and `imgs` name one
         # folder and must name one run. pathlib drops those spellings but keeps `..` (through a
         # symbolic link, a/../b need not be b) and a relative path relative.
+        if path is not None and not path.strip():
+            # `--set data.root=$ROOT` with ROOT unset: refused here, not as "folder '' does not
+            # exist" once the data loads
+            raise ValueError("an empty path; give a folder, or null for none")
         return path if not path else str(Path(os.path.expanduser(path)))
 
     @model_validator(mode="after")
@@ -908,10 +912,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         # YAML files are UTF-8 (the YAML spec; the shipped ones hold "§"), not the locale's
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # a SafeLoader
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
+    if data is None:  # an empty file (or only comments): no keys
+        data = {}
+    if not isinstance(data, dict):  # `[]`, `0`, `false` too: they read as no keys and trained
         raise ConfigError(f"{path}: top level must be a mapping of config sections")
     return data
 

@@ -417,3 +417,23 @@ def test_weight_decay_that_flips_the_weights_is_refused_naming_both_keys():
     assert math.isclose(
         build_config({"optim": {"lr": 1e-3, "weight_decay": 0.05}}).optim.weight_decay, 0.05
     )
+
+
+@pytest.mark.parametrize("text", ["[]", "0", "false", "''", "- train"])
+def test_a_file_that_is_no_mapping_is_refused_even_when_it_reads_as_nothing(tmp_path, text):
+    # `[]`, `0`, `false` and `''` read as no keys (`or {}`), so the file trained the defaults
+    from dit_bench.config import read_yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        read_yaml(path)
+    path.write_text("# nothing set yet\n")  # empty, or comments only: no keys, as before
+    assert read_yaml(path) == {}
+
+
+def test_an_empty_data_path_is_refused_as_the_config_is_read():
+    # `--set data.root=$ROOT` with ROOT unset failed only once the data loaded
+    for key in ("data.root", "data.vae"):
+        assert f"{key}: an empty path; give a folder, or null for none" in error([f"{key}="])
+    assert build_config(None, ["data.root=null"]).data.root is None
