@@ -60,10 +60,12 @@ from torch import nn
 
 from dit_bench.backbones import Cond, build_backbone, check_geometry, resolve_preset
 from dit_bench.fast import (
+    NO_CXX_COMPILER,
     allow_tf32,
     compile_backbone,
     device_name,
     fused_adamw_default,
+    lacks_cxx_compiler,
 )
 from dit_bench.objectives import build_objective
 
@@ -481,6 +483,17 @@ def build_impls(name: str, cfg: BenchConfig, device: torch.device) -> list[Impl]
     return impls
 
 
+@contextlib.contextmanager
+def _compiler_needed(name: str) -> Iterator[None]:
+    """A missing C++ compiler (fast.lacks_cxx_compiler) as one line, naming the backbone."""
+    try:
+        yield
+    except Exception as e:
+        if not lacks_cxx_compiler(e):
+            raise
+        raise ValueError(f"--compile ({name}): {NO_CXX_COMPILER}, or leave out --compile") from None
+
+
 def _freed_after(fn: Callable) -> Callable:
     """`fn`, then its nets freed before the next measurement reads the peak memory: a compiled
     module refers to itself (module.compile() keeps torch.compile of its own call), so the
@@ -559,7 +572,9 @@ def bench_training(
     for i in impls:
         ts = times[i.label]
         med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
+        # inclusive: quartiles between the timings; the default (exclusive) extrapolates past
+        # them for a few repeats (two timings 1 s apart: an IQR of 1.5 s)
+        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [med] * 3
         achieved = 3 * fwd * cfg.batch / med
         rows.append(
             Row(
@@ -764,11 +779,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         rows: list[Row] = []
         sampling: list[dict] = []
         for name in cfg.backbones:
-            rows += bench_training(
-                name, cfg, peak=mm["flops_per_s"], sheet=sheet, progress=progress
-            )
-            if cfg.sample:
-                sampling += bench_sampling(name, cfg, progress=progress)
+            with _compiler_needed(name):
+                rows += bench_training(
+                    name, cfg, peak=mm["flops_per_s"], sheet=sheet, progress=progress
+                )
+                if cfg.sample:
+                    sampling += bench_sampling(name, cfg, progress=progress)
     return {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "device": name_dev,

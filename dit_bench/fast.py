@@ -155,6 +155,26 @@ def compile_backbone(
     return net
 
 
+NO_CXX_COMPILER = (
+    "torch.compile found no working C++ compiler, which it needs for the CPU; install one "
+    "(g++, clang, Xcode's command-line tools) or name it in CXX"
+)
+
+
+def lacks_cxx_compiler(e: BaseException | None) -> bool:
+    """Whether `e` is Inductor finding no C++ compiler (its CPU kernels are C++), however
+    Dynamo wrapped it: met at a compiled backbone's first step, torch's own report is a hundred
+    lines of compiler internals ending in its class name (a laptop without Xcode's command-line
+    tools, Windows without MSVC, a slim container). By name: torch._inductor.exc is private."""
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain can loop back on itself
+        if type(e).__name__ == "InvalidCxxCompiler":
+            return True
+        seen.add(id(e))
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return False
+
+
 def fused_adamw_default(device: torch.device | str) -> bool:
     """Fused AdamW (one kernel for every parameter's update) where torch has it: CUDA and CPU.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -758,3 +759,62 @@ def test_a_compiled_net_is_freed_when_its_measurement_returns(monkeypatch):
         assert len(built) == 2 and [b() for b in built] == [None, None]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("steps_s", "iqr_s"), [((1.0, 2.0), 0.5), ((1.0, 2.0, 3.0), 1.0), ((4.0,), 0.0)]
+)
+def test_iqr_of_a_few_repeats_lies_within_the_timings(monkeypatch, steps_s, iqr_s):
+    """`--repeats 2` printed an IQR of 1.5 times the gap between its two steps (quartiles
+    extrapolated beyond the data), `--repeats 3` the full range: a spread no timing had."""
+    clock = [0.0]
+    durations = iter((0.5, *steps_s))  # the warm-up step, then the timed ones
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "cpu_peak_transient_bytes", lambda step: 0)
+    real_step_fn = bench.step_fn
+
+    def step_fn(impl, cfg, device, inputs):
+        _, opt = real_step_fn(impl, cfg, device, inputs)
+
+        def step() -> None:
+            clock[0] += next(durations)
+
+        return step, opt
+
+    monkeypatch.setattr(bench, "step_fn", step_fn)
+    cfg = bench.BenchConfig(
+        backbones=("dit-xs/4",), device="cpu", **{**TINY, "repeats": len(steps_s)}
+    )
+    (row,) = bench.bench_training("dit-xs/4", cfg)
+    assert row.median_s == pytest.approx(statistics.median(steps_s))
+    assert row.iqr_s == pytest.approx(iqr_s)
+
+
+def test_compile_without_a_cxx_compiler_is_one_line_not_a_traceback(monkeypatch):
+    """Inductor's CPU code needs a C++ compiler: where there is none, `bench --compile` said
+    so in a hundred-line traceback of Dynamo internals."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler(gm, example_inputs):
+        raise InvalidCxxCompiler()
+
+    real_compile = bench.compile_backbone
+    monkeypatch.setattr(
+        bench, "compile_backbone", lambda net, mode: real_compile(net, mode, backend=no_compiler)
+    )
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a: {"n": 1, "dtype": "x", "flops_per_s": 1})
+    cfg = bench.BenchConfig(
+        backbones=("dit-xs/4",), device="cpu", compile=True, eager=False, sample=False, **TINY
+    )
+    with pytest.raises(ValueError, match=r"--compile \(dit-xs/4\): .* no working C\+\+ compiler"):
+        bench.run_bench(cfg)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(
+        bench, "compile_backbone", lambda net, mode: real_compile(net, mode, backend=broken)
+    )
+    with pytest.raises(RuntimeError, match="boom") as e:  # any other failure: torch's report
+        bench.run_bench(cfg)
+    assert not isinstance(e.value, ValueError)

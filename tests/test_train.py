@@ -1466,3 +1466,25 @@ def test_a_new_run_names_its_directory_when_it_starts(tmp_path, capsys):
         )
     run = find_run_dir(tmp_path, tiny())
     assert f"[ablate run 1/2 a seed 0] new run: {run}" in capsys.readouterr().err
+
+
+def test_train_compile_without_a_cxx_compiler_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    # Inductor's CPU kernels are C++: without a compiler (no Xcode tools, no MSVC, a slim
+    # container) train.compile=true ended in a hundred lines of Dynamo internals at step 1
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from dit_bench.config import ConfigError
+    from dit_bench.fast import compile_backbone
+    from dit_bench.train import module as module_module
+
+    def no_compiler(gm, example_inputs):
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(
+        module_module,
+        "compile_backbone",
+        lambda net, mode: compile_backbone(net, mode, backend=no_compiler),
+    )
+    with pytest.raises(ConfigError, match=r"train.compile: .* no working C\+\+ compiler"):
+        train(tiny("train.steps=2", "train.compile=true"), tmp_path, progress=False)
+    assert not list(tmp_path.rglob("summary.json"))

@@ -44,8 +44,10 @@ from dit_bench.config import (
 from dit_bench.data import DataInfo, data_info
 from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import (
+    NO_CXX_COMPILER,
     allow_tf32,
     device_name,
+    lacks_cxx_compiler,
     no_nan_fill,
     shared_cores_note,
     trains_on_cuda,
@@ -972,6 +974,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         _drop_if_nothing_ran(run, created)
         if out_of_memory(e):
             raise OutOfMemory(out_of_memory_message(e, cfg, trainer.global_step)) from None
+        if lacks_cxx_compiler(e):  # at the compiled backbone's first step
+            raise ConfigError(f"train.compile: {NO_CXX_COMPILER}, or set it false") from None
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
