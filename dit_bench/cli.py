@@ -416,6 +416,7 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from dit_bench.bench import BenchConfig, format_table, parse_backbones, run_bench, to_csv
     from dit_bench.config import ConfigError
+    from dit_bench.files import write_text_atomic
 
     cfg = BenchConfig(
         backbones=parse_backbones(args.backbones),
@@ -457,11 +458,12 @@ def cmd_bench(args) -> int:
     result = run_bench(cfg, progress=None if args.quiet else progress)
     if args.csv:
         path = Path(args.csv)
-        path.write_text(to_csv(result))
+        write_text_atomic(path, to_csv(result))
+        sampling = path.with_name(f"{path.stem}-sampling{path.suffix}")
         if result["sampling"]:
-            path.with_name(f"{path.stem}-sampling{path.suffix}").write_text(
-                to_csv(result, sampling=True)
-            )
+            write_text_atomic(sampling, to_csv(result, sampling=True))
+        else:  # an earlier call's (without --no-sample) is not of these runs
+            sampling.unlink(missing_ok=True)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -114,6 +114,12 @@ def test_cli_bench_json(capsys, tmp_path):
     result = json.loads(capsys.readouterr().out)
     assert result["rows"][0]["backbone"] == "dit-xs/4"
     assert (tmp_path / "new" / "b.csv").read_text().count("\n") == 2
+    # a sampling table of an earlier call is not left beside this call's, which sampled nothing
+    stale = tmp_path / "new" / "b-sampling.csv"
+    stale.write_text("backbone,img_per_s\ndit-xs/4,1.0\n")
+    assert main(args) == 0
+    capsys.readouterr()
+    assert not stale.exists()
     args[-1] = str(tmp_path / "b.csv")
     assert main([*args[:-1], str(tmp_path)]) == 2  # refused before it benchmarks anything
     assert "is a folder; give a file name" in capsys.readouterr().err
