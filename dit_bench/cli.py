@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import csv
 import json
 import math
@@ -864,8 +865,11 @@ def _die_of_sigint(ctrl_c: list) -> None:
     # on with the next one when its command exits by itself (it "handled" the Ctrl-C), and
     # stops only when it died of it. The shell's $? is 130 either way.
     if "stopped" in ctrl_c:  # main() returned as interrupted (_interrupted)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            # `dit-bench ... | tee log`: the Ctrl-C ended the reader too, and what it did not
+            # read is lost either way; an error here would leave the process to exit by itself
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -914,10 +918,19 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # named file, bad value, divergence
         print(f"dit-bench: {e}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception as e:
         if ctrl_c:  # raised by what the Ctrl-C cut short: an import it stopped halfway left
             # half a module (scipy's linalg then failed with numpy's AttributeError)
             return _interrupted(args.command, ctrl_c)
+        from dit_bench.fast import NO_CXX_COMPILER, lacks_cxx_compiler
+
+        if getattr(args, "compile", False) and lacks_cxx_compiler(e):
+            # sample's and eval's, at the first forward: one line, as train.compile's and
+            # bench's (a hundred lines of Dynamo internals, on a laptop without Xcode's tools)
+            print(
+                f"dit-bench: --compile: {NO_CXX_COMPILER}, or leave out --compile", file=sys.stderr
+            )
+            return 2
         raise
     finally:
         if sigterm is not None:  # main() called from Python (tests, notebooks) leaves it as it was

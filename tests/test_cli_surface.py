@@ -360,3 +360,31 @@ sys.exit(cli.main())
     )
     assert proc.stderr == "\ndit-bench: interrupted; run the same command again to start over\n"
     assert proc.returncode == -signal.SIGINT  # died of the SIGINT: the shell's $? is 130
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and pipes")
+def test_ctrl_c_of_a_command_whose_reader_is_gone_still_dies_of_it(tmp_path):
+    # `dit-bench ... | tee log` and Ctrl-C: tee dies of it too, and the output still buffered
+    # for it could not be flushed on the way out: "Exception ignored in atexit callback", a
+    # BrokenPipeError's traceback, and the command exited 130 by itself (a shell loop went on)
+    script = """
+import os, signal, sys
+from dit_bench import cli
+def cmd_info(args):
+    read, write = os.pipe()
+    os.close(read)  # the reader, gone
+    os.dup2(write, sys.stdout.fileno())
+    print("a line for the reader")  # buffered: stdout is no terminal
+    os.kill(os.getpid(), signal.SIGINT)
+cli.cmd_info = cmd_info
+sys.argv = ["dit-bench", "info"]
+sys.exit(cli.main())
+"""
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("PYTHONUNBUFFERED", None)  # the line stays in stdout's buffer
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stderr == "\ndit-bench: interrupted; run the same command again to start over\n"
+    assert proc.returncode == -signal.SIGINT

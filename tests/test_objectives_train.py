@@ -242,3 +242,27 @@ def test_sample_and_eval_refuse_guidance_a_run_never_trained(tmp_path, capsys):
         evaluate_run(run, EvalRequest(num_samples=20, cfg_scale=3.0), progress=False)
     assert main(["sample", str(run), "--n", "2", "--steps", "2", *out]) == 0  # unguided: fine
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--labels", "9", *out]) == 0
+
+
+def test_cli_sample_compiled_without_a_cxx_compiler_is_one_line_not_a_traceback(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    # as train.compile and bench --compile say it: `sample --compile` (and eval's) on a laptop
+    # without Xcode's tools ended in a hundred lines of Dynamo internals at the first forward
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from dit_bench import fast
+    from dit_bench.cli import main
+
+    def no_compiler(gm, example_inputs):
+        raise InvalidCxxCompiler()
+
+    real = fast.compile_backbone
+    monkeypatch.setattr(
+        fast, "compile_backbone", lambda net, mode=None: real(net, mode, backend=no_compiler)
+    )
+    args = ["sample", str(tiny_run), "--n", "2", "--steps", "2", "--compile"]
+    assert main([*args, "-o", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dit-bench: --compile: {fast.NO_CXX_COMPILER}, or leave out --compile\n"
+    assert not (tmp_path / "grid.png").exists()

@@ -841,3 +841,27 @@ def test_isoflop_intervals_quoted_cover_the_true_exponent(monkeypatch):
     assert quoted["all"] >= 25
     for key, n in quoted.items():
         assert covered[key] >= 0.85 * n, f"{key}: {covered[key]} of {n} cover a = 0.5"
+
+
+def test_runs_tables_of_two_reports_read_together_whatever_their_setup_recorded(tmp_path):
+    # the cfg.* columns: a sweep at the data set's native size (data.image_size null, the
+    # default) wrote cfg.data.image_size as parquet's null type, and records of sweeps that
+    # kept no setup (nor a config.yaml at hand) every cfg.* column so: reading either with
+    # another report's raised, as a never-measured timing did
+    setup = {"data.name": "mnist", "data.image_size": 16, "objective.name": "flow",
+             "objective.prediction": "velocity", "backbone.conditioning": "adaln_zero",
+             "seed": 0, "train.batch_size": 4, "optim.lr": 0.001,
+             "train.precision": "32-true"}  # fmt: skip
+    tables = {  # the first file's schema is the one the others are cast to
+        "unrecorded": scaling.tables([_record("h3")])[0],
+        "native": scaling.tables([_record("h2", setup={**setup, "data.image_size": None})])[0],
+        "sized": scaling.tables([_record("h1", setup=setup)])[0],
+    }
+    for name, table in tables.items():
+        save_table(table, tmp_path / name / "runs")
+    both = pd.read_parquet([tmp_path / name / "runs.parquet" for name in tables])
+    assert pd.isna(both["cfg.data.name"].iloc[0])
+    assert both["cfg.data.name"].tolist()[1:] == ["mnist", "mnist"]
+    # native: the size the runs trained at (the record's), which the Setup line names
+    assert both["cfg.data.image_size"].tolist()[1:] == [16, 16]
+    assert "image size 16;" in scaling.setup_line(tables["native"])

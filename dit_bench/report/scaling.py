@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from dit_bench.files import engine_url, read_record, redact, write_text_atomic
 from dit_bench.report import fits
 from dit_bench.report.axes import readable_log_ticks
-from dit_bench.report.results import files_named, save_table
+from dit_bench.report.results import files_named, read_config, save_table
 
 N_BOOT = 200
 # The trials whose points enter the fits. A pruned trial's budgets up to its pruning are
@@ -220,10 +219,8 @@ def load_records(
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 r["device"] = json.loads(summary.read_text()).get("device")
         if r.get("setup") is None and r.get("run_dir"):  # nor the setup: its config.yaml
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                r["setup"] = setup_of(
-                    yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
-                )
+            with contextlib.suppress(OSError, ValueError):
+                r["setup"] = setup_of(read_config(Path(r["run_dir"])))
     # one record per run: its last attempt (a re-run trial resumes the same run), but never
     # one that did not complete in place of one that did
     by_run: dict[str, dict] = {}
@@ -318,7 +315,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "val_loss": r.get("val_loss"),
                 **{k: v for k, v in r.items() if k.startswith(("val_FD-", "val_FID"))},
                 "device": r.get("device"),
-                **{f"cfg.{k}": (r.get("setup") or {}).get(k) for k, _ in SETUP_KEYS},
+                **{f"cfg.{k}": v for k, v in _setup(r).items()},
                 **{f"time_{k}": v for k, v in timing.items()},
                 "run_dir": r.get("run_dir"),
             }
@@ -361,6 +358,8 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     runs = by_run(runs)
     measured = ("val_loss", "steps_reached", "time_", "val_FD-", "val_FID")
     runs = runs.astype({c: float for c in runs if c.startswith(measured) and runs[c].isna().all()})
+    # the cfg.* columns too: a setting null in every record (no setup recorded) is of its type
+    runs = runs.astype({f"cfg.{k}": t for k, _, t in SETUP_KEYS if f"cfg.{k}" in runs})
     return runs, by_run(points, "budget"), by_run(curves, "step")
 
 
@@ -894,22 +893,31 @@ def _steps(r) -> str:
 # What the runs were, beyond the size and patch the sweep varies: without it a report does not
 # say which objective, conditioning, data or seed its losses are of. (config key, as shown)
 SETUP_KEYS = (
-    ("data.name", "data"),
-    ("data.image_size", "image size"),
-    ("objective.name", "objective"),
-    ("objective.prediction", "prediction"),
-    ("backbone.conditioning", "conditioning"),
-    ("seed", "seed"),
-    ("train.batch_size", "batch"),
-    ("optim.lr", "lr"),
-    ("train.precision", "precision"),
-)
+    ("data.name", "data", "str"),
+    ("data.image_size", "image size", "Int64"),
+    ("objective.name", "objective", "str"),
+    ("objective.prediction", "prediction", "str"),
+    ("backbone.conditioning", "conditioning", "str"),
+    ("seed", "seed", "Int64"),
+    ("train.batch_size", "batch", "Int64"),
+    ("optim.lr", "lr", float),
+    ("train.precision", "precision", "str"),
+)  # (config key, as shown, its column's type: nullable, an older record may name none)
+
+
+def _setup(r: dict) -> dict:
+    """A record's SETUP_KEYS values; the image size the runs trained at where the config left
+    it to the data set (null: its native size, which "image size None" did not say)."""
+    setup = {k: (r.get("setup") or {}).get(k) for k, _, _ in SETUP_KEYS}
+    if r.get("setup") and setup["data.image_size"] is None:
+        setup["data.image_size"] = r.get("image_size")
+    return setup
 
 
 def setup_of(config: dict) -> dict:
     """SETUP_KEYS' values of a resolved config (config.yaml, ExperimentConfig.to_dict())."""
     out = {}
-    for key, _ in SETUP_KEYS:
+    for key, _, _ in SETUP_KEYS:
         value = config
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
@@ -919,12 +927,12 @@ def setup_of(config: dict) -> dict:
 
 def setup_line(runs: pd.DataFrame) -> str:
     """The setup every run shares, and each setting that differs with its runs per value."""
-    columns = [f"cfg.{k}" for k, _ in SETUP_KEYS]
+    columns = [f"cfg.{k}" for k, _, _ in SETUP_KEYS]
     known = runs[columns].notna().any(axis=1) if set(columns) <= set(runs) else runs.index < 0
     if not known.any():
         return "not recorded (no trial record or config.yaml at hand names it)"
     parts = []
-    for key, shown in SETUP_KEYS:
+    for key, shown, _ in SETUP_KEYS:
         # a column with a run not recorded is of floats: 16.0 is the image size 16
         counts = runs.loc[known, f"cfg.{key}"].map(_setting).value_counts(sort=False)
         if len(counts) == 1:
