@@ -625,14 +625,14 @@ def run_ablation(
             _log(f"run {r.index}/{n} {r.variant} seed {r.seed}: already finished ({run_dir.name})")
         else:
             todo.append(r)
-    t0 = time.time()
+    t0 = time.monotonic()  # not the wall clock, which NTP may step while runs train
     done = n - len(todo)
 
     def finished(r: PlannedRun, run_dir: Path) -> None:
         nonlocal done
         done += 1
         write_labels(run_dir, ab, r)
-        elapsed = time.time() - t0
+        elapsed = time.monotonic() - t0
         _log(
             f"run {r.index}/{n} {r.variant} seed {r.seed} done ({_short(run_dir / 'summary.json')})"
             f"; {done}/{n} finished, {elapsed / 60:.1f} min this session"

@@ -607,6 +607,14 @@ def make_storage(url: str, heartbeat: Heartbeat):
         folder = Path(url.split(":///", 1)[-1]).parent
         if not folder.is_dir():
             raise ValueError(f"storage {url}: no folder {folder} for the study file")
+    if url.startswith("postgres"):
+        # Optuna stores heartbeats as naive wall times of the session's time zone: the server's
+        # (initdb takes its host's), or PGTZ. Where that zone moves its clocks (DST), every
+        # live trial's last beat looked an hour old at the spring change, and was failed as
+        # stale and re-run. UTC never moves. A URL's own `options` are kept.
+        with contextlib.suppress(sqlalchemy.exc.ArgumentError):  # a bad URL fails below
+            own = sqlalchemy.engine.make_url(engine_url(url)).query.get("options", "")
+            kwargs["connect_args"] = {"options": f"{own} -c timezone=UTC".strip()}
     for attempt in range(8):
         try:
             return optuna.storages.RDBStorage(
@@ -1108,6 +1116,10 @@ class Worker:
     local_workers: int = 1  # workers sharing this machine's CPU threads
     # trial id -> time.monotonic() when this worker first saw it RUNNING without a heartbeat
     _unbeaten_since: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+    # (time.time(), time.monotonic()) at the last look for stale trials, and the monotonic time
+    # before which none is failed (`_fail_stale_trials`)
+    _clocks: tuple[float, float] | None = field(default=None, init=False, repr=False)
+    _stale_after: float = field(default=0.0, init=False, repr=False)
 
     def run(self, n_trials: int | None = None) -> int:
         """Run trials until the study is done; returns the number this worker finished."""
@@ -1125,9 +1137,7 @@ class Worker:
         done, waiting = 0, False
         while True:
             self._beat_for_orphans()
-            with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
+            self._fail_stale_trials()
             pending = self._expire_lost_claims()
             self._enqueue_grid(n_trials)
             self._retry_failed()
@@ -1170,6 +1180,30 @@ class Worker:
                 return done
             self._run(trial)
             done, waiting = done + 1, False
+
+    def _fail_stale_trials(self) -> None:
+        """Optuna's failing of running trials without a heartbeat for the grace, held for one
+        grace after this machine's wall clock jumped ahead of its monotonic one (a laptop's
+        suspend, an NTP step). A study on this machine (SQLite) ages heartbeats by that wall
+        clock: on resume every live trial's last beat looked as old as the suspend, and the
+        first worker to look failed them all as lost (a retry spent each) before their
+        workers beat again, within an interval. One still without a beat after the hold is
+        failed as before; a study on a database elsewhere, whose clock did not jump, fails a
+        suspended machine's trials meanwhile anyway, from its other machines' workers."""
+        import optuna
+
+        beat = self.sweep.spec.heartbeat
+        wall, now = time.time(), time.monotonic()
+        if self._clocks is not None:
+            # a jump under the interval leaves a live beat younger than the grace
+            if (wall - self._clocks[0]) - (now - self._clocks[1]) > beat.interval:
+                self._stale_after = now + beat.grace
+        self._clocks = (wall, now)
+        if now < self._stale_after:
+            return
+        with warnings.catch_warnings():  # "experimental" in Optuna; its API is what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
 
     def _beat_for_orphans(self) -> None:
         """A heartbeat for each trial RUNNING without one for over the grace: Optuna fails as
@@ -1704,9 +1738,11 @@ def run_sweep(
                 for p in procs:
                     if p.is_alive():
                         p.terminate()
-            deadline = time.time() + 30  # for them to fail their trials as stopped
+            # for them to fail their trials as stopped; monotonic: a wall clock stepped ahead
+            # (NTP) had them killed at once, their trials left to go stale (a retry spent each)
+            deadline = time.monotonic() + 30
             for p in procs:
-                p.join(timeout=max(0.0, deadline - time.time()))
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
             for p in procs:
                 if p.is_alive():  # a killed trial goes stale and re-runs on the next call
                     p.kill()

@@ -12,6 +12,8 @@ The few that train use the tiny configs of test_train.py (a second or two each).
 """
 
 import json
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -603,3 +605,21 @@ def test_an_unknown_set_key_is_the_sets_error_not_the_first_variants(tmp_path):
     assert unknown_key(["objective", "logit_std"]) is None
     assert unknown_key(["objective", "schedule"]) is None
     assert unknown_key(["eval", "cfg_interval", "0"]) is None
+
+
+def test_the_time_this_session_is_elapsed_time_not_the_wall_clocks(
+    tmp_path, recorded_training, monkeypatch, capsys
+):
+    # a wall clock stepped back an hour while the first run trained (NTP, a VM's clock
+    # corrected) printed "-59.9 min this session"
+    ab = load_ablation(write_ablation(tmp_path), "cpu")
+    train_one, wall = ablate._train_one, time.time
+
+    def train_then_step_back(*a, **kw):
+        monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+        return train_one(*a, **kw)
+
+    monkeypatch.setattr(ablate, "_train_one", train_then_step_back)
+    run_ablation(ab, tmp_path / "runs", progress=False)
+    session = re.findall(r"(-?[\d.]+) min this session", capsys.readouterr().err)
+    assert session and all(float(m) >= 0 for m in session), session

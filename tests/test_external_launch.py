@@ -103,3 +103,15 @@ def test_torchrun_equals_one_process(tmp_path):
     assert_same_run(one, two)
     again = _cli(tmp_path / "two", {}, launcher, timeout=300)  # finished: both ranks exit
     assert again.returncode == 0 and again.stderr.count("already finished") == 2, again.stderr
+
+
+def test_a_rank_waiting_for_the_run_directory_times_out_by_elapsed_time(tmp_path, monkeypatch):
+    # a wall clock stepped ahead while rank 1 waits (NTP on a node that booted with its clock
+    # behind, a resumed VM) must not end the wait: rank 0 makes the directory a moment later
+    cfg = build_config(None, ["experiment=tiny"])
+    made = tmp_path / "tiny" / f"20261128T100000Z-{cfg.hash}"
+    wall = iter([1e9, 1e9 + 3600.0])  # the step: an hour between two looks
+    monkeypatch.setattr(run.time, "time", lambda: next(wall, 1e9 + 3600.0))
+    monkeypatch.setattr(run.time, "sleep", lambda s: made.mkdir(parents=True))
+    monkeypatch.setenv("RANK", "1")
+    assert run._wait_for_run_dir(tmp_path, cfg) == made

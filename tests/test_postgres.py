@@ -104,3 +104,39 @@ def test_two_workers_share_a_postgres_study(tmp_path, postgres_url):
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     check_study(postgres_url, f"{name}-cpu", 4)
+
+
+def test_heartbeats_survive_a_change_of_the_servers_utc_offset(postgres_url):
+    # Optuna stores heartbeats as naive wall times of the session's time zone, the server's
+    # `timezone` (initdb takes the host's: America/New_York, say). At the spring DST change the
+    # wall clock jumps an hour ahead and every live trial's last beat looked an hour old: failed
+    # as stale and re-run by the first worker that looked. A fixed offset changed between the
+    # beat and the look stands in for the change here.
+    import optuna
+    import sqlalchemy as sa
+
+    from dit_bench.files import engine_url
+    from dit_bench.sweep import Heartbeat, make_storage
+
+    db = f"tz{int(time.time() * 1000) % 10**8}"
+    admin = sa.create_engine(engine_url(postgres_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {db}")
+        conn.exec_driver_sql(f"ALTER DATABASE {db} SET timezone TO 'Etc/GMT+5'")  # EST
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{db}"
+    beat = Heartbeat(interval=10, grace=60)
+    storages = [make_storage(url, beat)]
+    try:
+        study = optuna.create_study(storage=storages[0], study_name="tz")
+        trial = study.ask()
+        storages[0].record_heartbeat(trial._trial_id)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE {db} SET timezone TO 'Etc/GMT+4'")  # EDT
+        storages.append(make_storage(url, beat))  # another worker's sessions, after the change
+        assert storages[1]._get_stale_trial_ids(study._study_id) == []
+    finally:
+        for s in storages:
+            s.engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE {db}")
+        admin.dispose()

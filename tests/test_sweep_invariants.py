@@ -1150,3 +1150,103 @@ def test_when_every_worker_died_the_sweep_does_not_say_the_others_took_over(
     err = capsys.readouterr().err
     assert "2 of 2 workers died" in err
     assert "the others took over" not in err, err
+
+
+def test_a_suspend_of_the_machine_does_not_fail_its_live_trials_as_stale(tmp_path, monkeypatch):
+    """A laptop running `sweep --workers 2` on its SQLite study is suspended for an hour: the
+    heartbeats are by the wall clock, which moves on, so on resume every live trial's last beat
+    is an hour old. The waiting worker polled before the training one's heartbeat thread beat
+    again, failed that trial as a lost worker's (a retry spent) and re-queued it."""
+    import dit_bench.sweep as sweep_module
+    import dit_bench.train.run as train_run
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    b = hand_worker(sweep, tmp_path, name="b")
+    b._enqueue_grid(1)
+    b_trial = b._pop_waiting()  # B trains the sweep's only point; A waits for it
+    monkeypatch.setattr(train_run, "train", lambda cfg, out, **kw: None)
+    monkeypatch.setattr(train_run, "find_run_dir", lambda out, cfg: None)
+    a = Worker(sweep, b.storage_url, tmp_path / "runs", name="a", log=lambda m: None, poll=0)
+    wall, skipped = time.time, []
+
+    def sleep(seconds):
+        skipped.append(seconds)
+        if len(skipped) == 1:  # the lid closes for an hour, while A waits
+            monkeypatch.setattr(sweep_module.time, "time", lambda: wall() + 3600)
+            with b.claims.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-3600 seconds')"
+                )
+        elif len(skipped) == 2:  # B's heartbeat thread beats again, B then finishes its trial
+            b.storage.record_heartbeat(b_trial._trial_id)
+            if not b.study.trials[b_trial.number].state.is_finished():
+                b.study.tell(b_trial, 1.0)
+
+    monkeypatch.setattr("time.sleep", sleep)
+    a.run(1)
+    trials = [(t.number, t.state.name, t.user_attrs.get("retry_of")) for t in a.study.trials]
+    assert trials == [(b_trial.number, "COMPLETE", None)]
+
+
+def test_a_trial_still_without_a_beat_one_grace_after_a_suspend_is_failed(tmp_path, monkeypatch):
+    import dit_bench.sweep as sweep_module
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    w = hand_worker(sweep, tmp_path)
+    w._enqueue_grid(1)
+    trial = w._pop_waiting()  # its worker is suspended with the machine, and killed on resume
+    w._fail_stale_trials()
+    wall, mono = time.time, time.monotonic
+    monkeypatch.setattr(sweep_module.time, "time", lambda: wall() + 3600)
+    with w.claims.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-3600 seconds')"
+        )
+    w._fail_stale_trials()
+    assert w.study.trials[trial.number].state == optuna.trial.TrialState.RUNNING
+    grace = sweep.spec.heartbeat.grace
+    monkeypatch.setattr(sweep_module.time, "monotonic", lambda: mono() + grace + 1)
+    w._fail_stale_trials()
+    assert w.study.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_stopped_sweep_gives_its_workers_their_30_s_by_elapsed_time(tmp_path, monkeypatch):
+    """Ctrl-C: the workers have 30 s to fail their trials as stopped (re-run by the next call,
+    no retry spent) before they are killed (left to go stale: a retry spent each). A wall
+    clock stepped ahead just then (NTP) gave them none."""
+    import itertools
+    import multiprocessing
+
+    from dit_bench.sweep import run_sweep
+
+    sweep = load_sweep(write_tiny(tmp_path / "t.yaml"))
+    waits = []
+
+    class Worker:
+        def __init__(self, target, args, name):
+            pass
+
+        def start(self):
+            pass
+
+        def join(self, timeout=None):
+            if timeout is None:  # the user's Ctrl-C; the clock steps an hour after one look
+                looks = itertools.count()
+                monkeypatch.setattr(time, "time", lambda: wall() + 3600 * min(next(looks), 1))
+                raise KeyboardInterrupt
+            waits.append(timeout)
+
+        def is_alive(self):
+            return not waits
+
+        def kill(self):
+            pass
+
+    class Context:
+        Process = Worker
+
+    wall = time.time
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path / "runs", workers=2)
+    assert waits[0] > 25

@@ -227,10 +227,11 @@ def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
 
 def _wait_for_run_dir(out: Path, cfg: ExperimentConfig, timeout: float = 120.0) -> Path:
     # Ranks > 0 of an externally launched job (torchrun, srun) use the directory rank 0 makes;
-    # `out` must be on a file system every node sees.
-    deadline = time.time() + timeout
+    # `out` must be on a file system every node sees. Timed on the monotonic clock: the wall
+    # clock of a node can be stepped (NTP) while it waits, and ended the wait at once.
+    deadline = time.monotonic() + timeout
     while (run := find_run_dir(out, cfg)) is None:
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             raise TimeoutError(f"rank {_launch_rank()}: rank 0 made no run directory under {out}")
         time.sleep(0.5)
     return run
