@@ -1,5 +1,6 @@
 """`dit-bench report ablation` on synthetic run directories with a planted difference."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -1085,3 +1086,126 @@ def test_curves_table_names_each_metric_as_the_final_and_paired_tables_do(tmp_pa
         curves = getattr(pd, f"read_{suffix[1:]}")(out / f"curves{suffix}")
         assert set(final["metric"]) | set(paired["metric"]) <= set(curves["metric"])
         assert set(curves["metric"]) == {"train_loss", "val_loss", "val_FD-mnist-net"}
+
+
+# 40 variants of 44-character names, as a learning-rate x warmup x conditioning grid names them
+MANY = [
+    f"dit-b2_{c}_lr{lr}_warmup{w}_ema9999"
+    for w in range(1000, 11000, 1000)
+    for c, lr in zip(("adaln_zero", "adaln", "in_context", "cross_attn"), ("1e-4", "3e-4", "1e-3", "3e-4"), strict=True)
+]  # fmt: skip
+
+
+def many_variants_source(tmp_path: Path, variants: list[str]) -> Path:
+    source = tmp_path / "runs" / "big"
+    for i, v in enumerate(variants):
+        for seed in range(3):
+            fake_run(source, v, seed, 0.003 * i + 1e-3 * ((i * 7 + seed * 3) % 5))
+    plan = {"name": "big", "base_variant": variants[0], "variants": variants}
+    plan["metrics"] = ["val_loss"]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    return source
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variants", [MANY, MANY[:1]], ids=["40-variants", "one-variant"])
+def test_figures_of_many_long_named_variants_keep_text_on_the_figure(
+    tmp_path, monkeypatch, variants
+):
+    """40 variants of 44-character names: the curves' legend of 40 entries ran off the top of the
+    figure over the lines (tight_layout gave up), the final and paired figures cut their titles
+    and the base's name in the x label at the right edge, and samples.png was one row of 40
+    grids, 12,480 pixels wide, its titles running into each other. One variant: the titles of
+    samples.png were cut at both edges and the final figure's legend covered its interval."""
+    import matplotlib.figure
+
+    seen: dict[str, list[str]] = {}
+
+    def spy(fig, path, *args, **kwargs):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        box = fig.bbox.padded(1)
+        texts = [t for t in _shown_texts(fig) if t.get_visible() and t.get_text()]
+        bad = [f"off the figure: {t.get_text()[:40]}" for t in texts if not _within(t, r, box)]
+        for ax in fig.axes:
+            if (legend := ax.get_legend()) is not None:
+                if legend.get_window_extent(r).overlaps(ax.get_window_extent(r)):
+                    bad.append("legend over the data")
+        if max(fig.get_size_inches()) * kwargs.get("dpi", fig.dpi) > 6000:
+            bad.append(f"{fig.get_size_inches()} inches")
+        if Path(path).name == "samples.png":
+            heads = sorted(
+                (t.get_window_extent(r) for ax in fig.axes for t in (ax.title,) if t.get_text()),
+                key=lambda b: (round(b.y0), b.x0),
+            )
+            bad += ["grid titles overlap" for a, b in itertools.pairwise(heads) if a.overlaps(b)]
+        seen[Path(path).name] = bad
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    source = many_variants_source(tmp_path, variants)
+    build_report(source, tmp_path / "out")
+    assert {"curves_val_loss.png", "final_val_loss.png", "samples.png"} <= set(seen)
+    assert {k: v for k, v in seen.items() if v} == {}
+
+
+def _shown_texts(fig) -> list:
+    """Titles, axis labels, legend entries and the tick labels inside each axis' view."""
+    texts = [fig._suptitle] if fig._suptitle else []
+    for ax in fig.axes:
+        texts += [ax.title, *((ax.xaxis.label, ax.yaxis.label) if ax.axison else ())]
+        if ax.get_legend():
+            texts += [*ax.get_legend().get_texts(), ax.get_legend().get_title()]
+        for axis in (ax.xaxis, ax.yaxis) if ax.axison else ():
+            lo, hi = sorted(axis.get_view_interval())
+            ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+            texts += [t.label1 for t in ticks if lo <= t.get_loc() <= hi]
+    return texts
+
+
+def _within(text, renderer, box) -> bool:
+    b = text.get_window_extent(renderer)
+    return box.x0 <= b.x0 and b.x1 <= box.x1 and box.y0 <= b.y0 and b.y1 <= box.y1
+
+
+def test_curves_of_many_variants_draw_no_two_alike(tmp_path, monkeypatch):
+    """Past seaborn's ten colours, husl's 40 hues were 9 degrees apart: neighbouring variants'
+    lines and legend entries could not be told apart. Each variant's (colour, marker, dashes)
+    differs from every other's in a colour of the palette's ten or in its marker."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    styles = []
+
+    def spy(fig, *args, **kwargs):
+        legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend())
+        for line in legend.get_lines():
+            colour = tuple(round(c, 3) for c in matplotlib.colors.to_rgb(line.get_color()))
+            styles.append((colour, line.get_marker()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": st, "train_flops": st * 1e9, "key": "fd",
+             "value": 10.0 + i + s + st / 100}
+            for i, v in enumerate(MANY) for s in range(2) for st in (100, 200)
+        ]
+    )  # fmt: skip
+    ablation.plot_curves(long, "fd", MANY, tmp_path / "c.png")
+    assert len(styles) == len(MANY) and len(set(styles)) == len(MANY)
+    assert len({c for c, _ in styles}) <= 10
+
+
+def test_a_lone_variant_is_not_told_of_comparisons_or_a_rank_correlation(tmp_path, no_figures):
+    """One variant (the base): the report described "0 comparisons per metric" and an
+    after-Holm column of a table it does not have, and gave "Kendall tau = +nan (same order)"
+    for a reference ranking of which one variant was found."""
+    source = many_variants_source(tmp_path, MANY[:1])
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["reference"] = {"source": "a paper", "ranking": [MANY[0], "other"]}
+    (source / "ablation.json").write_text(json.dumps(plan))
+    md = build_report(source, tmp_path / "out").read_text()
+    assert "0 comparisons" not in md and "after-Holm column" not in md
+    assert "no paired comparisons" in md
+    assert "nan" not in md and "Kendall tau" not in md
+    assert f"Reference ranking (a paper): {MANY[0]} < other." in md

@@ -161,7 +161,7 @@ def test_a_damaged_trial_record_is_named_in_a_one_line_error(tmp_path, capsys, t
     assert capsys.readouterr().err.startswith(f"dit-bench: {path}: ")
 
 
-def test_the_loss_vs_macs_legends_cover_no_data(tmp_path, monkeypatch):
+def test_the_loss_vs_macs_and_flops_legends_cover_no_data(tmp_path, monkeypatch):
     """Inside the panel, the budgets' legend covered the largest models' lines in
     reports/scaling-cpu/loss_vs_macs.png: both legends sit beside their panels."""
     import matplotlib.figure
@@ -181,6 +181,9 @@ def test_the_loss_vs_macs_legends_cover_no_data(tmp_path, monkeypatch):
     runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
     scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
     assert overlaps["loss_vs_macs.png"] == [False, False]
+    # the sizes' and patches' legend of loss vs FLOPs sat inside its panel too, over the curves
+    # of the small models (ten sizes: most of the panel's upper half)
+    assert overlaps["loss_vs_flops.png"] == [False]
 
 
 def test_the_loss_vs_macs_legend_names_every_budget(tmp_path, monkeypatch):

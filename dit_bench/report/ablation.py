@@ -25,6 +25,7 @@ import itertools
 import math
 import re
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,17 +208,54 @@ def curve_bands(data: pd.DataFrame, x: str) -> pd.DataFrame:
     return out.drop(columns=["fmean", "std", "n"]).reset_index()
 
 
+# seaborn's palette (ten colours) repeats past its end, each round with the next marker and
+# dashes: husl's 40 hues were 9 degrees apart, and neighbouring variants looked alike
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("", (4, 1.5), (1, 1), (3, 1, 1, 1), (6, 2), (2, 2), (5, 1, 1, 1, 1, 1), (8, 2, 2, 2))
+LEGEND_ROWS = 20
+
+
+def variant_styles(order: list[str], colors: Sequence) -> dict[str, tuple]:
+    """Each variant's (colour, marker, dashes): the n-th colour of `colors` and the marker and
+    dashes of its round through them (80 variants before a style repeats)."""
+    n = len(colors)
+    return {
+        v: (colors[i % n], MARKERS[i // n % len(MARKERS)], DASHES[i // n % len(DASHES)])
+        for i, v in enumerate(order)
+    }
+
+
+def label_width(labels) -> float:
+    """Inches that the longest of `labels` takes as a tick label (about 0.09 inch a character
+    at seaborn's notebook size): a figure of fixed width gave 44-character variant names most
+    of it and cut its title at the edge."""
+    return 0.09 * max(map(len, map(str, labels)), default=0)
+
+
+def wrap(text: str, chars: int) -> str:
+    """`text` with each of its lines broken at spaces to at most `chars` characters (a word
+    longer than that, a variant's name, stays whole)."""
+    lines = text.split("\n")
+    return "\n".join(
+        textwrap.fill(line, max(chars, 20), break_long_words=False, break_on_hyphens=False)
+        for line in lines
+    )
+
+
 def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
     plt, sns = _plt()
     data = long[long["key"] == metric]
-    # seaborn's own choice for this many hues: its palette, or husl past that palette's colours
-    n = len(order)
-    colors = sns.color_palette("husl", n) if n > len(sns.color_palette()) else sns.color_palette()
-    palette = dict(zip(order, colors, strict=False))
+    styles = variant_styles(order, sns.color_palette())
+    palette = {v: c for v, (c, _, _) in styles.items()}
     # a variant that never logged this metric (FD in an evaluation-free variant) would get a
     # legend entry with no line; its colour stays its own, as in the other figures
     shown = [v for v in order if v in set(data["variant"])]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    # the legend sits beside the panels, in columns of LEGEND_ROWS: inside, 40 variants' entries
+    # covered the lines and ran off the top of the figure
+    ncol = max(1, math.ceil(len(shown) / LEGEND_ROWS))
+    legend_w = ncol * (0.07 * max(map(len, shown), default=0) + 0.7)
+    height = max(4.2, 0.19 * min(len(shown), LEGEND_ROWS) + 1.6)
+    fig, axes = plt.subplots(1, 2, figsize=(12 + legend_w, height), sharey=True)
     for ax, x, label in (
         (axes[0], "step", "training steps"),
         (axes[1], "train_flops", "training FLOPs (3 x forward x images)"),
@@ -230,8 +268,11 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
             hue="variant",
             hue_order=shown,
             palette={v: palette[v] for v in shown},
+            style="variant",
+            style_order=shown,
+            markers={v: styles[v][1] for v in shown},
+            dashes={v: styles[v][2] for v in shown},
             errorbar=None,
-            marker="o",
             markersize=4,
             ax=ax,
         )
@@ -246,11 +287,13 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
         ax.set_ylabel(metric)
         if x == "train_flops":
             ax.set_xscale("log")
-        if ax is axes[1]:
+        if ax is axes[0]:
             ax.get_legend().remove()
     if data["value"].min() > 0 and data["value"].max() / data["value"].min() > 20:
         axes[0].set_yscale("log")
-    axes[0].legend(title="variant", fontsize=8)
+    axes[1].legend(
+        title="variant", fontsize=8, ncol=ncol, loc="upper left", bbox_to_anchor=(1.02, 1)
+    )
     fig.suptitle(f"{metric}: mean over seeds, {int(LEVEL * 100)}% t band")
     readable_log_ticks(fig)
     fig.tight_layout()
@@ -260,7 +303,7 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
 
 def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
     plt, sns = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(order) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(7, 5 + label_width(order)), 0.5 * len(order) + 2))
     state = np.random.get_state()  # seaborn jitters with NumPy's global generator: seeded, the
     np.random.seed(0)  # figure of the same runs is the same file every time
     try:
@@ -278,13 +321,12 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         fmt="o",
         color="C3",
         capsize=4,
-        label=f"mean, {int(LEVEL * 100)}% t CI",
     )
     vals = runs[metric].dropna()
     if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
         ax.set_xscale("log")  # one runaway variant would flatten the others
-    ax.set_title(f"final {metric} per variant (grey: seeds)")
-    ax.legend(loc="best", fontsize=8)
+    # the key in the title: a legend inside the axes covered the interval of a lone variant
+    ax.set_title(f"final {metric} per variant\n(grey: seeds; red: mean, {int(LEVEL * 100)}% t CI)")
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -297,7 +339,8 @@ OFF_SCALE = 10  # a paired interval reaching this many times the median reach is
 def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     plt, _ = _plt()
     p = paired[paired["metric"] == metric]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(p) + 1.5))
+    width = max(7, 5 + label_width(p["variant"]))
+    fig, ax = plt.subplots(figsize=(width, 0.5 * len(p) + 2.5))
     y = np.arange(len(p))
     # red: distinguishable, filled where it survives Holm's correction (the report's verdict)
     # and open where only the unadjusted p is below alpha; grey: not; grey, open and without
@@ -349,7 +392,9 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_yticks(y, p["variant"])
     ax.invert_yaxis()
     base = p["base"].iloc[0] if len(p) else ""
-    ax.set_xlabel(f"{metric}: variant - {base} (paired over seeds)")
+    # wrapped to the axes' width: a long base name or the whole key ran past the figure's edge
+    chars = int((width - label_width(p["variant"]) - 1) / 0.1)
+    ax.set_xlabel(wrap(f"{metric}: variant - {base} (paired over seeds)", chars))
     title = f"paired difference, {int(LEVEL * 100)}% CI (red: p < {1 - LEVEL:.2f}"
     if any(c == "yes" for c in calls):
         title += ", after Holm too" if holm == calls else "; open red: not after Holm"
@@ -357,10 +402,25 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
         title += "; open: undetermined, no test"
     if limit is not None:
         title += ";\narrows: an interval past the axis, its numbers above it"
-    ax.set_title(title + ")")
+    ax.set_title(wrap(title + ")", chars))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+GRID_COLUMNS = 8
+GRID_TITLE_CHARS = 26  # of a variant's name above its grid, 2.6 inches wide at 9 points
+
+
+def wrap_name(name: str, chars: int) -> str:
+    """A variant's name in lines of at most `chars` characters, broken after its _ . -
+    (names have no spaces); a part longer than that stays whole."""
+    lines = [""]
+    for part in re.findall(r"[^_.-]*[_.-]?", name):
+        if lines[-1] and len(lines[-1]) + len(part) > chars:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, str]:
@@ -387,13 +447,25 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
                 break
     if found:
         plt, _ = _plt()
-        fig, axes = plt.subplots(1, len(found), figsize=(2.6 * len(found), 3.2), squeeze=False)
-        for ax, (v, rel) in zip(axes[0], found.items(), strict=True):
+        # rows of GRID_COLUMNS: one row of 40 grids was 12,480 pixels wide, its titles run
+        # together
+        cols = min(len(found), GRID_COLUMNS)
+        rows = math.ceil(len(found) / cols)
+        width = max(2.6 * cols, 6.5)  # a lone grid's figure cut the suptitle at both edges
+        fig, axes = plt.subplots(rows, cols, figsize=(width, 3.4 * rows), squeeze=False)
+        for ax in axes.flat[len(found) :]:
+            ax.axis("off")
+        for ax, (v, rel) in zip(axes.flat, found.items(), strict=False):
             img = np.asarray(Image.open(out / rel))
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-            ax.set_title(v, fontsize=10)
+            ax.set_title(wrap_name(v, GRID_TITLE_CHARS), fontsize=9)
             ax.axis("off")
-        fig.suptitle("final sample grids (one row per class shown; first seed of each variant)")
+        fig.suptitle(
+            wrap(
+                "final sample grids (one row per class shown; first seed of each variant)",
+                int(width / 0.11),
+            )
+        )
         fig.tight_layout()
         fig.savefig(out / "samples.png", dpi=120)
         plt.close(fig)
@@ -740,6 +812,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "tested comparisons (p_holm; an undetermined one has no test) is below "
             f"{1 - LEVEL:.2f}, which keeps the chance of any false call per metric at "
             f"{1 - LEVEL:.2f}."
+            if base in order and len(order) > 1
+            # a lone variant was told of "0 comparisons" and an after-Holm column it lacks
+            else f"no paired comparisons: the base variant {base} is the only variant; its "
+            "mean and interval stand alone."
             if base in order
             else f"no paired comparisons: the base variant {base} has no finished runs, so "
             "there is nothing to pair the others with; the means and intervals stand alone."
@@ -842,11 +918,18 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         found = " < ".join(v for v in ranking if v in ref["ranking"])
         md += [
             f"Reference ranking ({ref.get('source', 'reference')}): "
-            f"{' < '.join(ref['ranking'])}. Found here (by {primary}): {found}. "
-            f"Kendall tau = {tau:+.2f}"
+            f"{' < '.join(ref['ranking'])}. "
+            + (
+                # one of them found (or none) is no order: tau of no pairs was "+nan"
+                f"Found here: {found or 'none of them'}, so there is no order to compare."
+                if math.isnan(tau)
+                else f"Found here (by {primary}): {found}. Kendall tau = {tau:+.2f}"
+            )
             + (
                 "; swapped pairs: " + ", ".join(f"{a}/{b}" for a, b in flips) + "."
                 if flips
+                else ""
+                if math.isnan(tau)
                 else " (same order)."
             )
             + _level_neighbours(runs, primary, [v for v in ranking if v in ref["ranking"]]),

@@ -629,7 +629,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     made = []
 
     # 1. loss vs training FLOPs, coloured by size, styled by patch (DiT Figs. 6, 8)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))  # the legend beside the panel takes 2.5 inches
     sns.lineplot(
         data=curves,
         x="train_flops",
@@ -662,7 +662,8 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         ylabel="val loss",
         title=f"Loss vs training compute (colour: size, marker: {marker})",
     )
-    ax.legend(fontsize=8, ncol=2)
+    # beside the panel: inside, ten sizes' entries covered the small models' curves
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_flops.png", dpi=130)
