@@ -607,22 +607,17 @@ def make_storage(url: str, heartbeat: Heartbeat):
         folder = Path(url.split(":///", 1)[-1]).parent
         if not folder.is_dir():
             raise ValueError(f"storage {url}: no folder {folder} for the study file")
-    if url.startswith("postgres"):
-        # Optuna stores heartbeats as naive wall times of the session's time zone: the server's
-        # (initdb takes its host's), or PGTZ. Where that zone moves its clocks (DST), every
-        # live trial's last beat looked an hour old at the spring change, and was failed as
-        # stale and re-run. UTC never moves. A URL's own `options` are kept.
-        with contextlib.suppress(sqlalchemy.exc.ArgumentError):  # a bad URL fails below
-            own = sqlalchemy.engine.make_url(engine_url(url)).query.get("options", "")
-            kwargs["connect_args"] = {"options": f"{own} -c timezone=UTC".strip()}
     for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 engine_url(url),
                 engine_kwargs=kwargs,
                 heartbeat_interval=heartbeat.interval,
                 grace_period=heartbeat.grace,
             )
+            if url.startswith("postgres"):
+                _utc_sessions(storage.engine)
+            return storage
         except Exception as e:
             # Workers that start together on a fresh database race to create Optuna's tables
             # (PostgreSQL: duplicate pg_type rows); the loser retries and finds them made. A
@@ -633,6 +628,27 @@ def make_storage(url: str, heartbeat: Heartbeat):
                     f"storage {redact(url)}: {type(e).__name__}: {str(e).splitlines()[0]}"
                 ) from e
             time.sleep(0.5 + 0.5 * attempt)
+
+
+def _utc_sessions(engine) -> None:
+    """Every PostgreSQL session of `engine` in UTC from here on. Optuna stores heartbeats as
+    naive wall times of the session's time zone, the server's (initdb takes its host's) or
+    PGTZ: where that zone moves its clocks (DST), every live trial's last beat looked an hour
+    old at the spring change, and was failed as stale and re-run. UTC never moves.
+
+    Set by a statement on each new connection, not libpq's `options` startup parameter:
+    PgBouncer before 1.20 refuses that parameter (every connection through it failed), and
+    given, it replaced the user's PGOPTIONS (a search_path, a statement_timeout)."""
+    import sqlalchemy
+
+    def utc(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.close()
+        dbapi_connection.commit()  # the pool rolls back a returned connection: kept, committed
+
+    sqlalchemy.event.listen(engine, "connect", utc)
+    engine.dispose()  # the set-up's connections, made before: the next ones are UTC
 
 
 def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:

@@ -140,3 +140,31 @@ def test_heartbeats_survive_a_change_of_the_servers_utc_offset(postgres_url):
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE {db}")
         admin.dispose()
+
+
+def test_utc_sessions_keep_the_users_own_pgoptions(postgres_url, monkeypatch):
+    # libpq reads PGOPTIONS only where the connection names no `options`: the UTC setting handed
+    # to every session replaced the user's own (a search_path to the schema of their studies, a
+    # statement_timeout), silently. A URL's own `options` replace PGOPTIONS, as in psql.
+    import sqlalchemy as sa
+
+    from dit_bench.sweep import Heartbeat, make_storage
+
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321")
+    for url, timeout in (
+        (postgres_url, "4321ms"),
+        (
+            f"{postgres_url}{'&' if '?' in postgres_url else '?'}options=-c%20statement_timeout%3D1234",
+            "1234ms",
+        ),
+    ):
+        storage = make_storage(url, Heartbeat(interval=10, grace=60))
+        try:
+            with storage.engine.connect() as conn:
+                shown = [
+                    conn.execute(sa.text(f"SHOW {k}")).scalar()
+                    for k in ("statement_timeout", "timezone")
+                ]
+        finally:
+            storage.engine.dispose()
+        assert shown == [timeout, "UTC"], url

@@ -1209,3 +1209,41 @@ def test_a_lone_variant_is_not_told_of_comparisons_or_a_rank_correlation(tmp_pat
     assert "no paired comparisons" in md
     assert "nan" not in md and "Kendall tau" not in md
     assert f"Reference ranking (a paper): {MANY[0]} < other." in md
+
+
+def test_a_summary_only_metric_gets_its_final_figure_and_no_curves(tmp_path, monkeypatch):
+    """`metrics:` takes summary.json keys: train_seconds has a final value in every run and no
+    column in metrics.csv. Its curves figure drew nothing, so seaborn made no legend to move
+    and the whole report failed with AttributeError ('NoneType' object has no attribute
+    'remove')."""
+    from dit_bench.report import ablation
+
+    drawn = []
+    monkeypatch.setattr(ablation, "plot_final", lambda runs, m, *a: drawn.append(m))
+    monkeypatch.setattr(ablation, "plot_paired", lambda *a, **k: None)
+    monkeypatch.setattr(ablation, "sample_grids", lambda *a, **k: {})
+    source = make_source(tmp_path)
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["metrics"] = ["val_loss", "train_seconds"]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "curves_train_seconds.png").write_bytes(b"an earlier report's")
+    md = build_report(source, out).read_text()
+    assert drawn == ["val_loss", "train_seconds"]
+    assert "![val_loss curves](curves_val_loss.png)" in md
+    assert "curves_train_seconds" not in md and "![final train_seconds]" in md
+    assert not (out / "curves_train_seconds.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["a" * 30, "dit-b2_crossattentionconditioning0", "x_" + "b" * 40, "lr1e-4"]
+)
+def test_a_grid_title_wraps_without_a_blank_line(name):
+    """A variant's name whose last part is longer than a title line (one word of 30 letters)
+    ended in a line break: its grid's title got a blank last line, a gap between the name and
+    its grid."""
+    from dit_bench.report.ablation import GRID_TITLE_CHARS, wrap_name
+
+    lines = wrap_name(name, GRID_TITLE_CHARS).split("\n")
+    assert "".join(lines) == name and all(lines)

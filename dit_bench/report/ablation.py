@@ -242,9 +242,15 @@ def wrap(text: str, chars: int) -> str:
     )
 
 
-def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
-    plt, sns = _plt()
+def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -> bool:
+    """The curves figure of `metric`; False, and no figure, where no run logged a value of it:
+    a summary.json key (train_seconds) has a final value and no curve, and seaborn, drawing
+    nothing, made no legend to move (AttributeError: the whole report failed)."""
     data = long[long["key"] == metric]
+    if not data["value"].notna().any():
+        path.unlink(missing_ok=True)  # an earlier report's figure would pass for this one's
+        return False
+    plt, sns = _plt()
     styles = variant_styles(order, sns.color_palette())
     palette = {v: c for v, (c, _, _) in styles.items()}
     # a variant that never logged this metric (FD in an evaluation-free variant) would get a
@@ -299,6 +305,7 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
@@ -417,7 +424,8 @@ def wrap_name(name: str, chars: int) -> str:
     (names have no spaces); a part longer than that stays whole."""
     lines = [""]
     for part in re.findall(r"[^_.-]*[_.-]?", name):
-        if lines[-1] and len(lines[-1]) + len(part) > chars:
+        # the pattern's last match is empty: after a line too long already it began a blank one
+        if lines[-1] and part and len(lines[-1]) + len(part) > chars:
             lines.append("")
         lines[-1] += part
     return "\n".join(lines)
@@ -699,13 +707,13 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     # metrics.csv's val/loss): a filter or join on final's `metric` finds its curve
     save_table(long.assign(metric=long["key"]).drop(columns="key"), out / "curves")
 
-    figures = {}
+    curved = set()
     for m in metrics:
-        plot_curves(long, m, order, out / f"curves_{m}.png")
+        if plot_curves(long, m, order, out / f"curves_{m}.png"):
+            curved.add(m)
         plot_final(runs, m, order, out / f"final_{m}.png")
         if len(paired[paired["metric"] == m]):
             plot_paired(paired, m, out / f"paired_{m}.png")
-        figures[m] = m
     grids = sample_grids(runs, order, out)
 
     # -- report.md ---------------------------------------------------------------------------
@@ -940,7 +948,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         md += [f"## {m}", ""]
         if m.startswith("val_loss"):
             md += scale_note
-        md += [f"![{m} curves](curves_{m}.png)", "", f"![final {m}](final_{m}.png)", ""]
+        md += [f"![{m} curves](curves_{m}.png)", ""] if m in curved else []
+        md += [f"![final {m}](final_{m}.png)", ""]
         f = final[final["metric"] == m]
         md += [
             _md_table(
