@@ -751,3 +751,15 @@ def test_a_full_disk_stops_each_worker_with_its_line_not_a_traceback(tmp_path):
     assert proc.returncode not in (0, None), text
     assert "make room, then run the same command again to resume it" in text
     assert "Traceback" not in text and "died" not in text, text
+
+
+def test_the_cpu_profile_quotes_its_trials_sizes():
+    # "0.2M-2.2M parameters": the XL trials have 2.45M-2.50M, as the dry run lists them
+    sweep = load_sweep(ROOT / "sweeps" / "shapes-scaling.yaml", "cpu")
+    sizes = [sweep.plan(p, dry_run=True).num_params for p in sweep.points()]
+    quoted = re.search(r"\((\d+\.\d)M-(\d+\.\d)M parameters\)", sweep.spec.profile_description)
+    assert quoted, sweep.spec.profile_description
+    assert [float(q) for q in quoted.groups()] == [
+        round(min(sizes) / 1e6, 1),
+        round(max(sizes) / 1e6, 1),
+    ]

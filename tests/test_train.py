@@ -1488,3 +1488,19 @@ def test_train_compile_without_a_cxx_compiler_is_one_line_not_a_traceback(tmp_pa
     with pytest.raises(ConfigError, match=r"train.compile: .* no working C\+\+ compiler"):
         train(tiny("train.steps=2", "train.compile=true"), tmp_path, progress=False)
     assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_progress_lines_say_the_time_left_leaves_out_the_final_fd_and_grid(
+    tmp_path, capsys, monkeypatch
+):
+    # the time left is the steps' rate over the steps left; the FD and the grid after the last
+    # step were in no line. The cpu profiles' only FD is that one (eval.fd_every = steps):
+    # "~4 s left" at step 540 of 600, then 17 s of FD and 4 s of grid
+    monkeypatch.setenv("DIT_BENCH_PROGRESS_EVERY", "0")
+    train(tiny("eval.fd_every=12", "eval.fd_samples=8"), tmp_path, progress="lines")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if " left" in ln]
+    assert lines, "no progress line"
+    assert all(
+        ln.endswith(" left in the steps, then the FD of 8 samples and the sample grid")
+        for ln in lines
+    ), lines[-1]

@@ -918,7 +918,10 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
     if shown == "bar":
         callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every // 5)))
     elif shown == "lines":  # after StepMetrics: a validation at its step is in its line
-        callbacks.append(ProgressLines(label, t.batch_size))
+        # sampled after the last step: the steps' rate does not time them
+        after = [f"the FD of {fd.num_samples} samples"] if fd is not None else []
+        after += ["the sample grid"] if draws_grids(cfg) else []
+        callbacks.append(ProgressLines(label, t.batch_size, after=" and ".join(after)))
     try:  # Lightning checks accelerator, strategy and devices here
         trainer = L.Trainer(
             # CUDA or the CPU, as on_gpu decided, never Lightning's own "auto": on an Apple
