@@ -133,7 +133,7 @@ def locked(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def try_lock(f) -> str | None:
+def try_lock(f, launch: str | None = None) -> str | None:
     """An exclusive lock on the open lock file `f` (mode "a+"), without waiting: None if this
     process now holds it (and has written its pid, host and time into it: `note_holder`),
     else the holder's line ("" while it has not written it yet). The lock is the kernel's:
@@ -142,17 +142,29 @@ def try_lock(f) -> str | None:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        return f.read().strip()
-    note_holder(f)
+        # not the lines of processes waiting for it (run._run_lock's, of a multi-process launch)
+        held = [line for line in f.read().splitlines() if not line.startswith(WAITING)]
+        return held[0].strip() if held else ""
+    note_holder(f, launch)
     return None
 
 
-def note_holder(f) -> None:
-    """This process's pid, host and start in the lock file `f` it holds, for others to name."""
+WAITING = "waiting: "  # starts a lock file's line for a process that waits for its holder
+
+
+def holder_line(launch: str | None = None) -> str:
+    """This process's pid, host and start (and `launch`, the job it is one process of)."""
+    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {platform.node()} since {since}" + (
+        f", launch {launch}" if launch else ""
+    )
+
+
+def note_holder(f, launch: str | None = None) -> None:
+    """This process's `holder_line` in the lock file `f` it holds, for others to name."""
     f.seek(0)
     f.truncate()
-    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    f.write(f"pid {os.getpid()} on {platform.node()} since {since}\n")
+    f.write(holder_line(launch) + "\n")
     f.flush()
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,127 @@ def test_a_rank_waiting_for_the_run_directory_times_out_by_elapsed_time(tmp_path
     monkeypatch.setattr(run.time, "sleep", lambda s: made.mkdir(parents=True))
     monkeypatch.setenv("RANK", "1")
     assert run._wait_for_run_dir(tmp_path, cfg) == made
+
+
+LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID")
+
+
+@pytest.mark.parametrize(
+    "env, launch",
+    [
+        (
+            {
+                "RANK": "3",
+                "TORCHELASTIC_RUN_ID": "none",
+                "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29500",
+            },
+            "torchrun none n1:29500",
+        ),
+        (
+            {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_JOB_NAME": "train"}
+            | {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"},
+            "slurm 77.0 requeue 0",
+        ),
+        (  # requeued: the same job id, but not the launch its old process belongs to
+            {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "train"}
+            | {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "2"},
+            "slurm 77.0 requeue 2",
+        ),
+        ({"LOCAL_RANK": "1", "MASTER_PORT": "4242"}, None),  # Lightning's launcher
+        (  # ... in an interactive allocation
+            {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash"}
+            | {"SLURM_JOB_ID": "77", "LOCAL_RANK": "1"},
+            None,
+        ),
+        ({}, None),
+    ],
+)
+def test_launch_id(monkeypatch, env, launch):
+    for k in SLURM_VARS + LAUNCH_VARS + ("SLURM_STEP_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert run._launch_id() == launch
+
+
+def _as_ranks(monkeypatch):
+    """This process as each rank of one torchrun launch: rank 0 in a thread named "rank0"."""
+    import threading
+
+    for k in SLURM_VARS + LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"RANK": "1", "TORCHELASTIC_RUN_ID": "b", "MASTER_ADDR": "n1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(
+        run, "_launch_rank", lambda: 0 if threading.current_thread().name == "rank0" else 1
+    )
+
+
+def test_the_other_ranks_wait_while_rank_0_waits_for_another_launch(tmp_path, monkeypatch):
+    # A double launch of a torchrun or srun job, or a requeued one whose old process still
+    # runs: rank 0 waits for the run's lock, and ranks > 0 went on without it, chose the run
+    # directory and checkpoint while the other launch still wrote them, then failed in the
+    # process group's set-up after 30 minutes (or at the run directory after 2), taking the
+    # launch down: the README promises that a second launch waits.
+    import fcntl
+    import threading
+
+    from dit_bench.files import open_lock
+
+    _as_ranks(monkeypatch)
+    # past this, a rank 0 that never came ends the wait: one that waits must not
+    monkeypatch.setattr(run, "_wait_for_launch_lock", _timed(run._wait_for_launch_lock, 1.0))
+    cfg, out = build_config(None, ["experiment=tiny"]), tmp_path / "runs"
+    (out / "tiny").mkdir(parents=True)
+    other = open_lock(out / "tiny" / f".{cfg.hash}.lock")  # the launch already training
+    fcntl.flock(other, fcntl.LOCK_EX)
+    other.write("pid 1 on n0 since 2026-11-28T10:00:00+00:00, launch torchrun a n0:29500\n")
+    other.flush()
+    entered = {r: threading.Event() for r in ("rank0", "rank1")}
+    done, errors = threading.Event(), []
+
+    def rank():
+        try:
+            with run._run_lock(out, cfg):
+                entered[threading.current_thread().name].set()
+                done.wait(10)
+        except Exception as e:
+            errors.append(e)
+
+    ranks = [threading.Thread(target=rank, name=n) for n in entered]
+    for t in ranks:
+        t.start()
+    time.sleep(2.5)
+    assert not errors and not any(e.is_set() for e in entered.values())
+    fcntl.flock(other, fcntl.LOCK_UN)  # the other launch ends
+    other.close()
+    assert all(e.wait(10) for e in entered.values()), errors
+    done.set()
+    for t in ranks:
+        t.join(10)
+    assert not errors
+
+
+def test_a_rank_whose_rank_0_never_takes_the_lock_says_so(tmp_path, monkeypatch):
+    # rank 0 failed before the lock (or was never started): a bounded wait, naming the launch
+    # and the lock file's last holder, not a process-group set-up timed out 30 minutes later
+    _as_ranks(monkeypatch)
+    cfg, out = build_config(None, ["experiment=tiny"]), tmp_path / "runs"
+    lock = out / "tiny" / f".{cfg.hash}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("pid 1 on dead-host since 2020-01-01T00:00:00+00:00, launch torchrun a n0:1\n")
+    monkeypatch.setattr(run, "_wait_for_launch_lock", _timed(run._wait_for_launch_lock, 1.0))
+    with pytest.raises(TimeoutError, match=r"rank 0 of this launch \(torchrun b n1:29500\)"):
+        with run._run_lock(out, cfg):
+            pass
+    # a run rank 0 found finished, so took no lock: the other ranks find it so too
+    (lock.parent / f"20261128T100000Z-{cfg.hash}").mkdir()
+    (lock.parent / f"20261128T100000Z-{cfg.hash}" / "summary.json").write_text("{}")
+    with run._run_lock(out, cfg):
+        pass
+
+
+def _timed(wait, timeout: float):
+    return lambda *a: wait(*a, timeout=timeout)

@@ -53,6 +53,8 @@ from dit_bench.fast import (
     trains_on_cuda,
 )
 from dit_bench.files import (
+    WAITING,
+    holder_line,
     note_holder,
     open_lock,
     redact,
@@ -184,14 +186,39 @@ def _launch_rank() -> int:
     the processes it starts inherit the shell's SLURM_PROCID=0: each would take the lock)."""
     if os.environ.get("RANK"):
         return int(os.environ["RANK"])
-    slurm_tasks = "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (
-        "bash",
-        "interactive",
-    )
-    if slurm_tasks and os.environ.get("SLURM_PROCID"):
+    if _slurm_tasks():
         return int(os.environ["SLURM_PROCID"])
     node, local = (int(os.environ.get(v) or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
     return node or local
+
+
+def _slurm_tasks() -> bool:
+    """Whether SLURM started this process as one task of a job step (`_launch_rank`)."""
+    env = os.environ
+    return (
+        "SLURM_NTASKS" in env
+        and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+        and bool(env.get("SLURM_PROCID"))
+    )
+
+
+def _launch_id() -> str | None:
+    """The launch this process is one process of, the same in each of them and in no other
+    launch at the same time: torchrun's (its run id and store, which a second one cannot bind)
+    or srun's (job, step and requeue count: a requeued job keeps its id). None for a process of
+    its own, or under Lightning's launcher, which starts its other processes once rank 0 holds
+    the run's lock."""
+    env = os.environ
+    if env.get("RANK"):
+        if not env.get("TORCHELASTIC_RUN_ID"):
+            return None
+        # not its restart count: an agent that joins later counts its own (from 0)
+        store = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+        return f"torchrun {env['TORCHELASTIC_RUN_ID']} {store}"
+    if _slurm_tasks() and env.get("SLURM_JOB_ID"):
+        step, requeue = env.get("SLURM_STEP_ID", ""), env.get("SLURM_RESTART_COUNT") or "0"
+        return f"slurm {env['SLURM_JOB_ID']}.{step} requeue {requeue}"
+    return None
 
 
 @contextlib.contextmanager
@@ -203,26 +230,77 @@ def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
 
     A waiting process names the holder (its pid and host, from the lock file): a double launch
     or a requeued job whose old process still runs (another node, a forgotten terminal) is
-    found without a search. A holder killed with kill -9 blocks nothing (files.try_lock)."""
+    found without a search. A holder killed with kill -9 blocks nothing (files.try_lock).
+
+    The other ranks of a torchrun or srun launch wait for rank 0 to hold it, which its line in
+    the lock file says (`_wait_for_launch_lock`)."""
+    folder = out / cfg.experiment
+    launch = _launch_id()
     if _launch_rank() != 0:
+        if launch is not None:
+            _wait_for_launch_lock(out, cfg, launch)
         yield
         return
-    folder = out / cfg.experiment
     folder.mkdir(parents=True, exist_ok=True)
     with open_lock(folder / f".{cfg.hash}.lock") as f:
-        if (holder := try_lock(f)) is not None:
+        if (holder := try_lock(f, launch)) is not None:
             print(
                 f"[dit-bench] another process{f' ({holder})' if holder else ''} is training "
                 f"config {cfg.hash} in {folder}; waiting for it to finish or stop",
                 file=sys.stderr,
                 flush=True,
             )
+            if launch is not None:  # this launch's other ranks wait with it, not time out
+                f.write(f"{WAITING}{holder_line(launch)}\n")
+                f.flush()
             fcntl.flock(f, fcntl.LOCK_EX)
-            note_holder(f)
+            note_holder(f, launch)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_for_launch_lock(
+    out: Path, cfg: ExperimentConfig, launch: str, timeout: float = 120.0
+) -> None:
+    # Ranks > 0 went on at once, whatever rank 0 waited for: with it waiting for another
+    # process (a double launch, a requeued job whose old process still runs) they picked the
+    # run directory and the checkpoint to resume from while that one still wrote them, then
+    # failed: a new run at `_wait_for_run_dir` (2 minutes), an existing one in the process
+    # group's set-up (30 minutes), and torchrun took the waiting rank 0 down with them. Now
+    # they go on when rank 0 holds the lock (or the run is finished: rank 0 found it so and
+    # took no lock), and wait as long as it does once its "waiting" line is there; only a
+    # rank 0 that never comes (failed before the lock) ends the wait, after `timeout`.
+    lock = out / cfg.experiment / f".{cfg.hash}.lock"
+    mine = f", launch {launch}"
+    deadline, came = time.monotonic() + timeout, False
+    while True:
+        lines = _lock_lines(lock)
+        ours = [line for line in lines if line.endswith(mine)]
+        if any(not line.startswith(WAITING) for line in ours):
+            return
+        if (run := find_run_dir(out, cfg)) is not None and (run / "summary.json").exists():
+            return
+        came = came or bool(ours)
+        if not came and time.monotonic() > deadline:
+            held = f" (it names {lines[0]})" if lines and not lines[0].startswith(WAITING) else ""
+            raise TimeoutError(
+                f"rank {_launch_rank()}: rank 0 of this launch ({launch}) took no lock "
+                f"{lock}{held} in {timeout:.0f} s: did it fail before?"
+            )
+        time.sleep(0.5)
+
+
+def _lock_lines(lock: Path) -> list[str]:
+    # opened afresh each time: a file system shared by nodes (NFS) shows another node's
+    # writes at an open; never through a link or blocking on a planted FIFO (files.open_lock)
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    with os.fdopen(fd, errors="replace") as f:
+        return [line.strip() for line in f.read(1 << 16).splitlines()]
 
 
 def _wait_for_run_dir(out: Path, cfg: ExperimentConfig, timeout: float = 120.0) -> Path:
