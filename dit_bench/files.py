@@ -161,11 +161,22 @@ def holder_line(launch: str | None = None) -> str:
 
 
 def note_holder(f, launch: str | None = None) -> None:
-    """This process's `holder_line` in the lock file `f` it holds, for others to name."""
+    """This process's `holder_line` in the lock file `f` it holds, for others to name, and
+    the lines of the processes waiting for it, but its own launch's (run._run_lock's): a
+    waiting rank 0's other ranks go on waiting only while its line is there."""
+    f.seek(0)
+    ours = f", launch {launch}" if launch else None
+    waiting = [
+        s
+        for s in f.read().splitlines()
+        if s.startswith(WAITING) and not (ours and s.endswith(ours))
+    ]
     f.seek(0)
     f.truncate()
-    f.write(holder_line(launch) + "\n")
+    f.write("".join(f"{line}\n" for line in [holder_line(launch), *waiting]))
     f.flush()
+    if launch:  # its other ranks read it, from other nodes over NFS: not at writeback, 30 s on
+        os.fsync(f.fileno())
 
 
 def engine_url(url: str) -> str:

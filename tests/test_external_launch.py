@@ -240,3 +240,103 @@ def test_a_rank_whose_rank_0_never_takes_the_lock_says_so(tmp_path, monkeypatch)
 
 def _timed(wait, timeout: float):
     return lambda *a: wait(*a, timeout=timeout)
+
+
+def test_a_loopback_launch_on_another_host_is_another_launch(tmp_path, monkeypatch):
+    # torchrun's defaults (run id "none", store 127.0.0.1:29500) are the same for every
+    # single-node launch; the store only keeps a second one off the same host. The same
+    # command on two hosts that share the runs folder: the second's ranks > 0 read the
+    # first's holder line as their rank 0's, went on at once and failed, as before the wait.
+    import fcntl
+    import threading
+
+    from dit_bench.files import holder_line, open_lock
+
+    _as_ranks(monkeypatch)
+    for k, v in {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(run, "_wait_for_launch_lock", _timed(run._wait_for_launch_lock, 1.0))
+    with monkeypatch.context() as m:
+        m.setattr(run.platform, "node", lambda: "other-host")
+        theirs = holder_line(run._launch_id())
+    cfg, out = build_config(None, ["experiment=tiny"]), tmp_path / "runs"
+    (out / "tiny").mkdir(parents=True)
+    other = open_lock(out / "tiny" / f".{cfg.hash}.lock")
+    fcntl.flock(other, fcntl.LOCK_EX)
+    other.write(theirs + "\n")
+    other.flush()
+    entered = threading.Event()
+    done, errors = threading.Event(), []
+
+    def rank():
+        try:
+            with run._run_lock(out, cfg):
+                if threading.current_thread().name == "rank1":
+                    entered.set()
+                done.wait(10)
+        except Exception as e:
+            errors.append(e)
+
+    ranks = [threading.Thread(target=rank, name=n) for n in ("rank0", "rank1")]
+    for t in ranks:
+        t.start()
+    try:
+        assert not entered.wait(2.5), "rank 1 went on while its rank 0 waits"
+        assert not errors
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        other.close()
+        assert entered.wait(10), errors
+        done.set()
+        for t in ranks:
+            t.join(10)
+    assert not errors
+
+
+def test_the_other_ranks_wait_while_a_third_process_holds_the_lock(tmp_path, monkeypatch):
+    # rank 0 waits for a run; when it stops, another waiting process (a plain `dit-bench
+    # train` of the config) takes the lock before it. Its holder line replaced the file, rank
+    # 0's "waiting" line with it, and a rank that came to the lock after that took its rank 0
+    # for failed: a TimeoutError after 2 minutes, and torchrun took the waiting rank 0 down.
+    import fcntl
+    import threading
+
+    from dit_bench.files import note_holder, open_lock, try_lock
+
+    _as_ranks(monkeypatch)
+    monkeypatch.setattr(run, "_wait_for_launch_lock", _timed(run._wait_for_launch_lock, 1.0))
+    cfg, out = build_config(None, ["experiment=tiny"]), tmp_path / "runs"
+    (out / "tiny").mkdir(parents=True)
+    lock = out / "tiny" / f".{cfg.hash}.lock"
+    other = open_lock(lock)
+    assert try_lock(other) is None
+    entered = {r: threading.Event() for r in ("rank0", "rank1")}
+    done, errors = threading.Event(), []
+
+    def rank():
+        try:
+            with run._run_lock(out, cfg):
+                entered[threading.current_thread().name].set()
+                done.wait(10)
+        except Exception as e:
+            errors.append(e)
+
+    rank0 = threading.Thread(target=rank, name="rank0")
+    rank0.start()
+    deadline = time.monotonic() + 10
+    while "waiting: " not in lock.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    note_holder(other)  # the lock passed to the third process, which names itself
+    rank1 = threading.Thread(target=rank, name="rank1")
+    rank1.start()
+    try:
+        time.sleep(2.5)
+        assert not errors and not any(e.is_set() for e in entered.values())
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        other.close()
+    assert all(e.wait(10) for e in entered.values()), errors
+    done.set()
+    for t in (rank0, rank1):
+        t.join(10)
+    assert not errors

@@ -213,7 +213,12 @@ def _launch_id() -> str | None:
         if not env.get("TORCHELASTIC_RUN_ID"):
             return None
         # not its restart count: an agent that joins later counts its own (from 0)
-        store = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+        addr = env.get("MASTER_ADDR", "")
+        store = f"{addr}:{env.get('MASTER_PORT', '')}"
+        if addr in ("localhost", "::1") or addr.startswith("127."):
+            # torchrun's default (127.0.0.1:29500, run id "none"): that store keeps a second
+            # launch off this host only, and every rank of this launch is on it
+            store += f" on {platform.node()}"
         return f"torchrun {env['TORCHELASTIC_RUN_ID']} {store}"
     if _slurm_tasks() and env.get("SLURM_JOB_ID"):
         step, requeue = env.get("SLURM_STEP_ID", ""), env.get("SLURM_RESTART_COUNT") or "0"
