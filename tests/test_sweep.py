@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -588,7 +589,12 @@ def test_a_postgresql_url_reaches_sqlalchemy_with_the_psycopg_driver(monkeypatch
     from dit_bench.sweep import Heartbeat
 
     seen = []
-    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: seen.append(url))
+
+    def storage(url, **kw):  # an engine for the UTC sessions' hook, connecting nowhere
+        seen.append(url)
+        return SimpleNamespace(engine=sqlalchemy.create_engine("sqlite://"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
     monkeypatch.setattr(optuna, "get_all_study_names", lambda storage: seen.append(storage) or [])
     make_storage("postgresql://ann:pw@db.example/studies", Heartbeat())
     assert scaling.study_trials("postgresql://ann:pw@db.example/studies") == {}
