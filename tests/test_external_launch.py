@@ -174,6 +174,40 @@ def _as_ranks(monkeypatch):
     )
 
 
+def _ranks(out, cfg, names=("rank0", "rank1")):
+    """Threads (not started) that enter `run._run_lock` as the ranks `names` (_as_ranks): each
+    sets its event in `entered` once in, and holds the lock until `done` is set."""
+    import threading
+
+    entered = {n: threading.Event() for n in names}
+    done, errors = threading.Event(), []
+
+    def rank():
+        try:
+            with run._run_lock(out, cfg):
+                entered[threading.current_thread().name].set()
+                done.wait(10)
+        except Exception as e:
+            errors.append(e)
+
+    threads = {n: threading.Thread(target=rank, name=n) for n in names}
+    return threads, entered, done, errors
+
+
+def _let_go(other, ranks, entered, done, errors) -> None:
+    """The other process lets go of the lock it holds (`other`, open): every rank enters, then
+    all leave, without an error."""
+    import fcntl
+
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    assert all(e.wait(10) for e in entered.values()), errors
+    done.set()
+    for t in ranks.values():
+        t.join(10)
+    assert not errors
+
+
 def test_the_other_ranks_wait_while_rank_0_waits_for_another_launch(tmp_path, monkeypatch):
     # A double launch of a torchrun or srun job, or a requeued one whose old process still
     # runs: rank 0 waits for the run's lock, and ranks > 0 went on without it, chose the run
@@ -181,7 +215,6 @@ def test_the_other_ranks_wait_while_rank_0_waits_for_another_launch(tmp_path, mo
     # process group's set-up after 30 minutes (or at the run directory after 2), taking the
     # launch down: the README promises that a second launch waits.
     import fcntl
-    import threading
 
     from dit_bench.files import open_lock
 
@@ -194,29 +227,12 @@ def test_the_other_ranks_wait_while_rank_0_waits_for_another_launch(tmp_path, mo
     fcntl.flock(other, fcntl.LOCK_EX)
     other.write("pid 1 on n0 since 2026-11-28T10:00:00+00:00, launch torchrun a n0:29500\n")
     other.flush()
-    entered = {r: threading.Event() for r in ("rank0", "rank1")}
-    done, errors = threading.Event(), []
-
-    def rank():
-        try:
-            with run._run_lock(out, cfg):
-                entered[threading.current_thread().name].set()
-                done.wait(10)
-        except Exception as e:
-            errors.append(e)
-
-    ranks = [threading.Thread(target=rank, name=n) for n in entered]
-    for t in ranks:
+    ranks, entered, done, errors = _ranks(out, cfg)
+    for t in ranks.values():
         t.start()
     time.sleep(2.5)
     assert not errors and not any(e.is_set() for e in entered.values())
-    fcntl.flock(other, fcntl.LOCK_UN)  # the other launch ends
-    other.close()
-    assert all(e.wait(10) for e in entered.values()), errors
-    done.set()
-    for t in ranks:
-        t.join(10)
-    assert not errors
+    _let_go(other, ranks, entered, done, errors)  # the other launch ends
 
 
 def test_a_rank_whose_rank_0_never_takes_the_lock_says_so(tmp_path, monkeypatch):
@@ -248,7 +264,6 @@ def test_a_loopback_launch_on_another_host_is_another_launch(tmp_path, monkeypat
     # command on two hosts that share the runs folder: the second's ranks > 0 read the
     # first's holder line as their rank 0's, went on at once and failed, as before the wait.
     import fcntl
-    import threading
 
     from dit_bench.files import holder_line, open_lock
 
@@ -265,32 +280,14 @@ def test_a_loopback_launch_on_another_host_is_another_launch(tmp_path, monkeypat
     fcntl.flock(other, fcntl.LOCK_EX)
     other.write(theirs + "\n")
     other.flush()
-    entered = threading.Event()
-    done, errors = threading.Event(), []
-
-    def rank():
-        try:
-            with run._run_lock(out, cfg):
-                if threading.current_thread().name == "rank1":
-                    entered.set()
-                done.wait(10)
-        except Exception as e:
-            errors.append(e)
-
-    ranks = [threading.Thread(target=rank, name=n) for n in ("rank0", "rank1")]
-    for t in ranks:
+    ranks, entered, done, errors = _ranks(out, cfg)
+    for t in ranks.values():
         t.start()
     try:
-        assert not entered.wait(2.5), "rank 1 went on while its rank 0 waits"
+        assert not entered["rank1"].wait(2.5), "rank 1 went on while its rank 0 waits"
         assert not errors
     finally:
-        fcntl.flock(other, fcntl.LOCK_UN)
-        other.close()
-        assert entered.wait(10), errors
-        done.set()
-        for t in ranks:
-            t.join(10)
-    assert not errors
+        _let_go(other, ranks, entered, done, errors)
 
 
 def test_the_other_ranks_wait_while_a_third_process_holds_the_lock(tmp_path, monkeypatch):
@@ -298,8 +295,6 @@ def test_the_other_ranks_wait_while_a_third_process_holds_the_lock(tmp_path, mon
     # train` of the config) takes the lock before it. Its holder line replaced the file, rank
     # 0's "waiting" line with it, and a rank that came to the lock after that took its rank 0
     # for failed: a TimeoutError after 2 minutes, and torchrun took the waiting rank 0 down.
-    import fcntl
-    import threading
 
     from dit_bench.files import note_holder, open_lock, try_lock
 
@@ -310,33 +305,16 @@ def test_the_other_ranks_wait_while_a_third_process_holds_the_lock(tmp_path, mon
     lock = out / "tiny" / f".{cfg.hash}.lock"
     other = open_lock(lock)
     assert try_lock(other) is None
-    entered = {r: threading.Event() for r in ("rank0", "rank1")}
-    done, errors = threading.Event(), []
-
-    def rank():
-        try:
-            with run._run_lock(out, cfg):
-                entered[threading.current_thread().name].set()
-                done.wait(10)
-        except Exception as e:
-            errors.append(e)
-
-    rank0 = threading.Thread(target=rank, name="rank0")
+    ranks, entered, done, errors = _ranks(out, cfg)
+    rank0, rank1 = ranks["rank0"], ranks["rank1"]
     rank0.start()
     deadline = time.monotonic() + 10
     while "waiting: " not in lock.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     note_holder(other)  # the lock passed to the third process, which names itself
-    rank1 = threading.Thread(target=rank, name="rank1")
     rank1.start()
     try:
         time.sleep(2.5)
         assert not errors and not any(e.is_set() for e in entered.values())
     finally:
-        fcntl.flock(other, fcntl.LOCK_UN)
-        other.close()
-    assert all(e.wait(10) for e in entered.values()), errors
-    done.set()
-    for t in (rank0, rank1):
-        t.join(10)
-    assert not errors
+        _let_go(other, ranks, entered, done, errors)
