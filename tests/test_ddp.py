@@ -200,6 +200,8 @@ def test_two_compiled_processes_equal_one_compiled(tmp_path):
     assert_same_run(one, two)
 
 
+@pytest.mark.slow  # two processes train and sample: ~15 s; the sharing of the samples is also
+# checked in one process (test_loop_invariants: test_in_training_fd_samples_are_shared...)
 def test_the_in_training_fd_is_sampled_by_every_process(tmp_path, monkeypatch):
     """Each process samples its share of the FD's samples (rank r: r, r + 2, ...; here 5
     samples, so 3 and 2) and rank 0 scores them all: the FD of one process's samples. On rank 0

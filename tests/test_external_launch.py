@@ -61,6 +61,7 @@ def test_launch_rank(monkeypatch, env, rank):
     assert run._launch_rank() == rank
 
 
+@pytest.mark.slow  # Lightning's launcher starts a second process that trains: ~20 s
 def test_lightning_launcher_in_an_interactive_slurm_allocation(tmp_path):
     """`srun --pty bash`, then `dit-bench train --set train.devices=2`: Lightning ignores the
     SLURM environment (job name `bash`) and starts rank 1 itself, which inherits

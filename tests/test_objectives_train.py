@@ -244,6 +244,8 @@ def test_sample_and_eval_refuse_guidance_a_run_never_trained(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--labels", "9", *out]) == 0
 
 
+@pytest.mark.slow  # a trained run and a compile attempt: ~9 s; bench's and train's own
+# tests of the message stay in the default run
 def test_cli_sample_compiled_without_a_cxx_compiler_is_one_line_not_a_traceback(
     tiny_run, tmp_path, monkeypatch, capsys
 ):

@@ -82,6 +82,7 @@ def test_compiled_loss_is_compiled_inside_the_variant_only():
     assert DDPM.vb_bits_per_dim is plain
 
 
+@pytest.mark.slow  # every step variant timed: ~17 s
 def test_run_variants_rows_losses_errors_and_budget():
     rows: list[dict] = []
     variants = ("regional", "bf16-stream", "compiled-loss", "cudagraphs")
