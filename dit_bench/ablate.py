@@ -190,6 +190,12 @@ def fd_metric(cfg: ExperimentConfig) -> str | None:
     return f"val_{fd_metric_prefix(cfg.eval.fd_features or default_features(cfg.data.name))}"
 
 
+def fd_column(cfg: ExperimentConfig) -> str | None:
+    """The metrics.csv column of a run's in-training FD (val/FD-<net>, val/FID), or None."""
+    fd = fd_metric(cfg)
+    return fd.replace("_", "/", 1) if fd else None
+
+
 def val_levels(cfg: ExperimentConfig) -> int:
     """How many noise levels a run's validation grid has (its val_loss_l<k> columns)."""
     from dit_bench.objectives import OBJECTIVES

@@ -1008,7 +1008,7 @@ def suggest(trial, sweep: Sweep) -> dict[str, Scalar]:
 def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     """Every val-loss row of the run's metrics.csv with its images and training FLOPs, and
     the in-training FD (eval.fd_every) where the row has one, under its summary name."""
-    from dit_bench.ablate import fd_metric
+    from dit_bench.ablate import fd_column, fd_metric
     from dit_bench.train.callbacks import read_metrics
 
     path = Path(run_dir) / "metrics.csv"
@@ -1016,7 +1016,7 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
         return []
     rows = []
     batch = plan.cfg.train.batch_size
-    fd = fd_metric(plan.cfg)  # val_FD-<net> / val_FID; metrics.csv logs it as val/...
+    fd, logged = fd_metric(plan.cfg), fd_column(plan.cfg)
     for r in read_metrics(path):  # a row cut short by a failed append left out
         if r.get("val/loss") not in (None, ""):
             step = int(r["step"])
@@ -1026,7 +1026,7 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
                 "train_flops": 3.0 * plan.forward_flops * step * batch,
                 "val_loss": float(r["val/loss"]),
             }
-            if fd and r.get(logged := fd.replace("_", "/", 1)) not in (None, ""):
+            if fd and r.get(logged) not in (None, ""):
                 row[fd] = float(r[logged])
             rows.append(row)
     return rows

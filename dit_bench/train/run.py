@@ -1168,11 +1168,11 @@ def data_wait_note(
 
 def logged_metrics(cfg: ExperimentConfig) -> list[str]:
     """The metrics.csv columns a run logs (StepMetrics, FrechetDistanceMetric), but "step"."""
-    from dit_bench.ablate import fd_metric, val_levels
+    from dit_bench.ablate import fd_column, val_levels
 
     val = ["val/loss"] + [f"val/loss_l{k}" for k in range(val_levels(cfg))]
-    fd = fd_metric(cfg)  # its summary key: val_FD-<net>, logged as val/FD-<net>
-    return ["lr", "train/loss", *val, *([fd.replace("_", "/", 1)] if fd else [])]
+    fd = fd_column(cfg)
+    return ["lr", "train/loss", *val, *([fd] if fd else [])]
 
 
 def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[ModelCheckpoint]:
