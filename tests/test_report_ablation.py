@@ -1088,6 +1088,25 @@ def test_curves_table_names_each_metric_as_the_final_and_paired_tables_do(tmp_pa
         assert set(curves["metric"]) == {"train_loss", "val_loss", "val_FD-mnist-net"}
 
 
+def test_runs_tables_of_two_reports_read_as_one_when_a_column_is_null_in_one(tmp_path, no_figures):
+    # a U-Net has no patch, heads or tokens: an ablation of U-Nets wrote those
+    # columns as parquet's null type, and pd.read_parquet([unets, dits]) failed
+    # ("Unsupported cast from int64 to null")
+    dits = make_source(tmp_path / "a")
+    unets = make_source(tmp_path / "b")
+    for summary in unets.glob("*/summary.json"):
+        record = json.loads(summary.read_text())
+        record |= {"backbone_spec": {"depth": 2, "hidden_size": 64}, "tokens": None}
+        summary.write_text(json.dumps(record))
+    for source in (dits, unets):
+        build_report(source, tmp_path / source.parent.parent.name)
+    tables = [tmp_path / name / "runs.parquet" for name in ("b", "a")]
+    both = pd.read_parquet(tables)  # the U-Nets' first: their schema is the dataset's
+    assert len(both) == 18
+    for column, value in (("patch", 4), ("heads", 4), ("tokens", 16)):
+        assert both[column].isna().sum() == 9 and set(both[column].dropna()) == {value}
+
+
 # 40 variants of 44-character names, as a learning-rate x warmup x conditioning grid names them
 MANY = [
     f"dit-b2_{c}_lr{lr}_warmup{w}_ema9999"

@@ -699,7 +699,10 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     )
     cost = cost_table(runs, order)
     keep = [c for c in runs.columns if not c.startswith("cfg.")]
-    save_table(runs[keep], out / "runs")
+    # a U-Net has no patch, heads or tokens: an ablation of U-Nets left them null, and parquet's
+    # null type made pd.read_parquet([this, other]) fail
+    spec = {c: "Int64" for c in ("depth", "width", "heads", "patch", "tokens") if c in keep}
+    save_table(runs[keep].astype(spec), out / "runs")
     save_table(final, out / "final")
     save_table(paired, out / "paired")
     save_table(cost, out / "cost")
