@@ -1405,8 +1405,9 @@ class Worker:
             return None
         taken = set(self.claims.keys("slot:"))
         for k in range(n_trials or 0):
+            # n_trials on each: the report counts the slots of the latest call never started
             if f"slot:{k}" not in taken and self._claim_and_enqueue(
-                f"slot:{k}", {}, {"attempt": 1, "slot": k}
+                f"slot:{k}", {}, {"attempt": 1, "slot": k, "n_trials": n_trials}
             ):
                 return self._pop_waiting()  # this one, or one another worker made
         return None

@@ -740,6 +740,24 @@ def test_a_slot_whose_worker_died_before_enqueuing_is_taken_again_after_the_grac
     assert other._new_trial(2).number == 1 and other.study.trials[1].user_attrs["slot"] == 0
 
 
+def test_a_tpe_sweep_stopped_between_trials_reports_the_trials_never_started(tmp_path):
+    """A random/tpe sweep stopped after 2 of its 5 trials left no waiting trial: its report
+    fitted 2 trials as the whole sweep. The trials record the n_trials they were made for;
+    the latest call's is the sweep's (a rerun with more trials extends it)."""
+    from dit_bench.report import scaling
+
+    w = hand_worker(_ranged_sweep(tmp_path, "n", n_trials=5), tmp_path)
+    for _ in range(2):
+        w.study.tell(w._new_trial(5).number, 1.0)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert scaling.unfinished_trials(url) == [
+        f"study {w.study.study_name}: 2 trials finished; not finished: "
+        "3 of n_trials 5 never started"
+    ]
+    w.study.tell(w._new_trial(3).number, 1.0)  # a rerun asking for 3: done
+    assert scaling.unfinished_trials(url) == []
+
+
 def test_a_trial_enqueued_twice_runs_once_and_is_no_failure_of_the_sweep(tmp_path):
     """A worker stalled past the grace between its claim and the enqueue has its claim made
     again by another, and both enqueue: the later trial is failed as a duplicate when a

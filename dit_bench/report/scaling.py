@@ -158,20 +158,33 @@ def failed_for_good(trials) -> list:
     ]
 
 
+def never_started(trials) -> tuple[int, int]:
+    """tpe/random: (slots of n_trials no trial was made for, n_trials), the latest sweep call's
+    n_trials (0, 0 for a grid, whose points are all enqueued at once: waiting trials). A sweep
+    stopped between trials left no waiting trial to tell of the rest."""
+    slotted = [t for t in trials if "slot" in t.user_attrs]
+    if not slotted or "n_trials" not in slotted[-1].user_attrs:  # older sweeps recorded none
+        return 0, 0
+    asked = slotted[-1].user_attrs["n_trials"]
+    return max(asked - len({t.user_attrs["slot"] for t in slotted}), 0), asked
+
+
 def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[str]:
-    """One line per study whose trials are not all done: running or waiting ones, and failed
-    ones that no retry replaced (their points are missing from the fits). `studies`: as
-    `study_trials(url)` read them."""
+    """One line per study whose trials are not all done: running or waiting ones, failed ones
+    that no retry replaced (their points are missing from the fits), and tpe/random trials of
+    n_trials never started. `studies`: as `study_trials(url)` read them."""
     lines = []
     for name, trials in (study_trials(url) if studies is None else studies).items():
         left = [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
         failed = failed_for_good(trials)
-        if left or failed:
+        unmade, asked = never_started(trials)
+        if left or failed or unmade:
             done = sum(finished(t.state.name) for t in trials)
             parts = [f"{len(left)} running or waiting"] if left else []
             parts += (
                 [f"{len(failed)} failed (trials {[t.number for t in failed]})"] if failed else []
             )
+            parts += [f"{unmade} of n_trials {asked} never started"] if unmade else []
             lines.append(f"study {name}: {done} trials finished; not finished: {', '.join(parts)}")
     return lines
 
