@@ -729,7 +729,8 @@ def test_a_slot_whose_worker_died_before_enqueuing_is_taken_again_after_the_grac
 ):
     """tpe/random: a worker killed between claiming a slot and enqueuing its trial left the
     sweep one trial short, and a released slot below a taken one was never taken again."""
-    sweep = _ranged_sweep(tmp_path, "n", n_trials=2)
+    # a grace of 30 s: TINY's 3 s passed on a loaded machine before the "young" check
+    sweep = _ranged_sweep(tmp_path, "n", n_trials=2, heartbeat={"interval": 1, "grace": 30})
     dead = hand_worker(sweep, tmp_path, name="dead")
     assert dead.claims.claim("slot:0")  # ... and the process is killed here
     other = hand_worker(sweep, tmp_path, name="other")
