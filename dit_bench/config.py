@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import operator
 import os
@@ -36,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from dit_bench.objectives import OBJECTIVES
 from dit_bench.sampling import SAMPLERS
 
 
@@ -264,6 +266,38 @@ def _objective_tag(v: Any) -> str | None:
 # objective is its file and its line in objectives.OBJECTIVES, plus its config class and its
 # line here: the `objective` union, its error message and the key checks read this dict.
 OBJECTIVE_CONFIGS = {"ddpm": DDPMConfig, "flow": FlowConfig}
+
+
+def objective_registry_errors(configs: dict[str, type], objectives: dict[str, type]) -> list[str]:
+    """Where the two objective registries disagree ([]: nowhere). An objective with a line in
+    OBJECTIVES only was refused as `objective.name must be one of` the others, as if unknown;
+    a config field its constructor does not take failed at the run's start."""
+    errors = [
+        f"objective {n!r} is in objectives.OBJECTIVES but has no config class in "
+        "config.OBJECTIVE_CONFIGS (whose fields are its keyword arguments)"
+        for n in objectives
+        if n not in configs
+    ]
+    errors += [
+        f"objective {n!r} is in config.OBJECTIVE_CONFIGS but not in objectives.OBJECTIVES"
+        for n in configs
+        if n not in objectives
+    ]
+    for n in set(configs) & set(objectives):
+        takes = inspect.signature(objectives[n]).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+            continue
+        extra = [f for f in configs[n].model_fields if f != "name" and f not in takes]
+        if extra:
+            errors.append(
+                f"objective {n!r}: config fields {', '.join(extra)} of "
+                f"{configs[n].__name__} are not keyword arguments of {objectives[n].__name__}"
+            )
+    return errors
+
+
+if _errors := objective_registry_errors(OBJECTIVE_CONFIGS, OBJECTIVES):
+    raise ImportError("; ".join(_errors))
 ObjectiveConfig = Annotated[
     functools.reduce(operator.or_, (Annotated[c, Tag(n)] for n, c in OBJECTIVE_CONFIGS.items())),
     Discriminator(

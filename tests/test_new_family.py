@@ -218,3 +218,39 @@ def test_config_choices_come_from_the_registries():
         kwargs = config().model_dump()
         assert type(build_objective(kwargs.pop("name"), **kwargs)) is OBJECTIVES[name]
         assert type(build_config(None, [f"objective.name={name}"]).objective) is config
+
+
+class ShortApiObjective:
+    """An objective written to DESIGN's short API: loss(net, x0, cond) without batch_slice,
+    and no VAL_LEVELS. It trained nothing: the run died at its first step."""
+
+    def loss(self, net, x0, cond, *, generator=None):
+        return {"loss": x0.flatten(1).mean(1)}
+
+    def val_loss(self, net, x0, cond, *, seed=0, levels=4):
+        return {"loss": x0.mean(), "per_level": x0.mean().repeat(levels)}
+
+    def sample(self, net, noise, cond, **options):
+        return noise
+
+
+def test_an_objective_without_the_harness_interface_is_refused_when_built(monkeypatch):
+    from dit_bench import objectives
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "short", ShortApiObjective)
+    with pytest.raises(TypeError, match="'short'.*VAL_LEVELS; loss\\(\\) keywords batch_slice"):
+        objectives.build_objective("short")
+    assert objectives.interface_errors(objectives.OBJECTIVES["ddpm"]) == []
+
+
+def test_the_objective_registries_name_what_one_of_them_lacks():
+    # a line in OBJECTIVES alone read as an unknown objective ("must be one of 'ddpm', 'flow'")
+    from dit_bench.config import OBJECTIVE_CONFIGS, FlowConfig, objective_registry_errors
+    from dit_bench.objectives import OBJECTIVES
+
+    (err,) = objective_registry_errors(OBJECTIVE_CONFIGS, {**OBJECTIVES, "edm": object})
+    assert "'edm' is in objectives.OBJECTIVES but has no config class" in err
+    (err,) = objective_registry_errors({**OBJECTIVE_CONFIGS, "uflow": FlowConfig}, OBJECTIVES)
+    assert "'uflow' is in config.OBJECTIVE_CONFIGS but not in objectives.OBJECTIVES" in err
+    (err,) = objective_registry_errors({"ddpm": FlowConfig}, {"ddpm": OBJECTIVES["ddpm"]})
+    assert "config fields density, logit_mean" in err and "not keyword arguments of DDPM" in err
