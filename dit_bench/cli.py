@@ -99,6 +99,21 @@ def cmd_sample(args) -> int:
                 f"--labels: values must be in {classes}; the run has no null class "
                 "(train.label_dropout=0)"
             )
+        names = info.class_names
+        # folders named by numbers sort as text ("10" before "2"): label 2 is then the third
+        # folder, and --labels 2 drew another class than the folder named 2
+        misread = [
+            f"{v} is {repr(names[v]) if v < len(names) else 'the null class'} "
+            f"(the folder {str(v)!r} is label {names.index(str(v))})"
+            for v in sorted(set(labels.tolist()))
+            if str(v) in names and (v >= len(names) or names[v] != str(v))
+        ]
+        if misread:
+            print(
+                "dit-bench: note: --labels are indices of the sorted class names: "
+                + "; ".join(misread),
+                file=sys.stderr,
+            )
         labels = labels.repeat(-(-args.n // len(labels)))[: args.n]
     else:
         labels = torch.arange(args.n) % info.num_classes
@@ -569,7 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-step<step> in place of -<checkpoint>)",
     )
     sp.add_argument("--n", type=positive, default=64, help="number of samples")
-    sp.add_argument("--labels", help="comma-separated class labels, cycled (default: all)")
+    sp.add_argument(
+        "--labels",
+        help="comma-separated class labels (indices of the sorted class names), cycled "
+        "(default: all)",
+    )
     sp.add_argument("--sampler", help="sampler (default: the run's eval.sampler)")
     sp.add_argument("--steps", type=positive, help="sampling steps (default: eval.sample_steps)")
     sp.add_argument("--cfg", type=guidance, help="guidance scale (default: eval.cfg_scale)")

@@ -395,3 +395,40 @@ def test_checking_a_large_folders_files_says_so_first(image_folder, monkeypatch,
     assert f"{image_folder}: checking that its 20 files open as images" in capsys.readouterr().err
     check_image_files(folder, announce=False)  # another process of the run says it
     assert capsys.readouterr().err == ""
+
+
+def test_images_beside_the_class_folders_are_named_as_unused(folder, tmp_path, capsys):
+    # a folder of photos with one subfolder (thumbnails, rejects): torchvision's ImageFolder
+    # convention trains on the subfolder alone, and the photos were left out without a word
+    from dit_bench.data.datasets import ImageFolder, check_image_files
+
+    for i in range(3):
+        save_image(folder / f"photo {i}.JPG", striped())
+    check_image_files(ImageFolder(str(folder), 8))
+    assert "3 images directly in it (e.g. photo 0.JPG) are in no class folder" in (
+        capsys.readouterr().err
+    )
+    check_image_files(ImageFolder(str(folder), 8), announce=False)  # one process says it
+    assert capsys.readouterr().err == ""
+    # no class folder at all: the error says how to train them as one class
+    flat = tmp_path / "flat"
+    for i in range(3):
+        save_image(flat / f"{i}.png", striped())
+    check_error(make_cfg("folder", root=str(flat), image_size=8), "no class", "its 3 images")
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line_naming_it(tmp_path):
+    # data.num_workers > 0: torch rebuilds the worker's error from its traceback's text, and
+    # `dit-bench train` printed 35 lines of it for one truncated image
+    from torch.utils.data import DataLoader
+
+    from dit_bench.data.datasets import ImageFolder
+
+    save_image(tmp_path / "ok" / "good.png", striped())
+    good = (tmp_path / "ok" / "good.png").read_bytes()
+    (tmp_path / "ok" / "z-bad.png").write_bytes(good[: len(good) // 2])
+    loader = DataLoader(ImageFolder(str(tmp_path), 8), batch_size=None, num_workers=1)
+    with pytest.raises(DataError) as error:
+        list(loader)
+    assert str(error.value).startswith(f"{tmp_path / 'ok' / 'z-bad.png'}: cannot read image (")
+    assert "\n" not in str(error.value)

@@ -1199,6 +1199,69 @@ def test_a_folder_whose_files_changed_is_not_resumed_on_another_split(tmp_path):
     assert train(cfg, tmp_path / "runs", progress=False) == run
 
 
+def test_eval_of_a_folder_run_whose_files_changed_is_refused_by_position(tmp_path, monkeypatch):
+    # one image added after training: by position the held-out split is another draw of the
+    # folder, holding training images; eval scored the run against them without a word
+    from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
+
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    root, cfg, run = interrupted_folder_run(tmp_path)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "dog" / "new.png")
+    request = EvalRequest(metrics=("fd",), num_samples=2, steps=2, features="mnist-net")
+    with pytest.raises(ValueError, match=r"changed since the run trained \(8 items then, 9 now"):
+        evaluate_run(run, request, progress=False)
+    (root / "dog" / "new.png").unlink()
+    assert evaluate_run(run, request, progress=False)["metrics"]["FD-mnist-net"] >= 0
+
+
+def test_a_folder_split_by_name_that_grew_is_evaluated_with_a_note(tmp_path, capsys):
+    from dit_bench.metrics.evaluate import check_held_out_split
+
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8)).save(root / name / f"{i}.png")
+    cfg = tiny("data.name=folder", f"data.root={root}", "data.image_size=8", "data.split_by=name")
+    data = DiffusionDataModule(cfg)
+    data.setup("fit")
+    trained = data.state_dict()
+    check_held_out_split(cfg, trained)
+    assert capsys.readouterr().err == ""
+    Image.new("RGB", (8, 8)).save(root / "cat" / "5.png")  # what split_by=name is for
+    check_held_out_split(cfg, trained)
+    assert "(10 items then, 11 now, or renamed): the held-out split by name" in (
+        capsys.readouterr().err
+    )
+    check_held_out_split(cfg, None)  # a checkpoint from before the data module's state
+
+
+def test_sample_labels_of_folders_named_by_numbers_say_which_class_they_are(tmp_path, capsys):
+    # class folders 2, 9, 10 sort as text: 10, 2, 9. `--labels 2` drew the folder named 9
+    # (and with folders 2 and 10 alone, the null class: unconditional samples), saying nothing
+    from dit_bench.cli import main
+
+    root = tmp_path / "images"
+    for c, name in enumerate(["2", "9", "10"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (80 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    cfg = tiny("data.name=folder", f"data.root={root}", "data.image_size=8", "train.steps=1",
+               "data.val_fraction=0.25", "eval.val_images=2", "train.batch_size=2")  # fmt: skip
+    run = train(cfg, tmp_path / "runs", progress=False)
+    capsys.readouterr()
+    grid = str(tmp_path / "g.png")
+    sample = ["sample", str(run), "--n", "2", "--steps", "2", "-o", grid, "--labels"]
+    assert main([*sample, "2,0"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "--labels are indices of the sorted class names: 2 is '9' (the folder '2' is label 1)"
+        in err
+    )
+    assert main([*sample, "1"]) == 0  # the folder named 2: nothing to say
+    assert "--labels" not in capsys.readouterr().err
+
+
 def test_a_folder_whose_classes_changed_is_refused_by_resume_and_by_load(tmp_path):
     root, cfg, run = interrupted_folder_run(tmp_path)
     assert load_module(run).info.class_names == ("cat", "dog")

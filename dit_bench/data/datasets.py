@@ -40,6 +40,16 @@ DIGIT_NAMES = tuple(str(d) for d in range(10))
 class DataError(ValueError):
     """A data problem; the message names the file, folder or config key and what is wrong."""
 
+    def __init__(self, message: str):
+        # raised in a DataLoader worker (data.num_workers > 0), torch rebuilds it in the main
+        # process from the worker's whole traceback ("Caught DataError in DataLoader worker
+        # process 0. Original Traceback ..."), 35 lines for one truncated image: its last line
+        # is the message, after the class's name
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -253,10 +263,23 @@ def _class_folders(root: str | None) -> tuple[str, ...]:
     # Hidden folders (.ipynb_checkpoints, .cache) are tooling, not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
+        loose = _loose_images(root)
+        # a flat folder of images is how most people keep one: it trains as one class
+        flat = f"; to train on its {len(loose)} images as one class, move them into a subfolder"
         raise DataError(
             f"data.root: folder {root!r} has no class subfolders (root/<class>/<images>)"
+            + (flat if loose else "")
         )
     return tuple(classes)
+
+
+def _loose_images(root: str) -> list[str]:
+    """Image files directly in `root`, beside its class folders: in no class, so not used."""
+    return sorted(
+        e.name
+        for e in os.scandir(root)
+        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
+    )
 
 
 def _image_files(folder: str) -> list[str]:
@@ -348,6 +371,15 @@ def check_image_files(folder: ImageFolder, *, announce: bool = True) -> None:
         # minutes for ImageNet's 1.28M files, more on a network file system: not in silence
         print(
             f"[dit-bench] {folder.root}: checking that its {len(folder):,} files open as images",
+            file=sys.stderr,
+            flush=True,
+        )
+    if announce and (loose := _loose_images(folder.root)):
+        # torchvision's ImageFolder leaves them out too, but without a word: a folder of
+        # photos with one subfolder (thumbnails, rejects) trained on that subfolder alone
+        print(
+            f"[dit-bench] warning: data.root {folder.root}: {len(loose)} images directly in it "
+            f"(e.g. {loose[0]}) are in no class folder and are not used (root/<class>/<images>)",
             file=sys.stderr,
             flush=True,
         )

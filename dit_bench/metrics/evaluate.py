@@ -252,6 +252,39 @@ def reference_images(cfg, device: str | torch.device = "cpu"):
     return decode(xv), yv, train, latent_hash, decode
 
 
+def check_held_out_split(cfg, trained: dict | None, progress: bool = True) -> None:
+    """A folder run's reference is the held-out split of its folder as the folder is now: with
+    files added, removed or renamed since the run trained, that split is another one. By
+    position it is another draw of the whole folder (one image more among 200 moved 7 of 20
+    held-out images into training), so eval would score the run against images it trained on:
+    refused, as a resume is. By name it moved at most as many images as changed: a note.
+    `trained`: the data module's state in the run's checkpoint (None: an older checkpoint)."""
+    if cfg.data.name != "folder" or not trained or trained.get("items_sha256") is None:
+        return
+    from dit_bench.data import load_datasets
+    from dit_bench.data.module import items_sha256
+
+    train, val = load_datasets(cfg.data)
+    if items_sha256(train, val) == trained["items_sha256"]:
+        return
+    changed = (
+        f"data.root {cfg.data.root}: its files changed since the run trained "
+        f"({trained['num_items']} items then, {len(train.dataset)} now, or renamed)"
+    )
+    if cfg.data.split_by != "name":
+        raise ValueError(
+            f"{changed}, so its held-out split (data.split_by=position) is another draw of the "
+            "folder, holding images the run trained on; restore the files as they were to "
+            "evaluate the run"
+        )
+    if progress:
+        print(
+            f"[dit-bench] note: {changed}: the held-out split by name moved at most as many "
+            "images as changed, but its scores are not those of evals made before",
+            file=sys.stderr,
+        )
+
+
 def kid_subset_size(n_fake: int, n_real: int) -> int:
     """Subsets of 1000 (Binkowski et al.), at most half of the smaller set: subsets as large as
     the set would all be the same set, and the std over subsets would read 0."""
@@ -409,6 +442,7 @@ def evaluate_run(
     )
 
     module = load_module(run_dir, request.checkpoint).to(device)
+    check_held_out_split(cfg, module.checkpoint_data, progress)  # before the sampling
     if compile:
         from dit_bench.fast import compile_backbone
 

@@ -90,6 +90,8 @@ class DiffusionModule(L.LightningModule):
         self.cfg = cfg
         self.info = info
         self.checkpoint_step: int | None = None  # the step of the weights `load_module` loaded
+        # the data module's state in that checkpoint (the fingerprint of the files it trained on)
+        self.checkpoint_data: dict | None = None
         self.net = build_net(cfg, info)
         if cfg.train.channels_last:  # before the EMA copy: both keep one layout
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -371,6 +371,7 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
             f"{path} does not fit {run_dir}/config.yaml (was it edited?): {first}"
         ) from None
     module.checkpoint_step = int(ckpt["global_step"])
+    module.checkpoint_data = ckpt.get("DiffusionDataModule")
     # a diverged run's weights (a checkpoint written before train refused them): said now,
     # not after eval has drawn all its samples (10,000 DDPM-250 ones: half an hour of an H100)
     bad = non_finite(ckpt["state_dict"])
