@@ -577,7 +577,9 @@ def _short(summary_path: Path) -> str:
 
     # the run's whole time (validations, grids and the FD after the last step included), then
     # its training loop's: an FD of 256 samples can take longer than a tiny run's steps
-    wall, steps = s.get("wall_seconds") or 0, s.get("train_seconds") or 0
+    wall, steps = s.get("wall_seconds"), s.get("train_seconds") or 0
+    if wall is None:  # resumed from an older version's checkpoint: its earlier time unknown
+        return f"val_loss {summary_val_loss(s)}, training {steps:.0f}s"
     return f"val_loss {summary_val_loss(s)}, {wall:.0f}s, of which training {steps:.0f}s"
 
 

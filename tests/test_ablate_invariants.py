@@ -567,6 +567,10 @@ def test_a_finished_runs_line_gives_its_whole_time_and_its_training_time(tmp_pat
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"val_loss": 0.5, "wall_seconds": 20.4, "train_seconds": 2.2}))
     assert ablate._short(path) == "val_loss 0.50000, 20s, of which training 2s"
+    # a run resumed from an older version's checkpoint (or a summary of one) has no whole
+    # time: not "0s, of which training 2s"
+    path.write_text(json.dumps({"val_loss": 0.5, "wall_seconds": None, "train_seconds": 2.2}))
+    assert ablate._short(path) == "val_loss 0.50000, training 2s"
 
 
 def test_parallel_workers_split_the_cpus_when_threads_are_unset(tmp_path, monkeypatch):

@@ -289,6 +289,27 @@ def test_an_unknown_steady_count_stays_unknown_through_later_checkpoints():
     assert two_fields.steady_known
 
 
+def test_a_checkpoint_from_before_the_wall_clock_leaves_it_unknown_through_later_ones():
+    """A checkpoint of an older version without wall_seconds: the earlier sessions' wall time
+    is unknown, so the summary's is None, not the later sessions' alone (a run of 300 steps
+    resumed at step 90 recorded 11.4 s of wall clock against 12.1 s of training steps). A
+    checkpoint saved before any step was timed had no earlier session to lose."""
+    module = make_module()
+    module.on_load_checkpoint({"train_seconds": 30.0})
+    module.wall_start = time.perf_counter() - 5.0
+    assert module.elapsed_wall_seconds() is None
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = make_module()
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.wall_start = time.perf_counter()
+    assert resumed.elapsed_wall_seconds() is None
+    fresh = make_module()
+    fresh.on_load_checkpoint({"train_seconds": 0.0})
+    fresh.wall_start = time.perf_counter() - 5.0
+    assert 5.0 <= fresh.elapsed_wall_seconds() < 10.0
+
+
 def test_a_checkpoint_without_a_config_hash_loads_one_with_another_does_not():
     module = make_module()
     module.on_load_checkpoint({"train_seconds": 3.0})  # written before hashes were stored

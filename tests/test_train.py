@@ -396,6 +396,7 @@ def test_a_resume_from_before_the_steady_count_has_no_steady_numbers(tmp_path):
     s = write_summary(tmp_path, cfg, module, torch.device("cpu"))
     assert s["steady_img_per_s"] is None and s["warmup_seconds"] is None
     assert s["img_per_s"] == pytest.approx(12 * 8 / 30.0)
+    assert s["wall_seconds"] is None  # nor the wall clock, which the checkpoint did not keep
 
 
 def test_a_run_ends_with_the_data_wait_note_when_there_is_one(tmp_path, monkeypatch, capsys):

@@ -124,8 +124,9 @@ class DiffusionModule(L.LightningModule):
         self.devices: list[str] = []
         # Wall-clock time of the fit, everything included (validation, grids, checkpoints), also
         # over resumes: wall_seconds is the earlier sessions', and this one's runs since
-        # wall_start (run._Timer sets it when training starts).
-        self.wall_seconds = 0.0
+        # wall_start (run._Timer sets it when training starts); None: unknown (a checkpoint of a
+        # version before the wall clock was kept).
+        self.wall_seconds: float | None = 0.0
         self.wall_start: float | None = None
         self.batch_done_at: float | None = None  # when the last batch's hooks had all run
         self._ema_pairs: EmaPairs | None = None  # optimizer_step's, made at the first step
@@ -287,8 +288,11 @@ class DiffusionModule(L.LightningModule):
                 f"finite ones); {self._lr_hint()}"
             )
 
-    def elapsed_wall_seconds(self) -> float:
-        """The fit's wall-clock time so far, earlier sessions of a resumed run included."""
+    def elapsed_wall_seconds(self) -> float | None:
+        """The fit's wall-clock time so far, earlier sessions of a resumed run included; None
+        where an earlier session's is unknown."""
+        if self.wall_seconds is None:
+            return None
         now = time.perf_counter() - self.wall_start if self.wall_start is not None else 0.0
         return self.wall_seconds + now
 
@@ -351,7 +355,11 @@ class DiffusionModule(L.LightningModule):
         self.devices = list(checkpoint.get("devices", []))  # older checkpoints: unknown
         self.last_train_loss = checkpoint.get("last_train_loss")
         self.last_val = dict(checkpoint.get("last_val", {}))
-        self.wall_seconds = checkpoint.get("wall_seconds", 0.0)
+        # an older checkpoint has no wall clock: its sessions' time is unknown, and this
+        # session's alone would read as the whole fit's (less than its train_seconds)
+        self.wall_seconds = checkpoint.get(
+            "wall_seconds", None if checkpoint.get("train_seconds") else 0.0
+        )
         total, count = checkpoint.get("loss_window", (0.0, 0))
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count

@@ -715,7 +715,8 @@ def write_summary(
         "train_flops": training_flops(fwd["flops"], n_img),
         "train_seconds": module.train_seconds,  # steps and data, not evaluation (_Timer)
         "data_seconds": module.data_seconds,
-        # the fit's wall clock, evaluation and checkpoints included, over every session
+        # the fit's wall clock, evaluation and checkpoints included, over every session (None
+        # where a resumed session's checkpoint predates it)
         "wall_seconds": module.elapsed_wall_seconds(),
         "img_per_s": n_img / module.train_seconds if module.train_seconds else None,
         # without each session's first WARMUP_STEPS: what a longer run of this config sustains
