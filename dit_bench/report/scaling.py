@@ -535,23 +535,28 @@ def fit_all(points: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     return out
 
 
+# A text column that keeps a missing value missing: pandas 3's "str" does; on pandas 2 "str" is
+# str() of each value (a fit without parameters had param 'None', an unrecorded setup 'None'),
+# and its nullable text type is "string".
+TEXT = "str" if int(pd.__version__.split(".")[0]) >= 3 else "string"
+
 # fits.csv/.parquet's columns and types, whatever the fits: a report where no fit had enough
 # points (a first look at a small sweep) wrote its value and interval columns as parquet's null
 # type and left out cond, starts_at_best and bootstrap_ok, so reading it with another report's
 # (pd.read_parquet of both, a pyarrow dataset) failed on the cast from string to null.
 FITS_COLUMNS = {
-    "fit": "str",
-    "formula": "str",
-    "param": "str",
+    "fit": TEXT,
+    "formula": TEXT,
+    "param": TEXT,
     "value": float,
     "ci_low": float,
     "ci_high": float,
-    "ci_kind": "str",
-    "status": "str",
-    "detail": "str",
+    "ci_kind": TEXT,
+    "status": TEXT,
+    "detail": TEXT,
     "n_points": int,
     "cond": float,
-    "starts_at_best": "str",
+    "starts_at_best": TEXT,
     "bootstrap_ok": float,
 }
 
@@ -907,15 +912,15 @@ def _steps(r) -> str:
 # What the runs were, beyond the size and patch the sweep varies: without it a report does not
 # say which objective, conditioning, data or seed its losses are of. (config key, as shown)
 SETUP_KEYS = (
-    ("data.name", "data", "str"),
+    ("data.name", "data", TEXT),
     ("data.image_size", "image size", "Int64"),
-    ("objective.name", "objective", "str"),
-    ("objective.prediction", "prediction", "str"),
-    ("backbone.conditioning", "conditioning", "str"),
+    ("objective.name", "objective", TEXT),
+    ("objective.prediction", "prediction", TEXT),
+    ("backbone.conditioning", "conditioning", TEXT),
     ("seed", "seed", "Int64"),
     ("train.batch_size", "batch", "Int64"),
     ("optim.lr", "lr", float),
-    ("train.precision", "precision", "str"),
+    ("train.precision", "precision", TEXT),
 )  # (config key, as shown, its column's type: nullable, an older record may name none)
 
 
