@@ -29,8 +29,9 @@ profiles:                           # how big: cpu (minutes here) and gpu (paper
 A run's config is, in order: base, profile `set`, the variant's keys (the profile's own keys for
 that variant last), `--set` items from the command line, `seed`; `experiment` is
 `<name>-<profile>`. There is no inheritance beyond that one level. The profile's `set` is a
-layer of its own: a variant's `objective.name` or `backbone.name` starts that section afresh
-from it.
+layer of its own: a variant's `objective.name` starts that section afresh from it, and its
+`backbone.name` drops a conditioning scheme the new family lacks (sizes given stay: they
+override whatever preset is named).
 
 Running reuses `train()`: runs are named by config hash, so a finished run is skipped and an
 interrupted one resumes exactly; the ablation adds only `labels.json` (variant, seed, ablation)
@@ -477,6 +478,8 @@ def describe(ab: Ablation, out: str | Path) -> str:
     ]
     if ab.profile_description:
         lines.append(f"  {ab.profile_description.splitlines()[0]}")
+    if ab.overrides:  # the description is the file's: `--set train.steps=100` still read 500
+        lines.append("  with " + " ".join(f"--set {o}" for o in ab.overrides) + " on every run")
     w = max(16, *(len(v) for v in ab.variants))
     lines.append(
         f"{'#':>3}  {'variant':<{w}} {'seed':>4}  {'backbone':<12} {'conditioning':<12} "

@@ -804,7 +804,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     parsed = [(item, *parse_override(item)) for item in overrides]
     given = {tuple(path) for _, path, _ in parsed}
-    for _, path, value in parsed:
+    # Only the name that ends up in the config switches: `objective.name=ddpm` then
+    # `objective.name=flow` on a flow file reset flow's density and shift to the defaults
+    # on the way through DDPM (and `backbone.name=unet-xs` then `dit-s/4` dropped a DiT scheme).
+    last = {tuple(path): i for i, (_, path, _) in enumerate(parsed)}
+    for i, (_, path, value) in enumerate(parsed):
+        if last[tuple(path)] != i:
+            continue
         if len(path) == 2 and path[0] in UNION_SECTIONS and path[1] == "name":
             section = out.get(path[0])
             # a section that leaves out `name` has the default one (objective: ddpm)
@@ -818,11 +824,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 family = PRESETS.get(value, {}).get("family") if isinstance(value, str) else None
                 if family and section["conditioning"] not in CONDITIONINGS[family]:
                     del section["conditioning"]  # BackboneConfig fills in the family's own
+    dotted: dict[str, str] = {}  # section -> the first dotted key given in it
     for item, path, value in parsed:
         # `--set 'train={steps: 5}'` replaced the section: the file's batch_size, val_every,
         # precision ... fell back to the defaults without a word
         if len(path) == 1 and (problem := section_replacement_error(path[0], value, "=")):
             raise ConfigError(f"--set {item!r}: {problem}")
+        # the whole objective after one of its keys replaced that key without a word
+        # (`objective.shift=3` then `objective={name: flow}` trained shift 1)
+        if len(path) == 1 and (before := dotted.get(path[0])):
+            raise ConfigError(
+                f"--set {item!r} replaces the whole {path[0]} section, dropping the "
+                f"{before!r} given before it; give that key after it, or inside it"
+            )
+        if len(path) > 1:
+            dotted.setdefault(path[0], item)
         node = out
         for p in path[:-1]:
             child = node.setdefault(p, {})

@@ -381,8 +381,10 @@ class Sweep:
             f"budget_mode {s.budget_mode}, workers {s.workers}",
             "  budgets (training FLOPs = 3 x forward FLOPs x images): "
             + ", ".join(f"{b:.3g}" for b in s.budgets),
-            "  space:",
         ]
+        if self.overrides:  # on the base of every trial, which the trial lines do not show
+            lines.append("  base with " + " ".join(f"--set {o}" for o in self.overrides))
+        lines.append("  space:")
         for key, entry in s.space.items():
             if isinstance(entry, Choices) and isinstance(entry.choices, dict):
                 desc = "; ".join(
@@ -523,15 +525,22 @@ def load_sweep(
                     bundled.setdefault(k, []).append((name, label, v))
         else:
             searched[name] = name
+    # A profile's `set` is a layer under the space as --set is: a key the trials set was kept
+    # out of every run without a word (`backbone.patch_size: 4` over a space of patches)
+    layers = [
+        (f"profiles.{profile}.set {k}={json.dumps(v)}", "the profile's set", k, v)
+        for k, v in sets.items()
+    ]
     for item in overrides:
         path, value = parse_override(item)
-        key = ".".join(path)
+        layers.append((f"--set {item}", "--set", ".".join(path), value))
+    for where, layer, key, value in layers:
         if key in SET_BY_SWEEP:
-            raise _err(source, f"--set {item}: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
+            raise _err(source, f"{where}: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
         if key in searched:
             raise _err(
                 source,
-                f"--set {item}: {key} is set by each trial (the space's {searched[key]!r}); "
+                f"{where}: {key} is set by each trial (the space's {searched[key]!r}); "
                 "change the space in the sweep file, or copy it",
             )
         # a trial's parameters come after --set: a choice that sets the key to another value
@@ -541,7 +550,7 @@ def load_sweep(
             said = ", ".join(f"{n}={c} sets {v!r}" for n, c, v in other)
             raise _err(
                 source,
-                f"--set {item}: {said}, and a trial's parameters come after --set; change "
+                f"{where}: {said}, and a trial's parameters come after {layer}; change "
                 "those choices in the sweep file, or copy it",
             )
     sweep = Sweep(spec, source, tuple(overrides))

@@ -115,6 +115,17 @@ def test_override_order_base_profile_variant_cli_seed(tmp_path):
     assert parse_seeds("0,1,2") == (0, 1, 2) and parse_seeds("2-4") == (2, 3, 4)
 
 
+def test_the_dry_run_names_the_set_items_beside_the_file_s_description(tmp_path):
+    """The profile's description is the file's ("500 steps x 32 images"): a `--set` that
+    changes what it says, or an eval key no column shows, is named in the listing."""
+    path = write_ablation(tmp_path, profiles={"cpu": {"description": "6 steps", "set": {}}})
+    plain = describe(load_ablation(path, "cpu"), tmp_path / "runs")
+    assert "--set" not in plain
+    sets = ["train.steps=3", "eval.cfg_scale=1"]
+    text = describe(load_ablation(path, "cpu", overrides=sets), tmp_path / "runs")
+    assert "  with --set train.steps=3 --set eval.cfg_scale=1 on every run" in text.splitlines()
+
+
 def test_a_variant_switching_objective_or_family_starts_afresh_from_the_profiles_keys(tmp_path):
     # the profile's keys lie under the variant's: its DDPM schedule and DiT conditioning are
     # not carried into a flow variant or a U-Net variant

@@ -158,6 +158,31 @@ def test_setting_the_objective_a_file_has_keeps_the_file_s_keys(tmp_path):
     assert kept.objective.shift == 3.0  # not reset to the default 1.0 by a no-op switch
 
 
+def test_only_the_last_of_repeated_name_sets_switches(tmp_path):
+    """`--set objective.name=ddpm ... --set objective.name=flow` (a script's default, then the
+    user's) on a flow file is no switch: the file's flow keys stay, where they were reset to
+    flow's defaults on the way through DDPM; likewise a family named on the way."""
+    path = tmp_path / "flow.yaml"
+    path.write_text("objective: {name: flow, density: uniform, shift: 3.0}\n")
+    cfg = load_config(path, ["objective.name=ddpm", "objective.name=flow"])
+    assert cfg.objective == load_config(path).objective
+    raw = {"backbone": {"name": "dit-xs/4", "conditioning": "cross_attn"}}
+    cfg = build_config(raw, ["backbone.name=unet-xs", "backbone.name=dit-ti/4"])
+    assert cfg.backbone.conditioning == "cross_attn"
+    # the last name still switches, as one --set of it does
+    assert (
+        load_config(path, ["objective.name=flow", "objective.name=ddpm"]).objective.name == "ddpm"
+    )
+
+
+def test_a_whole_objective_after_one_of_its_keys_is_refused():
+    # the mapping replaced the section: shift=3 given first trained at shift 1, silently
+    with pytest.raises(ConfigError, match="objective.shift=3' given before it"):
+        load_config(None, ["objective.shift=3", "objective={name: flow, density: uniform}"])
+    after = load_config(None, ["objective={name: flow, density: uniform}", "objective.shift=3"])
+    assert (after.objective.density, after.objective.shift) == ("uniform", 3.0)
+
+
 def test_set_backbone_name_switches_families():
     # the demo names adaln_zero: a family without it takes its own scheme, as the README says
     assert load_config(None, ["backbone.name=unet-xs"]).backbone.conditioning == "adagn"

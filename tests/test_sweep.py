@@ -196,6 +196,40 @@ def test_sweep_errors_name_the_key(tmp_path):
     assert str(e.value).count("trial {") == 1 and "reaches no budget" in str(e.value)
 
 
+def test_a_profile_set_of_a_key_the_trials_set_is_refused_as_a_set_is(tmp_path):
+    """A profile's `set` comes before the trial's parameters as --set does: a key every trial
+    sets (or a choice sets to another value) reached no run, silently, where --set is refused."""
+    some = json.loads(json.dumps(TINY["space"]))
+    some["size"]["choices"]["a"]["train.threads"] = 1
+    for sets, message in (
+        (
+            {"backbone.patch_size": 2},
+            "profiles.cpu.set backbone.patch_size=2: backbone.patch_size is set by each trial",
+        ),
+        ({"backbone.depth": 2}, "profiles.cpu.set backbone.depth=2: .* \\(the space's 'size'\\)"),
+        (
+            {"train.threads": 2},
+            "set train.threads=2: size=a sets 1, and a trial's parameters come after the profile",
+        ),
+    ):
+        path = write_tiny(tmp_path / "p.yaml", space=some, profiles={"cpu": {"set": sets}})
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(path)
+    path = write_tiny(
+        tmp_path / "p.yaml", space=some, profiles={"cpu": {"set": {"train.threads": 1}}}
+    )
+    assert load_sweep(path).base_raw()["train"]["threads"] == 1  # agrees with the choice
+
+
+def test_the_sweep_dry_run_names_the_set_items(tmp_path):
+    # the trial lines show sizes, steps and hashes: a --set on the base (eval.*, the lr) shows
+    # nowhere else
+    path = write_tiny(tmp_path / "s.yaml")
+    assert "--set" not in load_sweep(path).describe()
+    text = load_sweep(path, overrides=["optim.lr=3e-4"]).describe()
+    assert "  base with --set optim.lr=3e-4" in text.splitlines()
+
+
 def test_sweep_numbers_are_finite_and_not_booleans(tmp_path):
     # `budgets: [.inf]` (or 1e400, inf to YAML 1.2) passed `> 0` and the dry run died on an
     # OverflowError; lax mode read `yes`, `on` or `true` as 1 (a budget of 1 FLOP, a 1-step cap)
