@@ -419,9 +419,12 @@ def run_status(
 ) -> tuple[str, Path | None]:
     """'done' (summary.json), 'partial' (a run directory without it) or 'new'. `index`: the
     `run_index` of the experiment's folder, for the status of many runs."""
-    from dit_bench.train.run import find_run_dir
+    if index is None:
+        from dit_bench.train.run import find_run_dir  # Lightning: only where no index is given
 
-    run = find_run_dir(Path(out), cfg) if index is None else index.get(cfg.hash)
+        run = find_run_dir(Path(out), cfg)
+    else:
+        run = index.get(cfg.hash)
     if run is None:
         return "new", None
     return ("done" if (run / "summary.json").exists() else "partial"), run
@@ -445,8 +448,8 @@ def cost(cfg: ExperimentConfig) -> dict[str, Any]:
     (nor needing its latents: `note` says what was assumed in their place)."""
     import torch
 
+    from dit_bench.backbones import build_net
     from dit_bench.data import planned_data_info
-    from dit_bench.train.module import build_net
 
     info, note = planned_data_info(cfg.data)
     with torch.device("meta"):  # shapes and counts only

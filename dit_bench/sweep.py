@@ -854,7 +854,7 @@ def _measure(cfg: ExperimentConfig, info) -> tuple[dict[str, int], int, int | No
     weights: shapes and counts only, on the meta device."""
     import torch
 
-    from dit_bench.train.module import build_net
+    from dit_bench.backbones import build_net
 
     with torch.device("meta"):
         net = build_net(cfg, info)

@@ -214,6 +214,22 @@ def build_backbone(
     return net
 
 
+def build_net(cfg, info) -> nn.Module:
+    """The backbone of an ExperimentConfig `cfg` for data of DataInfo `info`. Here, not in
+    train.module, so that sizing a plan (ablate and sweep's dry runs) does not import
+    Lightning: 6 s of a 13 s `ablate --dry-run` on the 2-core CPU."""
+    b = cfg.backbone
+    return build_backbone(
+        b.name,
+        image_size=info.image_size,
+        in_channels=info.channels,
+        num_classes=info.num_classes,
+        conditioning=b.conditioning,
+        learn_sigma=b.learn_sigma,
+        **{k: getattr(b, k) for k in OVERRIDE_KEYS},
+    )
+
+
 __all__ = [
     "BACKBONES",
     "CONDITIONINGS",
@@ -224,6 +240,7 @@ __all__ = [
     "PRESETS",
     "Cond",
     "build_backbone",
+    "build_net",
     "check_geometry",
     "default_conditioning",
     "geometry_errors",

@@ -102,6 +102,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.items_sha256: str | None = None  # set by setup
+        self.split: tuple[Dataset, Dataset] | None = None  # load_datasets' (train, val), whole
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -109,7 +110,7 @@ class DiffusionDataModule(L.LightningDataModule):
             if isinstance(train.dataset, ImageFolder):
                 # before any training, not an epoch in; said by one process of a run
                 check_image_files(train.dataset, announce=rank_zero_only.rank == 0)
-            self.train_set = train
+            self.train_set, self.split = train, (train, val)
             self.val_set = Subset(val, range(min(self.cfg.eval.val_images, len(val))))
             self.items_sha256 = items_sha256(train, val)
 

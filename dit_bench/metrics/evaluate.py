@@ -216,15 +216,17 @@ class EvalRequest:
 DEFAULT_REQUEST = EvalRequest()
 
 
-def reference_images(cfg, device: str | torch.device = "cpu"):
+def reference_images(cfg, device: str | torch.device = "cpu", split=None):
     """(val images, val labels, train set, latents hash or None, decode or None).
 
     Images in [-1, 1] on the CPU; `decode` turns latents into images with a `latents` run's VAE
-    (data.vae), which runs on `device`.
+    (data.vae), which runs on `device`. `split`: the (train, val) of `load_datasets(cfg.data)`
+    where the caller has it already (a training run's data module), so the data set is not
+    built and a folder not listed a second time.
     """
     from dit_bench.data import load_datasets
 
-    train, val = load_datasets(cfg.data)
+    train, val = split if split is not None else load_datasets(cfg.data)
     xv, yv = dataset_tensors(val)
     if cfg.data.name != "latents":
         return xv, yv, train, None, None

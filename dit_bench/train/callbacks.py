@@ -500,7 +500,11 @@ class FrechetDistanceMetric(L.Callback):
             self._net = load_feature_net(self.features, device=pl_module.device)
             if rank == 0:  # the reference: rank 0 alone scores
                 # latents: the held-out latents and the samples are scored as decoded images
-                images, _, _, data_hash, self._decode = reference_images(self.cfg, pl_module.device)
+                # the data module's split: the same images, without building the data set again
+                split = getattr(getattr(trainer, "datamodule", None), "split", None)
+                images, _, _, data_hash, self._decode = reference_images(
+                    self.cfg, pl_module.device, split
+                )
                 self._ref = reference_stats(images, self._net, data_hash=data_hash)
             elif self.cfg.data.name == "latents":  # the run's decoder, cached (run.to_images)
                 from dit_bench.train.run import to_images

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from dit_bench.backbones import OVERRIDE_KEYS, Cond, build_backbone
+from dit_bench.backbones import Cond, build_net
 from dit_bench.data import DataError, DataInfo
 from dit_bench.fast import (
     EmaPairs,
@@ -41,19 +41,6 @@ VAL_NOISE_SEED = 10_000
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-def build_net(cfg, info: DataInfo) -> nn.Module:
-    b = cfg.backbone
-    return build_backbone(
-        b.name,
-        image_size=info.image_size,
-        in_channels=info.channels,
-        num_classes=info.num_classes,
-        conditioning=b.conditioning,
-        learn_sigma=b.learn_sigma,
-        **{k: getattr(b, k) for k in OVERRIDE_KEYS},
-    )
 
 
 def build_objective_from(cfg):
