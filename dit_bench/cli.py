@@ -76,7 +76,9 @@ def cmd_sample(args) -> int:
     from dit_bench.metrics.evaluate import check_finite_samples, check_sampling, generate
     from dit_bench.train.run import GRID_MAX_CLASSES, load_module, save_grid, to_images
 
-    module = load_module(Path(args.run_dir), args.checkpoint)
+    device = _device(args.device)  # before the checkpoint's seconds of loading
+    # on eval's device: a GPU's sampling ran on the CPU (sample alone kept load_module's)
+    module = load_module(Path(args.run_dir), args.checkpoint).to(device)
     e = module.cfg.eval
     info = module.info
     if args.labels:
@@ -158,9 +160,10 @@ def cmd_sample(args) -> int:
         cfg_scale=cfg_scale,
         use_ema=use_ema,
         batch_size=module.cfg.train.batch_size,
-        progress=args.n > module.cfg.train.batch_size,
+        progress=args.n > module.cfg.train.batch_size and not args.quiet,
     )
-    images = to_images(module.cfg, images)
+    # latents are decoded on their tensor's device (to_images): the sampling one, not the CPU
+    images = to_images(module.cfg, images.to(device)).cpu()
     where = f"{args.run_dir} (step {module.checkpoint_step})"
     check_finite_samples(images, where, "No grid is drawn from them")
     # one class a column: the --labels given (they repeat along the rows), else every class up
@@ -200,7 +203,12 @@ def cmd_eval(args) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the sampling
     record = evaluate_run(
-        args.run_dir, request, output=args.output, progress=not args.quiet, compile=args.compile
+        args.run_dir,
+        request,
+        output=args.output,
+        device=_device(args.device),
+        progress=not args.quiet,
+        compile=args.compile,
     )
     p = record["protocol"]
     print(
@@ -241,7 +249,8 @@ def cmd_encode_latents(args) -> int:
         flip=args.flip,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        device=args.device or ("cuda" if _cuda() else "cpu"),  # not at parse time: see main
+        device=_device(args.device),  # not at parse time: see main
+        progress=not args.quiet,
     )
     print(
         f"{manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
@@ -487,10 +496,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _cuda() -> bool:
+def _device(name: str) -> str:
+    """A --device of sample, eval and encode-latents (parsed by `device`): auto is a CUDA GPU
+    where torch sees one, else the CPU; a GPU torch does not see is refused in a line (torch's
+    own error was a traceback)."""
     import torch
 
-    return torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu":
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            seen = torch.cuda.device_count()
+            raise ValueError(
+                f"--device {name}: torch {torch.__version__} sees "
+                + (f"{seen} GPU{'s' * (seen > 1)} (cuda:0..cuda:{seen - 1})" if seen else "no GPU")
+            )
+    return name
+
+
+def device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N, as bench's --device takes them (encode-latents
+    took no auto, and a typo reached torch)."""
+    kind, colon, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+DEVICE_HELP = (
+    "auto | cpu | cuda | cuda:N (default: auto, a CUDA GPU where torch sees one, else cpu)"
+)
 
 
 def add_compile_flag(sp: argparse.ArgumentParser) -> None:
@@ -563,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
+        "--quiet",  # eval's and bench's name for it
         action="store_true",
         help="no progress: neither the bar (a terminal) nor the lines (elsewhere; every "
         "$DIT_BENCH_PROGRESS_EVERY seconds, 30 by default)",
@@ -583,7 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
         "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png; an unfinished run's last.ckpt: "
         "-step<step> in place of -<checkpoint>)",
     )
-    sp.add_argument("--n", type=positive, default=64, help="number of samples")
+    # --num-samples: eval's name for it (`eval --n` is accepted too)
+    sp.add_argument(
+        "--n", "--num-samples", type=positive, default=64, help="number of samples (default 64)"
+    )
     sp.add_argument(
         "--labels",
         help="comma-separated class labels (indices of the sorted class names), cycled "
@@ -611,8 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample the EMA weights; --no-ema: the raw ones (default: eval.use_ema, as the "
         "run's own grids)",
     )
-    sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
+    sp.add_argument(
+        "--checkpoint",
+        default="last.ckpt",
+        help="file under checkpoints/, e.g. step=0002000.ckpt (default: last.ckpt)",
+    )
     add_compile_flag(sp)
+    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    # every command that prints progress takes both spellings: eval's and train's
+    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser(
@@ -628,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--num-samples",
+        "--n",  # sample's name for it: `eval --n` was argparse's "ambiguous option"
         type=positive,
         help="samples to generate (default: the held-out set's size)",
     )
@@ -638,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="sample the EMA weights (default: eval.use_ema)",
+        help="sample the EMA weights; --no-ema: the raw ones (default: eval.use_ema)",
     )
     sp.add_argument(
         "--features",
@@ -656,21 +704,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=positive,
         default=250,
-        help="sampling batch (changes results by float rounding only)",
+        help="sampling batch (changes results by float rounding only; default 250)",
     )
     sp.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="0..4293; sample i is seeded with (seed * 1000003 + i) mod 2**32",
+        help="0..4293; sample i is seeded with (seed * 1000003 + i) mod 2**32 (default 0)",
     )
-    sp.add_argument("--checkpoint", default="last.ckpt", help="file under checkpoints/")
+    sp.add_argument(
+        "--checkpoint",
+        default="last.ckpt",
+        help="file under checkpoints/, e.g. step=0002000.ckpt (default: last.ckpt)",
+    )
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
     add_compile_flag(sp)
     sp.add_argument(
         "-o", "--output", type=home_path, help="JSON to write (default: RUN_DIR/eval.json)"
     )
-    sp.add_argument("--quiet", action="store_true", help="no progress messages")
+    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    # --no-progress: train's, ablate's and sweep's name for it
+    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser(
@@ -686,11 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-size", type=positive, required=True, help="pixel side, e.g. 256")
     sp.add_argument("--out", type=home_path, required=True, help="shard folder to write")
     sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
-    sp.add_argument("--shard-size", type=positive, default=4096, help="latents per shard")
+    sp.add_argument(
+        "--shard-size", type=positive, default=4096, help="latents per shard (default 4096)"
+    )
     sp.add_argument(
         "--batch-size", type=positive, default=32, help="images a VAE encode call (default 32)"
     )
-    sp.add_argument("--device", help="e.g. cuda:1 (default: cuda where torch sees a GPU, else cpu)")
+    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_encode_latents)
 
     sp = sub.add_parser("info", help="params, MACs and tokens of backbone presets")
@@ -721,11 +778,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", help="ablation file, e.g. ablations/conditioning.yaml")
     sp.add_argument("--profile", default="cpu", help="profile of the file (default: cpu)")
     sp.add_argument("--seeds", help="seeds to run, e.g. 0,1,2 or 0-4 (default: the file's)")
-    sp.add_argument("--jobs", type=positive, default=1, help="runs trained at once (processes)")
+    sp.add_argument(
+        "--jobs",
+        "--workers",  # sweep's name for its processes
+        type=positive,
+        default=1,
+        help="runs trained at once (processes; default 1)",
+    )
     sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
     sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
+        "--quiet",  # eval's and bench's name for it
         action="store_true",
         help="no per-run progress (a bar; lines naming the run with --jobs or off a terminal)",
     )
@@ -753,7 +817,12 @@ def build_parser() -> argparse.ArgumentParser:
         "else sqlite:///OUT/<name>-<profile>/study.db). Keep a password off the command line, "
         "which other users see (ps): in $DIT_BENCH_STORAGE, $PGPASSWORD or ~/.pgpass",
     )
-    sp.add_argument("--workers", type=positive, help="local worker processes (default: the file's)")
+    sp.add_argument(
+        "--workers",
+        "--jobs",  # ablate's name for its processes
+        type=positive,
+        help="local worker processes (default: the file's)",
+    )
     sp.add_argument(
         "--n-trials", type=positive, help="trials in the study (grid: the first N points)"
     )
@@ -761,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
     sp.add_argument(
         "--no-progress",
+        "--quiet",  # eval's and bench's name for it
         action="store_true",
         help="no per-trial progress (a bar; lines naming the trial with several workers or "
         "off a terminal)",
@@ -801,7 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--image-size", type=positive, default=32, help="input side (default 32)")
     sp.add_argument("--channels", type=positive, default=4, help="input channels (default 4)")
-    sp.add_argument("--batch", type=positive, default=64, help="training batch (default 64)")
+    # --batch-size: eval's and encode-latents' name for a batch
+    sp.add_argument(
+        "--batch", "--batch-size", type=positive, default=64, help="training batch (default 64)"
+    )
     sp.add_argument("--num-classes", type=positive, default=1000, help="classes (default 1000)")
     sp.add_argument(
         "--precision",
@@ -844,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time 250-step DDPM and 50-step guided Euler sampling (default: on)",
     )
     sp.add_argument("--sample-batch", type=positive, default=16, help="sampling batch (default 16)")
-    sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    # no `device` type: BenchConfig's own check says why another kind (mps) is not timed
+    sp.add_argument("--device", default="auto", help=DEVICE_HELP)
     sp.add_argument("--threads", type=positive, help="torch CPU threads")
     sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
     sp.add_argument(
@@ -854,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write one CSV row per implementation (and, when sampling, one per "
         "implementation and sampler to PATH's stem + '-sampling')",
     )
-    sp.add_argument("--quiet", action="store_true", help="no progress messages")
+    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
     sp.set_defaults(func=cmd_bench)
     return p
 

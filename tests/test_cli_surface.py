@@ -20,7 +20,7 @@ SURFACE = {
     "sample": {
         "run_dir",
         "--output",
-        "--n",
+        "--num-samples",
         "--labels",
         "--sampler",
         "--steps",
@@ -30,6 +30,8 @@ SURFACE = {
         "--no-ema",
         "--checkpoint",
         "--compile",
+        "--device",
+        "--no-progress",
     },
     "eval": None,  # checked for presence only below (many metric options)
     "encode-latents": {
@@ -41,6 +43,7 @@ SURFACE = {
         "--shard-size",
         "--batch-size",
         "--device",
+        "--no-progress",
     },
     "info": None,
     "ablate": None,
@@ -65,6 +68,11 @@ def options(sp: argparse.ArgumentParser) -> set[str]:
     return out
 
 
+def spellings(sp: argparse.ArgumentParser) -> set[str]:
+    """Every option string, aliases included: a documented flag stays whatever else spells it."""
+    return {o for a in sp._actions for o in a.option_strings}
+
+
 def test_subcommands_are_frozen():
     assert set(subcommands()) == set(SURFACE)
 
@@ -78,11 +86,13 @@ def test_core_options_are_frozen():
 
 def test_design_flags_exist():
     subs = subcommands()
-    assert {"--metrics", "--features", "--num-samples", "--compile"} <= options(subs["eval"])
-    assert {"--profile", "--seeds", "--jobs", "--dry-run", "--set"} <= options(subs["ablate"])
-    assert {"--profile", "--storage", "--workers", "--n-trials", "--set"} <= options(subs["sweep"])
-    assert {"--json", "--list"} <= options(subs["info"])
-    assert {"--compile", "--against", "--json", "--precision"} <= options(subs["bench"])
+    assert {"--metrics", "--features", "--num-samples", "--compile"} <= spellings(subs["eval"])
+    assert {"--profile", "--seeds", "--jobs", "--dry-run", "--set"} <= spellings(subs["ablate"])
+    assert {"--profile", "--storage", "--workers", "--n-trials", "--set"} <= spellings(
+        subs["sweep"]
+    )
+    assert {"--json", "--list"} <= spellings(subs["info"])
+    assert {"--compile", "--against", "--json", "--precision"} <= spellings(subs["bench"])
 
 
 def test_version_is_the_installed_packages(capsys):
@@ -388,3 +398,83 @@ sys.exit(cli.main())
     )
     assert proc.stderr == "\ndit-bench: interrupted; run the same command again to start over\n"
     assert proc.returncode == -signal.SIGINT
+
+
+def test_one_concept_has_one_flag_in_every_command():
+    # a user moving between commands types the spelling the last one taught: `eval --n 500`
+    # (sample's) was argparse's "ambiguous option: --n could match --num-samples, --no-ema,
+    # --no-anchors", `bench --batch-size` (eval's) and `eval --no-progress` (train's) unknown
+    parse = build_parser().parse_args
+    assert parse(["eval", "run", "--n", "500"]).num_samples == 500
+    assert parse(["eval", "run", "--num-samples", "500"]).num_samples == 500
+    assert parse(["sample", "run", "--num-samples", "8"]).n == 8
+    assert parse(["sample", "run", "--n", "8"]).n == 8
+    assert parse(["bench", "--batch-size", "8"]).batch == 8
+    assert parse(["bench", "--batch", "8"]).batch == 8
+    latents = ["encode-latents", "--vae", "v", "--data", "shapes", "--image-size", "8"]
+    for argv in (["sample", "run"], ["eval", "run"], [*latents, "--out", "o"], ["bench"]):
+        assert parse([*argv, "--no-progress"]).quiet and parse([*argv, "--quiet"]).quiet
+    assert parse(["ablate", "a.yaml", "--workers", "2"]).jobs == 2  # sweep's word
+    assert parse(["sweep", "s.yaml", "--jobs", "2"]).workers == 2  # ablate's
+    for argv in (["train"], ["ablate", "a.yaml"], ["sweep", "s.yaml"]):
+        assert parse([*argv, "--no-progress"]).no_progress and parse([*argv, "--quiet"]).no_progress
+    for argv in (["sample", "run"], ["eval", "run"], [*latents, "--out", "o"], ["bench"]):
+        assert parse(argv).device == "auto", argv  # bench's word for it, everywhere
+        assert parse([*argv, "--device", "cuda:1"]).device == "cuda:1", argv
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "encode-latents"])
+def test_a_device_that_is_no_device_is_refused_as_it_is_parsed(command, capsys):
+    argv = {"encode-latents": ["--vae", "v", "--data", "shapes", "--image-size", "8"]}
+    argv = [command, *argv.get(command, ["run"])] + ["--out", "o"] * (command == "encode-latents")
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--device", "gpu"])
+    assert e.value.code == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+def test_every_option_with_a_default_names_it():
+    # `sample --n` said "number of samples", not that it draws 64; eval's --batch-size,
+    # --seed and --checkpoint, ablate --jobs, encode-latents --shard-size likewise
+    for name, sp in subcommands().items():
+        for a in sp._actions:
+            if a.default is None or a.default is False or isinstance(a, argparse._HelpAction):
+                continue
+            assert "default" in a.help, (name, a.option_strings, a.default)
+
+
+def test_sample_and_eval_run_on_the_gpu_torch_sees(monkeypatch, capsys):
+    # sample kept load_module's CPU module where eval moved it to the GPU: a DiT-XL/2 grid on
+    # a GPU machine was drawn on its CPU
+    import torch
+
+    from dit_bench import cli
+    from dit_bench.metrics import evaluate
+    from dit_bench.train import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    moved = []
+
+    class Module:
+        def to(self, device):
+            moved.append(device)
+            raise KeyboardInterrupt  # where it samples is all this test needs
+
+    def evaluate_run(run_dir, request, device=None, **kwargs):
+        moved.append(device)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "load_module", lambda run_dir, checkpoint: Module())
+    monkeypatch.setattr(evaluate, "evaluate_run", evaluate_run)
+    for argv in (["sample", "run"], ["eval", "run"]):
+        assert cli.main(argv) == 130
+        assert cli.main([*argv, "--device", "cuda:1"]) == 130
+        assert cli.main([*argv, "--device", "cpu"]) == 130
+    assert moved == ["cuda", "cuda:1", "cpu"] * 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    capsys.readouterr()
+    assert cli.main(["sample", "run", "--device", "cuda"]) == 2
+    assert "dit-bench: --device cuda: torch" in capsys.readouterr().err
+    assert cli.main(["eval", "run", "--device", "cuda:2"]) == 2
+    assert capsys.readouterr().err.endswith("sees no GPU\n")

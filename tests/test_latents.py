@@ -302,6 +302,12 @@ def test_train_on_latents_and_decode_samples(vae_dir, image_folder, tmp_path):
     assert grid.mode == "RGB" and grid.size[0] > 2 * 32  # decoded 32x32 images, 2 per row
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_loss"] > 0 and summary["val_FD-shapes-net"] > 0
+    # `dit-bench sample` decodes on the sampling device (here the CPU) as the run's grids do
+    from dit_bench.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "-o", str(out)]) == 0
+    assert Image.open(out).size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # two decoded 32x32 images
     with pytest.raises(ConfigError, match="eval.fd_every on latents needs data.vae"):
         build_config(None, [s for s in cfg_sets if not s.startswith("data.vae")])
 
