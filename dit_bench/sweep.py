@@ -509,6 +509,7 @@ def load_sweep(
     given = {"experiment"} & set(base) | {"train.steps"} & {
         f"train.{k}" for k in base.get("train", {})
     }
+    given -= set(sets)  # the profile's: named as its own below, not as the file's `base:`
     for key in sorted(given):
         raise _err(source, f"base: {key} is set by the sweep ({SET_BY_SWEEP[key]})")
     # the keys every trial's parameters set: a --set of one would reach no run (a key only

@@ -211,6 +211,8 @@ def test_a_profile_set_of_a_key_the_trials_set_is_refused_as_a_set_is(tmp_path):
             {"train.threads": 2},
             "set train.threads=2: size=a sets 1, and a trial's parameters come after the profile",
         ),
+        # named as the profile's, not as the file's `base:` (which has no train.steps)
+        ({"train.steps": 5}, "profiles.cpu.set train.steps=5: train.steps is set by the sweep"),
     ):
         path = write_tiny(tmp_path / "p.yaml", space=some, profiles={"cpu": {"set": sets}})
         with pytest.raises(ConfigError, match=message):

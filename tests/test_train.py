@@ -1202,17 +1202,28 @@ def test_a_folder_whose_files_changed_is_not_resumed_on_another_split(tmp_path):
 
 def test_eval_of_a_folder_run_whose_files_changed_is_refused_by_position(tmp_path, monkeypatch):
     # one image added after training: by position the held-out split is another draw of the
-    # folder, holding training images; eval scored the run against them without a word
-    from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
+    # folder, holding training images; eval scored the run against them without a word. The
+    # check lists the folder once with the reference, and refuses before the reference's
+    # features (it listed every file twice, and refused after them)
+    from dit_bench.data import datasets
+    from dit_bench.metrics import evaluate
 
     monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
     root, cfg, run = interrupted_folder_run(tmp_path)
+    built, scored = [], []
+    full_dataset, reference_stats = datasets.full_dataset, evaluate.reference_stats
+    monkeypatch.setattr(datasets, "full_dataset", lambda cfg: built.append(1) or full_dataset(cfg))
+    monkeypatch.setattr(
+        evaluate, "reference_stats", lambda *a, **k: scored.append(1) or reference_stats(*a, **k)
+    )
     Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "dog" / "new.png")
-    request = EvalRequest(metrics=("fd",), num_samples=2, steps=2, features="mnist-net")
+    request = evaluate.EvalRequest(metrics=("fd",), num_samples=2, steps=2, features="mnist-net")
     with pytest.raises(ValueError, match=r"changed since the run trained \(8 items then, 9 now"):
-        evaluate_run(run, request, progress=False)
+        evaluate.evaluate_run(run, request, progress=False)
+    assert (len(built), scored) == (1, [])
     (root / "dog" / "new.png").unlink()
-    assert evaluate_run(run, request, progress=False)["metrics"]["FD-mnist-net"] >= 0
+    assert evaluate.evaluate_run(run, request, progress=False)["metrics"]["FD-mnist-net"] >= 0
+    assert (len(built), len(scored)) == (2, 1)
 
 
 def test_a_folder_split_by_name_that_grew_is_evaluated_with_a_note(tmp_path, capsys):

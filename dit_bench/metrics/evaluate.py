@@ -254,19 +254,20 @@ def reference_images(cfg, device: str | torch.device = "cpu", split=None):
     return decode(xv), yv, train, latent_hash, decode
 
 
-def check_held_out_split(cfg, trained: dict | None, progress: bool = True) -> None:
+def check_held_out_split(cfg, trained: dict | None, progress: bool = True, split=None) -> None:
     """A folder run's reference is the held-out split of its folder as the folder is now: with
     files added, removed or renamed since the run trained, that split is another one. By
     position it is another draw of the whole folder (one image more among 200 moved 7 of 20
     held-out images into training), so eval would score the run against images it trained on:
     refused, as a resume is. By name it moved at most as many images as changed: a note.
-    `trained`: the data module's state in the run's checkpoint (None: an older checkpoint)."""
+    `trained`: the data module's state in the run's checkpoint (None: an older checkpoint);
+    `split`: the (train, val) of `load_datasets(cfg.data)` where the caller has it already."""
     if cfg.data.name != "folder" or not trained or trained.get("items_sha256") is None:
         return
     from dit_bench.data import load_datasets
     from dit_bench.data.module import items_sha256
 
-    train, val = load_datasets(cfg.data)
+    train, val = split if split is not None else load_datasets(cfg.data)
     if items_sha256(train, val) == trained["items_sha256"]:
         return
     changed = (
@@ -344,7 +345,7 @@ def evaluate_run(
     `compile`: torch.compile the sampled backbone first. How the samples are computed, not
     what they are (up to float rounding), so it is not part of the request or protocol;
     `sample_seconds` then includes the compile."""
-    from dit_bench.data import data_info
+    from dit_bench.data import data_info, load_datasets
     from dit_bench.train.run import git_commit, load_module, load_run_config, package_versions
 
     t0 = time.perf_counter()
@@ -410,9 +411,14 @@ def evaluate_run(
         if progress:
             print(f"[dit-bench] {msg}", file=sys.stderr, flush=True)
 
+    module = load_module(run_dir, request.checkpoint)  # on the CPU until the sampling
+    # one listing of a folder for the split check and the reference; the check before the
+    # reference's features (10,000 held-out images through Inception), not after them
+    split = load_datasets(cfg.data)
+    check_held_out_split(cfg, module.checkpoint_data, progress, split)
     if cfg.data.name == "latents":
         say("reference: decoding the held-out latents")
-    ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device)
+    ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device, split)
     # before any features: every metric fits statistics of the held-out images
     held_out = f"the held-out split has {len(ref_x)} images (data.val_fraction)"
     check_sample_count(("fd",), len(ref_x), held_out)
@@ -443,8 +449,7 @@ def evaluate_run(
         data_info(cfg.data).class_names
     )
 
-    module = load_module(run_dir, request.checkpoint).to(device)
-    check_held_out_split(cfg, module.checkpoint_data, progress)  # before the sampling
+    module = module.to(device)
     if compile:
         from dit_bench.fast import compile_backbone
 
