@@ -772,7 +772,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         check_geometry(resolve_preset(name), cfg.image_size)
     name_dev = device_name(device)
     key = peak_key(cfg.precision, device, cfg.tf32)
-    with allow_tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext():
+    # each backbone is seeded (make_ours): in the caller's generator, that reset a notebook's
+    # or script's random numbers to those of cfg.seed after a benchmark
+    with (
+        allow_tf32(cfg.tf32) if device.type == "cuda" else contextlib.nullcontext(),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
         _log(progress, f"matmul peak on {name_dev} ({key})")
         mm = matmul_peak(device, cfg.precision)
         sheet = datasheet_peak(name_dev, key) if device.type == "cuda" else None

@@ -1711,6 +1711,22 @@ def _worker_main(
 NO_ROOM_EXIT = 2  # a worker stopped by a full disk (a user error's exit status, as commands')
 
 
+@contextlib.contextmanager
+def _optuna_settings_kept():
+    """Optuna's verbosity and warning filters, the caller's again when a sweep run from a
+    notebook or script returns: set for good (WARNING; its experimental warnings ignored),
+    the caller's own studies after it logged no trial lines and hid those warnings."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+@_optuna_settings_kept()
 def run_sweep(
     sweep: Sweep,
     out: str | Path = "runs",

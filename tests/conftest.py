@@ -153,3 +153,27 @@ def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
                 if b[0] < a[1]:
                     pairs.append((text_a, text_b))
     return pairs
+
+
+@pytest.fixture
+def callers_matplotlib():
+    """A notebook's matplotlib, as a report built from it must leave it: its own backend (not
+    Agg), matplotlib's default style, a figure of its own open. Returns a function that reads
+    that state; the test's matplotlib is restored after it."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    def state() -> dict:
+        rc = {k: v for k, v in matplotlib.rcParams.items() if k != "backend"}
+        return {"backend": matplotlib.get_backend(), "figures": plt.get_fignums(), "rc": rc}
+
+    backend = matplotlib.get_backend()
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        plt.switch_backend("svg")
+        plt.figure()
+        try:
+            yield state
+        finally:
+            plt.close("all")
+            plt.switch_backend(backend)

@@ -21,6 +21,16 @@ TINY = dict(image_size=8, channels=2, batch=2, num_classes=10, warmup=1, repeats
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_run_bench_leaves_the_callers_random_numbers_alone():
+    # From a notebook: the backbones' seeding reset the caller's generator to cfg.seed's
+    cfg = bench.BenchConfig(backbones=("dit-xs/4",), device="cpu", sample=False, **TINY)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    bench.run_bench(cfg)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_run_bench_reports_throughput_mfu_memory_and_sampling():
     cfg = bench.BenchConfig(
         backbones=("dit-xs/4",),

@@ -388,6 +388,16 @@ def test_an_inception_file_in_tmp_named_by_the_environment_is_the_user_s_choice(
         find_inception()  # not named: the shared default, skipped
 
 
+def test_loading_a_feature_net_leaves_the_callers_random_numbers_alone(cache):
+    # its initial weights, replaced by the file's, were drawn from the caller's generator (so
+    # an eval moved a notebook's seeded numbers)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_feature_net("digits-net", progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_feature_names():
     assert default_features("mnist") == "mnist-net"
     assert default_features("digits") == "digits-net"

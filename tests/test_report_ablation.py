@@ -483,6 +483,15 @@ def test_the_final_metric_figure_is_the_same_file_each_time(tmp_path):
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
 
 
+def test_a_report_leaves_the_callers_matplotlib_as_it_found_it(tmp_path, callers_matplotlib):
+    # From a notebook: the report switched the backend to Agg (the caller's plt.show() then
+    # showed nothing) and set seaborn's theme for every later figure of the caller's
+    before = callers_matplotlib()
+    build_report(make_source(tmp_path), tmp_path / "report")
+    assert (tmp_path / "report" / "final_val_loss.png").is_file()
+    assert callers_matplotlib() == before
+
+
 def test_a_final_value_that_is_not_finite_stays_missing_not_an_earlier_one(tmp_path, no_figures):
     """summary.json writes a non-finite final value as null; metrics.csv logs it as nan. Either
     way the run diverged: its final value is missing, never an earlier finite evaluation."""

@@ -86,6 +86,16 @@ def test_report_from_a_runs_folder(tmp_path):
                        * pts["macs"] * 2)  # fmt: skip
 
 
+def test_a_report_leaves_the_callers_matplotlib_as_it_found_it(tmp_path, callers_matplotlib):
+    # From a notebook: the report switched the backend to Agg (the caller's plt.show() then
+    # showed nothing) and set seaborn's theme for every later figure of the caller's
+    fake_sweep(tmp_path / "runs")
+    before = callers_matplotlib()
+    scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    assert (tmp_path / "report" / "isoflop.png").is_file()
+    assert callers_matplotlib() == before
+
+
 def test_the_report_says_what_its_runs_trained_and_which_setting_differs(tmp_path):
     """Which objective, conditioning, data and seed the losses are of: the trial records name
     them (`setup`), or, for records of sweeps that kept none, each run's config.yaml."""
@@ -355,6 +365,21 @@ def _study_of_fake_sweep(tmp_path):
             trial.set_user_attr(key, value)
         study.tell(trial, 1.0)
     return db, study
+
+
+def test_a_report_from_a_study_leaves_the_callers_optuna_verbosity(tmp_path):
+    # From a notebook: after a report of a study, Optuna stayed at WARNING and the user's own
+    # studies logged no trial lines
+    import optuna
+
+    db, _ = _study_of_fake_sweep(tmp_path)
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        scaling.build_report(f"sqlite:///{db}", tmp_path / "report", n_boot=2)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def test_a_report_from_a_study_reads_each_study_once(tmp_path, monkeypatch):

@@ -652,6 +652,23 @@ def test_a_postgres_url_as_hosted_databases_give_it_opens_with_psycopg():
     assert engine_url(spelled) == spelled
 
 
+def test_a_sweep_leaves_the_callers_optuna_settings_as_it_found_them(tmp_path):
+    # From a notebook: after a sweep Optuna stayed at WARNING (the user's own studies logged no
+    # trial lines) and its experimental warnings stayed ignored
+    import warnings
+
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        filters = list(warnings.filters)
+        run_sweep(load_sweep(write_tiny(tmp_path / "t.yaml")), tmp_path / "runs", n_trials=1,
+                  workers=1, progress=False)  # fmt: skip
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        assert warnings.filters == filters
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
     space = {**TINY["space"], "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}
     path = write_tiny(tmp_path / "t.yaml", space=space, sampler="tpe", n_trials=3,

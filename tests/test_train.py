@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -975,6 +976,17 @@ def test_only_the_first_process_of_a_job_makes_the_run_directory(monkeypatch, en
     assert (_launch_rank() == 0) == zero
 
 
+def test_load_module_leaves_the_callers_random_numbers_alone(tmp_path):
+    # the module's initial weights, replaced by the checkpoint's, were drawn from the caller's
+    # generator: a notebook's seeded numbers after a load (or an eval) were others
+    run = train(tiny("train.steps=2"), tmp_path, progress=False)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_module(run)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_pixel_samples_are_clamped_to_the_data_range(tmp_path):
     from dit_bench.train.run import sample_images
 
@@ -1437,6 +1449,7 @@ def process_settings() -> dict:
         "cudnn benchmark": torch.backends.cudnn.benchmark,
         "env": {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED")},
         "random": (torch.randn(3).tolist(), np.random.rand(), random.random()),
+        "warnings": list(warnings.filters),
     }
 
 
@@ -1445,7 +1458,8 @@ def test_train_leaves_the_callers_process_settings_as_it_found_them(tmp_path, mo
     # From a notebook: Lightning's deterministic mode left on refused the user's own put_ (and
     # on CUDA index_add_, scatter_add_...) and NaN-filled every torch.empty; train.threads=1
     # stuck, so the next run without it trained (and said so in its summary) on 1 thread; and
-    # the user's random numbers after a run were the run's seed's
+    # the user's random numbers after a run were the run's seed's; and the run's warning
+    # filters hid Lightning's eval-mode warning from the user's own Lightning runs
     import random
 
     import numpy as np

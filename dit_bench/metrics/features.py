@@ -323,7 +323,8 @@ class SmallFeatureNet(FeatureNet):
         spec = SMALL_NETS[name]
         path = ensure_small_net(name, progress=progress)
         self.name, self.spec, self.device = name, spec, torch.device(device)
-        self.net = SmallNet(spec.channels)
+        with torch.random.fork_rng(devices=[]):  # initial weights, replaced: not the caller's
+            self.net = SmallNet(spec.channels)
         try:
             state = load_file(str(path))
         except Exception as e:

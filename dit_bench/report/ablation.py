@@ -34,7 +34,7 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 from dit_bench.files import read_record, write_text_atomic
-from dit_bench.report.axes import readable_log_ticks
+from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
     LEVEL,
@@ -171,14 +171,9 @@ def final_values(table: pd.DataFrame, long: pd.DataFrame, metrics: list[str]) ->
 
 # -- figures ------------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
+    return agg_figure, sns
 
 
 def curve_bands(data: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -242,6 +237,7 @@ def wrap(text: str, chars: int) -> str:
     )
 
 
+@figure_theme()
 def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -> bool:
     """The curves figure of `metric`; False, and no figure, where no run logged a value of it:
     a summary.json key (train_seconds) has a final value and no curve, and seaborn, drawing
@@ -250,7 +246,7 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     if not data["value"].notna().any():
         path.unlink(missing_ok=True)  # an earlier report's figure would pass for this one's
         return False
-    plt, sns = _plt()
+    figure, sns = _plt()
     styles = variant_styles(order, sns.color_palette())
     palette = {v: c for v, (c, _, _) in styles.items()}
     # a variant that never logged this metric (FD in an evaluation-free variant) would get a
@@ -261,7 +257,8 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     ncol = max(1, math.ceil(len(shown) / LEGEND_ROWS))
     legend_w = ncol * (0.07 * max(map(len, shown), default=0) + 0.7)
     height = max(4.2, 0.19 * min(len(shown), LEGEND_ROWS) + 1.6)
-    fig, axes = plt.subplots(1, 2, figsize=(12 + legend_w, height), sharey=True)
+    fig = figure(figsize=(12 + legend_w, height))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, x, label in (
         (axes[0], "step", "training steps"),
         (axes[1], "train_flops", "training FLOPs (3 x forward x images)"),
@@ -304,13 +301,14 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
+@figure_theme()
 def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
-    plt, sns = _plt()
-    fig, ax = plt.subplots(figsize=(max(7, 5 + label_width(order)), 0.5 * len(order) + 2))
+    figure, sns = _plt()
+    fig = figure(figsize=(max(7, 5 + label_width(order)), 0.5 * len(order) + 2))
+    ax = fig.subplots()
     state = np.random.get_state()  # seaborn jitters with NumPy's global generator: seeded, the
     np.random.seed(0)  # figure of the same runs is the same file every time
     try:
@@ -337,17 +335,18 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 OFF_SCALE = 10  # a paired interval reaching this many times the median reach is clipped
 
 
+@figure_theme()
 def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
-    plt, _ = _plt()
+    figure, _ = _plt()
     p = paired[paired["metric"] == metric]
     width = max(7, 5 + label_width(p["variant"]))
-    fig, ax = plt.subplots(figsize=(width, 0.5 * len(p) + 2.5))
+    fig = figure(figsize=(width, 0.5 * len(p) + 2.5))
+    ax = fig.subplots()
     y = np.arange(len(p))
     # red: distinguishable, filled where it survives Holm's correction (the report's verdict)
     # and open where only the unadjusted p is below alpha; grey: not; grey, open and without
@@ -412,7 +411,6 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_title(wrap(title + ")", chars))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 GRID_COLUMNS = 8
@@ -431,6 +429,7 @@ def wrap_name(name: str, chars: int) -> str:
     return "\n".join(lines)
 
 
+@figure_theme()
 def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, str]:
     """Copy each variant's final grid (its first seed) to samples/<variant>.png; tile them."""
     from PIL import Image
@@ -454,13 +453,14 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
                 found[v] = f"samples/{v}.png"
                 break
     if found:
-        plt, _ = _plt()
+        figure, _ = _plt()
         # rows of GRID_COLUMNS: one row of 40 grids was 12,480 pixels wide, its titles run
         # together
         cols = min(len(found), GRID_COLUMNS)
         rows = math.ceil(len(found) / cols)
         width = max(2.6 * cols, 6.5)  # a lone grid's figure cut the suptitle at both edges
-        fig, axes = plt.subplots(rows, cols, figsize=(width, 3.4 * rows), squeeze=False)
+        fig = figure(figsize=(width, 3.4 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat[len(found) :]:
             ax.axis("off")
         for ax, (v, rel) in zip(axes.flat, found.items(), strict=False):
@@ -476,7 +476,6 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
         )
         fig.tight_layout()
         fig.savefig(out / "samples.png", dpi=120)
-        plt.close(fig)
     return found
 
 

@@ -1,12 +1,38 @@
-"""Tick labels of the report figures' log axes, readable at any span of the data."""
+"""The report figures' theme, and tick labels of their log axes readable at any span of the data."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 # Spans (in decades) below which a log axis is labelled at 1, 2 and 5 x 10^k rather than at its
 # decades alone, which may be one or none.
 FEW_DECADES = 2.0
+
+
+@contextlib.contextmanager
+def figure_theme() -> Iterator[None]:
+    """seaborn's theme for the report's figures only: reports are built from notebooks and
+    scripts too, and with the theme set for good every later figure of the caller's was drawn
+    in it (and with the backend switched to Agg for the report, its `plt.show()` showed none)."""
+    import matplotlib
+    import seaborn as sns
+
+    with matplotlib.rc_context():
+        sns.set_theme(style="whitegrid", context="notebook")
+        yield
+
+
+def agg_figure(**kwargs):
+    """A figure drawn by Agg, outside pyplot: no backend to choose (the caller's stays) and no
+    entry in the caller's list of open figures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def readable_log_ticks(fig) -> None:

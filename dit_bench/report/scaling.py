@@ -27,7 +27,7 @@ import pandas as pd
 
 from dit_bench.files import engine_url, read_record, redact, write_text_atomic
 from dit_bench.report import fits
-from dit_bench.report.axes import readable_log_ticks
+from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
 from dit_bench.report.results import files_named, read_config, save_table
 
 N_BOOT = 200
@@ -100,20 +100,26 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     unfinished-trials line of a report both come from them."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise ValueError(f"{url}: no such study file")  # optuna would create an empty one
     storage = engine_url(url)
+    # Optuna's verbosity is the caller's: set for good, a notebook's own studies after a
+    # report logged no trial lines
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        names = optuna.get_all_study_names(storage=storage)
-    except Exception as e:  # not a database, an unknown dialect, a server that refuses
-        raise ValueError(
-            f"{redact(url)}: cannot read an Optuna study ({type(e).__name__}: {e})"
-        ) from None
-    return {
-        name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        for name in pick_study(names, study, redact(url))
-    }
+        try:
+            names = optuna.get_all_study_names(storage=storage)
+        except Exception as e:  # not a database, an unknown dialect, a server that refuses
+            raise ValueError(
+                f"{redact(url)}: cannot read an Optuna study ({type(e).__name__}: {e})"
+            ) from None
+        return {
+            name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            for name in pick_study(names, study, redact(url))
+        }
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _records_from_study(
@@ -628,14 +634,11 @@ def _with_token_axis(frame: pd.DataFrame, axis: str) -> pd.DataFrame:
     return frame.assign(**{axis: patch + " @ " + side})
 
 
+@figure_theme()
 def figures(runs, points, curves, result, out: Path) -> list[str]:
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
     order = _size_order(runs)
     marker = _token_axis(points)
     points, curves = _with_token_axis(points, marker), _with_token_axis(curves, marker)
@@ -647,7 +650,8 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     made = []
 
     # 1. loss vs training FLOPs, coloured by size, styled by patch (DiT Figs. 6, 8)
-    fig, ax = plt.subplots(figsize=(10, 5))  # the legend beside the panel takes 2.5 inches
+    fig = agg_figure(figsize=(10, 5))  # the legend beside the panel takes 2.5 inches
+    ax = fig.subplots()
     sns.lineplot(
         data=curves,
         x="train_flops",
@@ -685,11 +689,11 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_flops.png", dpi=130)
-    plt.close(fig)
     made.append("loss_vs_flops.png")
 
     # 2. loss vs forward MACs per image, at each budget (DiT Fig. 8 style)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = agg_figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2)
     last = points.loc[points.groupby("run")["budget"].idxmax()]
     sns.scatterplot(
         data=last,
@@ -735,13 +739,13 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "loss_vs_macs.png", dpi=130)
-    plt.close(fig)
     made.append("loss_vs_macs.png")
 
     # 3. IsoFLOP profiles and the frontier N*(C)
     iso = result["isoflop"]["all"]
     g = _isoflop_points(points)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = agg_figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     pal = sns.color_palette("rocket_r", n_colors=g["budget"].nunique())
     for color, (budget, gb) in zip(pal, g.groupby("budget"), strict=True):
         axes[0].scatter(gb["params"], gb["val_loss"], color=color, label=f"{budget:.2g}")
@@ -773,11 +777,11 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "isoflop.png", dpi=130)
-    plt.close(fig)
     made.append("isoflop.png")
 
     # 4. predicted vs actual: L(N, D) in-sample and held out; the envelope fit
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = agg_figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     ch, held = result.get("chinchilla"), result.get("chinchilla_heldout")
     cmax = points["budget"].max()
     if ch is not None and ch.predict is not None:
@@ -828,7 +832,6 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(out / "predicted_vs_actual.png", dpi=130)
-    plt.close(fig)
     made.append("predicted_vs_actual.png")
     return made
 

@@ -351,7 +351,10 @@ def load_module(run_dir: Path, checkpoint: str = "last.ckpt") -> DiffusionModule
     eager = cfg.train.model_copy(update=plain)
     ckpt = read_checkpoint(path)
     info = _checkpoint_data_info(cfg, ckpt)
-    module = DiffusionModule(cfg.model_copy(update={"train": eager}), info)
+    # its random initial weights are replaced by the checkpoint's: drawn from the caller's
+    # generator, they moved a notebook's seeded random numbers after each load (and eval)
+    with torch.random.fork_rng(devices=[]):
+        module = DiffusionModule(cfg.model_copy(update={"train": eager}), info)
     check_class_names(ckpt, module.info, str(path))  # before the weights' size mismatch
     # another family's checkpoint: torch names every key (16 KB for a U-Net-XS in a DiT run)
     ours, theirs = module.state_dict().keys(), ckpt["state_dict"].keys()
@@ -757,7 +760,8 @@ def _process_settings_kept() -> Iterator[None]:
     `index_add_`, `scatter_add_`, ...) and NaN-filled each `torch.empty`; one run's
     train.threads became the torch default of the next run without it (which then trained,
     and said in its summary it trained, on that count); the caller's random numbers after a
-    run were the run's seed's (as `features.train_small_net` keeps them, so does this)."""
+    run were the run's seed's (as `features.train_small_net` keeps them, so does this); the
+    warnings the run silences stay silenced only in the run."""
     threads = torch.get_num_threads()
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
@@ -770,7 +774,10 @@ def _process_settings_kept() -> Iterator[None]:
     # only a CUDA the caller has started: reading the state would start it on every GPU
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        yield
+        # _quiet_lightning's filters are for the run's Trainer: kept, the caller's own
+        # Lightning runs lost the eval-mode and non-empty-checkpoint-folder warnings
+        with warnings.catch_warnings():
+            yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
