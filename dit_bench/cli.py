@@ -529,7 +529,13 @@ DEVICE_HELP = (
 )
 
 
-def add_compile_flag(sp: argparse.ArgumentParser) -> None:
+def add_sampling_flags(sp: argparse.ArgumentParser) -> None:
+    """The flags of the commands that sample a run (sample, eval): which weights, how, where."""
+    sp.add_argument(
+        "--checkpoint",
+        default="last.ckpt",
+        help="file under checkpoints/, e.g. step=0002000.ckpt (default: last.ckpt)",
+    )
     sp.add_argument(
         "--compile",
         action="store_true",
@@ -537,6 +543,9 @@ def add_compile_flag(sp: argparse.ArgumentParser) -> None:
         "sampling steps compile): pays off over many steps and samples; same samples up to "
         "float rounding",
     )
+    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
+    # every command that prints progress takes both spellings: eval's and train's
+    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
 
 
 def _at_least(kind: type, low: float, what: str):
@@ -651,15 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample the EMA weights; --no-ema: the raw ones (default: eval.use_ema, as the "
         "run's own grids)",
     )
-    sp.add_argument(
-        "--checkpoint",
-        default="last.ckpt",
-        help="file under checkpoints/, e.g. step=0002000.ckpt (default: last.ckpt)",
-    )
-    add_compile_flag(sp)
-    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
-    # every command that prints progress takes both spellings: eval's and train's
-    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
+    add_sampling_flags(sp)
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser(
@@ -712,19 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="0..4293; sample i is seeded with (seed * 1000003 + i) mod 2**32 (default 0)",
     )
-    sp.add_argument(
-        "--checkpoint",
-        default="last.ckpt",
-        help="file under checkpoints/, e.g. step=0002000.ckpt (default: last.ckpt)",
-    )
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
-    add_compile_flag(sp)
     sp.add_argument(
         "-o", "--output", type=home_path, help="JSON to write (default: RUN_DIR/eval.json)"
     )
-    sp.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
-    # --no-progress: train's, ablate's and sweep's name for it
-    sp.add_argument("--quiet", "--no-progress", action="store_true", help="no progress messages")
+    add_sampling_flags(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser(
