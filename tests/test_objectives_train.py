@@ -176,7 +176,7 @@ def test_cli_sample_writes_a_grid_of_the_asked_labels(tiny_run, tmp_path, capsys
     assert "expected class indices" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: usage and the reason, exit status 2
         main(["sample", str(tiny_run), "--n", "0", "-o", str(again)])
-    assert "--n: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert "--n/--num-samples: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_cli_sample_no_ema_draws_the_trained_weights(tiny_run, tmp_path, capsys):
