@@ -21,7 +21,8 @@ left is skipped, and one that overruns is interrupted by an alarm):
    the objective, the data set and AdamW): the loss must fall;
 7. the harness's own training path on the same data (`dit-bench train`: Lightning, bf16-mixed,
    the compiled backbone replayed as CUDA graphs, fused AdamW with gradient clipping, EMA,
-   validation, checkpoints, a sample grid; the summary must name this GPU), beside the bare
+   validation, checkpoints, a sample grid; the summary must name this GPU; then `dit-bench
+   sample` of the run, on the device it picks), beside the bare
    compiled step of the same model, plain and with the harness's clipping, EMA and
    deterministic algorithms (what is left is Lightning's loop and the loader), when pydantic
    and Lightning import: skipped where they do not (the GPU
@@ -588,6 +589,18 @@ def section_harness(ctx: dict) -> dict:
         with (run / "metrics.csv").open(newline="") as f:
             curve = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
         grid = sorted((run / "samples").glob("*.png"))
+        # `dit-bench sample` of the run, with its default --device auto: the GPU, as eval's
+        # sampling (until 4920921 it drew on the CPU, and only stand-ins tested the move)
+        drawn = Path(tmp) / "sample.png"
+        sample_cmd = [sys.executable, "-m", "dit_bench.cli", "sample", str(run), "-o", str(drawn)]
+        sampled = subprocess.run(
+            [*sample_cmd, "--n", "8", "--quiet"], cwd=REPO, capture_output=True, text=True
+        )
+        sample_error = (
+            None
+            if sampled.returncode == 0 and drawn.is_file()
+            else f"exit {sampled.returncode}: {sampled.stderr[-2000:]}"
+        )
     if len(curve) < 2:
         raise RuntimeError(f"metrics.csv: {len(curve)} train/loss rows")
     # summary.json writes a non-finite val loss as null: a diverged run, reported as not ok
@@ -624,11 +637,12 @@ def section_harness(ctx: dict) -> dict:
     timed = ", ".join(f"{r['variant']} {r['img_per_s']:.0f}" for r in bare if "img_per_s" in r)
     # the run trained where this check runs (its summary once named the CPU after a GPU run)
     here = dev.type != "cuda" or summary["device"] == fast.device_name(dev)
-    ok = finite and curve[-1] < curve[0] and bool(grid) and here
+    ok = finite and curve[-1] < curve[0] and bool(grid) and here and sample_error is None
     log(
         f"harness {summary['backbone']}: train loss {curve[0]:.4f} -> {curve[-1]:.4f}, val loss "
         f"{_f(summary['val_loss'], '{:.4f}')}, {summary['img_per_s']:.0f} img/s, steady "
-        f"{steady or 0:.0f} img/s; bare step img/s: {timed or 'none'} ({'ok' if ok else 'FAILED'})"
+        f"{steady or 0:.0f} img/s; bare step img/s: {timed or 'none'}; dit-bench sample "
+        f"{sample_error or 'ok'} ({'ok' if ok else 'FAILED'})"
     )
     return {
         "command": " ".join(["dit-bench", *cmd[3:]]),
@@ -645,6 +659,7 @@ def section_harness(ctx: dict) -> dict:
         "data_seconds": summary["data_seconds"],
         "bare_steps": bare,
         "device": summary["device"],
+        "sample_error": sample_error,  # None: `dit-bench sample` of the run drew its grid
         "ok": ok,
     }
 
@@ -825,6 +840,9 @@ def render_markdown(report: dict) -> str:
             f"`{hs['command']}`",
             "",
         ]
+        if "sample_error" in hs:  # (reports before it had no such check)
+            said = table_cell(hs["sample_error"]) if hs["sample_error"] else "8 samples drawn"
+            lines += [f"`dit-bench sample RUN --n 8` of the run (--device auto): {said}.", ""]
         if hs.get("steady_img_per_s"):
             lines += [
                 f"Throughput: {hs['img_per_s']:.0f} img/s over all {hs['steps']} steps "

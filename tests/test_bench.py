@@ -409,6 +409,8 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
         assert r["harness_vs"] == pytest.approx(result["steady_img_per_s"] / r["img_per_s"])
     text = render_gpu_section("harness", result)
     assert "## The harness's training path" in text and "ok: True" in text
+    # `dit-bench sample` of the run, on the device it picks (on a GPU machine: the GPU)
+    assert result["sample_error"] is None and "--n 8` of the run (--device auto): 8 samples" in text
     assert f"| clip+ema+deterministic | {like['ms']:.1f} | " in text
     assert f"| {like['harness_vs']:.2f}x |" in text
     # a variant's error (often several lines, with bars) stays one table cell
@@ -423,7 +425,8 @@ def test_gpu_check_harness_section_trains_with_the_gpu_profile_settings(
 
 def stand_in_harness_run(monkeypatch) -> dict:
     """gpu-check's `dit-bench train` child replaced by the run folder it would leave (no
-    training); returns its summary, which a test may change between calls."""
+    training), and its `dit-bench sample` child by the grid; returns the summary, which a test
+    may change between calls."""
     from dit_bench import gpu_check
 
     # fast.device_name may ask platform (`uname -p`, through subprocess.run, cached): before the stub
@@ -435,6 +438,9 @@ def stand_in_harness_run(monkeypatch) -> dict:
     }  # fmt: skip
 
     def child(cmd, **kwargs):  # `dit-bench train`'s run folder, as the run would leave it
+        if "sample" in cmd:  # then `dit-bench sample` of it: its grid
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"png")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
         run = Path(cmd[cmd.index("--out") + 1]) / "gpu-check" / "run"
         (run / "samples").mkdir(parents=True)
         (run / "samples" / "step-0000010.png").write_bytes(b"png")
