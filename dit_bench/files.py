@@ -2,7 +2,8 @@
 over it, so a crash or a concurrent reader never sees half of one (run configs, summaries,
 manifests, plans, trial records, eval records); locks on them; and the one spelling of a
 storage URL that the sweep and the report both open, and the one it is shown and stored in
-(`redact`: without its password). Standard library only: every layer uses it."""
+(`redact`: without its password), and Optuna's process settings kept around their reads.
+Standard library only at import: every layer uses it."""
 
 from __future__ import annotations
 
@@ -210,3 +211,20 @@ def redact(text: str) -> str:
         )
         text = f"{text[: user.end()]}***{text[text.rindex('@', first, end) :]}"
     return _QUERY_PASSWORD.sub(r"\1***", text) if "://" in text else text
+
+
+@contextlib.contextmanager
+def optuna_settings_kept() -> Iterator[None]:
+    """Optuna's verbosity and the warning filters, the caller's again after the block (a sweep
+    or a report read from a notebook or script). Set for good (WARNING, experimental warnings
+    ignored), the caller's own studies after it logged no trial lines and hid those warnings."""
+    import warnings
+
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)

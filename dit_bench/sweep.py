@@ -99,7 +99,13 @@ from dit_bench.config import (
     section_replacement_error,
     yaml_kind,
 )
-from dit_bench.files import engine_url, out_of_room, redact, write_json_atomic
+from dit_bench.files import (
+    engine_url,
+    optuna_settings_kept,
+    out_of_room,
+    redact,
+    write_json_atomic,
+)
 
 Scalar = bool | int | float | str
 
@@ -1711,22 +1717,7 @@ def _worker_main(
 NO_ROOM_EXIT = 2  # a worker stopped by a full disk (a user error's exit status, as commands')
 
 
-@contextlib.contextmanager
-def _optuna_settings_kept():
-    """Optuna's verbosity and warning filters, the caller's again when a sweep run from a
-    notebook or script returns: set for good (WARNING; its experimental warnings ignored),
-    the caller's own studies after it logged no trial lines and hid those warnings."""
-    import optuna
-
-    verbosity = optuna.logging.get_verbosity()
-    try:
-        with warnings.catch_warnings():
-            yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-@_optuna_settings_kept()
+@optuna_settings_kept()
 def run_sweep(
     sweep: Sweep,
     out: str | Path = "runs",

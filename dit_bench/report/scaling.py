@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dit_bench.files import engine_url, read_record, redact, write_text_atomic
+from dit_bench.files import (
+    engine_url,
+    optuna_settings_kept,
+    read_record,
+    redact,
+    write_text_atomic,
+)
 from dit_bench.report import fits
 from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
 from dit_bench.report.results import files_named, read_config, save_table
@@ -103,11 +109,8 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise ValueError(f"{url}: no such study file")  # optuna would create an empty one
     storage = engine_url(url)
-    # Optuna's verbosity is the caller's: set for good, a notebook's own studies after a
-    # report logged no trial lines
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with optuna_settings_kept():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             names = optuna.get_all_study_names(storage=storage)
         except Exception as e:  # not a database, an unknown dialect, a server that refuses
@@ -118,8 +121,6 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
             name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
             for name in pick_study(names, study, redact(url))
         }
-    finally:
-        optuna.logging.set_verbosity(verbosity)
 
 
 def _records_from_study(
