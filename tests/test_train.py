@@ -1239,6 +1239,7 @@ def test_eval_of_a_folder_run_whose_files_changed_is_refused_by_position(tmp_pat
 
 
 def test_a_folder_split_by_name_that_grew_is_evaluated_with_a_note(tmp_path, capsys):
+    from dit_bench.data import load_datasets
     from dit_bench.metrics.evaluate import check_held_out_split
 
     root = tmp_path / "images"
@@ -1250,14 +1251,15 @@ def test_a_folder_split_by_name_that_grew_is_evaluated_with_a_note(tmp_path, cap
     data = DiffusionDataModule(cfg)
     data.setup("fit")
     trained = data.state_dict()
-    check_held_out_split(cfg, trained)
+    check_held_out_split(cfg, trained, load_datasets(cfg.data))
     assert capsys.readouterr().err == ""
     Image.new("RGB", (8, 8)).save(root / "cat" / "5.png")  # what split_by=name is for
-    check_held_out_split(cfg, trained)
+    check_held_out_split(cfg, trained, load_datasets(cfg.data))
     assert "(10 items then, 11 now, or renamed): the held-out split by name" in (
         capsys.readouterr().err
     )
-    check_held_out_split(cfg, None)  # a checkpoint from before the data module's state
+    # a checkpoint from before the data module's state
+    check_held_out_split(cfg, None, load_datasets(cfg.data))
 
 
 def test_sample_labels_of_folders_named_by_numbers_say_which_class_they_are(tmp_path, capsys):

@@ -254,20 +254,19 @@ def reference_images(cfg, device: str | torch.device = "cpu", split=None):
     return decode(xv), yv, train, latent_hash, decode
 
 
-def check_held_out_split(cfg, trained: dict | None, progress: bool = True, split=None) -> None:
+def check_held_out_split(cfg, trained: dict | None, split, progress: bool = True) -> None:
     """A folder run's reference is the held-out split of its folder as the folder is now: with
     files added, removed or renamed since the run trained, that split is another one. By
     position it is another draw of the whole folder (one image more among 200 moved 7 of 20
     held-out images into training), so eval would score the run against images it trained on:
     refused, as a resume is. By name it moved at most as many images as changed: a note.
     `trained`: the data module's state in the run's checkpoint (None: an older checkpoint);
-    `split`: the (train, val) of `load_datasets(cfg.data)` where the caller has it already."""
+    `split`: the (train, val) of `load_datasets(cfg.data)` as the folder is now."""
     if cfg.data.name != "folder" or not trained or trained.get("items_sha256") is None:
         return
-    from dit_bench.data import load_datasets
     from dit_bench.data.module import items_sha256
 
-    train, val = split if split is not None else load_datasets(cfg.data)
+    train, val = split
     if items_sha256(train, val) == trained["items_sha256"]:
         return
     changed = (
@@ -415,7 +414,7 @@ def evaluate_run(
     # one listing of a folder for the split check and the reference; the check before the
     # reference's features (10,000 held-out images through Inception), not after them
     split = load_datasets(cfg.data)
-    check_held_out_split(cfg, module.checkpoint_data, progress, split)
+    check_held_out_split(cfg, module.checkpoint_data, split, progress)
     if cfg.data.name == "latents":
         say("reference: decoding the held-out latents")
     ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device, split)
