@@ -505,9 +505,8 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu":
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            seen = torch.cuda.device_count()
+        index, seen = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= seen:
             raise ValueError(
                 f"--device {name}: torch {torch.__version__} sees "
                 + (f"{seen} GPU{'s' * (seen > 1)} (cuda:0..cuda:{seen - 1})" if seen else "no GPU")
