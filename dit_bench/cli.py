@@ -467,9 +467,10 @@ def cmd_bench(args) -> int:
         if Path(args.csv).is_dir():
             raise ConfigError(f"--csv {args.csv} is a folder; give a file name, e.g. bench.csv")
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     elif cfg.resolved_device().type == "cpu" and not args.quiet:
         from dit_bench.fast import shared_cores_note
@@ -480,7 +481,12 @@ def cmd_bench(args) -> int:
     def progress(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    result = run_bench(cfg, progress=None if args.quiet else progress)
+    try:
+        result = run_bench(cfg, progress=None if args.quiet else progress)
+    finally:
+        # main([...]) from a notebook or script: --threads is the bench's, not the caller's
+        # torch default from here on (as train keeps train.threads to its run)
+        torch.set_num_threads(threads)
     if args.csv:
         path = Path(args.csv)
         write_text_atomic(path, to_csv(result))
@@ -526,6 +532,11 @@ def device(text: str) -> str:
 DEVICE_HELP = (
     "auto | cpu | cuda | cuda:N (default: auto, a CUDA GPU where torch sees one, else cpu)"
 )
+# Where a command writes: each command's own spelling first (its usage line's), then the
+# others', as users type the one the last command taught (`report ... --out` after `ablate
+# --out`, `train -o` after `report -o`)
+OUT_FOLDER = ("--out", "-o", "--output")  # train, ablate, sweep, encode-latents
+OUT_FILE = ("-o", "--output", "--out")  # sample, eval, report
 
 
 def add_sampling_flags(sp: argparse.ArgumentParser) -> None:
@@ -604,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train one experiment (resumes its run if it exists)")
     config_args(sp)
-    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
+    sp.add_argument(
+        *OUT_FOLDER, type=home_path, default="runs", help="runs directory (default: runs)"
+    )
     sp.add_argument(
         "--no-progress",
         "--quiet",  # eval's and bench's name for it
@@ -621,8 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="sample a grid of images from a trained run")
     sp.add_argument("run_dir", help="a run directory (runs/<experiment>/<time>-<hash>)")
     sp.add_argument(
-        "-o",
-        "--output",
+        *OUT_FILE,
         type=home_path,
         help="image to write (default: RUN_DIR/samples/sample-<sampler>-<steps>steps-cfg<cfg>-"
         "seed<seed>-n<n>[-labels..][-raw][-<checkpoint>].png; an unfinished run's last.ckpt: "
@@ -713,9 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="0..4293; sample i is seeded with (seed * 1000003 + i) mod 2**32 (default 0)",
     )
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
-    sp.add_argument(
-        "-o", "--output", type=home_path, help="JSON to write (default: RUN_DIR/eval.json)"
-    )
+    sp.add_argument(*OUT_FILE, type=home_path, help="JSON to write (default: RUN_DIR/eval.json)")
     add_sampling_flags(sp)
     sp.set_defaults(func=cmd_eval)
 
@@ -730,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--data", required=True, help="NAME[:ROOT], e.g. folder:/data/imagenet")
     sp.add_argument("--image-size", type=positive, required=True, help="pixel side, e.g. 256")
-    sp.add_argument("--out", type=home_path, required=True, help="shard folder to write")
+    sp.add_argument(*OUT_FOLDER, type=home_path, required=True, help="shard folder to write")
     sp.add_argument("--flip", action="store_true", help="also encode mirror images (DiT)")
     sp.add_argument(
         "--shard-size", type=positive, default=4096, help="latents per shard (default 4096)"
@@ -778,7 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs trained at once (processes; default 1)",
     )
     sp.add_argument("--dry-run", action="store_true", help="list runs, sizes, compute; no training")
-    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
+    sp.add_argument(
+        *OUT_FOLDER, type=home_path, default="runs", help="runs directory (default: runs)"
+    )
     sp.add_argument(
         "--no-progress",
         "--quiet",  # eval's and bench's name for it
@@ -819,7 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-trials", type=positive, help="trials in the study (grid: the first N points)"
     )
     sp.add_argument("--dry-run", action="store_true", help="list the space and trials; no training")
-    sp.add_argument("--out", type=home_path, default="runs", help="runs directory (default: runs)")
+    sp.add_argument(
+        *OUT_FOLDER, type=home_path, default="runs", help="runs directory (default: runs)"
+    )
     sp.add_argument(
         "--no-progress",
         "--quiet",  # eval's and bench's name for it
@@ -842,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs folder, e.g. runs/conditioning-cpu; scaling: also its study.db or a storage URL",
     )
     sp.add_argument(
-        "-o", "--output", type=home_path, required=True, help="report folder, e.g. reports/NAME"
+        *OUT_FILE, type=home_path, required=True, help="report folder, e.g. reports/NAME"
     )
     sp.add_argument(
         "--study",

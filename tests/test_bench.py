@@ -146,6 +146,29 @@ def test_cli_bench_json(capsys, tmp_path):
     assert main(["bench", "--backbones", "dit-q/2", "--device", "cpu"]) == 2  # unknown preset
 
 
+def test_cli_bench_threads_are_the_benchs_alone(capsys, monkeypatch):
+    # main([...]) from a notebook or script: --threads was left as the caller's torch default
+    # (its next work ran, and a later bench or train without --threads said it ran, on it)
+    from dit_bench.cli import main
+    from dit_bench.config import ConfigError
+
+    before = torch.get_num_threads()
+    threads = before % 3 + 1  # another count than the caller's
+    args = ["bench", "--backbones", "dit-xs/4", "--image-size", "8", "--channels", "2"]
+    args += ["--batch", "2", "--num-classes", "10", "--warmup", "1", "--repeats", "1"]
+    args += ["--no-sample", "--json", "--quiet", "--device", "cpu", "--threads", str(threads)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == threads  # the bench ran on them
+    assert torch.get_num_threads() == before
+
+    def fails(cfg, progress=None):
+        raise ConfigError("no such bench")
+
+    monkeypatch.setattr(bench, "run_bench", fails)
+    assert main(args) == 2
+    assert torch.get_num_threads() == before
+
+
 def test_cpu_name_says_which_cpu_generation_made_a_number(monkeypatch):
     # A VM's model name can be as vague as "AMD EPYC": family and model tell the generations
     # apart (this project's machine gave 0.40 and 0.19 TFLOP/s float32 peaks on two of them)

@@ -15,7 +15,7 @@ import pytest
 from dit_bench.cli import build_parser
 
 SURFACE = {
-    "train": {"config", "--set", "--out", "--no-progress"},
+    "train": {"config", "--set", "--output", "--no-progress"},  # --output: also --out, -o
     "show-config": {"config", "--set"},
     "sample": {
         "run_dir",
@@ -38,7 +38,7 @@ SURFACE = {
         "--vae",
         "--data",
         "--image-size",
-        "--out",
+        "--output",  # also --out, -o
         "--flip",
         "--shard-size",
         "--batch-size",
@@ -421,6 +421,34 @@ def test_one_concept_has_one_flag_in_every_command():
     for argv in (["sample", "run"], ["eval", "run"], [*latents, "--out", "o"], ["bench"]):
         assert parse(argv).device == "auto", argv  # bench's word for it, everywhere
         assert parse([*argv, "--device", "cuda:1"]).device == "cuda:1", argv
+
+
+def test_a_command_that_writes_takes_every_output_spelling():
+    # `dit-bench report ablation runs/x --out reports/x` after `ablate --out`, or `train -o
+    # runs` after `report -o`: "unrecognized arguments"; each command's own spelling stays its
+    # main one, first in its help (its usage line)
+    subs = subcommands()
+    latents = ["encode-latents", "--vae", "v", "--data", "shapes", "--image-size", "8"]
+    writers = {
+        "train": (["train"], "out", "--out"),
+        "ablate": (["ablate", "a.yaml"], "out", "--out"),
+        "sweep": (["sweep", "s.yaml"], "out", "--out"),
+        "encode-latents": (latents, "out", "--out"),
+        "sample": (["sample", "run"], "output", "-o"),
+        "eval": (["eval", "run"], "output", "-o"),
+        "report": (["report", "ablation", "runs"], "output", "-o"),
+    }
+    for command, (argv, dest, main) in writers.items():
+        for flag in ("--out", "-o", "--output"):
+            assert vars(subs[command].parse_args([*argv[1:], flag, "x"]))[dest] == "x", flag
+            assert vars(subs[command].parse_args([*argv[1:], f"{flag}=~/x"]))[dest] == (
+                os.path.expanduser("~/x")
+            )
+        (action,) = [a for a in subs[command]._actions if a.dest == dest]
+        assert action.option_strings[0] == main, command
+        assert f"[{main} " in subs[command].format_usage() or f" {main} " in (
+            subs[command].format_usage()
+        ), command
 
 
 @pytest.mark.parametrize("command", ["sample", "eval", "encode-latents"])

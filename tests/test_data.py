@@ -290,6 +290,27 @@ def test_folder_16_bit_grey_images_keep_their_range(tmp_path):
     torch.testing.assert_close(image[0], expected, atol=1 / 127.5, rtol=0)
 
 
+def test_folder_reads_netpbm_images(tmp_path):
+    # .ppm/.pgm/.pbm (scanners, ImageMagick, torchvision's ImageFolder lists .ppm and .pgm):
+    # PIL reads them, yet they were skipped; a class of them was "has no images"
+    ramp = (np.arange(8 * 8).reshape(8, 8) * 1000).astype(np.uint16)  # 16-bit grey, 0..63000
+    save_image(tmp_path / "c" / "rgb.ppm", striped(8, 8))
+    save_image(tmp_path / "c" / "grey.pgm", np.full((8, 8), 200, np.uint8))
+    Image.fromarray(ramp).save(tmp_path / "c" / "deep.pgm")
+    Image.new("1", (8, 8), 1).save(tmp_path / "c" / "white.PBM")
+    save_image(tmp_path / "d" / "only.pnm", np.full((8, 8), 50, np.uint8))
+    cfg = make_cfg("folder", root=str(tmp_path), image_size=8, val_fraction=0.2)
+    full = load_datasets(cfg)[0].dataset
+    assert sorted(full.names()) == ["c/deep.pgm", "c/grey.pgm", "c/rgb.ppm", "c/white.PBM",
+                                    "d/only.pnm"]  # fmt: skip
+    item = {name: full[i][0] for i, name in enumerate(full.names())}  # each (3, 8, 8)
+    assert (as_rgb(item["c/rgb.ppm"]) == striped(8, 8)).all()
+    assert (as_rgb(item["c/grey.pgm"]) == 200).all() and (as_rgb(item["d/only.pnm"]) == 50).all()
+    assert (as_rgb(item["c/white.PBM"]) == 255).all()
+    expected = torch.from_numpy(np.round(ramp / 257.0)).float() / 127.5 - 1
+    torch.testing.assert_close(item["c/deep.pgm"][0], expected, atol=1 / 127.5, rtol=0)
+
+
 def check_error(cfg, *fragments: str, item: int | None = None) -> None:
     with pytest.raises(DataError) as error:
         if item is None:

@@ -151,6 +151,33 @@ def test_report_says_when_variants_validate_on_other_images(tmp_path):
     assert "not on the same validation images: the variants' data.image_size differ" in md
 
 
+def test_report_notes_runs_of_one_data_config_that_saw_other_data(tmp_path, no_figures):
+    # a folder changed between seeds: its config is the same, its items are not; summaries of
+    # versions before the fingerprint have none, and nothing is said of them
+    source = make_source(tmp_path)
+    for config in source.glob("*/config.yaml"):
+        cfg = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**cfg, "data": {"name": "folder", "root": "/imgs"}}))
+    md = build_report(source, tmp_path / "old").read_text()
+    assert "Not the same data" not in md
+    for summary in source.glob("*/summary.json"):
+        sha = ("b" if summary.parent.name.endswith("2") else "a") * 64  # seed 2's folder changed
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "items_sha256": sha}))
+    md = build_report(source, tmp_path / "new").read_text()
+    assert (
+        "**Not the same data in every run of one data config** (data.root /imgs: its files "
+        "changed between runs?): adaln_zero seeds 0, 1, adaln seeds 0, 1, in_context seeds 0, "
+        "1 (aaaaaaaaaaaa); adaln_zero seed 2, adaln seed 2, in_context seed 2 (bbbbbbbbbbbb)." in md
+    )
+    assert md.count("Not the same data") == 1
+    assert pd.read_csv(tmp_path / "new" / "runs.csv")["items_sha256"].nunique() == 2
+    # another data config (another image size) is other data by its config, said elsewhere
+    for config in source.glob("*2/config.yaml"):
+        cfg = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**cfg, "data": {**cfg["data"], "image_size": 8}}))
+    assert "Not the same data" not in build_report(source, tmp_path / "sized").read_text()
+
+
 def test_report_does_not_call_a_val_loss_of_another_scale_worse(tmp_path):
     # a 2x2 objective x conditioning: the flow variant's velocity MSE against a DDPM base
     source = make_source(tmp_path)

@@ -1183,6 +1183,28 @@ def interrupted_folder_run(tmp_path):
     return root, cfg, find_run_dir(tmp_path / "runs", cfg)
 
 
+def test_the_summary_names_the_data_the_run_saw(tmp_path):
+    # a folder's files are not in its config: two runs of one config can see other images,
+    # and the summary is what a report has of each run (the fingerprint resume and eval check)
+    from dit_bench.data import load_datasets
+    from dit_bench.data.module import items_sha256
+    from dit_bench.report.results import run_row
+
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (255 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    cfg = tiny("data.name=folder", f"data.root={root}", "data.image_size=8", "train.steps=1",
+               "data.val_fraction=0.25", "eval.val_images=2", "train.batch_size=2")  # fmt: skip
+    run = train(cfg, tmp_path / "runs", progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["items_sha256"] == items_sha256(*load_datasets(cfg.data))
+    assert summary["class_names"] == ["cat", "dog"]
+    row = run_row(run)  # the runs table: the fingerprint a column, the names (a list) not one
+    assert row["items_sha256"] == summary["items_sha256"] and "class_names" not in row
+
+
 def test_a_folder_file_that_is_no_image_is_refused_before_training(tmp_path):
     root = tmp_path / "images"
     for name in ("cat", "dog"):

@@ -33,7 +33,10 @@ from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
 
 DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
 NATIVE_SIZE = {"mnist": 32, "digits": 8, "shapes": 32}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Netpbm too (scanners', ImageMagick's; torchvision's ImageFolder lists .ppm and .pgm): PIL
+# reads them, and a class folder of them was "has no images"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm")  # fmt: skip
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 
 

@@ -502,6 +502,41 @@ def differing(runs: pd.DataFrame, cols: Sequence[str]) -> list[str]:
     return [c for c in cols if c in runs and runs[c].map(str).nunique() > 1]
 
 
+def other_data(runs: pd.DataFrame) -> list[str]:
+    """A line per data config whose runs saw different data (their summaries' items_sha256: a
+    folder's files added, removed or renamed between runs of one config), naming each
+    fingerprint's runs. Runs of versions before the fingerprint have none and are left out."""
+    if "items_sha256" not in runs or runs["items_sha256"].nunique() < 2:  # nulls not counted
+        return []
+    known = runs[runs["items_sha256"].notna()]
+    cols = sorted(c for c in known if c.startswith("cfg.data."))
+    # as text: a null (data.root of a built-in set) is one value, not a missing one
+    config = known[cols].map(str).agg("\0".join, axis=1) if cols else pd.Series("", known.index)
+    lines = []
+    for _, same in known.groupby(config, sort=False):
+        if same["items_sha256"].nunique() < 2:
+            continue
+        parts = [
+            ", ".join(
+                f"{v} seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}"
+                for v, s in of.groupby("variant", sort=False)["seed"]
+            )
+            + f" ({sha[:12]})"
+            for sha, of in same.groupby("items_sha256", sort=False)
+        ]
+        root = same["cfg.data.root"].iloc[0] if "cfg.data.root" in same else None
+        lines.append(
+            "**Not the same data in every run of one data config**"
+            + (f" (data.root {root}: its files changed between runs?)" if root else "")
+            + ": "
+            + "; ".join(parts)
+            + ". The runs of each data fingerprint (items_sha256 of summary.json) trained and "
+            "validated on other images than the others', so comparisons across them are not "
+            "like for like."
+        )
+    return lines
+
+
 def cost_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     cols = {
         "backbone": "first",
@@ -840,6 +875,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "reporting one.",
             "",
         ]
+    for line in other_data(runs):
+        md += [line, ""]
 
     scales = loss_scales(runs)
     scale_note = (

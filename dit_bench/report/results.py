@@ -77,7 +77,8 @@ def run_row(run: Path) -> dict:
         )
     cfg = read_config(run)
     labels = read_record(run / "labels.json") if (run / "labels.json").exists() else {}
-    row = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    # one value a cell: class_names, a list, stays in the summary
+    row = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     # A table cell cannot tell a null from an absent key, and they mean different things: null
     # is a value that was not finite (a diverged run), absent is one never computed.
     row["null_in_summary"] = ",".join(sorted(k for k, v in summary.items() if v is None))

@@ -685,10 +685,14 @@ def summary_val_loss(summary: dict) -> str:
 
 
 def write_summary(
-    run: Path, cfg: ExperimentConfig, module: DiffusionModule, device: torch.device
+    run: Path,
+    cfg: ExperimentConfig,
+    module: DiffusionModule,
+    device: torch.device,
+    items_sha256: str | None = None,
 ) -> dict:
     """summary.json of a finished run; `device`: the one it trained on (after the fit, Lightning
-    has moved the module to the CPU)."""
+    has moved the module to the CPU); `items_sha256`: its data module's fingerprint of the data."""
     fwd = module.net.flops(batch=1)
     spec = cfg.backbone.spec()
     n_img = images_seen(cfg)
@@ -706,6 +710,10 @@ def write_summary(
         "conditioning": cfg.backbone.conditioning,
         "objective": cfg.objective.name,
         "data": cfg.data.name,
+        # what the data were, which a folder's config does not say (its files can change
+        # between runs of one config): the fingerprint resume and eval check, and the labels'
+        "items_sha256": items_sha256,
+        "class_names": list(module.info.class_names),
         "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,
         "images_seen": n_img,
@@ -1099,7 +1107,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         # this session's own, or ones a resume at the last step (no on_train_start) left
         for path in run.glob("hpc_ckpt_*.ckpt"):
             path.unlink(missing_ok=True)
-        write_summary(run, cfg, module, device)
+        write_summary(run, cfg, module, device, datamodule.items_sha256)
         note = data_wait_note(module, cfg, device)
         if note:
             print(note, file=sys.stderr)
