@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=positive,
         default=250,
-        help="sampling batch (changes results by float rounding only; default 250)",
+        help="sampling batch, the images held at once (changes results by float rounding "
+        "only; default 250)",
     )
     sp.add_argument(
         "--seed",
@@ -974,11 +975,14 @@ def _die_of_sigint(ctrl_c: list) -> None:
 
 
 def _interrupted(command: str, ctrl_c: list | None) -> int:
-    # only these keep their partial work (runs, shards, trials); report and bench start over
+    # only these keep their partial work (runs, shards, trials; eval its features, and says
+    # so); report and bench start over
     if command in ("train", "ablate", "sweep", "encode-latents"):
         again = "run the same command again to resume"
-    elif command in ("sample", "eval"):
+    elif command == "sample":
         again = "nothing was written: run the same command again to start over"
+    elif command == "eval":  # whether it kept any samples' features, evaluate_run said above
+        again = "no record was written: run the same command again"
     else:
         again = "run the same command again to start over"
     print(f"\ndit-bench: interrupted; {again}", file=sys.stderr)

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -393,8 +394,8 @@ def test_cli_sample_to_a_named_file_says_when_the_run_is_not_finished(tmp_path, 
 def test_an_interrupted_eval_writes_nothing_and_does_not_promise_a_resume(
     tmp_path, cache, capsys, monkeypatch
 ):
-    # Ctrl-C while sampling: eval.json stays as it was, and the command must not say it will
-    # resume (it starts over: no samples are kept)
+    # Ctrl-C while sampling the first chunk: eval.json stays as it was, and the command must
+    # not say it will resume (no sample's features were kept: it starts over)
     from dit_bench.metrics import evaluate
 
     run = _saved_run(tmp_path, 12)
@@ -406,7 +407,7 @@ def test_an_interrupted_eval_writes_nothing_and_does_not_promise_a_resume(
     monkeypatch.setattr(evaluate, "generate", interrupted)
     assert main(["eval", str(run), "--num-samples", "20", "--metrics", "fd", "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted; nothing was written" in err and "resume" not in err
+    assert "interrupted; no record was written" in err and "resume" not in err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "eval.json"]
     assert "2026-01-01" in (run / "eval.json").read_text()
 
@@ -684,3 +685,173 @@ def test_eval_of_all_metrics_checks_is_s_sample_count_once_the_net_is_known(
     monkeypatch.setattr(ev, "generate", no_sampling)
     with pytest.raises(ValueError, match="--num-samples 5: --metrics is needs at least 10"):
         evaluate_run(run, EvalRequest(num_samples=5, steps=2, anchors=False), progress=False)
+
+
+# Streamed, resumable eval: 30 samples in chunks of 8 (8, 8, 8, 6)
+STREAMED = EvalRequest(num_samples=30, steps=2, batch_size=8, metrics=("fd", "kid", "is"))
+
+
+def _spy_generate(monkeypatch, fail=None):
+    """evaluate.generate, noting each chunk's indices in the list returned; `fail(indices)`
+    may raise or return images to use instead (None: the real samples)."""
+    from dit_bench.metrics import evaluate
+
+    real, calls = generate, []  # the module's own, not an earlier spy
+
+    def spy(module, indices, **kwargs):
+        indices = list(indices)
+        instead = fail(indices) if fail else None
+        calls.append(indices)
+        return real(module, indices, **kwargs) if instead is None else instead
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    return calls
+
+
+def test_streamed_eval_scores_what_one_whole_chunk_scores(tmp_path, cache, monkeypatch):
+    # One chunk of all 30 is the path before streaming (every sample, then every feature);
+    # chunks of 8 must give the same features, up to the feature net's batch rounding.
+    from dataclasses import replace
+
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    scored, score = [], evaluate.score
+    monkeypatch.setattr(
+        evaluate, "score", lambda f, z, *a: scored.append((f, z)) or score(f, z, *a)
+    )
+
+    one = replace(STREAMED, batch_size=30)
+    whole = evaluate_run(run, one, output=tmp_path / "w.json", progress=False)
+    streamed = evaluate_run(run, STREAMED, output=tmp_path / "s.json", progress=False)
+    (f1, z1), (f2, z2) = scored
+    assert f1.shape == (30, 128) and z1.shape == (30, 10)
+    np.testing.assert_allclose(f2, f1, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(z2, z1, atol=1e-5, rtol=0)
+    for name, value in whole["metrics"].items():
+        assert streamed["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+def test_an_eval_stopped_after_two_chunks_resumes_from_their_features(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # a preempted node or a crash at hour 3 of a 50,000-sample eval lost every sample
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    uninterrupted = evaluate_run(run, STREAMED, output=tmp_path / "u.json", progress=False)
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)  # saved after every chunk
+    saved = []
+
+    def crash_at_third_chunk(indices):
+        if indices[0] == 16:
+            (partial,) = run.glob("eval.json.*.partial.npz")
+            with np.load(partial) as z:  # on disk before the crash, not written by it
+                saved.append((len(z["features"]), float(z["sample_seconds"])))
+            raise RuntimeError("node preempted")
+
+    calls = _spy_generate(monkeypatch, crash_at_third_chunk)
+    with pytest.raises(RuntimeError, match="preempted"):
+        evaluate_run(run, STREAMED, progress=False)
+    assert saved[0][0] == 16 and not (run / "eval.json").exists()
+    assert "kept the features of 16 of 30 samples in" in capsys.readouterr().err
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(16, 30))  # only the rest drawn
+    assert "resuming: 16 of 30 samples' features from" in capsys.readouterr().err
+    assert record["metrics"] == uninterrupted["metrics"]  # the same chunks: the same floats
+    assert record["protocol"]["resumed_from"] == 16
+    assert uninterrupted["protocol"]["resumed_from"] == 0
+    assert record["sample_seconds"] >= round(saved[0][1], 2) > 0  # both sessions' sampling
+    assert not list(run.glob("*.partial.npz"))  # gone once the record is written
+
+
+def test_a_ctrl_c_keeps_the_features_so_far_and_the_command_goes_on_from_them(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # saved as it stops, whatever the time since the last save (a minute by default)
+    run = _saved_run(tmp_path, 12)
+    argv = ["eval", str(run), "--num-samples", "30", "--steps", "2", "--batch-size", "8"]
+    argv += ["--metrics", "fd", "--no-anchors", "--quiet"]
+
+    def ctrl_c(indices):
+        if indices[0] == 24:
+            raise KeyboardInterrupt
+
+    _spy_generate(monkeypatch, ctrl_c)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "kept the features of 24 of 30 samples" in err
+    assert "interrupted; no record was written: run the same command again" in err
+    calls = _spy_generate(monkeypatch)
+    assert main(argv) == 0
+    assert calls == [list(range(24, 30))]
+    assert "resuming: 24 of 30 samples' features" in capsys.readouterr().err
+    assert json.loads((run / "eval.json").read_text())["protocol"]["resumed_from"] == 24
+
+
+def test_features_saved_by_another_request_are_not_used(tmp_path, cache, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from dit_bench.metrics import evaluate
+
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)
+
+    def crash(indices):
+        if indices[0] == 16:
+            raise RuntimeError("crash")
+
+    run = _saved_run(tmp_path, 6)
+    for request in (replace(STREAMED, seed=1), STREAMED):  # another seed; then step 6
+        _spy_generate(monkeypatch, crash)
+        with pytest.raises(RuntimeError):
+            evaluate_run(run, request, progress=False)
+    assert len(list(run.glob("eval.json.*.partial.npz"))) == 2
+    _saved_run(tmp_path, 12)  # the run trained on: last.ckpt is of step 12 now
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert calls[0][0] == 0 and record["protocol"]["resumed_from"] == 0
+    assert "resuming" not in capsys.readouterr().err
+    # a file under the request's name but of another key (copied, or a digest collision)
+    from dit_bench.metrics.evaluate import _load_partial, _save_partial, partial_path
+
+    key, other = {"seed": 0}, {"seed": 1}
+    _save_partial(partial_path(run / "x.json", key), other, [(np.zeros((8, 2)), None)], 1.0)
+    assert _load_partial(partial_path(run / "x.json", key), key) == ([], 0.0)
+    assert "not used (saved by another request)" in capsys.readouterr().err
+
+
+def test_eval_holds_one_chunk_of_images_at_a_time(tmp_path, cache, monkeypatch):
+    # FID-50K of 256x256 images held all 39 GB of samples before the first feature
+    import weakref
+
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    alive, sizes, real = [], [], evaluate.generate
+
+    def spy(module, indices, **kwargs):
+        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
+        images = real(module, indices, **kwargs)
+        alive.append(weakref.ref(images))
+        sizes.append(len(images))
+        return images
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    evaluate_run(run, STREAMED, progress=False)
+    assert sizes == [8, 8, 8, 6]
+
+
+def test_a_non_finite_chunk_fails_with_its_indices_before_later_chunks(
+    tmp_path, cache, monkeypatch
+):
+    run = _saved_run(tmp_path, 12)
+
+    def nan_in_second_chunk(indices):
+        if indices[0] == 8:
+            return torch.full((len(indices), 1, 8, 8), float("nan"))
+
+    calls = _spy_generate(monkeypatch, nan_in_second_chunk)
+    with pytest.raises(ValueError, match=r"8 of 8 samples of .*step 12; samples 8\.\.15 of 30"):
+        evaluate_run(run, STREAMED, progress=False)
+    assert [c[0] for c in calls] == [0, 8]
