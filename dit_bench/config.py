@@ -375,6 +375,14 @@ class TrainConfig(_Strict):
     # every random draw is per sample: the numbers do not depend on how many devices ran them.
     devices: int = Field(1, gt=0, description="devices per node")
     num_nodes: int = Field(1, gt=0)
+    accumulate_grad_batches: int = Field(
+        1,
+        gt=0,
+        description="gradient accumulation: each optimiser step sums the gradients of this "
+        "many micro-batches per process (Lightning's name), each of train.batch_size / "
+        "(processes x this) images; train.batch_size stays the global batch of one step, and "
+        "the numbers do not depend on it (not hashed)",
+    )
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     log_every: int = Field(25, gt=0)
     val_every: int = Field(500, gt=0)
@@ -452,6 +460,14 @@ class TrainConfig(_Strict):
                 "train.activation_checkpointing_every="
                 f"{self.activation_checkpointing_every} needs train.activation_checkpointing=true"
                 " (in a sweep, set both on the size choices that checkpoint)"
+            )
+        if self.cudagraphs and self.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"train.cudagraphs with train.accumulate_grad_batches="
+                f"{self.accumulate_grad_batches}: each training step drops the gradients "
+                "before replaying the graphs (their memory is the graphs' pool), which would "
+                "throw away the micro-batches accumulated so far; use "
+                "train.accumulate_grad_batches=1 or train.cudagraphs=false"
             )
         if self.cudagraphs and self.activation_checkpointing:
             raise ValueError(
@@ -610,11 +626,9 @@ class ExperimentConfig(_Strict):
                 "decoded by the VAE the latents were encoded with"
             )
         ranks = self.train.devices * self.train.num_nodes
-        if self.train.batch_size % ranks:
-            raise ValueError(
-                f"train.batch_size={self.train.batch_size} is the global batch: it must split "
-                f"evenly over train.devices x train.num_nodes = {ranks} processes"
-            )
+        micro = self.train.accumulate_grad_batches
+        if self.train.batch_size % (ranks * micro):
+            raise ValueError(batch_split_error(self.train.batch_size, ranks, micro))
         if self.eval.cfg_channels is not None:
             channels = data_info(self.data).channels
             if self.eval.cfg_channels > channels:
@@ -680,9 +694,32 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def batch_split_error(batch_size: int, ranks: int, micro: int) -> str:
+    """Why a global batch of `batch_size` does not split over `ranks` processes of `micro`
+    micro-batches each (the config's check, and the data module's against the processes the
+    launcher started)."""
+    if micro == 1:
+        return (
+            f"train.batch_size={batch_size} is the global batch: it must split evenly over "
+            f"train.devices x train.num_nodes = {ranks} processes"
+        )
+    parts = ranks * micro
+    text = (
+        f"train.batch_size={batch_size} is the global batch: it must split evenly over "
+        f"train.devices x train.num_nodes = {ranks} processes x "
+        f"train.accumulate_grad_batches = {micro} micro-batches (a multiple of {parts})"
+    )
+    if batch_size % ranks == 0:
+        per = batch_size // ranks
+        fits = ", ".join(str(a) for a in range(1, per + 1) if per % a == 0)
+        text += f"; accumulate_grad_batches that split {per} a process: {fits}"
+    return text
+
+
 EXECUTION_KEYS = (
     ("train", "devices"),
     ("train", "num_nodes"),
+    ("train", "accumulate_grad_batches"),
     ("train", "strategy"),
     ("train", "threads"),
     ("train", "compile"),

@@ -184,6 +184,21 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     assert_same_run(one, find_run_dir(tmp_path / "one_to_two", cfg))
 
 
+def test_two_processes_of_two_micro_batches_equal_one_process(tmp_path):
+    """train.accumulate_grad_batches=2 under DDP: each process runs 2 micro-batches of 2 of
+    the global 8 (Lightning skips the gradient all-reduce of the first), and the run is the one
+    process's without accumulation: the same directory's numbers, rows and checkpoints."""
+    cfg = build_config(None, SETTINGS)
+    one = train(cfg, tmp_path / "one", progress=False)
+    cli_train(tmp_path / "two", DDP + ["train.accumulate_grad_batches=2"])
+    two = find_run_dir(tmp_path / "two", cfg)  # the key is not hashed
+    assert two is not None and (two / "summary.json").exists()
+    assert_same_run(one, two)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
+        p.name for p in (one / "checkpoints").iterdir()
+    )
+
+
 @pytest.mark.slow
 def test_two_compiled_processes_equal_one_compiled(tmp_path):
     """`train.compile` under DDP (the GPU ablation profiles train compiled on 8 GPUs): each

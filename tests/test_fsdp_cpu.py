@@ -145,3 +145,15 @@ def test_fsdp_trains_the_unet(tmp_path):
     plain = train(cfg, tmp_path / "plain", progress=False)
     fsdp_train(tmp_path / "fsdp", unet)
     assert_same_weights(plain, find_run_dir(tmp_path / "fsdp", cfg), rtol=1e-3, atol=2e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA: test_cuda_fsdp.py")
+def test_fsdp_with_two_micro_batches_equals_plain(tmp_path):
+    """train.accumulate_grad_batches=2 through the harness's FSDP path (one process: FSDP's
+    gradients summed over the micro-batches, its own clip of the sum, the EMA once a step)."""
+    cfg = build_config(None, SETTINGS)
+    plain = train(cfg, tmp_path / "plain", progress=False)
+    fsdp_train(tmp_path / "fsdp", ["train.accumulate_grad_batches=2"])
+    fsdp = find_run_dir(tmp_path / "fsdp", cfg)
+    assert fsdp is not None and (fsdp / "summary.json").exists()
+    assert_same_weights(plain, fsdp)

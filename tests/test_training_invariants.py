@@ -368,6 +368,8 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
     execution = {
         "train.devices",
         "train.num_nodes",
+        # the micro-batches draw their rows of the step's randomness: the same numbers
+        "train.accumulate_grad_batches",
         "train.strategy",
         "train.threads",
         "train.compile",

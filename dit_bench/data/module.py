@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
+from dit_bench.config import batch_split_error
 from dit_bench.data import DataError, DataInfo, data_info, load_datasets
 from dit_bench.data.datasets import ImageFolder, check_image_files, name_bytes
 from dit_bench.data.latents import LatentShards
@@ -54,10 +55,11 @@ def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.
 
 
 class StepBatches(IterableDataset):
-    """Yields the batches of steps start_step .. total_steps - 1, in order.
+    """Yields the batches of steps start_step .. total_steps - 1, in order: with gradient
+    accumulation (`accumulate` micro-batches a step), the step's micro-batches 0 .. A - 1.
 
-    With several loader workers, worker w builds steps w, w + W, ...: the DataLoader reads its
-    workers round-robin, so the order it hands out is still step order.
+    With several loader workers, worker w builds batches w, w + W, ... of the stream: the
+    DataLoader reads its workers round-robin, so the order it hands out is still step order.
     """
 
     def __init__(
@@ -69,28 +71,29 @@ class StepBatches(IterableDataset):
         total_steps: int,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
     ):
-        if batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={batch_size} is the global batch and must split evenly over "
-                f"{world_size} processes (devices x nodes)"
-            )
+        if batch_size % (world_size * accumulate):
+            raise ValueError(batch_split_error(batch_size, world_size, accumulate))
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         cache: dict = {}
-        n = len(self.dataset)
-        local = self.batch_size // self.world_size
-        for step in range(self.start_step + wid, self.total_steps, nw):
-            idx = batch_indices(step, self.batch_size, n, self.seed, cache)
-            # This rank's contiguous slice of the global batch (the module draws its noise for
-            # the same global sample indices).
-            idx = idx[self.rank * local : (self.rank + 1) * local]
-            yield collate([self.dataset[i] for i in idx])
+        n, a = len(self.dataset), self.accumulate
+        local = self.batch_size // (self.world_size * a)
+        steps = self.total_steps - self.start_step
+        # one worker per micro-batch, not per step: round-robin over workers is then stream order
+        for i in range(wid, steps * a, nw):
+            step, micro = divmod(i, a)
+            idx = batch_indices(self.start_step + step, self.batch_size, n, self.seed, cache)
+            # This rank's contiguous slice of the global batch, cut into its micro-batches (the
+            # module draws its noise for the same global sample indices: DiffusionModule.rows).
+            start = (self.rank * a + micro) * local
+            yield collate([self.dataset[j] for j in idx[start : start + local]])
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -145,6 +148,7 @@ class DiffusionDataModule(L.LightningDataModule):
             total_steps=self.cfg.train.steps,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            accumulate=self.cfg.train.accumulate_grad_batches,
         )
         workers = self.cfg.data.num_workers
         return DataLoader(

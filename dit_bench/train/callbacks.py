@@ -203,6 +203,15 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
 
 
+def mid_step(trainer) -> bool:
+    """Whether the batch that just ran was a micro-batch before the last of its optimiser step
+    (train.accumulate_grad_batches): no step was taken, and global_step is still the last
+    step's, whose work (logging, validation, grids, checkpoints) is done. The batch hooks of
+    the callbacks that work per step return on these."""
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+    return accumulate > 1 and trainer.fit_loop._should_accumulate()
+
+
 def _number(v) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -229,6 +238,8 @@ class StepProgressBar(TQDMProgressBar):
         return shown
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if mid_step(trainer):
+            return
         n = trainer.global_step
         bar = self.train_progress_bar
         if bar is not None and self._should_update(n, bar.total):
@@ -341,6 +352,8 @@ class ProgressLines(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = self.clock()
         step, total = trainer.global_step, trainer.max_steps
+        if mid_step(trainer):  # the step's last micro-batch says it
+            return
         if trainer.global_rank != 0 or now - self._last < self.every_s or step >= total:
             return  # the last step's line is the run's own summary
         self._last = now
@@ -380,6 +393,8 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if mid_step(trainer):
+            return
         if self.every and step % self.every == 0 and step < trainer.max_steps:
             self._save(trainer, pl_module, step)
 
@@ -413,6 +428,8 @@ class StepMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if mid_step(trainer):
+            return
         if step % self.log_every == 0 or step == trainer.max_steps:
             metrics = {"train/loss": pl_module.pop_train_loss(), "lr": self._step_lr}
             trainer.logger.log_metrics(metrics, step=step)
@@ -474,6 +491,8 @@ class FrechetDistanceMetric(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if mid_step(trainer):
+            return
         if step % self.every == 0 or step == trainer.max_steps:
             e = self.cfg.eval
             what = f"FD of {self.num_samples} samples ({e.sampler}, {e.sample_steps} steps)"
@@ -598,7 +617,7 @@ class ValAtSteps(L.Callback):
         self.step_seconds += self._end - self._t
         self.loop_seconds += self._end - self._t
         step = trainer.global_step
-        if step not in self.steps:
+        if step not in self.steps or mid_step(trainer):
             return
         sm = self._step_metrics(trainer)
         if step % sm.val_every == 0 or step == trainer.max_steps:

@@ -120,6 +120,12 @@ class DiffusionModule(L.LightningModule):
         self._clip_params: list[nn.Parameter] | None = None  # the clipping's, likewise
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
+        # Gradient accumulation (train.accumulate_grad_batches): the micro-batch of the step in
+        # progress (the data stream of a session starts at micro-batch 0 of its first step), and
+        # the step's loss so far, which joins the log window at its last micro-batch (a
+        # checkpoint mid-step, as a SLURM requeue's, holds only whole steps)
+        self._micro = 0
+        self._step_loss: torch.Tensor | None = None
         self.last_train_loss: float | None = None  # the last window's mean, for the progress bar
         self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
         self.last_fd: dict[str, float] = {}  # latest in-training FD (eval.fd_every)
@@ -156,10 +162,13 @@ class DiffusionModule(L.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # global_step is the optimiser step's: each of its micro-batches draws from the same
+        # generator, so the draws are those of one step over the whole batch
         g = step_generator(self.cfg.seed, self.global_step, x.device)
+        micro, a = self._micro, self.cfg.train.accumulate_grad_batches
         # Draws are made for the whole global batch and sliced (DataModule slices the data the
-        # same way): the numbers do not depend on the number of processes.
-        rows = (self.global_rank * x.shape[0], x.shape[0] * self.trainer.world_size)
+        # same way): the numbers do not depend on the number of processes nor micro-batches.
+        rows = self.rows(x.shape[0], micro)
         # Label dropout for classifier-free guidance: the null class is index num_classes.
         u = draw_slice(lambda n: torch.rand(n, generator=g, device=x.device), len(y), rows)
         y = torch.where(u < self.cfg.train.label_dropout, self.info.num_classes, y)
@@ -167,9 +176,41 @@ class DiffusionModule(L.LightningModule):
         loss = out["loss"].mean()
         # Summed on the device and read once per log window: no host sync in the step. (Not
         # `self.log(..., prog_bar=True)`: Lightning reads a logged tensor back every step.)
-        self._loss_sum = self._loss_sum + loss.detach().double()
-        self._loss_count += 1
+        # Micro-batches have equal rows: the step's loss is the mean of theirs. Lightning
+        # divides the returned loss by A for the backward, so the summed gradients are the
+        # global batch mean's; this one is returned undivided.
+        part = loss.detach().double() if a == 1 else loss.detach().double() / a
+        self._step_loss = part if micro == 0 else self._step_loss + part
+        self._micro = (micro + 1) % a
+        if self._micro == 0:
+            self._loss_sum = self._loss_sum + self._step_loss
+            self._loss_count += 1
         return loss
+
+    def rows(self, n: int, micro: int = 0) -> tuple[int, int]:
+        """(start, total): where micro-batch `micro` (n rows) of this process lies in the
+        global batch: rank r holds rows r x n x A onwards, its micro-batches in turn
+        (StepBatches cuts the data so)."""
+        a, world = self.cfg.train.accumulate_grad_batches, self.trainer.world_size
+        return ((self.global_rank * a + micro) * n, n * world * a)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        a = self.cfg.train.accumulate_grad_batches
+        if a == 1 or self._micro:
+            return
+        # Lightning steps the optimiser after the batch that makes its count of the epoch's
+        # batches a multiple of A, the count going on from the checkpoint's. The stream starts
+        # each session at micro-batch 0 of the next step, but the count need not be a multiple
+        # of A there: a checkpoint of a run with another A (an execution key), or one saved
+        # mid-step by a SLURM requeue. Counted from this batch instead, so the optimiser steps
+        # after the step's last micro-batch (a no-op when the count agrees).
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        shift = (current.ready - 1) % a
+        if shift:
+            current.ready -= shift
+            current.started -= shift
+            current.processed -= shift
+            current.completed -= shift
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Lightning calls this after every callback's batch-end hook (validation, checkpoints):
@@ -181,6 +222,8 @@ class DiffusionModule(L.LightningModule):
         self._ema_pairs = self._clip_params = None
 
     def on_train_start(self) -> None:
+        # the stream of this session starts at micro-batch 0 (DiffusionDataModule)
+        self._micro = 0
         # optim.fused is an execution key: a resumed run updates as this call says. The
         # optimiser was built so (configure_optimizers), but its state from the checkpoint
         # brought the old run's `fused` into every group. Each `step` count goes where torch's

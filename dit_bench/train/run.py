@@ -73,6 +73,7 @@ from dit_bench.train.callbacks import (
     StepProgressBar,
     WriteMetricsRow,
     gather_in_index_order,
+    mid_step,
     raised_in,
 )
 from dit_bench.train.module import (
@@ -647,13 +648,15 @@ class _Timer(Callback):
 
     def __init__(self, sync_every: Sequence[int] = ()):
         self.sync_every = tuple(p for p in sync_every if p)
+        self._step_seconds = 0.0  # the optimiser step's micro-batches so far, with their waits
 
     def syncs_at(self, step: int, max_steps: int) -> bool:
         return step == max_steps or any(step % p == 0 for p in self.sync_every)
 
     def on_train_start(self, trainer, pl_module) -> None:
         pl_module.wall_start = time.perf_counter()  # after a resume's checkpoint is loaded
-        self._steps = 0  # of this session
+        self._steps = 0  # optimiser steps of this session
+        self._step_seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
@@ -664,18 +667,27 @@ class _Timer(Callback):
             pl_module.train_seconds += self._waited
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda" and self.syncs_at(
-            trainer.global_step, trainer.max_steps
+        # a micro-batch before the last of its step (train.accumulate_grad_batches) counts
+        # towards its step's time; the step, its sync and its steady count come at the last
+        accumulating = mid_step(trainer)
+        if (
+            not accumulating
+            and pl_module.device.type == "cuda"
+            and self.syncs_at(trainer.global_step, trainer.max_steps)
         ):
             torch.cuda.synchronize(pl_module.device)
         step = time.perf_counter() - self._t
         pl_module.train_seconds += step
+        self._step_seconds += self._waited + step
+        if accumulating:
+            return
         self._steps += 1
         if self._steps == 1 and (name := device_name(pl_module.device)) not in pl_module.devices:
             pl_module.devices.append(name)
         if self._steps > WARMUP_STEPS:
-            pl_module.steady_seconds += self._waited + step
+            pl_module.steady_seconds += self._step_seconds
             pl_module.steady_steps += 1
+        self._step_seconds = 0.0
 
 
 def summary_val_loss(summary: dict) -> str:
@@ -1034,6 +1046,10 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             precision=t.precision,
             max_steps=t.steps,
             max_epochs=-1,
+            # global_step, the lr schedule, clipping and the EMA (optimizer_step) go by
+            # optimiser steps; the callbacks that work per step skip the micro-batches before
+            # the last (callbacks.mid_step)
+            accumulate_grad_batches=t.accumulate_grad_batches,
             num_sanity_val_steps=0,
             log_every_n_steps=t.log_every,
             gradient_clip_val=cfg.optim.grad_clip,
@@ -1203,7 +1219,7 @@ def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[Model
     other order left last.ckpt at this step and its step-N file never written."""
 
     def make(every: int, keep: bool, last: bool) -> ModelCheckpoint:
-        return ModelCheckpoint(
+        return _StepCheckpoint(
             dirpath=folder,
             filename="{step:07d}",
             every_n_train_steps=every,
@@ -1217,6 +1233,17 @@ def _checkpointing(folder: Path, last_every: int, keep_every: int) -> list[Model
         return [make(last_every, keep=True, last=True)]
     kept = [make(keep_every, keep=True, last=False)] if keep_every else []
     return kept + [make(last_every, keep=False, last=True)]
+
+
+class _StepCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint callback, on optimiser-step boundaries only: with gradient
+    accumulation, a resumed session's first micro-batches still read the resume step as
+    global_step (the callback does not keep the step it last saved across sessions), and the
+    checkpoint it wrote again there would hold the loop mid-step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not mid_step(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def check_sharding(strategy: str, world_size: int) -> None:
