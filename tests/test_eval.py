@@ -855,3 +855,29 @@ def test_a_non_finite_chunk_fails_with_its_indices_before_later_chunks(
     with pytest.raises(ValueError, match=r"8 of 8 samples of .*step 12; samples 8\.\.15 of 30"):
         evaluate_run(run, STREAMED, progress=False)
     assert [c[0] for c in calls] == [0, 8]
+
+
+def test_a_full_disk_at_a_save_of_the_features_so_far_does_not_stop_the_eval(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # the saves are for a resume; the features in memory still make the record, a few kB
+    # where the file of 50,000 samples' features is 0.8 GB: ENOSPC at the minute's save (or at
+    # the one before scoring) failed an hour's eval that would have written its record
+    import errno
+
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    uninterrupted = evaluate_run(run, STREAMED, output=tmp_path / "u.json", progress=False)
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate.np, "savez", full)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert record["metrics"] == uninterrupted["metrics"]
+    assert json.loads((run / "eval.json").read_text())["metrics"] == record["metrics"]
+    err = capsys.readouterr().err
+    assert "could not save the features so far" in err and "No space left" in err
+    assert not list(run.glob("eval.json.*"))  # no partial, no temporary file left

@@ -178,6 +178,25 @@ def test_report_notes_runs_of_one_data_config_that_saw_other_data(tmp_path, no_f
     assert "Not the same data" not in build_report(source, tmp_path / "sized").read_text()
 
 
+def test_runs_of_one_data_config_loaded_by_other_worker_counts_are_one_data_config(
+    tmp_path, no_figures
+):
+    # data.num_workers says how a run loads, not what (it is not hashed: `ablate --seeds 2 --set
+    # data.num_workers=8` on a bigger machine joins the plan's runs); grouped by it, the seed
+    # that saw a changed folder was a data config of its own, and nothing was said
+    source = make_source(tmp_path)
+    for config in source.glob("*/config.yaml"):
+        workers = 8 if config.parent.name.endswith("2") else 0
+        data = {"name": "folder", "root": "/imgs", "num_workers": workers}
+        config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "data": data}))
+    for summary in source.glob("*/summary.json"):
+        sha = ("b" if summary.parent.name.endswith("2") else "a") * 64
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "items_sha256": sha}))
+    md = build_report(source, tmp_path / "report").read_text()
+    assert md.count("**Not the same data in every run of one data config**") == 1
+    assert "in_context seed 2 (bbbbbbbbbbbb)." in md
+
+
 def test_report_does_not_call_a_val_loss_of_another_scale_worse(tmp_path):
     # a 2x2 objective x conditioning: the flow variant's velocity MSE against a DDPM base
     source = make_source(tmp_path)

@@ -493,7 +493,14 @@ def evaluate_run(
     def save() -> None:
         nonlocal saved, last_save
         chunks = kept[:]  # what a save finds is what it counts
-        _save_partial(partial, key, chunks, sample_seconds)
+        try:
+            _save_partial(partial, key, chunks, sample_seconds)
+        except OSError as e:
+            # a full disk or quota: the save is for a resume only; the features in memory
+            # still make the record (a few kB, where 50,000 samples' features are 0.8 GB)
+            print(f"[dit-bench] could not save the features so far: {e}", file=sys.stderr)
+            last_save = time.perf_counter()  # tried again a PARTIAL_EVERY_S later
+            return
         saved, last_save = sum(len(f) for f, _ in chunks), time.perf_counter()
 
     # Streamed: a chunk of images is sampled, decoded and reduced to its features, and only
@@ -533,10 +540,7 @@ def evaluate_run(
             save()
     except BaseException:
         if sum(len(f) for f, _ in kept) > saved:
-            try:
-                save()
-            except OSError as e:  # a full disk: the error that stopped the eval is the news
-                print(f"[dit-bench] could not save the features so far: {e}", file=sys.stderr)
+            save()
         if saved:
             print(
                 f"[dit-bench] kept the features of {saved:,} of {n:,} samples in {partial}: "

@@ -509,7 +509,9 @@ def other_data(runs: pd.DataFrame) -> list[str]:
     if "items_sha256" not in runs or runs["items_sha256"].nunique() < 2:  # nulls not counted
         return []
     known = runs[runs["items_sha256"].notna()]
-    cols = sorted(c for c in known if c.startswith("cfg.data."))
+    # not data.num_workers: how a run loads, not what (unhashed, config.EXECUTION_KEYS), so runs
+    # of one plan can differ in it (`ablate --seeds 2 --set data.num_workers=8` elsewhere)
+    cols = sorted(c for c in known if c.startswith("cfg.data.") and c != "cfg.data.num_workers")
     # as text: a null (data.root of a built-in set) is one value, not a missing one
     config = known[cols].map(str).agg("\0".join, axis=1) if cols else pd.Series("", known.index)
     lines = []
