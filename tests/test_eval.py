@@ -808,10 +808,14 @@ def test_features_saved_by_another_request_are_not_used(tmp_path, cache, monkeyp
             evaluate_run(run, request, progress=False)
     assert len(list(run.glob("eval.json.*.partial.npz"))) == 2
     _saved_run(tmp_path, 12)  # the run trained on: last.ckpt is of step 12 now
+    capsys.readouterr()
     calls = _spy_generate(monkeypatch)
     record = evaluate_run(run, STREAMED, progress=False)
     assert calls[0][0] == 0 and record["protocol"]["resumed_from"] == 0
-    assert "resuming" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    # the two files nothing will resume from are named (up to 0.8 GB each, left forever)
+    assert err.count("holds the features of an interrupted eval of another request") == 2
     # a file under the request's name but of another key (copied, or a digest collision)
     from dit_bench.metrics.evaluate import _load_partial, _save_partial, partial_path
 
@@ -843,8 +847,10 @@ def test_eval_holds_one_chunk_of_images_at_a_time(tmp_path, cache, monkeypatch):
 
 
 def test_a_non_finite_chunk_fails_with_its_indices_before_later_chunks(
-    tmp_path, cache, monkeypatch
+    tmp_path, cache, monkeypatch, capsys
 ):
+    from dit_bench.metrics import evaluate
+
     run = _saved_run(tmp_path, 12)
 
     def nan_in_second_chunk(indices):
@@ -852,9 +858,13 @@ def test_a_non_finite_chunk_fails_with_its_indices_before_later_chunks(
             return torch.full((len(indices), 1, 8, 8), float("nan"))
 
     calls = _spy_generate(monkeypatch, nan_in_second_chunk)
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)  # the first chunk's features saved
     with pytest.raises(ValueError, match=r"8 of 8 samples of .*step 12; samples 8\.\.15 of 30"):
         evaluate_run(run, STREAMED, progress=False)
     assert [c[0] for c in calls] == [0, 8]
+    # seeded samples: the same command would stop at the same chunk, so no "resumes from them"
+    assert "resumes from them" not in capsys.readouterr().err
+    assert not list(run.glob("eval.json.*"))
 
 
 def test_a_full_disk_at_a_save_of_the_features_so_far_does_not_stop_the_eval(

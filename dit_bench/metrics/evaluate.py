@@ -488,7 +488,17 @@ def evaluate_run(
             f"[dit-bench] resuming: {done:,} of {n:,} samples' features from {partial}",
             file=sys.stderr,
         )
+    for other in sorted(out.parent.glob(f"{out.name}.*.partial.npz")):
+        if other != partial:  # an eval stopped and not run again, or its run trained on since
+            print(
+                f"[dit-bench] note: {other} ({other.stat().st_size / 2**20:.0f} MiB) holds the "
+                "features of an interrupted eval of another request (other settings, or an "
+                "earlier checkpoint): this one does not resume from it; delete it if that eval "
+                "will not be run again",
+                file=sys.stderr,
+            )
     saved, last_save = done, time.perf_counter()
+    diverged = False  # seeded samples: a rerun draws the same ones and stops there again
 
     def save() -> None:
         nonlocal saved, last_save
@@ -524,11 +534,13 @@ def evaluate_run(
             sample_seconds += time.perf_counter() - t_sample
             if decode is not None:
                 images = decode(images)
+            diverged = True
             check_finite_samples(
                 images,
                 f"{run_dir} (step {step}; samples {start}..{stop - 1} of {n})",
                 "No metric is computed from them",
             )
+            diverged = False
             features_logits = net.features(images, batch_size=request.batch_size)
             del images  # before the next chunk is sampled: one chunk of images at a time
             kept.append(features_logits)
@@ -539,6 +551,9 @@ def evaluate_run(
         if done > saved:  # scoring and the anchors may still fail: keep what cost the most
             save()
     except BaseException:
+        if diverged:  # nothing to resume: the same seeds give the same non-finite samples
+            partial.unlink(missing_ok=True)
+            raise
         if sum(len(f) for f, _ in kept) > saved:
             save()
         if saved:
