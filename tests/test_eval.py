@@ -891,3 +891,58 @@ def test_a_full_disk_at_a_save_of_the_features_so_far_does_not_stop_the_eval(
     err = capsys.readouterr().err
     assert "could not save the features so far" in err and "No space left" in err
     assert not list(run.glob("eval.json.*"))  # no partial, no temporary file left
+
+
+def test_anchors_and_reference_are_those_of_whole_tensors_one_chunk_at_a_time(
+    tmp_path, cache, monkeypatch
+):
+    # the anchors held n training images and n noise images whole, and the held-out images
+    # were one tensor through the eval: 3 x 7.9 GB at the gpu profiles' 10,000 256x256 images
+    import weakref
+
+    from dit_bench.data import load_datasets
+    from dit_bench.metrics import distances as D
+    from dit_bench.metrics import evaluate
+    from dit_bench.metrics.reference import dataset_tensors, reference_stats
+
+    run = _saved_run(tmp_path, 12)
+    net = evaluate.load_feature_net("digits-net", progress=False)
+    seen, alive, features = [], [], net.features
+
+    def one_chunk_at_a_time(images, *, batch_size=256):
+        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
+        alive.append(weakref.ref(images))
+        seen.append(len(images))
+        return features(images, batch_size=batch_size)
+
+    monkeypatch.setattr(net, "features", one_chunk_at_a_time)
+    monkeypatch.setattr(evaluate, "load_feature_net", lambda *a, **k: net)
+    request = EvalRequest(num_samples=30, steps=2, batch_size=8, metrics=("fd",))
+    anchors = evaluate_run(run, request, progress=False)["anchors"]
+    assert max(seen) == 8 and len(seen) == 23 + 4 + 4 + 4 + 23  # ref, samples, real, noise, ref
+
+    # the anchors as they were computed whole (evaluate_run before they were chunked)
+    cfg = build_config(None, TINY)
+    train_set, val = load_datasets(cfg.data)
+    ref_x, ref_y = dataset_tensors(val)
+    ref = reference_stats(ref_x, net, batch_size=8)
+    assert ref.meta["cached"]  # the eval's statistics: the same id
+    g = torch.Generator().manual_seed(evaluate.ANCHOR_SEED)
+    pick = torch.randperm(len(train_set), generator=g)[:30]
+    real_x = torch.stack([train_set[i][0] for i in pick.tolist()])
+    real_f, _ = features(real_x, batch_size=8)
+    noise = torch.rand((30, *ref_x.shape[1:]), generator=g) * 2 - 1
+    noise_f, _ = features(noise, batch_size=8)
+    _, ref_logits = features(ref_x, batch_size=8)
+    fd = net.metric_prefix
+    assert anchors == {
+        f"{fd} real(train, n=30) vs reference": D.frechet_distance(
+            *D.gaussian_stats(real_f), ref.mu, ref.sigma
+        ),
+        f"{fd} uniform noise (n=30) vs reference": D.frechet_distance(
+            *D.gaussian_stats(noise_f), ref.mu, ref.sigma
+        ),
+        "adherence-digits-net of the reference images": float(
+            (torch.from_numpy(ref_logits).argmax(1) == ref_y).double().mean()
+        ),
+    }

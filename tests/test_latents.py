@@ -6,6 +6,7 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -327,6 +328,35 @@ def test_latent_reference_statistics_are_keyed_by_the_decoder(vae_dir, image_fol
     assert key(vae_dir) == key(vae_dir)
     with pytest.warns(UserWarning, match="another decoder"):
         assert key(vae_dir) != key(other_vae(vae_dir, tmp_path / "other-vae"))
+
+
+def test_latent_reference_is_decoded_a_chunk_at_a_time_as_it_was_whole(
+    vae_dir, image_folder, tmp_path, monkeypatch
+):
+    # every held-out latent was decoded at once and held through the eval (7.9 GB of images
+    # for the gpu profiles' 10,000 at 256x256): decoded a chunk at a time, the same statistics
+    from dit_bench.config import build_config
+    from dit_bench.data import latents
+    from dit_bench.metrics.evaluate import reference_images
+    from dit_bench.metrics.features import load_feature_net
+    from dit_bench.metrics.reference import dataset_tensors, reference_stats
+
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path / "cache"))
+    encode_latents(vae_dir, folder_cfg(image_folder), tmp_path / "lat", progress=False)
+    sets = ["data.name=latents", f"data.root={tmp_path / 'lat'}", "data.val_fraction=0.2"]
+    cfg = build_config(None, [*sets, "backbone.name=dit-xs/2", f"data.vae={vae_dir}"])
+    decoded, real = [], latents.decode_latents
+    monkeypatch.setattr(
+        latents, "decode_latents", lambda v, z, *a: decoded.append(len(z)) or real(v, z, *a)
+    )
+    held_out, val, _, data_hash, decode = reference_images(cfg)  # decodes with the spy
+    net = load_feature_net("shapes-net", progress=False)
+    chunked = reference_stats(held_out, net, data_hash=data_hash, batch_size=3, cache=False)
+    assert len(val) > 3 and decoded == [3] * (len(val) // 3) + [len(val) % 3] * bool(len(val) % 3)
+    whole = reference_stats(decode(dataset_tensors(val)[0]), net, data_hash=data_hash, cache=False)
+    assert chunked.id == whole.id  # the VAE's batches differ: float32 rounding only
+    np.testing.assert_allclose(chunked.mu, whole.mu, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(chunked.sigma, whole.sigma, rtol=1e-6, atol=1e-5)
 
 
 def test_decoding_goes_in_batches_with_the_same_images(vae_dir):

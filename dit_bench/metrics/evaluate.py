@@ -42,7 +42,7 @@ from dit_bench.metrics.features import (
     default_features,
     load_feature_net,
 )
-from dit_bench.metrics.reference import RefStats, dataset_tensors, reference_stats
+from dit_bench.metrics.reference import HeldOutImages, RefStats, reference_stats, stack_items
 from dit_bench.sampling import get_sampler, sampler_options
 
 METRICS: tuple[str, ...] = ("fd", "kid", "pr", "is")
@@ -225,19 +225,19 @@ DEFAULT_REQUEST = EvalRequest()
 
 
 def reference_images(cfg, device: str | torch.device = "cpu", split=None):
-    """(val images, val labels, train set, latents hash or None, decode or None).
+    """(held-out images, val set, train set, latents hash or None, decode or None).
 
-    Images in [-1, 1] on the CPU; `decode` turns latents into images with a `latents` run's VAE
-    (data.vae), which runs on `device`. `split`: the (train, val) of `load_datasets(cfg.data)`
-    where the caller has it already (a training run's data module), so the data set is not
-    built and a folder not listed a second time.
+    The held-out images (HeldOutImages) are read a chunk at a time, in [-1, 1] on the CPU, never
+    held whole; `decode` turns latents into images with a `latents` run's VAE (data.vae), which
+    runs on `device`, and decodes the held-out latents chunk by chunk too. `split`: the
+    (train, val) of `load_datasets(cfg.data)` where the caller has it already (a training run's
+    data module), so the data set is not built and a folder not listed a second time.
     """
     from dit_bench.data import load_datasets
 
     train, val = split if split is not None else load_datasets(cfg.data)
-    xv, yv = dataset_tensors(val)
     if cfg.data.name != "latents":
-        return xv, yv, train, None, None
+        return HeldOutImages(val), val, train, None, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
     from dit_bench.data.latents import (
         decode_latents,
@@ -252,14 +252,16 @@ def reference_images(cfg, device: str | torch.device = "cpu", split=None):
     vae = load_decoder(cfg.data.vae, cfg.data.root, device)
     scale, shift = manifest_scaling_factor(cfg.data.root), manifest_shift_factor(cfg.data.root)
     # the features are of the decoded images: the decoder is part of the reference's content
-    content = hashlib.sha256(xv.float().contiguous().numpy().tobytes())
+    content = hashlib.sha256()
+    for z, _ in HeldOutImages(val).stored(256):  # the bytes of all latents, a chunk at a time
+        content.update(z.float().contiguous().numpy().tobytes())
     content.update(vae_fingerprint(vae).encode())
     latent_hash = content.hexdigest()
 
     def decode(z: Tensor) -> Tensor:
         return decode_latents(vae, z, scale, shift)
 
-    return decode(xv), yv, train, latent_hash, decode
+    return HeldOutImages(val, decode), val, train, latent_hash, decode
 
 
 def check_held_out_split(cfg, trained: dict | None, split, progress: bool = True) -> None:
@@ -424,18 +426,18 @@ def evaluate_run(
     split = load_datasets(cfg.data)
     check_held_out_split(cfg, module.checkpoint_data, split, progress)
     if cfg.data.name == "latents":
-        say("reference: decoding the held-out latents")
-    ref_x, ref_y, train_set, latent_hash, decode = reference_images(cfg, device, split)
+        say("reference: reading the held-out latents")
+    ref_images, _, train_set, latent_hash, decode = reference_images(cfg, device, split)
     # before any features: every metric fits statistics of the held-out images
-    held_out = f"the held-out split has {len(ref_x)} images (data.val_fraction)"
-    check_sample_count(("fd",), len(ref_x), held_out)
+    held_out = f"the held-out split has {len(ref_images)} images (data.val_fraction)"
+    check_sample_count(("fd",), len(ref_images), held_out)
     if request.num_samples is None:  # as many samples as held-out images
-        check_sample_count(wanted, len(ref_x), held_out)
+        check_sample_count(wanted, len(ref_images), held_out)
     elif "pr" in wanted:  # precision/recall's k-NN radii of the held-out images too
-        check_sample_count(["pr"], len(ref_x), held_out)
-    say(f"reference: {features} statistics of {len(ref_x)} held-out images")
+        check_sample_count(["pr"], len(ref_images), held_out)
+    say(f"reference: {features} statistics of {len(ref_images)} held-out images")
     ref = reference_stats(
-        ref_x,
+        ref_images,
         net,
         data_hash=latent_hash,
         batch_size=request.batch_size,
@@ -571,15 +573,22 @@ def evaluate_run(
 
     anchors = {}
     if request.anchors and "fd" in wanted:
+        bs = request.batch_size
         g = torch.Generator().manual_seed(ANCHOR_SEED)
         pick = torch.randperm(len(train_set), generator=g)[: min(n, len(train_set))]
         say(f"anchors: {features} features of {len(pick)} training images and {n} of noise")
-        real_x = torch.stack([train_set[i][0] for i in pick.tolist()])  # only these are read
-        real_f, _ = net.features(
-            decode(real_x) if decode else real_x, batch_size=request.batch_size
-        )
-        noise = torch.rand((n, *ref_x.shape[1:]), generator=g) * 2 - 1
-        noise_f, _ = net.features(noise, batch_size=request.batch_size)
+
+        # a chunk of images at a time (whole, the training images and the noise were 2 x 7.9 GB
+        # at the gpu profiles' 10,000 256x256 samples); chunks of the net's own batch size, and
+        # torch.rand on a CPU generator draws chunk by chunk what it draws whole: the same numbers
+        def features_of(chunks) -> np.ndarray:
+            return np.concatenate([net.features(x, batch_size=bs)[0] for x in chunks])
+
+        real = (stack_items(train_set, c.tolist())[0] for c in pick.split(bs))  # only these read
+        real_f = features_of(decode(x) if decode else x for x in real)
+        shape = ref_images.shape[1:]  # (C, H, W) of the images, decoded
+        noise = (torch.rand((min(bs, n - s), *shape), generator=g) * 2 - 1 for s in range(0, n, bs))
+        noise_f = features_of(noise)
         fd = net.metric_prefix
         anchors = {
             f"{fd} real(train, n={len(pick)}) vs reference": D.frechet_distance(
@@ -590,10 +599,11 @@ def evaluate_run(
             ),
         }
         if same_classes:
-            _, ref_logits = net.features(ref_x, batch_size=request.batch_size)
-            anchors[f"adherence{net.suffix} of the reference images"] = float(
-                (torch.from_numpy(ref_logits).argmax(1) == ref_y).double().mean()
-            )
+            right = 0  # held-out images the net classifies as labelled
+            for x, y in ref_images.chunks(bs):
+                _, logits = net.features(x, batch_size=bs)
+                right += int((torch.from_numpy(logits).argmax(1) == y).sum())
+            anchors[f"adherence{net.suffix} of the reference images"] = right / len(ref_images)
 
     record = {
         "run": str(run_dir),
