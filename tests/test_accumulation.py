@@ -14,7 +14,7 @@ import torch
 from dit_bench.config import ConfigError, build_config
 from dit_bench.data.module import StepBatches
 from dit_bench.train import run as run_module
-from dit_bench.train.callbacks import AtomicCheckpointIO
+from dit_bench.train.callbacks import AtomicCheckpointIO, mid_step
 from dit_bench.train.run import find_run_dir, train
 
 TINY = [
@@ -184,6 +184,32 @@ def test_a_stopped_and_resumed_run_equals_one_that_was_not(
     assert {step for _, step in saved} == set(range(every * 2, 9, every)) | {8}, saved
 
 
+class RequeueMidStep(L.Callback):
+    """Saves as Lightning's SLURM requeue does (hpc_ckpt_1.ckpt, when its signal comes: here
+    after micro-batch 0 of step 6), then stops the job."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 5 and mid_step(trainer):
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 2), (2, 4)])
+def test_a_requeue_checkpoint_saved_mid_step_resumes_to_the_same_run(tmp_path, first, then):
+    """The requeue's checkpoint holds Lightning's batch count mid-step (an odd count with A=2):
+    the resumed stream starts at the step's first micro-batch, and the optimiser steps after
+    its last (DiffusionModule.on_train_batch_start), also with another A."""
+    ref = train(tiny(), tmp_path / "ref", progress=False)
+    acc = "train.accumulate_grad_batches="
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(f"{acc}{first}"), tmp_path / "cut", progress=False, callbacks=[RequeueMidStep()])
+    cut = find_run_dir(tmp_path / "cut", tiny())
+    assert torch.load(cut / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
+    resumed = train(tiny(f"{acc}{then}"), tmp_path / "cut", progress=False)
+    assert_same_run(ref, resumed)
+    assert not (resumed / "hpc_ckpt_1.ckpt").exists()
+
+
 def test_a_checkpoint_mid_step_holds_only_whole_steps_in_the_loss_window():
     """A SLURM requeue saves when its signal comes, between micro-batches too: the resumed run
     redoes the step from its first micro-batch, so the half done must not be in the window."""
@@ -201,3 +227,19 @@ def test_a_checkpoint_mid_step_holds_only_whole_steps_in_the_loss_window():
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["loss_window"] == (4.0, 1)  # (mean 2 + mean 6) / 2, one step
+
+
+def test_out_of_memory_names_the_accumulation_that_keeps_the_run():
+    """The OOM line offered only settings that change the run (a smaller batch or backbone)
+    and activation checkpointing: the next train.accumulate_grad_batches that splits a
+    process's batch trains the same run in smaller forwards."""
+    from dit_bench.train.run import out_of_memory_message
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    msg = out_of_memory_message(oom, tiny(), 3)
+    assert "set train.accumulate_grad_batches=2 (the same run, 4 images a training forward)" in msg
+    msg = out_of_memory_message(oom, tiny("train.accumulate_grad_batches=2"), 3)
+    assert "train.accumulate_grad_batches=4 (the same run, 2 images a training forward)" in msg
+    # one image a forward already: nothing left to split
+    msg = out_of_memory_message(oom, tiny("train.accumulate_grad_batches=8"), 3)
+    assert "accumulate_grad_batches" not in msg

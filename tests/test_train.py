@@ -1538,7 +1538,8 @@ def test_a_run_out_of_memory_says_so_in_one_line_and_keeps_its_checkpoint(
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "dit-bench: out of memory at step 5 of tiny (DefaultCPUAllocator: can't allocate memory: "
-        "you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)): lower "
+        "you tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)): set "
+        "train.accumulate_grad_batches=2 (the same run, 4 images a training forward), lower "
         "train.batch_size (now 8), pick a smaller backbone.name (now dit-xs/4) or set "
         "train.activation_checkpointing=true"
     )

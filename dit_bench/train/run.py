@@ -1148,7 +1148,18 @@ def out_of_memory_message(e: BaseException, cfg: ExperimentConfig, step: int) ->
     told = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     if "DefaultCPUAllocator" in told:  # "[enforce fail at alloc_cpu.cpp:127] err == 0. ..."
         told = told[told.index("DefaultCPUAllocator") :]
-    fixes = [f"lower train.batch_size (now {t.batch_size})"]
+    fixes = []
+    # an execution key: the same run (hash, numbers) in smaller forwards, where the two
+    # settings after it train another
+    per = t.batch_size // (t.devices * t.num_nodes)  # a process's images a step
+    a = t.accumulate_grad_batches
+    more = next((m for m in range(a + 1, per + 1) if per % m == 0), None)
+    if more is not None and not t.cudagraphs:  # the pair is refused
+        fixes.append(
+            f"set train.accumulate_grad_batches={more} (the same run, {per // more} images "
+            "a training forward)"
+        )
+    fixes.append(f"lower train.batch_size (now {t.batch_size})")
     fixes.append(f"pick a smaller backbone.name (now {cfg.backbone.name})")
     if not t.activation_checkpointing:
         fixes.append("set train.activation_checkpointing=true")
