@@ -467,7 +467,9 @@ class TrainConfig(_Strict):
                 f"{self.accumulate_grad_batches}: each training step drops the gradients "
                 "before replaying the graphs (their memory is the graphs' pool), which would "
                 "throw away the micro-batches accumulated so far; use "
-                "train.accumulate_grad_batches=1 or train.cudagraphs=false"
+                "train.accumulate_grad_batches=1 or train.cudagraphs=false (in a sweep whose "
+                "size choices set train.cudagraphs, as the shipped gpu profile's S and B do, "
+                "a choice's key wins over --set: take it out of those choices in the file)"
             )
         if self.cudagraphs and self.activation_checkpointing:
             raise ValueError(
