@@ -209,7 +209,18 @@ def cmd_eval(args) -> int:
         device=_device(args.device),
         progress=not args.quiet,
         compile=args.compile,
+        shard=args.shard,
     )
+    if args.shard:
+        (k, n), (first, stop) = record["shard"], record["samples"]
+        print(
+            f"shard {k}/{n}: the features of samples {first}..{stop - 1} of "
+            f"{record['num_samples']} are in {record['file']} (no record written)\n"
+            f"when every shard is done, run the same command without --shard: it takes their "
+            f"features, draws what no shard holds, scores and writes "
+            f"{args.output or Path(args.run_dir) / 'eval.json'}"
+        )
+        return 0
     p = record["protocol"]
     print(
         f"{record['run']}: {p['num_samples']} samples, {p['sampler']} {p['steps']} steps, "
@@ -577,6 +588,16 @@ positive = _at_least(int, 1, "a positive integer")  # counts and sizes
 guidance = _at_least(float, 0.0, "a guidance scale >= 0 (1: no guidance)")
 
 
+def shard(text: str) -> tuple[int, int]:
+    """An argparse type: eval's --shard K/N, shard K of N (0 <= K < N)."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(
+            f"expected K/N with 0 <= K < N (shard K of N: 0/8 .. 7/8), got {text!r}"
+        )
+    return int(k), int(n)
+
+
 def home_path(text: str) -> str:
     """An argparse type for a path option: a leading ~ expanded. The shell expands ~ only at a
     word's start, so `--out=~/runs` arrived as is and made a folder named ~ in the working
@@ -727,6 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-anchors", action="store_true", help="skip real-vs-real/noise anchors")
     sp.add_argument(*OUT_FILE, type=home_path, help="JSON to write (default: RUN_DIR/eval.json)")
+    sp.add_argument(
+        "--shard",
+        type=shard,
+        metavar="K/N",
+        help="draw only block K of N of the samples (one process per GPU or machine) and save "
+        "their features beside the record, unscored; the same command without --shard then "
+        "takes every shard's features, draws what none holds, scores and writes the record",
+    )
     add_sampling_flags(sp)
     sp.set_defaults(func=cmd_eval)
 

@@ -946,3 +946,182 @@ def test_anchors_and_reference_are_those_of_whole_tensors_one_chunk_at_a_time(
             (torch.from_numpy(ref_logits).argmax(1) == ref_y).double().mean()
         ),
     }
+
+
+# --shard K/N: one eval spread over processes (a GPU each); 30 samples in 3 blocks of 10
+SHARD_ARGV = ["--num-samples", "30", "--steps", "2", "--batch-size", "8", "--metrics", "fd,kid,is"]
+
+
+def _shards(run, request=STREAMED, which=(0, 1, 2), of=3):
+    for k in which:
+        done = evaluate_run(run, request, progress=False, shard=(k, of))
+        assert done["file"].endswith(f".shard-{k}-of-{of}.partial.npz")
+    assert not (run / "eval.json").exists()  # a shard scores nothing and writes no record
+
+
+def test_three_shards_then_the_eval_without_shard_score_what_one_eval_scores(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # FID-50K of DiT-XL/2 with DDPM-250 is hours of one GPU; sample i depends on (seed, i)
+    # only, so 8 GPUs split it exactly
+    run = _saved_run(tmp_path, 12)
+    whole = evaluate_run(run, STREAMED, output=tmp_path / "u.json", progress=False)
+    calls = _spy_generate(monkeypatch)
+    for k in range(3):
+        assert main(["eval", str(run), *SHARD_ARGV, "--shard", f"{k}/3", "--quiet"]) == 0
+        out = capsys.readouterr().out
+        first, last = k * 10, k * 10 + 9
+        assert f"shard {k}/3: the features of samples {first}..{last} of 30 are in " in out
+        assert f"shard-{k}-of-3.partial.npz (no record written)" in out
+        assert "run the same command without --shard" in out
+    assert [i for chunk in calls for i in chunk] == list(range(30))  # each block once
+    assert [len(c) for c in calls] == [8, 2, 8, 2, 8, 2]
+    assert len(list(run.glob("eval.json.*.shard-*-of-3.partial.npz"))) == 3
+    assert not (run / "eval.json").exists()
+
+    calls = _spy_generate(monkeypatch)
+    assert main(["eval", str(run), *SHARD_ARGV]) == 0
+    assert calls == []  # every sample from the shards' files
+    assert "resuming: 30 of 30 samples' features from" in capsys.readouterr().err
+    record = json.loads((run / "eval.json").read_text())
+    assert record["metrics"].keys() == whole["metrics"].keys()
+    for name, value in whole["metrics"].items():  # other chunks: the feature net's rounding
+        assert record["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    p = record["protocol"]
+    assert p["shards"] == {"0/3": [[0, 10]], "1/3": [[10, 20]], "2/3": [[20, 30]]}
+    assert p["resumed_from"] == 30 and whole["protocol"]["shards"] == {}
+    assert record["sample_seconds"] > 0  # the shards' sampling, summed
+    assert not list(run.glob("eval.json.*.npz"))  # the shards' files gone with the record
+
+
+def test_the_eval_without_shard_draws_the_block_of_a_missing_shard(tmp_path, cache, monkeypatch):
+    run = _saved_run(tmp_path, 12)
+    whole = evaluate_run(run, STREAMED, output=tmp_path / "u.json", progress=False)
+    _shards(run, which=(0, 2))  # shard 1/3's machine never ran
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(10, 20))
+    assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "2/3": [[20, 30]]}
+    assert record["protocol"]["resumed_from"] == 20
+    for name, value in whole["metrics"].items():
+        assert record["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    assert not list(run.glob("eval.json.*.npz"))
+
+
+def test_an_eval_stopped_in_a_missing_shard_s_block_resumes_from_its_own_features(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # its own file then holds samples 10..17, not a run from 0
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)
+    _shards(run, which=(0, 2))
+
+    def crash(indices):
+        if indices[0] == 18:
+            raise RuntimeError("node preempted")
+
+    _spy_generate(monkeypatch, crash)
+    with pytest.raises(RuntimeError, match="preempted"):
+        evaluate_run(run, STREAMED, progress=False)
+    assert "kept the features of 8 of 30 samples in" in capsys.readouterr().err
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert calls == [[18, 19]]
+    assert "resuming: 28 of 30 samples' features from" in capsys.readouterr().err
+    assert record["protocol"]["resumed_from"] == 28
+    assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "2/3": [[20, 30]]}
+    assert not list(run.glob("eval.json.*.npz"))
+
+
+def test_an_interrupted_shard_resumes_and_the_eval_resumes_an_unfinished_one(
+    tmp_path, cache, monkeypatch, capsys
+):
+    from dit_bench.metrics import evaluate
+
+    run = _saved_run(tmp_path, 12)
+    monkeypatch.setattr(evaluate, "PARTIAL_EVERY_S", 0.0)
+
+    def crash_after_first_chunk(indices):
+        if indices[0] == 18:
+            raise RuntimeError("node preempted")
+
+    for again in ("the shard", "the eval"):
+        for path in run.glob("eval*.json*"):  # the first round's record and files
+            path.unlink()
+        _shards(run, which=(0, 2))
+        _spy_generate(monkeypatch, crash_after_first_chunk)
+        with pytest.raises(RuntimeError, match="preempted"):
+            evaluate_run(run, STREAMED, progress=False, shard=(1, 3))
+        assert "kept the features of 8 of 10 samples of shard 1/3 in" in capsys.readouterr().err
+        calls = _spy_generate(monkeypatch)
+        if again == "the shard":
+            evaluate_run(run, STREAMED, progress=False, shard=(1, 3))
+            assert calls == [[18, 19]]
+            assert "resuming: 8 of 10 samples' features of shard 1/3" in capsys.readouterr().err
+            record = evaluate_run(run, STREAMED, progress=False)
+            assert calls == [[18, 19]]  # the eval drew nothing more
+        else:  # the shard not run again: the eval draws what it did not
+            record = evaluate_run(run, STREAMED, progress=False)
+            assert calls == [[18, 19]]
+        shards = {"0/3": [[0, 10]], "1/3": [[10, 18]], "2/3": [[20, 30]]}
+        if again == "the shard":
+            shards["1/3"] = [[10, 20]]
+        assert record["protocol"]["shards"] == shards
+        assert not list(run.glob("eval.json.*.npz"))
+
+
+def test_shard_files_of_another_request_are_not_used(tmp_path, cache, monkeypatch, capsys):
+    from dataclasses import replace
+
+    run = _saved_run(tmp_path, 6)
+    _shards(run, which=(0,))  # of the step-6 checkpoint
+    _shards(run, replace(STREAMED, seed=1), which=(1, 2))  # of another seed
+    _saved_run(tmp_path, 12)  # the run trained on: last.ckpt is of step 12 now
+    capsys.readouterr()
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(30))
+    assert record["protocol"]["shards"] == {} and record["protocol"]["resumed_from"] == 0
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    assert err.count("holds the features of an interrupted eval of another request") == 3
+    assert len(list(run.glob("eval.json.*.shard-*.partial.npz"))) == 3  # left as they were
+
+
+def test_shards_of_two_splits_take_each_sample_once(tmp_path, cache, monkeypatch, capsys):
+    run = _saved_run(tmp_path, 12)
+    whole = evaluate_run(run, STREAMED, output=tmp_path / "u.json", progress=False)
+    _shards(run, which=(0,), of=3)  # samples 0..9
+    _shards(run, which=(0, 1), of=2)  # samples 0..14 and 15..29
+    capsys.readouterr()
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, progress=False)
+    assert calls == []
+    assert "10 samples' features are in more than one file" in capsys.readouterr().err
+    assert record["protocol"]["resumed_from"] == 30
+    for name, value in whole["metrics"].items():
+        assert record["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.parametrize("text", ["3/3", "1/0", "x", "-1/3", "1/3/4", "1"])
+def test_a_shard_that_is_no_shard_is_refused_as_it_is_parsed(text, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "run", f"--shard={text}"])  # -1/3 apart would read as a flag
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --shard: expected K/N with 0 <= K < N (shard K of N: 0/8 .. 7/8), got {text!r}"
+        in err
+    )
+
+
+def test_a_shard_is_refused_before_sampling_where_it_holds_no_sample(tmp_path, cache, monkeypatch):
+    run = _saved_run(tmp_path, 12)
+    calls = _spy_generate(monkeypatch)
+    with pytest.raises(ValueError, match=r"--shard 3/3: K/N takes 0 <= K < N"):
+        evaluate_run(run, STREAMED, progress=False, shard=(3, 3))
+    with pytest.raises(ValueError, match="--shard 0/31: 31 shards of 30 samples leave some empty"):
+        evaluate_run(run, STREAMED, progress=False, shard=(0, 31))
+    assert calls == [] and not list(run.glob("eval.json*"))

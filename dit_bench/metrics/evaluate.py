@@ -14,10 +14,17 @@ checked finite and reduced to their features; only the features are kept, so mem
 chunk of images. The features so far are saved (at most every PARTIAL_EVERY_S, and when the eval
 stops) beside the record, as `<record>.<key>.partial.npz` (`partial_path`); the same request
 resumes from them and removes the file once the record is written.
+
+Sharded (`--shard K/N`, `evaluate_run(shard=(K, N))`): a process draws block K of N of the
+samples only and saves their features, as above, in a file of its own
+(`<record>.<key>.shard-K-of-N.partial.npz`), and scores nothing. The eval without a shard takes
+the features of every shard file of its key, draws what none holds, scores and removes them.
+A file holds chunks of samples, each with its first index: any set of disjoint index ranges.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -348,16 +355,21 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = True,
     compile: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Evaluate a run directory; writes and returns the eval record (see module docstring).
 
     `compile`: torch.compile the sampled backbone first. How the samples are computed, not
     what they are (up to float rounding), so it is not part of the request or protocol;
-    `sample_seconds` then includes the compile."""
+    `sample_seconds` then includes the compile. `shard` (K, N): draw only block K of N of the
+    samples and save their features (`partial_path`), without scoring; returns where (no
+    record). Without it, the features of this request's shard files are taken first."""
     from dit_bench.data import data_info, load_datasets
     from dit_bench.train.run import git_commit, load_module, load_run_config, package_versions
 
     t0 = time.perf_counter()
+    if shard is not None:
+        check_shard(*shard)
     run_dir = Path(run_dir)
     out = Path(output) if output else run_dir / "eval.json"
     if out.is_dir():
@@ -435,16 +447,22 @@ def evaluate_run(
         check_sample_count(wanted, len(ref_images), held_out)
     elif "pr" in wanted:  # precision/recall's k-NN radii of the held-out images too
         check_sample_count(["pr"], len(ref_images), held_out)
-    say(f"reference: {features} statistics of {len(ref_images)} held-out images")
-    ref = reference_stats(
-        ref_images,
-        net,
-        data_hash=latent_hash,
-        batch_size=request.batch_size,
-        description={"data": cfg.data.model_dump(mode="json"), "split": "val"},
-    )
-    n = request.num_samples or ref.n
-    if "is" in wanted:  # each split's score is at most its size (and the classes)
+    n = request.num_samples or len(ref_images)
+    if shard is None:  # a shard scores nothing: the reference is the merging eval's
+        say(f"reference: {features} statistics of {len(ref_images)} held-out images")
+        ref = reference_stats(
+            ref_images,
+            net,
+            data_hash=latent_hash,
+            batch_size=request.batch_size,
+            description={"data": cfg.data.model_dump(mode="json"), "split": "val"},
+        )
+    elif shard[1] > n:
+        raise ValueError(
+            f"--shard {shard[0]}/{shard[1]}: {shard[1]} shards of {n} samples leave some "
+            f"empty; split them {n} ways at most"
+        )
+    if "is" in wanted and shard is None:  # each split's score is at most its size (and the classes)
         classes = len(net.class_names) if net.class_names else 1000  # Inception: ImageNet's
         if n < IS_SPLITS * classes:
             print(
@@ -480,48 +498,99 @@ def evaluate_run(
         "decoder": latent_hash,  # the VAE a latents run's samples are decoded by, else None
         "num_samples": n,
     }
-    partial = partial_path(out, key)
-    # (features, logits or None) of each chunk, appended as one: a Ctrl-C between two lists'
-    # appends would have saved one chunk's features without its logits
-    kept, sample_seconds = _load_partial(partial, key)
-    resumed_from = done = sum(len(f) for f, _ in kept)
-    if done:
+    partial = partial_path(out, key, shard)  # this process's own file
+    lo, hi = (0, n) if shard is None else shard_block(*shard, n)
+    size, of_shard = hi - lo, "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
+    own, own_seconds = _load_partial(partial, key)
+    found = {partial: (own, own_seconds)}
+    if shard is None:  # what this request's shards drew, finished or not, of any split
+        found.update({path: _load_partial(path, key) for path in shard_paths(out, key)})
+    # (first index, features, logits or None) of each chunk, appended as one: a Ctrl-C between
+    # two lists' appends would have saved one chunk's features without its logits. Each sample
+    # is taken from one file: shards of two splits (3 and 4) overlap, and a shard finished
+    # after an interrupted whole eval drew part of its block holds some of its samples too.
+    kept, taken, used, twice, at = [], [], {}, 0, lo
+    for s, f, z, path in sorted(
+        ((s, f, z, path) for path, (got, _) in found.items() for s, f, z in got),
+        key=lambda c: (c[0], -len(c[1])),
+    ):
+        first, stop = max(s, at), min(s + len(f), hi)
+        twice += max(0, min(at, s + len(f)) - max(s, lo))
+        if first >= stop:
+            continue
+        chunk = (first, f[first - s : stop - s], None if z is None else z[first - s : stop - s])
+        if path == partial:
+            kept.append(chunk)
+        else:
+            taken.append(chunk)
+            used.setdefault(path, []).append([first, stop])
+        at = stop
+    # this process's sampling (its file's), and the shards': summed in the record
+    sample_seconds = own_seconds
+    shard_seconds = sum(found[path][1] for path in used)
+    resumed_from = sum(len(f) for _, f, _ in kept + taken)
+    if resumed_from:
+        sources = ", ".join(str(p) for p in ([partial] if kept else []) + list(used))
         print(
-            f"[dit-bench] resuming: {done:,} of {n:,} samples' features from {partial}",
+            f"[dit-bench] resuming: {resumed_from:,} of {size:,} samples' features{of_shard} "
+            f"from {sources}",
             file=sys.stderr,
         )
+    if twice:
+        print(
+            f"[dit-bench] note: {twice:,} samples' features are in more than one file (shards "
+            "of two splits?): each is taken once",
+            file=sys.stderr,
+        )
+    todo, at = [], lo  # the index ranges no file holds
+    for s, f, _ in sorted(kept + taken, key=lambda c: c[0]):
+        todo += [(at, s)] if s > at else []
+        at = s + len(f)
+    todo += [(at, hi)] if hi > at else []
+    mine = partial_path(out, key).name.removesuffix("partial.npz")  # this request's files
     for other in sorted(out.parent.glob(f"{out.name}.*.partial.npz")):
-        if other != partial:  # an eval stopped and not run again, or its run trained on since
-            print(
-                f"[dit-bench] note: {other} ({other.stat().st_size / 2**20:.0f} MiB) holds the "
-                "features of an interrupted eval of another request (other settings, or an "
-                "earlier checkpoint): this one does not resume from it; delete it if that eval "
-                "will not be run again",
-                file=sys.stderr,
-            )
-    saved, last_save = done, time.perf_counter()
+        if other.name.startswith(mine):
+            continue
+        try:  # an eval stopped and not run again, or its run trained on since
+            mib = other.stat().st_size / 2**20
+        except FileNotFoundError:  # removed since the listing: an eval of it finished
+            continue
+        print(
+            f"[dit-bench] note: {other} ({mib:.0f} MiB) holds the features of an interrupted "
+            "eval of another request (other settings, or an earlier checkpoint): this one does "
+            "not resume from it; delete it if that eval will not be run again",
+            file=sys.stderr,
+        )
+    saved, last_save = sum(len(f) for _, f, _ in kept), time.perf_counter()
+    done = resumed_from
     diverged = False  # seeded samples: a rerun draws the same ones and stops there again
 
     def save() -> None:
         nonlocal saved, last_save
         chunks = kept[:]  # what a save finds is what it counts
         try:
-            _save_partial(partial, key, chunks, sample_seconds)
+            _save_partial(
+                partial,
+                key,
+                [(f, z) for _, f, z in chunks],
+                sample_seconds,
+                starts=[s for s, _, _ in chunks],
+            )
         except OSError as e:
             # a full disk or quota: the save is for a resume only; the features in memory
             # still make the record (a few kB, where 50,000 samples' features are 0.8 GB)
             print(f"[dit-bench] could not save the features so far: {e}", file=sys.stderr)
             last_save = time.perf_counter()  # tried again a PARTIAL_EVERY_S later
             return
-        saved, last_save = sum(len(f) for f, _ in chunks), time.perf_counter()
+        saved, last_save = sum(len(f) for _, f, _ in chunks), time.perf_counter()
 
     # Streamed: a chunk of images is sampled, decoded and reduced to its features, and only
     # those are kept (FID-50K of 256x256 images held 39 GB of samples, 0.4 GB of features);
     # they are saved every PARTIAL_EVERY_S and as the eval stops, so a Ctrl-C, a SIGTERM or an
     # error loses no finished chunk, a kill -9 those since the last save.
     try:
-        for start in range(done, n, request.batch_size):
-            stop = min(start + request.batch_size, n)
+        bs = request.batch_size
+        for start, stop in [(s, min(s + bs, b)) for a, b in todo for s in range(a, b, bs)]:
             t_sample = time.perf_counter()
             images = generate(
                 module,
@@ -543,32 +612,47 @@ def evaluate_run(
                 "No metric is computed from them",
             )
             diverged = False
-            features_logits = net.features(images, batch_size=request.batch_size)
+            feats, logits = net.features(images, batch_size=request.batch_size)
             del images  # before the next chunk is sampled: one chunk of images at a time
-            kept.append(features_logits)
-            done = stop
-            say(f"sampled {done}/{n}")
+            kept.append((start, feats, logits))
+            done += stop - start
+            say(f"sampled {done}/{size}{of_shard}")
             if time.perf_counter() - last_save >= PARTIAL_EVERY_S:
                 save()
-        if done > saved:  # scoring and the anchors may still fail: keep what cost the most
-            save()
+        if sum(len(f) for _, f, _ in kept) > saved:  # scoring and the anchors may still fail:
+            save()  # keep what cost the most
     except BaseException:
         if diverged:  # nothing to resume: the same seeds give the same non-finite samples
             partial.unlink(missing_ok=True)
             raise
-        if sum(len(f) for f, _ in kept) > saved:
+        if sum(len(f) for _, f, _ in kept) > saved:
             save()
         if saved:
             print(
-                f"[dit-bench] kept the features of {saved:,} of {n:,} samples in {partial}: "
-                "the same command resumes from them",
+                f"[dit-bench] kept the features of {saved:,} of {size:,} samples{of_shard} in "
+                f"{partial}: the same command resumes from them",
                 file=sys.stderr,
             )
         raise
+    if shard is not None:  # no record: the eval without --shard scores every shard's features
+        if saved < size:  # a full disk at the last save: said above; the work is not kept
+            raise OSError(
+                f"--shard {shard[0]}/{shard[1]}: the features of samples {lo}..{hi - 1} could "
+                f"not be saved in {partial}; run it again once there is room"
+            )
+        return {
+            "shard": list(shard),
+            "samples": [lo, hi],
+            "num_samples": n,
+            "file": str(partial),
+            "sample_seconds": round(sample_seconds, 2),
+        }
     labels = eval_labels(n, module.info.num_classes)
     say(f"{features} features of {n} samples; scoring {', '.join(wanted)}")
-    gen_feats = np.concatenate([f for f, _ in kept])
-    gen_logits = None if kept[0][1] is None else np.concatenate([z for _, z in kept])
+    # in index order: KID's subsets and the labels of label adherence go by it
+    everything = sorted(kept + taken, key=lambda c: c[0])
+    gen_feats = np.concatenate([f for _, f, _ in everything])
+    gen_logits = None if everything[0][2] is None else np.concatenate([z for *_, z in everything])
     metrics = score(gen_feats, gen_logits, ref, net, wanted, labels if same_classes else None)
 
     anchors = {}
@@ -654,13 +738,19 @@ def evaluate_run(
             "inception_score": {"splits": IS_SPLITS},
             "batch_size": request.batch_size,
             "device": device,
-            # samples whose features an interrupted eval of this request saved (partial_path)
+            # samples whose features an interrupted eval of this request, or its shards,
+            # saved (partial_path)
             "resumed_from": resumed_from,
+            # the shards' samples taken, [first, last + 1) ranges by shard ("3/8": block 3 of
+            # 8); the rest this eval drew, or resumed from its own file
+            "shards": {
+                _shard_of(path): _ranges(found_ranges) for path, found_ranges in used.items()
+            },
             "engine": "dit_bench.metrics.distances (numpy/scipy float64); cross-checked "
             "against clean-fid and torchmetrics in tests/test_features.py",
         },
         "request": asdict(request),
-        "sample_seconds": round(sample_seconds, 2),
+        "sample_seconds": round(sample_seconds + shard_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "versions": package_versions(("torchmetrics", "clean-fid", "scipy")),
         "git_commit": git_commit(),
@@ -674,7 +764,8 @@ def evaluate_run(
         if out.exists():  # the default eval.json, or an -o naming an earlier record
             _keep_earlier(out)
         write_json_atomic(out, record)
-    partial.unlink(missing_ok=True)
+    for path in [partial, *shard_paths(out, key)]:  # the shards' too: the record holds them
+        path.unlink(missing_ok=True)
     return record
 
 
@@ -684,18 +775,63 @@ PARTIAL_EVERY_S = 60.0
 PARTIAL_FORMAT = 1  # bump when what a saved sample's features depend on changes
 
 
-def partial_path(out: Path, key: dict) -> Path:
+def check_shard(k: int, n: int) -> None:
+    """A ValueError unless shard `k` of `n` (--shard K/N) is one: 0 <= K < N."""
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {k}/{n}: K/N takes 0 <= K < N (shards 0/{n}..{n - 1}/{n})")
+
+
+def shard_block(k: int, n: int, num_samples: int) -> tuple[int, int]:
+    """[first, last + 1) of the samples of shard `k` of `n`: contiguous blocks, sizes within 1."""
+    return k * num_samples // n, (k + 1) * num_samples // n
+
+
+def partial_path(out: Path, key: dict, shard: tuple[int, int] | None = None) -> Path:
     """Where an eval that writes the record `out` keeps its features so far: beside the record,
     named by the sha256 of `key` (run config, checkpoint, seed, sampler, features, n ...), so
-    evals of other requests side by side keep files of their own and never read another's."""
+    evals of other requests side by side keep files of their own and never read another's;
+    shard K of N (--shard K/N) in `<record>.<key>.shard-K-of-N.partial.npz`, one file each."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return out.with_name(f"{out.name}.{digest}.partial.npz")
+    part = "" if shard is None else f"shard-{shard[0]}-of-{shard[1]}."
+    return out.with_name(f"{out.name}.{digest}.{part}partial.npz")
 
 
-def _save_partial(path: Path, key: dict, kept: list, seconds: float) -> None:
+def shard_paths(out: Path, key: dict) -> list[Path]:
+    """The shard files of `key` beside the record `out`, of any split."""
+    prefix = partial_path(out, key).name.removesuffix("partial.npz")
+    return sorted(out.parent.glob(f"{glob.escape(prefix)}shard-*-of-*.partial.npz"))
+
+
+def _shard_of(path: Path) -> str:
+    """K/N, as --shard takes it, of a shard file's name (`partial_path`)."""
+    k, _, n = path.name.rsplit(".", 3)[1].removeprefix("shard-").partition("-of-")
+    return f"{k}/{n}"
+
+
+def _ranges(ranges: list) -> list:
+    """[first, stop) ranges in order, adjacent ones joined."""
+    out: list = []
+    for first, stop in ranges:
+        if out and out[-1][1] == first:
+            out[-1][1] = stop
+        else:
+            out.append([first, stop])
+    return out
+
+
+def _save_partial(
+    path: Path, key: dict, kept: list, seconds: float, starts: list[int] | None = None
+) -> None:
+    """`kept`: (features, logits or None) of chunks of samples; chunk i's first index is
+    starts[i] (default: one after another from 0)."""
+    lengths = [len(f) for f, _ in kept]
+    if starts is None:
+        starts = np.cumsum([0, *lengths[:-1]]).tolist()
     arrays = {
         "key": np.array(json.dumps(key, sort_keys=True)),
         "features": np.concatenate([f for f, _ in kept]),
+        "starts": np.array(starts, dtype=np.int64),
+        "lengths": np.array(lengths, dtype=np.int64),
         "sample_seconds": np.array(seconds),
     }
     if kept[0][1] is not None:
@@ -707,20 +843,34 @@ def _save_partial(path: Path, key: dict, kept: list, seconds: float) -> None:
 
 
 def _load_partial(path: Path, key: dict) -> tuple[list, float]:
-    """([(features, logits or None)], sampling seconds) an earlier eval of `key` saved at
-    `path`, else nothing: a file of another key (or unreadable) is not mixed in, and is
-    replaced."""
+    """([(first index, features, logits or None)] of its chunks, sampling seconds) an earlier
+    eval of `key` saved at `path`, else nothing: a file of another key (or unreadable) is not
+    mixed in, and is replaced."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != json.dumps(key, sort_keys=True):
                 raise ValueError("saved by another request")
+            feats = z["features"]
             logits = z["logits"] if "logits" in z.files else None
-            return [(z["features"], logits)], float(z["sample_seconds"])
+            # a file saved before shards: one chunk, from sample 0
+            starts = z["starts"].tolist() if "starts" in z.files else [0]
+            lengths = z["lengths"].tolist() if "lengths" in z.files else [len(feats)]
+            seconds = float(z["sample_seconds"])
+            if sum(lengths) != len(feats) or (logits is not None and len(logits) != len(feats)):
+                raise ValueError("its chunks are not its features")
     except FileNotFoundError:
-        pass
+        return [], 0.0
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        print(f"[dit-bench] note: {path} is not used ({e}); starting over", file=sys.stderr)
-    return [], 0.0
+        print(
+            f"[dit-bench] note: {path} is not used ({e}); its samples are drawn again",
+            file=sys.stderr,
+        )
+        return [], 0.0
+    ends = np.cumsum(lengths).tolist()
+    return [
+        (s, feats[e - m : e], None if logits is None else logits[e - m : e])
+        for s, m, e in zip(starts, lengths, ends, strict=True)
+    ], seconds
 
 
 def _keep_earlier(path: Path) -> Path:
@@ -748,10 +898,12 @@ __all__ = [
     "EvalRequest",
     "NoCheckpointError",
     "check_sampling",
+    "check_shard",
     "evaluate_run",
     "eval_labels",
     "generate",
     "partial_path",
     "sample_seed",
+    "shard_block",
     "score",
 ]
