@@ -217,6 +217,53 @@ def test_reference_stats_of_a_data_set_read_in_chunks_are_those_of_its_whole_ten
     np.testing.assert_array_equal(cached.sigma, whole.sigma)
 
 
+def test_reference_hash_reads_the_held_out_images_batch_size_at_a_time(net, tmp_path, monkeypatch):
+    # the hash read a fixed 256 images a chunk whatever the batch size: 3.3 GiB at its peak
+    # for 512x512 images under eval --batch-size 16, where the features took 16 at a time
+    from dit_bench.metrics import reference
+
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path))
+    _, val = load_datasets(DataConfig(name="digits"))
+    whole = reference_stats(dataset_tensors(val)[0], net, cache=False)
+    read, stack_items = [], reference.stack_items
+    monkeypatch.setattr(
+        reference, "stack_items", lambda d, idx: read.append(len(idx)) or stack_items(d, idx)
+    )
+    chunked = reference_stats(HeldOutImages(val), net, batch_size=16)
+    assert max(read) == 16 and sum(read) == 2 * len(val)  # the hash, then the features
+    assert chunked.meta["content_sha256"] == whole.meta["content_sha256"]
+
+
+def test_held_out_images_changed_between_hash_and_features_are_not_cached(
+    net, tmp_path, monkeypatch, capsys
+):
+    # a miss reads the images twice (their hash, then their features): a folder rewritten in
+    # between (a sync still running) cached the features of other images under the first's id
+    from dit_bench.metrics import reference
+
+    monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path))
+    _, val = load_datasets(DataConfig(name="digits"))
+    reads = []
+
+    class Rewritten(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(val)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            x, y = val[i]
+            return (-x if len(reads) > 1 + len(val) else x), y  # others in the features pass
+
+    stats = reference_stats(HeldOutImages(Rewritten()), net, batch_size=16)
+    assert len(reads) == 2 * len(val) + 1  # the shape's first item, the hash, the features
+    assert "changed while they were read" in capsys.readouterr().err
+    assert not list((tmp_path / "refstats").glob("*.npz"))  # nothing under the first's id
+    assert stats.meta["content_sha256"] == reference.content_hash(dataset_tensors(val)[0])
+    stats = reference_stats(HeldOutImages(val), net, batch_size=16)  # unchanged: cached
+    assert not stats.meta["cached"] and "changed" not in capsys.readouterr().err
+    assert list((tmp_path / "refstats").glob(f"{stats.id}.npz"))
+
+
 def test_reference_stats_are_keyed_by_all_that_makes_the_features(net, digits, cache):
     """A cache id shared by two inputs serves one's statistics for the other: every FD
     against them is then silently wrong."""
