@@ -1125,3 +1125,58 @@ def test_a_shard_is_refused_before_sampling_where_it_holds_no_sample(tmp_path, c
     with pytest.raises(ValueError, match="--shard 0/31: 31 shards of 30 samples leave some empty"):
         evaluate_run(run, STREAMED, progress=False, shard=(0, 31))
     assert calls == [] and not list(run.glob("eval.json*"))
+
+
+def test_shard_files_of_a_copied_checkpoint_say_that_its_time_differs(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # shards on machines sharing -o's folder, each with its own copy of the run folder: a copy
+    # made without its times (scp, cp) gives the checkpoint another mtime, part of the key; the
+    # eval drew all 50,000 samples again, saying only "an interrupted eval of another request"
+    run = _saved_run(tmp_path, 12)
+    out = tmp_path / "shared" / "eval.json"
+    out.parent.mkdir()
+    for k in (0, 1):
+        evaluate_run(run, STREAMED, output=out, progress=False, shard=(k, 3))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, output=out, progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(30))  # not the same weights
+    assert record["protocol"]["shards"] == {}
+    err = capsys.readouterr().err
+    assert "interrupted eval of another request" not in err
+    assert err.count("another modification time") == 2
+    assert "cp -p, rsync -a" in err
+
+
+def test_the_eval_with_o_takes_the_shards_run_without_it(tmp_path, cache, monkeypatch, capsys):
+    # eight GPUs' shards beside RUN_DIR/eval.json, the last eval with -o: it drew all the
+    # samples again on one, saying nothing of the shards' files
+    run = _saved_run(tmp_path, 12)
+    _shards(run, which=(0, 1))
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, output=tmp_path / "e.json", progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(20, 30))
+    assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "1/3": [[10, 20]]}
+    assert record["protocol"]["resumed_from"] == 20
+    assert not list(run.glob("eval.json.*.npz")) and not list(tmp_path.glob("e.json.*.npz"))
+
+
+def test_a_partial_file_saved_before_shards_loads_as_one_chunk_from_0(tmp_path):
+    # an eval stopped before --shard landed: no starts or lengths in its file
+    from dit_bench.metrics.evaluate import _load_partial
+
+    key, path = {"seed": 0}, tmp_path / "eval.json.k.partial.npz"
+    feats, logits = np.arange(24.0).reshape(12, 2), np.ones((12, 10))
+    np.savez(
+        path,
+        key=np.array(json.dumps(key)),
+        features=feats,
+        logits=logits,
+        sample_seconds=np.array(3.0),
+    )
+    ((start, f, z),), seconds = _load_partial(path, key)
+    assert start == 0 and seconds == 3.0
+    assert np.array_equal(f, feats) and np.array_equal(z, logits)

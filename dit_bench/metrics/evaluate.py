@@ -503,8 +503,13 @@ def evaluate_run(
     size, of_shard = hi - lo, "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
     own, own_seconds = _load_partial(partial, key)
     found = {partial: (own, own_seconds)}
+    # the records beside which this request's shards keep their files: with -o, also the
+    # default one (shards run without -o, their features as good)
+    default = run_dir / "eval.json"
+    beside = [out] if out.resolve() == default.resolve() else [out, default]
     if shard is None:  # what this request's shards drew, finished or not, of any split
-        found.update({path: _load_partial(path, key) for path in shard_paths(out, key)})
+        shard_files = [path for record in beside for path in shard_paths(record, key)]
+        found.update({path: _load_partial(path, key) for path in shard_files})
     # (first index, features, logits or None) of each chunk, appended as one: a Ctrl-C between
     # two lists' appends would have saved one chunk's features without its logits. Each sample
     # is taken from one file: shards of two splits (3 and 4) overlap, and a shard finished
@@ -554,6 +559,16 @@ def evaluate_run(
         try:  # an eval stopped and not run again, or its run trained on since
             mib = other.stat().st_size / 2**20
         except FileNotFoundError:  # removed since the listing: an eval of it finished
+            continue
+        if _other_checkpoint_time(other, key):
+            print(
+                f"[dit-bench] note: {other} ({mib:.0f} MiB) holds features of this request but "
+                "of a checkpoint file with another modification time (a copy of the run folder "
+                "made without its times, on another machine?): not used, as a run trained again "
+                "to the same step would not be; copy run folders with their times (cp -p, "
+                "rsync -a) for their shards' features to be taken",
+                file=sys.stderr,
+            )
             continue
         print(
             f"[dit-bench] note: {other} ({mib:.0f} MiB) holds the features of an interrupted "
@@ -764,7 +779,8 @@ def evaluate_run(
         if out.exists():  # the default eval.json, or an -o naming an earlier record
             _keep_earlier(out)
         write_json_atomic(out, record)
-    for path in [partial, *shard_paths(out, key)]:  # the shards' too: the record holds them
+    shard_files = [path for record in beside for path in shard_paths(record, key)]
+    for path in [partial, *shard_files]:  # the shards' too: the record holds them
         path.unlink(missing_ok=True)
     return record
 
@@ -800,6 +816,23 @@ def shard_paths(out: Path, key: dict) -> list[Path]:
     """The shard files of `key` beside the record `out`, of any split."""
     prefix = partial_path(out, key).name.removesuffix("partial.npz")
     return sorted(out.parent.glob(f"{glob.escape(prefix)}shard-*-of-*.partial.npz"))
+
+
+def _other_checkpoint_time(path: Path, key: dict) -> bool:
+    """Whether the partial file `path` is of `key` but for the checkpoint file's mtime."""
+    try:
+        with np.load(path, allow_pickle=False) as z:  # reads the key alone
+            theirs = json.loads(str(z["key"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    ours = json.loads(json.dumps(key))  # as a file's key reads back: lists, not tuples
+    mine, other = ours["checkpoint"], theirs.get("checkpoint")
+    return (
+        isinstance(other, list)
+        and other[:3] == mine[:3]
+        and other[3:] != mine[3:]
+        and theirs | {"checkpoint": mine} == ours
+    )
 
 
 def _shard_of(path: Path) -> str:
