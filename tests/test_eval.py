@@ -815,12 +815,12 @@ def test_features_saved_by_another_request_are_not_used(tmp_path, cache, monkeyp
     err = capsys.readouterr().err
     assert "resuming" not in err
     # the two files nothing will resume from are named (up to 0.8 GB each, left forever)
-    assert err.count("holds the features of an interrupted eval of another request") == 2
+    assert err.count("holds the features of an eval of another request") == 2
     # a file under the request's name but of another key (copied, or a digest collision)
     from dit_bench.metrics.evaluate import _load_partial, _save_partial, partial_path
 
     key, other = {"seed": 0}, {"seed": 1}
-    _save_partial(partial_path(run / "x.json", key), other, [(np.zeros((8, 2)), None)], 1.0)
+    _save_partial(partial_path(run / "x.json", key), other, [(0, np.zeros((8, 2)), None)], 1.0)
     assert _load_partial(partial_path(run / "x.json", key), key) == ([], 0.0)
     assert "not used (saved by another request)" in capsys.readouterr().err
 
@@ -1086,7 +1086,7 @@ def test_shard_files_of_another_request_are_not_used(tmp_path, cache, monkeypatc
     assert record["protocol"]["shards"] == {} and record["protocol"]["resumed_from"] == 0
     err = capsys.readouterr().err
     assert "resuming" not in err
-    assert err.count("holds the features of an interrupted eval of another request") == 3
+    assert err.count("holds the features of an eval of another request") == 3
     assert len(list(run.glob("eval.json.*.shard-*.partial.npz"))) == 3  # left as they were
 
 
@@ -1127,28 +1127,30 @@ def test_a_shard_is_refused_before_sampling_where_it_holds_no_sample(tmp_path, c
     assert calls == [] and not list(run.glob("eval.json*"))
 
 
-def test_shard_files_of_a_copied_checkpoint_say_that_its_time_differs(
-    tmp_path, cache, monkeypatch, capsys
-):
+def test_shard_files_of_a_copied_checkpoint_are_taken(tmp_path, cache, monkeypatch, capsys):
     # shards on machines sharing -o's folder, each with its own copy of the run folder: a copy
-    # made without its times (scp, cp) gives the checkpoint another mtime, part of the key; the
-    # eval drew all 50,000 samples again, saying only "an interrupted eval of another request"
+    # made without its times (scp, cp) gave the checkpoint another mtime, then part of the key,
+    # and the eval drew all 50,000 samples again; the key has the checkpoint's content now
+    from dit_bench.metrics.evaluate import checkpoint_fingerprint
+
     run = _saved_run(tmp_path, 12)
     out = tmp_path / "shared" / "eval.json"
     out.parent.mkdir()
     for k in (0, 1):
         evaluate_run(run, STREAMED, output=out, progress=False, shard=(k, 3))
     ckpt = run / "checkpoints" / "last.ckpt"
-    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
-    capsys.readouterr()
+    before = checkpoint_fingerprint(ckpt)
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(ckpt.read_bytes())  # another file, another mtime, the same content
+    os.replace(copy, ckpt)
+    assert checkpoint_fingerprint(ckpt) == before
     calls = _spy_generate(monkeypatch)
     record = evaluate_run(run, STREAMED, output=out, progress=False)
-    assert [i for chunk in calls for i in chunk] == list(range(30))  # not the same weights
-    assert record["protocol"]["shards"] == {}
-    err = capsys.readouterr().err
-    assert "interrupted eval of another request" not in err
-    assert err.count("another modification time") == 2
-    assert "cp -p, rsync -a" in err
+    assert [i for chunk in calls for i in chunk] == list(range(20, 30))
+    assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "1/3": [[10, 20]]}
+    # a checkpoint of other weights (a run trained again to the same step) is another key
+    _saved_run(tmp_path, 12)
+    assert checkpoint_fingerprint(ckpt) != before
 
 
 def test_the_eval_with_o_takes_the_shards_run_without_it(tmp_path, cache, monkeypatch, capsys):
@@ -1162,21 +1164,3 @@ def test_the_eval_with_o_takes_the_shards_run_without_it(tmp_path, cache, monkey
     assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "1/3": [[10, 20]]}
     assert record["protocol"]["resumed_from"] == 20
     assert not list(run.glob("eval.json.*.npz")) and not list(tmp_path.glob("e.json.*.npz"))
-
-
-def test_a_partial_file_saved_before_shards_loads_as_one_chunk_from_0(tmp_path):
-    # an eval stopped before --shard landed: no starts or lengths in its file
-    from dit_bench.metrics.evaluate import _load_partial
-
-    key, path = {"seed": 0}, tmp_path / "eval.json.k.partial.npz"
-    feats, logits = np.arange(24.0).reshape(12, 2), np.ones((12, 10))
-    np.savez(
-        path,
-        key=np.array(json.dumps(key)),
-        features=feats,
-        logits=logits,
-        sample_seconds=np.array(3.0),
-    )
-    ((start, f, z),), seconds = _load_partial(path, key)
-    assert start == 0 and seconds == 3.0
-    assert np.array_equal(f, feats) and np.array_equal(z, logits)

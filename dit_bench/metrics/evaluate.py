@@ -482,13 +482,17 @@ def evaluate_run(
 
         compile_backbone(module.eval_net(use_ema))
     step = module.checkpoint_step
-    ckpt = (run_dir / "checkpoints" / request.checkpoint).stat()
     # all that sample i's features depend on (batch size, device and compile: float rounding
-    # only); the size and time of the file: a run trained again to the same step
+    # only); the checkpoint by its content (`checkpoint_fingerprint`): a copy of the run folder
+    # is the same, a run trained again to the same step is not
     key = {
         "format": PARTIAL_FORMAT,
         "config_hash": cfg.hash,
-        "checkpoint": [request.checkpoint, step, ckpt.st_size, ckpt.st_mtime_ns],
+        "checkpoint": [
+            request.checkpoint,
+            step,
+            checkpoint_fingerprint(run_dir / "checkpoints" / request.checkpoint),
+        ],
         "seed": request.seed,
         "sampler": sampler,
         "steps": steps,
@@ -498,114 +502,18 @@ def evaluate_run(
         "decoder": latent_hash,  # the VAE a latents run's samples are decoded by, else None
         "num_samples": n,
     }
-    partial = partial_path(out, key, shard)  # this process's own file
-    lo, hi = (0, n) if shard is None else shard_block(*shard, n)
-    size, of_shard = hi - lo, "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
-    own, own_seconds = _load_partial(partial, key)
-    found = {partial: (own, own_seconds)}
-    # the records beside which this request's shards keep their files: with -o, also the
-    # default one (shards run without -o, their features as good)
+    # with -o, the shards' files beside the default record too (shards run without -o)
     default = run_dir / "eval.json"
-    beside = [out] if out.resolve() == default.resolve() else [out, default]
-    if shard is None:  # what this request's shards drew, finished or not, of any split
-        shard_files = [path for record in beside for path in shard_paths(record, key)]
-        found.update({path: _load_partial(path, key) for path in shard_files})
-    # (first index, features, logits or None) of each chunk, appended as one: a Ctrl-C between
-    # two lists' appends would have saved one chunk's features without its logits. Each sample
-    # is taken from one file: shards of two splits (3 and 4) overlap, and a shard finished
-    # after an interrupted whole eval drew part of its block holds some of its samples too.
-    kept, taken, used, twice, at = [], [], {}, 0, lo
-    for s, f, z, path in sorted(
-        ((s, f, z, path) for path, (got, _) in found.items() for s, f, z in got),
-        key=lambda c: (c[0], -len(c[1])),
-    ):
-        first, stop = max(s, at), min(s + len(f), hi)
-        twice += max(0, min(at, s + len(f)) - max(s, lo))
-        if first >= stop:
-            continue
-        chunk = (first, f[first - s : stop - s], None if z is None else z[first - s : stop - s])
-        if path == partial:
-            kept.append(chunk)
-        else:
-            taken.append(chunk)
-            used.setdefault(path, []).append([first, stop])
-        at = stop
-    # this process's sampling (its file's), and the shards': summed in the record
-    sample_seconds = own_seconds
-    shard_seconds = sum(found[path][1] for path in used)
-    resumed_from = sum(len(f) for _, f, _ in kept + taken)
-    if resumed_from:
-        sources = ", ".join(str(p) for p in ([partial] if kept else []) + list(used))
-        print(
-            f"[dit-bench] resuming: {resumed_from:,} of {size:,} samples' features{of_shard} "
-            f"from {sources}",
-            file=sys.stderr,
-        )
-    if twice:
-        print(
-            f"[dit-bench] note: {twice:,} samples' features are in more than one file (shards "
-            "of two splits?): each is taken once",
-            file=sys.stderr,
-        )
-    todo, at = [], lo  # the index ranges no file holds
-    for s, f, _ in sorted(kept + taken, key=lambda c: c[0]):
-        todo += [(at, s)] if s > at else []
-        at = s + len(f)
-    todo += [(at, hi)] if hi > at else []
-    mine = partial_path(out, key).name.removesuffix("partial.npz")  # this request's files
-    for other in sorted(out.parent.glob(f"{out.name}.*.partial.npz")):
-        if other.name.startswith(mine):
-            continue
-        try:  # an eval stopped and not run again, or its run trained on since
-            mib = other.stat().st_size / 2**20
-        except FileNotFoundError:  # removed since the listing: an eval of it finished
-            continue
-        if _other_checkpoint_time(other, key):
-            print(
-                f"[dit-bench] note: {other} ({mib:.0f} MiB) holds features of this request but "
-                "of a checkpoint file with another modification time (a copy of the run folder "
-                "made without its times, on another machine?): not used, as a run trained again "
-                "to the same step would not be; copy run folders with their times (cp -p, "
-                "rsync -a) for their shards' features to be taken",
-                file=sys.stderr,
-            )
-            continue
-        print(
-            f"[dit-bench] note: {other} ({mib:.0f} MiB) holds the features of an interrupted "
-            "eval of another request (other settings, or an earlier checkpoint): this one does "
-            "not resume from it; delete it if that eval will not be run again",
-            file=sys.stderr,
-        )
-    saved, last_save = sum(len(f) for _, f, _ in kept), time.perf_counter()
-    done = resumed_from
+    beside = [] if out.resolve() == default.resolve() else [default]
+    store = SavedFeatures(out, key, n, shard, also_beside=beside)
+    store.announce()
     diverged = False  # seeded samples: a rerun draws the same ones and stops there again
-
-    def save() -> None:
-        nonlocal saved, last_save
-        chunks = kept[:]  # what a save finds is what it counts
-        try:
-            _save_partial(
-                partial,
-                key,
-                [(f, z) for _, f, z in chunks],
-                sample_seconds,
-                starts=[s for s, _, _ in chunks],
-            )
-        except OSError as e:
-            # a full disk or quota: the save is for a resume only; the features in memory
-            # still make the record (a few kB, where 50,000 samples' features are 0.8 GB)
-            print(f"[dit-bench] could not save the features so far: {e}", file=sys.stderr)
-            last_save = time.perf_counter()  # tried again a PARTIAL_EVERY_S later
-            return
-        saved, last_save = sum(len(f) for _, f, _ in chunks), time.perf_counter()
-
     # Streamed: a chunk of images is sampled, decoded and reduced to its features, and only
     # those are kept (FID-50K of 256x256 images held 39 GB of samples, 0.4 GB of features);
-    # they are saved every PARTIAL_EVERY_S and as the eval stops, so a Ctrl-C, a SIGTERM or an
-    # error loses no finished chunk, a kill -9 those since the last save.
+    # the store saves them every PARTIAL_EVERY_S and as the eval stops, so a Ctrl-C, a SIGTERM
+    # or an error loses no finished chunk, a kill -9 those since the last save.
     try:
-        bs = request.batch_size
-        for start, stop in [(s, min(s + bs, b)) for a, b in todo for s in range(a, b, bs)]:
+        for start, stop in store.to_draw(request.batch_size):
             t_sample = time.perf_counter()
             images = generate(
                 module,
@@ -617,7 +525,7 @@ def evaluate_run(
                 use_ema=use_ema,
                 batch_size=request.batch_size,
             )
-            sample_seconds += time.perf_counter() - t_sample
+            seconds = time.perf_counter() - t_sample
             if decode is not None:
                 images = decode(images)
             diverged = True
@@ -629,45 +537,21 @@ def evaluate_run(
             diverged = False
             feats, logits = net.features(images, batch_size=request.batch_size)
             del images  # before the next chunk is sampled: one chunk of images at a time
-            kept.append((start, feats, logits))
-            done += stop - start
-            say(f"sampled {done}/{size}{of_shard}")
-            if time.perf_counter() - last_save >= PARTIAL_EVERY_S:
-                save()
-        if sum(len(f) for _, f, _ in kept) > saved:  # scoring and the anchors may still fail:
-            save()  # keep what cost the most
+            store.add(start, feats, logits, seconds)
+            say(f"sampled {store.count()}/{store.size}{store.of_shard}")
+        store.save(unless_saved=True)  # scoring and the anchors may still fail: keep what cost most
     except BaseException:
         if diverged:  # nothing to resume: the same seeds give the same non-finite samples
-            partial.unlink(missing_ok=True)
+            store.path.unlink(missing_ok=True)
             raise
-        if sum(len(f) for _, f, _ in kept) > saved:
-            save()
-        if saved:
-            print(
-                f"[dit-bench] kept the features of {saved:,} of {size:,} samples{of_shard} in "
-                f"{partial}: the same command resumes from them",
-                file=sys.stderr,
-            )
+        store.save(unless_saved=True)
+        store.say_kept()
         raise
     if shard is not None:  # no record: the eval without --shard scores every shard's features
-        if saved < size:  # a full disk at the last save: said above; the work is not kept
-            raise OSError(
-                f"--shard {shard[0]}/{shard[1]}: the features of samples {lo}..{hi - 1} could "
-                f"not be saved in {partial}; run it again once there is room"
-            )
-        return {
-            "shard": list(shard),
-            "samples": [lo, hi],
-            "num_samples": n,
-            "file": str(partial),
-            "sample_seconds": round(sample_seconds, 2),
-        }
+        return store.shard_done()
     labels = eval_labels(n, module.info.num_classes)
     say(f"{features} features of {n} samples; scoring {', '.join(wanted)}")
-    # in index order: KID's subsets and the labels of label adherence go by it
-    everything = sorted(kept + taken, key=lambda c: c[0])
-    gen_feats = np.concatenate([f for _, f, _ in everything])
-    gen_logits = None if everything[0][2] is None else np.concatenate([z for *_, z in everything])
+    gen_feats, gen_logits = store.features()
     metrics = score(gen_feats, gen_logits, ref, net, wanted, labels if same_classes else None)
 
     anchors = {}
@@ -755,17 +639,15 @@ def evaluate_run(
             "device": device,
             # samples whose features an interrupted eval of this request, or its shards,
             # saved (partial_path)
-            "resumed_from": resumed_from,
+            "resumed_from": store.resumed_from,
             # the shards' samples taken, [first, last + 1) ranges by shard ("3/8": block 3 of
             # 8); the rest this eval drew, or resumed from its own file
-            "shards": {
-                _shard_of(path): _ranges(found_ranges) for path, found_ranges in used.items()
-            },
+            "shards": store.shards_taken(),
             "engine": "dit_bench.metrics.distances (numpy/scipy float64); cross-checked "
             "against clean-fid and torchmetrics in tests/test_features.py",
         },
         "request": asdict(request),
-        "sample_seconds": round(sample_seconds + shard_seconds, 2),
+        "sample_seconds": round(store.sample_seconds + store.shard_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "versions": package_versions(("torchmetrics", "clean-fid", "scipy")),
         "git_commit": git_commit(),
@@ -779,16 +661,14 @@ def evaluate_run(
         if out.exists():  # the default eval.json, or an -o naming an earlier record
             _keep_earlier(out)
         write_json_atomic(out, record)
-    shard_files = [path for record in beside for path in shard_paths(record, key)]
-    for path in [partial, *shard_files]:  # the shards' too: the record holds them
-        path.unlink(missing_ok=True)
+    store.remove()  # the shards' files too: the record holds their features
     return record
 
 
 # An interrupted eval's features so far: saved at most this often (a file of 50,000 Inception
 # features is 0.8 GB), and when it stops (Ctrl-C, SIGTERM, an error)
 PARTIAL_EVERY_S = 60.0
-PARTIAL_FORMAT = 1  # bump when what a saved sample's features depend on changes
+PARTIAL_FORMAT = 2  # bump when what a saved sample's features depend on changes
 
 
 def check_shard(k: int, n: int) -> None:
@@ -800,6 +680,27 @@ def check_shard(k: int, n: int) -> None:
 def shard_block(k: int, n: int, num_samples: int) -> tuple[int, int]:
     """[first, last + 1) of the samples of shard `k` of `n`: contiguous blocks, sizes within 1."""
     return k * num_samples // n, (k + 1) * num_samples // n
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """What a checkpoint file holds, for the key of its features: the sha256 of its zip
+    directory (each member's size and CRC-32, as torch.save writes them), read in milliseconds
+    where DiT-XL/2's file is gigabytes. A copy (scp, cp without -p: another mtime) has the
+    same; a run trained again to the same step has other weights. A file that is no zip: its
+    sha256, all of it."""
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as z:
+            # names without their first folder, which torch.save names after the file written
+            for info in sorted(z.infolist(), key=lambda i: i.filename.partition("/")[2]):
+                h.update(
+                    f"{info.filename.partition('/')[2]}\0{info.file_size}\0{info.CRC}\n".encode()
+                )
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def partial_path(out: Path, key: dict, shard: tuple[int, int] | None = None) -> Path:
@@ -818,21 +719,168 @@ def shard_paths(out: Path, key: dict) -> list[Path]:
     return sorted(out.parent.glob(f"{glob.escape(prefix)}shard-*-of-*.partial.npz"))
 
 
-def _other_checkpoint_time(path: Path, key: dict) -> bool:
-    """Whether the partial file `path` is of `key` but for the checkpoint file's mtime."""
-    try:
-        with np.load(path, allow_pickle=False) as z:  # reads the key alone
-            theirs = json.loads(str(z["key"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return False
-    ours = json.loads(json.dumps(key))  # as a file's key reads back: lists, not tuples
-    mine, other = ours["checkpoint"], theirs.get("checkpoint")
-    return (
-        isinstance(other, list)
-        and other[:3] == mine[:3]
-        and other[3:] != mine[3:]
-        and theirs | {"checkpoint": mine} == ours
-    )
+class SavedFeatures:
+    """The features of an eval's samples so far, and the files they are saved in and resumed
+    from: this process's own (`partial_path`: the request's, or shard K of N's), and for the
+    eval without a shard every shard file of its key beside its record (and `also_beside`
+    records'). Chunks are (first index, features, logits or None); each sample is taken from
+    one file: shards of two splits (3 and 4) overlap, and a shard finished after an interrupted
+    whole eval drew part of its block holds some of the same samples."""
+
+    def __init__(
+        self,
+        out: Path,
+        key: dict,
+        n: int,
+        shard: tuple[int, int] | None = None,
+        also_beside: Sequence[Path] = (),
+    ):
+        self.out, self.key, self.n, self.shard = out, key, n, shard
+        self.records = [out, *also_beside]
+        self.path = partial_path(out, key, shard)
+        self.lo, self.hi = (0, n) if shard is None else shard_block(*shard, n)
+        self.size = self.hi - self.lo
+        self.of_shard = "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
+        own, self.sample_seconds = _load_partial(self.path, key)
+        found = {self.path: (own, self.sample_seconds)}
+        if shard is None:  # what this request's shards drew, finished or not, of any split
+            found.update({path: _load_partial(path, key) for path in self.shard_files()})
+        self.kept: list = []  # this process's chunks: saved in its own file
+        self.taken: list = []  # the shards' chunks
+        self.used: dict[Path, list] = {}  # shard file: the [first, stop) ranges taken from it
+        self.twice, at = 0, self.lo  # samples in more than one file; the first not yet taken
+        for s, f, z, path in sorted(
+            ((s, f, z, path) for path, (got, _) in found.items() for s, f, z in got),
+            key=lambda c: (c[0], -len(c[1])),
+        ):
+            first, stop = max(s, at), min(s + len(f), self.hi)
+            self.twice += max(0, min(at, s + len(f)) - max(s, self.lo))
+            if first >= stop:
+                continue
+            chunk = (first, f[first - s : stop - s], None if z is None else z[first - s : stop - s])
+            if path == self.path:
+                self.kept.append(chunk)
+            else:
+                self.taken.append(chunk)
+                self.used.setdefault(path, []).append([first, stop])
+            at = stop
+        self.shard_seconds = sum(found[path][1] for path in self.used)  # the shards' sampling
+        self.resumed_from = self.count()
+        self.saved, self.last_save = self._own(), time.perf_counter()
+
+    def shard_files(self) -> list[Path]:
+        return [path for record in self.records for path in shard_paths(record, self.key)]
+
+    def count(self) -> int:
+        """Samples whose features are here: resumed, taken from shards, drawn."""
+        return sum(len(f) for _, f, _ in self.kept + self.taken)
+
+    def _own(self) -> int:
+        return sum(len(f) for _, f, _ in self.kept)
+
+    def announce(self) -> None:
+        """On stderr: what is resumed from where, samples held twice, and the files of other
+        requests beside the record (up to 0.8 GB each, which nothing will resume from)."""
+        if self.resumed_from:
+            sources = [self.path] if self.kept else []
+            print(
+                f"[dit-bench] resuming: {self.resumed_from:,} of {self.size:,} samples' features"
+                f"{self.of_shard} from {', '.join(map(str, sources + list(self.used)))}",
+                file=sys.stderr,
+            )
+        if self.twice:
+            print(
+                f"[dit-bench] note: {self.twice:,} samples' features are in more than one file "
+                "(shards of two splits, or a stopped eval's and a shard's): each is taken once",
+                file=sys.stderr,
+            )
+        mine = partial_path(self.out, self.key).name.removesuffix("partial.npz")
+        for other in sorted(self.out.parent.glob(f"{self.out.name}.*.partial.npz")):
+            if other.name.startswith(mine):
+                continue
+            try:  # an eval stopped and not run again, or its run trained on since
+                mib = other.stat().st_size / 2**20
+            except FileNotFoundError:  # removed since the listing: an eval of it finished
+                continue
+            print(
+                f"[dit-bench] note: {other} ({mib:.0f} MiB) holds the features of an eval of "
+                "another request (other settings, or another checkpoint): this one does not "
+                "take them; delete it if that eval will not be run again",
+                file=sys.stderr,
+            )
+
+    def to_draw(self, batch_size: int) -> list[tuple[int, int]]:
+        """[first, stop) chunks of at most `batch_size` of the samples no file holds."""
+        gaps, at = [], self.lo
+        for s, f, _ in sorted(self.kept + self.taken, key=lambda c: c[0]):
+            gaps += [(at, s)] if s > at else []
+            at = s + len(f)
+        gaps += [(at, self.hi)] if self.hi > at else []
+        return [(s, min(s + batch_size, b)) for a, b in gaps for s in range(a, b, batch_size)]
+
+    def add(self, start: int, feats: np.ndarray, logits: np.ndarray | None, seconds: float):
+        """A chunk drawn from sample `start` on, in `seconds`; saved if the last save is
+        PARTIAL_EVERY_S old. One append of the pair: a Ctrl-C between two lists' appends would
+        have saved one chunk's features without its logits."""
+        self.kept.append((start, feats, logits))
+        self.sample_seconds += seconds
+        if time.perf_counter() - self.last_save >= PARTIAL_EVERY_S:
+            self.save()
+
+    def save(self, unless_saved: bool = False) -> None:
+        """This process's chunks to its file, whole (a failed save, a full disk, is said and
+        tried again later: the save is for a resume, the features in memory still score)."""
+        chunks = self.kept[:]  # what a save finds is what it counts
+        if not chunks or (unless_saved and self._own() <= self.saved):
+            return
+        try:
+            _save_partial(self.path, self.key, chunks, self.sample_seconds)
+        except OSError as e:
+            print(f"[dit-bench] could not save the features so far: {e}", file=sys.stderr)
+            self.last_save = time.perf_counter()  # tried again a PARTIAL_EVERY_S later
+            return
+        self.saved, self.last_save = sum(len(f) for _, f, _ in chunks), time.perf_counter()
+
+    def say_kept(self) -> None:
+        if self.saved:
+            print(
+                f"[dit-bench] kept the features of {self.saved:,} of {self.size:,} samples"
+                f"{self.of_shard} in {self.path}: the same command resumes from them",
+                file=sys.stderr,
+            )
+
+    def shard_done(self) -> dict:
+        """What a shard process returns (no record): its block and file; an OSError if its
+        features could not be saved (a full disk at the last save: said already)."""
+        k, n_shards = self.shard
+        if self.saved < self.size:
+            raise OSError(
+                f"--shard {k}/{n_shards}: the features of samples {self.lo}..{self.hi - 1} "
+                f"could not be saved in {self.path}; run it again once there is room"
+            )
+        return {
+            "shard": [k, n_shards],
+            "samples": [self.lo, self.hi],
+            "num_samples": self.n,
+            "file": str(self.path),
+            "sample_seconds": round(self.sample_seconds, 2),
+        }
+
+    def features(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, logits or None) of every sample, in index order: KID's subsets and the
+        labels of label adherence go by it."""
+        chunks = sorted(self.kept + self.taken, key=lambda c: c[0])
+        feats = np.concatenate([f for _, f, _ in chunks])
+        return feats, None if chunks[0][2] is None else np.concatenate([z for *_, z in chunks])
+
+    def shards_taken(self) -> dict[str, list]:
+        """{"K/N": [[first, stop), ...]} of the samples taken from each shard's file."""
+        return {_shard_of(path): _ranges(ranges) for path, ranges in self.used.items()}
+
+    def remove(self) -> None:
+        """Once the record holds them: this process's file and the shards'."""
+        for path in [self.path, *self.shard_files()]:
+            path.unlink(missing_ok=True)
 
 
 def _shard_of(path: Path) -> str:
@@ -852,23 +900,17 @@ def _ranges(ranges: list) -> list:
     return out
 
 
-def _save_partial(
-    path: Path, key: dict, kept: list, seconds: float, starts: list[int] | None = None
-) -> None:
-    """`kept`: (features, logits or None) of chunks of samples; chunk i's first index is
-    starts[i] (default: one after another from 0)."""
-    lengths = [len(f) for f, _ in kept]
-    if starts is None:
-        starts = np.cumsum([0, *lengths[:-1]]).tolist()
+def _save_partial(path: Path, key: dict, chunks: list, seconds: float) -> None:
+    """`chunks`: (first index, features, logits or None) of samples drawn, in one file."""
     arrays = {
         "key": np.array(json.dumps(key, sort_keys=True)),
-        "features": np.concatenate([f for f, _ in kept]),
-        "starts": np.array(starts, dtype=np.int64),
-        "lengths": np.array(lengths, dtype=np.int64),
+        "features": np.concatenate([f for _, f, _ in chunks]),
+        "starts": np.array([s for s, _, _ in chunks], dtype=np.int64),
+        "lengths": np.array([len(f) for _, f, _ in chunks], dtype=np.int64),
         "sample_seconds": np.array(seconds),
     }
-    if kept[0][1] is not None:
-        arrays["logits"] = np.concatenate([z for _, z in kept])
+    if chunks[0][2] is not None:
+        arrays["logits"] = np.concatenate([z for *_, z in chunks])
     with replacing(path) as tmp, open(tmp, "wb") as f:  # whole or not at all
         np.savez(f, **arrays)
         f.flush()
@@ -885,12 +927,12 @@ def _load_partial(path: Path, key: dict) -> tuple[list, float]:
                 raise ValueError("saved by another request")
             feats = z["features"]
             logits = z["logits"] if "logits" in z.files else None
-            # a file saved before shards: one chunk, from sample 0
-            starts = z["starts"].tolist() if "starts" in z.files else [0]
-            lengths = z["lengths"].tolist() if "lengths" in z.files else [len(feats)]
+            starts, lengths = z["starts"].tolist(), z["lengths"].tolist()
             seconds = float(z["sample_seconds"])
-            if sum(lengths) != len(feats) or (logits is not None and len(logits) != len(feats)):
-                raise ValueError("its chunks are not its features")
+        if len(starts) != len(lengths) or sum(lengths) != len(feats):
+            raise ValueError("its chunks are not its features")
+        if logits is not None and len(logits) != len(feats):
+            raise ValueError("its logits are not its features'")
     except FileNotFoundError:
         return [], 0.0
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
