@@ -18,6 +18,31 @@ os.environ.setdefault("DIT_BENCH_GC_AFTER_RUN", "0")
 
 
 @pytest.fixture
+def one_chunk_at_a_time(monkeypatch):
+    """`spy(owner, name, held="argument")` wraps `owner.name` so that a call fails while an
+    earlier call's images are still alive (its first argument's, or with held="result" what it
+    returned: bounded memory, a chunk of images at a time); returns their lengths, a list
+    that grows call by call."""
+    import weakref
+
+    def spy(owner, name: str, held: str = "argument") -> list[int]:
+        real, alive, sizes = getattr(owner, name), [], []
+
+        def call(*args, **kwargs):
+            assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
+            out = real(*args, **kwargs)
+            images = out if held == "result" else args[0]
+            alive.append(weakref.ref(images))
+            sizes.append(len(images))
+            return out
+
+        monkeypatch.setattr(owner, name, call)
+        return sizes
+
+    return spy
+
+
+@pytest.fixture
 def latents_root(tmp_path):
     """An empty latent data set: a manifest as `encode-latents` writes it (ImageNet-256 shape,
     1000 classes), enough for configs that name `data.name: latents` to validate."""

@@ -825,23 +825,12 @@ def test_features_saved_by_another_request_are_not_used(tmp_path, cache, monkeyp
     assert "not used (saved by another request)" in capsys.readouterr().err
 
 
-def test_eval_holds_one_chunk_of_images_at_a_time(tmp_path, cache, monkeypatch):
+def test_eval_holds_one_chunk_of_images_at_a_time(tmp_path, cache, one_chunk_at_a_time):
     # FID-50K of 256x256 images held all 39 GB of samples before the first feature
-    import weakref
-
     from dit_bench.metrics import evaluate
 
     run = _saved_run(tmp_path, 12)
-    alive, sizes, real = [], [], evaluate.generate
-
-    def spy(module, indices, **kwargs):
-        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
-        images = real(module, indices, **kwargs)
-        alive.append(weakref.ref(images))
-        sizes.append(len(images))
-        return images
-
-    monkeypatch.setattr(evaluate, "generate", spy)
+    sizes = one_chunk_at_a_time(evaluate, "generate", held="result")
     evaluate_run(run, STREAMED, progress=False)
     assert sizes == [8, 8, 8, 6]
 
@@ -894,12 +883,10 @@ def test_a_full_disk_at_a_save_of_the_features_so_far_does_not_stop_the_eval(
 
 
 def test_anchors_and_reference_are_those_of_whole_tensors_one_chunk_at_a_time(
-    tmp_path, cache, monkeypatch
+    tmp_path, cache, monkeypatch, one_chunk_at_a_time
 ):
     # the anchors held n training images and n noise images whole, and the held-out images
     # were one tensor through the eval: 3 x 7.9 GB at the gpu profiles' 10,000 256x256 images
-    import weakref
-
     from dit_bench.data import load_datasets
     from dit_bench.metrics import distances as D
     from dit_bench.metrics import evaluate
@@ -907,15 +894,8 @@ def test_anchors_and_reference_are_those_of_whole_tensors_one_chunk_at_a_time(
 
     run = _saved_run(tmp_path, 12)
     net = evaluate.load_feature_net("digits-net", progress=False)
-    seen, alive, features = [], [], net.features
-
-    def one_chunk_at_a_time(images, *, batch_size=256):
-        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
-        alive.append(weakref.ref(images))
-        seen.append(len(images))
-        return features(images, batch_size=batch_size)
-
-    monkeypatch.setattr(net, "features", one_chunk_at_a_time)
+    features = net.features
+    seen = one_chunk_at_a_time(net, "features")
     monkeypatch.setattr(evaluate, "load_feature_net", lambda *a, **k: net)
     request = EvalRequest(num_samples=30, steps=2, batch_size=8, metrics=("fd",))
     anchors = evaluate_run(run, request, progress=False)["anchors"]

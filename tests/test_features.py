@@ -186,25 +186,15 @@ def test_reference_stats_cached_by_content(net, digits, cache):
 
 
 def test_reference_stats_of_a_data_set_read_in_chunks_are_those_of_its_whole_tensor(
-    net, tmp_path, monkeypatch
+    net, tmp_path, monkeypatch, one_chunk_at_a_time
 ):
     # the held-out images were one float32 tensor through the eval (7.9 GB for the gpu
     # profiles' 10,000 256x256 images): read a chunk at a time, the same id and statistics
-    import weakref
-
     monkeypatch.setenv("DIT_BENCH_CACHE", str(tmp_path))  # none cached by the tests before
     _, val = load_datasets(DataConfig(name="digits"))
     x, _ = dataset_tensors(val)
     whole = reference_stats(x, net, batch_size=16, cache=False)
-    seen, alive, features = [], [], net.features
-
-    def one_chunk_at_a_time(images, *, batch_size=256):
-        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
-        alive.append(weakref.ref(images))
-        seen.append(len(images))
-        return features(images, batch_size=batch_size)
-
-    monkeypatch.setattr(net, "features", one_chunk_at_a_time)
+    seen = one_chunk_at_a_time(net, "features")
     chunked = reference_stats(HeldOutImages(val), net, batch_size=16)
     assert not chunked.meta["cached"] and max(seen) == 16 and sum(seen) == len(x) == 180
     assert chunked.id == whole.id and chunked.meta["content_sha256"] == whole.meta["content_sha256"]

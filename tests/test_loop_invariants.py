@@ -345,12 +345,10 @@ def fd_metric(cfg) -> FrechetDistanceMetric:
     return fd
 
 
-def test_in_training_fd_reduces_each_chunk_to_features_before_the_next(monkeypatch):
+def test_in_training_fd_reduces_each_chunk_to_features_before_the_next(one_chunk_at_a_time):
     # each process sampled its whole share, then took features: 7.9 GB of float32 for the gpu
     # profiles' 10,000 256x256 samples on one process. A chunk (train.batch_size) at a time,
     # with the FD of all the samples at once.
-    import weakref
-
     from dit_bench.metrics import distances, evaluate
 
     torch.manual_seed(0)
@@ -358,16 +356,8 @@ def test_in_training_fd_reduces_each_chunk_to_features_before_the_next(monkeypat
     module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
     fd = fd_metric(cfg)
     fd.num_samples = 20
-    alive, sizes, features, real = [], [], fd._net.features, evaluate.generate
-
-    def spy(module, indices, **kw):
-        assert not [r for r in alive if r() is not None], "an earlier chunk is still held"
-        images = real(module, indices, **kw)
-        alive.append(weakref.ref(images))
-        sizes.append(len(images))
-        return images
-
-    monkeypatch.setattr(evaluate, "generate", spy)
+    features, real = fd._net.features, evaluate.generate
+    sizes = one_chunk_at_a_time(evaluate, "generate", held="result")
     trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
     value = fd.measure(trainer, module)
     assert sizes == [8, 8, 4]
