@@ -1168,13 +1168,18 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
         assert torch.equal(a[k], b[k]), k
 
 
-def interrupted_folder_run(tmp_path):
-    """(image folder root, config, run dir): 8 images of 2 classes, a run stopped at step 3."""
-    root = tmp_path / "images"
+def two_class_folder(root: Path, per_class: int) -> Path:
+    """An image folder of classes cat and dog, `per_class` 8x8 PNGs each."""
     for c, name in enumerate(["cat", "dog"]):
         (root / name).mkdir(parents=True)
-        for i in range(4):
+        for i in range(per_class):
             Image.new("RGB", (8, 8), (255 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def interrupted_folder_run(tmp_path):
+    """(image folder root, config, run dir): 8 images of 2 classes, a run stopped at step 3."""
+    root = two_class_folder(tmp_path / "images", 4)
     folder = ["data.name=folder", f"data.root={root}", "data.image_size=8"]
     cfg = tiny(*folder, "data.val_fraction=0.25", "eval.val_images=2", "train.batch_size=2",
                "train.checkpoint_every=2")  # fmt: skip
@@ -1190,11 +1195,7 @@ def test_the_summary_names_the_data_the_run_saw(tmp_path):
     from dit_bench.data.module import items_sha256
     from dit_bench.report.results import run_row
 
-    root = tmp_path / "images"
-    for c, name in enumerate(["cat", "dog"]):
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (8, 8), (255 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    root = two_class_folder(tmp_path / "images", 3)
     cfg = tiny("data.name=folder", f"data.root={root}", "data.image_size=8", "train.steps=1",
                "data.val_fraction=0.25", "eval.val_images=2", "train.batch_size=2")  # fmt: skip
     run = train(cfg, tmp_path / "runs", progress=False)
