@@ -1133,6 +1133,34 @@ def test_shard_files_of_a_copied_checkpoint_are_taken(tmp_path, cache, monkeypat
     assert checkpoint_fingerprint(ckpt) != before
 
 
+def test_checkpoint_fingerprint_is_of_the_weights_where_torch_wrote_no_crc32(tmp_path):
+    # torch.serialization.set_crc32_options(False) (faster saves of big checkpoints) writes
+    # every CRC-32 as 0: two runs' checkpoints of other weights at one step had one key, and
+    # the eval of the second scored the first one's saved features
+    from dit_bench.metrics.evaluate import checkpoint_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(64, 64, generator=g) for _ in range(2))
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": first, "global_step": 12}, tmp_path / "a.ckpt")
+        torch.save({"w": second, "global_step": 12}, tmp_path / "b.ckpt")
+    finally:
+        torch.serialization.set_crc32_options(True)  # torch's default
+    (tmp_path / "c.ckpt").write_bytes((tmp_path / "a.ckpt").read_bytes())  # a copy
+    a, b, c = (checkpoint_fingerprint(tmp_path / f"{x}.ckpt") for x in "abc")
+    assert a != b and a == c
+    # with CRC-32s, the zip directory: the weights, the step, not the file's name
+    torch.save({"w": first, "global_step": 12}, tmp_path / "d.ckpt")
+    torch.save({"w": second, "global_step": 12}, tmp_path / "e.ckpt")  # the same sizes
+    torch.save({"w": first, "global_step": 13}, tmp_path / "f.ckpt")
+    d, e, f = (checkpoint_fingerprint(tmp_path / f"{x}.ckpt") for x in "def")
+    assert len({d, e, f}) == 3
+    with open(tmp_path / "g.tmp", "wb") as file:  # AtomicCheckpointIO: a file, then a rename
+        torch.save({"w": first, "global_step": 12}, file)
+    assert checkpoint_fingerprint(tmp_path / "g.tmp") == d
+
+
 def test_the_eval_with_o_takes_the_shards_run_without_it(tmp_path, cache, monkeypatch, capsys):
     # eight GPUs' shards beside RUN_DIR/eval.json, the last eval with -o: it drew all the
     # samples again on one, saying nothing of the shards' files

@@ -686,11 +686,15 @@ def checkpoint_fingerprint(path: Path) -> str:
     """What a checkpoint file holds, for the key of its features: the sha256 of its zip
     directory (each member's size and CRC-32, as torch.save writes them), read in milliseconds
     where DiT-XL/2's file is gigabytes. A copy (scp, cp without -p: another mtime) has the
-    same; a run trained again to the same step has other weights. A file that is no zip: its
-    sha256, all of it."""
+    same; a run trained again to the same step has other weights. A file that is no zip, or
+    whose CRC-32s are 0: its sha256, all of it."""
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(path) as z:
+            # torch.save after torch.serialization.set_crc32_options(False) writes every CRC-32
+            # as 0: that directory holds the tensors' sizes only, the same for other weights
+            if any(info.CRC == 0 and info.file_size for info in z.infolist()):
+                raise zipfile.BadZipFile("no CRC-32s")
             # names without their first folder, which torch.save names after the file written
             for info in sorted(z.infolist(), key=lambda i: i.filename.partition("/")[2]):
                 h.update(
@@ -795,7 +799,7 @@ class SavedFeatures:
                 file=sys.stderr,
             )
         mine = partial_path(self.out, self.key).name.removesuffix("partial.npz")
-        for other in sorted(self.out.parent.glob(f"{self.out.name}.*.partial.npz")):
+        for other in sorted(self.out.parent.glob(f"{glob.escape(self.out.name)}.*.partial.npz")):
             if other.name.startswith(mine):
                 continue
             try:  # an eval stopped and not run again, or its run trained on since
