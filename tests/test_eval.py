@@ -1172,3 +1172,23 @@ def test_the_eval_with_o_takes_the_shards_run_without_it(tmp_path, cache, monkey
     assert record["protocol"]["shards"] == {"0/3": [[0, 10]], "1/3": [[10, 20]]}
     assert record["protocol"]["resumed_from"] == 20
     assert not list(run.glob("eval.json.*.npz")) and not list(tmp_path.glob("e.json.*.npz"))
+
+
+def test_the_eval_with_o_names_shard_files_of_another_request_beside_run_dir(
+    tmp_path, cache, monkeypatch, capsys
+):
+    # shards run without -o at another seed, the last eval with -o: it drew every sample again,
+    # naming nothing, where the same eval without -o named the files it does not take
+    from dataclasses import replace
+
+    run = _saved_run(tmp_path, 12)
+    _shards(run, replace(STREAMED, seed=1), which=(0, 1))
+    capsys.readouterr()
+    calls = _spy_generate(monkeypatch)
+    record = evaluate_run(run, STREAMED, output=tmp_path / "e.json", progress=False)
+    assert [i for chunk in calls for i in chunk] == list(range(30))
+    assert record["protocol"]["shards"] == {}
+    err = capsys.readouterr().err
+    assert err.count("holds the features of an eval of another request") == 2
+    assert str(run / "eval.json.") in err
+    assert len(list(run.glob("eval.json.*.shard-*.partial.npz"))) == 2  # left as they were

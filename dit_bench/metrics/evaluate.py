@@ -784,7 +784,8 @@ class SavedFeatures:
 
     def announce(self) -> None:
         """On stderr: what is resumed from where, samples held twice, and the files of other
-        requests beside the record (up to 0.8 GB each, which nothing will resume from)."""
+        requests beside the record, and with -o beside RUN_DIR/eval.json, whose shards it takes
+        (up to 0.8 GB each, which nothing will resume from)."""
         if self.resumed_from:
             sources = [self.path] if self.kept else []
             print(
@@ -798,10 +799,7 @@ class SavedFeatures:
                 "(shards of two splits, or a stopped eval's and a shard's): each is taken once",
                 file=sys.stderr,
             )
-        mine = partial_path(self.out, self.key).name.removesuffix("partial.npz")
-        for other in sorted(self.out.parent.glob(f"{glob.escape(self.out.name)}.*.partial.npz")):
-            if other.name.startswith(mine):
-                continue
+        for other in self._others():
             try:  # an eval stopped and not run again, or its run trained on since
                 mib = other.stat().st_size / 2**20
             except FileNotFoundError:  # removed since the listing: an eval of it finished
@@ -812,6 +810,18 @@ class SavedFeatures:
                 "take them; delete it if that eval will not be run again",
                 file=sys.stderr,
             )
+
+    def _others(self) -> list[Path]:
+        """The partial files of other requests beside the records (`records`)."""
+        found = []
+        for record in self.records:
+            mine = partial_path(record, self.key).name.removesuffix("partial.npz")
+            found += [
+                other
+                for other in sorted(record.parent.glob(f"{glob.escape(record.name)}.*.partial.npz"))
+                if not other.name.startswith(mine)
+            ]
+        return found
 
     def to_draw(self, batch_size: int) -> list[tuple[int, int]]:
         """[first, stop) chunks of at most `batch_size` of the samples no file holds."""
