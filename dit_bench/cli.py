@@ -213,12 +213,16 @@ def cmd_eval(args) -> int:
     )
     if args.shard:
         (k, n), (first, stop) = record["shard"], record["samples"]
+        # what it made on stdout (one line, for scripts); what to do next on stderr, a note
         print(
             f"shard {k}/{n}: the features of samples {first}..{stop - 1} of "
-            f"{record['num_samples']} are in {record['file']} (no record written)\n"
-            f"when every shard is done, run the same command without --shard: it takes their "
-            f"features, draws what no shard holds, scores and writes "
-            f"{args.output or Path(args.run_dir) / 'eval.json'}"
+            f"{record['num_samples']} are in {record['file']} (no record written)"
+        )
+        print(
+            "[dit-bench] when every shard is done, run the same command without --shard: it "
+            "takes their features, draws what no shard holds, scores and writes "
+            f"{args.output or Path(args.run_dir) / 'eval.json'}",
+            file=sys.stderr,
         )
         return 0
     p = record["protocol"]

@@ -708,7 +708,7 @@ def batch_split_error(batch_size: int, ranks: int, micro: int) -> str:
     parts = ranks * micro
     text = (
         f"train.batch_size={batch_size} is the global batch: it must split evenly over "
-        f"train.devices x train.num_nodes = {ranks} processes x "
+        f"train.devices x train.num_nodes = {ranks} process{'es' * (ranks != 1)} x "
         f"train.accumulate_grad_batches = {micro} micro-batches (a multiple of {parts})"
     )
     if batch_size % ranks == 0:

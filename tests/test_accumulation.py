@@ -93,6 +93,7 @@ def test_a_batch_that_does_not_split_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.accumulate_grad_batches = 3") as e:
         tiny("train.accumulate_grad_batches=3")
     assert "1, 2, 4, 8" in str(e.value)  # what would split the 8 images
+    assert "= 1 process x" in str(e.value)
     with pytest.raises(ConfigError, match=r"train\.devices x train\.num_nodes = 2 processes x"):
         tiny("train.accumulate_grad_batches=8", "train.devices=2", "train.accelerator=cpu")
     # the processes a launcher started (torchrun) are checked again by the data

@@ -949,11 +949,12 @@ def test_three_shards_then_the_eval_without_shard_score_what_one_eval_scores(
     calls = _spy_generate(monkeypatch)
     for k in range(3):
         assert main(["eval", str(run), *SHARD_ARGV, "--shard", f"{k}/3", "--quiet"]) == 0
-        out = capsys.readouterr().out
+        out, err = capsys.readouterr()
         first, last = k * 10, k * 10 + 9
         assert f"shard {k}/3: the features of samples {first}..{last} of 30 are in " in out
+        assert out.count("\n") == 1  # what it made, for scripts; the advice is a note
         assert f"shard-{k}-of-3.partial.npz (no record written)" in out
-        assert "run the same command without --shard" in out
+        assert "run the same command without --shard" in err
     assert [i for chunk in calls for i in chunk] == list(range(30))  # each block once
     assert [len(c) for c in calls] == [8, 2, 8, 2, 8, 2]
     assert len(list(run.glob("eval.json.*.shard-*-of-3.partial.npz"))) == 3

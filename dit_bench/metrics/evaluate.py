@@ -804,8 +804,9 @@ class SavedFeatures:
                 mib = other.stat().st_size / 2**20
             except FileNotFoundError:  # removed since the listing: an eval of it finished
                 continue
+            size = f"{mib:.0f} MiB" if mib >= 1 else f"{mib * 1024:.0f} KiB"
             print(
-                f"[dit-bench] note: {other} ({mib:.0f} MiB) holds the features of an eval of "
+                f"[dit-bench] note: {other} ({size}) holds the features of an eval of "
                 "another request (other settings, or another checkpoint): this one does not "
                 "take them; delete it if that eval will not be run again",
                 file=sys.stderr,
