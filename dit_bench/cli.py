@@ -22,6 +22,7 @@ EPILOG = """examples:
   dit-bench train                                  # the default: a small DiT on mnist
   dit-bench train --set data.name=digits --set data.image_size=null --set train.steps=300
   dit-bench show-config my.yaml --set optim.lr=3e-4
+  dit-bench show-config --describe                 # every key: its meaning, allowed values
   dit-bench sample runs/mnist-demo/<run> -o grid.png --cfg 2.0
   dit-bench info dit-xl/2
 """
@@ -64,7 +65,7 @@ def cmd_train(args) -> int:
 def cmd_show_config(args) -> int:
     cfg = _config(args)
     print(f"# config hash {cfg.hash}")
-    print(cfg.to_yaml(), end="")
+    print(cfg.to_yaml(describe=args.describe), end="")
     return 0
 
 
@@ -654,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("show-config", help="print the resolved, validated config")
     config_args(sp)
+    sp.add_argument(
+        "--describe",
+        action="store_true",
+        help="each key with what it means and the values it takes, as YAML comments (still "
+        "a config file that loads as printed)",
+    )
     sp.set_defaults(func=cmd_show_config)
 
     sp = sub.add_parser("sample", help="sample a grid of images from a trained run")

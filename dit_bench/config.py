@@ -20,9 +20,10 @@ import json
 import operator
 import os
 import re
+import textwrap
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -36,6 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from dit_bench.objectives import OBJECTIVES
 from dit_bench.sampling import SAMPLERS
@@ -656,7 +658,11 @@ class ExperimentConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, describe: bool = False) -> str:
+        """The resolved config as YAML; `describe`: each key with its description and allowed
+        values as comments (`show-config --describe`), read back by `load_config` as is."""
+        if describe:
+            return "".join(_described_lines(self, self.to_dict()))
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def guidance_error(self, cfg_scale: float) -> str | None:
@@ -990,6 +996,106 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+# -- show-config --describe -----------------------------------------------------------------
+DESCRIBE_WIDTH = 100  # a terminal's columns
+
+
+def _number(v: Any) -> str:
+    # the shortest spelling that is the bound itself: 1e-06, 4294967296, 1.7519383938841089
+    return f"{v:g}" if isinstance(v, float) and float(f"{v:g}") == v else repr(v)
+
+
+def _bound(metadata: Sequence[Any], *kinds: tuple[str, str]) -> tuple[Any, str] | None:
+    for attr, bracket in kinds:
+        for m in metadata:
+            if getattr(m, attr, None) is not None:
+                return getattr(m, attr), bracket
+    return None
+
+
+def _bounds(metadata: Sequence[Any]) -> str | None:
+    """`> 0`, `[0, 1)`, `matches ^...$` from a field's pydantic / annotated-types metadata."""
+    for m in metadata:
+        if isinstance(m, FieldInfo):  # a bound inside an annotation: tuple[Annotated[float, ...]]
+            return _bounds(m.metadata)
+    lower = _bound(metadata, ("gt", "("), ("ge", "["))
+    upper = _bound(metadata, ("lt", ")"), ("le", "]"))
+    if lower and upper:
+        return f"in {lower[1]}{_number(lower[0])}, {_number(upper[0])}{upper[1]}"
+    if lower or upper:
+        (value, bracket), op = (lower, ">") if lower else (upper, "<")
+        return f"{op}{'=' * (bracket in '[]')} {_number(value)}"
+    pattern = next((m.pattern for m in metadata if getattr(m, "pattern", None)), None)
+    return f"matches {pattern}" if pattern else None
+
+
+def _allowed(annotation: Any, metadata: Sequence[Any]) -> str | None:
+    """What a field takes beyond its type, read off its annotation and metadata: a Literal's
+    choices (`one of: a, b`), a bound (`> 0`), each element's bound in a tuple; None: no limit."""
+    args = get_args(annotation)
+    nullable = type(None) in args and get_origin(annotation) is not Literal
+    members = [a for a in args if a is not type(None)] if nullable else [annotation]
+    if len(members) == 1 and get_origin(members[0]) is Literal:
+        choices = [str(c) for c in get_args(members[0])] + ["null"] * nullable
+        return "one of: " + ", ".join(choices)
+    if len(members) == 1 and get_origin(members[0]) is tuple:
+        inner = {_bounds(get_args(a)[1:]) for a in get_args(members[0])}
+        text = f"each {inner.pop()}" if len(inner) == 1 and None not in inner else None
+    else:
+        text = _bounds(metadata)
+    return f"{text}, or null" if text and nullable else text
+
+
+def _flow_lists(dumper: yaml.Dumper, data: list) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+class _OneLineDumper(_Dumper):
+    """`betas: [0.9, 0.999]`: a list on its key's line, for the comment beside it."""
+
+
+_OneLineDumper.add_representer(list, _flow_lists)
+
+
+def _described_lines(model: BaseModel, values: dict[str, Any], section: str = "") -> list[str]:
+    """`values` (`model` dumped) as YAML lines, each key with its field's description and
+    allowed values as comments: beside it where the line fits DESCRIBE_WIDTH, else above it."""
+    lines = []
+    indent = "  " * bool(section)
+    for key, value in values.items():
+        sub = getattr(model, key)
+        if isinstance(sub, BaseModel):
+            lines += [f"{key}:\n", *_described_lines(sub, value, key)]
+            continue
+        field = type(model).model_fields[key]
+        if section in UNION_SECTIONS and key == "name":  # the tag: every member's name
+            allowed = "one of: " + ", ".join(OBJECTIVE_CONFIGS)
+        else:
+            allowed = _allowed(field.annotation, field.metadata)
+        if (section, key) in EXECUTION_KEYS:
+            allowed = f"{allowed} (not hashed)" if allowed else "not hashed"
+        text = yaml.dump({key: value}, Dumper=_OneLineDumper, sort_keys=False, width=10**9)
+        entry = [indent + line for line in text.splitlines()]
+        inline = "; ".join(filter(None, [field.description, allowed]))
+        if inline and len(entry) == 1 and len(f"{entry[0]}  # {inline}") <= DESCRIBE_WIDTH:
+            lines.append(f"{entry[0]}  # {inline}\n")
+            continue
+        above = field.description or ""
+        if allowed and len(entry) == 1 and len(f"{entry[0]}  # {allowed}") <= DESCRIBE_WIDTH:
+            entry[0] += f"  # {allowed}"
+        elif allowed:  # a value of several lines takes no comment after its first
+            above = f"{above}; {allowed}" if above else allowed
+        # a comment block above its key: a blank line sets it apart from the key before
+        if above and lines and not lines[-1].endswith(":\n"):
+            lines.append("\n")
+        width = DESCRIBE_WIDTH - len(indent) - 2
+        # unbroken words: `1.01-1.07x` and a pattern read as written
+        wrapped = textwrap.wrap(above, width, break_long_words=False, break_on_hyphens=False)
+        lines += [f"{indent}# {line}\n" for line in wrapped]
+        lines += [line + "\n" for line in entry]
+    return lines
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

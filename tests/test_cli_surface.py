@@ -16,7 +16,7 @@ from dit_bench.cli import build_parser
 
 SURFACE = {
     "train": {"config", "--set", "--output", "--no-progress"},  # --output: also --out, -o
-    "show-config": {"config", "--set"},
+    "show-config": {"config", "--set", "--describe"},
     "sample": {
         "run_dir",
         "--output",
@@ -506,3 +506,63 @@ def test_sample_and_eval_run_on_the_gpu_torch_sees(monkeypatch, capsys):
     assert "dit-bench: --device cuda: torch" in capsys.readouterr().err
     assert cli.main(["eval", "run", "--device", "cuda:2"]) == 2
     assert capsys.readouterr().err.endswith("sees no GPU\n")
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        [],  # the demo: flow, euler
+        ["objective.name=ddpm", "eval.sampler=ddim", "eval.cfg_interval=[1, 500]"],
+        ["experiment='2.0e3'", "optim.betas=[0.5, 0.9]", "data.name=latents", "data.root=a b"],
+    ],
+)
+def test_show_config_describe_says_what_each_key_means_and_loads_back(sets, capsys):
+    # a user meeting train.accumulate_grad_batches in show-config's output had to search the
+    # README for what it means and takes, though the config's models say it
+    import yaml
+
+    from dit_bench import cli
+    from dit_bench.config import EXECUTION_KEYS, ExperimentConfig, _Loader, build_config
+
+    argv = [a for s in sets for a in ("--set", s)]
+    assert cli.main(["show-config", *argv]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["show-config", "--describe", *argv]) == 0
+    out = capsys.readouterr().out
+    cfg = build_config(yaml.load(out, Loader=_Loader))
+    header = f"# config hash {cfg.hash}\n"
+    assert out.startswith(header) and plain.startswith(header)
+    assert cfg == build_config(yaml.load(plain, Loader=_Loader))
+    assert max(map(len, out.splitlines())) <= 100  # a terminal's width
+
+    lines = out.splitlines()
+    comments = " ".join(line.split("# ", 1)[1] for line in lines if "# " in line)
+    for section, field in ExperimentConfig.model_fields.items():
+        model = type(getattr(cfg, section))
+        for key, info in getattr(model, "model_fields", {section: field}).items():
+            if info.description:  # wrapped: its words in order, line breaks aside
+                assert " ".join(info.description.split()) in comments, (section, key)
+
+    def comment(key):
+        (line,) = [line for line in lines if line.lstrip().startswith(f"{key}:")]
+        return line.split("  # ", 1)[1]
+
+    assert comment("strategy") == "one of: auto, ddp, fsdp (not hashed)"  # a Literal
+    assert "objective:" in lines and lines[lines.index("objective:") + 1].endswith(
+        "# one of: ddpm, flow"
+    )  # the section's tag: every objective, not the Literal of the one chosen
+    assert comment("lr") == "> 0"  # a bound
+    assert comment("ema_decay") == "in [0, 1)"
+    assert comment("betas") == "each in [0, 1)"  # bounds of a tuple's elements
+    assert comment("image_size").endswith("; > 0, or null")
+    assert comment("accumulate_grad_batches") == "> 0 (not hashed)"
+    assert comment("fd_features").endswith("inception, null")
+    marked = {line.split(":")[0].strip() for line in lines if "not hashed" in line}
+    assert {key for _, key in EXECUTION_KEYS} <= marked
+    assert "tf32" not in marked and "steps" not in marked
+
+
+def test_readme_shows_show_config_describe():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    usage = [line for line in readme.splitlines() if line.startswith("dit-bench show-config [")]
+    assert usage and "[--describe]" in usage[0]
