@@ -383,7 +383,7 @@ class TrainConfig(_Strict):
         description="gradient accumulation: each optimiser step sums the gradients of this "
         "many micro-batches per process (Lightning's name), each of train.batch_size / "
         "(processes x this) images; train.batch_size stays the global batch of one step, and "
-        "the numbers do not depend on it (not hashed)",
+        "the numbers do not depend on it",
     )
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     log_every: int = Field(25, gt=0)
