@@ -323,7 +323,7 @@ def test_latent_reference_statistics_are_keyed_by_the_decoder(vae_dir, image_fol
     sets += ["backbone.name=dit-xs/2"]
 
     def key(vae):
-        return reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[3]
+        return reference_images(build_config(None, [*sets, f"data.vae={vae}"]))[2]
 
     assert key(vae_dir) == key(vae_dir)
     with pytest.warns(UserWarning, match="another decoder"):
@@ -349,7 +349,8 @@ def test_latent_reference_is_decoded_a_chunk_at_a_time_as_it_was_whole(
     monkeypatch.setattr(
         latents, "decode_latents", lambda v, z, *a: decoded.append(len(z)) or real(v, z, *a)
     )
-    held_out, val, _, data_hash, decode = reference_images(cfg)  # decodes with the spy
+    held_out, _, data_hash = reference_images(cfg)  # decodes with the spy
+    val, decode = held_out.dataset, held_out.decode
     net = load_feature_net("shapes-net", progress=False)
     chunked = reference_stats(held_out, net, data_hash=data_hash, batch_size=3, cache=False)
     assert len(val) > 3 and decoded == [3] * (len(val) // 3) + [len(val) % 3] * bool(len(val) % 3)

@@ -232,11 +232,11 @@ DEFAULT_REQUEST = EvalRequest()
 
 
 def reference_images(cfg, device: str | torch.device = "cpu", split=None):
-    """(held-out images, val set, train set, latents hash or None, decode or None).
+    """(held-out images, train set, latents hash or None).
 
-    The held-out images (HeldOutImages) are read a chunk at a time, in [-1, 1] on the CPU, never
-    held whole; `decode` turns latents into images with a `latents` run's VAE (data.vae), which
-    runs on `device`, and decodes the held-out latents chunk by chunk too. `split`: the
+    The held-out images (HeldOutImages: the val set, and its `decode`) are read a chunk at a
+    time, in [-1, 1] on the CPU, never held whole; for a `latents` run, `decode` turns latents
+    into images with its VAE (data.vae), which runs on `device` (else None). `split`: the
     (train, val) of `load_datasets(cfg.data)` where the caller has it already (a training run's
     data module), so the data set is not built and a folder not listed a second time.
     """
@@ -244,7 +244,7 @@ def reference_images(cfg, device: str | torch.device = "cpu", split=None):
 
     train, val = split if split is not None else load_datasets(cfg.data)
     if cfg.data.name != "latents":
-        return HeldOutImages(val), val, train, None, None
+        return HeldOutImages(val), train, None
     # Latent data: hash the latents themselves, score the VAE-decoded images.
     from dit_bench.data.latents import (
         decode_latents,
@@ -258,17 +258,17 @@ def reference_images(cfg, device: str | torch.device = "cpu", split=None):
         raise ValueError("eval of a latents run needs data.vae (the VAE folder) to decode images")
     vae = load_decoder(cfg.data.vae, cfg.data.root, device)
     scale, shift = manifest_scaling_factor(cfg.data.root), manifest_shift_factor(cfg.data.root)
-    # the features are of the decoded images: the decoder is part of the reference's content
-    content = hashlib.sha256()
-    for z, _ in HeldOutImages(val).stored(256):  # the bytes of all latents, a chunk at a time
-        content.update(z.float().contiguous().numpy().tobytes())
-    content.update(vae_fingerprint(vae).encode())
-    latent_hash = content.hexdigest()
 
     def decode(z: Tensor) -> Tensor:
         return decode_latents(vae, z, scale, shift)
 
-    return HeldOutImages(val, decode), val, train, latent_hash, decode
+    held_out = HeldOutImages(val, decode)
+    # the features are of the decoded images: the decoder is part of the reference's content
+    content = hashlib.sha256()
+    for z, _ in held_out.stored(256):  # the bytes of all latents, a chunk at a time
+        content.update(z.float().contiguous().numpy().tobytes())
+    content.update(vae_fingerprint(vae).encode())
+    return held_out, train, content.hexdigest()
 
 
 def check_held_out_split(cfg, trained: dict | None, split, progress: bool = True) -> None:
@@ -439,7 +439,8 @@ def evaluate_run(
     check_held_out_split(cfg, module.checkpoint_data, split, progress)
     if cfg.data.name == "latents":
         say("reference: reading the held-out latents")
-    ref_images, _, train_set, latent_hash, decode = reference_images(cfg, device, split)
+    ref_images, train_set, latent_hash = reference_images(cfg, device, split)
+    decode = ref_images.decode  # latents: the run's VAE, for its samples too
     # before any features: every metric fits statistics of the held-out images
     held_out = f"the held-out split has {len(ref_images)} images (data.val_fraction)"
     check_sample_count(("fd",), len(ref_images), held_out)

@@ -521,9 +521,8 @@ class FrechetDistanceMetric(L.Callback):
                 # latents: the held-out latents and the samples are scored as decoded images
                 # the data module's split: the same images, without building the data set again
                 split = getattr(getattr(trainer, "datamodule", None), "split", None)
-                held_out, _, _, data_hash, self._decode = reference_images(
-                    self.cfg, pl_module.device, split
-                )
+                held_out, _, data_hash = reference_images(self.cfg, pl_module.device, split)
+                self._decode = held_out.decode
                 self._ref = reference_stats(held_out, self._net, data_hash=data_hash)
             elif self.cfg.data.name == "latents":  # the run's decoder, cached (run.to_images)
                 from dit_bench.train.run import to_images
