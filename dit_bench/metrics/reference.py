@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +85,16 @@ def pixel_bytes(images: Tensor) -> bytes:
     return quantize(images).to(torch.uint8).contiguous().numpy().tobytes()
 
 
+def pixels_hasher(shape: Sequence[int]):
+    """The sha256 `content_hash` starts from, the images' shape; their `pixel_bytes` go next."""
+    return hashlib.sha256(str(tuple(shape)).encode())
+
+
 def content_hash(
     images: Tensor | HeldOutImages, labels: Tensor | None = None, batch_size: int = 256
 ) -> str:
     """sha256 of the content: 8-bit pixels of images in [-1, 1] (plus shape and labels)."""
-    h = hashlib.sha256()
-    h.update(str(tuple(images.shape)).encode())
+    h = pixels_hasher(images.shape)
     # the bytes of the whole, `batch_size` at a time: a fixed 256 held 3.3 GiB at its peak for
     # 512x512 images whatever eval's --batch-size asked
     for x in image_chunks(images, batch_size):
@@ -150,7 +154,7 @@ def reference_stats(
     chunks = image_chunks(images, batch_size)
     # a data set is read twice, for its hash and for its features: a folder rewritten in between
     # (a sync or an export still running) cached the features of other images under this id
-    again = hashlib.sha256(str(tuple(images.shape)).encode()) if hashed else None
+    again = pixels_hasher(images.shape) if hashed else None
 
     def features_of(x: Tensor) -> np.ndarray:
         if again is not None:
