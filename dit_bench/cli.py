@@ -29,9 +29,9 @@ EPILOG = """examples:
 
 
 def _config(args):
-    from dit_bench.config import load_config
+    from dit_bench.config import load_config, shipped_or_given
 
-    return load_config(args.config, args.set or [])
+    return load_config(shipped_or_given(args.config), args.set or [])
 
 
 def check_progress_env(args) -> None:
@@ -349,9 +349,11 @@ def cmd_info(args) -> int:
 
 def cmd_ablate(args) -> int:
     from dit_bench.ablate import RunsFailed, describe, load_ablation, parse_seeds, run_ablation
+    from dit_bench.config import shipped_or_given
 
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    ab = load_ablation(args.file, args.profile, seeds=seeds, overrides=args.set or [])
+    path = shipped_or_given(args.file)
+    ab = load_ablation(path, args.profile, seeds=seeds, overrides=args.set or [])
     if args.dry_run:
         print(describe(ab, args.out))
         return 0
@@ -397,6 +399,7 @@ STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is 
 
 
 def cmd_sweep(args) -> int:
+    from dit_bench.config import shipped_or_given
     from dit_bench.report.scaling import failed_for_good
     from dit_bench.sweep import (
         default_storage,
@@ -407,7 +410,7 @@ def cmd_sweep(args) -> int:
         summarize,
     )
 
-    sweep = load_sweep(args.file, args.profile, args.set or [])
+    sweep = load_sweep(shipped_or_given(args.file), args.profile, args.set or [])
     sweep = sweep.with_settings(n_trials=args.n_trials, workers=args.workers)
     # from the environment: a command line, a password in its URL included, is any user's to
     # read (`ps`) for as long as the sweep runs

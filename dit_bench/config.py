@@ -20,6 +20,7 @@ import json
 import operator
 import os
 import re
+import sys
 import textwrap
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -1115,6 +1116,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):  # `[]`, `0`, `false` too: they read as no keys and trained
         raise ConfigError(f"{path}: top level must be a mapping of config sections")
     return data
+
+
+# The repository's ablations/, sweeps/ and configs/ travel in the package (dit_bench/shipped/
+# links to them; pyproject's package-data): a copy installed with pip has no checkout to run
+# the README's `dit-bench ablate ablations/conditioning.yaml` from
+SHIPPED = Path(__file__).parent / "shipped"
+
+
+def shipped_or_given(path: str | None) -> str | None:
+    """`path` where it names something; where it does not and is a shipped file's relative
+    path (`ablations/conditioning.yaml` from another folder than a checkout's root), the copy
+    installed with dit-bench, said on stderr."""
+    if path is None or os.path.lexists(path) or Path(path).is_absolute():
+        return path
+    copy = SHIPPED / path
+    if copy.parent.parent != SHIPPED or not copy.is_file():
+        return path
+    print(
+        f"[dit-bench] {path}: not in {Path.cwd()}; reading the copy installed with dit-bench, "
+        f"{copy} (copy it here to change it)",
+        file=sys.stderr,
+    )
+    return str(copy)
 
 
 # The default experiment (`dit-bench train` with no file, `make demo`): a class-conditional

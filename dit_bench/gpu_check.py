@@ -1026,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny presets (runs on a CPU)")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds in all (default 420)")
-    ap.add_argument("--out", default=str(REPO / "reports" / "gpu"), help="report folder")
+    ap.add_argument("--out", default=str(step_variants.reports_gpu()), help="report folder")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--threads", type=int, help="torch CPU threads (smoke runs on a CPU)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")

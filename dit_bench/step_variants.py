@@ -91,6 +91,15 @@ from dit_bench.backbones import layers
 from dit_bench.objectives.ddpm import DDPM
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def reports_gpu(repo: Path = REPO) -> Path:
+    """Where the GPU reports go by default: a checkout's reports/gpu; an installed copy's
+    parent is site-packages, which holds no reports/ and is no place to write one, so
+    reports/gpu under the working directory."""
+    return repo / "reports" / "gpu" if (repo / "reports").is_dir() else Path("reports", "gpu")
+
+
 TWEAKS = (
     "bf16-stream",
     "cudagraphs",
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--profile", action="store_true", help="also profile each variant (bench.profile_step)"
     )
-    ap.add_argument("--out", default=str(REPO / "reports" / "gpu"))
+    ap.add_argument("--out", default=str(reports_gpu()))
     args = ap.parse_args(argv)
     if args.image_size < 1 or args.channels < 1:
         ap.error(f"--image-size {args.image_size}, --channels {args.channels}: both must be >= 1")

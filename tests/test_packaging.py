@@ -2,8 +2,13 @@
 because another package happens to pull its distribution in breaks when that one stops."""
 
 import ast
+import fnmatch
+import os
 import re
+import shutil
+import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -58,3 +63,90 @@ def test_every_import_is_declared():
         m for m in lazy if not {canonical(d) for d in dists.get(m, [m])} & (deps | extras)
     }
     assert not undeclared, f"imported, in neither dependencies nor an extra: {undeclared}"
+
+
+def package_data() -> dict[str, list[str]]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
+
+
+def test_every_file_the_package_reads_is_package_data():
+    """A wheel holds a package's .py files and, of the rest, what package-data names: a file
+    the code opens beside itself (a feature net's weights, a shipped ablation through
+    dit_bench/shipped's links) that no pattern names works in a checkout only."""
+    patterns = package_data()
+    missing = []
+    for folder, dirs, names in os.walk(ROOT / "dit_bench", followlinks=True):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in names:
+            path = Path(folder, name).relative_to(ROOT)
+            if path.suffix in (".py", ".pyc"):
+                continue
+            # the patterns of its nearest package (a folder with __init__.py) and those above
+            owners = [p for p in path.parents if (ROOT / p / "__init__.py").is_file()]
+            if not any(
+                fnmatch.fnmatch(str(path.relative_to(pkg)), pattern)
+                for pkg in owners
+                for pattern in patterns.get(".".join(pkg.parts), [])
+            ):
+                missing.append(str(path))
+    assert not missing, f"read by the package, not in [tool.setuptools.package-data]: {missing}"
+
+
+def test_the_shipped_ablation_sweep_and_config_files_are_in_the_package():
+    """The README's `dit-bench ablate ablations/conditioning.yaml`, `sweep
+    sweeps/shapes-scaling.yaml` and `train configs/...` name files of the repository: a copy
+    installed with pip has them only through dit_bench/shipped."""
+    from dit_bench.config import SHIPPED
+
+    for folder in ("ablations", "sweeps", "configs"):
+        files = sorted(p.name for p in (ROOT / folder).glob("*.yaml"))
+        assert files, folder
+        assert sorted(p.name for p in (SHIPPED / folder).glob("*.yaml")) == files, folder
+
+
+def test_readme_commands_from_a_folder_without_the_shipped_files(tmp_path, monkeypatch, capsys):
+    """A user's own project folder, not a checkout's root: the installed copy is read, and
+    said; a file of that name in the folder wins."""
+    from dit_bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["ablate", "ablations/conditioning.yaml", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err  # was 2: config file not found
+
+    from dit_bench.config import SHIPPED
+
+    assert "ablation 'conditioning', profile cpu: 6 variants x 3 seeds = 18 runs" in out
+    assert f"reading the copy installed with dit-bench, {SHIPPED}/ablations/conditioning" in err
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "dit-b4-imagenet256.yaml").write_text("experiment: mine\n")
+    assert cli.main(["show-config", "configs/dit-b4-imagenet256.yaml"]) == 0
+    out, err = capsys.readouterr()
+    assert "experiment: mine" in out and "installed" not in err
+    assert cli.main(["show-config", "configs/nothing.yaml"]) == 2
+    assert "config file not found: configs/nothing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_package_data(tmp_path):
+    """The wheel itself, built from a copy of the checkout (a build writes build/ and
+    *.egg-info beside the sources): the shipped files and the feature nets' weights."""
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, src, symlinks=True, ignore=skip)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "."]
+    proc = subprocess.run(
+        [*cmd, "-w", str(tmp_path)], cwd=src, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = tmp_path.glob("dit_bench-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("ablations", "sweeps", "configs"):
+        for path in (ROOT / folder).glob("*.yaml"):
+            assert f"dit_bench/shipped/{folder}/{path.name}" in names
+    for path in (ROOT / "dit_bench" / "metrics" / "nets").iterdir():
+        assert f"dit_bench/metrics/nets/{path.name}" in names

@@ -7,6 +7,7 @@ compile time); the CUDA-only tweaks are refused here, and recorded as such.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,11 @@ def test_profiled_variant_keeps_the_timed_losses():
     assert prof["busy_ms_per_step"] > 0
     assert sum(g["ms"] for g in prof["groups"].values()) == pytest.approx(prof["busy_ms_per_step"])
     assert set(prof["groups"]) <= {g for g, _ in bench.KERNEL_GROUPS} | {"other"}
+
+
+def test_reports_go_to_a_checkouts_reports_or_the_working_directory(tmp_path):
+    """An installed copy's parent is site-packages: `python -m dit_bench.step_variants` (and
+    gpu_check) wrote site-packages/reports/gpu there, into the install location."""
+    assert step_variants.reports_gpu() == step_variants.REPO / "reports" / "gpu"
+    assert step_variants.reports_gpu(tmp_path) == Path("reports", "gpu")
+    assert not (tmp_path / "reports").exists()
