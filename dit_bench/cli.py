@@ -123,8 +123,8 @@ def cmd_sample(args) -> int:
     if module.cfg.data.name == "latents" and not module.cfg.data.vae:
         raise ValueError("latent samples need data.vae (a local VAE folder) to decode")
     sampler, steps = args.sampler or e.sampler, args.steps or e.sample_steps
-    check_sampling(module.cfg, sampler, steps)
     cfg_scale = e.cfg_scale if args.cfg is None else args.cfg
+    check_sampling(module.cfg, sampler, steps, cfg_scale)
     use_ema = e.use_ema if args.ema is None else args.ema  # as the run's own grids
     if problem := module.cfg.guidance_error(cfg_scale):
         raise ValueError(f"--cfg: {problem}; sample with --cfg 1")
@@ -172,7 +172,8 @@ def cmd_sample(args) -> int:
     wide = len(args.labels.split(",")) if args.labels else info.num_classes
     if wide > GRID_MAX_CLASSES:
         wide = math.isqrt(args.n - 1) + 1
-    save_grid(images, output, ncol=args.ncol or wide)
+    # fewer samples than columns: --n 1 of ten classes drew one tile and nine blank ones
+    save_grid(images, output, ncol=args.ncol or min(wide, args.n))
     print(f"wrote {len(images)} samples to {output}")
     if (step := module.checkpoint_step) < module.cfg.train.steps:
         # as eval says it: a run still training, or interrupted, whose -o names no step
@@ -697,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ncol",
         type=positive,
         help="images per row (default: the number of --labels given, else of classes up to 32; "
-        "else a square grid)",
+        "else a square grid; at most --n)",
     )
     sp.add_argument(
         "--ema",

@@ -233,9 +233,9 @@ class FlowConfig(_Strict):
     mode_scale: float = Field(
         1.29, ge=-1.0, le=2.0 / (3.141592653589793 - 2.0), description="s of density=mode"
     )
-    # Bounded where the float arithmetic of t' holds: below ~1e-16, 1 + (a - 1) at t = 1 is 0
-    # in float64 (the sampling grid's t = 1 is 0 / 0); above ~3e38, a t overflows the float32
-    # training times (every loss NaN at step 1). Resolution shifts (SD3: 3) are far inside.
+    # Bounded well inside where the float arithmetic of t' holds: below ~1e-45, a t is 0 in
+    # float32 (t' = 0 / 0 at t = 1); above ~3e38, a t overflows the float32 training times
+    # (every loss NaN at step 1). Resolution shifts (SD3: 3) are far inside.
     shift: float = Field(
         1.0,
         ge=1e-6,
@@ -623,6 +623,14 @@ class ExperimentConfig(_Strict):
                 "eval.sample_steps=1: a DDPM chain respaced to one step keeps only t = 0, and the "
                 "net would denoise pure noise labelled as nearly clean; use 2 or more"
             )
+        if interval is not None and self.eval.cfg_scale != 1.0:
+            # [lo, hi] between two levels of the grids' and FD's sampling (DDPM's 50 steps skip
+            # t = 500; flow's grid never reaches t = 0) left every one of them unguided
+            from dit_bench.sampling import interval_error
+
+            grid = self.sampling_timesteps()
+            if grid is not None and (problem := interval_error(grid, interval)):
+                raise ValueError(f"eval.cfg_interval={problem}")
         if problem := self.guidance_error(self.eval.cfg_scale):
             raise ValueError(f"eval.{problem}; set eval.cfg_scale=1 or a label_dropout > 0")
         if self.eval.fd_every and self.data.name == "latents" and not self.data.vae:
@@ -665,6 +673,19 @@ class ExperimentConfig(_Strict):
         if describe:
             return "".join(_described_lines(self, self.to_dict()))
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+    def sampling_timesteps(self, steps: int | None = None):
+        """The net timesteps of the objective's sampling grid at `steps` (default
+        eval.sample_steps): DDPM's respaced steps, flow's shifted 1000 t; None for an objective
+        whose grid the config does not know."""
+        from dit_bench.objectives.flow import flow_levels
+        from dit_bench.sampling import respace
+
+        steps = self.eval.sample_steps if steps is None else steps
+        if self.objective.name == "flow":
+            return flow_levels(steps, self.objective.shift).timesteps
+        T = getattr(self.objective, "num_timesteps", None)  # DDPM's chain; None: not known
+        return None if T is None else respace(T, steps)
 
     def guidance_error(self, cfg_scale: float) -> str | None:
         """Why sampling this run's net with `cfg_scale` would be meaningless, or None: guidance

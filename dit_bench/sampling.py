@@ -331,6 +331,24 @@ def guided(
     return fn
 
 
+def interval_error(timesteps: Tensor, interval: tuple[float, float]) -> str | None:
+    """Why guiding only where lo <= t <= hi would guide none of the levels with net timesteps
+    `timesteps` (the samples then exactly the unguided ones), or None."""
+    t = torch.as_tensor(timesteps).to(torch.float32)  # as `_predict` hands them to the net
+    lo, hi = interval
+    if bool(((t >= lo) & (t <= hi)).any()):
+        return None
+    nearest = []
+    if bool((t < lo).any()):
+        nearest.append(f"{float(t[t < lo].max()):g}")
+    if bool((t > hi).any()):
+        nearest.append(f"{float(t[t > hi].min()):g}")
+    return (
+        f"[{lo:g}, {hi:g}] holds none of the {len(t)} sampling levels' net timesteps "
+        f"(nearest: {', '.join(nearest)}): guidance would change nothing"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Samplers
 # --------------------------------------------------------------------------------------------
@@ -619,6 +637,9 @@ def sample(
             f"sampler {sampler!r} does not take {sorted(unknown)}; "
             + ", ".join(f"{o} is for sampler={takes.get(o, '?')!r}" for o in sorted(unknown))
         )
+    if cfg_scale != 1.0 and cfg_interval is not None:
+        if problem := interval_error(levels.timesteps, cfg_interval):
+            raise ValueError(f"cfg_interval={problem}")
     denoise = guided(net, cond, uncond, cfg_scale, interval=cfg_interval, channels=cfg_channels)
     return sample_fn(
         denoise,

@@ -366,6 +366,18 @@ def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
     assert flow.eval.sample_steps == 1  # one Euler step of a flow is a valid (coarse) sampler
 
 
+def test_a_guidance_interval_that_holds_no_level_of_the_sampling_grid_is_refused():
+    # [500, 500] with DDPM's 50 respaced steps (t = 489, 510) and flow's [0, 0] (its grid
+    # starts at t = 1000 / steps) guided nothing: every grid and FD of the run unguided
+    guided = ["eval.cfg_scale=3", "train.label_dropout=0.1"]
+    msg = error([*guided, "eval.cfg_interval=[500,500]"])
+    assert "eval.cfg_interval=[500, 500] holds none of the 50 sampling levels" in msg
+    assert build_config(None, [*guided, "eval.cfg_interval=[510,510]"]).eval.cfg_interval
+    flow = [*guided, "objective.name=flow", "eval.sampler=euler"]
+    assert "nearest: 20" in error([*flow, "eval.cfg_interval=[0,0]"])
+    assert build_config(None, [*flow, "eval.cfg_interval=[0,20]"]).eval.cfg_interval
+
+
 def test_a_guidance_interval_beyond_ddpm_s_timesteps_is_refused():
     # DDPM's net sees timesteps 0..T-1: with T=100, [500, 1000] never guided at all
     guided = ["eval.cfg_scale=3", "train.label_dropout=0.1"]
@@ -410,8 +422,8 @@ def _refusal(raw: dict) -> str:
 
 @pytest.mark.parametrize("shift", [1e-17, 1e-300, 1e39, 1e300])
 def test_a_flow_shift_beyond_float_range_is_refused_naming_the_key(shift):
-    # 1e-17: the sampling grid's t = 1 becomes 0 / 0 (1 + (a - 1) = 0 in float64), and the
-    # first grid fails with "prediction='velocity' is defined on the rectified-flow path";
+    # 1e-300: a * t is 0 in float32, a training time t = 1 becomes 0 / 0 (and 1e-17, in
+    # the form 1 + (a - 1) t that shift_time had, made the grid's t = 1 0 / 0 in float64);
     # 1e39: a * t overflows float32, every training time is NaN and step 1's loss is NaN
     message = _refusal({"objective": {"name": "flow", "shift": shift}})
     assert "objective.shift" in message

@@ -179,11 +179,12 @@ def test_eta_is_refused_for_every_sampler_but_ddim(sampler):
 
 
 def test_guidance_interval_bounds_are_the_net_timesteps_0_to_1000():
+    # every step a level of the grid: an interval between two levels is refused on its own
+    every = ["eval.sample_steps=1000"]
     for lo, hi in ((0, 1000), (500, 500), (0, 0)):
-        assert build_config(None, [f"eval.cfg_interval=[{lo}, {hi}]"]).eval.cfg_interval == (
-            lo,
-            hi,
-        )
+        assert build_config(
+            None, [*every, f"eval.cfg_interval=[{lo}, {hi}]"]
+        ).eval.cfg_interval == (lo, hi)
     for lo, hi in ((0, 1001), (600, 500), (-1, 10)):
         assert "0 <= lo <= hi <= 1000" in error([f"eval.cfg_interval=[{lo}, {hi}]"])
 

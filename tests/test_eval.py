@@ -364,6 +364,20 @@ def test_eval_refuses_a_bad_sampler_or_step_count_before_the_reference(
     assert not (cache / "refstats").exists()
 
 
+def test_eval_and_sample_refuse_steps_whose_grid_misses_the_guidance_interval(
+    tmp_path, cache, capsys
+):
+    # the run's [333, 333] is a level of its 4 DDPM steps (0, 333, 666, 999), not of 3 steps
+    # (0, 500, 999): `--steps 3` sampled unguided, recorded as cfg 1.5 with the interval
+    run = _saved_run(tmp_path, 12, "eval.cfg_interval=[333,333]")
+    with pytest.raises(ValueError, match=r"--steps 3: eval.cfg_interval=\[333, 333\] holds none"):
+        evaluate_run(run, EvalRequest(num_samples=20, steps=3), progress=False)
+    assert not (cache / "refstats").exists()  # before the reference's features
+    assert main(["sample", str(run), "--n", "2", "--steps", "3"]) == 2
+    assert "nearest: 0, 500" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "2", "--steps", "3", "--cfg", "1"]) == 0
+
+
 def test_cli_sample_of_an_unfinished_run_names_its_step(tmp_path, capsys):
     # an interrupted run's last.ckpt moves on when it resumes: grids drawn with the same
     # settings at two of its steps overwrote each other under one name
@@ -389,6 +403,20 @@ def test_cli_sample_to_a_named_file_says_when_the_run_is_not_finished(tmp_path, 
     _saved_run(tmp_path, 12)
     assert main(args) == 0
     assert "not its final weights" not in capsys.readouterr().err
+
+
+def test_cli_sample_of_fewer_samples_than_columns_draws_no_empty_columns(tmp_path, capsys):
+    # `sample --n 1` of a 10-class run wrote a grid 10 tiles wide, 9 of them blank
+    from PIL import Image
+
+    _saved_run(tmp_path, 12)
+    grid = tmp_path / "grid.png"
+    base = ["sample", str(tmp_path / "run"), "--steps", "2", "-o", str(grid)]
+    for extra, tiles in [(["--n", "1"], 1), (["--n", "3", "--labels", "1,2,3,4"], 3)]:
+        assert main(base + extra) == 0
+        assert Image.open(grid).size == (tiles * (8 + 2) + 2, 8 + 2 + 2)  # digits are 8 x 8
+    assert main(base + ["--n", "1", "--ncol", "4"]) == 0  # an explicit --ncol is kept
+    assert Image.open(grid).size == (4 * (8 + 2) + 2, 8 + 2 + 2)
 
 
 def test_an_interrupted_eval_writes_nothing_and_does_not_promise_a_resume(

@@ -40,6 +40,18 @@ def test_shift_function():
     torch.testing.assert_close(((1 - sh_in) / sh_in) ** 2, snr / 9, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("shift", [1e-6, 1e-3, 1 / 3, 0.1, 3.0, 1e6])
+def test_shift_keeps_t_in_0_1_and_exactly_1_at_noise_in_float32(shift):
+    # 1 + (a - 1) t cancels for a < 1 near t = 1: in float32 the training times came out as
+    # 1.0000001 (a = 1/3, x_t with a negative alpha) or 0.987 at t = 1 (a = 1e-6, 1.3% off)
+    t = torch.tensor([0.0, 2**-24, 0.5, 1 - 2**-24, 1.0])  # float32, as sample_t draws them
+    sh = shift_time(t, shift)
+    exact = shift * t.double() / (1 + (shift - 1) * t.double())
+    assert sh[0] == 0 and sh[-1] == 1 and sh.max() <= 1
+    torch.testing.assert_close(sh.double(), exact, rtol=1e-6, atol=0)
+    assert flow_levels(1, shift).sigmas.item() == 1.0  # the grid's top level is pure noise
+
+
 @pytest.mark.parametrize("m,s", [(0.0, 1.0), (0.5, 0.7), (-1.0, 1.5)])
 def test_logit_normal_moments(m, s):
     n = 200_000

@@ -336,6 +336,23 @@ def test_guidance_interval_includes_both_ends():
     assert torch.equal(out[[0, 4]], _label_net(x, t, cond)[[0, 4]])
 
 
+@pytest.mark.parametrize(
+    "key, interval, nearest",
+    [("ddpm-eps", (500.0, 500.0), "489, 510"), ("flow-velocity", (0.0, 10.0), "20")],
+)
+def test_a_guidance_interval_between_the_grid_s_levels_is_refused(key, interval, nearest):
+    # DDPM's 50 respaced steps skip t = 500 and flow's grid never reaches t = 0: guidance at
+    # cfg_scale 3 ran as the plain conditional net, samples identical to cfg_scale 1
+    obj = make(key)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, uncond = Cond(labels=torch.tensor([0, 1])), Cond(labels=torch.full((2,), 10))
+    kw = dict(sampler="euler", steps=50, cfg_scale=3.0, uncond=uncond, cfg_interval=interval)
+    with pytest.raises(ValueError, match=f"none of the 50 sampling levels.*nearest: {nearest}"):
+        obj.sample(_label_net, x, cond, **kw)
+    wider = (interval[0], interval[1] + 20.0)  # takes in a level: guided as before
+    assert torch.isfinite(obj.sample(_label_net, x, cond, **(kw | {"cfg_interval": wider}))).all()
+
+
 @pytest.mark.parametrize("key", ["ddpm-eps", "flow-velocity"])
 @pytest.mark.parametrize("sampler", ["ddim", "heun", "euler_maruyama"])
 def test_guided_sampling_scale1_is_conditional_and_null_label_is_unconditional(key, sampler):

@@ -50,7 +50,7 @@ from dit_bench.metrics.features import (
     load_feature_net,
 )
 from dit_bench.metrics.reference import HeldOutImages, RefStats, reference_stats, stack_items
-from dit_bench.sampling import get_sampler, sampler_options
+from dit_bench.sampling import get_sampler, interval_error, sampler_options
 
 METRICS: tuple[str, ...] = ("fd", "kid", "pr", "is")
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
@@ -173,8 +173,9 @@ def check_finite_samples(images: Tensor, source: str, refusal: str) -> None:
         )
 
 
-def check_sampling(cfg, sampler: str, steps: int) -> None:
-    """A sampler name or step count the run's objective cannot sample with: a ValueError
+def check_sampling(cfg, sampler: str, steps: int, cfg_scale: float = 1.0) -> None:
+    """A sampler name or step count the run's objective cannot sample with, or a guidance
+    interval (eval.cfg_interval, at `cfg_scale` != 1) between its levels: a ValueError
     before the reference features and the checkpoint are read (the sampling itself would
     raise only at its first batch)."""
     get_sampler(sampler)  # an unknown name: the error lists the known ones
@@ -184,6 +185,11 @@ def check_sampling(cfg, sampler: str, steps: int) -> None:
             f"--steps {steps}: DDPM samples a respaced chain of 2 or more steps, at most its "
             f"objective.num_timesteps={T}"
         )
+    interval = cfg.eval.cfg_interval
+    if cfg_scale != 1.0 and interval is not None:
+        grid = cfg.sampling_timesteps(steps)
+        if grid is not None and (problem := interval_error(grid, interval)):
+            raise ValueError(f"--steps {steps}: eval.cfg_interval={problem}")
 
 
 @dataclass(frozen=True)
@@ -383,7 +389,8 @@ def evaluate_run(
     scale = cfg.eval.cfg_scale if request.cfg_scale is None else request.cfg_scale
     if problem := cfg.guidance_error(scale):
         raise ValueError(f"--cfg: {problem}; evaluate with --cfg 1")
-    check_sampling(cfg, request.sampler or cfg.eval.sampler, request.steps or cfg.eval.sample_steps)
+    sampler, steps = request.sampler or cfg.eval.sampler, request.steps or cfg.eval.sample_steps
+    check_sampling(cfg, sampler, steps, scale)
     features = request.features or default_features(cfg.data.name)  # latents: inception
     wanted = request.metrics
     if "is" in wanted and features not in SMALL_NETS:
