@@ -61,6 +61,7 @@ from dit_bench.config import (
     ExperimentConfig,
     apply_overrides,
     build_config,
+    experiment_error,
     parse_override,
     read_yaml,
     section_replacement_error,
@@ -81,6 +82,7 @@ FILE_KEYS = {
 }
 FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_MAX = 255 - len(".png")  # a variant names samples/<variant>.png of the report
 METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+|val_FID")
 PROFILE_KEYS = {"description", "set", "variants", "seeds", "metrics"}
 # keys left out of a run's hash: two variants differing only in them are one config
@@ -274,6 +276,12 @@ def load_ablation(
             raise _err(source, f"variant name {v!r}: YAML reads it as a {kind}; write it in quotes")
         if not isinstance(v, str) or not NAME.fullmatch(v):
             raise _err(source, f"variant name {v!r}: use letters, digits, '.', '-' or '_'")
+        if len(v) > NAME_MAX:  # found by the report, after all the training
+            raise _err(
+                source,
+                f"variant name {v!r}: {len(v)} characters; the report's samples/<variant>.png "
+                f"needs a name of at most {NAME_MAX} (file names end at 255 bytes)",
+            )
     folded: dict[str, str] = {}
     for v in variants_raw:  # macOS and Windows file systems ignore case: one file for both
         if (other := folded.setdefault(v.casefold(), v)) != v:
@@ -294,6 +302,8 @@ def load_ablation(
     if not isinstance(profiles, dict) or profile not in profiles:
         known = list(profiles) if isinstance(profiles, dict) else []
         raise _err(source, f"no profile {profile!r}; profiles: {known}")
+    if why := experiment_error(f"{name}-{profile}"):
+        raise _err(source, f"name and profile: the runs' folder {name}-{profile} {why}")
     prof = profiles[profile] or {}
     if not isinstance(prof, dict):
         raise _err(source, f"profiles.{profile} must be a mapping, got {prof!r}")

@@ -550,9 +550,14 @@ class EvalConfig(_Strict):
         return self  # cfg_interval's range is the objective's: ExperimentConfig checks it
 
 
+EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # ExperimentConfig.experiment
+EXPERIMENT_MAX = 255
+
+
 class ExperimentConfig(_Strict):
-    # A leading letter or digit: "." or ".." would put the runs beside or above --out.
-    experiment: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A leading letter or digit: "." or ".." would put the runs beside or above --out. A
+    # folder of --out, so at most a file name's 255 bytes (characters, in ASCII).
+    experiment: str = Field("default", pattern=f"^{EXPERIMENT.pattern}$", max_length=EXPERIMENT_MAX)
     seed: int = Field(0, ge=0, lt=2**32, description="numpy's and Lightning's seed range")
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -770,6 +775,17 @@ LATER_KEYS = (("train", "bf16_stream", False), ("data", "split_by", "position"))
 
 
 # -- loading ----------------------------------------------------------------------------------
+def experiment_error(name: str) -> str | None:
+    """Why `name` cannot be an experiment (the folder of --out holding its runs), or None. An
+    ablation's or a sweep's is `<name>-<profile>`: checked as the file is read, where each of
+    its runs' configs named `experiment`, a key the file never sets."""
+    if not EXPERIMENT.fullmatch(name):
+        return "may hold only letters, digits, '_', '.' and '-', a letter or digit first"
+    if len(name) > EXPERIMENT_MAX:
+        return f"is {len(name)} characters, more than a file name's {EXPERIMENT_MAX}"
+    return None
+
+
 def yaml_kind(value: Any) -> str | None:
     """What YAML made of a name or text written plain (`2024`, `1e-3`, `off`), for a message
     that says to quote it: "number" or "boolean"; None for a string or anything else."""
@@ -1050,6 +1066,9 @@ def _bounds(metadata: Sequence[Any]) -> str | None:
         (value, bracket), op = (lower, ">") if lower else (upper, "<")
         return f"{op}{'=' * (bracket in '[]')} {_number(value)}"
     pattern = next((m.pattern for m in metadata if getattr(m, "pattern", None)), None)
+    longest = next((m.max_length for m in metadata if getattr(m, "max_length", None)), None)
+    if pattern and longest:
+        return f"matches {pattern}, at most {longest} characters"
     return f"matches {pattern}" if pattern else None
 
 

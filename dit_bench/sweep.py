@@ -93,6 +93,7 @@ from dit_bench.config import (
     Terminated,
     apply_overrides,
     build_config,
+    experiment_error,
     parse_override,
     raise_terminated,
     read_yaml,
@@ -511,6 +512,8 @@ def load_sweep(
             key = ".".join(map(str, loc)) or "<file>"
             lines.append(f"  {key}: {x['msg'].removeprefix('Value error, ')}")
         raise _err(source, "invalid sweep:\n" + "\n".join(lines)) from None
+    if why := experiment_error(f"{spec.name}-{profile}"):
+        raise _err(source, f"name and profile: the runs' folder {spec.name}-{profile} {why}")
     base = spec.base
     given = {"experiment"} & set(base) | {"train.steps"} & {
         f"train.{k}" for k in base.get("train", {})
@@ -620,9 +623,14 @@ def make_storage(url: str, heartbeat: Heartbeat):
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # wait for a writer instead of failing
-        folder = Path(url.split(":///", 1)[-1]).parent
-        if not folder.is_dir():
-            raise ValueError(f"storage {url}: no folder {folder} for the study file")
+        path = Path(url.split(":///", 1)[-1].split("?", 1)[0])  # SQLAlchemy's ?timeout=...
+        if not path.parent.is_dir():
+            raise ValueError(f"storage {url}: no folder {path.parent} for the study file")
+        # made here with the umask's mode: SQLite makes it 0644 whatever the umask, and a
+        # group sharing the runs folder (umask 002) could write the runs but not the study
+        with contextlib.suppress(FileExistsError):
+            if path.name != ":memory:":
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     for attempt in range(8):
         try:
             storage = optuna.storages.RDBStorage(

@@ -165,6 +165,12 @@ def test_a_variant_switching_objective_or_family_starts_afresh_from_the_profiles
         # a mapping would replace the base's whole backbone section (its name too)
         ({"variants": {"a": {"backbone": {"conditioning": "adaln"}}}}, ["backbone.conditioning"]),
         ({"variants": {"a/b": {}}}, ["variant name 'a/b'"]),
+        # the runs' folder <name>-<profile>: each run's config named `experiment`, a key the
+        # file never sets
+        ({"name": "ünï"}, ["name and profile: the runs' folder ünï-cpu may hold only letters"]),
+        ({"name": "t" * 252}, ["the runs' folder tttt", "is 256 characters"]),
+        # samples/<variant>.png past a file name's 255 bytes: the report failed after training
+        ({"variants": {"a": {}, "v" * 252: {"optim.lr": 2e-3}}}, ["variant name 'vvvv", "251"]),
         # samples/<variant>.png: one file on a case-insensitive file system (macOS, Windows)
         (
             {"variants": {"adaln": {}, "AdaLN": {"backbone.conditioning": "adaln"}}},

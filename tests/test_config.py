@@ -349,6 +349,11 @@ def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
     assert "data.split_seed" in error(["data.split_seed=-5"])
     for name in ("..", ".", "-x"):  # runs would land beside or above --out
         assert "experiment" in error([f"experiment={name}"])
+    # the runs' folder: past a file name's 255 bytes, `train` failed at its mkdir
+    assert "experiment: String should have at most 255 characters" in error(
+        ["experiment=" + "x" * 256]
+    )
+    assert build_config(None, ["experiment=" + "x" * 255]).experiment == "x" * 255
     # guidance options without guidance, and guidance against a null class never trained
     assert "eval.cfg_interval applies to guided sampling" in error(
         ["eval.cfg_scale=1", "eval.cfg_interval=[0, 500]"]

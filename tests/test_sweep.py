@@ -20,7 +20,7 @@ import yaml
 
 from dit_bench.config import ConfigError
 from dit_bench.files import engine_url
-from dit_bench.sweep import Claims, load_sweep, make_storage, open_study, run_sweep
+from dit_bench.sweep import Claims, Heartbeat, load_sweep, make_storage, open_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -146,6 +146,19 @@ def test_gpu_profile_compiles_every_trial_and_graphs_the_small_ones():
     assert sizes == {"S", "B", "L", "XL"}
 
 
+def test_the_study_file_is_made_with_the_umask_s_mode(tmp_path):
+    # SQLite makes its file 0644 whatever the umask: a group sharing the runs (umask 002)
+    # could write every run folder but not the study their sweep goes on in
+    old = os.umask(0o002)
+    try:
+        storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", Heartbeat())
+    finally:
+        os.umask(old)
+    storage.engine.dispose()
+    assert (tmp_path / "study.db").stat().st_mode & 0o777 == 0o664
+    optuna.create_study(study_name="s", storage=storage)  # an empty file is a database
+
+
 def test_sweep_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown keys"):
         load_sweep(write_tiny(tmp_path / "a.yaml", bogus=1))
@@ -170,6 +183,16 @@ def test_sweep_errors_name_the_key(tmp_path):
         load_sweep(write_tiny(tmp_path / "g.yaml", space=nested))
     with pytest.raises(ConfigError, match="--set experiment=x: experiment is set by the sweep"):
         load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
+    # name and profile make the runs' folder: each trial's config named `experiment`, a key
+    # the file never sets; "../x" and past 255 bytes too
+    profiles = {"../x": {}, "cpu": {}}
+    for name, profile, why in (
+        ("_tiny", "cpu", "_tiny-cpu may hold only letters"),
+        ("tiny", "../x", r"tiny-\.\./x may hold only letters"),
+        ("t" * 252, "cpu", "is 256 characters, more than a file name's 255"),
+    ):
+        with pytest.raises(ConfigError, match=f"name and profile: the runs' folder .*{why}"):
+            load_sweep(write_tiny(tmp_path / "n.yaml", name=name, profiles=profiles), profile)
     # a key every trial sets: the --set would reach no run (it was silently dropped)
     for item, param in (
         ("backbone.patch_size=2", "backbone.patch_size"),

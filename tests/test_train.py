@@ -724,6 +724,34 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, monkeypatch):
     assert find_run_dir(tmp_path / "runs", tiny(*folder)) is None
 
 
+class _Payload:
+    """Unpickled, it makes its marker file: code that a checkpoint sent by someone else may
+    hold, and loading must not run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_holding_code_is_refused_in_one_line(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "last.ckpt"
+    keys = {"state_dict": {}, "global_step": 1, "pytorch-lightning_version": "2.5"}
+    torch.save({**keys, "extra": _Payload(marker)}, path)
+    with pytest.raises(ValueError) as e:
+        run_module.read_checkpoint(path)
+    assert not marker.exists()
+    message = str(e.value)
+    assert re.fullmatch(
+        r"\S*last.ckpt holds pickled Python objects, not only weights \(\S+ among them\): "
+        r"refused, as loading it could run code \(.*\)",
+        message,
+    )
+    # torch's own text told how to load it anyway (weights_only=False), in terminal escapes
+    assert "weights_only" not in message and "\033" not in message
+
+
 def test_broken_run_files_are_errors_naming_the_file(tmp_path):
     cfg = tiny()
     with pytest.raises(KeyboardInterrupt):

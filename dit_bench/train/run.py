@@ -14,8 +14,10 @@ import gc
 import logging
 import math
 import os
+import pickle
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +150,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents; a truncated or foreign file is a ValueError naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refused what is not weights (a colleague's file, another program's);
+        # torch's 8 lines, with terminal escapes, told how to load it anyway, which would run
+        # whatever code the file holds
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        held = f" ({found[1]} among them)" if found else ""
+        raise ValueError(
+            f"{path} holds pickled Python objects, not only weights{held}: refused, as loading "
+            "it could run code (a dit-bench checkpoint holds tensors, numbers and plain "
+            "containers only)"
+        ) from None
     except Exception as e:  # truncated zip, empty file, not a torch file at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     keys = {"state_dict", "global_step", "pytorch-lightning_version"}  # what resuming reads
