@@ -401,7 +401,7 @@ STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is 
 
 def cmd_sweep(args) -> int:
     from dit_bench.config import shipped_or_given
-    from dit_bench.report.scaling import failed_for_good
+    from dit_bench.report.scaling import failed_for_good, finished
     from dit_bench.sweep import (
         default_storage,
         failure,
@@ -442,7 +442,8 @@ def cmd_sweep(args) -> int:
         print(f"dit-bench: {failure(t, sweep.spec.heartbeat.max_retry)}")
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
-    print(f"report:  {_report_command('scaling', root, args.out)}")
+    if any(finished(t.state.name) for t in trials):  # else the report is refused: no point
+        print(f"report:  {_report_command('scaling', root, args.out)}")
     return 1 if failed else 0
 
 

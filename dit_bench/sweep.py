@@ -86,6 +86,8 @@ from pydantic import (
 )
 
 from dit_bench.config import (
+    EXECUTION_KEYS,
+    HASHED_AS_DEFAULT,
     USER_ERRORS,
     ConfigError,
     ConfigStrict,
@@ -688,12 +690,12 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
     try:
         study_id = storage.get_study_id_from_name(sweep.study_name)
         trials = storage.get_all_trials(study_id, deepcopy=False)
-        recorded = storage.get_study_user_attrs(study_id).get("identity")
+        attrs = storage.get_study_user_attrs(study_id)
     except KeyError:
         return f"storage: {redact(url)} (connected; no study {sweep.study_name} yet)"
     finally:
         storage.engine.dispose()
-    check_identity(sweep, url, recorded)
+    check_identity(sweep, url, attrs.get("identity"), attrs.get("sweep"))
     states = Counter(t.state.name.lower() for t in trials)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no trials"
     return f"storage: {redact(url)} (study {sweep.study_name}: {counts})"
@@ -977,7 +979,7 @@ def open_study(sweep: Sweep, storage_url: str):
     else:
         study = optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
     recorded = study.user_attrs.get("identity")
-    check_identity(sweep, storage_url, recorded)
+    check_identity(sweep, storage_url, recorded, study.user_attrs.get("sweep"))
     if "sweep" not in study.user_attrs:
         study.set_user_attr(
             "sweep",
@@ -993,19 +995,58 @@ def open_study(sweep: Sweep, storage_url: str):
     return study, storage
 
 
-def check_identity(sweep: Sweep, url: str, recorded: dict[str, Any] | None) -> None:
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def base_changes(sweep: Sweep, made_by: dict[str, Any] | None) -> list[str]:
+    """The base config's settings that differ from the sweep's that made the study (its
+    `sweep` attribute: the base with its profile's set, and its --sets), as "key old -> new".
+    Empty where the study recorded none or its base no longer builds."""
+    try:
+        old = apply_overrides(made_by["spec"]["base"], list(made_by["overrides"]))
+        old = _flat(build_config(old).to_dict())
+    except (KeyError, TypeError, *USER_ERRORS):
+        return []
+    new = _flat(build_config(sweep.base_raw()).to_dict())
+    # as the hash: a key that only says how a run executes changed no trial
+    how = {f"{section}.{key}" for section, key, *_ in EXECUTION_KEYS + HASHED_AS_DEFAULT}
+    keys = sorted(k for k in {*old, *new} - how if old.get(k) != new.get(k))
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in keys]
+
+
+def check_identity(
+    sweep: Sweep, url: str, recorded: dict[str, Any] | None, made_by: dict | None = None
+) -> None:
     """A rerun with another base, space or budgets would add its trials to the old study and
     report the old numbers as its own: refused, saying what changed and how to keep both.
-    `recorded`: the study's identity (None: a new study, or one made before identities)."""
+    `recorded`: the study's identity (None: a new study, or one made before identities);
+    `made_by`: its `sweep` attribute, which names the base's changed settings."""
     changes = sweep.identity_changes(recorded) if recorded is not None else []
     if not changes:
         return
+    # "base config changed" alone left the user to diff two files and their --sets
+    base = ", ".join(base_changes(sweep, made_by)) if "base_config_hash" in changes else ""
     changed = ", ".join(changes).replace("base_config_hash", "base config")
-    where = f"delete {url.split(':///', 1)[1]}" if url.startswith("sqlite") else "delete it"
+    path = url.split(":///", 1)[1] if url.startswith("sqlite") else None
+    where = f"delete {path}" if path else "delete it"
+    # a study is found by its name (`name:`-profile) in the storage: another --out makes
+    # another study only where the storage is the default one, the study file in --out's
+    # folder; with --storage (a PostgreSQL server shared by machines) it met the same refusal
+    default = path is not None and Path(path).parts[-2:] == (sweep.experiment, "study.db")
+    keep = (
+        "another --out (or `name:` in the file)"
+        if default
+        else f"another `name:` in the file (its study's name in this storage, {sweep.experiment}"
+        " now; --out names the runs folder only)"
+    )
     raise ConfigError(
         f"study {sweep.study_name} in {redact(url)} was made by another sweep ({changed} "
-        "changed: a --set, the file or its profile). To keep both, give this one another "
-        f"--out (or `name:` in the file); to start over, {where}"
+        f"changed{f' ({base})' if base else ''}: a --set, the file or its profile). To keep "
+        f"both, give this one {keep}; to start over, {where}"
     )
 
 
@@ -1518,7 +1559,8 @@ class Worker:
                     reported.add(index[step])
                     if step < plan.cfg.train.steps and trial.should_prune():
                         raise optuna.TrialPruned(
-                            f"pruned at budget {plan.budgets[index[step]]:.3g}"
+                            f"pruned at budget {plan.budgets[index[step]]:.3g} (step {step} of "
+                            f"{plan.cfg.train.steps})"
                         )
 
             tracker = ValAtSteps(plan.budget_steps, on_val=on_val)
@@ -1527,7 +1569,7 @@ class Worker:
                 f"{plan.num_params:,}, {plan.cfg.train.steps} steps"
             )
             setup_s = time.perf_counter() - t0
-            error = None
+            error = pruned = None
             try:
                 run = train(
                     plan.cfg,
@@ -1537,8 +1579,8 @@ class Worker:
                     callbacks=[tracker],
                 )
                 state = optuna.trial.TrialState.COMPLETE
-            except optuna.TrialPruned:
-                state = optuna.trial.TrialState.PRUNED
+            except optuna.TrialPruned as e:
+                state, pruned = optuna.trial.TrialState.PRUNED, str(e)
             except OSError as e:
                 if out_of_room(e):
                     raise  # the sweep stops (`_run`): it would fail every trial after this one
@@ -1616,7 +1658,8 @@ class Worker:
         else:
             self.study.tell(trial, state=state)
         done = state == optuna.trial.TrialState.COMPLETE
-        msg = f"val loss {value:.5f}" if done else (error or state.name.lower())
+        # a pruned trial's budget: "trial 3 pruned: pruned" said neither where nor how far
+        msg = f"val loss {value:.5f}" if done else (error or pruned or state.name.lower())
         self.log(
             f"[sweep {self.name}] trial {trial.number} {state.name.lower()}: {msg} ({wall:.1f} s)"
         )

@@ -454,6 +454,38 @@ def test_a_failed_trials_points_stay_out_of_the_fits_and_the_report_says_so(tmp_
     )
 
 
+def test_a_report_of_a_sweep_whose_every_trial_failed_names_the_failures(tmp_path):
+    # every trial diverged (an lr too high for all sizes): the refusal read "no finished trial
+    # has a finite val loss at any budget yet", as of a sweep still to come, naming no failure
+    import optuna
+
+    fake_sweep(tmp_path / "runs")
+    db = tmp_path / "study.db"
+    study = optuna.create_study(study_name="tiny-cpu", storage=f"sqlite:///{db}")
+    for path in sorted((tmp_path / "runs").rglob("trial.json")):
+        rec = json.loads(path.read_text())
+        error = f"FloatingPointError: non-finite weights at step {rec['trial']}"
+        rec |= {"state": "FAIL", "val_loss": None, "error": error}
+        path.write_text(json.dumps(rec))
+        trial = study.ask()
+        for key, value in rec.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    first = min(json.loads(p.read_text())["trial"] for p in (tmp_path / "runs").rglob("trial.json"))
+    for source, left, number in (
+        (tmp_path / "runs", "8 trial(s) not finished (8 FAIL)", first),
+        (db, "study tiny-cpu: 0 trials finished; not finished: 8 failed (trials [0, 1, 2", 0),
+    ):
+        with pytest.raises(ValueError) as e:
+            scaling.build_report(source, tmp_path / "report", n_boot=2)
+        msg = str(e.value)
+        assert " yet" not in msg and f"at any budget ({left}" in msg, msg
+        # the first failure's error (the others most often share it)
+        said = f"; trial {number} size=S,backbone.patch_size=2: FloatingPointError: non-finite"
+        assert said in msg, msg
+    assert not (tmp_path / "report").exists()
+
+
 def test_the_runs_table_says_how_far_a_pruned_or_failed_run_trained(tmp_path):
     """A trial's `steps` is its plan: a pruned run stopped at its last validated budget, and the
     table said it trained all of them."""
@@ -548,6 +580,33 @@ def _figure_points(tmp_path, monkeypatch, edit) -> dict[str, tuple[int, str]]:
     runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
     scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
     return drawn
+
+
+def test_a_fit_not_made_is_named_on_the_predicted_vs_actual_figure(tmp_path, monkeypatch):
+    """All runs of one size (a sweep over lr): no L(N, D) fit, and predicted_vs_actual.png drew
+    an empty 0..1 frame without a word, beside an envelope titled "fit vs actual" and no fit."""
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs")
+    for f in (tmp_path / "runs").glob("*/trial.json"):
+        if json.loads(f.read_text())["params"] != 2e5:  # S only, patches 2 and 4
+            shutil.rmtree(f.parent)
+    drawn = {}
+
+    def spy(fig, path, *args, **kw):
+        drawn[Path(path).name] = [
+            (ax.get_title(), [t.get_text() for t in ax.texts]) for ax in fig.axes
+        ]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    result = scaling.fit_all(points, n_boot=2)
+    assert not result["chinchilla"].ok and not result["envelope_fit"].ok
+    scaling.figures(runs, points, curves, result, tmp_path)
+    (left, texts), (right, _) = drawn["predicted_vs_actual.png"]
+    assert left.endswith("[insufficient data]") and texts[0].startswith("not fitted:\n")
+    assert "1 distinct N" in texts[0]
+    assert right == "Loss-compute envelope: fit vs actual [insufficient data]"
 
 
 def test_the_figures_of_a_unet_sweep_show_its_points(tmp_path, monkeypatch):
@@ -672,6 +731,23 @@ def test_the_report_names_a_finished_run_without_a_point_at_some_budget(tmp_path
     assert "Not at every budget: L/4 (3.2e+11): no point there" in text
     text = scaling.write_report("runs/s", runs, _one_run_frontier()[1], result, [], tmp_path)
     assert "Not at every budget" not in text
+
+
+def test_the_report_lines_name_runs_of_one_size_and_patch_apart(tmp_path):
+    """A sweep over optim.lr (one size, its worse rates pruned): "Not at every budget: S/4
+    (...); S/4 (...); S/4 (...)" and the envelope's "S/4 at 5 of 6 budgets, S/4 at 1" named
+    runs that only their learning rates tell apart."""
+    runs, points = _one_run_frontier()
+    runs = runs.assign(size="S", point=[f"size=S,optim.lr={lr}" for lr in (0.001, 0.003, 0.01)])
+    points = points.assign(size="S")
+    points = points[~((points["run"] == "c") & (points["budget"] == BUDGETS[-1]))]
+    result = scaling.fit_all(points, n_boot=4)
+    text = scaling.write_report("runs/s", runs, points, result, [], tmp_path)
+    assert "Not at every budget: S/4 optim.lr=0.01 (3.2e+11): no point there" in text
+    assert "S/4 optim.lr=0.001 at 5 of 6 budgets, S/4 optim.lr=0.003 at 1 of 6 budgets" in text
+    assert "mostly S/4 optim.lr=0.001's learning curve" in text
+    # runs of their own size and patch keep their short names
+    assert "S/4 at 5 of 6" in scaling.frontier_runs(*_one_run_frontier()[::-1])
 
 
 def test_a_report_stopped_while_rewritten_leaves_no_report_md_over_new_tables(

@@ -524,6 +524,27 @@ def test_a_sweep_with_trials_left_unfinished_exits_non_zero(tmp_path, capsys, mo
     assert "trials [0] did not finish; run the same command again" in capsys.readouterr().out
 
 
+def test_a_sweep_whose_every_trial_failed_prints_no_report_command(tmp_path, capsys, monkeypatch):
+    # every trial diverged: the command named the failures, then printed a report command to
+    # run, which could only be refused (no finished trial, no point to fit)
+    from dit_bench import sweep as sweep_mod
+    from dit_bench.cli import main
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr("error", "FloatingPointError: non-finite weights at step 4")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda *args, **kwargs: study)
+    argv = ["sweep", str(write_tiny(tmp_path / "t.yaml")), "--out", str(tmp_path / "runs")]
+    assert main([*argv, "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "trial 0  failed: FloatingPointError: non-finite weights at step 4" in printed
+    assert "report:" not in printed
+    study.tell(study.ask(), 1.0)  # one finished: its point is reported
+    assert main([*argv, "--no-progress"]) == 1
+    assert "report:  dit-bench report scaling" in capsys.readouterr().out
+
+
 def test_trial_records_carry_the_preset_sizes_of_a_sweep_over_names(tmp_path):
     # The report names and groups runs by depth, width and patch: a sweep over preset names
     # sets none of them, and recorded None for all (every run one "dNone-wNone" size).
@@ -639,6 +660,42 @@ def test_dry_run_checks_the_storage_and_makes_nothing(tmp_path, capsys):
         assert f"storage {bad}" in capsys.readouterr().err
 
 
+def test_a_changed_base_is_refused_naming_the_settings_that_changed(tmp_path):
+    # "base config changed: a --set, the file or its profile" left the user to diff two sweep
+    # files (two files of one name, or an edited one) and their --sets to find what differs
+    from dit_bench.sweep import storage_status
+
+    path = write_tiny(tmp_path / "t.yaml")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study(load_sweep(path, overrides=["train.threads=2"]), url)
+    base = json.loads(json.dumps(TINY["base"]))
+    base["optim"] = {"lr": 5e-3}
+    base["data"]["num_samples"] = 64
+    other = load_sweep(write_tiny(tmp_path / "other.yaml", base=base))  # threads: no change
+    said = r"base config changed \(data.num_samples 128 -> 64, optim.lr 0.0001 -> 0.005\): "
+    with pytest.raises(ConfigError, match=said):
+        open_study(other, url)
+    with pytest.raises(ConfigError, match=said):
+        storage_status(other, url)  # the dry run's
+    with pytest.raises(ConfigError, match=r"changed \(optim.lr 0.0001 -> 0.001\): a --set"):
+        open_study(load_sweep(path, overrides=["optim.lr=1e-3"]), url)
+
+
+def test_a_study_of_another_sweep_in_a_given_storage_is_not_kept_apart_by_another_out(tmp_path):
+    # Two sweep files of one `name:` on one --storage (a PostgreSQL server shared by machines):
+    # the refusal said "give this one another --out", but a study is found by its name in the
+    # storage, whatever the --out: the same command with another --out met the same refusal
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    open_study(load_sweep(write_tiny(tmp_path / "a.yaml")), url)
+    other = load_sweep(write_tiny(tmp_path / "b.yaml", budgets=[2.0e6, 8.0e6]))
+    with pytest.raises(ConfigError) as e:
+        open_study(other, url)
+    assert "budgets changed" in str(e.value) and "another --out" not in str(e.value)
+    assert "give this one another `name:` in the file (its study's name in this storage, " in (
+        str(e.value)
+    )
+
+
 def test_a_postgresql_url_reaches_sqlalchemy_with_the_psycopg_driver(monkeypatch):
     # SQLAlchemy 2.0 reads a bare postgresql:// as psycopg2, not installed: the README's
     # `--storage postgresql://user:pw@host/db` failed there, in sweeps and in reports alike
@@ -702,6 +759,30 @@ def test_tpe_sweep_with_a_pruner_runs_n_trials(tmp_path):
         s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states
     )
     assert all("optim.lr" in t.params for t in study.trials)
+
+
+def test_a_pruned_trial_is_pruned_at_a_budget_and_says_which(tmp_path, capsys):
+    # one model, three learning rates: the median pruner compares at equal compute (the budget
+    # index is the step), and the worker's line said "trial 1 pruned: pruned", neither where
+    # nor how far
+    base = json.loads(json.dumps(TINY["base"]))
+    base["backbone"].update(depth=1, hidden_size=16, num_heads=1, patch_size=2)
+    space = {"optim.lr": {"choices": [3e-3, 1e-5, 1e-6]}}  # the first learns, the others barely
+    pruner = {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}
+    path = write_tiny(tmp_path / "t.yaml", base=base, space=space, pruner=pruner)
+    study = run_sweep(load_sweep(path), tmp_path / "runs", workers=1, progress=False)
+    first, *rest = study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(first.intermediate_values) == [0, 1, 2]  # a value per budget, by its index
+    assert rest and all(t.state == optuna.trial.TrialState.PRUNED for t in rest)
+    log = capsys.readouterr().err
+    for t in rest:
+        steps = t.user_attrs["budget_steps"]
+        assert sorted(t.intermediate_values) == [0]  # pruned at the first budget
+        said = f"trial {t.number} pruned: pruned at budget 2e+06 (step {steps[0]} of {steps[-1]})"
+        assert said in log, log
+        record = json.loads((Path(t.user_attrs["run_dir"]) / "trial.json").read_text())
+        assert record["state"] == "PRUNED" and record["val_at_budget"][1:] == [None, None]
 
 
 def test_trial_records_carry_the_in_training_fd(tmp_path):

@@ -933,10 +933,10 @@ def test_a_trial_is_pruned_before_its_final_budget_never_at_it(
 def test_a_changed_sweep_does_not_reuse_the_study_of_the_old_one(tmp_path):
     # Rerunning with another lr on the same --out found the old study "finished" and printed
     # its numbers as the new sweep's. Keys that do not change the trials may change.
-    from dit_bench.sweep import storage_status
+    from dit_bench.sweep import default_storage, storage_status
 
     path = write_tiny(tmp_path / "t.yaml")
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+    url = default_storage(load_sweep(path), tmp_path)  # the same --out's study file
     open_study(load_sweep(path), url)
     for sets, changed in [
         (["optim.lr=5e-3"], "base config changed"),

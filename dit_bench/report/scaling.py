@@ -16,10 +16,12 @@ Pure functions of DataFrames: nothing here imports torch or a model (fits in `fi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +196,32 @@ def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[
             parts += [f"{unmade} of n_trials {asked} never started"] if unmade else []
             lines.append(f"study {name}: {done} trials finished; not finished: {', '.join(parts)}")
     return lines
+
+
+def records_not_finished(runs: pd.DataFrame) -> list[str]:
+    """The records' own line on the trials left out of the fits, where no study is at hand to
+    say it (a runs folder)."""
+    left_out = runs[~runs["state"].map(finished)]
+    if not len(left_out):
+        return []
+    states = ", ".join(f"{n} {k}" for k, n in sorted(left_out["state"].value_counts().items()))
+    return [f"{len(left_out)} trial(s) not finished ({states})"]
+
+
+def nothing_to_fit(records: list[dict], runs: pd.DataFrame, unfinished: list[str]) -> str:
+    """Why a study has no point to fit. Every trial failed (diverged: an lr too high; an error)
+    read as a sweep still to come ("... at any budget yet"), naming no failure: the trials
+    left out, and the first error, which the others most often share."""
+    unfinished = unfinished or records_not_finished(runs)
+    failed = [r for r in records if r.get("error") and not finished(r.get("state"))]
+    why = f" ({'; '.join(unfinished)})" if unfinished else ""
+    if not failed:  # trials still to come
+        return f"no finished trial has a finite val loss at any budget yet{why}"
+    first = min(failed, key=lambda r: r.get("trial") or 0)
+    return (
+        f"no finished trial has a finite val loss at any budget{why}; trial {first.get('trial')} "
+        f"{first.get('point')}: {first['error']}"
+    )
 
 
 def runs_without_record(records: list[dict]) -> list[str]:
@@ -816,6 +844,10 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
             xlabel="actual val loss",
             ylabel="predicted",
         )
+    elif ch is not None:  # an empty 0..1 frame beside the envelope's said nothing of why
+        axes[0].text(0.5, 0.5, "not fitted:\n" + textwrap.fill(ch.detail, 40), ha="center",
+                     va="center", transform=axes[0].transAxes)  # fmt: skip
+        axes[0].set(title=f"{ch.formula} [{ch.status}]", xticks=[], yticks=[])
     env = fits.envelope(points)
     f = result.get("envelope_fit")
     axes[1].scatter(env["train_flops"], env["val_loss"], color="k", label="envelope (best run)")
@@ -827,7 +859,9 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         yscale="log",
         xlabel="training FLOPs C",
         ylabel="val loss",
-        title="Loss-compute envelope: fit vs actual",
+        # a fit not made (one run on the frontier) is named, as the L(N, D) panel's
+        title="Loss-compute envelope: fit vs actual"
+        + (f" [{f.status}]" if f is not None and f.predict is None else ""),
     )
     axes[1].legend(fontsize=8)
     readable_log_ticks(fig)
@@ -988,17 +1022,30 @@ def _run_name(size, patch) -> str:
     return f"{size}/{patch:g}" if pd.notna(patch) else str(size)
 
 
-def frontier_runs(points: pd.DataFrame) -> str:
+def run_labels(runs: pd.DataFrame) -> dict[str, str]:
+    """Run -> its name in the report's lines: S/4, and its other parameters where runs of one
+    size and patch differ in them (a sweep over optim.lr: "Not at every budget: S/4 (8e+10);
+    S/4 (8e+10)" named neither run)."""
+    names = {r.run: _run_name(r.size, r.patch) for r in runs.itertuples()}
+    repeated = {n for n, k in collections.Counter(names.values()).items() if k > 1}
+    points = runs.set_index("run")["point"] if "point" in runs else {}
+    for run, name in names.items():
+        if name in repeated and (others := _other_parameters(points.get(run))):
+            names[run] = f"{name} {others}"
+    return names
+
+
+def frontier_runs(points: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
     """Which runs make the loss-compute envelope, and a warning where one run holds most of its
     budgets: L(C) is then mostly that run's learning curve (its loss against its own steps),
-    and its alpha no exponent of compute across models, however good the fit's checks."""
+    and its alpha no exponent of compute across models, however good the fit's checks.
+    `runs`: the runs table, whose points name the runs of one size and patch apart."""
     if not {"run", "size", "patch", "val_loss"} <= set(points):  # a table of budgets only
         return ""
     env = fits.envelope(points)
     if env.empty:
         return ""
-    names = points.drop_duplicates("run").set_index("run")
-    label = {r: _run_name(names.at[r, "size"], names.at[r, "patch"]) for r in env["run"].unique()}
+    label = run_labels(points.drop_duplicates("run") if runs is None else runs)
     counts = env["run"].value_counts()
     text = f" Envelope of {len(counts)} run(s): " + ", ".join(
         f"{label[r]} at {k} of {len(env)} budgets" for r, k in counts.items()
@@ -1021,12 +1068,12 @@ def short_runs(runs: pd.DataFrame, points: pd.DataFrame) -> str:
         return ""
     budgets = sorted(points["budget"].unique())
     have = points.groupby("run")["budget"].agg(set)
-    short = []
+    short, label = [], run_labels(runs)
     for r in runs[runs["state"].map(finished)].itertuples():
         lacking = [b for b in budgets if b not in have.get(r.run, set())]
         if lacking:
             lacks = ", ".join(f"{b:.3g}" for b in lacking)
-            short.append(f"{_run_name(r.size, r.patch)} ({lacks})")
+            short.append(f"{label[r.run]} ({lacks})")
     if not short:
         return ""
     return (
@@ -1059,10 +1106,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=(), p
     several = "device" in runs and runs["device"].nunique(dropna=False) > 1  # which ran where
     names = sorted(runs["study"].dropna().unique()) if "study" in runs else []
     named = f", study `{names[0]}`" if len(names) == 1 else ""
-    left_out = runs[~runs["state"].map(finished)]
-    if not unfinished and len(left_out):  # a runs folder: no study to ask, the records say it
-        states = ", ".join(f"{n} {k}" for k, n in sorted(left_out["state"].value_counts().items()))
-        unfinished = [f"{len(left_out)} trial(s) not finished ({states})"]
+    unfinished = list(unfinished) or records_not_finished(runs)
     if pending:  # a runs folder without its study: trials in training have no record yet
         unfinished = [
             *unfinished,
@@ -1141,7 +1185,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=(), p
 
     lines += [
         f"- Loss-compute envelope L(C) = E + A C^-alpha: alpha = {q(env, 'alpha')}."
-        + (frontier_runs(points) if env is not None and env.ok else ""),
+        + (frontier_runs(points, runs) if env is not None and env.ok else ""),
         f"- L(N, D) = E + A/N^a + B/D^b: a = {q(ch, 'a')}, b = {q(ch, 'b')}, E = {q(ch, 'E')}.",
         f"- Compute-optimal size N*(C) ~ C^a (IsoFLOP, best patch per size): a = {q(iso, 'a')}.",
         "",
@@ -1266,8 +1310,9 @@ def build_report(
     runs, points, curves = tables(records)
     # the report and its errors name SOURCE; a storage URL's password stays out of both
     source = redact(str(source))
+    unfinished = unfinished_trials(url, studies) if url else []
     if points.empty:
-        raise ValueError(f"{source}: no finished trial has a finite val loss at any budget yet")
+        raise ValueError(f"{source}: {nothing_to_fit(records, runs, unfinished)}")
     result = fit_all(points, n_boot=n_boot)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused report leaves no empty folder
@@ -1283,7 +1328,6 @@ def build_report(
     )
     save_table(iso, out / "isoflop")
     figs = figures(runs, points, curves, result, out)
-    unfinished = unfinished_trials(url, studies) if url else []
     pending = [] if url else runs_without_record(records)
     write_report(source, runs, points, result, figs, out, unfinished, pending)
     return out
