@@ -453,3 +453,16 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line_naming_it(tmp_path):
         list(loader)
     assert str(error.value).startswith(f"{tmp_path / 'ok' / 'z-bad.png'}: cannot read image (")
     assert "\n" not in str(error.value)
+
+
+def test_batches_are_pinned_for_a_cuda_run_only(monkeypatch):
+    # pinned memory is CUDA's: a train.accelerator=cpu run on a machine with a GPU pinned
+    # every batch, which opens a CUDA context (GPU memory) in each process that never uses it
+    from dit_bench.config import build_config
+    from dit_bench.data.module import DiffusionDataModule
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for accelerator, pinned in (("cpu", False), ("auto", True), ("gpu", True)):
+        data = DiffusionDataModule(build_config(None, [f"train.accelerator={accelerator}"]))
+        data.train_set = [(torch.zeros(1, 8, 8), 0)] * 4  # not read: the loader is only built
+        assert data.train_dataloader().pin_memory is pinned, accelerator

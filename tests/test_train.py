@@ -1196,6 +1196,62 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
         assert torch.equal(a[k], b[k]), k
 
 
+class KilledInWorkers(torch.utils.data.Dataset):
+    """8x8 digits-shaped items; a loader process that reads one is killed as the OOM killer
+    kills (SIGKILL). At module level: workers started by spawn or forkserver unpickle it."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1, 8, 8), index % 10
+
+
+def test_a_loader_process_killed_for_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch):
+    # torch's "DataLoader worker (pid N) is killed by signal: Killed." came last of a 110-line
+    # traceback, exit 1: the OOM killer's victim is the out-of-memory run the README answers
+    # with one line naming what lowers it (exit 2)
+    from dit_bench.config import OutOfMemory
+    from dit_bench.data import module as data_module
+
+    data = KilledInWorkers()
+    split = (torch.utils.data.Subset(data, range(48)), torch.utils.data.Subset(data, range(48, 64)))
+    monkeypatch.setattr(data_module, "load_datasets", lambda cfg: split)
+    with pytest.raises(OutOfMemory) as raised:
+        train(tiny("data.num_workers=2"), tmp_path, progress=False)
+    message = str(raised.value)
+    assert "\n" not in message and "data loader process" in message, message
+    assert "out-of-memory killer" in message and "data.num_workers (now 2)" in message
+
+
+def test_which_dead_loader_processes_are_said_to_be_out_of_memory():
+    # torch says "killed by signal: Killed" where its SIGCHLD handler saw the death, else only
+    # "exited unexpectedly" (found by polling); a segfault keeps its traceback
+    import queue
+
+    from dit_bench.train.run import loader_killed_message
+
+    def exited(cause):
+        e = RuntimeError("DataLoader worker (pid(s) 11, 12) exited unexpectedly")
+        e.__cause__ = cause
+        return e
+
+    def signalled(name):
+        return RuntimeError(f"DataLoader worker (pid 11) is killed by signal: {name}. ")
+
+    cfg = tiny("data.num_workers=2")
+    for e in (signalled("Killed"), signalled("Killed: 9"), exited(signalled("Killed"))):
+        said = loader_killed_message(e, cfg, 3)
+        assert said.startswith("a data loader process (pid 11) was killed (SIGKILL"), said
+    said = loader_killed_message(exited(queue.Empty()), cfg, 3)
+    assert said.startswith("data loader processes (pid 11, 12) died (killed by the out-of-memory")
+    assert "at step 3 of tiny: lower data.num_workers (now 2) or train.batch_size (now 8)" in said
+    for e in (exited(signalled("Segmentation fault")), RuntimeError("CUDA error")):
+        assert loader_killed_message(e, cfg, 3) is None
+
+
 def two_class_folder(root: Path, per_class: int) -> Path:
     """An image folder of classes cat and dog, `per_class` 8x8 PNGs each."""
     for c, name in enumerate(["cat", "dog"]):

@@ -19,6 +19,7 @@ from dit_bench.config import batch_split_error
 from dit_bench.data import DataError, DataInfo, data_info, load_datasets
 from dit_bench.data.datasets import ImageFolder, check_image_files, name_bytes
 from dit_bench.data.latents import LatentShards
+from dit_bench.fast import trains_on_cuda
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> list[int]:
@@ -155,7 +156,7 @@ class DiffusionDataModule(L.LightningDataModule):
             stream,
             batch_size=None,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=trains_on_cuda(self.cfg.train.accelerator),  # not for cpu on a GPU host
             persistent_workers=workers > 0,
         )
 

@@ -1107,6 +1107,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         _drop_if_nothing_ran(run, created)
         if out_of_memory(e):
             raise OutOfMemory(out_of_memory_message(e, cfg, trainer.global_step)) from None
+        if (killed := loader_killed_message(e, cfg, trainer.global_step)) is not None:
+            raise OutOfMemory(killed) from None
         if lacks_cxx_compiler(e):  # at the compiled backbone's first step
             raise ConfigError(f"train.compile: {NO_CXX_COMPILER}, or set it false") from None
         raise
@@ -1179,6 +1181,36 @@ def out_of_memory_message(e: BaseException, cfg: ExperimentConfig, step: int) ->
     return (
         f"out of memory at step {step} of {cfg.experiment} ({told}): "
         f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    )
+
+
+def loader_killed_message(e: BaseException, cfg: ExperimentConfig, step: int) -> str | None:
+    """One line for a data loader process that died without a Python error: torch's
+    "DataLoader worker (pid N) is killed by signal: Killed" (SIGKILL, the OOM killer's), or
+    "DataLoader worker (pid(s) N) exited unexpectedly" where torch did not see the signal (it
+    polls its workers); None for other errors and other signals (a segfault: its traceback).
+    Shown with its traceback, torch's line came last of 110."""
+    signalled = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.*?)\.")
+    exited = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+    pids, seen = None, set()
+    while e is not None and id(e) not in seen:
+        if found := signalled.search(str(e)):
+            if not found[2].startswith("Killed"):  # macOS says "Killed: 9"
+                return None
+            pids, how = found[1], "was killed (SIGKILL: by the out-of-memory killer? `dmesg`"
+            break
+        if pids is None and (found := exited.search(str(e))):
+            pids, how = found[1], "died (killed by the out-of-memory killer? `dmesg`"
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if pids is None:
+        return None
+    who = "data loader processes" if "," in pids else "a data loader process"
+    return (
+        f"{who} (pid {pids}) {how} names its victims) at step {step} of "
+        f"{cfg.experiment}: lower data.num_workers (now {cfg.data.num_workers}) or "
+        f"train.batch_size (now {cfg.train.batch_size}); the same command then resumes from "
+        "the run's last checkpoint"
     )
 
 
