@@ -1215,6 +1215,7 @@ class Worker:
         self.storage = self.study._storage  # Optuna's (cached) view of `rdb`: keep one view
         self.claims = Claims(rdb, self.study._study_id, self.name)
         n_trials = n_trials or self.sweep.spec.n_trials
+        self.record_request(n_trials)
         done, waiting = 0, False
         while True:
             self._beat_for_orphans()
@@ -1261,6 +1262,14 @@ class Worker:
                 return done
             self._run(trial)
             done, waiting = done + 1, False
+
+    def record_request(self, n_trials: int | None) -> None:
+        """This call's n_trials (and a grid's size) on the study: the report counts the trials
+        never started against the latest call's request. The trials' own record of it said
+        nothing of a grid cut short by --n-trials, nor of a later call asking for fewer (it
+        made no trial to record it)."""
+        grid = len(self.sweep.points()) if self.sweep.spec.sampler == "grid" else None
+        self.study.set_user_attr("requested", {"n_trials": n_trials, "grid_points": grid})
 
     def _fail_stale_trials(self) -> None:
         """Optuna's failing of running trials without a heartbeat for the grace, held for one

@@ -168,3 +168,36 @@ def test_utc_sessions_keep_the_users_own_pgoptions(postgres_url, monkeypatch):
         finally:
             storage.engine.dispose()
         assert shown == [timeout, "UTC"], url
+
+
+def test_a_reports_heartbeat_ages_on_postgres_are_seconds_not_hours(postgres_url):
+    # The report ages a running trial's last beat (stored naive, in UTC: the sweep's sessions
+    # are UTC) by the server's now(), read through a plain session in the server's own zone
+    # (EST here): a zone dropped instead of converted made a live trial five hours old.
+    import optuna
+    import sqlalchemy as sa
+
+    from dit_bench.files import engine_url
+    from dit_bench.report.scaling import stale_trials
+    from dit_bench.sweep import Heartbeat, make_storage
+
+    db = f"age{int(time.time() * 1000) % 10**8}"
+    admin = sa.create_engine(engine_url(postgres_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {db}")
+        conn.exec_driver_sql(f"ALTER DATABASE {db} SET timezone TO 'Etc/GMT+5'")
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{db}"
+    storage = make_storage(url, Heartbeat(interval=10, grace=60))
+    try:
+        study = optuna.create_study(storage=storage, study_name="age")
+        storage.record_heartbeat(study.ask()._trial_id)
+        loaded = optuna.load_study(study_name="age", storage=engine_url(url))  # as the report
+        assert stale_trials(loaded, grace=60) == {}
+        (age,) = stale_trials(loaded, grace=-1).values()
+        assert 0 <= age < 60
+        loaded._storage._backend.engine.dispose()
+    finally:
+        storage.engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE {db}")
+        admin.dispose()

@@ -562,6 +562,36 @@ def test_tick_labels_of_the_figures_log_axes_do_not_overlap(tmp_path, tick_label
     assert tick_label_overlaps == {name: [] for name in made}
 
 
+def test_a_diverged_run_a_pruner_stopped_stays_out_of_the_fits_and_figures(tmp_path, monkeypatch):
+    # lr 1e8 under the median pruner: pruned at its first budget with a finite 3.6e17, it
+    # entered the fits and stretched the log plots' loss axis to 1e17, where the same trial
+    # without a pruner ends NaN, fails, and is left out
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs")
+    path = sorted((tmp_path / "runs").rglob("trial.json"))[0]
+    rec = json.loads(path.read_text())
+    rec |= {"state": "PRUNED", "val_loss": None, "curve": rec["curve"][:1]}
+    rec["val_at_budget"] = [3.6e17] + [None] * (len(BUDGETS) - 1)
+    rec["curve"][0]["val_loss"] = 3.6e17
+    path.write_text(json.dumps(rec))
+    tops = {}
+
+    def spy(fig, path, *args, **kw):
+        tops[Path(path).name] = fig.axes[0].get_ylim()[1]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
+    assert tops["loss_vs_flops.png"] < 100 and tops["loss_vs_macs.png"] < 100, tops
+    pts = pd.read_parquet(out / "points.parquet")
+    assert rec["config_hash"] not in set(pts["run"]) and len(pts) == 7 * len(BUDGETS)
+    runs = pd.read_parquet(out / "runs.parquet").set_index("run")
+    assert runs.loc[rec["config_hash"], "diverged_at"] == BUDGETS[0]
+    text = (out / "report.md").read_text()
+    assert "Diverged: S/2 (at 1e+10): a val loss over 100x the lowest at that budget" in text
+    assert "| PRUNED (diverged) |" in text and "Not at every budget" not in text
+
+
 def _figure_points(tmp_path, monkeypatch, edit) -> dict[str, tuple[int, str]]:
     """Points drawn on each figure's first axes, and its title, for trial records `edit`ed."""
     import matplotlib.figure

@@ -759,6 +759,67 @@ def test_a_tpe_sweep_stopped_between_trials_reports_the_trials_never_started(tmp
     assert scaling.unfinished_trials(url) == []
 
 
+def test_a_later_call_asking_for_fewer_trials_is_the_sweep_s_request(tmp_path):
+    """A call stopped after 2 of its 5 trials, then one asking for 2: that call made no trial
+    to record its n_trials, and the report still counted 3 of the first call's 5 missing."""
+    from dit_bench.report import scaling
+
+    w = hand_worker(_ranged_sweep(tmp_path, "n", n_trials=5), tmp_path)
+    w.record_request(5)
+    for _ in range(2):
+        w.study.tell(w._new_trial(5).number, 1.0)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert scaling.unfinished_trials(url)[0].endswith("3 of n_trials 5 never started")
+    w.record_request(2)  # the next call: nothing left to start
+    assert w._new_trial(2) is None and scaling.unfinished_trials(url) == []
+
+
+def test_a_grid_cut_short_by_n_trials_reports_the_points_never_started(tmp_path):
+    """--n-trials 1 on a grid of 4 points: the report read as one of the whole grid."""
+    from dit_bench.report import scaling
+
+    w = hand_worker(load_sweep(write_tiny(tmp_path / "t.yaml")), tmp_path)
+    w.record_request(1)
+    w._enqueue_grid(1)
+    w.study.tell(w._pop_waiting().number, 1.0)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert scaling.unfinished_trials(url) == [
+        f"study {w.study.study_name}: 1 trials finished; not finished: "
+        "3 of the grid's 4 points never started (n_trials 1)"
+    ]
+    w.record_request(None)  # a call for the whole grid enqueues the rest
+    w._enqueue_grid(None)
+    assert scaling.unfinished_trials(url)[0].endswith("3 running or waiting")
+
+
+def test_a_report_tells_a_dead_worker_s_trial_from_a_running_one(tmp_path):
+    """A SIGKILLed machine's trial read as "running or waiting" until the next sweep call
+    failed it as stale: its heartbeat, older than the grace, says its worker is likely gone."""
+    import sqlite3
+
+    from dit_bench.report import scaling
+
+    # a grace of 60 s: the live trial's beat stays younger on a loaded machine
+    heartbeat = {"interval": 1, "grace": 60}
+    w = hand_worker(load_sweep(write_tiny(tmp_path / "t.yaml", heartbeat=heartbeat)), tmp_path)
+    w._enqueue_grid(None)
+    dead, live = w._pop_waiting(), w._pop_waiting()  # each RUNNING, with its heartbeat
+    db = tmp_path / "study.db"
+    with sqlite3.connect(db) as conn:  # the dead one's worker last beat 10 minutes ago
+        conn.execute(
+            "UPDATE trial_heartbeats SET heartbeat = datetime('now', '-600 seconds') "
+            "WHERE trial_id = ?",
+            (dead._trial_id,),
+        )
+    (line,) = scaling.unfinished_trials(f"sqlite:///{db}")
+    assert line.startswith(
+        f"study {w.study.study_name}: 0 trials finished; not finished: 3 running or waiting, "
+        f"1 stale (trials [{dead.number}]: no heartbeat for 6"
+    ), line
+    assert "over heartbeat.grace 60 s: their workers are likely gone; the next `dit-bench " in line
+    assert live.number != dead.number
+
+
 def test_a_trial_enqueued_twice_runs_once_and_is_no_failure_of_the_sweep(tmp_path):
     """A worker stalled past the grace between its claim and the enqueue has its claim made
     again by another, and both enqueue: the later trial is failed as a duplicate when a

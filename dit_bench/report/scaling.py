@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,39 @@ def pick_study(names: list[str], study: str | None, where: str) -> list[str]:
     return list(names)
 
 
+class StudyTrials(list):
+    """A study's trials, read with its latest sweep call's request (`Worker.record_request`:
+    what the report counts trials never started against), and its running trials whose
+    heartbeat is older than the sweep's grace (trial number -> seconds since it)."""
+
+    requested: dict = {}
+    stale: dict = {}
+    grace: float | None = None
+
+
+def stale_trials(loaded, grace: float) -> dict[int, float]:
+    """Running trials of study `loaded` with no heartbeat for over `grace` seconds, by the
+    database's clock (as Optuna ages them): their workers are likely gone (a machine killed),
+    and they read as running until the next sweep call failed and re-queued them."""
+    import sqlalchemy as sa
+
+    engine = getattr(loaded._storage, "_backend", loaded._storage).engine
+    query = (
+        "SELECT t.number, h.heartbeat FROM trials t JOIN trial_heartbeats h "
+        "ON h.trial_id = t.trial_id WHERE t.study_id = :study AND t.state = 'RUNNING'"
+    )
+    with engine.connect() as conn:
+        now = conn.execute(sa.select(sa.func.now())).scalar()
+        beats = conn.execute(sa.text(query), {"study": loaded._study_id}).all()
+
+    def naive_utc(v):  # SQLite hands back text; PostgreSQL's now() is zone-aware
+        v = datetime.fromisoformat(v) if isinstance(v, str) else v
+        return v.astimezone(timezone.utc).replace(tzinfo=None) if v.tzinfo else v
+
+    ages = {n: (naive_utc(now) - naive_utc(b)).total_seconds() for n, b in beats}
+    return {n: age for n, age in ages.items() if age > grace}
+
+
 def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     """The study's trials (`study`, or the storage's only study), read once: the records and the
     unfinished-trials line of a report both come from them."""
@@ -119,10 +153,17 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
             raise ValueError(
                 f"{redact(url)}: cannot read an Optuna study ({type(e).__name__}: {e})"
             ) from None
-        return {
-            name: optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-            for name in pick_study(names, study, redact(url))
-        }
+        studies = {}
+        for name in pick_study(names, study, redact(url)):
+            loaded = optuna.load_study(study_name=name, storage=storage)
+            studies[name] = StudyTrials(loaded.get_trials(deepcopy=False))
+            studies[name].requested = loaded.user_attrs.get("requested") or {}
+            made_by = loaded.user_attrs.get("sweep") or {}
+            grace = made_by.get("spec", {}).get("heartbeat", {}).get("grace")
+            if grace is not None:  # a study a sweep made: its heartbeats are in the storage
+                studies[name].grace = grace
+                studies[name].stale = stale_trials(loaded, grace)
+        return studies
 
 
 def _records_from_study(
@@ -167,15 +208,32 @@ def failed_for_good(trials) -> list:
     ]
 
 
-def never_started(trials) -> tuple[int, int]:
-    """tpe/random: (slots of n_trials no trial was made for, n_trials), the latest sweep call's
-    n_trials (0, 0 for a grid, whose points are all enqueued at once: waiting trials). A sweep
-    stopped between trials left no waiting trial to tell of the rest."""
+def never_started(trials, requested: dict | None = None) -> str:
+    """What the latest sweep call asked for and no trial was made for: tpe/random slots of its
+    n_trials, or grid points past its --n-trials ("" when none). A sweep stopped between
+    trials left no waiting trial to tell of the rest. `requested`: the study's record of the
+    latest call (`Worker.record_request`); without it (older sweeps) the latest tpe/random
+    trial's n_trials, and nothing of a grid."""
+    requested = requested or {}
+    grid = requested.get("grid_points")
+    if grid:
+        made = {json.dumps(t.system_attrs.get("fixed_params"), sort_keys=True) for t in trials}
+        made.discard("null")
+        unmade = max(grid - len(made), 0)
+        asked = requested.get("n_trials")
+        if not unmade:
+            return ""
+        return f"{unmade} of the grid's {grid} points never started (n_trials {asked})"
     slotted = [t for t in trials if "slot" in t.user_attrs]
-    if not slotted or "n_trials" not in slotted[-1].user_attrs:  # older sweeps recorded none
-        return 0, 0
-    asked = slotted[-1].user_attrs["n_trials"]
-    return max(asked - len({t.user_attrs["slot"] for t in slotted}), 0), asked
+    asked = requested.get("n_trials")
+    if asked is None:  # a call before requests were recorded: its trials name it
+        if not slotted or "n_trials" not in slotted[-1].user_attrs:  # older sweeps recorded none
+            return ""
+        asked = slotted[-1].user_attrs["n_trials"]
+    # the latest call's request: one that asked for fewer than an earlier, stopped one wants
+    # no more trials, and the report counts none missing
+    unmade = max(asked - len({t.user_attrs["slot"] for t in slotted}), 0)
+    return f"{unmade} of n_trials {asked} never started" if unmade else ""
 
 
 def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[str]:
@@ -184,16 +242,30 @@ def unfinished_trials(url: str, studies: dict[str, list] | None = None) -> list[
     n_trials never started. `studies`: as `study_trials(url)` read them."""
     lines = []
     for name, trials in (study_trials(url) if studies is None else studies).items():
-        left = [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+        stale = getattr(trials, "stale", {})
+        left = [
+            t for t in trials if t.state.name in ("RUNNING", "WAITING") and t.number not in stale
+        ]
         failed = failed_for_good(trials)
-        unmade, asked = never_started(trials)
-        if left or failed or unmade:
+        unmade = never_started(trials, getattr(trials, "requested", None))
+        if left or failed or unmade or stale:
             done = sum(finished(t.state.name) for t in trials)
             parts = [f"{len(left)} running or waiting"] if left else []
+            # "running" read as a live sweep until the next call: a killed machine's trial
+            parts += (
+                [
+                    f"{len(stale)} stale (trials {sorted(stale)}: no heartbeat for "
+                    f"{min(stale.values()):.0f} s or more, over heartbeat.grace {trials.grace:g} "
+                    "s: their workers are likely gone; the next `dit-bench sweep` call "
+                    "re-queues them)"
+                ]
+                if stale
+                else []
+            )
             parts += (
                 [f"{len(failed)} failed (trials {[t.number for t in failed]})"] if failed else []
             )
-            parts += [f"{unmade} of n_trials {asked} never started"] if unmade else []
+            parts += [unmade] if unmade else []
             lines.append(f"study {name}: {done} trials finished; not finished: {', '.join(parts)}")
     return lines
 
@@ -314,6 +386,21 @@ def overshot(points: pd.DataFrame) -> pd.Series:
     return points["train_flops"] > BUDGET_OVERSHOOT * points["budget"]
 
 
+# A run whose val loss at a budget is this many times the lowest there has diverged (an lr far
+# too high): sizes and token counts at one compute differ by a few times, not a hundred.
+DIVERGED = 100.0
+
+
+def diverged_at(points: pd.DataFrame) -> pd.Series:
+    """Run -> the first budget at which it diverged (DIVERGED). Such a run, left to train, most
+    often ends non-finite and fails, out of the fits; pruned first (a median pruner stops it at its first
+    budget), its finite 3.6e17 entered them and stretched every log plot's axis to it."""
+    if points.empty:
+        return pd.Series(dtype=float)
+    best = points.groupby("budget")["val_loss"].transform("min")
+    return points[points["val_loss"] > DIVERGED * best].groupby("run")["budget"].min()
+
+
 def point_labels(point: str | None) -> dict[str, str]:
     """A trial's `point` ("size=S,backbone.patch_size=4,optim.lr=0.001") as {name: value}."""
     return dict(kv.split("=", 1) for kv in (point or "").split(",") if "=" in kv)
@@ -408,7 +495,15 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     runs = runs.astype({c: float for c in runs if c.startswith(measured) and runs[c].isna().all()})
     # the cfg.* columns too: a setting null in every record (no setup recorded) is of its type
     runs = runs.astype({f"cfg.{k}": t for k, _, t in SETUP_KEYS if f"cfg.{k}" in runs})
-    return runs, by_run(points, "budget"), by_run(curves, "step")
+    points, curves = by_run(points, "budget"), by_run(curves, "step")
+    # a diverged run is left out whole, as one that failed non-finite is; the runs table says so
+    gone = diverged_at(points)
+    if "run" in runs:  # (no records: no columns)
+        runs["diverged_at"] = runs["run"].map(gone).astype(float)
+    if len(gone):
+        points = points[~points["run"].isin(gone.index)].reset_index(drop=True)
+        curves = curves[~curves["run"].isin(gone.index)].reset_index(drop=True)
+    return runs, points, curves
 
 
 # -- the fits ---------------------------------------------------------------------------------------
@@ -1069,7 +1164,10 @@ def short_runs(runs: pd.DataFrame, points: pd.DataFrame) -> str:
     budgets = sorted(points["budget"].unique())
     have = points.groupby("run")["budget"].agg(set)
     short, label = [], run_labels(runs)
-    for r in runs[runs["state"].map(finished)].itertuples():
+    kept = runs["state"].map(finished)
+    if "diverged_at" in runs:  # left out whole: the Diverged line names it
+        kept &= runs["diverged_at"].isna()
+    for r in runs[kept].itertuples():
         lacking = [b for b in budgets if b not in have.get(r.run, set())]
         if lacking:
             lacks = ", ".join(f"{b:.3g}" for b in lacking)
@@ -1096,6 +1194,20 @@ def _other_parameters(point) -> str:
             pass
         out.append(f"{key}={value}")
     return ", ".join(out)
+
+
+def diverged_runs(runs: pd.DataFrame) -> str:
+    """The runs `tables` left out as diverged, and where."""
+    gone = runs[runs["diverged_at"].notna()] if "diverged_at" in runs else runs.iloc[:0]
+    if gone.empty:
+        return ""
+    label = run_labels(runs)
+    named = "; ".join(f"{label[r.run]} (at {r.diverged_at:.3g})" for r in gone.itertuples())
+    return (
+        f"Diverged: {named}: a val loss over {DIVERGED:g}x the lowest at that budget. Left out "
+        "of the fits and figures, as a run whose loss ends non-finite is (it fails); a pruner "
+        "stopped this one while its loss was still finite."
+    )
 
 
 def write_report(source, runs, points, result, figs, out: Path, unfinished=(), pending=()) -> str:
@@ -1160,6 +1272,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=(), p
             else []
         ),
         *([note, ""] if (note := short_runs(runs, points)) else []),
+        *([note, ""] if (note := diverged_runs(runs)) else []),
         f"Setup: {setup_line(runs)}.",
         "",
         f"Trained on: {devices_line(runs)}.",
@@ -1246,7 +1359,8 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=(), p
             f"| {r.size} | {r.patch} |"
             + (f" {r.image_size} |" if len(sides) > 1 else "")
             + f" {r.tokens} | {r.params:,} | {r.macs:,} | {_steps(r)} | "
-            f"{_num(r.val_loss, '.4f')} | {r.state} |"
+            f"{_num(r.val_loss, '.4f')} | {r.state}"
+            f"{' (diverged)' if pd.notna(getattr(r, 'diverged_at', None)) else ''} |"
             + (f" {r.device if isinstance(r.device, str) else 'not recorded'} |" if several else "")
             + (f" {others[r.Index]} |" if others is not None else "")
         )
