@@ -875,11 +875,14 @@ class PlanRun(NamedTuple):
 
 def check_data(cfgs: Sequence[ExperimentConfig]) -> None:
     """Raise the error every run to train would stop with at its start, once, before any:
-    data not there (latents not encoded, a folder without class folders) or a data.vae that
-    is not a VAE folder. Each data config is read once."""
+    data not there (latents not encoded, a folder without class folders), a data.vae that
+    is not a VAE folder, or a tracker of train.loggers not installed. Each data config is
+    read once."""
     from dit_bench.data import data_info
     from dit_bench.data.latents import check_vae_dir
+    from dit_bench.train.trackers import check_installed
 
+    check_installed(sorted({name for cfg in cfgs for name in cfg.train.loggers}))
     seen = set()
     for cfg in cfgs:
         key = cfg.data.model_dump_json()

@@ -393,6 +393,13 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(250, gt=0, description="last.ckpt refresh (resume point)")
     keep_every: int = Field(0, ge=0, description="also keep step-N checkpoints; 0: never")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; None: torch default")
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (),
+        description="experiment trackers fed beside metrics.csv (always written): the same "
+        "numbers at the same steps, the config and the sample grids; tensorboard into "
+        "RUN_DIR/tensorboard/, wandb (project $WANDB_PROJECT or dit-bench, offline with "
+        "WANDB_MODE=offline) into RUN_DIR/wandb/; each needs the pip extra of its name",
+    )
     # Fast paths: each computes what the plain path computes, up to float rounding (tested in
     # tests/test_fast_paths.py); they say how a run executes, so they are left out of the hash.
     compile: bool = Field(
@@ -434,6 +441,18 @@ class TrainConfig(_Strict):
         "a 32-true run's training, every run's validation, grids and FD; no effect on the CPU "
         "or on bf16 matmuls; hashed when false with 32-true only",
     )
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        # `--set train.loggers=tensorboard` (or `=tensorboard,wandb`) reaches us as one string
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list | tuple):
+            twice = sorted({v for v in value if isinstance(v, Hashable) and value.count(v) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(map(str, twice))} given more than once")
+        return value
 
     @model_validator(mode="after")
     def _fast_paths(self) -> TrainConfig:
@@ -757,6 +776,7 @@ EXECUTION_KEYS = (
     ("train", "accumulate_grad_batches"),
     ("train", "strategy"),
     ("train", "threads"),
+    ("train", "loggers"),
     ("train", "compile"),
     ("train", "cudagraphs"),
     ("train", "activation_checkpointing"),
@@ -1082,7 +1102,10 @@ def _allowed(annotation: Any, metadata: Sequence[Any]) -> str | None:
         choices = [str(c) for c in get_args(members[0])] + ["null"] * nullable
         return "one of: " + ", ".join(choices)
     if len(members) == 1 and get_origin(members[0]) is tuple:
-        inner = {_bounds(get_args(a)[1:]) for a in get_args(members[0])}
+        kinds = get_args(members[0])
+        if kinds[1:] == (Ellipsis,) and get_origin(kinds[0]) is Literal:  # a list of names
+            return "a list, each one of: " + ", ".join(map(str, get_args(kinds[0])))
+        inner = {_bounds(get_args(a)[1:]) for a in kinds}
         text = f"each {inner.pop()}" if len(inner) == 1 and None not in inner else None
     else:
         text = _bounds(metadata)

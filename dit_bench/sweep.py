@@ -1799,6 +1799,10 @@ def run_sweep(
     import optuna
 
     sweep.validate()
+    from dit_bench.train.trackers import check_installed
+
+    # each trial would fail at its start, and be re-queued
+    check_installed(build_config(sweep.base_raw()).train.loggers)
     out = Path(out)
     storage = storage or default_storage(sweep, out)
     workers = workers or sweep.spec.workers

@@ -97,7 +97,7 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
     trainer = SimpleNamespace(
         max_steps=STEPS,
         optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
-        logger=Recorder(),
+        loggers=[Recorder()],
         datamodule=SimpleNamespace(fixed_val_loader=lambda: None),
     )
     module = SimpleNamespace(
@@ -115,8 +115,8 @@ def test_val_fd_and_grid_callbacks_fire_on_the_interval_and_at_a_final_step_off_
         for callback in (metrics, fd, grid):
             callback.on_train_batch_end(trainer, module, None, None, step - 1)
     grid.on_train_end(trainer, module)
-    assert [s for s, m in trainer.logger.calls if "val/loss" in m] == [4, 8, 10]
-    assert [s for s, m in trainer.logger.calls if "train/loss" in m] == [10]  # the last window
+    assert [s for s, m in trainer.loggers[0].calls if "val/loss" in m] == [4, 8, 10]
+    assert [s for s, m in trainer.loggers[0].calls if "train/loss" in m] == [10]  # the last window
     assert module.last_val["step"] == STEPS
     assert measured == [4, 8, 10]
     assert grids == ["step-0000004.png", "step-0000008.png", "step-0000010.png"]
@@ -358,7 +358,7 @@ def test_in_training_fd_reduces_each_chunk_to_features_before_the_next(one_chunk
     fd.num_samples = 20
     features, real = fd._net.features, evaluate.generate
     sizes = one_chunk_at_a_time(evaluate, "generate", held="result")
-    trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_step=4, loggers=[Recorder()], global_rank=0, world_size=1)
     value = fd.measure(trainer, module)
     assert sizes == [8, 8, 4]
     e = cfg.eval
@@ -378,7 +378,9 @@ def test_in_training_fd_of_the_same_weights_is_the_same_at_any_step():
     fd = fd_metric(cfg)
     values = []
     for step in (4, 8):
-        trainer = SimpleNamespace(global_step=step, logger=Recorder(), global_rank=0, world_size=1)
+        trainer = SimpleNamespace(
+            global_step=step, loggers=[Recorder()], global_rank=0, world_size=1
+        )
         values.append(fd.measure(trainer, module))
     assert math.isfinite(values[0]) and values[0] == values[1]
 
@@ -401,7 +403,7 @@ def test_in_training_fd_samples_are_shared_by_the_processes(monkeypatch):
 
     monkeypatch.setattr(evaluate, "generate", spy)
     alone = fd_metric(cfg).measure(
-        SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1), module
+        SimpleNamespace(global_step=4, loggers=[Recorder()], global_rank=0, world_size=1), module
     )
     gathered = []  # the processes' padded rows, in rank order, as all_gather stacks them
 
@@ -412,7 +414,7 @@ def test_in_training_fd_samples_are_shared_by_the_processes(monkeypatch):
 
         strategy = SimpleNamespace(all_gather=all_gather)
         return SimpleNamespace(
-            global_step=4, logger=Recorder(), global_rank=rank, world_size=2, strategy=strategy
+            global_step=4, loggers=[Recorder()], global_rank=rank, world_size=2, strategy=strategy
         )
 
     assert math.isnan(fd_metric(cfg).measure(trainer(1), module))  # rank 1 scores nothing
@@ -420,7 +422,7 @@ def test_in_training_fd_samples_are_shared_by_the_processes(monkeypatch):
     shared = fd_metric(cfg).measure(logged, module)
     assert list(drawn.values())[0] == [list(range(8)), [1, 3, 5, 7], [0, 2, 4, 6]]
     assert shared == pytest.approx(alone, rel=1e-9) and math.isfinite(shared)
-    assert logged.logger.calls == [(4, {"val/FD-stub": shared})]
+    assert logged.loggers[0].calls == [(4, {"val/FD-stub": shared})]
 
 
 def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch, capsys):
@@ -430,11 +432,11 @@ def test_one_non_finite_sample_makes_the_fd_nan_and_the_run_goes_on(monkeypatch,
     images[5, 0, 3, 3] = float("nan")  # one sample of eight: a diverging run's first sign
     monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: images)
     fd = fd_metric(tiny())
-    trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_step=4, loggers=[Recorder()], global_rank=0, world_size=1)
     module = SimpleNamespace(device=torch.device("cpu"))
     # scored instead, the NaN features would make scipy raise: the run would die at this step
     assert math.isnan(fd.measure(trainer, module))
-    assert math.isnan(trainer.logger.calls[0][1]["val/FD-stub"])
+    assert math.isnan(trainer.loggers[0].calls[0][1]["val/FD-stub"])
     assert math.isnan(module.last_fd["val/FD-stub"])
     assert "1 of 8 samples are not finite; val/FD-stub = nan" in capsys.readouterr().err
 
@@ -449,7 +451,7 @@ def test_the_non_finite_fd_line_names_its_run(monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: images)
     fd = fd_metric(tiny())
     fd.announce = "ablate run 2/4 adaln seed 1"
-    trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+    trainer = SimpleNamespace(global_step=4, loggers=[Recorder()], global_rank=0, world_size=1)
     fd.measure(trainer, SimpleNamespace(device=torch.device("cpu")))
     assert capsys.readouterr().err.startswith("[ablate run 2/4 adaln seed 1] step 4: 1 of 8")
 
@@ -475,7 +477,7 @@ def process_stubs(world: int) -> list[SimpleNamespace]:
             return torch.stack([shares[r] for r in sorted(shares)])
 
         strategy = SimpleNamespace(all_gather=all_gather)
-        return SimpleNamespace(global_rank=rank, world_size=world, strategy=strategy)
+        return SimpleNamespace(global_rank=rank, world_size=world, strategy=strategy, loggers=[])
 
     return [trainer(r) for r in range(world)]
 
@@ -572,7 +574,7 @@ def test_val_at_steps_timing_splits_add_up_to_the_wall_clock(monkeypatch):
     trainer = SimpleNamespace(
         max_steps=4,
         callbacks=[StepMetrics(log_every=1, val_every=4)],
-        logger=Recorder(),
+        loggers=[Recorder()],
         datamodule=SimpleNamespace(fixed_val_loader=lambda: None),
     )
     tracker = ValAtSteps([2, 3])  # off the val interval: ValAtSteps validates them itself
@@ -890,7 +892,7 @@ def test_step_metrics_logs_the_lr_the_step_ran_at():
         max_steps=2,
         global_step=0,
         optimizers=[SimpleNamespace(param_groups=[group])],
-        logger=SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics))),
+        loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))],
     )
     module = SimpleNamespace(pop_train_loss=lambda: 1.0)
     metrics = StepMetrics(log_every=1, val_every=100)
@@ -914,7 +916,7 @@ def test_the_in_training_fd_samples_as_the_runs_eval_settings_say(monkeypatch):
     monkeypatch.setattr(evaluate, "generate", lambda m, i, **kw: asked.append(kw) or images)
     for use_ema in (True, False):
         cfg = tiny(f"eval.use_ema={str(use_ema).lower()}", "eval.cfg_scale=1.5")
-        trainer = SimpleNamespace(global_step=4, logger=Recorder(), global_rank=0, world_size=1)
+        trainer = SimpleNamespace(global_step=4, loggers=[Recorder()], global_rank=0, world_size=1)
         fd_metric(cfg).measure(trainer, SimpleNamespace(device=torch.device("cpu")))
         e, kw = cfg.eval, asked.pop()
         assert (kw["use_ema"], kw["sampler"], kw["steps"], kw["cfg_scale"]) == (

@@ -345,6 +345,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "data.root": [str(other_root)],
         "data.vae": [str(tmp_path / "vae")],
         "eval.cfg_interval": [[100.0, 900.0]],
+        "train.loggers": [["tensorboard"]],
     }
     # Configs in which a key applies at all (the config refuses a key its setting never reads);
     # each key is tried in the first of these that has it and accepts another value for it.
@@ -372,6 +373,7 @@ def test_every_key_that_changes_the_numbers_changes_the_config_hash(latents_root
         "train.accumulate_grad_batches",
         "train.strategy",
         "train.threads",
+        "train.loggers",  # experiment trackers beside metrics.csv: what is shown, not computed
         "train.compile",
         "train.cudagraphs",  # replays the compiled graphs: the same kernels
         "train.activation_checkpointing",  # recomputes each block: the same ops, same inputs

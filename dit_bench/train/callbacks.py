@@ -203,6 +203,13 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
 
 
+def log_metrics(trainer, metrics: dict[str, float], step: int) -> None:
+    """`metrics` at optimiser step `step` to every logger of the run: metrics.csv, then the
+    trackers of train.loggers (`trainer.logger` is metrics.csv's alone)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 def mid_step(trainer) -> bool:
     """Whether the batch that just ran was a micro-batch before the last of its optimiser step
     (train.accumulate_grad_batches): no step was taken, and global_step is still the last
@@ -432,7 +439,7 @@ class StepMetrics(L.Callback):
             return
         if step % self.log_every == 0 or step == trainer.max_steps:
             metrics = {"train/loss": pl_module.pop_train_loss(), "lr": self._step_lr}
-            trainer.logger.log_metrics(metrics, step=step)
+            log_metrics(trainer, metrics, step)
         if step % self.val_every == 0 or step == trainer.max_steps:
             self.validate(trainer, pl_module)
 
@@ -440,7 +447,7 @@ class StepMetrics(L.Callback):
         if self._val_loader is None:
             self._val_loader = trainer.datamodule.fixed_val_loader()
         metrics = pl_module.validation_metrics(self._val_loader)
-        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics, trainer.global_step)
         pl_module.last_val = {**metrics, "step": trainer.global_step}
         return metrics
 
@@ -572,7 +579,7 @@ class FrechetDistanceMetric(L.Callback):
             fd = distances.frechet_distance(
                 *distances.gaussian_stats(feats), self._ref.mu, self._ref.sigma
             )
-        trainer.logger.log_metrics({key: fd}, step=trainer.global_step)
+        log_metrics(trainer, {key: fd}, trainer.global_step)
         pl_module.last_fd = {key: fd}  # the final value lands in summary.json
         return fd
 

@@ -85,6 +85,13 @@ from dit_bench.train.module import (
     non_finite,
     training_flops,
 )
+from dit_bench.train.trackers import (
+    TrackerHooks,
+    check_installed,
+    log_grid,
+    tracking,
+    wandb_refused,
+)
 
 GRID_SEED = 1234  # same noise at every step and in every run: grids are comparable
 
@@ -588,6 +595,7 @@ def grid_sampler(cfg: ExperimentConfig):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_images(cfg, images), path, ncol=e.samples_per_class)
+        log_grid(trainer, path)
 
     return sample_fn
 
@@ -900,6 +908,7 @@ def _forget_module(callbacks: Sequence[Callback]) -> None:
 def _build_and_fit(cfg, out, on_gpu, shown, announce, label, callbacks) -> Path:
     """`train` from its data and module on; returns with nothing of the run referred to."""
     t = cfg.train
+    check_installed(t.loggers)
     if cfg.data.name == "latents" and cfg.data.vae:
         # it decodes the grids (and the FD's samples): a missing folder or another encoder
         # found at the first grid, or the last step, would cost the run; loaded once, cached
@@ -943,11 +952,12 @@ def _build_and_fit(cfg, out, on_gpu, shown, announce, label, callbacks) -> Path:
 
         e = cfg.eval
         fd = FrechetDistanceMetric(cfg, e.fd_every, e.fd_samples, e.fd_features, announce)
-    with _run_lock(out, cfg):
+    # the trackers' files closed and their runs ended in the lock, however the run ends
+    with _run_lock(out, cfg), contextlib.ExitStack() as trackers:
         # again: while this process waited, another may have finished the run
         if (run := _finished_run(out, cfg)) is not None:
             return run
-        return _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks)
+        return _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks, trackers)
 
 
 def _drop_if_nothing_ran(run: Path, created: bool) -> None:
@@ -979,8 +989,9 @@ def progress_kind(progress: bool | str) -> str | None:
     raise ValueError(f"progress must be True, False, 'bar' or 'lines', got {progress!r}")
 
 
-def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> Path:
-    """`train` from the run directory on, in `_run_lock`."""
+def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks, trackers) -> Path:
+    """`train` from the run directory on, in `_run_lock`; `trackers` (an ExitStack) ends the
+    run's trackers (train.loggers) when the caller's block exits."""
     t = cfg.train
     run = find_run_dir(out, cfg)
     created = run is None and _launch_rank() == 0
@@ -1016,6 +1027,7 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
         via = "" if start == last else f" (saved by Lightning's SLURM requeue: {start.name})"
         print(f"[dit-bench] resuming {run} from step {resume_step}{via}", file=sys.stderr)
 
+    extra = trackers.enter_context(tracking(cfg, run, resume_step))
     metrics = StepMetrics(t.log_every, t.val_every)
     grid_label = label if shown and draws_grids(cfg) else None  # latents without a VAE: no grid
     callbacks = [
@@ -1037,6 +1049,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             announce=grid_label,
         ),
     ]
+    if extra:
+        callbacks.append(TrackerHooks(cfg, extra, logged_metrics(cfg)))
     if fd is not None:  # after StepMetrics: the FD lands in the val-loss row of its step
         callbacks.append(fd)
     callbacks.append(WriteMetricsRow())  # after every callback that logs
@@ -1066,7 +1080,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             num_sanity_val_steps=0,
             log_every_n_steps=t.log_every,
             gradient_clip_val=cfg.optim.grad_clip,
-            logger=CSVMetrics(run / "metrics.csv", resume_step, logged_metrics(cfg)),
+            # metrics.csv first: `trainer.logger`, the run's record; the trackers beside it
+            logger=[CSVMetrics(run / "metrics.csv", resume_step, logged_metrics(cfg)), *extra],
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
             # Flash attention's backward has no deterministic kernel: warn on GPU, insist on CPU.
@@ -1111,6 +1126,8 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks) -> P
             raise OutOfMemory(killed) from None
         if lacks_cxx_compiler(e):  # at the compiled backbone's first step
             raise ConfigError(f"train.compile: {NO_CXX_COMPILER}, or set it false") from None
+        if (why := wandb_refused(e)) is not None:  # at the W&B run's start
+            raise ConfigError(why) from None
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
