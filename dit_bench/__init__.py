@@ -1,0 +1,35 @@
+"""dit-bench from Python (a notebook, a script): the functions the commands call, by name;
+`train`, `load_module`, `sample_images` and `save_grid` from `dit_bench.train` (the name
+`dit_bench.train` is that package's).
+
+Imported when first used, so `import dit_bench` stays instant (torch and Lightning take
+seconds) and the command line's `--help` imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_config": "dit_bench.config",
+    "build_config": "dit_bench.config",
+    "ConfigError": "dit_bench.config",
+    "evaluate_run": "dit_bench.metrics.evaluate",
+    "EvalRequest": "dit_bench.metrics.evaluate",
+    "load_ablation": "dit_bench.ablate",
+    "run_ablation": "dit_bench.ablate",
+    "load_sweep": "dit_bench.sweep",
+    "run_sweep": "dit_bench.sweep",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dit_bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

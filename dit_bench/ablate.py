@@ -784,7 +784,16 @@ def _train_in_pool(
         # every worker started before any run: the pool watches for a dead worker only among
         # those it had when its watcher last woke, and CPython starts a worker with a task
         # after waking it; a worker started with a run could die unnoticed until another ended
-        wait([pool.submit(os.getpid) for _ in range(jobs)])
+        started = [pool.submit(os.getpid) for _ in range(jobs)]
+        wait(started)
+        if any(isinstance(f.exception(), BrokenProcessPool) for f in started):
+            # no run was in flight, so none is a suspect and a new pool would die alike, for
+            # ever: a worker that dies as it starts dies so every time
+            raise RuntimeError(
+                "the ablation's worker processes died as they started, before any run (their "
+                "errors are above); from a script, call run_ablation with jobs > 1 under "
+                '`if __name__ == "__main__":` (each worker imports the script again)'
+            )
         while (queue and no_room is None) or pending:
             broken = False
             while (

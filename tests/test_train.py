@@ -1559,16 +1559,27 @@ def process_settings() -> dict:
         "env": {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED")},
         "random": (torch.randn(3).tolist(), np.random.rand(), random.random()),
         "warnings": list(warnings.filters),
+        "signal handlers": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
     }
 
 
-@pytest.mark.parametrize("stop", [None, KeyboardInterrupt])
+class InterruptInSetup(L.Callback):
+    """Ctrl-C while Lightning sets the run up (a resume's checkpoint read, say), before it has
+    noted the process's signal handlers to restore."""
+
+    def setup(self, trainer, pl_module, stage):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [None, KeyboardInterrupt, InterruptInSetup])
 def test_train_leaves_the_callers_process_settings_as_it_found_them(tmp_path, monkeypatch, stop):
     # From a notebook: Lightning's deterministic mode left on refused the user's own put_ (and
     # on CUDA index_add_, scatter_add_...) and NaN-filled every torch.empty; train.threads=1
     # stuck, so the next run without it trained (and said so in its summary) on 1 thread; and
     # the user's random numbers after a run were the run's seed's; and the run's warning
-    # filters hid Lightning's eval-mode warning from the user's own Lightning runs
+    # filters hid Lightning's eval-mode warning from the user's own Lightning runs. A Ctrl-C
+    # in Lightning's setup left SIGINT ignored (Lightning ignores it while it shuts down and
+    # restores only the handlers it had noted): every later Ctrl-C of the session did nothing
     import random
 
     import numpy as np
@@ -1584,8 +1595,8 @@ def test_train_leaves_the_callers_process_settings_as_it_found_them(tmp_path, mo
         seed()
         expected = process_settings()
         seed()
-        callbacks = [InterruptAt(4, stop)] if stop else []
-        with pytest.raises(stop) if stop else contextlib.nullcontext():
+        callbacks = [stop() if stop is InterruptInSetup else InterruptAt(4, stop)] if stop else []
+        with pytest.raises(KeyboardInterrupt) if stop else contextlib.nullcontext():
             train(tiny("train.steps=4"), tmp_path, progress=False, callbacks=callbacks)
         assert process_settings() == expected
     finally:

@@ -19,8 +19,10 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -802,8 +804,15 @@ def _process_settings_kept() -> Iterator[None]:
     train.threads became the torch default of the next run without it (which then trained,
     and said in its summary it trained, on that count); the caller's random numbers after a
     run were the run's seed's (as `features.train_small_net` keeps them, so does this); the
-    warnings the run silences stay silenced only in the run."""
+    warnings the run silences stay silenced only in the run. Lightning ignores SIGINT while it
+    shuts down a stopped run and restores the handlers it noted as it set the run up: a Ctrl-C
+    before then (a resume's checkpoint read) left every later Ctrl-C of the session ignored."""
     threads = torch.get_num_threads()
+    # signal handlers are the main thread's to set (a run in a thread of a notebook's leaves them)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = (
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    )
     deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -820,6 +829,9 @@ def _process_settings_kept() -> Iterator[None]:
         with warnings.catch_warnings():
             yield
     finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, which it cannot restore
+                signal.signal(signum, handler)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
