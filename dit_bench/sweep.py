@@ -631,7 +631,8 @@ def make_storage(url: str, heartbeat: Heartbeat):
         # made here with the umask's mode: SQLite makes it 0644 whatever the umask, and a
         # group sharing the runs folder (umask 002) could write the runs but not the study
         with contextlib.suppress(FileExistsError):
-            if path.name != ":memory:":
+            # "sqlite://" and ":memory:" are SQLAlchemy's in-memory databases: no file to make
+            if ":///" in url and path.name not in ("", ":memory:"):
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     for attempt in range(8):
         try:

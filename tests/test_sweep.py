@@ -159,6 +159,15 @@ def test_the_study_file_is_made_with_the_umask_s_mode(tmp_path):
     optuna.create_study(study_name="s", storage=storage)  # an empty file is a database
 
 
+def test_an_in_memory_study_makes_no_file(tmp_path, monkeypatch):
+    # SQLAlchemy's in-memory URLs name no file: "sqlite://" read as the path "sqlite:" made
+    # an empty file of that name in the working directory
+    monkeypatch.chdir(tmp_path)
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        make_storage(url, Heartbeat()).engine.dispose()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sweep_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown keys"):
         load_sweep(write_tiny(tmp_path / "a.yaml", bogus=1))

@@ -752,6 +752,21 @@ def test_checkpoint_holding_code_is_refused_in_one_line(tmp_path):
     assert "weights_only" not in message and "\033" not in message
 
 
+def test_a_damaged_checkpoint_is_unreadable_not_said_to_hold_code(tmp_path):
+    # weights_only refuses a damaged pickle stream as it refuses code ("Unsupported operand
+    # 103"): that is a broken file, not someone else's objects to be wary of
+    path = tmp_path / "last.ckpt"
+    keys = {"state_dict": {}, "global_step": 1, "pytorch-lightning_version": "2.5"}
+    torch.save(keys, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"garbage" + data[9:])
+    with pytest.raises(ValueError) as e:
+        run_module.read_checkpoint(path)
+    message = str(e.value)
+    assert re.fullmatch(r"\S*last.ckpt is not a readable checkpoint \(.*operand.*\)", message)
+    assert "weights_only" not in message and "\n" not in message
+
+
 def test_broken_run_files_are_errors_naming_the_file(tmp_path):
     cfg = tiny()
     with pytest.raises(KeyboardInterrupt):

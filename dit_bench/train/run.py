@@ -164,11 +164,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         # torch's 8 lines, with terminal escapes, told how to load it anyway, which would run
         # whatever code the file holds
         found = re.search(r"GLOBAL (\S+)", str(e))
-        held = f" ({found[1]} among them)" if found else ""
+        if found is None:  # "Unsupported operand 103": a damaged pickle stream, not code
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise ValueError(
+                f"{path} is not a readable checkpoint (damaged: "
+                f"{why[1].strip() if why else type(e).__name__})"
+            ) from None
         raise ValueError(
-            f"{path} holds pickled Python objects, not only weights{held}: refused, as loading "
-            "it could run code (a dit-bench checkpoint holds tensors, numbers and plain "
-            "containers only)"
+            f"{path} holds pickled Python objects, not only weights ({found[1]} among them): "
+            "refused, as loading it could run code (a dit-bench checkpoint holds tensors, "
+            "numbers and plain containers only)"
         ) from None
     except Exception as e:  # truncated zip, empty file, not a torch file at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
