@@ -96,6 +96,15 @@ def read_record(path: Path, parse=json.loads) -> dict:
     return data
 
 
+def dotted(record: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested record (a config) with dotted keys: {"train": {"steps": 5}} -> {"train.steps":
+    5}, as `--set` spells them and the results table's cfg.* columns name them."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def open_lock(path: str | Path) -> IO[str]:
     """The lock file `path`, made if missing, opened "a+"; never through a symbolic link. Run
     folders are shared and copied: a link planted in one (`.<hash>.lock -> ~/.bashrc`) had its

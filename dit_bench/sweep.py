@@ -103,6 +103,7 @@ from dit_bench.config import (
     yaml_kind,
 )
 from dit_bench.files import (
+    dotted,
     engine_url,
     optuna_settings_kept,
     out_of_room,
@@ -996,23 +997,16 @@ def open_study(sweep: Sweep, storage_url: str):
     return study, storage
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def base_changes(sweep: Sweep, made_by: dict[str, Any] | None) -> list[str]:
     """The base config's settings that differ from the sweep's that made the study (its
     `sweep` attribute: the base with its profile's set, and its --sets), as "key old -> new".
     Empty where the study recorded none or its base no longer builds."""
     try:
         old = apply_overrides(made_by["spec"]["base"], list(made_by["overrides"]))
-        old = _flat(build_config(old).to_dict())
+        old = dotted(build_config(old).to_dict())
     except (KeyError, TypeError, *USER_ERRORS):
         return []
-    new = _flat(build_config(sweep.base_raw()).to_dict())
+    new = dotted(build_config(sweep.base_raw()).to_dict())
     # as the hash: a key that only says how a run executes changed no trial
     how = {f"{section}.{key}" for section, key, *_ in EXECUTION_KEYS + HASHED_AS_DEFAULT}
     keys = sorted(k for k in {*old, *new} - how if old.get(k) != new.get(k))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dit_bench.files import read_record, replacing
+from dit_bench.files import dotted, read_record, replacing
 
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -51,17 +51,6 @@ def run_dirs(sources: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def read_config(run: Path) -> dict:
     """A run's config.yaml: libyaml's parser where PyYAML has it (10 ms a config in Python, a
     report of 1,000 runs), UTF-8 whatever the locale."""
@@ -94,7 +83,7 @@ def run_row(run: Path) -> dict:
             "run_dir": str(run),
         }
     )
-    row.update({f"cfg.{k}": v for k, v in _flatten(cfg).items()})
+    row.update({f"cfg.{k}": v for k, v in dotted(cfg).items()})
     return row
 
 

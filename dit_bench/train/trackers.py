@@ -22,6 +22,7 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # neither imports its package
 
 from dit_bench.config import ConfigError, ExperimentConfig
+from dit_bench.files import dotted
 
 # a tracker -> its package (tensorboard: torch's SummaryWriter writes with it, and it is the
 # viewer), and the pip extra that installs it
@@ -65,17 +66,7 @@ def wandb_id(run: Path) -> str:
 def hyperparameters(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved config flattened to dotted keys (as the results table's cfg.* columns),
     and its hash."""
-    flat: dict[str, Any] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(cfg.to_dict(), "")
-    return {**flat, "config_hash": cfg.hash}
+    return {**dotted(cfg.to_dict()), "config_hash": cfg.hash}
 
 
 def build(cfg: ExperimentConfig, run: Path, resume_step: int | None) -> list:
