@@ -65,6 +65,7 @@ from dit_bench.config import (
     parse_override,
     read_yaml,
     section_replacement_error,
+    shipped_or_given,
     unknown_key,
     yaml_kind,
 )
@@ -250,7 +251,9 @@ def load_ablation(
     overrides: Sequence[str] = (),
 ) -> Ablation:
     """Read, expand and validate an ablation file: every run's config is built (and so checked)
-    here, before anything trains. Errors name the file, the variant and the key."""
+    here, before anything trains. Errors name the file, the variant and the key. A shipped
+    file's relative path reads the installed copy from any folder (`shipped_or_given`)."""
+    path = shipped_or_given(path)
     source = str(path)
     raw = read_yaml(path)
     unknown = set(raw) - FILE_KEYS - FILE_KEYS_REQUIRED

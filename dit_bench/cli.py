@@ -29,9 +29,9 @@ EPILOG = """examples:
 
 
 def _config(args):
-    from dit_bench.config import load_config, shipped_or_given
+    from dit_bench.config import load_config
 
-    return load_config(shipped_or_given(args.config), args.set or [])
+    return load_config(args.config, args.set or [])
 
 
 def check_progress_env(args) -> None:
@@ -350,11 +350,9 @@ def cmd_info(args) -> int:
 
 def cmd_ablate(args) -> int:
     from dit_bench.ablate import RunsFailed, describe, load_ablation, parse_seeds, run_ablation
-    from dit_bench.config import shipped_or_given
 
     seeds = parse_seeds(args.seeds) if args.seeds else None
-    path = shipped_or_given(args.file)
-    ab = load_ablation(path, args.profile, seeds=seeds, overrides=args.set or [])
+    ab = load_ablation(args.file, args.profile, seeds=seeds, overrides=args.set or [])
     if args.dry_run:
         print(describe(ab, args.out))
         return 0
@@ -400,7 +398,6 @@ STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is 
 
 
 def cmd_sweep(args) -> int:
-    from dit_bench.config import shipped_or_given
     from dit_bench.report.scaling import failed_for_good, finished
     from dit_bench.sweep import (
         default_storage,
@@ -411,7 +408,7 @@ def cmd_sweep(args) -> int:
         summarize,
     )
 
-    sweep = load_sweep(shipped_or_given(args.file), args.profile, args.set or [])
+    sweep = load_sweep(args.file, args.profile, args.set or [])
     sweep = sweep.with_settings(n_trials=args.n_trials, workers=args.workers)
     # from the environment: a command line, a password in its URL included, is any user's to
     # read (`ps`) for as long as the sweep runs

@@ -1187,7 +1187,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 SHIPPED = Path(__file__).parent / "shipped"
 
 
-def shipped_or_given(path: str | None) -> str | None:
+def shipped_or_given(path: str | Path | None) -> str | Path | None:
     """`path` where it names something; where it does not and is a shipped file's relative
     path (`ablations/conditioning.yaml` from another folder than a checkout's root), the copy
     installed with dit-bench, said on stderr."""
@@ -1221,5 +1221,7 @@ DEFAULT_EXPERIMENT: dict[str, Any] = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """The config file at `path` (unset keys keep the defaults of the config types), or the
-    default experiment `DEFAULT_EXPERIMENT` when `path` is None."""
+    default experiment `DEFAULT_EXPERIMENT` when `path` is None. A shipped file's relative
+    path reads the installed copy from any folder (`shipped_or_given`)."""
+    path = shipped_or_given(path)
     return build_config(read_yaml(path) if path else DEFAULT_EXPERIMENT, overrides)

@@ -100,6 +100,7 @@ from dit_bench.config import (
     raise_terminated,
     read_yaml,
     section_replacement_error,
+    shipped_or_given,
     yaml_kind,
 )
 from dit_bench.files import (
@@ -476,7 +477,9 @@ def _err(source: str, msg: str) -> ConfigError:
 def load_sweep(
     path: str | Path | dict, profile: str = "cpu", overrides: Sequence[str] = ()
 ) -> Sweep:
-    """A sweep file with `profile` applied and `overrides` (`key=value`) on its base config."""
+    """A sweep file with `profile` applied and `overrides` (`key=value`) on its base config. A
+    shipped file's relative path reads the installed copy from any folder (`shipped_or_given`)."""
+    path = path if isinstance(path, dict) else shipped_or_given(path)
     raw = dict(path) if isinstance(path, dict) else read_yaml(path)
     source = "<dict>" if isinstance(path, dict) else str(path)
     unknown = set(raw) - FILE_KEYS

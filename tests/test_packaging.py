@@ -150,3 +150,19 @@ def test_the_wheel_holds_the_package_data(tmp_path):
             assert f"dit_bench/shipped/{folder}/{path.name}" in names
     for path in (ROOT / "dit_bench" / "metrics" / "nets").iterdir():
         assert f"dit_bench/metrics/nets/{path.name}" in names
+
+
+def test_the_python_loaders_read_the_shipped_files_from_any_folder(tmp_path, monkeypatch, capsys):
+    """A notebook in the user's own folder: `load_ablation("ablations/...")` and the others
+    read the installed copies as the commands do (they resolved it in the command line only)."""
+    from dit_bench import ConfigError, load_ablation, load_config, load_sweep
+    from dit_bench.config import SHIPPED
+
+    monkeypatch.chdir(tmp_path)
+    assert load_ablation("ablations/conditioning.yaml").name == "conditioning"
+    assert load_sweep("sweeps/shapes-scaling.yaml").spec.name == "shapes-scaling"
+    with pytest.raises(ConfigError, match="no manifest.json"):  # read: its latents are not here
+        load_config("configs/dit-b4-imagenet256.yaml", [f"data.root={tmp_path}"])
+    assert (
+        capsys.readouterr().err.count(f"reading the copy installed with dit-bench, {SHIPPED}") == 3
+    )
