@@ -1265,6 +1265,10 @@ def test_which_dead_loader_processes_are_said_to_be_out_of_memory():
     assert "at step 3 of tiny: lower data.num_workers (now 2) or train.batch_size (now 8)" in said
     for e in (exited(signalled("Segmentation fault")), RuntimeError("CUDA error")):
         assert loader_killed_message(e, cfg, 3) is None
+    # a container's 64 MB /dev/shm: torch's line, then its traceback, exit 1
+    said = loader_killed_message(exited(signalled("Bus error")), cfg, 3)
+    assert said.startswith("a data loader process (pid 11) ran out of shared memory (SIGBUS")
+    assert "--shm-size" in said and "data.num_workers (now 2)" in said
 
 
 def two_class_folder(root: Path, per_class: int) -> Path:

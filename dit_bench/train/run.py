@@ -1222,13 +1222,23 @@ def loader_killed_message(e: BaseException, cfg: ExperimentConfig, step: int) ->
     """One line for a data loader process that died without a Python error: torch's
     "DataLoader worker (pid N) is killed by signal: Killed" (SIGKILL, the OOM killer's), or
     "DataLoader worker (pid(s) N) exited unexpectedly" where torch did not see the signal (it
-    polls its workers); None for other errors and other signals (a segfault: its traceback).
-    Shown with its traceback, torch's line came last of 110."""
+    polls its workers); "killed by signal: Bus error" (SIGBUS: batches pass through /dev/shm,
+    64 MB in a Docker container by default); None for other errors and other signals (a
+    segfault: its traceback). Shown with its traceback, torch's line came last of 110."""
     signalled = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.*?)\.")
     exited = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
     pids, seen = None, set()
     while e is not None and id(e) not in seen:
         if found := signalled.search(str(e)):
+            if found[2].startswith("Bus error"):
+                return (
+                    f"a data loader process (pid {found[1]}) ran out of shared memory (SIGBUS "
+                    f"at step {step} of {cfg.experiment}): batches pass through /dev/shm, "
+                    "64 MB in a Docker container unless `docker run --shm-size=8g` (or "
+                    "Kubernetes' emptyDir medium Memory); raise it, or lower data.num_workers "
+                    f"(now {cfg.data.num_workers}); the same command then resumes from the "
+                    "run's last checkpoint"
+                )
             if not found[2].startswith("Killed"):  # macOS says "Killed: 9"
                 return None
             pids, how = found[1], "was killed (SIGKILL: by the out-of-memory killer? `dmesg`"
