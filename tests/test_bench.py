@@ -321,6 +321,8 @@ BLOCKED = (
     "cleanfid",
     "mlxtend",
     "sklearn",
+    "tensorboard",  # train.loggers' trackers: imported only for a run that asks for one
+    "wandb",
 )
 
 
