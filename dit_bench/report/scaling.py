@@ -109,9 +109,11 @@ class StudyTrials(list):
     what the report counts trials never started against), and its running trials whose
     heartbeat is older than the sweep's grace (trial number -> seconds since it)."""
 
-    requested: dict = {}
-    stale: dict = {}
-    grace: float | None = None
+    def __init__(self, trials=()):
+        super().__init__(trials)
+        self.requested: dict = {}
+        self.stale: dict[int, float] = {}
+        self.grace: float | None = None
 
 
 def stale_trials(loaded, grace: float) -> dict[int, float]:
@@ -393,8 +395,8 @@ DIVERGED = 100.0
 
 def diverged_at(points: pd.DataFrame) -> pd.Series:
     """Run -> the first budget at which it diverged (DIVERGED). Such a run, left to train, most
-    often ends non-finite and fails, out of the fits; pruned first (a median pruner stops it at its first
-    budget), its finite 3.6e17 entered them and stretched every log plot's axis to it."""
+    often ends non-finite and fails, out of the fits; pruned first (a median pruner stops it at
+    its first budget), its finite 3.6e17 entered them and stretched every log plot's axis."""
     if points.empty:
         return pd.Series(dtype=float)
     best = points.groupby("budget")["val_loss"].transform("min")
