@@ -521,7 +521,10 @@ class EvalConfig(_Strict):
     sample_steps: int = Field(50, gt=0)
     eta: float = Field(0.0, ge=0, le=1, description="sampler=ddim: 0 deterministic, 1 ancestral")
     sde_scale: float = Field(
-        1.0, ge=0, description="sampler=euler_maruyama: diffusion w(t) = sde_scale * t (SiT)"
+        1.0,
+        ge=0,
+        description="sampler=euler_maruyama: diffusion w(t) = sde_scale * t (SiT's default "
+        "sampler, diffusion_norm 1: 2)",
     )
     cfg_scale: float = Field(1.5, ge=0)
     cfg_interval: tuple[float, float] | None = Field(
