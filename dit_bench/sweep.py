@@ -907,7 +907,7 @@ def _model_of_config(config: str) -> str | None:
     from dit_bench.data import data_info
 
     try:
-        cfg = build_config(json.loads(config))
+        cfg = build_config(json.loads(config), stored=True)
         f, num_params, tokens = _measure(cfg, data_info(cfg.data))
     except (ValueError, OSError):  # its data gone or changed: raced with none, as before
         return None
@@ -1006,7 +1006,7 @@ def base_changes(sweep: Sweep, made_by: dict[str, Any] | None) -> list[str]:
     Empty where the study recorded none or its base no longer builds."""
     try:
         old = apply_overrides(made_by["spec"]["base"], list(made_by["overrides"]))
-        old = dotted(build_config(old).to_dict())
+        old = dotted(build_config(old, stored=True).to_dict())
     except (KeyError, TypeError, *USER_ERRORS):
         return []
     new = dotted(build_config(sweep.base_raw()).to_dict())

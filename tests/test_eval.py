@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit_bench.cli import main
-from dit_bench.config import build_config
+from dit_bench.config import ConfigError, build_config, read_yaml
 from dit_bench.data import data_info
 from dit_bench.metrics.evaluate import (
     EVAL_SEEDS,
@@ -21,6 +21,7 @@ from dit_bench.metrics.evaluate import (
 )
 from dit_bench.metrics.features import INCEPTION_ENV, FeatureWeightsError
 from dit_bench.train.module import DiffusionModule
+from dit_bench.train.run import load_run_config
 
 TINY = [
     "experiment=tiny-eval",
@@ -376,6 +377,25 @@ def test_eval_and_sample_refuse_steps_whose_grid_misses_the_guidance_interval(
     assert main(["sample", str(run), "--n", "2", "--steps", "3"]) == 2
     assert "nearest: 0, 500" in capsys.readouterr().err
     assert main(["sample", str(run), "--n", "2", "--steps", "3", "--cfg", "1"]) == 0
+
+
+def test_a_run_made_before_the_interval_refusal_still_samples_and_evaluates(
+    tmp_path, cache, capsys
+):
+    # a run trained before the config refused an interval between its grid's levels: its
+    # config.yaml no longer loaded, so `sample --cfg 1` and `eval` of it, and any report,
+    # failed on the file the user had, naming a setting they could no longer change
+    run = _saved_run(tmp_path, 12, "eval.cfg_interval=[333,333]")
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("- 333.0\n  - 333.0", "- 500.0\n  - 500.0"))
+    assert load_run_config(run).eval.cfg_interval == (500, 500)  # missed by 0, 333, 666, 999
+    assert main(["sample", str(run), "--n", "2", "--cfg", "1"]) == 0
+    assert main(["sample", str(run), "--n", "2"]) == 2  # a guided request is refused ...
+    assert "--cfg 1 draws the same samples" in capsys.readouterr().err  # ... saying what to do
+    request = EvalRequest(metrics=("fd",), num_samples=20, steps=4, cfg_scale=1.0, anchors=False)
+    assert "FD-digits-net" in evaluate_run(run, request, progress=False)["metrics"]
+    with pytest.raises(ConfigError, match="holds none of the 4 sampling levels"):
+        build_config(read_yaml(run / "config.yaml"))  # a new run of it is still refused
 
 
 def test_cli_sample_of_an_unfinished_run_names_its_step(tmp_path, capsys):

@@ -286,6 +286,27 @@ def test_a_grid_linked_from_outside_its_run_is_not_copied_into_the_report(tmp_pa
     assert copied.startswith(b"\x89PNG") and b"PRIVATE KEY" not in copied
 
 
+def test_results_of_a_variant_named_past_a_file_name_still_report(tmp_path, monkeypatch):
+    # an ablation run before `ablate` refused variant names over 251 characters trained every
+    # run, then its report failed on samples/<variant>.png ([Errno 36] File name too long),
+    # and so did every later report of those results
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    source = make_source(tmp_path)
+    long = "in_context_" + "x" * 250
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["variants"] = [long if v == "in_context" else v for v in plan["variants"]]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    for path in source.glob("*in_context*/labels.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "variant": long}))
+    build_report(source, tmp_path / "r")
+    (grid,) = (tmp_path / "r" / "samples").glob("in_context_x*.png")
+    assert len(grid.name) <= 255 and grid.read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "r" / "samples.png").is_file()
+
+
 def test_each_variants_grid_is_its_first_seeds_final_grid(tmp_path, monkeypatch):
     from dit_bench.report import ablation
 

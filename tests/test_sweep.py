@@ -935,3 +935,19 @@ def test_the_cpu_profile_quotes_its_trials_sizes():
         round(min(sizes) / 1e6, 1),
         round(max(sizes) / 1e6, 1),
     ]
+
+
+def test_a_changed_study_names_a_guidance_interval_refused_since_it_was_made(tmp_path):
+    # a study made before the config refused an interval between the grid's levels: fixing the
+    # interval in the file met "base config changed" naming nothing, as the study's recorded
+    # base no longer built
+    from dit_bench.sweep import base_changes
+
+    guided = {"sample_steps": 50, "cfg_scale": 3.0}
+    old = json.loads(json.dumps(TINY["base"]))
+    old["eval"] |= guided | {"cfg_interval": [510, 515]}  # the 50-step grid has 500 and 520
+    base = json.loads(json.dumps(TINY["base"]))
+    base["eval"] |= guided | {"cfg_interval": [500, 520]}
+    sweep = load_sweep(write_tiny(tmp_path / "s.yaml", base=base))
+    changes = base_changes(sweep, {"spec": {"base": old}, "overrides": []})
+    assert changes == ["eval.cfg_interval [510.0, 515.0] -> [500.0, 520.0]"]

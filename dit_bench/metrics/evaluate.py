@@ -189,7 +189,12 @@ def check_sampling(cfg, sampler: str, steps: int, cfg_scale: float = 1.0) -> Non
     if cfg_scale != 1.0 and interval is not None:
         grid = cfg.sampling_timesteps(steps)
         if grid is not None and (problem := interval_error(grid, interval)):
-            raise ValueError(f"--steps {steps}: eval.cfg_interval={problem}")
+            # a run made before the config refused such an interval trained with it: its
+            # grids were unguided, which --cfg 1 draws
+            raise ValueError(
+                f"--steps {steps}: eval.cfg_interval={problem}; --cfg 1 draws the same "
+                "samples, or pick a --steps whose grid has a level in the interval"
+            )
 
 
 @dataclass(frozen=True)

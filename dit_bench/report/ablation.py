@@ -21,6 +21,7 @@ Reads tables only: no model is built or imported here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import re
@@ -448,9 +449,13 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
                 if p.resolve().is_relative_to(own)
             )
             if grids:
-                dest = out / "samples" / f"{v}.png"
-                shutil.copyfile(grids[-1], dest)
-                found[v] = f"samples/{v}.png"
+                stem = v
+                if len(v) > 255 - len(".png"):
+                    # results of an ablation made before `ablate` refused such a name: cut
+                    # to a file name's 255 bytes, kept apart from another cut alike by a hash
+                    stem = f"{v[:240]}-{hashlib.sha256(v.encode()).hexdigest()[:10]}"
+                shutil.copyfile(grids[-1], out / "samples" / f"{stem}.png")
+                found[v] = f"samples/{stem}.png"
                 break
     if found:
         figure, _ = _plt()

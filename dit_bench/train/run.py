@@ -353,7 +353,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     try:
-        return build_config(read_yaml(path))
+        return build_config(read_yaml(path), stored=True)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
