@@ -47,3 +47,27 @@ def test_the_exported_names_resolve_and_import_dit_bench_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_the_lazy_exports_are_imported_for_type_checkers_and_ides():
+    # an IDE (PyCharm, Pylance) reads the file, never calls __getattr__: without these imports
+    # `from dit_bench import load_config` was an unresolved name with no signature or docs
+    import ast
+
+    import dit_bench
+    import dit_bench.train
+
+    for package in (dit_bench, dit_bench.train):
+        tree = ast.parse(Path(package.__file__).read_text(encoding="utf-8"))
+        (block,) = [
+            n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+        ]
+        seen = {
+            alias.name: node.module
+            for node in block.body
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        assert sorted(seen) == sorted(package.__all__), package.__name__
+        for name, module in seen.items():
+            assert getattr(package, name).__module__ == module, name

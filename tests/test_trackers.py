@@ -4,6 +4,7 @@ import math
 import sys
 import time
 
+import lightning as L
 import pytest
 import yaml
 from test_train import InterruptAt, tiny
@@ -204,3 +205,45 @@ def test_wandb_without_an_account_is_refused_in_one_line(tmp_path, monkeypatch, 
     with pytest.raises(ConfigError, match=r"^train.loggers: W&B refused the run: .*WANDB_MODE="):
         train(cfg, tmp_path / "runs", progress=False)
     assert find_run_dir(tmp_path / "runs", cfg) is None  # nothing ran: no run left behind
+
+
+class FailAtFirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise RuntimeError("an unreadable batch")
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_dir_for_its_tracker(tmp_path):
+    # TensorBoard's hyperparameters are written at the start of training: a run directory
+    # holding them and its config.yaml alone read as a run begun (ablate: "partial")
+    pytest.importorskip("tensorboard")
+    cfg = tiny("train.loggers=[tensorboard]")
+    with pytest.raises(RuntimeError, match="an unreadable batch"):
+        train(cfg, tmp_path, progress=False, callbacks=[FailAtFirstBatch()])
+    assert find_run_dir(tmp_path, cfg) is None
+
+
+def test_a_pruned_sweep_trial_finishes_its_wandb_run_and_a_failed_one_fails_it(
+    tmp_path, monkeypatch
+):
+    import optuna
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dit_bench.train import trackers
+
+    ended = []
+
+    class Run:  # the W&B run the logger started
+        id = "run-id"
+
+        def finish(self, exit_code):
+            ended.append(exit_code)
+
+    logger = WandbLogger.__new__(WandbLogger)  # ending a run needs no wandb package
+    logger._experiment, logger._id = Run(), "run-id"
+    monkeypatch.setattr(trackers, "build", lambda *args: [logger])
+    for stop in (optuna.TrialPruned, RuntimeError, KeyboardInterrupt):
+        with pytest.raises(stop), trackers.tracking(tiny(), tmp_path, None):
+            raise stop
+    with trackers.tracking(tiny(), tmp_path, None):
+        pass
+    assert ended == [0, 1, 1, 0]

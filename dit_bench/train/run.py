@@ -88,6 +88,8 @@ from dit_bench.train.module import (
     training_flops,
 )
 from dit_bench.train.trackers import (
+    TENSORBOARD_DIR,
+    WANDB_DIR,
     TrackerHooks,
     check_installed,
     log_grid,
@@ -980,8 +982,11 @@ def _build_and_fit(cfg, out, on_gpu, shown, announce, label, callbacks) -> Path:
 def _drop_if_nothing_ran(run: Path, created: bool) -> None:
     """A run directory this call made and nothing but its config.yaml went into (refused by
     Lightning, or failed before a metric or checkpoint was written) is removed: there is no
-    run to resume, and an empty directory would read as one."""
-    if created and [p.name for p in run.iterdir()] == ["config.yaml"]:
+    run to resume, and an empty directory would read as one. The trackers' folders
+    (train.loggers) count as nothing: their runs' starts (the config as hyperparameters) are
+    written before the first step."""
+    left = {p.name for p in run.iterdir()} - {TENSORBOARD_DIR, WANDB_DIR}
+    if created and left == {"config.yaml"}:
         shutil.rmtree(run)
 
 
@@ -1136,6 +1141,9 @@ def _fit(cfg, out, datamodule, module, fd, on_gpu, shown, label, callbacks, trac
             # (systemd, SLURM) kills the loader's workers too, and joining them raises
             # "DataLoader worker ... killed by signal". A stop all the same: it resumes.
             raise type(stop)() from None
+        # the trackers ended first, as failed (W&B's run too): their files, closed, go with a
+        # run directory that holds nothing else
+        trackers.__exit__(type(e), e, e.__traceback__)
         _drop_if_nothing_ran(run, created)
         if out_of_memory(e):
             raise OutOfMemory(out_of_memory_message(e, cfg, trainer.global_step)) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from dit_bench.files import dotted
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 WANDB_PROJECT = "dit-bench"  # without $WANDB_PROJECT
 TENSORBOARD_DIR = "tensorboard"  # in the run directory
+WANDB_DIR = "wandb"  # in the run directory: W&B's own name for its folder in `save_dir`
 
 
 def check_installed(names: Sequence[str]) -> None:
@@ -111,6 +113,12 @@ def tracking(cfg: ExperimentConfig, run: Path, resume_step: int | None) -> Itera
     try:
         yield loggers
         failed = False
+    except BaseException as e:
+        # a sweep trial its pruner stopped ended as the sweep asked: a finished W&B run, where
+        # a median pruner's many stops each read as a crash (state "failed")
+        optuna = sys.modules.get("optuna")  # a pruned trial has imported it
+        failed = optuna is None or not isinstance(e, optuna.TrialPruned)
+        raise
     finally:
         for logger in loggers:
             _end(logger, failed)
