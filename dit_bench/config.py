@@ -445,9 +445,12 @@ class TrainConfig(_Strict):
     @field_validator("loggers", mode="before")
     @classmethod
     def _tracker_names(cls, value: Any) -> Any:
-        # `--set train.loggers=tensorboard` (or `=tensorboard,wandb`) reaches us as one string
+        # `--set train.loggers=tensorboard` (or `=tensorboard,wandb`) reaches us as one string;
+        # `train.loggers=` and `=null` turn the trackers off, as `=[]` does
+        if value is None:
+            return ()
         if isinstance(value, str):
-            value = [name.strip() for name in value.split(",")]
+            value = [name.strip() for name in value.split(",") if name.strip()]
         if isinstance(value, list | tuple):
             twice = sorted({v for v in value if isinstance(v, Hashable) and value.count(v) > 1})
             if twice:

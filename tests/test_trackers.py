@@ -20,6 +20,8 @@ def test_loggers_is_an_execution_key_checked_by_name():
     assert both.train.loggers == ("tensorboard", "wandb")
     assert both.hash == plain.hash  # a run resumes with or without a tracker
     assert tiny("train.loggers=tensorboard").train.loggers == ("tensorboard",)  # --set's one name
+    for off in ("train.loggers=", "train.loggers=null", "train.loggers=[]"):  # all mean none
+        assert tiny("train.loggers=[tensorboard]", off).train.loggers == (), off
     with pytest.raises(ConfigError, match=r"train.loggers.0: got 'tb'; .*'tensorboard' or 'wandb'"):
         tiny("train.loggers=[tb]")
     with pytest.raises(ConfigError, match="train.loggers: wandb given more than once"):
