@@ -1740,10 +1740,11 @@ def _with_threads(plan: TrialPlan, threads: int) -> TrialPlan:
 
 # -- launching workers ----------------------------------------------------------------------------
 def _worker_main(
-    spec, source, overrides, storage_url, out, n_trials, gpu, workers, progress
+    spec, source, overrides, storage_url, out, n_trials, gpu, workers, progress, ready
 ) -> None:
     from dit_bench.train.run import exit_with_parent
 
+    ready.set()  # past the start: a worker that dies before this died importing __main__
     started = time.perf_counter()
     exit_with_parent()
     # the parent passes a SIGTERM on: stop as Ctrl-C does (a trial in flight is failed as
@@ -1810,7 +1811,7 @@ def run_sweep(
     else:
         gpus = _gpu_count()
         ctx = mp.get_context("spawn")
-        procs = []
+        procs, ready = [], [ctx.Event() for _ in range(workers)]
         for i in range(workers):
             args = (
                 sweep.spec.model_dump(mode="json"),
@@ -1822,6 +1823,7 @@ def run_sweep(
                 i % gpus if gpus else None,
                 workers,
                 progress,
+                ready[i],
             )
             procs.append(ctx.Process(target=_worker_main, args=args, name=f"sweep-worker-{i}"))
         for p in procs:
@@ -1850,6 +1852,14 @@ def run_sweep(
                 f"[sweep] {full} of {workers} workers stopped: no room to write (above); make "
                 "room, then run the same command again",
                 file=sys.stderr,
+            )
+        if bad and not any(r.is_set() for r in ready):
+            # every worker died in spawn's start, re-running the caller's __main__: a script
+            # calling run_sweep at its top level, where each worker would start workers again
+            raise RuntimeError(
+                f"the sweep's {workers} worker processes died as they started, before any "
+                "trial (their errors are above); from a script, call run_sweep with workers > 1 "
+                'under `if __name__ == "__main__":` (each worker imports the script again)'
             )
         if bad:  # the others re-queue a dead worker's trial: the study says what is left
             then = (
