@@ -421,11 +421,6 @@ def load_ablation(
     )
 
 
-def profiles_of(path: str | Path) -> list[str]:
-    raw = read_yaml(path)
-    return list(raw.get("profiles") or {})
-
-
 # -- inspecting a plan --------------------------------------------------------------------------
 def run_status(
     out: str | Path, cfg: ExperimentConfig, index: dict[str, Path] | None = None
