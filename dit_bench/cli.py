@@ -398,7 +398,7 @@ STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is 
 
 
 def cmd_sweep(args) -> int:
-    from dit_bench.report.scaling import failed_for_good, finished
+    from dit_bench.report.scaling import failed_for_good, finished, never_started
     from dit_bench.sweep import (
         default_storage,
         failure,
@@ -437,6 +437,9 @@ def cmd_sweep(args) -> int:
     failed = failed_for_good(trials)
     for t in failed:  # their points are missing from the report
         print(f"dit-bench: {failure(t, sweep.spec.heartbeat.max_retry)}")
+    # a grid cut short by --n-trials: done as asked, and the report will say the rest is missing
+    if unmade := never_started(trials, study.user_attrs.get("requested")):
+        print(f"dit-bench: {unmade}; a larger --n-trials (or none) runs them", file=sys.stderr)
     root = Path(args.out) / sweep.experiment
     print(f"runs:    {root}")
     if any(finished(t.state.name) for t in trials):  # else the report is refused: no point

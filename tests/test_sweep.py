@@ -972,3 +972,14 @@ def test_workers_that_die_as_they_start_stop_the_sweep_with_the_way_out(tmp_path
     last = done.stderr.strip().splitlines()[-1]
     assert "RuntimeError: the sweep's 2 worker processes died as they started" in last
     assert 'if __name__ == "__main__":' in last
+
+
+def test_a_grid_cut_short_by_n_trials_says_so_when_the_sweep_ends(tmp_path, capsys):
+    # it said "study ...: 1 complete" and the report command, as for a whole grid
+    from dit_bench.cli import main
+
+    path = write_tiny(tmp_path / "tiny.yaml")
+    args = ["sweep", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]
+    assert main([*args, "--n-trials", "1", "--workers", "1"]) == 0  # done as asked
+    err = capsys.readouterr().err
+    assert "3 of the grid's 4 points never started (n_trials 1); a larger --n-trials" in err
