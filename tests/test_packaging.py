@@ -65,6 +65,23 @@ def test_every_import_is_declared():
     assert not undeclared, f"imported, in neither dependencies nor an extra: {undeclared}"
 
 
+def test_the_tracker_floors_import_beside_numpy_2():
+    # `numpy>=1.24` lets pip keep numpy 2 beside a tracker pinned at its floor: tensorboard
+    # before 2.17.1 fails a run's first event (the hyperparameters) on np.string_, wandb before
+    # 0.17.2 its import on np.float_ (both gone in numpy 2)
+    first = {"tensorboard": (2, 17, 1), "wandb": (0, 17, 2)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = [
+        re.fullmatch(r"([a-z]+)>=([\d.]+)", req).groups()
+        for reqs in project["optional-dependencies"].values()
+        for req in reqs
+        if re.match(r"(tensorboard|wandb)\b", req)
+    ]
+    assert sorted({name for name, _ in floors}) == ["tensorboard", "wandb"]
+    for name, floor in floors:
+        assert tuple(map(int, floor.split("."))) >= first[name], f"{name}>={floor}"
+
+
 def package_data() -> dict[str, list[str]]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"

@@ -1,6 +1,7 @@
 """Experiment trackers (train.loggers): TensorBoard and W&B get what metrics.csv gets."""
 
 import math
+import re
 import sys
 import time
 
@@ -155,12 +156,15 @@ def test_wandb_offline_writes_in_the_run_folder_and_a_resume_keeps_its_run(
 
     assert wandb.run is None  # finished: the next run in this process starts its own
     sessions = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(sessions) == 2 and all(s.name.endswith(f"-{run.name}") for s in sessions)
+    # offline-run-<time>-<id>: a second session started within the same second is <id>-1
+    name = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run.name)}(-\d+)?")
+    assert len(sessions) == 2 and all(name.fullmatch(s.name) for s in sessions), sessions
     path, deadline = next(sessions[1].glob("*.wandb")), time.monotonic() + 60
-    # W&B's service may still be writing the file when finish() returns: up to its last record
+    # W&B's service may still be writing the file when finish() returns: up to its exit record
+    # (0.17 writes its stats, summary, final and footer records after it)
     while True:
         records = list(wandb_records(path))
-        ended = records and records[-1].WhichOneof("record_type") == "exit"
+        ended = any(r.WhichOneof("record_type") == "exit" for r in records)
         if ended or time.monotonic() > deadline:
             break
         time.sleep(0.2)
