@@ -15,6 +15,12 @@ from PIL import Image
 # cost the suite's hundreds of tiny runs minutes; the test of that pass turns it back on. Set
 # here, so the CLI's subprocesses inherit it too.
 os.environ.setdefault("DIT_BENCH_GC_AFTER_RUN", "0")
+# A suite started as a script's background job (`pytest ... &`: the shell starts it with SIGINT
+# ignored) failed its Ctrl-C tests: Python leaves an ignored SIGINT ignored, so no
+# KeyboardInterrupt came, and the commands they start inherited it. They stand for a terminal's
+# foreground job, which has Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -400,6 +400,27 @@ sys.exit(cli.main())
     assert proc.returncode == -signal.SIGINT
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_the_ctrl_c_tests_pass_in_a_suite_started_with_sigint_ignored():
+    # `pytest ... &` in a script: the shell starts it with SIGINT ignored, and the Ctrl-C
+    # tests failed (no KeyboardInterrupt in-process, none in the commands they start)
+    root = Path(__file__).parent.parent
+    tests = [
+        "tests/test_sweep_invariants.py::test_a_second_stop_while_one_is_held_acts_at_once",
+        "tests/test_cli_surface.py::test_an_error_on_the_way_out_of_a_ctrl_c_is_the_interruption",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
 def test_one_concept_has_one_flag_in_every_command():
     # a user moving between commands types the spelling the last one taught: `eval --n 500`
     # (sample's) was argparse's "ambiguous option: --n could match --num-samples, --no-ema,
