@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import threading
 import time
 import warnings
 
@@ -1208,11 +1209,11 @@ def test_when_every_worker_died_the_sweep_does_not_say_the_others_took_over(
     class DeadProcess:  # a worker that died (the OOM killer, a crash) before finishing
         exitcode = -9
 
-        def __init__(self, *a, **kw):
-            pass
+        def __init__(self, target, args, name):
+            self.ready = args[-1]
 
         def start(self):
-            pass
+            self.ready.set()  # past spawn's start: it died in its trials
 
         def join(self, timeout=None):
             pass
@@ -1222,6 +1223,7 @@ def test_when_every_worker_died_the_sweep_does_not_say_the_others_took_over(
 
     class Ctx:
         Process = DeadProcess
+        Event = threading.Event
 
     monkeypatch.setattr(multiprocessing, "get_context", lambda kind: Ctx)
     monkeypatch.setattr("dit_bench.sweep._gpu_count", lambda: 0)
@@ -1324,6 +1326,7 @@ def test_a_stopped_sweep_gives_its_workers_their_30_s_by_elapsed_time(tmp_path, 
 
     class Context:
         Process = Worker
+        Event = threading.Event
 
     wall = time.time
     monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
