@@ -201,6 +201,17 @@ def engine_url(url: str) -> str:
     return url
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The study file of a SQLite storage URL (`sqlite:///runs/x/study.db`, a `?timeout=...`
+    left out; `sqlite+pysqlite:///...` too); None for another database and for SQLite in memory
+    (`sqlite://`, `sqlite:///:memory:`), which has none."""
+    scheme, sep, rest = url.partition(":///")
+    path = rest.split("?", 1)[0]
+    if not (sep and scheme.startswith("sqlite")) or path in ("", ":memory:"):
+        return None
+    return Path(path)
+
+
 # SQLAlchemy reads a URL's password from the user's ":" on to an "@", any "/" or "?" in it
 # included, so it is hidden that far. An "@" in the password (SQLAlchemy ends it at the first)
 # is hidden with it: to the last "@" before the "/" or "?" that follows the first.

@@ -109,6 +109,7 @@ from dit_bench.files import (
     optuna_settings_kept,
     out_of_room,
     redact,
+    sqlite_file,
     write_json_atomic,
 )
 
@@ -629,15 +630,13 @@ def make_storage(url: str, heartbeat: Heartbeat):
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # wait for a writer instead of failing
-        path = Path(url.split(":///", 1)[-1].split("?", 1)[0])  # SQLAlchemy's ?timeout=...
+    if (path := sqlite_file(url)) is not None:  # not SQLite in memory: no file to make
         if not path.parent.is_dir():
             raise ValueError(f"storage {url}: no folder {path.parent} for the study file")
         # made here with the umask's mode: SQLite makes it 0644 whatever the umask, and a
         # group sharing the runs folder (umask 002) could write the runs but not the study
         with contextlib.suppress(FileExistsError):
-            # "sqlite://" and ":memory:" are SQLAlchemy's in-memory databases: no file to make
-            if ":///" in url and path.name not in ("", ":memory:"):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     for attempt in range(8):
         try:
             storage = optuna.storages.RDBStorage(
@@ -687,10 +686,9 @@ def storage_status(sweep: Sweep, url: str, *, default: bool = False) -> str:
     here rather than in every worker, and it counts the study's trials so far. It makes no
     file: a SQLite study that is not there yet is only named. `default`: the run makes the
     default study file's folder itself."""
-    if url.startswith("sqlite"):
-        path = Path(url.split(":///", 1)[-1])
-        if not path.exists() and (default or path.parent.is_dir()):
-            return f"storage: {url} (no study yet; the first run makes it)"
+    path = sqlite_file(url)
+    if path is not None and not path.exists() and (default or path.parent.is_dir()):
+        return f"storage: {url} (no study yet; the first run makes it)"
     storage = make_storage(url, sweep.spec.heartbeat)
     try:
         study_id = storage.get_study_id_from_name(sweep.study_name)
@@ -1029,12 +1027,12 @@ def check_identity(
     # "base config changed" alone left the user to diff two files and their --sets
     base = ", ".join(base_changes(sweep, made_by)) if "base_config_hash" in changes else ""
     changed = ", ".join(changes).replace("base_config_hash", "base config")
-    path = url.split(":///", 1)[1] if url.startswith("sqlite") else None
+    path = sqlite_file(url)
     where = f"delete {path}" if path else "delete it"
     # a study is found by its name (`name:`-profile) in the storage: another --out makes
     # another study only where the storage is the default one, the study file in --out's
     # folder; with --storage (a PostgreSQL server shared by machines) it met the same refusal
-    default = path is not None and Path(path).parts[-2:] == (sweep.experiment, "study.db")
+    default = path is not None and path.parts[-2:] == (sweep.experiment, "study.db")
     keep = (
         "another --out (or `name:` in the file)"
         if default

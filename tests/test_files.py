@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,13 @@ def test_a_full_disk_a_spent_quota_and_a_file_size_limit_are_each_out_of_room(co
     assert files.out_of_room(OSError(code, os.strerror(code)))
     assert not files.out_of_room(OSError(errno.EACCES, "Permission denied"))
     assert not files.out_of_room(ValueError("no room"))
+
+
+def test_the_study_file_of_a_storage_url():
+    # make_storage, the dry run's line, a changed study's advice and the report each parsed it
+    # their own way: "?timeout=" kept in one, `sqlite://` (in memory) an IndexError in another
+    assert files.sqlite_file("sqlite:///runs/x/study.db") == Path("runs/x/study.db")
+    assert files.sqlite_file("sqlite:////abs/study.db?timeout=60") == Path("/abs/study.db")
+    assert files.sqlite_file("sqlite+pysqlite:///s.db") == Path("s.db")
+    for url in ("sqlite://", "sqlite:///:memory:", "postgresql://u:p@h/db", "study.db"):
+        assert files.sqlite_file(url) is None, url

@@ -33,6 +33,7 @@ from dit_bench.files import (
     optuna_settings_kept,
     read_record,
     redact,
+    sqlite_file,
     write_text_atomic,
 )
 from dit_bench.report import fits
@@ -144,7 +145,7 @@ def study_trials(url: str, study: str | None = None) -> dict[str, list]:
     unfinished-trials line of a report both come from them."""
     import optuna
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if (path := sqlite_file(url)) is not None and not path.is_file():
         raise ValueError(f"{url}: no such study file")  # optuna would create an empty one
     storage = engine_url(url)
     with optuna_settings_kept():
