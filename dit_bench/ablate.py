@@ -69,7 +69,7 @@ from dit_bench.config import (
     unknown_key,
     yaml_kind,
 )
-from dit_bench.files import locked, out_of_room, read_record, write_json_atomic
+from dit_bench.files import NAME_MAX, locked, out_of_room, read_record, write_json_atomic
 
 FILE_KEYS = {
     "name",
@@ -83,7 +83,7 @@ FILE_KEYS = {
 }
 FILE_KEYS_REQUIRED = {"name", "base", "variants", "profiles"}
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
-NAME_MAX = 255 - len(".png")  # a variant names samples/<variant>.png of the report
+VARIANT_MAX = NAME_MAX - len(".png")  # a variant names samples/<variant>.png of the report
 METRIC = re.compile(r"train_loss|val_loss(_l\d+)?|val_FD-[A-Za-z0-9-]+|val_FID")
 PROFILE_KEYS = {"description", "set", "variants", "seeds", "metrics"}
 # keys left out of a run's hash: two variants differing only in them are one config
@@ -279,11 +279,11 @@ def load_ablation(
             raise _err(source, f"variant name {v!r}: YAML reads it as a {kind}; write it in quotes")
         if not isinstance(v, str) or not NAME.fullmatch(v):
             raise _err(source, f"variant name {v!r}: use letters, digits, '.', '-' or '_'")
-        if len(v) > NAME_MAX:  # found by the report, after all the training
+        if len(v) > VARIANT_MAX:  # found by the report, after all the training
             raise _err(
                 source,
                 f"variant name {v!r}: {len(v)} characters; the report's samples/<variant>.png "
-                f"needs a name of at most {NAME_MAX} (file names end at 255 bytes)",
+                f"needs a name of at most {VARIANT_MAX} (file names end at {NAME_MAX} bytes)",
             )
     folded: dict[str, str] = {}
     for v in variants_raw:  # macOS and Windows file systems ignore case: one file for both

@@ -40,6 +40,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from dit_bench.files import NAME_MAX
 from dit_bench.objectives import OBJECTIVES
 from dit_bench.sampling import SAMPLERS
 
@@ -576,13 +577,12 @@ class EvalConfig(_Strict):
 
 
 EXPERIMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # ExperimentConfig.experiment
-EXPERIMENT_MAX = 255
 
 
 class ExperimentConfig(_Strict):
     # A leading letter or digit: "." or ".." would put the runs beside or above --out. A
     # folder of --out, so at most a file name's 255 bytes (characters, in ASCII).
-    experiment: str = Field("default", pattern=f"^{EXPERIMENT.pattern}$", max_length=EXPERIMENT_MAX)
+    experiment: str = Field("default", pattern=f"^{EXPERIMENT.pattern}$", max_length=NAME_MAX)
     seed: int = Field(0, ge=0, lt=2**32, description="numpy's and Lightning's seed range")
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -810,8 +810,8 @@ def experiment_error(name: str) -> str | None:
     its runs' configs named `experiment`, a key the file never sets."""
     if not EXPERIMENT.fullmatch(name):
         return "may hold only letters, digits, '_', '.' and '-', a letter or digit first"
-    if len(name) > EXPERIMENT_MAX:
-        return f"is {len(name)} characters, more than a file name's {EXPERIMENT_MAX}"
+    if len(name) > NAME_MAX:
+        return f"is {len(name)} characters, more than a file name's {NAME_MAX}"
     return None
 
 

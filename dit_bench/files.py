@@ -201,6 +201,11 @@ def engine_url(url: str) -> str:
     return url
 
 
+# A file name's bytes at most (ext4, APFS, NTFS's UTF-16 units): an experiment's runs folder,
+# an ablation variant's samples/<variant>.png
+NAME_MAX = 255
+
+
 def sqlite_file(url: str) -> Path | None:
     """The study file of a SQLite storage URL (`sqlite:///runs/x/study.db`, a `?timeout=...`
     left out; `sqlite+pysqlite:///...` too); None for another database and for SQLite in memory

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from dit_bench.files import read_record, write_text_atomic
+from dit_bench.files import NAME_MAX, read_record, write_text_atomic
 from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
@@ -450,7 +450,7 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
             )
             if grids:
                 stem = v
-                if len(v) > 255 - len(".png"):
+                if len(v) > NAME_MAX - len(".png"):
                     # results of an ablation made before `ablate` refused such a name: cut
                     # to a file name's 255 bytes, kept apart from another cut alike by a hash
                     stem = f"{v[:240]}-{hashlib.sha256(v.encode()).hexdigest()[:10]}"
