@@ -49,6 +49,26 @@ def one_chunk_at_a_time(monkeypatch):
 
 
 @pytest.fixture
+def unguarded_script(tmp_path):
+    """`run(code)` runs `code` as a script at its top level, without the `if __name__ ==
+    "__main__":` guard (each spawned worker imports it again); it must exit 1: its last line of
+    stderr."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> str:
+        script = tmp_path / "unguarded.py"
+        script.write_text(code)
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1, done.stderr[-3000:]
+        return done.stderr.strip().splitlines()[-1]
+
+    return run
+
+
+@pytest.fixture
 def latents_root(tmp_path):
     """An empty latent data set: a manifest as `encode-latents` writes it (ImageNet-256 shape,
     1000 classes), enough for configs that name `data.name: latents` to validate."""

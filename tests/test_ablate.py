@@ -686,26 +686,19 @@ def test_a_full_disk_stops_the_ablation_and_the_next_call_finishes_it(
     assert sorted(table["variant"]) == ["adaln", "adaln_zero", "full"]
 
 
-def test_workers_that_die_as_they_start_stop_the_ablation_with_the_way_out(tmp_path):
+def test_workers_that_die_as_they_start_stop_the_ablation_with_the_way_out(
+    tmp_path, unguarded_script
+):
     # A script calling run_ablation(jobs=2) at its top level, without the `if __name__ ==
     # "__main__":` guard: each spawned worker runs the script again, which refuses to start
     # processes of its own, so the worker dies before any run starts. The pool died with no
     # run in flight, none counted as a suspect, and a new pool took over, for ever (an hour
     # of tracebacks, a new pair of workers every few seconds).
-    import subprocess
-    import sys
-
     path = write_ablation(tmp_path, seeds=[0])
-    script = tmp_path / "unguarded.py"
-    script.write_text(
+    last = unguarded_script(
         "from dit_bench.ablate import load_ablation, run_ablation\n"
         f"run_ablation(load_ablation({str(path)!r}, 'cpu'), {str(tmp_path / 'runs')!r}, "
         "jobs=2, progress=False)\n"
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 1
-    last = done.stderr.strip().splitlines()[-1]
     assert "RuntimeError: the ablation's worker processes died as they started" in last
     assert 'if __name__ == "__main__":' in last

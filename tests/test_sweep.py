@@ -953,23 +953,17 @@ def test_a_changed_study_names_a_guidance_interval_refused_since_it_was_made(tmp
     assert changes == ["eval.cfg_interval [510.0, 515.0] -> [500.0, 520.0]"]
 
 
-def test_workers_that_die_as_they_start_stop_the_sweep_with_the_way_out(tmp_path):
+def test_workers_that_die_as_they_start_stop_the_sweep_with_the_way_out(tmp_path, unguarded_script):
     # A script calling run_sweep(workers=2) at its top level, without the `if __name__ ==
     # "__main__":` guard: each spawned worker runs the script again, which refuses to start
     # processes of its own, and dies before any trial. The sweep said only "2 of 2 workers
     # died (exit codes [1, 1]); their trials are left to the next call", which dies alike.
     path = write_tiny(tmp_path / "tiny.yaml")
-    script = tmp_path / "unguarded.py"
-    script.write_text(
+    last = unguarded_script(
         "from dit_bench.sweep import load_sweep, run_sweep\n"
         f"run_sweep(load_sweep({str(path)!r}, 'cpu'), {str(tmp_path / 'runs')!r}, workers=2, "
         "progress=False)\n"
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 1
-    last = done.stderr.strip().splitlines()[-1]
     assert "RuntimeError: the sweep's 2 worker processes died as they started" in last
     assert 'if __name__ == "__main__":' in last
 
