@@ -1008,8 +1008,10 @@ def _die_of_sigint(ctrl_c: list) -> None:
     # Die of the SIGINT, as Python does with an uncaught KeyboardInterrupt, not exit(130): a
     # shell running a loop of commands (`for s in 0 1 2; do dit-bench train ...; done`) goes
     # on with the next one when its command exits by itself (it "handled" the Ctrl-C), and
-    # stops only when it died of it. The shell's $? is 130 either way.
-    if "stopped" in ctrl_c:  # main() returned as interrupted (_interrupted)
+    # stops only when it died of it. The shell's $? is 130 either way. Not on Windows: there
+    # os.kill of a signal it has no console event for ends the process with the signal's
+    # number as its exit code, 2 (a usage error's), where main's return leaves 130.
+    if "stopped" in ctrl_c and sys.platform != "win32":  # main() returned as interrupted
         for stream in (sys.stdout, sys.stderr):
             # `dit-bench ... | tee log`: the Ctrl-C ended the reader too, and what it did not
             # read is lost either way; an error here would leave the process to exit by itself

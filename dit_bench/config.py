@@ -1207,7 +1207,12 @@ def shipped_or_given(path: str | Path | None) -> str | Path | None:
     if path is None or os.path.lexists(path) or Path(path).is_absolute():
         return path
     copy = SHIPPED / path
-    if copy.parent.parent != SHIPPED or not copy.is_file():
+    if copy.parent.parent != SHIPPED:
+        return path
+    if copy.parent.is_file():  # a checkout without links (git on Windows, core.symlinks=false)
+        # holds the link's target as text there: an editable install reads the folder it names
+        copy = (SHIPPED / copy.parent.read_text().strip()).resolve() / copy.name
+    if not copy.is_file():
         return path
     print(
         f"[dit-bench] {path}: not in {Path.cwd()}; reading the copy installed with dit-bench, "

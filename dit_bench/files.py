@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import platform
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: every command imports this module, and failed on the import
+    fcntl = None
+    import msvcrt
 
 
 @contextlib.contextmanager
@@ -110,7 +116,7 @@ def open_lock(path: str | Path) -> IO[str]:
     folders are shared and copied: a link planted in one (`.<hash>.lock -> ~/.bashrc`) had its
     target, a file of whoever trained there next, truncated and written by `note_holder`."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
@@ -136,11 +142,55 @@ def locked(path: str | Path) -> Iterator[None]:
     file that two processes may update (two `ablate` calls of one plan with other seeds) runs
     one at a time. Waits for the holder; released when the block ends or the process dies."""
     with open_lock(path) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        flock(f)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            unlock(f)
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has none (nor links a user can plant)
+
+# Windows' locks (msvcrt's) are of byte ranges, and mandatory: one on the holder's line would
+# keep the others from reading whom they wait for. One byte far past anything written instead.
+WIN_LOCK_AT = 1 << 30
+
+
+def flock(f, wait: bool = True) -> None:
+    """An exclusive lock on the open lock file `f`: the kernel's `flock` (freed when its holder
+    dies, even by kill -9); on Windows, msvcrt's (freed when the holder's process ends).
+    Without `wait`, BlockingIOError while another holds it."""
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    while True:
+        try:
+            _win_locking(f, msvcrt.LK_NBLCK)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EDEADLOCK):  # those: held by another
+                raise
+            if not wait:
+                raise BlockingIOError(errno.EWOULDBLOCK, "held by another process") from e
+        time.sleep(0.1)  # LK_LOCK gives up after 10 s; a holder trains for hours
+
+
+def unlock(f) -> None:
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_UN)
+    else:
+        _win_locking(f, msvcrt.LK_UNLCK)
+
+
+def _win_locking(f, mode: int) -> None:
+    f.flush()
+    fd = f.fileno()
+    at = os.lseek(fd, 0, os.SEEK_CUR)  # msvcrt locks from the file's position: put back after
+    os.lseek(fd, WIN_LOCK_AT, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, mode, 1)
+    finally:
+        os.lseek(fd, at, os.SEEK_SET)
 
 
 def try_lock(f, launch: str | None = None) -> str | None:
@@ -149,7 +199,7 @@ def try_lock(f, launch: str | None = None) -> str | None:
     else the holder's line ("" while it has not written it yet). The lock is the kernel's:
     a holder killed with kill -9 frees it at once, and its stale line is replaced."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flock(f, wait=False)
     except BlockingIOError:
         f.seek(0)
         # not the lines of processes waiting for it (run._run_lock's, of a multi-process launch)

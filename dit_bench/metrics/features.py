@@ -383,6 +383,9 @@ def inception_candidates(path: str | Path | None = None) -> list[Path]:
 def _untrusted(path: Path) -> str | None:
     """Why another user could have written `path` (they own it, or may write it), else None.
     Root's files count as one's own (an administrator's copy for everyone): root can do all."""
+    if not hasattr(os, "getuid"):  # Windows: no owner to compare, and a folder made at a
+        # drive's root (C:\tmp, clean-fid's "/tmp" there) lets every user change its files
+        return "in a folder every user may write, on Windows"
     st = path.stat()
     # a link's owner too: theirs, it is theirs to point at another file between this check
     # and the load (a link in /tmp is followed on macOS, and on Linux without protected_symlinks)

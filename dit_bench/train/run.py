@@ -8,7 +8,6 @@ never collide; a rerun of the same config finds the directory by its hash and re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import gc
 import logging
@@ -57,13 +56,16 @@ from dit_bench.fast import (
     trains_on_cuda,
 )
 from dit_bench.files import (
+    NOFOLLOW,
     WAITING,
+    flock,
     holder_line,
     note_holder,
     open_lock,
     redact,
     replacing,
     try_lock,
+    unlock,
     write_json_atomic,
     write_text_atomic,
 )
@@ -288,12 +290,12 @@ def _run_lock(out: Path, cfg: ExperimentConfig) -> Iterator[None]:
             if launch is not None:  # this launch's other ranks wait with it, not time out
                 f.write(f"{WAITING}{holder_line(launch)}\n")
                 f.flush()
-            fcntl.flock(f, fcntl.LOCK_EX)
+            flock(f)
             note_holder(f, launch)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            unlock(f)
 
 
 def _wait_for_launch_lock(
@@ -331,7 +333,7 @@ def _lock_lines(lock: Path) -> list[str]:
     # opened afresh each time: a file system shared by nodes (NFS) shows another node's
     # writes at an open; never through a link or blocking on a planted FIFO (files.open_lock)
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(lock, os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return []
     with os.fdopen(fd, errors="replace") as f:
