@@ -1342,3 +1342,43 @@ def test_a_grid_title_wraps_without_a_blank_line(name):
 
     lines = wrap_name(name, GRID_TITLE_CHARS).split("\n")
     assert "".join(lines) == name and all(lines)
+
+
+def _section(md: str, heading: str) -> str:
+    """The text of `md` from `heading` to the next heading of its level or above."""
+    start = md.index(heading + "\n")
+    end = md.find("\n## ", start + len(heading))
+    return md[start : end if end > 0 else len(md)]
+
+
+def test_a_variant_that_diverged_on_some_seeds_is_not_ranked_first_unsaid(tmp_path, no_figures):
+    # adaln diverged on seeds 1 and 2 (summary null): ranked first by seed 0 alone, the report
+    # said only "seeds 1" and that the seed sets differ, never that two of its runs diverged
+    source = make_source(tmp_path)
+    set_final_losses(source, {"adaln": [0.40, None, None]})
+    md = build_report(source, tmp_path / "r").read_text()
+    ranking = _section(md, "## Ranking by final val_loss")
+    assert "| 1 | adaln | 0.4 |" in ranking
+    assert (
+        "Finished runs without a finite val_loss** (diverged, or not evaluated): adaln seeds 1, 2"
+        in ranking
+    )
+    # nothing to say of a metric where every run has a value
+    assert "without a finite val_FD-mnist-net" not in md
+
+
+def test_the_uneven_seed_note_sits_with_the_metric_whose_seeds_differ(tmp_path, no_figures):
+    # one seed's FD is inf: the val_loss ranking, over equal seeds, said its means rest on
+    # different seeds ("see the seeds column": all 3), and the FD section said nothing
+    source = make_source(tmp_path)
+    run = source / "20260101T000000Z-in_context1"
+    m = pd.read_csv(run / "metrics.csv")
+    m.loc[m.index[-1], "val/FD-mnist-net"] = np.inf
+    m.to_csv(run / "metrics.csv", index=False)
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "different seed" not in _section(md, "## Ranking by final val_loss")
+    fd = _section(md, "## val_FD-mnist-net")
+    assert "means of val_FD-mnist-net rest on different seeds (see the n column)" in fd
+    assert (
+        "without a finite val_FD-mnist-net** (diverged, or not evaluated): in_context seed 1" in fd
+    )

@@ -633,6 +633,35 @@ def _level_neighbours(runs: pd.DataFrame, metric: str, found: list[str]) -> str:
     )
 
 
+def seed_notes(runs: pd.DataFrame, metric: str, finite: pd.Series, uneven: bool, ranked: bool):
+    """The report's lines on the seeds behind each variant's mean of `metric`: that they
+    differ between variants, and which finished runs have no finite value (diverged) in a
+    variant that has others. Those are left out of its mean, so a variant that diverged on
+    two seeds of three was ranked first on its third, the table saying only "1 seed"."""
+    lines = []
+    if uneven:
+        lines += [
+            f"The variants' means of {metric} rest on different seeds (see the "
+            + ("seeds column): the ranking and the means" if ranked else "n column): the means")
+            + " compare them over different seed sets, not seed for seed.",
+            "",
+        ]
+    lost = [
+        f"{v} seed{'s' * (len(s) > 1)} {', '.join(str(int(x)) for x in sorted(s))}"
+        for v, s in runs.loc[~finite, "seed"].groupby(runs.loc[~finite, "variant"], sort=False)
+        if finite[runs["variant"] == v].any()
+    ]
+    if lost:
+        lines += [
+            f"**Finished runs without a finite {metric}** (diverged, or not evaluated): "
+            + "; ".join(lost)
+            + ". Each is left out of its variant's mean, so a variant that diverged on some "
+            "seeds is ranked and compared by the seeds that did not.",
+            "",
+        ]
+    return lines
+
+
 def _holm_note(r, family: int) -> str:
     """What Holm's correction changes in a comparison's verdict: nothing said where the call
     stands, so a "distinguishable" that does not survive it is never read unqualified."""
@@ -775,12 +804,16 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     finite = {
         m: np.isfinite(pd.to_numeric(runs[m], errors="coerce").astype(float)) for m in metrics
     }
-    with_values = {
-        tuple(sorted(runs.loc[(runs["variant"] == v) & finite[m], "seed"]))
+    # per metric: an inf FD of one seed made the val_loss ranking, of equal seeds, say its
+    # means rest on different seeds
+    uneven = {
+        m: len(
+            {tuple(sorted(runs.loc[(runs["variant"] == v) & finite[m], "seed"])) for v in order}
+            - {()}  # a variant without values of a metric has no mean of it to compare
+        )
+        > 1
         for m in metrics
-        for v in order
-    } - {()}  # a variant without values of a metric has no mean of it to compare
-    uneven = len(with_values) > 1
+    }
     title = plan.get("experiment", plan.get("name", source.name))
     md = [f"# Ablation report: {title}", ""]
     if plan.get("description"):
@@ -928,12 +961,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "compare them at equal compute.",
             "",
         ]
-    if uneven:
-        md += [
-            "The variants' means rest on different seeds (see the seeds column): the ranking "
-            "and the means compare them over different seed sets, not seed for seed.",
-            "",
-        ]
+    md += seed_notes(runs, primary, finite[primary], uneven[primary], True)
     rows = []
     for i, v in enumerate(ranking, 1):
         r = fin.loc[v]
@@ -996,6 +1024,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             md += scale_note
         md += [f"![{m} curves](curves_{m}.png)", ""] if m in curved else []
         md += [f"![final {m}](final_{m}.png)", ""]
+        if m != primary:  # the primary's notes stand above its ranking
+            md += seed_notes(runs, m, finite[m], uneven[m], False)
         f = final[final["metric"] == m]
         md += [
             _md_table(
