@@ -114,12 +114,22 @@ def test_report_finds_the_planted_difference_and_not_the_null(tmp_path):
 
 
 def test_report_says_when_batch_sizes_keep_the_noise_from_being_shared(tmp_path):
-    # the validation noise is drawn per validation batch of train.batch_size
+    # the validation noise was drawn per validation batch of train.batch_size before its
+    # batch was fixed (summary.json's val_batch)
     source = make_source(tmp_path)
     for summary in source.glob("*in_context*/summary.json"):
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "batch_size": 16}))
     md = build_report(source, tmp_path / "r").read_text()
     assert "the variants' train.batch_size differ" in md and "noise is not shared" in md
+    # runs that record their validation batch (every run since it was fixed) share the noise
+    # whatever their train.batch_size
+    for summary in source.glob("*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_batch": 32}))
+    shared = build_report(source, tmp_path / "r1").read_text()
+    assert "paired by seed (same validation images and noise, same data order)" in shared
+    for summary in source.glob("*in_context*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_batch": None}))
+    assert "noise is not shared" in build_report(source, tmp_path / "r1b").read_text()
     # fewer images at the same steps: a smaller budget, which the ranking must qualify
     assert "adaln_zero 300 x 32, adaln 300 x 32, in_context 300 x 16" in md
     # the same images split into twice the steps of half the batch: one budget

@@ -190,6 +190,14 @@ def test_sweep_errors_name_the_key(tmp_path):
     nested["size"]["choices"]["a"] = {"backbone": {"depth": 1}}  # would drop backbone.name
     with pytest.raises(ConfigError, match="a: backbone is given a mapping"):
         load_sweep(write_tiny(tmp_path / "g.yaml", space=nested))
+    # val/loss is the study's objective and the scaling fits': a velocity MSE and an x0 MSE
+    # are other quantities, and the envelope took the lower one as the better model
+    target = {**TINY["space"], "objective.prediction": {"choices": ["velocity", "x0"]}}
+    with pytest.raises(ConfigError, match="val losses are not on one scale: .*prediction x0"):
+        load_sweep(write_tiny(tmp_path / "s.yaml", space=target)).validate()
+    grid = {**TINY["space"], "eval.val_images": {"choices": [8, 16]}}
+    with pytest.raises(ConfigError, match="not on one scale: .*eval.val_images 16"):
+        load_sweep(write_tiny(tmp_path / "t.yaml", space=grid)).validate()
     with pytest.raises(ConfigError, match="--set experiment=x: experiment is set by the sweep"):
         load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
     # name and profile make the runs' folder: each trial's config named `experiment`, a key

@@ -507,6 +507,14 @@ def differing(runs: pd.DataFrame, cols: Sequence[str]) -> list[str]:
     return [c for c in cols if c in runs and runs[c].map(str).nunique() > 1]
 
 
+def val_batches(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the batch its validation noise was drawn in (one seed a batch): the summary's
+    val_batch, else (a run of a version before it was fixed) its train.batch_size."""
+    if "val_batch" not in runs:
+        return runs["batch_size"]
+    return runs["val_batch"].fillna(runs["batch_size"])
+
+
 def other_data(runs: pd.DataFrame) -> list[str]:
     """A line per data config whose runs saw different data (their summaries' items_sha256: a
     folder's files added, removed or renamed between runs of one config), naming each
@@ -833,8 +841,9 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         if "source" in plan
         else None  # no ablation.json: the runs' labels are all there is
     )
-    # The validation noise is drawn per validation batch of train.batch_size: shared between
-    # variants only when their batch sizes agree.
+    # The validation noise is drawn per validation batch: of val_batch images where the summary
+    # says so, of train.batch_size in runs made before that was fixed; shared between variants
+    # only when those agree.
     shared = "same validation images and noise, same data order"
     if other_images := differing(runs, VAL_IMAGE_KEYS):
         # a variant of another resolution or data set validates on other images: its pairs
@@ -844,10 +853,11 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             f"but not on the same validation images: the variants' {keys} differ, so each "
             "pair compares losses on other images and other training data"
         )
-    elif "batch_size" in runs and runs["batch_size"].nunique() > 1:
+    elif "batch_size" in runs and val_batches(runs).nunique() > 1:
         shared = (
             "same validation images; the variants' train.batch_size differ, and with it the "
-            "batching of the validation noise, so the noise is not shared; same data order"
+            "batching of the validation noise (runs of a version before its batch was fixed), "
+            "so the noise is not shared; same data order"
         )
     md += [
         "Made with:",

@@ -34,8 +34,8 @@ from dit_bench.objectives import build_objective
 from dit_bench.sampling import draw_slice
 
 # Fixed across runs, so the val losses of two runs are paired: batch k of the validation images
-# (batches of train.batch_size) gets the noise of seed VAL_NOISE_SEED + k, the same in runs of
-# one batch size.
+# (batches of data.module.VAL_BATCH, whatever train.batch_size) gets the noise of seed
+# VAL_NOISE_SEED + k.
 VAL_NOISE_SEED = 10_000
 
 

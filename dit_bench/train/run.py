@@ -45,7 +45,7 @@ from dit_bench.config import (
     read_yaml,
 )
 from dit_bench.data import DataInfo, data_info
-from dit_bench.data.module import DiffusionDataModule
+from dit_bench.data.module import VAL_BATCH, DiffusionDataModule
 from dit_bench.fast import (
     NO_CXX_COMPILER,
     allow_tf32,
@@ -760,6 +760,8 @@ def write_summary(
         "class_names": list(module.info.class_names),
         "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,
+        # the validation noise's batching (a seed a batch): runs of one val_batch share it
+        "val_batch": VAL_BATCH,
         "images_seen": n_img,
         **{k.replace("/", "_"): v for k, v in module.last_val.items() if k != "step"},
         **{k.replace("/", "_"): v for k, v in module.last_fd.items()},

@@ -1,0 +1,77 @@
+"""The validation loss as a measurement: the y-axis of every ablation table and scaling fit.
+
+Two runs are compared by it, so the same weights must give the same number however the run
+was executed, and that number must be the plain mean over every validation image and noise
+level, each image with its own fixed noise. Checked against a slow reference that scores one
+image at a time.
+"""
+
+import pytest
+import torch
+from test_train import tiny
+
+from dit_bench.backbones import Cond
+from dit_bench.data.module import VAL_BATCH, DiffusionDataModule
+from dit_bench.train.module import VAL_NOISE_SEED, DiffusionModule
+
+
+def module_and_data(*extra: str) -> tuple[DiffusionModule, DiffusionDataModule]:
+    # 40 images: not a multiple of VAL_BATCH; 3 levels keep the one-image reference short
+    cfg = tiny("eval.val_images=40", "eval.val_levels=3", *extra)
+    data = DiffusionDataModule(cfg)
+    data.setup()
+    torch.manual_seed(0)  # the same weights whatever the batch size
+    module = DiffusionModule(cfg, data.info).eval()
+    # an EMA unlike the init: a net that ignored its inputs would score every draw alike
+    with torch.no_grad():
+        for p in module.ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module, data
+
+
+@torch.no_grad()
+def reference(module: DiffusionModule, data: DiffusionDataModule) -> float:
+    """Image i, at level k, gets row i mod B of the k-th draw of a CPU generator seeded
+    VAL_NOISE_SEED + i // B (B = VAL_BATCH, the last batch shorter); scored alone."""
+    obj, net = module.objective, module.eval_net()
+    items = [data.val_set[i] for i in range(len(data.val_set))]
+    n = len(items)
+    levels = module.cfg.eval.val_levels
+    if hasattr(obj, "num_timesteps"):  # DDPM: t on linspace(0, T - 1), eps target
+        times = torch.linspace(0, obj.num_timesteps - 1, levels).round().tolist()
+    else:  # flow: t = k / levels, velocity target
+        times = [k / levels for k in range(levels)]
+    total = 0.0
+    for start in range(0, n, VAL_BATCH):
+        rows = range(start, min(start + VAL_BATCH, n))
+        g = torch.Generator().manual_seed(VAL_NOISE_SEED + start // VAL_BATCH)
+        x0 = torch.stack([items[i][0] for i in rows])
+        noises = [torch.randn(x0.shape, generator=g) for _ in times]
+        for i in rows:
+            x, y = items[i][0][None], torch.tensor([items[i][1]])
+            for t, noise in zip(times, noises, strict=True):
+                eps = noise[i - start][None]
+                if hasattr(obj, "num_timesteps"):
+                    a = obj.alphas_cumprod[int(t)].item()
+                    x_t, target = a**0.5 * x + (1 - a) ** 0.5 * eps, eps
+                    out = net(x_t, torch.tensor([t]), Cond(labels=y))[:, : x.shape[1]]
+                else:
+                    x_t, target = (1 - t) * x + t * eps, eps - x
+                    out = net(x_t, torch.tensor([1000 * t]), Cond(labels=y))
+                total += ((out - target) ** 2).mean().item()
+    return total / (n * levels)
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_the_val_loss_is_the_mean_over_images_whatever_the_batch_size(objective):
+    # Batch k of the validation images had the noise of seed VAL_NOISE_SEED + k in batches of
+    # train.batch_size: the same weights scored 0.39852 at batch 32 and 0.39286 at batch 64
+    # (a shapes-scaling-cpu run, 3 sd of the noise's own spread), so runs of a batch-size
+    # sweep or ablation were not paired.
+    values = []
+    for batch in (8, 32, 48):
+        module, data = module_and_data(f"objective.name={objective}", f"train.batch_size={batch}")
+        values.append(module.validation_metrics(data.fixed_val_loader())["val/loss"])
+    assert values[0] == pytest.approx(reference(module, data), rel=1e-5)
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    assert values[2] == pytest.approx(values[0], rel=1e-6)
