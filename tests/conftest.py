@@ -1,10 +1,13 @@
 """Shared test fixtures."""
 
+import atexit
 import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,11 @@ from PIL import Image
 # cost the suite's hundreds of tiny runs minutes; the test of that pass turns it back on. Set
 # here, so the CLI's subprocesses inherit it too.
 os.environ.setdefault("DIT_BENCH_GC_AFTER_RUN", "0")
+# The reference statistics and feature nets the tests make went to the user's cache
+# (~/.cache/dit-bench, or the folder a developer set for their own runs) and stayed there: a
+# folder of the session instead, its subprocesses' too.
+os.environ["DIT_BENCH_CACHE"] = tempfile.mkdtemp(prefix="dit-bench-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["DIT_BENCH_CACHE"], ignore_errors=True)
 # A suite started as a script's background job (`pytest ... &`: the shell starts it with SIGINT
 # ignored) failed its Ctrl-C tests: Python leaves an ignored SIGINT ignored, so no
 # KeyboardInterrupt came, and the commands they start inherited it. They stand for a terminal's
