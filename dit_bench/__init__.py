@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what an IDE and a type checker read: neither calls __getattr__
     from dit_bench.ablate import load_ablation, run_ablation
-    from dit_bench.config import ConfigError, build_config, load_config
+    from dit_bench.config import build_config, load_config
+    from dit_bench.errors import ConfigError
     from dit_bench.metrics.evaluate import EvalRequest, evaluate_run
     from dit_bench.sweep import load_sweep, run_sweep
 
 _EXPORTS = {
     "load_config": "dit_bench.config",
     "build_config": "dit_bench.config",
-    "ConfigError": "dit_bench.config",
+    "ConfigError": "dit_bench.errors",  # no torch: `except ConfigError` costs no seconds
     "evaluate_run": "dit_bench.metrics.evaluate",
     "EvalRequest": "dit_bench.metrics.evaluate",
     "load_ablation": "dit_bench.ablate",

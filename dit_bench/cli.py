@@ -18,6 +18,11 @@ import sys
 import threading
 from pathlib import Path
 
+# standard library only: each command imports what it uses (torch, Lightning, pandas) when it
+# runs, inside main's handlers, so --help, a mistyped flag and `report` (no torch) need none of
+# it, and a Ctrl-C while torch loads is the interruption's one line, not torch's traceback
+from dit_bench.errors import USER_ERRORS, ConfigError, raise_terminated
+
 EPILOG = """examples:
   dit-bench train                                  # the default: a small DiT on mnist
   dit-bench train --set data.name=digits --set data.image_size=null --set train.steps=300
@@ -398,7 +403,6 @@ STORAGE_ENV = "DIT_BENCH_STORAGE"  # the sweep's storage URL where --storage is 
 
 
 def cmd_sweep(args) -> int:
-    from dit_bench.report.scaling import failed_for_good, finished, never_started
     from dit_bench.sweep import (
         default_storage,
         failure,
@@ -420,6 +424,9 @@ def cmd_sweep(args) -> int:
         print(storage_status(sweep, url, default=storage is None))
         return 0
     check_progress_env(args)
+    # after the dry run: the report module's pandas and scipy are a second it does not use
+    from dit_bench.report.scaling import failed_for_good, finished, never_started
+
     study = run_sweep(
         sweep,
         args.out,
@@ -1043,12 +1050,6 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     # the process's own command line only: main([...]) from Python returns 130
     ctrl_c = _note_ctrl_c() if argv is None and main_thread else None
-    try:
-        # after the parse: the config module imports torch (seconds), which --help and a
-        # mistyped flag do not need; a Ctrl-C in those seconds printed torch's traceback
-        from dit_bench.config import USER_ERRORS, ConfigError, raise_terminated
-    except KeyboardInterrupt:
-        return _interrupted(args.command, ctrl_c)
     # `kill PID`, `timeout`, a SLURM preemption: stop as Ctrl-C does, so ablate and sweep stop
     # their worker processes (by default a SIGTERM ends this one alone and they train on)
     sigterm = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None

@@ -40,34 +40,16 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from dit_bench.errors import (  # noqa: F401 (defined there, without torch: the CLI's `report`)
+    USER_ERRORS,
+    ConfigError,
+    OutOfMemory,
+    Terminated,
+    raise_terminated,
+)
 from dit_bench.files import NAME_MAX
 from dit_bench.objectives import OBJECTIVES
 from dit_bench.sampling import SAMPLERS
-
-
-class OutOfMemory(MemoryError):
-    """A run that does not fit the memory of its device; the message says what lowers it."""
-
-
-# Errors whose message says what to fix (a bad value, a missing or broken file, a diverged
-# run, a batch too large): commands print the message alone. Anything else is a bug, shown
-# with its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, OutOfMemory)
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names each bad key and what is allowed."""
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM (`kill`, `timeout`, a preemption) raised as Ctrl-C is, so a command stops the
-    same way (`raise_terminated`). Unlike Ctrl-C, which the terminal sends to every process of
-    the command, it reaches one process: one with workers of its own passes it on."""
-
-
-def raise_terminated(signum, frame) -> None:
-    """The SIGTERM handler of the CLI and of the processes it starts."""
-    raise Terminated
 
 
 def _leaf_types(annotation: Any) -> set[Any]:

@@ -26,7 +26,8 @@ from test_train import InterruptAt, read_csv, tiny
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dit_bench.data.module import DiffusionDataModule, StepBatches, batch_indices
+from dit_bench.data.datasets import batch_indices
+from dit_bench.data.module import DiffusionDataModule, StepBatches
 from dit_bench.fast import bf16_stream
 from dit_bench.train import callbacks
 from dit_bench.train.callbacks import (
@@ -649,6 +650,29 @@ def test_loader_workers_hand_out_each_step_once_in_step_order():
     for workers in (0, 2):
         loader = DataLoader(stream, batch_size=None, num_workers=workers)
         assert [y.tolist() for _, y in loader] == expected, workers
+
+
+def test_a_spawned_loader_worker_imports_no_lightning(tmp_path):
+    """A spawned worker (macOS; Python 3.14's forkserver) unpickles the training stream, which
+    imports the stream's module: it was the DataModule's, which imports Lightning (6 of a
+    worker's 10 s to start on the 2-core CPU, on every resume, for each of the workers)."""
+    import pickle
+    import subprocess
+    import sys
+
+    data = DiffusionDataModule(tiny())
+    data.setup()
+    stream = data.train_dataloader().dataset  # what each worker gets, pickled
+    (tmp_path / "stream.pkl").write_bytes(pickle.dumps(stream))
+    code = f"""
+import pickle, sys
+stream = pickle.loads(open({str(tmp_path / "stream.pkl")!r}, "rb").read())
+images, labels = next(iter(stream))
+print(sorted(m for m in ("lightning", "pydantic", "dit_bench.config") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_fixed_validation_set_holds_eval_val_images_images():

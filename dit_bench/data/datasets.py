@@ -11,6 +11,10 @@ is a pure function of i (no random augmentation here), so a step-indexed sampler
   convention), each image resized so its shorter side is `image_size`, then center-cropped.
 - `latents`: VAE latents encoded once by `dit-bench encode-latents` (see `latents.py`); items
   are scaled latents, not images in [-1, 1].
+
+`StepBatches` is the training stream the DataModule (`module.py`) loads: batch k of (seed, k).
+It lives here, beside what it draws from, because a spawned loader worker unpickles it, and
+imports its module to do so: `module.py` imports Lightning (seconds a worker).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 
 from dit_bench.data.latents import MANIFEST, LatentShards, read_manifest
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset
@@ -411,3 +415,67 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> list[int]:
+    """Indices of the global batch at `step`: epoch-wise shuffles, epoch = position // n."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache.clear()  # one epoch's permutation at a time bounds memory
+            cache[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(cache[epoch][i])
+    return out
+
+
+def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([x for x, _ in items])  # (B, C, H, W)
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)  # (B,)
+    return images, labels
+
+
+class StepBatches(IterableDataset):
+    """Yields the batches of steps start_step .. total_steps - 1, in order: with gradient
+    accumulation (`accumulate` micro-batches a step), the step's micro-batches 0 .. A - 1.
+
+    With several loader workers, worker w builds batches w, w + W, ... of the stream: the
+    DataLoader reads its workers round-robin, so the order it hands out is still step order.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulate: int = 1,
+    ):
+        # here, not at the top: the config's pydantic models are no use to a loader worker
+        from dit_bench.config import batch_split_error
+
+        if batch_size % (world_size * accumulate):
+            raise ValueError(batch_split_error(batch_size, world_size, accumulate))
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        cache: dict = {}
+        n, a = len(self.dataset), self.accumulate
+        local = self.batch_size // (self.world_size * a)
+        steps = self.total_steps - self.start_step
+        # one worker per micro-batch, not per step: round-robin over workers is then stream order
+        for i in range(wid, steps * a, nw):
+            step, micro = divmod(i, a)
+            idx = batch_indices(self.start_step + step, self.batch_size, n, self.seed, cache)
+            # This rank's contiguous slice of the global batch, cut into its micro-batches (the
+            # module draws its noise for the same global sample indices: DiffusionModule.rows).
+            start = (self.rank * a + micro) * local
+            yield collate([self.dataset[j] for j in idx[start : start + local]])

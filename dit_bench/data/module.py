@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from dit_bench.config import batch_split_error
 from dit_bench.data import DataError, DataInfo, data_info, load_datasets
-from dit_bench.data.datasets import ImageFolder, check_image_files, name_bytes
+from dit_bench.data.datasets import (  # StepBatches there: a spawned worker imports no Lightning
+    ImageFolder,
+    StepBatches,
+    check_image_files,
+    collate,
+    name_bytes,
+)
 from dit_bench.data.latents import LatentShards
 from dit_bench.fast import trains_on_cuda
 
@@ -27,19 +31,6 @@ from dit_bench.fast import trains_on_cuda
 # scored 0.3985 at batch 32 and 0.3929 at batch 64 (a shapes-scaling-cpu run; redrawing the
 # noise moves it by 0.0018 sd). 32, the batch of the shipped cpu runs: their numbers stand.
 VAL_BATCH = 32
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int, cache: dict) -> list[int]:
-    """Indices of the global batch at `step`: epoch-wise shuffles, epoch = position // n."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        if epoch not in cache:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache.clear()  # one epoch's permutation at a time bounds memory
-            cache[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(cache[epoch][i])
-    return out
 
 
 def items_sha256(train: Subset, val: Subset) -> str:
@@ -54,54 +45,6 @@ def items_sha256(train: Subset, val: Subset) -> str:
     elif isinstance(full, LatentShards):
         h.update("".join(s["sha256"] for s in full.shards).encode())
     return h.hexdigest()
-
-
-def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([x for x, _ in items])  # (B, C, H, W)
-    labels = torch.tensor([y for _, y in items], dtype=torch.long)  # (B,)
-    return images, labels
-
-
-class StepBatches(IterableDataset):
-    """Yields the batches of steps start_step .. total_steps - 1, in order: with gradient
-    accumulation (`accumulate` micro-batches a step), the step's micro-batches 0 .. A - 1.
-
-    With several loader workers, worker w builds batches w, w + W, ... of the stream: the
-    DataLoader reads its workers round-robin, so the order it hands out is still step order.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        seed: int,
-        start_step: int,
-        total_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
-        accumulate: int = 1,
-    ):
-        if batch_size % (world_size * accumulate):
-            raise ValueError(batch_split_error(batch_size, world_size, accumulate))
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.start_step, self.total_steps = start_step, total_steps
-        self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        cache: dict = {}
-        n, a = len(self.dataset), self.accumulate
-        local = self.batch_size // (self.world_size * a)
-        steps = self.total_steps - self.start_step
-        # one worker per micro-batch, not per step: round-robin over workers is then stream order
-        for i in range(wid, steps * a, nw):
-            step, micro = divmod(i, a)
-            idx = batch_indices(self.start_step + step, self.batch_size, n, self.seed, cache)
-            # This rank's contiguous slice of the global batch, cut into its micro-batches (the
-            # module draws its noise for the same global sample indices: DiffusionModule.rows).
-            start = (self.rank * a + micro) * local
-            yield collate([self.dataset[j] for j in idx[start : start + local]])
 
 
 class DiffusionDataModule(L.LightningDataModule):
