@@ -218,6 +218,21 @@ def test_report_does_not_call_a_val_loss_of_another_scale_worse(tmp_path):
     assert "adaln's val_loss is" not in md  # one scale with the base: its verdict stands
 
 
+def test_report_does_not_compare_ddpm_val_losses_of_the_old_grid_with_the_new(tmp_path):
+    # an ablation rerun with a new variant after DDPM's grid moved to midpoints: the finished
+    # runs (no val_grid in their summaries) are skipped, not rerun, so old and new mix
+    source = make_source(tmp_path)
+    for summary in source.glob("*/summary.json"):
+        s = {**json.loads(summary.read_text()), "objective": "ddpm"}
+        if "in_context" in summary.parent.name:
+            s["val_grid"] = "midpoints"
+        summary.write_text(json.dumps(s))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "validation grids are not on one scale" in md
+    assert "Not like for like: in_context's val_loss is ddpm-midpoints's MSE" in md
+    assert "adaln's val_loss is" not in md
+
+
 def test_report_without_a_plan_uses_the_labels(tmp_path):
     source = make_source(tmp_path)
     (source / "ablation.json").unlink()
@@ -817,7 +832,7 @@ def test_the_loss_scale_note_of_ddpm_schedules_does_not_call_them_objectives(tmp
         config.write_text(yaml.safe_dump(cfg))
     md = build_report(source, tmp_path / "r").read_text()
     assert "linear (adaln_zero, adaln), cosine (in_context)" in md
-    assert "variants of one objective" not in md and "or DDPM schedules" in md
+    assert "variants of one objective" not in md and "DDPM schedules or" in md
 
 
 # -- curves of long runs ----------------------------------------------------------------------

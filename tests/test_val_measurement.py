@@ -37,8 +37,8 @@ def reference(module: DiffusionModule, data: DiffusionDataModule) -> float:
     items = [data.val_set[i] for i in range(len(data.val_set))]
     n = len(items)
     levels = module.cfg.eval.val_levels
-    if hasattr(obj, "num_timesteps"):  # DDPM: t on linspace(0, T - 1), eps target
-        times = torch.linspace(0, obj.num_timesteps - 1, levels).round().tolist()
+    if hasattr(obj, "num_timesteps"):  # DDPM: the midpoints of `levels` parts of 0..T-1
+        times = [int((k + 0.5) * obj.num_timesteps / levels) for k in range(levels)]
     else:  # flow: t = k / levels, velocity target
         times = [k / levels for k in range(levels)]
     total = 0.0

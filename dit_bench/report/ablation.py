@@ -593,8 +593,10 @@ def _per_device(runs: pd.DataFrame, variant: str, col: str, spec: str = ".0f") -
 def loss_scales(runs: pd.DataFrame) -> dict[str, list[str]]:
     """The variants of each validation-loss scale: every objective and prediction target has
     its own (DDPM's eps-MSE, its v-MSE and flow matching's velocity-MSE are other quantities),
-    and so has each DDPM schedule (timestep k is another noise level under linear and cosine)."""
-    scale = ("objective", "cfg.objective.prediction", "cfg.objective.schedule")
+    and so has each DDPM schedule (timestep k is another noise level under linear and cosine)
+    and validation grid (summary's val_grid: DDPM runs made before the midpoint grid have none,
+    and an ablation rerun with new variants mixes them)."""
+    scale = ("objective", "cfg.objective.prediction", "cfg.objective.schedule", "val_grid")
     cols = [c for c in scale if c in runs]
     if not cols:
         return {}
@@ -931,8 +933,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     scales = loss_scales(runs)
     scale_note = (
         [
-            "**Validation losses of different objectives, targets or DDPM schedules are not on "
-            "one scale** (here: "
+            "**Validation losses of different objectives, targets, DDPM schedules or "
+            "validation grids are not on one scale** (here: "
             + ", ".join(f"{k} ({', '.join(vs)})" for k, vs in scales.items())
             + "): each is its own objective's training MSE at its own noise levels, so compare "
             "val_loss only between variants of one scale, and across scales by samples (FD).",

@@ -762,6 +762,9 @@ def write_summary(
         "batch_size": cfg.train.batch_size,
         # the validation noise's batching (a seed a batch): runs of one val_batch share it
         "val_batch": VAL_BATCH,
+        # the validation grid's kind, where the objective names one (DDPM's midpoints; absent
+        # in DDPM runs of the old grid, whose val losses are other quantities)
+        "val_grid": getattr(module.objective, "VAL_GRID", None),
         "images_seen": n_img,
         **{k.replace("/", "_"): v for k, v in module.last_val.items() if k != "step"},
         **{k.replace("/", "_"): v for k, v in module.last_fd.items()},
