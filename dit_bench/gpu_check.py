@@ -34,7 +34,12 @@ left is skipped, and one that overruns is interrupted by an alarm):
    sweep's gpu profile) and on every other block: its speed and whether it fits the card;
 11. the FSDP tests (tests/test_cuda_fsdp.py: FSDP from config alone on one GPU, against plain
    training, and its resume), through pytest, when pydantic and Lightning import; last, as
-   they measure nothing the report's numbers need.
+   they measure nothing the report's numbers need;
+12. the harness's paths on the GPU (tests/test_cuda_harness.py: gradient accumulation under
+   bf16-mixed against the whole batch, `eval --shard K/N --device cuda:0` merged against the
+   unsharded eval, `sample` of a CPU-trained run on the GPU and of a GPU run on the CPU, pinned
+   batches only for a CUDA run, TensorBoard's scalars against metrics.csv where tensorboard
+   imports), as section 11: three short trainings, about 30 s.
 The report (Markdown, with a JSON beside it) is rewritten after every section, so a run cut
 short still leaves what it measured. Files go to reports/gpu/ and, when $OUT is set (the
 device tool returns only what is under $OUT), there too.
@@ -75,6 +80,7 @@ from dit_bench.objectives import build_objective
 REPO = Path(__file__).resolve().parents[1]
 CUDA_TESTS = "tests/test_cuda_fast_paths.py"
 FSDP_TESTS = "tests/test_cuda_fsdp.py"  # three short trainings: the last section, not to delay
+DEVICE_TESTS = "tests/test_cuda_harness.py"  # as FSDP_TESTS, after them
 TARGET_MFU = 0.45  # issue 8: DiT-XL/2, 32x32x4, batch 64, bf16, compiled, of the datasheet peak
 
 
@@ -924,7 +930,11 @@ def render_markdown(report: dict) -> str:
         if "cut_off" in va:
             lines.append(f"\nLater variants not timed: {va['cut_off']}.")
         lines.append("")
-    for key, title in (("cuda tests", CUDA_TESTS), ("fsdp tests", FSDP_TESTS)):
+    for key, title in (
+        ("cuda tests", CUDA_TESTS),
+        ("fsdp tests", FSDP_TESTS),
+        ("device tests", DEVICE_TESTS),
+    ):
         ct = s.get(key, {}).get("result")
         if not ct:
             continue
@@ -1086,6 +1096,12 @@ def main(argv: list[str] | None = None) -> int:
         (
             "fsdp tests",
             lambda c: section_cuda_tests(c, FSDP_TESTS, ("pytest", "pydantic", "lightning")),
+            90,
+            45,
+        ),
+        (
+            "device tests",
+            lambda c: section_cuda_tests(c, DEVICE_TESTS, ("pytest", "pydantic", "lightning")),
             90,
             45,
         ),

@@ -347,6 +347,8 @@ def test_gpu_check_smoke_without_the_packages_gpu_machines_lack(tmp_path):
     assert harness.startswith("skipped: pydantic is blocked") and "wheel" in harness
     fsdp = statuses.pop("fsdp tests")  # so do the FSDP tests, which train through Lightning
     assert fsdp.startswith("skipped: needs pydantic") and "wheel" in fsdp
+    device = statuses.pop("device tests")  # and the harness's paths on the GPU
+    assert device.startswith("skipped: needs pydantic") and "wheel" in device
     assert statuses == dict.fromkeys(
         [
             "environment",
@@ -639,7 +641,10 @@ def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatc
 
     monkeypatch.delenv("OUT", raising=False)  # (a device machine sets it: a second folder)
 
-    skip_all = ["--skip", "environment,matmul,bench,profile,cuda,train,harness,sampling,variants"]
+    skip_all = [
+        "--skip",
+        "environment,matmul,bench,profile,cuda,train,harness,sampling,variants,device",
+    ]
     if not torch.cuda.is_available():  # --device cuda without one: a message, not a traceback
         assert gpu_check.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "gpu_check: " in capsys.readouterr().err
@@ -658,7 +663,10 @@ def test_gpu_check_says_when_it_cannot_run_or_write(tmp_path, capsys, monkeypatc
     # shows in the sections table and the exit status, not only in its body
     real = gpu_check.section_train
     monkeypatch.setattr(gpu_check, "section_train", lambda ctx: {**real(ctx), "ok": False})
-    only_train = ["--skip", "environment,matmul,bench,profile,cuda,harness,sampling,variants"]
+    only_train = [
+        "--skip",
+        "environment,matmul,bench,profile,cuda,harness,sampling,variants,device",
+    ]
     args = ["--smoke", "--device", "cpu", *only_train, "--out", str(tmp_path / "f")]
     assert gpu_check.main(args) == 1
     (report,) = (tmp_path / "f").glob("*.json")

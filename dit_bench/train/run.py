@@ -473,10 +473,13 @@ def sample_images(
     if seeds is not None and len(seeds) != len(labels):
         raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
     device = next(net.parameters()).device
+    # CPU generators, their draws moved to the device (sampling.randn): a CUDA generator's
+    # stream is another (Philox, not the CPU's Mersenne Twister), so a seed drew other samples
+    # on a GPU, and eval's key, which leaves out the device, mixed the two in one record
     if seeds is None:
-        g = torch.Generator(device=device).manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
     else:
-        g = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        g = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (len(labels), info.channels, info.image_size, info.image_size)
     noise = randn(shape, g, device=device)
     labels = labels.to(device)
