@@ -13,6 +13,11 @@ from dit_bench.cli import main
 from dit_bench.config import ConfigError, read_yaml
 from dit_bench.train.run import find_run_dir
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ABLATIONS = sorted((Path(__file__).parent.parent / "ablations").glob("*.yaml"))
 
 

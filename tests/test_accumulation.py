@@ -17,6 +17,11 @@ from dit_bench.train import run as run_module
 from dit_bench.train.callbacks import AtomicCheckpointIO, mid_step
 from dit_bench.train.run import find_run_dir, train
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [
     "experiment=accum",
     "data.name=digits",

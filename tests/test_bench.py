@@ -17,6 +17,11 @@ import torch
 from dit_bench import bench, fast
 from dit_bench.backbones import Cond, build_backbone
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(image_size=8, channels=2, batch=2, num_classes=10, warmup=1, repeats=2)
 REPO = Path(__file__).resolve().parents[1]
 

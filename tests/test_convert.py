@@ -16,6 +16,11 @@ from torch import nn
 from dit_bench.backbones import Cond, build_backbone
 from dit_bench.backbones.convert import dit_from_original
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------------------------------
 # Slow reference, facebookresearch/DiT layout
 # ---------------------------------------------------------------------------------------------

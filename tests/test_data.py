@@ -14,6 +14,11 @@ from PIL import Image
 from dit_bench.data import DATASETS, DataError, DataInfo, data_info, load_datasets
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset, coverage, render, sample_params
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_cfg(name: str, **overrides) -> SimpleNamespace:
     """The fields of the lead's DataConfig, with its defaults."""

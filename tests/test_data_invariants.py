@@ -22,6 +22,11 @@ from dit_bench.data.datasets import center_crop_resize, split_indices
 from dit_bench.data.module import batch_indices
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset, render, sample_params
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # --------------------------------------------------------------------------------------------
 # The train/val split
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 with the same global batch, and checkpoints move between the two."""
 
 import csv
+import importlib.util
 import math
 import os
 import shutil
@@ -151,13 +152,31 @@ def restart_from_step_4(src: Path, out: Path) -> None:
     shutil.copy(dst / "checkpoints" / "step=0000004.ckpt", dst / "checkpoints" / "last.ckpt")
 
 
-def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """The one-process run of SETTINGS, trained once for the tests that compare against it
+    (read only: a test resuming from it copies it, restart_from_step_4)."""
+    return train(build_config(None, SETTINGS), tmp_path_factory.mktemp("one"), progress=False)
+
+
+def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path, one):
+    """Also test_trackers' "only rank 0 writes TensorBoard under DDP" (its DDP run is this
+    one's, with train.loggers=[tensorboard]: one launch of two processes for both)."""
     cfg = build_config(None, SETTINGS)
-    one = train(cfg, tmp_path / "one", progress=False)
-    cli_train(tmp_path / "two", DDP, samples_log=tmp_path / "two.samples")
+    # a tracker beside metrics.csv: not hashed, and it changes none of the numbers compared
+    tensorboard = ["train.loggers=[tensorboard]"] if importlib.util.find_spec("tensorboard") else []
+    cli_train(tmp_path / "two", DDP + tensorboard, samples_log=tmp_path / "two.samples")
     two = find_run_dir(tmp_path / "two", cfg)  # same hash: devices/strategy are not hashed
     assert two is not None and (two / "summary.json").exists()
     assert_same_run(one, two)
+    if tensorboard:  # rank 0's event file alone, with metrics.csv's steps
+        from test_trackers import csv_columns, scalars
+
+        assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        tb, csv = scalars(two / "tensorboard"), csv_columns(two)
+        assert {k: [s for s, _ in v] for k, v in tb.items()} == {
+            k: [s for s, _ in v] for k, v in csv.items()
+        }
     # The final grid (10 classes x 1) is drawn half by each process (on rank 0 alone, rank 1
     # would wait for all of it) and is one process's grid: the weights agree to float
     # tolerance only, so a pixel may round the other way.
@@ -184,12 +203,11 @@ def test_two_processes_equal_one_and_checkpoints_cross_over(tmp_path):
     assert_same_run(one, find_run_dir(tmp_path / "one_to_two", cfg))
 
 
-def test_two_processes_of_two_micro_batches_equal_one_process(tmp_path):
+def test_two_processes_of_two_micro_batches_equal_one_process(tmp_path, one):
     """train.accumulate_grad_batches=2 under DDP: each process runs 2 micro-batches of 2 of
     the global 8 (Lightning skips the gradient all-reduce of the first), and the run is the one
     process's without accumulation: the same directory's numbers, rows and checkpoints."""
     cfg = build_config(None, SETTINGS)
-    one = train(cfg, tmp_path / "one", progress=False)
     cli_train(tmp_path / "two", DDP + ["train.accumulate_grad_batches=2"])
     two = find_run_dir(tmp_path / "two", cfg)  # the key is not hashed
     assert two is not None and (two / "summary.json").exists()

@@ -12,6 +12,11 @@ from dit_bench.backbones import Cond
 from dit_bench.objectives import OBJECTIVES, build_objective
 from dit_bench.objectives.ddpm import DDPM, discretized_gaussian_log_likelihood
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 1000
 MU, S = torch.tensor([0.5, -0.2, 0.1]), 0.3  # Gaussian data N(mu_c, S^2) per channel
 

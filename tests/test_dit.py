@@ -33,6 +33,11 @@ from dit_bench.backbones.layers import (
     unpatchify,
 )
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(depth=2, hidden_size=32, num_heads=4, patch_size=2)
 
 

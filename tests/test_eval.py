@@ -23,6 +23,11 @@ from dit_bench.metrics.features import INCEPTION_ENV, FeatureWeightsError
 from dit_bench.train.module import DiffusionModule
 from dit_bench.train.run import load_run_config
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [
     "experiment=tiny-eval",
     "data.name=digits",

@@ -30,6 +30,11 @@ from dit_bench.metrics.features import (
 )
 from dit_bench.metrics.reference import HeldOutImages, dataset_tensors, reference_stats
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

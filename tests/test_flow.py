@@ -20,6 +20,11 @@ from dit_bench.objectives.flow import (
     shift_time,
 )
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MU, S = 0.5, 0.3
 
 

@@ -14,6 +14,11 @@ from PIL import Image
 from dit_bench.data import DataError, data_info, load_datasets
 from dit_bench.data.latents import LatentShards, decode_latents, encode_latents, load_vae
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def other_vae(vae_dir, path):
     """`vae_dir`'s VAE with other decoder weights, saved at `path` (same config)."""

@@ -8,6 +8,11 @@ import sys
 
 import pytest
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CODE = """
 import importlib, pkgutil, sys
 package = importlib.import_module({package!r})

@@ -42,6 +42,10 @@ from dit_bench.train.callbacks import (
 from dit_bench.train.module import DiffusionModule
 from dit_bench.train.run import find_run_dir, grid_sampler, train
 
+# Tiny models sampled in-process, outside train() (which sets train.threads): on one thread,
+# as train() runs them (a grid of 100 small samples: 13 s on two shared threads, 1 s on one)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # 10 steps against intervals of 4: the last step is on no interval, so only the "and at the
 # end" clauses put a validation, a grid or an FD there.
 STEPS = 10

@@ -28,6 +28,11 @@ from dit_bench.report import fits
 from dit_bench.sampling import ddim
 from dit_bench.sweep import load_sweep, read_curve
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ============================================================================ DDPM posterior
 
 

@@ -13,6 +13,11 @@ from dit_bench.metrics.distances import (
     precision_recall,
 )
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def random_spd(rng, d):
     a = rng.standard_normal((d, d))

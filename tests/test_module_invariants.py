@@ -22,6 +22,11 @@ from torch import nn
 from dit_bench.fast import allow_tf32, bf16_stream, compile_backbone, regional_blocks
 from dit_bench.train.module import VAL_NOISE_SEED
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def on_rank(module, step: int, rank: int, world_size: int, reduce=None):
     """`module` as rank `rank` of `world_size` processes sees it at `step`, without a Trainer."""

@@ -15,6 +15,11 @@ from dit_bench.backbones import Cond, build_backbone
 from dit_bench.config import ExperimentConfig, build_config
 from dit_bench.train.run import train
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [
     "experiment=tiny",
     "data.name=digits",

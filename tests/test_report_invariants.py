@@ -33,6 +33,11 @@ from dit_bench.report import fits, scaling
 from dit_bench.report.ablation import build_report, cost_table, final_values
 from dit_bench.report.results import collect, curves
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # -- ablation report --------------------------------------------------------------------------
 def test_final_value_is_the_summary_value_else_the_last_logged_one():

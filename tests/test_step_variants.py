@@ -14,6 +14,11 @@ import torch
 
 from dit_bench import bench, gpu_check, step_variants
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = bench.BenchConfig(
     backbones=("dit-xs/4",),
     image_size=8,

@@ -17,6 +17,11 @@ from test_step_variants import CPU, TINY
 from dit_bench import bench, fast, step_variants
 from dit_bench.backbones import layers
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dataclasses.replace(TINY, warmup=2)  # the step-variant tests' tiny net
 
 

@@ -447,8 +447,15 @@ def test_a_gpu_waiting_for_data_gets_a_note_the_cpu_does_not():
     assert data_wait_note(nothing, cfg, torch.device("cuda")) is None
 
 
-def test_same_seed_same_numbers_other_seed_differs(tmp_path):
-    a = json.loads((train(tiny(), tmp_path / "a", progress=False) / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """tiny()'s run, trained once for the tests that compare another run against it (read
+    only: nothing resumes or rewrites it)."""
+    return train(tiny(), tmp_path_factory.mktemp("tiny_run"), progress=False)
+
+
+def test_same_seed_same_numbers_other_seed_differs(tmp_path, tiny_run):
+    a = json.loads((tiny_run / "summary.json").read_text())  # a training of its own, as b
     b = json.loads((train(tiny(), tmp_path / "b", progress=False) / "summary.json").read_text())
     c = json.loads(
         (train(tiny("seed=1"), tmp_path / "c", progress=False) / "summary.json").read_text()
@@ -457,9 +464,8 @@ def test_same_seed_same_numbers_other_seed_differs(tmp_path):
     assert a["val_loss"] != c["val_loss"]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
-    cfg = tiny()
-    ref = train(cfg, tmp_path / "ref", progress=False)
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_run):
+    cfg, ref = tiny(), tiny_run
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False, callbacks=[InterruptAt(6)])
     cut = find_run_dir(tmp_path / "cut", cfg)
@@ -492,9 +498,8 @@ class InterruptAtEnd(L.Callback):
         raise KeyboardInterrupt
 
 
-def test_killed_while_drawing_the_final_grid_the_rerun_draws_it(tmp_path):
-    cfg = tiny()
-    ref = train(cfg, tmp_path / "ref", progress=False)
+def test_killed_while_drawing_the_final_grid_the_rerun_draws_it(tmp_path, tiny_run):
+    cfg, ref = tiny(), tiny_run
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False, callbacks=[InterruptAtEnd()])
     cut = find_run_dir(tmp_path / "cut", cfg)

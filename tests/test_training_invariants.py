@@ -35,6 +35,11 @@ from dit_bench.fast import ema_update
 from dit_bench.train.module import DiffusionModule
 from dit_bench.train.run import find_run_dir, sample_images, train
 
+# Tiny models run in-process outside train() (which sets train.threads): on one thread, as
+# train() runs them; on two shared cores OpenMP's barriers cost more than the second thread
+# saves (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_module(*extra: str) -> DiffusionModule:
     torch.manual_seed(0)  # the same initial weights in every test that builds one
