@@ -885,9 +885,9 @@ def check_data(cfgs: Sequence[ExperimentConfig]) -> None:
     data not there (latents not encoded, a folder without class folders), a data.vae that
     is not a VAE folder, or a tracker of train.loggers not installed. Each data config is
     read once."""
+    from dit_bench.config import check_installed
     from dit_bench.data import data_info
     from dit_bench.data.latents import check_vae_dir
-    from dit_bench.train.trackers import check_installed
 
     check_installed(sorted({name for cfg in cfgs for name in cfg.train.loggers}))
     seen = set()

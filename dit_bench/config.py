@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import operator
@@ -339,6 +340,26 @@ class OptimConfig(_Strict):
                 f"below 1 (weight_decay < {1 / self.lr:g} at this lr)"
             )
         return self
+
+
+# train.loggers' trackers -> the package each needs (tensorboard: torch's SummaryWriter writes
+# with it, and it is the viewer) and the pip extra that installs it
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_installed(names: Sequence[str]) -> None:
+    """Refuse, in one line naming the pip extra, a tracker whose package is not installed:
+    before any data is read or step trained, not with Lightning's error at the Trainer. Here,
+    not in train.trackers: a sweep's parent checks before its workers start, without Lightning."""
+    for name in names:
+        package, extra = TRACKER_PACKAGES[name]
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise ConfigError(
+                f"train.loggers: {name} needs the {package} package, not installed here: "
+                f"pip install 'dit-bench[{extra}]' (or pip install {package})"
+            ) from None
 
 
 class TrainConfig(_Strict):

@@ -1826,7 +1826,7 @@ def run_sweep(
     import optuna
 
     sweep.validate()
-    from dit_bench.train.trackers import check_installed
+    from dit_bench.config import check_installed
 
     # each trial would fail at its start, and be re-queued
     check_installed(build_config(sweep.base_raw()).train.loggers)

@@ -2,6 +2,7 @@
 
 import math
 import re
+import subprocess
 import sys
 import time
 
@@ -48,6 +49,18 @@ def test_an_ablation_refuses_a_missing_tracker_package_before_its_first_run(monk
     check_data([tiny()])  # no tracker: nothing to import
     with pytest.raises(ConfigError, match=r"pip install 'dit-bench\[wandb\]'"):
         check_data([tiny(), tiny("train.loggers=[wandb]", "seed=1")])
+
+
+def test_the_check_of_the_tracker_packages_imports_no_lightning():
+    # A sweep's parent checks them before starting its workers: it imported Lightning for that
+    # (train.trackers), seconds before any worker started, and again in each spawned one that
+    # ran an unguarded script's sweep.
+    code = (
+        "import sys; from dit_bench.config import check_installed; "
+        "check_installed(['tensorboard']); print('lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -189,17 +202,9 @@ def test_wandb_offline_writes_in_the_run_folder_and_a_resume_keeps_its_run(
     assert any("samples" in "".join(h) for h in logged)  # the final grid
 
 
-def test_only_rank_0_writes_tensorboard_under_ddp(tmp_path):
-    pytest.importorskip("tensorboard")
-    from test_ddp import DDP, SETTINGS, cli_train
-
-    cli_train(tmp_path / "runs", [*DDP, "train.loggers=[tensorboard]"])
-    run = find_run_dir(tmp_path / "runs", build_config(None, [*SETTINGS, *DDP]))
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    tb, csv = scalars(run / "tensorboard"), csv_columns(run)
-    assert {k: [s for s, _ in v] for k, v in tb.items()} == {
-        k: [s for s, _ in v] for k, v in csv.items()
-    }
+# Only rank 0 writes TensorBoard under DDP, with metrics.csv's steps: checked in test_ddp's
+# test_two_processes_equal_one_and_checkpoints_cross_over, whose two-process run logs to
+# TensorBoard too (a launch of two processes, Lightning imported in each: ~12 s, made once)
 
 
 def test_wandb_without_an_account_is_refused_in_one_line(tmp_path, monkeypatch, fresh_wandb):

@@ -42,6 +42,7 @@ from dit_bench.config import (
     ExperimentConfig,
     OutOfMemory,
     build_config,
+    check_installed,
     read_yaml,
 )
 from dit_bench.data import DataInfo, data_info
@@ -93,7 +94,6 @@ from dit_bench.train.trackers import (
     TENSORBOARD_DIR,
     WANDB_DIR,
     TrackerHooks,
-    check_installed,
     log_grid,
     tracking,
     wandb_refused,

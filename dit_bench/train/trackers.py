@@ -11,7 +11,6 @@ is imported only for a run that asks for it. Lightning's loggers write from glob
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,29 +21,12 @@ import lightning as L
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # neither imports its package
 
-from dit_bench.config import ConfigError, ExperimentConfig
+from dit_bench.config import ExperimentConfig
 from dit_bench.files import dotted
 
-# a tracker -> its package (tensorboard: torch's SummaryWriter writes with it, and it is the
-# viewer), and the pip extra that installs it
-PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 WANDB_PROJECT = "dit-bench"  # without $WANDB_PROJECT
 TENSORBOARD_DIR = "tensorboard"  # in the run directory
 WANDB_DIR = "wandb"  # in the run directory: W&B's own name for its folder in `save_dir`
-
-
-def check_installed(names: Sequence[str]) -> None:
-    """Refuse, in one line naming the pip extra, a tracker whose package is not installed:
-    before any data is read or step trained, not with Lightning's error at the Trainer."""
-    for name in names:
-        package, extra = PACKAGES[name]
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            raise ConfigError(
-                f"train.loggers: {name} needs the {package} package, not installed here: "
-                f"pip install 'dit-bench[{extra}]' (or pip install {package})"
-            ) from None
 
 
 def wandb_refused(e: BaseException) -> str | None:
