@@ -18,8 +18,7 @@ import torch
 from test_data import make_cfg
 
 from dit_bench.data import load_datasets
-from dit_bench.data.datasets import center_crop_resize, split_indices
-from dit_bench.data.module import batch_indices
+from dit_bench.data.datasets import batch_indices, center_crop_resize, split_indices
 from dit_bench.data.shapes import SHAPE_CLASSES, ShapesDataset, render, sample_params
 
 # Tiny models run in-process outside train() (which sets train.threads): on one thread, as

@@ -233,6 +233,19 @@ def test_report_does_not_compare_ddpm_val_losses_of_the_old_grid_with_the_new(tm
     assert "adaln's val_loss is" not in md
 
 
+def test_report_does_not_compare_val_losses_of_other_numbers_of_levels(tmp_path):
+    # eval.val_levels=5 against the default 10: other noise levels, another mean
+    source = make_source(tmp_path)
+    for summary in source.glob("*/summary.json"):
+        s = json.loads(summary.read_text())
+        levels = 5 if "in_context" in summary.parent.name else 10
+        s.update({f"val_loss_l{k}": s["val_loss"] for k in range(levels)})
+        summary.write_text(json.dumps(s))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "Not like for like: in_context's val_loss is 5 levels's MSE" in md
+    assert "adaln's val_loss is" not in md
+
+
 def test_report_without_a_plan_uses_the_labels(tmp_path):
     source = make_source(tmp_path)
     (source / "ablation.json").unlink()

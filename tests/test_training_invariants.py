@@ -28,8 +28,9 @@ from dit_bench.config import (
     ConfigError,
     build_config,
 )
+from dit_bench.data.datasets import batch_indices
 from dit_bench.data.latents import decode_latents
-from dit_bench.data.module import DiffusionDataModule, batch_indices
+from dit_bench.data.module import DiffusionDataModule
 from dit_bench.data.shapes import ShapesDataset
 from dit_bench.fast import ema_update
 from dit_bench.train.module import DiffusionModule

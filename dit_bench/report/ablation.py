@@ -595,12 +595,19 @@ def loss_scales(runs: pd.DataFrame) -> dict[str, list[str]]:
     its own (DDPM's eps-MSE, its v-MSE and flow matching's velocity-MSE are other quantities),
     and so has each DDPM schedule (timestep k is another noise level under linear and cosine)
     and validation grid (summary's val_grid: DDPM runs made before the midpoint grid have none,
-    and an ablation rerun with new variants mixes them)."""
+    and an ablation rerun with new variants mixes them; its number of levels, eval.val_levels,
+    and DDPM's T, where they differ between runs)."""
     scale = ("objective", "cfg.objective.prediction", "cfg.objective.schedule", "val_grid")
-    cols = [c for c in scale if c in runs]
-    if not cols:
+    parts = runs[[c for c in scale if c in runs]].astype(object)
+    # the levels a run logged (its val_loss_l<k>): a run without any (failed) says nothing
+    logged = runs[[c for c in runs if re.fullmatch(r"val_loss_l\d+", c)]].notna().sum(axis=1)
+    if logged[logged > 0].nunique() > 1:
+        parts["levels"] = logged.map(lambda n: f"{n} levels" if n else None)
+    if "cfg.objective.num_timesteps" in runs and runs["cfg.objective.num_timesteps"].nunique() > 1:
+        parts["T"] = runs["cfg.objective.num_timesteps"].map(lambda t: f"T {t:.0f}", "ignore")
+    if parts.empty:
         return {}
-    kind = runs[cols].apply(lambda r: "-".join(str(v) for v in r if pd.notna(v)), axis=1)
+    kind = parts.apply(lambda r: "-".join(str(v) for v in r if pd.notna(v)), axis=1)
     return {k: list(dict.fromkeys(runs.loc[kind == k, "variant"])) for k in dict.fromkeys(kind)}
 
 
