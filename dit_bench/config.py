@@ -520,7 +520,8 @@ class EvalConfig(_Strict):
         None,
         gt=1,
         description="noise levels of the val-loss grid; None: the objective's own "
-        "(ddpm 10 steps 0..999, flow SD3's 8 levels t = k/8 without t = 1)",
+        "(ddpm 10, the midpoints t = 50, 150, ..., 950 of 0..999; flow SD3's 8 levels "
+        "t = k/8 without t = 1)",
     )
     # the registry's names: a sampler added to SAMPLERS is a valid eval.sampler as it is a
     # valid `sample --sampler`

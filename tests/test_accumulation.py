@@ -125,7 +125,7 @@ def test_the_config_hash_does_not_depend_on_accumulation():
 def test_micro_batches_of_every_rank_tile_the_global_batch(monkeypatch, workers):
     """Rank r's micro-batch m holds global rows (r A + m) x n ..., in stream order, also when
     loader workers each build every W-th micro-batch (the DataLoader reads them round-robin)."""
-    import dit_bench.data.module as data_module
+    import dit_bench.data.datasets as datasets  # StepBatches' module: it calls its name there
 
     data = [(torch.tensor([float(i)]), i) for i in range(50)]
     whole = [y.tolist() for _, y in StepBatches(data, 8, 3, 2, 6)]  # steps 2..5
@@ -134,7 +134,7 @@ def test_micro_batches_of_every_rank_tile_the_global_batch(monkeypatch, workers)
         parts = []
         for w in range(workers):
             info = SimpleNamespace(id=w, num_workers=workers)
-            monkeypatch.setattr(data_module, "get_worker_info", lambda info=info: info)
+            monkeypatch.setattr(datasets, "get_worker_info", lambda info=info: info)
             parts.append([y.tolist() for _, y in StepBatches(data, 8, 3, 2, 6, rank, 2, 2)])
         # round-robin over the workers, as the DataLoader reads them
         return [parts[i % workers][i // workers] for i in range(sum(map(len, parts)))]

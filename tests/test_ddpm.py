@@ -4,6 +4,7 @@ denoiser of Gaussian data, the fixed validation protocol, the learned-sigma hybr
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -162,6 +163,16 @@ def test_val_loss_is_deterministic_and_uses_fixed_levels():
     assert obj.val_loss(net, x0, Cond(), levels=3)["per_level"].shape == (3,)
 
 
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_val_loss_records_no_autograd_graph(name):
+    # DDPM's no_grad had slid onto val_timesteps: called outside the module's own no_grad (a
+    # notebook, a script), its validation kept every level's activations for a backward
+    net = torch.nn.Conv2d(3, 6 if name == "ddpm" else 3, 1)
+    obj = build_objective(name)
+    out = obj.val_loss(lambda x, t, c: net(x), torch.randn(2, 3, 4, 4), Cond(), levels=2)
+    assert not out["loss"].requires_grad and not out["per_level"].requires_grad
+
+
 def test_the_val_grid_s_mean_estimates_the_training_loss_at_a_uniform_t():
     # The grid took both ends (0, 111, ..., 999): t = 0 weighed 1/10 against training's 1/1000,
     # and on Gaussian data the optimum's mean over it was 35% above the uniform-t average (72%
@@ -172,6 +183,16 @@ def test_the_val_grid_s_mean_estimates_the_training_loss_at_a_uniform_t():
     assert m[obj.val_timesteps(100)].mean().item() == pytest.approx(m.mean().item(), rel=0.01)
     assert obj.val_timesteps(T).tolist() == list(range(T))  # every timestep once
     assert obj.val_timesteps(1).tolist() == [T // 2]
+
+
+def test_show_config_describe_names_the_val_grid_ddpm_validates_on():
+    from dit_bench.config import build_config
+
+    text = build_config({}).to_yaml(describe=True)  # `dit-bench show-config --describe`
+    text = re.sub(r"\n *# *", " ", text)  # the comment blocks' lines joined
+    (said,) = re.findall(r"val-loss grid[^\n]*", text)
+    assert "50, 150, ..., 950" in said  # said "ddpm 10 steps 0..999", the grid before midpoints
+    assert DDPM().val_timesteps(10)[[0, -1]].tolist() == [50, 950]
 
 
 # ---------------------------------------------------------------------------- hybrid loss

@@ -136,6 +136,15 @@ def test_report_says_when_batch_sizes_keep_the_noise_from_being_shared(tmp_path)
     for summary in source.glob("*in_context*/summary.json"):
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "steps": 600}))
     assert "different budgets" not in build_report(source, tmp_path / "r2").read_text()
+    # one batch size, a variant's runs made before the fix: the versions differ, not the batch
+    for summary in source.glob("*/summary.json"):
+        s = {**json.loads(summary.read_text()), "batch_size": 64, "val_batch": 32}
+        if "in_context" in summary.parent.name:
+            del s["val_batch"]
+        summary.write_text(json.dumps(s))
+    mixed = build_report(source, tmp_path / "r1c").read_text()
+    assert "train.batch_size differ" not in mixed  # was said, of runs all of batch 64
+    assert "before the validation batch was fixed" in mixed and "batches of 32" in mixed
 
 
 def test_report_says_when_variants_train_for_different_budgets(tmp_path):

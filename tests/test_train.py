@@ -191,10 +191,12 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
     """img/s counts the training loop: every wait for a batch (a slow loader lowers it) but not
     the validations, sample grids and checkpoints run between steps; steady img/s, not the
     first steps of the session either."""
-    from dit_bench.data import module as data_module
+    from dit_bench.data import datasets
     from dit_bench.train.module import DiffusionModule
 
-    collate, validate = data_module.collate, DiffusionModule.validation_metrics
+    # the training batches' collate: StepBatches calls it by its own module's name, not the
+    # DataModule's (which validation uses)
+    collate, validate = datasets.collate, DiffusionModule.validation_metrics
     step = DiffusionModule.training_step
     calls = []
 
@@ -212,7 +214,7 @@ def test_summary_times_steps_and_data_but_not_evaluation(tmp_path, monkeypatch):
         time.sleep(0.5)
         return validate(self, loader)
 
-    monkeypatch.setattr(data_module, "collate", slow_collate)
+    monkeypatch.setattr(datasets, "collate", slow_collate)
     monkeypatch.setattr(DiffusionModule, "validation_metrics", slow_validation)
     monkeypatch.setattr(DiffusionModule, "training_step", slow_first_steps)
     t0 = time.perf_counter()

@@ -5,6 +5,9 @@ the objective's keyword arguments) with its line in `dit_bench.config.OBJECTIVE_
 
 What the harness calls on an objective (DDPM and Flow are the worked examples):
     VAL_LEVELS                  class attribute: the validation grid's size by default
+    VAL_GRID                    optional class attribute: the grid's kind, in summary.json's
+                                val_grid; a new grid takes a new name, so a report tells runs
+                                of the old grid (other val losses) from the new
     loss(net, x0, cond, *, generator=None, batch_slice=None) -> {"loss": (B,), ...}
         batch_slice=(start, total): x0 is rows start.. of a global batch of `total` split over
         processes; draw for the whole batch and slice (`sampling.draw_slice`)

@@ -350,7 +350,6 @@ class DDPM:
         ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    @torch.no_grad()
     def val_timesteps(self, levels: int) -> Tensor:
         """The validation grid: the midpoints of `levels` equal parts of 0..T-1 (50, 150, ...,
         950 at T = 1000, levels = 10), so its mean estimates the training loss at a uniform t;
@@ -359,6 +358,7 @@ class DDPM:
         conditioning-cpu run's val loss, its seed noise most of the seed noise of the mean."""
         return ((torch.arange(levels) + 0.5) * self.num_timesteps / levels).long()  # (levels,)
 
+    @torch.no_grad()
     def val_loss(
         self, net: Callable, x0: Tensor, cond: Any, *, seed: int = 0, levels: int = VAL_LEVELS
     ) -> dict[str, Tensor]:

@@ -862,11 +862,21 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             f"but not on the same validation images: the variants' {keys} differ, so each "
             "pair compares losses on other images and other training data"
         )
-    elif "batch_size" in runs and val_batches(runs).nunique() > 1:
+    elif "batch_size" in runs and val_batches(runs).nunique() > 1 < runs["batch_size"].nunique():
         shared = (
             "same validation images; the variants' train.batch_size differ, and with it the "
             "batching of the validation noise (runs of a version before its batch was fixed), "
             "so the noise is not shared; same data order"
+        )
+    elif "batch_size" in runs and val_batches(runs).nunique() > 1:
+        # one train.batch_size, old runs beside new (seeds added to a plan by a newer version):
+        # the batch sizes do not differ, the versions do
+        new = ", ".join(str(int(b)) for b in runs["val_batch"].dropna().unique())
+        shared = (
+            "same validation images; runs of a version before the validation batch was fixed "
+            "(no val_batch in their summary.json) drew the validation noise in batches of "
+            f"train.batch_size, the others in batches of {new}, so the noise is not shared "
+            "between them; same data order"
         )
     md += [
         "Made with:",
