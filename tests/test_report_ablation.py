@@ -1429,3 +1429,160 @@ def test_the_uneven_seed_note_sits_with_the_metric_whose_seeds_differ(tmp_path, 
     assert (
         "without a finite val_FD-mnist-net** (diverged, or not evaluated): in_context seed 1" in fd
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_row_of_the_final_and_paired_figures_sits_on_the_frame(tmp_path, monkeypatch, n):
+    """The y view was matplotlib's 5% of the rows' span: the two rows of
+    reports/precision-cpu/paired_*.png sat on the frame, their bars and caps drawn over it, and
+    a lone variant's final figure was 0.05 of a row high, its seeds and mean on its edges."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    margins = {}
+
+    def spy(fig, path, *args, **kwargs):
+        (ax,) = fig.axes
+        lo, hi = sorted(ax.get_ylim())
+        margins[Path(path).name] = (-lo, hi - (n - 1))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    names = [f"v{i}" for i in range(n)]
+    runs = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "m": 1.0 + i + 0.1 * s}
+            for i, v in enumerate(names)
+            for s in range(3)
+        ]
+    )
+    paired = pd.DataFrame(
+        {
+            "variant": names,
+            "base": "b",
+            "metric": "m",
+            "diff": 0.1,
+            "diff_lo": 0.0,
+            "diff_hi": 0.2,
+            "distinguishable": False,
+            "distinguishable_holm": False,
+            "undetermined": False,
+        }
+    )
+    ablation.plot_final(runs, "m", names, tmp_path / "final.png")
+    ablation.plot_paired(paired, "m", tmp_path / "paired.png")
+    assert set(margins) == {"final.png", "paired.png"}
+    for name, (top, bottom) in margins.items():
+        assert top >= 0.4 and bottom >= 0.4, (name, top, bottom)
+
+
+def test_an_off_scale_final_interval_is_clipped_and_written_out(tmp_path, monkeypatch):
+    """U-ViT's seeds (0.06, 0.063, 0.20 against 0.047-0.052) keep a linear axis, and its
+    interval, -0.089..0.30, drew the five other variants of reports/conditioning-cpu's
+    final_val_loss.png as one dot each at 0.05, their seeds and intervals unreadable: it is
+    clipped at the others' scale with arrows and its numbers, as the paired figure's is."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    drawn = []
+
+    def spy(fig, path, *args, **kwargs):
+        (ax,) = fig.axes
+        drawn.append((ax.get_xlim(), [t.get_text() for t in ax.texts], ax.get_title()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    seeds = {
+        "a": [0.0482, 0.0488, 0.0490],
+        "b": [0.0503, 0.0506, 0.0508],
+        "c": [0.0516, 0.0517, 0.0519],
+        "d": [0.0477, 0.0480, 0.0487],
+        "wide": [0.0600, 0.0630, 0.1975],
+    }
+    runs = pd.DataFrame(
+        [{"variant": v, "seed": s, "m": x} for v, xs in seeds.items() for s, x in enumerate(xs)]
+    )
+    ablation.plot_final(runs, "m", list(seeds), tmp_path / "f.png")
+    (lo, hi), texts, title = drawn[-1]
+    assert 0.044 < lo < 0.0477 and 0.0519 < hi < 0.056  # the others' scale, all inside
+    (text,) = texts
+    assert text.startswith("0.1068 [") and "arrows" in title
+    ablation.plot_final(runs[runs["variant"] != "wide"], "m", list(seeds)[:-1], tmp_path / "g.png")
+    (lo, hi), texts, title = drawn[-1]
+    assert texts == [] and "arrows" not in title
+
+
+def test_a_log_axis_labelled_in_plain_numbers_says_it_is_log(tmp_path, monkeypatch):
+    """Under two decades a log axis is labelled in plain numbers (3e+11, 4.5e+11, 6e+11 at
+    shrinking distances; val loss 0.5, 0.75, 1): the FLOPs panel of
+    reports/*-cpu/curves_val_loss.png and the scaling figures' loss axes read as linear ones,
+    and the curves' shapes with them. A log axis labelled at its decades (10^k) needs no note."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    labels = {}
+
+    def spy(fig, path, *args, **kwargs):
+        labels[Path(path).name] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": st, "train_flops": st * f, "key": "loss",
+             "value": 0.5 + 0.1 * s + 20 / st}
+            for v, f in (("a", 2.6e9), ("b", 2.9e9)) for s in range(3) for st in (100, 200, 300)
+        ]
+    )  # fmt: skip
+    ablation.plot_curves(long, "loss", ["a", "b"], tmp_path / "c.png")
+    (steps, _), (flops, _) = labels["c.png"]
+    assert "log" not in steps and flops.endswith(", log scale")
+    runs = pd.DataFrame({"variant": ["a", "b"] * 3, "seed": [0, 0, 1, 1, 2, 2]})
+    runs["fd"] = [1.0, 10.0, 2.0, 300.0, 1.5, 1000.0]  # three decades: labelled 10^0..10^3
+    ablation.plot_final(runs, "fd", ["a", "b"], tmp_path / "f.png")
+    assert labels["f.png"] == [("fd", "variant")]
+
+
+def test_the_curves_of_eight_variants_are_told_apart_by_a_colour_blind_reader(
+    tmp_path, monkeypatch
+):
+    """The first ten variants' curves differ in colour alone (one marker, solid lines), and in
+    seaborn's default palette the 1st and 5th (blue and purple: adaln_zero and mmdit in
+    reports/conditioning-cpu/curves_*.png) are 0.04 apart in sRGB as a protanope sees them
+    (Machado et al. 2009, full severity); every pair of eight variants' colours stays 0.07 apart
+    for a protanope and a deuteranope."""
+    import matplotlib.colors
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    colours = []
+
+    def spy(fig, *args, **kwargs):
+        legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend())
+        colours.extend(matplotlib.colors.to_rgb(line.get_color()) for line in legend.get_lines())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    names = [f"v{i}" for i in range(8)]
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": st, "train_flops": st * 1e9, "key": "loss",
+             "value": 1.0 + i + s + st / 100}
+            for i, v in enumerate(names) for s in range(2) for st in (100, 200)
+        ]
+    )  # fmt: skip
+    ablation.plot_curves(long, "loss", names, tmp_path / "c.png")
+    srgb = np.array(colours)
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    machado = {
+        "protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                   [-0.003882, -0.048116, 1.051998]],
+        "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                   [-0.011820, 0.042940, 0.968881]],
+    }  # fmt: skip
+    assert len(srgb) == 8
+    for kind, m in machado.items():
+        seen = np.clip(linear @ np.array(m).T, 0, 1)
+        seen = np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
+        for i, j in itertools.combinations(range(8), 2):
+            assert np.linalg.norm(seen[i] - seen[j]) > 0.07, (kind, names[i], names[j])

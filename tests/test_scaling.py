@@ -820,3 +820,41 @@ def test_a_runs_folder_report_names_the_trials_still_training(tmp_path):
         shutil.rmtree(tmp_path / "runs" / name)
     out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=2)
     assert "Incomplete sweep" not in (out / "report.md").read_text()
+
+
+def _points_under_legends(fig) -> list[tuple[float, float]]:
+    """The data points (markers and line vertices, in display coordinates) that a legend of
+    their own panel is drawn over."""
+    from matplotlib.collections import PathCollection
+
+    fig.canvas.draw()
+    under = []
+    for ax in fig.axes:
+        if (legend := ax.get_legend()) is None:
+            continue
+        box = legend.get_window_extent()
+        xy = [c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)]
+        xy += [np.asarray(line.get_xydata()) for line in ax.lines]
+        for x, y in ax.transData.transform(np.concatenate(xy)):
+            if box.contains(x, y):
+                under.append((x, y))
+    return under
+
+
+def test_the_isoflop_and_predicted_vs_actual_legends_cover_no_data(tmp_path, monkeypatch):
+    """Inside the left panels, the budgets' legend of reports/scaling-cpu/isoflop.png covered
+    the 4e10 profile and the 8e10 point of the largest size, and the fits' legend of
+    predicted_vs_actual.png covered points near the diagonal: both sit beside their panels, as
+    loss_vs_flops's and loss_vs_macs's do."""
+    import matplotlib.figure
+
+    fake_sweep(tmp_path / "runs", noise=0.05)
+    under = {}
+
+    def spy(fig, path, *args, **kw):
+        under[Path(path).name] = _points_under_legends(fig)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
+    scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
+    assert {name: len(xy) for name, xy in under.items()} == dict.fromkeys(under, 0)

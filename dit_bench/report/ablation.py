@@ -248,7 +248,10 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
         path.unlink(missing_ok=True)  # an earlier report's figure would pass for this one's
         return False
     figure, sns = _plt()
-    styles = variant_styles(order, sns.color_palette())
+    # seaborn's colour-blind palette: in its default one, the first ten variants share one
+    # marker and one dash, and blue and purple (the 1st and 5th: adaln_zero and mmdit, the base
+    # and the variant nearest it in reports/conditioning-cpu) are one colour to a protanope
+    styles = variant_styles(order, sns.color_palette("colorblind"))
     palette = {v: c for v, (c, _, _) in styles.items()}
     # a variant that never logged this metric (FD in an evaluation-free variant) would get a
     # legend entry with no line; its colour stays its own, as in the other figures
@@ -305,6 +308,11 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     return True
 
 
+# a paired interval reaching this many times the median reach is clipped; a final one this many
+# times the median half-width
+OFF_SCALE = 10
+
+
 @figure_theme()
 def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) -> None:
     figure, sns = _plt()
@@ -320,25 +328,63 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         np.random.set_state(state)
     s = summarize(runs, metric).set_index("variant").reindex(order)
     y = np.arange(len(order))
+    vals = runs[metric].dropna()
+    log = bool(len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20)
+    # Seeds within 20x of each other keep a linear axis, where one variant's interval a hundred
+    # times wider than the rest (U-ViT's val loss, -0.09..0.30 against +-0.001) flattened every
+    # other variant's seeds and interval onto one line: as in the paired figure, such an
+    # interval is clipped at the scale the others set, with arrows and its numbers.
+    half = ((s["hi"] - s["lo"]) / 2).to_numpy()
+    finite = half[np.isfinite(half)]
+    off = np.zeros(len(order), dtype=bool)
+    if not log and len(finite) >= 3 and np.median(finite) > 0:
+        off = np.nan_to_num(half) > OFF_SCALE * np.median(finite)
+    if off.any() and (~off).any():
+        kept = runs.loc[runs["variant"].isin(s.index[~off]), metric]
+        kept = kept[np.isfinite(kept)]
+        left = np.nanmin([*s["lo"][~off], kept.min()])
+        right = np.nanmax([*s["hi"][~off], kept.max()])
+        left, right = left - 0.05 * (right - left), right + 0.05 * (right - left)
+        ax.set_xlim(left, right)
+        for i in np.flatnonzero(off):
+            row = s.iloc[i]
+            lo, m, hi = (
+                float(np.clip(v, left, right)) for v in (row["lo"], row["mean"], row["hi"])
+            )
+            inside = left < row["mean"] < right
+            fmt = "o" if inside else "none"  # a mean past the edge: its number only
+            ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt=fmt, color="C3", capsize=4)
+            for edge, marker in ((left, "<"), (right, ">")):
+                if edge in (lo, hi):
+                    ax.plot(edge, i, marker=marker, color="C3", ms=8, clip_on=False)
+            ax.annotate(
+                f"{row['mean']:.4g} [{row['lo']:.4g}, {row['hi']:.4g}]",
+                ((left + right) / 2, i),
+                xytext=(0, 7),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                color="C3",
+            )
     ax.errorbar(
-        s["mean"],
-        y,
-        xerr=[s["mean"] - s["lo"], s["hi"] - s["mean"]],
+        s["mean"][~off],
+        y[~off],
+        xerr=[(s["mean"] - s["lo"])[~off], (s["hi"] - s["mean"])[~off]],
         fmt="o",
         color="C3",
         capsize=4,
     )
-    vals = runs[metric].dropna()
-    if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
+    if log:
         ax.set_xscale("log")  # one runaway variant would flatten the others
+    ax.set_ylim(len(order) - 0.5, -0.5)  # as the paired figure's rows: none on the frame
     # the key in the title: a legend inside the axes covered the interval of a lone variant
-    ax.set_title(f"final {metric} per variant\n(grey: seeds; red: mean, {int(LEVEL * 100)}% t CI)")
+    title = f"final {metric} per variant\n(grey: seeds; red: mean, {int(LEVEL * 100)}% t CI"
+    if off.any() and (~off).any():
+        title += ";\narrows: an interval past the axis, its numbers above it"
+    ax.set_title(title + ")")
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-OFF_SCALE = 10  # a paired interval reaching this many times the median reach is clipped
 
 
 @figure_theme()
@@ -397,7 +443,9 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
         ax.set_xlim(-limit, limit)
     ax.axvline(0, color="k", lw=1)
     ax.set_yticks(y, p["variant"])
-    ax.invert_yaxis()
+    # half a row about each (inverted: the first on top): matplotlib's 5% of the rows' span put
+    # the first and last of two rows on the frame, their bars and caps drawn over it
+    ax.set_ylim(len(p) - 0.5, -0.5)
     base = p["base"].iloc[0] if len(p) else ""
     # wrapped to the axes' width: a long base name or the whole key ran past the figure's edge
     chars = int((width - label_width(p["variant"]) - 1) / 0.1)

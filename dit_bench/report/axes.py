@@ -9,6 +9,7 @@ from collections.abc import Iterator
 # Spans (in decades) below which a log axis is labelled at 1, 2 and 5 x 10^k rather than at its
 # decades alone, which may be one or none.
 FEW_DECADES = 2.0
+LOG_MARK = ", log scale"
 
 
 @contextlib.contextmanager
@@ -40,8 +41,11 @@ def readable_log_ticks(fig) -> None:
     minor ticks too (2, 3, 4, 6 x 10^k; or every 0.05 x 10^12 across a few percent), and
     neighbouring labels run together. Labelled instead: the decades alone from FEW_DECADES up;
     1, 2 and 5 x 10^k from one decade; four or five evenly spaced values below one decade (where
-    no 10^k may lie in view). Below FEW_DECADES the labels read as the report's tables (`.3g`).
-    Call it after the data are drawn (the span is the axis' view) and before the layout."""
+    no 10^k may lie in view). Below FEW_DECADES the labels read as the report's tables (`.3g`),
+    and the axis' label says it is a log axis: evenly stepped values at uneven distances (3e+11,
+    4.5e+11, 6e+11) or 0.5, 0.75, 1 read as a linear axis, and the curves' slopes with them.
+    Call it after the data and labels are drawn (the span is the axis' view) and before the
+    layout."""
     from matplotlib import ticker
 
     for ax in fig.axes:
@@ -57,3 +61,5 @@ def readable_log_ticks(fig) -> None:
             else:
                 axis.set_major_locator(ticker.MaxNLocator(5))
             axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
+            if axis.get_label_text() and LOG_MARK not in axis.get_label_text():
+                axis.set_label_text(f"{axis.get_label_text()}{LOG_MARK}")

@@ -871,7 +871,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     # 3. IsoFLOP profiles and the frontier N*(C)
     iso = result["isoflop"]["all"]
     g = _isoflop_points(points)
-    fig = agg_figure(figsize=(11, 4.5))
+    fig = agg_figure(figsize=(12, 4.5))  # 1 inch of it the budgets legend's
     axes = fig.subplots(1, 2)
     pal = sns.color_palette("rocket_r", n_colors=g["budget"].nunique())
     for color, (budget, gb) in zip(pal, g.groupby("budget"), strict=True):
@@ -888,7 +888,8 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
         ylabel="val loss (best patch per size)",
         title="IsoFLOP profiles (parabola in log N)",
     )
-    axes[0].legend(title="budget C", fontsize=7)
+    # beside the panel: inside, it covered a profile and a point of the largest size
+    axes[0].legend(title="budget C", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ok = iso.vertices[iso.vertices["valid"]]
     axes[1].scatter(ok["budget"], ok["n_opt"], color="k", label="parabola minimum")
     if iso.fit.ok:
@@ -907,7 +908,7 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
     made.append("isoflop.png")
 
     # 4. predicted vs actual: L(N, D) in-sample and held out; the envelope fit
-    fig = agg_figure(figsize=(11, 4.5))
+    fig = agg_figure(figsize=(13, 4.5))  # 2 inches of it the fits' legend
     axes = fig.subplots(1, 2)
     ch, held = result.get("chinchilla"), result.get("chinchilla_heldout")
     cmax = points["budget"].max()
@@ -942,6 +943,9 @@ def figures(runs, points, curves, result, out: Path) -> list[str]:
             xlabel="actual val loss",
             ylabel="predicted",
         )
+        # beside the panel: inside, the fits' and patches' entries covered points near the
+        # diagonal
+        sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     elif ch is not None:  # an empty 0..1 frame beside the envelope's said nothing of why
         axes[0].text(0.5, 0.5, "not fitted:\n" + textwrap.fill(ch.detail, 40), ha="center",
                      va="center", transform=axes[0].transAxes)  # fmt: skip
