@@ -1145,9 +1145,21 @@ def run_device(run_dir: Path | None, cfg) -> str:
     return device
 
 
+def val_protocol_change(run_dir: Path | None, tracker) -> int | None:
+    """The step where a run resumed across validation protocols, as its summary.json says;
+    else (a pruned run stops before its summary) as its trial's `ValAtSteps` saw it."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return tracker.val_protocol_changed_at
+    return summary.get("val_protocol_changed_at")
+
+
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
     """What every trial keeps (user attrs and `trial.json`): sizes, compute and its curve."""
+    from dit_bench.objectives import OBJECTIVES
     from dit_bench.report.scaling import setup_of
+    from dit_bench.train.module import val_protocol
 
     by_step = {r["step"]: r["val_loss"] for r in curve}
     final = curve[-1] if curve and curve[-1]["step"] == plan.cfg.train.steps else {}
@@ -1177,6 +1189,9 @@ def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
         "curve": curve,
         "val_loss": final.get("val_loss"),
         "setup": setup_of(plan.cfg.to_dict()),  # objective, conditioning, data, seed, ...
+        # how its val losses were measured (summary.json's): a study continued by a later
+        # version holds trials of both, which the scaling report names
+        **val_protocol(OBJECTIVES[plan.cfg.objective.name]),
         # the in-training FD at the last step, where eval.fd_every measured one
         **{k: v for k, v in final.items() if k.startswith(("val_FD-", "val_FID"))},
     }
@@ -1664,7 +1679,10 @@ class Worker:
                 "worker_start_s": self.started_to_first(t0),
             }
             record.update(
-                run_dir=str(run) if run else None, timing=timing, device=run_device(run, plan.cfg)
+                run_dir=str(run) if run else None,
+                timing=timing,
+                device=run_device(run, plan.cfg),
+                val_protocol_changed_at=val_protocol_change(run, tracker),
             )
             if error:
                 record["error"] = error

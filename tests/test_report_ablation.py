@@ -1586,3 +1586,18 @@ def test_the_curves_of_eight_variants_are_told_apart_by_a_colour_blind_reader(
         seen = np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
         for i, j in itertools.combinations(range(8), 2):
             assert np.linalg.norm(seen[i] - seen[j]) > 0.07, (kind, names[i], names[j])
+
+
+def test_report_names_runs_resumed_across_validation_protocols(tmp_path):
+    # an old partial run resumed by a version that validates otherwise: its val/loss curve
+    # jumps at the resume step, which the curves figure showed as training
+    source = make_source(tmp_path)
+    assert "two protocols" not in build_report(source, tmp_path / "r0").read_text()
+    for summary in source.glob("*in_context1/summary.json"):
+        s = {**json.loads(summary.read_text()), "val_protocol_changed_at": 200}
+        summary.write_text(json.dumps(s))
+    for summary in source.glob("*adaln[02]/summary.json"):  # the others: recorded, none
+        s = {**json.loads(summary.read_text()), "val_protocol_changed_at": None}
+        summary.write_text(json.dumps(s))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "**Val losses of two protocols within a run**: in_context seed 1 (step 200)," in md

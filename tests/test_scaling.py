@@ -858,3 +858,36 @@ def test_the_isoflop_and_predicted_vs_actual_legends_cover_no_data(tmp_path, mon
     runs, points, curves = scaling.tables(scaling.load_records(tmp_path / "runs"))
     scaling.figures(runs, points, curves, scaling.fit_all(points, n_boot=2), tmp_path)
     assert {name: len(xy) for name, xy in under.items()} == dict.fromkeys(under, 0)
+
+
+def test_a_study_continued_across_validation_protocols_names_the_runs_of_each(tmp_path):
+    """A sweep of an earlier version continued by this one: its old trials (no val_batch in
+    their records, noise in batches of train.batch_size; DDPM's grid of both ends) and new ones
+    measured other quantities, which the study minimised and the fits pooled, unsaid."""
+    fake_sweep(tmp_path / "runs")
+    paths = sorted((tmp_path / "runs").rglob("trial.json"))
+    for i, path in enumerate(paths):
+        rec = json.loads(path.read_text())
+        rec["setup"] = {"objective.name": "ddpm"}
+        if i >= 2:  # the new version's trials
+            rec.update(val_batch=32, val_grid="midpoints", val_protocol_changed_at=None)
+        if i == 2:  # an old trial, retried by the new version: resumed at step 40
+            rec["val_protocol_changed_at"] = 40
+        path.write_text(json.dumps(rec))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report", n_boot=10)
+    head = (out / "report.md").read_text().split("## Headline")[0]
+    label = scaling.run_labels(pd.read_csv(out / "runs.csv"))
+    old = [label[json.loads(p.read_text())["config_hash"]] for p in paths[:2]]
+    assert (
+        f"**Val losses of other protocols**: {', '.join(old)} (noise in batches of 32, "
+        "val_grid none), against 6 runs with noise in batches of 32, val_grid midpoints" in head
+    )
+    resumed = label[json.loads(paths[2].read_text())["config_hash"]]
+    assert f"**Resumed across validation protocols**: {resumed} (step 40)" in head
+    # flow's grid has no name in either version: old trials of batch 32 measured the same
+    for path in paths:
+        rec = {**json.loads(path.read_text()), "val_grid": None, "val_protocol_changed_at": None}
+        rec["setup"] = {"objective.name": "flow"}
+        path.write_text(json.dumps(rec))
+    out = scaling.build_report(tmp_path / "runs", tmp_path / "report2", n_boot=10)
+    assert "protocol" not in (out / "report.md").read_text().split("## Headline")[0]

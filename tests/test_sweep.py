@@ -87,6 +87,9 @@ def check_study(storage: str, name: str, n_points: int) -> list:
         # the machine its losses and timings are of, as the run's summary.json names it
         summary = json.loads((Path(a["run_dir"]) / "summary.json").read_text())
         assert a["device"] == summary["device"], a.get("device")
+        # how its val losses were measured: a study continued by a later version mixes them
+        for key in ("val_batch", "val_grid", "val_protocol_changed_at"):
+            assert a[key] == summary[key], key
     return done
 
 

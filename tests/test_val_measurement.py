@@ -6,6 +6,8 @@ level, each image with its own fixed noise. Checked against a slow reference tha
 image at a time.
 """
 
+import json
+
 import pytest
 import torch
 from test_train import tiny
@@ -75,3 +77,59 @@ def test_the_val_loss_is_the_mean_over_images_whatever_the_batch_size(objective)
     assert values[0] == pytest.approx(reference(module, data), rel=1e-5)
     assert values[1] == pytest.approx(values[0], rel=1e-6)
     assert values[2] == pytest.approx(values[0], rel=1e-6)
+
+
+def old_checkpoint(step: int = 4, validated: bool = True) -> dict:
+    """What a version before val_protocol checkpointed (no protocol recorded)."""
+    return {"global_step": step, "last_val": {"val/loss": 0.5, "step": step} if validated else {}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "changed"),
+    [
+        ((), True),  # DDPM: the old grid took both ends of 0..T-1
+        (("objective.name=flow",), True),  # noise in batches of train.batch_size 8
+        (("objective.name=flow", "train.batch_size=32"), False),  # the same numbers
+    ],
+)
+def test_a_resume_from_a_checkpoint_of_the_old_validation_names_the_step(extra, changed):
+    cfg = tiny(*extra)
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    module.on_load_checkpoint(old_checkpoint())
+    assert module.val_protocol_changed_at == (4 if changed else None)
+    # the old protocol's last val loss is not the summary's (a resume at the last step
+    # validates again)
+    assert module.last_val == ({} if changed else {"val/loss": 0.5, "step": 4})
+    # nothing validated before the checkpoint: no val loss of the old protocol to mix
+    module = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    module.on_load_checkpoint(old_checkpoint(validated=False))
+    assert module.val_protocol_changed_at is None
+    # this version's checkpoints carry the protocol and the step of an earlier change
+    saved: dict = {}
+    module.val_protocol_changed_at = 4
+    module.on_save_checkpoint(saved)
+    again = DiffusionModule(cfg, DiffusionDataModule(cfg).info)
+    again.on_load_checkpoint({**saved, "global_step": 8})
+    assert again.val_protocol_changed_at == 4 and again.last_val == saved["last_val"]
+
+
+def test_a_run_resumed_across_validation_protocols_says_where_they_change(tmp_path, capsys):
+    """An old partial DDPM run resumed by this version: metrics.csv's val/loss jumps where the
+    grid changed, and its summary.json claimed the new grid for the whole run, unsaid."""
+    from test_train import InterruptAt
+
+    from dit_bench.train.run import find_run_dir, train
+
+    cfg = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, callbacks=[InterruptAt(5)])
+    last = find_run_dir(tmp_path, cfg) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    for key in ("val_protocol", "val_protocol_changed_at"):  # as an older version wrote it
+        ckpt.pop(key, None)
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    run = train(cfg, tmp_path, progress=False)
+    assert "the val loss's protocol changed at step 4" in capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_protocol_changed_at"] == 4 and summary["val_grid"] == "midpoints"

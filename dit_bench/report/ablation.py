@@ -600,6 +600,26 @@ def other_data(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def protocol_changed(runs: pd.DataFrame) -> str:
+    """The runs resumed from a checkpoint that validated otherwise (an older version's: summary's
+    val_protocol_changed_at), naming each and the step: their curves' val losses up to it are
+    of the old protocol, a jump, not training; their final ones of their summary's."""
+    if "val_protocol_changed_at" not in runs or runs["val_protocol_changed_at"].isna().all():
+        return ""
+    changed = runs[runs["val_protocol_changed_at"].notna()]
+    named = "; ".join(
+        f"{v} seed{'s' * (len(of) > 1)} "
+        + ", ".join(f"{r.seed} (step {r.val_protocol_changed_at:.0f})" for r in of.itertuples())
+        for v, of in changed.groupby("variant", sort=False)
+    )
+    return (
+        f"**Val losses of two protocols within a run**: {named}, resumed from a checkpoint of "
+        "an earlier version that validated otherwise (summary.json's val_protocol_changed_at). "
+        "Their val-loss curves up to that step measure another quantity than after it (a jump "
+        "there is no training); their final val losses are of this version's protocol."
+    )
+
+
 def cost_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     cols = {
         "backbone": "first",
@@ -994,6 +1014,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         ]
     for line in other_data(runs):
         md += [line, ""]
+    if note := protocol_changed(runs):
+        md += [note, ""]
 
     scales = loss_scales(runs)
     scale_note = (

@@ -341,6 +341,11 @@ def load_records(
             summary = Path(r["run_dir"]) / "summary.json"
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 r["device"] = json.loads(summary.read_text()).get("device")
+        if "val_batch" not in r and r.get("run_dir"):  # nor the validation: its summary.json
+            summary = Path(r["run_dir"]) / "summary.json"
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                s = json.loads(summary.read_text())
+                r.update({k: s[k] for k in VAL_PROTOCOL if k in s})
         if r.get("setup") is None and r.get("run_dir"):  # nor the setup: its config.yaml
             with contextlib.suppress(OSError, ValueError):
                 r["setup"] = setup_of(read_config(Path(r["run_dir"])))
@@ -453,6 +458,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                 "val_loss": r.get("val_loss"),
                 **{k: v for k, v in r.items() if k.startswith(("val_FD-", "val_FID"))},
                 "device": r.get("device"),
+                **{k: r.get(k) for k in VAL_PROTOCOL},
                 **{f"cfg.{k}": v for k, v in _setup(r).items()},
                 **{f"time_{k}": v for k, v in timing.items()},
                 "run_dir": r.get("run_dir"),
@@ -498,6 +504,7 @@ def tables(records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     runs = runs.astype({c: float for c in runs if c.startswith(measured) and runs[c].isna().all()})
     # the cfg.* columns too: a setting null in every record (no setup recorded) is of its type
     runs = runs.astype({f"cfg.{k}": t for k, _, t in SETUP_KEYS if f"cfg.{k}" in runs})
+    runs = runs.astype({k: t for k, t in VAL_PROTOCOL.items() if k in runs})
     points, curves = by_run(points, "budget"), by_run(curves, "step")
     # a diverged run is left out whole, as one that failed non-finite is; the runs table says so
     gone = diverged_at(points)
@@ -1064,6 +1071,11 @@ SETUP_KEYS = (
 )  # (config key, as shown, its column's type: nullable, an older record may name none)
 
 
+# summary.json's record of how a run validated (absent in runs of earlier versions), and its
+# column's type in the runs table: nullable, as in a study continued by a later version
+VAL_PROTOCOL = {"val_batch": "Int64", "val_grid": TEXT, "val_protocol_changed_at": "Int64"}
+
+
 def _setup(r: dict) -> dict:
     """A record's SETUP_KEYS values; the image size the runs trained at where the config left
     it to the data set (null: its native size, which "image size None" did not say)."""
@@ -1203,6 +1215,43 @@ def _other_parameters(point) -> str:
     return ", ".join(out)
 
 
+def val_protocols(runs: pd.DataFrame) -> str:
+    """The runs whose val losses were measured otherwise than the others' (a study continued by
+    a later version: trials of an earlier one record no val_batch, and drew the noise in
+    batches of train.batch_size on DDPM's grid of both ends), and those resumed across two
+    protocols: the study minimised, and the fits pool, other quantities."""
+    if "run" not in runs or "val_batch" not in runs:
+        return ""
+    label = run_labels(runs)
+    batch = runs["val_batch"].fillna(runs["batch_size"]).map(_setting)
+    # flow's grid has no name, in either version: batch 32 is the same measurement there
+    protocol = "noise in batches of " + batch + ", val_grid " + runs["val_grid"].fillna("none")
+    lines = []
+    if protocol.nunique() > 1:
+        groups = runs.groupby(protocol, sort=False)["run"].agg(list)
+        groups = groups.loc[groups.map(len).sort_values(ascending=False, kind="stable").index]
+        most, *others = groups.items()
+        named = "; ".join(f"{', '.join(label[r] for r in rs)} ({p})" for p, rs in others)
+        lines.append(
+            f"**Val losses of other protocols**: {named}, against {_runs(len(most[1]))} with "
+            f"{most[0]} (summary.json's val_batch and val_grid; none recorded: a trial of an "
+            "earlier version, whose batch was train.batch_size). Their val losses are other "
+            "quantities: the study minimised, and the fits below pool, both; report each "
+            "protocol's runs apart (rerun the others' trials in a new study) where that matters."
+        )
+    if "val_protocol_changed_at" in runs and runs["val_protocol_changed_at"].notna().any():
+        changed = runs[runs["val_protocol_changed_at"].notna()]
+        named = "; ".join(
+            f"{label[r.run]} (step {r.val_protocol_changed_at:.0f})" for r in changed.itertuples()
+        )
+        lines.append(
+            f"**Resumed across validation protocols**: {named}, a trial of an earlier version "
+            "resumed by a later one: its curve and budget points up to that step are of the "
+            "earlier protocol, after it of its summary's."
+        )
+    return " ".join(lines)
+
+
 def diverged_runs(runs: pd.DataFrame) -> str:
     """The runs `tables` left out as diverged, and where."""
     gone = runs[runs["diverged_at"].notna()] if "diverged_at" in runs else runs.iloc[:0]
@@ -1280,6 +1329,7 @@ def write_report(source, runs, points, result, figs, out: Path, unfinished=(), p
         ),
         *([note, ""] if (note := short_runs(runs, points)) else []),
         *([note, ""] if (note := diverged_runs(runs)) else []),
+        *([note, ""] if (note := val_protocols(runs)) else []),
         f"Setup: {setup_line(runs)}.",
         "",
         f"Trained on: {devices_line(runs)}.",

@@ -605,6 +605,9 @@ class ValAtSteps(L.Callback):
         self._pending: int | None = None
         self._t = self._metrics = self._end = None
         self._val_since_end = 0.0
+        # the module's, where a resume crossed validation protocols (a pruned run has no
+        # summary.json to say so)
+        self.val_protocol_changed_at: int | None = None
 
     def _step_metrics(self, trainer) -> StepMetrics:
         if self._metrics is None:
@@ -618,6 +621,8 @@ class ValAtSteps(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._end = time.perf_counter()
+        # after a resume's checkpoint is loaded; a module of another kind records none
+        self.val_protocol_changed_at = getattr(pl_module, "val_protocol_changed_at", None)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._flush(pl_module)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 
 import lightning as L
@@ -21,6 +22,7 @@ from torch import nn
 
 from dit_bench.backbones import Cond, build_net
 from dit_bench.data import DataError, DataInfo
+from dit_bench.data.module import VAL_BATCH
 from dit_bench.fast import (
     EmaPairs,
     bf16_stream,
@@ -37,6 +39,14 @@ from dit_bench.sampling import draw_slice
 # (batches of data.module.VAL_BATCH, whatever train.batch_size) gets the noise of seed
 # VAL_NOISE_SEED + k.
 VAL_NOISE_SEED = 10_000
+
+
+def val_protocol(objective) -> dict:
+    """How `DiffusionModule.validation_metrics` measures with `objective` (a class or an
+    instance), as summary.json, checkpoints and trial records say: the batch its noise is drawn
+    in, and the grid's kind where the objective names one (DDPM's midpoints; none in runs of
+    the versions before either)."""
+    return {"val_batch": VAL_BATCH, "val_grid": getattr(objective, "VAL_GRID", None)}
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -128,6 +138,9 @@ class DiffusionModule(L.LightningModule):
         self._step_loss: torch.Tensor | None = None
         self.last_train_loss: float | None = None  # the last window's mean, for the progress bar
         self.last_val: dict[str, float] = {}  # latest val metrics, with their "step"
+        # the step of a resume from a checkpoint that validated otherwise (val_protocol): the
+        # val losses up to it measure another quantity than those after it
+        self.val_protocol_changed_at: int | None = None
         self.last_fd: dict[str, float] = {}  # latest in-training FD (eval.fd_every)
 
     # -- optimisation --------------------------------------------------------------------
@@ -349,6 +362,36 @@ class DiffusionModule(L.LightningModule):
         metrics.update({f"val/loss_l{i}": v for i, v in enumerate(per_level)})
         return metrics
 
+    def val_protocol(self) -> dict:
+        return val_protocol(self.objective)
+
+    def _check_val_protocol(self, checkpoint) -> None:
+        # A checkpoint without a protocol is of a version that drew the noise in batches of
+        # train.batch_size and took DDPM's grid from both ends (flow at batch 32: the same)
+        old = {"val_batch": self.cfg.train.batch_size, "val_grid": None}
+        old.update(checkpoint.get("val_protocol", {}))
+        now = self.val_protocol()
+        # a checkpoint before any validation (an empty last_val) leaves no val loss behind
+        if old == now or not checkpoint.get("last_val", True):
+            return
+        step = self.val_protocol_changed_at = checkpoint.get("global_step")
+        self.last_val = {}  # of the old protocol: a resume at the last step validates again
+        if self.global_rank == 0:
+            what = {"val_batch": "validation noise in batches of", "val_grid": "val_grid"}
+            changes = "; ".join(
+                f"{what[k]} {old[k] or 'none'}, now {now[k] or 'none'}"
+                for k in what
+                if old[k] != now[k]
+            )
+            print(
+                f"[dit-bench] the val loss's protocol changed at step {step} (the checkpoint "
+                f"is of another version: {changes}): metrics.csv's val losses up to step "
+                f"{step} measure another quantity than those after it (summary.json's "
+                "val_protocol_changed_at); for one protocol throughout, train the run again "
+                "from its start",
+                file=sys.stderr,
+            )
+
     # -- bookkeeping carried through checkpoints -------------------------------------------
     def on_save_checkpoint(self, checkpoint) -> None:
         self.check_finite_weights(checkpoint.get("state_dict", {}))
@@ -367,6 +410,8 @@ class DiffusionModule(L.LightningModule):
         # progress lines show the last val loss
         checkpoint["last_fd"] = dict(self.last_fd)
         checkpoint["last_val"] = dict(self.last_val)
+        checkpoint["val_protocol"] = self.val_protocol()
+        checkpoint["val_protocol_changed_at"] = self.val_protocol_changed_at
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if checkpoint.get("config_hash") not in (None, self.cfg.hash):
@@ -394,6 +439,8 @@ class DiffusionModule(L.LightningModule):
         self._loss_sum = torch.tensor(total, dtype=torch.float64, device=self.device)
         self._loss_count = count
         self.last_fd = checkpoint.get("last_fd", {})
+        self.val_protocol_changed_at = checkpoint.get("val_protocol_changed_at")
+        self._check_val_protocol(checkpoint)
 
 
 def non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:

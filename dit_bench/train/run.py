@@ -46,7 +46,7 @@ from dit_bench.config import (
     read_yaml,
 )
 from dit_bench.data import DataInfo, data_info
-from dit_bench.data.module import VAL_BATCH, DiffusionDataModule
+from dit_bench.data.module import DiffusionDataModule
 from dit_bench.fast import (
     NO_CXX_COMPILER,
     allow_tf32,
@@ -763,11 +763,12 @@ def write_summary(
         "class_names": list(module.info.class_names),
         "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,
-        # the validation noise's batching (a seed a batch): runs of one val_batch share it
-        "val_batch": VAL_BATCH,
-        # the validation grid's kind, where the objective names one (DDPM's midpoints; absent
-        # in DDPM runs of the old grid, whose val losses are other quantities)
-        "val_grid": getattr(module.objective, "VAL_GRID", None),
+        # how it validated (val_batch, val_grid): runs of one protocol share their noise and
+        # measure one quantity; absent in runs of earlier versions
+        **module.val_protocol(),
+        # a run resumed from a checkpoint that validated otherwise: the step from which on its
+        # val losses are of the protocol above (metrics.csv's earlier ones are not)
+        "val_protocol_changed_at": module.val_protocol_changed_at,
         "images_seen": n_img,
         **{k.replace("/", "_"): v for k, v in module.last_val.items() if k != "step"},
         **{k.replace("/", "_"): v for k, v in module.last_fd.items()},
