@@ -1601,3 +1601,92 @@ def test_report_names_runs_resumed_across_validation_protocols(tmp_path):
         summary.write_text(json.dumps(s))
     md = build_report(source, tmp_path / "r").read_text()
     assert "**Val losses of two protocols within a run**: in_context seed 1 (step 200)," in md
+
+
+def test_one_seed_per_variant_says_once_why_its_intervals_are_blank(tmp_path, no_figures):
+    """With one seed per variant every interval of the tables read "–", and no sentence said
+    why (one seed gives no interval) or what to do (run more seeds)."""
+    source = make_source(tmp_path)
+    for v in VARIANTS:
+        drop_runs(source, v, seeds=(1, 2))
+    md = build_report(source, tmp_path / "r").read_text()
+    assert "[–, –]" in md
+    assert md.count("One seed gives no interval") == 1 and "--seeds" in md
+    assert "every variant has one seed" in md
+    three = build_report(make_source(tmp_path / "b"), tmp_path / "r2").read_text()
+    assert "One seed gives no interval" not in three
+
+
+def test_variants_with_no_seed_in_common_are_not_called_unfinished(tmp_path, no_figures):
+    """The base finished seed 0 only and in_context seeds 1 and 2: its verdict left out "3
+    seed(s) whose val_loss is missing (a run not finished, or not evaluated)", of three
+    finished runs; they are unpaired (no run of the other to pair with), not missing."""
+    source = make_source(tmp_path)
+    drop_runs(source, "adaln_zero", seeds=(1, 2))
+    drop_runs(source, "in_context", seeds=(0,))
+    md = build_report(source, tmp_path / "r").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- in_context vs adaln_zero"))
+    assert "no seed in common" in line and "not finished" not in line and "missing" not in line
+    assert "Unpaired: 3 seed(s)" in line and "in_context: 1, 2; adaln_zero: 0" in line
+    line = next(x for x in md.splitlines() if x.startswith("- adaln vs adaln_zero"))
+    assert "1 matched seed(s)" in line and "Unpaired: 2 seed(s)" in line and "missing" not in line
+
+
+def test_a_log_axis_interval_below_zero_is_clipped_and_written_out(tmp_path, monkeypatch):
+    """U-ViT's FD in reports/conditioning-cpu (seeds 15 to 1500: a log axis) has the interval
+    [-1346, 2567]: its lower end, past zero, ran off the log axis's left edge with no arrow or
+    number, the interval reading as if it began at the frame."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    drawn = []
+
+    def spy(fig, path, *args, **kwargs):
+        (ax,) = fig.axes
+        edges = [line.get_xdata()[0] for line in ax.lines if line.get_marker() == "<"]
+        drawn.append((ax.get_xscale(), ax.get_xlim(), edges, [t.get_text() for t in ax.texts]))
+        drawn[-1] += (ax.get_title(),)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    seeds = {"a": [15.8, 16.0, 16.4], "b": [12.9, 13.4, 13.8], "uvit": [40.0, 260.0, 1530.0]}
+    runs = pd.DataFrame(
+        [{"variant": v, "seed": s, "m": x} for v, xs in seeds.items() for s, x in enumerate(xs)]
+    )
+    ablation.plot_final(runs, "m", list(seeds), tmp_path / "f.png")
+    scale, (lo, hi), edges, texts, title = drawn[-1]
+    assert scale == "log" and 0 < lo < 12.9 and hi > 1530
+    assert edges == [pytest.approx(lo)]  # the arrow at the left edge
+    (text,) = texts
+    assert text.startswith("610 [-1388, ") and "arrows" in title
+
+
+def test_a_metric_logged_at_one_step_is_drawn_against_flops_only(tmp_path, monkeypatch):
+    """An FD of the last step only: the steps panel was one column of points, the final
+    figure again; the FLOPs panel alone is new (the metric against the variants' compute)."""
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    drawn = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *a, **k: drawn.append(([ax.get_xlabel() for ax in fig.axes], fig)),
+    )
+    long = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "step": 600, "train_flops": f, "key": "fd", "value": x + s}
+            for v, f, x in (("a", 1.5e12, 14.0), ("b", 1.7e12, 30.0))
+            for s in range(3)
+        ]
+    )
+    assert ablation.plot_curves(long, "fd", ["a", "b"], tmp_path / "c.png")
+    labels, fig = drawn[-1]
+    assert len(labels) == 1 and labels[0].startswith("training FLOPs")
+    assert "step 600 only" in fig._suptitle.get_text()
+    # logged at several steps: both panels, as before
+    more = pd.concat([long, long.assign(step=300, train_flops=long["train_flops"] / 2)])
+    ablation.plot_curves(more, "fd", ["a", "b"], tmp_path / "d.png")
+    labels, fig = drawn[-1]
+    assert len(labels) == 2 and "only" not in fig._suptitle.get_text()

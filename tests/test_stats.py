@@ -238,7 +238,12 @@ def test_seeds_only_a_third_variant_ran_are_not_left_out_of_a_pair():
     table = pd.DataFrame(rows, columns=["variant", "seed", "val_loss"])
     out = compare_to_base(table, "val_loss", "base").set_index("variant")
     assert out.loc["a", "n_pairs"] == 3 and "Left out" not in out.loc["a", "verdict"]
-    assert "Left out: 2 seed(s)" in out.loc["b", "verdict"]  # b ran 3 and 4, the base did not
+    # b ran 3 and 4, the base did not: finished runs with no pair, not values "missing"
+    assert "Left out" not in out.loc["b", "verdict"]
+    assert (
+        "Unpaired: 2 seed(s) with a run of only one of the two (b: 3, 4; base: none)"
+        in (out.loc["b", "verdict"])
+    )
     table.loc[(table["variant"] == "a") & (table["seed"] == 1), "val_loss"] = float("nan")
     out = compare_to_base(table, "val_loss", "base").set_index("variant")
     assert out.loc["a", "n_pairs"] == 2 and "Left out: 1 seed(s)" in out.loc["a", "verdict"]

@@ -7,10 +7,10 @@ neither (a sweep's trials, plain training runs) is refused: `dit-bench report sc
 sweeps. A base without finished runs leaves the others reported, unpaired.
 
 Out: `report.md`; figures `curves_<metric>.png` (metric against training steps and training
-FLOPs, mean over seeds with a 95% t band), `final_<metric>.png` (per-variant mean, CI and every
-seed), `paired_<metric>.png` (variant - base per seed-pair, with CI); `samples/<variant>.png`
-(the final grid of each variant's first seed) and `samples.png` (all of them side by side);
-tables as CSV and Parquet: `runs` (one row per run), `final` (per-variant CIs), `paired`
+FLOPs, mean over seeds with a 95% t band; one logged at one step only against FLOPs alone),
+`final_<metric>.png` (per-variant mean, CI and every seed), `paired_<metric>.png` (variant -
+base per seed-pair, with CI); `samples/<variant>.png` (the final grid of each variant's first
+seed) and `samples.png` (all of them side by side); tables as CSV and Parquet: `runs` (one row per run), `final` (per-variant CIs), `paired`
 (comparisons against the base; `distinguishable` is empty where `undetermined`: no test;
 `p_holm` and `distinguishable_holm` adjust each metric's comparisons by Holm-Bonferroni), `cost`
 (params, MACs, throughput), `curves` (long table).
@@ -261,12 +261,16 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
     ncol = max(1, math.ceil(len(shown) / LEGEND_ROWS))
     legend_w = ncol * (0.07 * max(map(len, shown), default=0) + 0.7)
     height = max(4.2, 0.19 * min(len(shown), LEGEND_ROWS) + 1.6)
-    fig = figure(figsize=(12 + legend_w, height))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, x, label in (
-        (axes[0], "step", "training steps"),
-        (axes[1], "train_flops", "training FLOPs (3 x forward x images)"),
-    ):
+    # logged at one step per variant (an FD of the last step): the steps panel was one column
+    # of points, the final figure again; against FLOPs it still shows what each one cost
+    steps = data.loc[data["value"].notna()].groupby("variant")["step"].unique()
+    one_step = bool(steps.map(len).max() == 1)
+    panels = [("train_flops", "training FLOPs (3 x forward x images)")]
+    if not one_step:
+        panels.insert(0, ("step", "training steps"))
+    fig = figure(figsize=(6 * len(panels) + legend_w, height))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (x, label) in zip(axes, panels, strict=True):
         bands = curve_bands(data, x)
         sns.lineplot(
             data=bands,
@@ -294,14 +298,22 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
         ax.set_ylabel(metric)
         if x == "train_flops":
             ax.set_xscale("log")
-        if ax is axes[0]:
+        if ax is not axes[-1]:
             ax.get_legend().remove()
     if data["value"].min() > 0 and data["value"].max() / data["value"].min() > 20:
         axes[0].set_yscale("log")
-    axes[1].legend(
+    axes[-1].legend(
         title="variant", fontsize=8, ncol=ncol, loc="upper left", bbox_to_anchor=(1.02, 1)
     )
-    fig.suptitle(f"{metric}: mean over seeds, {int(LEVEL * 100)}% t band")
+    title = f"{metric}: mean over seeds, {int(LEVEL * 100)}% t band"
+    if one_step:
+        at = {int(s) for s in itertools.chain.from_iterable(steps)}
+        when = f"step {at.pop()} only" if len(at) == 1 else "one step per variant only"
+        title = (
+            f"{metric} at {when} (the final figure's values) against training FLOPs: mean "
+            f"over seeds, {int(LEVEL * 100)}% t interval"
+        )
+    fig.suptitle(wrap(title, int(fig.get_figwidth() / 0.11)))
     readable_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -339,13 +351,25 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
     off = np.zeros(len(order), dtype=bool)
     if not log and len(finite) >= 3 and np.median(finite) > 0:
         off = np.nan_to_num(half) > OFF_SCALE * np.median(finite)
-    if off.any() and (~off).any():
+    if log:
+        # a log axis has no place for a lower end at or below zero (U-ViT's FD in
+        # reports/conditioning-cpu: [-1346, 2567]): it ran off the left edge with no arrow or
+        # number, so such an interval is clipped at the seeds' scale as the others are
+        off = np.nan_to_num(s["lo"].to_numpy(), nan=1.0) <= 0
+    clipped = off.any() and (log or (~off).any())
+    if clipped and log:
+        ends = [*vals, *s["lo"][s["lo"] > 0], *s["hi"][np.isfinite(s["hi"])]]
+        pad = (max(ends) / min(ends)) ** 0.05  # 5% of the span each side, as the linear axis
+        left, right = min(ends) / pad, max(ends) * pad
+        ax.set_xlim(left, right)
+    elif clipped:
         kept = runs.loc[runs["variant"].isin(s.index[~off]), metric]
         kept = kept[np.isfinite(kept)]
         left = np.nanmin([*s["lo"][~off], kept.min()])
         right = np.nanmax([*s["hi"][~off], kept.max()])
         left, right = left - 0.05 * (right - left), right + 0.05 * (right - left)
         ax.set_xlim(left, right)
+    if clipped:
         for i in np.flatnonzero(off):
             row = s.iloc[i]
             lo, m, hi = (
@@ -359,7 +383,7 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
                     ax.plot(edge, i, marker=marker, color="C3", ms=8, clip_on=False)
             ax.annotate(
                 f"{row['mean']:.4g} [{row['lo']:.4g}, {row['hi']:.4g}]",
-                ((left + right) / 2, i),
+                (math.sqrt(left * right) if log else (left + right) / 2, i),
                 xytext=(0, 7),
                 textcoords="offset points",
                 ha="center",
@@ -379,7 +403,7 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
     ax.set_ylim(len(order) - 0.5, -0.5)  # as the paired figure's rows: none on the frame
     # the key in the title: a legend inside the axes covered the interval of a lone variant
     title = f"final {metric} per variant\n(grey: seeds; red: mean, {int(LEVEL * 100)}% t CI"
-    if off.any() and (~off).any():
+    if clipped:
         title += ";\narrows: an interval past the axis, its numbers above it"
     ax.set_title(title + ")")
     readable_log_ticks(fig)
@@ -747,6 +771,30 @@ def seed_notes(runs: pd.DataFrame, metric: str, finite: pd.Series, uneven: bool,
     return lines
 
 
+def one_seed_note(final: pd.DataFrame, order: list[str]) -> str:
+    """Why intervals read "–": the variants (and metrics) with one seed's value. Said once,
+    where the intervals are explained: with one seed per variant every CI, std and paired p of
+    the report was "–", and no line said why."""
+    one = final[final["n"] == 1]
+    if one.empty:
+        return ""
+    of = one.groupby("variant", sort=False)["metric"].agg(list)
+    counted = final[final["n"] > 0].groupby("variant", sort=False)["metric"].agg(list)
+    whole = [v for v in of.index if of[v] == counted[v]]  # one seed in each of its metrics
+    many = len(of) > 1 and len(whole) < len(order)  # "every variant has"
+    names = (
+        "every variant"
+        if len(whole) == len(order)
+        else ", ".join(v if v in whole else f"{v} ({', '.join(of[v])})" for v in of.index)
+    )
+    return (
+        f"**One seed gives no interval**: {names} {'have' if many else 'has'} one seed with a "
+        f'value, so {"their" if many else "its"} std and {int(LEVEL * 100)}% CI read "–" (a t '
+        "interval over n seeds has n - 1 degrees of freedom) and no paired test is possible; "
+        "run more seeds with `dit-bench ablate ... --seeds` (e.g. 0-2)."
+    )
+
+
 def _holm_note(r, family: int) -> str:
     """What Holm's correction changes in a comparison's verdict: nothing said where the call
     stands, so a "distinguishable" that does not survive it is never read unqualified."""
@@ -1004,6 +1052,8 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         ),
         "",
     ]
+    if note := one_seed_note(final, order):
+        md += [note, ""]
     if missing:
         md += [f"Not evaluated in these runs (no values): {', '.join(missing)}.", ""]
     if diverged:

@@ -182,15 +182,34 @@ def format_relative(r: float) -> str:
     return text
 
 
-def verdict(c: PairedComparison, name: str, base: str, metric: str, fmt: str = ".4g") -> str:
+def verdict(
+    c: PairedComparison,
+    name: str,
+    base: str,
+    metric: str,
+    fmt: str = ".4g",
+    unpaired: tuple[Sequence, Sequence] = ((), ()),
+) -> str:
     """One plain sentence on `c` (lower metric values are better), and one more when seeds
-    were left out for a value that is missing or not finite."""
-    text = _verdict(c, name, base, metric, fmt)
+    were left out for a value that is missing or not finite, and one on `unpaired`: the seeds
+    of which only `name` has a run, and those of which only `base` has (runs with nothing to
+    pair, not missing values)."""
+    # "0 matched seed(s); no test is possible with fewer than 2" read as runs still to come
+    if c.n == 0 and not c.left_out and all(unpaired):
+        text = f"{name} vs {base}: undetermined, no seed in common; no paired test is possible."
+    else:
+        text = _verdict(c, name, base, metric, fmt)
     if c.left_out:
         text += (
             f" Left out: {c.left_out} seed(s) whose {metric} is missing (a run not finished, "
             f"or not evaluated) or not finite (diverged) for {name} or {base}."
         )
+    if k := sum(map(len, unpaired)):
+        seeds = "; ".join(
+            f"{who}: {', '.join(map(str, sorted(s))) or 'none'}"
+            for who, s in zip((name, base), unpaired, strict=True)
+        )
+        text += f" Unpaired: {k} seed(s) with a run of only one of the two ({seeds})."
     return text
 
 
@@ -255,8 +274,10 @@ def compare_to_base(
     order = [g for g in table[by].drop_duplicates() if g != base and g in wide]
     rows = []
     for name in order:
-        # the seeds either of the two ran: a seed only a third group ran is no pair "left out"
-        ran = wide.index.isin(table.loc[table[by].isin([name, base]), pair_on].unique())
+        # the seeds both ran: a seed only a third group ran is no pair "left out", and one only
+        # one of the two ran is a run with nothing to pair, not a value "missing"
+        mine, theirs = (set(table.loc[table[by] == g, pair_on]) for g in (name, base))
+        ran = wide.index.isin(mine & theirs)
         c = paired_compare(wide.loc[ran, name].to_numpy(), wide.loc[ran, base].to_numpy(), level)
         rows.append(
             {
@@ -275,7 +296,7 @@ def compare_to_base(
                 # "undetermined"
                 "distinguishable": pd.NA if c.undetermined else c.distinguishable,
                 "undetermined": c.undetermined,
-                "verdict": verdict(c, name, base, metric),
+                "verdict": verdict(c, name, base, metric, unpaired=(mine - theirs, theirs - mine)),
             }
         )
     # the columns even without rows (only the base has finished): callers select on "metric"
