@@ -69,7 +69,14 @@ from dit_bench.config import (
     unknown_key,
     yaml_kind,
 )
-from dit_bench.files import NAME_MAX, locked, out_of_room, read_record, write_json_atomic
+from dit_bench.files import (
+    NAME_MAX,
+    locked,
+    out_of_room,
+    read_record,
+    windows_name_error,
+    write_json_atomic,
+)
 
 FILE_KEYS = {
     "name",
@@ -285,6 +292,8 @@ def load_ablation(
                 f"variant name {v!r}: {len(v)} characters; the report's samples/<variant>.png "
                 f"needs a name of at most {VARIANT_MAX} (file names end at {NAME_MAX} bytes)",
             )
+        if why := windows_name_error(f"{v}.png"):
+            raise _err(source, f"variant name {v!r}: the report's samples/{v}.png {why}")
     folded: dict[str, str] = {}
     for v in variants_raw:  # macOS and Windows file systems ignore case: one file for both
         if (other := folded.setdefault(v.casefold(), v)) != v:

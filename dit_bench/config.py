@@ -48,7 +48,7 @@ from dit_bench.errors import (  # noqa: F401 (defined there, without torch: the 
     Terminated,
     raise_terminated,
 )
-from dit_bench.files import NAME_MAX
+from dit_bench.files import NAME_MAX, windows_name_error
 from dit_bench.objectives import OBJECTIVES
 from dit_bench.sampling import SAMPLERS
 
@@ -660,6 +660,8 @@ class ExperimentConfig(_Strict):
         # a run made before this refusal (stored: its config.yaml) still opens: `sample` and
         # `eval` check the interval against the grid they are asked to sample with
         stored = bool(info.context and info.context.get("stored"))
+        if not stored and (why := windows_name_error(self.experiment)):
+            raise ValueError(f"experiment={self.experiment}: the runs' folder {why}")
         if interval is not None and self.eval.cfg_scale != 1.0 and not stored:
             # [lo, hi] between two levels of the grids' and FD's sampling (DDPM's 50 steps skip
             # t = 500; flow's grid never reaches t = 0) left every one of them unguided
@@ -816,7 +818,7 @@ def experiment_error(name: str) -> str | None:
         return "may hold only letters, digits, '_', '.' and '-', a letter or digit first"
     if len(name) > NAME_MAX:
         return f"is {len(name)} characters, more than a file name's {NAME_MAX}"
-    return None
+    return windows_name_error(name)
 
 
 def yaml_kind(value: Any) -> str | None:

@@ -254,6 +254,25 @@ def engine_url(url: str) -> str:
 # A file name's bytes at most (ext4, APFS, NTFS's UTF-16 units): an experiment's runs folder,
 # an ablation variant's samples/<variant>.png
 NAME_MAX = 255
+# Names Windows keeps for devices, in any case and with any extension (`nul.txt` is NUL): no
+# file or folder there can have one. A plan written on Linux must run on every team machine.
+WINDOWS_DEVICES = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)),
+}
+
+
+def windows_name_error(name: str) -> str | None:
+    """Why Windows cannot make a file or folder named `name`, or None (the characters it
+    refuses, `<>:"/\\|?*`, are the callers' patterns' business)."""
+    if (device := name.split(".", 1)[0].upper()) in WINDOWS_DEVICES:
+        return f"is a device name on Windows ({device}, in any case, with any extension)"
+    if name.endswith((".", " ")):  # Windows drops them: `x.` would be the folder `x`
+        return f"ends in {name[-1]!r}, which Windows drops from a file name (naming another)"
+    return None
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -170,6 +170,12 @@ def test_a_variant_switching_objective_or_family_starts_afresh_from_the_profiles
         # a mapping would replace the base's whole backbone section (its name too)
         ({"variants": {"a": {"backbone": {"conditioning": "adaln"}}}}, ["backbone.conditioning"]),
         ({"variants": {"a/b": {}}}, ["variant name 'a/b'"]),
+        # samples/aux.png: a device on Windows, whatever the case or extension; a plan made on
+        # Linux failed there after all the training
+        (
+            {"variants": {"a": {}, "Aux": {"optim.lr": 2e-3}}},
+            ["variant name 'Aux': the report's samples/Aux.png is a device name on Windows (AUX"],
+        ),
         # the runs' folder <name>-<profile>: each run's config named `experiment`, a key the
         # file never sets
         ({"name": "ünï"}, ["name and profile: the runs' folder ünï-cpu may hold only letters"]),

@@ -349,6 +349,13 @@ def test_keys_that_would_do_nothing_or_misplace_runs_are_refused():
     assert "data.split_seed" in error(["data.split_seed=-5"])
     for name in ("..", ".", "-x"):  # runs would land beside or above --out
         assert "experiment" in error([f"experiment={name}"])
+    # folders Windows cannot make (devices, with any extension) or makes under another name
+    for name, why in (("nul", "NUL"), ("Com3.runs", "COM3"), ("lpt9", "LPT9"), ("x.", "'.'")):
+        assert f"experiment={name}: the runs' folder" in error([f"experiment={name}"])
+        assert why in error([f"experiment={name}"])
+    for name in ("console", "com10", "nul-cpu", "auxiliary.x"):  # not devices
+        assert build_config(None, [f"experiment={name}"]).experiment == name
+    assert build_config({"experiment": "con"}, stored=True).experiment == "con"  # made before
     # the runs' folder: past a file name's 255 bytes, `train` failed at its mkdir
     assert "experiment: String should have at most 255 characters" in error(
         ["experiment=" + "x" * 256]

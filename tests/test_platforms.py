@@ -187,3 +187,68 @@ def test_clean_fid_s_tmp_file_on_windows_is_skipped_saying_why(tmp_path, monkeyp
     path.write_bytes(b"weights")
     monkeypatch.delattr(os, "getuid")
     assert "every user" in features._untrusted(path)
+
+
+CHILD = """
+import os, sys, time
+
+def child(path):
+    os.getppid = lambda: 1  # Windows: getppid() keeps the pid of a parent that has died
+    from dit_bench.train.run import exit_with_parent
+
+    exit_with_parent(poll=0.05)
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the worker's state in /proc")
+def test_a_worker_exits_with_its_killed_parent_where_getppid_never_changes(tmp_path):
+    """ablate --jobs / sweep --workers: a worker watched os.getppid() for its parent's death,
+    and on Windows it never changes: the workers of a killed parent trained on as orphans.
+    The spawned worker's multiprocessing.parent_process() tells on every platform."""
+    import signal
+    import time
+
+    def alive() -> bool:
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"  # exited, reparented to a PID 1 that does not reap
+
+    (tmp_path / "windows_child.py").write_text(CHILD)
+    pid_file = tmp_path / "pid"
+    worker = None
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import multiprocessing as mp, sys, time; sys.path.insert(0, sys.argv[1]); "
+            "import windows_child; "
+            "mp.get_context('spawn').Process(target=windows_child.child, args=(sys.argv[2],))"
+            ".start(); time.sleep(120)",
+            str(tmp_path),
+            str(pid_file),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert parent.poll() is None and time.time() < deadline, "the worker did not start"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)  # no cleanup: the worker must notice by itself
+        parent.wait(timeout=10)
+
+        deadline = time.time() + 20
+        while alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(), "the worker trained on after its parent was killed"
+    finally:
+        parent.kill()
+        parent.wait()
+        if worker is not None and alive():
+            os.kill(worker, signal.SIGKILL)  # the test's failure, not an orphan left behind

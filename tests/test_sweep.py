@@ -205,9 +205,12 @@ def test_sweep_errors_name_the_key(tmp_path):
         load_sweep(write_tiny(tmp_path / "h.yaml"), overrides=["experiment=x"])
     # name and profile make the runs' folder: each trial's config named `experiment`, a key
     # the file never sets; "../x" and past 255 bytes too
-    profiles = {"../x": {}, "cpu": {}}
+    profiles = {"../x": {}, "cpu": {}, "cpu.": {}}
     for name, profile, why in (
         ("_tiny", "cpu", "_tiny-cpu may hold only letters"),
+        # folders Windows cannot make: a device (con.x-cpu is CON) or a name ending in '.'
+        ("con.x", "cpu", r"con\.x-cpu is a device name on Windows \(CON"),
+        ("tiny", "cpu.", r"tiny-cpu\. ends in '\.'"),
         ("tiny", "../x", r"tiny-\.\./x may hold only letters"),
         ("t" * 252, "cpu", "is 256 characters, more than a file name's 255"),
     ):

@@ -194,14 +194,17 @@ def exit_with_parent(poll: float = 1.0) -> None:
     train on as orphans, holding their runs' locks and memory. Exiting is a kill -9 of the
     worker: its run resumes from the last checkpoint next time. Once per process (a pool's
     worker calls it for each of its tasks)."""
+    import multiprocessing
     import threading
 
     if any(t.name == "exit-with-parent" for t in threading.enumerate()):
         return
-    parent = os.getppid()
+    # Windows' getppid() keeps a dead parent's pid: the parent multiprocessing started us from
+    # (its sentinel: a pipe's end on POSIX, a process handle on Windows) tells everywhere
+    parent, process = os.getppid(), multiprocessing.parent_process()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and (process is None or process.is_alive()):
             time.sleep(poll)
         os._exit(1)
 
