@@ -1145,14 +1145,17 @@ def run_device(run_dir: Path | None, cfg) -> str:
     return device
 
 
-def val_protocol_change(run_dir: Path | None, tracker) -> int | None:
-    """The step where a run resumed across validation protocols, as its summary.json says;
-    else (a pruned run stops before its summary) as its trial's `ValAtSteps` saw it."""
+def run_val_protocol(run_dir: Path | None, tracker) -> dict[str, Any]:
+    """How a run validated (val_batch, val_grid) and where a resume crossed protocols, as its
+    summary.json says: a trial that finds its run done by an earlier version (a retry, a study
+    file removed) trained nothing, and its val losses are of that version's protocol (absent
+    keys: one before they were recorded). Else (a pruned run stops before its summary) the
+    step its `ValAtSteps` saw alone: the record keeps this version's protocol, the run's."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (TypeError, OSError, ValueError):
-        return tracker.val_protocol_changed_at
-    return summary.get("val_protocol_changed_at")
+        return {"val_protocol_changed_at": tracker.val_protocol_changed_at}
+    return {k: summary.get(k) for k in ("val_batch", "val_grid", "val_protocol_changed_at")}
 
 
 def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
@@ -1189,8 +1192,9 @@ def trial_record(plan: TrialPlan, curve: list[dict]) -> dict[str, Any]:
         "curve": curve,
         "val_loss": final.get("val_loss"),
         "setup": setup_of(plan.cfg.to_dict()),  # objective, conditioning, data, seed, ...
-        # how its val losses were measured (summary.json's): a study continued by a later
-        # version holds trials of both, which the scaling report names
+        # how its val losses were measured (a finished run's summary.json's, `run_val_protocol`):
+        # a study continued by a later version holds trials of both, which the scaling report
+        # names
         **val_protocol(OBJECTIVES[plan.cfg.objective.name]),
         # the in-training FD at the last step, where eval.fd_every measured one
         **{k: v for k, v in final.items() if k.startswith(("val_FD-", "val_FID"))},
@@ -1682,7 +1686,7 @@ class Worker:
                 run_dir=str(run) if run else None,
                 timing=timing,
                 device=run_device(run, plan.cfg),
-                val_protocol_changed_at=val_protocol_change(run, tracker),
+                **run_val_protocol(run, tracker),
             )
             if error:
                 record["error"] = error

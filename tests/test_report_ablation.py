@@ -354,6 +354,26 @@ def test_results_of_a_variant_named_past_a_file_name_still_report(tmp_path, monk
     assert (tmp_path / "r" / "samples.png").is_file()
 
 
+def test_results_of_a_variant_named_as_a_windows_device_still_report(tmp_path, monkeypatch):
+    # an ablation run before `ablate` refused Windows' device names: its report wrote
+    # samples/aux.png, the device AUX on Windows, and a name no Windows checkout can hold
+    from dit_bench.files import windows_name_error
+    from dit_bench.report import ablation
+
+    for name in ("plot_curves", "plot_final", "plot_paired"):
+        monkeypatch.setattr(ablation, name, lambda *a, **k: None)
+    source = make_source(tmp_path)
+    plan = json.loads((source / "ablation.json").read_text())
+    plan["variants"] = ["aux" if v == "in_context" else v for v in plan["variants"]]
+    (source / "ablation.json").write_text(json.dumps(plan))
+    for path in source.glob("*in_context*/labels.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "variant": "aux"}))
+    md = build_report(source, tmp_path / "r").read_text()
+    (grid,) = (tmp_path / "r" / "samples").glob("aux*.png")
+    assert windows_name_error(grid.name) is None and grid.read_bytes().startswith(b"\x89PNG")
+    assert f"samples/{grid.name}" in md
+
+
 def test_each_variants_grid_is_its_first_seeds_final_grid(tmp_path, monkeypatch):
     from dit_bench.report import ablation
 
@@ -1659,6 +1679,28 @@ def test_a_log_axis_interval_below_zero_is_clipped_and_written_out(tmp_path, mon
     assert edges == [pytest.approx(lo)]  # the arrow at the left edge
     (text,) = texts
     assert text.startswith("610 [-1388, ") and "arrows" in title
+
+
+def test_a_log_axis_clipped_beside_a_diverged_seed_is_drawn(tmp_path, monkeypatch):
+    # a seed's FD of inf (it diverged) beside an interval below zero (two seeds: 1 degree of
+    # freedom): the clipped log axis took the inf for its right end, and `report ablation`
+    # failed ("Axis limits cannot be NaN or Inf") after every run had trained
+    import matplotlib.figure
+
+    from dit_bench.report import ablation
+
+    drawn = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig.axes[0])
+    )
+    seeds = {"a": [50.0, 60.0], "wide": [40.0, 400.0], "diverged": [55.0, np.inf]}
+    runs = pd.DataFrame(
+        [{"variant": v, "seed": s, "m": x} for v, xs in seeds.items() for s, x in enumerate(xs)]
+    )
+    ablation.plot_final(runs, "m", list(seeds), tmp_path / "f.png")
+    (ax,) = drawn
+    lo, hi = ax.get_xlim()
+    assert ax.get_xscale() == "log" and 0 < lo < 40 and 400 < hi < np.inf
 
 
 def test_a_metric_logged_at_one_step_is_drawn_against_flops_only(tmp_path, monkeypatch):

@@ -991,3 +991,27 @@ def test_a_grid_cut_short_by_n_trials_says_so_when_the_sweep_ends(tmp_path, caps
     assert main([*args, "--n-trials", "1", "--workers", "1"]) == 0  # done as asked
     err = capsys.readouterr().err
     assert "3 of the grid's 4 points never started (n_trials 1); a larger --n-trials" in err
+
+
+def test_a_trial_finding_its_run_done_by_an_earlier_version_records_that_protocol(tmp_path):
+    # the study file removed and the sweep run again: each trial finds its run finished by
+    # an earlier version (summary.json without val_batch: noise in batches of
+    # train.batch_size), and its record claimed this version's protocol, which the scaling
+    # report then took for the run's
+    base = json.loads(json.dumps(TINY["base"]))
+    base["backbone"].update(depth=1, hidden_size=16, num_heads=1, patch_size=4)
+    path = write_tiny(tmp_path / "t.yaml", base=base, space={"optim.lr": {"choices": [1e-3]}})
+    out = tmp_path / "runs"
+    run_sweep(load_sweep(path), out, workers=1, progress=False)
+    exp = out / "tiny-cpu"
+    (summary_path,) = exp.glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    for key in ("val_batch", "val_grid", "val_protocol_changed_at"):  # as an earlier version
+        summary.pop(key)
+    summary_path.write_text(json.dumps(summary))
+    (exp / "study.db").unlink()
+    (trial,) = run_sweep(load_sweep(path), out, workers=1, progress=False).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["run_dir"] == str(summary_path.parent)
+    protocol = {k: trial.user_attrs[k] for k in ("val_batch", "val_grid")}
+    assert protocol == {"val_batch": None, "val_grid": None}

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from dit_bench.files import NAME_MAX, read_record, write_text_atomic
+from dit_bench.files import NAME_MAX, read_record, windows_name_error, write_text_atomic
 from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
 from dit_bench.report.results import collect, curves, save_table
 from dit_bench.report.stats import (
@@ -358,7 +358,8 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         off = np.nan_to_num(s["lo"].to_numpy(), nan=1.0) <= 0
     clipped = off.any() and (log or (~off).any())
     if clipped and log:
-        ends = [*vals, *s["lo"][s["lo"] > 0], *s["hi"][np.isfinite(s["hi"])]]
+        # a diverged seed's inf has no place on the axis (it is left out of the mean too)
+        ends = [*vals[np.isfinite(vals)], *s["lo"][s["lo"] > 0], *s["hi"][np.isfinite(s["hi"])]]
         pad = (max(ends) / min(ends)) ** 0.05  # 5% of the span each side, as the linear axis
         left, right = min(ends) / pad, max(ends) * pad
         ax.set_xlim(left, right)
@@ -522,9 +523,11 @@ def sample_grids(runs: pd.DataFrame, order: list[str], out: Path) -> dict[str, s
             )
             if grids:
                 stem = v
-                if len(v) > NAME_MAX - len(".png"):
+                if len(v) > NAME_MAX - len(".png") or windows_name_error(f"{v}.png"):
                     # results of an ablation made before `ablate` refused such a name: cut
                     # to a file name's 255 bytes, kept apart from another cut alike by a hash
+                    # (a Windows device's, `aux`: the report opened the device there, and a
+                    # report committed from Linux would not check out on Windows)
                     stem = f"{v[:240]}-{hashlib.sha256(v.encode()).hexdigest()[:10]}"
                 shutil.copyfile(grids[-1], out / "samples" / f"{stem}.png")
                 found[v] = f"samples/{stem}.png"
