@@ -36,7 +36,7 @@ from scipy.stats import t as student_t
 
 from dit_bench.files import NAME_MAX, read_record, windows_name_error, write_text_atomic
 from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
-from dit_bench.report.results import collect, curves, save_table
+from dit_bench.report.results import collect, curves, save_table, val_batches
 from dit_bench.report.stats import (
     LEVEL,
     call,
@@ -323,6 +323,30 @@ def plot_curves(long: pd.DataFrame, metric: str, order: list[str], path: Path) -
 # a paired interval reaching this many times the median reach is clipped; a final one this many
 # times the median half-width
 OFF_SCALE = 10
+CLIPPED_KEY = ";\narrows: an interval past the axis, its numbers above it"  # in the title
+
+
+def draw_clipped(ax, row: int, interval, view, label_at: float, color) -> tuple:
+    """An interval (lo, mid, hi) past the axis' `view` (left, right) on row `row`: clipped to
+    the view, an arrow at each edge it reaches, and its numbers written above the row at
+    `label_at`. Returns the clipped lo, mid, hi and the marker's format: none for a mid past
+    the edge, whose number alone says where it is."""
+    left, right = view
+    at = tuple(interval)
+    lo, mid, hi = (float(np.clip(v, left, right)) for v in at)
+    for edge, marker in ((left, "<"), (right, ">")):
+        if edge in (lo, hi):
+            ax.plot(edge, row, marker=marker, color=color, ms=8, clip_on=False)
+    ax.annotate(
+        f"{at[1]:.4g} [{at[0]:.4g}, {at[2]:.4g}]",
+        (label_at, row),
+        xytext=(0, 7),
+        textcoords="offset points",
+        ha="center",
+        fontsize=8,
+        color=color,
+    )
+    return lo, mid, hi, "o" if left < at[1] < right else "none"
 
 
 @figure_theme()
@@ -371,26 +395,13 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
         left, right = left - 0.05 * (right - left), right + 0.05 * (right - left)
         ax.set_xlim(left, right)
     if clipped:
+        middle = math.sqrt(left * right) if log else (left + right) / 2
         for i in np.flatnonzero(off):
             row = s.iloc[i]
-            lo, m, hi = (
-                float(np.clip(v, left, right)) for v in (row["lo"], row["mean"], row["hi"])
+            lo, m, hi, fmt = draw_clipped(
+                ax, i, (row["lo"], row["mean"], row["hi"]), (left, right), middle, "C3"
             )
-            inside = left < row["mean"] < right
-            fmt = "o" if inside else "none"  # a mean past the edge: its number only
             ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt=fmt, color="C3", capsize=4)
-            for edge, marker in ((left, "<"), (right, ">")):
-                if edge in (lo, hi):
-                    ax.plot(edge, i, marker=marker, color="C3", ms=8, clip_on=False)
-            ax.annotate(
-                f"{row['mean']:.4g} [{row['lo']:.4g}, {row['hi']:.4g}]",
-                (math.sqrt(left * right) if log else (left + right) / 2, i),
-                xytext=(0, 7),
-                textcoords="offset points",
-                ha="center",
-                fontsize=8,
-                color="C3",
-            )
     ax.errorbar(
         s["mean"][~off],
         y[~off],
@@ -405,7 +416,7 @@ def plot_final(runs: pd.DataFrame, metric: str, order: list[str], path: Path) ->
     # the key in the title: a legend inside the axes covered the interval of a lone variant
     title = f"final {metric} per variant\n(grey: seeds; red: mean, {int(LEVEL * 100)}% t CI"
     if clipped:
-        title += ";\narrows: an interval past the axis, its numbers above it"
+        title += CLIPPED_KEY
     ax.set_title(title + ")")
     readable_log_ticks(fig)
     fig.tight_layout()
@@ -440,21 +451,7 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
         lo, d, hi = row.diff_lo, row.diff, row.diff_hi
         fmt = "o"
         if limit is not None and off.iloc[i]:
-            lo, d, hi = (float(np.clip(v, -limit, limit)) for v in (lo, d, hi))
-            fmt = "o" if abs(d) < limit else "none"  # a mean past the edge: its number only
-            for edge in (-limit, limit):
-                if edge in (lo, hi):
-                    marker = ">" if edge > 0 else "<"
-                    ax.plot(edge, i, marker=marker, color=color, ms=8, clip_on=False)
-            ax.annotate(
-                f"{row.diff:.4g} [{row.diff_lo:.4g}, {row.diff_hi:.4g}]",
-                (0, i),
-                xytext=(0, 7),
-                textcoords="offset points",
-                ha="center",
-                fontsize=8,
-                color=color,
-            )
+            lo, d, hi, fmt = draw_clipped(ax, i, (lo, d, hi), (-limit, limit), 0, color)
         ax.errorbar(
             d,
             i,
@@ -481,7 +478,7 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> None:
     if "undetermined" in calls:
         title += "; open: undetermined, no test"
     if limit is not None:
-        title += ";\narrows: an interval past the axis, its numbers above it"
+        title += CLIPPED_KEY
     ax.set_title(wrap(title + ")", chars))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -580,14 +577,6 @@ def differing(runs: pd.DataFrame, cols: Sequence[str]) -> list[str]:
     """The columns of `cols` (those in `runs`) whose values differ between runs."""
     # as text: a null (data.image_size: the native size) is one value, not a missing one
     return [c for c in cols if c in runs and runs[c].map(str).nunique() > 1]
-
-
-def val_batches(runs: pd.DataFrame) -> pd.Series:
-    """Per run, the batch its validation noise was drawn in (one seed a batch): the summary's
-    val_batch, else (a run of a version before it was fixed) its train.batch_size."""
-    if "val_batch" not in runs:
-        return runs["batch_size"]
-    return runs["val_batch"].fillna(runs["batch_size"])
 
 
 def other_data(runs: pd.DataFrame) -> list[str]:
@@ -745,13 +734,17 @@ def _level_neighbours(runs: pd.DataFrame, metric: str, found: list[str]) -> str:
     )
 
 
-def seed_notes(runs: pd.DataFrame, metric: str, finite: pd.Series, uneven: bool, ranked: bool):
-    """The report's lines on the seeds behind each variant's mean of `metric`: that they
-    differ between variants, and which finished runs have no finite value (diverged) in a
-    variant that has others. Those are left out of its mean, so a variant that diverged on
-    two seeds of three was ranked first on its third, the table saying only "1 seed"."""
+def seed_notes(runs: pd.DataFrame, metric: str, finite: pd.Series, ranked: bool):
+    """The report's lines on the seeds behind each variant's mean of `metric` (`finite`: the
+    runs with a finite value, as mean_ci takes them): that they differ between variants, and
+    which finished runs have no finite value (diverged) in a variant that has others. Those
+    are left out of its mean, so a variant that diverged on two seeds of three was ranked
+    first on its third, the table saying only "1 seed"."""
     lines = []
-    if uneven:
+    # per metric: an inf FD of one seed made the val_loss ranking, of equal seeds, say its
+    # means rest on different seeds; a variant without values has no mean to compare
+    seed_sets = {tuple(sorted(g)) for _, g in runs.loc[finite, "seed"].groupby(runs["variant"])}
+    if len(seed_sets) > 1:
         lines += [
             f"The variants' means of {metric} rest on different seeds (see the "
             + ("seeds column): the ranking and the means" if ranked else "n column): the means")
@@ -940,16 +933,6 @@ def build_report(source: str | Path, out: str | Path) -> Path:
     finite = {
         m: np.isfinite(pd.to_numeric(runs[m], errors="coerce").astype(float)) for m in metrics
     }
-    # per metric: an inf FD of one seed made the val_loss ranking, of equal seeds, say its
-    # means rest on different seeds
-    uneven = {
-        m: len(
-            {tuple(sorted(runs.loc[(runs["variant"] == v) & finite[m], "seed"])) for v in order}
-            - {()}  # a variant without values of a metric has no mean of it to compare
-        )
-        > 1
-        for m in metrics
-    }
     title = plan.get("experiment", plan.get("name", source.name))
     md = [f"# Ablation report: {title}", ""]
     if plan.get("description"):
@@ -1113,7 +1096,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
             "compare them at equal compute.",
             "",
         ]
-    md += seed_notes(runs, primary, finite[primary], uneven[primary], True)
+    md += seed_notes(runs, primary, finite[primary], True)
     rows = []
     for i, v in enumerate(ranking, 1):
         r = fin.loc[v]
@@ -1177,7 +1160,7 @@ def build_report(source: str | Path, out: str | Path) -> Path:
         md += [f"![{m} curves](curves_{m}.png)", ""] if m in curved else []
         md += [f"![final {m}](final_{m}.png)", ""]
         if m != primary:  # the primary's notes stand above its ranking
-            md += seed_notes(runs, m, finite[m], uneven[m], False)
+            md += seed_notes(runs, m, finite[m], False)
         f = final[final["metric"] == m]
         md += [
             _md_table(
