@@ -128,3 +128,11 @@ def save_table(df: pd.DataFrame, path_stem: str | Path) -> None:
     for suffix, write in ((".csv", df.to_csv), (".parquet", df.to_parquet)):
         with replacing(path_stem.with_suffix(suffix)) as tmp:
             write(tmp, index=False)
+
+
+def val_batches(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the batch its validation noise was drawn in (one seed a batch): the summary's
+    val_batch, else (a run of a version before it was fixed) its train.batch_size."""
+    if "val_batch" not in runs:
+        return runs["batch_size"]
+    return runs["val_batch"].fillna(runs["batch_size"])

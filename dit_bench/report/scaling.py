@@ -38,7 +38,7 @@ from dit_bench.files import (
 )
 from dit_bench.report import fits
 from dit_bench.report.axes import agg_figure, figure_theme, readable_log_ticks
-from dit_bench.report.results import files_named, read_config, save_table
+from dit_bench.report.results import files_named, read_config, save_table, val_batches
 
 N_BOOT = 200
 # The trials whose points enter the fits. A pruned trial's budgets up to its pruning are
@@ -336,15 +336,17 @@ def load_records(
         raise FileNotFoundError(f"{source} is neither a runs folder, a study file nor a URL")
     if not recs:
         raise FileNotFoundError(f"no sweep trials (trial.json / trial records) in {source}")
-    for r in recs:  # records of sweeps that kept no device: the run's summary.json names it
-        if r.get("device") is None and r.get("run_dir"):
-            summary = Path(r["run_dir"]) / "summary.json"
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                r["device"] = json.loads(summary.read_text()).get("device")
-        if "val_batch" not in r and r.get("run_dir"):  # nor the validation: its summary.json
-            summary = Path(r["run_dir"]) / "summary.json"
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                s = json.loads(summary.read_text())
+    for r in recs:
+        # records of sweeps that kept no device, nor how they validated: the run's summary.json
+        # says (read once for both)
+        if r.get("run_dir") and (r.get("device") is None or "val_batch" not in r):
+            s = {}
+            with contextlib.suppress(OSError, ValueError):
+                s = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+            s = s if isinstance(s, dict) else {}
+            if r.get("device") is None:
+                r["device"] = s.get("device")
+            if "val_batch" not in r:
                 r.update({k: s[k] for k in VAL_PROTOCOL if k in s})
         if r.get("setup") is None and r.get("run_dir"):  # nor the setup: its config.yaml
             with contextlib.suppress(OSError, ValueError):
@@ -1223,7 +1225,7 @@ def val_protocols(runs: pd.DataFrame) -> str:
     if "run" not in runs or "val_batch" not in runs:
         return ""
     label = run_labels(runs)
-    batch = runs["val_batch"].fillna(runs["batch_size"]).map(_setting)
+    batch = val_batches(runs).map(_setting)
     # flow's grid has no name, in either version: batch 32 is the same measurement there
     protocol = "noise in batches of " + batch + ", val_grid " + runs["val_grid"].fillna("none")
     lines = []
