@@ -1123,14 +1123,20 @@ def read_curve(run_dir: Path, plan: TrialPlan) -> list[dict[str, float]]:
     return rows
 
 
-def run_device(run_dir: Path | None, cfg) -> str:
-    """The device a run trained on, as its summary.json names it; else (a pruned run stops
-    before its summary) the one `cfg` trains on here. The report names the machine its losses
-    and timings are of: a trial record is all a report from a study has."""
+def run_summary(run_dir: Path | None) -> dict | None:
+    """A trial's run's summary.json; None where there is none (a pruned run stops before it,
+    a run that never started has no folder) or it cannot be read."""
     try:
-        device = json.loads((Path(run_dir) / "summary.json").read_text()).get("device")
+        return json.loads((Path(run_dir) / "summary.json").read_text())
     except (TypeError, OSError, ValueError):
-        device = None
+        return None
+
+
+def run_device(summary: dict | None, cfg) -> str:
+    """The device a run trained on, as its summary names it; else (a pruned run stops before
+    its summary) the one `cfg` trains on here. The report names the machine its losses and
+    timings are of: a trial record is all a report from a study has."""
+    device = summary.get("device") if summary is not None else None
     if device is None:
         import torch
 
@@ -1145,15 +1151,13 @@ def run_device(run_dir: Path | None, cfg) -> str:
     return device
 
 
-def run_val_protocol(run_dir: Path | None, tracker) -> dict[str, Any]:
+def run_val_protocol(summary: dict | None, tracker) -> dict[str, Any]:
     """How a run validated (val_batch, val_grid) and where a resume crossed protocols, as its
-    summary.json says: a trial that finds its run done by an earlier version (a retry, a study
+    summary says: a trial that finds its run done by an earlier version (a retry, a study
     file removed) trained nothing, and its val losses are of that version's protocol (absent
     keys: one before they were recorded). Else (a pruned run stops before its summary) the
     step its `ValAtSteps` saw alone: the record keeps this version's protocol, the run's."""
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (TypeError, OSError, ValueError):
+    if summary is None:
         return {"val_protocol_changed_at": tracker.val_protocol_changed_at}
     return {k: summary.get(k) for k in ("val_batch", "val_grid", "val_protocol_changed_at")}
 
@@ -1682,11 +1686,12 @@ class Worker:
                 "harness_s": wall - tracker.loop_seconds - tracker.val_seconds,
                 "worker_start_s": self.started_to_first(t0),
             }
+            summary = run_summary(run)
             record.update(
                 run_dir=str(run) if run else None,
                 timing=timing,
-                device=run_device(run, plan.cfg),
-                **run_val_protocol(run, tracker),
+                device=run_device(summary, plan.cfg),
+                **run_val_protocol(summary, tracker),
             )
             if error:
                 record["error"] = error

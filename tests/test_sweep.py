@@ -840,15 +840,15 @@ def test_a_pruned_trial_names_the_device_its_config_trains_on(tmp_path, monkeypa
     import torch
 
     from dit_bench.config import build_config
-    from dit_bench.sweep import run_device
+    from dit_bench.sweep import run_device, run_summary
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     cpu = build_config(None, ["train.accelerator=cpu"])
-    assert run_device(tmp_path, cpu).startswith("cpu (")  # no summary.json there
-    assert run_device(None, build_config(None, [])) == "Some GPU"  # auto: the GPU
+    assert run_device(run_summary(tmp_path), cpu).startswith("cpu (")  # no summary.json there
+    assert run_device(run_summary(None), build_config(None, [])) == "Some GPU"  # auto: the GPU
     (tmp_path / "summary.json").write_text('{"device": "NVIDIA H100"}')
-    assert run_device(tmp_path, cpu) == "NVIDIA H100"  # the run's own word first
+    assert run_device(run_summary(tmp_path), cpu) == "NVIDIA H100"  # the run's own word first
 
 
 def test_a_pruned_trial_names_the_threads_its_config_trained_with(tmp_path):
@@ -858,15 +858,15 @@ def test_a_pruned_trial_names_the_threads_its_config_trained_with(tmp_path):
     import torch
 
     from dit_bench.config import build_config
-    from dit_bench.sweep import run_device
+    from dit_bench.sweep import run_device, run_summary
 
     threads = torch.get_num_threads()
     other = threads + 1
     cfg = build_config(None, ["train.accelerator=cpu", f"train.threads={other}"])
-    assert run_device(tmp_path, cfg).endswith(f", {other} threads)")
+    assert run_device(run_summary(tmp_path), cfg).endswith(f", {other} threads)")
     assert torch.get_num_threads() == threads
     default = build_config(None, ["train.accelerator=cpu"])  # no count set: the torch default
-    assert run_device(tmp_path, default).endswith(f", {threads} threads)")
+    assert run_device(run_summary(tmp_path), default).endswith(f", {threads} threads)")
 
 
 def test_read_curve_leaves_out_a_val_row_cut_short_by_a_failed_append(tmp_path):
