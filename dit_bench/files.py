@@ -28,6 +28,8 @@ except ImportError:  # Windows: every command imports this module, and failed on
     fcntl = None
     import msvcrt
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has none (nor links a user can plant)
+
 
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
@@ -148,8 +150,6 @@ def locked(path: str | Path) -> Iterator[None]:
         finally:
             unlock(f)
 
-
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has none (nor links a user can plant)
 
 # Windows' locks (msvcrt's) are of byte ranges, and mandatory: one on the holder's line would
 # keep the others from reading whom they wait for. One byte far past anything written instead.
