@@ -1,7 +1,6 @@
 """What `pip install dit-bench` brings is what the code imports: an import that only works
 because another package happens to pull its distribution in breaks when that one stops."""
 
-import ast
 import fnmatch
 import os
 import re
@@ -13,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from test_platforms import module_imports
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -39,17 +39,10 @@ def imported() -> tuple[set[str], set[str]]:
     functions (lazily)."""
     top, lazy = set(), set()
     for path in (ROOT / "dit_bench").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                mods = [node.module]
-            else:
-                continue
-            for mod in mods:
-                name = mod.split(".")[0]
-                if name not in sys.stdlib_module_names and name != "dit_bench":
-                    (top if node.col_offset == 0 else lazy).add(name)
+        for mod, at_top in module_imports(path):
+            name = mod.split(".")[0]
+            if name not in sys.stdlib_module_names and name != "dit_bench":
+                (top if at_top else lazy).add(name)
     return top, lazy
 
 

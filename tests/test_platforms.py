@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,27 @@ LINKED = ("ablations", "sweeps", "configs")
 POSIX_ONLY = {"fcntl", "resource", "pwd", "grp", "termios", "tty", "pty", "posix", "syslog"}
 
 
+def module_imports(path: Path) -> Iterator[tuple[str, bool]]:
+    """Each module the file at `path` imports absolutely, and whether at its top level (not in
+    a function, a class, a try/except or an `if`). tests/test_packaging.py reads it too."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            yield name, node.col_offset == 0
+
+
 def test_no_module_imports_a_posix_only_module_unguarded():
-    found = []
-    for path in sorted((ROOT / "dit_bench").rglob("*.py")):
-        for node in ast.parse(path.read_text()).body:  # top level, not inside try/except
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n in POSIX_ONLY]
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / "dit_bench").rglob("*.py"))
+        for name, top in module_imports(path)
+        if top and name in POSIX_ONLY
+    ]
     assert not found, found
 
 

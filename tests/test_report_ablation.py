@@ -1329,31 +1329,43 @@ def _within(text, renderer, box) -> bool:
     return box.x0 <= b.x0 and b.x1 <= box.x1 and box.y0 <= b.y0 and b.y1 <= box.y1
 
 
-def test_curves_of_many_variants_draw_no_two_alike(tmp_path, monkeypatch):
-    """Past seaborn's ten colours, husl's 40 hues were 9 degrees apart: neighbouring variants'
-    lines and legend entries could not be told apart. Each variant's (colour, marker, dashes)
-    differs from every other's in a colour of the palette's ten or in its marker."""
+def curve_legend(variants, tmp_path, monkeypatch) -> list[tuple[tuple, str]]:
+    """The (colour as RGB, marker) of each legend entry of plot_curves' figure of `variants`
+    (two seeds, two steps each; the figure is not written)."""
+    import matplotlib.colors
     import matplotlib.figure
 
     from dit_bench.report import ablation
 
-    styles = []
+    entries = []
 
     def spy(fig, *args, **kwargs):
         legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend())
-        for line in legend.get_lines():
-            colour = tuple(round(c, 3) for c in matplotlib.colors.to_rgb(line.get_color()))
-            styles.append((colour, line.get_marker()))
+        entries.extend(
+            (matplotlib.colors.to_rgb(line.get_color()), line.get_marker())
+            for line in legend.get_lines()
+        )
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     long = pd.DataFrame(
         [
             {"variant": v, "seed": s, "step": st, "train_flops": st * 1e9, "key": "fd",
              "value": 10.0 + i + s + st / 100}
-            for i, v in enumerate(MANY) for s in range(2) for st in (100, 200)
+            for i, v in enumerate(variants) for s in range(2) for st in (100, 200)
         ]
     )  # fmt: skip
-    ablation.plot_curves(long, "fd", MANY, tmp_path / "c.png")
+    ablation.plot_curves(long, "fd", list(variants), tmp_path / "c.png")
+    return entries
+
+
+def test_curves_of_many_variants_draw_no_two_alike(tmp_path, monkeypatch):
+    """Past seaborn's ten colours, husl's 40 hues were 9 degrees apart: neighbouring variants'
+    lines and legend entries could not be told apart. Each variant's (colour, marker, dashes)
+    differs from every other's in a colour of the palette's ten or in its marker."""
+    styles = [
+        (tuple(round(c, 3) for c in colour), marker)
+        for colour, marker in curve_legend(MANY, tmp_path, monkeypatch)
+    ]
     assert len(styles) == len(MANY) and len(set(styles)) == len(MANY)
     assert len({c for c, _ in styles}) <= 10
 
@@ -1571,28 +1583,8 @@ def test_the_curves_of_eight_variants_are_told_apart_by_a_colour_blind_reader(
     reports/conditioning-cpu/curves_*.png) are 0.04 apart in sRGB as a protanope sees them
     (Machado et al. 2009, full severity); every pair of eight variants' colours stays 0.07 apart
     for a protanope and a deuteranope."""
-    import matplotlib.colors
-    import matplotlib.figure
-
-    from dit_bench.report import ablation
-
-    colours = []
-
-    def spy(fig, *args, **kwargs):
-        legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend())
-        colours.extend(matplotlib.colors.to_rgb(line.get_color()) for line in legend.get_lines())
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     names = [f"v{i}" for i in range(8)]
-    long = pd.DataFrame(
-        [
-            {"variant": v, "seed": s, "step": st, "train_flops": st * 1e9, "key": "loss",
-             "value": 1.0 + i + s + st / 100}
-            for i, v in enumerate(names) for s in range(2) for st in (100, 200)
-        ]
-    )  # fmt: skip
-    ablation.plot_curves(long, "loss", names, tmp_path / "c.png")
-    srgb = np.array(colours)
+    srgb = np.array([colour for colour, _ in curve_legend(names, tmp_path, monkeypatch)])
     linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
     machado = {
         "protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
